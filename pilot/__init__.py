@@ -1,0 +1,1 @@
+"""workspace-pilot: the node side. A pilot reserves this node's memory for leased VMs and always gives it back."""

@@ -1,0 +1,36 @@
+"""The pilot's exit codes: one per kind of ending, so the LRM's job record tells what happened.
+
+Every code except RESTORE_FAILED means the node's memory is as it was
+before the pilot started.
+"""
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit status of ``workspace-pilot``; :data:`MEANING` and README.md explain each."""
+
+    OK = 0
+    USAGE = 2
+    CONFIG = 3
+    LOCK_TIMEOUT = 4
+    RESERVE_FAILED = 5
+    SERVICE_UNREACHABLE = 6
+    SERVICE_REFUSED = 7
+    RESTORE_FAILED = 8
+    UNDELIVERED = 9
+    INTERNAL = 10
+
+
+MEANING = {
+    ExitCode.OK: "the lease ran and ended (deadline or signal); memory back; the service told",
+    ExitCode.USAGE: "a bad command-line argument; nothing changed",
+    ExitCode.CONFIG: "a bad or unreadable configuration file or log directory; nothing changed",
+    ExitCode.LOCK_TIMEOUT: "the node lock was not free in time, or its directory is unsafe; nothing changed",
+    ExitCode.RESERVE_FAILED: "the memory could not be reserved (not enough, not root); nothing kept",
+    ExitCode.SERVICE_UNREACHABLE: "'reserved' could not be delivered in time; memory given back",
+    ExitCode.SERVICE_REFUSED: "the service refused 'reserved' (e.g. unknown slot); memory given back",
+    ExitCode.RESTORE_FAILED: "the memory could NOT be given back: the node needs an administrator",
+    ExitCode.UNDELIVERED: "the node was restored, but 'unreserved' could not be delivered",
+    ExitCode.INTERNAL: "an unexpected error (see the log); memory given back if it had been taken",
+}

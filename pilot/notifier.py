@@ -1,0 +1,261 @@
+"""Sends the pilot's notifications to the service: one thread, one HTTP session, bounded retries.
+
+Notifications go out in the order they were queued, each with its own
+seq. Each has a delivery deadline; retries (tenacity, exponential backoff)
+stop at that deadline, and at once when :meth:`Notifier.close` is called,
+so a slow or dead service never holds up the pilot's restore or exit.
+A notification keeps one body across its retries, so a retry of one that
+did arrive is an exact repeat, which the service accepts as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import queue
+import threading
+import time
+
+import requests
+from requests.auth import HTTPDigestAuth
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_when_event_set,
+    wait_exponential,
+)
+
+from pilot.protocol import (
+    NOTIFICATIONS_PATH,
+    SIGNATURE_HEADER,
+    Notification,
+    digest_ha1,
+    format_time,
+    sign,
+    utc_now,
+)
+
+log = logging.getLogger(__name__)
+
+#: Answers worth another try: the service may be restarting or overloaded.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class Outcome(enum.Enum):
+    """How a notification ended."""
+
+    DELIVERED = "delivered"
+    """The service answered 200: it has stored it."""
+    REFUSED = "refused"
+    """The service answered with a final refusal (4xx); see ``Delivery.status``."""
+    UNDELIVERED = "undelivered"
+    """No answer in time, or the notifier was closed first."""
+
+
+class Delivery:
+    """The pending result of one notification; wait on it or register a callback."""
+
+    def __init__(self, notification: Notification, deliver_by: float):
+        self.notification = notification
+        self.deliver_by = deliver_by
+        self.outcome: Outcome | None = None
+        self.status: int | None = None
+        self.detail: str = ""
+        self._done = threading.Event()
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+
+    def _finish(self, outcome: Outcome, status: int | None = None, detail: str = "") -> None:
+        with self._lock:
+            self.outcome, self.status, self.detail = outcome, status, detail
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback) -> None:
+        """Call ``callback(delivery)`` when it ends (at once if it already has)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def done(self) -> bool:
+        """Whether the notification has an outcome."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """Wait up to ``timeout`` seconds for the outcome; None if still pending."""
+        self._done.wait(timeout)
+        return self.outcome
+
+
+@dataclasses.dataclass
+class _Attempt:
+    status: int | None = None
+    detail: str = ""
+
+
+class Notifier:
+    """The pilot's one channel to the service for a (slot, host).
+
+    ``notify()`` assigns the next seq and queues the notification; the
+    sender thread posts it with HTTP Digest (SHA-256) and the body
+    signature. ``close()`` stops all retries at once.
+    """
+
+    def __init__(
+        self,
+        contact: str,
+        user: str,
+        secret: str,
+        realm: str,
+        slot: str,
+        host: str,
+        *,
+        request_timeout: float = 5.0,
+        verify_tls: bool = True,
+    ):
+        self.url = contact.rstrip("/") + NOTIFICATIONS_PATH
+        self.slot = slot
+        self.host = host
+        self.request_timeout = request_timeout
+        self._key = digest_ha1(user, realm, secret)
+        self._session = requests.Session()
+        self._session.auth = HTTPDigestAuth(user, secret)
+        self._session.verify = verify_tls
+        self._session.headers["Content-Type"] = "application/json"
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
+        self._thread.start()
+
+    def notify(
+        self,
+        state: str,
+        memory_mb: int,
+        *,
+        deliver_within: float,
+        code: int = 0,
+        expires_at: str | None = None,
+        message: str | None = None,
+    ) -> Delivery:
+        """Queue a notification; it is tried until ``deliver_within`` seconds from now.
+
+        After :meth:`close`, the returned delivery is UNDELIVERED at once.
+        """
+        with self._seq_lock:
+            self._seq += 1
+            notification = Notification(
+                slot=self.slot,
+                host=self.host,
+                state=state,
+                seq=self._seq,
+                sent_at=format_time(utc_now()),
+                memory_mb=memory_mb,
+                code=code,
+                expires_at=expires_at,
+                message=message,
+            )
+        delivery = Delivery(notification, time.monotonic() + deliver_within)
+        if self._closing.is_set():
+            delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
+        else:
+            self._queue.put(delivery)
+        return delivery
+
+    def close(self, wait: float = 0.5) -> None:
+        """Stop retrying at once; every pending notification ends UNDELIVERED.
+
+        Waits at most ``wait`` seconds for a request already on the wire; the
+        sender is a daemon thread, so it never keeps the process alive.
+        """
+        self._closing.set()
+        self._queue.put(None)
+        self._thread.join(timeout=wait)
+        if not self._thread.is_alive():
+            self._session.close()
+
+    # -- sender thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            delivery = self._queue.get()
+            if delivery is None:
+                break
+            if self._closing.is_set():
+                delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
+                continue
+            self._deliver(delivery)
+        while True:  # drain what was queued behind the close
+            try:
+                delivery = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if delivery is not None:
+                delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
+
+    def _deliver(self, delivery: Delivery) -> None:
+        n = delivery.notification
+        body = n.to_json()
+        headers = {SIGNATURE_HEADER: sign(self._key, body)}
+        started = time.monotonic()
+
+        def past_deadline(state: RetryCallState) -> bool:
+            return time.monotonic() >= delivery.deliver_by
+
+        retrying = Retrying(
+            stop=stop_when_event_set(self._closing) | past_deadline,
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            # Waiting on the closing event, not time.sleep, is what makes close() stop retries at once.
+            sleep=self._closing.wait,
+            retry=retry_if_exception_type(requests.RequestException)
+            | retry_if_result(lambda a: a.status in RETRYABLE_STATUSES),
+            retry_error_callback=lambda state: state,
+            reraise=False,
+        )
+        result = retrying(self._post, body, headers, delivery.deliver_by)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if isinstance(result, _Attempt) and result.status == 200:
+            log.info("notified %s (seq %d) in %.1f ms", n.state, n.seq, elapsed_ms)
+            delivery._finish(Outcome.DELIVERED, 200)
+        elif isinstance(result, _Attempt) and result.status not in RETRYABLE_STATUSES:
+            log.error(
+                "service refused %s (seq %d): HTTP %s %s", n.state, n.seq, result.status, result.detail
+            )
+            delivery._finish(Outcome.REFUSED, result.status, result.detail)
+        else:
+            reason = _last_failure(result)
+            log.error(
+                "could not deliver %s (seq %d) after %.0f ms: %s", n.state, n.seq, elapsed_ms, reason
+            )
+            delivery._finish(Outcome.UNDELIVERED, detail=reason)
+
+    def _post(self, body: bytes, headers: dict, deliver_by: float) -> _Attempt:
+        timeout = max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
+        response = self._session.post(self.url, data=body, headers=headers, timeout=timeout)
+        detail = ""
+        if response.status_code != 200:
+            try:
+                detail = response.json().get("detail", "")
+            except ValueError:
+                detail = response.text[:200]
+        return _Attempt(response.status_code, detail)
+
+
+def _last_failure(state) -> str:
+    if isinstance(state, RetryCallState) and state.outcome is not None:
+        if state.outcome.failed:
+            exc = state.outcome.exception()
+            return f"{type(exc).__name__}: {exc}"
+        attempt = state.outcome.result()
+        return f"HTTP {attempt.status} {attempt.detail}".strip()
+    if isinstance(state, RetryCallState):
+        return "closed before the first attempt"
+    return "no answer"

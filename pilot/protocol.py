@@ -1,0 +1,233 @@
+"""The pilot <-> service wire protocol, version 2: the one definition both sides use.
+
+This module is importable on its own: standard library only, no libvirt, no
+node access at import. ``service_adapter`` imports it and nothing else from
+``pilot``.
+
+A notification is one JSON object of at most :data:`MAX_BODY_BYTES` bytes,
+POSTed to ``{service}/pilot/v2/notifications`` with HTTP Digest
+authentication. The body is bound to the authenticated account by the
+``X-Pilot-Signature`` header: ``sha256=<hex HMAC-SHA256(key, body)>`` where
+the key is the account's SHA-256 digest HA1 (``sha256("user:realm:secret")``
+as lowercase hex, encoded as ASCII). The key is the SHA-256 HA1 whatever
+digest algorithm the request itself used, so the service needs to keep only
+HA1 values, never a password in clear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import re
+from datetime import datetime, timezone
+
+VERSION = 2
+NOTIFICATIONS_PATH = "/pilot/v2/notifications"
+SIGNATURE_HEADER = "X-Pilot-Signature"
+SIGNATURE_PREFIX = "sha256="
+MAX_BODY_BYTES = 64 * 1024
+
+#: Every state a notification may report.
+STATES = frozenset(
+    {
+        "reserved",
+        "earlyunreserving",
+        "unreserving",
+        "unreserved",
+        "killed",
+        "heartbeat",
+        "vm-running",
+        "vm-stopped",
+        "vm-failed",
+        "error",
+    }
+)
+#: The states that move a pilot through its lifecycle (the rest only report).
+LIFECYCLE_STATES = frozenset(
+    {"reserved", "earlyunreserving", "unreserving", "unreserved", "killed", "error"}
+)
+
+MAX_SLOT_LEN = 64
+MAX_HOST_LEN = 253
+MAX_MESSAGE_LEN = 4096
+MAX_VM_NAME_LEN = 64
+MAX_VMS = 256
+MAX_SEQ = 2**63 - 1
+MAX_MEMORY_MB = 2**31 - 1
+MAX_COMMAND = 2**63 - 1
+
+_REQUIRED = ("version", "slot", "host", "state", "code", "seq", "sent_at", "memory_mb")
+_OPTIONAL = ("expires_at", "vms", "command", "message")
+_SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+
+
+class ProtocolError(ValueError):
+    """A body that is not a valid v2 notification; ``str()`` says which field and why.
+
+    ``status`` is the HTTP status the service answers with (400, or 413 for
+    an oversized body).
+    """
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """Render an aware datetime as the protocol's timestamp: RFC 3339, UTC, microseconds, ``Z``."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse a protocol timestamp; raises :class:`ValueError` for any other shape."""
+    if not isinstance(text, str) or not _TIME_RE.match(text):
+        raise ValueError(f"not a UTC RFC 3339 timestamp with microseconds: {text!r}")
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Notification:
+    """One pilot notification; constructing one validates every field.
+
+    Instances are immutable and always valid: a bad value raises
+    :class:`ProtocolError` naming the field.
+    """
+
+    slot: str
+    host: str
+    state: str
+    seq: int
+    sent_at: str
+    memory_mb: int
+    code: int = 0
+    expires_at: str | None = None
+    vms: tuple[str, ...] | None = None
+    command: int | None = None
+    message: str | None = None
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        _check_int("version", self.version, VERSION, VERSION)
+        _check_str("slot", self.slot, MAX_SLOT_LEN, _SLOT_RE)
+        _check_str("host", self.host, MAX_HOST_LEN, _HOST_RE)
+        if not isinstance(self.state, str) or self.state not in STATES:
+            raise ProtocolError(f"state: {self.state!r} is not one of {sorted(STATES)}")
+        _check_int("code", self.code, -(2**31), 2**31 - 1)
+        _check_int("seq", self.seq, 1, MAX_SEQ)
+        _check_time("sent_at", self.sent_at)
+        _check_int("memory_mb", self.memory_mb, 0, MAX_MEMORY_MB)
+        if self.expires_at is not None:
+            _check_time("expires_at", self.expires_at)
+        if self.vms is not None:
+            if not isinstance(self.vms, (list, tuple)):
+                raise ProtocolError("vms: must be a list of VM names")
+            if len(self.vms) > MAX_VMS:
+                raise ProtocolError(f"vms: more than {MAX_VMS} names")
+            for name in self.vms:
+                _check_str("vms[]", name, MAX_VM_NAME_LEN, _VM_NAME_RE)
+            object.__setattr__(self, "vms", tuple(self.vms))
+        if self.command is not None:
+            _check_int("command", self.command, 1, MAX_COMMAND)
+        if self.message is not None:
+            _check_str("message", self.message, MAX_MESSAGE_LEN, None)
+
+    def to_dict(self) -> dict:
+        """The notification as a JSON-ready dict; optional fields that are unset are left out."""
+        out = {name: getattr(self, name) for name in _REQUIRED}
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if name == "vms" else value
+        return out
+
+    def to_json(self) -> bytes:
+        """The wire body: compact UTF-8 JSON; raises :class:`ProtocolError` if over the size cap."""
+        body = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(body) > MAX_BODY_BYTES:
+            raise ProtocolError(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", status=413)
+        return body
+
+    @classmethod
+    def from_json(cls, body: bytes) -> "Notification":
+        """Parse and strictly validate a wire body.
+
+        Rejects (with :class:`ProtocolError`) bodies over the cap, bodies that
+        are not UTF-8 JSON objects, missing or unknown fields, wrong types,
+        unknown states and over-long strings.
+        """
+        if len(body) > MAX_BODY_BYTES:
+            raise ProtocolError(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", status=413)
+        try:
+            data = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ProtocolError("body must be a JSON object")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise ProtocolError(f"missing field(s): {', '.join(missing)}")
+        unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+        if unknown:
+            raise ProtocolError(f"unknown field(s): {', '.join(unknown)}")
+        if data.get("vms") is not None and not isinstance(data["vms"], list):
+            raise ProtocolError("vms: must be a list of VM names")
+        return cls(**data)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_int(field: str, value, low: int, high: int) -> None:
+    # bool is an int subclass in Python; JSON true is not a number here.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{field}: must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ProtocolError(f"{field}: {value} is outside {low}..{high}")
+
+
+def _check_str(field: str, value, max_len: int, pattern: re.Pattern | None) -> None:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{field}: must be a string, got {type(value).__name__}")
+    if not value or len(value) > max_len:
+        raise ProtocolError(f"{field}: length must be 1..{max_len}, got {len(value)}")
+    if pattern is not None and not pattern.match(value):
+        raise ProtocolError(f"{field}: {value!r} has characters that are not allowed")
+
+
+def _check_time(field: str, value) -> None:
+    try:
+        parse_time(value)
+    except ValueError as exc:
+        raise ProtocolError(f"{field}: {exc}") from None
+
+
+def digest_ha1(user: str, realm: str, secret: str, algorithm: str = "SHA-256") -> str:
+    """The RFC 7616 HA1 for an account: ``H(user:realm:secret)`` as lowercase hex."""
+    name = {"SHA-256": "sha256", "MD5": "md5"}[algorithm]
+    return hashlib.new(name, f"{user}:{realm}:{secret}".encode()).hexdigest()
+
+
+def sign(key_ha1: str, body: bytes) -> str:
+    """The ``X-Pilot-Signature`` header value for ``body``, keyed by the SHA-256 HA1."""
+    mac = hmac.new(key_ha1.encode("ascii"), body, hashlib.sha256).hexdigest()
+    return SIGNATURE_PREFIX + mac
+
+
+def signature_matches(key_ha1: str, body: bytes, header: str | None) -> bool:
+    """Whether ``header`` is the right signature of ``body``; compares in constant time."""
+    if not header:
+        return False
+    return hmac.compare_digest(sign(key_ha1, body).encode(), header.strip().encode())
