@@ -53,7 +53,10 @@ class NodeLock:
         """Take the lock, retrying with a short backoff until ``timeout``; raises NodeLockError."""
         self.check_directory()
         path = os.path.join(self.directory, self.FILENAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise NodeLockError(f"node lock {path}: {exc.strerror}") from None
         deadline = time.monotonic() + self.timeout
         pause = 0.002
         while True:

@@ -171,11 +171,9 @@ class DigestVerifier:
         if ha1 is None:
             # Do the same hashing work for unknown users as for known ones.
             ha1 = "0" * 64
-        hash_fn = _HASHES[algorithm]
-        ha2 = hash_fn(f"{method}:{params['uri']}".encode()).hexdigest()
-        expected = hash_fn(
-            f"{ha1}:{params['nonce']}:{nc_text}:{params['cnonce']}:auth:{ha2}".encode()
-        ).hexdigest()
+        expected = response_digest(
+            algorithm, ha1, params["nonce"], nc_text, params["cnonce"], method, params["uri"]
+        )
         if not hmac.compare_digest(expected.encode(), params["response"].lower().encode()):
             return DigestResult(None, reason="wrong credentials")
         if account is None:
@@ -214,6 +212,13 @@ class DigestVerifier:
                 return False
             self._last_nc[nonce] = (nc, issued_at)
             return True
+
+
+def response_digest(algorithm: str, ha1: str, nonce: str, nc: str, cnonce: str, method: str, uri: str) -> str:
+    """The RFC 7616 ``response`` value for ``qop=auth``: ``KD(HA1, nonce:nc:cnonce:auth:HA2)``."""
+    hash_fn = _HASHES[algorithm]
+    ha2 = hash_fn(f"{method}:{uri}".encode()).hexdigest()
+    return hash_fn(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}".encode()).hexdigest()
 
 
 def parse_params(text: str) -> dict[str, str] | None:

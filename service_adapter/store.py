@@ -76,15 +76,16 @@ _GROUP_MAX = 256
 class Verdict(enum.Enum):
     """What the store decided about a notification, with the HTTP status to answer."""
 
-    ACCEPTED = 200
-    REPEAT = 200
-    UNKNOWN_SLOT = 404
-    REPLAY = 409
+    # (name, status): plain statuses would make REPEAT an alias of ACCEPTED.
+    ACCEPTED = ("accepted", 200)
+    REPEAT = ("repeat", 200)
+    UNKNOWN_SLOT = ("unknown-slot", 404)
+    REPLAY = ("replay", 409)
 
     @property
     def status(self) -> int:
         """The HTTP status the receiver answers with."""
-        return self.value
+        return self.value[1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""Shared fixtures: a real receiver on 127.0.0.1, the real hugepage pool, pilot processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+from requests.auth import HTTPDigestAuth
+
+from pilot.protocol import SIGNATURE_HEADER, Notification, format_time, sign, utc_now
+from service_adapter.digest import Account, DigestVerifier
+from service_adapter.local_site import write_pilot_config
+from service_adapter.receiver import ReceiverThread, make_app
+from service_adapter.store import Store
+
+HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+NR_HUGEPAGES = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
+REALM = "workspace-pilot"
+USER = "pilot"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (writes the hugepage pool)")
+
+
+def pool_pages() -> int:
+    """The 2 MiB hugepage pool's size."""
+    with open(NR_HUGEPAGES, encoding="ascii") as handle:
+        return int(handle.read())
+
+
+@pytest.fixture
+def hugepages():
+    """The real 2 MiB hugepage pool; the test fails if it does not end where it started."""
+    if os.geteuid() != 0 or not os.access(NR_HUGEPAGES, os.W_OK):
+        pytest.skip("needs root and a writable 2 MiB hugepage pool")
+    start = pool_pages()
+    yield start
+    end = pool_pages()
+    if end != start:
+        with open(NR_HUGEPAGES, "w", encoding="ascii") as handle:
+            handle.write(str(start))  # leave the machine clean even when the test failed
+        pytest.fail(f"hugepage pool ended at {end} pages, started at {start}")
+
+
+class Service:
+    """A real receiver (aiohttp on 127.0.0.1) with a real SQLite store and one pilot account."""
+
+    def __init__(self, workdir: str, *, verifier_options=None, max_skew_s: float = 300.0):
+        self.secret = "s3cret-" + uuid.uuid4().hex[:8]
+        self.account = Account.from_secret(USER, REALM, self.secret, md5=True)
+        self.verifier = DigestVerifier(REALM, {USER: self.account}, **(verifier_options or {}))
+        self.store = Store(os.path.join(workdir, "service.sqlite"))
+        self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s))
+        self.url = self.receiver.start()
+        self.notifications_url = self.url + "/pilot/v2/notifications"
+        self.lease = "lease-" + uuid.uuid4().hex[:8]
+        self.store.add_lease(self.lease, 4, 64, 60)
+
+    def add_slot(self, nodes: int = 1) -> str:
+        """A new slot the service knows about."""
+        slot = str(uuid.uuid4())
+        self.store.add_slot(slot, self.lease, nodes, 64)
+        return slot
+
+    def session(self, secret: str | None = None) -> requests.Session:
+        """A requests session with digest auth as the pilot account."""
+        session = requests.Session()
+        session.auth = HTTPDigestAuth(USER, secret or self.secret)
+        return session
+
+    def post(self, session: requests.Session, body: bytes, signature: str | None = None) -> requests.Response:
+        """POST a raw body, signed with the account's key unless ``signature`` is given."""
+        headers = {SIGNATURE_HEADER: signature or sign(self.account.ha1_sha256, body)}
+        return session.post(self.notifications_url, data=body, headers=headers, timeout=10)
+
+    def close(self) -> None:
+        self.receiver.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A running service on 127.0.0.1 (stopped at the end)."""
+    svc = Service(str(tmp_path))
+    yield svc
+    svc.close()
+
+
+def notification(slot: str, seq: int = 1, state: str = "reserved", host: str = "node1", **fields) -> Notification:
+    """A valid notification sent now."""
+    fields.setdefault("sent_at", format_time(utc_now()))
+    fields.setdefault("memory_mb", 64)
+    return Notification(slot=slot, host=host, state=state, seq=seq, **fields)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (at the moment of the call)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pilot_config(tmp_path, contact: str, secret: str, **options) -> str:
+    """Write a pilot config under ``tmp_path`` (its own lock and log dirs); returns its path."""
+    path = str(tmp_path / "pilot.conf")
+    lock_dir = tmp_path / "lock"
+    lock_dir.mkdir(mode=0o755, exist_ok=True)
+    write_pilot_config(
+        path, contact=contact, user=USER, secret=secret, realm=REALM,
+        log_dir=str(tmp_path / "logs"), lock_dir=str(lock_dir), **options,
+    )
+    return path
+
+
+def start_pilot(config: str, slot: str, *, memory: int = 64, duration: float = 30, grace: float = 5,
+                host: str = "node1", extra: tuple = ()) -> subprocess.Popen:
+    """Start ``workspace-pilot reserve`` as a real process."""
+    argv = [
+        sys.executable, "-m", "pilot", "reserve", "--slot", slot, "--memory", str(memory),
+        "--duration", str(duration), "--grace", str(grace), "--config", config, "--host", host, *extra,
+    ]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """End a process we started, by its pid, if it still runs."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -1,0 +1,119 @@
+"""Bad input to the commands: one clear line, a distinct exit code, nothing changed on the node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pilot.exitcodes import ExitCode
+from tests.conftest import pilot_config, pool_pages
+
+GOOD_ARGS = ["--slot", "s1", "--memory", "64", "--duration", "10", "--grace", "2"]
+
+
+def run(*argv: str, module: str = "pilot") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=60,
+    )
+
+
+def with_arg(name: str, value: str) -> list[str]:
+    args = list(GOOD_ARGS)
+    args[args.index(name) + 1] = value
+    return args
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "required"),
+        (["reserve"], "required"),
+        (["reserve", *with_arg("--memory", "-5")], "--memory: -5 must be above 0"),
+        (["reserve", *with_arg("--memory", "lots")], "'lots' is not a whole number"),
+        (["reserve", *with_arg("--duration", "0")], "--duration"),
+        (["reserve", *with_arg("--grace", "nan")], "--grace"),
+        (["reserve", *with_arg("--slot", "../../etc")], "not a slot id"),
+        (["reserve", *GOOD_ARGS, "--host", "bad host"], "not a host name"),
+        (["reserve", *GOOD_ARGS, "--contact", "ftp://x"], "not an http:// or https:// URL"),
+        (["reserve", *GOOD_ARGS, "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, needle):
+    result = run(*argv)
+    assert result.returncode == ExitCode.USAGE
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_help_explains_the_exit_codes():
+    result = run("reserve", "--help")
+    assert result.returncode == 0
+    for code in ExitCode:
+        assert f"{code.value:>2}  {code.name.lower().replace('_', '-')}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[service]\nsecret = x\nrequest_timeout = soon\n", "request_timeout = 'soon'"),
+        ("[service]\nsecret = x\n[nodes]\nx = 1\n", "unknown section [nodes]"),
+        ("[service]\nsecret = x\npasword = y\n", "unknown option 'pasword'"),
+        ("[service]\ncontact = http://127.0.0.1:1\n", "needs 'secret'"),
+        ("[memory]\nbackend = xen\n[service]\nsecret = x\n", "backend = 'xen': must be one of hugepages"),
+        ("[logging]\ndir = relative/path\n[service]\nsecret = x\n", "must be an absolute path"),
+        ("this is not ini\n", "not a valid INI file"),
+        ("[service]\nsecret_file = /nonexistent/secret\n", "secret_file /nonexistent/secret"),
+    ],
+)
+def test_bad_config_exits_3_and_changes_nothing(tmp_path, text, needle):
+    config = tmp_path / "pilot.conf"
+    config.write_text(text)
+    before = pool_pages()
+    result = run("reserve", *GOOD_ARGS, "--contact", "http://127.0.0.1:1", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("workspace-pilot: config error: ") for line in lines)
+    assert any(needle in line for line in lines), result.stderr
+    assert pool_pages() == before
+
+
+def test_every_config_problem_is_listed(tmp_path):
+    config = tmp_path / "pilot.conf"
+    config.write_text("[service]\nsecret = x\nrequest_timeout = -1\n[node]\nlock_timeout = x\n")
+    result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
+    assert result.returncode == ExitCode.CONFIG
+    assert len(result.stderr.strip().splitlines()) == 2
+
+
+def test_missing_config_file_exits_3(tmp_path):
+    result = run("reserve", *GOOD_ARGS, "--config", str(tmp_path / "absent.conf"))
+    assert result.returncode == ExitCode.CONFIG
+    assert "cannot read" in result.stderr
+
+
+def test_unsafe_lock_directory_exits_4_and_changes_nothing(tmp_path, hugepages):
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret")
+    os.chmod(tmp_path / "lock", 0o777)
+    result = run("reserve", *GOOD_ARGS, "--config", config, "--grace", "1")
+    assert result.returncode == ExitCode.LOCK_TIMEOUT
+    assert "writable by group or others" in result.stdout + result.stderr
+    assert pool_pages() == hugepages
+
+
+def test_unwritable_log_directory_exits_3(tmp_path):
+    config = tmp_path / "pilot.conf"
+    (tmp_path / "file").write_text("")
+    config.write_text(f"[service]\nsecret = x\n[logging]\ndir = {tmp_path / 'file' / 'logs'}\n")
+    result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
+    assert result.returncode == ExitCode.CONFIG
+    assert "log directory" in result.stderr
+
+
+def test_lease_command_refuses_bad_arguments_with_one_line():
+    result = run("demo", "--nodes", "0", module="service_adapter")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--nodes" in lines[0]

@@ -1,0 +1,84 @@
+"""The notifier: ordered seqs, retries until the service answers, and a close that stops at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pilot.notifier import Notifier, Outcome
+from service_adapter.receiver import ReceiverThread, make_app
+from tests.conftest import REALM, USER, free_port
+
+
+def make_notifier(url: str, secret: str, slot: str, **options) -> Notifier:
+    return Notifier(url, USER, secret, REALM, slot, "node1", **options)
+
+
+def test_notifications_arrive_in_order_with_increasing_seq(service):
+    slot = service.add_slot()
+    notifier = make_notifier(service.url, service.secret, slot)
+    try:
+        deliveries = [notifier.notify(s, 64, deliver_within=10) for s in ("reserved", "heartbeat", "unreserved")]
+        assert [d.wait(15) for d in deliveries] == [Outcome.DELIVERED] * 3
+    finally:
+        notifier.close()
+    assert [(seq, state) for _h, seq, state, _c in service.store.notifications(slot)] == [
+        (1, "reserved"), (2, "heartbeat"), (3, "unreserved"),
+    ]
+
+
+def test_retries_until_the_service_comes_up(service):
+    slot = service.add_slot()
+    port = free_port()
+    notifier = make_notifier(f"http://127.0.0.1:{port}", service.secret, slot)
+    late = ReceiverThread(make_app(service.store, service.verifier), port=port)
+    try:
+        delivery = notifier.notify("reserved", 64, deliver_within=60)
+        late.start()  # the first tries were refused connections; a later one gets through
+        assert delivery.wait(60) is Outcome.DELIVERED
+    finally:
+        notifier.close()
+        late.stop()
+    assert len(service.store.notifications(slot)) == 1
+
+
+def test_refusal_is_final_and_not_retried(service):
+    notifier = make_notifier(service.url, service.secret, "unknown-slot")
+    try:
+        delivery = notifier.notify("reserved", 64, deliver_within=60)
+        assert delivery.wait(30) is Outcome.REFUSED
+        assert delivery.status == 404
+    finally:
+        notifier.close()
+
+
+def test_close_stops_retries_at_once():
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    pending = notifier.notify("reserved", 64, deliver_within=3600)
+    queued = notifier.notify("unreserved", 0, deliver_within=3600)
+    notifier.close()
+    # Both end now rather than after an hour of retries; the wait only bounds a broken close.
+    assert pending.wait(10) is Outcome.UNDELIVERED
+    assert queued.wait(10) is Outcome.UNDELIVERED
+    assert notifier.notify("heartbeat", 0, deliver_within=10).outcome is Outcome.UNDELIVERED
+
+
+def test_deadline_ends_the_retries():
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    try:
+        delivery = notifier.notify("reserved", 64, deliver_within=0.5)
+        assert delivery.wait(30) is Outcome.UNDELIVERED
+        assert "Connection" in delivery.detail
+    finally:
+        notifier.close()
+
+
+def test_pilot_start_imports_nothing_heavy():
+    # The pilot's own start is on the lease's critical path: no aiohttp, no sqlite, no service code.
+    code = (
+        "import sys, pilot.cli, pilot.lifecycle, pilot.notifier;"
+        "heavy = [m for m in ('aiohttp', 'sqlite3', 'service_adapter', 'libvirt') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -1,0 +1,154 @@
+"""Real pilot processes against a real receiver: every way a lease can end leaves the pool as it was."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from pilot.exitcodes import ExitCode
+from service_adapter.local_site import LocalSite
+from tests.conftest import free_port, pilot_config, pool_pages, start_pilot, stop_process
+
+
+def states(service, slot, host="node1"):
+    return [state for h, _seq, state, _code in service.store.notifications(slot) if h == host]
+
+
+def wait_for_state(service, slot, state, timeout=30):
+    assert service.store.wait_for(
+        lambda: any(p.state == state for p in service.store.pilots(slot)), timeout
+    ), f"no pilot of {slot} reached {state}"
+
+
+# -- a whole lease through the local provider --------------------------------------------------
+
+
+@pytest.fixture
+def site(tmp_path, hugepages):
+    lock_dir = tmp_path / "lock"
+    lock_dir.mkdir(mode=0o755)
+    local = LocalSite(str(tmp_path / "site"), grace_s=5, lock_dir=str(lock_dir))
+    yield local
+    local.close()
+
+
+def test_lease_of_two_local_pilots_ends_at_its_deadline(site, hugepages):
+    lease = site.leases.reserve(nodes=2, memory_mb=64, duration_s=3)
+    assert lease.wait_reserved(timeout=30)
+    assert pool_pages() == hugepages + 2 * 32
+    assert {p.host for p in lease.pilots()} == set(site.provider.hosts(lease.job_id))
+    assert all(p.expires_at for p in lease.pilots())
+    assert lease.wait_unreserved(timeout=30)
+    assert site.provider.wait(lease.job_id, timeout=10) == [0, 0]
+    assert pool_pages() == hugepages
+    for host in site.provider.hosts(lease.job_id):
+        assert states(site, lease.slot, host) == ["reserved", "unreserving", "unreserved"]
+
+
+def test_release_before_the_deadline_takes_the_early_path(site, hugepages):
+    lease = site.leases.reserve(nodes=2, memory_mb=64, duration_s=300)
+    assert lease.wait_reserved(timeout=30)
+    lease.release()
+    assert lease.wait_unreserved(timeout=30)
+    assert site.provider.wait(lease.job_id, timeout=10) == [0, 0]
+    assert pool_pages() == hugepages
+    for host in site.provider.hosts(lease.job_id):
+        assert states(site, lease.slot, host) == ["reserved", "earlyunreserving", "unreserved"]
+
+
+# -- single pilots, for the ways a lease goes wrong --------------------------------------------------
+
+
+def test_service_down_for_the_whole_lease_gives_memory_back(tmp_path, hugepages):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=2)
+    pilot = start_pilot(config, "slot-down", duration=60, grace=3)
+    try:
+        assert pilot.wait(timeout=2 + 3 + 10) == ExitCode.SERVICE_UNREACHABLE
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+    assert "was not delivered within 2 s" in pilot.stdout.read()
+
+
+def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepages):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=600)
+    pilot = start_pilot(config, "slot-down", duration=600, grace=2)
+    try:
+        for line in pilot.stdout:  # the pool is taken once it says so
+            if "took 64 MB" in line:
+                break
+        assert pool_pages() == hugepages + 32
+        pilot.send_signal(signal.SIGTERM)
+        # Exiting at all within grace + slack is the promise; how fast is for the benchmark.
+        assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+
+
+def test_service_that_vanishes_mid_lease(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = pilot_config(tmp_path, service.url, service.secret)
+    pilot = start_pilot(config, slot, duration=300, grace=2)
+    try:
+        wait_for_state(service, slot, "reserved")
+        service.receiver.stop()
+        pilot.send_signal(signal.SIGTERM)
+        assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+
+
+def test_unknown_slot_is_refused_and_memory_given_back(tmp_path, hugepages, service):
+    config = pilot_config(tmp_path, service.url, service.secret)
+    pilot = start_pilot(config, "slot-the-service-never-made", duration=300, grace=2)
+    try:
+        assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+    assert "HTTP 404" in pilot.stdout.read()
+
+
+def test_wrong_secret_is_refused_and_memory_given_back(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = pilot_config(tmp_path, service.url, "not-the-secret")
+    pilot = start_pilot(config, slot, duration=300, grace=2)
+    try:
+        assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+    assert service.store.notifications(slot) == []
+
+
+def test_not_enough_memory_fails_cleanly_and_tells_the_service(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = pilot_config(tmp_path, service.url, service.secret)
+    pilot = start_pilot(config, slot, memory=64 * 1024 * 1024, duration=300, grace=5)
+    try:
+        assert pilot.wait(timeout=60) == ExitCode.RESERVE_FAILED
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+    (pilot_row,) = service.store.pilots(slot)
+    assert (pilot_row.state, pilot_row.code) == ("error", ExitCode.RESERVE_FAILED)
+
+
+def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = pilot_config(tmp_path, service.url, service.secret)
+    pilot = start_pilot(config, slot, duration=300, grace=5)
+    try:
+        wait_for_state(service, slot, "reserved")
+        pilot.send_signal(signal.SIGTERM)
+        pilot.send_signal(signal.SIGINT)
+        assert pilot.wait(timeout=15) == ExitCode.OK
+    finally:
+        stop_process(pilot)
+    assert pool_pages() == hugepages
+    assert states(service, slot) == ["reserved", "earlyunreserving", "unreserved"]
