@@ -54,6 +54,13 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
                 say(f"  {host}: {state}" + (f" (code {code})" if code else "") + f" [seq {seq}]")
             seen = len(rows)
 
+        def watch(until, timeout: float) -> bool:
+            """Print notifications as they are stored until ``until()`` holds or ``timeout`` passes."""
+            def check() -> bool:
+                report_new()
+                return until()
+            return site.store.wait_for(check, timeout)
+
         try:
             ready = lease.wait_reserved(timeout=60)
         except LeaseFailed as exc:
@@ -67,14 +74,12 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
         held = _pool_pages()
         say(f"lease ready: hugepage pool now {held} pages ({held * 2} MB, +{(held - before) * 2} MB)")
         if release_after_s is not None:
-            site.store.wait_for(lambda: (report_new(), False)[1], release_after_s)
+            watch(lambda: False, release_after_s)
             say(f"releasing the lease after {release_after_s:g} s (SIGTERM to each pilot, like qdel)")
             lease.release()
         else:
             say(f"holding until the pilots' own deadline ({duration_s:g} s after they started)")
-        done = site.store.wait_for(
-            lambda: (report_new(), lease._count("unreserved") == nodes)[1], duration_s + grace_s + 30
-        )
+        done = watch(lambda: lease.count("unreserved") == nodes, duration_s + grace_s + 30)
         codes = site.provider.wait(lease.job_id, grace_s + 5)
         report_new()
         after = _pool_pages()

@@ -30,7 +30,8 @@ class Lease:
         """The pilots that have reported, with their latest state."""
         return self.store.pilots(self.slot)
 
-    def _count(self, state: str) -> int:
+    def count(self, state: str) -> int:
+        """How many of the lease's pilots last reported ``state``."""
         return sum(1 for p in self.pilots() if p.state == state)
 
     def wait_reserved(self, timeout: float) -> bool:
@@ -58,7 +59,7 @@ class Lease:
 
     def wait_unreserved(self, timeout: float) -> bool:
         """Block until every node's pilot has reported ``unreserved``; False on timeout."""
-        return self.store.wait_for(lambda: self._count("unreserved") == self.nodes, timeout)
+        return self.store.wait_for(lambda: self.count("unreserved") == self.nodes, timeout)
 
 
 class LeaseManager:

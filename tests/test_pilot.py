@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -152,3 +154,16 @@ def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service)
         stop_process(pilot)
     assert pool_pages() == hugepages
     assert states(service, slot) == ["reserved", "earlyunreserving", "unreserved"]
+
+
+def test_demo_runs_a_lease_and_restores_the_pool(tmp_path, hugepages):
+    result = subprocess.run(
+        [sys.executable, "-m", "service_adapter", "demo", "--nodes", "2", "--memory", "8",
+         "--duration", "2", "--grace", "5", "--workdir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert out.count(": reserved [seq 1]") == 2 and out.count(": unreserved [seq 3]") == 2
+    assert f"hugepage pool after: {hugepages} pages" in out
+    assert "back where they started" in out
