@@ -42,24 +42,24 @@ def _host(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
-    return value
+MAX_SECONDS = 10**8  # about three years; longer waits overflow the kernel's timeout types
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
-    return value
+def _positive(kind, noun: str):
+    """An argparse type: a ``kind`` (int or float) above 0 and at most MAX_SECONDS."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not value <= MAX_SECONDS:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_SECONDS})")
+        return value
+
+    return parse
 
 
 def _contact(text: str) -> str:
@@ -91,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     reserve.add_argument("--slot", required=True, type=_slot, help="the slot id the service gave this job")
-    reserve.add_argument("--memory", required=True, type=_positive_int, metavar="MB", help="memory to reserve, in MB")
+    reserve.add_argument("--memory", required=True, type=_positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB")
     reserve.add_argument(
-        "--duration", required=True, type=_positive_float, metavar="SECONDS",
+        "--duration", required=True, type=_positive(float, "a number"), metavar="SECONDS",
         help="how long to hold the reservation, counted from the pilot's start",
     )
     reserve.add_argument(
-        "--grace", required=True, type=_positive_float, metavar="SECONDS",
+        "--grace", required=True, type=_positive(float, "a number"), metavar="SECONDS",
         help="the most time the pilot takes to restore the node and report, once it stops",
     )
     reserve.add_argument("--contact", type=_contact, metavar="URL", help="the service's base URL (overrides [service] contact)")

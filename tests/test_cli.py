@@ -35,6 +35,7 @@ def with_arg(name: str, value: str) -> list[str]:
         (["reserve", *with_arg("--memory", "lots")], "'lots' is not a whole number"),
         (["reserve", *with_arg("--duration", "0")], "--duration"),
         (["reserve", *with_arg("--grace", "nan")], "--grace"),
+        (["reserve", *with_arg("--duration", "inf")], "--duration: inf is too large"),
         (["reserve", *with_arg("--slot", "../../etc")], "not a slot id"),
         (["reserve", *GOOD_ARGS, "--host", "bad host"], "not a host name"),
         (["reserve", *GOOD_ARGS, "--contact", "ftp://x"], "not an http:// or https:// URL"),
