@@ -192,7 +192,12 @@ class Notifier:
             if self._closing.is_set():
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
                 continue
-            self._deliver(delivery)
+            try:
+                self._deliver(delivery)
+            except Exception as exc:  # the sender must outlive any one notification
+                log.exception("sending %s failed unexpectedly", delivery.notification.state)
+                if not delivery.done():
+                    delivery._finish(Outcome.UNDELIVERED, detail=f"{type(exc).__name__}: {exc}")
         while True:  # drain what was queued behind the close
             try:
                 delivery = self._queue.get_nowait()
@@ -242,10 +247,12 @@ class Notifier:
         response = self._session.post(self.url, data=body, headers=headers, timeout=timeout)
         detail = ""
         if response.status_code != 200:
+            # The answer may come from a proxy, not the service: take a detail only if it is ours.
             try:
-                detail = response.json().get("detail", "")
+                answer = response.json()
             except ValueError:
-                detail = response.text[:200]
+                answer = None
+            detail = str(answer.get("detail", "")) if isinstance(answer, dict) else response.text[:200]
         return _Attempt(response.status_code, detail)
 
 

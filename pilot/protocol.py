@@ -94,7 +94,11 @@ def parse_time(text: str) -> datetime:
     """Parse a protocol timestamp; raises :class:`ValueError` for any other shape."""
     if not isinstance(text, str) or not _TIME_RE.match(text):
         raise ValueError(f"not a UTC RFC 3339 timestamp with microseconds: {text!r}")
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    try:
+        # The regex fixed the shape; fromisoformat is ~10x faster than strptime on the hot path.
+        return datetime.fromisoformat(text[:-1] + "+00:00")
+    except ValueError:
+        raise ValueError(f"not a valid date and time: {text!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,26 @@ def test_refusal_is_final_and_not_retried(service):
         notifier.close()
 
 
+def test_an_answer_that_is_not_ours_is_a_refusal_not_a_dead_sender():
+    from aiohttp import web
+
+    async def proxy_error(request):
+        return web.json_response(["not", "our", "format"], status=403)
+
+    app = web.Application()
+    app.router.add_post("/pilot/v2/notifications", proxy_error)
+    proxy = ReceiverThread(app)
+    notifier = make_notifier(proxy.start(), "secret", "slot-x")
+    try:
+        first = notifier.notify("reserved", 64, deliver_within=30)
+        assert first.wait(30) is Outcome.REFUSED and first.status == 403
+        second = notifier.notify("unreserved", 0, deliver_within=30)
+        assert second.wait(30) is Outcome.REFUSED  # the sender thread is still alive
+    finally:
+        notifier.close()
+        proxy.stop()
+
+
 def test_close_stops_retries_at_once():
     notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
     pending = notifier.notify("reserved", 64, deliver_within=3600)

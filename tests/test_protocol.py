@@ -84,6 +84,7 @@ def test_every_state_is_accepted(state):
         (body(host="bad host"), "host"),
         (body(sent_at="2026-11-21T10:00:00Z"), "sent_at"),
         (body(sent_at="2026-11-21 10:00:00.000000"), "sent_at"),
+        (body(sent_at="2026-13-45T25:00:00.000000Z"), "not a valid date"),
         (body(sent_at=12), "sent_at"),
         (body(expires_at="tomorrow"), "expires_at"),
         (body(vms="vm-1"), "vms: must be a list"),

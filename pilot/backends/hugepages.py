@@ -88,6 +88,6 @@ class HugepagesBackend(BalloonBackend):
         now = self._write_pages(target)
         if now != target:
             raise BackendError(
-                f"asked the kernel to shrink the hugepage pool to {target} pages, it is at {now} "
-                "(pages still in use by a VM?)"
+                f"asked the kernel to shrink the hugepage pool to {target} pages, it is at {now}: "
+                "pages still in use (by a VM?) stay as surplus and are freed when released"
             )
