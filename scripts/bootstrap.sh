@@ -37,7 +37,12 @@ stamp=.venv/.workspace-pilot-installed
 want=$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "bootstrap: installing workspace-pilot and its dependencies into .venv" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+  # pip's output goes to a log and is shown only if the install fails.
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install --disable-pip-version-check -e '.[test]'; } > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    echo "bootstrap: installing into .venv failed (log above, also in .venv/install.log)" >&2
+    exit 3
+  fi
   echo "$want" > "$stamp"
 fi
