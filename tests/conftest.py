@@ -23,7 +23,7 @@ NR_HUGEPAGES = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
 REALM = "workspace-pilot"
 USER = "pilot"
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (writes the hugepage pool)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def pool_pages() -> int:

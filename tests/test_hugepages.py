@@ -10,7 +10,7 @@ import pytest
 from pilot.backends import BackendError
 from pilot.backends.hugepages import HugepagesBackend
 from pilot.nodelock import NodeLock, NodeLockError
-from tests.conftest import HUGEPAGES_DIR, pool_pages
+from tests.conftest import HUGEPAGES_DIR, needs_root, pool_pages
 
 
 def test_take_and_give_back_are_exact(hugepages):
@@ -93,7 +93,7 @@ def test_lock_in_a_group_writable_directory_is_refused(tmp_path):
     assert not (lock_dir / NodeLock.FILENAME).exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+@needs_root
 def test_lock_in_a_directory_owned_by_someone_else_is_refused(tmp_path):
     lock_dir = tmp_path / "theirs"
     lock_dir.mkdir(mode=0o755)
