@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -126,8 +127,13 @@ def start_pilot(config: str, slot: str, *, memory: int = 64, duration: float = 3
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """End a process we started, by its pid, if it still runs."""
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+@contextlib.contextmanager
+def running_pilot(config: str, slot: str, **options):
+    """A pilot process for the ``with`` block; killed by its pid afterwards if it still runs."""
+    process = start_pilot(config, slot, **options)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -10,7 +10,7 @@ import pytest
 
 from pilot.exitcodes import ExitCode
 from service_adapter.local_site import LocalSite
-from tests.conftest import free_port, pilot_config, pool_pages, start_pilot, stop_process
+from tests.conftest import free_port, pilot_config, pool_pages, running_pilot
 
 
 def states(service, slot, host="node1"):
@@ -65,11 +65,8 @@ def test_release_before_the_deadline_takes_the_early_path(site, hugepages):
 def test_service_down_for_the_whole_lease_gives_memory_back(tmp_path, hugepages):
     dead = f"http://127.0.0.1:{free_port()}"
     config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=2)
-    pilot = start_pilot(config, "slot-down", duration=60, grace=3)
-    try:
+    with running_pilot(config, "slot-down", duration=60, grace=3) as pilot:
         assert pilot.wait(timeout=2 + 3 + 10) == ExitCode.SERVICE_UNREACHABLE
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
     assert "was not delivered within 2 s" in pilot.stdout.read()
 
@@ -77,8 +74,7 @@ def test_service_down_for_the_whole_lease_gives_memory_back(tmp_path, hugepages)
 def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepages):
     dead = f"http://127.0.0.1:{free_port()}"
     config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=600)
-    pilot = start_pilot(config, "slot-down", duration=600, grace=2)
-    try:
+    with running_pilot(config, "slot-down", duration=600, grace=2) as pilot:
         for line in pilot.stdout:  # the pool is taken once it says so
             if "took 64 MB" in line:
                 break
@@ -86,32 +82,24 @@ def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepage
         pilot.send_signal(signal.SIGTERM)
         # Exiting at all within grace + slack is the promise; how fast is for the benchmark.
         assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
 
 
 def test_service_that_vanishes_mid_lease(tmp_path, hugepages, service):
     slot = service.add_slot()
     config = pilot_config(tmp_path, service.url, service.secret)
-    pilot = start_pilot(config, slot, duration=300, grace=2)
-    try:
+    with running_pilot(config, slot, duration=300, grace=2) as pilot:
         wait_for_state(service, slot, "reserved")
         service.receiver.stop()
         pilot.send_signal(signal.SIGTERM)
         assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
 
 
 def test_unknown_slot_is_refused_and_memory_given_back(tmp_path, hugepages, service):
     config = pilot_config(tmp_path, service.url, service.secret)
-    pilot = start_pilot(config, "slot-the-service-never-made", duration=300, grace=2)
-    try:
+    with running_pilot(config, "slot-the-service-never-made", duration=300, grace=2) as pilot:
         assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
     assert "HTTP 404" in pilot.stdout.read()
 
@@ -119,11 +107,8 @@ def test_unknown_slot_is_refused_and_memory_given_back(tmp_path, hugepages, serv
 def test_wrong_secret_is_refused_and_memory_given_back(tmp_path, hugepages, service):
     slot = service.add_slot()
     config = pilot_config(tmp_path, service.url, "not-the-secret")
-    pilot = start_pilot(config, slot, duration=300, grace=2)
-    try:
+    with running_pilot(config, slot, duration=300, grace=2) as pilot:
         assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
     assert service.store.notifications(slot) == []
 
@@ -131,11 +116,8 @@ def test_wrong_secret_is_refused_and_memory_given_back(tmp_path, hugepages, serv
 def test_not_enough_memory_fails_cleanly_and_tells_the_service(tmp_path, hugepages, service):
     slot = service.add_slot()
     config = pilot_config(tmp_path, service.url, service.secret)
-    pilot = start_pilot(config, slot, memory=64 * 1024 * 1024, duration=300, grace=5)
-    try:
+    with running_pilot(config, slot, memory=64 * 1024 * 1024, duration=300, grace=5) as pilot:
         assert pilot.wait(timeout=60) == ExitCode.RESERVE_FAILED
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
     (pilot_row,) = service.store.pilots(slot)
     assert (pilot_row.state, pilot_row.code) == ("error", ExitCode.RESERVE_FAILED)
@@ -144,14 +126,11 @@ def test_not_enough_memory_fails_cleanly_and_tells_the_service(tmp_path, hugepag
 def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service):
     slot = service.add_slot()
     config = pilot_config(tmp_path, service.url, service.secret)
-    pilot = start_pilot(config, slot, duration=300, grace=5)
-    try:
+    with running_pilot(config, slot, duration=300, grace=5) as pilot:
         wait_for_state(service, slot, "reserved")
         pilot.send_signal(signal.SIGTERM)
         pilot.send_signal(signal.SIGINT)
         assert pilot.wait(timeout=15) == ExitCode.OK
-    finally:
-        stop_process(pilot)
     assert pool_pages() == hugepages
     assert states(service, slot) == ["reserved", "earlyunreserving", "unreserved"]
 
