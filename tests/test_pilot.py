@@ -10,6 +10,7 @@ import pytest
 
 from pilot.exitcodes import ExitCode
 from service_adapter.local_site import LocalSite
+from service_adapter.receiver import ReceiverThread, make_app
 from tests.conftest import free_port, pilot_config, pool_pages, running_pilot
 
 
@@ -83,6 +84,25 @@ def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepage
         # Exiting at all within grace + slack is the promise; how fast is for the benchmark.
         assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
     assert pool_pages() == hugepages
+
+
+def test_service_back_during_the_grace_hears_the_end(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    port = free_port()
+    config = pilot_config(tmp_path, f"http://127.0.0.1:{port}", service.secret, reserved_timeout_s=600)
+    late = ReceiverThread(make_app(service.store, service.verifier), port=port)
+    with running_pilot(config, slot, duration=600, grace=20) as pilot:
+        for line in pilot.stdout:
+            if "took 64 MB" in line:
+                break
+        pilot.send_signal(signal.SIGTERM)
+        late.start()
+        try:
+            assert pilot.wait(timeout=20 + 5) == ExitCode.OK
+        finally:
+            late.stop()
+    assert pool_pages() == hugepages
+    assert states(service, slot)[-2:] == ["earlyunreserving", "unreserved"]
 
 
 def test_service_that_vanishes_mid_lease(tmp_path, hugepages, service):
