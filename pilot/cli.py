@@ -42,11 +42,11 @@ def _host(text: str) -> str:
     return text
 
 
-MAX_SECONDS = 10**8  # about three years; longer waits overflow the kernel's timeout types
+MAX_ARGUMENT = 10**8  # seconds: about three years (longer waits overflow timeout types); MB: 100 TB
 
 
 def _positive(kind, noun: str):
-    """An argparse type: a ``kind`` (int or float) above 0 and at most MAX_SECONDS."""
+    """An argparse type: a ``kind`` (int or float) above 0 and at most MAX_ARGUMENT."""
 
     def parse(text: str):
         try:
@@ -55,8 +55,8 @@ def _positive(kind, noun: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"{text} must be above 0")
-        if not value <= MAX_SECONDS:
-            raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_SECONDS})")
+        if not value <= MAX_ARGUMENT:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_ARGUMENT})")
         return value
 
     return parse

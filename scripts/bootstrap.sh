@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything workspace-pilot needs on a Debian 12 machine, idempotently:
 # Debian packages (as root), a virtualenv in .venv, the project installed editable with its test extras.
-# Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
+# Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -94,7 +94,7 @@ async def handle_notification(request: web.Request) -> web.Response:
             "refused %s/%s seq %d: %s",
             notification.slot, notification.host, notification.seq, verdict.name.lower(),
         )
-    return _answer(verdict.status, verdict.value[0])
+    return _answer(verdict.status, verdict.result)
 
 
 def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0) -> web.Application:

@@ -83,6 +83,11 @@ class Verdict(enum.Enum):
     REPLAY = ("replay", 409)
 
     @property
+    def result(self) -> str:
+        """The word the receiver puts in its answer's ``result``."""
+        return self.value[0]
+
+    @property
     def status(self) -> int:
         """The HTTP status the receiver answers with."""
         return self.value[1]
