@@ -13,6 +13,11 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need_pkgs+=(python3-venv)
 fi
+# libvirt-python (the xen backend) has no wheel: pip builds it against Debian's libvirt.
+have_deb() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+pkg-config --exists libvirt 2>/dev/null || have_deb libvirt-dev || need_pkgs+=(libvirt-dev)
+have_deb pkg-config || command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: missing Debian packages ${need_pkgs[*]}; run as root to install them" >&2

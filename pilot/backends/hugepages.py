@@ -2,38 +2,45 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 
-from pilot.backends.base import BackendError, BalloonBackend, Taken
+from pilot.backends.base import BackendError, BalloonBackend, read_meminfo_kb
 
-log = logging.getLogger(__name__)
+SYSFS_ROOT = "/sys/kernel/mm/hugepages"
 
 
 class HugepagesBackend(BalloonBackend):
-    """Grows and shrinks the kernel's persistent hugepage pool of one page size.
+    """The kernel's persistent hugepage pool of one page size; the level is the pool's size in pages.
 
-    Works on ``<sysfs dir>/nr_hugepages`` (for example
-    ``/sys/kernel/mm/hugepages/hugepages-2048kB``). The kernel may grant
-    fewer pages than asked when memory is short or fragmented, so every
-    write is read back.
+    Works on ``<sysfs_root>/hugepages-<page_kb>kB/nr_hugepages`` (2 MiB
+    pages by default, 1 GiB where asked). The kernel may grant fewer pages
+    than asked when memory is short or fragmented; callers read back.
     """
 
     name = "hugepages"
+    unit = "pages"
 
-    def __init__(self, sysfs_dir: str):
-        match = re.search(r"hugepages-(\d+)kB$", sysfs_dir.rstrip("/"))
-        if not match:
-            raise BackendError(f"{sysfs_dir}: not a hugepages-<size>kB directory")
-        self.page_kb = int(match.group(1))
-        self.path = os.path.join(sysfs_dir, "nr_hugepages")
+    def __init__(self, page_kb: int = 2048, sysfs_root: str = SYSFS_ROOT, meminfo: str = "/proc/meminfo"):
+        self.page_kb = page_kb
+        self.sysfs_root = sysfs_root
+        self.meminfo = meminfo
+        self.path = os.path.join(sysfs_root, f"hugepages-{page_kb}kB", "nr_hugepages")
+        if not os.path.exists(self.path):
+            raise BackendError(
+                f"this kernel has no {page_kb} kB hugepages ({self.path} is missing); "
+                "set [memory] hugepage_size to a size it has"
+            )
 
-    def pages_for(self, memory_mb: int) -> int:
-        """How many pages hold ``memory_mb`` (rounded up to whole pages)."""
-        return -(-memory_mb * 1024 // self.page_kb)
+    def params(self) -> dict:
+        """The page size and the sysfs root (and meminfo path) this backend works on."""
+        params = {"page_kb": self.page_kb}
+        if self.sysfs_root != SYSFS_ROOT:
+            params["sysfs_root"] = self.sysfs_root
+        if self.meminfo != "/proc/meminfo":
+            params["meminfo"] = self.meminfo
+        return params
 
-    def read_pages(self) -> int:
+    def read(self) -> int:
         """The pool's current size in pages."""
         try:
             with open(self.path, encoding="ascii") as handle:
@@ -41,53 +48,40 @@ class HugepagesBackend(BalloonBackend):
         except OSError as exc:
             raise BackendError(f"cannot read {self.path}: {exc.strerror}") from None
 
-    def _write_pages(self, pages: int) -> int:
+    def write(self, level: int) -> None:
+        """Ask the kernel for a pool of ``level`` pages (it may grant fewer)."""
         try:
             with open(self.path, "w", encoding="ascii") as handle:
-                handle.write(str(pages))
+                handle.write(str(level))
         except OSError as exc:
             hint = " (the pilot must run as root)" if exc.errno in (1, 13) else ""
             raise BackendError(f"cannot write {self.path}: {exc.strerror}{hint}") from None
-        return self.read_pages()
 
-    def read_mb(self) -> int:
-        """The memory in the pool, in MB."""
-        return self.read_pages() * self.page_kb // 1024
+    def units_for(self, memory_mb: int) -> int:
+        """Pages that hold ``memory_mb`` (rounded up to whole pages)."""
+        return -(-memory_mb * 1024 // self.page_kb)
 
-    def take(self, memory_mb: int) -> Taken:
-        """Grow the pool by the pages for ``memory_mb``; give back a partial grant and fail."""
-        if memory_mb <= 0:
-            raise BackendError(f"memory must be above 0 MB, got {memory_mb}")
-        wanted = self.pages_for(memory_mb)
-        before = self.read_pages()
-        after = self._write_pages(before + wanted)
-        granted = after - before
-        if granted >= wanted:
-            return Taken(self.name, wanted, wanted * self.page_kb // 1024)
-        if granted > 0:
-            now = self._write_pages(after - granted)
-            if now != before:
-                raise BackendError(
-                    f"the kernel granted {granted} of {wanted} hugepages and giving them back left "
-                    f"the pool at {now} pages instead of {before}"
-                )
-        raise BackendError(
-            f"the kernel granted {max(granted, 0)} of {wanted} hugepages of {self.page_kb} kB "
-            f"({memory_mb} MB asked); not enough free memory; nothing kept"
-        )
+    def mb_of(self, units: int) -> int:
+        """MB in ``units`` pages."""
+        return units * self.page_kb // 1024
 
-    def give_back(self, taken: Taken) -> None:
-        """Shrink the pool by the pages ``taken`` holds; verify the kernel did."""
-        current = self.read_pages()
-        target = max(current - taken.units, 0)
-        if current < taken.units:
-            log.warning(
-                "hugepage pool has %d pages, fewer than the %d this pilot took: someone else shrank it",
-                current, taken.units,
-            )
-        now = self._write_pages(target)
-        if now != target:
-            raise BackendError(
-                f"asked the kernel to shrink the hugepage pool to {target} pages, it is at {now}: "
-                "pages still in use (by a VM?) stay as surplus and are freed when released"
-            )
+    def level_after_take(self, level: int, units: int) -> int:
+        """Taking memory grows the pool."""
+        return level + units
+
+    def level_after_give(self, level: int, units: int) -> int:
+        """Giving back shrinks the pool (never below empty)."""
+        return max(level - units, 0)
+
+    def host_mb(self, level: int) -> int:
+        """MemTotal less every hugepage pool, with this size's pool at ``level``."""
+        total_kb = read_meminfo_kb("MemTotal", self.meminfo)
+        hugetlb_kb = read_meminfo_kb("Hugetlb", self.meminfo)
+        others_kb = max(hugetlb_kb - self.read() * self.page_kb, 0)
+        return (total_kb - others_kb - level * self.page_kb) // 1024
+
+    def boot_level(self, boot_mb: int | str) -> int:
+        """The pool size in pages that ``boot_mb`` MB of hugepages makes (usually 0)."""
+        if not isinstance(boot_mb, int):
+            raise BackendError(f"hugepages: boot_mb must be the pool's boot size in MB, not {boot_mb!r}")
+        return self.units_for(boot_mb)
