@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -33,11 +34,28 @@ def pool_pages() -> int:
         return int(handle.read())
 
 
+@contextlib.contextmanager
+def machine_lock(name: str):
+    """An exclusive flock on /tmp/workspace-pilot-tests.<name>.lock for the block.
+
+    The hugepage pool is one per machine: test runs started side by side
+    (two checkouts, a benchmark) take turns instead of seeing each other's pages.
+    """
+    with open(f"/tmp/workspace-pilot-tests.{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture
 def hugepages():
     """The real 2 MiB hugepage pool; the test fails if it does not end where it started."""
     if os.geteuid() != 0 or not os.access(NR_HUGEPAGES, os.W_OK):
         pytest.skip("needs root and a writable 2 MiB hugepage pool")
+    with machine_lock("hugepages"):
+        yield from _pool_checked()
+
+
+def _pool_checked():
     start = pool_pages()
     yield start
     end = pool_pages()
@@ -106,13 +124,11 @@ def free_port() -> int:
 
 
 def pilot_config(tmp_path, contact: str, secret: str, **options) -> str:
-    """Write a pilot config under ``tmp_path`` (its own lock and log dirs); returns its path."""
+    """Write a pilot config under ``tmp_path`` (its own journal and log dirs); returns its path."""
     path = str(tmp_path / "pilot.conf")
-    lock_dir = tmp_path / "lock"
-    lock_dir.mkdir(mode=0o755, exist_ok=True)
     write_pilot_config(
         path, contact=contact, user=USER, secret=secret, realm=REALM,
-        log_dir=str(tmp_path / "logs"), lock_dir=str(lock_dir), **options,
+        log_dir=str(tmp_path / "logs"), journal_dir=str(tmp_path / "journal"), **options,
     )
     return path
 

@@ -1,0 +1,235 @@
+"""The write-ahead node journal: what each pilot is about to change on the node and how to undo it.
+
+One JSON file per pilot in a root-owned directory (default
+``/var/lib/workspace-pilot``), written before every change to the node and
+replaced atomically (temporary file, fsync, rename, fsync of the
+directory), so after a crash or a power cut a reader finds either the old
+record or the new one, never half of one. The directory also holds the
+node lock (``node.lock``) that serialises every change.
+
+Who undoes what: a pilot removes its own entry once the node is restored.
+An entry whose owner is dead (pid gone, or reused: see
+:mod:`pilot.owner`) is undone by the next holder of the node lock — the next
+pilot, or ``workspace-killall`` — before it changes anything itself
+(:mod:`pilot.nodememory`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+
+from pilot.nodelock import NodeLock
+from pilot.owner import Owner
+
+JOURNAL_VERSION = 1
+
+#: Phases of a memory record. ``taking``: the change may be under way; undo
+#: by returning the level to ``before`` (no one else can have changed it: the
+#: taker held the node lock, and the next holder replays first). ``held``:
+#: ``units`` are taken; undo relative to whatever the level is then, so
+#: other pilots' changes stay. ``restoring``: the give-back may be under way;
+#: finish it by setting the level to ``target``.
+PHASES = ("taking", "held", "restoring")
+
+
+class JournalError(Exception):
+    """The journal directory is unsafe or unusable, or an entry cannot be written or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRecord:
+    """One pilot's change to the host's memory through one backend, and where it stands."""
+
+    backend: str
+    params: dict
+    phase: str
+    units: int
+    memory_mb: int
+    before: int | None = None
+    target: int | None = None
+
+    def to_dict(self) -> dict:
+        """A JSON-able record."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryRecord":
+        """Rebuild from :meth:`to_dict`; ValueError if it is not a valid record."""
+        record = cls(**data)
+        if record.phase not in PHASES or not isinstance(record.units, int) or not isinstance(record.params, dict):
+            raise ValueError(f"not a memory record: {data!r}")
+        if record.phase != "held" and not (isinstance(record.before, int) and isinstance(record.target, int)):
+            raise ValueError(f"memory record in phase {record.phase} without before/target levels")
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Everything one pilot has changed on this node, keyed by slot, host and owner pid."""
+
+    slot: str
+    host: str
+    owner: Owner
+    contact: str | None = None
+    memory: MemoryRecord | None = None
+
+    @property
+    def filename(self) -> str:
+        """The entry's file name in the journal directory."""
+        return f"{self.slot}.{self.host}.{self.owner.pid}.json"
+
+    def with_memory(self, memory: MemoryRecord | None) -> "Entry":
+        """This entry with its memory record replaced."""
+        return dataclasses.replace(self, memory=memory)
+
+    def to_json(self) -> bytes:
+        """The entry as the bytes stored on disk."""
+        data = {
+            "version": JOURNAL_VERSION,
+            "slot": self.slot,
+            "host": self.host,
+            "owner": self.owner.to_dict(),
+            "contact": self.contact,
+            "memory": self.memory.to_dict() if self.memory else None,
+        }
+        return json.dumps(data, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Entry":
+        """Parse an entry; ValueError if it is not a valid version-1 entry."""
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != JOURNAL_VERSION:
+            raise ValueError("not a version-1 journal entry")
+        memory = data.get("memory")
+        return cls(
+            slot=str(data["slot"]),
+            host=str(data["host"]),
+            owner=Owner.from_dict(data["owner"]),
+            contact=data.get("contact"),
+            memory=MemoryRecord.from_dict(memory) if memory else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableEntry:
+    """A file in the journal that is not a valid entry; only an administrator can judge it."""
+
+    filename: str
+    reason: str
+
+
+class Journal:
+    """The journal directory: entries, and the node lock that guards every change.
+
+    The directory is created (mode 0700) if missing and must belong to the
+    pilot's user (root on a node) and not be writable by group or others:
+    otherwise anyone could plant an entry that the next pilot "undoes".
+    """
+
+    def __init__(self, directory: str, lock_timeout: float = 30.0):
+        self.directory = directory
+        self.lock_timeout = lock_timeout
+
+    def prepare(self) -> None:
+        """Create the directory if missing and check that it is safe; raises JournalError."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"journal directory {self.directory}: cannot create it: {exc.strerror}") from None
+        self.check()
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise JournalError(f"journal directory {self.directory} is not writable by uid {os.geteuid()}")
+
+    def check(self) -> None:
+        """Check an existing directory (changing nothing); raises JournalError if it is unsafe."""
+        try:
+            info = os.lstat(self.directory)
+        except OSError as exc:
+            raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise JournalError(f"journal directory {self.directory} is not a directory")
+        if info.st_uid != os.geteuid():
+            raise JournalError(
+                f"journal directory {self.directory} belongs to uid {info.st_uid}, not {os.geteuid()}; "
+                f"chown it to the pilot's user"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise JournalError(f"journal directory {self.directory} is writable by group or others; chmod go-w it")
+
+    def lock(self) -> NodeLock:
+        """The node lock (not yet taken): ``with journal.lock(): ...``."""
+        return NodeLock(self.directory, self.lock_timeout)
+
+    def entries(self) -> list[Entry | UnreadableEntry]:
+        """Every entry in the directory, oldest file first; unreadable files as :class:`UnreadableEntry`."""
+        try:
+            names = [name for name in os.listdir(self.directory) if name.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from None
+        found: list[tuple[float, Entry | UnreadableEntry]] = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as handle:
+                    mtime = os.fstat(handle.fileno()).st_mtime
+                    raw = handle.read(1 << 20)
+            except FileNotFoundError:
+                continue  # removed by its owner while we listed
+            except OSError as exc:
+                found.append((0.0, UnreadableEntry(name, exc.strerror or str(exc))))
+                continue
+            try:
+                entry = Entry.from_json(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                found.append((mtime, UnreadableEntry(name, f"not a journal entry: {exc}")))
+                continue
+            if entry.filename != name:
+                found.append((mtime, UnreadableEntry(name, f"its content names {entry.filename}")))
+                continue
+            found.append((mtime, entry))
+        found.sort(key=lambda pair: pair[0])
+        return [item for _, item in found]
+
+    def write(self, entry: Entry) -> None:
+        """Store ``entry`` atomically and durably (replacing its previous version); raises JournalError."""
+        path = os.path.join(self.directory, entry.filename)
+        temp = os.path.join(self.directory, f".{entry.filename}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, entry.to_json())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, path)
+            self._sync_directory()
+        except OSError as exc:
+            raise JournalError(f"cannot write journal entry {path}: {exc.strerror}") from None
+
+    def remove(self, entry: Entry | UnreadableEntry) -> None:
+        """Delete an entry durably (a missing file is fine); raises JournalError."""
+        path = os.path.join(self.directory, entry.filename)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot remove journal entry {path}: {exc.strerror}") from None
+        try:
+            self._sync_directory()
+        except OSError as exc:
+            raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from None
+
+    def _sync_directory(self) -> None:
+        # The rename or unlink is durable only once the directory itself is on disk.
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

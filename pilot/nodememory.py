@@ -1,0 +1,298 @@
+"""A lease's memory on this node: taken and given back under the node lock, journal first.
+
+Every change follows one order, for every backend:
+
+1. take the node lock, and undo the entries of dead owners first (so the
+   level this pilot reads is one that only live pilots have shaped);
+2. write the journal entry that says what is about to change and how to
+   undo it;
+3. change the level, then read it back until it has taken effect or the
+   verify timeout passes (a Xen balloon moves in the background);
+4. record the outcome in the journal before the lock is released.
+
+A pilot that dies at any point leaves an entry that the next lock holder
+(:func:`replay_dead`) can undo exactly; see :data:`pilot.journal.PHASES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from pilot.backends import BackendError, BalloonBackend, make_backend
+from pilot.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
+
+log = logging.getLogger(__name__)
+
+
+class TakeAborted(Exception):
+    """A stop was requested after the journal write and before the change: nothing was changed."""
+
+
+def settle(backend: BalloonBackend, target: int, timeout: float) -> int:
+    """Read the level until it counts as ``target`` or ``timeout`` seconds pass; returns the last level.
+
+    Hugepages and cgroups settle at once (their writes are synchronous); a
+    Xen balloon moves over time and has no completion event to wait on,
+    so this polls with a short backoff.
+    """
+    level = backend.read()
+    if backend.reached(level, target):
+        return level
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while (remaining := deadline - time.monotonic()) > 0:
+        time.sleep(min(pause, remaining))
+        level = backend.read()
+        if backend.reached(level, target):
+            return level
+        pause = min(pause * 2, 0.25)
+    return level
+
+
+def _still_held(record: MemoryRecord, start: int, now: int) -> MemoryRecord:
+    """A ``held`` record for what stays taken when a change meant to give back stopped part-way.
+
+    Only backends whose levels move linearly (hugepages, Xen) can stop
+    part-way; a cgroup write lands whole or not at all.
+    """
+    moved = min(abs(now - start), record.units)
+    return dataclasses.replace(record, phase="held", units=record.units - moved, before=None, target=None)
+
+
+@dataclasses.dataclass
+class ReplayReport:
+    """What :func:`replay_dead` found and did."""
+
+    undone: list[tuple[Entry, str]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[Entry, str]] = dataclasses.field(default_factory=list)
+    unreadable: list[UnreadableEntry] = dataclasses.field(default_factory=list)
+    live: list[Entry] = dataclasses.field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """Whether every dead owner's change was undone and nothing unreadable is left."""
+        return not self.failed and not self.unreadable
+
+
+def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
+    """Undo what ``entry`` holds and remove it; the caller holds the node lock and knows the owner is gone.
+
+    Returns a line saying what was done. Raises BackendError or JournalError
+    when the node could not be restored (the entry then stays).
+    """
+    memory = entry.memory
+    if memory is None:
+        journal.remove(entry)
+        return "nothing was changed yet"
+    if not entry.owner.from_this_boot():
+        # Balloon targets, hugepage pools and cgroup limits do not survive a reboot.
+        journal.remove(entry)
+        return f"written before the last reboot: its {memory.memory_mb} MB were given back by the reboot"
+    backend = make_backend(memory.backend, memory.params)
+    try:
+        level = backend.read()
+        if memory.phase == "taking":
+            target = memory.before
+        elif memory.phase == "held":
+            target = backend.level_after_give(level, memory.units)
+        else:
+            target = memory.target
+        t0 = time.monotonic()
+        if not backend.reached(level, target):
+            backend.write(target)
+        got = settle(backend, target, verify_timeout)
+        if not backend.reached(got, target):
+            raise BackendError(
+                f"{memory.backend}: asked for {target} {backend.unit}, still at {got} after {verify_timeout:g} s"
+            )
+    finally:
+        backend.close()
+    journal.remove(entry)
+    return (
+        f"{memory.backend} {level} -> {got} {backend.unit} (phase {memory.phase}, "
+        f"{memory.memory_mb} MB) in {(time.monotonic() - t0) * 1000:.1f} ms"
+    )
+
+
+def replay_dead(journal: Journal, verify_timeout: float) -> ReplayReport:
+    """Undo the entry of every owner that no longer runs; the caller holds the node lock."""
+    report = ReplayReport()
+    for entry in journal.entries():
+        if isinstance(entry, UnreadableEntry):
+            log.error("journal entry %s is unreadable (%s): only workspace-killall or an admin can judge it",
+                      entry.filename, entry.reason)
+            report.unreadable.append(entry)
+            continue
+        if entry.owner.alive():
+            report.live.append(entry)
+            continue
+        try:
+            done = undo_entry(journal, entry, verify_timeout)
+        except (BackendError, JournalError) as exc:
+            log.critical("could not undo slot %s of dead pilot %d: %s", entry.slot, entry.owner.pid, exc)
+            report.failed.append((entry, str(exc)))
+            continue
+        log.warning("undid slot %s on %s of dead pilot %d: %s", entry.slot, entry.host, entry.owner.pid, done)
+        report.undone.append((entry, done))
+    return report
+
+
+class NodeMemory:
+    """One pilot's memory reservation on this node, journalled before every change.
+
+    ``checkpoint(name)`` is called at the points where a pilot can be
+    killed mid-way (``journalled``, ``restoring``, ``restored``); the
+    fault-injection tests pause there.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        backend: BalloonBackend,
+        entry: Entry,
+        *,
+        minmem_mb: int,
+        verify_timeout: float,
+        checkpoint: Callable[[str], None] = lambda name: None,
+    ):
+        self.journal = journal
+        self.backend = backend
+        self.entry = entry
+        self.minmem_mb = minmem_mb
+        self.verify_timeout = verify_timeout
+        self.checkpoint = checkpoint
+
+    @property
+    def held(self) -> MemoryRecord | None:
+        """What this pilot holds now (None before a take and after a full give-back)."""
+        return self.entry.memory
+
+    def _replay_first(self) -> None:
+        report = replay_dead(self.journal, self.verify_timeout)
+        if not report.clean:
+            problems = [f"{e.filename}: {why}" for e, why in report.failed]
+            problems += [f"{e.filename}: {e.reason}" for e in report.unreadable]
+            raise JournalError(
+                "the journal holds changes of dead pilots that could not be undone ("
+                + "; ".join(problems) + "); run workspace-killall"
+            )
+
+    def _record(self, memory: MemoryRecord | None) -> None:
+        entry = self.entry.with_memory(memory)
+        if memory is None:
+            self.journal.remove(entry)
+        else:
+            self.journal.write(entry)
+        self.entry = entry
+
+    def take(self, memory_mb: int, should_stop: Callable[[], bool] = lambda: False) -> MemoryRecord:
+        """Take ``memory_mb`` from the host, all or nothing; returns what is held.
+
+        Raises BackendError (nothing kept, or what is kept is journalled),
+        JournalError, NodeLockError, or TakeAborted when ``should_stop()``
+        turned true before the change.
+        """
+        backend = self.backend
+        if backend.name == "none":
+            log.warning(
+                "MEMORY BACKEND 'none': nothing is set aside for this lease's %d MB; the host and the "
+                "VMs share memory unprotected ([memory] backend says so)", memory_mb,
+            )
+        with self.journal.lock():
+            self._replay_first()
+            before = backend.read()
+            units = backend.units_for(memory_mb)
+            target = backend.level_after_take(before, units)
+            host_after = backend.host_mb(target)
+            if host_after < self.minmem_mb:
+                raise BackendError(
+                    f"taking {memory_mb} MB would leave the host {host_after} MB, below minmem "
+                    f"{self.minmem_mb} MB; nothing was changed"
+                )
+            record = MemoryRecord(
+                backend.name, backend.params(), "taking", units, backend.mb_of(units), before, target
+            )
+            self._record(record)
+            self.checkpoint("journalled")
+            if should_stop():
+                self._record(None)
+                raise TakeAborted("stop requested before the memory was taken")
+            t0 = time.monotonic()
+            try:
+                backend.write(target)
+                got = settle(backend, target, self.verify_timeout)
+            except BackendError:
+                self._roll_back(record, before)
+                raise
+            if not backend.reached(got, target):
+                self._roll_back(record, before)
+                raise BackendError(
+                    f"{backend.name}: asked for {target} {backend.unit} ({memory_mb} MB), got {got} within "
+                    f"{self.verify_timeout:g} s; gave it back, nothing kept"
+                )
+            held = dataclasses.replace(record, phase="held", before=None, target=None)
+            self._record(held)
+        log.info(
+            "took %d MB from the host (%s %d -> %d %s) in %.1f ms",
+            held.memory_mb, backend.name, before, got, backend.unit, (time.monotonic() - t0) * 1000,
+        )
+        return held
+
+    def _roll_back(self, record: MemoryRecord, before: int) -> None:
+        """Return to ``before`` after a failed take; journal what could not be returned."""
+        try:
+            self.backend.write(before)
+            now = settle(self.backend, before, self.verify_timeout)
+        except BackendError as exc:
+            log.critical("could not undo a failed take: %s", exc)
+            now = None
+        if now is not None and self.backend.reached(now, before):
+            self._record(None)
+            return
+        # Part of it is still taken: keep that journalled (relatively) for killall or the next pilot.
+        log.critical("a failed take left the level at %s %s instead of %d; journalled", now, self.backend.unit, before)
+        if now is None:
+            self._record(dataclasses.replace(record, phase="held", before=None, target=None))
+        else:
+            # The level is `now`, `before` means nothing taken: the distance is what stays taken.
+            units = min(abs(now - before), record.units)
+            self._record(dataclasses.replace(record, phase="held", units=units, before=None, target=None))
+
+    def give_back(self) -> None:
+        """Give back exactly what this pilot holds and remove its entry.
+
+        Raises BackendError, JournalError or NodeLockError when the node could
+        not be restored; what is still held stays journalled.
+        """
+        held = self.entry.memory
+        if held is None:
+            return
+        backend = self.backend
+        with self.journal.lock():
+            self._replay_first()
+            current = backend.read()
+            target = backend.level_after_give(current, held.units)
+            self._record(dataclasses.replace(held, phase="restoring", before=current, target=target))
+            self.checkpoint("restoring")
+            t0 = time.monotonic()
+            try:
+                backend.write(target)
+                got = settle(backend, target, self.verify_timeout)
+            except BackendError:
+                self._record(held)  # the host refused: nothing changed, still held
+                raise
+            if not backend.reached(got, target):
+                self._record(_still_held(held, current, got))
+                raise BackendError(
+                    f"{backend.name}: asked for {target} {backend.unit} to give back {held.memory_mb} MB, "
+                    f"still at {got} after {self.verify_timeout:g} s; the journal keeps it for workspace-killall"
+                )
+            self.checkpoint("restored")
+            self._record(None)
+        log.info(
+            "gave %d MB back to the host (%s %d -> %d %s) in %.1f ms",
+            held.memory_mb, backend.name, current, got, backend.unit, (time.monotonic() - t0) * 1000,
+        )
