@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from urllib.parse import urlsplit
 
 from pilot.exitcodes import MEANING, ExitCode
@@ -69,11 +70,24 @@ def _contact(text: str) -> str:
     return text.rstrip("/")
 
 
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--verbose", action="store_true", help="log debug lines too (console and log file)")
+    group.add_argument("--quiet", action="store_true", help="print only warnings and errors on the console")
+    parser.add_argument(
+        "--stdout", action="store_true",
+        help="print log lines on stdout instead of stderr (the log file gets them either way)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface, with every option explained in ``--help``."""
     parser = _Parser(
         prog="workspace-pilot",
-        description="Lease this node's memory to a workspace service for a while, then give it back.",
+        description=(
+            "Lease this node's memory to a workspace service for a while, then give it back. "
+            "Run by the batch job on each node, as root (through one sudo rule: see 'evaluate')."
+        ),
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -83,15 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="reserve memory for a lease, report it, hold it, give it back",
         description=(
             "Take MB of memory from the host (the configured balloon backend), tell the service "
-            "'reserved', hold until the duration ends or SIGTERM/SIGINT arrives, give the memory "
-            "back and tell the service 'unreserved'. The memory is given back whether or not "
-            "the service answers."
+            "'reserved', hold until the deadline (the duration, or the batch job's walltime less "
+            "the safety margin and the grace, whichever comes first) or until SIGTERM/SIGINT, give "
+            "the memory back and tell the service 'unreserved'. Every change to the node is written "
+            "to the node journal first; changes of dead pilots found there are undone before this "
+            "pilot reserves. The memory is given back whether or not the service answers."
         ),
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     reserve.add_argument("--slot", required=True, type=_slot, help="the slot id the service gave this job")
-    reserve.add_argument("--memory", required=True, type=_positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB")
+    reserve.add_argument(
+        "--memory", required=True, type=_positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB",
+    )
     reserve.add_argument(
         "--duration", required=True, type=_positive(float, "a number"), metavar="SECONDS",
         help="how long to hold the reservation, counted from the pilot's start",
@@ -106,67 +124,121 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default /etc/workspace-pilot/pilot.conf if it exists)",
     )
     reserve.add_argument("--host", type=_host, help="the host name to report (default: this node's short name)")
-    reserve.add_argument("--quiet", action="store_true", help="print only warnings and errors on stderr")
+    _add_logging_options(reserve)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="check that this node is ready for pilots and print the sudoers line; changes nothing",
+        description=(
+            "Check everything a pilot needs on this node: root (or the sudo rule), the configuration, "
+            "that the paths are root-owned and not writable by group or others, the memory backend "
+            "(reachable, memory readable), the journal directory, libvirt, and the service contact if "
+            "one is known. Print one line per check and the sudoers line to install. Changes nothing."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument(
+        "--config", metavar="FILE",
+        help="configuration file (default /etc/workspace-pilot/pilot.conf if it exists)",
+    )
+    evaluate.add_argument("--contact", type=_contact, metavar="URL", help="the service's base URL to check")
+    evaluate.add_argument(
+        "--batch-user", metavar="USER",
+        help="the account the batch jobs run as, for the sudoers line (default: $SUDO_USER, else 'pilot')",
+    )
     return parser
 
 
-def _setup_logging(config, slot: str, host: str, quiet: bool) -> str:
-    """Log to a per-slot file (the LRM may drop stdout) and to stderr; returns the file's path."""
+def _setup_logging(config, slot: str, host: str, args) -> str:
+    """Log to a per-slot file (the LRM may drop stdout) and to the console; returns the file's path."""
     os.makedirs(config.log_dir, mode=0o755, exist_ok=True)
     path = os.path.join(config.log_dir, f"{slot}.{host}.log")
     fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(fmt)
-    stderr_handler = logging.StreamHandler(sys.stderr)
-    stderr_handler.setFormatter(fmt)
-    stderr_handler.setLevel(logging.WARNING if quiet else logging.DEBUG)
+    console = logging.StreamHandler(sys.stdout if args.stdout else sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.WARNING if args.quiet else logging.DEBUG)
     root = logging.getLogger()
-    root.setLevel(config.log_level.upper())
+    root.setLevel(logging.DEBUG if args.verbose else config.log_level.upper())
     root.addHandler(file_handler)
-    root.addHandler(stderr_handler)
+    root.addHandler(console)
     return path
+
+
+def _fail(kind: str, problems, code: ExitCode) -> ExitCode:
+    for problem in problems:
+        print(f"workspace-pilot: {kind}: {problem}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``workspace-pilot``; returns an :class:`ExitCode`."""
+    started = time.time()
     args = build_parser().parse_args(argv)
+    if args.command == "evaluate":
+        from pilot.evaluate import evaluate
+
+        return evaluate(args.config, args.contact, args.batch_user)
+
+    from pilot.backends import BackendError, backend_from_config
     from pilot.config import ConfigError, load_config
+    from pilot.journal import Journal, JournalError
 
     try:
         config = load_config(args.config, contact=args.contact)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"workspace-pilot: config error: {problem}", file=sys.stderr)
-        return ExitCode.CONFIG
+        return _fail("config error", exc.problems, ExitCode.CONFIG)
+    try:
+        backend = backend_from_config(config)
+    except BackendError as exc:
+        return _fail("config error", [f"[memory] backend = {config.backend}: {exc}"], ExitCode.CONFIG)
+    journal = Journal(config.journal_dir, config.lock_timeout_s)
+    try:
+        journal.prepare()
+    except JournalError as exc:
+        return _fail("journal error", [f"{exc}; nothing changed"], ExitCode.JOURNAL)
     host = args.host or socket.gethostname().split(".")[0]
     try:
-        log_path = _setup_logging(config, args.slot, host, args.quiet)
+        log_path = _setup_logging(config, args.slot, host, args)
     except OSError as exc:
-        print(f"workspace-pilot: config error: log directory {config.log_dir}: {exc.strerror}", file=sys.stderr)
-        return ExitCode.CONFIG
-    return _reserve(args, config, host, log_path)
+        return _fail("config error", [f"log directory {config.log_dir}: {exc.strerror}"], ExitCode.CONFIG)
+    return _reserve(args, config, backend, journal, host, log_path, started)
 
 
-def _reserve(args, config, host: str, log_path: str) -> int:
-    from pilot.backends import BackendError, make_backend
+def _reserve(args, config, backend, journal, host: str, log_path: str, started: float) -> int:
+    from pilot.deadline import compute_deadline
+    from pilot.journal import Entry
     from pilot.lifecycle import LeaseRequest, Pilot
+    from pilot.nodememory import NodeMemory
     from pilot.notifier import Notifier
+    from pilot.owner import Owner
 
     log.info(
-        "pilot %d for slot %s on %s: %d MB for %g s (grace %g s), contact %s, log %s",
-        os.getpid(), args.slot, host, args.memory, args.duration, args.grace, config.contact, log_path,
+        "pilot %d for slot %s on %s: %d MB for %g s (grace %g s), backend %s, journal %s, contact %s, log %s",
+        os.getpid(), args.slot, host, args.memory, args.duration, args.grace, backend.describe(),
+        config.journal_dir, config.contact, log_path,
     )
-    try:
-        backend = make_backend(config)
-    except BackendError as exc:
-        log.error("%s", exc)
-        return ExitCode.CONFIG
+    entry = Entry(args.slot, host, Owner.current(), contact=config.contact)
+    memory = NodeMemory(
+        journal, backend, entry, minmem_mb=config.minmem_mb, verify_timeout=config.verify_timeout_s,
+    )
     notifier = Notifier(
         config.contact, config.user, config.secret, config.realm, args.slot, host,
         request_timeout=config.request_timeout_s, verify_tls=config.verify_tls,
     )
+
+    def deadline():
+        return compute_deadline(
+            started=started, duration_s=args.duration, grace_s=args.grace,
+            margin_s=config.walltime_margin_s, env=os.environ, query_timeout=config.lrm_query_timeout_s,
+        )
+
+    request = LeaseRequest(args.slot, host, args.memory, args.duration, args.grace)
     pilot = Pilot(
-        LeaseRequest(args.slot, host, args.memory, args.duration, args.grace), config, backend, notifier
+        request, memory, notifier, deadline,
+        reserved_timeout_s=config.reserved_timeout_s, earlywaitratio=config.earlywaitratio,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name))
@@ -175,5 +247,7 @@ def _reserve(args, config, host: str, log_path: str) -> int:
     except Exception:
         log.exception("internal error")
         return ExitCode.INTERNAL
+    finally:
+        backend.close()
     log.info("pilot %d exits with %d (%s)", os.getpid(), code, code.name.lower())
     return code

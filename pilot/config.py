@@ -24,10 +24,19 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+BACKENDS = ("hugepages", "cgroup", "xen", "xl", "none")
+HUGEPAGE_SIZES_KB = {"2M": 2048, "1G": 1048576}
+
+
 @dataclasses.dataclass(frozen=True)
 class PilotConfig:
-    """Every setting the pilot runs with (file values, then command-line overrides)."""
+    """Every setting the pilot runs with (file values, then command-line overrides).
 
+    ``packaging/pilot.conf.example`` documents each; the field names are the
+    options' with their unit as a suffix.
+    """
+
+    # [service]
     contact: str | None = None
     user: str = "pilot"
     secret: str | None = None
@@ -35,20 +44,90 @@ class PilotConfig:
     request_timeout_s: float = 5.0
     reserved_timeout_s: float = 30.0
     verify_tls: bool = True
-    lock_dir: str = "/run/workspace-pilot"
-    lock_timeout_s: float = 30.0
+    # [memory]
     backend: str = "hugepages"
-    hugepages_dir: str = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+    minmem_mb: int = 1024
+    verify_timeout_s: float = 10.0
+    boot_mb: int | str | None = None
+    hugepage_size: str = "2M"
+    cgroup: str | None = None
+    xen_uri: str = "xen:///system"
+    xl_command: str = "/usr/sbin/xl"
+    xl_sudo: bool = False
+    # [journal]
+    journal_dir: str = "/var/lib/workspace-pilot"
+    lock_timeout_s: float = 30.0
+    # [timing]
+    earlywaitratio: float = 0.5
+    walltime_margin_s: float = 30.0
+    lrm_query_timeout_s: float = 5.0
+    # [libvirt]
+    libvirt_uri: str | None = None
+    # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
+
+    @property
+    def hugepage_kb(self) -> int:
+        """The configured hugepage size in kB."""
+        return HUGEPAGE_SIZES_KB[self.hugepage_size]
+
+    @property
+    def vm_uri(self) -> str:
+        """The libvirt URI of the leased VMs: configured, else the hypervisor the backend implies."""
+        if self.libvirt_uri is not None:
+            return self.libvirt_uri
+        return "xen:///system" if self.backend in ("xen", "xl") else "qemu:///system"
 
 
 # section -> option -> (field name, parser)
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be a number above 0")
+    if not 0 < value <= 10**8:
+        raise ValueError("must be a number above 0 (and at most 100000000)")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 10**8:
+        raise ValueError("must be a number, 0 or more (and at most 100000000)")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return value
+
+
+def _mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number of MB") from None
+    if not 0 <= value <= 10**8:
+        raise ValueError("must be a whole number of MB, 0 or more")
+    return value
+
+
+def _boot_mb(text: str) -> int | str:
+    return "max" if text == "max" else _mb(text)
+
+
+def _cgroup_path(text: str) -> str:
+    path = _abs_path(text)
+    normal = os.path.normpath(path)
+    if not normal.startswith("/sys/fs/cgroup/") or normal.count("/") < 5:
+        raise ValueError("must be a cgroup directory below /sys/fs/cgroup/<hierarchy>/")
+    return normal
+
+
+def _libvirt_uri(text: str) -> str:
+    if text and "://" not in text:
+        raise ValueError("must be a libvirt URI such as qemu:///system, or empty for no libvirt")
+    return text
 
 
 def _bool(text: str) -> bool:
@@ -99,13 +178,28 @@ SCHEMA = {
         "reserved_timeout": ("reserved_timeout_s", _positive_float),
         "verify_tls": ("verify_tls", _bool),
     },
-    "node": {
-        "lock_dir": ("lock_dir", _abs_path),
+    "memory": {
+        "backend": ("backend", _choice(*BACKENDS)),
+        "minmem": ("minmem_mb", _mb),
+        "verify_timeout": ("verify_timeout_s", _positive_float),
+        "boot_mb": ("boot_mb", _boot_mb),
+        "hugepage_size": ("hugepage_size", _choice(*HUGEPAGE_SIZES_KB)),
+        "cgroup": ("cgroup", _cgroup_path),
+        "xen_uri": ("xen_uri", _libvirt_uri),
+        "xl_command": ("xl_command", _abs_path),
+        "xl_sudo": ("xl_sudo", _bool),
+    },
+    "journal": {
+        "dir": ("journal_dir", _abs_path),
         "lock_timeout": ("lock_timeout_s", _positive_float),
     },
-    "memory": {
-        "backend": ("backend", _choice("hugepages")),
-        "hugepages_dir": ("hugepages_dir", _abs_path),
+    "timing": {
+        "earlywaitratio": ("earlywaitratio", _ratio),
+        "walltime_margin": ("walltime_margin_s", _non_negative_float),
+        "lrm_query_timeout": ("lrm_query_timeout_s", _positive_float),
+    },
+    "libvirt": {
+        "uri": ("libvirt_uri", _libvirt_uri),
     },
     "logging": {
         "dir": ("log_dir", _abs_path),
@@ -142,9 +236,22 @@ def load_config(path: str | None, **overrides) -> PilotConfig:
         )
     if values.get("contact") is None and not problems:
         problems.append("no service contact: pass --contact URL or set [service] contact")
+    if not problems:
+        problems.extend(_cross_checks(path, values))
     if problems:
         raise ConfigError(problems)
     return PilotConfig(**values)
+
+
+def _cross_checks(path: str, values: dict) -> list[str]:
+    """Problems that only the combination of options shows."""
+    problems = []
+    backend = values.get("backend", PilotConfig.backend)
+    if backend == "cgroup" and not values.get("cgroup"):
+        problems.append(f"{path}: [memory] backend = cgroup needs 'cgroup' (the host cgroup's directory)")
+    if values.get("boot_mb") == "max" and backend != "cgroup":
+        problems.append(f"{path}: [memory] boot_mb = max only means something for backend = cgroup")
+    return problems
 
 
 def _read_sections(parser, path: str, values: dict, problems: list[str]) -> None:

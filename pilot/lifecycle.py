@@ -1,9 +1,10 @@
-"""The pilot's lifecycle for one lease on one node: reserve, report, hold, restore, report.
+"""The pilot's lifecycle for one lease on one node, as one explicit state table.
 
 Signal handlers only call :meth:`Pilot.request_stop`; all work happens in
 :meth:`Pilot.run` on the main thread. The restore never waits for the
 service: notifications are sent by the notifier thread with deadlines, and
-the memory is given back whatever they answer.
+the memory is given back whatever they answer. Every change to the node
+goes through :class:`pilot.nodememory.NodeMemory`, journal first.
 """
 
 from __future__ import annotations
@@ -13,43 +14,87 @@ import enum
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timezone
+from typing import Callable
 
-from pilot.backends import BackendError, BalloonBackend, Taken
-from pilot.config import PilotConfig
+from pilot.backends import BackendError
+from pilot.deadline import Deadline, DeadlineError
 from pilot.exitcodes import ExitCode
-from pilot.nodelock import NodeLock, NodeLockError
+from pilot.faults import Checkpoints
+from pilot.journal import JournalError
+from pilot.nodelock import NodeLockError
+from pilot.nodememory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
-from pilot.protocol import format_time, utc_now
+from pilot.protocol import format_time
 
 log = logging.getLogger(__name__)
 
 
 class State(enum.Enum):
-    """The pilot's states; an ``_ERROR`` twin is where a failed step of that state ends."""
+    """The pilot's states; an ``_ERROR`` twin is where a failed step of that state goes."""
 
     BEGIN = "begin"
+    BEGIN_ERROR = "begin-error"
     RESERVING = "reserving"
     RESERVING_ERROR = "reserving-error"
     RESERVED = "reserved"
+    RESERVED_ERROR = "reserved-error"
     EARLY_UNRESERVING = "earlyunreserving"
+    EARLY_UNRESERVING_ERROR = "earlyunreserving-error"
     UNRESERVING = "unreserving"
     UNRESERVING_ERROR = "unreserving-error"
     UNRESERVED = "unreserved"
 
 
-#: Allowed transitions. A stop request (SIGTERM/SIGINT) in RESERVING or
-#: RESERVED leads to EARLY_UNRESERVING; in the unreserving states it changes
-#: nothing (the restore is already under way).
-TRANSITIONS = {
-    State.BEGIN: {State.RESERVING},
-    State.RESERVING: {State.RESERVED, State.RESERVING_ERROR, State.EARLY_UNRESERVING, State.UNRESERVING},
-    State.RESERVING_ERROR: {State.UNRESERVING},
-    State.RESERVED: {State.EARLY_UNRESERVING, State.UNRESERVING},
-    State.EARLY_UNRESERVING: {State.UNRESERVED, State.UNRESERVING_ERROR},
-    State.UNRESERVING: {State.UNRESERVED, State.UNRESERVING_ERROR},
-    State.UNRESERVING_ERROR: set(),
-    State.UNRESERVED: set(),
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One state: where it may go, what a stop request (SIGTERM, SIGINT) does there, its error twin."""
+
+    next: frozenset
+    on_stop: str
+    error: State | None = None
+
+
+_S = State
+#: The whole lifecycle. A stop request only sets an event; this table says
+#: what the main loop does with it in each state.
+STATE_TABLE: dict[State, Row] = {
+    _S.BEGIN: Row(
+        frozenset({_S.RESERVING, _S.BEGIN_ERROR}),
+        "exit 0 before reserving: nothing on the node has changed",
+        _S.BEGIN_ERROR,
+    ),
+    _S.BEGIN_ERROR: Row(frozenset(), "none: the pilot is exiting, nothing changed"),
+    _S.RESERVING: Row(
+        frozenset({_S.RESERVED, _S.RESERVING_ERROR, _S.EARLY_UNRESERVING, _S.UNRESERVING}),
+        "finish the step under way (or skip the balloon if it has not started), then undo what was "
+        "taken (earlyunreserving)",
+        _S.RESERVING_ERROR,
+    ),
+    _S.RESERVING_ERROR: Row(
+        frozenset({_S.UNRESERVING}),
+        "none: the pilot is already giving back what it took",
+    ),
+    _S.RESERVED: Row(
+        frozenset({_S.EARLY_UNRESERVING, _S.UNRESERVING, _S.RESERVED_ERROR}),
+        "early unreserve: tell the service, leave it grace x earlywaitratio for this slot's VMs, "
+        "destroy what is left of them, restore, tell the service",
+        _S.RESERVED_ERROR,
+    ),
+    _S.RESERVED_ERROR: Row(frozenset({_S.UNRESERVING}), "none: the restore is starting"),
+    _S.EARLY_UNRESERVING: Row(
+        frozenset({_S.UNRESERVED, _S.EARLY_UNRESERVING_ERROR}),
+        "none: the restore is under way",
+        _S.EARLY_UNRESERVING_ERROR,
+    ),
+    _S.EARLY_UNRESERVING_ERROR: Row(frozenset(), "none: exiting; the journal keeps what is left"),
+    _S.UNRESERVING: Row(
+        frozenset({_S.UNRESERVED, _S.UNRESERVING_ERROR}),
+        "none: the restore is under way",
+        _S.UNRESERVING_ERROR,
+    ),
+    _S.UNRESERVING_ERROR: Row(frozenset(), "none: exiting; the journal keeps what is left"),
+    _S.UNRESERVED: Row(frozenset(), "none: done"),
 }
 
 
@@ -70,28 +115,40 @@ class Pilot:
     def __init__(
         self,
         request: LeaseRequest,
-        config: PilotConfig,
-        backend: BalloonBackend,
+        memory: NodeMemory,
         notifier: Notifier,
+        deadline: Callable[[], Deadline],
+        *,
+        reserved_timeout_s: float,
+        earlywaitratio: float = 0.5,
+        pause_at: str | None = None,
     ):
         self.request = request
-        self.config = config
-        self.backend = backend
+        self.memory = memory
         self.notifier = notifier
+        self._compute_deadline = deadline
+        self.deadline: Deadline | None = None
+        self.reserved_timeout_s = reserved_timeout_s
+        self.earlywaitratio = earlywaitratio
         self.state = State.BEGIN
         self._state_since = time.monotonic()
         self._wake = threading.Event()
+        #: Set by every stop request: resumes a paused test checkpoint.
+        self.signalled = threading.Event()
         self._stop_reason: str | None = None
-        self._holding: Taken | None = None
+        #: Fault-injection points (inert unless ``pause_at`` or the environment names one).
+        self.checkpoint = Checkpoints(self.signalled, pause_at=pause_at)
+        memory.checkpoint = self.checkpoint
 
     def request_stop(self, reason: str) -> None:
         """Ask the pilot to unreserve now (safe to call from a signal handler)."""
         if self._stop_reason is None:
             self._stop_reason = reason
+        self.signalled.set()
         self._wake.set()
 
     def _enter(self, state: State) -> None:
-        if state not in TRANSITIONS[self.state]:
+        if state not in STATE_TABLE[self.state].next:
             raise RuntimeError(f"illegal transition {self.state.value} -> {state.value}")
         now = time.monotonic()
         log.info(
@@ -108,50 +165,68 @@ class Pilot:
                 return
             self._wake.wait(deadline - time.monotonic())
 
-    def _lock(self) -> NodeLock:
-        return NodeLock(self.config.lock_dir, self.config.lock_timeout_s)
-
     def run(self) -> ExitCode:
         """Reserve, report, hold until the deadline or a stop request, restore, report."""
-        req = self.request
-        started = time.monotonic()
-        deadline = started + req.duration_s
+        try:
+            self.deadline = self._compute_deadline()
+        except DeadlineError as exc:
+            self._enter(State.BEGIN_ERROR)
+            return self._tell_error(ExitCode.RESERVE_FAILED, str(exc))
+        log.info("deadline %s (%s)", _iso(self.deadline.at), self.deadline.source)
+        if self._stop_reason:
+            log.info("stop requested (%s) before reserving: nothing changed", self._stop_reason)
+            self.notifier.close()
+            return ExitCode.OK
         self._enter(State.RESERVING)
         try:
-            with self._lock():
-                t0 = time.monotonic()
-                taken = self.backend.take(req.memory_mb)
-                self._holding = taken
-            log.info(
-                "took %d MB from the host (%s, %d units) in %.1f ms",
-                taken.memory_mb, taken.backend, taken.units, (time.monotonic() - t0) * 1000,
-            )
-        except (NodeLockError, BackendError) as exc:
-            code = ExitCode.LOCK_TIMEOUT if isinstance(exc, NodeLockError) else ExitCode.RESERVE_FAILED
-            return self._fail_reserving(code, str(exc))
-
+            self.memory.take(self.request.memory_mb, should_stop=lambda: self._stop_reason is not None)
+        except TakeAborted:
+            log.info("stop requested (%s) before the balloon moved: nothing changed", self._stop_reason)
+            self._enter(State.EARLY_UNRESERVING)
+            self._enter(State.UNRESERVED)
+            self.notifier.close()
+            return ExitCode.OK
+        except NodeLockError as exc:
+            return self._fail_reserving(ExitCode.LOCK_TIMEOUT, str(exc))
+        except JournalError as exc:
+            return self._fail_reserving(ExitCode.JOURNAL, str(exc))
+        except BackendError as exc:
+            return self._fail_reserving(ExitCode.RESERVE_FAILED, str(exc))
+        self.checkpoint("taken")
         try:
-            return self._hold(taken, deadline)
-        except BaseException:
+            return self._hold()
+        except Exception:
             # Whatever went wrong, the node gets its memory back before the error surfaces.
-            if self._holding is not None:
-                log.critical("unexpected error while holding: giving the memory back first")
-                with self._lock():
-                    self.backend.give_back(taken)
-                self._holding = None
-            raise
+            log.exception("unexpected error in state %s: giving the memory back first", self.state.value)
+            return self._recover_from_bug()
 
-    def _hold(self, taken: Taken, deadline: float) -> ExitCode:
+    def _recover_from_bug(self) -> ExitCode:
+        twin = STATE_TABLE[self.state].error
+        if twin is None:
+            return ExitCode.INTERNAL  # already past the restore
+        self._enter(twin)
+        if State.UNRESERVING in STATE_TABLE[twin].next:
+            self._enter(State.UNRESERVING)
+            if self._unreserve(early=False, notify=False) is ExitCode.RESTORE_FAILED:
+                return ExitCode.RESTORE_FAILED
+        self.notifier.close()
+        return ExitCode.INTERNAL
+
+    def _monotonic_deadline(self) -> float:
+        return time.monotonic() + self.deadline.remaining()
+
+    def _hold(self) -> ExitCode:
         """From memory taken to the end: report, hold, unreserve."""
+        held = self.memory.held
         if self._stop_reason:
             log.warning("stop requested (%s) while reserving: giving the memory back", self._stop_reason)
             self._enter(State.EARLY_UNRESERVING)
-            return self._unreserve(taken, early=True)
+            return self._unreserve(early=True)
 
-        expires_at = format_time(utc_now() + timedelta(seconds=max(deadline - time.monotonic(), 0)))
+        deadline = self._monotonic_deadline()
+        expires_at = _iso(self.deadline.at)
         reserved = self.notifier.notify(
-            "reserved", taken.memory_mb, expires_at=expires_at,
-            deliver_within=self.config.reserved_timeout_s,
+            "reserved", held.memory_mb, expires_at=expires_at, deliver_within=self.reserved_timeout_s,
         )
         reserved.add_done_callback(lambda _: self._wake.set())
         self._wait_until(deadline, reserved.done)
@@ -159,30 +234,38 @@ class Pilot:
             # A stop request or the deadline came first: the lease ends either way.
             early = self._stop_reason is not None
             self._enter(State.EARLY_UNRESERVING if early else State.UNRESERVING)
-            return self._unreserve(taken, early=early)
+            return self._unreserve(early=early)
         if reserved.outcome is not Outcome.DELIVERED:
-            return self._reserved_not_accepted(taken, reserved)
+            return self._reserved_not_accepted(reserved)
 
         self._enter(State.RESERVED)
-        log.info("holding %d MB until %s", taken.memory_mb, expires_at)
+        log.info("holding %d MB until %s (%s)", held.memory_mb, expires_at, self.deadline.source)
+        self.checkpoint("holding")
         self._wait_until(deadline)
         early = self._stop_reason is not None
         if early:
             log.info("stop requested (%s) before the deadline: early unreserve", self._stop_reason)
         self._enter(State.EARLY_UNRESERVING if early else State.UNRESERVING)
-        return self._unreserve(taken, early=early)
+        return self._unreserve(early=early)
 
     def _fail_reserving(self, code: ExitCode, reason: str) -> ExitCode:
-        log.error("reserve failed: %s", reason)
         self._enter(State.RESERVING_ERROR)
-        delivery = self.notifier.notify(
-            "error", 0, code=int(code), message=reason[:4000], deliver_within=self.request.grace_s
-        )
-        delivery.wait(self.request.grace_s)
+        if self.memory.held is not None:
+            # A failed take that could not return all it took: try once more, else the journal keeps it.
+            self._enter(State.UNRESERVING)
+            if self._unreserve(early=False, notify=False) is ExitCode.RESTORE_FAILED:
+                code = ExitCode.RESTORE_FAILED
+        return self._tell_error(code, reason)
+
+    def _tell_error(self, code: ExitCode, reason: str) -> ExitCode:
+        """Tell the service why this pilot ends without a lease (within the grace), then close."""
+        log.error("%s", reason)
+        grace = self.request.grace_s
+        self.notifier.notify("error", 0, code=int(code), message=reason[:4000], deliver_within=grace).wait(grace)
         self.notifier.close()
         return code
 
-    def _reserved_not_accepted(self, taken: Taken, reserved: Delivery) -> ExitCode:
+    def _reserved_not_accepted(self, reserved: Delivery) -> ExitCode:
         if reserved.outcome is Outcome.REFUSED:
             log.error(
                 "the service refused 'reserved' (HTTP %s %s): giving the memory back",
@@ -191,37 +274,44 @@ class Pilot:
             code = ExitCode.SERVICE_REFUSED
         else:
             log.error(
-                "'reserved' was not delivered within %g s: giving the memory back",
-                self.config.reserved_timeout_s,
+                "'reserved' was not delivered within %g s: giving the memory back", self.reserved_timeout_s
             )
             code = ExitCode.SERVICE_UNREACHABLE
         self._enter(State.RESERVING_ERROR)
         self._enter(State.UNRESERVING)
         # The service does not know this slot is reserved: telling it more is pointless.
-        result = self._unreserve(taken, early=False, notify=False)
+        result = self._unreserve(early=False, notify=False)
         return result if result is ExitCode.RESTORE_FAILED else code
 
-    def _unreserve(self, taken: Taken, *, early: bool, notify: bool = True) -> ExitCode:
-        """Give the memory back first, then tell the service, all within the grace."""
+    def _unreserve(self, *, early: bool, notify: bool = True) -> ExitCode:
+        """Give the memory back first, then tell the service, all within the grace.
+
+        On an early unreserve the service gets ``grace x earlywaitratio`` of
+        the grace to stop this slot's VMs; the rest is the pilot's own. The
+        pilot hosts no VMs yet (that comes with the command channel), so
+        there is nothing to wait for and the restore starts at once.
+        """
         req = self.request
         exit_by = time.monotonic() + req.grace_s
+        if early:
+            log.info(
+                "early unreserve: the service may take up to %.1f s (grace x earlywaitratio) for this "
+                "slot's VMs; this pilot hosts none", req.grace_s * self.earlywaitratio,
+            )
+        held = self.memory.held
+        held_mb = held.memory_mb if held else 0
         if notify:
             self.notifier.notify(
-                "earlyunreserving" if early else "unreserving", taken.memory_mb,
-                deliver_within=req.grace_s,
+                "earlyunreserving" if early else "unreserving", held_mb, deliver_within=req.grace_s,
             )
         try:
-            with self._lock():
-                t0 = time.monotonic()
-                self.backend.give_back(taken)
-                self._holding = None
-            log.info("gave %d MB back to the host in %.1f ms", taken.memory_mb, (time.monotonic() - t0) * 1000)
-        except (NodeLockError, BackendError) as exc:
-            log.critical("RESTORE FAILED, the node needs an administrator: %s", exc)
-            self._enter(State.UNRESERVING_ERROR)
+            self.memory.give_back()
+        except (NodeLockError, JournalError, BackendError) as exc:
+            log.critical("RESTORE FAILED, the journal keeps what is left for workspace-killall: %s", exc)
+            self._enter(STATE_TABLE[self.state].error)
             if notify:
                 self.notifier.notify(
-                    "error", taken.memory_mb, code=int(ExitCode.RESTORE_FAILED),
+                    "error", held_mb, code=int(ExitCode.RESTORE_FAILED),
                     message=str(exc)[:4000], deliver_within=max(exit_by - time.monotonic(), 0.1),
                 ).wait(max(exit_by - time.monotonic(), 0))
             self.notifier.close()
@@ -230,12 +320,14 @@ class Pilot:
         if not notify:
             self.notifier.close()
             return ExitCode.OK
-        unreserved = self.notifier.notify(
-            "unreserved", 0, deliver_within=max(exit_by - time.monotonic(), 0.1)
-        )
+        unreserved = self.notifier.notify("unreserved", 0, deliver_within=max(exit_by - time.monotonic(), 0.1))
         outcome = unreserved.wait(max(exit_by - time.monotonic(), 0))
         self.notifier.close()
         if outcome is Outcome.DELIVERED:
             return ExitCode.OK
         log.error("the service was not told 'unreserved' (%s); the node is restored", outcome)
         return ExitCode.UNDELIVERED
+
+
+def _iso(epoch: float) -> str:
+    return format_time(datetime.fromtimestamp(epoch, timezone.utc))

@@ -119,6 +119,7 @@ class Notifier:
         *,
         request_timeout: float = 5.0,
         verify_tls: bool = True,
+        first_seq: int = 1,
     ):
         self.url = contact.rstrip("/") + NOTIFICATIONS_PATH
         self.slot = slot
@@ -131,7 +132,7 @@ class Notifier:
         self._session.headers["Content-Type"] = "application/json"
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
-        self._seq = 0
+        self._seq = first_seq - 1
         self._seq_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
         self._thread.start()
@@ -145,6 +146,7 @@ class Notifier:
         code: int = 0,
         expires_at: str | None = None,
         message: str | None = None,
+        vms: list[str] | None = None,
     ) -> Delivery:
         """Queue a notification; it is tried until ``deliver_within`` seconds from now.
 
@@ -162,6 +164,7 @@ class Notifier:
                 code=code,
                 expires_at=expires_at,
                 message=message,
+                vms=vms,
             )
         delivery = Delivery(notification, time.monotonic() + deliver_within)
         if self._closing.is_set():

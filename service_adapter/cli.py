@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="release the lease early (SIGTERM to the pilots) after this long; "
                            "default: let the pilots end it at their own deadline")
     demo.add_argument("--workdir", metavar="DIR", help="where the store, pilot config and logs go (default: a new temp dir)")
+    demo.add_argument(
+        "--journal-dir", metavar="DIR", default="/var/lib/workspace-pilot",
+        help="the pilots' node journal (default /var/lib/workspace-pilot, as on a real node)",
+    )
     demo.add_argument("--verbose", action="store_true", help="also print the service's own log")
     return parser
 
@@ -68,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from service_adapter.demo import DemoError, run_demo
 
     try:
-        return run_demo(args.nodes, args.memory, args.duration, args.grace, args.release_after, args.workdir)
+        return run_demo(
+            args.nodes, args.memory, args.duration, args.grace, args.release_after, args.workdir,
+            journal_dir=args.journal_dir,
+        )
     except DemoError as exc:
         print(f"workspace-lease: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT

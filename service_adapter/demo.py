@@ -23,7 +23,8 @@ def _pool_pages() -> int:
 
 
 def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
-             release_after_s: float | None, workdir: str | None, out=sys.stdout) -> int:
+             release_after_s: float | None, workdir: str | None, out=sys.stdout,
+             journal_dir: str = "/var/lib/workspace-pilot") -> int:
     """Run the demo; returns 0 when the lease ran and the hugepage pool is back where it started."""
     if os.geteuid() != 0:
         raise DemoError("the demo reserves real hugepages and must run as root")
@@ -37,7 +38,7 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
     workdir = workdir or tempfile.mkdtemp(prefix="workspace-lease-demo-")
     before = _pool_pages()
     say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
-    site = LocalSite(workdir, grace_s=grace_s)
+    site = LocalSite(workdir, grace_s=grace_s, journal_dir=journal_dir)
     try:
         say(f"store {site.store.path} (SQLite, WAL)")
         say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")

@@ -23,22 +23,26 @@ PILOT_USER = "pilot"
 
 def write_pilot_config(
     path: str, *, contact: str, user: str, secret: str, realm: str, log_dir: str,
-    lock_dir: str = "/run/workspace-pilot", reserved_timeout_s: float = 30.0,
-    request_timeout_s: float = 5.0,
+    journal_dir: str = "/var/lib/workspace-pilot", reserved_timeout_s: float = 30.0,
+    request_timeout_s: float = 5.0, sections: dict[str, dict[str, object]] | None = None,
 ) -> None:
-    """Write a pilot configuration file readable by its owner only (it holds the secret)."""
-    text = (
-        "[service]\n"
-        f"contact = {contact}\n"
-        f"user = {user}\n"
-        f"secret = {secret}\n"
-        f"realm = {realm}\n"
-        f"request_timeout = {request_timeout_s:g}\n"
-        f"reserved_timeout = {reserved_timeout_s:g}\n"
-        "\n[node]\n"
-        f"lock_dir = {lock_dir}\n"
-        "\n[logging]\n"
-        f"dir = {log_dir}\n"
+    """Write a pilot configuration file readable by its owner only (it holds the secret).
+
+    ``sections`` adds options, e.g. ``{"memory": {"backend": "cgroup", "cgroup": "/sys/..."}}``.
+    """
+    options: dict[str, dict[str, object]] = {
+        "service": {
+            "contact": contact, "user": user, "secret": secret, "realm": realm,
+            "request_timeout": f"{request_timeout_s:g}", "reserved_timeout": f"{reserved_timeout_s:g}",
+        },
+        "journal": {"dir": journal_dir},
+        "logging": {"dir": log_dir},
+    }
+    for section, values in (sections or {}).items():
+        options.setdefault(section, {}).update(values)
+    text = "\n".join(
+        f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+        for section, values in options.items()
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -54,7 +58,7 @@ class LocalSite:
 
     def __init__(
         self, workdir: str, *, grace_s: float = 10.0, reserved_timeout_s: float = 30.0,
-        lock_dir: str = "/run/workspace-pilot", contact: str | None = None, max_skew_s: float = 300.0,
+        journal_dir: str = "/var/lib/workspace-pilot", contact: str | None = None, max_skew_s: float = 300.0,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -69,7 +73,7 @@ class LocalSite:
         self.log_dir = os.path.join(workdir, "logs")
         write_pilot_config(
             self.pilot_config, contact=self.contact, user=PILOT_USER, secret=secret, realm=REALM,
-            log_dir=self.log_dir, lock_dir=lock_dir, reserved_timeout_s=reserved_timeout_s,
+            log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
         )
         self.provider = LocalProvider(self.log_dir)
         self.leases = LeaseManager(self.store, self.provider, self.contact, self.pilot_config, grace_s)

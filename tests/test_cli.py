@@ -63,7 +63,7 @@ def test_help_explains_the_exit_codes():
         ("[service]\nsecret = x\n[nodes]\nx = 1\n", "unknown section [nodes]"),
         ("[service]\nsecret = x\npasword = y\n", "unknown option 'pasword'"),
         ("[service]\ncontact = http://127.0.0.1:1\n", "needs 'secret'"),
-        ("[memory]\nbackend = xen\n[service]\nsecret = x\n", "backend = 'xen': must be one of hugepages"),
+        ("[memory]\nbackend = balloon\n[service]\nsecret = x\n", "backend = 'balloon': must be one of hugepages, cgroup"),
         ("[logging]\ndir = relative/path\n[service]\nsecret = x\n", "must be an absolute path"),
         ("this is not ini\n", "not a valid INI file"),
         ("[service]\nsecret_file = /nonexistent/secret\n", "secret_file /nonexistent/secret"),
@@ -83,7 +83,7 @@ def test_bad_config_exits_3_and_changes_nothing(tmp_path, text, needle):
 
 def test_every_config_problem_is_listed(tmp_path):
     config = tmp_path / "pilot.conf"
-    config.write_text("[service]\nsecret = x\nrequest_timeout = -1\n[node]\nlock_timeout = x\n")
+    config.write_text("[service]\nsecret = x\nrequest_timeout = -1\n[journal]\nlock_timeout = x\n")
     result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
     assert result.returncode == ExitCode.CONFIG
     assert len(result.stderr.strip().splitlines()) == 2
@@ -95,13 +95,26 @@ def test_missing_config_file_exits_3(tmp_path):
     assert "cannot read" in result.stderr
 
 
-def test_unsafe_lock_directory_exits_4_and_changes_nothing(tmp_path, hugepages):
-    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret")
-    os.chmod(tmp_path / "lock", 0o777)
+@pytest.mark.parametrize("how", ["group-writable", "under a file", "someone else's"])
+def test_unusable_journal_directory_is_one_line_exit_11_and_changes_nothing(tmp_path, hugepages, how):
+    journal = tmp_path / "journal"
+    if how == "group-writable":
+        journal.mkdir(mode=0o700)
+        os.chmod(journal, 0o770)
+    elif how == "under a file":
+        (tmp_path / "file").write_text("")
+        journal = tmp_path / "file" / "journal"
+    else:
+        journal.mkdir(mode=0o700)
+        os.chown(journal, 65534, 65534)
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret", sections={"journal": {"dir": journal}})
     result = run("reserve", *GOOD_ARGS, "--config", config, "--grace", "1")
-    assert result.returncode == ExitCode.LOCK_TIMEOUT
-    assert "writable by group or others" in result.stdout + result.stderr
+    assert result.returncode == ExitCode.JOURNAL
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("workspace-pilot: journal error:"), result.stderr
+    assert str(journal) in lines[0]
     assert pool_pages() == hugepages
+    assert not (tmp_path / "logs").exists()  # it stopped before anything else
 
 
 def test_unwritable_log_directory_exits_3(tmp_path):

@@ -29,9 +29,7 @@ def wait_for_state(service, slot, state, timeout=30):
 
 @pytest.fixture
 def site(tmp_path, hugepages):
-    lock_dir = tmp_path / "lock"
-    lock_dir.mkdir(mode=0o755)
-    local = LocalSite(str(tmp_path / "site"), grace_s=5, lock_dir=str(lock_dir))
+    local = LocalSite(str(tmp_path / "site"), grace_s=5, journal_dir=str(tmp_path / "journal"))
     yield local
     local.close()
 
@@ -158,7 +156,8 @@ def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service)
 def test_demo_runs_a_lease_and_restores_the_pool(tmp_path, hugepages):
     result = subprocess.run(
         [sys.executable, "-m", "service_adapter", "demo", "--nodes", "2", "--memory", "8",
-         "--duration", "2", "--grace", "5", "--workdir", str(tmp_path / "demo")],
+         "--duration", "2", "--grace", "5", "--workdir", str(tmp_path / "demo"),
+         "--journal-dir", str(tmp_path / "journal")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
