@@ -208,10 +208,12 @@ SCHEMA = {
 }
 
 
-def load_config(path: str | None, **overrides) -> PilotConfig:
+def load_config(path: str | None, *, require_service: bool = True, **overrides) -> PilotConfig:
     """Read ``path`` (or the default file if it exists), apply non-None ``overrides``, validate.
 
     ``path=None`` means the default path, and its absence is not an error.
+    ``require_service=False`` (kill-all, evaluate) accepts a file without a
+    contact or secret.
     Raises :class:`ConfigError` listing every problem found.
     """
     problems: list[str] = []
@@ -230,11 +232,11 @@ def load_config(path: str | None, **overrides) -> PilotConfig:
             raise ConfigError([f"{path}: not a valid INI file: {first}"]) from None
         _read_sections(parser, path, values, problems)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("secret") is None and not problems:
+    if values.get("secret") is None and not problems and require_service:
         problems.append(
             f"{path}: [service] needs 'secret' or 'secret_file' (the pilot account's digest secret)"
         )
-    if values.get("contact") is None and not problems:
+    if values.get("contact") is None and not problems and require_service:
         problems.append("no service contact: pass --contact URL or set [service] contact")
     if not problems:
         problems.extend(_cross_checks(path, values))

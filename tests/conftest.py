@@ -134,13 +134,14 @@ def pilot_config(tmp_path, contact: str, secret: str, **options) -> str:
 
 
 def start_pilot(config: str, slot: str, *, memory: int = 64, duration: float = 30, grace: float = 5,
-                host: str = "node1", extra: tuple = ()) -> subprocess.Popen:
-    """Start ``workspace-pilot reserve`` as a real process."""
+                host: str = "node1", extra: tuple = (), pause_at: str | None = None) -> subprocess.Popen:
+    """Start ``workspace-pilot reserve`` as a real process (paused at a fault checkpoint if asked)."""
     argv = [
         sys.executable, "-m", "pilot", "reserve", "--slot", slot, "--memory", str(memory),
         "--duration", str(duration), "--grace", str(grace), "--config", config, "--host", host, *extra,
     ]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, WORKSPACE_PILOT_TEST_PAUSE_AT=pause_at) if pause_at else None
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 @contextlib.contextmanager
@@ -153,3 +154,34 @@ def running_pilot(config: str, slot: str, **options):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def read_until(process: subprocess.Popen, needle: str, timeout: float = 15.0) -> str:
+    """Read a process's output until a line holds ``needle``; returns what was read.
+
+    Waits on the pipe itself (select), so there is no polling; fails the test
+    if the process ends or ``timeout`` passes first.
+    """
+    import selectors
+    import time
+
+    fd = process.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while needle.encode() not in seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                pytest.fail(f"no {needle!r} within {timeout} s; output so far:\n{seen.decode(errors='replace')}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                pytest.fail(f"process ended before {needle!r}; output:\n{seen.decode(errors='replace')}")
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def journal_files(tmp_path) -> list[str]:
+    """The entries in the test's journal directory (``tmp_path/journal``)."""
+    directory = tmp_path / "journal"
+    return sorted(p.name for p in directory.glob("*.json")) if directory.exists() else []

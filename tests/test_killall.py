@@ -1,0 +1,212 @@
+"""workspace-killall on a real node: real pilots, the real hugepage pool, libvirt's test driver, a real service."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from admin_tools import killall
+from pilot.journal import Entry, Journal, MemoryRecord
+from pilot.owner import Owner, boot_id, start_ticks
+from tests.conftest import (
+    USER, REALM, journal_files, pilot_config, pool_pages, read_until, running_pilot,
+)
+from tests.test_journal import dead_owner
+
+libvirt = pytest.importorskip("libvirt")
+libvirt.registerErrorHandler(lambda *_: None, None)
+
+
+def set_pool(pages: int) -> None:
+    with open("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "w", encoding="ascii") as handle:
+        handle.write(str(pages))
+
+
+def config_for(tmp_path, service=None, **memory) -> str:
+    sections = {"libvirt": {"uri": "test:///default"}, "memory": {"minmem": 0, **memory}}
+    if service is None:
+        return pilot_config(tmp_path, "http://127.0.0.1:9", "unused", sections=sections)
+    return pilot_config(tmp_path, service.url, service.secret, sections=sections)
+
+
+def run_killall(config: str, *extra: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = killall.main(["--config", config, *extra], out=out)
+    return code, out.getvalue()
+
+
+def held_entry(slot: str, pages: int, owner: Owner, contact: str | None = None) -> Entry:
+    record = MemoryRecord("hugepages", {"page_kb": 2048}, "held", pages, pages * 2)
+    return Entry(slot, "node1", owner, contact=contact, memory=record)
+
+
+@pytest.fixture
+def conn():
+    """libvirt's test driver; its state is shared by every connection of this process."""
+    connection = libvirt.open("test:///default")
+    yield connection
+    for domain in connection.listAllDomains(0):
+        if domain.name().startswith("wp-test-"):
+            domain.destroy()  # transient: gone once destroyed
+    connection.close()
+
+
+def start_vm(conn, name: str, slot: str | None):
+    from pilot.vmtag import VmTag, set_tag
+
+    xml = f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"
+    domain = conn.createXML(xml, 0)
+    if slot:
+        set_tag(domain, VmTag(slot, "lease-1", 4242), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return domain
+
+
+def vm_names(conn) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+
+
+def test_a_dead_pilots_slot_and_vm_are_backed_out_and_the_service_told(tmp_path, hugepages, service, conn):
+    slot = service.add_slot()
+    config = config_for(tmp_path, service)
+    journal = Journal(str(tmp_path / "journal"))
+    journal.prepare()
+    set_pool(hugepages + 16)  # what the dead pilot took
+    journal.write(held_entry(slot, 16, dead_owner(), contact=service.url))
+    start_vm(conn, "wp-test-leased", slot)
+    start_vm(conn, "wp-test-neighbour", None)  # not ours: never touched
+
+    code, out = run_killall(config)
+
+    assert code == 0, out
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []
+    assert "wp-test-leased" not in vm_names(conn)
+    assert "wp-test-neighbour" in vm_names(conn)
+    assert "destroyed VM wp-test-leased" in out and "node clean" in out
+    bodies = [json.loads(row[6]) for row in service.store.snapshot()["notifications"] if row[0] == slot]
+    killed = [body for body in bodies if body["state"] == "killed"]
+    assert len(killed) == 1 and killed[0]["vms"] == ["wp-test-leased"], bodies
+    assert killed[0]["memory_mb"] == 0
+
+
+def test_a_live_pilot_is_stopped_by_pid_and_restores_itself(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = config_for(tmp_path, service)
+    with running_pilot(config, slot, memory=32, duration=60) as pilot:
+        service.store.wait_for(lambda: "reserved" in [n[2] for n in service.store.notifications(slot)], 15)
+        assert pool_pages() == hugepages + 16
+        out = subprocess.run(
+            [sys.executable, "-m", "admin_tools.killall", "--config", config],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert pilot.wait(timeout=5) == 0  # SIGTERM: the pilot restored the node itself
+    assert f"stopped pilot {pilot.pid}" in out.stdout
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []
+
+
+def test_a_pilot_that_ignores_sigterm_is_killed_and_its_entry_undone(tmp_path, hugepages):
+    config = config_for(tmp_path)
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    try:
+        read_until(stubborn, "ready")
+        owner = Owner(stubborn.pid, start_ticks(stubborn.pid), boot_id())
+        journal = Journal(str(tmp_path / "journal"))
+        journal.prepare()
+        set_pool(hugepages + 8)
+        journal.write(held_entry("stubborn", 8, owner))
+        code, out = run_killall(config, "--term-timeout", "0.2", "--no-notify")
+        assert code == 0, out
+        assert f"killed pilot {stubborn.pid} " in out
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL
+        assert pool_pages() == hugepages
+        assert journal_files(tmp_path) == []
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+            stubborn.wait()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path, hugepages, conn):
+    config = config_for(tmp_path)
+    journal = Journal(str(tmp_path / "journal"))
+    journal.prepare()
+    set_pool(hugepages + 4)
+    entry = held_entry("planned", 4, dead_owner())
+    journal.write(entry)
+    start_vm(conn, "wp-test-planned", "planned")
+    try:
+        code, out = run_killall(config, "--dry-run")
+        assert code == 1  # there is work to do
+        assert "would destroy VM wp-test-planned" in out and "would restore slot planned" in out
+        assert pool_pages() == hugepages + 4
+        assert journal_files(tmp_path) == [entry.filename]
+        assert "wp-test-planned" in vm_names(conn)
+    finally:
+        set_pool(hugepages)
+
+
+def test_dry_run_on_a_clean_node_exits_0(tmp_path, conn):
+    code, out = run_killall(config_for(tmp_path), "--dry-run")
+    assert code == 0 and "nothing to do" in out
+
+
+def test_an_unreadable_entry_is_backed_out_to_the_boot_value(tmp_path, hugepages):
+    config = config_for(tmp_path, boot_mb=hugepages * 2)
+    Journal(str(tmp_path / "journal")).prepare()
+    (tmp_path / "journal" / "lost.json").write_text("{truncated")
+    set_pool(hugepages + 8)
+    code, out = run_killall(config, "--no-notify")
+    assert code == 0, out
+    assert "returned hugepages to its boot value" in out
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []
+
+
+def test_without_a_boot_value_an_unreadable_entry_is_a_problem_and_stays(tmp_path, hugepages):
+    config = config_for(tmp_path)
+    Journal(str(tmp_path / "journal")).prepare()
+    (tmp_path / "journal" / "lost.json").write_text("{truncated")
+    code, out = run_killall(config, "--no-notify")
+    assert code == 1
+    assert "PROBLEM: journal entry lost.json is unreadable" in out and "boot_mb" in out
+    assert journal_files(tmp_path) == ["lost.json"]
+    assert pool_pages() == hugepages
+
+
+def test_libvirt_that_cannot_be_reached_means_not_clean(tmp_path):
+    config = pilot_config(
+        tmp_path, "http://127.0.0.1:9", "x",
+        sections={"libvirt": {"uri": f"qemu+unix:///system?socket={tmp_path}/no-such-socket"}},
+    )
+    code, out = run_killall(config, "--no-notify")
+    assert code == 1
+    assert "cannot connect to libvirt" in out
+
+
+def test_bad_arguments_and_bad_config_are_one_line_with_their_own_codes(tmp_path):
+    bad_arg = subprocess.run(
+        [sys.executable, "-m", "admin_tools.killall", "--term-timeout", "soon"], capture_output=True, text=True
+    )
+    assert bad_arg.returncode == 2 and len(bad_arg.stderr.strip().splitlines()) == 1
+    config = tmp_path / "bad.conf"
+    config.write_text("[memory]\nbackend = balloon\n")
+    bad_config = subprocess.run(
+        [sys.executable, "-m", "admin_tools.killall", "--config", str(config)], capture_output=True, text=True
+    )
+    assert bad_config.returncode == 3
+    assert bad_config.stderr.strip().splitlines() == [
+        f"workspace-killall: config error: {config}: [memory] backend = 'balloon': "
+        "must be one of hugepages, cgroup, xen, xl, none"
+    ]
