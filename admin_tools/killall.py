@@ -267,6 +267,18 @@ def _return_to_boot(config: PilotConfig, journal: Journal, unreadable, report: R
         report.line(f"cleared unreadable journal entry {bad.filename} (the node is at its boot value)")
 
 
+def _preload_notifier(plan: Plan, config: PilotConfig, no_notify: bool):
+    """Import the HTTP stack (requests: ~70 ms) in a thread, overlapping the waits on pilots and libvirt."""
+    if no_notify or not config.secret or not any(entry.contact for entry in plan.entries):
+        return None
+    import importlib
+    import threading
+
+    thread = threading.Thread(target=importlib.import_module, args=("pilot.notifier",), daemon=True)
+    thread.start()
+    return thread
+
+
 def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
     """Tell each slot's service ``killed`` (in parallel, bounded by the request timeout)."""
     from pilot.notifier import Notifier, Outcome
@@ -343,10 +355,12 @@ def main(argv: list[str] | None = None, out=None) -> int:
         if args.dry_run:
             print_plan(plan, config, report, args.term_timeout)
             return EXIT_CLEAN if plan.empty else EXIT_NOT_CLEAN
+        preload = _preload_notifier(plan, config, args.no_notify)
         stop_owners(plan.live, args.term_timeout, report)
         destroy_vms(plan.vms, report)
         restore_memory(config, journal, report)
-        if not args.no_notify:
+        if preload is not None:
+            preload.join()
             notify_killed(plan, config, report)
         check_clean(config, journal, plan, report)
     finally:

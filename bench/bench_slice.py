@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmarks of the first slice: hugepage reserve/restore, one notification, receiver throughput.
+"""Benchmarks of the notification path: one notification, receiver throughput.
+
+Reserve/restore per backend: ``bench/bench_backends.py``; kill-all: ``bench/bench_killall.py``.
 
 Run from the repository root::
 
@@ -7,10 +9,6 @@ Run from the repository root::
 
 Parts:
 
-* ``hugepages``: ``HugepagesBackend.take(1024)`` (512 pages of 2 MiB, written
-  and read back) and ``give_back()``, each timed including the ``NodeLock``.
-  Needs root and a writable 2 MiB hugepage pool; the pool is always put back
-  to its starting size.
 * ``roundtrip``: one ``Notifier.notify("heartbeat", ...).wait()`` against an
   in-process receiver on 127.0.0.1 (digest SHA-256, warm session), with the
   store at ``synchronous=FULL`` (the default) and ``NORMAL``.
@@ -56,8 +54,6 @@ from pilot.protocol import (  # noqa: E402  (after the sys.path fix above)
     utc_now,
 )
 
-HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
-NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 RESERVE_MB = 1024
 REALM = "workspace-pilot"
 USER = "pilot"
@@ -70,8 +66,6 @@ TARGET_RESERVE_MS = 50.0
 TARGET_RESTORE_MS = 50.0
 TARGET_ROUNDTRIP_MS = 5.0
 TARGET_THROUGHPUT = 1000.0
-NIMBUS_SHRINK_MS = 743.6
-NIMBUS_RESTORE_MS = 1317.2
 
 
 # -- statistics ------------------------------------------------------------------------
@@ -90,76 +84,6 @@ def summarize(samples: list[float]) -> dict:
         "p90": p90,
         "min": ordered[0],
         "max": ordered[-1],
-    }
-
-
-# -- 1, 2: hugepages -------------------------------------------------------------------
-
-
-def read_int(path: str) -> int:
-    """The integer in a /proc or /sys file."""
-    with open(path, encoding="ascii") as handle:
-        return int(handle.read())
-
-
-def write_int(path: str, value: int) -> None:
-    """Write an integer to a /proc or /sys file."""
-    with open(path, "w", encoding="ascii") as handle:
-        handle.write(str(value))
-
-
-def hugepages_unavailable() -> str | None:
-    """Why the hugepage benchmark cannot run here, or None if it can."""
-    if os.geteuid() != 0:
-        return "needs root"
-    if not os.access(os.path.join(HUGEPAGES_DIR, "nr_hugepages"), os.W_OK):
-        return f"{HUGEPAGES_DIR}/nr_hugepages is not writable"
-    return None
-
-
-def bench_hugepages(rounds: int) -> dict:
-    """Time ``take(1024)`` and ``give_back()`` of the real backend, each including the node lock.
-
-    The pool is put back to its starting size in a ``finally``, and checked.
-    """
-    from pilot.backends.hugepages import HugepagesBackend
-    from pilot.nodelock import NodeLock
-
-    backend = HugepagesBackend(HUGEPAGES_DIR)
-    pool_path = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
-    start_pages = read_int(pool_path)
-    start_proc = read_int(NR_HUGEPAGES)
-    lock_dir = tempfile.mkdtemp(prefix="bench-nodelock-")
-    os.chmod(lock_dir, 0o755)
-    reserve_ms: list[float] = []
-    restore_ms: list[float] = []
-    try:
-        lock = NodeLock(lock_dir, timeout=5.0)
-        for _ in range(rounds):
-            started = time.perf_counter()
-            with lock:
-                taken = backend.take(RESERVE_MB)
-            reserved = time.perf_counter()
-            with lock:
-                backend.give_back(taken)
-            restored = time.perf_counter()
-            assert taken.units == 512, taken
-            reserve_ms.append((reserved - started) * 1000)
-            restore_ms.append((restored - reserved) * 1000)
-    finally:
-        if read_int(pool_path) != start_pages:
-            write_int(pool_path, start_pages)
-        shutil.rmtree(lock_dir)
-    end_pages, end_proc = read_int(pool_path), read_int(NR_HUGEPAGES)
-    assert end_pages == start_pages, f"pool left at {end_pages} pages, started at {start_pages}"
-    assert end_proc == start_proc, f"{NR_HUGEPAGES} is {end_proc}, started at {start_proc}"
-    return {
-        "pages": 512,
-        "memory_mb": RESERVE_MB,
-        "pool_start_pages": start_pages,
-        "pool_end_pages": end_pages,
-        "reserve_ms": summarize(reserve_ms),
-        "restore_ms": summarize(restore_ms),
     }
 
 
@@ -554,14 +478,6 @@ def print_table(results: dict) -> None:
     print()
     print(f"{'measure':<44} {'median':>10} {'p90':>10} {'unit':<7} {'runs':>5}  {'target':<10} Nimbus 2008")
     print("-" * 110)
-    hp = results.get("hugepages")
-    if isinstance(hp, dict) and "reserve_ms" in hp:
-        print(row("reserve 1 GiB (512 x 2 MiB) incl. node lock", hp["reserve_ms"], "ms", "< 50 ms",
-                  f"{NIMBUS_SHRINK_MS} ms (dom0 shrink)"))
-        print(row("restore 1 GiB incl. node lock", hp["restore_ms"], "ms", "< 50 ms",
-                  f"{NIMBUS_RESTORE_MS} ms (restore)"))
-    elif hp:
-        print(f"hugepages: skipped ({hp.get('skipped')})")
     for entry in results.get("roundtrip", []):
         print(row(f"notification round trip, store {entry['synchronous']}", entry["roundtrip_ms"], "ms", "< 5 ms"))
     for entry in results.get("throughput", []):
@@ -582,8 +498,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter runs (smoke test)")
     parser.add_argument(
-        "--only", nargs="+", choices=("hugepages", "roundtrip", "throughput"),
-        default=("hugepages", "roundtrip", "throughput"), help="run only these parts",
+        "--only", nargs="+", choices=("roundtrip", "throughput"),
+        default=("roundtrip", "throughput"), help="run only these parts",
     )
     return parser.parse_args(argv)
 
@@ -591,13 +507,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Run the chosen parts, print the table, write JSON if asked."""
     args = parse_args(argv)
-    rounds = 3 if args.quick else 20
     rt_count, rt_warmup = (50, 20) if args.quick else (500, 20)
     tp_runs, tp_seconds = (1, 2.0) if args.quick else (3, 5.0)
     results: dict = {"machine": machine(), "quick": args.quick, "command": " ".join([".venv/bin/python"] + sys.argv)}
-    if "hugepages" in args.only:
-        reason = hugepages_unavailable()
-        results["hugepages"] = {"skipped": reason} if reason else bench_hugepages(rounds)
     if "roundtrip" in args.only:
         results["roundtrip"] = [bench_roundtrip(rt_count, rt_warmup, mode) for mode in ("FULL", "NORMAL")]
     if "throughput" in args.only:

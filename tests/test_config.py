@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -27,6 +28,58 @@ def test_example_loads_with_its_defaults(tmp_path):
     config_path.write_text(text.replace("#secret = change-me", "secret = change-me"))
     config = load_config(str(config_path), contact="http://127.0.0.1:9")
     assert config == PilotConfig(contact="http://127.0.0.1:9", secret="change-me")
+
+
+def example_values() -> dict[tuple[str, str], str]:
+    """``(section, option) -> value`` of every ``#option = value`` line in the example."""
+    found: dict[tuple[str, str], str] = {}
+    section = None
+    for line in open(EXAMPLE, encoding="utf-8").read().splitlines():
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        if header:
+            section = header.group(1)
+            continue
+        option = re.fullmatch(r"#?(\w+) = (.*)", line)
+        if option:
+            key = (section, option.group(1))
+            assert key not in found, f"[{section}] {option.group(1)} is shown twice in the example"
+            found[key] = option.group(2)
+    return found
+
+
+def test_example_shows_only_known_options_in_their_sections():
+    shown = set(example_values())
+    known = {(section, option) for section, options in SCHEMA.items() for option in options}
+    assert shown == known
+
+
+def test_example_defaults_are_the_codes_defaults(tmp_path):
+    """Every value the example shows as a default is what the pilot uses when the option is unset.
+
+    Options whose PilotConfig default is None ("no default" in the example)
+    show an example value instead; that value must at least be valid.
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(PilotConfig)}
+    lines: dict[str, list[str]] = {"service": ["secret = x"]}
+    compared = []
+    for (section, option), value in example_values().items():
+        field, parse = SCHEMA[section][option]
+        if field is None or defaults[field] is None:
+            parse(value)  # an example value, not a default: it must parse
+            continue
+        lines.setdefault(section, []).append(f"{option} = {value}")
+        compared.append((section, option, field))
+    assert len(compared) > 10
+    text = "".join(f"[{section}]\n" + "\n".join(options) + "\n" for section, options in lines.items())
+    config_path = tmp_path / "pilot.conf"
+    config_path.write_text(text)
+    config = load_config(str(config_path), contact="http://127.0.0.1:9")
+    for section, option, field in compared:
+        assert getattr(config, field) == defaults[field], (
+            f"[{section}] {option}: the example says {getattr(config, field)!r}, the code's default is "
+            f"{defaults[field]!r}"
+        )
+    assert config == PilotConfig(contact="http://127.0.0.1:9", secret="x")
 
 
 def test_secret_file_is_read(tmp_path):
