@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(args.config, args.contact, args.batch_user)
 
     from pilot.backends import BackendError, backend_from_config
-    from pilot.config import ConfigError, load_config
+    from pilot.config import DEFAULT_PATH, ConfigError, load_config
     from pilot.journal import Journal, JournalError
+
+    if os.environ.get("SUDO_USER") and args.config not in (None, DEFAULT_PATH):
+        # The batch user must not choose what root runs (xl_command) or where root writes (log dir).
+        return _fail("usage error", [f"--config is refused through sudo; the pilot reads {DEFAULT_PATH}"], ExitCode.USAGE)
 
     try:
         config = load_config(args.config, contact=args.contact)

@@ -131,3 +131,17 @@ def test_lease_command_refuses_bad_arguments_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--nodes" in lines[0]
+
+
+def test_through_sudo_the_batch_user_cannot_choose_the_config(tmp_path):
+    # A config of the caller's would let them pick what root runs ([memory] xl_command) and where it writes.
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret")
+    result = subprocess.run(
+        [sys.executable, "-m", "pilot", "reserve", *GOOD_ARGS, "--config", config],
+        capture_output=True, text=True, env=dict(os.environ, SUDO_USER="alice"),
+    )
+    assert result.returncode == ExitCode.USAGE
+    assert result.stderr.strip().splitlines() == [
+        "workspace-pilot: usage error: --config is refused through sudo; the pilot reads /etc/workspace-pilot/pilot.conf"
+    ]
+    assert not (tmp_path / "journal").exists()
