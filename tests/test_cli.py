@@ -145,3 +145,19 @@ def test_through_sudo_the_batch_user_cannot_choose_the_config(tmp_path):
         "workspace-pilot: usage error: --config is refused through sudo; the pilot reads /etc/workspace-pilot/pilot.conf"
     ]
     assert not (tmp_path / "journal").exists()
+
+
+@pytest.mark.parametrize("flags, console, debug", [((), "stderr", False), (("--stdout",), "stdout", False),
+                                                   (("--stdout", "--verbose"), "stdout", True)])
+def test_log_lines_go_where_asked_and_always_to_the_slot_log(tmp_path, hugepages, flags, console, debug):
+    # Nothing listens at the contact: the pilot reserves, cannot report, gives back and exits 6.
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret", reserved_timeout_s=0.3)
+    result = run("reserve", *GOOD_ARGS, "--config", config, "--host", "node1", *flags)
+    assert result.returncode == ExitCode.SERVICE_UNREACHABLE
+    shown, other = (result.stdout, result.stderr) if console == "stdout" else (result.stderr, result.stdout)
+    assert "state reserving -> reserved" not in shown and "state begin -> reserving" in shown
+    assert other == ""
+    assert (" DEBUG " in shown) is debug
+    slot_log = (tmp_path / "logs" / "s1.node1.log").read_text()
+    assert "took 64 MB from the host" in slot_log and "gave 64 MB back" in slot_log
+    assert pool_pages() == hugepages
