@@ -98,32 +98,6 @@ NODE_XML = """\
 </node>
 """
 
-# The fake of tests/test_backends.py (FAKE_XL), with Domain-0 starting at 6144 MB. Its first line
-# (added in bench_xl) runs it with this interpreter, isolated and without site (-IS), not through
-# `env python3`: a pyenv shim there costs ~90 ms a call, which would swamp the pilot's side.
-FAKE_XL = """\
-# FAKE xl for benchmarks: implements only `list 0` and `mem-set 0 <N>m`; Domain-0's MB live in fake-xl.state.
-import os, sys
-here = os.path.dirname(os.path.abspath(__file__))
-state = os.path.join(here, "fake-xl.state")
-MAX_MB = 8192
-args = sys.argv[1:]
-if args == ["list", "0"]:
-    mb = int(open(state).read())
-    print("Name                                        ID   Mem VCPUs\\tState\\tTime(s)")
-    print(f"Domain-0                                     0  {mb:4d}     4     r-----    1234.5")
-elif len(args) == 3 and args[:2] == ["mem-set", "0"] and args[2].endswith("m") and args[2][:-1].isdigit():
-    mb = int(args[2][:-1])
-    if mb > MAX_MB:
-        print("libxl: error: libxl_mem.c:123:libxl_set_memory_target: memory_dynamic_max must be less than or equal to memory_static_max", file=sys.stderr)
-        print(f"cannot set domid 0 memory to {mb} MB: above the maximum {MAX_MB} MB", file=sys.stderr)
-        sys.exit(1)
-    with open(state, "w") as handle:
-        handle.write(str(mb))
-else:
-    print(f"fake-xl: unsupported arguments {args}", file=sys.stderr)
-    sys.exit(2)
-"""
 
 
 class Skipped(Exception):
@@ -303,14 +277,11 @@ def bench_xl(workdir: str, rounds: int) -> dict:
     """XlBackend on a fake xl (Domain-0 at 6144 MB); also times one bare call of the fake."""
     from pilot.backends.xl import XlBackend
 
+    from tests.fakes import install_fake_xl
+
     directory = os.path.join(workdir, "xl")
     os.mkdir(directory)
-    with open(os.path.join(directory, "fake-xl.state"), "w", encoding="ascii") as handle:
-        handle.write("6144")
-    fake = os.path.join(directory, "fake-xl")
-    with open(fake, "w", encoding="utf-8") as handle:
-        handle.write(f"#!{os.path.realpath(sys.executable)} -IS\n" + FAKE_XL)
-    os.chmod(fake, 0o755)
+    fake = install_fake_xl(directory, 6144)
     result = measure(XlBackend(command=fake), workdir, rounds)
     calls = []
     for _ in range(rounds):
@@ -365,23 +336,9 @@ def bench_journal(workdir: str, rounds: int) -> dict:
 
 def machine() -> dict:
     """What the numbers were measured on (and where the journal's disk is)."""
-    os_release = {}
-    with contextlib.suppress(OSError), open("/etc/os-release", encoding="utf-8") as handle:
-        for line in handle:
-            name, _, value = line.strip().partition("=")
-            os_release[name] = value.strip('"')
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
-        model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "tmp_filesystem": filesystem_of(tempfile.gettempdir()),
-    }
+    from bench_slice import machine as common
+
+    return {**common(), "tmp_filesystem": filesystem_of(tempfile.gettempdir())}
 
 
 def filesystem_of(path: str) -> str:

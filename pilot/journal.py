@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import stat
 
 from pilot.nodelock import NodeLock
 from pilot.owner import Owner
+from pilot.safedir import directory_problem
 
 JOURNAL_VERSION = 1
 
@@ -145,19 +145,9 @@ class Journal:
 
     def check(self) -> None:
         """Check an existing directory (changing nothing); raises JournalError if it is unsafe."""
-        try:
-            info = os.lstat(self.directory)
-        except OSError as exc:
-            raise JournalError(f"journal directory {self.directory}: {exc.strerror}") from None
-        if not stat.S_ISDIR(info.st_mode):
-            raise JournalError(f"journal directory {self.directory} is not a directory")
-        if info.st_uid != os.geteuid():
-            raise JournalError(
-                f"journal directory {self.directory} belongs to uid {info.st_uid}, not {os.geteuid()}; "
-                f"chown it to the pilot's user"
-            )
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise JournalError(f"journal directory {self.directory} is writable by group or others; chmod go-w it")
+        problem = directory_problem(self.directory)
+        if problem:
+            raise JournalError(f"journal directory {self.directory}{problem}")
 
     def lock(self) -> NodeLock:
         """The node lock (not yet taken): ``with journal.lock(): ...``."""

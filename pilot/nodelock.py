@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import time
+
+from pilot.safedir import directory_problem
 
 
 class NodeLockError(Exception):
@@ -37,17 +38,11 @@ class NodeLock:
         """Create the directory if missing; raise :class:`NodeLockError` if it is unsafe."""
         try:
             os.makedirs(self.directory, mode=0o755, exist_ok=True)
-            info = os.lstat(self.directory)
         except OSError as exc:
             raise NodeLockError(f"lock directory {self.directory}: {exc.strerror}") from None
-        if not stat.S_ISDIR(info.st_mode):
-            raise NodeLockError(f"lock directory {self.directory} is not a directory")
-        if info.st_uid != os.geteuid():
-            raise NodeLockError(
-                f"lock directory {self.directory} belongs to uid {info.st_uid}, not {os.geteuid()}"
-            )
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise NodeLockError(f"lock directory {self.directory} is writable by group or others")
+        problem = directory_problem(self.directory)
+        if problem:
+            raise NodeLockError(f"lock directory {self.directory}{problem}")
 
     def acquire(self) -> None:
         """Take the lock, retrying with a short backoff until ``timeout``; raises NodeLockError."""

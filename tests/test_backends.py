@@ -23,6 +23,7 @@ import uuid
 
 import pytest
 
+from tests.fakes import FAKE_XL_SOURCE, install_fake_xl
 from pilot.backends import BackendError, make_backend
 from pilot.backends.base import read_meminfo_kb
 from pilot.backends.cgroup import UNLIMITED, CgroupBackend
@@ -373,32 +374,8 @@ def test_xen_without_libvirt_python_says_so():
     assert done.stdout.count("\n") == 1
 
 
-# ---------------------------------------------------------------- xl (a fake xl command)
+# ---------------------------------------------------------------- xl (a fake xl command: tests/fakes)
 
-FAKE_XL = """\
-#!/usr/bin/env python3
-# FAKE xl for tests: implements only `list 0` and `mem-set 0 <N>m`; Domain-0's MB live in fake-xl.state.
-import os, sys
-here = os.path.dirname(os.path.abspath(__file__))
-state = os.path.join(here, "fake-xl.state")
-MAX_MB = 8192
-args = sys.argv[1:]
-if args == ["list", "0"]:
-    mb = int(open(state).read())
-    print("Name                                        ID   Mem VCPUs\\tState\\tTime(s)")
-    print(f"Domain-0                                     0  {mb:4d}     4     r-----    1234.5")
-elif len(args) == 3 and args[:2] == ["mem-set", "0"] and args[2].endswith("m") and args[2][:-1].isdigit():
-    mb = int(args[2][:-1])
-    if mb > MAX_MB:
-        print("libxl: error: libxl_mem.c:123:libxl_set_memory_target: memory_dynamic_max must be less than or equal to memory_static_max", file=sys.stderr)
-        print(f"cannot set domid 0 memory to {mb} MB: above the maximum {MAX_MB} MB", file=sys.stderr)
-        sys.exit(1)
-    with open(state, "w") as handle:
-        handle.write(str(mb))
-else:
-    print(f"fake-xl: unsupported arguments {args}", file=sys.stderr)
-    sys.exit(2)
-"""
 
 
 def write_fake(tmp_path, name: str, text: str) -> str:
@@ -411,8 +388,7 @@ def write_fake(tmp_path, name: str, text: str) -> str:
 @pytest.fixture
 def fake_xl(tmp_path):
     """Path of a fake xl whose Domain-0 starts with 4096 MB (max 8192)."""
-    (tmp_path / "fake-xl.state").write_text("4096")
-    return write_fake(tmp_path, "fake-xl", FAKE_XL)
+    return install_fake_xl(str(tmp_path), 4096)
 
 
 def test_xl_reads_writes_takes_and_gives(fake_xl, tmp_path):
@@ -451,7 +427,7 @@ def test_xl_missing_command(tmp_path):
 
 def test_xl_command_that_is_not_executable(tmp_path):
     path = tmp_path / "fake-xl-not-executable"
-    path.write_text(FAKE_XL)
+    path.write_text(open(FAKE_XL_SOURCE).read())
     path.chmod(0o644)
     if os.geteuid() == 0 and os.access(path, os.X_OK):
         pytest.skip("root may execute this file here")
