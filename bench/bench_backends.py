@@ -46,7 +46,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,20 +106,7 @@ class Skipped(Exception):
 # -- statistics ------------------------------------------------------------------------
 
 
-def summarize(samples: list[float]) -> dict:
-    """Median, p90 (inclusive method), min, max and count of ``samples``."""
-    ordered = sorted(samples)
-    if len(ordered) >= 2:
-        p90 = statistics.quantiles(ordered, n=10, method="inclusive")[8]
-    else:
-        p90 = ordered[0]
-    return {
-        "runs": len(ordered),
-        "median": statistics.median(ordered),
-        "p90": p90,
-        "min": ordered[0],
-        "max": ordered[-1],
-    }
+from bench_slice import summarize  # noqa: E402  (the same statistics as the other benchmarks)
 
 
 # -- the measurement shared by every backend ---------------------------------------------

@@ -252,7 +252,7 @@ class NodeMemory:
         if now is not None and self.backend.reached(now, before):
             self._record(None)
             return
-        # Part of it is still taken: keep that journalled (relatively) for killall or the next pilot.
+        # Part of it is still taken: keep that journalled (relatively) for workspace-killall or the next pilot.
         log.critical("a failed take left the level at %s %s instead of %d; journalled", now, self.backend.unit, before)
         if now is None:
             self._record(dataclasses.replace(record, phase="held", before=None, target=None))

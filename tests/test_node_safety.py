@@ -46,11 +46,11 @@ def test_a_pilot_ended_at_any_point_leaves_the_node_as_it_began(tmp_path, hugepa
             pilot.send_signal(signal.SIGKILL)
             pilot.wait(timeout=10)
             if death == "sigkill-then-killall":
-                killall = subprocess.run(
+                backout = subprocess.run(
                     [sys.executable, "-m", "admin_tools.killall", "--config", config, "--no-notify"],
                     capture_output=True, text=True, timeout=60,
                 )
-                assert killall.returncode == 0, killall.stdout + killall.stderr
+                assert backout.returncode == 0, backout.stdout + backout.stderr
             else:
                 nxt = start_pilot(config, service.add_slot(), memory=8, duration=0.5)
                 output, _ = nxt.communicate(timeout=30)
