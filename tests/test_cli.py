@@ -120,7 +120,9 @@ def test_unusable_journal_directory_is_one_line_exit_11_and_changes_nothing(tmp_
 def test_unwritable_log_directory_exits_3(tmp_path):
     config = tmp_path / "pilot.conf"
     (tmp_path / "file").write_text("")
-    config.write_text(f"[service]\nsecret = x\n[logging]\ndir = {tmp_path / 'file' / 'logs'}\n")
+    config.write_text(
+        f"[service]\nsecret = x\n[logging]\ndir = {tmp_path / 'file' / 'logs'}\n[journal]\ndir = {tmp_path / 'journal'}\n"
+    )
     result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
     assert result.returncode == ExitCode.CONFIG
     assert "log directory" in result.stderr
