@@ -124,7 +124,7 @@ class Report:
 
 
 def _open_libvirt(uri: str, read_only: bool):
-    """(connection, None) or (None, why not); ("", no uri) means VMs are disabled on this node."""
+    """(connection, None), or (None, why it could not connect)."""
     try:
         import libvirt
     except ImportError as exc:

@@ -41,7 +41,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import json
 import logging
 import os
 import platform
@@ -443,11 +442,9 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir)
     print_table(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        print(f"results written to {args.json}")
+        from bench_slice import write_json
+
+        write_json(args.json, results)
     failed = [name for name, entry in results["backends"].items() if "failed" in entry]
     return 1 if failed else 0
 

@@ -492,6 +492,15 @@ def print_table(results: dict) -> None:
     print()
 
 
+def write_json(path: str, results: dict) -> None:
+    """Write ``results`` to ``path`` (its directory created) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    print(f"results written to {path}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -516,11 +525,7 @@ def main(argv=None) -> int:
         results["throughput"] = [bench_throughput(client, tp_runs, tp_seconds) for client in ("requests", "aiohttp")]
     print_table(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        print(f"results written to {args.json}")
+        write_json(args.json, results)
     return 0
 
 
