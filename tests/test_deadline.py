@@ -226,16 +226,33 @@ def test_pbs_walltime_counts_from_the_session_leaders_start():
     assert err == ""  # no warning: the start was read, not estimated
 
 
+BTIME_CHILD = """
+import json, os
+from pilot import deadline
+with open(f"/proc/{os.getsid(0)}/stat", "rb") as handle:
+    stat = handle.read()
+ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+with open("/proc/stat", encoding="ascii") as handle:
+    btime = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
+print(json.dumps([btime + ticks / os.sysconf("SC_CLK_TCK"), deadline._session_start()]))
+"""
+
+
 def test_session_start_agrees_with_proc_stat_btime():
     # The same computation from /proc/stat's btime (whole seconds) as the pilot's docs describe it.
-    with open(f"/proc/{os.getsid(0)}/stat", "rb") as handle:
-        stat = handle.read()
-    ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
-    with open("/proc/stat", encoding="ascii") as handle:
-        btime = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
-    expected = btime + ticks * TICK
-    # Directly, not through walltime_end: this test's session may have begun days ago.
-    assert abs(deadline_module._session_start() - expected) <= 1 + TICK  # btime drops its second's fraction
+    # In a child that leads its own session: under CI the runner's session leader may sit outside
+    # this pid namespace (getsid gives 0), which _session_start rightly refuses.
+    out = subprocess.run([sys.executable, "-c", BTIME_CHILD], cwd=REPO, start_new_session=True,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    expected, found = json.loads(out)
+    assert abs(found - expected) <= 1 + TICK  # btime drops its second's fraction
+
+
+def test_session_start_outside_this_pid_namespace_is_an_error(monkeypatch):
+    # getsid() is 0 when the session leader lives in a parent pid namespace (containers, CI).
+    monkeypatch.setattr(deadline_module.os, "getsid", lambda pid: 0)
+    with pytest.raises(OSError, match="outside this pid namespace"):
+        deadline_module._session_start()
 
 
 def test_pbs_walltime_without_proc_is_counted_from_now_and_says_so(no_proc, caplog):
