@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE",
         help="configuration file (default /etc/workspace-pilot/pilot.conf if it exists)",
     )
-    reserve.add_argument("--host", type=_host, help="the host name to report (default: this node's short name)")
+    reserve.add_argument("--host", type=_host, help="the host name to report (default: $SLURMD_NODENAME in a Slurm job, else this node's short name)")
     _add_logging_options(reserve)
 
     evaluate = commands.add_parser(
@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         journal.prepare()
     except JournalError as exc:
         return _fail("journal error", [f"{exc}; nothing changed"], ExitCode.JOURNAL)
-    host = args.host or socket.gethostname().split(".")[0]
+    # Slurm's node name first: several slurmd on one host share its hostname but not this.
+    host = args.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    if not _HOST_RE.match(host):
+        return _fail("usage error", [f"host name {host!r} (from $SLURMD_NODENAME or the hostname) is not valid: pass --host"],
+                     ExitCode.USAGE)
     try:
         log_path = _setup_logging(config, args.slot, host, args)
     except OSError as exc:

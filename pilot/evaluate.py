@@ -36,6 +36,7 @@ from typing import TextIO
 
 from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.exitcodes import ExitCode
+from pilot.protocol import BATCH_ENV
 
 OK = "ok"
 WARN = "warn"
@@ -44,7 +45,6 @@ FAIL = "FAIL"
 SUDO_TIMEOUT_S = 5.0
 SUDOERS_FILE = "/etc/sudoers.d/workspace-pilot"
 #: The batch job's variables the pilot reads for its deadline (pilot/deadline.py).
-WALLTIME_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "PBS_JOBID", "PBS_WALLTIME")
 
 # useradd's default NAME_REGEX (plus the trailing $ of machine accounts).
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
@@ -114,8 +114,8 @@ def report(checks: list[Check], executable: str | None, batch_user: str, out: Te
         print("# no sudoers line: fix the FAIL lines about the batch user or the executable first", file=out)
     else:
         print(f"# install with visudo -f {SUDOERS_FILE} (both lines; the first lets the job's", file=out)
-        print("# walltime through sudo's env_reset, so the pilot can end before the batch system kills it):", file=out)
-        print(f'Defaults!{executable} env_keep += "{" ".join(WALLTIME_ENV)}"', file=out)
+        print("# walltime and node name through sudo's env_reset, so the pilot can end before the batch system kills it):", file=out)
+        print(f'Defaults!{executable} env_keep += "{" ".join(BATCH_ENV)}"', file=out)
         print(line, file=out)
     out.flush()
     return ExitCode.NOT_READY if failed else ExitCode.OK

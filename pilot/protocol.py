@@ -29,6 +29,12 @@ SIGNATURE_HEADER = "X-Pilot-Signature"
 SIGNATURE_PREFIX = "sha256="
 MAX_BODY_BYTES = 64 * 1024
 
+#: The batch job's environment the pilot reads on a node (its walltime, its
+#: Slurm node name, Slurm's config path). Job scripts pass these through sudo
+#: (``--preserve-env``) and ``workspace-pilot evaluate`` prints the matching
+#: ``env_keep`` line, so both sides name the same variables.
+BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "SLURM_CONF", "PBS_JOBID", "PBS_WALLTIME")
+
 #: Every state a notification may report.
 STATES = frozenset(
     {

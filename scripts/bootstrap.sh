@@ -2,7 +2,17 @@
 # Set up everything workspace-pilot needs on a Debian 12 machine, idempotently:
 # Debian packages (as root), a virtualenv in .venv, the project installed editable with its test extras.
 # Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
+# --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
+# Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), and sudo, through which
+# job scripts start the pilot. The tests start and stop these daemons themselves (tests/slurm_cluster.py).
 set -euo pipefail
+cluster=no
+for arg in "$@"; do
+  case "$arg" in
+    --cluster) cluster=yes ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster)" >&2; exit 2 ;;
+  esac
+done
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
@@ -18,6 +28,11 @@ have_deb() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok 
 pkg-config --exists libvirt 2>/dev/null || have_deb libvirt-dev || need_pkgs+=(libvirt-dev)
 have_deb pkg-config || command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+if [ "$cluster" = yes ]; then
+  for pkg in sudo munge slurmctld slurmd slurm-client slurm-wlm-torque; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: missing Debian packages ${need_pkgs[*]}; run as root to install them" >&2

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -185,3 +187,30 @@ def journal_files(tmp_path) -> list[str]:
     """The entries in the test's journal directory (``tmp_path/journal``)."""
     directory = tmp_path / "journal"
     return sorted(p.name for p in directory.glob("*.json")) if directory.exists() else []
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real 4-node Slurm (munged, slurmctld, 4 slurmd) with SchedMD's qsub/qdel/qstat, for the session.
+
+    Installed by ``scripts/bootstrap.sh --cluster`` (the test command does
+    that); skipped only where it cannot run at all (not root, not
+    installed). The daemons are stopped by pid at the end of the session.
+    """
+    from tests.slurm_cluster import SlurmCluster, missing_commands
+
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm cluster needs root")
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"Slurm not installed ({', '.join(missing)}): run scripts/bootstrap.sh --cluster")
+    # Not under pytest's tmp dirs: those are 0700 root, and munged runs as the munge user.
+    workdir = tempfile.mkdtemp(prefix="workspace-pilot-slurm-")
+    os.chmod(workdir, 0o755)
+    cluster = SlurmCluster(workdir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,10 @@
-"""The interface every LRM provider implements (in the spirit of Parsl's ExecutionProvider)."""
+"""The interface every LRM provider implements (in the spirit of Parsl's ExecutionProvider).
+
+A provider knows how to hand a :class:`PilotJob` to one batch system and
+how to ask that system about it; it keeps no lease state of its own (the
+store does), so a restarted service can ask about jobs an earlier process
+submitted.
+"""
 
 from __future__ import annotations
 
@@ -19,35 +25,72 @@ class PilotJob:
     contact: str
     pilot_config: str
     """Path of the pilot's configuration file on the nodes."""
+    lease: str = ""
+    """The lease this job serves (for job names and logs only)."""
 
 
 class JobState(enum.Enum):
-    """A job's state as the LRM reports it. UNKNOWN is never taken for finished."""
+    """A job's state as the LRM reports it. UNKNOWN is never taken for finished.
+
+    ``GONE`` is a job the LRM no longer knows at all (purged from its
+    memory, no accounting record): it is not running, but nothing says how
+    it ended; ``ENDED`` is a job the LRM says has ended without saying how
+    (Torque's ``C`` without an exit status). Both are told apart from the
+    ways a job that ran is reported to end.
+    """
 
     PENDING = "pending"
+    HELD = "held"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    ENDED = "ended"
+    GONE = "gone"
     UNKNOWN = "unknown"
 
     @property
     def finished(self) -> bool:
-        """Whether the job has certainly ended."""
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+        """Whether the job has certainly stopped running (UNKNOWN is not)."""
+        return self in _FINISHED
+
+    @property
+    def queued(self) -> bool:
+        """Whether the job waits to start (pending or held)."""
+        return self in (JobState.PENDING, JobState.HELD)
+
+
+_FINISHED = frozenset({
+    JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.ENDED, JobState.GONE,
+})
+
+
+class ProviderError(Exception):
+    """The LRM refused or failed an action (submit, cancel); the message is one line for an operator."""
 
 
 class Provider(abc.ABC):
     """Submits pilot jobs to an LRM, cancels them, and reports their states."""
 
+    #: The name a service config uses for this provider (``[provider] name``).
+    name: str = ""
+
     @abc.abstractmethod
     def submit(self, job: PilotJob) -> str:
-        """Submit ``job``; returns the LRM's job id."""
+        """Submit ``job``; returns the LRM's job id. Raises :class:`ProviderError` if the LRM refuses."""
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:
-        """Ask the LRM to end the job (its pilots get SIGTERM and restore their nodes)."""
+        """Ask the LRM to end the job (its pilots get SIGTERM and restore their nodes).
+
+        Cancelling a job that has already ended is not an error.
+        Raises :class:`ProviderError` when the LRM could not be asked.
+        """
 
     @abc.abstractmethod
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
-        """The state of each job; UNKNOWN where the LRM could not say."""
+        """The state of each job; UNKNOWN where the LRM could not say. Never raises for a failed query."""
+
+    def close(self) -> None:
+        """Release what the provider holds (the local provider ends its pilots); others do nothing."""

@@ -1,0 +1,221 @@
+"""A real Slurm cluster of several nodes on this one machine, for tests and benchmarks.
+
+munged, slurmctld and one slurmd per node run as children of the caller,
+in the foreground, with everything (config, keys, sockets, spool, state,
+logs) under one work directory and on free ports of 127.0.0.1: nothing in
+/etc changes and a system Slurm, if any, is not touched. SchedMD's Torque
+commands (``qsub``/``qdel``/``qstat`` from slurm-wlm-torque) drive the same
+cluster: they call ``sbatch`` and friends, which read ``SLURM_CONF``.
+
+Daemons are stopped by the pids this object started, never by name.
+``scripts/bootstrap.sh --slurm`` installs the Debian packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started; the message says which part and where its log is."""
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def missing_commands() -> list[str]:
+    """The programs this cluster needs that are not installed."""
+    needed = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "qsub", "qdel", "qstat")
+    return [name for name in needed if shutil.which(name) is None]
+
+
+class SlurmCluster:
+    """``nodes`` Slurm nodes (``node1``..``nodeN``) with KillWait ``kill_wait`` under ``workdir``.
+
+    ``start()`` returns once every node is idle; ``env()`` is the
+    environment for the Slurm and Torque commands; ``stop()`` ends the
+    daemons by pid (SIGTERM, then SIGKILL) and may be called twice.
+    """
+
+    def __init__(self, workdir: str, nodes: int = 4, kill_wait: int = 5):
+        self.workdir = os.path.abspath(workdir)
+        self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
+        self.kill_wait = kill_wait
+        self.conf = os.path.join(self.workdir, "slurm.conf")
+        self.log_dir = os.path.join(self.workdir, "log")
+        self.munge_socket = os.path.join(self.workdir, "munge", "munge.socket")
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def env(self, base: dict | None = None) -> dict:
+        """An environment in which sbatch, squeue, qsub, ... talk to this cluster."""
+        env = dict(os.environ if base is None else base)
+        env["SLURM_CONF"] = self.conf
+        return env
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        host = socket.gethostname().split(".")[0]
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        cpus = os.cpu_count() or 1
+        w = self.workdir
+        lines = [
+            "ClusterName=workspace-pilot-test",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
+            f"KillWait={self.kill_wait}",
+            f"StateSaveLocation={w}/state",
+            f"SlurmdSpoolDir={w}/spool/%n",
+            f"SlurmctldPidFile={w}/slurmctld.pid",
+            f"SlurmdPidFile={w}/slurmd-%n.pid",
+            f"SlurmctldLogFile={self.log_dir}/slurmctld.log",
+            f"SlurmdLogFile={self.log_dir}/slurmd-%n.log",
+            f"PlugStackConfig={w}/plugstack.conf",
+        ]
+        for name, port in zip(self.nodes, node_ports):
+            lines.append(
+                f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory=1000"
+            )
+        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        with open(self.conf, "w", encoding="ascii") as handle:
+            handle.write("\n".join(lines) + "\n")
+        with open(os.path.join(w, "plugstack.conf"), "w", encoding="ascii") as handle:
+            handle.write(f"required {SPANK_PBS}\n")
+
+    def _start(self, name: str, argv: list[str], **options) -> None:
+        log = open(os.path.join(self.log_dir, f"{name}.out"), "ab")
+        with log:
+            self.processes[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env(), start_new_session=True, **options,
+            )
+
+    def _start_munge(self) -> None:
+        munge_dir = os.path.dirname(self.munge_socket)
+        os.makedirs(munge_dir)
+        os.chmod(munge_dir, 0o755)  # munged wants the socket directory searchable by all
+        key = os.path.join(munge_dir, "munge.key")
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        for path in (munge_dir, key):
+            shutil.chown(path, "munge", "munge")
+        # munged refuses to run as root; Popen's user= execs it directly, so the pid is munged's.
+        self._start("munged", [
+            "munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
+            f"--pid-file={munge_dir}/munged.pid", f"--seed-file={munge_dir}/munged.seed",
+            f"--log-file={munge_dir}/munged.log",
+        ], user="munge", group="munge")
+        self._wait(lambda: os.path.exists(self.munge_socket), 10, "munged", f"{munge_dir}/munged.log")
+
+    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        """Write the config, start munged, slurmctld and each slurmd; return once all nodes are idle."""
+        missing = missing_commands()
+        if missing:
+            raise ClusterError(f"not installed: {', '.join(missing)} (run scripts/bootstrap.sh --slurm)")
+        for sub in ("state", "spool", "log"):
+            os.makedirs(os.path.join(self.workdir, sub), exist_ok=True)
+        for name in self.nodes:
+            os.makedirs(os.path.join(self.workdir, "spool", name), exist_ok=True)
+        self._write_config()
+        try:
+            self._start_munge()
+            self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", self.conf])
+            for name in self.nodes:
+                self._start(f"slurmd-{name}", ["slurmd", "-D", "-N", name, "-f", self.conf])
+            self._wait(self._all_idle, timeout, "slurmd", self.log_dir)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, condition, timeout: float, what: str, log: str) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while not condition():
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise ClusterError(f"{name} exited with {process.returncode}; see {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{what} not ready after {timeout:g} s; see {log}")
+            time.sleep(delay)  # polling a daemon that has no readiness signal
+            delay = min(delay * 2, 0.25)
+
+    def _all_idle(self) -> bool:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True)
+        if result.returncode != 0:
+            return False
+        states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+        return all(states.get(name) == "idle" for name in self.nodes)
+
+    # -- use ------------------------------------------------------------------------------
+
+    def run(self, argv: list[str], timeout: float = 30, **options) -> subprocess.CompletedProcess:
+        """Run a Slurm or Torque command against this cluster (text output, not checked)."""
+        return subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout, **options)
+
+    def queue(self) -> list[str]:
+        """The ids of every job slurmctld still knows (any state)."""
+        result = self.run(["squeue", "-h", "-o", "%i", "--states=all"])
+        return result.stdout.split()
+
+    def wait_empty(self, timeout: float = 30) -> bool:
+        """Wait until no job is pending or running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.run(["squeue", "-h", "-o", "%i"])
+            if result.returncode == 0 and not result.stdout.strip():
+                return True
+            time.sleep(0.2)  # squeue has no way to wait
+        return False
+
+    # -- tear-down -----------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what still runs, then stop each daemon by the pid we started (SIGTERM, then SIGKILL)."""
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            self.run(["scancel", "--full", "--user=root"], timeout=10)
+        # slurmd before slurmctld before munged: each needs the next one to shut down quietly.
+        order = [n for n in self.processes if n.startswith("slurmd")] + ["slurmctld", "munged"]
+        for name in order:
+            process = self.processes.get(name)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
