@@ -181,10 +181,19 @@ def check_privilege(executable: str | None, batch_user: str, euid: int | None = 
         return checks
     if executable is None:
         return [Check(FAIL, "privilege", f"not root (uid {euid}) and no workspace-pilot executable to ask sudo about")]
-    allowed, why = _sudo_allows([], command)
+    # Asked on behalf of another uid (root checking an account): sudo -l -U names it.
+    options = [] if os.geteuid() != 0 else ["-U", _user_name(euid)]
+    allowed, why = _sudo_allows(options, command)
     if allowed:
         return [Check(OK, "privilege", f"sudo lets uid {euid} run {executable} reserve as root without a password")]
     return [Check(FAIL, "privilege", f"not root (uid {euid}) and {why}: install the sudoers line below")]
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"  # sudo's spelling of a uid without a name
 
 
 def _sudo_allows(options: list[str], command: list[str]) -> tuple[bool, str]:

@@ -375,10 +375,10 @@ def test_the_batch_user_defaults_to_sudo_user_then_pilot(tmp_path, monkeypatch):
 
 
 def test_without_root_the_sudo_rule_is_required():
-    # The real sudo (or its absence) is asked; uid 1000 has no rule for this checkout's executable.
-    [check] = check_privilege(EXECUTABLE, "nobody", euid=1000)
+    # The real sudo (or its absence) is asked; nobody (uid 65534) has no rule for this checkout's executable.
+    [check] = check_privilege(EXECUTABLE, "nobody", euid=65534)
     assert check.status == "FAIL" and check.what == "privilege"
-    assert check.detail.startswith("not root (uid 1000) and ") and check.detail.endswith(
+    assert check.detail.startswith("not root (uid 65534) and ") and check.detail.endswith(
         ": install the sudoers line below"
     )
 
