@@ -81,9 +81,12 @@ class Provider(abc.ABC):
         """Submit ``job``; returns the LRM's job id. Raises :class:`ProviderError` if the LRM refuses."""
 
     @abc.abstractmethod
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, force: bool = False) -> None:
         """Ask the LRM to end the job (its pilots get SIGTERM and restore their nodes).
 
+        The default is the gentle way, which gives every pilot its SIGTERM and
+        the LRM's kill delay to restore; ``force`` is the LRM's outright
+        cancel, for a job the gentle way has not ended after the release grace.
         Cancelling a job that has already ended is not an error.
         Raises :class:`ProviderError` when the LRM could not be asked.
         """

@@ -4,20 +4,45 @@ The embedded default for demos and tests. Each node of a job is a pilot
 process with its own ``--host`` name (``local-node1``, ``local-node2``, ...);
 cancelling a job sends SIGTERM to each of its pilots by pid, as an LRM's
 ``qdel`` would.
+
+It survives a service restart the way an LRM does: every job is recorded
+in ``jobs.json`` in its directory (each pilot's host, pid and process
+create time), so a new provider over the same directory reports and
+cancels the jobs an earlier process started. A pid is trusted only while
+the process holding it has the recorded create time: a pid reused by an
+unrelated process is never signalled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
+import fcntl
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
-from service_adapter.providers.base import JobState, PilotJob, Provider
+import psutil
+
+from service_adapter.jobscript import pilot_arguments
+from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "jobs.json"
+LOCK_FILE = "jobs.lock"
+STATE_VERSION = 1
+#: Ended jobs older than this are dropped from the state file when a job is submitted.
+KEEP_ENDED_S = 7 * 24 * 3600
+# psutil derives create times from the boot time and the process start tick: equal for one
+# process whoever asks, so a small tolerance only absorbs float rounding.
+_CREATE_TIME_TOLERANCE_S = 0.05
 
 
 @dataclasses.dataclass
@@ -26,106 +51,293 @@ class _LocalJob:
     hosts: list[str]
     processes: list[subprocess.Popen]
     cancelled: bool = False
+    end_recorded: bool = False
 
 
 class LocalProvider(Provider):
-    """Runs each job's pilots as child processes of this one.
+    """Runs each job's pilots as child processes of this one, and remembers them in ``jobs.json``.
 
-    ``output_dir`` receives each pilot's stdout and stderr as
-    ``<slot>.<host>.out``. ``close()`` ends any pilot still running (SIGTERM,
-    then SIGKILL after ``kill_after`` seconds), always by its pid.
+    ``output_dir`` (created 0700) receives each pilot's stdout and stderr as
+    ``<slot>.<host>.out`` and holds the state file. ``close()`` ends any
+    pilot this provider started that still runs (SIGTERM, then SIGKILL after
+    ``kill_after`` seconds), always by its pid; pilots of earlier processes
+    are left to their jobs.
     """
+
+    name = "local"
 
     def __init__(self, output_dir: str, *, host_prefix: str = "local-node", python: str = sys.executable):
         self.output_dir = output_dir
         self.host_prefix = host_prefix
         self.python = python
+        self.state_path = os.path.join(output_dir, STATE_FILE)
         self._jobs: dict[str, _LocalJob] = {}
-        self._job_ids = itertools.count(1)
-        self._host_ids = itertools.count(1)
         self._lock = threading.Lock()
 
     def pilot_argv(self, job: PilotJob, host: str) -> list[str]:
         """The command line of one pilot."""
-        return [
-            self.python, "-m", "pilot", "reserve",
-            "--slot", job.slot, "--memory", str(job.memory_mb),
-            "--duration", f"{job.duration_s:g}", "--grace", f"{job.grace_s:g}",
-            "--contact", job.contact, "--config", job.pilot_config, "--host", host,
-        ]
+        return [self.python, "-m", "pilot", *pilot_arguments(job), "--host", host]
+
+    # -- the interface -----------------------------------------------------------------------
 
     def submit(self, job: PilotJob) -> str:
-        """Start one pilot process per node of ``job``; returns ``local-<n>``."""
-        os.makedirs(self.output_dir, exist_ok=True)
-        with self._lock:
-            job_id = f"local-{next(self._job_ids)}"
-            hosts = [f"{self.host_prefix}{next(self._host_ids)}" for _ in range(job.nodes)]
+        """Start one pilot process per node of ``job``; returns ``local-<12 hex digits>``, unique across processes."""
+        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+        job_id = f"local-{uuid.uuid4().hex[:12]}"
+        with self._lock, self._state_lock():
+            state = self._read_state()
+            first = int(state.get("next_host", 1))
+            hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
+            argvs = [self.pilot_argv(job, host) for host in hosts]  # validates the job before anything starts
             processes = []
-            for host in hosts:
-                out_path = os.path.join(self.output_dir, f"{job.slot}.{host}.out")
-                with open(out_path, "ab") as out:
-                    processes.append(
-                        subprocess.Popen(
-                            self.pilot_argv(job, host), stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                        )
-                    )
+            try:
+                for host, argv in zip(hosts, argvs):
+                    out_path = os.path.join(self.output_dir, f"{job.slot}.{host}.out")
+                    with open(out_path, "ab") as out:
+                        processes.append(subprocess.Popen(
+                            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        ))
+            except OSError as exc:
+                for process in processes:
+                    process.send_signal(signal.SIGTERM)
+                raise ProviderError(f"could not start a pilot for slot {job.slot}: {exc}") from exc
             self._jobs[job_id] = _LocalJob(job, hosts, processes)
+            _prune(state)
+            state["next_host"] = first + job.nodes
+            state["jobs"][job_id] = {
+                "slot": job.slot, "lease": job.lease, "submitted_at": time.time(), "owner_pid": os.getpid(),
+                "pilots": [
+                    {"host": host, "pid": process.pid, "create_time": _create_time(process.pid)}
+                    for host, process in zip(hosts, processes)
+                ],
+                "cancelled": False, "exit_codes": None,
+            }
+            self._write_state(state)
+        log.info("slot %s: local job %s started pilots %s", job.slot, job_id, ", ".join(hosts))
         return job_id
 
-    def cancel(self, job_id: str) -> None:
-        """SIGTERM every live pilot of the job (by pid)."""
-        local = self._jobs[job_id]
-        local.cancelled = True
-        for process in local.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+    def cancel(self, job_id: str, force: bool = False) -> None:
+        """SIGTERM (``force``: SIGKILL, as an LRM after its kill delay) every live pilot of the job, by pid.
+
+        A job that has ended or was never here is not an error.
+
+        A pilot of an earlier process is signalled only if the process with
+        its pid still has the recorded create time.
+        """
+        sig = signal.SIGKILL if force else signal.SIGTERM
+        with self._lock:
+            local = self._jobs.get(job_id)
+            if local is not None:
+                local.cancelled = True
+                for process in local.processes:
+                    if process.poll() is None:
+                        process.send_signal(sig)
+        record = self._read_state()["jobs"].get(job_id)
+        if record is None:
+            if local is None:
+                log.debug("cancel %s: no such local job (nothing to do)", job_id)
+            return
+        if local is None:
+            for pilot in record["pilots"]:
+                process = _live_process(pilot)
+                if process is not None:
+                    try:
+                        process.send_signal(sig)  # psutil re-checks the create time first
+                    except psutil.NoSuchProcess:
+                        pass
+        if not record.get("cancelled"):
+            self._update(job_id, cancelled=True)
 
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
-        """RUNNING while any pilot runs; then COMPLETED, CANCELLED or FAILED by exit codes."""
+        """RUNNING while any pilot runs; then COMPLETED, CANCELLED or FAILED by exit codes.
+
+        Exit codes are known for this provider's own pilots (and recorded for
+        later providers); a job whose pilots ended unseen under an earlier
+        process is CANCELLED if it was cancelled, else ENDED. An id never
+        recorded here is GONE.
+        """
         states = {}
+        records = None
         for job_id in job_ids:
             local = self._jobs.get(job_id)
-            if local is None:
-                states[job_id] = JobState.UNKNOWN
+            if local is not None:
+                codes = [p.poll() for p in local.processes]
+                if any(code is None for code in codes):
+                    states[job_id] = JobState.RUNNING
+                    continue
+                if not local.cancelled:
+                    # Another provider over this directory (a restarted service) may have cancelled it.
+                    if records is None:
+                        records = self._read_state()["jobs"]
+                    local.cancelled = bool(records.get(job_id, {}).get("cancelled"))
+                self._record_end(job_id, local, codes)
+                states[job_id] = _ended_state(codes, local.cancelled)
                 continue
-            codes = [p.poll() for p in local.processes]
-            if any(code is None for code in codes):
+            if records is None:
+                records = self._read_state()["jobs"]
+            record = records.get(job_id)
+            if record is None:
+                states[job_id] = JobState.GONE
+            elif any(_live_process(pilot) is not None for pilot in record["pilots"]):
                 states[job_id] = JobState.RUNNING
-            elif any(code != 0 for code in codes):
-                states[job_id] = JobState.FAILED
+            elif record.get("exit_codes") is not None:
+                states[job_id] = _ended_state(record["exit_codes"], bool(record.get("cancelled")))
             else:
-                states[job_id] = JobState.CANCELLED if local.cancelled else JobState.COMPLETED
+                states[job_id] = JobState.CANCELLED if record.get("cancelled") else JobState.ENDED
         return states
 
+    # -- for demos and tests -------------------------------------------------------------------
+
     def hosts(self, job_id: str) -> list[str]:
-        """The simulated node names of a job's pilots."""
-        return list(self._jobs[job_id].hosts)
+        """The simulated node names of a job's pilots (KeyError for a job never recorded here)."""
+        local = self._jobs.get(job_id)
+        if local is not None:
+            return list(local.hosts)
+        return [pilot["host"] for pilot in self._read_state()["jobs"][job_id]["pilots"]]
 
     def pids(self, job_id: str) -> list[int]:
-        """The pids of a job's pilot processes."""
-        return [p.pid for p in self._jobs[job_id].processes]
+        """The pids of a job's pilot processes (KeyError for a job never recorded here)."""
+        local = self._jobs.get(job_id)
+        if local is not None:
+            return [p.pid for p in local.processes]
+        return [pilot["pid"] for pilot in self._read_state()["jobs"][job_id]["pilots"]]
 
     def wait(self, job_id: str, timeout: float) -> list[int | None]:
-        """Wait up to ``timeout`` seconds in all for the job's pilots; their exit codes (None: still running)."""
+        """Wait up to ``timeout`` seconds in all for the pilots of a job this provider started.
+
+        Returns their exit codes (None: still running).
+        """
+        local = self._jobs[job_id]
         deadline = time.monotonic() + timeout
         codes = []
-        for process in self._jobs[job_id].processes:
+        for process in local.processes:
             try:
                 codes.append(process.wait(max(deadline - time.monotonic(), 0)))
             except subprocess.TimeoutExpired:
                 codes.append(None)
+        if all(code is not None for code in codes):
+            self._record_end(job_id, local, codes)
         return codes
 
     def close(self, kill_after: float = 10.0) -> None:
-        """End every pilot still running: SIGTERM (so it restores its node), SIGKILL if it hangs."""
-        for job_id, local in self._jobs.items():
+        """End every pilot this provider started that still runs.
+
+        SIGTERM (so it restores its node), SIGKILL if it hangs past ``kill_after``.
+        """
+        for job_id, local in list(self._jobs.items()):
             if any(p.poll() is None for p in local.processes):
                 self.cancel(job_id)
-        for local in self._jobs.values():
+        for job_id, local in list(self._jobs.items()):
             for process in local.processes:
                 try:
                     process.wait(kill_after)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            self._record_end(job_id, local, [p.returncode for p in local.processes])
+
+    # -- the state file ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _state_lock(self):
+        # Several providers (processes) may share the directory: one read-modify-write at a time.
+        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_state(self) -> dict:
+        # Readers need no lock: the file is only ever replaced whole (rename).
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as exc:
+            log.error("local provider state %s is unreadable (%s): its jobs are unknown to this process",
+                      self.state_path, exc)
+            state = {}
+        if not isinstance(state.get("jobs"), dict):
+            state["jobs"] = {}
+        state["version"] = STATE_VERSION
+        return state
+
+    def _write_state(self, state: dict) -> None:
+        tmp = f"{self.state_path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(state, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+    def _update(self, job_id: str, **values) -> None:
+        with self._state_lock():
+            state = self._read_state()
+            record = state["jobs"].get(job_id)
+            if record is None:
+                return
+            record.update(values)
+            self._write_state(state)
+
+    def _record_end(self, job_id: str, local: _LocalJob, codes: list[int | None]) -> None:
+        if local.end_recorded or any(code is None for code in codes):
+            return
+        local.end_recorded = True
+        values = {"exit_codes": list(codes), "ended_at": time.time()}
+        if local.cancelled:
+            values["cancelled"] = True  # never unset: another provider may have cancelled it
+        try:
+            self._update(job_id, **values)
+        except OSError as exc:  # status() must not raise; the next provider then reports ENDED
+            log.warning("could not record the end of local job %s: %s", job_id, exc)
+
+
+def _ended_state(codes: list[int], cancelled: bool) -> JobState:
+    if any(code != 0 for code in codes):
+        return JobState.FAILED
+    return JobState.CANCELLED if cancelled else JobState.COMPLETED
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None  # already gone: it will never count as alive
+
+
+def _live_process(pilot: dict) -> psutil.Process | None:
+    """The pilot's process if it still runs as the recorded one (same pid and create time), else None."""
+    recorded = pilot.get("create_time")
+    if recorded is None:
+        return None
+    try:
+        process = psutil.Process(int(pilot["pid"]))
+        if abs(process.create_time() - float(recorded)) > _CREATE_TIME_TOLERANCE_S:
+            return None  # the pid now belongs to another process
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None  # exited, not yet reaped by its parent
+        return process
+    except psutil.Error:
+        return None
+
+
+def _prune(state: dict) -> None:
+    cutoff = time.time() - KEEP_ENDED_S
+    for job_id, record in list(state["jobs"].items()):
+        if record.get("submitted_at", 0) < cutoff and not any(_live_process(p) for p in record["pilots"]):
+            del state["jobs"][job_id]

@@ -1,0 +1,224 @@
+"""The ``slurm`` provider: sbatch, scancel, and squeue (sacct where accounting exists).
+
+Every command runs with a time limit through :func:`run_command`. A status
+query that fails or times out reports UNKNOWN for each job it asked about;
+a job is COMPLETED only when Slurm itself says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from typing import Callable
+
+from service_adapter.jobscript import SLURM, JobTemplate, job_name, render_slurm, script_path
+from service_adapter.launchers import resolve_launcher
+from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.commands import Outcome, run_command
+from service_adapter.providers.scriptfile import write_job_script
+
+log = logging.getLogger(__name__)
+
+# What sbatch --parsable prints and scancel/squeue take: a number (an array task: 12_3).
+_JOB_ID_RE = re.compile(r"[0-9]+(_[0-9]+)?")
+
+#: Slurm's job states (squeue %T, sacct State) as the provider reports them.
+STATES = {
+    "PENDING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.HELD,
+    "RESV_DEL_HOLD": JobState.HELD,
+    "SPECIAL_EXIT": JobState.HELD,
+    "CONFIGURING": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "SUSPENDED": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED,
+    "PREEMPTED": JobState.CANCELLED,
+    "REVOKED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT,
+}
+#: Pending reasons that mean someone holds the job (it will not start by itself).
+HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin"})
+
+
+def map_state(state: str, reason: str = "") -> JobState:
+    """A Slurm state word (and squeue's reason) as a :class:`JobState`; UNKNOWN for a word not known."""
+    word = state.strip().split(" ", 1)[0].rstrip("+").upper()  # sacct: "CANCELLED by 0", "RUNNING+"
+    mapped = STATES.get(word, JobState.UNKNOWN)
+    if mapped is JobState.PENDING and reason.strip() in HELD_REASONS:
+        return JobState.HELD
+    if mapped is JobState.UNKNOWN:
+        log.warning("Slurm reported job state %r, which this provider does not know", state)
+    return mapped
+
+
+def _ended(output: str) -> bool:
+    text = output.lower()
+    return "invalid job id" in text or "already complet" in text
+
+
+def signal_steps(run: Callable[[list[str]], object], job_id: str) -> None:
+    """End a Slurm job the gentle way: cancel it if it still queues, else SIGTERM its steps only.
+
+    A plain ``scancel`` (and SchedMD's ``qdel``, which is the same kill)
+    also signals the batch step, where ``srun`` runs: srun turns a SIGTERM
+    of its own into a SIGKILL of its tasks ("srun: forcing job termination"),
+    which races the pilots' restore and sometimes wins. ``--signal=TERM``
+    without ``--full`` reaches only the steps' tasks, the pilots; once they
+    have restored and exited, srun and the batch script end and the job
+    completes by itself. Raises :class:`ProviderError` if Slurm cannot be asked.
+    """
+    queued = run(["scancel", "--state=PENDING", job_id])  # a no-op unless the job still waits
+    if not queued.ok and not (queued.exited and _ended(queued.output)):
+        raise ProviderError(f"scancel --state=PENDING {job_id} failed: {queued.message()}")
+    steps = run(["scancel", "--signal=TERM", job_id])
+    if steps.ok or (steps.exited and (_ended(steps.output) or "can not be altered" in steps.output.lower())):
+        # "can not be altered": it was still pending a moment ago, and the first call cancelled it.
+        return
+    raise ProviderError(f"scancel --signal=TERM {job_id} failed: {steps.message()}")
+
+
+class SlurmProvider(Provider):
+    """Submits pilot jobs with sbatch, cancels them with scancel, watches them with squeue and sacct.
+
+    ``env`` is added to the environment of every Slurm command (e.g.
+    ``SLURM_CONF``); each command gets ``command_timeout_s`` seconds.
+    """
+
+    name = SLURM
+
+    def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
+                 env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):
+        template.check(SLURM)
+        self.template = template
+        self.launcher = resolve_launcher(template.launcher, SLURM, which)
+        self.command_timeout_s = command_timeout_s
+        self.env = dict(env) if env else None
+        self._accounting: bool | None = None  # None: not asked yet; False: sacct said it is disabled
+
+    def _run(self, argv: list[str]):
+        return run_command(argv, timeout=self.command_timeout_s, env=self.env)
+
+    def submit(self, job: PilotJob) -> str:
+        """Write ``{output_dir}/{slot}.sh`` and ``sbatch --parsable`` it; returns Slurm's job id.
+
+        A conflicting template raises JobScriptError before anything is
+        written; a refusal raises :class:`ProviderError` with sbatch's message.
+        """
+        text = render_slurm(job, self.template, self.launcher)
+        path = write_job_script(script_path(job, self.template), text)
+        result = self._run(["sbatch", "--parsable", path])
+        if result.outcome is Outcome.TIMED_OUT:
+            raise ProviderError(
+                f"{result.message()}: job {job_name(job, self.template)} for slot {job.slot} may be queued anyway"
+            )
+        if not result.ok:
+            raise ProviderError(f"sbatch refused the job for slot {job.slot}: {result.message()}")
+        lines = result.stdout.strip().splitlines()
+        # --parsable prints "id" or "id;cluster" on a federated or multi-cluster site.
+        job_id = lines[-1].split(";", 1)[0].strip() if lines else ""
+        if not _JOB_ID_RE.fullmatch(job_id):
+            raise ProviderError(f"sbatch printed no job id for slot {job.slot}: {result.stdout.strip()!r}")
+        log.info("slot %s: submitted Slurm job %s (%d nodes)", job.slot, job_id, job.nodes)
+        return job_id
+
+    def cancel(self, job_id: str, force: bool = False) -> None:
+        """End the job: gently (SIGTERM to the pilots' step only) or, with ``force``, ``scancel ID``.
+
+        See :func:`signal_steps` for why the gentle way leaves srun alone. A
+        job Slurm no longer knows or that has ended is not an error.
+        """
+        if not _JOB_ID_RE.fullmatch(str(job_id)):
+            raise ProviderError(f"{job_id!r} is not a Slurm job id")
+        if not force:
+            signal_steps(self._run, str(job_id))
+            return
+        result = self._run(["scancel", str(job_id)])
+        if result.ok:
+            return
+        if result.exited and _ended(result.output):
+            log.debug("scancel %s: the job has already ended (%s)", job_id, result.message())
+            return
+        raise ProviderError(f"scancel {job_id} failed: {result.message()}")
+
+    def status(self, job_ids: list[str]) -> dict[str, JobState]:
+        """One squeue call for all ids; sacct (if any) for those squeue no longer lists.
+
+        A job neither lists is GONE; an id that is not a Slurm job id at all
+        is GONE too (Slurm cannot know it). A failed or timed-out squeue makes
+        every asked id UNKNOWN.
+        """
+        states: dict[str, JobState] = {}
+        asked: list[str] = []
+        for job_id in job_ids:
+            if not _JOB_ID_RE.fullmatch(str(job_id)):
+                log.warning("%r is not a Slurm job id: reporting it gone", job_id)
+                states[job_id] = JobState.GONE
+            elif job_id not in asked:
+                asked.append(job_id)
+        if not asked:
+            return states
+        result = self._run(["squeue", "-h", "--states=all", "-j", ",".join(asked), "-o", "%i|%T|%r"])
+        if result.ok:
+            listed = _parse_squeue(result.stdout)
+        elif len(asked) == 1 and result.exited and "invalid job id" in result.output.lower():
+            # squeue names no id in this error; it comes only for a single id it does not know
+            # (with several, it lists the known ones and exits 0).
+            listed = {}
+        else:
+            log.warning("squeue failed, job states unknown: %s", result.message())
+            states.update({job_id: JobState.UNKNOWN for job_id in asked})
+            return states
+        missing = []
+        for job_id in asked:
+            if job_id in listed:
+                states[job_id] = listed[job_id]
+            else:
+                missing.append(job_id)
+        if missing:
+            states.update(self._accounted(missing))
+        return states
+
+    def _accounted(self, job_ids: list[str]) -> dict[str, JobState]:
+        """States from sacct for jobs slurmctld has forgotten; GONE where accounting has none."""
+        if self._accounting is False:
+            return {job_id: JobState.GONE for job_id in job_ids}
+        result = self._run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State"])
+        if result.outcome is Outcome.NOT_RUN or (
+            result.exited and not result.ok and "accounting storage is disabled" in result.output.lower()
+        ):
+            log.info("Slurm has no job accounting here: jobs squeue no longer lists are reported gone")
+            self._accounting = False
+            return {job_id: JobState.GONE for job_id in job_ids}
+        if not result.ok:
+            log.warning("sacct failed, job states unknown: %s", result.message())
+            return {job_id: JobState.UNKNOWN for job_id in job_ids}
+        self._accounting = True
+        found = {}
+        for line in result.stdout.splitlines():
+            job_id, _, state = line.partition("|")
+            if job_id.strip() in job_ids and state:
+                found[job_id.strip()] = map_state(state)
+        return {job_id: found.get(job_id, JobState.GONE) for job_id in job_ids}
+
+
+def _parse_squeue(text: str) -> dict[str, JobState]:
+    states = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 2)
+        if len(parts) >= 2 and parts[0]:
+            states[parts[0]] = map_state(parts[1], parts[2] if len(parts) > 2 else "")
+    return states
