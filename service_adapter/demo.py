@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 
-from service_adapter.lease import LeaseFailed
+from service_adapter.lease import TERMINAL_STATES, LeaseError
 from service_adapter.local_site import LocalSite
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
@@ -22,10 +22,44 @@ def _pool_pages() -> int:
         return int(handle.read())
 
 
+class _Narrator:
+    """Prints a lease's notifications and state transitions as the store commits them."""
+
+    def __init__(self, site: LocalSite, lease_id: str, slot: str, say):
+        self.site, self.lease_id, self.slot, self.say = site, lease_id, slot, say
+        self.notes_seen = 0
+        self.events_seen = 1  # the creation is told by the caller
+
+    def report(self) -> None:
+        rows = self.site.store.notifications(self.slot)
+        for host, seq, state, code in rows[self.notes_seen:]:
+            self.say(f"  {host}: {state}" + (f" (code {code})" if code else "") + f" [seq {seq}]")
+        self.notes_seen = len(rows)
+        events = self.site.store.lease_events(self.lease_id)
+        for event in events[self.events_seen:]:
+            self.say(f"lease {event.old_state} -> {event.new_state}: {event.reason}")
+        self.events_seen = len(events)
+
+    def until(self, states: set[str], timeout: float):
+        """Narrate until the lease is in one of ``states`` (its LeaseInfo) or ``timeout`` passes (None)."""
+        store = self.site.store
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = store.version
+            self.report()
+            info = self.site.leases.get(self.lease_id)
+            if info.state in states:
+                return info
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            store.wait_changed(seen, remaining)
+
+
 def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
              release_after_s: float | None, workdir: str | None, out=sys.stdout,
              journal_dir: str = "/var/lib/workspace-pilot") -> int:
-    """Run the demo; returns 0 when the lease ran and the hugepage pool is back where it started."""
+    """Run the demo; returns 0 when the lease ran and ended and the hugepage pool is back where it started."""
     if os.geteuid() != 0:
         raise DemoError("the demo reserves real hugepages and must run as root")
     if not os.access(os.path.join(HUGEPAGES_DIR, "nr_hugepages"), os.W_OK):
@@ -38,58 +72,54 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
     workdir = workdir or tempfile.mkdtemp(prefix="workspace-lease-demo-")
     before = _pool_pages()
     say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
-    site = LocalSite(workdir, grace_s=grace_s, journal_dir=journal_dir)
+    site = LocalSite(
+        workdir, grace_s=grace_s, journal_dir=journal_dir, queue_timeout_s=60, release_grace_s=grace_s + 5,
+        status_interval_s=0.5,
+    )
     try:
         say(f"store {site.store.path} (SQLite, WAL)")
         say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")
-        lease = site.leases.reserve(nodes, memory_mb, duration_s)
-        hosts = site.provider.hosts(lease.job_id)
-        say(f"lease {lease.id}: {nodes} x {memory_mb} MB for {duration_s:g} s, slot {lease.slot}")
-        say(f"local provider started pilots {', '.join(hosts)} (pids {site.provider.pids(lease.job_id)})")
-        seen = 0
-
-        def report_new() -> None:
-            nonlocal seen
-            rows = site.store.notifications(lease.slot)
-            for host, seq, state, code in rows[seen:]:
-                say(f"  {host}: {state}" + (f" (code {code})" if code else "") + f" [seq {seq}]")
-            seen = len(rows)
-
-        def watch(until, timeout: float) -> bool:
-            """Print notifications as they are stored until ``until()`` holds or ``timeout`` passes."""
-            def check() -> bool:
-                report_new()
-                return until()
-            return site.store.wait_for(check, timeout)
-
         try:
-            ready = lease.wait_reserved(timeout=60)
-        except LeaseFailed as exc:
-            report_new()
+            lease = site.leases.reserve(nodes, memory_mb, duration_s, owner="demo")
+        except LeaseError as exc:
             say(f"FAILED: {exc}")
             return 1
-        report_new()
-        if not ready:
-            say("FAILED: the pilots did not all report 'reserved' within 60 s")
+        say(f"lease {lease.id} ({lease.state}): {nodes} x {memory_mb} MB for {duration_s:g} s, slot {lease.slot}")
+        say(f"local provider: job {lease.job_id}, pilots {', '.join(site.provider.hosts(lease.job_id))} "
+            f"(pids {site.provider.pids(lease.job_id)})")
+        narrator = _Narrator(site, lease.id, lease.slot, say)
+        ready = narrator.until({"ready"} | TERMINAL_STATES, timeout=60)
+        if ready is None or ready.state != "ready":
+            say("FAILED: " + (ready.reason if ready else "the pilots did not all report 'reserved' within 60 s"))
             return 1
         held = _pool_pages()
         say(f"lease ready: hugepage pool now {held} pages ({held * 2} MB, +{(held - before) * 2} MB)")
         if release_after_s is not None:
-            watch(lambda: False, release_after_s)
-            say(f"releasing the lease after {release_after_s:g} s (SIGTERM to each pilot, like qdel)")
-            lease.release()
+            if narrator.until(TERMINAL_STATES, release_after_s) is None:
+                say(f"releasing the lease after {release_after_s:g} s (the job is cancelled: SIGTERM to each "
+                    "pilot, like qdel)")
+                site.leases.release(lease.id)
         else:
             say(f"holding until the pilots' own deadline ({duration_s:g} s after they started)")
-        done = watch(lambda: lease.count("unreserved") == nodes, duration_s + grace_s + 30)
+        ended = narrator.until(TERMINAL_STATES, duration_s + grace_s + 30)
         codes = site.provider.wait(lease.job_id, grace_s + 5)
-        report_new()
+        narrator.report()
         after = _pool_pages()
         say(f"pilots exited with {codes}; logs in {site.log_dir}")
+        if ended is not None:
+            used = ended.usage
+            say(f"usage: {used.node_seconds:.1f} node-seconds, {used.mb_seconds:.0f} MB-seconds")
         say(f"hugepage pool after: {after} pages ({after * 2} MB)")
-        if done and after == before and all(code == 0 for code in codes):
-            say("lease released; the node's hugepages are back where they started")
+        if (ended is not None and ended.state in ("released", "expired") and after == before
+                and all(code == 0 for code in codes)):
+            say(f"lease {ended.state}; the node's hugepages are back where they started")
             return 0
-        say("FAILED: " + ("pool not restored" if after != before else "the lease did not end cleanly"))
+        if after != before:
+            say("FAILED: pool not restored")
+        elif ended is None:
+            say("FAILED: the lease did not end in time")
+        else:
+            say(f"FAILED: the lease ended {ended.state} ({ended.reason}); pilots exited with {codes}")
         return 1
     finally:
         site.close()

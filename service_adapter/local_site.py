@@ -1,13 +1,14 @@
 """The embedded default: a whole workspace site on one machine, for demos, tests and benchmarks.
 
 A :class:`LocalSite` holds the store (SQLite on disk), the receiver on
-127.0.0.1, a fresh pilot account, a pilot configuration file for the local
-"nodes", the local provider and a lease manager. Closing it stops every
-pilot (by pid) and the receiver.
+127.0.0.1, a pilot account (its secret kept in the workdir), a pilot configuration file for the local
+"nodes", the local provider and a lease manager (its thread running).
+Closing it stops the manager, every pilot (by pid) and the receiver.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 
@@ -19,6 +20,7 @@ from service_adapter.store import Store
 
 REALM = "workspace-pilot"
 PILOT_USER = "pilot"
+SITE_FILE = "site.json"
 
 
 def write_pilot_config(
@@ -50,24 +52,44 @@ def write_pilot_config(
 
 
 class LocalSite:
-    """Store, receiver, account, pilot config, local provider and lease manager under ``workdir``.
+    """Store, receiver, account, pilot config, local provider and a running lease manager under ``workdir``.
 
     ``contact`` may point the pilots elsewhere than the receiver (tests use
-    it to simulate a service that is down).
+    it to simulate a service that is down). ``queue_timeout_s``,
+    ``release_grace_s`` and ``status_interval_s`` go to the
+    :class:`LeaseManager`; ``start_manager=False`` leaves its thread
+    stopped (the caller ticks, or waits with :meth:`LeaseManager.wait`,
+    which ticks for it).
+
+    The pilot account's secret and the receiver's port are kept in
+    ``workdir`` (``site.json``, mode 0600): a new LocalSite over the same
+    workdir is the same service restarted, and the pilots still running
+    from before keep reporting to it. ``close(stop_pilots=False)`` is the
+    service going away while its pilots go on.
     """
 
     def __init__(
         self, workdir: str, *, grace_s: float = 10.0, reserved_timeout_s: float = 30.0,
         journal_dir: str = "/var/lib/workspace-pilot", contact: str | None = None, max_skew_s: float = 300.0,
+        queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 0.5,
+        start_manager: bool = True,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
-        secret = secrets.token_urlsafe(24)
+        saved = _load_site(workdir)
+        secret = saved.get("secret") or secrets.token_urlsafe(24)
         self.account = Account.from_secret(PILOT_USER, REALM, secret)
         self.verifier = DigestVerifier(REALM, {PILOT_USER: self.account})
         self.store = Store(os.path.join(workdir, "service.sqlite"))
-        self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s))
-        self.url = self.receiver.start()
+        try:
+            self.receiver = ReceiverThread(
+                make_app(self.store, self.verifier, max_skew_s), port=int(saved.get("port", 0))
+            )
+            self.url = self.receiver.start()
+        except BaseException:
+            self.store.close()
+            raise
+        _save_site(workdir, {"secret": secret, "port": self.receiver.port})
         self.contact = contact or self.url
         self.pilot_config = os.path.join(workdir, "pilot.conf")
         self.log_dir = os.path.join(workdir, "logs")
@@ -76,12 +98,20 @@ class LocalSite:
             log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
         )
         self.provider = LocalProvider(self.log_dir)
-        self.leases = LeaseManager(self.store, self.provider, self.contact, self.pilot_config, grace_s)
+        self.leases = LeaseManager(
+            self.store, self.provider, contact=self.contact, pilot_config=self.pilot_config, grace_s=grace_s,
+            queue_timeout_s=queue_timeout_s, release_grace_s=release_grace_s, status_interval_s=status_interval_s,
+        )
+        if start_manager:
+            self.leases.start()
 
-    def close(self) -> None:
-        """Stop every pilot still running (they restore their nodes), then the receiver and store."""
+    def close(self, stop_pilots: bool = True) -> None:
+        """Stop the lease manager, every pilot still running (they restore their nodes; unless
+        ``stop_pilots`` is False), then the receiver and store."""
         try:
-            self.provider.close()
+            self.leases.stop()
+            if stop_pilots:
+                self.provider.close()
         finally:
             self.receiver.stop()
             self.store.close()
@@ -91,3 +121,19 @@ class LocalSite:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _load_site(workdir: str) -> dict:
+    try:
+        with open(os.path.join(workdir, SITE_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return {}
+
+
+def _save_site(workdir: str, values: dict) -> None:
+    path = os.path.join(workdir, SITE_FILE)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(values, handle)
+    os.replace(path + ".tmp", path)

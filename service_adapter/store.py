@@ -1,4 +1,4 @@
-"""The service's durable state: leases, slots, pilots and every accepted notification, in SQLite.
+"""The service's durable state: leases, slots, pilots, every accepted notification and usage, in SQLite.
 
 All writes go through one writer thread that commits in groups: whatever
 requests are queued when it wakes share one transaction (one fsync), each
@@ -8,7 +8,15 @@ committed, so the receiver answers 200 only for what is on disk.
 
 Readers use their own connections (WAL lets them run beside the writer).
 :meth:`Store.wait_for` lets callers block until a predicate over the store
-holds, woken by commits rather than by polling.
+holds, woken by commits rather than by polling; :attr:`Store.version` and
+:meth:`Store.wait_changed` let a watcher (the lease manager) sleep until the
+next commit.
+
+Lease states are written only by :meth:`Store.transition_lease`, a
+compare-and-set on the old state, so two managers, or a manager and its
+restarted successor, never apply one transition twice. The store knows no
+state names: a lease has ended when ``ended_at`` is set (see
+``service_adapter.lease.LEASE_STATES`` for the states themselves).
 """
 
 from __future__ import annotations
@@ -28,14 +36,32 @@ from pilot.protocol import LIFECYCLE_STATES, Notification
 
 log = logging.getLogger(__name__)
 
+#: Bumped whenever a table changes; a file of another version is refused with one clear line.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
-    id          TEXT PRIMARY KEY,
-    nodes       INTEGER NOT NULL,
-    memory_mb   INTEGER NOT NULL,
-    duration_s  INTEGER NOT NULL,
-    created_at  REAL NOT NULL
+    id                   TEXT PRIMARY KEY,
+    owner                TEXT NOT NULL,
+    nodes                INTEGER NOT NULL,
+    memory_mb            INTEGER NOT NULL,
+    duration_s           REAL NOT NULL,
+    state                TEXT NOT NULL,
+    reason               TEXT NOT NULL,
+    slot                 TEXT,
+    job_id               TEXT,
+    created_at           REAL NOT NULL,
+    updated_at           REAL NOT NULL,
+    ready_at             REAL,
+    release_requested_at REAL,
+    ended_at             REAL,
+    expires_at           REAL NOT NULL,
+    job_finished_at      REAL,
+    cancel_requested_at  REAL,
+    cancelled_at         REAL
 );
+CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state);
+CREATE INDEX IF NOT EXISTS leases_by_owner ON leases(owner);
 CREATE TABLE IF NOT EXISTS slots (
     id          TEXT PRIMARY KEY,
     lease_id    TEXT NOT NULL REFERENCES leases(id),
@@ -53,6 +79,9 @@ CREATE TABLE IF NOT EXISTS pilots (
     memory_mb   INTEGER NOT NULL,
     expires_at  TEXT,
     updated_at  REAL NOT NULL,
+    reserved_at REAL,
+    reserved_mb INTEGER,
+    ended_by    TEXT,
     PRIMARY KEY (slot_id, host)
 );
 CREATE TABLE IF NOT EXISTS notifications (
@@ -67,10 +96,48 @@ CREATE TABLE IF NOT EXISTS notifications (
     received_at REAL NOT NULL,
     PRIMARY KEY (slot_id, host, seq)
 );
+CREATE TABLE IF NOT EXISTS usage (
+    lease_id     TEXT NOT NULL REFERENCES leases(id),
+    host         TEXT NOT NULL,
+    slot_id      TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    memory_mb    INTEGER NOT NULL,
+    reserved_at  REAL NOT NULL,
+    released_at  REAL NOT NULL,
+    ended_by     TEXT NOT NULL,
+    node_seconds REAL NOT NULL,
+    mb_seconds   REAL NOT NULL,
+    PRIMARY KEY (lease_id, host)
+);
+CREATE INDEX IF NOT EXISTS usage_by_owner ON usage(owner);
+CREATE TABLE IF NOT EXISTS lease_events (
+    seq         INTEGER PRIMARY KEY,
+    lease_id    TEXT NOT NULL REFERENCES leases(id),
+    at          REAL NOT NULL,
+    old_state   TEXT,
+    new_state   TEXT NOT NULL,
+    reason      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
-_TABLES = ("leases", "slots", "pilots", "notifications")
+_TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events")
 _GROUP_MAX = 256
+#: A pilot's notified states that end its hold on the node (a usage row is written with the first).
+HOLD_ENDED = frozenset({"unreserved", "killed"})
+#: A pilot's notified states on its way out (the first one is kept as ``ended_by``).
+ENDING = frozenset({"earlyunreserving", "unreserving"}) | HOLD_ENDED
+_LEASE_COLUMNS = (
+    "id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id, created_at, updated_at,"
+    " ready_at, release_requested_at, ended_at, expires_at, job_finished_at, cancel_requested_at, cancelled_at"
+)
+_PILOT_COLUMNS = (
+    "slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by, updated_at"
+)
+
+
+class StoreError(Exception):
+    """The store file cannot be used (e.g. written by another schema version); the message says what to do."""
 
 
 class Verdict(enum.Enum):
@@ -104,6 +171,73 @@ class PilotRow:
     last_seq: int
     memory_mb: int
     expires_at: str | None
+    reserved_at: float | None = None
+    """When the service accepted this host's ``reserved`` (its clock, epoch seconds); None: never."""
+    reserved_mb: int | None = None
+    """The memory the host reported holding in its ``reserved``."""
+    ended_by: str | None = None
+    """The first of earlyunreserving, unreserving, unreserved, killed this host reported; None: none yet."""
+    updated_at: float | None = None
+    """When the service accepted this host's latest notification."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseRow:
+    """One lease as stored: what was asked, its state, and the times the lease manager needs.
+
+    Times are epoch seconds on the service's clock; None where it has not
+    happened. ``expires_at`` is ``created_at + duration_s`` (informative:
+    each pilot's own deadline counts from its own start).
+    """
+
+    id: str
+    owner: str
+    nodes: int
+    memory_mb: int
+    duration_s: float
+    state: str
+    reason: str
+    slot: str | None
+    job_id: str | None
+    created_at: float
+    updated_at: float
+    ready_at: float | None = None
+    release_requested_at: float | None = None
+    ended_at: float | None = None
+    expires_at: float | None = None
+    job_finished_at: float | None = None
+    """When the manager first saw the LRM report the job finished."""
+    cancel_requested_at: float | None = None
+    """When a cancel of the job was decided (release, queue timeout, a pilot's error)."""
+    cancelled_at: float | None = None
+    """When that cancel went through, or the job was seen finished (nothing left to cancel)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageRow:
+    """One host's hold of one lease: from its ``reserved`` to its ``unreserved`` (or ``killed``)."""
+
+    lease_id: str
+    host: str
+    slot_id: str
+    owner: str
+    memory_mb: int
+    reserved_at: float
+    released_at: float
+    ended_by: str
+    node_seconds: float
+    mb_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseEvent:
+    """One entry of a lease's history: created (``old_state`` None) or a state transition."""
+
+    lease_id: str
+    at: float
+    old_state: str | None
+    new_state: str
+    reason: str
 
 
 class StoreClosed(RuntimeError):
@@ -149,7 +283,7 @@ class Store:
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
             conn = self._connect()
-            conn.executescript(SCHEMA)
+            self._create_schema(conn)
         except Exception as exc:  # surfaced to the constructor
             ready.set_exception(exc)
             return
@@ -170,6 +304,18 @@ class Store:
                 batch.append(nxt)
             self._run_batch(conn, batch)
         conn.close()
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        (tables,) = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+        if tables and version != SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(
+                f"store {self.path} has schema version {version}, this workspace-pilot reads version "
+                f"{SCHEMA_VERSION}: move the file away to start with an empty store"
+            )
+        # One transaction: a file never has the tables without the version, or the other way round.
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
         results = []
@@ -209,6 +355,11 @@ class Store:
         self._queue.put((fn, future))
         return future
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def close(self) -> None:
         """Finish queued writes, stop the writer and close every connection."""
         if self._closed:
@@ -221,35 +372,136 @@ class Store:
                 conn.close()
             self._readers.clear()
 
-    # -- writes -------------------------------------------------------------------
+    # -- writes: leases -------------------------------------------------------------
 
-    def add_lease(self, lease_id: str, nodes: int, memory_mb: int, duration_s: int) -> None:
-        """Record a new lease (blocks until committed)."""
+    def create_lease(
+        self, lease_id: str, slot_id: str, *, owner: str, nodes: int, memory_mb: int, duration_s: float,
+        now: float, reason: str = "submitting the pilot job",
+    ) -> LeaseRow:
+        """Record a new lease (state ``pending``) and its one slot in one transaction; blocks until committed.
 
-        def write(conn):
+        Called before the pilot job is submitted, so a pilot's first
+        notification always finds its slot.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id)
             conn.execute(
-                "INSERT INTO leases VALUES (?, ?, ?, ?, ?)",
-                (lease_id, nodes, memory_mb, duration_s, time.time()),
+                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at) VALUES (?, ?, ?, ?, NULL, ?)",
+                (slot_id, lease_id, nodes, memory_mb, now),
             )
 
         self.submit(write).result()
+        return self.get_lease(lease_id)
+
+    def add_lease(
+        self, lease_id: str, nodes: int, memory_mb: int, duration_s: float, *, owner: str = "operator",
+        now: float | None = None,
+    ) -> None:
+        """Record a lease without a slot (state ``pending``); slots come with :meth:`add_slot`."""
+        at = time.time() if now is None else now
+        self.submit(
+            lambda conn: _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, at, "", None)
+        ).result()
 
     def add_slot(self, slot_id: str, lease_id: str, nodes: int, memory_mb: int) -> None:
         """Record a slot (one pilot job) of a lease, before its job is submitted."""
 
-        def write(conn):
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO slots VALUES (?, ?, ?, ?, NULL, ?)",
+                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at) VALUES (?, ?, ?, ?, NULL, ?)",
                 (slot_id, lease_id, nodes, memory_mb, time.time()),
             )
+            conn.execute("UPDATE leases SET slot = COALESCE(slot, ?) WHERE id = ?", (slot_id, lease_id))
 
         self.submit(write).result()
 
-    def set_job_id(self, slot_id: str, job_id: str) -> None:
-        """Record the LRM's job id for a slot."""
+    def set_job_id(self, slot_id: str, job_id: str, reason: str | None = None) -> None:
+        """Record the LRM's job id for a slot and its lease (and, while pending, the lease's reason)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE slots SET job_id = ? WHERE id = ?", (job_id, slot_id))
+            conn.execute("UPDATE leases SET job_id = ? WHERE slot = ?", (job_id, slot_id))
+            if reason is not None:
+                conn.execute(
+                    "UPDATE leases SET reason = ? WHERE slot = ? AND state = 'pending'", (reason, slot_id)
+                )
+
+        self.submit(write).result()
+
+    def transition_lease(
+        self, lease_id: str, old: str, new: str, reason: str, *, now: float, ended: bool = False,
+        ready_at: float | None = None, cancel: bool = False,
+    ) -> bool:
+        """Move a lease from ``old`` to ``new`` only if it is still in ``old`` (compare-and-set).
+
+        Returns whether it moved; a lease in another state (another manager,
+        or an earlier process, got there first) is left as it is. The
+        transition and its history entry commit together. ``ended`` sets
+        ``ended_at`` (a terminal state), ``ready_at`` sets when it became
+        ready, ``cancel`` records that the job must be cancelled.
+        """
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE leases SET state = ?, reason = ?, updated_at = ?,"
+                " ready_at = COALESCE(ready_at, ?),"
+                " ended_at = CASE WHEN ? THEN COALESCE(ended_at, ?) ELSE ended_at END,"
+                " cancel_requested_at = CASE WHEN ? THEN COALESCE(cancel_requested_at, ?)"
+                "   ELSE cancel_requested_at END"
+                " WHERE id = ? AND state = ?",
+                (new, reason, now, ready_at, ended, now, cancel, now, lease_id, old),
+            )
+            if cursor.rowcount != 1:
+                return False
+            conn.execute(
+                "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason) VALUES (?, ?, ?, ?, ?)",
+                (lease_id, now, old, new, reason),
+            )
+            return True
+
+        return self.submit(write).result()
+
+    def request_release(self, lease_id: str, now: float) -> bool:
+        """Record that a release (and so a cancel of the job) was asked; False if the lease has ended or is unknown.
+
+        Repeating it keeps the first request's time.
+        """
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE leases SET release_requested_at = COALESCE(release_requested_at, ?),"
+                " cancel_requested_at = COALESCE(cancel_requested_at, ?), updated_at = ?"
+                " WHERE id = ? AND ended_at IS NULL",
+                (now, now, now, lease_id),
+            )
+            return cursor.rowcount == 1
+
+        return self.submit(write).result()
+
+    def mark_job_finished(self, lease_id: str, now: float) -> None:
+        """Record when the job was first seen finished; a cancel still wanted is then moot."""
         self.submit(
-            lambda conn: conn.execute("UPDATE slots SET job_id = ? WHERE id = ?", (job_id, slot_id))
+            lambda conn: conn.execute(
+                "UPDATE leases SET job_finished_at = COALESCE(job_finished_at, ?),"
+                " cancelled_at = CASE WHEN cancel_requested_at IS NOT NULL THEN COALESCE(cancelled_at, ?)"
+                "   ELSE cancelled_at END"
+                " WHERE id = ?",
+                (now, now, lease_id),
+            )
         ).result()
+
+    def mark_cancelled(self, lease_id: str, now: float) -> None:
+        """Record that the LRM took the cancel of the lease's job."""
+        self.submit(
+            lambda conn: conn.execute(
+                "UPDATE leases SET cancelled_at = COALESCE(cancelled_at, ?),"
+                " cancel_requested_at = COALESCE(cancel_requested_at, ?) WHERE id = ?",
+                (now, now, lease_id),
+            )
+        ).result()
+
+    # -- writes: notifications ----------------------------------------------------------
 
     def record_notification(
         self, notification: Notification, body: bytes, account: str
@@ -259,16 +511,28 @@ class Store:
         The future gives a :class:`Verdict`: ACCEPTED (stored, and the
         pilot's state updated, in one transaction), REPEAT (the exact same
         body was accepted before; nothing written), UNKNOWN_SLOT (no such
-        slot, or a host beyond the slot's node count), REPLAY (the seq was
-        used with another body, or is not newer than the last one).
+        slot, a host beyond the slot's node count, or a first ``reserved``
+        for a lease that has ended or is being released: that pilot gives
+        its memory back), REPLAY (the seq was used with another body, or is
+        not newer than the last one).
+
+        The notification that ends a host's hold (``unreserved`` or
+        ``killed`` after its ``reserved``) writes that hold's usage row in
+        the same transaction: from the service's receipt of ``reserved`` to
+        its receipt of this one, at the memory ``reserved`` reported.
         """
         body_hash = hashlib.sha256(body).hexdigest()
         n = notification
 
         def write(conn: sqlite3.Connection) -> Verdict:
-            slot = conn.execute("SELECT nodes FROM slots WHERE id = ?", (n.slot,)).fetchone()
+            slot = conn.execute(
+                "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL"
+                " FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
+                (n.slot,),
+            ).fetchone()
             if slot is None:
                 return Verdict.UNKNOWN_SLOT
+            nodes, lease_id, owner, closing = slot
             prior = conn.execute(
                 "SELECT body_sha256 FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?",
                 (n.slot, n.host, n.seq),
@@ -276,29 +540,49 @@ class Store:
             if prior is not None:
                 return Verdict.REPEAT if prior[0] == body_hash else Verdict.REPLAY
             pilot = conn.execute(
-                "SELECT last_seq FROM pilots WHERE slot_id = ? AND host = ?", (n.slot, n.host)
+                "SELECT last_seq, reserved_at, reserved_mb, ended_by FROM pilots WHERE slot_id = ? AND host = ?",
+                (n.slot, n.host),
             ).fetchone()
+            if pilot is not None and n.seq <= pilot[0]:
+                return Verdict.REPLAY
+            if n.state == "reserved" and closing and (pilot is None or pilot[1] is None):
+                return Verdict.UNKNOWN_SLOT  # too late: the lease is over or being released
             now = time.time()
+            reserving = n.state == "reserved"
+            ending = n.state if n.state in ENDING else None
             if pilot is None:
                 (hosts,) = conn.execute(
                     "SELECT COUNT(*) FROM pilots WHERE slot_id = ?", (n.slot,)
                 ).fetchone()
-                if hosts >= slot[0]:
+                if hosts >= nodes:
                     return Verdict.UNKNOWN_SLOT
                 state = n.state if n.state in LIFECYCLE_STATES else "reserving"
+                reserved_at, reserved_mb = (now, n.memory_mb) if reserving else (None, None)
                 conn.execute(
-                    "INSERT INTO pilots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (n.slot, n.host, state, n.code, n.seq, n.memory_mb, n.expires_at, now),
+                    f"INSERT INTO pilots ({_PILOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n.slot, n.host, state, n.code, n.seq, n.memory_mb, n.expires_at,
+                     reserved_at, reserved_mb, ending, now),
                 )
-            elif n.seq <= pilot[0]:
-                return Verdict.REPLAY
             elif n.state in LIFECYCLE_STATES:
+                _, reserved_at, reserved_mb, ended_by = pilot
+                if reserved_at is None and reserving:
+                    reserved_at, reserved_mb = now, n.memory_mb
                 conn.execute(
                     "UPDATE pilots SET state = ?, code = ?, last_seq = ?, memory_mb = ?,"
-                    " expires_at = COALESCE(?, expires_at), updated_at = ?"
+                    " expires_at = COALESCE(?, expires_at), updated_at = ?,"
+                    " reserved_at = ?, reserved_mb = ?, ended_by = ?"
                     " WHERE slot_id = ? AND host = ?",
-                    (n.state, n.code, n.seq, n.memory_mb, n.expires_at, now, n.slot, n.host),
+                    (n.state, n.code, n.seq, n.memory_mb, n.expires_at, now,
+                     reserved_at, reserved_mb, ended_by or ending, n.slot, n.host),
                 )
+                if n.state in HOLD_ENDED and reserved_at is not None:
+                    held_s = max(now - reserved_at, 0.0)
+                    conn.execute(
+                        "INSERT OR IGNORE INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
+                        " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (lease_id, n.host, n.slot, owner, reserved_mb, reserved_at, now, n.state,
+                         held_s, reserved_mb * held_s),
+                    )
             else:
                 conn.execute(
                     "UPDATE pilots SET last_seq = ?, updated_at = ? WHERE slot_id = ? AND host = ?",
@@ -317,20 +601,76 @@ class Store:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            if self._closed:
+                raise StoreClosed("the store is closed")
             conn = self._connect()
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
         return conn
 
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        """One lease, or None if there is no such lease."""
+        row = self._reader().execute(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        return LeaseRow(*row) if row else None
+
+    def list_leases(self, states=None, owner: str | None = None) -> list[LeaseRow]:
+        """Leases, newest first; only those in ``states`` (an iterable of names) and of ``owner`` if given."""
+        where, params = [], []
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+            params += states
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        sql = f"SELECT {_LEASE_COLUMNS} FROM leases"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        return [LeaseRow(*row) for row in self._reader().execute(sql, params)]
+
+    def leases_to_watch(self) -> list[LeaseRow]:
+        """Leases the manager must look at: every one not ended, and ended ones whose job still needs a cancel."""
+        rows = self._reader().execute(
+            f"SELECT {_LEASE_COLUMNS} FROM leases WHERE ended_at IS NULL"
+            " OR (cancel_requested_at IS NOT NULL AND cancelled_at IS NULL AND job_id IS NOT NULL)"
+            " ORDER BY created_at, rowid"
+        )
+        return [LeaseRow(*row) for row in rows]
+
+    def lease_events(self, lease_id: str) -> list[LeaseEvent]:
+        """A lease's history: its creation, then each state transition, in order."""
+        rows = self._reader().execute(
+            "SELECT lease_id, at, old_state, new_state, reason FROM lease_events WHERE lease_id = ? ORDER BY seq",
+            (lease_id,),
+        )
+        return [LeaseEvent(*row) for row in rows]
+
+    def usage_rows(self, lease_id: str | None = None, owner: str | None = None) -> list[UsageRow]:
+        """The ended holds (one per lease and host), of one lease and/or one owner if given, oldest first."""
+        where, params = _usage_filter(lease_id, owner)
+        rows = self._reader().execute(
+            "SELECT lease_id, host, slot_id, owner, memory_mb, reserved_at, released_at, ended_by,"
+            f" node_seconds, mb_seconds FROM usage{where} ORDER BY reserved_at, host",
+            params,
+        )
+        return [UsageRow(*row) for row in rows]
+
+    def usage_totals(self, lease_id: str | None = None, owner: str | None = None) -> tuple[float, float, int]:
+        """(node-seconds, MB-seconds, leases counted) summed over the ended holds that match."""
+        where, params = _usage_filter(lease_id, owner)
+        node_s, mb_s, leases = self._reader().execute(
+            f"SELECT TOTAL(node_seconds), TOTAL(mb_seconds), COUNT(DISTINCT lease_id) FROM usage{where}", params
+        ).fetchone()
+        return node_s, mb_s, leases
+
     def pilots(self, slot_id: str) -> list[PilotRow]:
         """Every pilot that has reported for ``slot_id``, ordered by host."""
         rows = self._reader().execute(
-            "SELECT slot_id, host, state, code, last_seq, memory_mb, expires_at"
-            " FROM pilots WHERE slot_id = ? ORDER BY host",
-            (slot_id,),
+            f"SELECT {_PILOT_COLUMNS} FROM pilots WHERE slot_id = ? ORDER BY host", (slot_id,)
         )
-        return [PilotRow(*row) for row in rows]
+        return [_pilot_row(row) for row in rows]
 
     def notifications(self, slot_id: str) -> list[tuple[str, int, str, int]]:
         """(host, seq, state, code) of every accepted notification of a slot, in arrival order."""
@@ -346,8 +686,37 @@ class Store:
         conn = self._reader()
         return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in _TABLES}
 
+    # -- waiting for commits ----------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """A number that grows with every commit (for :meth:`wait_changed`)."""
+        with self._changed:
+            return self._version
+
+    def wait_changed(self, since: int, timeout: float) -> int:
+        """Block until a commit moves :attr:`version` past ``since``, ``timeout`` passes, or :meth:`wake`.
+
+        Returns the version then (equal to ``since`` if nothing was
+        committed); returns at once if it has already moved. Callers loop:
+        a return says "look again", not what changed.
+        """
+        with self._changed:
+            if self._version == since and timeout > 0:
+                self._changed.wait(timeout)
+            return self._version
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait_changed` and :meth:`wait_for` caller without a commit (e.g. to stop a watcher)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Block until ``predicate()`` holds, re-checking after every commit; False on timeout."""
+        """Block until ``predicate()`` holds, re-checking after every commit; False on timeout.
+
+        ``predicate`` runs while commits wait to be announced: it may read
+        the store but must not write to it.
+        """
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -359,3 +728,33 @@ class Store:
                     return False
                 if self._version == seen:
                     self._changed.wait(remaining)
+
+
+def _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id) -> None:
+    conn.execute(
+        "INSERT INTO leases (id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id,"
+        " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, ?, ?, ?)",
+        (lease_id, owner, nodes, memory_mb, float(duration_s), reason, slot_id, now, now, now + duration_s),
+    )
+    conn.execute(
+        "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason) VALUES (?, ?, NULL, 'pending', ?)",
+        (lease_id, now, f"created: {nodes} x {memory_mb} MB for {duration_s:g} s, owner {owner}"),
+    )
+
+
+def _usage_filter(lease_id: str | None, owner: str | None) -> tuple[str, list]:
+    where, params = [], []
+    if lease_id is not None:
+        where.append("lease_id = ?")
+        params.append(lease_id)
+    if owner is not None:
+        where.append("owner = ?")
+        params.append(owner)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+def _pilot_row(row: tuple) -> PilotRow:
+    (slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by,
+     updated_at) = row
+    return PilotRow(slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb,
+                    ended_by, updated_at)

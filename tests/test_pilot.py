@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pilot.exitcodes import ExitCode
+from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.receiver import ReceiverThread, make_app
 from tests.conftest import free_port, pilot_config, pool_pages, running_pilot
@@ -29,18 +30,21 @@ def wait_for_state(service, slot, state, timeout=30):
 
 @pytest.fixture
 def site(tmp_path, hugepages):
-    local = LocalSite(str(tmp_path / "site"), grace_s=5, journal_dir=str(tmp_path / "journal"))
+    local = LocalSite(str(tmp_path / "site"), grace_s=5, journal_dir=str(tmp_path / "journal"),
+                      release_grace_s=5, status_interval_s=0.2)
     yield local
     local.close()
 
 
 def test_lease_of_two_local_pilots_ends_at_its_deadline(site, hugepages):
     lease = site.leases.reserve(nodes=2, memory_mb=64, duration_s=3)
-    assert lease.wait_reserved(timeout=30)
+    ready = site.leases.wait(lease.id, {"ready"} | TERMINAL_STATES, timeout=30)
+    assert ready.state == "ready", ready.reason
     assert pool_pages() == hugepages + 2 * 32
-    assert {p.host for p in lease.pilots()} == set(site.provider.hosts(lease.job_id))
-    assert all(p.expires_at for p in lease.pilots())
-    assert lease.wait_unreserved(timeout=30)
+    assert {p.host for p in ready.pilots} == set(site.provider.hosts(lease.job_id))
+    assert all(p.expires_at for p in ready.pilots)
+    done = site.leases.wait(lease.id, TERMINAL_STATES, timeout=30)
+    assert done.state == "expired", done.reason
     assert site.provider.wait(lease.job_id, timeout=10) == [0, 0]
     assert pool_pages() == hugepages
     for host in site.provider.hosts(lease.job_id):
@@ -49,9 +53,10 @@ def test_lease_of_two_local_pilots_ends_at_its_deadline(site, hugepages):
 
 def test_release_before_the_deadline_takes_the_early_path(site, hugepages):
     lease = site.leases.reserve(nodes=2, memory_mb=64, duration_s=300)
-    assert lease.wait_reserved(timeout=30)
-    lease.release()
-    assert lease.wait_unreserved(timeout=30)
+    assert site.leases.wait(lease.id, {"ready"} | TERMINAL_STATES, timeout=30).state == "ready"
+    assert site.leases.release(lease.id).state == "releasing"
+    done = site.leases.wait(lease.id, TERMINAL_STATES, timeout=30)
+    assert done.state == "released", done.reason
     assert site.provider.wait(lease.job_id, timeout=10) == [0, 0]
     assert pool_pages() == hugepages
     for host in site.provider.hosts(lease.job_id):
@@ -163,5 +168,6 @@ def test_demo_runs_a_lease_and_restores_the_pool(tmp_path, hugepages):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert out.count(": reserved [seq 1]") == 2 and out.count(": unreserved [seq 3]") == 2
+    assert "lease releasing -> expired" in out
     assert f"hugepage pool after: {hugepages} pages" in out
     assert "back where they started" in out

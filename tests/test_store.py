@@ -1,0 +1,142 @@
+"""The store's lease writes: compare-and-set transitions, usage rows, late reservations, waiting for commits.
+
+Notifications go through the real receiver (tests/conftest.py ``service``)
+into a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from service_adapter.store import Store, StoreError
+from tests.conftest import notification
+
+
+def post(service, slot, seq, state, host="node1", status=200, **fields):
+    response = service.post(service.session(), notification(slot, seq=seq, state=state, host=host, **fields).to_json())
+    assert response.status_code == status, response.text
+    return response
+
+
+def received_at(service, slot, host, seq) -> float:
+    conn = sqlite3.connect(service.store.path)
+    try:
+        (at,) = conn.execute(
+            "SELECT received_at FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?", (slot, host, seq)
+        ).fetchone()
+        return at
+    finally:
+        conn.close()
+
+
+def test_a_transition_whose_old_state_no_longer_matches_changes_nothing(tmp_path):
+    store = Store(str(tmp_path / "s.sqlite"))
+    try:
+        store.create_lease("L", "S", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=100.0)
+        assert store.transition_lease("L", "pending", "ready", "all 1 pilots reserved", now=101.0, ready_at=100.5)
+        before = store.snapshot()
+        assert not store.transition_lease("L", "pending", "failed", "too late", now=102.0, ended=True, cancel=True)
+        assert not store.transition_lease("no-such-lease", "pending", "failed", "x", now=102.0)
+        assert store.snapshot() == before
+        row = store.get_lease("L")
+        assert (row.state, row.reason, row.ready_at, row.ended_at, row.cancel_requested_at) == (
+            "ready", "all 1 pilots reserved", 100.5, None, None,
+        )
+        history = [(e.old_state, e.new_state) for e in store.lease_events("L")]
+        assert history == [(None, "pending"), ("pending", "ready")]
+        assert store.transition_lease("L", "ready", "failed", "pilot error", now=103.0, ended=True, cancel=True)
+        row = store.get_lease("L")
+        assert (row.state, row.ended_at, row.cancel_requested_at, row.expires_at) == ("failed", 103.0, 103.0, 160.0)
+        assert not store.request_release("L", 104.0)  # an ended lease takes no release
+    finally:
+        store.close()
+
+
+def test_the_end_of_a_hold_writes_its_usage_row_with_the_notification(service):
+    slot = service.add_slot(nodes=2)
+    post(service, slot, 1, "reserved", memory_mb=48)
+    post(service, slot, 2, "earlyunreserving", memory_mb=48)
+    assert service.store.usage_rows() == []  # still holding
+    post(service, slot, 3, "unreserved", memory_mb=0)
+    (row,) = service.store.usage_rows(lease_id=service.lease)  # there as soon as the 200 came back
+    assert (row.host, row.slot_id, row.owner, row.memory_mb, row.ended_by) == (
+        "node1", slot, "operator", 48, "unreserved",
+    )
+    assert row.reserved_at == received_at(service, slot, "node1", 1)
+    assert row.released_at == received_at(service, slot, "node1", 3)
+    assert row.node_seconds == pytest.approx(row.released_at - row.reserved_at)
+    assert row.mb_seconds == pytest.approx(48 * row.node_seconds)
+    (pilot,) = service.store.pilots(slot)
+    assert (pilot.reserved_at, pilot.reserved_mb, pilot.ended_by) == (row.reserved_at, 48, "earlyunreserving")
+
+    post(service, slot, 4, "killed")  # kill-all after the end: the hold was already counted
+    assert len(service.store.usage_rows()) == 1
+    post(service, slot, 1, "unreserved", host="node2")  # never reserved: nothing to count
+    assert len(service.store.usage_rows()) == 1
+    assert service.store.usage_totals(owner="operator") == (row.node_seconds, row.mb_seconds, 1)
+    assert service.store.usage_totals(owner="nobody") == (0.0, 0.0, 0)
+
+
+def test_a_failed_restore_is_not_the_end_of_the_hold_but_kill_all_is(service):
+    slot = service.add_slot()
+    post(service, slot, 1, "reserved")
+    post(service, slot, 2, "unreserving")
+    post(service, slot, 3, "error", code=8)
+    assert service.store.usage_rows() == []
+    post(service, slot, 4, "killed")
+    (row,) = service.store.usage_rows()
+    assert row.ended_by == "killed" and row.released_at == received_at(service, slot, "node1", 4)
+
+
+def test_a_first_reserved_is_refused_once_the_lease_is_released_or_over(service):
+    slot = service.add_slot(nodes=3)
+    first = notification(slot, seq=1, state="reserved", host="node1").to_json()
+    assert service.post(service.session(), first).status_code == 200
+    assert service.store.request_release(service.lease, time.time())
+    before = service.store.snapshot()
+    answer = post(service, slot, 1, "reserved", host="node2", status=404)
+    assert answer.json()["result"] == "unknown-slot"
+    assert service.store.snapshot() == before
+    repeat = service.post(service.session(), first)  # an exact repeat of an accepted one is still 200
+    assert (repeat.status_code, repeat.json()["result"]) == (200, "repeat")
+    post(service, slot, 2, "earlyunreserving", host="node1")
+    post(service, slot, 3, "unreserved", host="node1")
+    assert service.store.transition_lease(service.lease, "pending", "released", "done", now=time.time(), ended=True)
+    post(service, slot, 1, "reserved", host="node3", status=404)
+    post(service, slot, 1, "killed", host="node3")  # news of an end is always taken
+    assert [p.host for p in service.store.pilots(slot)] == ["node1", "node3"]
+
+
+def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE leases (id TEXT PRIMARY KEY, nodes INTEGER, memory_mb INTEGER, duration_s INTEGER,"
+                 " created_at REAL)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 2: move the file away"):
+        Store(path)
+    Store(str(tmp_path / "new.sqlite")).close()
+    Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
+
+
+def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
+    store = Store(str(tmp_path / "s.sqlite"))
+    try:
+        seen = store.version
+        threading.Timer(0.1, store.add_lease, ("L", 1, 64, 60)).start()
+        started = time.monotonic()
+        assert store.wait_changed(seen, 10) > seen
+        assert time.monotonic() - started < 5
+        assert store.wait_changed(seen, 10) > seen  # already moved: at once
+        now = store.version
+        threading.Timer(0.1, store.wake).start()
+        started = time.monotonic()
+        assert store.wait_changed(now, 10) == now
+        assert time.monotonic() - started < 5
+    finally:
+        store.close()
