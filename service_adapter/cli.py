@@ -1,12 +1,54 @@
-"""``workspace-lease``: the service side's command."""
+"""``workspace-lease``: the service side's command.
+
+``serve`` runs the service; ``reserve``, ``release``, ``list``, ``show`` and
+``usage`` are the operators' client of its HTTP API; ``demo`` runs one lease
+on this machine through the embedded local site.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
+import os
 import sys
+import time
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+EXIT_NOT_FOUND = 6
+EXIT_TIMEOUT = 7
+EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
+
+EXIT_CODES = {
+    EXIT_OK: "success (for --wait: the lease reached the state waited for)",
+    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job",
+    EXIT_USAGE: "bad arguments (or a request the service found invalid)",
+    EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; or cannot run here",
+    EXIT_UNREACHABLE: "the service could not be reached (or did not answer in time)",
+    EXIT_REFUSED: "the service refused the credentials (401/403)",
+    EXIT_NOT_FOUND: "no such lease (404)",
+    EXIT_TIMEOUT: "--wait gave up after --timeout seconds; the lease goes on",
+}
+EXIT_CODES_HELP = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+UP_STATES = ("ready", "running")
+END_STATES = ("released", "expired", "failed", "missing")
+FAILED_STATES = ("failed", "missing")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions, keeps the exit-code table's lines as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("exit codes:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -14,27 +56,125 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive(kind):
+def _positive(kind, noun: str = "a number"):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not value > 0:
             raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not value <= 10**8:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most 100000000)")
         return value
 
     return parse
+
+
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text.rstrip("/")
+
+
+def _lease_id(text: str) -> str:
+    if not text or len(text) > 64 or "/" in text or not text[0].isalnum():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lease id")
+    return text
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("service and credentials (override [client] of the config file)")
+    group.add_argument("--config", metavar="FILE",
+                       help="service config file to read [client] from "
+                            "(default /etc/workspace-pilot/service.conf if it exists)")
+    group.add_argument("--url", type=_url, metavar="URL",
+                       help="the service's base URL (default [client] url, else this host's [service] listener)")
+    group.add_argument("--user", metavar="USER", help="operator account (default [client] user)")
+    group.add_argument("--secret-file", metavar="FILE",
+                       help="file holding the operator's digest secret, mode 0600 "
+                            "(default $WORKSPACE_LEASE_SECRET_FILE, else [client] secret_file)")
+    group.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                       help="per request (default [client] timeout, 60); "
+                            "with --wait also the longest wait (default 600)")
+    common.add_argument("--json", action="store_true", help="print exactly the API's JSON answer instead of text")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``workspace-lease``."""
     parser = _Parser(
         prog="workspace-lease",
-        description="Lease batch nodes' memory to virtual machines through pilot jobs.",
-        epilog="exit codes: 0 success, 1 the lease failed, 2 bad arguments, 3 cannot run here",
+        description=(
+            "Lease batch nodes' memory to virtual machines through pilot jobs. 'serve' runs the service; "
+            "reserve, release, list, show and usage talk to it over HTTP (digest-authenticated as an operator); "
+            "'demo' runs one lease on this machine."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=_Formatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    common = _client_options()
+
+    def sub(name: str, help_text: str, description: str, parents=(common,)) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=description, parents=list(parents), epilog=EXIT_CODES_HELP,
+            formatter_class=_Formatter,
+        )
+
+    serve = sub(
+        "serve", "run the service (pilots' notifications and the operators' API) until SIGTERM",
+        "Run the workspace service: one HTTP listener ([service] listen_host, port) for the pilots' "
+        "notifications and the operators' API, the lease manager (submits pilot jobs through [provider], "
+        "watches them, ends leases), and the SQLite store. Logs go to [service] log_file. SIGTERM or SIGINT "
+        "stops it cleanly; leases and their pilot jobs keep running and a restarted service picks them up.",
+        parents=(),
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="the service's config file (default /etc/workspace-pilot/service.conf)")
+
+    reserve = sub(
+        "reserve", "lease NODES nodes with MB each for SECONDS",
+        "Ask the service for a lease: NODES nodes, MB of memory on each, for SECONDS. The service submits "
+        "one pilot job to the batch system; the lease is 'ready' once every node's pilot has reserved its "
+        "memory. Prints the lease (its id is what release and show take).",
+    )
+    reserve.add_argument("--nodes", required=True, type=_positive(int, "a whole number"), help="how many nodes")
+    reserve.add_argument("--memory", required=True, type=_positive(int, "a whole number"), metavar="MB",
+                         help="memory per node, in MB")
+    reserve.add_argument("--duration", required=True, type=_positive(float), metavar="SECONDS",
+                         help="how long the lease lasts once its pilots start")
+    reserve.add_argument("--wait", action="store_true",
+                         help="block until the lease is ready (exit 0) or has ended (exit 1), "
+                              "at most --timeout (exit 7)")
+
+    release = sub(
+        "release", "end a lease early",
+        "Release a lease: the service cancels its pilot job (the pilots give the memory back and report). "
+        "Releasing a lease that has already ended is not an error.",
+    )
+    release.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    release.add_argument("--wait", action="store_true",
+                         help="block until the lease has ended: released or expired (exit 0), "
+                              "failed or missing (exit 1)")
+
+    listing = sub("list", "list leases", "List leases, optionally only some states or one owner's.")
+    listing.add_argument("--state", action="append", metavar="STATE",
+                         help="only leases in this state (repeatable, or comma-separated)")
+    listing.add_argument("--owner", metavar="OPERATOR", help="only this operator's leases")
+
+    show = sub("show", "show one lease", "Show one lease with its state and its pilots.")
+    show.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+
+    usage = sub("usage", "node-seconds and MB-seconds used",
+                "Show how much has been leased: node-seconds and MB-seconds of the holds that have ended.")
+    usage.add_argument("--owner", metavar="OPERATOR", help="only this operator's leases (default: all)")
+    usage.add_argument("--lease", type=_lease_id, metavar="LEASE", help="only this lease")
+
     demo = commands.add_parser(
         "demo",
         help="run one lease on this machine through the local provider (needs root)",
@@ -62,9 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(text: str) -> None:
+    print(f"workspace-lease: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``workspace-lease``."""
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "serve":
+        return _serve(args)
+    return _client_command(args)
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+def _demo(args) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -77,5 +232,307 @@ def main(argv: list[str] | None = None) -> int:
             journal_dir=args.journal_dir,
         )
     except DemoError as exc:
-        print(f"workspace-lease: {exc}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_ENVIRONMENT
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def _serve(args) -> int:
+    from service_adapter.config import DEFAULT_PATH, ConfigError, load_config
+    from service_adapter.server import ServeError, serve
+
+    path = args.config or DEFAULT_PATH
+    try:
+        config = load_config(path, serve=True)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(f"config error: {problem}")
+        return EXIT_CONFIG
+    try:
+        return serve(config)
+    except ServeError as exc:
+        _say(f"cannot serve: {path}: {exc}")
+        return EXIT_CONFIG
+
+
+# -- the operator commands --------------------------------------------------------------------
+
+
+class _Exit(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _client_command(args) -> int:
+    from service_adapter.client import ClientError, LeaseClient
+
+    try:
+        url, user, secret, timeout_s = _client_settings(args)
+    except _Exit as exc:
+        return exc.code
+    client = LeaseClient(url, user, secret, timeout_s=timeout_s)
+    try:
+        return _COMMANDS[args.command](client, args)
+    except ClientError as exc:
+        _say(exc.message)
+        return _exit_for_status(exc.status)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_FAILED
+    finally:
+        client.close()
+
+
+def _exit_for_status(status: int | None) -> int:
+    if status is None:
+        return EXIT_UNREACHABLE
+    if status in (401, 403):
+        return EXIT_REFUSED
+    if status == 404:
+        return EXIT_NOT_FOUND
+    if status in (400, 405, 413, 422):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _client_settings(args) -> tuple[str, str, str, float]:
+    """URL, user, secret and request timeout: command line, then environment, then [client]."""
+    from service_adapter.config import SECRET_FILE_ENV, ConfigError, load_config, read_secret_file
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _say(f"config error: {problem}")
+        raise _Exit(EXIT_CONFIG) from None
+    url = args.url or config.service_url
+    user = args.user or config.client_user
+    secret_file = args.secret_file or os.environ.get(SECRET_FILE_ENV) or config.client_secret_file
+    problems = []
+    if not user:
+        problems.append("no operator user: pass --user or set [client] user in the config file")
+    if not secret_file:
+        problems.append(
+            f"no secret file: pass --secret-file, set ${SECRET_FILE_ENV}, "
+            "or set [client] secret_file in the config file"
+        )
+    secret = None
+    if secret_file:
+        try:
+            secret = read_secret_file(os.path.abspath(secret_file))
+        except ValueError as exc:
+            problems.append(f"secret file {secret_file}: {exc}")
+    if problems:
+        for problem in problems:
+            _say(f"config error: {problem}")
+        raise _Exit(EXIT_CONFIG)
+    return url, user, secret, args.timeout or config.client_timeout_s
+
+
+def _print_json(body: dict) -> None:
+    print(json.dumps(body, indent=2, sort_keys=True))
+
+
+def _wait_for(client, lease_id: str, done_states: tuple[str, ...], timeout_s: float) -> dict:
+    """Poll ``show`` (short backoff) until the lease is in ``done_states`` or has ended; raises _Exit on timeout."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        lease = client.show(lease_id)
+        state = lease.get("state")
+        if state in done_states or state in END_STATES:
+            return lease
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _say(f"lease {lease_id} is still {state} after {timeout_s:g} s; it goes on (see 'show {lease_id}')")
+            raise _Exit(EXIT_TIMEOUT)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 1.0)
+
+
+def _wait_timeout(args) -> float:
+    return args.timeout or 600.0
+
+
+def _cmd_reserve(client, args) -> int:
+    lease = client.reserve(args.nodes, args.memory, args.duration)
+    if args.wait:
+        try:
+            lease = _wait_for(client, lease["id"], UP_STATES, _wait_timeout(args))
+        except _Exit as exc:
+            return exc.code
+    if args.json:
+        _print_json(lease)
+    else:
+        print(_lease_text(lease))
+    if args.wait and lease.get("state") not in UP_STATES:
+        _say(f"lease {lease['id']} ended {lease.get('state')} before it was ready" + _reason_suffix(lease))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_release(client, args) -> int:
+    lease = client.release(args.lease)
+    if args.wait:
+        try:
+            lease = _wait_for(client, args.lease, END_STATES, _wait_timeout(args))
+        except _Exit as exc:
+            return exc.code
+    if args.json:
+        _print_json(lease)
+    else:
+        print(_lease_text(lease))
+    if lease.get("state") in FAILED_STATES:
+        _say(f"lease {args.lease} ended {lease.get('state')}" + _reason_suffix(lease))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_list(client, args) -> int:
+    states = [s for value in (args.state or []) for s in value.split(",") if s]
+    body = client.list(states=states, owner=args.owner)
+    if args.json:
+        _print_json(body)
+    else:
+        print(_lease_table(body.get("leases", [])))
+    return EXIT_OK
+
+
+def _cmd_show(client, args) -> int:
+    lease = client.show(args.lease)
+    if args.json:
+        _print_json(lease)
+    else:
+        print(_lease_text(lease))
+    return EXIT_OK
+
+
+def _cmd_usage(client, args) -> int:
+    body = client.usage(owner=args.owner, lease_id=args.lease)
+    if args.json:
+        _print_json(body)
+        return EXIT_OK
+    whose = f"operator {args.owner}" if args.owner else "all operators"
+    if args.lease:
+        whose = f"lease {args.lease}"
+    node_s = float(body.get("node_seconds", 0))
+    mb_s = float(body.get("mb_seconds", 0))
+    print(
+        f"{whose}: {body.get('leases', 0)} lease(s), {node_s:.1f} node-seconds ({node_s / 3600:.3f} node-hours), "
+        f"{mb_s:.0f} MB-seconds ({mb_s / 3600 / 1024:.3f} GB-hours)"
+    )
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "reserve": _cmd_reserve, "release": _cmd_release, "list": _cmd_list, "show": _cmd_show, "usage": _cmd_usage,
+}
+
+
+# -- text output --------------------------------------------------------------------------------
+
+
+def _reason_suffix(lease: dict) -> str:
+    for key in ("reason", "error", "message"):
+        if lease.get(key):
+            return f": {lease[key]}"
+    return ""
+
+
+def _when(value) -> str:
+    """A time for people: epoch seconds or an RFC 3339 string, shown as UTC to the second."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, (int, float)):
+        return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    text = str(value)
+    return text[:19].replace("T", " ") + "Z" if len(text) >= 19 and text.endswith("Z") else text
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):g}s"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _lease_table(leases: list[dict]) -> str:
+    if not leases:
+        return "no leases"
+    header = ("LEASE", "STATE", "OWNER", "NODES", "MB/NODE", "DURATION", "CREATED")
+    rows = [
+        (
+            str(lease.get("id", "?")), str(lease.get("state", "?")), str(lease.get("owner", "-")),
+            str(lease.get("nodes", "-")), str(lease.get("memory_mb", "-")), _seconds(lease.get("duration_s")),
+            _when(lease.get("created_at")),
+        )
+        for lease in leases
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
+
+
+_SHOWN_FIRST = (
+    "id", "state", "reason", "owner", "nodes", "memory_mb", "duration_s", "slot", "job_id",
+    "created_at", "ready_at", "release_requested_at", "expires_at", "ended_at", "updated_at",
+)
+
+
+def _is_time(key: str, value) -> bool:
+    return key.endswith("_at") and (isinstance(value, (int, float)) or (isinstance(value, str) and value.endswith("Z")))
+
+
+def _usage_text(usage: dict) -> str:
+    node_s = float(usage.get("node_seconds", 0))
+    mb_s = float(usage.get("mb_seconds", 0))
+    return f"{node_s:.1f} node-seconds, {mb_s:.0f} MB-seconds"
+
+
+def _pilot_text(pilot: dict) -> str:
+    words = [str(pilot.get("host", "?")), str(pilot.get("state", "?"))]
+    if pilot.get("code"):
+        words.append(f"code {pilot['code']}")
+    if "memory_mb" in pilot:
+        words.append(f"{pilot['memory_mb']} MB")
+    if pilot.get("reserved_at"):
+        words.append(f"reserved {_when(pilot['reserved_at'])}")
+    if pilot.get("updated_at"):
+        words.append(f"last heard {_when(pilot['updated_at'])}")
+    rest = {k: v for k, v in pilot.items()
+            if k not in ("host", "state", "code", "memory_mb", "reserved_at", "updated_at", "expires_at", "seq")}
+    words += [f"{k} {v}" for k, v in rest.items()]
+    return "  ".join(words)
+
+
+def _lease_text(lease: dict) -> str:
+    """One lease as ``key  value`` lines, its pilots (one line each) below."""
+    keys = [k for k in _SHOWN_FIRST if k in lease] + sorted(
+        k for k in lease if k not in _SHOWN_FIRST and k not in ("pilots", "terminal")
+    )
+    width = max((len(k) for k in keys), default=0)
+    lines = []
+    for key in keys:
+        value = lease[key]
+        if key == "usage" and isinstance(value, dict):
+            shown = _usage_text(value)
+        elif _is_time(key, value):
+            shown = _when(value)
+        elif value is None or value == "":
+            shown = "-"
+        elif isinstance(value, (list, dict)):
+            shown = json.dumps(value)
+        else:
+            shown = str(value)
+        lines.append(f"{key.ljust(width)}  {shown}")
+    pilots = lease.get("pilots")
+    if isinstance(pilots, list):
+        lines.append("pilots" + ("" if pilots else "  none reported yet"))
+        lines += ["  " + (_pilot_text(p) if isinstance(p, dict) else json.dumps(p)) for p in pilots]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The operators' client of the service's HTTP API (what ``workspace-lease reserve/list/...`` use).
+
+One ``requests.Session`` with ``HTTPDigestAuth`` (the service answers with a
+SHA-256 challenge), a timeout on every request, and every failure turned
+into a one-line :class:`ClientError` that carries the HTTP status (None when
+the service could not be reached at all).
+"""
+
+from __future__ import annotations
+
+import re
+
+import requests
+from requests.auth import HTTPDigestAuth
+
+API = "/api/v1"
+
+
+class ClientError(Exception):
+    """A request that did not succeed; ``status`` is the HTTP status, None if the service was unreachable."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class LeaseClient:
+    """Calls the operator API at ``url`` as ``user`` (digest secret ``secret``)."""
+
+    def __init__(self, url: str, user: str, secret: str, *, timeout_s: float = 60.0, verify_tls: bool = True):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.session.auth = HTTPDigestAuth(user, secret)
+        self.session.verify = verify_tls
+        self.session.headers["Accept"] = "application/json"
+        self.session.headers["User-Agent"] = "workspace-lease"
+
+    def close(self) -> None:
+        """Close the session's connections."""
+        self.session.close()
+
+    def __enter__(self) -> "LeaseClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the API ---------------------------------------------------------------
+
+    def reserve(self, nodes: int, memory_mb: int, duration_s: float) -> dict:
+        """POST /leases: the new lease."""
+        return self._call("POST", "/leases", json={"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s})
+
+    def release(self, lease_id: str) -> dict:
+        """POST /leases/{id}/release: the lease, being released."""
+        return self._call("POST", f"/leases/{_quote(lease_id)}/release")
+
+    def show(self, lease_id: str) -> dict:
+        """GET /leases/{id}: the lease."""
+        return self._call("GET", f"/leases/{_quote(lease_id)}")
+
+    def list(self, states: list[str] | None = None, owner: str | None = None) -> dict:
+        """GET /leases: ``{"leases": [...]}``."""
+        params = {}
+        if states:
+            params["state"] = ",".join(states)
+        if owner:
+            params["owner"] = owner
+        return self._call("GET", "/leases", params=params)
+
+    def usage(self, owner: str | None = None, lease_id: str | None = None) -> dict:
+        """GET /usage: node-seconds and MB-seconds."""
+        params = {}
+        if owner:
+            params["owner"] = owner
+        if lease_id:
+            params["lease"] = lease_id
+        return self._call("GET", "/usage", params=params)
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs) -> dict:
+        target = f"{self.url}{API}{path}"
+        try:
+            response = self.session.request(method, target, timeout=self.timeout_s, **kwargs)
+        except requests.exceptions.Timeout:
+            raise ClientError(f"{self.url}: no answer within {self.timeout_s:g} s") from None
+        except requests.exceptions.SSLError as exc:
+            raise ClientError(f"{self.url}: TLS failed: {_first_line(exc)}") from None
+        except requests.exceptions.ConnectionError as exc:
+            raise ClientError(f"cannot reach the service at {self.url}: {_reason(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise ClientError(f"{self.url}: {_first_line(exc)}") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            # Whatever answered is not this API (a proxy, another server): the service was not reached.
+            raise ClientError(
+                f"{target}: answered {response.status_code} {response.reason or ''}".rstrip()
+                + " without the service's JSON: is --url the workspace-lease service?"
+            )
+        if response.ok:
+            return body
+        detail = body.get("error") or body.get("detail") or response.reason or "error"
+        if response.status_code == 401:
+            detail = "the service refused this user and secret (HTTP digest)"
+        raise ClientError(f"{method} {target}: {response.status_code} {_first_line(detail)}", response.status_code)
+
+
+def _quote(lease_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(lease_id, safe="")
+
+
+def _first_line(value) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _reason(exc: requests.exceptions.ConnectionError) -> str:
+    """The innermost cause of a connection failure, e.g. "Connection refused"."""
+    cause: BaseException = exc
+    while True:
+        inner = getattr(cause, "reason", None)  # urllib3's MaxRetryError -> NewConnectionError
+        if not isinstance(inner, BaseException):
+            inner = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    text = _first_line(cause)
+    errno_text = re.search(r"\[Errno -?\d+\] ([^()\[\]]+)", text)
+    if errno_text:
+        text = errno_text.group(1).strip()  # "...: [Errno 111] Connection refused" -> "Connection refused"
+    return text or "connection failed"

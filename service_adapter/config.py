@@ -1,0 +1,573 @@
+"""The service's configuration: one INI file for ``workspace-lease`` (serve and the operator commands).
+
+Every option has a type and a default (``packaging/service.conf.example``
+documents each). :func:`load_config` reports every problem at once, one line
+each (``FILE: [section] option: what is wrong, what to do``), as a
+:class:`ConfigError`.
+
+Only ``serve`` reads the secrets the file points at (the pilots' secret and
+the operators' digest accounts), so an operator's ``workspace-lease list``
+on the service host does not need to read them. Both must be files that
+only their owner can read.
+
+Comments start with ``#`` or ``;`` at the very beginning of a line; an
+indented line continues the option above it, so a multi-line value such as
+``extra_directives`` may hold lines that start with ``#`` (``#SBATCH ...``).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import os
+import re
+import stat
+from urllib.parse import urlsplit
+
+from service_adapter.digest import Account
+from service_adapter.launchers import LAUNCHER_NAMES
+from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
+
+DEFAULT_PATH = "/etc/workspace-pilot/service.conf"
+SECRET_FILE_ENV = "WORKSPACE_LEASE_SECRET_FILE"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Every setting of the service and of its operator commands.
+
+    ``packaging/service.conf.example`` documents each; field names are the
+    options' (prefixed where two sections share a name) with their unit as
+    a suffix. ``pilot_secret`` and ``operators`` are filled only when the
+    file was loaded for ``serve``.
+    """
+
+    # [service]
+    listen_host: str = "127.0.0.1"
+    port: int = 8780
+    contact: str | None = None
+    realm: str = "workspace-pilot"
+    store: str = "/var/lib/workspace-pilot-service/service.sqlite"
+    log_file: str = "/var/log/workspace-pilot/service.log"
+    log_level: str = "info"
+    max_skew_s: float = 300.0
+    # [pilots]
+    pilot_user: str = "pilot"
+    pilot_secret_file: str = "/etc/workspace-pilot/pilots.secret"
+    pilot_config: str = "/etc/workspace-pilot/pilot.conf"
+    grace_s: float = 10.0
+    queue_timeout_s: float = 300.0
+    release_grace_s: float = 30.0
+    status_interval_s: float = 2.0
+    # [provider]
+    provider: str = "local"
+    command_timeout_s: float = 30.0
+    use_pbs_python: bool = False
+    qstat_history: str = "auto"
+    env: tuple[tuple[str, str], ...] = ()
+    state_dir: str = "/var/lib/workspace-pilot-service/local"
+    cores_per_node: int = 1
+    memory_per_node_mb: int | None = None
+    walltime_padding_s: float = 120.0
+    queue: str = ""
+    account: str = ""
+    job_name_prefix: str = "wp"
+    output_dir: str = "/var/log/workspace-pilot/jobs"
+    extra_directives: tuple[str, ...] = ()
+    sudo: str = "/usr/bin/sudo"
+    pilot_command: str = "/usr/bin/workspace-pilot"
+    launcher: str = "auto"
+    # [operators]
+    accounts_file: str = "/etc/workspace-pilot/operators.htdigest"
+    operator_realm: str = "workspace-lease"
+    # [client]
+    client_url: str | None = None
+    client_user: str | None = None
+    client_secret_file: str | None = None
+    client_timeout_s: float = 60.0
+    # read for serve only
+    pilot_secret: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    operators: tuple[Account, ...] = dataclasses.field(default=(), repr=False, compare=False)
+
+    @property
+    def listen_url(self) -> str:
+        """``http://listen_host:port`` (IPv6 addresses in brackets)."""
+        return f"http://{_url_host(self.listen_host)}:{self.port}"
+
+    @property
+    def pilot_contact(self) -> str:
+        """The URL the pilots notify: ``contact``, else the listening address."""
+        return self.contact or self.listen_url
+
+    @property
+    def service_url(self) -> str:
+        """Where the operator commands reach the service: ``[client] url``, else this host's listener."""
+        if self.client_url:
+            return self.client_url
+        host = self.listen_host
+        if _is_wildcard(host):
+            host = "::1" if ":" in host else "127.0.0.1"
+        return f"http://{_url_host(host)}:{self.port}"
+
+    def job_template(self):
+        """The :class:`~service_adapter.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
+        from service_adapter.jobscript import JobTemplate
+
+        return JobTemplate(
+            cores_per_node=self.cores_per_node, memory_per_node_mb=self.memory_per_node_mb,
+            walltime_padding_s=self.walltime_padding_s, queue=self.queue, account=self.account,
+            job_name_prefix=self.job_name_prefix, output_dir=self.output_dir,
+            extra_directives=self.extra_directives, sudo=self.sudo, pilot_command=self.pilot_command,
+            launcher=self.launcher,
+        )
+
+    def provider_settings(self):
+        """The :class:`~service_adapter.providers.ProviderSettings` of ``[provider]`` (raises ValueError if invalid)."""
+        from service_adapter.providers import ProviderSettings
+
+        return ProviderSettings(
+            name=self.provider, template=self.job_template(), command_timeout_s=self.command_timeout_s,
+            use_pbs_python=self.use_pbs_python, qstat_history=self.qstat_history,
+            env=dict(self.env) if self.env else None, state_dir=self.state_dir,
+        )
+
+    def operator_accounts(self) -> dict[str, Account]:
+        """The operators' accounts by user name (serve only)."""
+        return {account.user: account for account in self.operators}
+
+    def pilot_account(self) -> Account:
+        """The pilots' digest account (serve only)."""
+        if self.pilot_secret is None:
+            raise RuntimeError("the pilots' secret was not loaded (load_config(..., serve=True))")
+        return Account.from_secret(self.pilot_user, self.realm, self.pilot_secret)
+
+
+# -- value parsers: each raises ValueError("what is wrong, what to do") -------------------------
+
+_MAX = 10**8
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds above 0") from None
+    if not 0 < value <= _MAX:
+        raise ValueError(f"must be a number of seconds above 0 (and at most {_MAX})")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds, 0 or more") from None
+    if not 0 <= value <= _MAX:
+        raise ValueError(f"must be a number of seconds, 0 or more (and at most {_MAX})")
+    return value
+
+
+def _optional_mb(text: str) -> int | None:
+    message = "must be a whole number of MB (0: no memory request), or empty for the lease's memory"
+    if text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(message) from None
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError(message)
+    return value
+
+
+def _cores(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number from 1 to 100000") from None
+    if not 1 <= value <= 100_000:
+        raise ValueError("must be a whole number from 1 to 100000")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a TCP port number from 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port number from 1 to 65535")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be yes or no")
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be the service's base URL (scheme, host, port), without a path")
+    return text.rstrip("/")
+
+
+def _host(text: str) -> str:
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text):
+        raise ValueError("must be an IP address or a host name to listen on (e.g. 127.0.0.1, 0.0.0.0)")
+    return text
+
+
+def _abs_path(text: str) -> str:
+    if not os.path.isabs(text):
+        raise ValueError("must be an absolute path")
+    return text
+
+
+def _log_file(text: str) -> str:
+    return text if text == "-" else _abs_path(text)
+
+
+def _optional_abs_path(text: str) -> str:
+    return text if text == "" else _abs_path(text)
+
+
+def _choice(*allowed: str):
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _realm(text: str) -> str:
+    if not text or '"' in text or "\\" in text:
+        raise ValueError("must be non-empty and free of quotes and backslashes")
+    return text
+
+
+def _user(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}", text):
+        raise ValueError("must be a user name (letters, digits, _ . @ -; at most 64)")
+    return text
+
+
+def _word(text: str) -> str:
+    """A single word for the batch system (queue, account, prefix); empty allowed."""
+    if text and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*", text):
+        raise ValueError("must be one word (letters, digits, _ . @ + -), or empty")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,15}", text):
+        raise ValueError("must start with a letter and hold at most 16 letters, digits, _ or -")
+    return text
+
+
+def _lines(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _env(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for line in _lines(text):
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(
+                f"{line!r} is not KEY=VALUE: give one variable per line, e.g. SLURM_CONF=/etc/slurm/slurm.conf"
+            )
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+# section -> option -> (field name, parser)
+SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
+    "service": {
+        "listen_host": ("listen_host", _host),
+        "port": ("port", _port),
+        "contact": ("contact", _url),
+        "realm": ("realm", _realm),
+        "store": ("store", _abs_path),
+        "log_file": ("log_file", _log_file),
+        "log_level": ("log_level", _choice(*LOG_LEVELS)),
+        "max_skew": ("max_skew_s", _positive_float),
+    },
+    "pilots": {
+        "user": ("pilot_user", _user),
+        "secret_file": ("pilot_secret_file", _abs_path),
+        "pilot_config": ("pilot_config", _abs_path),
+        "grace": ("grace_s", _positive_float),
+        "queue_timeout": ("queue_timeout_s", _positive_float),
+        "release_grace": ("release_grace_s", _positive_float),
+        "status_interval": ("status_interval_s", _positive_float),
+    },
+    "provider": {
+        "name": ("provider", _choice(*PROVIDER_NAMES)),
+        "command_timeout": ("command_timeout_s", _positive_float),
+        "use_pbs_python": ("use_pbs_python", _bool),
+        "qstat_history": ("qstat_history", _choice(*QSTAT_HISTORY)),
+        "env": ("env", _env),
+        "state_dir": ("state_dir", _abs_path),
+        "cores_per_node": ("cores_per_node", _cores),
+        "memory_per_node": ("memory_per_node_mb", _optional_mb),
+        "walltime_padding": ("walltime_padding_s", _non_negative_float),
+        "queue": ("queue", _word),
+        "account": ("account", _word),
+        "job_name_prefix": ("job_name_prefix", _prefix),
+        "output_dir": ("output_dir", _abs_path),
+        "extra_directives": ("extra_directives", _lines),
+        "sudo": ("sudo", _optional_abs_path),
+        "pilot_command": ("pilot_command", _abs_path),
+        "launcher": ("launcher", _choice(*LAUNCHER_NAMES)),
+    },
+    "operators": {
+        "accounts_file": ("accounts_file", _abs_path),
+        "realm": ("operator_realm", _realm),
+    },
+    "client": {
+        "url": ("client_url", _url),
+        "user": ("client_user", _user),
+        "secret_file": ("client_secret_file", _abs_path),
+        "timeout": ("client_timeout_s", _positive_float),
+    },
+}
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, *, serve: bool = False, **overrides) -> ServiceConfig:
+    """Read ``path`` (or the default file if it exists), apply non-None ``overrides``, validate.
+
+    ``path=None`` means :data:`DEFAULT_PATH`, whose absence is not an error
+    (every option has a default, and the operator commands take theirs from
+    the command line). ``serve=True`` also reads the pilots' secret and the
+    operators' accounts file and checks the provider settings. Raises
+    :class:`ConfigError` listing every problem found.
+    """
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    if explicit or os.path.exists(path):
+        parser = configparser.ConfigParser(interpolation=None, comment_prefixes=(), empty_lines_in_values=False)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
+        # Comments only at the start of a line: an indented "#SBATCH ..." is part of a value.
+        text = re.sub(r"(?m)^[#;].*$", "", text)
+        try:
+            parser.read_string(text, source=path)
+        except configparser.Error as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError([f"{path}: not a valid INI file: {first}"]) from None
+        _read_sections(parser, path, values, problems)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not problems:
+        problems.extend(_cross_checks(path, values))
+    config = None
+    if not problems:
+        config = ServiceConfig(**values)
+        if serve:
+            config = _load_serve_parts(path, config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read_sections(parser: configparser.ConfigParser, path: str, values: dict, problems: list[str]) -> None:
+    for section in parser.sections():
+        options = SCHEMA.get(section)
+        if options is None:
+            problems.append(f"{path}: unknown section [{section}]: known are {', '.join(f'[{s}]' for s in SCHEMA)}")
+            continue
+        for option, text in parser.items(section):
+            if option not in options:
+                problems.append(
+                    f"{path}: [{section}] unknown option '{option}': known are {', '.join(options)}"
+                )
+                continue
+            field, parse = options[option]
+            try:
+                values[field] = parse(text.strip())
+            except ValueError as exc:
+                problems.append(f"{path}: [{section}] {option} = {text.strip()!r}: {exc}")
+
+
+def _cross_checks(path: str, values: dict) -> list[str]:
+    """Problems that only the combination of options shows."""
+    problems = []
+    host = values.get("listen_host", ServiceConfig.listen_host)
+    if _is_wildcard(host) and not values.get("contact"):
+        problems.append(
+            f"{path}: [service] contact: needed when listen_host = {host} (the pilots cannot reach a "
+            "wildcard address): set the URL the nodes reach this service at"
+        )
+    if values.get("realm", ServiceConfig.realm) == values.get("operator_realm", ServiceConfig.operator_realm):
+        problems.append(
+            f"{path}: [operators] realm: must differ from [service] realm, so that pilot and operator "
+            "credentials never work for each other"
+        )
+    problems.extend(_template_problems(path, values))
+    return problems
+
+
+def _template_problems(path: str, values: dict) -> list[str]:
+    """The job template's own checks (extra directives that fight a typed field, or suit the other LRM)."""
+    config = ServiceConfig(**values)
+    try:
+        template = config.job_template()
+        if config.provider in ("pbs", "slurm"):
+            template.check(config.provider)
+    except ValueError as exc:
+        message = _first_line(exc)
+        option = "extra_directives" if "extra directive" in message else None
+        for name, (field, _) in SCHEMA["provider"].items():
+            if option is None and re.match(rf"{field}\b", message):
+                option = name
+        if option is None:
+            return [f"{path}: [provider] {message}"]
+        field = SCHEMA["provider"][option][0]
+        value = getattr(config, field)
+        shown = "\n".join(value) if isinstance(value, tuple) else str(value)
+        return [f"{path}: [provider] {option} = {shown!r}: {message}"]
+    return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> ServiceConfig:
+    """Read the secrets and check the provider settings; adds one line per problem."""
+    secret = None
+    try:
+        secret = read_secret_file(config.pilot_secret_file)
+    except ValueError as exc:
+        problems.append(f"{path}: [pilots] secret_file {config.pilot_secret_file}: {exc}")
+    accounts: tuple[Account, ...] = ()
+    try:
+        accounts = tuple(read_accounts_file(config.accounts_file, config.operator_realm).values())
+    except ValueError as exc:
+        problems.append(f"{path}: [operators] accounts_file {config.accounts_file}: {exc}")
+    try:
+        config.provider_settings()
+    except ValueError as exc:
+        problems.append(f"{path}: [provider] {_first_line(exc)}")
+    return dataclasses.replace(config, pilot_secret=secret, operators=accounts)
+
+
+def check_private_file(path: str) -> os.stat_result:
+    """Raise ValueError unless ``path`` is a regular file only its owner (this user or root) can read."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{exc.strerror}: create it (mode 0600)") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ValueError(f"mode {mode:04o} lets group or others at it: chmod 600 {path}")
+    if info.st_uid not in (0, os.geteuid()):
+        raise ValueError(f"is owned by uid {info.st_uid}, not by this user or root: chown it")
+    return info
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in ``path`` (surrounding white space dropped); ValueError says what is wrong."""
+    check_private_file(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    if not secret:
+        raise ValueError("is empty: put the secret in it")
+    if "\n" in secret:
+        raise ValueError("holds more than one line: put only the secret in it")
+    return secret
+
+
+def read_accounts_file(path: str, realm: str) -> dict[str, Account]:
+    """Operator accounts from an htdigest-style file of ``user:realm:HA1`` lines (SHA-256 HA1).
+
+    HA1 is ``sha256("user:realm:secret")`` in lowercase hex (for example
+    ``printf '%s' "alice:workspace-lease:$SECRET" | sha256sum``). Blank
+    lines and lines starting with ``#`` are skipped. Raises ValueError with
+    one line naming the first bad line.
+    """
+    check_private_file(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    accounts: dict[str, Account] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"line {number}: not user:realm:HA1")
+        user, line_realm, ha1 = parts
+        try:
+            _user(user)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: user {user!r} {exc}") from None
+        if line_realm != realm:
+            raise ValueError(
+                f"line {number}: realm {line_realm!r} is not the operator realm {realm!r}: "
+                "compute the HA1 with the operator realm"
+            )
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", ha1):
+            raise ValueError(f"line {number}: HA1 must be 64 hex digits (sha256 of user:realm:secret)")
+        if user in accounts:
+            raise ValueError(f"line {number}: user {user!r} appears twice")
+        accounts[user] = Account(user, ha1.lower())
+    if not accounts:
+        raise ValueError("holds no account: add a user:realm:HA1 line")
+    return accounts

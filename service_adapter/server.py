@@ -1,0 +1,137 @@
+"""``workspace-lease serve``: the service as one process.
+
+One aiohttp application on ``listen_host:port`` holds both the pilots'
+notification endpoint (digest realm ``[service] realm``) and the operators'
+API (realm ``[operators] realm``); one lease manager thread watches the
+leases through the store and the provider. SIGTERM or SIGINT stops it
+cleanly: no new connections, the manager stopped, the store closed. Leases
+are NOT cancelled on the way out: their pilot jobs keep running, and a
+restarted service (same store) picks them up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from service_adapter.config import ServiceConfig
+
+log = logging.getLogger("service_adapter.server")
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class ServeError(Exception):
+    """The service cannot start here; the message is one line saying why and what to do."""
+
+
+def setup_logging(config: ServiceConfig) -> None:
+    """Log with timestamps to ``[service] log_file`` ("-": stderr) at ``log_level``."""
+    if config.log_file == "-":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            os.makedirs(os.path.dirname(config.log_file), mode=0o755, exist_ok=True)
+            handler = logging.FileHandler(config.log_file)
+        except OSError as exc:
+            raise ServeError(f"[service] log_file {config.log_file}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(config.log_level.upper())
+
+
+def build(config: ServiceConfig):
+    """The store, provider, lease manager and the aiohttp app (receiver + API) of ``config``.
+
+    ``config`` must have been loaded with ``serve=True`` (it carries the
+    secrets). Returns ``(store, provider, manager, app)``.
+    """
+    from service_adapter.api import add_api
+    from service_adapter.digest import DigestVerifier
+    from service_adapter.lease import LeaseManager
+    from service_adapter.providers import make_provider
+    from service_adapter.receiver import make_app
+    from service_adapter.store import Store
+
+    pilots = DigestVerifier(config.realm, {config.pilot_user: config.pilot_account()})
+    operators = DigestVerifier(config.operator_realm, config.operator_accounts())
+    try:
+        os.makedirs(os.path.dirname(config.store), mode=0o700, exist_ok=True)
+        store = Store(config.store)
+    except Exception as exc:  # OSError, sqlite3.Error: one line either way
+        raise ServeError(f"[service] store {config.store}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        provider = make_provider(config.provider_settings())
+        manager = LeaseManager(
+            store, provider, contact=config.pilot_contact, pilot_config=config.pilot_config,
+            grace_s=config.grace_s, queue_timeout_s=config.queue_timeout_s,
+            release_grace_s=config.release_grace_s, status_interval_s=config.status_interval_s,
+        )
+    except Exception as exc:
+        store.close()
+        raise ServeError(f"[provider] name = {config.provider}: {_one_line(exc)}") from None
+    app = make_app(store, pilots, config.max_skew_s)
+    add_api(app, manager, operators)
+    return store, provider, manager, app
+
+
+def serve(config: ServiceConfig, *, out=None) -> int:
+    """Run the service until SIGTERM or SIGINT; returns 0 after a clean stop.
+
+    Prints ``workspace-lease: serving on URL (...)`` to ``out`` (stdout)
+    once it listens and the manager runs. Raises :class:`ServeError` when
+    it cannot start.
+    """
+    out = out or sys.stdout
+    setup_logging(config)
+    store, provider, manager, app = build(config)
+    try:
+        asyncio.run(_run(config, app, manager, store, out))
+    finally:
+        try:
+            manager.stop()
+        finally:
+            store.close()
+            log.info("stopped; leases and their pilot jobs left running")
+    return 0
+
+
+async def _run(config: ServiceConfig, app: web.Application, manager, store, out) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen_host, config.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ServeError(
+                f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
+            ) from None
+        await asyncio.to_thread(manager.start)
+        line = (
+            f"workspace-lease: serving on {config.listen_url} (store {config.store}, provider {config.provider}, "
+            f"pilots notify {config.pilot_contact})"
+        )
+        log.info("%s", line.split(": ", 1)[1])
+        print(line, file=out, flush=True)
+        await stop.wait()
+        log.info("stopping (signal): no new connections, then the lease manager and the store")
+    finally:
+        await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,433 @@
+"""``workspace-lease``: the service (``serve``) and its operator commands, each a real process.
+
+The service runs as ``python -m service_adapter serve`` with the ``local``
+provider (pilot processes standing for nodes, reserving real hugepages), a
+SQLite store and its log under the test's directory, on a free loopback port.
+The operator commands run as real processes too, and ``curl --digest`` and
+``requests`` check the API and the realms from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from requests.auth import HTTPDigestAuth
+
+from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+from service_adapter.local_site import write_pilot_config
+from tests.conftest import free_port, pool_pages, read_until
+
+OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
+PILOT_USER, PILOT_SECRET = "pilot", "pilot-secret-4567"
+PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
+CLI = [sys.executable, "-m", "service_adapter"]
+
+
+def private(path, text: str) -> str:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+class Site:
+    """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
+
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.journal_dir = root / "journal"
+        self.store = root / "service.sqlite"
+        self.log_file = root / "service.log"
+        pilot_secret = private(root / "pilots.secret", PILOT_SECRET + "\n")
+        ha1 = hashlib.sha256(f"{OPERATOR}:{OPERATOR_REALM}:{OPERATOR_SECRET}".encode()).hexdigest()
+        accounts = private(root / "operators.htdigest", f"{OPERATOR}:{OPERATOR_REALM}:{ha1}\n")
+        self.secret_file = private(root / "alice.secret", OPERATOR_SECRET + "\n")
+        self.pilot_config = str(root / "pilot.conf")
+        write_pilot_config(
+            self.pilot_config, contact=self.url, user=PILOT_USER, secret=PILOT_SECRET, realm=PILOT_REALM,
+            log_dir=str(root / "logs"), journal_dir=str(self.journal_dir), reserved_timeout_s=15,
+        )
+        self.config = str(root / "service.conf")
+        (root / "service.conf").write_text(
+            "[service]\n"
+            f"port = {self.port}\n"
+            f"store = {self.store}\n"
+            f"log_file = {self.log_file}\n"
+            "log_level = debug\n"
+            "[pilots]\n"
+            f"secret_file = {pilot_secret}\n"
+            f"pilot_config = {self.pilot_config}\n"
+            "grace = 5\n"
+            "release_grace = 10\n"
+            "status_interval = 0.5\n"
+            "queue_timeout = 30\n"
+            "[provider]\n"
+            "name = local\n"
+            f"state_dir = {root / 'local'}\n"
+            f"output_dir = {root / 'jobs'}\n"
+            "[operators]\n"
+            f"accounts_file = {accounts}\n"
+            "[client]\n"
+            f"user = {OPERATOR}\n"
+            f"secret_file = {self.secret_file}\n"
+            "timeout = 20\n"
+        )
+
+    def cli(self, *args: str, config: bool = True, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``workspace-lease ARGS --config <this site's file>`` as a real process."""
+        argv = [*CLI, *args] + (["--config", self.config] if config else [])
+        environment = dict(os.environ)
+        environment.pop("WORKSPACE_LEASE_SECRET_FILE", None)
+        environment.update(env or {})
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environment)
+
+    def api(self, method: str, path: str, user: str = OPERATOR, secret: str = OPERATOR_SECRET, **kwargs):
+        """One request to the API with ``requests``' digest auth."""
+        return requests.request(
+            method, f"{self.url}/api/v1{path}", auth=HTTPDigestAuth(user, secret), timeout=20, **kwargs,
+        )
+
+    def pilot_pids(self) -> list[int]:
+        """Owner pids of the node journal's entries (pilots that hold or held memory)."""
+        pids = []
+        for entry in self.journal_dir.glob("*.json") if self.journal_dir.exists() else []:
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(entry.read_text())
+                pid = data.get("owner", {}).get("pid") if isinstance(data.get("owner"), dict) else data.get("pid")
+                if isinstance(pid, int):
+                    pids.append(pid)
+        return pids
+
+
+def start_serve(site: Site) -> subprocess.Popen:
+    """``workspace-lease serve`` as a real process; returns once it prints that it is serving."""
+    process = subprocess.Popen(
+        [*CLI, "serve", "--config", site.config],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        out = read_until(process, "workspace-lease: serving on", timeout=15)
+    except BaseException:
+        stop_process(process)
+        raise
+    assert f"serving on {site.url} (store {site.store}, provider local" in out
+    return process
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    """Signal ``process`` by its pid and reap it (SIGKILL if it does not end in ``timeout``)."""
+    if process.poll() is None:
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def end_pilots(site: Site) -> None:
+    """After a failed test: SIGTERM any pilot still holding memory (by its journalled pid) and wait."""
+    deadline = time.monotonic() + 15
+    for pid in site.pilot_pids():
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if site.pilot_config.encode() not in handle.read():
+                    continue  # not one of this test's pilots (the pid was reused)
+            os.kill(pid, signal.SIGTERM)
+    while site.pilot_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serving(site: Site):
+    """A running ``serve`` for the block; stopped by pid afterwards, then any leftover pilot."""
+    process = start_serve(site)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+        end_pilots(site)
+
+
+@pytest.fixture
+def site(tmp_path):
+    return Site(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory):
+    """One service with no lease, shared by the tests that only talk to it."""
+    site = Site(tmp_path_factory.mktemp("idle"))
+    with serving(site):
+        yield site
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# -- a whole lease through the commands -------------------------------------------------------------
+
+
+def test_reserve_list_show_release_usage(site, hugepages):
+    start_pages = hugepages
+    with serving(site):
+        t0 = time.monotonic()
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease = json.loads(reserved.stdout)
+        lease_id = lease["id"]
+        assert lease["state"] == "ready"
+        assert (lease["nodes"], lease["memory_mb"], lease["owner"]) == (2, 32, OPERATOR)
+        assert pool_pages() == start_pages + 2 * 16  # two local "nodes" x 32 MB of 2 MiB pages
+        ready_s = time.monotonic() - t0
+
+        listed = site.cli("list")
+        assert listed.returncode == 0, listed.stderr
+        header, *rows = listed.stdout.splitlines()
+        assert header.split()[:3] == ["LEASE", "STATE", "OWNER"]
+        assert [row.split()[:3] for row in rows] == [[lease_id, "ready", OPERATOR]]
+        listed_json = site.cli("list", "--json", "--state", "ready,pending", "--owner", OPERATOR)
+        assert [entry["id"] for entry in json.loads(listed_json.stdout)["leases"]] == [lease_id]
+        assert json.loads(site.cli("list", "--json", "--state", "released").stdout) == {"leases": []}
+
+        shown = site.cli("show", lease_id)
+        assert shown.returncode == 0, shown.stderr
+        assert f"id" in shown.stdout and lease_id in shown.stdout and "ready" in shown.stdout
+
+        released = site.cli("release", lease_id, "--wait", "--json")
+        assert released.returncode == 0, released.stderr
+        assert json.loads(released.stdout)["state"] == "released"
+        assert pool_pages() == start_pages
+
+        shown_json = json.loads(site.cli("show", lease_id, "--json").stdout)
+        api = site.api("GET", f"/leases/{lease_id}")
+        assert api.status_code == 200
+        assert shown_json == api.json()  # --json prints exactly the API's answer
+        assert json.loads(site.cli("list", "--json").stdout) == site.api("GET", "/leases").json()
+
+        again = site.cli("release", lease_id, "--json")  # releasing an ended lease is no error
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["state"] == "released"
+
+        usage = site.cli("usage", "--json", "--owner", OPERATOR)
+        assert usage.returncode == 0, usage.stderr
+        used = json.loads(usage.stdout)
+        assert used == site.api("GET", f"/usage?owner={OPERATOR}").json()
+        assert used["node_seconds"] > 0 and used["mb_seconds"] >= 32 * used["node_seconds"] * 0.99
+        assert used["leases"] == 1
+        assert json.loads(site.cli("usage", "--json", "--owner", "bob").stdout)["node_seconds"] == 0
+        text = site.cli("usage")
+        assert text.returncode == 0 and "node-seconds" in one_line(text.stdout)
+    log = site.log_file.read_text()
+    assert lease_id in log and "released" in log
+    print(f"ready after {ready_s:.2f} s")
+
+
+def test_service_restart_keeps_the_lease(site, hugepages):
+    """SIGKILL the service while a lease is ready; a new serve on the same store still knows and ends it."""
+    start_pages = hugepages
+    first = start_serve(site)
+    try:
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease_id = json.loads(reserved.stdout)["id"]
+        assert pool_pages() == start_pages + 32
+    except BaseException:
+        stop_process(first)
+        end_pilots(site)
+        raise
+    first.kill()  # by its pid: no clean shutdown at all
+    first.wait()
+    assert pool_pages() == start_pages + 32  # the pilots outlive the service
+
+    down = site.cli("show", lease_id)
+    assert down.returncode == 4, down.stderr
+
+    with serving(site):
+        shown = site.cli("show", lease_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["state"] == "ready"
+        t0 = time.monotonic()
+        released = site.cli("release", lease_id, "--wait", "--json")
+        assert released.returncode == 0, released.stderr + released.stdout
+        assert json.loads(released.stdout)["state"] == "released"
+        # The new service cancelled the job the old one submitted (not the pilots' own 30 s deadline).
+        assert time.monotonic() - t0 < 10
+        assert pool_pages() == start_pages
+        assert site.pilot_pids() == []
+
+
+def test_sigterm_stops_serve_cleanly_and_the_store_survives(site):
+    process = start_serve(site)
+    assert stop_process(process) == 0
+    assert "stopping (signal)" in site.log_file.read_text()
+    with serving(site):
+        listed = site.cli("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout) == {"leases": []}
+
+
+# -- errors: one line and a distinct exit code --------------------------------------------------------
+
+
+def test_wrong_secret_is_refused_with_exit_5(idle, tmp_path):
+    wrong = private(tmp_path / "wrong.secret", "not-the-secret\n")
+    result = idle.cli("list", "--secret-file", wrong)
+    assert result.returncode == 5
+    line = one_line(result.stderr)
+    assert line.startswith("workspace-lease: GET ") and " 401 " in line
+    # The environment variable is the secret file too (below the command line, above the config file).
+    assert idle.cli("list", env={"WORKSPACE_LEASE_SECRET_FILE": wrong}).returncode == 5
+    unknown_user = idle.cli("list", "--user", "mallory")
+    assert unknown_user.returncode == 5
+
+
+def test_unreachable_service_is_exit_4(site):
+    result = site.cli("list", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 4
+    assert "cannot reach the service at" in one_line(result.stderr)
+
+
+def test_unknown_lease_is_exit_6(idle):
+    result = idle.cli("show", "no-such-lease")
+    assert result.returncode == 6
+    assert "404" in one_line(result.stderr)
+    assert idle.cli("release", "no-such-lease").returncode == 6
+
+
+@pytest.mark.parametrize("args", [
+    ("reserve", "--nodes", "0", "--memory", "32", "--duration", "30"),
+    ("reserve", "--nodes", "two", "--memory", "32", "--duration", "30"),
+    ("reserve", "--memory", "32", "--duration", "30"),
+    ("show",),
+    ("frobnicate",),
+    ("list", "--url", "localhost:8780"),
+])
+def test_bad_arguments_are_exit_2(site, args):
+    result = site.cli(*args, config=False)
+    assert result.returncode == 2
+    assert "(see --help)" in one_line(result.stderr)
+
+
+def test_missing_credentials_and_bad_secret_file_mode_are_exit_3(site, tmp_path):
+    no_user = site.cli("list", "--url", site.url, config=False)
+    assert no_user.returncode == 3
+    assert "no operator user" in no_user.stderr
+    loose = tmp_path / "loose.secret"
+    loose.write_text("x\n")
+    os.chmod(loose, 0o644)
+    result = site.cli("list", "--secret-file", str(loose))
+    assert result.returncode == 3
+    assert one_line(result.stderr) == (
+        f"workspace-lease: config error: secret file {loose}: mode 0644 lets group or others at it: chmod 600 {loose}"
+    )
+
+
+def test_serve_with_a_bad_config_is_exit_3_one_line_per_problem(site, tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[service]\nport = http\n[pilots]\ngrace = soon\n")
+    result = subprocess.run([*CLI, "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) >= 2
+    assert lines[0].startswith(f"workspace-lease: config error: {bad}: [service] port = 'http': ")
+    assert lines[1].startswith(f"workspace-lease: config error: {bad}: [pilots] grace = 'soon': ")
+
+
+def test_serve_on_a_busy_port_is_exit_3(idle, tmp_path):
+    other = Site(tmp_path)
+    text = open(other.config).read().replace(f"port = {other.port}", f"port = {idle.port}")
+    with open(other.config, "w") as handle:
+        handle.write(text)
+    result = subprocess.run([*CLI, "serve", "--config", other.config], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    assert f"cannot listen on 127.0.0.1:{idle.port}" in one_line(result.stderr)
+
+
+def test_bad_requests_get_400_with_one_line(idle):
+    for body in (b"not json", b"[1]", b'{"nodes": 1}', b'{"nodes": true, "memory_mb": 1, "duration_s": 1}',
+                 b'{"nodes": 1, "memory_mb": 1, "duration_s": 0}', b'{"nodes": 1, "memory_mb": 1, "duration_s": 1, "x": 1}'):
+        response = idle.api("POST", "/leases", data=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, body
+        assert set(response.json()) == {"error"} and "\n" not in response.json()["error"]
+    assert idle.api("GET", "/leases?state=sleeping").status_code == 400
+    too_big = idle.api("POST", "/leases", data=b" " * 5000, headers={"Content-Type": "application/json"})
+    assert too_big.status_code == 413
+    assert idle.api("GET", "/nothing-here").status_code == 404
+    assert idle.api("DELETE", "/leases").status_code == 405
+
+
+# -- the two realms: neither side's credentials work on the other's endpoints --------------------
+
+
+def test_pilot_credentials_are_refused_by_the_api(idle):
+    response = idle.api("GET", "/leases", user=PILOT_USER, secret=PILOT_SECRET)
+    assert response.status_code == 401
+    assert f'realm="{OPERATOR_REALM}"' in response.headers["WWW-Authenticate"]
+    assert idle.api("GET", "/leases").status_code == 200
+    assert requests.get(f"{idle.url}/api/v1/leases", timeout=10).status_code == 401  # no credentials at all
+
+
+def test_operator_credentials_are_refused_by_the_notification_endpoint(idle):
+    body = b'{"version": 2}'
+    for user, secret, realm in ((OPERATOR, OPERATOR_SECRET, OPERATOR_REALM), (PILOT_USER, PILOT_SECRET, PILOT_REALM)):
+        ha1 = hashlib.sha256(f"{user}:{realm}:{secret}".encode()).hexdigest()
+        response = requests.post(
+            idle.url + NOTIFICATIONS_PATH, data=body, auth=HTTPDigestAuth(user, secret),
+            headers={SIGNATURE_HEADER: sign(ha1, body)}, timeout=10,
+        )
+        if user == OPERATOR:
+            assert response.status_code == 401
+            assert f'realm="{PILOT_REALM}"' in response.headers["WWW-Authenticate"]
+        else:
+            assert response.status_code == 400  # authenticated; only then is the body found wanting
+
+
+def test_curl_digest_sha256_against_the_api(idle, tmp_path):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (scripts/bootstrap.sh installs it)")
+
+    def curl(secret: str, *extra: str) -> tuple[int, str]:
+        out = tmp_path / "out.json"
+        result = subprocess.run(
+            ["curl", "--silent", "--show-error", "--digest", "--user", f"{OPERATOR}:{secret}",
+             "--output", str(out), "--write-out", "%{http_code}", *extra],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+        return int(result.stdout), out.read_text()
+
+    status, body = curl(OPERATOR_SECRET, f"{idle.url}/api/v1/leases?owner={OPERATOR}")
+    assert (status, json.loads(body)) == (200, {"leases": []})
+    status, body = curl(OPERATOR_SECRET, f"{idle.url}/api/v1/usage")
+    assert status == 200 and json.loads(body)["leases"] == 0
+    status, _ = curl("wrong", f"{idle.url}/api/v1/leases")
+    assert status == 401
+    status, body = curl(
+        OPERATOR_SECRET, "--header", "Content-Type: application/json", "--data-binary", '{"nodes": 0}',
+        f"{idle.url}/api/v1/leases",
+    )
+    assert status == 400 and "nodes" in json.loads(body)["error"]
+
+
+def test_help_explains_commands_and_exit_codes():
+    result = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for word in ("serve", "reserve", "release", "list", "show", "usage", "demo"):
+        assert word in result.stdout
+    for code in range(8):
+        assert f"\n  {code}  " in result.stdout
