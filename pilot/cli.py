@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     from pilot.config import DEFAULT_PATH, ConfigError, load_config
     from pilot.journal import Journal, JournalError
 
-    if os.environ.get("SUDO_USER") and args.config not in (None, DEFAULT_PATH):
+    if os.environ.get("SUDO_USER") and os.environ.get("SUDO_UID") != "0" and args.config not in (None, DEFAULT_PATH):
         # The batch user must not choose what root runs (xl_command) or where root writes (log dir).
+        # Root going through sudo (jobs that already run as root) gains nothing, so it may choose.
         return _fail("usage error", [f"--config is refused through sudo; the pilot reads {DEFAULT_PATH}"], ExitCode.USAGE)
 
     try:

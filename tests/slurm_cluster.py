@@ -18,10 +18,25 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+
+from service_adapter.digest import Account, DigestVerifier
+from service_adapter.jobscript import JobTemplate
+from service_adapter.lease import LeaseManager
+from service_adapter.local_site import write_pilot_config
+from service_adapter.providers import ProviderSettings, make_provider
+from service_adapter.receiver import ReceiverThread, make_app
+from service_adapter.store import Store
 
 SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
 DAEMONS = ("munged", "slurmctld", "slurmd")
+PILOT = os.path.realpath(os.path.join(os.path.dirname(sys.executable), "workspace-pilot"))
+SUDO = shutil.which("sudo") or "/usr/bin/sudo"
+TERMINAL = {"released", "expired", "failed", "missing"}
+REALM = "workspace-pilot"
+USER = "pilot"
+WALLTIME_MARGIN_S = 20
 
 
 class ClusterError(RuntimeError):
@@ -219,3 +234,81 @@ class SlurmCluster:
                 process.kill()
                 process.wait()
         self.processes.clear()
+
+
+class ServiceOnCluster:
+    """Store, receiver, pilot account and config, a provider on the test cluster, and a running lease manager."""
+
+    def __init__(self, workdir, cluster, provider: str, *, padding_s: float = 120, queue_timeout_s: float = 60,
+                 extra_directives: tuple = (), grace_s: float = 5, store_path: str | None = None, contact=None):
+        self.workdir = workdir
+        self.cluster = cluster
+        self.provider_name = provider
+        self.padding_s = padding_s
+        self.queue_timeout_s = queue_timeout_s
+        self.extra_directives = extra_directives
+        self.grace_s = grace_s
+        self.secret = "pilot-secret-" + os.urandom(6).hex()
+        self.store_path = store_path or os.path.join(workdir, "service.sqlite")
+        self.log_dir = os.path.join(workdir, "logs")
+        self.journal_dir = os.path.join(workdir, "journal")
+        self.pilot_config = os.path.join(workdir, "pilot.conf")
+        self.open(contact)
+
+    def open(self, contact=None) -> None:
+        """Start (or start again) the service side over the same store file: what a restart does."""
+        account = Account.from_secret(USER, REALM, self.secret)
+        self.store = Store(self.store_path)
+        self.receiver = ReceiverThread(make_app(self.store, DigestVerifier(REALM, {USER: account})),
+                                       port=getattr(self, "port", 0))
+        self.url = self.receiver.start()
+        self.port = self.receiver.port
+        if not os.path.exists(self.pilot_config):
+            write_pilot_config(
+                self.pilot_config, contact=contact or self.url, user=USER, secret=self.secret, realm=REALM,
+                log_dir=self.log_dir, journal_dir=self.journal_dir,
+                sections={"timing": {"walltime_margin": WALLTIME_MARGIN_S}},
+            )
+        self.provider = self.provider_for(PILOT)
+        self.manager = LeaseManager(
+            self.store, self.provider, contact=contact or self.url, pilot_config=self.pilot_config,
+            grace_s=self.grace_s, queue_timeout_s=self.queue_timeout_s, release_grace_s=15,
+            status_interval_s=0.5,
+        )
+        self.manager.start()
+
+    def provider_for(self, pilot_command: str):
+        """A provider of this site's kind on the cluster whose job scripts run ``pilot_command``."""
+        template = JobTemplate(
+            pilot_command=pilot_command, sudo=SUDO, output_dir=os.path.join(self.workdir, "jobs"),
+            walltime_padding_s=self.padding_s, extra_directives=self.extra_directives,
+        )
+        return make_provider(ProviderSettings(
+            name=self.provider_name, template=template, env={"SLURM_CONF": self.cluster.conf},
+            command_timeout_s=20,
+        ))
+
+    def close(self) -> None:
+        """Stop the service side; the pilots and their jobs go on (as when the service dies)."""
+        self.manager.stop()
+        self.receiver.stop()
+        self.store.close()
+
+    def wait(self, lease, states, timeout: float):
+        """The lease once it is in one of ``states``; AssertionError naming where it is after ``timeout``."""
+        found = self.manager.wait(lease.id, set(states), timeout)
+        current = self.manager.get(lease.id)
+        assert found is not None, f"lease {lease.id} is {current.state} ({current.reason}), not {states}"
+        return found
+
+    def pilot_states(self, lease) -> dict[str, list[str]]:
+        """Each host's notified states, in order."""
+        seen: dict[str, list[str]] = {}
+        for host, _seq, state, _code in self.store.notifications(lease.slot):
+            seen.setdefault(host, []).append(state)
+        return seen
+
+    def pilot_log(self, lease, host: str) -> str:
+        """The pilot's own log file of ``host`` for the lease."""
+        with open(os.path.join(self.log_dir, f"{lease.slot}.{host}.log"), encoding="utf-8") as handle:
+            return handle.read()

@@ -140,7 +140,7 @@ def test_through_sudo_the_batch_user_cannot_choose_the_config(tmp_path):
     config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret")
     result = subprocess.run(
         [sys.executable, "-m", "pilot", "reserve", *GOOD_ARGS, "--config", config],
-        capture_output=True, text=True, env=dict(os.environ, SUDO_USER="alice"),
+        capture_output=True, text=True, env=dict(os.environ, SUDO_USER="alice", SUDO_UID="1000"),
     )
     assert result.returncode == ExitCode.USAGE
     assert result.stderr.strip().splitlines() == [

@@ -1,0 +1,120 @@
+"""Whole leases on a real 4-node Slurm: real sbatch and SchedMD's real qsub, real pilots under sudo.
+
+Each pilot runs on its Slurm node (node1..node4: four slurmd on this machine)
+as root through ``sudo``, takes real 2 MiB hugepages, and reports to a real
+receiver on 127.0.0.1. The cluster comes from the session fixture
+``slurm_cluster`` (tests/slurm_cluster.py); each test leaves no job behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.conftest import pool_pages
+from tests.slurm_cluster import TERMINAL, ServiceOnCluster
+
+
+
+@pytest.fixture
+def make_site(tmp_path, slurm_cluster):
+    sites = []
+
+    def make(provider: str, **options) -> ServiceOnCluster:
+        site = ServiceOnCluster(str(tmp_path), slurm_cluster, provider, **options)
+        sites.append(site)
+        return site
+
+    yield make
+    for site in sites:
+        try:
+            for lease in site.manager.list():
+                if lease.job_id:
+                    slurm_cluster.run(["scancel", lease.job_id])
+        finally:
+            site.close()
+    assert slurm_cluster.wait_empty(30), "a job outlived its test"
+
+
+@pytest.mark.parametrize("provider", ["slurm", "pbs"])
+def test_two_node_lease_is_ready_then_released_through_the_lrm(make_site, provider, hugepages):
+    site = make_site(provider)
+    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300, owner="alice")
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    hosts = sorted(p.host for p in ready.pilots)
+    assert len(hosts) == 2 and len(set(hosts)) == 2 and set(hosts) <= set(site.cluster.nodes)
+    assert pool_pages() == hugepages + 2 * 16
+    queue = site.cluster.run(["squeue", "-h", "-j", ready.job_id, "-o", "%T %D"]).stdout.split()
+    assert queue == ["RUNNING", "2"]
+
+    site.manager.release(lease.id)  # scancel / qdel: every pilot gets SIGTERM
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "released", done.reason
+    # Each pilot took the early path and reported its end: none was SIGKILLed after KillWait.
+    assert site.pilot_states(lease) == {h: ["reserved", "earlyunreserving", "unreserved"] for h in hosts}
+    assert pool_pages() == hugepages
+    usage = site.manager.usage(lease_id=lease.id)
+    assert usage.node_seconds > 0 and usage.mb_seconds == pytest.approx(32 * usage.node_seconds, rel=1e-6)
+
+
+def test_a_lease_shorter_than_the_walltime_ends_by_the_pilots_own_deadline(make_site, hugepages):
+    site = make_site("slurm", padding_s=120)  # walltime: 3 minutes
+    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=4)
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "expired", done.reason
+    states = site.pilot_states(lease)
+    assert sorted(states) == sorted(p.host for p in done.pilots) and len(states) == 2
+    assert all(s == ["reserved", "unreserving", "unreserved"] for s in states.values()), states
+    for host in states:
+        assert re.search(r"deadline \S+ \(duration\)", site.pilot_log(lease, host)), "the duration was the deadline"
+    assert pool_pages() == hugepages
+
+
+def test_a_short_walltime_sends_the_pilot_home_before_the_lrm_kills_it(make_site, hugepages):
+    # A 30 s lease with no padding asks Slurm for 1 minute (its least). The pilot reads the job's end
+    # from squeue and leaves the walltime margin (20 s) + grace before it, i.e. before its own duration ends
+    # and long before slurmctld's walltime SIGTERM (up to 30 s late) and SIGKILL.
+    site = make_site("slurm", padding_s=0, grace_s=5)
+    lease = site.manager.reserve(nodes=1, memory_mb=32, duration_s=50)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    [host] = [p.host for p in ready.pilots]
+    assert re.search(r"deadline \S+ \(squeue\)", site.pilot_log(lease, host)), "the walltime was the deadline"
+    done = site.wait(lease, TERMINAL, 90)
+    assert done.state == "expired", done.reason
+    assert site.pilot_states(lease) == {host: ["reserved", "unreserving", "unreserved"]}
+    assert pool_pages() == hugepages
+
+
+@pytest.mark.parametrize("how", ["too-many-nodes", "held"])
+def test_a_job_that_never_starts_is_cancelled_by_the_queue_timeout(make_site, slurm_cluster, how):
+    nodes, extra = (len(slurm_cluster.nodes) + 2, ()) if how == "too-many-nodes" else (1, ("--hold",))
+    site = make_site("slurm", queue_timeout_s=3, extra_directives=extra)
+    lease = site.manager.reserve(nodes=nodes, memory_mb=32, duration_s=60)
+    state = slurm_cluster.run(["squeue", "-h", "-j", lease.job_id, "-o", "%T"]).stdout.strip()
+    assert state == "PENDING"
+    done = site.wait(lease, TERMINAL, 30)
+    assert done.state == "missing", done.reason
+    assert done.pilots == []
+    # The manager cancels right after it records the lease missing: give scancel its moment.
+    assert slurm_cluster.wait_empty(10), "the queue timeout did not cancel the job"
+    assert slurm_cluster.run(["squeue", "-h", "--states=all", "-j", lease.job_id, "-o", "%T"]).stdout.strip() in (
+        "CANCELLED", "")
+
+
+def test_a_service_restart_mid_lease_loses_nothing(make_site, hugepages):
+    site = make_site("slurm")
+    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300)
+    assert site.wait(lease, {"ready"} | TERMINAL, 60).state == "ready"
+    site.close()  # the service goes away; the job and its pilots stay
+    site.open()  # a new store, receiver (same port), provider and manager over the same file
+    again = site.manager.get(lease.id)
+    assert again.state == "ready" and again.job_id == lease.job_id and len(again.pilots) == 2
+    site.manager.release(lease.id)
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "released", done.reason
+    assert all(s[-1] == "unreserved" for s in site.pilot_states(lease).values())
+    assert pool_pages() == hugepages
