@@ -44,7 +44,8 @@ NODE_COUNTS = (1, 2, 4)
 
 NOTHING = """#!/bin/sh
 # The baseline payload: note when it started on this node, nothing else.
-date +%s.%N > {stamps}/$SLURM_JOB_ID.$SLURMD_NODENAME
+date +%s.%N > {stamps}/tmp-$SLURM_JOB_ID.$SLURMD_NODENAME
+mv {stamps}/tmp-$SLURM_JOB_ID.$SLURMD_NODENAME {stamps}/$SLURM_JOB_ID.$SLURMD_NODENAME
 """
 
 
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)  # take turns with test runs: the pool is one per machine
         start_pool = pool()
         cluster.start()
+        os.makedirs(os.path.join(workdir, "service"))
         service = ServiceOnCluster(os.path.join(workdir, "service"), cluster, "slurm", queue_timeout_s=120)
         try:
             stamps = os.path.join(workdir, "stamps")
