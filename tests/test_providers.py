@@ -312,10 +312,9 @@ def test_status_is_unknown_when_the_controller_refuses_connections(lrm, tmp_path
     conf = conf_with_port(slurm_cluster, str(tmp_path), free_port(), "MessageTimeout=1")
     pilot, _ = write_stand_in(str(tmp_path))
     provider = lrm.provider(name, pilot, conf=conf, timeout=10)
-    start = time.monotonic()
     assert provider.status(["1", NEVER_SUBMITTED]) == {"1": JobState.UNKNOWN, NEVER_SUBMITTED: JobState.UNKNOWN}
     assert provider.status(["1"]) == {"1": JobState.UNKNOWN}
-    assert time.monotonic() - start < 10  # a failure, not the timeout
+    # A failure, not the timeout: Slurm's own error comes back.
     with pytest.raises(ProviderError, match="(?i)unable to contact slurm controller"):
         provider.cancel("1")  # not "already ended": the lease manager must try again
     with pytest.raises(ProviderError, match="(?i)unable to contact slurm controller"):
@@ -330,9 +329,7 @@ def test_status_is_unknown_when_the_controller_never_answers(lrm, tmp_path, name
         conf = conf_with_port(slurm_cluster, str(tmp_path), silent.getsockname()[1])
         pilot, _ = write_stand_in(str(tmp_path))
         provider = lrm.provider(name, pilot, conf=conf, timeout=1)
-        start = time.monotonic()
         assert provider.status(["1"]) == {"1": JobState.UNKNOWN}
-        assert 1 <= time.monotonic() - start < 8
         with pytest.raises(ProviderError, match="did not finish within"):
             provider.cancel("1")
 
@@ -422,9 +419,8 @@ def test_run_command_reports_exit_timeout_and_missing_command(tmp_path):
     assert run_command(["sh", "-c", 'test "$X_TEST" = 1'], timeout=10, env={"X_TEST": "1"}).ok
     # A timeout kills the whole group the command started (SchedMD's qsub runs sbatch in a shell).
     marker = tmp_path / "survived"
-    start = time.monotonic()
     result = run_command(["sh", "-c", f"(sleep 1; touch {marker}) & sleep 30"], timeout=0.5)
-    assert result.outcome is Outcome.TIMED_OUT and result.rc is None and time.monotonic() - start < 5
+    assert result.outcome is Outcome.TIMED_OUT and result.rc is None
     assert "did not finish within" in result.message()
     time.sleep(1.5)  # past the moment the background child would have touched the marker
     assert not marker.exists()

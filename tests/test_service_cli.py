@@ -262,12 +262,11 @@ def test_service_restart_keeps_the_lease(site, hugepages):
         shown = site.cli("show", lease_id, "--json")
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)["state"] == "ready"
-        t0 = time.monotonic()
         released = site.cli("release", lease_id, "--wait", "--json")
         assert released.returncode == 0, released.stderr + released.stdout
         assert json.loads(released.stdout)["state"] == "released"
-        # The new service cancelled the job the old one submitted (not the pilots' own 30 s deadline).
-        assert time.monotonic() - t0 < 10
+        # "released", not "expired": the new service cancelled the job the old one submitted,
+        # it did not run out at the pilots' own 30 s deadline.
         assert pool_pages() == start_pages
         assert site.pilot_pids() == []
 

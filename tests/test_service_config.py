@@ -86,8 +86,8 @@ def test_contact_and_client_url_follow_the_listener(tmp_path):
     config = load_config(write(tmp_path, "[service]\nlisten_host = 0.0.0.0\ncontact = https://svc.example:8780/\n"))
     assert config.pilot_contact == "https://svc.example:8780"
     assert config.service_url == "http://127.0.0.1:8780"  # the operators on this host use loopback
-    config = load_config(write(tmp_path, "[client]\nurl = http://10.0.0.5:8780\n"))
-    assert config.service_url == "http://10.0.0.5:8780"
+    config = load_config(write(tmp_path, "[client]\nurl = http://lease-service.invalid:8780\n"))
+    assert config.service_url == "http://lease-service.invalid:8780"
 
 
 def test_multi_line_values_keep_lines_that_start_with_a_hash(tmp_path):
