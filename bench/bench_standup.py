@@ -105,10 +105,11 @@ def main(argv=None) -> int:
     with open("/tmp/workspace-pilot-tests.hugepages.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # take turns with test runs: the pool is one per machine
         start_pool = pool()
-        cluster.start()
-        os.makedirs(os.path.join(workdir, "service"))
-        service = ServiceOnCluster(os.path.join(workdir, "service"), cluster, "slurm", queue_timeout_s=120)
+        service = None
         try:
+            cluster.start()
+            os.makedirs(os.path.join(workdir, "service"))
+            service = ServiceOnCluster(os.path.join(workdir, "service"), cluster, "slurm", queue_timeout_s=120)
             stamps = os.path.join(workdir, "stamps")
             os.makedirs(stamps)
             nothing = os.path.join(workdir, "nothing.sh")
@@ -128,8 +129,9 @@ def main(argv=None) -> int:
                     "ratio_of_medians": statistics.median(standup) / statistics.median(base),
                 }
         finally:
-            service.close()
-            cluster.stop()
+            if service is not None:
+                service.close()
+            cluster.stop()  # by the pids it started, even when set-up failed half-way
             if pool() != start_pool:
                 print(f"bench_standup: pool at {pool()} pages, started at {start_pool}", file=sys.stderr)
             shutil.rmtree(workdir, ignore_errors=True)
