@@ -11,6 +11,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import logging
+import re
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,22 @@ class JobState(enum.Enum):
 _FINISHED = frozenset({
     JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.ENDED, JobState.GONE,
 })
+
+
+def split_job_ids(job_ids: list[str], valid: "re.Pattern[str]", lrm: str) -> tuple[dict[str, JobState], list[str]]:
+    """Ids the LRM could know (each once, in order), and GONE for those that are no job id of ``lrm`` at all.
+
+    Such an id is never handed to the LRM's commands, where it could read as an option.
+    """
+    states: dict[str, JobState] = {}
+    asked: list[str] = []
+    for job_id in job_ids:
+        if not valid.fullmatch(str(job_id)):
+            log.warning("%r is not a %s job id: reporting it gone", job_id, lrm)
+            states[job_id] = JobState.GONE
+        elif job_id not in asked:
+            asked.append(job_id)
+    return states, asked
 
 
 class ProviderError(Exception):

@@ -26,7 +26,7 @@ from typing import Callable
 from service_adapter.jobscript import PBS, JobTemplate, job_name, output_path, render_pbs, script_path
 from service_adapter.launchers import resolve_launcher
 from service_adapter.providers.slurm import signal_steps
-from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
 from service_adapter.providers.commands import CommandResult, Outcome, run_command
 from service_adapter.providers.scriptfile import write_job_script
 
@@ -187,14 +187,7 @@ class PbsProvider(Provider):
 
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
         """``qstat -f`` (with ``-x`` where it gives history) for all ids; UNKNOWN where qstat could not say."""
-        states: dict[str, JobState] = {}
-        asked: list[str] = []
-        for job_id in job_ids:
-            if not _JOB_ID_RE.fullmatch(str(job_id)):
-                log.warning("%r is not a PBS job id: reporting it gone", job_id)
-                states[job_id] = JobState.GONE
-            elif job_id not in asked:
-                asked.append(job_id)
+        states, asked = split_job_ids(job_ids, _JOB_ID_RE, "PBS")
         if not asked:
             return states
         if self._ifl is not None:

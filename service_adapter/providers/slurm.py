@@ -14,7 +14,7 @@ from typing import Callable
 
 from service_adapter.jobscript import SLURM, JobTemplate, job_name, render_slurm, script_path
 from service_adapter.launchers import resolve_launcher
-from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
 from service_adapter.providers.commands import Outcome, run_command
 from service_adapter.providers.scriptfile import write_job_script
 
@@ -161,14 +161,7 @@ class SlurmProvider(Provider):
         is GONE too (Slurm cannot know it). A failed or timed-out squeue makes
         every asked id UNKNOWN.
         """
-        states: dict[str, JobState] = {}
-        asked: list[str] = []
-        for job_id in job_ids:
-            if not _JOB_ID_RE.fullmatch(str(job_id)):
-                log.warning("%r is not a Slurm job id: reporting it gone", job_id)
-                states[job_id] = JobState.GONE
-            elif job_id not in asked:
-                asked.append(job_id)
+        states, asked = split_job_ids(job_ids, _JOB_ID_RE, "Slurm")
         if not asked:
             return states
         result = self._run(["squeue", "-h", "--states=all", "-j", ",".join(asked), "-o", "%i|%T|%r"])
