@@ -34,7 +34,9 @@ from typing import Callable, Iterable
 
 from pilot.protocol import format_time
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.commandboard import CommandBoard
 from service_adapter.store import HOLD_ENDED, LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
+from service_adapter.vmstore import VmRow
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,16 @@ LEASE_STATES: dict[str, LeaseState] = {
                       "some pilots reported, not all N have reserved"),
     "ready": _row(False, {"running", "releasing", "failed", "expired"},
                   "all N pilots reported reserved: the memory is held for VMs"),
-    "running": _row(False, {"releasing", "failed", "expired"},
-                    "VMs run on it (entered by the VM commands of issue 5; nothing enters it yet)"),
+    "running": _row(False, {"ready", "releasing", "failed", "expired"},
+                    "at least one of its VMs runs (back to ready when none does)"),
     "releasing": _row(False, {"released", "expired", "failed"},
                       "a release was asked (the job is cancelled), or the pilots started unreserving on "
                       "their own; waiting for every host's unreserved"),
     "released": _row(True, (), "ended after a release"),
     "expired": _row(True, (), "ended at its deadline: the pilots unreserved on their own, without a release"),
-    "failed": _row(True, (), "a pilot reported error, or the job ended before the lease was ready, or the "
-                              "lease ended early (while ready, before its deadline) without a release"),
+    "failed": _row(True, (), "a pilot reported error, or a pilot stopped polling (lost), or the job ended "
+                              "before the lease was ready, or the lease ended early (while ready, before its "
+                              "deadline) without a release"),
     "missing": _row(True, (), "the queue timeout passed before all N pilots reported reserved: the job is "
                               "cancelled"),
 }
@@ -126,15 +129,17 @@ class Decision:
     cancel: bool = False
 
 
-def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: float, timing: Timing) -> Decision:
+def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: float, timing: Timing,
+           vms_running: int = 0) -> Decision:
     """The lease's next state from what is known now. Pure: no store, no provider, no clock.
 
     ``lease`` needs ``state``, ``reason``, ``nodes``, ``created_at``,
     ``expires_at``, ``release_requested_at`` and ``job_finished_at``;
     ``pilots`` are the hosts bound to its slot with their latest state,
     ``reserved_at`` and ``ended_by``. ``job_state`` is the LRM's word:
-    UNKNOWN never counts as finished, GONE does. Rules in order, first
-    match wins:
+    UNKNOWN never counts as finished, GONE does. ``vms_running`` is how
+    many of the lease's VMs its pilots reported running. Rules in order,
+    first match wins:
 
     - a terminal state stays;
     - a pilot in ``error`` -> failed, cancel;
@@ -144,8 +149,10 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
       timeout -> missing, cancel; pending with a host reported -> reserving;
     - ready/running: a release asked -> releasing, cancel; a host
       unreserving, early-unreserving, unreserved or killed -> releasing;
+      a host given up as lost (it stopped polling) -> failed, cancel;
       the job finished with no host on its way out, for release_grace_s ->
-      expired at or past ``expires_at``, else failed;
+      expired at or past ``expires_at``, else failed; ready with a VM
+      running -> running; running with none -> ready;
     - releasing: every one of the N hosts unreserved or killed -> the end
       (below); no host ever bound and a release asked -> released once the
       job finished or release_grace_s after the request; the job finished
@@ -201,6 +208,10 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
             return Decision("releasing", "release requested", cancel=True)
         if leaving:
             return Decision("releasing", _why_leaving(leaving))
+        lost = [p for p in pilots if p.lost_at is not None]
+        if lost:
+            return Decision("failed", f"lost: {', '.join(p.host for p in lost)} stopped polling for commands; "
+                            "job cancelled", cancel=True)
         if finished:
             since = lease.job_finished_at if lease.job_finished_at is not None else now
             if now - since >= timing.release_grace_s:
@@ -209,6 +220,10 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
                 if lease.expires_at is not None and now >= lease.expires_at:
                     return Decision("expired", why)
                 return Decision("failed", why + ", before the lease's deadline")
+        if state == "ready" and vms_running:
+            return Decision("running", f"{vms_running} VM{'s' if vms_running != 1 else ''} running")
+        if state == "running" and not vms_running:
+            return Decision("ready", "no VM running")
         return stay
 
     # releasing
@@ -312,6 +327,7 @@ class LeaseInfo:
     pilots: list[PilotRow]
     usage: Usage
     updated_at: float | None = None
+    vms: list[VmRow] = dataclasses.field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
@@ -346,7 +362,18 @@ class LeaseInfo:
                 for p in self.pilots
             ],
             "usage": self.usage.to_json(),
+            "vms": [vm_json(vm) for vm in self.vms],
         }
+
+
+def vm_json(vm: VmRow) -> dict:
+    """A VM as the API shows it: its host, state and why, its size, times as RFC 3339 or null, its spec."""
+    return {
+        "name": vm.name, "host": vm.host, "state": vm.state, "reason": vm.reason,
+        "memory_mb": vm.memory_mb, "vcpus": vm.vcpus, "created_at": _time(vm.created_at),
+        "updated_at": _time(vm.updated_at), "started_at": _time(vm.started_at),
+        "stopped_at": _time(vm.stopped_at), "spec": vm.spec,
+    }
 
 
 def _time(epoch: float | None) -> str | None:
@@ -362,7 +389,10 @@ class LeaseManager:
     ``grace_s`` is the pilots' grace (their time to restore and report once
     stopped); ``queue_timeout_s`` and ``release_grace_s`` are :class:`Timing`;
     ``status_interval_s`` bounds how often the provider is asked about jobs
-    (and how long the background thread sleeps without a commit). Several
+    (and how long the background thread sleeps without a commit). With a
+    ``board`` (the receiver's :class:`CommandBoard`) and ``lost_after_s``, a
+    host that holds memory but has not polled for commands for that long
+    is given up as lost (its VMs with it) and the lease fails. Several
     managers over one store file do not double-apply a transition
     (compare-and-set), though each would cancel on its own.
     """
@@ -370,10 +400,14 @@ class LeaseManager:
     def __init__(
         self, store: Store, provider: Provider, *, contact: str, pilot_config: str, grace_s: float = 10.0,
         queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 2.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, board: CommandBoard | None = None,
+        lost_after_s: float | None = None,
     ):
-        for name, value in (("grace_s", grace_s), ("queue_timeout_s", queue_timeout_s),
-                            ("release_grace_s", release_grace_s), ("status_interval_s", status_interval_s)):
+        checked = [("grace_s", grace_s), ("queue_timeout_s", queue_timeout_s),
+                   ("release_grace_s", release_grace_s), ("status_interval_s", status_interval_s)]
+        if lost_after_s is not None:
+            checked.append(("lost_after_s", lost_after_s))
+        for name, value in checked:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a number above 0, got {value!r}")
         self.store = store
@@ -384,6 +418,8 @@ class LeaseManager:
         self.timing = Timing(queue_timeout_s, release_grace_s)
         self.status_interval_s = status_interval_s
         self.clock = clock
+        self.board = board
+        self.lost_after_s = lost_after_s if board is not None else None
         self._lock = threading.RLock()  # one tick at a time (release and wait tick too)
         self._status: dict[str, JobState] = {}
         self._status_at: float | None = None
@@ -533,8 +569,12 @@ class LeaseManager:
     def _advance(self, row: LeaseRow, job_state: JobState, now: float, changes: list) -> LeaseRow:
         """Apply decide() until the lease stays put (a restart may catch up several steps at once)."""
         pilots = self.store.pilots(row.slot) if row.slot else []
+        if row.state in _HOLDING and self._give_up_silent(row, pilots, now):
+            pilots = self.store.pilots(row.slot)
+        vms = self.store.vms(row.id) if row.state in _HOLDING else []
+        running = sum(1 for vm in vms if vm.state == "running")
         for _ in range(len(LEASE_STATES)):
-            decision = decide(row, pilots, job_state, now, self.timing)
+            decision = decide(row, pilots, job_state, now, self.timing, vms_running=running)
             if decision.state == row.state:
                 break
             if decision.state not in LEASE_STATES[row.state].next:  # a bug in decide: refuse, loudly
@@ -558,6 +598,22 @@ class LeaseManager:
                 cancel_requested_at=(row.cancel_requested_at or now) if decision.cancel else row.cancel_requested_at,
             )
         return row
+
+    def _give_up_silent(self, row: LeaseRow, pilots: list[PilotRow], now: float) -> bool:
+        """Mark lost every holding host silent for longer than lost_after_s; whether any was marked."""
+        if self.lost_after_s is None:
+            return False
+        marked = False
+        for p in pilots:
+            if p.reserved_at is None or p.ended_by is not None or p.lost_at is not None:
+                continue
+            silent = self.board.silent_for((row.slot, p.host), since=p.reserved_at)
+            if silent > self.lost_after_s:
+                why = f"{p.host} has not polled for commands for {silent:.0f} s (limit {self.lost_after_s:g} s)"
+                if self.store.mark_lost(row.slot, p.host, now=now, why=why):
+                    log.warning("lease %s: %s: lost", row.id, why)
+                    marked = True
+        return marked
 
     def _job_states(self, job_ids: list[str], now: float) -> dict[str, JobState]:
         """The LRM's states of ``job_ids``: one status call at most every status_interval_s, else the last answer."""
@@ -642,6 +698,7 @@ class LeaseManager:
             ready_at=row.ready_at, release_requested_at=row.release_requested_at, ended_at=row.ended_at,
             expires_at=row.expires_at, pilots=self.store.pilots(row.slot) if row.slot else [],
             usage=Usage(*self.store.usage_totals(lease_id=row.id)), updated_at=row.updated_at,
+            vms=self.store.vms(row.id),
         )
 
 

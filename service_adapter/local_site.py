@@ -12,11 +12,13 @@ import json
 import os
 import secrets
 
+from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LeaseManager
 from service_adapter.providers.local import LocalProvider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
+from service_adapter.vms import VmManager
 
 REALM = "workspace-pilot"
 PILOT_USER = "pilot"
@@ -72,7 +74,8 @@ class LocalSite:
         self, workdir: str, *, grace_s: float = 10.0, reserved_timeout_s: float = 30.0,
         journal_dir: str = "/var/lib/workspace-pilot", contact: str | None = None, max_skew_s: float = 300.0,
         queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 0.5,
-        start_manager: bool = True,
+        start_manager: bool = True, lost_after_s: float | None = 120.0, vm_overhead_mb: int = 64,
+        pilot_sections: dict[str, dict[str, object]] | None = None,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -81,9 +84,10 @@ class LocalSite:
         self.account = Account.from_secret(PILOT_USER, REALM, secret)
         self.verifier = DigestVerifier(REALM, {PILOT_USER: self.account})
         self.store = Store(os.path.join(workdir, "service.sqlite"))
+        self.board = CommandBoard()
         try:
             self.receiver = ReceiverThread(
-                make_app(self.store, self.verifier, max_skew_s), port=int(saved.get("port", 0))
+                make_app(self.store, self.verifier, max_skew_s, board=self.board), port=int(saved.get("port", 0))
             )
             self.url = self.receiver.start()
         except BaseException:
@@ -96,12 +100,15 @@ class LocalSite:
         write_pilot_config(
             self.pilot_config, contact=self.contact, user=PILOT_USER, secret=secret, realm=REALM,
             log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
+            sections=pilot_sections,
         )
         self.provider = LocalProvider(self.log_dir)
         self.leases = LeaseManager(
             self.store, self.provider, contact=self.contact, pilot_config=self.pilot_config, grace_s=grace_s,
             queue_timeout_s=queue_timeout_s, release_grace_s=release_grace_s, status_interval_s=status_interval_s,
+            board=self.board, lost_after_s=lost_after_s,
         )
+        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb)
         if start_manager:
             self.leases.start()
 

@@ -1,9 +1,19 @@
-"""The HTTP endpoint pilots notify: ``POST /pilot/v2/notifications``.
+"""The HTTP endpoints of the pilots: ``POST /pilot/v2/notifications`` and the command long-poll.
 
 Checks run cheapest-first and each refusal changes nothing:
 digest (401) -> size (413) -> body signature (401) -> JSON and fields (400)
 -> clock skew (422) -> slot and seq, decided by the store (404, 409). A
 notification is answered 200 only after the store has committed it.
+
+``GET /pilot/v2/slots/{slot}/hosts/{host}/commands?after=N&wait=S``
+answers at once with the commands above ``N`` for that pilot, or holds the
+request up to ``S`` seconds (at most ``MAX_POLL_WAIT_S``) until one is
+queued (:mod:`service_adapter.commandboard` wakes it). 401 without a valid
+digest, 400 for a malformed query, 404 when the slot or host is unknown,
+the host has not reserved, has ended its hold or was given up as lost, or
+the lease has ended: the pilot then gives the node back. The answer
+carries ``X-Pilot-Signature``, an HMAC over the request target and the
+body, so a pilot acts only on commands from the service it trusts.
 
 aiohttp serves it: one event loop handles many pilots' keep-alive
 connections cheaply, and the blocking SQLite commit runs in the store's
@@ -13,6 +23,7 @@ writer thread, not on the loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from datetime import timedelta
@@ -20,23 +31,32 @@ from datetime import timedelta
 from aiohttp import web
 
 from pilot.protocol import (
+    COMMANDS_PATH,
     MAX_BODY_BYTES,
+    MAX_COMMAND,
+    MAX_POLL_WAIT_S,
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
     Notification,
     ProtocolError,
+    check_target,
     parse_time,
+    sign_commands,
     signature_matches,
     utc_now,
 )
+from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import DigestVerifier
-from service_adapter.store import Store, Verdict
+from service_adapter.store import HOLD_ENDED, Store, Verdict
 
 log = logging.getLogger(__name__)
 
 STORE_KEY = web.AppKey("store", Store)
 VERIFIER_KEY = web.AppKey("verifier", DigestVerifier)
 SKEW_KEY = web.AppKey("max_skew", timedelta)
+BOARD_KEY = web.AppKey("command_board", CommandBoard)
+#: The most commands one poll answer carries (the rest come with the next poll).
+POLL_BATCH = 64
 
 
 def _answer(status: int, result: str, detail: str = "", headers=None) -> web.Response:
@@ -97,13 +117,86 @@ async def handle_notification(request: web.Request) -> web.Response:
     return _answer(verdict.status, verdict.result)
 
 
-def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0) -> web.Application:
-    """The receiver as an aiohttp application (bodies over the cap are refused while read)."""
+def _poll_query(request: web.Request) -> tuple[int, float]:
+    """(after, wait) from the query; ProtocolError for anything else."""
+    unknown = sorted(set(request.query) - {"after", "wait"})
+    if unknown:
+        raise ProtocolError(f"unknown query parameter(s) {', '.join(unknown)}: use after and wait")
+    try:
+        after = int(request.query.get("after", "0"))
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        raise ProtocolError("after must be a whole number and wait a number of seconds") from None
+    if not 0 <= after <= MAX_COMMAND:
+        raise ProtocolError(f"after: {after} is outside 0..{MAX_COMMAND}")
+    if not 0 <= wait < float("inf"):
+        raise ProtocolError("wait: must be 0 or more seconds")
+    return after, min(wait, MAX_POLL_WAIT_S)
+
+
+async def handle_commands(request: web.Request) -> web.Response:
+    """Answer a pilot's long-poll with its commands above ``after`` (waiting up to ``wait`` s for one)."""
+    verifier = request.app[VERIFIER_KEY]
+    auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
+    if not auth.ok:
+        if request.headers.get("Authorization"):
+            log.warning("refused command poll from %s: %s", request.remote, auth.reason)
+        return _unauthorized(verifier, auth.reason, stale=auth.stale)
+    slot, host = request.match_info["slot"], request.match_info["host"]
+    try:
+        check_target(slot, host)
+        after, wait = _poll_query(request)
+    except ProtocolError as exc:
+        return _answer(400, "invalid", str(exc))
+    store, board = request.app[STORE_KEY], request.app[BOARD_KEY]
+    found = store.pilot(slot, host)
+    if found is None or found[1] or found[0].reserved_at is None or found[0].state in HOLD_ENDED \
+            or found[0].lost_at is not None:
+        return _answer(404, "unknown-slot", "no held slot for this host: give the node back")
+    target = (slot, host)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    board.poll_started(target)
+    try:
+        while True:
+            woken = board.register(target)  # before the read: a commit after it wakes this
+            try:
+                commands = store.commands_after(slot, host, after, POLL_BATCH)
+                remaining = deadline - loop.time()
+                if commands or remaining <= 0:
+                    break
+                await asyncio.wait([woken], timeout=remaining)
+            finally:
+                board.unregister(target, woken)
+    finally:
+        board.poll_ended(target)
+    body = json.dumps({"commands": [dict(command, id=cid) for cid, command in commands]},
+                      separators=(",", ":")).encode()
+    signature = sign_commands(auth.account.ha1_sha256, request.raw_path, body)
+    return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
+
+
+def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
+             board: CommandBoard | None = None) -> web.Application:
+    """The receiver as an aiohttp application (bodies over the cap are refused while read).
+
+    ``board`` (one is made if None) is where command polls wait; the store
+    wakes it after each commit that queues commands.
+    """
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[VERIFIER_KEY] = verifier
     app[SKEW_KEY] = timedelta(seconds=max_skew_s)
+    board = board if board is not None else CommandBoard()
+    app[BOARD_KEY] = board
+    store.set_command_listener(board.wake)
+
+    async def attach(app: web.Application) -> None:
+        board.attach(asyncio.get_running_loop())
+
+    app.on_startup.append(attach)
     app.router.add_post(NOTIFICATIONS_PATH, handle_notification)
+    app.router.add_get(COMMANDS_PATH, handle_commands)
     return app
 
 

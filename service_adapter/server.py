@@ -50,9 +50,12 @@ def build(config: ServiceConfig):
     """The store, provider, lease manager and the aiohttp app (receiver + API) of ``config``.
 
     ``config`` must have been loaded with ``serve=True`` (it carries the
-    secrets). Returns ``(store, provider, manager, app)``.
+    secrets). Returns ``(store, provider, manager, app)``; the app also
+    holds the VM manager and the command board the long-polls wait on.
     """
     from service_adapter.api import add_api
+    from service_adapter.commandboard import CommandBoard
+    from service_adapter.vms import VmManager
     from service_adapter.digest import DigestVerifier
     from service_adapter.lease import LeaseManager
     from service_adapter.providers import make_provider
@@ -66,18 +69,21 @@ def build(config: ServiceConfig):
         store = Store(config.store)
     except Exception as exc:  # OSError, sqlite3.Error: one line either way
         raise ServeError(f"[service] store {config.store}: {getattr(exc, 'strerror', None) or exc}") from None
+    board = CommandBoard()
     try:
         provider = make_provider(config.provider_settings())
         manager = LeaseManager(
             store, provider, contact=config.pilot_contact, pilot_config=config.pilot_config,
             grace_s=config.grace_s, queue_timeout_s=config.queue_timeout_s,
             release_grace_s=config.release_grace_s, status_interval_s=config.status_interval_s,
+            board=board, lost_after_s=config.lost_after_s,
         )
+        vms = VmManager(store, overhead_mb=config.vm_overhead_mb)
     except Exception as exc:
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {_one_line(exc)}") from None
-    app = make_app(store, pilots, config.max_skew_s)
-    add_api(app, manager, operators)
+    app = make_app(store, pilots, config.max_skew_s, board=board)
+    add_api(app, manager, operators, vms=vms)
     return store, provider, manager, app
 
 

@@ -32,12 +32,18 @@ import threading
 import time
 from typing import Callable
 
-from pilot.protocol import LIFECYCLE_STATES, Notification
+from pilot.protocol import LIFECYCLE_STATES, Notification, VmSpec
+from service_adapter import vmstore
+from service_adapter.vmstore import CommandRow, VmRow
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Older versions this one upgrades in place (each step only adds), and how.
+_UPGRADES = {
+    2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -82,6 +88,7 @@ CREATE TABLE IF NOT EXISTS pilots (
     reserved_at REAL,
     reserved_mb INTEGER,
     ended_by    TEXT,
+    lost_at     REAL,
     PRIMARY KEY (slot_id, host)
 );
 CREATE TABLE IF NOT EXISTS notifications (
@@ -121,7 +128,7 @@ CREATE TABLE IF NOT EXISTS lease_events (
 CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
-_TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events")
+_TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands")
 _GROUP_MAX = 256
 #: A pilot's notified states that end its hold on the node (a usage row is written with the first).
 HOLD_ENDED = frozenset({"unreserved", "killed"})
@@ -132,7 +139,8 @@ _LEASE_COLUMNS = (
     " ready_at, release_requested_at, ended_at, expires_at, job_finished_at, cancel_requested_at, cancelled_at"
 )
 _PILOT_COLUMNS = (
-    "slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by, updated_at"
+    "slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by, updated_at,"
+    " lost_at"
 )
 
 
@@ -179,6 +187,8 @@ class PilotRow:
     """The first of earlyunreserving, unreserving, unreserved, killed this host reported; None: none yet."""
     updated_at: float | None = None
     """When the service accepted this host's latest notification."""
+    lost_at: float | None = None
+    """When the service gave this host up for lost (it stopped polling for commands); None: it has not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +273,8 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._woken: set[tuple[str, str]] = set()  # touched by the writer thread only
+        self._command_listener: Callable[[set[tuple[str, str]]], None] | None = None
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="store-writer", daemon=True
@@ -308,6 +320,14 @@ class Store:
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         (tables,) = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+        if tables and version in _UPGRADES:
+            # Additive upgrades only: new columns and tables, in one transaction with the new version.
+            steps = "".join(_UPGRADES[v] for v in sorted(_UPGRADES) if v >= version)
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vmstore.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            )
+            log.warning("store %s upgraded from schema version %d to %d", self.path, version, SCHEMA_VERSION)
+            return
         if tables and version != SCHEMA_VERSION:
             conn.close()
             raise StoreError(
@@ -315,7 +335,9 @@ class Store:
                 f"{SCHEMA_VERSION}: move the file away to start with an empty store"
             )
         # One transaction: a file never has the tables without the version, or the other way round.
-        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vmstore.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        )
 
     def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
         results = []
@@ -341,11 +363,29 @@ class Store:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
+        woken, self._woken = self._woken, set()
+        if woken and self._command_listener is not None:
+            try:
+                self._command_listener(woken)
+            except Exception:  # a listener's bug must not stop the writer
+                log.exception("command listener failed")
         for future, value, exc in results:
             if exc is None:
                 future.set_result(value)
             else:
                 future.set_exception(exc)
+
+    def _wake_target(self, slot: str, host: str) -> None:
+        # Called inside a write: the (slot, host) is announced once the batch has committed.
+        self._woken.add((slot, host))
+
+    def set_command_listener(self, listener: Callable[[set[tuple[str, str]]], None] | None) -> None:
+        """Call ``listener({(slot, host), ...})`` after each commit that queued commands for those pilots.
+
+        It runs on the writer thread: it must be quick and must not write
+        to the store (the receiver uses it to wake the long-polls).
+        """
+        self._command_listener = listener
 
     def submit(self, fn: Callable[[sqlite3.Connection], object]) -> concurrent.futures.Future:
         """Queue ``fn(conn)`` to run inside a write transaction; the future resolves after commit."""
@@ -454,6 +494,8 @@ class Store:
             )
             if cursor.rowcount != 1:
                 return False
+            if ended:
+                vmstore.end_lease_vms(conn, lease_id, now, new)
             conn.execute(
                 "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason) VALUES (?, ?, ?, ?, ?)",
                 (lease_id, now, old, new, reason),
@@ -475,6 +517,8 @@ class Store:
                 " WHERE id = ? AND ended_at IS NULL",
                 (now, now, now, lease_id),
             )
+            if cursor.rowcount == 1:
+                vmstore.queue_release(conn, lease_id, now, self._wake_target)
             return cursor.rowcount == 1
 
         return self.submit(write).result()
@@ -559,7 +603,7 @@ class Store:
                 state = n.state if n.state in LIFECYCLE_STATES else "reserving"
                 reserved_at, reserved_mb = (now, n.memory_mb) if reserving else (None, None)
                 conn.execute(
-                    f"INSERT INTO pilots ({_PILOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO pilots ({_PILOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                     (n.slot, n.host, state, n.code, n.seq, n.memory_mb, n.expires_at,
                      reserved_at, reserved_mb, ending, now),
                 )
@@ -588,6 +632,7 @@ class Store:
                     "UPDATE pilots SET last_seq = ?, updated_at = ? WHERE slot_id = ? AND host = ?",
                     (n.seq, now, n.slot, n.host),
                 )
+            vmstore.apply_notification(conn, n, lease_id, now, self._wake_target)
             conn.execute(
                 "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),
@@ -595,6 +640,26 @@ class Store:
             return Verdict.ACCEPTED
 
         return self.submit(write)
+
+    # -- writes: VMs and commands (service_adapter.vmstore) ---------------------------------
+
+    def start_vms(self, lease_id: str, requests: list[tuple[VmSpec, str | None]], *, overhead_mb: int,
+                  now: float) -> list[str]:
+        """Place and queue the VMs' start-vm commands in one transaction; the hosts chosen, in order.
+
+        Raises :class:`service_adapter.vmstore.VmRequestError` (nothing queued).
+        """
+        return self.submit(
+            lambda conn: vmstore.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target)
+        ).result()
+
+    def stop_vm(self, lease_id: str, name: str, *, force: bool, now: float) -> VmRow:
+        """Queue a stop-vm for an active VM (it becomes ``stopping``); raises VmRequestError."""
+        return self.submit(lambda conn: vmstore.stop_vm(conn, lease_id, name, force, now, self._wake_target)).result()
+
+    def mark_lost(self, slot: str, host: str, *, now: float, why: str) -> bool:
+        """Give (slot, host) up for lost, its active VMs with it; False if it already was."""
+        return self.submit(lambda conn: vmstore.mark_lost(conn, slot, host, now, why)).result()
 
     # -- reads --------------------------------------------------------------------
 
@@ -681,6 +746,28 @@ class Store:
             )
         )
 
+    def vms(self, lease_id: str) -> list[VmRow]:
+        """A lease's VMs, oldest first."""
+        return vmstore.vms_of(self._reader(), lease_id)
+
+    def commands_after(self, slot: str, host: str, after: int, limit: int = 256) -> list[tuple[int, dict]]:
+        """(id, body) of the commands for (slot, host) above ``after``, oldest first."""
+        return vmstore.commands_after(self._reader(), slot, host, after, limit)
+
+    def commands(self, slot: str) -> list[CommandRow]:
+        """Every command of a slot with its outcome, in id order."""
+        return vmstore.commands_of(self._reader(), slot)
+
+    def pilot(self, slot: str, host: str) -> tuple[PilotRow, bool] | None:
+        """The pilot of (slot, host) and whether its lease has ended; None if no such pilot has reported."""
+        row = self._reader().execute(
+            f"SELECT {', '.join('p.' + c.strip() for c in _PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL"
+            " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
+            " WHERE p.slot_id = ? AND p.host = ?",
+            (slot, host),
+        ).fetchone()
+        return None if row is None else (PilotRow(*row[:-1]), bool(row[-1]))
+
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table: for comparing the whole store before and after."""
         conn = self._reader()
@@ -754,7 +841,4 @@ def _usage_filter(lease_id: str | None, owner: str | None) -> tuple[str, list]:
 
 
 def _pilot_row(row: tuple) -> PilotRow:
-    (slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by,
-     updated_at) = row
-    return PilotRow(slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb,
-                    ended_by, updated_at)
+    return PilotRow(*row)

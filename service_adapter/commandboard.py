@@ -1,0 +1,119 @@
+"""Where pilots' long-polls wait for their next command, and when each pilot was last heard polling.
+
+The store announces, after each commit, which (slot, host) pairs got new
+commands (:meth:`Store.set_command_listener`); :meth:`CommandBoard.wake`
+turns that into the waiting polls' wake-up on the receiver's event loop.
+No poll ever re-reads the store on a timer: a command reaches its pilot
+one commit and one loop turn after it was queued.
+
+The poll doubles as the pilot's heartbeat: :meth:`CommandBoard.seen`
+records it, and the lease manager gives up a host as lost when
+:meth:`CommandBoard.silent_for` grows past its limit. Heartbeats live in
+memory only (a restart forgets them and counts from the restart instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Callable, Iterable
+
+Target = tuple[str, str]
+
+
+class CommandBoard:
+    """Thread-safe meeting point of the store's commits (any thread) and the long-polls (one event loop)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.started_at = clock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[Target, list[asyncio.Future]] = {}
+        self._seen: dict[Target, float] = {}
+        self._polling: dict[Target, int] = {}
+        self._lock = threading.Lock()
+
+    # -- the event loop's side -------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve the polls of ``loop`` (the receiver's); wakes are delivered there."""
+        self._loop = loop
+
+    def register(self, target: Target) -> asyncio.Future:
+        """A future resolved at the next :meth:`wake` of ``target`` (call on the loop, before reading the store).
+
+        Registering before the read closes the gap between "no command in
+        the store" and "waiting": a commit in between wakes this future.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(target, []).append(future)
+        return future
+
+    def unregister(self, target: Target, future: asyncio.Future) -> None:
+        """Forget a waiter (its poll answered or timed out)."""
+        waiters = self._waiters.get(target)
+        if waiters is None:
+            return
+        try:
+            waiters.remove(future)
+        except ValueError:
+            pass
+        if not waiters:
+            del self._waiters[target]
+
+    def _wake_on_loop(self, targets: Iterable[Target]) -> None:
+        for target in targets:
+            for future in self._waiters.pop(target, ()):
+                if not future.done():
+                    future.set_result(None)
+
+    # -- any thread --------------------------------------------------------------------------
+
+    def wake(self, targets: Iterable[Target]) -> None:
+        """Wake the polls waiting for any of ``targets`` (safe from any thread; a no-op before :meth:`attach`)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        targets = list(targets)
+        try:
+            loop.call_soon_threadsafe(self._wake_on_loop, targets)
+        except RuntimeError:  # the loop closed in between: nobody is waiting any more
+            pass
+
+    def poll_started(self, target: Target) -> None:
+        """A poll of ``target`` arrived: it is alive now, and while the poll is open."""
+        with self._lock:
+            self._seen[target] = self.clock()
+            self._polling[target] = self._polling.get(target, 0) + 1
+
+    def poll_ended(self, target: Target) -> None:
+        """A poll of ``target`` was answered (or dropped)."""
+        with self._lock:
+            self._seen[target] = self.clock()
+            left = self._polling.get(target, 0) - 1
+            if left > 0:
+                self._polling[target] = left
+            else:
+                self._polling.pop(target, None)
+
+    def silent_for(self, target: Target, since: float | None = None) -> float:
+        """Seconds since ``target`` was last heard polling; 0 while a poll of it is open.
+
+        Never heard (since this board started): counted from ``since`` (e.g.
+        when the host reserved) or from the board's start, whichever is later,
+        so a restarted service does not give up every host at once.
+        """
+        with self._lock:
+            if self._polling.get(target):
+                return 0.0
+            last = self._seen.get(target)
+        if last is None:
+            last = max(self.started_at, since) if since is not None else self.started_at
+        return max(self.clock() - last, 0.0)
+
+    def forget(self, target: Target) -> None:
+        """Drop what is known of ``target`` (its lease ended)."""
+        with self._lock:
+            self._seen.pop(target, None)
+            self._polling.pop(target, None)

@@ -1,0 +1,109 @@
+"""The leases' VMs as the service handles them: start, stop, list, wait.
+
+Starting VMs places them over the lease's hosts (each host's reserved
+memory respected, with a per-VM overhead that should match the pilots')
+and queues one ``start-vm`` per VM, all in one transaction; the pilots
+pull them over their long-poll and report ``vm-running`` or ``vm-failed``.
+Nothing here talks to a node: the store is the whole interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+from pilot.protocol import ProtocolError, VmSpec
+from service_adapter.store import Store
+from service_adapter.vmstore import ENDED, VmRequestError, VmRow
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VmManager", "VmRequestError", "parse_vm_request"]
+
+#: The most VMs one request may start.
+MAX_VMS_PER_REQUEST = 256
+
+
+def parse_vm_request(item) -> tuple[VmSpec, str | None]:
+    """One element of a start request: a VM spec object, optionally with ``"host"`` to pin it; VmRequestError (400)."""
+    if not isinstance(item, dict):
+        raise VmRequestError("each VM must be a JSON object (a VM spec)", 400)
+    host = item.get("host")
+    if host is not None and not isinstance(host, str):
+        raise VmRequestError("'host' must be a host name", 400)
+    try:
+        spec = VmSpec.from_dict({k: v for k, v in item.items() if k != "host"})
+    except ProtocolError as exc:
+        raise VmRequestError(str(exc), 400) from None
+    return spec, host
+
+
+class VmManager:
+    """Starts, stops and lists the VMs of leases through the store; ``overhead_mb`` is counted per VM."""
+
+    def __init__(self, store: Store, *, overhead_mb: int = 64, clock: Callable[[], float] = time.time):
+        if not isinstance(overhead_mb, int) or overhead_mb < 0:
+            raise ValueError(f"overhead_mb must be a whole number of MB, 0 or more, got {overhead_mb!r}")
+        self.store = store
+        self.overhead_mb = overhead_mb
+        self.clock = clock
+
+    def start(self, lease_id: str, requests: list[tuple[VmSpec, str | None]]) -> list[VmRow]:
+        """Queue the VMs' start; returns their rows (state ``starting``, with their hosts), in the request's order.
+
+        All or nothing: raises :class:`VmRequestError` (404 no such lease;
+        409 the lease is not ready or running, a name is in use, or they do
+        not fit; 400 a malformed request) and queues nothing.
+        """
+        if not requests:
+            raise VmRequestError("no VMs given", 400)
+        if len(requests) > MAX_VMS_PER_REQUEST:
+            raise VmRequestError(f"at most {MAX_VMS_PER_REQUEST} VMs per request", 400)
+        hosts = self.store.start_vms(lease_id, requests, overhead_mb=self.overhead_mb, now=self.clock())
+        for (spec, _), host in zip(requests, hosts):
+            log.info("lease %s: VM %s (%d MB, %d vCPU) queued to start on %s",
+                     lease_id, spec.name, spec.memory_mb, spec.vcpus, host)
+        by_name = {vm.name: vm for vm in self.store.vms(lease_id)}
+        return [by_name[spec.name] for spec, _ in requests]  # in the request's order
+
+    def stop(self, lease_id: str, name: str, *, force: bool = False) -> VmRow:
+        """Queue the VM's stop (graceful, or at once with ``force``); returns it (state ``stopping``).
+
+        Raises :class:`VmRequestError`: 404 no such lease or VM, 409 it has ended already.
+        """
+        self.store.stop_vm(lease_id, name, force=force, now=self.clock())
+        log.info("lease %s: VM %s queued to stop%s", lease_id, name, " (forced)" if force else "")
+        return self.get(lease_id, name)
+
+    def list(self, lease_id: str) -> list[VmRow]:
+        """The lease's VMs, oldest first (ended ones included); VmRequestError 404 for an unknown lease."""
+        if self.store.get_lease(lease_id) is None:
+            raise VmRequestError(f"no lease {lease_id!r}", 404)
+        return self.store.vms(lease_id)
+
+    def get(self, lease_id: str, name: str) -> VmRow:
+        """One VM of a lease; VmRequestError 404 if there is none of that name."""
+        for vm in self.list(lease_id):
+            if vm.name == name:
+                return vm
+        raise VmRequestError(f"lease {lease_id} has no VM named {name!r}", 404)
+
+    def wait(self, lease_id: str, name: str, states: Iterable[str], timeout: float) -> VmRow | None:
+        """Block until the VM is in one of ``states`` (woken by commits); None on timeout."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        found: list[VmRow] = []
+
+        def reached() -> bool:
+            vm = self.get(lease_id, name)
+            if vm.state in wanted:
+                found.append(vm)
+                return True
+            return False
+
+        return found[-1] if self.store.wait_for(reached, timeout) else None
+
+    @staticmethod
+    def ended(vm: VmRow) -> bool:
+        """Whether the VM has ended (stopped, failed or lost)."""
+        return vm.state in ENDED

@@ -1,0 +1,340 @@
+"""The VM half of the store: the VMs of each lease and the commands queued for its pilots.
+
+Functions here run inside the store's write transaction (``conn`` is the
+writer's connection) or on a reader connection; :class:`Store` exposes
+them as methods. A command is queued in the same transaction as the VM
+state it implies (``starting`` with its ``start-vm``, ``stopping`` with its
+``stop-vm``), and a pilot's report of a command's outcome moves the VM in
+the same transaction that stores the notification, so the two never
+disagree after a crash or a restart.
+
+VM states: ``starting`` (start-vm queued), ``running`` (the pilot reported
+vm-running), ``stopping`` (stop-vm queued), and the ended ones ``stopped``,
+``failed`` (the pilot refused or could not start it) and ``lost`` (its host
+stopped polling, or its hold ended without a word about it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from typing import Callable
+
+from pilot.protocol import Notification, VmSpec
+from service_adapter.placement import HostRoom, PlacementError, place
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    lease_id    TEXT NOT NULL REFERENCES leases(id),
+    name        TEXT NOT NULL,
+    slot_id     TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    memory_mb   INTEGER NOT NULL,
+    vcpus       INTEGER NOT NULL,
+    spec        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    started_at  REAL,
+    stopped_at  REAL,
+    PRIMARY KEY (lease_id, name)
+);
+CREATE INDEX IF NOT EXISTS vms_by_host ON vms(slot_id, host);
+CREATE TABLE IF NOT EXISTS commands (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    slot_id     TEXT NOT NULL REFERENCES slots(id),
+    host        TEXT NOT NULL,
+    op          TEXT NOT NULL,
+    vm          TEXT,
+    body        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    outcome     TEXT,
+    code        INTEGER,
+    message     TEXT,
+    done_at     REAL
+);
+CREATE INDEX IF NOT EXISTS commands_by_target ON commands(slot_id, host, id);
+"""
+
+ACTIVE = ("starting", "running", "stopping")
+ENDED = ("stopped", "failed", "lost")
+_VM_COLUMNS = (
+    "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
+    " started_at, stopped_at"
+)
+
+
+class VmRequestError(ValueError):
+    """A VM request that cannot be carried out as asked; nothing was queued. ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class VmRow:
+    """One VM of a lease as the service knows it."""
+
+    lease_id: str
+    name: str
+    slot_id: str
+    host: str
+    memory_mb: int
+    vcpus: int
+    spec: dict
+    state: str
+    reason: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    stopped_at: float | None
+
+    @property
+    def active(self) -> bool:
+        """Whether it is (or is about to be, or still is) on its host."""
+        return self.state in ACTIVE
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandRow:
+    """One queued command and, once its pilot reported, the outcome."""
+
+    id: int
+    slot_id: str
+    host: str
+    op: str
+    vm: str | None
+    body: dict
+    created_at: float
+    outcome: str | None
+    code: int | None
+    message: str | None
+    done_at: float | None
+
+
+def _vm_row(row: tuple) -> VmRow:
+    values = list(row)
+    values[6] = json.loads(values[6])
+    return VmRow(*values)
+
+
+def queue_command(conn: sqlite3.Connection, slot: str, host: str, body: dict, now: float,
+                  woken: Callable[[str, str], None]) -> int:
+    """Insert one command (``body`` without its id) for (slot, host); returns its id and reports the target."""
+    cursor = conn.execute(
+        "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
+         json.dumps(body, separators=(",", ":")), now),
+    )
+    woken(slot, host)
+    return cursor.lastrowid
+
+
+def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: int) -> list[HostRoom]:
+    """Every host of the slot that can take VMs now, with the memory its active VMs leave free."""
+    rows = conn.execute(
+        "SELECT p.host, COALESCE(p.reserved_mb, p.memory_mb),"
+        " (SELECT TOTAL(v.memory_mb) + COUNT(v.name) * ? FROM vms v"
+        "   WHERE v.lease_id = ? AND v.host = p.host AND v.state IN ('starting', 'running', 'stopping'))"
+        " FROM pilots p WHERE p.slot_id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
+        " AND p.lost_at IS NULL AND p.state = 'reserved' ORDER BY p.host",
+        (overhead_mb, lease_id, slot),
+    ).fetchall()
+    return [HostRoom(host, reserved, reserved - int(used)) for host, reserved, used in rows]
+
+
+def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSpec, str | None]],
+              overhead_mb: int, now: float, woken) -> list[str]:
+    """Place each (spec, wanted host or None) on a host of the lease and queue its start-vm; all or nothing.
+
+    Returns the hosts chosen, in order. Raises :class:`VmRequestError`: the
+    lease is not ready or running, a name is taken by an active VM (or
+    twice in the request), or the VMs do not fit.
+    """
+    lease = conn.execute("SELECT state, slot FROM leases WHERE id = ?", (lease_id,)).fetchone()
+    if lease is None:
+        raise VmRequestError(f"no lease {lease_id!r}", 404)
+    state, slot = lease
+    if state not in ("ready", "running"):
+        raise VmRequestError(f"lease {lease_id} is {state}: VMs start only on a ready or running lease")
+    names = [spec.name for spec, _ in requests]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise VmRequestError(f"VM name(s) {', '.join(twice)} given twice in one request", 400)
+    taken = conn.execute(
+        f"SELECT name, state FROM vms WHERE lease_id = ? AND name IN ({', '.join('?' * len(names))})",
+        [lease_id, *names],
+    ).fetchall()
+    busy = sorted(name for name, vm_state in taken if vm_state in ACTIVE)
+    if busy:
+        raise VmRequestError(f"lease {lease_id} already has an active VM named {', '.join(busy)}")
+    rooms = host_rooms(conn, lease_id, slot, overhead_mb)
+    try:
+        hosts = place([(spec.name, spec.memory_mb + overhead_mb, want) for spec, want in requests], rooms)
+    except PlacementError as exc:
+        raise VmRequestError(f"lease {lease_id}: {exc}") from None
+    for (spec, _), host in zip(requests, hosts):
+        conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
+        conn.execute(
+            f"INSERT INTO vms ({_VM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, NULL, NULL)",
+            (lease_id, spec.name, slot, host, spec.memory_mb, spec.vcpus,
+             json.dumps(spec.to_dict(), separators=(",", ":")), f"start-vm queued for {host}", now, now),
+        )
+        queue_command(conn, slot, host, {"op": "start-vm", "vm": spec.to_dict()}, now, woken)
+    return hosts
+
+
+def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now: float, woken) -> VmRow:
+    """Queue a stop-vm for an active VM of the lease (state -> stopping); raises :class:`VmRequestError`."""
+    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? AND name = ?", (lease_id, name)).fetchone()
+    if row is None:
+        if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
+            raise VmRequestError(f"no lease {lease_id!r}", 404)
+        raise VmRequestError(f"lease {lease_id} has no VM named {name!r}", 404)
+    vm = _vm_row(row)
+    if not vm.active:
+        raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state} already")
+    queue_command(conn, vm.slot_id, vm.host, {"op": "stop-vm", "name": name, "force": force}, now, woken)
+    _set_vm(conn, vm.lease_id, name, "stopping", f"stop-vm{' (forced)' if force else ''} queued for {vm.host}", now)
+    return vm
+
+
+def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) -> None:
+    """Queue a ``release`` for every host of the lease that holds memory and has not started leaving."""
+    hosts = conn.execute(
+        "SELECT p.slot_id, p.host FROM pilots p JOIN leases l ON l.slot = p.slot_id"
+        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.slot_id = p.slot_id AND c.host = p.host"
+        "   AND c.op = 'release')",
+        (lease_id,),
+    ).fetchall()
+    for slot, host in hosts:
+        queue_command(conn, slot, host, {"op": "release"}, now, woken)
+
+
+def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str, now: float, woken) -> None:
+    """What a pilot's report means for its VMs and commands (inside the notification's own transaction)."""
+    command = None
+    if n.command is not None:
+        command = conn.execute(
+            "SELECT op, vm FROM commands WHERE id = ? AND slot_id = ? AND host = ?", (n.command, n.slot, n.host)
+        ).fetchone()
+        if command is not None and n.state.startswith("vm-"):
+            conn.execute(
+                "UPDATE commands SET outcome = ?, code = ?, message = ?, done_at = ? WHERE id = ? AND outcome IS NULL",
+                (n.state, n.code, n.message, now, n.command),
+            )
+    names = list(n.vms or ())
+    if command is not None and command[1] and command[1] not in names:
+        names.append(command[1])
+    why = n.message or ""
+    if n.state == "vm-running":
+        for name in names:
+            _set_vm(conn, lease_id, name, "running", why or f"running on {n.host}", now, host=n.host,
+                    started=True)
+    elif n.state == "vm-stopped":
+        for name in names:
+            _set_vm(conn, lease_id, name, "stopped", why or f"stopped on {n.host}", now, host=n.host, stopped=True)
+    elif n.state == "vm-failed":
+        op = command[0] if command is not None else "start-vm"
+        for name in names:
+            if op == "stop-vm":
+                # The stop did not happen: the VM is still there as far as anyone knows.
+                _set_vm(conn, lease_id, name, "running", f"stop failed: {why}", now, host=n.host, only=("stopping",))
+            else:
+                _set_vm(conn, lease_id, name, "failed", why or "the pilot could not start it", now, host=n.host,
+                        stopped=True)
+    elif n.state == "earlyunreserving":
+        # The pilot waits grace x earlywaitratio for the service to stop its VMs: ask it to, gracefully.
+        for (name,) in conn.execute(
+            "SELECT name FROM vms WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running')",
+            (lease_id, n.host),
+        ).fetchall():
+            queue_command(conn, n.slot, n.host, {"op": "stop-vm", "name": name, "force": False}, now, woken)
+            _set_vm(conn, lease_id, name, "stopping", f"{n.host} is unreserving early: stop-vm queued", now)
+    elif n.state == "killed":
+        for name in names:
+            _set_vm(conn, lease_id, name, "stopped", f"destroyed by workspace-killall on {n.host}", now,
+                    host=n.host, stopped=True)
+    if n.state in ("unreserved", "killed"):
+        # The hold is over: nothing of this slot can still run on that host.
+        conn.execute(
+            "UPDATE vms SET state = 'stopped', reason = ?, updated_at = ?, stopped_at = COALESCE(stopped_at, ?)"
+            " WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running', 'stopping')",
+            (f"{n.host} ended its hold ({n.state})", now, now, lease_id, n.host),
+        )
+
+
+def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: str) -> bool:
+    """Record that (slot, host) stopped polling; its active VMs become ``lost``. False if already marked."""
+    cursor = conn.execute(
+        "UPDATE pilots SET lost_at = ? WHERE slot_id = ? AND host = ? AND lost_at IS NULL", (now, slot, host)
+    )
+    if cursor.rowcount != 1:
+        return False
+    conn.execute(
+        "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE slot_id = ? AND host = ?"
+        " AND state IN ('starting', 'running', 'stopping')",
+        (why, now, slot, host),
+    )
+    return True
+
+
+def end_lease_vms(conn: sqlite3.Connection, lease_id: str, now: float, state: str) -> None:
+    """A lease ended: VMs no pilot reported on are ``lost`` (nobody can say they stopped)."""
+    conn.execute(
+        "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE lease_id = ?"
+        " AND state IN ('starting', 'running', 'stopping')",
+        (f"the lease ended ({state}) without a report on this VM", now, lease_id),
+    )
+
+
+def _set_vm(conn, lease_id: str, name: str, state: str, reason: str, now: float, *, host: str | None = None,
+            started: bool = False, stopped: bool = False, only: tuple = ACTIVE) -> None:
+    sql = ("UPDATE vms SET state = ?, reason = ?, updated_at = ?"
+           + (", started_at = COALESCE(started_at, ?)" if started else "")
+           + (", stopped_at = COALESCE(stopped_at, ?)" if stopped else "")
+           + f" WHERE lease_id = ? AND name = ? AND state IN ({', '.join('?' * len(only))})")
+    params: list = [state, reason[:4000], now]
+    if started:
+        params.append(now)
+    if stopped:
+        params.append(now)
+    params += [lease_id, name, *only]
+    if host is not None:
+        sql += " AND host = ?"
+        params.append(host)
+    conn.execute(sql, params)
+
+
+# -- reads ---------------------------------------------------------------------------------------
+
+
+def vms_of(conn: sqlite3.Connection, lease_id: str) -> list[VmRow]:
+    """The lease's VMs, oldest first."""
+    rows = conn.execute(
+        f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? ORDER BY created_at, name", (lease_id,)
+    )
+    return [_vm_row(row) for row in rows]
+
+
+def commands_after(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: int) -> list[tuple[int, dict]]:
+    """(id, body) of the commands for (slot, host) with an id above ``after``, oldest first."""
+    rows = conn.execute(
+        "SELECT id, body FROM commands WHERE slot_id = ? AND host = ? AND id > ? ORDER BY id LIMIT ?",
+        (slot, host, after, limit),
+    )
+    return [(cid, json.loads(body)) for cid, body in rows]
+
+
+def commands_of(conn: sqlite3.Connection, slot: str) -> list[CommandRow]:
+    """Every command of a slot, in id order."""
+    rows = conn.execute(
+        "SELECT id, slot_id, host, op, vm, body, created_at, outcome, code, message, done_at FROM commands"
+        " WHERE slot_id = ? ORDER BY id",
+        (slot,),
+    )
+    return [CommandRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), *r[6:]) for r in rows]
