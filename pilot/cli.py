@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reserve.add_argument("--slot", required=True, type=_slot, help="the slot id the service gave this job")
     reserve.add_argument(
+        "--lease", type=_slot, metavar="ID",
+        help="the lease this slot serves (written into every VM's tag, for people; optional)",
+    )
+    reserve.add_argument(
         "--memory", required=True, type=_positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB",
     )
     reserve.add_argument(
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reserve(args, config, backend, journal, host: str, log_path: str, started: float) -> int:
     from pilot.deadline import compute_deadline
+    from pilot.hosting import VmHosting
     from pilot.journal import Entry
     from pilot.lifecycle import LeaseRequest, Pilot
     from pilot.nodememory import NodeMemory
@@ -249,6 +254,8 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
         request, memory, notifier, deadline,
         reserved_timeout_s=config.reserved_timeout_s, earlywaitratio=config.earlywaitratio,
     )
+    pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
+                              on_stop=pilot.request_stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name))
     try:

@@ -63,6 +63,14 @@ class PilotConfig:
     lrm_query_timeout_s: float = 5.0
     # [libvirt]
     libvirt_uri: str | None = None
+    # [vms]
+    image_dir: str = "/var/lib/workspace-pilot/images"
+    console_dir: str = "/var/log/workspace-pilot/consoles"
+    vm_overhead_mb: int = 64
+    networks: tuple[str, ...] | None = None
+    virt_type: str = "auto"
+    shutdown_timeout_s: float = 30.0
+    poll_wait_s: float = 30.0
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
@@ -161,6 +169,21 @@ def _choice(*allowed: str):
     return parse
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.replace(",", " ").split() if part.strip())
+    for name in names:
+        if not name[0].isalnum() or not all(c.isalnum() or c in "._-" for c in name) or len(name) > 64:
+            raise ValueError(f"{name!r} is not a libvirt network name (letters, digits, . _ -)")
+    return names
+
+
+def _poll_wait(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 60:
+        raise ValueError("must be a number of seconds from 1 to 60 (the service holds a poll at most 60 s)")
+    return value
+
+
 def _text(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -200,6 +223,15 @@ SCHEMA = {
     },
     "libvirt": {
         "uri": ("libvirt_uri", _libvirt_uri),
+    },
+    "vms": {
+        "image_dir": ("image_dir", _abs_path),
+        "console_dir": ("console_dir", _abs_path),
+        "overhead_mb": ("vm_overhead_mb", _mb),
+        "networks": ("networks", _names),
+        "virt_type": ("virt_type", _choice("auto", "kvm", "qemu", "xen")),
+        "shutdown_timeout": ("shutdown_timeout_s", _positive_float),
+        "poll_wait": ("poll_wait_s", _poll_wait),
     },
     "logging": {
         "dir": ("log_dir", _abs_path),

@@ -75,6 +75,8 @@ class Entry:
     owner: Owner
     contact: str | None = None
     memory: MemoryRecord | None = None
+    vm_uri: str | None = None
+    """Set before this pilot creates its first VM: the libvirt URI where domains tagged with its slot may run."""
 
     @property
     def filename(self) -> str:
@@ -85,6 +87,11 @@ class Entry:
         """This entry with its memory record replaced."""
         return dataclasses.replace(self, memory=memory)
 
+    @property
+    def empty(self) -> bool:
+        """Whether nothing of this pilot's is left on the node (no memory taken, no VMs possible)."""
+        return self.memory is None and self.vm_uri is None
+
     def to_json(self) -> bytes:
         """The entry as the bytes stored on disk."""
         data = {
@@ -94,6 +101,7 @@ class Entry:
             "owner": self.owner.to_dict(),
             "contact": self.contact,
             "memory": self.memory.to_dict() if self.memory else None,
+            "vm_uri": self.vm_uri,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -110,6 +118,7 @@ class Entry:
             owner=Owner.from_dict(data["owner"]),
             contact=data.get("contact"),
             memory=MemoryRecord.from_dict(memory) if memory else None,
+            vm_uri=data.get("vm_uri") or None,
         )
 
 

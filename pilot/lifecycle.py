@@ -25,6 +25,7 @@ from pilot.journal import JournalError
 from pilot.nodelock import NodeLockError
 from pilot.nodememory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
+from pilot.vmcleanup import VmCleanupError
 from pilot.protocol import format_time
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class Pilot:
         reserved_timeout_s: float,
         earlywaitratio: float = 0.5,
         pause_at: str | None = None,
+        hosting=None,
     ):
         self.request = request
         self.memory = memory
@@ -130,6 +132,8 @@ class Pilot:
         self.deadline: Deadline | None = None
         self.reserved_timeout_s = reserved_timeout_s
         self.earlywaitratio = earlywaitratio
+        #: The slot's command channel and VMs (:class:`pilot.hosting.VmHosting`); None: no VM hosting.
+        self.hosting = hosting
         self.state = State.BEGIN
         self._state_since = time.monotonic()
         self._wake = threading.Event()
@@ -240,6 +244,8 @@ class Pilot:
 
         self._enter(State.RESERVED)
         log.info("holding %d MB until %s (%s)", held.memory_mb, expires_at, self.deadline.source)
+        if self.hosting is not None:
+            self.hosting.start()
         self.checkpoint("holding")
         self._wait_until(deadline)
         early = self._stop_reason is not None
@@ -284,29 +290,35 @@ class Pilot:
         return result if result is ExitCode.RESTORE_FAILED else code
 
     def _unreserve(self, *, early: bool, notify: bool = True) -> ExitCode:
-        """Give the memory back first, then tell the service, all within the grace.
+        """Tear down this slot's VMs, give the memory back, then tell the service, all within the grace.
 
         On an early unreserve the service gets ``grace x earlywaitratio`` of
-        the grace to stop this slot's VMs; the rest is the pilot's own. The
-        pilot hosts no VMs yet (that comes with the command channel), so
-        there is nothing to wait for and the restore starts at once.
+        the grace to stop this slot's VMs (it is told ``earlyunreserving``
+        and its stop-vm commands still run); whatever still runs then is
+        destroyed. At the deadline the VMs are destroyed at once: the grace
+        is the restore's. VMs go before the memory: it is theirs.
         """
         req = self.request
-        exit_by = time.monotonic() + req.grace_s
-        if early:
-            log.info(
-                "early unreserve: the service may take up to %.1f s (grace x earlywaitratio) for this "
-                "slot's VMs; this pilot hosts none", req.grace_s * self.earlywaitratio,
-            )
+        started = time.monotonic()
+        exit_by = started + req.grace_s
         held = self.memory.held
         held_mb = held.memory_mb if held else 0
         if notify:
             self.notifier.notify(
                 "earlyunreserving" if early else "unreserving", held_mb, deliver_within=req.grace_s,
             )
+        vms_left = None
+        try:
+            self._tear_down_vms(early, started)
+        except VmCleanupError as exc:
+            # The host's own memory still comes first; the journal keeps the VMs for workspace-killall.
+            log.critical("this slot's VMs could not all be destroyed: %s", exc)
+            vms_left = exc
         try:
             self.memory.give_back()
-        except (NodeLockError, JournalError, BackendError) as exc:
+            if vms_left is not None:
+                raise vms_left
+        except (NodeLockError, JournalError, BackendError, VmCleanupError) as exc:
             log.critical("RESTORE FAILED, the journal keeps what is left for workspace-killall: %s", exc)
             self._enter(STATE_TABLE[self.state].error)
             if notify:
@@ -327,6 +339,24 @@ class Pilot:
             return ExitCode.OK
         log.error("the service was not told 'unreserved' (%s); the node is restored", outcome)
         return ExitCode.UNDELIVERED
+
+
+    def _tear_down_vms(self, early: bool, started: float) -> None:
+        """Let the service stop its VMs (early unreserve only), then destroy what is left of this slot's."""
+        if self.hosting is None:
+            return
+        if early:
+            wait = self.request.grace_s * self.earlywaitratio
+            left = self.hosting.wait_empty(started + wait)
+            log.info(
+                "early unreserve: %s after %.0f ms (the service had up to %.1f s = grace x earlywaitratio)",
+                f"VM(s) {', '.join(left)} still running" if left else "no VM running",
+                (time.monotonic() - started) * 1000, wait,
+            )
+        t0 = time.monotonic()
+        destroyed = self.hosting.teardown()
+        if destroyed:
+            log.info("destroyed VM(s) %s in %.1f ms", ", ".join(destroyed), (time.monotonic() - t0) * 1000)
 
 
 def _iso(epoch: float) -> str:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from typing import Callable
 
 from pilot.backends import BackendError, BalloonBackend, make_backend
 from pilot.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
+from pilot.vmcleanup import VmCleanupError, destroy_slot_vms
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +85,19 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
     Returns a line saying what was done. Raises BackendError or JournalError
     when the node could not be restored (the entry then stays).
     """
+    vms = ""
+    if entry.vm_uri:
+        # VMs first: their memory is what the restore gives back to the host.
+        destroyed = destroy_slot_vms(entry.vm_uri, entry.slot)
+        vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
     memory = entry.memory
     if memory is None:
         journal.remove(entry)
-        return "nothing was changed yet"
+        return vms + "no memory was taken"
     if not entry.owner.from_this_boot():
         # Balloon targets, hugepage pools and cgroup limits do not survive a reboot.
         journal.remove(entry)
-        return f"written before the last reboot: its {memory.memory_mb} MB were given back by the reboot"
+        return vms + f"written before the last reboot: its {memory.memory_mb} MB were given back by the reboot"
     backend = make_backend(memory.backend, memory.params)
     try:
         level = backend.read()
@@ -111,7 +118,7 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
     finally:
         backend.close()
     journal.remove(entry)
-    return (
+    return vms + (
         f"{memory.backend} {level} -> {got} {backend.unit} (phase {memory.phase}, "
         f"{memory.memory_mb} MB) in {(time.monotonic() - t0) * 1000:.1f} ms"
     )
@@ -131,7 +138,7 @@ def replay_dead(journal: Journal, verify_timeout: float) -> ReplayReport:
             continue
         try:
             done = undo_entry(journal, entry, verify_timeout)
-        except (BackendError, JournalError) as exc:
+        except (BackendError, JournalError, VmCleanupError) as exc:
             log.critical("could not undo slot %s of dead pilot %d: %s", entry.slot, entry.owner.pid, exc)
             report.failed.append((entry, str(exc)))
             continue
@@ -164,6 +171,8 @@ class NodeMemory:
         self.minmem_mb = minmem_mb
         self.verify_timeout = verify_timeout
         self.checkpoint = checkpoint
+        # The VM worker journals VMs while the main thread journals memory: one entry, one writer at a time.
+        self._entry_lock = threading.Lock()
 
     @property
     def held(self) -> MemoryRecord | None:
@@ -181,12 +190,24 @@ class NodeMemory:
             )
 
     def _record(self, memory: MemoryRecord | None) -> None:
-        entry = self.entry.with_memory(memory)
-        if memory is None:
+        with self._entry_lock:
+            self._store(self.entry.with_memory(memory))
+
+    def _store(self, entry: Entry) -> None:
+        if entry.empty:
             self.journal.remove(entry)
         else:
             self.journal.write(entry)
         self.entry = entry
+
+    def note_vms(self, uri: str | None) -> None:
+        """Journal that this slot's VMs may run at libvirt ``uri`` (before the first is created); None: none can.
+
+        Replay and kill-all destroy the VMs tagged with the slot before
+        they restore its memory. Raises JournalError.
+        """
+        with self._entry_lock:
+            self._store(dataclasses.replace(self.entry, vm_uri=uri))
 
     def take(self, memory_mb: int, should_stop: Callable[[], bool] = lambda: False) -> MemoryRecord:
         """Take ``memory_mb`` from the host, all or nothing; returns what is held.

@@ -147,6 +147,7 @@ class Notifier:
         expires_at: str | None = None,
         message: str | None = None,
         vms: list[str] | None = None,
+        command: int | None = None,
     ) -> Delivery:
         """Queue a notification; it is tried until ``deliver_within`` seconds from now.
 
@@ -165,6 +166,7 @@ class Notifier:
                 expires_at=expires_at,
                 message=message,
                 vms=vms,
+                command=command,
             )
         delivery = Delivery(notification, time.monotonic() + deliver_within)
         if self._closing.is_set():
@@ -172,6 +174,21 @@ class Notifier:
         else:
             self._queue.put(delivery)
         return delivery
+
+    @property
+    def session(self) -> requests.Session:
+        """The one HTTP session (digest auth set) the pilot talks to the service with; the command poller shares it."""
+        return self._session
+
+    @property
+    def key(self) -> str:
+        """The account's SHA-256 HA1: the key of the body signatures, both ways."""
+        return self._key
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closing.is_set()
 
     def close(self, wait: float = 0.5) -> None:
         """Stop retrying at once; every pending notification ends UNDELIVERED.

@@ -17,8 +17,13 @@ NAMESPACE = "urn:workspace-pilot:slot:1"
 PREFIX = "wp"
 ELEMENT = "slot"
 
-# libvirt: VIR_DOMAIN_METADATA_ELEMENT and VIR_ERR_NO_DOMAIN_METADATA, without importing libvirt here.
+# So that domain XML rendered with ElementTree says xmlns:wp=... rather than ns0 (cosmetic: libvirt matches the URI).
+ET.register_namespace(PREFIX, NAMESPACE)
+
+# libvirt's VIR_DOMAIN_METADATA_ELEMENT, VIR_ERR_NO_DOMAIN and VIR_ERR_NO_DOMAIN_METADATA,
+# without importing libvirt here.
 _METADATA_ELEMENT = 2
+_ERR_NO_DOMAIN = 42
 _ERR_NO_DOMAIN_METADATA = 80
 
 
@@ -34,6 +39,16 @@ class VmTag:
         """The metadata element (libvirt adds the namespace prefix itself when it is set)."""
         element = ET.Element(ELEMENT, {"id": self.slot, "lease": self.lease, "pilot-pid": str(self.pilot_pid)})
         return ET.tostring(element, encoding="unicode")
+
+    def to_element(self) -> ET.Element:
+        """The element in the project namespace, for a domain's ``<metadata>`` at creation.
+
+        A domain created with it carries the tag from its first moment, and
+        :func:`read_tag` finds it as it finds one put there by :func:`set_tag`.
+        """
+        return ET.Element(
+            f"{{{NAMESPACE}}}{ELEMENT}", {"id": self.slot, "lease": self.lease, "pilot-pid": str(self.pilot_pid)}
+        )
 
 
 def parse_tag(xml: str) -> VmTag | None:
@@ -56,13 +71,14 @@ def set_tag(domain, tag: VmTag, *, flags: int = 0) -> None:
 
 
 def read_tag(domain) -> VmTag | None:
-    """The tag of a libvirt domain, or None when it has none of ours."""
+    """The tag of a libvirt domain, or None when it has none of ours (or vanished while we asked)."""
     import libvirt
 
     try:
         xml = domain.metadata(_METADATA_ELEMENT, NAMESPACE, 0)
     except libvirt.libvirtError as exc:
-        if exc.get_error_code() == _ERR_NO_DOMAIN_METADATA:
+        # A transient domain that shuts down between listAllDomains and this call is gone, not an error.
+        if exc.get_error_code() in (_ERR_NO_DOMAIN_METADATA, _ERR_NO_DOMAIN):
             return None
         raise
     return parse_tag(xml)

@@ -168,15 +168,15 @@ def script_path(job: PilotJob, template: JobTemplate) -> str:
 
 
 def pilot_arguments(job: PilotJob) -> list[str]:
-    """``reserve --slot S --memory M --duration D --grace G [--contact URL] [--config PATH]``.
+    """``reserve --slot S [--lease L] --memory M --duration D --grace G [--contact URL] [--config PATH]``.
 
     The one definition of the pilot's command line, shared by job scripts
     and the local provider. ``--contact``/``--config`` are left out when
     the job has none (the pilot's own config then decides).
     """
     check_job(job)
-    argv = [
-        "reserve", "--slot", job.slot, "--memory", str(int(job.memory_mb)),
+    argv = ["reserve", "--slot", job.slot] + (["--lease", job.lease] if job.lease else []) + [
+        "--memory", str(int(job.memory_mb)),
         "--duration", format_number(job.duration_s), "--grace", format_number(job.grace_s),
     ]
     if job.contact:

@@ -34,7 +34,7 @@ CONTACT = "http://127.0.0.1:8443"
 CONFIG = "/etc/workspace-pilot/pilot.conf"
 PRESERVE = "--preserve-env=" + ",".join(BATCH_ENV)
 PILOT_WORDS = (
-    f"/usr/bin/sudo -n {PRESERVE} /usr/bin/workspace-pilot reserve --slot {SLOT} --memory 64 "
+    f"/usr/bin/sudo -n {PRESERVE} /usr/bin/workspace-pilot reserve --slot {SLOT} --lease {LEASE} --memory 64 "
     f"--duration 20 --grace 5 --contact {CONTACT} --config {CONFIG}"
 )
 
@@ -210,14 +210,16 @@ def test_a_rendered_script_runs_under_sh_with_the_exact_arguments(tmp_path):
     subprocess.run(["/bin/sh", str(script)], check=True, timeout=30)
     assert not os.path.exists("/tmp/should-not-exist")
     assert (tmp_path / "stand-in-pilot.args").read_text().split("\n") == [
-        "reserve", "--slot", SLOT, "--memory", "64", "--duration", "20.5", "--grace", "5",
+        "reserve", "--slot", SLOT, "--lease", LEASE, "--memory", "64", "--duration", "20.5", "--grace", "5",
         "--contact", contact, "--config", config,
     ]
 
 
 def test_contact_and_config_are_left_out_when_empty():
     last = lines(render_slurm(job(contact="", pilot_config=""), JobTemplate(sudo=""), "srun"))[-1]
-    assert last.endswith(f"/usr/bin/workspace-pilot reserve --slot {SLOT} --memory 64 --duration 20 --grace 5")
+    assert last.endswith(
+        f"/usr/bin/workspace-pilot reserve --slot {SLOT} --lease {LEASE} --memory 64 --duration 20 --grace 5"
+    )
 
 
 # -- extra directives that fight a typed field --------------------------------------------------------

@@ -1,0 +1,129 @@
+"""The libvirt domain XML of a checked VM, rendered by the pilot itself.
+
+Built with ElementTree, never by formatting strings, so no value from a
+spec can change the document's structure. The domain is meant to be
+created transient (``createXML``): destroying it leaves nothing defined.
+Every way it ends (power off, reboot, crash) destroys it, so a VM that
+ends is gone rather than restarted behind the pilot's back; its disk never
+takes writes (read-only, or a throw-away overlay); and it carries the
+project's tag in ``<metadata>`` from its first moment.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+from pilot.vmcheck import CheckedVm, VmRefused
+from pilot.vmtag import VmTag
+
+VIRT_TYPES = ("kvm", "qemu", "xen", "test")
+_KVM_MODULES = ("kvm_intel", "kvm_amd")
+
+
+def choose_virt_type(conn_type: str, configured: str, *, dev_kvm: str = "/dev/kvm", sys_module: str = "/sys/module") -> str:
+    """The ``<domain type=...>`` for a libvirt connection of type ``conn_type`` (``conn.getType()``).
+
+    ``configured`` ``"kvm"``, ``"qemu"``, ``"xen"`` or ``"test"`` is taken
+    as is. ``"auto"`` picks ``"kvm"`` on a QEMU connection only where KVM
+    really works (``/dev/kvm`` and a ``kvm_intel`` or ``kvm_amd`` module:
+    a ``/dev/kvm`` of another module may hang guests at boot), else
+    ``"qemu"`` (TCG); ``"test"`` for libvirt's test driver; ``"xen"`` for
+    Xen (``conn_type`` compared without case). Raises :class:`ValueError` for anything else.
+    """
+    if configured in VIRT_TYPES:
+        return configured
+    if configured != "auto":
+        raise ValueError(f"virt type {configured!r} is not one of auto, {', '.join(VIRT_TYPES)}")
+    # Drivers spell their type differently ("QEMU", "TEST" from the test driver, "Xen").
+    kind = conn_type.lower()
+    if kind == "qemu":
+        kvm = os.path.exists(dev_kvm) and any(os.path.isdir(os.path.join(sys_module, m)) for m in _KVM_MODULES)
+        return "kvm" if kvm else "qemu"
+    if kind == "test":
+        return "test"
+    if kind == "xen":
+        return "xen"
+    raise ValueError(f"cannot pick a domain type for a libvirt {conn_type!r} connection; configure kvm, qemu or xen")
+
+
+def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag, hugepage_kb: int | None = None) -> str:
+    """The domain XML for ``vm`` as a string.
+
+    Xen's PV guests (xen with a kernel to boot directly) get ``<type>xen``
+    and Xen devices; everything else is an HVM guest with virtio devices.
+    Raises :class:`VmRefused` for what the virt type cannot do safely: Xen
+    cannot keep a writable disk's writes off the image (libxl has no
+    transient disks), and a PV guest's console cannot go to a file.
+    """
+    spec = vm.spec
+    xen = virt_type == "xen"
+    pv = xen and vm.kernel is not None
+    if xen and vm.disk is not None and not spec.disk_readonly:
+        raise VmRefused("disk: on Xen a writable disk would write to the image itself; ask for readonly: true")
+    if pv and vm.console is not None:
+        raise VmRefused("console_log: a Xen PV guest's console cannot go to a file; leave console_log unset")
+
+    domain = ET.Element("domain", type=virt_type)
+    _sub(domain, "name", domain_name)
+    ET.SubElement(domain, "metadata").append(tag.to_element())
+    kib = str(spec.memory_mb * 1024)
+    _sub(domain, "memory", kib, unit="KiB")
+    _sub(domain, "currentMemory", kib, unit="KiB")
+    if hugepage_kb:
+        pages = ET.SubElement(ET.SubElement(domain, "memoryBacking"), "hugepages")
+        ET.SubElement(pages, "page", size=str(hugepage_kb), unit="KiB")
+    _sub(domain, "vcpu", str(spec.vcpus))
+
+    os_element = ET.SubElement(domain, "os")
+    _sub(os_element, "type", "xen" if pv else "hvm")
+    if vm.kernel is not None:
+        _sub(os_element, "kernel", vm.kernel)
+        if vm.initrd is not None:
+            _sub(os_element, "initrd", vm.initrd)
+        if spec.cmdline is not None:
+            _sub(os_element, "cmdline", spec.cmdline)
+    if vm.disk is not None and not pv:
+        ET.SubElement(os_element, "boot", dev="hd")
+    if not pv:
+        ET.SubElement(ET.SubElement(domain, "features"), "acpi")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(domain, event, "destroy")
+
+    devices = ET.SubElement(domain, "devices")
+    if vm.disk is not None:
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type=vm.disk_format or "raw")
+        ET.SubElement(disk, "source", file=vm.disk)
+        ET.SubElement(disk, "target", dev="xvda" if xen else "vda", bus="xen" if xen else "virtio")
+        # QEMU keeps a transient disk's writes in an overlay next to the image
+        # (<image>.TRANSIENT-<domain name>) and deletes it when the domain ends.
+        ET.SubElement(disk, "readonly" if spec.disk_readonly else "transient")
+    if spec.network is not None:
+        interface = ET.SubElement(devices, "interface", type="network")
+        ET.SubElement(interface, "source", network=spec.network)
+        if not xen:
+            ET.SubElement(interface, "model", type="virtio")
+    _console(devices, vm.console, pv)
+    ET.SubElement(devices, "memballoon", model="xen" if xen else "virtio")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def _sub(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrib)
+    element.text = text
+    return element
+
+
+def _console(devices: ET.Element, path: str | None, pv: bool) -> None:
+    if pv:
+        console = ET.SubElement(devices, "console", type="pty")
+        ET.SubElement(console, "target", type="xen", port="0")
+        return
+    kind = "pty" if path is None else "file"
+    # libvirt makes a serial-type <console> an alias of the first <serial>: one device, one file.
+    for tag, target in (("serial", {"port": "0"}), ("console", {"type": "serial", "port": "0"})):
+        element = ET.SubElement(devices, tag, type=kind)
+        if path is not None:
+            ET.SubElement(element, "source", path=path, append="on")
+        ET.SubElement(element, "target", target)

@@ -1,0 +1,102 @@
+"""One slot's VM hosting on this node, as the pilot's lifecycle sees it: start, wait for VMs to go, tear down.
+
+It joins the command poller (the channel and heartbeat), the VM worker
+(runs the commands, reports outcomes) and the node journal (that VMs may
+exist is journalled before the first is created, and cleared only once
+every VM tagged with the slot is destroyed). libvirt and the VM modules
+are imported on the first ``start-vm``, never at the pilot's start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from pilot.config import PilotConfig
+from pilot.poller import CommandPoller
+from pilot.vmworker import VmWorker
+
+log = logging.getLogger(__name__)
+
+
+class VmHosting:
+    """The command channel and the VMs of one slot; ``on_stop(reason)`` is the pilot's stop request."""
+
+    def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
+                 on_stop: Callable[[str], None]):
+        self.config = config
+        self.notifier = notifier
+        self.memory = memory
+        self.slot = slot
+        self.lease = lease
+        self.uri = config.vm_uri
+        held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
+        self.worker = VmWorker(
+            self._make_host if self.uri else None, notifier, held, on_stop,
+            shutdown_timeout_s=config.shutdown_timeout_s,
+            no_vms_reason="this node hosts no VMs: its pilot config sets [libvirt] uri empty",
+        )
+        self.poller = CommandPoller(
+            notifier.session, config.contact, notifier.key, slot, host,
+            on_commands=self.worker.submit, on_gone=on_stop, wait_s=config.poll_wait_s,
+            request_timeout_s=config.request_timeout_s,
+        )
+        self._started = False
+
+    def _make_host(self):
+        from pilot.vmcheck import VmPolicy
+        from pilot.vmhost import VmHost
+
+        config = self.config
+        policy = VmPolicy(
+            image_dir=config.image_dir, console_dir=config.console_dir, overhead_mb=config.vm_overhead_mb,
+            networks=tuple(config.networks or ()),
+            hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
+        )
+        held = self.memory.held
+        return VmHost(
+            _connector(self.uri), slot=self.slot, lease=self.lease, pilot_pid=os.getpid(), policy=policy,
+            reserved_mb=held.memory_mb if held else 0, virt_type=config.virt_type,
+            before_first_vm=self.memory.note_vms, uri=self.uri,
+        )
+
+    def start(self) -> None:
+        """Start running commands and polling for them (once the service has accepted ``reserved``)."""
+        self.worker.start()
+        self.poller.start()
+        self._started = True
+        log.info("polling %s for commands (wait %g s); VMs at %s", self.poller.base + self.poller.path,
+                 self.config.poll_wait_s, self.uri or "nowhere (no libvirt)")
+
+    def wait_empty(self, until: float) -> list[str]:
+        """Keep taking the service's stop-vm commands until this slot runs no VM or the monotonic ``until``.
+
+        Returns the VMs still running then.
+        """
+        if not self._started:
+            return []
+        return self.worker.wait_empty(until)
+
+    def teardown(self) -> list[str]:
+        """Stop polling and working; destroy every VM tagged with this slot; clear the journal's VM note.
+
+        Returns the names destroyed. Raises what destroying raises (libvirt
+        unreachable): the journal then still says VMs may exist, for the
+        next pilot or workspace-killall.
+        """
+        self.poller.stop()
+        destroyed = self.worker.teardown()
+        if self.memory.entry.vm_uri:
+            self.memory.note_vms(None)
+        return destroyed
+
+
+def _connector(uri: str) -> Callable[[], object]:
+    def connect():
+        import libvirt
+
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        return libvirt.open(uri)
+
+    return connect

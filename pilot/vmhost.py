@@ -1,0 +1,430 @@
+"""One slot's VMs on this node, through libvirt.
+
+:class:`VmHost` starts the VMs the service asks for (after
+:func:`pilot.vmcheck.check_spec`), stops them, notices the ones that
+ended on their own, and at the lease's end destroys every domain that
+carries this slot's tag, whether or not it remembers starting it.
+Domains are transient and tagged from creation; their names are
+``wp-<first 8 characters of the slot>-<VM name>``, unique across the
+slots of a node. ``libvirt`` is imported only when a connection is first
+needed, so a pilot that never hosts a VM never loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+from pilot.domainxml import choose_virt_type, render_domain
+from pilot.protocol import VmSpec
+from pilot.vmcheck import VmPolicy, VmRefused, check_memory, check_spec
+from pilot.vmcleanup import VmCleanupError
+from pilot.vmtag import VmTag, read_tag, tagged_domains
+
+log = logging.getLogger(__name__)
+
+# libvirt's VIR_ERR_NO_DOMAIN, without importing libvirt at module level.
+_ERR_NO_DOMAIN = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class VmOutcome:
+    """What became of a start or a stop: ``ok``, the VM's ``name``, and ``reason``.
+
+    ``reason`` is one line: why it was refused, or, when ``ok``, how it went
+    (e.g. "shut down in 0.4 s").
+    """
+
+    ok: bool
+    name: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class VmInfo:
+    """A VM this host started: its name, its domain's name, its memory, and ``state`` "running" or "gone"."""
+
+    name: str
+    domain_name: str
+    memory_mb: int
+    state: str
+
+
+class VmTeardownError(VmCleanupError):
+    """Teardown could not destroy everything of this slot; ``destroyed`` lists what it did destroy."""
+
+    def __init__(self, message: str, destroyed: list[str]):
+        super().__init__(message)
+        self.destroyed = destroyed
+
+
+@dataclasses.dataclass
+class _Vm:
+    spec: VmSpec
+    domain_name: str
+    domain: object
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class VmHost:
+    """The VMs of one slot on one libvirt connection; every method is thread-safe.
+
+    ``connect`` returns a libvirt connection; it is called once, when one is
+    first needed. ``before_first_vm(uri)`` is called once, before the first
+    domain is ever created (it journals that VMs may exist); if it raises,
+    no VM is created. ``vms_journalled`` says the journal already records
+    VMs for this slot (a resumed slot): teardown then looks for them even
+    if this host started none. Refusals are results, not exceptions.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], object],
+        *,
+        slot: str,
+        lease: str,
+        pilot_pid: int,
+        policy: VmPolicy,
+        reserved_mb: int,
+        virt_type: str = "auto",
+        before_first_vm: Callable[[str], None] = lambda uri: None,
+        uri: str = "",
+        vms_journalled: bool = False,
+    ):
+        self._connect = connect
+        self.slot = slot
+        self.tag = VmTag(slot, lease, pilot_pid)
+        self.policy = policy
+        self.reserved_mb = reserved_mb
+        self.uri = uri
+        self._configured_virt_type = virt_type
+        self._virt_type: str | None = None
+        self._before_first_vm = before_first_vm
+        self._journalled = False  # before_first_vm has succeeded: never call it again
+        self._may_have_vms = vms_journalled  # teardown must look (set before the hook runs)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()  # set by interrupt/teardown/close: cuts hashing and shutdown waits
+        self._conn = None
+        self._vms: dict[str, _Vm] = {}
+        self._gone: dict[str, _Vm] = {}  # ended on their own, not yet handed out by gone()
+        self._pending: dict[str, int] = {}  # name -> memory (with overhead) of starts being checked
+
+    def domain_name(self, name: str) -> str:
+        """The libvirt domain name of this slot's VM ``name``."""
+        return f"wp-{self.slot[:8]}-{name}"
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self, spec: VmSpec) -> VmOutcome:
+        """Check ``spec``, then create its transient, tagged domain; a refusal creates nothing.
+
+        The images are hashed without holding the host's lock, so a stop or
+        a teardown never waits for a large image; the VM's memory is held
+        for it meanwhile, so two starts cannot both take the last of it.
+        """
+        name = spec.name
+        with self._lock:
+            if self._stopping.is_set():
+                return VmOutcome(False, name, "the slot is being torn down; no new VMs")
+            self._collect_gone()
+            if name in self._vms or name in self._pending:
+                return VmOutcome(False, name, f"a VM named {name} already runs in this slot; stop it first")
+            in_use = self._in_use_mb()
+            try:
+                check_memory(spec, self.policy, reserved_mb=self.reserved_mb, in_use_mb=in_use)
+            except VmRefused as exc:
+                return VmOutcome(False, name, str(exc))
+            self._pending[name] = spec.memory_mb + self.policy.overhead_mb
+        try:
+            checked = check_spec(
+                spec, self.policy, reserved_mb=self.reserved_mb, in_use_mb=in_use, cancel=self._stopping
+            )
+        except BaseException as exc:
+            with self._lock:
+                self._pending.pop(name, None)
+            if isinstance(exc, VmRefused):
+                return VmOutcome(False, name, str(exc))
+            raise
+        with self._lock:
+            # Released with the create, in one hold of the lock: the memory is never counted twice or not at all.
+            self._pending.pop(name, None)
+            return self._create(spec, checked)
+
+    def _create(self, spec: VmSpec, checked) -> VmOutcome:
+        """Under the lock: journal hook, render, createXML."""
+        name = spec.name
+        libvirt, missing = _import_libvirt()
+        if libvirt is None:
+            return VmOutcome(False, name, missing)
+        if self._stopping.is_set():
+            return VmOutcome(False, name, "the slot is being torn down; no new VMs")
+        try:
+            conn = self._connection()
+            virt_type = self._resolve_virt_type(conn)
+        except (libvirt.libvirtError, ValueError) as exc:
+            return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {_one_line(exc)}")
+        domain_name = self.domain_name(name)
+        try:
+            xml = render_domain(
+                checked, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                hugepage_kb=self.policy.hugepage_kb,
+            )
+        except VmRefused as exc:
+            return VmOutcome(False, name, str(exc))
+        if not self._journalled:
+            # Before the call: a hook that wrote the journal and then raised still makes teardown look.
+            self._may_have_vms = True
+            try:
+                self._before_first_vm(self.uri)
+            except Exception as exc:
+                log.error("not starting VM %s: recording that VMs may exist failed: %s", name, exc)
+                return VmOutcome(False, name, f"cannot record that VMs may exist on this node: {_one_line(exc)}")
+            self._journalled = True
+        started = time.monotonic()
+        try:
+            domain = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            return VmOutcome(False, name, f"libvirt refused the domain: {_one_line(exc)}")
+        self._vms[name] = _Vm(spec, domain_name, domain)
+        log.info("started VM %s as domain %s (%d MB) in %.1f ms",
+                 name, domain_name, spec.memory_mb, (time.monotonic() - started) * 1000)
+        return VmOutcome(True, name, f"running as {domain_name}")
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop(self, name: str, *, force: bool = False, timeout_s: float = 30.0) -> VmOutcome:
+        """Stop this slot's VM ``name``: ask the guest to shut down; destroy it if it still runs after ``timeout_s``.
+
+        ``force`` destroys it at once. Only a domain whose tag names
+        this slot is touched; any other domain of that name is refused as
+        "not a VM of this slot". A teardown or close meanwhile cuts the
+        wait short.
+        """
+        libvirt, missing = _import_libvirt()
+        if libvirt is None:
+            return VmOutcome(False, name, missing)
+        domain_name = self.domain_name(name)
+        with self._lock:
+            try:
+                conn = self._connection()
+                domain = conn.lookupByName(domain_name)
+                tag = read_tag(domain)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {_one_line(exc)}")
+                if self._vms.pop(name, None) or self._gone.pop(name, None):
+                    return VmOutcome(True, name, "already gone (it ended on its own)")
+                return VmOutcome(False, name, f"not a VM of this slot: no domain {domain_name} on this node")
+            if tag is None or tag.slot != self.slot:
+                owner = "has no pilot tag" if tag is None else f"belongs to slot {tag.slot}"
+                return VmOutcome(False, name, f"not a VM of this slot: domain {domain_name} {owner}")
+        started = time.monotonic()
+        try:
+            if not force:
+                if self._shutdown_and_wait(domain, timeout_s):
+                    how = f"shut down in {time.monotonic() - started:.1f} s"
+                    self._forget(name)
+                    log.info("stopped VM %s (%s)", name, how)
+                    return VmOutcome(True, name, how)
+            if _destroy(domain):
+                how = "destroyed" if force else f"destroyed after {time.monotonic() - started:.1f} s without shutting down"
+            else:
+                how = "already gone"
+        except libvirt.libvirtError as exc:
+            return VmOutcome(False, name, f"libvirt could not stop {domain_name}: {_one_line(exc)}")
+        self._forget(name)
+        log.info("stopped VM %s (%s) in %.1f ms", name, how, (time.monotonic() - started) * 1000)
+        return VmOutcome(True, name, how)
+
+    def _shutdown_and_wait(self, domain, timeout_s: float) -> bool:
+        """Ask for a shutdown; True once the domain is no longer active, False on timeout or teardown."""
+        import libvirt
+
+        try:
+            domain.shutdown()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == _ERR_NO_DOMAIN:
+                return True
+            log.warning("shutdown of %s failed (%s); destroying it", domain.name(), _one_line(exc))
+            return False
+        deadline = time.monotonic() + timeout_s
+        delay = 0.02
+        while _is_active(domain):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping.wait(min(delay, left)):
+                return not _is_active(domain)
+            delay = min(delay * 2, 1.0)
+        return True
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._vms.pop(name, None)
+            self._gone.pop(name, None)
+
+    # -- books ---------------------------------------------------------------------------------
+
+    def vms(self) -> list[VmInfo]:
+        """The VMs this host started and has not stopped or handed out as gone, by name."""
+        with self._lock:
+            self._collect_gone()
+            infos = [VmInfo(n, vm.domain_name, vm.spec.memory_mb, "running") for n, vm in self._vms.items()]
+            infos += [VmInfo(n, vm.domain_name, vm.spec.memory_mb, "gone") for n, vm in self._gone.items()]
+        return sorted(infos, key=lambda info: info.name)
+
+    def gone(self) -> list[str]:
+        """Names of VMs this host started that have ended on their own since the last call (forgotten now)."""
+        with self._lock:
+            self._collect_gone()
+            names = sorted(self._gone)
+            self._gone.clear()
+        return names
+
+    def _collect_gone(self) -> None:
+        """Under the lock: move VMs whose domains are no longer active from the books to ``_gone``."""
+        if self._conn is None:
+            return
+        import libvirt
+
+        for name, vm in list(self._vms.items()):
+            try:
+                active = _is_active(vm.domain)
+            except libvirt.libvirtError as exc:
+                # Unknown is not gone: keep it on the books (and its memory counted) until libvirt answers.
+                log.warning("cannot tell whether VM %s still runs: %s", name, _one_line(exc))
+                continue
+            if not active:
+                log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
+                self._gone[name] = self._vms.pop(name)
+
+    def _in_use_mb(self) -> int:
+        overhead = self.policy.overhead_mb
+        return sum(vm.spec.memory_mb + overhead for vm in self._vms.values()) + sum(self._pending.values())
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        """Destroy every domain on the connection tagged with this slot; the VM names destroyed.
+
+        Found by tag, not from this host's books (a crash may have left
+        some); other slots' domains and untagged ones are never touched.
+        Refuses new starts from now on. If no VM was ever started and none
+        journalled, returns at once without opening a connection. Raises
+        :class:`VmTeardownError` after trying them all if any could not be
+        destroyed, or if libvirt could not be asked.
+        """
+        began = time.monotonic()
+        self._stopping.set()
+        with self._lock:
+            if not self._may_have_vms:
+                return []  # nothing was ever created or journalled: keep the restore fast
+            import libvirt
+
+            try:
+                conn = self._connection()
+                found = [(d, t) for d, t in tagged_domains(conn) if t.slot == self.slot]
+            except libvirt.libvirtError as exc:
+                raise VmTeardownError(f"cannot list the VMs at {self.uri or 'libvirt'}: {_one_line(exc)}", []) from None
+            destroyed, problems = [], []
+            for domain, _tag in found:
+                domain_name = domain.name()
+                name = self._vm_name(domain_name)
+                started = time.monotonic()
+                try:
+                    persistent = domain.isPersistent()  # ask first: a transient domain is gone once destroyed
+                    _destroy(domain)
+                    if persistent:
+                        domain.undefine()
+                except libvirt.libvirtError as exc:
+                    log.error("could not destroy VM %s (domain %s): %s", name, domain_name, _one_line(exc))
+                    problems.append(f"{domain_name}: {_one_line(exc)}")
+                    continue
+                log.info("destroyed VM %s (domain %s) in %.1f ms", name, domain_name, (time.monotonic() - started) * 1000)
+                destroyed.append(name)
+                self._vms.pop(name, None)
+                self._gone.pop(name, None)
+            log.info("teardown of slot %s: %d VM(s) destroyed in %.1f ms",
+                     self.slot, len(destroyed), (time.monotonic() - began) * 1000)
+        if problems:
+            raise VmTeardownError("could not destroy " + "; ".join(problems), destroyed)
+        return destroyed
+
+    def interrupt(self) -> None:
+        """Cut short any shutdown wait or image hashing under way, and refuse new starts (teardown does this too).
+
+        A stop whose wait is cut destroys its VM; a start being hashed is refused.
+        """
+        self._stopping.set()
+
+    def _vm_name(self, domain_name: str) -> str:
+        prefix = self.domain_name("")
+        return domain_name[len(prefix):] if domain_name.startswith(prefix) else domain_name
+
+    def close(self) -> None:
+        """Stop waiting on anything and close the connection ``connect`` gave (VMs keep running: see :meth:`teardown`)."""
+        self._stopping.set()
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception as exc:  # libvirtError: closing is best effort
+                    log.warning("closing the libvirt connection: %s", _one_line(exc))
+                self._conn = None
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _connection(self):
+        """Under the lock: the connection, opened on first use."""
+        if self._conn is None:
+            import libvirt
+
+            # libvirt's default handler prints every error to stderr, expected ones too (a domain already gone).
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+            self._conn = self._connect()
+        return self._conn
+
+    def _resolve_virt_type(self, conn) -> str:
+        if self._virt_type is None:
+            self._virt_type = choose_virt_type(conn.getType(), self._configured_virt_type)
+        return self._virt_type
+
+
+def _import_libvirt():
+    """(the libvirt module, None), or (None, a one-line reason)."""
+    try:
+        import libvirt
+    except ImportError as exc:
+        return None, f"libvirt-python is missing ({exc}); run scripts/bootstrap.sh or install libvirt-python"
+    return libvirt, None
+
+
+def _is_active(domain) -> bool:
+    """Whether the domain runs; a transient domain that ended is simply gone."""
+    import libvirt
+
+    try:
+        return bool(domain.isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == _ERR_NO_DOMAIN:
+            return False
+        raise
+
+
+def _destroy(domain) -> bool:
+    """Destroy the domain if it runs; False when it was already gone."""
+    import libvirt
+
+    try:
+        if not domain.isActive():
+            return False
+        domain.destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == _ERR_NO_DOMAIN:
+            return False
+        raise
+    return True

@@ -1,0 +1,198 @@
+"""Carries out the service's commands on this node, one at a time, and reports each outcome.
+
+The poller hands commands over (:meth:`VmWorker.submit`); one worker
+thread runs them in id order, so a ``stop-vm`` queued after its
+``start-vm`` always finds the VM. Every start and stop is reported as a
+notification that names the command (``vm-running``, ``vm-failed``,
+``vm-stopped``); a VM that shut down from inside the guest is noticed
+between commands and reported ``vm-stopped`` without one. ``release``
+asks the pilot to give the node back (its early-unreserve path).
+
+The pilot's teardown (:meth:`VmWorker.teardown`) stops the worker, then
+destroys every domain tagged with this slot, whatever the worker's books
+say, and reports them stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from pilot.protocol import Command
+
+log = logging.getLogger(__name__)
+
+#: How long a command's outcome is retried towards the service.
+REPORT_WITHIN_S = 60.0
+#: Exit-code-like codes of vm-failed notifications.
+CODE_REFUSED = 1
+CODE_NO_VMS = 2
+
+
+class VmWorker:
+    """Runs start-vm / stop-vm / release for one slot on this node.
+
+    ``make_host()`` builds the :class:`pilot.vmhost.VmHost` on the first
+    start (None: this node hosts no VMs, every start is refused with
+    ``no_vms_reason``). ``held_mb()`` is the memory the pilot holds (for
+    the notifications' ``memory_mb``). ``on_release(reason)`` is the
+    pilot's stop request.
+    """
+
+    def __init__(
+        self,
+        make_host: Callable[[], object] | None,
+        notifier,
+        held_mb: Callable[[], int],
+        on_release: Callable[[str], None],
+        *,
+        shutdown_timeout_s: float = 30.0,
+        check_every_s: float = 5.0,
+        no_vms_reason: str = "this node hosts no VMs",
+    ):
+        self._make_host = make_host
+        self.host = None
+        self.notifier = notifier
+        self.held_mb = held_mb
+        self.on_release = on_release
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.check_every_s = check_every_s
+        self.no_vms_reason = no_vms_reason
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vm-worker", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def submit(self, commands: list[Command]) -> None:
+        """Queue commands (from the poller thread) to run in order."""
+        for command in commands:
+            self._queue.put(command)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                item = self._queue.get(timeout=self.check_every_s)
+            except queue.Empty:
+                item = None
+            if self._stopping.is_set() or item is False:
+                return
+            try:
+                if item is not None:
+                    self._carry_out(item)
+                self._report_gone()
+            except Exception:  # the worker must outlive any one command
+                log.exception("command %s failed unexpectedly", getattr(item, "id", "-"))
+                if isinstance(item, Command) and item.op != "release":
+                    self._report(item, "vm-failed", CODE_REFUSED, "internal error in the pilot (see its log)")
+            with self._changed:
+                self._changed.notify_all()
+
+    def _carry_out(self, command: Command) -> None:
+        if command.op == "release":
+            log.info("command %d: release: giving the node back", command.id)
+            self.on_release(f"release command {command.id} from the service")
+            return
+        if command.op == "start-vm":
+            host = self._host()
+            if host is None:
+                self._report(command, "vm-failed", CODE_NO_VMS, self.no_vms_reason)
+                return
+            t0 = time.monotonic()
+            outcome = host.start(command.vm)
+            took = (time.monotonic() - t0) * 1000
+            if outcome.ok:
+                log.info("command %d: VM %s running (%.1f ms)", command.id, command.vm.name, took)
+                self._report(command, "vm-running", 0, f"started in {took:.0f} ms")
+            else:
+                log.warning("command %d: VM %s refused: %s", command.id, command.vm.name, outcome.reason)
+                self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
+            return
+        host = self.host
+        if host is None:
+            self._report(command, "vm-failed", CODE_NO_VMS, f"no VM {command.name} on this node")
+            return
+        t0 = time.monotonic()
+        outcome = host.stop(command.name, force=command.force, timeout_s=self.shutdown_timeout_s)
+        took = (time.monotonic() - t0) * 1000
+        if outcome.ok:
+            log.info("command %d: VM %s stopped (%.1f ms)", command.id, command.name, took)
+            self._report(command, "vm-stopped", 0, outcome.reason or f"stopped in {took:.0f} ms")
+        else:
+            log.warning("command %d: stop of VM %s failed: %s", command.id, command.name, outcome.reason)
+            self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
+
+    def _host(self):
+        if self.host is None and self._make_host is not None:
+            self.host = self._make_host()
+        return self.host
+
+    def _report(self, command: Command, state: str, code: int, message: str) -> None:
+        self.notifier.notify(
+            state, self.held_mb(), code=code, command=command.id, vms=[command.vm_name],
+            message=(message or "")[:4000] or None, deliver_within=REPORT_WITHIN_S,
+        )
+
+    def _report_gone(self) -> None:
+        if self.host is None:
+            return
+        gone = self.host.gone()
+        if gone:
+            log.info("VM(s) %s shut down from inside the guest", ", ".join(gone))
+            self.notifier.notify(
+                "vm-stopped", self.held_mb(), vms=sorted(gone), message="shut down from inside the guest",
+                deliver_within=REPORT_WITHIN_S,
+            )
+
+    # -- the pilot's main thread ---------------------------------------------------------------
+
+    def running_vms(self) -> list[str]:
+        """Names of the VMs this worker started that still run."""
+        if self.host is None:
+            return []
+        return [vm.name for vm in self.host.vms() if vm.state == "running"]
+
+    def wait_empty(self, until: float, interrupted: Callable[[], bool] = lambda: False) -> list[str]:
+        """Wait until this slot's VMs are all stopped or the monotonic ``until``; returns those left running.
+
+        Meanwhile the worker keeps running the service's stop-vm commands
+        (and notices guests that shut down by themselves, checking often).
+        """
+        self.check_every_s = min(self.check_every_s, 0.5)
+        self._queue.put(None)  # wake the worker now, so the shorter check interval applies at once
+        with self._changed:
+            while True:
+                left = self.running_vms()
+                remaining = until - time.monotonic()
+                if not left or remaining <= 0 or interrupted():
+                    return left
+                self._changed.wait(remaining)
+
+    def teardown(self) -> list[str]:
+        """Stop the worker, then destroy every domain tagged with this slot; report and return their names.
+
+        Raises what the host's teardown raises (libvirt unreachable): the
+        journal then keeps the record that VMs may exist.
+        """
+        self._stopping.set()
+        self._queue.put(False)
+        if self.host is None:
+            return []
+        self.host.interrupt()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        destroyed = self.host.teardown()
+        if destroyed:
+            self.notifier.notify(
+                "vm-stopped", self.held_mb(), vms=sorted(destroyed)[:256],
+                message="destroyed by the pilot's teardown", deliver_within=REPORT_WITHIN_S,
+            )
+        return destroyed

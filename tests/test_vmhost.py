@@ -1,0 +1,327 @@
+"""Hosting a slot's VMs (pilot.vmhost) on libvirt's real test driver (test:///default, no daemon).
+
+The test driver keeps its domains in this process, shared by the
+connections open in it; the tests of two slots therefore share one
+connection, as two pilots share one libvirtd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pilot.protocol import ImageFile, VmSpec
+from pilot.vmcheck import VmPolicy
+from pilot.vmhost import VmHost, VmTeardownError
+from pilot.vmtag import VmTag, read_tag, set_tag
+
+libvirt = pytest.importorskip("libvirt")
+
+SLOT_A = "aaaaaaaa-1111-4000-8000-000000000001"
+SLOT_B = "bbbbbbbb-2222-4000-8000-000000000002"
+DISK = b"a tiny disk image\n" * 100
+URI = "test:///default"
+
+
+@pytest.fixture
+def conn():
+    """One test-driver connection; every domain a test leaves is destroyed afterwards."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    connection = libvirt.open(URI)
+    before = {d.name() for d in connection.listAllDomains(0)}
+    yield connection
+    for domain in connection.listAllDomains(0):
+        if domain.name() not in before and domain.isActive():
+            domain.destroy()
+    connection.close()
+
+
+@pytest.fixture
+def policy(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    images = tmp_path / "images"
+    images.mkdir(mode=0o755)
+    (images / "disk.raw").write_bytes(DISK)
+    return VmPolicy(str(images), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",), hugepage_kb=2048)
+
+
+def spec(name="vm1", memory_mb=256, **kwargs) -> VmSpec:
+    kwargs.setdefault("disk", ImageFile("disk.raw", hashlib.sha256(DISK).hexdigest()))
+    return VmSpec(name, memory_mb, **kwargs)
+
+
+def make_host(conn, policy, slot=SLOT_A, reserved_mb=1024, **kwargs) -> VmHost:
+    return VmHost(lambda: conn, slot=slot, lease="lease-1", pilot_pid=4242, policy=policy,
+                  reserved_mb=reserved_mb, uri=URI, **kwargs)
+
+
+def names(conn) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(0) if d.isActive()}
+
+
+def untagged(conn, name):
+    xml = f"<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+    return conn.createXML(xml, 0)
+
+
+# -- start ---------------------------------------------------------------------------------------
+
+
+def test_start_runs_a_transient_domain_tagged_with_the_slot(conn, policy):
+    host = make_host(conn, policy)
+    outcome = host.start(spec(console_log="vm1.log", network="default"))
+    assert outcome.ok and outcome.name == "vm1", outcome.reason
+    domain = conn.lookupByName("wp-aaaaaaaa-vm1")
+    assert domain.isActive() and not domain.isPersistent()
+    assert read_tag(domain) == VmTag(SLOT_A, "lease-1", 4242)
+    assert "<page size='2048' unit='KiB'/>" in domain.XMLDesc(0)  # the policy's hugepages back it
+    assert [(i.name, i.domain_name, i.memory_mb, i.state) for i in host.vms()] == [
+        ("vm1", "wp-aaaaaaaa-vm1", 256, "running")
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (spec(memory_mb=2048), "memory: 2048 MB + 64 MB overhead would make 2112 MB of the 1024 MB reserved"),
+        (dataclasses.replace(spec(), disk=ImageFile("disk.raw", "f" * 64)), "disk: disk.raw has sha256 "),
+        (spec(network="corp-lan"), "network: 'corp-lan' is not allowed here (allowed: default)"),
+        (spec(disk=ImageFile("/etc/passwd", "0" * 64)), "disk: /etc/passwd resolves to /etc/passwd, outside"),
+        (spec(memory_mb=255), "memory: 255 MB is not a whole number of 2048 kB hugepages"),
+    ],
+    ids=["memory", "sha256", "network", "outside", "hugepages"],
+)
+def test_a_refused_spec_starts_nothing_and_says_why(conn, policy, bad, reason):
+    host = make_host(conn, policy)
+    before = names(conn)
+    outcome = host.start(bad)
+    assert not outcome.ok and outcome.reason.startswith(reason), outcome.reason
+    assert names(conn) == before
+    assert host.vms() == []
+
+
+def test_the_slot_memory_counts_the_running_vms_with_their_overhead(conn, policy):
+    host = make_host(conn, policy, reserved_mb=1024)
+    assert host.start(spec("one", 512)).ok
+    second = host.start(spec("two", 512))
+    assert not second.ok
+    assert second.reason == (
+        "memory: 512 MB + 64 MB overhead would make 1152 MB of the 1024 MB reserved (in use 576 MB); at most 384 MB fits"
+    )
+    assert host.start(spec("two", 384)).ok
+    assert host.stop("one", force=True).ok
+    assert host.start(spec("three", 512)).ok  # what a stopped VM held is free again
+
+
+def test_a_name_already_running_in_the_slot_is_refused(conn, policy):
+    host = make_host(conn, policy)
+    assert host.start(spec("vm1")).ok
+    again = host.start(spec("vm1"))
+    assert not again.ok and again.reason == "a VM named vm1 already runs in this slot; stop it first"
+    assert len([n for n in names(conn) if n.startswith("wp-")]) == 1
+
+
+def test_a_libvirt_error_is_a_refusal_with_libvirts_message(conn, policy):
+    squatter = untagged(conn, "wp-aaaaaaaa-vm1")  # a domain already has the name
+    host = make_host(conn, policy)
+    outcome = host.start(spec("vm1"))
+    assert not outcome.ok
+    assert outcome.reason.startswith("libvirt refused the domain: ") and "already exists" in outcome.reason
+    assert "\n" not in outcome.reason
+    assert squatter.isActive() and read_tag(squatter) is None
+    assert host.vms() == []
+
+
+def test_concurrent_starts_never_overcommit_the_slot(conn, policy):
+    host = make_host(conn, policy, reserved_mb=1280)  # room for four of (256 + 64)
+    outcomes = []
+    threads = [threading.Thread(target=lambda i=i: outcomes.append(host.start(spec(f"vm{i}", 256)))) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(o.ok for o in outcomes) == 4
+    assert all(o.reason.startswith("memory: ") for o in outcomes if not o.ok)
+    assert len([n for n in names(conn) if n.startswith("wp-aaaaaaaa-")]) == 4
+
+
+# -- before_first_vm -----------------------------------------------------------------------------
+
+
+def test_before_first_vm_is_called_once_before_the_first_domain_exists(conn, policy):
+    calls = []
+
+    def journal(uri):
+        calls.append((uri, sorted(n for n in names(conn) if n.startswith("wp-"))))
+
+    host = make_host(conn, policy, before_first_vm=journal)
+    assert calls == []
+    assert host.start(spec("one")).ok
+    assert host.start(spec("two")).ok
+    assert calls == [(URI, [])]
+
+
+def test_a_failing_before_first_vm_creates_nothing(conn, policy):
+    def broken(uri):
+        raise OSError("journal disk full")
+
+    host = make_host(conn, policy, before_first_vm=broken)
+    before = names(conn)
+    outcome = host.start(spec())
+    assert not outcome.ok
+    assert outcome.reason == "cannot record that VMs may exist on this node: journal disk full"
+    assert names(conn) == before
+
+
+# -- stop ----------------------------------------------------------------------------------------
+
+
+def test_forced_stop_destroys_at_once(conn, policy):
+    host = make_host(conn, policy)
+    host.start(spec())
+    outcome = host.stop("vm1", force=True)
+    assert outcome.ok and outcome.reason == "destroyed"
+    assert "wp-aaaaaaaa-vm1" not in names(conn)
+    assert host.vms() == []
+
+
+def test_graceful_stop_shuts_the_guest_down(conn, policy):
+    host = make_host(conn, policy)
+    host.start(spec())
+    outcome = host.stop("vm1")  # the test driver's guest shuts down at once
+    assert outcome.ok and outcome.reason.startswith("shut down in ")
+    assert "wp-aaaaaaaa-vm1" not in names(conn)
+    assert host.vms() == [] and host.gone() == []
+
+
+def test_stop_touches_only_this_slots_domains(conn, policy):
+    host = make_host(conn, policy)
+    other = untagged(conn, "wp-aaaaaaaa-theirs")
+    set_tag(other, VmTag(SLOT_B, "lease-2", 99), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    bare = untagged(conn, "wp-aaaaaaaa-bare")
+    for name, owner in (("theirs", f"belongs to slot {SLOT_B}"), ("bare", "has no pilot tag")):
+        outcome = host.stop(name, force=True)
+        assert not outcome.ok and outcome.reason == f"not a VM of this slot: domain wp-aaaaaaaa-{name} {owner}"
+    assert other.isActive() and bare.isActive()
+    missing = host.stop("nothing")
+    assert not missing.ok and missing.reason == "not a VM of this slot: no domain wp-aaaaaaaa-nothing on this node"
+
+
+# -- gone ----------------------------------------------------------------------------------------
+
+
+def test_gone_reports_a_vm_that_ended_behind_the_hosts_back_once(conn, policy):
+    host = make_host(conn, policy)
+    host.start(spec("stays"))
+    host.start(spec("ends"))
+    conn.lookupByName("wp-aaaaaaaa-ends").destroy()
+    assert [(i.name, i.state) for i in host.vms()] == [("ends", "gone"), ("stays", "running")]
+    assert host.gone() == ["ends"]
+    assert host.gone() == []
+    assert [i.name for i in host.vms()] == ["stays"]
+    assert host.start(spec("ends")).ok  # its name and memory are free again
+
+
+# -- teardown ------------------------------------------------------------------------------------
+
+
+def test_teardown_of_one_slot_leaves_the_other_slot_and_the_neighbour_running(conn, policy, caplog):
+    host_a, host_b = make_host(conn, policy, slot=SLOT_A), make_host(conn, policy, slot=SLOT_B)
+    assert host_a.start(spec("a1")).ok and host_a.start(spec("a2")).ok
+    assert host_b.start(spec("b1")).ok
+    neighbour = untagged(conn, "neighbour")
+    # A domain of slot A that A's books do not know (left by a crashed pilot of the slot).
+    leftover = untagged(conn, "wp-aaaaaaaa-old")
+    set_tag(leftover, VmTag(SLOT_A, "lease-1", 1), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    with caplog.at_level(logging.INFO, logger="pilot.vmhost"):
+        destroyed = host_a.teardown()
+
+    assert sorted(destroyed) == ["a1", "a2", "old"]
+    left = names(conn)
+    assert not any(n.startswith("wp-aaaaaaaa-") for n in left)
+    assert {"wp-bbbbbbbb-b1", "neighbour", "test"} <= left
+    assert neighbour.isActive()
+    assert [i.name for i in host_b.vms()] == ["b1"]
+    assert any(r.getMessage().startswith("destroyed VM a1 (domain wp-aaaaaaaa-a1) in ") for r in caplog.records)
+    refused = host_a.start(spec("late"))
+    assert not refused.ok and refused.reason == "the slot is being torn down; no new VMs"
+
+
+def test_teardown_without_any_vm_does_not_open_libvirt(policy):
+    opened = []
+
+    def connect():
+        opened.append(True)
+        raise AssertionError("teardown opened libvirt")
+
+    host = VmHost(connect, slot=SLOT_A, lease="l", pilot_pid=1, policy=policy, reserved_mb=1024)
+    assert host.teardown() == []
+    assert opened == []
+    host.close()
+
+
+def test_teardown_of_a_journalled_slot_looks_for_its_vms(conn, policy):
+    leftover = untagged(conn, "wp-aaaaaaaa-old")
+    set_tag(leftover, VmTag(SLOT_A, "lease-1", 1), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    host = make_host(conn, policy, vms_journalled=True)
+    assert host.teardown() == ["old"]
+    assert "wp-aaaaaaaa-old" not in names(conn)
+
+
+def test_teardown_after_a_failed_journal_hook_still_looks(conn, policy):
+    def half_written(uri):
+        raise OSError("fsync failed")
+
+    host = make_host(conn, policy, before_first_vm=half_written)
+    assert not host.start(spec()).ok
+    stray = untagged(conn, "wp-aaaaaaaa-stray")
+    set_tag(stray, VmTag(SLOT_A, "lease-1", 4242), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    assert host.teardown() == ["stray"]
+
+
+def test_teardown_that_cannot_reach_libvirt_raises(policy):
+    uri = "test:///nonexistent/node.xml"
+    host = VmHost(lambda: libvirt.open(uri), slot=SLOT_A, lease="l", pilot_pid=1,
+                  policy=policy, reserved_mb=1024, vms_journalled=True, uri=uri)
+    with pytest.raises(VmTeardownError, match=f"^cannot list the VMs at {uri}: ") as failed:
+        host.teardown()
+    assert failed.value.destroyed == []
+
+
+# -- import --------------------------------------------------------------------------------------
+
+
+def test_importing_the_vm_modules_does_not_import_libvirt():
+    code = (
+        "import sys\n"
+        "import pilot.vmhost, pilot.vmcheck, pilot.domainxml\n"
+        "assert 'libvirt' not in sys.modules, 'libvirt imported at start'\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_read_tag_of_a_domain_that_vanished_is_none(conn):
+    # teardown and kill-all list domains, then ask each: one may end in between.
+    domain = untagged(conn, "short-lived")
+    set_tag(domain, VmTag(SLOT_A, "lease-1", 1), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    domain.destroy()
+    assert read_tag(domain) is None
+
+
+def test_interrupt_refuses_new_starts_and_leaves_running_vms_to_teardown(conn, policy):
+    host = make_host(conn, policy)
+    assert host.start(spec("vm1")).ok
+    host.interrupt()
+    refused = host.start(spec("vm2"))
+    assert not refused.ok and refused.reason == "the slot is being torn down; no new VMs"
+    assert "wp-aaaaaaaa-vm1" in names(conn)
+    assert host.teardown() == ["vm1"]
