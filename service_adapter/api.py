@@ -1,15 +1,22 @@
 """The operators' HTTP API, served by the same aiohttp application as the pilots' receiver.
 
-=======  ===============================  ==========================================
-method   path                             answer
-=======  ===============================  ==========================================
-POST     /api/v1/leases                   201, the new lease (JSON body: nodes,
-                                          memory_mb, duration_s)
-GET      /api/v1/leases[?state=&owner=]   200, ``{"leases": [...]}``
-GET      /api/v1/leases/{id}              200, the lease
-POST     /api/v1/leases/{id}/release      202, the lease (release under way)
-GET      /api/v1/usage[?owner=&lease=]    200, ``{"node_seconds", "mb_seconds", "leases"}``
-=======  ===============================  ==========================================
+=======  ======================================  ==========================================
+method   path                                    answer
+=======  ======================================  ==========================================
+POST     /api/v1/leases                          201, the new lease (JSON body: nodes,
+                                                 memory_mb, duration_s)
+GET      /api/v1/leases[?state=&owner=]          200, ``{"leases": [...]}``
+GET      /api/v1/leases/{id}                     200, the lease
+POST     /api/v1/leases/{id}/release             202, the lease (release under way)
+POST     /api/v1/leases/{id}/vms                 202, ``{"vms": [...]}``: the VMs queued to
+                                                 start (JSON body: ``{"vms": [spec, ...]}``,
+                                                 each a VM spec with an optional ``host``)
+GET      /api/v1/leases/{id}/vms                 200, ``{"vms": [...]}``, oldest first
+GET      /api/v1/leases/{id}/vms/{name}          200, the VM
+POST     /api/v1/leases/{id}/vms/{name}/stop     202, the VM (stop queued; optional JSON
+                                                 body ``{"force": true}``)
+GET      /api/v1/usage[?owner=&lease=]           200, ``{"node_seconds", "mb_seconds", "leases"}``
+=======  ======================================  ==========================================
 
 Every request is digest-authenticated (RFC 7616, SHA-256, ``qop=auth``)
 against the operators' accounts, with their own realm and verifier: a
@@ -17,10 +24,14 @@ pilot's credentials do not work here, nor an operator's on the pilots'
 endpoints. The authenticated operator owns the leases it reserves.
 
 Errors are one JSON line, ``{"error": "..."}``: 400 bad JSON or values, 401
-no or wrong credentials (with a fresh challenge), 404 unknown lease or path,
-405 wrong method, 413 body too large, 502 the batch system refused the job.
-The lease manager's calls block (reserve submits to the batch system), so
-each runs in a worker thread, never on the event loop.
+no or wrong credentials (with a fresh challenge), 404 unknown lease, VM or
+path, 405 wrong method, 409 a VM request that cannot be carried out as the
+lease stands (the lease is not ready or running, a VM name is in use, the
+VMs do not fit its hosts, the VM has ended already; nothing is queued), 413
+body too large (4 KiB; 256 KiB for a VM start, which may hold many specs),
+502 the batch system refused the job. The lease and VM managers' calls
+block (reserve submits to the batch system, VM calls commit to the store),
+so each runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -32,20 +43,26 @@ import re
 
 from aiohttp import web
 
+from pilot.protocol import MAX_VM_NAME_LEN
 from service_adapter.digest import Account, DigestVerifier
-from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease
+from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease, vm_json
+from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1"
 MAX_API_BODY = 4096
+#: A VM start may carry many specs (up to vms.MAX_VMS_PER_REQUEST), each with paths and digests.
+MAX_VM_BODY = 256 * 1024
 MAX_NODES = 100_000
 MAX_MEMORY_MB = 2**31 - 1
 MAX_DURATION_S = 10**8
-_LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LEASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_VM_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VM_NAME_LEN - 1}}}")
 
 MANAGER_KEY = web.AppKey("lease_manager", object)
 OPERATORS_KEY = web.AppKey("operator_verifier", DigestVerifier)
+VMS_KEY = web.AppKey("vm_manager", VmManager)
 OPERATOR_KEY = "operator"  # request key: the authenticated operator's Account
 
 
@@ -85,18 +102,26 @@ def _allow(exc: web.HTTPException):
     return {"Allow": allow} if allow else None
 
 
-async def _read_json(request: web.Request) -> dict:
-    """The request's JSON object, or an HTTP error response raised as an exception."""
-    if request.content_length is not None and request.content_length > MAX_API_BODY:
-        raise _Refused(413, f"body over {MAX_API_BODY} bytes")
+async def _read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
+    """The request's JSON object (at most ``limit`` bytes), or an HTTP error response raised as an exception.
+
+    The body is read from the stream with this route's own cap, not with
+    ``request.read()``: that one is capped by the app's ``client_max_size``
+    (the pilots' 64 KiB, see :func:`service_adapter.receiver.make_app`),
+    which a VM start may need to exceed and every other route stays far below.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise _Refused(413, f"body over {limit} bytes")
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+        if len(body) > limit:
+            raise _Refused(413, f"body over {limit} bytes")
     try:
-        body = await request.read()  # the app caps what is read (make_app's client_max_size)
-    except web.HTTPRequestEntityTooLarge:
-        raise _Refused(413, f"body over {MAX_API_BODY} bytes") from None
-    if len(body) > MAX_API_BODY:
-        raise _Refused(413, f"body over {MAX_API_BODY} bytes")
-    try:
-        data = json.loads(body)
+        data = json.loads(bytes(body))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _Refused(400, f"the body is not JSON: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -133,9 +158,16 @@ def _duration_field(data: dict) -> float:
 
 def _lease_id(request: web.Request) -> str:
     lease_id = request.match_info["lease_id"]
-    if not _LEASE_ID_RE.match(lease_id):
+    if not _LEASE_ID_RE.fullmatch(lease_id):
         raise _Refused(404, f"no lease {lease_id[:64]!r}")
     return lease_id
+
+
+def _vm_name(request: web.Request, lease_id: str) -> str:
+    name = request.match_info["name"]
+    if not _VM_NAME_RE.fullmatch(name):
+        raise _Refused(404, f"lease {lease_id} has no VM named {name[:64]!r}")
+    return name
 
 
 def _refusals(handler):
@@ -149,6 +181,10 @@ def _refusals(handler):
         except UnknownLease as exc:
             lease_id = exc.args[0] if exc.args else "?"
             return _error(404, f"no lease {lease_id!r}")
+        except VmRequestError as exc:
+            if exc.status == 409:
+                log.info("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
+            return _error(exc.status, _one_line(exc))
         except LeaseError as exc:
             log.warning("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
             return _error(502, f"the batch system refused: {_one_line(exc)}")
@@ -242,11 +278,82 @@ async def usage(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-def add_api(app: web.Application, manager, verifier: DigestVerifier) -> web.Application:
+# -- VMs -----------------------------------------------------------------------------------------
+
+
+@_refusals
+async def start_vms(request: web.Request) -> web.Response:
+    """POST /api/v1/leases/{id}/vms ``{"vms": [spec, ...]}``: place and queue the VMs' start; 202 with them."""
+    lease_id = _lease_id(request)
+    data = await _read_json(request, MAX_VM_BODY)
+    unknown = sorted(set(data) - {"vms"})
+    if unknown:
+        raise _Refused(400, f'unknown field(s) {", ".join(unknown)}: give {{"vms": [VM spec, ...]}}')
+    items = data.get("vms")
+    if not isinstance(items, list) or not items:
+        raise _Refused(400, "'vms' must be a non-empty list of VM specs (each a JSON object)")
+    wanted = []
+    for index, item in enumerate(items):
+        try:
+            wanted.append(parse_vm_request(item))
+        except VmRequestError as exc:
+            name = item.get("name") if isinstance(item, dict) else None
+            label = f"vms[{index}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
+            raise _Refused(exc.status, f"{label[:100]}: {_one_line(exc)}") from None
+    vms = request.app[VMS_KEY]
+    started = await asyncio.to_thread(vms.start, lease_id, wanted)
+    log.info("API: %s started %d VM(s) on lease %s: %s", _who(request), len(started), lease_id,
+             ", ".join(f"{vm.name}@{vm.host}" for vm in started))
+    return web.json_response({"vms": [vm_json(vm) for vm in started]}, status=202,
+                             headers={"Location": f"{PREFIX}/leases/{lease_id}/vms"})
+
+
+@_refusals
+async def list_vms(request: web.Request) -> web.Response:
+    """GET /api/v1/leases/{id}/vms: the lease's VMs (ended ones too), oldest first."""
+    lease_id = _lease_id(request)
+    if request.query:
+        raise _Refused(400, f"unknown query parameter(s) {', '.join(sorted(set(request.query)))}: none is taken")
+    found = await asyncio.to_thread(request.app[VMS_KEY].list, lease_id)
+    return web.json_response({"vms": [vm_json(vm) for vm in found]})
+
+
+@_refusals
+async def show_vm(request: web.Request) -> web.Response:
+    """GET /api/v1/leases/{id}/vms/{name}: one VM."""
+    lease_id = _lease_id(request)
+    name = _vm_name(request, lease_id)
+    vm = await asyncio.to_thread(request.app[VMS_KEY].get, lease_id, name)
+    return web.json_response(vm_json(vm))
+
+
+@_refusals
+async def stop_vm(request: web.Request) -> web.Response:
+    """POST /api/v1/leases/{id}/vms/{name}/stop [``{"force": true}``]: queue the VM's stop; 202 with it."""
+    lease_id = _lease_id(request)
+    name = _vm_name(request, lease_id)
+    force = False
+    if request.body_exists:  # an empty body is a graceful stop
+        data = await _read_json(request)
+        unknown = sorted(set(data) - {"force"})
+        if unknown:
+            raise _Refused(400, f'unknown field(s) {", ".join(unknown)}: the only one is "force" (true or false)')
+        force = data.get("force", False)
+        if not isinstance(force, bool):
+            raise _Refused(400, f"'force' must be true or false, not {json.dumps(force)[:40]}")
+    vm = await asyncio.to_thread(request.app[VMS_KEY].stop, lease_id, name, force=force)
+    log.info("API: %s stopped VM %s of lease %s%s (now %s)", _who(request), name, lease_id,
+             " (forced)" if force else "", vm.state)
+    return web.json_response(vm_json(vm), status=202)
+
+
+def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None) -> web.Application:
     """Add the operator API to ``app`` (built by :func:`service_adapter.receiver.make_app`).
 
     ``verifier`` holds the operators' accounts; its realm must differ from
     the pilots' verifier's, so neither side's credentials work for the other.
+    ``vms`` starts and stops the leases' VMs; None makes one over the lease
+    manager's store with the default 64 MB overhead per VM.
     """
     from service_adapter.receiver import VERIFIER_KEY
 
@@ -255,10 +362,15 @@ def add_api(app: web.Application, manager, verifier: DigestVerifier) -> web.Appl
         raise ValueError("the operators' realm must differ from the pilots' realm")
     app[MANAGER_KEY] = manager
     app[OPERATORS_KEY] = verifier
+    app[VMS_KEY] = vms if vms is not None else VmManager(manager.store, overhead_mb=64)
     app.middlewares.append(_api_auth)
     app.router.add_post(f"{PREFIX}/leases", create_lease)
     app.router.add_get(f"{PREFIX}/leases", list_leases)
     app.router.add_get(PREFIX + "/leases/{lease_id}", show_lease)
     app.router.add_post(PREFIX + "/leases/{lease_id}/release", release_lease)
+    app.router.add_post(PREFIX + "/leases/{lease_id}/vms", start_vms)
+    app.router.add_get(PREFIX + "/leases/{lease_id}/vms", list_vms)
+    app.router.add_get(PREFIX + "/leases/{lease_id}/vms/{name}", show_vm)
+    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/stop", stop_vm)
     app.router.add_get(f"{PREFIX}/usage", usage)
     return app

@@ -1,8 +1,8 @@
 """``workspace-lease``: the service side's command.
 
-``serve`` runs the service; ``reserve``, ``release``, ``list``, ``show`` and
-``usage`` are the operators' client of its HTTP API; ``demo`` runs one lease
-on this machine through the embedded local site.
+``serve`` runs the service; ``reserve``, ``release``, ``list``, ``show``,
+``usage`` and ``vm start|stop|list`` are the operators' client of its HTTP
+API; ``demo`` runs one lease on this machine through the embedded local site.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
+import textwrap
 import time
 
 EXIT_OK = 0
@@ -23,19 +25,26 @@ EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
 EXIT_NOT_FOUND = 6
 EXIT_TIMEOUT = 7
+EXIT_CONFLICT = 8
 EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
 
 EXIT_CODES = {
-    EXIT_OK: "success (for --wait: the lease reached the state waited for)",
-    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job",
-    EXIT_USAGE: "bad arguments (or a request the service found invalid)",
+    EXIT_OK: "success (for --wait: the lease or VM reached the state waited for)",
+    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job; "
+                 "or (vm --wait) a VM failed, was lost or did not stop",
+    EXIT_USAGE: "bad arguments or VM spec (or a request the service found invalid)",
     EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; or cannot run here",
     EXIT_UNREACHABLE: "the service could not be reached (or did not answer in time)",
     EXIT_REFUSED: "the service refused the credentials (401/403)",
-    EXIT_NOT_FOUND: "no such lease (404)",
-    EXIT_TIMEOUT: "--wait gave up after --timeout seconds; the lease goes on",
+    EXIT_NOT_FOUND: "no such lease, or no such VM (404)",
+    EXIT_TIMEOUT: "--wait gave up (after --timeout; vm: after its --wait SECONDS); the lease or VM goes on",
+    EXIT_CONFLICT: "the service refused the VM request as the lease stands (409): the lease is not ready, "
+                   "a VM name is in use, the VMs do not fit, or the VM has ended already; nothing was queued",
 }
-EXIT_CODES_HELP = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
+    textwrap.fill(text, width=79, initial_indent=f"  {code}  ", subsequent_indent="     ")
+    for code, text in EXIT_CODES.items()
+)
 
 UP_STATES = ("ready", "running")
 END_STATES = ("released", "expired", "failed", "missing")
@@ -86,7 +95,7 @@ def _lease_id(text: str) -> str:
     return text
 
 
-def _client_options() -> argparse.ArgumentParser:
+def _client_options(timeout_waits: bool = True) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("service and credentials (override [client] of the config file)")
     group.add_argument("--config", metavar="FILE",
@@ -99,8 +108,8 @@ def _client_options() -> argparse.ArgumentParser:
                        help="file holding the operator's digest secret, mode 0600 "
                             "(default $WORKSPACE_LEASE_SECRET_FILE, else [client] secret_file)")
     group.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
-                       help="per request (default [client] timeout, 60); "
-                            "with --wait also the longest wait (default 600)")
+                       help="per request (default [client] timeout, 60)"
+                            + ("; with --wait also the longest wait (default 600)" if timeout_waits else ""))
     common.add_argument("--json", action="store_true", help="print exactly the API's JSON answer instead of text")
     return common
 
@@ -111,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workspace-lease",
         description=(
             "Lease batch nodes' memory to virtual machines through pilot jobs. 'serve' runs the service; "
-            "reserve, release, list, show and usage talk to it over HTTP (digest-authenticated as an operator); "
-            "'demo' runs one lease on this machine."
+            "reserve, release, list, show, usage and vm (start, stop, list a lease's VMs) talk to it over HTTP "
+            "(digest-authenticated as an operator); 'demo' runs one lease on this machine."
         ),
         epilog=EXIT_CODES_HELP,
         formatter_class=_Formatter,
@@ -175,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--owner", metavar="OPERATOR", help="only this operator's leases (default: all)")
     usage.add_argument("--lease", type=_lease_id, metavar="LEASE", help="only this lease")
 
+    _add_vm_commands(commands, _client_options(timeout_waits=False))
+
     demo = commands.add_parser(
         "demo",
         help="run one lease on this machine through the local provider (needs root)",
@@ -202,6 +213,239 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- vm: the leases' VMs --------------------------------------------------------------------------
+
+#: Which option sets which field of a VM spec (to name the option in a refusal).
+_VM_OPTIONS = {
+    "vm.name": "--name", "vm.memory_mb": "--memory", "vm.vcpus": "--vcpus",
+    "vm.disk.path": "--image", "vm.disk.sha256": "--image-sha256", "vm.disk.readonly": "--readonly",
+    "vm.disk": "--image", "vm.boot.kernel.path": "--kernel", "vm.boot.kernel.sha256": "--kernel-sha256",
+    "vm.boot.kernel": "--kernel", "vm.boot.initrd.path": "--initrd", "vm.boot.initrd.sha256": "--initrd-sha256",
+    "vm.boot.initrd": "--initrd", "vm.boot.cmdline": "--cmdline", "vm.network": "--network",
+    "vm.console_log": "--console-log", "vm": "the VM",
+}
+_SPEC_OPTIONS = ("name", "memory", "vcpus", "image", "image_sha256", "readonly", "kernel", "kernel_sha256",
+                 "initrd", "initrd_sha256", "cmdline", "network", "console_log", "host")
+_VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+VM_ENDED = ("stopped", "failed", "lost")
+STOP_FAILED = "stop failed"  # how the service's reason starts when a pilot reported that a stop-vm failed
+
+
+def _vm_name(text: str) -> str:
+    if not _VM_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a VM name (a letter or digit, then letters, digits, . _ -; at most 64)"
+        )
+    return text
+
+
+def _host_name(text: str) -> str:
+    if not _HOST_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name")
+    return text
+
+
+def _sha256(text: str) -> str:
+    lowered = text.lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", lowered):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a sha256 (64 hex digits, as sha256sum prints)")
+    return lowered
+
+
+def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
+    vm = commands.add_parser(
+        "vm", help="start, stop and list a lease's virtual machines",
+        description=(
+            "The VMs of a ready lease: 'vm start' places them on the lease's hosts (each host's reserved "
+            "memory respected, with the service's per-VM overhead) and queues their start to the pilots; "
+            "'vm stop' queues a stop; 'vm list' shows them. The pilots report each outcome."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    vms = vm.add_subparsers(dest="vm_command", metavar="VMCOMMAND", required=True, parser_class=_Parser)
+
+    def sub(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser = vms.add_parser(name, help=help_text, description=description, parents=[common],
+                                epilog=EXIT_CODES_HELP, formatter_class=_Formatter)
+        parser.set_defaults(parser=parser)
+        return parser
+
+    start = sub(
+        "start", "start VMs on a lease",
+        "Start one VM described by the options below, or the VMs of a spec file, on a lease that is ready "
+        "or running. The request is checked here first (nothing is sent if it is malformed), then by the "
+        "service: all of them are queued, or none (exit 8 if they do not fit, a name is in use, or the "
+        "lease is not ready). Each pilot checks its VM again (image directory and sha256, memory) before "
+        "it starts it. Prints the VMs queued, with the host each was placed on.",
+    )
+    start.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    start.add_argument("--spec", metavar="FILE",
+                       help='a JSON file (- for stdin) holding {"vms": [spec, ...]} or one spec object; each '
+                            'spec is {"name", "memory_mb", "vcpus", "disk": {"path", "sha256", "readonly"}, '
+                            '"boot": {"kernel": {"path", "sha256"}, "initrd": {...}, "cmdline"}, "network", '
+                            '"console_log"} plus an optional "host". Not with the options below')
+    one = start.add_argument_group("one VM from options (instead of --spec)")
+    one.add_argument("--name", type=_vm_name, metavar="NAME",
+                     help="the VM's name, unique among the lease's active VMs (required)")
+    one.add_argument("--memory", type=_positive(int, "a whole number"), metavar="MB",
+                     help="the VM's memory in MB (required); the service adds its per-VM overhead when placing")
+    one.add_argument("--vcpus", type=_positive(int, "a whole number"), metavar="N", help="virtual CPUs (default 1)")
+    one.add_argument("--image", metavar="PATH",
+                     help="the disk image on the nodes (in the pilots' image directory); needs --image-sha256")
+    one.add_argument("--image-sha256", type=_sha256, metavar="HEX", help="the image's sha256, as sha256sum prints it")
+    one.add_argument("--readonly", action="store_true",
+                     help="attach the image read-only (default: writes go to a throw-away overlay)")
+    one.add_argument("--kernel", metavar="PATH",
+                     help="boot this kernel directly (with or without --image); needs --kernel-sha256")
+    one.add_argument("--kernel-sha256", type=_sha256, metavar="HEX", help="the kernel's sha256")
+    one.add_argument("--initrd", metavar="PATH", help="the initrd for --kernel; needs --initrd-sha256")
+    one.add_argument("--initrd-sha256", type=_sha256, metavar="HEX", help="the initrd's sha256")
+    one.add_argument("--cmdline", metavar="TEXT", help="the kernel command line for --kernel")
+    one.add_argument("--network", metavar="NAME", help="attach one NIC to this libvirt network (default: no NIC)")
+    one.add_argument("--console-log", metavar="FILE",
+                     help="a file name for the serial console's output, in the pilots' console directory")
+    one.add_argument("--host", type=_host_name, metavar="HOST",
+                     help="place the VM on this host of the lease (default: the host with the most room)")
+    start.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+                       help="then wait up to SECONDS until every VM runs (exit 0) or one has failed or "
+                            "was lost (exit 1); exit 7 if still starting then")
+
+    stop = sub(
+        "stop", "stop a VM of a lease",
+        "Queue a stop of one VM: graceful (an ACPI shutdown, then destroyed after the pilot's wait), or at "
+        "once with --force. Stopping a VM that has ended is refused (exit 8).",
+    )
+    stop.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    stop.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name")
+    stop.add_argument("--force", action="store_true", help="destroy it at once instead of shutting it down")
+    stop.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+                      help="then wait up to SECONDS until it has stopped (exit 0), or the stop failed or the "
+                           "VM was lost (exit 1); exit 7 if still stopping then")
+
+    listing = sub("list", "list a lease's VMs",
+                  "List a lease's VMs, oldest first (ended ones too): name, host, state, memory and why.")
+    listing.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+
+
+class _BadSpec(Exception):
+    """A VM request that is malformed as given; nothing is sent."""
+
+
+def _vm_request(args) -> list[dict]:
+    """The VM specs (each with its optional "host") that ``vm start`` sends; _BadSpec says what is wrong."""
+    from service_adapter.vms import MAX_VMS_PER_REQUEST, VmRequestError, parse_vm_request
+
+    given = [f"--{name.replace('_', '-')}" for name in _SPEC_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.spec is not None:
+        if given:
+            raise _BadSpec(f"--spec and {', '.join(given)} exclude each other: give the VMs in the file, or one VM "
+                           "with the options")
+        items, where = _read_spec_file(args.spec), args.spec
+    else:
+        items, where = [_spec_from_options(args)], None
+    if len(items) > MAX_VMS_PER_REQUEST:
+        raise _BadSpec(f"{where}: {len(items)} VMs, at most {MAX_VMS_PER_REQUEST} per request: split the file")
+    specs, names = [], set()
+    for index, item in enumerate(items):
+        try:
+            spec, host = parse_vm_request(item)
+        except VmRequestError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "invalid"
+            if where is None:
+                raise _BadSpec(_name_option(message)) from None
+            name = item.get("name") if isinstance(item, dict) else None
+            label = f"vms[{index}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
+            raise _BadSpec(f"{where}: {label[:100]}: {message}") from None
+        if host is not None and not _HOST_RE.fullmatch(host):
+            raise _BadSpec(f"{where}: vms[{index}] ({spec.name}): host {host[:80]!r} is not a host name")
+        if spec.name in names:
+            raise _BadSpec(f"{where}: VM name {spec.name} is given twice: names must differ")
+        names.add(spec.name)
+        specs.append(dict(spec.to_dict(), **({"host": host} if host is not None else {})))
+    return specs
+
+
+def _name_option(message: str) -> str:
+    """A spec refusal for a VM given by options: name the option, not the JSON field."""
+    for field in sorted(_VM_OPTIONS, key=len, reverse=True):
+        if message.startswith(field + ":"):
+            return f"{_VM_OPTIONS[field]}{message[len(field):]}"
+    return message
+
+
+def _read_spec_file(path: str) -> list:
+    from service_adapter.api import MAX_VM_BODY
+
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_VM_BODY + 1)
+        else:
+            with open(path, "rb") as handle:
+                raw = handle.read(MAX_VM_BODY + 1)
+    except OSError as exc:
+        raise _BadSpec(f"--spec {path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_VM_BODY:
+        raise _BadSpec(f"--spec {path}: over {MAX_VM_BODY} bytes, the most one request may carry: split the file")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _BadSpec(f"--spec {path}: not JSON: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and "vms" in data:
+        extra = sorted(set(data) - {"vms"})
+        if extra:
+            raise _BadSpec(f'--spec {path}: unknown field(s) {", ".join(map(str, extra))} beside "vms"')
+        if not isinstance(data["vms"], list) or not data["vms"]:
+            raise _BadSpec(f'--spec {path}: "vms" must be a non-empty list of VM specs')
+        return data["vms"]
+    if isinstance(data, dict):
+        return [data]
+    raise _BadSpec(f'--spec {path}: must hold {{"vms": [spec, ...]}} or one spec object')
+
+
+def _spec_from_options(args) -> dict:
+    def both(path_option: str, path, digest_option: str, digest) -> None:
+        if (path is None) != (digest is None):
+            missing = digest_option if digest is None else path_option
+            present = path_option if digest is None else digest_option
+            raise _BadSpec(f"{present} needs {missing}")
+
+    if args.name is None or args.memory is None:
+        missing = " and ".join(o for o, v in (("--name", args.name), ("--memory", args.memory)) if v is None)
+        raise _BadSpec(f"{missing} missing: give --spec FILE, or --name and --memory with --image or --kernel")
+    both("--image", args.image, "--image-sha256", args.image_sha256)
+    both("--kernel", args.kernel, "--kernel-sha256", args.kernel_sha256)
+    both("--initrd", args.initrd, "--initrd-sha256", args.initrd_sha256)
+    if args.readonly and args.image is None:
+        raise _BadSpec("--readonly needs --image")
+    for option, value in (("--initrd", args.initrd), ("--cmdline", args.cmdline)):
+        if value is not None and args.kernel is None:
+            raise _BadSpec(f"{option} needs --kernel (direct boot)")
+    if args.image is None and args.kernel is None:
+        raise _BadSpec("the VM needs --image (with --image-sha256) or --kernel (with --kernel-sha256), or both")
+    spec: dict = {"name": args.name, "memory_mb": args.memory}
+    if args.vcpus is not None:
+        spec["vcpus"] = args.vcpus
+    if args.image is not None:
+        spec["disk"] = {"path": args.image, "sha256": args.image_sha256}
+        if args.readonly:
+            spec["disk"]["readonly"] = True
+    if args.kernel is not None:
+        boot: dict = {"kernel": {"path": args.kernel, "sha256": args.kernel_sha256}}
+        if args.initrd is not None:
+            boot["initrd"] = {"path": args.initrd, "sha256": args.initrd_sha256}
+        if args.cmdline is not None:
+            boot["cmdline"] = args.cmdline
+        spec["boot"] = boot
+    if args.network is not None:
+        spec["network"] = args.network
+    if args.console_log is not None:
+        spec["console_log"] = args.console_log
+    if args.host is not None:
+        spec["host"] = args.host
+    return spec
+
+
 def _say(text: str) -> None:
     print(f"workspace-lease: {text}", file=sys.stderr)
 
@@ -213,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "vm" and args.vm_command == "start":
+        try:
+            args.vm_specs = _vm_request(args)  # checked before anything is read or sent
+        except _BadSpec as exc:
+            args.parser.error(str(exc))
     return _client_command(args)
 
 
@@ -293,6 +542,8 @@ def _exit_for_status(status: int | None) -> int:
         return EXIT_REFUSED
     if status == 404:
         return EXIT_NOT_FOUND
+    if status == 409:
+        return EXIT_CONFLICT
     if status in (400, 405, 413, 422):
         return EXIT_USAGE
     return EXIT_FAILED
@@ -427,8 +678,95 @@ def _cmd_usage(client, args) -> int:
     return EXIT_OK
 
 
+def _cmd_vm(client, args) -> int:
+    return _VM_COMMANDS[args.vm_command](client, args)
+
+
+def _cmd_vm_start(client, args) -> int:
+    body = client.start_vms(args.lease, args.vm_specs)
+    if args.wait:
+        names = [vm.get("name") for vm in body.get("vms", [])]
+        try:
+            body = {"vms": _wait_for_vms(client, args.lease, names, _started, args.wait, "starting")}
+        except _Exit as exc:
+            return exc.code
+    if args.json:
+        _print_json(body)
+    else:
+        print(_vm_table(body.get("vms", [])))
+    if args.wait:
+        failed = [vm for vm in body["vms"] if vm.get("state") != "running"]
+        if failed:
+            _say("; ".join(f"VM {vm.get('name')} {vm.get('state')}" + _reason_suffix(vm) for vm in failed))
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_vm_stop(client, args) -> int:
+    vm = client.stop_vm(args.lease, args.name, force=args.force)
+    if args.wait:
+        try:
+            (vm,) = _wait_for_vms(client, args.lease, [args.name], _stopped, args.wait, "stopping")
+        except _Exit as exc:
+            return exc.code
+    if args.json:
+        _print_json(vm)
+    else:
+        print(_vm_table([vm]))
+    if args.wait and vm.get("state") != "stopped":
+        _say(f"VM {args.name} of lease {args.lease} is {vm.get('state')}" + _reason_suffix(vm))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_vm_list(client, args) -> int:
+    body = client.list_vms(args.lease)
+    if args.json:
+        _print_json(body)
+    else:
+        print(_vm_table(body.get("vms", [])))
+    return EXIT_OK
+
+
+def _started(vm: dict) -> bool:
+    return vm.get("state") == "running" or vm.get("state") in VM_ENDED
+
+
+def _stopped(vm: dict) -> bool:
+    state = vm.get("state")
+    return state in VM_ENDED or (state == "running" and str(vm.get("reason", "")).startswith(STOP_FAILED))
+
+
+def _wait_for_vms(client, lease_id: str, names: list[str], done, timeout_s: float, doing: str) -> list[dict]:
+    """Poll the API (short backoff, at most every 0.5 s) until ``done(vm)`` for each VM; raises _Exit on timeout.
+
+    The operators' API has no long-poll: a remote client has nothing better to wait on.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        if len(names) == 1:
+            found = {names[0]: client.show_vm(lease_id, names[0])}
+        else:
+            found = {vm.get("name"): vm for vm in client.list_vms(lease_id).get("vms", [])}
+        vms = [found.get(name, {"name": name, "state": "unknown"}) for name in names]
+        waiting = [vm["name"] for vm in vms if not done(vm)]
+        if not waiting:
+            return vms
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _say(f"VM(s) {', '.join(waiting)} of lease {lease_id} still {doing} after {timeout_s:g} s; "
+                 f"they go on (see 'vm list {lease_id}')")
+            raise _Exit(EXIT_TIMEOUT)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.5)
+
+
+_VM_COMMANDS = {"start": _cmd_vm_start, "stop": _cmd_vm_stop, "list": _cmd_vm_list}
+
 _COMMANDS = {
     "reserve": _cmd_reserve, "release": _cmd_release, "list": _cmd_list, "show": _cmd_show, "usage": _cmd_usage,
+    "vm": _cmd_vm,
 }
 
 
@@ -472,6 +810,21 @@ def _lease_table(leases: list[dict]) -> str:
             _when(lease.get("created_at")),
         )
         for lease in leases
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
+
+
+def _vm_table(vms: list[dict]) -> str:
+    if not vms:
+        return "no VMs"
+    header = ("VM", "HOST", "STATE", "MB", "REASON")
+    rows = [
+        (str(vm.get("name", "?")), str(vm.get("host", "-")), str(vm.get("state", "?")),
+         str(vm.get("memory_mb", "-")), str(vm.get("reason") or "-"))
+        for vm in vms
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(

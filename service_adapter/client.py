@@ -1,4 +1,4 @@
-"""The operators' client of the service's HTTP API (what ``workspace-lease reserve/list/...`` use).
+"""The operators' client of the service's HTTP API (what ``workspace-lease reserve/list/vm ...`` use).
 
 One ``requests.Session`` with ``HTTPDigestAuth`` (the service answers with a
 SHA-256 challenge), a timeout on every request, and every failure turned
@@ -79,6 +79,22 @@ class LeaseClient:
             params["lease"] = lease_id
         return self._call("GET", "/usage", params=params)
 
+    def start_vms(self, lease_id: str, specs: list[dict]) -> dict:
+        """POST /leases/{id}/vms: ``{"vms": [...]}``, the VMs queued to start (each spec may name a ``host``)."""
+        return self._call("POST", f"/leases/{_quote(lease_id)}/vms", json={"vms": list(specs)})
+
+    def list_vms(self, lease_id: str) -> dict:
+        """GET /leases/{id}/vms: ``{"vms": [...]}``, the lease's VMs, oldest first."""
+        return self._call("GET", f"/leases/{_quote(lease_id)}/vms")
+
+    def show_vm(self, lease_id: str, name: str) -> dict:
+        """GET /leases/{id}/vms/{name}: the VM."""
+        return self._call("GET", f"/leases/{_quote(lease_id)}/vms/{_quote(name)}")
+
+    def stop_vm(self, lease_id: str, name: str, force: bool = False) -> dict:
+        """POST /leases/{id}/vms/{name}/stop: the VM, being stopped (at once with ``force``)."""
+        return self._call("POST", f"/leases/{_quote(lease_id)}/vms/{_quote(name)}/stop", json={"force": bool(force)})
+
     # -- plumbing --------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
@@ -111,10 +127,10 @@ class LeaseClient:
         raise ClientError(f"{method} {target}: {response.status_code} {_first_line(detail)}", response.status_code)
 
 
-def _quote(lease_id: str) -> str:
+def _quote(part: str) -> str:
     from urllib.parse import quote
 
-    return quote(lease_id, safe="")
+    return quote(part, safe="")
 
 
 def _first_line(value) -> str:

@@ -69,6 +69,9 @@ class ServiceConfig:
     queue_timeout_s: float = 300.0
     release_grace_s: float = 30.0
     status_interval_s: float = 2.0
+    lost_after_s: float = 120.0
+    # [vms]
+    vm_overhead_mb: int = 64
     # [provider]
     provider: str = "local"
     command_timeout_s: float = 30.0
@@ -181,6 +184,17 @@ def _optional_mb(text: str) -> int | None:
     message = "must be a whole number of MB (0: no memory request), or empty for the lease's memory"
     if text == "":
         return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(message) from None
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError(message)
+    return value
+
+
+def _mb(text: str) -> int:
+    message = f"must be a whole number of MB, 0 or more (at most {2**31 - 1})"
     try:
         value = int(text)
     except ValueError:
@@ -323,6 +337,10 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "queue_timeout": ("queue_timeout_s", _positive_float),
         "release_grace": ("release_grace_s", _positive_float),
         "status_interval": ("status_interval_s", _positive_float),
+        "lost_after": ("lost_after_s", _positive_float),
+    },
+    "vms": {
+        "overhead_mb": ("vm_overhead_mb", _mb),
     },
     "provider": {
         "name": ("provider", _choice(*PROVIDER_NAMES)),

@@ -72,6 +72,9 @@ class Site:
             "release_grace = 10\n"
             "status_interval = 0.5\n"
             "queue_timeout = 30\n"
+            "lost_after = 60\n"
+            "[vms]\n"
+            "overhead_mb = 32\n"
             "[provider]\n"
             "name = local\n"
             f"state_dir = {root / 'local'}\n"
@@ -307,6 +310,12 @@ def test_unknown_lease_is_exit_6(idle):
     assert result.returncode == 6
     assert "404" in one_line(result.stderr)
     assert idle.cli("release", "no-such-lease").returncode == 6
+    assert idle.cli("vm", "list", "no-such-lease").returncode == 6
+    assert idle.cli("vm", "stop", "no-such-lease", "vm1").returncode == 6
+    started = idle.cli("vm", "start", "no-such-lease", "--name", "vm1", "--memory", "64",
+                       "--kernel", "/img/vmlinuz", "--kernel-sha256", "0" * 64)
+    assert started.returncode == 6
+    assert "404 no lease 'no-such-lease'" in one_line(started.stderr)
 
 
 @pytest.mark.parametrize("args", [
@@ -316,6 +325,14 @@ def test_unknown_lease_is_exit_6(idle):
     ("show",),
     ("frobnicate",),
     ("list", "--url", "localhost:8780"),
+    ("vm",),
+    ("vm", "start"),
+    ("vm", "start", "lease-1"),
+    ("vm", "start", "lease-1", "--name", "vm1", "--memory", "64", "--image", "/img/guest.qcow2"),
+    ("vm", "start", "lease-1", "--spec", "/nonexistent/vms.json"),
+    ("vm", "stop", "lease-1"),
+    ("vm", "stop", "lease-1", "bad/name"),
+    ("vm", "list"),
 ])
 def test_bad_arguments_are_exit_2(site, args):
     result = site.cli(*args, config=False)
@@ -368,6 +385,10 @@ def test_bad_requests_get_400_with_one_line(idle):
     too_big = idle.api("POST", "/leases", data=b" " * 5000, headers={"Content-Type": "application/json"})
     assert too_big.status_code == 413
     assert idle.api("GET", "/nothing-here").status_code == 404
+    no_spec = idle.api("POST", "/leases/no-such-lease/vms", json={"vms": [{"name": "vm1"}]})
+    assert no_spec.status_code == 400 and "vm.memory_mb" in no_spec.json()["error"]
+    assert idle.api("POST", "/leases/no-such-lease/vms", json={"vms": [{
+        "name": "vm1", "memory_mb": 64, "boot": {"kernel": {"path": "/k", "sha256": "0" * 64}}}]}).status_code == 404
     assert idle.api("DELETE", "/leases").status_code == 405
 
 
@@ -426,7 +447,20 @@ def test_curl_digest_sha256_against_the_api(idle, tmp_path):
 def test_help_explains_commands_and_exit_codes():
     result = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    for word in ("serve", "reserve", "release", "list", "show", "usage", "demo"):
+    for word in ("serve", "reserve", "release", "list", "show", "usage", "vm", "demo"):
         assert word in result.stdout
-    for code in range(8):
+    for code in range(9):
         assert f"\n  {code}  " in result.stdout
+    assert "409" in result.stdout
+
+
+def test_vm_help_explains_every_option():
+    result = subprocess.run([*CLI, "vm", "start", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for option in ("--spec", "--name", "--memory", "--vcpus", "--image", "--image-sha256", "--readonly", "--kernel",
+                   "--kernel-sha256", "--initrd", "--initrd-sha256", "--cmdline", "--network", "--console-log",
+                   "--host", "--wait", "--json"):
+        assert f"  {option} " in result.stdout, option
+    assert "\n  8  " in result.stdout
+    stop = subprocess.run([*CLI, "vm", "stop", "--help"], capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0 and "--force" in stop.stdout and "--wait SECONDS" in stop.stdout

@@ -111,6 +111,35 @@ def test_multi_line_values_keep_lines_that_start_with_a_hash(tmp_path):
     assert load_config(write(tmp_path, "[provider]\nmemory_per_node = 0\n")).memory_per_node_mb == 0
 
 
+def test_lost_after_and_the_vm_overhead_are_read(tmp_path):
+    assert (ServiceConfig().lost_after_s, ServiceConfig().vm_overhead_mb) == (120.0, 64)
+    config = load_config(write(tmp_path, "[pilots]\nlost_after = 45.5\n[vms]\noverhead_mb = 0\n"))
+    assert (config.lost_after_s, config.vm_overhead_mb) == (45.5, 0)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "[vms]\noverhead_mb = 64M\n"))
+    assert caught.value.problems == [
+        f"{tmp_path / 'service.conf'}: [vms] overhead_mb = '64M': must be a whole number of MB, 0 or more "
+        f"(at most {2**31 - 1})"
+    ]
+
+
+def test_serve_builds_the_vm_manager_with_the_configured_overhead(tmp_path):
+    from service_adapter.api import VMS_KEY
+    from service_adapter.server import build
+
+    text = serve_files(tmp_path).replace("[pilots]\n", "[pilots]\nlost_after = 30\n") + (
+        f"[service]\nstore = {tmp_path / 'service.sqlite'}\n[provider]\nstate_dir = {tmp_path / 'local'}\n"
+        "[vms]\noverhead_mb = 128\n"
+    )
+    store, provider, manager, app = build(load_config(write(tmp_path, text), serve=True))
+    try:
+        assert app[VMS_KEY].overhead_mb == 128
+        assert manager.lost_after_s == 30
+    finally:
+        provider.close()
+        store.close()
+
+
 # -- one line per problem -------------------------------------------------------------------------
 
 BAD_VALUES = [
@@ -131,6 +160,8 @@ BAD_VALUES = [
     ("pilots", "queue_timeout", "0", "must be a number of seconds above 0"),
     ("pilots", "release_grace", "1e9", "at most 100000000"),
     ("pilots", "status_interval", "nan", "must be a number of seconds above 0"),
+    ("pilots", "lost_after", "0", "must be a number of seconds above 0"),
+    ("vms", "overhead_mb", "-1", "must be a whole number of MB, 0 or more"),
     ("provider", "name", "sge", "must be one of local, pbs, slurm"),
     ("provider", "command_timeout", "0", "must be a number of seconds above 0"),
     ("provider", "use_pbs_python", "maybe", "must be yes or no"),
