@@ -5,12 +5,20 @@
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
 # Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), and sudo, through which
 # job scripts start the pilot. The tests start and stop these daemons themselves (tests/slurm_cluster.py).
+# --vm (scripts/test.sh): also the real VMM the tests boot guests on: libvirtd and QEMU (libvirt-daemon
+# libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86, not libvirt-daemon-system: it upgrades
+# systemd), busybox-static, the groups and user libvirtd wants, a marked block at the end of
+# /etc/libvirt/qemu.conf (run as root, no sVirt, no chown of images, hugetlbfs at /dev/hugepages), and a
+# tiny test guest in .cache/test-guest (scripts/build-test-guest.sh). The tests start and stop libvirtd
+# themselves (tests/libvirt_daemon.py).
 set -euo pipefail
 cluster=no
+vm=no
 for arg in "$@"; do
   case "$arg" in
     --cluster) cluster=yes ;;
-    *) echo "bootstrap: unknown option $arg (known: --cluster)" >&2; exit 2 ;;
+    --vm) vm=yes ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm)" >&2; exit 2 ;;
   esac
 done
 
@@ -30,6 +38,11 @@ have_deb pkg-config || command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-
 have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 if [ "$cluster" = yes ]; then
   for pkg in sudo munge slurmctld slurmd slurm-client slurm-wlm-torque; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
+fi
+if [ "$vm" = yes ]; then
+  for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi
@@ -65,4 +78,50 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     exit 3
   fi
   echo "$want" > "$stamp"
+fi
+
+if [ "$vm" = yes ]; then
+  need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "bootstrap: --vm needs root to $1" >&2
+      exit 3
+    fi
+  }
+  # libvirtd wants these even though qemu.conf below makes it run guests as root.
+  for group in kvm libvirt libvirt-qemu; do
+    getent group "$group" >/dev/null || { need_root "add group $group"; groupadd -f -r "$group"; }
+  done
+  if ! getent passwd libvirt-qemu >/dev/null; then
+    need_root "add user libvirt-qemu"
+    useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin -c "Libvirt Qemu" libvirt-qemu
+  fi
+  # Our settings live in one marked block at the end of qemu.conf; the rest of the file is kept, except
+  # that an active setting of one of our keys elsewhere is commented out: libvirt takes a key's FIRST
+  # occurrence. The file is rewritten only when that result differs from it, so a second run changes nothing.
+  qemu_conf=/etc/libvirt/qemu.conf
+  begin="# BEGIN workspace-pilot (scripts/bootstrap.sh --vm)"
+  end="# END workspace-pilot"
+  wanted_conf() {
+    if [ -f "$qemu_conf" ]; then
+      awk -v b="$begin" -v e="$end" '
+        $0 == b {skip = 1}
+        !skip && /^[ \t]*(user|group|dynamic_ownership|security_driver|hugetlbfs_mount)[ \t]*=/ {
+          print "#workspace-pilot# " $0; next
+        }
+        !skip {print}
+        $0 == e {skip = 0}' "$qemu_conf"
+    fi
+    printf '%s\n' "$begin" 'user = "root"' 'group = "root"' 'dynamic_ownership = 0' 'security_driver = "none"' \
+      'hugetlbfs_mount = "/dev/hugepages"' "$end"
+  }
+  if ! wanted_conf | cmp -s - "$qemu_conf"; then
+    need_root "write $qemu_conf"
+    echo "bootstrap: writing the workspace-pilot block of $qemu_conf" >&2
+    install -d -m 0755 /etc/libvirt
+    tmp=$(mktemp "$qemu_conf.XXXXXX")
+    wanted_conf > "$tmp"
+    chmod 0600 "$tmp"
+    mv "$tmp" "$qemu_conf"
+  fi
+  "$top/scripts/build-test-guest.sh"
 fi

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The test suite: set up (with the batch system's packages), then run every test
+# The test suite: set up (with the batch system's packages, libvirt, QEMU and the test guest), then run every test
 # (root-only tests skip themselves elsewhere).
 # Extra arguments go to pytest.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-"$top/scripts/bootstrap.sh" --cluster
+"$top/scripts/bootstrap.sh" --cluster --vm
 cd "$top"
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -214,3 +214,35 @@ def slurm_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def libvirt_qemu():
+    """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.libvirt_daemon.LibvirtDaemon``.
+
+    Its ``uri`` is ``qemu:///system``; ``connect()`` opens a libvirt
+    connection; ``owned`` says whether this session started the daemon.
+    ``tests.libvirt_daemon.guest_files()`` / ``guest_xml()`` give the tiny test
+    guest. Installed by ``scripts/bootstrap.sh --vm`` (the test command does
+    that); skipped only where it cannot run at all (not root, not installed,
+    guest not built). Domains named ``wp-*``/``wptest-*`` still there at the
+    end are destroyed with a warning; daemons we started are stopped by pid.
+    """
+    from tests.libvirt_daemon import GUEST_DIR, LibvirtDaemon, missing_commands
+
+    if os.geteuid() != 0:
+        pytest.skip("libvirtd with QEMU needs root")
+    missing = missing_commands()
+    if missing:
+        pytest.skip(f"libvirt/QEMU not installed ({', '.join(missing)}): run scripts/bootstrap.sh --vm")
+    if not all(os.path.isfile(os.path.join(GUEST_DIR, name)) for name in ("vmlinuz", "initrd.img")):
+        pytest.skip(f"no test guest in {GUEST_DIR}: run scripts/build-test-guest.sh")
+    workdir = tempfile.mkdtemp(prefix="workspace-pilot-libvirt-")
+    os.chmod(workdir, 0o755)
+    daemon = LibvirtDaemon(workdir)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

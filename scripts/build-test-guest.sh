@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Build the tiny guest the real-VMM tests boot under QEMU/TCG, into .cache/test-guest/ (gitignored):
+#   vmlinuz     the kernel of Debian's cloud kernel package (the linux-image-*-cloud-amd64 that
+#               linux-image-cloud-amd64 depends on; apt-get download + dpkg-deb -x, never installed:
+#               installing it upgrades systemd);
+#   initrd.img  a gzip'd newc cpio: busybox-static, the virtio modules the balloon needs, and an /init
+#               that prints "workspace-pilot test guest up" to /dev/ttyS0, then
+#               "workspace-pilot test guest alive N" every 2 s, forever;
+#   SHA256SUMS  sha256sum's manifest of the two; inputs: what they were built from.
+# Idempotent: when the inputs (kernel package and version, busybox-static's version, this script) are
+# unchanged and the files match SHA256SUMS, it does nothing. Needs busybox-static (scripts/bootstrap.sh
+# --vm installs it) and Debian's package lists.
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out="$top/.cache/test-guest"
+# The order the guest loads them in; without all of them setMemory "succeeds" and nothing changes.
+modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon)
+busybox=/bin/busybox
+
+if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
+  echo "build-test-guest: busybox-static is not installed (scripts/bootstrap.sh --vm installs it)" >&2
+  exit 3
+fi
+
+# The candidate linux-image-cloud-amd64's "Depends: linux-image-<release>-cloud-amd64 (= <version>)".
+kernel_depends() {
+  apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
+    sed -n 's/^Depends: .*\(linux-image-[^ ,]*-cloud-amd64\) (= \([^)]*\)).*/\1 \2/p' | head -n 1
+}
+depends=$(kernel_depends)
+if [ -z "$depends" ] && [ "$(id -u)" -eq 0 ]; then
+  apt-get update -qq  # no package lists yet (a fresh container)
+  depends=$(kernel_depends)
+fi
+if [ -z "$depends" ]; then
+  echo "build-test-guest: apt knows no linux-image-cloud-amd64 (run apt-get update as root)" >&2
+  exit 3
+fi
+read -r kernel_pkg kernel_ver <<<"$depends"
+want="kernel=$kernel_pkg=$kernel_ver busybox-static=$(dpkg-query -W -f='${Version}' busybox-static)"
+want="$want script=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+
+if [ -f "$out/inputs" ] && [ "$(cat "$out/inputs")" = "$want" ] && [ -f "$out/SHA256SUMS" ] &&
+   (cd "$out" && sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1); then
+  exit 0  # already built from these inputs
+fi
+
+echo "build-test-guest: building $out from $kernel_pkg $kernel_ver" >&2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+mkdir -p "$out"
+
+# The kernel package: downloaded into the temp dir, unpacked there, never installed.
+download=(apt-get download -qq)
+[ "$(id -u)" -eq 0 ] && download+=(-o APT::Sandbox::User=root)  # _apt cannot write the temp dir
+(cd "$tmp" && "${download[@]}" "$kernel_pkg=$kernel_ver")
+dpkg-deb -x "$tmp"/"$kernel_pkg"_*.deb "$tmp/kernel"
+release=${kernel_pkg#linux-image-}
+cp "$tmp/kernel/boot/vmlinuz-$release" "$tmp/vmlinuz"
+
+# The initramfs tree.
+root="$tmp/root"
+mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/lib/modules"
+cp "$busybox" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+loaded=()
+for name in "${modules[@]}"; do
+  found=$(find "$tmp/kernel/lib/modules/$release" \( -name "$name.ko" -o -name "$name.ko.xz" -o -name "$name.ko.zst" \) \
+          -print -quit)
+  [ -n "$found" ] || continue  # built into the kernel, nothing to load
+  # Decompressed here: busybox's insmod may not read compressed modules.
+  case "$found" in
+    *.ko.xz) xz -dc "$found" > "$root/lib/modules/$name.ko" ;;
+    *.ko.zst) zstd -qdc "$found" > "$root/lib/modules/$name.ko" ;;
+    *) cp "$found" "$root/lib/modules/$name.ko" ;;
+  esac
+  loaded+=("$name")
+done
+cat > "$root/init" <<EOF
+#!/bin/sh
+# workspace-pilot test guest (built by scripts/build-test-guest.sh). Never exits: the kernel would panic.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for module in ${loaded[*]}; do
+  insmod /lib/modules/\$module.ko || echo "insmod \$module failed"
+done
+echo "workspace-pilot test guest up" > /dev/ttyS0
+n=0
+while true; do
+  sleep 2
+  n=\$((n + 1))
+  echo "workspace-pilot test guest alive \$n" > /dev/ttyS0
+done
+EOF
+chmod 0755 "$root/init"
+(cd "$root" && find . | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -9 -n > "$tmp/initrd.img"
+
+# Into place; the manifest last, so a half-done build is never taken for a finished one.
+rm -f "$out/SHA256SUMS" "$out/inputs"
+mv "$tmp/vmlinuz" "$tmp/initrd.img" "$out/"
+(cd "$out" && sha256sum vmlinuz initrd.img > SHA256SUMS)
+echo "$want" > "$out/inputs"
+echo "build-test-guest: built $out (modules: ${loaded[*]:-none})" >&2
