@@ -31,6 +31,9 @@ from pilot.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.nodelock import NodeLockError
 from pilot.nodememory import replay_dead, settle
 
+# libvirt's VIR_ERR_NO_DOMAIN, without importing libvirt at start.
+_ERR_NO_DOMAIN = 42
+
 EXIT_CLEAN = 0
 EXIT_NOT_CLEAN = 1
 EXIT_USAGE = 2
@@ -216,6 +219,10 @@ def destroy_vms(vms, report: Report) -> None:
             if persistent:
                 domain.undefine()
         except Exception as exc:  # libvirtError
+            if getattr(exc, "get_error_code", lambda: None)() == _ERR_NO_DOMAIN:
+                # Its pilot destroyed it on the SIGTERM above: what we wanted.
+                report.line(f"VM {name} (slot {tag.slot}) was already gone (its pilot destroyed it)")
+                continue
             report.problem(f"could not destroy VM {name} (slot {tag.slot}): {' '.join(str(exc).split())}")
             continue
         report.line(f"destroyed VM {name} (slot {tag.slot}) in {(time.monotonic() - t0) * 1000:.1f} ms")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.jobscript import JobTemplate
 from service_adapter.lease import LeaseManager
@@ -28,6 +29,7 @@ from service_adapter.local_site import write_pilot_config
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
+from service_adapter.vms import VmManager
 
 SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -240,7 +242,9 @@ class ServiceOnCluster:
     """Store, receiver, pilot account and config, a provider on the test cluster, and a running lease manager."""
 
     def __init__(self, workdir, cluster, provider: str, *, padding_s: float = 120, queue_timeout_s: float = 60,
-                 extra_directives: tuple = (), grace_s: float = 5, store_path: str | None = None, contact=None):
+                 extra_directives: tuple = (), grace_s: float = 5, store_path: str | None = None, contact=None,
+                 pilot_sections: dict | None = None, lost_after_s: float = 60, vm_overhead_mb: int = 64,
+                 launcher: str = "auto"):
         self.workdir = workdir
         self.cluster = cluster
         self.provider_name = provider
@@ -253,13 +257,18 @@ class ServiceOnCluster:
         self.log_dir = os.path.join(workdir, "logs")
         self.journal_dir = os.path.join(workdir, "journal")
         self.pilot_config = os.path.join(workdir, "pilot.conf")
+        self.pilot_sections = {"timing": {"walltime_margin": WALLTIME_MARGIN_S}, **(pilot_sections or {})}
+        self.lost_after_s = lost_after_s
+        self.launcher = launcher
+        self.vm_overhead_mb = vm_overhead_mb
         self.open(contact)
 
     def open(self, contact=None) -> None:
         """Start (or start again) the service side over the same store file: what a restart does."""
         account = Account.from_secret(USER, REALM, self.secret)
         self.store = Store(self.store_path)
-        self.receiver = ReceiverThread(make_app(self.store, DigestVerifier(REALM, {USER: account})),
+        self.board = CommandBoard()
+        self.receiver = ReceiverThread(make_app(self.store, DigestVerifier(REALM, {USER: account}), board=self.board),
                                        port=getattr(self, "port", 0))
         self.url = self.receiver.start()
         self.port = self.receiver.port
@@ -267,21 +276,22 @@ class ServiceOnCluster:
             write_pilot_config(
                 self.pilot_config, contact=contact or self.url, user=USER, secret=self.secret, realm=REALM,
                 log_dir=self.log_dir, journal_dir=self.journal_dir,
-                sections={"timing": {"walltime_margin": WALLTIME_MARGIN_S}},
+                sections=self.pilot_sections,
             )
         self.provider = self.provider_for(PILOT)
         self.manager = LeaseManager(
             self.store, self.provider, contact=contact or self.url, pilot_config=self.pilot_config,
             grace_s=self.grace_s, queue_timeout_s=self.queue_timeout_s, release_grace_s=15,
-            status_interval_s=0.5,
+            status_interval_s=0.5, board=self.board, lost_after_s=self.lost_after_s,
         )
+        self.vms = VmManager(self.store, overhead_mb=self.vm_overhead_mb)
         self.manager.start()
 
     def provider_for(self, pilot_command: str):
         """A provider of this site's kind on the cluster whose job scripts run ``pilot_command``."""
         template = JobTemplate(
             pilot_command=pilot_command, sudo=SUDO, output_dir=os.path.join(self.workdir, "jobs"),
-            walltime_padding_s=self.padding_s, extra_directives=self.extra_directives,
+            walltime_padding_s=self.padding_s, extra_directives=self.extra_directives, launcher=self.launcher,
         )
         return make_provider(ProviderSettings(
             name=self.provider_name, template=template, env={"SLURM_CONF": self.cluster.conf},

@@ -13,14 +13,12 @@ import uuid
 
 import pytest
 
-from tests.conftest import machine_lock
 from tests.libvirt_daemon import GUEST_ALIVE, GUEST_UP, guest_xml, wait_for_line
 
 libvirt = pytest.importorskip("libvirt")
 
 BOOT_TIMEOUT_S = 60  # TCG boots the guest in about 3-4 s; this is only the give-up point
 BALLOON_TIMEOUT_S = 30
-HUGEPAGE_KIB = 2048
 
 
 def _name() -> str:
@@ -78,31 +76,3 @@ def test_balloon_lowers_the_running_guest(libvirt_qemu, tmp_path):
         while dom.info()[2] > target_kib and time.monotonic() < deadline:
             time.sleep(0.1)  # the balloon reports through QEMU; there is nothing to wait on
         assert dom.info()[2] <= target_kib, f"current memory still {dom.info()[2]} KiB, asked {target_kib} KiB"
-
-
-def _available_hugepages() -> int:
-    """Pages of the pool neither in use nor promised to a mapping (HugePages_Free - HugePages_Rsvd)."""
-    fields = {}
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()[0] if value.split() else "0"
-    return int(fields.get("HugePages_Free", 0)) - int(fields.get("HugePages_Rsvd", 0))
-
-
-def test_guest_on_hugepages(libvirt_qemu, tmp_path):
-    """Boots with <memoryBacking><hugepages/>: only where the pool already has the pages (never resized here)."""
-    memory_mb = 128
-    needed = memory_mb * 1024 // HUGEPAGE_KIB
-    reason = "the 2 MiB hugepage pool has {} available pages, the guest needs {}; this test does not resize it"
-    if _available_hugepages() < needed:  # asked before the lock too: a skip need not wait for the pool's tests
-        pytest.skip(reason.format(_available_hugepages(), needed))
-    with machine_lock("hugepages"):  # the pool's tests count its pages; take turns with them
-        free = _available_hugepages()
-        if free < needed:
-            pytest.skip(reason.format(free, needed))
-        console = str(tmp_path / "console.log")
-        with _running_guest(libvirt_qemu, console, memory_mb=memory_mb, hugepages=True) as (_conn, dom):
-            _booted(console)
-            assert _available_hugepages() <= free - needed, "the guest's memory is not on the hugepage pool"
-            dom.destroy()
