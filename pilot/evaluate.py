@@ -265,6 +265,10 @@ def check_paths(config: PilotConfig, config_file: str | None, executable: str | 
         checks.append(check_path("path xl command", config.xl_command))
     checks.append(check_path("path journal dir", config.journal_dir, create_mode=0o700))
     checks.append(check_path("path log dir", config.log_dir, create_mode=0o755))
+    if config.vm_uri:
+        # QEMU reads the images as root: nobody else may plant or swap one between the hash and the boot.
+        checks.append(check_path("path image dir", config.image_dir))
+        checks.append(check_path("path console dir", config.console_dir, create_mode=0o700))
     return checks
 
 

@@ -81,8 +81,9 @@ def write_config(directory, *, backend: str = "none", uri: str = "test:///defaul
         handle.write(
             f"[service]\n{secret_line}{service}[memory]\nbackend = {backend}\n{memory}"
             f"[journal]\ndir = {directory}/journal\n[logging]\ndir = {directory}/logs\n"
-            f"[libvirt]\nuri = {uri}\n"
+            f"[libvirt]\nuri = {uri}\n[vms]\nimage_dir = {directory}/images\nconsole_dir = {directory}/consoles\n"
         )
+    os.makedirs(os.path.join(directory, "images"), mode=0o755, exist_ok=True)
     os.chmod(path, mode)
     return path
 
@@ -165,6 +166,8 @@ def test_evaluate_changes_nothing(private, tmp_path):
     check_good_node(code, lines)
     assert "does not exist; the first pilot creates it (mode 0700)" in line(lines, "warn path journal dir:")
     assert "does not exist; the first pilot creates it (mode 0755)" in line(lines, "warn path log dir:")
+    assert line(lines, "ok   path image dir:")
+    assert "does not exist; the first pilot creates it (mode 0700)" in line(lines, "warn path console dir:")
     assert not os.path.lexists(os.path.join(private, "journal"))
     assert not os.path.lexists(os.path.join(private, "logs"))
     assert snapshot(private) == before
@@ -404,3 +407,11 @@ def test_as_another_user_hidden_paths_warn_instead_of_lying(private):
     assert journal == [Check("warn", f"journal {private}/journal",
                              "cannot list it as uid 65534: run evaluate as root to see its entries")]
     assert path.status == "warn" and f"cannot look at {private} as uid 65534: run evaluate as root" in path.detail
+
+
+def test_an_image_dir_others_can_write_makes_the_node_not_ready(private):
+    config = write_config(private)
+    os.chmod(os.path.join(private, "images"), 0o777)  # anyone could swap an image between its hash and its boot
+    code, lines = run(config)
+    assert line(lines, "FAIL path image dir:")
+    assert code != 0
