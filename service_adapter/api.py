@@ -63,7 +63,8 @@ _VM_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VM_NAME_LEN - 1}}}
 MANAGER_KEY = web.AppKey("lease_manager", object)
 OPERATORS_KEY = web.AppKey("operator_verifier", DigestVerifier)
 VMS_KEY = web.AppKey("vm_manager", VmManager)
-OPERATOR_KEY = "operator"  # request key: the authenticated operator's Account
+# Request key of the authenticated operator's Account (a typed key where aiohttp has them: 3.14 warns otherwise).
+OPERATOR_KEY = web.RequestKey("operator", Account) if hasattr(web, "RequestKey") else "operator"
 
 
 def _error(status: int, message: str, headers=None) -> web.Response:
