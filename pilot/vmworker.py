@@ -85,14 +85,17 @@ class VmWorker:
                 item = None
             if self._stopping.is_set() or item is False:
                 return
-            try:
-                if item is not None:
+            if isinstance(item, Command):
+                try:
                     self._carry_out(item)
+                except Exception:  # the worker must outlive any one command
+                    log.exception("command %d failed unexpectedly", item.id)
+                    if item.op != "release":
+                        self._report(item, "vm-failed", CODE_REFUSED, "internal error in the pilot (see its log)")
+            try:
                 self._report_gone()
-            except Exception:  # the worker must outlive any one command
-                log.exception("command %s failed unexpectedly", getattr(item, "id", "-"))
-                if isinstance(item, Command) and item.op != "release":
-                    self._report(item, "vm-failed", CODE_REFUSED, "internal error in the pilot (see its log)")
+            except Exception:  # libvirt trouble: the next check tries again; no command's outcome is touched
+                log.exception("checking for VMs that shut down failed")
             with self._changed:
                 self._changed.notify_all()
 

@@ -33,12 +33,29 @@ class CommandBoard:
         self._seen: dict[Target, float] = {}
         self._polling: dict[Target, int] = {}
         self._lock = threading.Lock()
+        self._closing = False
 
     # -- the event loop's side -------------------------------------------------------------
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve the polls of ``loop`` (the receiver's); wakes are delivered there."""
         self._loop = loop
+        self._closing = False
+
+    def close(self) -> None:
+        """The receiver is shutting down (call on its loop): wake every waiting poll; none waits again.
+
+        Without this a parked poll holds the shutdown for up to its whole
+        ``wait`` (aiohttp waits for running handlers). :meth:`attach` (the
+        next start) opens the board again.
+        """
+        self._closing = True
+        self._wake_on_loop(list(self._waiters))
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called since the last :meth:`attach`: polls answer at once."""
+        return self._closing
 
     def register(self, target: Target) -> asyncio.Future:
         """A future resolved at the next :meth:`wake` of ``target`` (call on the loop, before reading the store).

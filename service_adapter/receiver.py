@@ -8,7 +8,8 @@ notification is answered 200 only after the store has committed it.
 ``GET /pilot/v2/slots/{slot}/hosts/{host}/commands?after=N&wait=S``
 answers at once with the commands above ``N`` for that pilot, or holds the
 request up to ``S`` seconds (at most ``MAX_POLL_WAIT_S``) until one is
-queued (:mod:`service_adapter.commandboard` wakes it). 401 without a valid
+queued (:mod:`service_adapter.commandboard` wakes it, and answers every
+waiting poll at once when the receiver shuts down). 401 without a valid
 digest, 400 for a malformed query, 404 when the slot or host is unknown,
 the host has not reserved, has ended its hold or was given up as lost, or
 the lease has ended: the pilot then gives the node back. The answer
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from datetime import timedelta
 
@@ -55,6 +57,8 @@ STORE_KEY = web.AppKey("store", Store)
 VERIFIER_KEY = web.AppKey("verifier", DigestVerifier)
 SKEW_KEY = web.AppKey("max_skew", timedelta)
 BOARD_KEY = web.AppKey("command_board", CommandBoard)
+_AFTER_RE = re.compile(r"[0-9]{1,19}")
+_WAIT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 #: The most commands one poll answer carries (the rest come with the next poll).
 POLL_BATCH = 64
 
@@ -122,11 +126,13 @@ def _poll_query(request: web.Request) -> tuple[int, float]:
     unknown = sorted(set(request.query) - {"after", "wait"})
     if unknown:
         raise ProtocolError(f"unknown query parameter(s) {', '.join(unknown)}: use after and wait")
-    try:
-        after = int(request.query.get("after", "0"))
-        wait = float(request.query.get("wait", "0"))
-    except ValueError:
-        raise ProtocolError("after must be a whole number and wait a number of seconds") from None
+    if any(len(request.query.getall(key, [])) > 1 for key in ("after", "wait")):
+        raise ProtocolError("after and wait may each be given once")
+    # Plain ASCII digits only: int() and float() would also take "1_0", blanks and other scripts' digits.
+    after_text, wait_text = request.query.get("after", "0"), request.query.get("wait", "0")
+    if not _AFTER_RE.fullmatch(after_text) or not _WAIT_RE.fullmatch(wait_text):
+        raise ProtocolError("after must be a whole number and wait a number of seconds")
+    after, wait = int(after_text), float(wait_text)
     if not 0 <= after <= MAX_COMMAND:
         raise ProtocolError(f"after: {after} is outside 0..{MAX_COMMAND}")
     if not 0 <= wait < float("inf"):
@@ -163,7 +169,7 @@ async def handle_commands(request: web.Request) -> web.Response:
             try:
                 commands = store.commands_after(slot, host, after, POLL_BATCH)
                 remaining = deadline - loop.time()
-                if commands or remaining <= 0:
+                if commands or remaining <= 0 or board.closing:
                     break
                 await asyncio.wait([woken], timeout=remaining)
             finally:
@@ -194,7 +200,11 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
     async def attach(app: web.Application) -> None:
         board.attach(asyncio.get_running_loop())
 
+    async def release_polls(app: web.Application) -> None:
+        board.close()  # answer the parked polls now: shutdown waits for every running handler
+
     app.on_startup.append(attach)
+    app.on_shutdown.append(release_polls)
     app.router.add_post(NOTIFICATIONS_PATH, handle_notification)
     app.router.add_get(COMMANDS_PATH, handle_commands)
     return app

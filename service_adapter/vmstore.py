@@ -206,7 +206,7 @@ def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) ->
     """Queue a ``release`` for every host of the lease that holds memory and has not started leaving."""
     hosts = conn.execute(
         "SELECT p.slot_id, p.host FROM pilots p JOIN leases l ON l.slot = p.slot_id"
-        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
+        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL AND p.lost_at IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.slot_id = p.slot_id AND c.host = p.host"
         "   AND c.op = 'release')",
         (lease_id,),
@@ -220,8 +220,11 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
     command = None
     if n.command is not None:
         command = conn.execute(
-            "SELECT op, vm FROM commands WHERE id = ? AND slot_id = ? AND host = ?", (n.command, n.slot, n.host)
+            "SELECT op, vm, outcome FROM commands WHERE id = ? AND slot_id = ? AND host = ?",
+            (n.command, n.slot, n.host),
         ).fetchone()
+        if command is not None and command[2] is not None and n.state.startswith("vm-"):
+            return  # the command has its outcome: a second, later word on it changes nothing
         if command is not None and n.state.startswith("vm-"):
             conn.execute(
                 "UPDATE commands SET outcome = ?, code = ?, message = ?, done_at = ? WHERE id = ? AND outcome IS NULL",
@@ -233,8 +236,9 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
     why = n.message or ""
     if n.state == "vm-running":
         for name in names:
+            # Only a starting VM becomes running: one already stopping keeps its queued stop.
             _set_vm(conn, lease_id, name, "running", why or f"running on {n.host}", now, host=n.host,
-                    started=True)
+                    started=True, only=("starting",))
     elif n.state == "vm-stopped":
         for name in names:
             _set_vm(conn, lease_id, name, "stopped", why or f"stopped on {n.host}", now, host=n.host, stopped=True)
@@ -243,7 +247,8 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
         for name in names:
             if op == "stop-vm":
                 # The stop did not happen: the VM is still there as far as anyone knows.
-                _set_vm(conn, lease_id, name, "running", f"stop failed: {why}", now, host=n.host, only=("stopping",))
+                _set_vm(conn, lease_id, name, "running", f"stop failed: {why or 'the pilot gave no reason'}", now,
+                        host=n.host, only=("stopping",))
             else:
                 _set_vm(conn, lease_id, name, "failed", why or "the pilot could not start it", now, host=n.host,
                         stopped=True)
