@@ -137,8 +137,10 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
     """Every host of the slot that can take VMs now, with the memory its active VMs leave free."""
     rows = conn.execute(
         "SELECT p.host, COALESCE(p.reserved_mb, p.memory_mb),"
+        # The (slot_id, host) index answers each host's sum without scanning the lease's other VMs.
         " (SELECT TOTAL(v.memory_mb) + COUNT(v.name) * ? FROM vms v"
-        "   WHERE v.lease_id = ? AND v.host = p.host AND v.state IN ('starting', 'running', 'stopping'))"
+        "   WHERE v.slot_id = p.slot_id AND v.host = p.host AND v.lease_id = ?"
+        "   AND v.state IN ('starting', 'running', 'stopping'))"
         " FROM pilots p WHERE p.slot_id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
         " AND p.lost_at IS NULL AND p.state = 'reserved' ORDER BY p.host",
         (overhead_mb, lease_id, slot),
