@@ -193,35 +193,24 @@ def _optional_mb(text: str) -> int | None:
     return value
 
 
-def _mb(text: str) -> int:
-    message = f"must be a whole number of MB, 0 or more (at most {2**31 - 1})"
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(message) from None
-    if not 0 <= value <= 2**31 - 1:
-        raise ValueError(message)
-    return value
+def _whole(low: int, high: int, message: str):
+    """A parser of whole numbers from ``low`` to ``high``; anything else raises ValueError(``message``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(message) from None
+        if not low <= value <= high:
+            raise ValueError(message)
+        return value
+
+    return parse
 
 
-def _cores(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("must be a whole number from 1 to 100000") from None
-    if not 1 <= value <= 100_000:
-        raise ValueError("must be a whole number from 1 to 100000")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("must be a TCP port number from 1 to 65535") from None
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a TCP port number from 1 to 65535")
-    return value
+_mb = _whole(0, 2**31 - 1, f"must be a whole number of MB, 0 or more (at most {2**31 - 1})")
+_cores = _whole(1, 100_000, "must be a whole number from 1 to 100000")
+_port = _whole(1, 65535, "must be a TCP port number from 1 to 65535")
 
 
 def _bool(text: str) -> bool:

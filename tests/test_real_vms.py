@@ -139,12 +139,12 @@ def test_the_pilots_deadline_ends_a_lease_with_a_running_guest(vm_site, libvirt_
 def test_killall_on_a_node_with_a_running_guest(vm_site, libvirt_qemu, tmp_path, hugepages):
     site = vm_site("slurm")
     lease, domain = guest_running(site, libvirt_qemu, tmp_path, duration_s=600)
-    killall = subprocess.run(
+    backout = subprocess.run(
         [sys.executable, "-m", "admin_tools.killall", "--config", site.pilot_config, "--term-timeout", "30"],
         capture_output=True, text=True, timeout=120,
     )
-    assert killall.returncode == 0, killall.stdout + killall.stderr
-    assert "node clean" in killall.stdout
+    assert backout.returncode == 0, backout.stdout + backout.stderr
+    assert "node clean" in backout.stdout
     done = site.wait(lease, TERMINAL, 60)
     assert site.vms.get(lease.id, "guest1").state in ("stopped",), done.reason
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
