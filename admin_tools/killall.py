@@ -30,9 +30,7 @@ from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.nodelock import NodeLockError
 from pilot.nodememory import replay_dead, settle
-
-# libvirt's VIR_ERR_NO_DOMAIN, without importing libvirt at start.
-_ERR_NO_DOMAIN = 42
+from pilot.vmcleanup import destroy_domain
 
 EXIT_CLEAN = 0
 EXIT_NOT_CLEAN = 1
@@ -213,17 +211,13 @@ def destroy_vms(vms, report: Report) -> None:
         name = domain.name()
         t0 = time.monotonic()
         try:
-            persistent = domain.isPersistent()  # ask first: a transient domain is gone once destroyed
-            if domain.isActive():
-                domain.destroy()
-            if persistent:
-                domain.undefine()
+            gone_before = not destroy_domain(domain)
         except Exception as exc:  # libvirtError
-            if getattr(exc, "get_error_code", lambda: None)() == _ERR_NO_DOMAIN:
-                # Its pilot destroyed it on the SIGTERM above: what we wanted.
-                report.line(f"VM {name} (slot {tag.slot}) was already gone (its pilot destroyed it)")
-                continue
             report.problem(f"could not destroy VM {name} (slot {tag.slot}): {' '.join(str(exc).split())}")
+            continue
+        if gone_before:
+            # Its pilot destroyed it on the SIGTERM above: what we wanted.
+            report.line(f"VM {name} (slot {tag.slot}) was already gone (its pilot destroyed it)")
             continue
         report.line(f"destroyed VM {name} (slot {tag.slot}) in {(time.monotonic() - t0) * 1000:.1f} ms")
 

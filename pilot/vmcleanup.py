@@ -18,6 +18,27 @@ class VmCleanupError(Exception):
     """The slot's VMs could not be listed or destroyed (libvirt unreachable, or a destroy refused)."""
 
 
+def destroy_domain(domain) -> bool:
+    """Destroy ``domain`` (and undefine it if persistent); False if it was already gone.
+
+    Raises ``libvirt.libvirtError`` for anything but "no such domain": a
+    VM its pilot destroyed a moment ago is what the caller wanted anyway.
+    """
+    import libvirt
+
+    try:
+        persistent = domain.isPersistent()  # ask first: a transient domain is gone once destroyed
+        if domain.isActive():
+            domain.destroy()
+        if persistent:
+            domain.undefine()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    return True
+
+
 def destroy_slot_vms(uri: str, slot: str) -> list[str]:
     """Destroy every domain at ``uri`` tagged with ``slot`` (undefining persistent ones); their names.
 
@@ -42,14 +63,9 @@ def destroy_slot_vms(uri: str, slot: str) -> list[str]:
                 continue
             name, t0 = domain.name(), time.monotonic()
             try:
-                persistent = domain.isPersistent()
-                if domain.isActive():
-                    domain.destroy()
-                if persistent:
-                    domain.undefine()
+                if not destroy_domain(domain):
+                    continue
             except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # gone meanwhile: what we wanted
                 raise VmCleanupError(f"cannot destroy VM {name} of slot {slot}: {' '.join(str(exc).split())}") from None
             log.warning("destroyed VM %s of slot %s in %.1f ms", name, slot, (time.monotonic() - t0) * 1000)
             destroyed.append(name)

@@ -21,7 +21,7 @@ from typing import Callable
 from pilot.domainxml import choose_virt_type, render_domain
 from pilot.protocol import VmSpec
 from pilot.vmcheck import VmPolicy, VmRefused, check_memory, check_spec
-from pilot.vmcleanup import VmCleanupError
+from pilot.vmcleanup import VmCleanupError, destroy_domain
 from pilot.vmtag import VmTag, read_tag, tagged_domains
 
 log = logging.getLogger(__name__)
@@ -336,10 +336,7 @@ class VmHost:
                 name = self._vm_name(domain_name)
                 started = time.monotonic()
                 try:
-                    persistent = domain.isPersistent()  # ask first: a transient domain is gone once destroyed
-                    _destroy(domain)
-                    if persistent:
-                        domain.undefine()
+                    destroy_domain(domain)
                 except libvirt.libvirtError as exc:
                     log.error("could not destroy VM %s (domain %s): %s", name, domain_name, _one_line(exc))
                     problems.append(f"{domain_name}: {_one_line(exc)}")

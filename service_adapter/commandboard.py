@@ -128,9 +128,3 @@ class CommandBoard:
         if last is None:
             last = max(self.started_at, since) if since is not None else self.started_at
         return max(self.clock() - last, 0.0)
-
-    def forget(self, target: Target) -> None:
-        """Drop what is known of ``target`` (its lease ended)."""
-        with self._lock:
-            self._seen.pop(target, None)
-            self._polling.pop(target, None)

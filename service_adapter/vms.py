@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from pilot.protocol import ProtocolError, VmSpec
 from service_adapter.store import Store
-from service_adapter.vmstore import ENDED, VmRequestError, VmRow
+from service_adapter.vmstore import VmRequestError, VmRow
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,3 @@ class VmManager:
             return False
 
         return found[-1] if self.store.wait_for(reached, timeout) else None
-
-    @staticmethod
-    def ended(vm: VmRow) -> bool:
-        """Whether the VM has ended (stopped, failed or lost)."""
-        return vm.state in ENDED

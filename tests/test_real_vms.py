@@ -22,7 +22,7 @@ from pilot.vmtag import tagged_domains
 from service_adapter.vms import parse_vm_request
 from tests.conftest import pool_pages
 from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster
+from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 VM_MB = 128
 LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead
@@ -45,14 +45,7 @@ def vm_site(tmp_path, slurm_cluster, libvirt_qemu):
         return site
 
     yield make
-    for site in sites:
-        try:
-            for lease in site.manager.list():
-                if lease.job_id:
-                    slurm_cluster.run(["scancel", lease.job_id])
-        finally:
-            site.close()
-    assert slurm_cluster.wait_empty(30), "a job outlived its test"
+    close_sites(sites, slurm_cluster)
 
 
 def guest_spec(name: str) -> dict:

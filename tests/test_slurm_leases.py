@@ -14,7 +14,7 @@ import re
 import pytest
 
 from tests.conftest import pool_pages
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster
+from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 
 
@@ -28,14 +28,7 @@ def make_site(tmp_path, slurm_cluster):
         return site
 
     yield make
-    for site in sites:
-        try:
-            for lease in site.manager.list():
-                if lease.job_id:
-                    slurm_cluster.run(["scancel", lease.job_id])
-        finally:
-            site.close()
-    assert slurm_cluster.wait_empty(30), "a job outlived its test"
+    close_sites(sites, slurm_cluster)
 
 
 @pytest.mark.parametrize("provider", ["slurm", "pbs"])
