@@ -225,6 +225,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     from pilot.hosting import VmHosting
     from pilot.journal import Entry
     from pilot.lifecycle import LeaseRequest, Pilot
+    from pilot.moments import process_started_at
     from pilot.nodememory import NodeMemory
     from pilot.notifier import Notifier
     from pilot.owner import Owner
@@ -254,10 +255,11 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
         request, memory, notifier, deadline,
         reserved_timeout_s=config.reserved_timeout_s, earlywaitratio=config.earlywaitratio,
     )
+    pilot.moments.mark("process_start", process_started_at() or started)
     pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
                               on_stop=pilot.request_stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name))
+        signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))
     try:
         code = pilot.run()
     except Exception:

@@ -21,10 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class VmHosting:
-    """The command channel and the VMs of one slot; ``on_stop(reason)`` is the pilot's stop request."""
+    """The command channel and the VMs of one slot; ``on_stop(reason, kind)`` is the pilot's stop request.
+
+    ``kind`` is ``release`` (the service's release command) or ``gone`` (a
+    404 on the poll: the service no longer knows the slot).
+    """
 
     def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
-                 on_stop: Callable[[str], None]):
+                 on_stop: Callable[[str, str], None]):
         self.config = config
         self.notifier = notifier
         self.memory = memory
@@ -33,13 +37,14 @@ class VmHosting:
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
         self.worker = VmWorker(
-            self._make_host if self.uri else None, notifier, held, on_stop,
+            self._make_host if self.uri else None, notifier, held, lambda reason: on_stop(reason, "release"),
             shutdown_timeout_s=config.shutdown_timeout_s,
             no_vms_reason="this node hosts no VMs: its pilot config sets [libvirt] uri empty",
         )
         self.poller = CommandPoller(
             notifier.session, config.contact, notifier.key, slot, host,
-            on_commands=self.worker.submit, on_gone=on_stop, wait_s=config.poll_wait_s,
+            on_commands=self.worker.submit, on_gone=lambda reason: on_stop(reason, "gone"),
+            wait_s=config.poll_wait_s,
             request_timeout_s=config.request_timeout_s,
         )
         self._started = False

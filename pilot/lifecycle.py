@@ -21,6 +21,7 @@ from pilot.backends import BackendError
 from pilot.deadline import Deadline, DeadlineError
 from pilot.exitcodes import ExitCode
 from pilot.faults import Checkpoints
+from pilot.moments import Moments
 from pilot.journal import JournalError
 from pilot.nodelock import NodeLockError
 from pilot.nodememory import NodeMemory, TakeAborted
@@ -140,12 +141,19 @@ class Pilot:
         #: Set by every stop request: resumes a paused test checkpoint.
         self.signalled = threading.Event()
         self._stop_reason: str | None = None
+        #: Where the time went, on this node's clock; sent as the notifications' ``timings``.
+        self.moments = Moments()
         #: Fault-injection points (inert unless ``pause_at`` or the environment names one).
         self.checkpoint = Checkpoints(self.signalled, pause_at=pause_at)
         memory.checkpoint = self.checkpoint
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the pilot to unreserve now (safe to call from a signal handler)."""
+    def request_stop(self, reason: str, kind: str = "signal") -> None:
+        """Ask the pilot to unreserve now (safe to call from a signal handler).
+
+        ``kind`` names the cause in the moments (``stop_<kind>``): ``signal``,
+        ``release`` (the service's command) or ``gone`` (the service forgot the slot).
+        """
+        self.moments.mark(f"stop_{kind}")
         if self._stop_reason is None:
             self._stop_reason = reason
         self.signalled.set()
@@ -182,6 +190,7 @@ class Pilot:
             self.notifier.close()
             return ExitCode.OK
         self._enter(State.RESERVING)
+        self.moments.mark("memory_take")
         try:
             self.memory.take(self.request.memory_mb, should_stop=lambda: self._stop_reason is not None)
         except TakeAborted:
@@ -196,6 +205,7 @@ class Pilot:
             return self._fail_reserving(ExitCode.JOURNAL, str(exc))
         except BackendError as exc:
             return self._fail_reserving(ExitCode.RESERVE_FAILED, str(exc))
+        self.moments.mark("memory_taken")
         self.checkpoint("taken")
         try:
             return self._hold()
@@ -231,8 +241,9 @@ class Pilot:
         expires_at = _iso(self.deadline.at)
         reserved = self.notifier.notify(
             "reserved", held.memory_mb, expires_at=expires_at, deliver_within=self.reserved_timeout_s,
+            timings=self.moments.pick("process_start", "memory_take", "memory_taken"),
         )
-        reserved.add_done_callback(lambda _: self._wake.set())
+        reserved.add_done_callback(lambda _: (self.moments.mark("reserved_answered"), self._wake.set()))
         self._wait_until(deadline, reserved.done)
         if not reserved.done():
             # A stop request or the deadline came first: the lease ends either way.
@@ -251,6 +262,8 @@ class Pilot:
         early = self._stop_reason is not None
         if early:
             log.info("stop requested (%s) before the deadline: early unreserve", self._stop_reason)
+        else:
+            self.moments.mark("stop_deadline")
         self._enter(State.EARLY_UNRESERVING if early else State.UNRESERVING)
         return self._unreserve(early=early)
 
@@ -314,6 +327,8 @@ class Pilot:
             # The host's own memory still comes first; the journal keeps the VMs for workspace-killall.
             log.critical("this slot's VMs could not all be destroyed: %s", exc)
             vms_left = exc
+        self.moments.mark("vms_destroyed")
+        self.moments.mark("memory_restore")
         try:
             self.memory.give_back()
             if vms_left is not None:
@@ -328,11 +343,16 @@ class Pilot:
                 ).wait(max(exit_by - time.monotonic(), 0))
             self.notifier.close()
             return ExitCode.RESTORE_FAILED
+        self.moments.mark("memory_restored")
         self._enter(State.UNRESERVED)
         if not notify:
             self.notifier.close()
             return ExitCode.OK
-        unreserved = self.notifier.notify("unreserved", 0, deliver_within=max(exit_by - time.monotonic(), 0.1))
+        unreserved = self.notifier.notify(
+            "unreserved", 0, deliver_within=max(exit_by - time.monotonic(), 0.1),
+            timings=self.moments.pick("reserved_answered", "vms_destroyed", "memory_restore", "memory_restored",
+                                      prefix="stop_"),
+        )
         outcome = unreserved.wait(max(exit_by - time.monotonic(), 0))
         self.notifier.close()
         if outcome is Outcome.DELIVERED:

@@ -148,6 +148,7 @@ class Notifier:
         message: str | None = None,
         vms: list[str] | None = None,
         command: int | None = None,
+        timings: dict[str, str] | None = None,
     ) -> Delivery:
         """Queue a notification; it is tried until ``deliver_within`` seconds from now.
 
@@ -167,6 +168,7 @@ class Notifier:
                 message=message,
                 vms=vms,
                 command=command,
+                timings=timings,
             )
         delivery = Delivery(notification, time.monotonic() + deliver_within)
         if self._closing.is_set():

@@ -63,12 +63,14 @@ MAX_VMS = 256
 MAX_SEQ = 2**63 - 1
 MAX_MEMORY_MB = 2**31 - 1
 MAX_COMMAND = 2**63 - 1
+MAX_TIMINGS = 32
 
 _REQUIRED = ("version", "slot", "host", "state", "code", "seq", "sent_at", "memory_mb")
-_OPTIONAL = ("expires_at", "vms", "command", "message")
+_OPTIONAL = ("expires_at", "vms", "command", "message", "timings")
 _SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TIMING_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 
@@ -126,6 +128,8 @@ class Notification:
     vms: tuple[str, ...] | None = None
     command: int | None = None
     message: str | None = None
+    timings: dict[str, str] | None = None
+    """Named moments on the pilot's clock (``pilot.moments``) for ``lease-bench``; never acted on."""
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -152,6 +156,15 @@ class Notification:
             _check_int("command", self.command, 1, MAX_COMMAND)
         if self.message is not None:
             _check_str("message", self.message, MAX_MESSAGE_LEN, None)
+        if self.timings is not None:
+            if not isinstance(self.timings, dict):
+                raise ProtocolError("timings: must be an object of moment names to timestamps")
+            if len(self.timings) > MAX_TIMINGS:
+                raise ProtocolError(f"timings: more than {MAX_TIMINGS} moments")
+            for name, value in self.timings.items():
+                _check_str("timings name", name, 48, _TIMING_NAME_RE)
+                _check_time(f"timings.{name}", value)
+            object.__setattr__(self, "timings", dict(self.timings))
 
     def to_dict(self) -> dict:
         """The notification as a JSON-ready dict; optional fields that are unset are left out."""
@@ -159,7 +172,7 @@ class Notification:
         for name in _OPTIONAL:
             value = getattr(self, name)
             if value is not None:
-                out[name] = list(value) if name == "vms" else value
+                out[name] = list(value) if name == "vms" else dict(value) if name == "timings" else value
         return out
 
     def to_json(self) -> bytes:

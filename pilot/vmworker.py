@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Callable
 
+from pilot.moments import as_protocol_time
 from pilot.protocol import Command
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class VmWorker:
         self.check_every_s = check_every_s
         self.no_vms_reason = no_vms_reason
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._seen: dict[int, float] = {}  # command id -> when its poll answer arrived (for the timings)
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vm-worker", daemon=True)
@@ -72,7 +74,9 @@ class VmWorker:
 
     def submit(self, commands: list[Command]) -> None:
         """Queue commands (from the poller thread) to run in order."""
+        now = time.time()
         for command in commands:
+            self._seen[command.id] = now
             self._queue.put(command)
 
     # -- the worker thread -------------------------------------------------------------------
@@ -100,11 +104,13 @@ class VmWorker:
                 self._changed.notify_all()
 
     def _carry_out(self, command: Command) -> None:
+        seen = self._seen.pop(command.id, None)
         if command.op == "release":
             log.info("command %d: release: giving the node back", command.id)
             self.on_release(f"release command {command.id} from the service")
             return
         if command.op == "start-vm":
+            create = time.time()  # the first start-vm also imports libvirt and connects: that is create's too
             host = self._host()
             if host is None:
                 self._report(command, "vm-failed", CODE_NO_VMS, self.no_vms_reason)
@@ -114,7 +120,10 @@ class VmWorker:
             took = (time.monotonic() - t0) * 1000
             if outcome.ok:
                 log.info("command %d: VM %s running (%.1f ms)", command.id, command.vm.name, took)
-                self._report(command, "vm-running", 0, f"started in {took:.0f} ms")
+                moments = {"domain_create": as_protocol_time(create), "domain_created": as_protocol_time(time.time())}
+                if seen is not None:
+                    moments["command_seen"] = as_protocol_time(seen)
+                self._report(command, "vm-running", 0, f"started in {took:.0f} ms", timings=moments)
             else:
                 log.warning("command %d: VM %s refused: %s", command.id, command.vm.name, outcome.reason)
                 self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
@@ -138,10 +147,11 @@ class VmWorker:
             self.host = self._make_host()
         return self.host
 
-    def _report(self, command: Command, state: str, code: int, message: str) -> None:
+    def _report(self, command: Command, state: str, code: int, message: str,
+                timings: dict[str, str] | None = None) -> None:
         self.notifier.notify(
             state, self.held_mb(), code=code, command=command.id, vms=[command.vm_name],
-            message=(message or "")[:4000] or None, deliver_within=REPORT_WITHIN_S,
+            message=(message or "")[:4000] or None, deliver_within=REPORT_WITHIN_S, timings=timings,
         )
 
     def _report_gone(self) -> None:

@@ -449,6 +449,7 @@ class LeaseManager:
                  lease_id, owner, nodes, memory_mb, duration_s, slot)
         job = PilotJob(slot, nodes, memory_mb, duration_s, self.grace_s, self.contact, self.pilot_config,
                        lease=lease_id)
+        submit_started = self.clock()
         try:
             job_id = self.provider.submit(job)
         except Exception as exc:
@@ -459,7 +460,8 @@ class LeaseManager:
             if isinstance(exc, ProviderError):
                 raise LeaseError(reason, lease_id) from exc
             raise
-        self.store.set_job_id(slot, job_id, reason=f"job {job_id} submitted; waiting for {nodes} pilots")
+        self.store.set_job_id(slot, job_id, reason=f"job {job_id} submitted; waiting for {nodes} pilots",
+                              submitted=(submit_started, self.clock()))
         log.info("lease %s: job %s submitted", lease_id, job_id)
         return self.get(lease_id)
 

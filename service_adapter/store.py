@@ -25,6 +25,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import queue
 import sqlite3
@@ -39,10 +40,11 @@ from service_adapter.vmstore import CommandRow, VmRow
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Older versions this one upgrades in place (each step only adds), and how.
 _UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
+    3: "ALTER TABLE slots ADD COLUMN submit_started_at REAL; ALTER TABLE slots ADD COLUMN submitted_at REAL;",
 }
 
 SCHEMA = """
@@ -74,7 +76,9 @@ CREATE TABLE IF NOT EXISTS slots (
     nodes       INTEGER NOT NULL,
     memory_mb   INTEGER NOT NULL,
     job_id      TEXT,
-    created_at  REAL NOT NULL
+    created_at  REAL NOT NULL,
+    submit_started_at REAL,
+    submitted_at      REAL
 );
 CREATE TABLE IF NOT EXISTS pilots (
     slot_id     TEXT NOT NULL REFERENCES slots(id),
@@ -456,11 +460,17 @@ class Store:
 
         self.submit(write).result()
 
-    def set_job_id(self, slot_id: str, job_id: str, reason: str | None = None) -> None:
-        """Record the LRM's job id for a slot and its lease (and, while pending, the lease's reason)."""
+    def set_job_id(self, slot_id: str, job_id: str, reason: str | None = None,
+                   submitted: tuple[float, float] | None = None) -> None:
+        """Record the LRM's job id for a slot and its lease (and, while pending, the lease's reason).
+
+        ``submitted`` is (when the submit started, when it returned), kept on the slot for ``lease-bench``.
+        """
+        started, returned = submitted or (None, None)
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE slots SET job_id = ? WHERE id = ?", (job_id, slot_id))
+            conn.execute("UPDATE slots SET job_id = ?, submit_started_at = ?, submitted_at = ? WHERE id = ?",
+                         (job_id, started, returned, slot_id))
             conn.execute("UPDATE leases SET job_id = ? WHERE slot = ?", (job_id, slot_id))
             if reason is not None:
                 conn.execute(
@@ -736,6 +746,20 @@ class Store:
             f"SELECT {_PILOT_COLUMNS} FROM pilots WHERE slot_id = ? ORDER BY host", (slot_id,)
         )
         return [_pilot_row(row) for row in rows]
+
+    def notification_bodies(self, slot_id: str) -> list[tuple[str, str, float, dict]]:
+        """(host, state, received_at, body as a dict) of every accepted notification of a slot, in arrival order."""
+        rows = self._reader().execute(
+            "SELECT host, state, received_at, body FROM notifications WHERE slot_id = ? ORDER BY rowid", (slot_id,)
+        )
+        return [(host, state, at, json.loads(body)) for host, state, at, body in rows]
+
+    def submit_times(self, slot_id: str) -> tuple[float | None, float | None]:
+        """When the slot's job submit started and returned (epoch seconds; None before it did)."""
+        row = self._reader().execute(
+            "SELECT submit_started_at, submitted_at FROM slots WHERE id = ?", (slot_id,)
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def notifications(self, slot_id: str) -> list[tuple[str, int, str, int]]:
         """(host, seq, state, code) of every accepted notification of a slot, in arrival order."""

@@ -43,10 +43,12 @@ def test_round_trip_with_every_field():
         slot=GOOD["slot"], host="node7", state="vm-running", seq=42, sent_at=format_time(utc_now()),
         memory_mb=2048, code=0, expires_at="2026-11-21T11:00:00.000000Z", vms=("vm-1", "vm-2"),
         command=7, message="two guests up",
+        timings={"command_seen": "2026-11-21T10:59:59.900000Z", "domain_created": "2026-11-21T11:00:00.000001Z"},
     )
     again = Notification.from_json(original.to_json())
     assert again == original
     assert json.loads(original.to_json())["vms"] == ["vm-1", "vm-2"]
+    assert json.loads(original.to_json())["timings"]["domain_created"] == "2026-11-21T11:00:00.000001Z"
 
 
 def test_round_trip_leaves_unset_optional_fields_out():
@@ -93,6 +95,12 @@ def test_every_state_is_accepted(state):
         (body(command=0), "command"),
         (body(message="m" * 4097), "message: length"),
         (body(message=5), "message: must be a string"),
+        (body(timings=["memory_take"]), "timings: must be an object"),
+        (body(timings={"Memory": GOOD["sent_at"]}), "timings name"),
+        (body(timings={"x" * 49: GOOD["sent_at"]}), "timings name: length"),
+        (body(timings={"memory_take": 1.5}), "timings.memory_take"),
+        (body(timings={"memory_take": "2026-11-21T10:00:00Z"}), "timings.memory_take"),
+        (body(timings={f"m{i}": GOOD["sent_at"] for i in range(33)}), "timings: more than 32"),
     ],
 )
 def test_bad_bodies_are_refused_with_400_and_say_why(raw, needle):

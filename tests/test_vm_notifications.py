@@ -448,7 +448,7 @@ def version_2_file(path: str, lease_id: str, slot: str, host: str = "node1") -> 
         conn.close()
 
 
-def test_a_version_2_store_opens_as_version_3_with_its_rows_kept(tmp_path):
+def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_path):
     path = str(tmp_path / "service.sqlite")
     lease_id, slot = "lease-" + uuid.uuid4().hex[:8], str(uuid.uuid4())
     old = version_2_file(path, lease_id, slot)
@@ -456,23 +456,26 @@ def test_a_version_2_store_opens_as_version_3_with_its_rows_kept(tmp_path):
     Store(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"vms", "commands"} <= tables
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"vms_by_host", "commands_by_target"} <= indexes
         columns = [row[1] for row in conn.execute("PRAGMA table_info(pilots)")]
         assert columns[-1] == "lost_at"
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(slots)")]
+        assert columns[-2:] == ["submit_started_at", "submitted_at"]  # version 4's
         for table, rows in old.items():
             now = sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-            if table == "pilots":
-                now = [row[:-1] for row in now]
-                assert all(row[-1] is None for row in conn.execute("SELECT * FROM pilots"))
+            added = {"pilots": 1, "slots": 2}.get(table, 0)
+            if added:
+                now = [row[:-added] for row in now]
+                assert all(set(row[-added:]) == {None} for row in conn.execute(f"SELECT * FROM {table}"))
             assert now == rows, table
     finally:
         conn.close()
 
-    reopened = Store(path)  # version 3 now: opened as it is
+    reopened = Store(path)  # the current version now: opened as it is
     try:
         (pilot,) = reopened.pilots(slot)
         assert (pilot.host, pilot.state, pilot.reserved_mb, pilot.lost_at) == ("node1", "reserved", 1024, None)
