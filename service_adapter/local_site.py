@@ -22,6 +22,8 @@ from service_adapter.vms import VmManager
 
 REALM = "workspace-pilot"
 PILOT_USER = "pilot"
+OPERATOR_REALM = "workspace-operators"
+OPERATOR_USER = "operator"
 SITE_FILE = "site.json"
 
 
@@ -75,7 +77,8 @@ class LocalSite:
         journal_dir: str = "/var/lib/workspace-pilot", contact: str | None = None, max_skew_s: float = 300.0,
         queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 0.5,
         start_manager: bool = True, lost_after_s: float | None = 120.0, vm_overhead_mb: int = 64,
-        pilot_sections: dict[str, dict[str, object]] | None = None,
+        pilot_sections: dict[str, dict[str, object]] | None = None, provider=None,
+        listen_host: str = "127.0.0.1", operator_api: bool = False,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -85,30 +88,38 @@ class LocalSite:
         self.verifier = DigestVerifier(REALM, {PILOT_USER: self.account})
         self.store = Store(os.path.join(workdir, "service.sqlite"))
         self.board = CommandBoard()
+        self.log_dir = os.path.join(workdir, "logs")
+        self.provider = provider if provider is not None else LocalProvider(self.log_dir)
+        self.pilot_config = os.path.join(workdir, "pilot.conf")
+        self.operator_secret = saved.get("operator_secret") or secrets.token_urlsafe(24)
+        app = make_app(self.store, self.verifier, max_skew_s, board=self.board)
+        # The manager is built before the receiver starts (the API needs it); its contact is set once the
+        # port is known, before its thread or any reserve can use it.
+        self.leases = LeaseManager(
+            self.store, self.provider, contact=contact or "http://unset.invalid", pilot_config=self.pilot_config,
+            grace_s=grace_s, queue_timeout_s=queue_timeout_s, release_grace_s=release_grace_s,
+            status_interval_s=status_interval_s, board=self.board, lost_after_s=lost_after_s,
+        )
+        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb)
+        if operator_api:
+            from service_adapter.api import add_api
+
+            operators = {OPERATOR_USER: Account.from_secret(OPERATOR_USER, OPERATOR_REALM, self.operator_secret)}
+            add_api(app, self.leases, DigestVerifier(OPERATOR_REALM, operators), self.vms)
         try:
-            self.receiver = ReceiverThread(
-                make_app(self.store, self.verifier, max_skew_s, board=self.board), port=int(saved.get("port", 0))
-            )
+            self.receiver = ReceiverThread(app, host=listen_host, port=int(saved.get("port", 0)))
             self.url = self.receiver.start()
         except BaseException:
             self.store.close()
             raise
-        _save_site(workdir, {"secret": secret, "port": self.receiver.port})
+        _save_site(workdir, {"secret": secret, "port": self.receiver.port, "operator_secret": self.operator_secret})
         self.contact = contact or self.url
-        self.pilot_config = os.path.join(workdir, "pilot.conf")
-        self.log_dir = os.path.join(workdir, "logs")
+        self.leases.contact = self.contact
         write_pilot_config(
             self.pilot_config, contact=self.contact, user=PILOT_USER, secret=secret, realm=REALM,
             log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
             sections=pilot_sections,
         )
-        self.provider = LocalProvider(self.log_dir)
-        self.leases = LeaseManager(
-            self.store, self.provider, contact=self.contact, pilot_config=self.pilot_config, grace_s=grace_s,
-            queue_timeout_s=queue_timeout_s, release_grace_s=release_grace_s, status_interval_s=status_interval_s,
-            board=self.board, lost_after_s=lost_after_s,
-        )
-        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb)
         if start_manager:
             self.leases.start()
 
