@@ -571,6 +571,9 @@ class LeaseManager:
     def _advance(self, row: LeaseRow, job_state: JobState, now: float, changes: list) -> LeaseRow:
         """Apply decide() until the lease stays put (a restart may catch up several steps at once)."""
         pilots = self.store.pilots(row.slot) if row.slot else []
+        # A transition is stamped no earlier than its inputs were read: the tick's start can precede the
+        # commit of a notification it then sees (the LRM query runs in between).
+        now = max(now, self.clock())
         if row.state in _HOLDING and self._give_up_silent(row, pilots, now):
             pilots = self.store.pilots(row.slot)
         vms = self.store.vms(row.id) if row.state in _HOLDING else []

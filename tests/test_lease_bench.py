@@ -104,7 +104,14 @@ def test_the_plot_is_a_png_and_progress_went_to_stderr(bench_run):
     done, _results, out = bench_run
     with open(out / "r.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "[8/8] N=2 lease round 2" in done.stderr
+    assert "[8/8] N=2 " in done.stderr and "N=2 lease round 2" in done.stderr and "N=2 baseline round 2" in done.stderr
+
+
+def test_rounds_alternate_their_order_and_say_what_came_before(bench_run):
+    _done, results, _out = bench_run
+    after = {(e["nodes"], e["round"], e["stage"]): e["detail"]["after"] for e in results["rounds"]}
+    assert after[(1, 0, "baseline_standup")] == "lease" and after[(1, 0, "standup")] == "baseline"
+    assert after[(1, 1, "standup")] == "lease" and after[(1, 1, "baseline_standup")] == "lease"
 
 
 def test_json_alone_goes_to_stdout(tmp_path):

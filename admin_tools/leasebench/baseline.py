@@ -30,10 +30,15 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ -n "$slot" ] || {{ echo "baseline payload: no --slot argument" >&2; exit 2; }}
-mark() {{ date +%s.%N > "$stamps/$slot/.$1.$$" && mv "$stamps/$slot/.$1.$$" "$stamps/$slot/$1.$$"; }}
-trap 'mark stop; exit 0' TERM INT
+mark() {{
+    [ -e "$stamps/$slot/$1.$$" ] || {{ date +%s.%N > "$stamps/$slot/.$1.$$" && mv "$stamps/$slot/.$1.$$" "$stamps/$slot/$1.$$"; }}
+}}
+# The sleep is killed with the payload: a child left behind would keep the job's step (and its node) busy.
+trap 'mark stop; kill $sleeper 2>/dev/null; exit 0' TERM INT
 mark start
-while :; do sleep 1 & wait $!; done
+sleep 86400 & sleeper=$!
+wait $sleeper
+mark stop  # the sleep got the signal first (sent to the whole process group): that was the stop
 """
 
 
@@ -86,7 +91,7 @@ def _wait_for(directory: str, kind: str, count: int, until: float, what: str) ->
         if len(found) >= count:
             return found
         if time.monotonic() > until:
-            raise BaselineError(f"{what}: {len(found)} of {count} payloads {kind}ed in time")
+            raise BaselineError(f"{what}: {len(found)} of {count} payloads noted their {kind} in time")
         time.sleep(0.002)  # the stamps carry their own times: polling adds nothing to what is measured
 
 

@@ -80,13 +80,14 @@ def _pilot_option(text: str) -> tuple[str, str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--help`` lists the phases, the clock handling and the exit codes)."""
     parser = _Parser(
-        prog="lease-bench", description=__doc__.split("\n\n")[0],
+        prog="lease-bench",
+        description="Stand leases up and tear them down on a real LRM, phase by phase, beside an LRM-only job.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--provider", choices=("local", "slurm", "pbs"), default="local",
                         help="the LRM (default local: one process per simulated node on this machine)")
     parser.add_argument("--config", metavar="FILE",
-                        help="a service config whose [provider] and [jobs] say how to submit (needed for slurm "
+                        help="a service config whose [provider] section says how to submit (needed for slurm "
                              "and pbs; its store and receiver are NOT used: the bench runs its own)")
     parser.add_argument("--nodes", type=_positive_int, nargs="+", metavar="N",
                         help="node counts (default 1 2 4 8 16, those the cluster has)")
@@ -179,7 +180,7 @@ def _options(args):
     settings = None
     if args.provider != "local":
         if not args.config:
-            raise SetupError(f"--provider {args.provider} needs --config FILE (its [provider] and [jobs] sections)")
+            raise SetupError(f"--provider {args.provider} needs --config FILE (a service config: its [provider] section)")
         from service_adapter.config import ConfigError, load_config
 
         try:
@@ -249,14 +250,20 @@ def _measure(args, options, counts: list[int], command: str) -> tuple[dict, int]
     try:
         bench.baseline_round(counts[0])  # warm-up (untimed): caches, first imports, the LRM's first job
         bench.lease_round(counts[0])
+        kinds = (("baseline", bench.baseline_round), ("lease", bench.lease_round))
+        previous = "lease"  # the warm-up's last round
         for nodes in counts:
             for round_no in range(args.rounds):
-                for kind, measure in (("baseline", bench.baseline_round), ("lease", bench.lease_round)):
+                # Alternate the order (B L, L B, B L, ...): how the previous job ended can slow the next
+                # job's start (on Slurm a job after a cancelled do-nothing job starts ~140 ms later), so each
+                # kind follows each kind about as often. Each round records what came before it.
+                for kind, measure in (kinds if round_no % 2 == 0 else kinds[::-1]):
                     stages = measure(nodes)
                     for name, stage in stages.items():
                         results["rounds"].append({"nodes": nodes, "round": round_no, "stage": name,
                                                   "total_ms": stage.total, "phases_ms": stage.phases,
-                                                  "detail": stage.detail})
+                                                  "detail": {**stage.detail, "after": previous}})
+                    previous = kind
                     done += 1
                     main_stage = stages.get("standup") or stages["baseline_standup"]
                     _progress(args, report.progress_line(done, total, f"N={nodes} {kind} round {round_no + 1}",
