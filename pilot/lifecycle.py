@@ -14,20 +14,19 @@ import enum
 import logging
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Callable
 
 from pilot.backends import BackendError
 from pilot.deadline import Deadline, DeadlineError
 from pilot.exitcodes import ExitCode
 from pilot.faults import Checkpoints
-from pilot.moments import Moments
 from pilot.journal import JournalError
+from pilot.moments import Moments
 from pilot.nodelock import NodeLockError
 from pilot.nodememory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
+from pilot.protocol import format_epoch
 from pilot.vmcleanup import VmCleanupError
-from pilot.protocol import format_time
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ class Pilot:
         except DeadlineError as exc:
             self._enter(State.BEGIN_ERROR)
             return self._tell_error(ExitCode.RESERVE_FAILED, str(exc))
-        log.info("deadline %s (%s)", _iso(self.deadline.at), self.deadline.source)
+        log.info("deadline %s (%s)", format_epoch(self.deadline.at), self.deadline.source)
         if self._stop_reason:
             log.info("stop requested (%s) before reserving: nothing changed", self._stop_reason)
             self.notifier.close()
@@ -238,7 +237,7 @@ class Pilot:
             return self._unreserve(early=True)
 
         deadline = self._monotonic_deadline()
-        expires_at = _iso(self.deadline.at)
+        expires_at = format_epoch(self.deadline.at)
         reserved = self.notifier.notify(
             "reserved", held.memory_mb, expires_at=expires_at, deliver_within=self.reserved_timeout_s,
             timings=self.moments.pick("process_start", "memory_take", "memory_taken"),
@@ -327,8 +326,7 @@ class Pilot:
             # The host's own memory still comes first; the journal keeps the VMs for workspace-killall.
             log.critical("this slot's VMs could not all be destroyed: %s", exc)
             vms_left = exc
-        self.moments.mark("vms_destroyed")
-        self.moments.mark("memory_restore")
+        self.moments.mark("vms_destroyed")  # also where the restore starts
         try:
             self.memory.give_back()
             if vms_left is not None:
@@ -350,8 +348,7 @@ class Pilot:
             return ExitCode.OK
         unreserved = self.notifier.notify(
             "unreserved", 0, deliver_within=max(exit_by - time.monotonic(), 0.1),
-            timings=self.moments.pick("reserved_answered", "vms_destroyed", "memory_restore", "memory_restored",
-                                      prefix="stop_"),
+            timings=self.moments.pick("reserved_answered", "vms_destroyed", "memory_restored", prefix="stop_"),
         )
         outcome = unreserved.wait(max(exit_by - time.monotonic(), 0))
         self.notifier.close()
@@ -378,6 +375,3 @@ class Pilot:
         if destroyed:
             log.info("destroyed VM(s) %s in %.1f ms", ", ".join(destroyed), (time.monotonic() - t0) * 1000)
 
-
-def _iso(epoch: float) -> str:
-    return format_time(datetime.fromtimestamp(epoch, timezone.utc))

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
 
-from pilot.protocol import format_time
+from pilot.protocol import format_epoch
 
 
 class Moments:
@@ -26,10 +25,6 @@ class Moments:
         """Note that ``name`` happened now (or at epoch ``at``); a name already marked keeps its first moment."""
         self._at.setdefault(name, time.time() if at is None else at)  # one dict op: safe across threads
 
-    def get(self, name: str) -> float | None:
-        """The epoch seconds of ``name``, or None if it was never marked."""
-        return self._at.get(name)
-
     def pick(self, *names: str, prefix: str | None = None) -> dict[str, str] | None:
         """The protocol's ``timings`` for ``names`` (and every name starting with ``prefix``) that were marked.
 
@@ -38,12 +33,7 @@ class Moments:
         chosen = [n for n in names if n in self._at]
         if prefix is not None:
             chosen += sorted(n for n in list(self._at) if n.startswith(prefix) and n not in chosen)
-        return {n: as_protocol_time(self._at[n]) for n in chosen} or None
-
-
-def as_protocol_time(epoch: float) -> str:
-    """Epoch seconds as the protocol's RFC 3339 UTC timestamp with microseconds."""
-    return format_time(datetime.fromtimestamp(epoch, timezone.utc))
+        return {n: format_epoch(self._at[n]) for n in chosen} or None
 
 
 def process_started_at(stat_path: str = "/proc/self/stat") -> float | None:

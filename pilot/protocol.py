@@ -98,6 +98,11 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def format_epoch(epoch: float) -> str:
+    """Render epoch seconds as the protocol's timestamp (see :func:`format_time`)."""
+    return format_time(datetime.fromtimestamp(epoch, timezone.utc))
+
+
 def parse_time(text: str) -> datetime:
     """Parse a protocol timestamp; raises :class:`ValueError` for any other shape."""
     if not isinstance(text, str) or not _TIME_RE.match(text):

@@ -21,8 +21,7 @@ import threading
 import time
 from typing import Callable
 
-from pilot.moments import as_protocol_time
-from pilot.protocol import Command
+from pilot.protocol import Command, format_epoch
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +119,9 @@ class VmWorker:
             took = (time.monotonic() - t0) * 1000
             if outcome.ok:
                 log.info("command %d: VM %s running (%.1f ms)", command.id, command.vm.name, took)
-                moments = {"domain_create": as_protocol_time(create), "domain_created": as_protocol_time(time.time())}
+                moments = {"domain_create": format_epoch(create), "domain_created": format_epoch(time.time())}
                 if seen is not None:
-                    moments["command_seen"] = as_protocol_time(seen)
+                    moments["command_seen"] = format_epoch(seen)
                 self._report(command, "vm-running", 0, f"started in {took:.0f} ms", timings=moments)
             else:
                 log.warning("command %d: VM %s refused: %s", command.id, command.vm.name, outcome.reason)

@@ -17,7 +17,7 @@ woken by store commits (a pilot's notification) or every
 ``status_interval_s``. No HTTP here: the operator API (``api.py``) wraps it.
 
 Times in :meth:`LeaseInfo.to_json` are RFC 3339 UTC strings with
-microseconds (``pilot.protocol.format_time``, the wire protocol's form),
+microseconds (``pilot.protocol.format_epoch``, the wire protocol's form),
 or null; durations and usage are numbers of seconds.
 """
 
@@ -29,10 +29,9 @@ import math
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import Callable, Iterable
 
-from pilot.protocol import format_time
+from pilot.protocol import format_epoch
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 from service_adapter.commandboard import CommandBoard
 from service_adapter.store import HOLD_ENDED, LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
@@ -377,7 +376,7 @@ def vm_json(vm: VmRow) -> dict:
 
 
 def _time(epoch: float | None) -> str | None:
-    return None if epoch is None else format_time(datetime.fromtimestamp(epoch, timezone.utc))
+    return None if epoch is None else format_epoch(epoch)
 
 
 # -- the manager --------------------------------------------------------------------------------

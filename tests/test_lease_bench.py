@@ -14,7 +14,7 @@ import pytest
 from admin_tools.leasebench.phases import (
     STAGES, BaselineRecord, LeaseRecord, RecordError, baseline_stages, lease_stages,
 )
-from pilot.moments import as_protocol_time
+from pilot.protocol import format_epoch
 
 LEASE_BENCH = os.path.join(os.path.dirname(sys.executable), "lease-bench")
 #: Each round's phases run from one recorded moment to the next, so their sum is the total but for float
@@ -143,12 +143,12 @@ def skewed_record(skew_s: float, *, answered: bool = True) -> LeaseRecord:
     t = 1_800_000_000.0  # the service's clock
 
     def pilot(at: float) -> str:
-        return as_protocol_time(at + skew_s)
+        return format_epoch(at + skew_s)
 
     reserved = {"sent_at": pilot(t + 0.200), "timings": {
         "process_start": pilot(t + 0.050), "memory_take": pilot(t + 0.180), "memory_taken": pilot(t + 0.190)}}
     unreserved_timings = {"stop_signal": pilot(t + 2.010), "vms_destroyed": pilot(t + 2.011),
-                          "memory_restore": pilot(t + 2.011), "memory_restored": pilot(t + 2.013)}
+                          "memory_restored": pilot(t + 2.013)}
     if answered:
         unreserved_timings["reserved_answered"] = pilot(t + 0.202)
     unreserved = {"sent_at": pilot(t + 2.014), "timings": unreserved_timings}

@@ -12,7 +12,6 @@ and a PNG when asked. The phases and how clocks are handled are in
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import shlex
@@ -20,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from pilot.protocol import format_time, utc_now
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -230,7 +231,7 @@ def _measure(args, options, counts: list[int], command: str) -> tuple[dict, int]
             "provider": args.provider, "vm": args.vm, "memory_backend": args.memory_backend,
             "rounds": args.rounds, "node_counts": counts, "memory_mb": args.memory, "clocks": args.clocks,
             "command": command,
-            "started_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "started_at": format_time(utc_now()),
             "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "kernel": platform.release()},
         },

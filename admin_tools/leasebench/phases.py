@@ -24,7 +24,8 @@ dispatch is then 0 and the pilot start begins at the submit.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+
+from pilot.protocol import parse_time
 
 STAGES: dict[str, tuple[str, ...]] = {
     "standup": ("client", "dispatch", "pilot_start", "notification", "ready"),
@@ -108,7 +109,7 @@ class Stage:
 
 def parse(text: str) -> float:
     """A protocol timestamp as epoch seconds."""
-    return datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+    return parse_time(text).timestamp()
 
 
 def _ms(seconds: float) -> float:
@@ -182,9 +183,13 @@ def lease_stages(record: LeaseRecord, clocks: str = "auto") -> dict[str, Stage]:
     def on_service(host: _Host, pilot_time: float) -> float:
         return pilot_time - offsets[host.name][1]
 
+    def process_start(host: _Host) -> float:
+        # Rounded down to the tick, a start can read as before its submit: it then counts from the submit.
+        return max(on_service(host, host.moment("reserved", "process_start")), record.submit_started_at)
+
     stages = {}
     up = max(reserved, key=lambda h: h.received("reserved"))
-    started = max(on_service(up, up.moment("reserved", "process_start")), record.submit_started_at)
+    started = process_start(up)
     sent = on_service(up, up.sent("reserved"))
     stages["standup"] = _stage("standup", [
         record.requested_at, record.submit_started_at, started, sent, up.received("reserved"), record.ready_at,
@@ -193,7 +198,8 @@ def lease_stages(record: LeaseRecord, clocks: str = "auto") -> dict[str, Stage]:
         "clock_offsets_ms": {name: None if found is None else {"offset": _ms(found[0]), "uncertainty": _ms(found[1]),
                                                                "applied": _ms(applied)}
                              for name, (found, applied) in sorted(offsets.items())},
-        "per_host_ms": {h.name: _standup_of(h, on_service, record) for h in sorted(reserved, key=lambda h: h.name)},
+        "per_host_ms": {h.name: _standup_of(h, on_service, process_start(h), record.submit_started_at)
+                        for h in sorted(reserved, key=lambda h: h.name)},
     })
     take, taken = up.moment("reserved", "memory_take"), up.moment("reserved", "memory_taken")
     stages["pilot"] = _stage("pilot", [started, on_service(up, take), on_service(up, taken), sent],
@@ -217,15 +223,14 @@ def lease_stages(record: LeaseRecord, clocks: str = "auto") -> dict[str, Stage]:
         "cancel_requested_ms": None if record.cancel_requested_at is None
         else _ms(record.cancel_requested_at - record.release_recorded_at),
         "restore_ms_per_host": {h.name: _ms(h.moment("unreserved", "memory_restored")
-                                            - h.moment("unreserved", "memory_restore")) for h in ended},
+                                            - h.moment("unreserved", "vms_destroyed")) for h in ended},
     })
     return stages
 
 
-def _standup_of(host: _Host, on_service, record: LeaseRecord) -> dict:
-    start = max(on_service(host, host.moment("reserved", "process_start")), record.submit_started_at)
+def _standup_of(host: _Host, on_service, start: float, submit_started_at: float) -> dict:
     return {
-        "dispatch": _ms(start - record.submit_started_at),
+        "dispatch": _ms(start - submit_started_at),
         "pilot_start": _ms(on_service(host, host.sent("reserved")) - start),
         "shrink": _ms(host.moment("reserved", "memory_taken") - host.moment("reserved", "memory_take")),
         "notification": _ms(host.received("reserved") - on_service(host, host.sent("reserved"))),

@@ -160,18 +160,19 @@ class Bench:
 
     def _record(self, lease_id: str, nodes: int, requested: float, vm_asked: float | None,
                 release_asked: float) -> LeaseRecord:
-        store, info = self.site.store, self.site.leases.get(lease_id)
+        store = self.site.store
+        row = store.get_lease(lease_id)
         events = {}
         for event in self.site.leases.history(lease_id):
             events.setdefault(event.new_state, event.at)
-        started, submitted = store.submit_times(info.slot)
-        commands = [(c.host, c.created_at) for c in store.commands(info.slot) if c.op == "start-vm"]
+        started, submitted = store.submit_times(row.slot)
+        commands = [(c.host, c.created_at) for c in store.commands(row.slot) if c.op == "start-vm"]
         return LeaseRecord(
             nodes=nodes, requested_at=requested, submit_started_at=started, submitted_at=submitted,
             ready_at=events["ready"], release_asked_at=release_asked,
-            release_recorded_at=info.release_requested_at, released_at=events["released"],
-            notifications=store.notification_bodies(info.slot), vm_asked_at=vm_asked, commands=commands,
-            cancel_requested_at=store.get_lease(lease_id).cancel_requested_at,
+            release_recorded_at=row.release_requested_at, released_at=events["released"],
+            notifications=store.notification_bodies(row.slot), vm_asked_at=vm_asked, commands=commands,
+            cancel_requested_at=row.cancel_requested_at,
         )
 
     def baseline_round(self, nodes: int) -> dict[str, Stage]:
