@@ -229,6 +229,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     from pilot.nodememory import NodeMemory
     from pilot.notifier import Notifier
     from pilot.owner import Owner
+    from pilot.wakeup import wake_on_signals
 
     log.info(
         "pilot %d for slot %s on %s: %d MB for %g s (grace %g s), backend %s, journal %s, contact %s, log %s",
@@ -260,6 +261,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
                               on_stop=pilot.request_stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))
+    wake_on_signals()  # a signal the kernel hands to another thread still wakes the main loop at once
     try:
         code = pilot.run()
     except Exception:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 
 PAUSE_ENV = "WORKSPACE_PILOT_TEST_PAUSE_AT"
 POINTS = ("journalled", "taken", "holding", "restoring", "restored")
@@ -24,7 +23,8 @@ log = logging.getLogger(__name__)
 class Checkpoints:
     """Call with a point's name; pauses there if the environment asks for that point."""
 
-    def __init__(self, resume: threading.Event, pause_at: str | None = None):
+    def __init__(self, resume, pause_at: str | None = None):
+        """``resume``: the :class:`pilot.wakeup.Wakeup` that every stop request sets."""
         self.resume = resume
         self.pause_at = pause_at if pause_at is not None else os.environ.get(PAUSE_ENV)
 
@@ -35,4 +35,5 @@ class Checkpoints:
         log.warning("test checkpoint %s: paused until a signal arrives", name)
         # Straight to stderr too, whatever the log level: the test waits for this line.
         print(f"workspace-pilot: paused at checkpoint {name}", file=sys.stderr, flush=True)
-        self.resume.wait()
+        while not self.resume.is_set():  # a wait may end early (another signal): only a stop request resumes
+            self.resume.wait()

@@ -1,7 +1,9 @@
 """The pilot's lifecycle for one lease on one node, as one explicit state table.
 
-Signal handlers only call :meth:`Pilot.request_stop`; all work happens in
-:meth:`Pilot.run` on the main thread. The restore never waits for the
+Signal handlers only call :meth:`Pilot.request_stop`, which takes no lock
+(a signal handler runs on the main thread between any two bytecodes, also
+inside a lock that thread holds); all work happens in :meth:`Pilot.run` on
+the main thread. The restore never waits for the
 service: notifications are sent by the notifier thread with deadlines, and
 the memory is given back whatever they answer. Every change to the node
 goes through :class:`pilot.nodememory.NodeMemory`, journal first.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -27,6 +28,7 @@ from pilot.nodememory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
 from pilot.protocol import format_epoch
 from pilot.vmcleanup import VmCleanupError
+from pilot.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +138,11 @@ class Pilot:
         self.hosting = hosting
         self.state = State.BEGIN
         self._state_since = time.monotonic()
-        self._wake = threading.Event()
+        # Both are set by request_stop, which may run inside a signal handler: lock-free wake-ups, never
+        # threading.Event (a handler that runs inside Event.wait on the main thread would wait on itself).
+        self._wake = Wakeup()
         #: Set by every stop request: resumes a paused test checkpoint.
-        self.signalled = threading.Event()
+        self.signalled = Wakeup()
         self._stop_reason: str | None = None
         #: Where the time went, on this node's clock; sent as the notifications' ``timings``.
         self.moments = Moments()
@@ -147,7 +151,7 @@ class Pilot:
         memory.checkpoint = self.checkpoint
 
     def request_stop(self, reason: str, kind: str = "signal") -> None:
-        """Ask the pilot to unreserve now (safe to call from a signal handler).
+        """Ask the pilot to unreserve now; safe from any thread and from a signal handler (it takes no lock).
 
         ``kind`` names the cause in the moments (``stop_<kind>``): ``signal``,
         ``release`` (the service's command) or ``gone`` (the service forgot the slot).
