@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -86,6 +87,15 @@ class Service:
         slot = str(uuid.uuid4())
         self.store.add_slot(slot, self.lease, nodes, 64)
         return slot
+
+    def send_release(self, slot: str, host: str) -> None:
+        """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
+        from service_adapter import vmstore
+
+        now = time.time()
+        self.store.submit(
+            lambda conn: vmstore.queue_command(conn, slot, host, {"op": "release"}, now, self.store._wake_target)
+        ).result()
 
     def session(self, secret: str | None = None) -> requests.Session:
         """A requests session with digest auth as the pilot account."""
@@ -165,7 +175,6 @@ def read_until(process: subprocess.Popen, needle: str, timeout: float = 15.0) ->
     if the process ends or ``timeout`` passes first.
     """
     import selectors
-    import time
 
     fd = process.stdout.fileno()
     seen = b""
