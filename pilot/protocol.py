@@ -197,10 +197,7 @@ class Notification:
         """
         if len(body) > MAX_BODY_BYTES:
             raise ProtocolError(f"body is {len(body)} bytes, over {MAX_BODY_BYTES}", status=413)
-        try:
-            data = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
+        data = load_json(body, "body")
         if not isinstance(data, dict):
             raise ProtocolError("body must be a JSON object")
         missing = [name for name in _REQUIRED if name not in data]
@@ -216,6 +213,61 @@ class Notification:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: The deepest nesting a body may have (a VM start, the deepest we send, needs 5).
+MAX_JSON_DEPTH = 16
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def load_json(body: bytes, what: str = "body") -> object:
+    """Parse ``body`` as strict UTF-8 JSON; :class:`ProtocolError` (400) for anything a parser should refuse.
+
+    Refused: bytes that are not UTF-8, text that is not JSON, NaN and
+    Infinity, nesting deeper than :data:`MAX_JSON_DEPTH` (``[`` x 2000
+    used to reach Python's recursion limit), and strings or keys holding a
+    lone surrogate (``"\\ud800"`` is JSON but no text: it cannot be
+    stored, logged or sent on as UTF-8). Every message names ``what``.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise ProtocolError(f"{what} is not JSON: {str(exc).splitlines()[0]}") from None
+    surrogates = _SURROGATE_ESCAPE_RE.search(text) is not None  # the only way a lone one gets in
+    stack = [(data, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ProtocolError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(value, dict):
+                if surrogates:
+                    for key in value:
+                        _check_text(what, key)
+                stack.extend((item, depth + 1) for item in value.values())
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif surrogates and isinstance(value, str):
+            _check_text(what, value)
+    return data
+
+
+def _check_text(what: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"{what} holds a lone surrogate (\\u{ord(text[_first_surrogate(text)]):04x}): "
+                            "not text") from None
+
+
+def _first_surrogate(text: str) -> int:
+    return next(i for i, char in enumerate(text) if "\ud800" <= char <= "\udfff")
 
 
 def _check_int(field: str, value, low: int, high: int) -> None:
@@ -480,10 +532,7 @@ def parse_commands(body: bytes) -> list[Command]:
     """The commands of a poll answer (``{"commands": [...]}``), in id order; raises :class:`ProtocolError`."""
     if len(body) > MAX_BODY_BYTES * 4:
         raise ProtocolError(f"command answer is {len(body)} bytes, over {MAX_BODY_BYTES * 4}", status=413)
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"command answer is not UTF-8 JSON: {exc}") from None
+    data = load_json(body, "command answer")
     if not isinstance(data, dict) or not isinstance(data.get("commands"), list):
         raise ProtocolError('command answer must be {"commands": [...]}')
     if len(data["commands"]) > MAX_COMMANDS:

@@ -23,7 +23,9 @@ against the operators' accounts, with their own realm and verifier: a
 pilot's credentials do not work here, nor an operator's on the pilots'
 endpoints. The authenticated operator owns the leases it reserves.
 
-Errors are one JSON line, ``{"error": "..."}``: 400 bad JSON or values, 401
+Errors are one JSON line, ``{"error": "..."}``: 400 bad JSON (not UTF-8,
+NaN, nested deeper than 16, a lone surrogate) or values, 408 a body that
+did not arrive within the request timeout ([service] request_timeout), 401
 no or wrong credentials (with a fresh challenge), 404 unknown lease, VM or
 path, 405 wrong method, 409 a VM request that cannot be carried out as the
 lease stands (the lease is not ready or running, a VM name is in use, the
@@ -43,9 +45,11 @@ import re
 
 from aiohttp import web
 
-from pilot.protocol import MAX_VM_NAME_LEN
+from pilot.protocol import MAX_VM_NAME_LEN, ProtocolError, load_json
+from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease, vm_json
+from service_adapter.refusals import REFUSALS
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
 
 log = logging.getLogger(__name__)
@@ -81,12 +85,13 @@ async def _api_auth(request: web.Request, handler):
     auth = verifier.verify(request.method, request.raw_path, header)
     if not auth.ok:
         if header:
-            log.warning("API: refused %s %s from %s: %s", request.method, request.path, request.remote, auth.reason)
+            REFUSALS.refused(request.remote, "API %s %s: %s", request.method, request.path, auth.reason)
         response = _error(401, f"authentication required: digest (SHA-256) as an operator of realm {verifier.realm}")
         for challenge in verifier.challenges(stale=auth.stale):
             response.headers.add("WWW-Authenticate", challenge)
         return response
     request[OPERATOR_KEY] = auth.account
+    trust(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -113,18 +118,24 @@ async def _read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
     """
     if request.content_length is not None and request.content_length > limit:
         raise _Refused(413, f"body over {limit} bytes")
-    body = bytearray()
-    while True:
-        chunk = await request.content.read(limit + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-        if len(body) > limit:
-            raise _Refused(413, f"body over {limit} bytes")
+    async def read() -> bytearray:
+        body = bytearray()
+        while True:
+            chunk = await request.content.read(limit + 1 - len(body))
+            if not chunk:
+                return body
+            body += chunk
+            if len(body) > limit:
+                raise _Refused(413, f"body over {limit} bytes")
+
     try:
-        data = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _Refused(400, f"the body is not JSON: {exc}".splitlines()[0]) from None
+        body = await read_within(request, read())
+    except BodyTimeout as exc:
+        raise _Refused(408, str(exc)) from None
+    try:
+        data = load_json(bytes(body), "the body")
+    except ProtocolError as exc:
+        raise _Refused(400, str(exc)) from None
     if not isinstance(data, dict):
         raise _Refused(400, "the body must be a JSON object")
     return data

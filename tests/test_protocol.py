@@ -65,10 +65,14 @@ def test_every_state_is_accepted(state):
 @pytest.mark.parametrize(
     "raw, needle",
     [
-        (b"not json", "not UTF-8 JSON"),
-        (b"\xff\xfe", "not UTF-8 JSON"),
+        (b"not json", "body is not JSON"),
+        (b"\xff\xfe", "body is not UTF-8"),
         (b"[1, 2]", "JSON object"),
-        (b'{"seq": NaN}', "not UTF-8 JSON"),
+        (b'{"seq": NaN}', "NaN is not valid JSON"),
+        (b"[" * 2000 + b"]" * 2000, "nested deeper than 16"),
+        (b'{"a":' * 17 + b"1" + b"}" * 17, "nested deeper than 16"),
+        (body(message="\ud800"), "lone surrogate (\\ud800)"),
+        (body(**{"timings": {"\udfff": GOOD["sent_at"]}}), "lone surrogate"),
         (body(seq=KeyError), "missing field(s): seq"),
         (body(extra=1), "unknown field(s): extra"),
         (body(version=1), "version"),
