@@ -17,6 +17,8 @@ import sys
 import textwrap
 import time
 
+from service_adapter.safetext import printable
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -447,7 +449,7 @@ def _spec_from_options(args) -> dict:
 
 
 def _say(text: str) -> None:
-    print(f"workspace-lease: {text}", file=sys.stderr)
+    print(f"workspace-lease: {printable(text)}", file=sys.stderr)  # may quote what a pilot or the service wrote
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -811,6 +813,7 @@ def _lease_table(leases: list[dict]) -> str:
         )
         for lease in leases
     ]
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
@@ -826,6 +829,7 @@ def _vm_table(vms: list[dict]) -> str:
          str(vm.get("memory_mb", "-")), str(vm.get("reason") or "-"))
         for vm in vms
     ]
+    rows = [tuple(printable(cell) for cell in row) for row in rows]  # a pilot wrote the reason
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
@@ -861,7 +865,7 @@ def _pilot_text(pilot: dict) -> str:
     rest = {k: v for k, v in pilot.items()
             if k not in ("host", "state", "code", "memory_mb", "reserved_at", "updated_at", "expires_at", "seq")}
     words += [f"{k} {v}" for k, v in rest.items()]
-    return "  ".join(words)
+    return "  ".join(printable(word) for word in words)  # pilots wrote some of these
 
 
 def _lease_text(lease: dict) -> str:
@@ -883,7 +887,7 @@ def _lease_text(lease: dict) -> str:
             shown = json.dumps(value)
         else:
             shown = str(value)
-        lines.append(f"{key.ljust(width)}  {shown}")
+        lines.append(f"{printable(key).ljust(width)}  {printable(shown)}")
     pilots = lease.get("pilots")
     if isinstance(pilots, list):
         lines.append("pilots" + ("" if pilots else "  none reported yet"))

@@ -27,6 +27,7 @@ import enum
 import hashlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -258,8 +259,32 @@ class StoreClosed(RuntimeError):
     """Raised for writes submitted after :meth:`Store.close`."""
 
 
+STORE_FILE_MODE = 0o600
+
+
+def _make_private(path: str) -> None:
+    """Create the database file 0600 whatever the umask (SQLite gives its -wal and -shm files the same mode).
+
+    An existing file that others may read is narrowed to 0600: the store
+    holds every lease's owner and every pilot's notification.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, STORE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != STORE_FILE_MODE:
+            os.fchmod(fd, STORE_FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left by an earlier run with a wider mode
+        try:
+            os.chmod(path + suffix, STORE_FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
 class Store:
     """SQLite-backed state of the service (WAL; ``synchronous=FULL`` by default).
+
+    The database file and its -wal and -shm files are mode 0600.
 
     Thread-safe: writes are serialised through the writer thread, reads use
     one connection per calling thread.
@@ -270,6 +295,7 @@ class Store:
             raise ValueError("synchronous must be FULL or NORMAL")
         self.path = path
         self._synchronous = synchronous
+        _make_private(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._version = 0
