@@ -3,8 +3,8 @@
 # Debian packages (as root), a virtualenv in .venv, the project installed editable with its test extras.
 # Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
-# Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), and sudo, through which
-# job scripts start the pilot. The tests start and stop these daemons themselves (tests/slurm_cluster.py).
+# Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), sudo, through which
+# job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/slurm_cluster.py).
 # --vm (scripts/test.sh): also the real VMM the tests boot guests on: libvirtd and QEMU (libvirt-daemon
 # libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86, not libvirt-daemon-system: it upgrades
 # systemd), busybox-static, the groups and user libvirtd wants, a marked block at the end of
@@ -37,7 +37,7 @@ pkg-config --exists libvirt 2>/dev/null || have_deb libvirt-dev || need_pkgs+=(l
 have_deb pkg-config || command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 if [ "$cluster" = yes ]; then
-  for pkg in sudo munge slurmctld slurmd slurm-client slurm-wlm-torque; do
+  for pkg in sudo logrotate munge slurmctld slurmd slurm-client slurm-wlm-torque; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi

@@ -61,6 +61,8 @@ class ServiceConfig:
     log_file: str = "/var/log/workspace-pilot/service.log"
     log_level: str = "info"
     max_skew_s: float = 300.0
+    max_connections: int = 0
+    request_timeout_s: float = 30.0
     # [pilots]
     pilot_user: str = "pilot"
     pilot_secret_file: str = "/etc/workspace-pilot/pilots.secret"
@@ -211,6 +213,17 @@ def _whole(low: int, high: int, message: str):
 _mb = _whole(0, 2**31 - 1, f"must be a whole number of MB, 0 or more (at most {2**31 - 1})")
 _cores = _whole(1, 100_000, "must be a whole number from 1 to 100000")
 _port = _whole(1, 65535, "must be a TCP port number from 1 to 65535")
+_connections = _whole(0, 10**7, "must be a whole number of connections, 0 for as many as the open-file limit allows")
+
+
+def _request_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds from 1 to 60") from None
+    if not 1 <= value <= 60:
+        raise ValueError("must be a number of seconds from 1 to 60")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -317,6 +330,8 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "log_file": ("log_file", _log_file),
         "log_level": ("log_level", _choice(*LOG_LEVELS)),
         "max_skew": ("max_skew_s", _positive_float),
+        "max_connections": ("max_connections", _connections),
+        "request_timeout": ("request_timeout_s", _request_timeout),
     },
     "pilots": {
         "user": ("pilot_user", _user),

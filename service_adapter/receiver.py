@@ -48,6 +48,8 @@ from pilot.protocol import (
     utc_now,
 )
 from service_adapter.commandboard import CommandBoard
+from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
+from service_adapter.refusals import REFUSALS
 from service_adapter.digest import DigestVerifier
 from service_adapter.store import HOLD_ENDED, Store, Verdict
 
@@ -83,26 +85,30 @@ async def handle_notification(request: web.Request) -> web.Response:
     auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
     if not auth.ok:
         if request.headers.get("Authorization"):
-            log.warning("refused notification from %s: %s", request.remote, auth.reason)
+            REFUSALS.refused(request.remote, "notification: %s", auth.reason)
         return _unauthorized(verifier, auth.reason, stale=auth.stale)
+    trust(request)
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return _answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
     try:
-        body = await request.read()
+        body = await read_within(request, request.read())
     except web.HTTPRequestEntityTooLarge:
         return _answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
+    except BodyTimeout as exc:
+        REFUSALS.refused(request.remote, "notification: %s", exc)
+        return _answer(408, "timeout", str(exc))
     if not signature_matches(auth.account.ha1_sha256, body, request.headers.get(SIGNATURE_HEADER)):
-        log.warning("refused notification from %s: bad body signature", request.remote)
+        REFUSALS.refused(request.remote, "notification: bad body signature")
         return _unauthorized(verifier, "missing or wrong " + SIGNATURE_HEADER)
     try:
         notification = Notification.from_json(body)
     except ProtocolError as exc:
-        log.warning("refused notification from %s: %s", request.remote, exc)
+        REFUSALS.refused(request.remote, "notification: %s", exc)
         return _answer(exc.status, "invalid", str(exc))
     skew = abs(utc_now() - parse_time(notification.sent_at))
     if skew > request.app[SKEW_KEY]:
-        log.warning(
-            "refused %s/%s seq %d: sent_at off by %.1f s",
+        REFUSALS.refused(
+            request.remote, "%s/%s seq %d: sent_at off by %.1f s",
             notification.slot, notification.host, notification.seq, skew.total_seconds(),
         )
         return _answer(422, "skew", f"sent_at is {skew.total_seconds():.1f} s off the service clock")
@@ -114,8 +120,8 @@ async def handle_notification(request: web.Request) -> web.Response:
             notification.slot, notification.host, notification.seq, notification.state, notification.code,
         )
     elif verdict is not Verdict.REPEAT:
-        log.warning(
-            "refused %s/%s seq %d: %s",
+        REFUSALS.refused(
+            request.remote, "%s/%s seq %d: %s",
             notification.slot, notification.host, notification.seq, verdict.name.lower(),
         )
     return _answer(verdict.status, verdict.result)
@@ -146,8 +152,9 @@ async def handle_commands(request: web.Request) -> web.Response:
     auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
     if not auth.ok:
         if request.headers.get("Authorization"):
-            log.warning("refused command poll from %s: %s", request.remote, auth.reason)
+            REFUSALS.refused(request.remote, "command poll: %s", auth.reason)
         return _unauthorized(verifier, auth.reason, stale=auth.stale)
+    trust(request)
     slot, host = request.match_info["slot"], request.match_info["host"]
     try:
         check_target(slot, host)
@@ -183,13 +190,17 @@ async def handle_commands(request: web.Request) -> web.Response:
 
 
 def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
-             board: CommandBoard | None = None) -> web.Application:
+             board: CommandBoard | None = None, guard: ConnectionGuard | None = None) -> web.Application:
     """The receiver as an aiohttp application (bodies over the cap are refused while read).
 
     ``board`` (one is made if None) is where command polls wait; the store
-    wakes it after each commit that queues commands.
+    wakes it after each commit that queues commands. ``guard`` (one with
+    the defaults if None) caps and times the connections; serve the app
+    with :func:`service_adapter.connections.start_serving` for it to see them.
     """
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    guard = guard if guard is not None else ConnectionGuard()
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard.middleware])
+    app[GUARD_KEY] = guard
     app[STORE_KEY] = store
     app[VERIFIER_KEY] = verifier
     app[SKEW_KEY] = timedelta(seconds=max_skew_s)
@@ -255,10 +266,7 @@ class ReceiverThread:
         return self.url
 
     async def _open(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        self._runner = await start_serving(self.app, self.host, self.port)
         host, port = self._runner.addresses[0][:2]
         self.port = port
         self.url = f"http://{host}:{port}"

@@ -20,6 +20,7 @@ import sys
 from aiohttp import web
 
 from service_adapter.config import ServiceConfig
+from service_adapter.connections import ConnectionGuard, raise_file_limit, start_serving
 
 log = logging.getLogger("service_adapter.server")
 
@@ -31,16 +32,23 @@ class ServeError(Exception):
 
 
 def setup_logging(config: ServiceConfig) -> None:
-    """Log with timestamps to ``[service] log_file`` ("-": stderr) at ``log_level``."""
+    """Log with timestamps to ``[service] log_file`` ("-": stderr) at ``log_level``.
+
+    The file is 0640 and reopened after logrotate moves it
+    (:class:`service_adapter.logfile.LogFile`); every message is one
+    printable line (:class:`service_adapter.logfile.SafeFormatter`).
+    """
+    from service_adapter.logfile import LINE_FORMAT, LogFile, SafeFormatter
+
     if config.log_file == "-":
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         try:
             os.makedirs(os.path.dirname(config.log_file), mode=0o755, exist_ok=True)
-            handler = logging.FileHandler(config.log_file)
+            handler = LogFile(config.log_file)
         except OSError as exc:
             raise ServeError(f"[service] log_file {config.log_file}: {exc.strerror}") from None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter(LINE_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(config.log_level.upper())
@@ -82,7 +90,8 @@ def build(config: ServiceConfig):
     except Exception as exc:
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {_one_line(exc)}") from None
-    app = make_app(store, pilots, config.max_skew_s, board=board)
+    guard = ConnectionGuard(config.max_connections or None, config.request_timeout_s)
+    app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard)
     add_api(app, manager, operators, vms=vms)
     return store, provider, manager, app
 
@@ -96,6 +105,7 @@ def serve(config: ServiceConfig, *, out=None) -> int:
     """
     out = out or sys.stdout
     setup_logging(config)
+    raise_file_limit()  # before the store opens: the connection cap is worked out from the limit in force
     store, provider, manager, app = build(config)
     try:
         asyncio.run(_run(config, app, manager, store, out))
@@ -113,16 +123,13 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.listen_host, config.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ServeError(
-                f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
-            ) from None
+        runner = await start_serving(app, config.listen_host, config.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    except OSError as exc:
+        raise ServeError(
+            f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
+        ) from None
+    try:
         await asyncio.to_thread(manager.start)
         line = (
             f"workspace-lease: serving on {config.listen_url} (store {config.store}, provider {config.provider}, "
