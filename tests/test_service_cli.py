@@ -42,7 +42,8 @@ def private(path, text: str) -> str:
 class Site:
     """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
 
-    def __init__(self, root):
+    def __init__(self, root, **service_options):
+        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``)."""
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,6 +66,7 @@ class Site:
             f"store = {self.store}\n"
             f"log_file = {self.log_file}\n"
             "log_level = debug\n"
+            + "".join(f"{name} = {value}\n" for name, value in service_options.items()) +
             "[pilots]\n"
             f"secret_file = {pilot_secret}\n"
             f"pilot_config = {self.pilot_config}\n"
@@ -113,11 +115,16 @@ class Site:
         return pids
 
 
-def start_serve(site: Site) -> subprocess.Popen:
-    """``workspace-lease serve`` as a real process; returns once it prints that it is serving."""
+def start_serve(site: Site, *, wrapper: tuple[str, ...] = (), umask: int | None = None) -> subprocess.Popen:
+    """``workspace-lease serve`` as a real process; returns once it prints that it is serving.
+
+    ``wrapper`` goes before the command (e.g. ``prlimit --nofile=1024:1024``);
+    ``umask`` is the process's umask (None: this one's).
+    """
     process = subprocess.Popen(
-        [*CLI, "serve", "--config", site.config],
+        [*wrapper, *CLI, "serve", "--config", site.config],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
     )
     try:
         out = read_until(process, "workspace-lease: serving on", timeout=15)
@@ -154,9 +161,10 @@ def end_pilots(site: Site) -> None:
 
 
 @contextlib.contextmanager
-def serving(site: Site):
-    """A running ``serve`` for the block; stopped by pid afterwards, then any leftover pilot."""
-    process = start_serve(site)
+def serving(site: Site, **options):
+    """A running ``serve`` for the block (``options`` go to :func:`start_serve`); stopped by pid afterwards, then
+    any leftover pilot."""
+    process = start_serve(site, **options)
     try:
         yield process
     finally:

@@ -570,3 +570,20 @@ def test_cli_vm_bad_arguments_are_found_before_any_connection(tmp_path):
     )
     assert result.returncode == 2
     assert "--image-sha256" in single_line(result.stderr)
+
+
+def test_cli_vm_list_shows_a_pilots_reason_escaped(svc, cli):
+    """A (compromised) pilot's failure message cannot repaint the operator's terminal or forge a table row."""
+    lease_id, slot = svc.ready_lease()
+    assert svc.start(lease_id, spec("v1", 64)).status_code == 202
+    (start,) = svc.store.commands(slot)
+    hostile = "\x1b[2J\x1b[32mall fine\nv2  node1  running  64  -\u202e"
+    svc.notify(slot, "node1", "vm-failed", code=2, vms=["v1"], command=start.id, memory_mb=1024, message=hostile)
+    table = cli("vm", "list", lease_id)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert len(lines) == 2  # the header and v1: no forged row
+    assert "\x1b" not in table.stdout and "\u202e" not in table.stdout
+    assert "\\x1b[2J\\x1b[32mall fine\\nv2  node1  running  64  -\\u202e" in lines[1]
+    shown = cli("vm", "list", lease_id, "--json")  # JSON keeps the text as sent (escaped by JSON itself)
+    assert hostile in json.loads(shown.stdout)["vms"][0]["reason"]
