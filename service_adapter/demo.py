@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
 
 from service_adapter.lease import TERMINAL_STATES, LeaseError
 from service_adapter.local_site import LocalSite
+from service_adapter.safetext import printable
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 
 
 class DemoError(Exception):
     """The demo cannot run here; the message says why and what to do."""
+
+
+#: Signals that end the demo early: ^C, ``timeout``/``kill``, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Interrupted(Exception):
+    """A stop signal arrived; raised on the main thread by the demo's handler."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise _Interrupted(signum)
 
 
 def _pool_pages() -> int:
@@ -59,7 +77,12 @@ class _Narrator:
 def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
              release_after_s: float | None, workdir: str | None, out=sys.stdout,
              journal_dir: str = "/var/lib/workspace-pilot") -> int:
-    """Run the demo; returns 0 when the lease ran and ended and the hugepage pool is back where it started."""
+    """Run the demo; returns 0 when the lease ran and ended and the hugepage pool is back where it started.
+
+    SIGINT, SIGTERM or SIGHUP release the lease at once, wait for the
+    pilots to give the node back (a second signal does not cut that
+    short), and return 128 + the signal's number; no traceback.
+    """
     if os.geteuid() != 0:
         raise DemoError("the demo reserves real hugepages and must run as root")
     if not os.access(os.path.join(HUGEPAGES_DIR, "nr_hugepages"), os.W_OK):
@@ -70,56 +93,112 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
         print(f"[{time.monotonic() - t0:8.3f} s] {text}", file=out, flush=True)
 
     workdir = workdir or tempfile.mkdtemp(prefix="workspace-lease-demo-")
-    before = _pool_pages()
-    say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
-    site = LocalSite(
-        workdir, grace_s=grace_s, journal_dir=journal_dir, queue_timeout_s=60, release_grace_s=grace_s + 5,
-        status_interval_s=0.5,
-    )
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
     try:
-        say(f"store {site.store.path} (SQLite, WAL)")
-        say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")
-        try:
-            lease = site.leases.reserve(nodes, memory_mb, duration_s, owner="demo")
-        except LeaseError as exc:
-            say(f"FAILED: {exc}")
-            return 1
-        say(f"lease {lease.id} ({lease.state}): {nodes} x {memory_mb} MB for {duration_s:g} s, slot {lease.slot}")
-        say(f"local provider: job {lease.job_id}, pilots {', '.join(site.provider.hosts(lease.job_id))} "
-            f"(pids {site.provider.pids(lease.job_id)})")
-        narrator = _Narrator(site, lease.id, lease.slot, say)
-        ready = narrator.until({"ready"} | TERMINAL_STATES, timeout=60)
-        if ready is None or ready.state != "ready":
-            say("FAILED: " + (ready.reason if ready else "the pilots did not all report 'reserved' within 60 s"))
-            return 1
-        held = _pool_pages()
-        say(f"lease ready: hugepage pool now {held} pages ({held * 2} MB, +{(held - before) * 2} MB)")
-        if release_after_s is not None:
-            if narrator.until(TERMINAL_STATES, release_after_s) is None:
-                say(f"releasing the lease after {release_after_s:g} s (the job is cancelled: SIGTERM to each "
-                    "pilot, like qdel)")
-                site.leases.release(lease.id)
-        else:
-            say(f"holding until the pilots' own deadline ({duration_s:g} s after they started)")
-        ended = narrator.until(TERMINAL_STATES, duration_s + grace_s + 30)
-        codes = site.provider.wait(lease.job_id, grace_s + 5)
-        narrator.report()
-        after = _pool_pages()
-        say(f"pilots exited with {codes}; logs in {site.log_dir}")
-        if ended is not None:
-            used = ended.usage
-            say(f"usage: {used.node_seconds:.1f} node-seconds, {used.mb_seconds:.0f} MB-seconds")
-        say(f"hugepage pool after: {after} pages ({after * 2} MB)")
-        if (ended is not None and ended.state in ("released", "expired") and after == before
-                and all(code == 0 for code in codes)):
-            say(f"lease {ended.state}; the node's hugepages are back where they started")
-            return 0
-        if after != before:
-            say("FAILED: pool not restored")
-        elif ended is None:
-            say("FAILED: the lease did not end in time")
-        else:
-            say(f"FAILED: the lease ended {ended.state} ({ended.reason}); pilots exited with {codes}")
-        return 1
+        return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say) -> int:
+    try:
+        before = _pool_pages()
+    except _Interrupted as exc:
+        return 128 + exc.signum
+    say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
+    try:
+        site = LocalSite(
+            workdir, grace_s=grace_s, journal_dir=journal_dir, queue_timeout_s=60, release_grace_s=grace_s + 5,
+            status_interval_s=0.5,
+        )
+    except _Interrupted as exc:
+        return 128 + exc.signum  # nothing leased yet
+    try:
+        return _narrate(site, nodes, memory_mb, duration_s, grace_s, release_after_s, before, say)
+    except _Interrupted as exc:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # the node is given back first, whatever comes next
+        return _wind_down(site, exc.signum, grace_s, before, say)
     finally:
         site.close()
+
+
+def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say) -> int:
+    """After a stop signal: release every lease of this site, wait for the pilots, and say where the node stands."""
+    say(f"interrupted ({signal.Signals(signum).name}): releasing the lease; the pilots give the node back")
+    open_leases = [info for info in site.leases.list() if info.state not in TERMINAL_STATES]
+    for info in open_leases:
+        site.leases.release(info.id)
+    for info in open_leases:
+        narrator = _Narrator(site, info.id, info.slot, say)
+        narrator.events_seen = len(site.store.lease_events(info.id))
+        narrator.notes_seen = len(site.store.notifications(info.slot))
+        narrator.until(TERMINAL_STATES, grace_s + 30)
+        if info.job_id:
+            site.provider.wait(info.job_id, grace_s + 5)
+    site.close()  # stops any pilot still running (SIGTERM, then SIGKILL after 10 s)
+    after = _pool_pages()
+    if after != before:
+        say(f"FAILED: hugepage pool at {after} pages, was {before}; run workspace-killall")
+        return 1
+    say(f"hugepage pool after: {after} pages ({after * 2} MB): the node is as it was")
+    return 128 + signum
+
+
+def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_after_s, before: int, say) -> int:
+    """One lease from reserve to its end, told as it goes; 0 when it ended well and the pool is back."""
+    say(f"store {site.store.path} (SQLite, WAL)")
+    say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")
+    try:
+        lease = site.leases.reserve(nodes, memory_mb, duration_s, owner="demo")
+    except LeaseError as exc:
+        say(f"FAILED: {exc}")
+        return 1
+    say(f"lease {lease.id} ({lease.state}): {nodes} x {memory_mb} MB for {duration_s:g} s, slot {lease.slot}")
+    say(f"local provider: job {lease.job_id}, pilots {', '.join(site.provider.hosts(lease.job_id))} "
+        f"(pids {site.provider.pids(lease.job_id)})")
+    narrator = _Narrator(site, lease.id, lease.slot, say)
+    ready = narrator.until({"ready"} | TERMINAL_STATES, timeout=60)
+    if ready is None or ready.state != "ready":
+        say("FAILED: " + (ready.reason if ready else "the pilots did not all report 'reserved' within 60 s"))
+        _say_pilot_errors(site, lease.slot, say)
+        return 1
+    held = _pool_pages()
+    say(f"lease ready: hugepage pool now {held} pages ({held * 2} MB, +{(held - before) * 2} MB)")
+    if release_after_s is not None:
+        if narrator.until(TERMINAL_STATES, release_after_s) is None:
+            say(f"releasing the lease after {release_after_s:g} s (the job is cancelled: SIGTERM to each "
+                "pilot, like qdel)")
+            site.leases.release(lease.id)
+    else:
+        say(f"holding until the pilots' own deadline ({duration_s:g} s after they started)")
+    ended = narrator.until(TERMINAL_STATES, duration_s + grace_s + 30)
+    codes = site.provider.wait(lease.job_id, grace_s + 5)
+    narrator.report()
+    after = _pool_pages()
+    say(f"pilots exited with {codes}; logs in {site.log_dir}")
+    if ended is not None:
+        used = ended.usage
+        say(f"usage: {used.node_seconds:.1f} node-seconds, {used.mb_seconds:.0f} MB-seconds")
+    say(f"hugepage pool after: {after} pages ({after * 2} MB)")
+    if (ended is not None and ended.state in ("released", "expired") and after == before
+            and all(code == 0 for code in codes)):
+        say(f"lease {ended.state}; the node's hugepages are back where they started")
+        return 0
+    if after != before:
+        say("FAILED: pool not restored")
+    elif ended is None:
+        say("FAILED: the lease did not end in time")
+    else:
+        say(f"FAILED: the lease ended {ended.state} ({ended.reason}); pilots exited with {codes}")
+    _say_pilot_errors(site, lease.slot, say)
+    return 1
+
+
+def _say_pilot_errors(site: LocalSite, slot: str, say) -> None:
+    """Each pilot's own reason for failing (its notification's message) and where its log is."""
+    for host, state, _at, body in site.store.notification_bodies(slot):
+        if body.get("code") and body.get("message"):
+            log = os.path.join(site.log_dir, f"{slot}.{host}.log")
+            say(f"  {host} ({state}, code {body['code']}): {printable(body['message'])} (log {log})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pilot.exitcodes import ExitCode
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.receiver import ReceiverThread, make_app
-from tests.conftest import free_port, pilot_config, pool_pages, running_pilot
+from tests.conftest import free_port, pilot_config, pool_pages, read_until, running_pilot
 
 
 def states(service, slot, host="node1"):
@@ -156,6 +157,47 @@ def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service)
         assert pilot.wait(timeout=15) == ExitCode.OK
     assert pool_pages() == hugepages
     assert states(service, slot) == ["reserved", "earlyunreserving", "unreserved"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_demo_stopped_by_a_signal_ends_its_lease_and_leaves_the_node_clean(tmp_path, hugepages, stop):
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "service_adapter", "demo", "--nodes", "2", "--memory", "8",
+         "--duration", "300", "--grace", "5", "--workdir", str(tmp_path / "demo"),
+         "--journal-dir", str(tmp_path / "journal")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        before_stop = read_until(demo, "lease ready", timeout=60)
+        assert pool_pages() == hugepages + 8  # 2 x 8 MB of 2 MiB pages: held
+        demo.send_signal(stop)
+        out, _ = demo.communicate(timeout=60)  # a hang detector: the pilots restore within their grace
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    text = before_stop + out.decode()
+    assert demo.returncode == 128 + stop, text
+    assert "Traceback" not in text
+    assert f"interrupted ({stop.name}): releasing the lease" in text
+    assert f"hugepage pool after: {hugepages} pages" in text and "the node is as it was" in text
+    assert pool_pages() == hugepages
+    assert not list((tmp_path / "journal").glob("*.json"))  # no pilot left an entry behind
+
+
+def test_a_failed_demo_says_each_pilots_reason_and_where_its_log_is(tmp_path, hugepages):
+    result = subprocess.run(
+        [sys.executable, "-m", "service_adapter", "demo", "--nodes", "1", "--memory", str(10**7),
+         "--duration", "5", "--grace", "5", "--workdir", str(tmp_path / "demo"),
+         "--journal-dir", str(tmp_path / "journal")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if "local-node1 (error, code 5):" in line)
+    assert "below minmem" in line and "nothing was changed" in line
+    log = line.rsplit("(log ", 1)[1].rstrip(")")
+    assert os.path.exists(log) and "below minmem" in open(log).read()
+    assert pool_pages() == hugepages
 
 
 def test_demo_runs_a_lease_and_restores_the_pool(tmp_path, hugepages):
