@@ -39,7 +39,9 @@ EXIT_CONFIG = 3
 
 EXIT_HELP = """exit codes:
    0  the node is clean: no journal entries, no tagged VMs, no live pilots of the journal,
-      memory at the boot value (when [memory] boot_mb is set); with --dry-run: already clean
+      memory at the boot value (when [memory] boot_mb is set); with --dry-run: already clean.
+      A configured libvirt that does not answer is only noted ("no hypervisor running") unless
+      a journal entry says VMs may run there
    1  something could not be undone (each problem printed); with --dry-run: there is work to do
    2  a bad command-line argument
    3  a bad or unreadable configuration file"""
@@ -93,8 +95,9 @@ class Plan:
     entries: list[Entry]
     unreadable: list[UnreadableEntry]
     vms: list[tuple[object, object]]  # (libvirt domain, VmTag)
-    libvirt_problem: str | None
-    conn: object | None
+    libvirt_problems: list[str]  # hypervisors where VMs may run that could not be checked
+    conns: list[object]  # open libvirt connections, one per URI checked
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. "no hypervisor running at ..."
 
     @property
     def live(self) -> list[Entry]:
@@ -104,7 +107,7 @@ class Plan:
     @property
     def empty(self) -> bool:
         """Nothing journalled, nothing tagged, nothing unknown."""
-        return not (self.entries or self.unreadable or self.vms or self.libvirt_problem)
+        return not (self.entries or self.unreadable or self.vms or self.libvirt_problems)
 
 
 class Report:
@@ -139,21 +142,38 @@ def _open_libvirt(uri: str, read_only: bool):
 
 
 def make_plan(config: PilotConfig, journal: Journal, *, read_only: bool) -> Plan:
-    """Look at the node: journal entries, tagged VMs. Changes nothing."""
+    """Look at the node: journal entries, tagged VMs. Changes nothing.
+
+    libvirt is checked where the journal says VMs may have run (each
+    entry's ``vm_uri``; the configured URI too when an entry is
+    unreadable): not reaching it there is a problem. The configured URI
+    is also checked when its daemon answers; when it does not and no
+    entry points at it, that is only noted: no hypervisor runs, so no VM
+    of a pilot's can.
+    """
     from pilot.vmtag import tagged_domains
 
     found = journal.entries()
     entries = [e for e in found if isinstance(e, Entry)]
     unreadable = [e for e in found if isinstance(e, UnreadableEntry)]
-    vms, problem, conn = [], None, None
-    if config.vm_uri:
-        conn, problem = _open_libvirt(config.vm_uri, read_only)
-        if conn is not None:
-            try:
-                vms = tagged_domains(conn)
-            except Exception as exc:  # libvirtError, without importing libvirt at module level
-                problem = f"cannot list the VMs at {config.vm_uri}: {' '.join(str(exc).split())}"
-    return Plan(entries, unreadable, vms, problem, conn)
+    journalled = {e.vm_uri for e in entries if e.vm_uri}
+    if unreadable and config.vm_uri:
+        journalled.add(config.vm_uri)
+    plan = Plan(entries, unreadable, [], [], [])
+    for uri in sorted(journalled | ({config.vm_uri} if config.vm_uri else set())):
+        conn, problem = _open_libvirt(uri, read_only)
+        if conn is None:
+            if uri in journalled:
+                plan.libvirt_problems.append(f"{problem} (a journal entry says VMs may run there)")
+            else:
+                plan.notes.append(f"no hypervisor running at {uri} (and no journal entry has VMs there)")
+            continue
+        plan.conns.append(conn)
+        try:
+            plan.vms += tagged_domains(conn)
+        except Exception as exc:  # libvirtError, without importing libvirt at module level
+            plan.libvirt_problems.append(f"cannot list the VMs at {uri}: {' '.join(str(exc).split())}")
+    return plan
 
 
 def _describe(entry: Entry) -> str:
@@ -180,8 +200,10 @@ def print_plan(plan: Plan, config: PilotConfig, report: Report, term_timeout: fl
             if config.boot_mb is not None else "cannot judge it: set [memory] boot_mb or inspect it by hand"
         )
         report.line(f"unreadable journal entry {bad.filename} ({bad.reason}): {action}")
-    if plan.libvirt_problem:
-        report.line(f"cannot check VMs: {plan.libvirt_problem}")
+    for problem in plan.libvirt_problems:
+        report.line(f"cannot check VMs: {problem}")
+    for note in plan.notes:
+        report.line(note)
     if plan.empty:
         report.line("nothing to do: no journal entries, no tagged VMs")
 
@@ -319,12 +341,14 @@ def check_clean(config: PilotConfig, journal: Journal, plan: Plan, report: Repor
     if left:
         report.problem(f"{len(left)} journal entr{'y' if len(left) == 1 else 'ies'} left: "
                        + ", ".join(e.filename for e in left))
-    if plan.conn is not None:
-        vms = tagged_domains(plan.conn)
+    for conn in plan.conns:
+        vms = tagged_domains(conn)
         if vms:
             report.problem("tagged VMs left: " + ", ".join(domain.name() for domain, _ in vms))
-    elif plan.libvirt_problem:
-        report.problem(f"cannot check VMs: {plan.libvirt_problem}")
+    for problem in plan.libvirt_problems:
+        report.problem(f"cannot check VMs: {problem}")
+    for note in plan.notes:
+        report.line(note)
     for entry in plan.entries:
         if entry.owner.alive():
             report.problem(f"pilot {entry.owner.pid} ({_describe(entry)}) still runs")
@@ -365,8 +389,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
             notify_killed(plan, config, report)
         check_clean(config, journal, plan, report)
     finally:
-        if plan.conn is not None:
-            plan.conn.close()
+        for conn in plan.conns:
+            conn.close()
     elapsed = (time.monotonic() - started) * 1000
     if report.failed:
         report.line(f"node NOT clean after {elapsed:.1f} ms (problems above)")

@@ -185,14 +185,28 @@ def test_without_a_boot_value_an_unreadable_entry_is_a_problem_and_stays(tmp_pat
     assert pool_pages() == hugepages
 
 
-def test_libvirt_that_cannot_be_reached_means_not_clean(tmp_path):
-    config = pilot_config(
-        tmp_path, "http://127.0.0.1:9", "x",
-        sections={"libvirt": {"uri": f"qemu+unix:///system?socket={tmp_path}/no-such-socket"}},
-    )
+def test_a_node_without_a_hypervisor_and_nothing_journalled_is_clean(tmp_path):
+    """No libvirtd on the node (the socket is absent) and no entry with VMs: nothing to check, exit 0."""
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
+    config = pilot_config(tmp_path, "http://127.0.0.1:9", "x", sections={"libvirt": {"uri": uri}})
+    for extra in ((), ("--dry-run",)):
+        code, out = run_killall(config, "--no-notify", *extra)
+        assert code == 0, out
+        assert f"no hypervisor running at {uri}" in out
+        assert "PROBLEM" not in out and "cannot connect" not in out
+
+
+def test_libvirt_that_cannot_be_reached_where_the_journal_has_vms_means_not_clean(tmp_path):
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
+    config = pilot_config(tmp_path, "http://127.0.0.1:9", "x", sections={"libvirt": {"uri": "test:///default"}})
+    journal = Journal(str(tmp_path / "journal"))
+    journal.prepare()
+    journal.write(Entry("slot-vms", "node1", dead_owner(), vm_uri=uri))  # a pilot that had VMs there, then died
     code, out = run_killall(config, "--no-notify")
-    assert code == 1
-    assert "cannot connect to libvirt" in out
+    assert code == 1, out
+    assert f"PROBLEM: cannot check VMs: cannot connect to libvirt at {uri}" in out
+    assert "a journal entry says VMs may run there" in out
+    assert "node NOT clean" in out
 
 
 def test_bad_arguments_and_bad_config_are_one_line_with_their_own_codes(tmp_path):
