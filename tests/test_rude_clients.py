@@ -295,6 +295,24 @@ def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(tmp_path):
     assert (soft, hard) == ("4096", "4096")
 
 
+def authenticated_get(site: Site, sock: socket.socket) -> int:
+    """GET /api/v1/leases as the operator on the kept-alive ``sock``; the answer's status."""
+    header = authorization(site, "GET", "/api/v1/leases", user=OPERATOR, secret=OPERATOR_SECRET,
+                           realm=OPERATOR_REALM)
+    sock.sendall(f"GET /api/v1/leases HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\n\r\n".encode())
+    sock.settimeout(HANG_S)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        assert chunk, "the service closed the connection"
+        head += chunk
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    body = head.split(b"\r\n\r\n", 1)[1]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return status_of(head)
+
+
 @contextlib.contextmanager
 def open_file_limit(wanted: int):
     """This test process's soft open-file limit at least ``wanted`` for the block (it holds the flood's sockets)."""
@@ -312,11 +330,16 @@ def test_1100_idle_connections_under_a_1024_file_limit_do_not_lock_out_an_operat
     flood: list[socket.socket] = []
     with open_file_limit(4096), serving(site, wrapper=("prlimit", "--nofile=1024:1024")):
         try:
+            # An operator's kept-alive connection, authenticated before the flood: it must survive it.
+            early = connect(site)
+            assert authenticated_get(site, early) == 200
             for index in range(1100):
                 sock = connect(site, "127.0.0.6")
                 if index % 2:
                     sock.sendall(b"GET /api/v1/leases HTTP/1.1\r\nHost: x\r\n")  # a head begun, never ended
                 flood.append(sock)
+            assert authenticated_get(site, early) == 200  # the same connection: not closed to make room
+            early.close()
             # An operator's command and a real pilot's lease (the pilot notifies through the flood).
             listed = site.cli("list")
             assert listed.returncode == 0, listed.stderr
