@@ -218,6 +218,7 @@ def _refuse_constant(name: str):
 #: The deepest nesting a body may have (a VM start, the deepest we send, needs 5).
 MAX_JSON_DEPTH = 16
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def load_json(body: bytes, what: str = "body") -> object:
@@ -259,15 +260,9 @@ def load_json(body: bytes, what: str = "body") -> object:
 
 
 def _check_text(what: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ProtocolError(f"{what} holds a lone surrogate (\\u{ord(text[_first_surrogate(text)]):04x}): "
-                            "not text") from None
-
-
-def _first_surrogate(text: str) -> int:
-    return next(i for i, char in enumerate(text) if "\ud800" <= char <= "\udfff")
+    lone = _SURROGATE_RE.search(text)
+    if lone:
+        raise ProtocolError(f"{what} holds a lone surrogate (\\u{ord(lone.group()):04x}): not text")
 
 
 def _check_int(field: str, value, low: int, high: int) -> None:

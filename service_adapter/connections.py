@@ -73,12 +73,11 @@ def default_max_connections(file_limit: int) -> int:
 
 
 class _Connection:
-    __slots__ = ("transport", "trusted", "busy")
+    __slots__ = ("transport", "trusted")
 
     def __init__(self, transport: asyncio.BaseTransport):
         self.transport = transport
         self.trusted = False  # a request on it passed digest authentication
-        self.busy = False  # a request's handler runs
 
 
 class ConnectionGuard:
@@ -158,12 +157,11 @@ class ConnectionGuard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
-        """Mark the connection busy while its request is handled (a busy connection is never closed for room)."""
+        """Take the connection off the idle lists while its request is handled (so it is never closed for room)."""
         key = request.protocol
         connection = self._open.get(key)
         if connection is None:
             return await handler(request)
-        connection.busy = True
         self._idle_untrusted.pop(key, None)
         self._idle_trusted.pop(key, None)
         try:
@@ -172,7 +170,6 @@ class ConnectionGuard:
                 response.force_close()  # the rest of a late body is not worth reading: close after the answer
             return response
         finally:
-            connection.busy = False
             if key in self._open:
                 (self._idle_trusted if connection.trusted else self._idle_untrusted)[key] = None
 

@@ -49,8 +49,8 @@ from pilot.protocol import (
 )
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
-from service_adapter.refusals import REFUSALS
 from service_adapter.digest import DigestVerifier
+from service_adapter.refusals import REFUSALS
 from service_adapter.store import HOLD_ENDED, Store, Verdict
 
 log = logging.getLogger(__name__)

@@ -109,8 +109,8 @@ class _AiohttpErrors(logging.Filter):
         exc = record.exc_info[1]
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         if isinstance(exc, HttpProcessingError):
-            text = str(exc.message if isinstance(getattr(exc, "message", None), str) else exc)
-            first = text.strip().splitlines()[0] if text.strip() else ""
+            text = str(exc.message or exc).strip()  # message: aiohttp's words without the code prefix
+            first = text.splitlines()[0] if text else ""
             self.refusals.refused(peer, "malformed HTTP request (%s%s)", type(exc).__name__,
                                   f": {first[:120]}" if first else "", level=logging.INFO)
             return False

@@ -24,14 +24,14 @@ def test_one_line_per_peer_per_interval_then_a_summary_of_the_rest(caplog):
     refusals = RefusalLog(logging.getLogger("test.refused"), interval_s=60, clock=clock)
     with caplog.at_level(logging.INFO, logger="test.refused"):
         for _ in range(1000):
-            refusals.refused("10.0.0.1", "bad digest %s", "x")
-        refusals.refused("10.0.0.2", "junk")
-        assert lines_of(caplog) == ["refused 10.0.0.1: bad digest x", "refused 10.0.0.2: junk"]
+            refusals.refused("127.0.0.21", "bad digest %s", "x")
+        refusals.refused("127.0.0.22", "junk")
+        assert lines_of(caplog) == ["refused 127.0.0.21: bad digest x", "refused 127.0.0.22: junk"]
         clock.now += 60
-        refusals.refused("10.0.0.1", "bad digest %s", "y")
+        refusals.refused("127.0.0.21", "bad digest %s", "y")
     assert lines_of(caplog)[2:] == [
         "999 more refused request(s) from 1 peer(s) were not logged (at most one line per peer per 60 s)",
-        "refused 10.0.0.1: bad digest y",
+        "refused 127.0.0.21: bad digest y",
     ]
 
 
