@@ -45,7 +45,7 @@ class VmHosting:
             notifier.session, config.contact, notifier.key, slot, host,
             on_commands=self.worker.submit, on_gone=lambda reason: on_stop(reason, "gone"),
             wait_s=config.poll_wait_s,
-            request_timeout_s=config.request_timeout_s,
+            request_timeout_s=config.request_timeout_s, reach=notifier.reach,
         )
         self._started = False
 

@@ -283,6 +283,7 @@ class Pilot:
         """Tell the service why this pilot ends without a lease (within the grace), then close."""
         log.error("%s", reason)
         grace = self.request.grace_s
+        self.notifier.give_up_if_silent_before(time.monotonic())
         self.notifier.notify("error", 0, code=int(code), message=reason[:4000], deliver_within=grace).wait(grace)
         self.notifier.close()
         return code
@@ -319,6 +320,9 @@ class Pilot:
         exit_by = started + req.grace_s
         held = self.memory.held
         held_mb = held.memory_mb if held else 0
+        # A service silent since before this stop began will not hear us now: try each message
+        # once, not for the whole grace (one that answers again still gets every retry).
+        self.notifier.give_up_if_silent_before(started)
         if notify:
             self.notifier.notify(
                 "earlyunreserving" if early else "unreserving", held_mb, deliver_within=req.grace_s,
@@ -355,18 +359,23 @@ class Pilot:
             timings=self.moments.pick("reserved_answered", "vms_destroyed", "memory_restored", prefix="stop_"),
         )
         outcome = unreserved.wait(max(exit_by - time.monotonic(), 0))
+        why = unreserved.detail if outcome else "no answer within the grace"
         self.notifier.close()
         if outcome is Outcome.DELIVERED:
             return ExitCode.OK
-        log.error("the service was not told 'unreserved' (%s); the node is restored", outcome)
+        log.error("the service was not told 'unreserved' (%s); the node is restored", why)
         return ExitCode.UNDELIVERED
-
 
     def _tear_down_vms(self, early: bool, started: float) -> None:
         """Let the service stop its VMs (early unreserve only), then destroy what is left of this slot's."""
         if self.hosting is None:
             return
-        if early:
+        if early and self.notifier.reach.silent_before(started):
+            log.warning(
+                "early unreserve: %s, since before the stop: not waiting for its stop-vm commands",
+                self.notifier.reach.describe(),
+            )
+        elif early:
             wait = self.request.grace_s * self.earlywaitratio
             left = self.hosting.wait_empty(started + wait)
             log.info(

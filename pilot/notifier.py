@@ -4,6 +4,9 @@ Notifications go out in the order they were queued, each with its own
 seq. Each has a delivery deadline; retries (tenacity, exponential backoff)
 stop at that deadline, and at once when :meth:`Notifier.close` is called,
 so a slow or dead service never holds up the pilot's restore or exit.
+After :meth:`Notifier.give_up_if_silent_before`, they also stop after the
+first failed attempt while the service has answered nothing since that
+moment (:mod:`pilot.reach`): the pilot's exit is then not worth waiting for.
 A notification keeps one body across its retries, so a retry of one that
 did arrive is an exact repeat, which the service accepts as such.
 """
@@ -37,6 +40,7 @@ from pilot.protocol import (
     sign,
     utc_now,
 )
+from pilot.reach import ServiceReach, failure_words
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,9 @@ class Notifier:
         self._session.headers["Content-Type"] = "application/json"
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
+        #: What this pilot has seen of the service; the command poller reports into it too.
+        self.reach = ServiceReach()
+        self._give_up_silent_before: float | None = None
         self._seq = first_seq - 1
         self._seq_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
@@ -192,6 +199,16 @@ class Notifier:
         """Whether :meth:`close` was called."""
         return self._closing.is_set()
 
+    def give_up_if_silent_before(self, moment: float) -> None:
+        """From now on, end a notification UNDELIVERED after any failed attempt while the service
+        has answered nothing since the monotonic ``moment`` or earlier.
+
+        The pilot calls it when a lease ends: a service that was already
+        silent when the stop began is not waited for; one that answered
+        since (a restart, a 503) still gets every retry until the deadline.
+        """
+        self._give_up_silent_before = moment
+
     def close(self, wait: float = 0.5) -> None:
         """Stop retrying at once; every pending notification ends UNDELIVERED.
 
@@ -238,7 +255,7 @@ class Notifier:
             return time.monotonic() >= delivery.deliver_by
 
         retrying = Retrying(
-            stop=stop_when_event_set(self._closing) | past_deadline,
+            stop=stop_when_event_set(self._closing) | past_deadline | self._hopeless,
             wait=wait_exponential(multiplier=0.05, max=2.0),
             # Waiting on the closing event, not time.sleep, is what makes close() stop retries at once.
             sleep=self._closing.wait,
@@ -259,14 +276,25 @@ class Notifier:
             delivery._finish(Outcome.REFUSED, result.status, result.detail)
         else:
             reason = _last_failure(result)
+            if self._hopeless(result):
+                reason += f"; {self.reach.describe()}: not trying again"
             log.error(
                 "could not deliver %s (seq %d) after %.0f ms: %s", n.state, n.seq, elapsed_ms, reason
             )
             delivery._finish(Outcome.UNDELIVERED, detail=reason)
 
+    def _hopeless(self, state=None) -> bool:
+        cutoff = self._give_up_silent_before
+        return cutoff is not None and self.reach.silent_before(cutoff)
+
     def _post(self, body: bytes, headers: dict, deliver_by: float) -> _Attempt:
         timeout = max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
-        response = self._session.post(self.url, data=body, headers=headers, timeout=timeout)
+        try:
+            response = self._session.post(self.url, data=body, headers=headers, timeout=timeout)
+        except requests.ConnectionError:
+            self.reach.unanswered()
+            raise
+        self.reach.answered()
         detail = ""
         if response.status_code != 200:
             # The answer may come from a proxy, not the service: take a detail only if it is ours.
@@ -282,7 +310,7 @@ def _last_failure(state) -> str:
     if isinstance(state, RetryCallState) and state.outcome is not None:
         if state.outcome.failed:
             exc = state.outcome.exception()
-            return f"{type(exc).__name__}: {exc}"
+            return f"{type(exc).__name__}: {failure_words(exc)}"
         attempt = state.outcome.result()
         return f"HTTP {attempt.status} {attempt.detail}".strip()
     if isinstance(state, RetryCallState):

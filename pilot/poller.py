@@ -31,6 +31,7 @@ from pilot.protocol import (
     parse_commands,
     sign_commands,
 )
+from pilot.reach import ServiceReach, failure_words
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CommandPoller:
         on_gone: Callable[[str], None],
         wait_s: float = 30.0,
         request_timeout_s: float = 5.0,
+        reach: ServiceReach | None = None,
     ):
         self.session = session
         self.base = contact.rstrip("/")
@@ -67,6 +69,8 @@ class CommandPoller:
         self.on_gone = on_gone
         self.wait_s = wait_s
         self.request_timeout_s = request_timeout_s
+        #: Told whether each poll got an answer (shared with the notifier).
+        self.reach = reach or ServiceReach()
         self.cursor = 0
         self.polls = 0
         self._stopping = threading.Event()
@@ -108,9 +112,12 @@ class CommandPoller:
         try:
             response = self.session.get(self.base + target, timeout=self.wait_s + self.request_timeout_s)
         except requests.RequestException as exc:
+            if isinstance(exc, requests.ConnectionError):
+                self.reach.unanswered()
             if not self._stopping.is_set():
-                log.warning("command poll: %s", " ".join(str(exc).split())[:300])
+                log.warning("command poll: %s: %s", type(exc).__name__, failure_words(exc))
             return False
+        self.reach.answered()
         self.polls += 1
         if response.status_code == 404:
             reason = "the service no longer holds this slot for this host (HTTP 404 on the command poll)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 from pilot.notifier import Notifier, Outcome
 from service_adapter.receiver import ReceiverThread, make_app
@@ -91,6 +93,44 @@ def test_deadline_ends_the_retries():
         assert "Connection" in delivery.detail
     finally:
         notifier.close()
+
+
+def test_a_service_silent_since_before_the_cutoff_gets_one_try_not_the_whole_deadline():
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    try:
+        earlier = notifier.notify("heartbeat", 0, deliver_within=0.2)  # nothing listens: no answer
+        assert earlier.wait(30) is Outcome.UNDELIVERED
+        notifier.give_up_if_silent_before(time.monotonic())  # the lease ends now
+        last = notifier.notify("unreserved", 0, deliver_within=3600)
+        # Ends after its first refused connection, not after an hour of retries.
+        assert last.wait(30) is Outcome.UNDELIVERED
+        assert "Connection refused" in last.detail and "not trying again" in last.detail, last.detail
+    finally:
+        notifier.close()
+
+
+def test_a_service_that_answered_before_the_cutoff_gets_every_retry_through_a_restart(service):
+    slot = service.add_slot()
+    notifier = make_notifier(service.url, service.secret, slot)
+    refused = threading.Event()
+    seen_unanswered = notifier.reach.unanswered
+    notifier.reach.unanswered = lambda: (seen_unanswered(), refused.set())  # a probe: when an attempt failed
+    again = None
+    try:
+        assert notifier.notify("reserved", 64, deliver_within=30).wait(30) is Outcome.DELIVERED
+        port = service.receiver.port
+        service.receiver.stop()  # a restart begins after the lease's end did
+        notifier.give_up_if_silent_before(time.monotonic())
+        last = notifier.notify("unreserved", 0, deliver_within=60)
+        assert refused.wait(30)
+        again = ReceiverThread(make_app(service.store, service.verifier), port=port)
+        again.start()
+        assert last.wait(60) is Outcome.DELIVERED
+    finally:
+        notifier.close()
+        if again is not None:
+            again.stop()
+    assert [state for _h, _seq, state, _c in service.store.notifications(slot)] == ["reserved", "unreserved"]
 
 
 def test_pilot_start_imports_nothing_heavy():

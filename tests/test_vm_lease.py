@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 
 import psutil
 import pytest
 
+from pilot.exitcodes import ExitCode
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.vms import VmRequestError
@@ -186,6 +188,41 @@ def test_a_restarted_service_knows_the_lease_and_its_vm_and_can_still_stop_it(tm
         site.close()
         stop_by_pid(pids)  # the restarted site's provider did not start them, so it does not stop them
     assert pool_pages() == hugepages
+
+
+def test_after_the_service_died_sigterm_destroys_the_vms_at_once_and_the_pilot_exits(tmp_path, hugepages):
+    site = make_site(tmp_path)
+    pids = []
+    try:
+        lease = ready_lease(site)
+        start(site, lease, kernel_spec("vm1"))
+        assert wait_vm(site, lease, "vm1", {"running", "failed"}).state == "running"
+        pids = site.provider.pids(lease.job_id)
+        log_path = os.path.join(site.log_dir, f"{lease.slot}.{lease.pilots[0].host}.log")
+        site.close(stop_pilots=False)  # the service dies; its pilot and VM stay
+        wait_for_text(log_path, "Connection refused", 30)  # the pilot has seen that nothing answers
+        os.kill(pids[0], signal.SIGTERM)
+        # No service can stop vm1 gracefully: the pilot destroys it at once instead of waiting
+        # grace x earlywaitratio for stop-vm commands, restores, and does not wait its grace
+        # to tell the dead service either.
+        assert site.provider.wait(lease.job_id, timeout=30) == [ExitCode.UNDELIVERED]
+        log = open(log_path, encoding="utf-8").read()
+        assert "not waiting for its stop-vm commands" in log, log
+        assert log.index("destroyed VM(s) vm1") < log.index("gave 64 MB back") < log.rindex("not trying again")
+    finally:
+        stop_by_pid(pids)
+    assert pool_pages() == hugepages
+
+
+def wait_for_text(path: str, needle: str, timeout: float) -> None:
+    """Wait until the file at ``path`` holds ``needle`` (checked every 50 ms; fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, encoding="utf-8") as handle:
+            if needle in handle.read():
+                return
+        time.sleep(0.05)
+    pytest.fail(f"no {needle!r} in {path} within {timeout} s")
 
 
 def stop_by_pid(pids: list[int]) -> None:
