@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -208,8 +209,14 @@ def print_plan(plan: Plan, config: PilotConfig, report: Report, term_timeout: fl
         report.line("nothing to do: no journal entries, no tagged VMs")
 
 
-def stop_owners(entries: list[Entry], term_timeout: float, report: Report) -> None:
-    """SIGTERM every live owner, wait for all within ``term_timeout``, SIGKILL the rest."""
+def stop_owners(entries: list[Entry], journal: Journal, term_timeout: float, report: Report) -> None:
+    """SIGTERM every live owner, wait for all within ``term_timeout``, SIGKILL the rest.
+
+    One still running at the timeout is told apart by its journal entry:
+    gone means it restored the node and was only still telling the service
+    (a line, not a problem: kill-all tells the service 'killed' itself);
+    still there means it was stuck, and the restore below undoes the entry.
+    """
     started = time.monotonic()
     termed = [entry for entry in entries if entry.owner.signal(signal.SIGTERM)]
     deadline = started + term_timeout
@@ -220,11 +227,20 @@ def stop_owners(entries: list[Entry], term_timeout: float, report: Report) -> No
                 f"{(time.monotonic() - started) * 1000:.1f} ms"
             )
             continue
+        restored = not journal.holds(entry)
         entry.owner.signal(signal.SIGKILL)
-        if entry.owner.wait_gone(5.0):
-            report.line(f"killed pilot {entry.owner.pid} ({_describe(entry)}) with SIGKILL after {term_timeout:g} s")
-        else:
+        if not entry.owner.wait_gone(5.0):
             report.problem(f"pilot {entry.owner.pid} ({_describe(entry)}) survived SIGKILL (stuck in the kernel?)")
+        elif restored:
+            report.line(
+                f"pilot {entry.owner.pid} ({_describe(entry)}) had restored the node but was still telling "
+                f"the service after {term_timeout:g} s: killed it with SIGKILL (nothing of the node's was left with it)"
+            )
+        else:
+            report.line(
+                f"pilot {entry.owner.pid} ({_describe(entry)}) was stuck: {term_timeout:g} s after SIGTERM its "
+                "journal entry was still there; killed it with SIGKILL (its entry is undone below)"
+            )
 
 
 def destroy_vms(vms, report: Report) -> None:
@@ -303,7 +319,7 @@ def _preload_notifier(plan: Plan, config: PilotConfig, no_notify: bool):
 
 
 def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
-    """Tell each slot's service ``killed`` (in parallel, bounded by the request timeout)."""
+    """Tell each slot's service ``killed`` (in parallel, bounded by the request timeout; one try where nothing answers)."""
     from pilot.notifier import Notifier, Outcome
 
     # seq must exceed every seq the pilot used for this (slot, host): microseconds since the
@@ -321,6 +337,9 @@ def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
             entry.contact, config.user, config.secret, config.realm, entry.slot, entry.host,
             request_timeout=config.request_timeout_s, verify_tls=config.verify_tls, first_seq=first_seq,
         )
+        # An emergency backout does not wait on a service that nothing answers for: one try,
+        # and the line below says it was undelivered. One that answers (a 503) gets the retries.
+        notifier.give_up_if_silent_before(math.inf)
         delivery = notifier.notify(
             "killed", 0, vms=vms, deliver_within=config.request_timeout_s,
             message=f"workspace-killall on {os.uname().nodename} (uid {os.getuid()})",
@@ -381,7 +400,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
             print_plan(plan, config, report, args.term_timeout)
             return EXIT_CLEAN if plan.empty else EXIT_NOT_CLEAN
         preload = _preload_notifier(plan, config, args.no_notify)
-        stop_owners(plan.live, args.term_timeout, report)
+        stop_owners(plan.live, journal, args.term_timeout, report)
         destroy_vms(plan.vms, report)
         restore_memory(config, journal, report)
         if preload is not None:

@@ -195,6 +195,10 @@ class Journal:
         found.sort(key=lambda pair: pair[0])
         return [item for _, item in found]
 
+    def holds(self, entry: Entry | UnreadableEntry) -> bool:
+        """Whether the entry's file is still in the directory (its owner removes it once the node is restored)."""
+        return os.path.lexists(os.path.join(self.directory, entry.filename))
+
     def write(self, entry: Entry) -> None:
         """Store ``entry`` atomically and durably (replacing its previous version); raises JournalError."""
         path = os.path.join(self.directory, entry.filename)

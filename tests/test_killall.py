@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from admin_tools import killall
+from pilot.exitcodes import ExitCode
 from pilot.journal import Entry, Journal, MemoryRecord
 from pilot.owner import Owner, boot_id, start_ticks
 from tests.conftest import (
@@ -112,6 +116,73 @@ def test_a_live_pilot_is_stopped_by_pid_and_restores_itself(tmp_path, hugepages,
     assert journal_files(tmp_path) == []
 
 
+def test_after_the_service_died_a_pilot_restores_and_exits_at_once_not_after_its_grace(tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = config_for(tmp_path, service)
+    with running_pilot(config, slot, memory=32, duration=300, grace=120) as pilot:
+        read_until(pilot, "polling ", 30)  # holding, and its poller has reached the service
+        service.receiver.stop()  # the service dies; its pilot stays
+        read_until(pilot, "Connection refused", 30)  # the pilot has seen that nothing answers
+        # The grace is far longer than kill-all's wait: a pilot that kept telling the dead
+        # service for its whole grace would be SIGKILLed (-9) instead of exiting on its own.
+        code, out = run_killall(config, "--term-timeout", "20")
+        assert pilot.wait(timeout=5) == ExitCode.UNDELIVERED
+        log = pilot.stdout.read()
+    assert code == 0, out
+    assert f"stopped pilot {pilot.pid} (slot {slot} on node1) with SIGTERM" in out
+    assert "not trying again" in log and "the node is restored" in log, log
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []
+
+
+class _Overloaded(http.server.BaseHTTPRequestHandler):
+    """Answers every request 503: a service (or its proxy) that is there but takes nothing."""
+
+    def _busy(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _busy
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def overloaded_service(port: int):
+    """A real HTTP server on 127.0.0.1:``port`` that answers 503 to everything, for the block."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Overloaded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_pilot_that_restored_but_still_tells_a_busy_service_is_told_apart_from_a_stuck_one(
+        tmp_path, hugepages, service):
+    slot = service.add_slot()
+    config = config_for(tmp_path, service)
+    with running_pilot(config, slot, memory=32, duration=300, grace=120) as pilot:
+        read_until(pilot, "polling ", 30)
+        service.receiver.stop()
+        with overloaded_service(service.receiver.port):
+            read_until(pilot, "command poll: HTTP 503", 30)  # the service answers, so it is worth retrying
+            code, out = run_killall(config, "--term-timeout", "5", "--no-notify")
+        assert pilot.wait(timeout=5) == -signal.SIGKILL
+    assert code == 0, out
+    assert (f"pilot {pilot.pid} (slot {slot} on node1) had restored the node but was still telling the service"
+            in out), out
+    assert "stuck" not in out
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []
+
+
 def test_a_pilot_that_ignores_sigterm_is_killed_and_its_entry_undone(tmp_path, hugepages):
     config = config_for(tmp_path)
     stubborn = subprocess.Popen(
@@ -128,7 +199,7 @@ def test_a_pilot_that_ignores_sigterm_is_killed_and_its_entry_undone(tmp_path, h
         journal.write(held_entry("stubborn", 8, owner))
         code, out = run_killall(config, "--term-timeout", "0.2", "--no-notify")
         assert code == 0, out
-        assert f"killed pilot {stubborn.pid} " in out
+        assert f"pilot {stubborn.pid} (slot stubborn on node1) was stuck" in out
         assert stubborn.wait(timeout=5) == -signal.SIGKILL
         assert pool_pages() == hugepages
         assert journal_files(tmp_path) == []
