@@ -18,9 +18,12 @@ Each round sets up, for real:
 and then times the ``workspace-killall`` command (a new process, as an admin
 runs it: interpreter start, imports, plan, SIGTERM to the pilot and its
 exit, VM destroy, journal replay under the node lock, ``killed`` delivered
-to the service, the clean check). Two cases: the pilot alive (it restores the
-node itself on SIGTERM) and the pilot already SIGKILLed (kill-all replays its
-journal entry). Each round checks that the pool is back and the journal is
+to the service, the clean check). Three cases: the pilot alive (it restores the
+node itself on SIGTERM), the pilot already SIGKILLed (kill-all replays its
+journal entry), and the pilot alive after the service died (its grace, 120 s,
+is far longer than kill-all's 10 s ``--term-timeout``: the pilot must exit on
+its own once the node is restored, and kill-all must not wait on the dead
+service either). Each round checks that the pool is back and the journal is
 empty; the pool is always put back to its starting size.
 """
 
@@ -68,7 +71,21 @@ def pool() -> int:
         return int(handle.read())
 
 
-def one_round(workdir: str, pilot_alive: bool) -> dict:
+def wait_for_text(path: str, needle: str, timeout: float) -> None:
+    """Wait until the file holds ``needle`` (checked every 10 ms, outside the timed part)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                if needle in handle.read():
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"no {needle!r} in {path} within {timeout} s")
+
+
+def one_round(workdir: str, pilot_alive: bool, service_dead: bool = False) -> dict:
     """Set up one slot + one VM, run kill-all, check the node; returns the timings."""
     secret = secrets.token_urlsafe(16)
     account = Account.from_secret("pilot", "workspace-pilot", secret)
@@ -92,10 +109,13 @@ def one_round(workdir: str, pilot_alive: bool) -> dict:
         start = pool()
         pilot = subprocess.Popen(
             [sys.executable, "-m", "pilot", "reserve", "--slot", slot, "--memory", "64", "--duration", "600",
-             "--grace", "5", "--config", config, "--host", "node1", "--quiet"],
+             "--grace", "120" if service_dead else "5", "--config", config, "--host", "node1", "--quiet"],
         )
         if not store.wait_for(lambda: "reserved" in [n[2] for n in store.notifications(slot)], 30):
             raise RuntimeError("the pilot did not report 'reserved'")
+        if service_dead:
+            receiver.stop()  # the service dies; the pilot stays and sees its polls refused
+            wait_for_text(os.path.join(workdir, "logs", f"{slot}.node1.log"), "Connection refused", 30)
         if not pilot_alive:
             pilot.send_signal(signal.SIGKILL)
             pilot.wait()
@@ -112,7 +132,8 @@ def one_round(workdir: str, pilot_alive: bool) -> dict:
             "pool_back": pool() == start,
             "journal_empty": not [n for n in os.listdir(os.path.join(workdir, "journal")) if n.endswith(".json")],
             "vm_destroyed": "destroyed VM leased-vm-1" in result.stdout,
-            "killed_delivered": "killed" in states,
+            "killed_delivered": ("killed" in states) != service_dead,
+            "pilot_exited_itself": not pilot_alive or (pilot.poll() is not None and pilot.returncode >= 0),
         }
         if not all(checks.values()):
             raise RuntimeError(f"node not clean after kill-all: {checks}\n{result.stdout}")
@@ -153,13 +174,14 @@ def main(argv=None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)
         start = pool()
         try:
-            for case, alive in (("pilot alive (SIGTERM, it restores itself)", True),
-                                ("pilot SIGKILLed before (journal replay)", False)):
+            for case, alive, dead in (("pilot alive (SIGTERM, it restores itself)", True, False),
+                                      ("pilot SIGKILLed before (journal replay)", False, False),
+                                      ("service dead, pilot alive (grace 120 s)", True, True)):
                 runs = []
                 for _ in range(rounds):
                     workdir = tempfile.mkdtemp(prefix="bench-killall-")
                     try:
-                        runs.append(one_round(workdir, alive))
+                        runs.append(one_round(workdir, alive, dead))
                     finally:
                         shutil.rmtree(workdir, ignore_errors=True)
                 results[case] = {
