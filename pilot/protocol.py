@@ -61,6 +61,8 @@ MAX_MESSAGE_LEN = 4096
 MAX_VM_NAME_LEN = 64
 MAX_VMS = 256
 MAX_SEQ = 2**63 - 1
+#: How far past its last seq a (slot, host) may jump (gaps are allowed, a jump to the end of the range is not).
+MAX_SEQ_STEP = 2**20
 MAX_MEMORY_MB = 2**31 - 1
 MAX_COMMAND = 2**63 - 1
 MAX_TIMINGS = 32
@@ -112,6 +114,15 @@ def parse_time(text: str) -> datetime:
         return datetime.fromisoformat(text[:-1] + "+00:00")
     except ValueError:
         raise ValueError(f"not a valid date and time: {text!r}") from None
+
+
+def epoch_micros(text: str) -> int:
+    """A protocol timestamp as whole microseconds since the epoch (exact; how kill-all's seq counts)."""
+    delta = parse_time(text) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,7 +113,9 @@ async def handle_notification(request: web.Request) -> web.Response:
         )
         return _answer(422, "skew", f"sent_at is {skew.total_seconds():.1f} s off the service clock")
     store = request.app[STORE_KEY]
-    verdict = await asyncio.wrap_future(store.record_notification(notification, body, auth.account.user))
+    verdict = await asyncio.wrap_future(store.record_notification(
+        notification, body, auth.account.user, slack_s=request.app[SKEW_KEY].total_seconds(),
+    ))
     if verdict is Verdict.ACCEPTED:
         log.info(
             "%s/%s seq %d: %s (code %d)",
@@ -124,7 +126,7 @@ async def handle_notification(request: web.Request) -> web.Response:
             request.remote, "%s/%s seq %d: %s",
             notification.slot, notification.host, notification.seq, verdict.name.lower(),
         )
-    return _answer(verdict.status, verdict.result)
+    return _answer(verdict.status, verdict.result, verdict.detail)
 
 
 def _poll_query(request: web.Request) -> tuple[int, float]:

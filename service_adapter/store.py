@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Callable
 
-from pilot.protocol import LIFECYCLE_STATES, Notification, VmSpec
+from pilot.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, VmSpec, epoch_micros, parse_time
 from service_adapter import vmstore
 from service_adapter.vmstore import CommandRow, VmRow
 
@@ -161,6 +161,12 @@ class Verdict(enum.Enum):
     REPEAT = ("repeat", 200)
     UNKNOWN_SLOT = ("unknown-slot", 404)
     REPLAY = ("replay", 409)
+    # Claims beyond what the lease allows (a pilot's bug, or a node lying): refused, nothing stored.
+    MEMORY_BEYOND_SLOT = ("out-of-bounds", 422, "memory_mb is above the slot's memory per node")
+    SEQ_TOO_FAR = ("out-of-bounds", 422, f"seq jumps more than {MAX_SEQ_STEP} past the last one "
+                   "(a killed may use up to its sent_at in microseconds since the epoch)")
+    EXPIRES_TOO_LATE = ("out-of-bounds", 422, "expires_at lies beyond the hold's start plus the lease's duration "
+                        "and the allowed clock skew")
 
     @property
     def result(self) -> str:
@@ -171,6 +177,11 @@ class Verdict(enum.Enum):
     def status(self) -> int:
         """The HTTP status the receiver answers with."""
         return self.value[1]
+
+    @property
+    def detail(self) -> str:
+        """What the answer's ``detail`` says (empty where the result says it all)."""
+        return self.value[2] if len(self.value) > 2 else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,7 +595,7 @@ class Store:
     # -- writes: notifications ----------------------------------------------------------
 
     def record_notification(
-        self, notification: Notification, body: bytes, account: str
+        self, notification: Notification, body: bytes, account: str, *, slack_s: float = 300.0
     ) -> concurrent.futures.Future:
         """Decide on and durably record one authenticated notification.
 
@@ -594,7 +605,12 @@ class Store:
         slot, a host beyond the slot's node count, or a first ``reserved``
         for a lease that has ended or is being released: that pilot gives
         its memory back), REPLAY (the seq was used with another body, or is
-        not newer than the last one).
+        not newer than the last one), or one of the claim bounds: MEMORY_BEYOND_SLOT
+        (``memory_mb`` above the slot's memory per node), SEQ_TOO_FAR (more than
+        :data:`MAX_SEQ_STEP` past the last seq; a ``killed`` may go up to its
+        ``sent_at`` in microseconds since the epoch, which is how kill-all
+        counts), EXPIRES_TOO_LATE (``expires_at`` after the hold's start, or
+        now, plus the lease's duration and ``slack_s``, the allowed clock skew).
 
         The notification that ends a host's hold (``unreserved`` or
         ``killed`` after its ``reserved``) writes that hold's usage row in
@@ -606,13 +622,13 @@ class Store:
 
         def write(conn: sqlite3.Connection) -> Verdict:
             slot = conn.execute(
-                "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL"
-                " FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
+                "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL,"
+                " s.memory_mb, l.duration_s FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
                 (n.slot,),
             ).fetchone()
             if slot is None:
                 return Verdict.UNKNOWN_SLOT
-            nodes, lease_id, owner, closing = slot
+            nodes, lease_id, owner, closing, slot_mb, duration_s = slot
             prior = conn.execute(
                 "SELECT body_sha256 FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?",
                 (n.slot, n.host, n.seq),
@@ -625,9 +641,12 @@ class Store:
             ).fetchone()
             if pilot is not None and n.seq <= pilot[0]:
                 return Verdict.REPLAY
+            now = time.time()
+            bound = _claim_bound(n, slot_mb, duration_s, pilot, now, slack_s)
+            if bound is not None:
+                return bound
             if n.state == "reserved" and closing and (pilot is None or pilot[1] is None):
                 return Verdict.UNKNOWN_SLOT  # too late: the lease is over or being released
-            now = time.time()
             reserving = n.state == "reserved"
             ending = n.state if n.state in ENDING else None
             if pilot is None:
@@ -865,6 +884,21 @@ class Store:
                     return False
                 if self._version == seen:
                     self._changed.wait(remaining)
+
+
+def _claim_bound(n: Notification, slot_mb: int, duration_s: float, pilot, now: float,
+                 slack_s: float) -> Verdict | None:
+    """The bound a notification's claims break, if any (``pilot``: its row's last_seq, reserved_at, ...)."""
+    if n.memory_mb > slot_mb:
+        return Verdict.MEMORY_BEYOND_SLOT
+    last_seq = pilot[0] if pilot is not None else 0
+    if n.seq > last_seq + MAX_SEQ_STEP and not (n.state == "killed" and n.seq <= epoch_micros(n.sent_at)):
+        return Verdict.SEQ_TOO_FAR
+    if n.expires_at is not None:
+        start = pilot[1] if pilot is not None and pilot[1] is not None else now
+        if parse_time(n.expires_at).timestamp() > start + duration_s + slack_s:
+            return Verdict.EXPIRES_TOO_LATE
+    return None
 
 
 def _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id) -> None:

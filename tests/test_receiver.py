@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from pilot.protocol import MAX_BODY_BYTES, format_time, sign, utc_now
+from pilot.protocol import MAX_BODY_BYTES, MAX_MEMORY_MB, MAX_SEQ, MAX_SEQ_STEP, epoch_micros, format_time, sign, utc_now
 from service_adapter.store import Store
 from tests.conftest import notification
 
@@ -116,6 +116,43 @@ def test_unauthenticated_post_is_401(service, slot):
     response = requests.post(service.notifications_url, data=notification(slot).to_json(), timeout=10)
     assert response.status_code == 401
     assert service.store.snapshot() == before
+
+
+def test_reserved_memory_above_the_slots_is_422_and_stores_nothing(service, session, slot):
+    answer = refused(service, session, notification(slot, memory_mb=MAX_MEMORY_MB).to_json(), 422)
+    assert answer["result"] == "out-of-bounds" and "memory_mb" in answer["detail"]
+    accepted(service, session, slot, memory_mb=64)  # the slot's own size is fine
+
+
+def test_a_seq_that_jumps_to_the_end_of_the_range_is_422(service, session, slot):
+    accepted(service, session, slot, seq=1)
+    # Accepted, it would make every later notification of this host a 409.
+    answer = refused(service, session, notification(slot, seq=MAX_SEQ, state="heartbeat").to_json(), 422)
+    assert answer["result"] == "out-of-bounds" and "seq" in answer["detail"]
+    refused(service, session, notification(slot, seq=2 + MAX_SEQ_STEP, state="heartbeat").to_json(), 422)
+    accepted(service, session, slot, seq=1 + MAX_SEQ_STEP, state="heartbeat")  # gaps up to the step are fine
+
+
+def test_a_first_seq_far_beyond_the_step_is_422(service, session, slot):
+    refused(service, session, notification(slot, seq=MAX_SEQ_STEP + 1).to_json(), 422)
+
+
+def test_killed_may_count_in_microseconds_up_to_its_sent_at_as_kill_all_does(service, session, slot):
+    accepted(service, session, slot, seq=1)
+    sent_at = format_time(utc_now())
+    late = notification(slot, seq=epoch_micros(sent_at) + 1, state="killed", memory_mb=0, sent_at=sent_at)
+    refused(service, session, late.to_json(), 422)  # beyond its own clock
+    accepted(service, session, slot, seq=epoch_micros(sent_at), state="killed", memory_mb=0, sent_at=sent_at)
+
+
+def test_expires_at_beyond_the_lease_plus_the_skew_is_422(service, session, slot):
+    # The Service fixture's lease lasts 60 s and the receiver allows 300 s of clock skew.
+    far = format_time(utc_now() + timedelta(seconds=60 + 300 + 30))
+    answer = refused(service, session, notification(slot, expires_at=far).to_json(), 422)
+    assert answer["result"] == "out-of-bounds" and "expires_at" in answer["detail"]
+    near = format_time(utc_now() + timedelta(seconds=60))
+    accepted(service, session, slot, expires_at=near)
+    refused(service, session, notification(slot, seq=2, state="unreserving", expires_at=far).to_json(), 422)
 
 
 def test_seq_is_per_host(service, session, slot):
