@@ -193,7 +193,7 @@ def print_plan(plan: Plan, config: PilotConfig, report: Report, term_timeout: fl
         memory = entry.memory
         what = f"{memory.memory_mb} MB ({memory.backend}, phase {memory.phase})" if memory else "nothing taken yet"
         report.line(f"would restore {_describe(entry)} of pilot {entry.owner.pid}: {what}")
-        if entry.contact and config.secret:
+        if entry.contact and entry.sign_key:
             report.line(f"would tell {entry.contact} 'killed' for {_describe(entry)}")
     for bad in plan.unreadable:
         action = (
@@ -308,7 +308,7 @@ def _return_to_boot(config: PilotConfig, journal: Journal, unreadable, report: R
 
 def _preload_notifier(plan: Plan, config: PilotConfig, no_notify: bool):
     """Import the HTTP stack (requests: ~70 ms) in a thread, overlapping the waits on pilots and libvirt."""
-    if no_notify or not config.secret or not any(entry.contact for entry in plan.entries):
+    if no_notify or not any(entry.contact for entry in plan.entries):
         return None
     import importlib
     import threading
@@ -320,6 +320,7 @@ def _preload_notifier(plan: Plan, config: PilotConfig, no_notify: bool):
 
 def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
     """Tell each slot's service ``killed`` (in parallel, bounded by the request timeout; one try where nothing answers)."""
+    from pilot.credentials import CredentialError, PilotCredentials, node_key_path, read_node_key
     from pilot.notifier import Notifier, Outcome
 
     # seq must exceed every seq the pilot used for this (slot, host): microseconds since the
@@ -329,13 +330,18 @@ def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
     for entry in plan.entries:
         if not entry.contact:
             continue
-        if not config.secret:
-            report.line(f"not telling {entry.contact} about {_describe(entry)}: no [service] secret configured")
+        if not entry.sign_key:
+            report.line(f"not telling {entry.contact} about {_describe(entry)}: its journal entry holds no key")
+            continue
+        try:
+            node_key = read_node_key(node_key_path(config.node_key_file, entry.host))
+        except CredentialError as exc:
+            report.line(f"not telling {entry.contact} about {_describe(entry)}: {exc}")
             continue
         vms = sorted(domain.name() for domain, tag in plan.vms if tag.slot == entry.slot)
         notifier = Notifier(
-            entry.contact, config.user, config.secret, config.realm, entry.slot, entry.host,
-            request_timeout=config.request_timeout_s, verify_tls=config.verify_tls, first_seq=first_seq,
+            entry.contact, PilotCredentials(entry.host, node_key, entry.sign_key), entry.slot, entry.host,
+            request_timeout=config.request_timeout_s, verify_tls=config.tls_verify, first_seq=first_seq,
         )
         # An emergency backout does not wait on a service that nothing answers for: one try,
         # and the line below says it was undelivered. One that answers (a 503) gets the retries.

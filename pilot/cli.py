@@ -188,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pilot.backends import BackendError, backend_from_config
     from pilot.config import DEFAULT_PATH, ConfigError, load_config
+    from pilot.credentials import CredentialError, pilot_credentials, take_slot_secret
     from pilot.journal import Journal, JournalError
+
+    try:
+        # First: out of the environment before anything (xl, squeue, sudo) could inherit it.
+        slot_secret = take_slot_secret()
+    except CredentialError as exc:
+        return _fail("usage error", [str(exc)], ExitCode.USAGE)
 
     if os.environ.get("SUDO_USER") and os.environ.get("SUDO_UID") != "0" and args.config not in (None, DEFAULT_PATH):
         # The batch user must not choose what root runs (xl_command) or where root writes (log dir).
@@ -214,13 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("usage error", [f"host name {host!r} (from $SLURMD_NODENAME or the hostname) is not valid: pass --host"],
                      ExitCode.USAGE)
     try:
+        credentials = pilot_credentials(config.node_key_file, host, args.slot, slot_secret)
+    except CredentialError as exc:
+        return _fail("config error", [f"[service] node_key_file: {exc}"], ExitCode.CONFIG)
+    try:
         log_path = _setup_logging(config, args.slot, host, args)
     except OSError as exc:
         return _fail("config error", [f"log directory {config.log_dir}: {exc.strerror}"], ExitCode.CONFIG)
-    return _reserve(args, config, backend, journal, host, log_path, started)
+    return _reserve(args, config, backend, journal, host, log_path, started, credentials)
 
 
-def _reserve(args, config, backend, journal, host: str, log_path: str, started: float) -> int:
+def _reserve(args, config, backend, journal, host: str, log_path: str, started: float, credentials) -> int:
     from pilot.deadline import compute_deadline
     from pilot.hosting import VmHosting
     from pilot.journal import Entry
@@ -236,13 +247,13 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
         os.getpid(), args.slot, host, args.memory, args.duration, args.grace, backend.describe(),
         config.journal_dir, config.contact, log_path,
     )
-    entry = Entry(args.slot, host, Owner.current(), contact=config.contact)
+    entry = Entry(args.slot, host, Owner.current(), contact=config.contact, sign_key=credentials.sign_key)
     memory = NodeMemory(
         journal, backend, entry, minmem_mb=config.minmem_mb, verify_timeout=config.verify_timeout_s,
     )
     notifier = Notifier(
-        config.contact, config.user, config.secret, config.realm, args.slot, host,
-        request_timeout=config.request_timeout_s, verify_tls=config.verify_tls,
+        config.contact, credentials, args.slot, host,
+        request_timeout=config.request_timeout_s, verify_tls=config.tls_verify,
     )
 
     def deadline():

@@ -38,9 +38,8 @@ class PilotConfig:
 
     # [service]
     contact: str | None = None
-    user: str = "pilot"
-    secret: str | None = None
-    realm: str = "workspace-pilot"
+    node_key_file: str = "/etc/workspace-pilot/node.key"
+    ca_file: str | None = None
     request_timeout_s: float = 5.0
     reserved_timeout_s: float = 30.0
     verify_tls: bool = True
@@ -74,6 +73,14 @@ class PilotConfig:
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What to check an https service's certificate against: ``ca_file``, else the system's CAs
+        (False only with verify_tls = no)."""
+        if not self.verify_tls:
+            return False
+        return self.ca_file or True
 
     @property
     def hugepage_kb(self) -> int:
@@ -184,19 +191,11 @@ def _poll_wait(text: str) -> float:
     return value
 
 
-def _text(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
 SCHEMA = {
     "service": {
         "contact": ("contact", _url),
-        "user": ("user", _text),
-        "secret": ("secret", _text),
-        "secret_file": (None, _abs_path),
-        "realm": ("realm", _text),
+        "node_key_file": ("node_key_file", _abs_path),
+        "ca_file": ("ca_file", _abs_path),
         "request_timeout": ("request_timeout_s", _positive_float),
         "reserved_timeout": ("reserved_timeout_s", _positive_float),
         "verify_tls": ("verify_tls", _bool),
@@ -240,12 +239,21 @@ SCHEMA = {
 }
 
 
+#: Options of earlier versions, with what replaced them (an old file gets this line, not "unknown option").
+RETIRED = {
+    ("service", option): "one shared pilot secret let any node act for every lease; each node now has its "
+    "own key: set node_key_file (make the key with `workspace-lease node-key HOST` on the service's host)"
+    for option in ("user", "secret", "secret_file", "realm")
+}
+
+
 def load_config(path: str | None, *, require_service: bool = True, **overrides) -> PilotConfig:
     """Read ``path`` (or the default file if it exists), apply non-None ``overrides``, validate.
 
     ``path=None`` means the default path, and its absence is not an error.
     ``require_service=False`` (kill-all, evaluate) accepts a file without a
-    contact or secret.
+    contact. The node key is read later, once the host name is known
+    (:mod:`pilot.credentials`).
     Raises :class:`ConfigError` listing every problem found.
     """
     problems: list[str] = []
@@ -264,10 +272,6 @@ def load_config(path: str | None, *, require_service: bool = True, **overrides) 
             raise ConfigError([f"{path}: not a valid INI file: {first}"]) from None
         _read_sections(parser, path, values, problems)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("secret") is None and not problems and require_service:
-        problems.append(
-            f"{path}: [service] needs 'secret' or 'secret_file' (the pilot account's digest secret)"
-        )
     if values.get("contact") is None and not problems and require_service:
         problems.append("no service contact: pass --contact URL or set [service] contact")
     if not problems:
@@ -295,6 +299,9 @@ def _read_sections(parser, path: str, values: dict, problems: list[str]) -> None
             problems.append(f"{path}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
             continue
         for option, text in parser.items(section):
+            if (section, option) in RETIRED:
+                problems.append(f"{path}: [{section}] {option} is gone: {RETIRED[section, option]}")
+                continue
             if option not in options:
                 problems.append(f"{path}: [{section}] unknown option '{option}'")
                 continue
@@ -304,11 +311,4 @@ def _read_sections(parser, path: str, values: dict, problems: list[str]) -> None
             except ValueError as exc:
                 problems.append(f"{path}: [{section}] {option} = {text!r}: {exc}")
                 continue
-            if option == "secret_file":
-                try:
-                    with open(value, encoding="utf-8") as handle:
-                        values["secret"] = handle.read().strip()
-                except OSError as exc:
-                    problems.append(f"{path}: [service] secret_file {value}: {exc.strerror}")
-            else:
-                values[field] = value
+            values[field] = value

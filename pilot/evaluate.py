@@ -11,7 +11,7 @@ request, which the service refuses before it stores anything.
 
 Path safety: the pilot runs as root through sudo, so every file it runs,
 imports or trusts (the executable, the interpreter, the ``pilot`` package,
-the configuration and secret, the journal and log directories) and every
+the configuration and node key, the journal and log directories) and every
 directory above them must be owned by root and not writable by group or
 others; otherwise whoever can write there can become root or make the next
 pilot "undo" changes it never made. A world-writable directory with the
@@ -23,20 +23,20 @@ first pilot would create), so the pilot's files do not belong below one.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import os
 import pwd
 import re
 import shutil
 import stat
+import socket
 import subprocess
 import sys
 from typing import TextIO
 
 from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.exitcodes import ExitCode
-from pilot.protocol import BATCH_ENV
+from pilot.protocol import PILOT_ENV
 
 OK = "ok"
 WARN = "warn"
@@ -71,8 +71,8 @@ def evaluate(config_path: str | None, contact: str | None, batch_user: str | Non
 
     OK when nothing FAILed (warnings allowed), NOT_READY when something did,
     CONFIG (each problem on its own stderr line, nothing else printed) when
-    the configuration cannot be loaded. A missing secret or contact is not a
-    config error here: the secret is a FAIL line, the contact check is skipped.
+    the configuration cannot be loaded. A missing node key or contact is not a
+    config error here: the key is a FAIL line, the contact check is skipped.
     """
     out = sys.stdout if out is None else out
     try:
@@ -115,7 +115,7 @@ def report(checks: list[Check], executable: str | None, batch_user: str, out: Te
     else:
         print(f"# install with visudo -f {SUDOERS_FILE} (both lines; the first lets the job's", file=out)
         print("# walltime and node name through sudo's env_reset, so the pilot can end before the batch system kills it):", file=out)
-        print(f'Defaults!{executable} env_keep += "{" ".join(BATCH_ENV)}"', file=out)
+        print(f'Defaults!{executable} env_keep += "{" ".join(PILOT_ENV)}"', file=out)
         print(line, file=out)
     out.flush()
     return ExitCode.NOT_READY if failed else ExitCode.OK
@@ -220,17 +220,21 @@ def _sudo_allows(options: list[str], command: list[str]) -> tuple[bool, str]:
 
 
 def check_config(config: PilotConfig, config_file: str | None) -> list[Check]:
-    """The configuration file in use, and the pilot account's secret (a pilot without one cannot report)."""
+    """The configuration file in use, and this node's key (a pilot without one cannot report)."""
+    from pilot.credentials import CredentialError, read_node_key
+
     if config_file is None:
         checks = [Check(WARN, "config", f"no file ({DEFAULT_PATH} does not exist): built-in defaults; pass --config FILE")]
     else:
         checks = [Check(OK, "config", f"{config_file} loads")]
-    if not config.secret:
-        where = config_file or DEFAULT_PATH
-        checks.append(Check(
-            FAIL, "service secret",
-            f"{where} has no [service] secret or secret_file: pilots cannot authenticate to the service; set one",
-        ))
+    path = _node_key_file(config)
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    try:
+        read_node_key(path)
+    except CredentialError as exc:
+        checks.append(Check(FAIL, "node key", f"{exc}: pilots on {host} cannot authenticate to the service"))
+    else:
+        checks.append(Check(OK, "node key", f"{path} holds {host}'s key, readable by its owner only"))
     return checks
 
 
@@ -257,10 +261,9 @@ def check_paths(config: PilotConfig, config_file: str | None, executable: str | 
     checks.append(check_path("path python", sys.executable))
     checks.append(check_path("path pilot package", os.path.dirname(os.path.abspath(pilot.__file__)), tree=True))
     if config_file is not None:
-        checks.append(check_path("path config", config_file, secret=True))
-        secret_file = _secret_file(config_file)
-        if secret_file:
-            checks.append(check_path("path secret file", secret_file, secret=True))
+        checks.append(check_path("path config", config_file))  # no secret in it since node keys
+    if os.path.exists(_node_key_file(config)):
+        checks.append(check_path("path node key", _node_key_file(config), secret=True))
     if config.backend == "xl":
         checks.append(check_path("path xl command", config.xl_command))
     checks.append(check_path("path journal dir", config.journal_dir, create_mode=0o700))
@@ -272,15 +275,12 @@ def check_paths(config: PilotConfig, config_file: str | None, executable: str | 
     return checks
 
 
-def _secret_file(config_file: str) -> str | None:
-    """The ``[service] secret_file`` the configuration names (already validated by load_config), if any."""
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(config_file, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except (OSError, configparser.Error):
-        return None
-    return parser.get("service", "secret_file", fallback=None) or None
+def _node_key_file(config: PilotConfig) -> str:
+    """This node's key file (the config's node_key_file, ``{host}`` filled in as the pilot would)."""
+    from pilot.credentials import node_key_path
+
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    return node_key_path(config.node_key_file, host)
 
 
 def check_path(what: str, path: str, *, secret: bool = False, create_mode: int | None = None,
@@ -321,7 +321,7 @@ def check_path(what: str, path: str, *, secret: bool = False, create_mode: int |
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             return Check(
                 FAIL, what,
-                f"{shown} is readable by group or others (mode {mode:04o}) and holds the pilot's secret: chmod 0600 {real}",
+                f"{shown} is readable by group or others (mode {mode:04o}) and holds a secret: chmod 0600 {real}",
             )
     return Check(OK, what, f"{shown}: root-owned, not writable by group or others")
 
@@ -574,7 +574,7 @@ def check_contact(config: PilotConfig) -> list[Check]:
     what = f"service contact {config.contact}"
     try:
         response = requests.post(
-            url, data=b"", timeout=config.request_timeout_s, verify=config.verify_tls, allow_redirects=False,
+            url, data=b"", timeout=config.request_timeout_s, verify=config.tls_verify, allow_redirects=False,
         )
     except requests.RequestException as exc:
         return [Check(FAIL, what, f"POST {url}: {_request_reason(exc, config.request_timeout_s)}; "

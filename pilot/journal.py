@@ -77,6 +77,9 @@ class Entry:
     memory: MemoryRecord | None = None
     vm_uri: str | None = None
     """Set before this pilot creates its first VM: the libvirt URI where domains tagged with its slot may run."""
+    sign_key: str | None = dataclasses.field(default=None, repr=False)
+    """The key of this (slot, host)'s notifications, so that workspace-killall can tell the service
+    'killed' (the journal directory is root's alone, like the node key)."""
 
     @property
     def filename(self) -> str:
@@ -102,6 +105,7 @@ class Entry:
             "contact": self.contact,
             "memory": self.memory.to_dict() if self.memory else None,
             "vm_uri": self.vm_uri,
+            "sign_key": self.sign_key,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -119,6 +123,7 @@ class Entry:
             contact=data.get("contact"),
             memory=MemoryRecord.from_dict(memory) if memory else None,
             vm_uri=data.get("vm_uri") or None,
+            sign_key=data.get("sign_key") or None,
         )
 
 

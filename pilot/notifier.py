@@ -35,11 +35,11 @@ from pilot.protocol import (
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
     Notification,
-    digest_ha1,
     format_time,
     sign,
     utc_now,
 )
+from pilot.credentials import PilotCredentials
 from pilot.reach import ServiceReach, failure_words
 
 log = logging.getLogger(__name__)
@@ -115,23 +115,22 @@ class Notifier:
     def __init__(
         self,
         contact: str,
-        user: str,
-        secret: str,
-        realm: str,
+        credentials: PilotCredentials,
         slot: str,
         host: str,
         *,
         request_timeout: float = 5.0,
-        verify_tls: bool = True,
+        verify_tls: bool | str = True,
         first_seq: int = 1,
     ):
         self.url = contact.rstrip("/") + NOTIFICATIONS_PATH
         self.slot = slot
         self.host = host
         self.request_timeout = request_timeout
-        self._key = digest_ha1(user, realm, secret)
+        self._key = credentials.sign_key
         self._session = requests.Session()
-        self._session.auth = HTTPDigestAuth(user, secret)
+        self._session.auth = HTTPDigestAuth(credentials.user, credentials.password)
+        # True: the system's CAs; a path: that CA file (an https contact with the site's own CA); False: none.
         self._session.verify = verify_tls
         self._session.headers["Content-Type"] = "application/json"
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -191,7 +190,7 @@ class Notifier:
 
     @property
     def key(self) -> str:
-        """The account's SHA-256 HA1: the key of the body signatures, both ways."""
+        """This (slot, host)'s key: it signs the notification bodies and the service's command answers."""
         return self._key
 
     @property

@@ -34,6 +34,10 @@ MAX_BODY_BYTES = 64 * 1024
 #: (``--preserve-env``) and ``workspace-pilot evaluate`` prints the matching
 #: ``env_keep`` line, so both sides name the same variables.
 BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "SLURM_CONF", "PBS_JOBID", "PBS_WALLTIME")
+#: The job environment variable that carries a slot's secret to its pilots (never argv, never a file).
+SLOT_SECRET_ENV = "WORKSPACE_PILOT_SLOT_SECRET"
+#: What sudo must keep for the pilot: the batch variables and the slot's secret.
+PILOT_ENV = BATCH_ENV + (SLOT_SECRET_ENV,)
 
 #: Every state a notification may report.
 STATES = frozenset(
@@ -304,6 +308,42 @@ def digest_ha1(user: str, realm: str, secret: str, algorithm: str = "SHA-256") -
     """The RFC 7616 HA1 for an account: ``H(user:realm:secret)`` as lowercase hex."""
     name = {"SHA-256": "sha256", "MD5": "md5"}[algorithm]
     return hashlib.new(name, f"{user}:{realm}:{secret}".encode()).hexdigest()
+
+
+# -- credentials: who may speak for which (slot, host) ---------------------------------------------
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_key(text: str) -> bool:
+    """Whether ``text`` has the shape of a node key or slot secret: 64 lowercase hex digits."""
+    return isinstance(text, str) and bool(_KEY_RE.match(text))
+
+
+def is_host(text: str) -> bool:
+    """Whether ``text`` is a valid host name for the protocol."""
+    return isinstance(text, str) and len(text) <= MAX_HOST_LEN and bool(_HOST_RE.match(text))
+
+
+def node_key(site_key: str, host: str) -> str:
+    """The key of one node (its digest password), derived from the service's site key and the host name.
+
+    Only the service (which holds the site key) and root on that node
+    (which holds the result, like a host key) know it.
+    """
+    message = b"workspace-pilot node key v1\0" + host.encode()
+    return hmac.new(site_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def slot_key(node_key_hex: str, slot: str, slot_secret: str) -> str:
+    """The key that signs one (slot, host)'s notification bodies and command answers.
+
+    It needs both the node's key (only that node has it) and the slot's
+    secret (only the nodes the slot's job runs on get it): another node of
+    the same slot cannot forge it, and neither can a node outside the slot.
+    """
+    message = b"workspace-pilot slot key v1\0" + slot.encode() + b"\0" + slot_secret.encode()
+    return hmac.new(node_key_hex.encode(), message, hashlib.sha256).hexdigest()
 
 
 def sign(key_ha1: str, body: bytes) -> str:

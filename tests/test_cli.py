@@ -9,14 +9,18 @@ import sys
 import pytest
 
 from pilot.exitcodes import ExitCode
-from tests.conftest import pilot_config, pool_pages
+from pilot.protocol import SLOT_SECRET_ENV
+from tests.conftest import pilot_config, pool_pages, throwaway_node_keys
 
 GOOD_ARGS = ["--slot", "s1", "--memory", "64", "--duration", "10", "--grace", "2"]
+#: As the slot's job would set it.
+JOB_ENV = {SLOT_SECRET_ENV: "5e" * 32}
 
 
-def run(*argv: str, module: str = "pilot") -> subprocess.CompletedProcess:
+def run(*argv: str, module: str = "pilot", env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, **(JOB_ENV if env is None else env)),
     )
 
 
@@ -59,14 +63,15 @@ def test_help_explains_the_exit_codes():
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("[service]\nsecret = x\nrequest_timeout = soon\n", "request_timeout = 'soon'"),
-        ("[service]\nsecret = x\n[nodes]\nx = 1\n", "unknown section [nodes]"),
-        ("[service]\nsecret = x\npasword = y\n", "unknown option 'pasword'"),
-        ("[service]\ncontact = http://127.0.0.1:1\n", "needs 'secret'"),
-        ("[memory]\nbackend = balloon\n[service]\nsecret = x\n", "backend = 'balloon': must be one of hugepages, cgroup"),
-        ("[logging]\ndir = relative/path\n[service]\nsecret = x\n", "must be an absolute path"),
+        ("[service]\nrequest_timeout = soon\n", "request_timeout = 'soon'"),
+        ("[service]\n[nodes]\nx = 1\n", "unknown section [nodes]"),
+        ("[service]\npasword = y\n", "unknown option 'pasword'"),
+        ("[service]\nsecret = x\n", "[service] secret is gone: one shared pilot secret let any node act"),
+        ("[memory]\nbackend = balloon\n", "backend = 'balloon': must be one of hugepages, cgroup"),
+        ("[logging]\ndir = relative/path\n", "must be an absolute path"),
         ("this is not ini\n", "not a valid INI file"),
-        ("[service]\nsecret_file = /nonexistent/secret\n", "secret_file /nonexistent/secret"),
+        ("[service]\nnode_key_file = node.key\n", "node_key_file = 'node.key': must be an absolute path"),
+        ("[service]\nnode_key_file = /nonexistent/node.key\n", "node key /nonexistent/node.key: No such file"),
     ],
 )
 def test_bad_config_exits_3_and_changes_nothing(tmp_path, text, needle):
@@ -83,7 +88,7 @@ def test_bad_config_exits_3_and_changes_nothing(tmp_path, text, needle):
 
 def test_every_config_problem_is_listed(tmp_path):
     config = tmp_path / "pilot.conf"
-    config.write_text("[service]\nsecret = x\nrequest_timeout = -1\n[journal]\nlock_timeout = x\n")
+    config.write_text("[service]\nrequest_timeout = -1\n[journal]\nlock_timeout = x\n")
     result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
     assert result.returncode == ExitCode.CONFIG
     assert len(result.stderr.strip().splitlines()) == 2
@@ -107,7 +112,7 @@ def test_unusable_journal_directory_is_one_line_exit_11_and_changes_nothing(tmp_
     else:
         journal.mkdir(mode=0o700)
         os.chown(journal, 65534, 65534)
-    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret", sections={"journal": {"dir": journal}})
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", throwaway_node_keys(tmp_path), sections={"journal": {"dir": journal}})
     result = run("reserve", *GOOD_ARGS, "--config", config, "--grace", "1")
     assert result.returncode == ExitCode.JOURNAL
     lines = result.stderr.strip().splitlines()
@@ -121,9 +126,11 @@ def test_unwritable_log_directory_exits_3(tmp_path):
     config = tmp_path / "pilot.conf"
     (tmp_path / "file").write_text("")
     config.write_text(
-        f"[service]\nsecret = x\n[logging]\ndir = {tmp_path / 'file' / 'logs'}\n[journal]\ndir = {tmp_path / 'journal'}\n"
+        f"[service]\nnode_key_file = {throwaway_node_keys(tmp_path)}\n"
+        f"[logging]\ndir = {tmp_path / 'file' / 'logs'}\n[journal]\ndir = {tmp_path / 'journal'}\n"
     )
-    result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1")
+    result = run("reserve", *GOOD_ARGS, "--config", str(config), "--contact", "http://127.0.0.1:1",
+                 "--host", "node1")
     assert result.returncode == ExitCode.CONFIG
     assert "log directory" in result.stderr
 
@@ -137,10 +144,10 @@ def test_lease_command_refuses_bad_arguments_with_one_line():
 
 def test_through_sudo_the_batch_user_cannot_choose_the_config(tmp_path):
     # A config of the caller's would let them pick what root runs ([memory] xl_command) and where it writes.
-    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret")
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", throwaway_node_keys(tmp_path))
     result = subprocess.run(
         [sys.executable, "-m", "pilot", "reserve", *GOOD_ARGS, "--config", config],
-        capture_output=True, text=True, env=dict(os.environ, SUDO_USER="alice", SUDO_UID="1000"),
+        capture_output=True, text=True, env=dict(os.environ, SUDO_USER="alice", SUDO_UID="1000", **JOB_ENV),
     )
     assert result.returncode == ExitCode.USAGE
     assert result.stderr.strip().splitlines() == [
@@ -153,7 +160,7 @@ def test_through_sudo_the_batch_user_cannot_choose_the_config(tmp_path):
                                                    (("--stdout", "--verbose"), "stdout", True)])
 def test_log_lines_go_where_asked_and_always_to_the_slot_log(tmp_path, hugepages, flags, console, debug):
     # Nothing listens at the contact: the pilot reserves, cannot report, gives back and exits 6.
-    config = pilot_config(tmp_path, "http://127.0.0.1:1", "secret", reserved_timeout_s=0.3)
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", throwaway_node_keys(tmp_path), reserved_timeout_s=0.3)
     result = run("reserve", *GOOD_ARGS, "--config", config, "--host", "node1", *flags)
     assert result.returncode == ExitCode.SERVICE_UNREACHABLE
     shown, other = (result.stdout, result.stderr) if console == "stdout" else (result.stderr, result.stdout)
@@ -163,3 +170,51 @@ def test_log_lines_go_where_asked_and_always_to_the_slot_log(tmp_path, hugepages
     slot_log = (tmp_path / "logs" / "s1.node1.log").read_text()
     assert "took 64 MB from the host" in slot_log and "gave 64 MB back" in slot_log
     assert pool_pages() == hugepages
+
+
+def test_without_the_slot_secret_in_its_environment_the_pilot_is_one_line_exit_2(tmp_path):
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", throwaway_node_keys(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != SLOT_SECRET_ENV}
+    result = run("reserve", *GOOD_ARGS, "--config", config, "--host", "node1", env=env)
+    assert result.returncode == ExitCode.USAGE
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("workspace-pilot: usage error: no slot secret: $WORKSPACE_PILOT_SLOT_SECRET is not set")
+    assert not (tmp_path / "journal").exists()
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("open to others", "is open to group or others (mode 0644): chmod 600 it"),
+    ("not a key", "does not hold 64 lowercase hex digits"),
+    ("someone else's", "belongs to uid 65534"),
+    ("absent", "No such file or directory (make it on the service's host with: workspace-lease node-key HOST)"),
+])
+def test_an_unusable_node_key_is_one_line_exit_3_and_changes_nothing(tmp_path, hugepages, problem, needle):
+    keys = throwaway_node_keys(tmp_path)
+    key_file = keys.replace("{host}", "node1")
+    if problem == "open to others":
+        os.chmod(key_file, 0o644)
+    elif problem == "not a key":
+        with open(key_file, "w", encoding="ascii") as handle:
+            handle.write("change-me\n")
+    elif problem == "someone else's":
+        os.chown(key_file, 65534, 65534)
+    else:
+        os.unlink(key_file)
+    config = pilot_config(tmp_path, "http://127.0.0.1:1", keys)
+    result = run("reserve", *GOOD_ARGS, "--config", config, "--host", "node1")
+    assert result.returncode == ExitCode.CONFIG
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"workspace-pilot: config error: [service] node_key_file: node key {key_file}")
+    assert needle in line, line
+    assert pool_pages() == hugepages
+    assert not (tmp_path / "logs").exists()
+
+
+def test_what_the_pilot_starts_after_reading_the_slot_secret_does_not_inherit_it():
+    """The pilot takes the secret out of its environment first: a child (xl, squeue, sudo) never sees it."""
+    code = ("import subprocess; from pilot.credentials import take_slot_secret; secret = take_slot_secret(); "
+            "child = subprocess.run(['env'], capture_output=True, text=True).stdout; "
+            "print(len(secret), 'WORKSPACE_PILOT_SLOT_SECRET' in child)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, **JOB_ENV))
+    assert result.stdout.split() == ["64", "False"], result.stderr

@@ -23,11 +23,11 @@ def test_example_documents_every_option():
 
 def test_example_loads_with_its_defaults(tmp_path):
     text = open(EXAMPLE, encoding="utf-8").read()
-    # Uncomment only the options whose example value is the default, plus a secret and contact.
+    # As shipped (everything commented out), with a contact from the command line.
     config_path = tmp_path / "pilot.conf"
-    config_path.write_text(text.replace("#secret = change-me", "secret = change-me"))
+    config_path.write_text(text)
     config = load_config(str(config_path), contact="http://127.0.0.1:9")
-    assert config == PilotConfig(contact="http://127.0.0.1:9", secret="change-me")
+    assert config == PilotConfig(contact="http://127.0.0.1:9")
 
 
 def example_values() -> dict[tuple[str, str], str]:
@@ -60,7 +60,7 @@ def test_example_defaults_are_the_codes_defaults(tmp_path):
     show an example value instead; that value must at least be valid.
     """
     defaults = {field.name: field.default for field in dataclasses.fields(PilotConfig)}
-    lines: dict[str, list[str]] = {"service": ["secret = x"]}
+    lines: dict[str, list[str]] = {}
     compared = []
     for (section, option), value in example_values().items():
         field, parse = SCHEMA[section][option]
@@ -79,26 +79,27 @@ def test_example_defaults_are_the_codes_defaults(tmp_path):
             f"[{section}] {option}: the example says {getattr(config, field)!r}, the code's default is "
             f"{defaults[field]!r}"
         )
-    assert config == PilotConfig(contact="http://127.0.0.1:9", secret="x")
+    assert config == PilotConfig(contact="http://127.0.0.1:9")
 
 
-def test_secret_file_is_read(tmp_path):
-    secret = tmp_path / "secret"
-    secret.write_text("  from-a-file\n")
+@pytest.mark.parametrize("option", ["user", "secret", "secret_file", "realm"])
+def test_the_shared_secret_options_of_old_configs_are_one_line_saying_what_replaced_them(tmp_path, option):
     config_path = tmp_path / "pilot.conf"
-    config_path.write_text(f"[service]\nsecret_file = {secret}\ncontact = https://svc.example/\n")
-    config = load_config(str(config_path))
-    assert (config.secret, config.contact) == ("from-a-file", "https://svc.example")
+    config_path.write_text(f"[service]\n{option} = x\ncontact = https://svc.example/\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(config_path))
+    (problem,) = caught.value.problems
+    assert f"[service] {option} is gone" in problem and "node_key_file" in problem and "node-key" in problem
 
 
 def test_command_line_contact_overrides_the_file(tmp_path):
     config_path = tmp_path / "pilot.conf"
-    config_path.write_text("[service]\nsecret = x\ncontact = http://127.0.0.1:1\n")
+    config_path.write_text("[service]\ncontact = http://127.0.0.1:1\n")
     assert load_config(str(config_path), contact="http://127.0.0.1:2").contact == "http://127.0.0.1:2"
 
 
 def test_no_contact_anywhere_is_an_error(tmp_path):
     config_path = tmp_path / "pilot.conf"
-    config_path.write_text("[service]\nsecret = x\n")
+    config_path.write_text("[service]\nrequest_timeout = 5\n")
     with pytest.raises(ConfigError, match="no service contact"):
         load_config(str(config_path))

@@ -69,14 +69,20 @@ def private(tmp_path):
         shutil.rmtree(top)
 
 
-def write_config(directory, *, backend: str = "none", uri: str = "test:///default", secret: str | None = "x",
+def write_config(directory, *, backend: str = "none", uri: str = "test:///default", node_key: bool = True,
                  mode: int = 0o600, service: str = "", memory: str = "") -> str:
     """A pilot config in ``directory`` whose journal and log dirs are ``<directory>/journal`` and ``/logs``.
 
-    ``service`` and ``memory`` are extra option lines for those sections.
+    ``node_key``: write a node key at ``<directory>/node.key`` (0600) and name it. ``service`` and
+    ``memory`` are extra option lines for those sections.
     """
     path = os.path.join(directory, "pilot.conf")
-    secret_line = f"secret = {secret}\n" if secret else ""
+    key_file = os.path.join(directory, "node.key")
+    if node_key:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write("7" * 64 + "\n")
+    secret_line = f"node_key_file = {key_file}\n"
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(
             f"[service]\n{secret_line}{service}[memory]\nbackend = {backend}\n{memory}"
@@ -146,7 +152,7 @@ def test_a_good_node_is_ready_and_the_last_line_is_the_sudoers_rule(private, tmp
     assert lines[-6].startswith("NOT READY: " if INSTALL_FAILS else "ready: ") and lines[-5] == ""
     assert lines[-4].startswith("# install with visudo -f /etc/sudoers.d/workspace-pilot")
     assert lines[-2] == (
-        f'Defaults!{EXECUTABLE} env_keep += "SLURM_JOB_ID SLURM_JOB_END_TIME SLURMD_NODENAME SLURM_CONF PBS_JOBID PBS_WALLTIME"'
+        f'Defaults!{EXECUTABLE} env_keep += "SLURM_JOB_ID SLURM_JOB_END_TIME SLURMD_NODENAME SLURM_CONF PBS_JOBID PBS_WALLTIME WORKSPACE_PILOT_SLOT_SECRET"'
     )
     assert lines[-1] == f"nobody ALL=(root) NOPASSWD: {EXECUTABLE} reserve *"
     assert os.path.isabs(EXECUTABLE)
@@ -212,28 +218,23 @@ def test_a_group_writable_journal_dir_fails_naming_it(private):
     assert lines[-1].startswith("nobody ALL=(root) NOPASSWD: ")  # printed whatever failed
 
 
-def test_a_config_readable_by_others_fails(private):
+def test_a_config_others_can_read_is_fine_it_holds_no_secret(private):
     config = write_config(private, mode=0o644)
     code, lines = run(config)
-    assert code == ExitCode.NOT_READY
-    assert line(lines, "FAIL path config:") == (
-        f"FAIL path config: {config} is readable by group or others (mode 0644) and holds the pilot's secret: "
-        f"chmod 0600 {config}"
-    )
+    assert line(lines, "ok   path config:")
+    assert line(lines, "ok   node key:")
 
 
-def test_a_secret_file_readable_by_others_fails(private):
-    secret = os.path.join(private, "secret")
-    with open(secret, "w", encoding="utf-8") as handle:
-        handle.write("s3cret\n")
-    os.chmod(secret, 0o640)
-    code, lines = run(write_config(private, secret=None, service=f"secret_file = {secret}\n"))
+def test_a_node_key_readable_by_others_fails(private):
+    config = write_config(private)
+    key = os.path.join(private, "node.key")
+    os.chmod(key, 0o640)
+    code, lines = run(config)
     assert code == ExitCode.NOT_READY
-    assert line(lines, "FAIL path secret file:") == (
-        f"FAIL path secret file: {secret} is readable by group or others (mode 0640) and holds the pilot's "
-        f"secret: chmod 0600 {secret}"
+    assert line(lines, "FAIL path node key:") == (
+        f"FAIL path node key: {key} is readable by group or others (mode 0640) and holds a secret: chmod 0600 {key}"
     )
-    assert not [text for text in lines if text.startswith("FAIL service secret")]  # it was read
+    assert "is open to group or others (mode 0640): chmod 600 it" in line(lines, "FAIL node key:")
 
 
 def test_files_below_sticky_tmp_fail(tmp_path):
@@ -353,11 +354,12 @@ def test_a_contact_that_is_not_the_service_fails(tmp_path):
     )
 
 
-def test_no_contact_is_skipped_and_no_secret_fails_but_the_rest_runs(tmp_path):
-    code, lines = run(write_config(str(tmp_path), secret=None), contact=None)
+def test_no_contact_is_skipped_and_no_node_key_fails_but_the_rest_runs(tmp_path):
+    code, lines = run(write_config(str(tmp_path), node_key=False), contact=None)
     assert code == ExitCode.NOT_READY
     assert line(lines, "warn service contact:").startswith("warn service contact: none given, not checked")
-    assert "has no [service] secret or secret_file" in line(lines, "FAIL service secret:")
+    assert "No such file or directory (make it on the service's host with: workspace-lease node-key HOST)" in line(
+        lines, "FAIL node key:")
     assert line(lines, "ok   libvirt test:///default:")  # the other checks still ran
 
 

@@ -9,16 +9,23 @@ import time
 
 from pilot.notifier import Notifier, Outcome
 from service_adapter.receiver import ReceiverThread, make_app
-from tests.conftest import REALM, USER, free_port
+from pilot.credentials import PilotCredentials
+from tests.conftest import free_port
 
 
-def make_notifier(url: str, secret: str, slot: str, **options) -> Notifier:
-    return Notifier(url, USER, secret, REALM, slot, "node1", **options)
+def make_notifier(url: str, service, slot: str, **options) -> Notifier:
+    """A notifier for (slot, node1) with that node's real credentials (made-up ones without a service)."""
+    if service is None:
+        credentials = PilotCredentials("node1", "0" * 64, "0" * 64)
+    else:
+        sign_key = service.sign_key(slot, "node1") if slot in service.slot_secrets else "0" * 64
+        credentials = PilotCredentials("node1", service.node_key("node1"), sign_key)
+    return Notifier(url, credentials, slot, "node1", **options)
 
 
 def test_notifications_arrive_in_order_with_increasing_seq(service):
     slot = service.add_slot()
-    notifier = make_notifier(service.url, service.secret, slot)
+    notifier = make_notifier(service.url, service, slot)
     try:
         deliveries = [notifier.notify(s, 64, deliver_within=10) for s in ("reserved", "heartbeat", "unreserved")]
         assert [d.wait(15) for d in deliveries] == [Outcome.DELIVERED] * 3
@@ -32,7 +39,7 @@ def test_notifications_arrive_in_order_with_increasing_seq(service):
 def test_retries_until_the_service_comes_up(service):
     slot = service.add_slot()
     port = free_port()
-    notifier = make_notifier(f"http://127.0.0.1:{port}", service.secret, slot)
+    notifier = make_notifier(f"http://127.0.0.1:{port}", service, slot)
     late = ReceiverThread(make_app(service.store, service.verifier), port=port)
     try:
         delivery = notifier.notify("reserved", 64, deliver_within=60)
@@ -45,7 +52,7 @@ def test_retries_until_the_service_comes_up(service):
 
 
 def test_refusal_is_final_and_not_retried(service):
-    notifier = make_notifier(service.url, service.secret, "unknown-slot")
+    notifier = make_notifier(service.url, service, "unknown-slot")
     try:
         delivery = notifier.notify("reserved", 64, deliver_within=60)
         assert delivery.wait(30) is Outcome.REFUSED
@@ -63,7 +70,7 @@ def test_an_answer_that_is_not_ours_is_a_refusal_not_a_dead_sender():
     app = web.Application()
     app.router.add_post("/pilot/v2/notifications", proxy_error)
     proxy = ReceiverThread(app)
-    notifier = make_notifier(proxy.start(), "secret", "slot-x")
+    notifier = make_notifier(proxy.start(), None, "slot-x")
     try:
         first = notifier.notify("reserved", 64, deliver_within=30)
         assert first.wait(30) is Outcome.REFUSED and first.status == 403
@@ -75,7 +82,7 @@ def test_an_answer_that_is_not_ours_is_a_refusal_not_a_dead_sender():
 
 
 def test_close_stops_retries_at_once():
-    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", None, "slot-x")
     pending = notifier.notify("reserved", 64, deliver_within=3600)
     queued = notifier.notify("unreserved", 0, deliver_within=3600)
     notifier.close()
@@ -86,7 +93,7 @@ def test_close_stops_retries_at_once():
 
 
 def test_deadline_ends_the_retries():
-    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", None, "slot-x")
     try:
         delivery = notifier.notify("reserved", 64, deliver_within=0.5)
         assert delivery.wait(30) is Outcome.UNDELIVERED
@@ -96,7 +103,7 @@ def test_deadline_ends_the_retries():
 
 
 def test_a_service_silent_since_before_the_cutoff_gets_one_try_not_the_whole_deadline():
-    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", "secret", "slot-x")
+    notifier = make_notifier(f"http://127.0.0.1:{free_port()}", None, "slot-x")
     try:
         earlier = notifier.notify("heartbeat", 0, deliver_within=0.2)  # nothing listens: no answer
         assert earlier.wait(30) is Outcome.UNDELIVERED
@@ -111,7 +118,7 @@ def test_a_service_silent_since_before_the_cutoff_gets_one_try_not_the_whole_dea
 
 def test_a_service_that_answered_before_the_cutoff_gets_every_retry_through_a_restart(service):
     slot = service.add_slot()
-    notifier = make_notifier(service.url, service.secret, slot)
+    notifier = make_notifier(service.url, service, slot)
     refused = threading.Event()
     seen_unanswered = notifier.reach.unanswered
     notifier.reach.unanswered = lambda: (seen_unanswered(), refused.set())  # a probe: when an attempt failed
