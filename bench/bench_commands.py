@@ -64,7 +64,6 @@ import multiprocessing
 import os
 import queue
 import random
-import secrets
 import shutil
 import statistics
 import sys
@@ -79,7 +78,6 @@ if REPO not in sys.path:
 from bench.bench_slice import machine, stop_process, write_json  # noqa: E402
 
 REALM = "workspace-pilot"
-USER = "pilot"
 LEASE = "bench-commands"
 SLOT = "bench-commands-slot"
 #: What each pilot reports reserving, and each VM's size: room for every VM the bench queues.
@@ -101,17 +99,26 @@ def host_name(index: int) -> str:
 # -- the pilots' side (child processes) ---------------------------------------------------------
 
 
-def pilot_worker(indices: list[int], url: str, secret: str, wait_s: float, events, control) -> None:
+def pilot_worker(indices: list[int], url: str, keys: tuple[str, str], wait_s: float, events, control) -> None:
     """Child process: one real pilot channel per index (Notifier: signed ``reserved``; CommandPoller).
 
     Puts ``("ready", pid, count)`` on ``events`` once every pilot's
     ``reserved`` was accepted and its poller runs, ``("seen", index,
     [(id, op, vm), ...], time)`` for each answer with commands, and
     ``("gone", ...)`` / ``("error", ...)`` if something goes wrong. Stops when
-    ``control`` says so (or closes).
+    ``control`` says so (or closes). ``keys`` is (the site key, the slot's secret): each pilot derives
+    its own node's key and (slot, host) key from them, as the service does.
     """
+    from pilot.credentials import PilotCredentials
     from pilot.notifier import Notifier, Outcome
     from pilot.poller import CommandPoller
+    from pilot.protocol import node_key, slot_key
+
+    site_key, slot_secret = keys
+
+    def credentials(host: str) -> PilotCredentials:
+        key = node_key(site_key, host)
+        return PilotCredentials(host, key, slot_key(key, SLOT, slot_secret))
 
     def seen(index: int):
         def on_commands(commands) -> None:
@@ -123,7 +130,7 @@ def pilot_worker(indices: list[int], url: str, secret: str, wait_s: float, event
         return lambda reason: events.put(("gone", index, reason))
 
     try:
-        notifiers = [(index, Notifier(url, USER, secret, REALM, SLOT, host_name(index))) for index in indices]
+        notifiers = [(index, Notifier(url, credentials(host_name(index)), SLOT, host_name(index))) for index in indices]
         deliveries = [n.notify("reserved", HOST_MB, deliver_within=30) for _, n in notifiers]
         for (index, _), delivery in zip(notifiers, deliveries):
             if delivery.wait(35) is not Outcome.DELIVERED:
@@ -187,7 +194,8 @@ class Bench:
     """One configuration: a service with ``pilots`` pilots in ``processes`` worker processes."""
 
     def __init__(self, ctx, pilots: int, processes: int, synchronous: str, wait_s: float):
-        from service_adapter.digest import Account, DigestVerifier
+        from service_adapter.digest import DigestVerifier
+        from service_adapter.nodekeys import NodeAccounts, new_site_key
         from service_adapter.receiver import ReceiverThread, make_app
         from service_adapter.store import Store
 
@@ -198,13 +206,13 @@ class Bench:
         self.wait_s = wait_s
         self.hosts = [host_name(i) for i in range(pilots)]
         self.workdir = tempfile.mkdtemp(prefix="bench-commands-")
-        self.secret = secrets.token_urlsafe(24)
+        self.site_key = new_site_key()
         self.workers: list = []
         self.controls: list = []
         self.events = ctx.Queue()
         self.store = Store(os.path.join(self.workdir, "service.sqlite"), synchronous=synchronous)
         self.board = timed_board_class()()
-        verifier = DigestVerifier(REALM, {USER: Account.from_secret(USER, REALM, self.secret)})
+        verifier = DigestVerifier(REALM, NodeAccounts(self.site_key, REALM))
         self.receiver = ReceiverThread(make_app(self.store, verifier, board=self.board), host="127.0.0.1", port=0)
         self.url = self.receiver.start()
         self.store.create_lease(LEASE, SLOT, owner="bench", nodes=pilots, memory_mb=HOST_MB, duration_s=3600,
@@ -222,7 +230,8 @@ class Bench:
         for number, chunk in enumerate(chunks):
             mine, theirs = self.ctx.Pipe()
             worker = self.ctx.Process(target=pilot_worker, name=f"pilots{number}",
-                                      args=(chunk, self.url, self.secret, self.wait_s, self.events, theirs))
+                                      args=(chunk, self.url, (self.site_key, self.store.slot_secret(SLOT)),
+                                            self.wait_s, self.events, theirs))
             worker.start()
             theirs.close()
             self.workers.append(worker)

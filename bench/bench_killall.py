@@ -46,7 +46,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from service_adapter.digest import Account, DigestVerifier  # noqa: E402
+from pilot.protocol import SLOT_SECRET_ENV  # noqa: E402
+from service_adapter.digest import DigestVerifier  # noqa: E402
+from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key  # noqa: E402
 from service_adapter.local_site import write_pilot_config  # noqa: E402
 from service_adapter.receiver import ReceiverThread, make_app  # noqa: E402
 from service_adapter.store import Store  # noqa: E402
@@ -87,22 +89,24 @@ def wait_for_text(path: str, needle: str, timeout: float) -> None:
 
 def one_round(workdir: str, pilot_alive: bool, service_dead: bool = False) -> dict:
     """Set up one slot + one VM, run kill-all, check the node; returns the timings."""
-    secret = secrets.token_urlsafe(16)
-    account = Account.from_secret("pilot", "workspace-pilot", secret)
+    site_key = new_site_key()
+    key_dir = os.path.join(workdir, "node-keys")
+    provision_node_key(key_dir, site_key, "node1")
     store = Store(os.path.join(workdir, "service.sqlite"))
-    receiver = ReceiverThread(make_app(store, DigestVerifier("workspace-pilot", {"pilot": account}), 300))
+    receiver = ReceiverThread(make_app(store, DigestVerifier("workspace-pilot", NodeAccounts(site_key, "workspace-pilot")),
+                                       300))
     url = receiver.start()
     pilot = None
     try:
         store.add_lease("bench", 1, 64, 600)
         slot = secrets.token_hex(8)
-        store.add_slot(slot, "bench", 1, 64)
+        slot_secret = store.add_slot(slot, "bench", 1, 64)
         node_xml = os.path.join(workdir, "node.xml")
         with open(node_xml, "w", encoding="utf-8") as handle:
             handle.write(NODE_XML.format(slot=slot))
         config = os.path.join(workdir, "pilot.conf")
         write_pilot_config(
-            config, contact=url, user="pilot", secret=secret, realm="workspace-pilot",
+            config, contact=url, node_key_file=os.path.join(key_dir, "{host}.key"),
             log_dir=os.path.join(workdir, "logs"), journal_dir=os.path.join(workdir, "journal"),
             sections={"memory": {"minmem": 0}, "libvirt": {"uri": f"test://{node_xml}"}},
         )
@@ -110,6 +114,7 @@ def one_round(workdir: str, pilot_alive: bool, service_dead: bool = False) -> di
         pilot = subprocess.Popen(
             [sys.executable, "-m", "pilot", "reserve", "--slot", slot, "--memory", "64", "--duration", "600",
              "--grace", "120" if service_dead else "5", "--config", config, "--host", "node1", "--quiet"],
+            env=dict(os.environ, **{SLOT_SECRET_ENV: slot_secret}),
         )
         if not store.wait_for(lambda: "reserved" in [n[2] for n in store.notifications(slot)], 30):
             raise RuntimeError("the pilot did not report 'reserved'")

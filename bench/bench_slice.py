@@ -56,7 +56,6 @@ from pilot.protocol import (  # noqa: E402  (after the sys.path fix above)
 
 RESERVE_MB = 1024
 REALM = "workspace-pilot"
-USER = "pilot"
 CLIENTS = 16
 # How long to wait for a child process to come up or go down before giving up on it.
 CHILD_TIMEOUT_S = 60.0
@@ -111,12 +110,24 @@ def create_store(path: str, slots: int, synchronous: str = "FULL"):
     return store
 
 
-def build_receiver(store, secret: str):
-    """A started in-process ``ReceiverThread`` on 127.0.0.1 for one pilot account."""
-    from service_adapter.digest import Account, DigestVerifier
+def pilot_keys(site_key: str, store, count: int) -> list[tuple[str, str]]:
+    """(node key, (slot, host) key) of each of the first ``count`` benchmark pilots, as the service derives them."""
+    from pilot.protocol import node_key, slot_key
+
+    keys = []
+    for index in range(count):
+        key = node_key(site_key, host_name(index))
+        keys.append((key, slot_key(key, slot_name(index), store.slot_secret(slot_name(index)))))
+    return keys
+
+
+def build_receiver(store, site_key: str):
+    """A started in-process ``ReceiverThread`` on 127.0.0.1 whose node accounts derive from ``site_key``."""
+    from service_adapter.digest import DigestVerifier
+    from service_adapter.nodekeys import NodeAccounts
     from service_adapter.receiver import ReceiverThread, make_app
 
-    verifier = DigestVerifier(REALM, {USER: Account.from_secret(USER, REALM, secret)})
+    verifier = DigestVerifier(REALM, NodeAccounts(site_key, REALM))
     receiver = ReceiverThread(make_app(store, verifier), host="127.0.0.1", port=0)
     receiver.start()
     return receiver
@@ -138,16 +149,18 @@ def count_notifications(db_path: str) -> int:
 
 def bench_roundtrip(count: int, warmup: int, synchronous: str) -> dict:
     """Time ``Notifier.notify(...).wait()`` ``count`` times after ``warmup`` untimed ones."""
+    from pilot.credentials import PilotCredentials
     from pilot.notifier import Notifier, Outcome
 
     workdir = tempfile.mkdtemp(prefix="bench-roundtrip-")
-    secret = secrets.token_urlsafe(24)
+    site_key = secrets.token_hex(32)
     store = receiver = notifier = None
     samples: list[float] = []
     try:
         store = create_store(os.path.join(workdir, "service.sqlite"), 1, synchronous)
-        receiver = build_receiver(store, secret)
-        notifier = Notifier(receiver.url, USER, secret, REALM, slot_name(0), host_name(0))
+        receiver = build_receiver(store, site_key)
+        (node, sign_key), = pilot_keys(site_key, store, 1)
+        notifier = Notifier(receiver.url, PilotCredentials(host_name(0), node, sign_key), slot_name(0), host_name(0))
         for index in range(warmup + count):
             started = time.perf_counter()
             delivery = notifier.notify("heartbeat", 64, deliver_within=5)
@@ -171,12 +184,12 @@ def bench_roundtrip(count: int, warmup: int, synchronous: str) -> dict:
 # -- 4: receiver throughput --------------------------------------------------------------
 
 
-def receiver_process(db_path: str, secret: str, conn, stop) -> None:
+def receiver_process(db_path: str, site_key: str, conn, stop) -> None:
     """Child process: serve the receiver on 127.0.0.1, send its URL on ``conn``, run until ``stop``."""
     from service_adapter.store import Store
 
     store = Store(db_path)
-    receiver = build_receiver(store, secret)
+    receiver = build_receiver(store, site_key)
     conn.send(receiver.url)
     stop.wait()
     receiver.stop()
@@ -193,7 +206,7 @@ def notification_body(index: int, seq: int) -> bytes:
     ).to_json()
 
 
-def requests_client(index: int, url: str, secret: str, duration: float, barrier, results) -> None:
+def requests_client(index: int, url: str, keys: tuple[str, str], duration: float, barrier, results) -> None:
     """Child process: one pilot-like sender (requests + HTTPDigestAuth) posting for ``duration`` s.
 
     Sends seq 1 before the barrier (digest challenge, keep-alive connection),
@@ -203,10 +216,10 @@ def requests_client(index: int, url: str, secret: str, duration: float, barrier,
     import requests
     from requests.auth import HTTPDigestAuth
 
-    key = digest_ha1(USER, REALM, secret)
+    node, key = keys
     target = url + NOTIFICATIONS_PATH
     session = requests.Session()
-    session.auth = HTTPDigestAuth(USER, secret)
+    session.auth = HTTPDigestAuth(host_name(index), node)
     session.headers["Content-Type"] = "application/json"
 
     def post(seq: int) -> int:
@@ -237,14 +250,14 @@ def requests_client(index: int, url: str, secret: str, duration: float, barrier,
         session.close()
 
 
-def digest_header(ha1: str, nonce: str, nc: int, uri: str) -> str:
+def digest_header(user: str, ha1: str, nonce: str, nc: int, uri: str) -> str:
     """A preemptive RFC 7616 SHA-256 ``Authorization`` header for a POST to ``uri``."""
     from service_adapter.digest import response_digest
 
     cnonce = secrets.token_hex(8)
     response = response_digest("SHA-256", ha1, nonce, f"{nc:08x}", cnonce, "POST", uri)
     return (
-        f'Digest username="{USER}", realm="{REALM}", nonce="{nonce}", uri="{uri}", '
+        f'Digest username="{user}", realm="{REALM}", nonce="{nonce}", uri="{uri}", '
         f'algorithm=SHA-256, qop=auth, nc={nc:08x}, cnonce="{cnonce}", response="{response}"'
     )
 
@@ -267,11 +280,12 @@ class AiohttpPilot:
     header with the nonce count incremented.
     """
 
-    def __init__(self, session, index: int, url: str, secret: str):
+    def __init__(self, session, index: int, url: str, keys: tuple[str, str]):
         self.session = session
         self.index = index
         self.target = url + NOTIFICATIONS_PATH
-        self.ha1 = digest_ha1(USER, REALM, secret)  # also the body-signature key
+        node, self.sign_key = keys
+        self.ha1 = digest_ha1(host_name(index), REALM, node)
         self.nonce: str | None = None
         self.nc = 0
         self.seq = 0
@@ -280,10 +294,11 @@ class AiohttpPilot:
         """Post the next heartbeat; on a 401 take the new nonce and keep the seq for the retry."""
         seq = self.seq + 1
         body = notification_body(self.index, seq)
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.ha1, body)}
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.sign_key, body)}
         if self.nonce is not None:
             self.nc += 1
-            headers["Authorization"] = digest_header(self.ha1, self.nonce, self.nc, NOTIFICATIONS_PATH)
+            headers["Authorization"] = digest_header(host_name(self.index), self.ha1, self.nonce, self.nc,
+                                                     NOTIFICATIONS_PATH)
         async with self.session.post(self.target, data=body, headers=headers) as response:
             await response.read()
             if response.status == 401:
@@ -311,13 +326,13 @@ class AiohttpPilot:
         return {"ok": ok, "statuses": statuses}
 
 
-async def aiohttp_clients(url: str, secret: str, duration: float, clients: int) -> dict:
+async def aiohttp_clients(url: str, keys: list[tuple[str, str]], duration: float, clients: int) -> dict:
     """Run ``clients`` aiohttp pilot tasks in this process; all start posting together."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector) as session:
-        pilots = [AiohttpPilot(session, index, url, secret) for index in range(clients)]
+        pilots = [AiohttpPilot(session, index, url, keys[index]) for index in range(clients)]
         await asyncio.gather(*(pilot.warm_up() for pilot in pilots))
         started, cpu_started = time.perf_counter(), time.process_time()
         outcomes = await asyncio.gather(*(pilot.run(duration) for pilot in pilots))
@@ -330,11 +345,11 @@ async def aiohttp_clients(url: str, secret: str, duration: float, clients: int) 
 
 
 @contextlib.contextmanager
-def receiver_in_child(ctx, db_path: str, secret: str):
+def receiver_in_child(ctx, db_path: str, site_key: str):
     """Start the receiver process; yield ``(url, process)``; stop it (by pid) at the end."""
     parent_conn, child_conn = ctx.Pipe()
     stop = ctx.Event()
-    process = ctx.Process(target=receiver_process, args=(db_path, secret, child_conn, stop), name="receiver")
+    process = ctx.Process(target=receiver_process, args=(db_path, site_key, child_conn, stop), name="receiver")
     process.start()
     child_conn.close()
     try:
@@ -360,12 +375,12 @@ def stop_process(process) -> None:
         process.join()
 
 
-def run_requests_clients(ctx, url: str, secret: str, duration: float, clients: int) -> dict:
+def run_requests_clients(ctx, url: str, keys: list[tuple[str, str]], duration: float, clients: int) -> dict:
     """Start ``clients`` requests-based sender processes, release them together, collect counts."""
     barrier = ctx.Barrier(clients + 1)
     results = ctx.Queue()
     processes = [
-        ctx.Process(target=requests_client, args=(i, url, secret, duration, barrier, results), name=f"client{i}")
+        ctx.Process(target=requests_client, args=(i, url, keys[i], duration, barrier, results), name=f"client{i}")
         for i in range(clients)
     ]
     try:
@@ -400,16 +415,18 @@ def throughput_run(ctx, client: str, duration: float, clients: int) -> dict:
 
     workdir = tempfile.mkdtemp(prefix="bench-throughput-")
     db_path = os.path.join(workdir, "service.sqlite")
-    secret = secrets.token_urlsafe(24)
+    site_key = secrets.token_hex(32)
     try:
-        create_store(db_path, clients).close()
-        with receiver_in_child(ctx, db_path, secret) as (url, process):
+        store = create_store(db_path, clients)
+        keys = pilot_keys(site_key, store, clients)
+        store.close()
+        with receiver_in_child(ctx, db_path, site_key) as (url, process):
             server = psutil.Process(process.pid)
             cpu_before = server.cpu_times()
             if client == "requests":
-                outcome = run_requests_clients(ctx, url, secret, duration, clients)
+                outcome = run_requests_clients(ctx, url, keys, duration, clients)
             else:
-                outcome = asyncio.run(aiohttp_clients(url, secret, duration, clients))
+                outcome = asyncio.run(aiohttp_clients(url, keys, duration, clients))
             cpu_after = server.cpu_times()
         # Each sender stored seq 1 during warm-up, before the clock started.
         stored = count_notifications(db_path) - clients

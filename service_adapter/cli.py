@@ -188,6 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_vm_commands(commands, _client_options(timeout_waits=False))
 
+    site_key = commands.add_parser(
+        "site-key", help="make the site key that every node's key derives from (once, on the service's host)",
+        description=(
+            "Write a new random site key to FILE (mode 0600; an existing file is never replaced). The service "
+            "reads it from [pilots] site_key_file; each node's key is derived from it (see node-key). Keep it "
+            "as secret as the service's store: with it anyone can act as any node."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    site_key.add_argument("--output", required=True, metavar="FILE", help="the file to create")
+
+    node_key = commands.add_parser(
+        "node-key", help="print (or write) one node's key, to install on that node as root",
+        description=(
+            "Derive HOST's key from the site key ([pilots] site_key_file of the service config) and print it, "
+            "or write it to --output (mode 0600). Install it on HOST as its pilots' [service] node_key_file "
+            "(default /etc/workspace-pilot/node.key, root-owned, mode 0600), for example with "
+            "\"workspace-lease node-key node7 | ssh root@node7 'umask 077; cat > /etc/workspace-pilot/node.key'\". "
+            "A node's key lets it speak only as HOST, and only for slots whose job the batch system gave it."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    node_key.add_argument("host", type=_host_name, metavar="HOST",
+                          help="the node's name as its pilots report it (Slurm's node name, else its short host name)")
+    node_key.add_argument("--config", metavar="FILE",
+                          help="the service's config file (default /etc/workspace-pilot/service.conf)")
+    node_key.add_argument("--site-key-file", metavar="FILE", help="read the site key from FILE instead")
+    node_key.add_argument("--output", metavar="FILE", help="write the key to FILE (created 0600) instead of printing it")
+
     demo = commands.add_parser(
         "demo",
         help="run one lease on this machine through the local provider (needs root)",
@@ -459,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "site-key":
+        return _site_key(args)
+    if args.command == "node-key":
+        return _node_key(args)
     if args.command == "vm" and args.vm_command == "start":
         try:
             args.vm_specs = _vm_request(args)  # checked before anything is read or sent
@@ -506,6 +539,58 @@ def _serve(args) -> int:
     except ServeError as exc:
         _say(f"cannot serve: {path}: {exc}")
         return EXIT_CONFIG
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def _write_key(path: str, key: str, exists: str, done: str) -> int:
+    """Create ``path`` (0600, never replacing a file) holding ``key``; say ``exists`` or ``done``."""
+    from service_adapter.nodekeys import write_key_file
+
+    try:
+        write_key_file(path, key)
+    except FileExistsError:
+        _say(f"{path} exists: {exists}")
+        return EXIT_CONFLICT
+    except OSError as exc:
+        _say(f"cannot write {path}: {exc.strerror}")
+        return EXIT_FAILED
+    _say(done)
+    return EXIT_OK
+
+
+def _site_key(args) -> int:
+    from service_adapter.nodekeys import new_site_key
+
+    return _write_key(
+        args.output, new_site_key(), "a site key is never replaced (every node's key derives from it)",
+        f"wrote a new site key to {args.output} (mode 0600); set [pilots] site_key_file = {args.output}",
+    )
+
+
+def _node_key(args) -> int:
+    from service_adapter.config import DEFAULT_PATH, ConfigError, load_config, read_site_key
+    from service_adapter.nodekeys import NodeAccounts
+
+    path = args.site_key_file
+    if path is None:
+        try:
+            path = load_config(args.config or DEFAULT_PATH).site_key_file
+        except ConfigError as exc:
+            for problem in exc.problems:
+                _say(f"config error: {problem}")
+            return EXIT_CONFIG
+    try:
+        key = NodeAccounts(read_site_key(path), "unused").node_key(args.host)
+    except ValueError as exc:
+        _say(f"config error: site key {path}: {exc}")
+        return EXIT_CONFIG
+    if args.output is None:
+        print(key)
+        return EXIT_OK
+    return _write_key(args.output, key, f"remove it first to write {args.host}'s key there",
+                      f"wrote {args.host}'s node key to {args.output} (mode 0600)")
 
 
 # -- the operator commands --------------------------------------------------------------------

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from service_adapter.digest import Account
 from service_adapter.launchers import LAUNCHER_NAMES
+from service_adapter.nodekeys import NodeAccounts, is_key
 from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
 
 DEFAULT_PATH = "/etc/workspace-pilot/service.conf"
@@ -48,7 +49,7 @@ class ServiceConfig:
 
     ``packaging/service.conf.example`` documents each; field names are the
     options' (prefixed where two sections share a name) with their unit as
-    a suffix. ``pilot_secret`` and ``operators`` are filled only when the
+    a suffix. ``site_key`` and ``operators`` are filled only when the
     file was loaded for ``serve``.
     """
 
@@ -64,8 +65,7 @@ class ServiceConfig:
     max_connections: int = 0
     request_timeout_s: float = 30.0
     # [pilots]
-    pilot_user: str = "pilot"
-    pilot_secret_file: str = "/etc/workspace-pilot/pilots.secret"
+    site_key_file: str = "/etc/workspace-pilot/site.key"
     pilot_config: str = "/etc/workspace-pilot/pilot.conf"
     grace_s: float = 10.0
     queue_timeout_s: float = 300.0
@@ -101,7 +101,7 @@ class ServiceConfig:
     client_secret_file: str | None = None
     client_timeout_s: float = 60.0
     # read for serve only
-    pilot_secret: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    site_key: str | None = dataclasses.field(default=None, repr=False, compare=False)
     operators: tuple[Account, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
@@ -150,11 +150,11 @@ class ServiceConfig:
         """The operators' accounts by user name (serve only)."""
         return {account.user: account for account in self.operators}
 
-    def pilot_account(self) -> Account:
-        """The pilots' digest account (serve only)."""
-        if self.pilot_secret is None:
-            raise RuntimeError("the pilots' secret was not loaded (load_config(..., serve=True))")
-        return Account.from_secret(self.pilot_user, self.realm, self.pilot_secret)
+    def node_accounts(self) -> NodeAccounts:
+        """The pilots' digest accounts, one per node, derived from the site key (serve only)."""
+        if self.site_key is None:
+            raise RuntimeError("the site key was not loaded (load_config(..., serve=True))")
+        return NodeAccounts(self.site_key, self.realm)
 
 
 # -- value parsers: each raises ValueError("what is wrong, what to do") -------------------------
@@ -334,8 +334,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "request_timeout": ("request_timeout_s", _request_timeout),
     },
     "pilots": {
-        "user": ("pilot_user", _user),
-        "secret_file": ("pilot_secret_file", _abs_path),
+        "site_key_file": ("site_key_file", _abs_path),
         "pilot_config": ("pilot_config", _abs_path),
         "grace": ("grace_s", _positive_float),
         "queue_timeout": ("queue_timeout_s", _positive_float),
@@ -435,6 +434,14 @@ def load_config(path: str | None = None, *, serve: bool = False, **overrides) ->
     return config
 
 
+#: Options of earlier versions, with what replaced them (an old file gets this line, not "unknown option").
+RETIRED = {
+    ("pilots", option): "one shared pilot secret let any node act for every lease; the service now derives "
+    "each node's key from a site key: set site_key_file (make it with `workspace-lease site-key --output FILE`)"
+    for option in ("user", "secret_file")
+}
+
+
 def _read_sections(parser: configparser.ConfigParser, path: str, values: dict, problems: list[str]) -> None:
     for section in parser.sections():
         options = SCHEMA.get(section)
@@ -442,6 +449,9 @@ def _read_sections(parser: configparser.ConfigParser, path: str, values: dict, p
             problems.append(f"{path}: unknown section [{section}]: known are {', '.join(f'[{s}]' for s in SCHEMA)}")
             continue
         for option, text in parser.items(section):
+            if (section, option) in RETIRED:
+                problems.append(f"{path}: [{section}] {option} is gone: {RETIRED[section, option]}")
+                continue
             if option not in options:
                 problems.append(
                     f"{path}: [{section}] unknown option '{option}': known are {', '.join(options)}"
@@ -501,11 +511,11 @@ def _first_line(exc: BaseException) -> str:
 
 def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> ServiceConfig:
     """Read the secrets and check the provider settings; adds one line per problem."""
-    secret = None
+    site_key = None
     try:
-        secret = read_secret_file(config.pilot_secret_file)
+        site_key = read_site_key(config.site_key_file)
     except ValueError as exc:
-        problems.append(f"{path}: [pilots] secret_file {config.pilot_secret_file}: {exc}")
+        problems.append(f"{path}: [pilots] site_key_file {config.site_key_file}: {exc}")
     accounts: tuple[Account, ...] = ()
     try:
         accounts = tuple(read_accounts_file(config.accounts_file, config.operator_realm).values())
@@ -515,7 +525,7 @@ def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> 
         config.provider_settings()
     except ValueError as exc:
         problems.append(f"{path}: [provider] {_first_line(exc)}")
-    return dataclasses.replace(config, pilot_secret=secret, operators=accounts)
+    return dataclasses.replace(config, site_key=site_key, operators=accounts)
 
 
 def check_private_file(path: str) -> os.stat_result:
@@ -549,6 +559,15 @@ def read_secret_file(path: str) -> str:
     if "\n" in secret:
         raise ValueError("holds more than one line: put only the secret in it")
     return secret
+
+
+def read_site_key(path: str) -> str:
+    """The site key in ``path`` (64 hex digits, a file of mode 0600); ValueError says what is wrong."""
+    key = read_secret_file(path)
+    if not is_key(key):
+        raise ValueError("does not hold a site key (64 lowercase hex digits): make one with "
+                         "workspace-lease site-key --output FILE")
+    return key
 
 
 def read_accounts_file(path: str, realm: str) -> dict[str, Account]:

@@ -93,7 +93,7 @@ class DigestVerifier:
     def __init__(
         self,
         realm: str,
-        accounts: dict[str, Account],
+        accounts,
         *,
         nonce_lifetime: float = 300.0,
         allow_md5: bool = False,
@@ -103,7 +103,8 @@ class DigestVerifier:
         if not realm or '"' in realm or "\\" in realm:
             raise ValueError("realm must be non-empty and free of quotes and backslashes")
         self.realm = realm
-        self.accounts = dict(accounts)
+        # A dict, or any mapping-like object with get(user) (NodeAccounts derives accounts on demand).
+        self.accounts = dict(accounts) if isinstance(accounts, dict) else accounts
         self.nonce_lifetime = nonce_lifetime
         self.allow_md5 = allow_md5
         self._key = server_key or os.urandom(32)
@@ -181,7 +182,9 @@ class DigestVerifier:
         now = self._clock()
         if now - issued_at > self.nonce_lifetime:
             return DigestResult(None, stale=True, reason="nonce expired")
-        if not self._advance_nc(params["nonce"], int(nc_text, 16), issued_at, now):
+        # Counted per (user, nonce): another account that saw this nonce on the wire cannot
+        # advance the count and make this client's next request look replayed.
+        if not self._advance_nc(f"{account.user}\0{params['nonce']}", int(nc_text, 16), issued_at, now):
             return DigestResult(None, reason="nonce count replayed")
         return DigestResult(account)
 

@@ -18,7 +18,7 @@ import re
 import shlex
 from typing import TYPE_CHECKING
 
-from pilot.protocol import BATCH_ENV, MAX_MEMORY_MB, MAX_SLOT_LEN
+from pilot.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
 from service_adapter.launchers import LAUNCHERS, Launcher, check_launcher_name, resolve_launcher
 
 if TYPE_CHECKING:
@@ -187,15 +187,16 @@ def pilot_arguments(job: PilotJob) -> list[str]:
 
 
 def pilot_argv(job: PilotJob, template: JobTemplate) -> list[str]:
-    """The per-node command: ``[sudo -n --preserve-env=<BATCH_ENV>] pilot_command reserve ...``.
+    """The per-node command: ``[sudo -n --preserve-env=<PILOT_ENV>] pilot_command reserve ...``.
 
     ``-n`` because nobody can type a password in a batch job (sudo fails
     instead of waiting); ``--preserve-env`` because sudo would otherwise
-    drop the batch variables the pilot reads (its walltime, node name).
+    drop the batch variables the pilot reads (its walltime, node name) and
+    the slot's secret.
     """
     words = []
     if template.sudo:
-        words += [template.sudo, "-n", "--preserve-env=" + ",".join(BATCH_ENV)]
+        words += [template.sudo, "-n", "--preserve-env=" + ",".join(PILOT_ENV)]
     return words + [template.pilot_command, *pilot_arguments(job)]
 
 
@@ -223,6 +224,8 @@ def check_job(job: PilotJob) -> None:
         raise JobScriptError(f"contact {job.contact!r} is not a URL")
     if not isinstance(job.pilot_config, str) or (job.pilot_config and not _is_abs_path(job.pilot_config)):
         raise JobScriptError(f"pilot_config {job.pilot_config!r} must be an absolute path on the nodes")
+    if not is_key(job.slot_secret):
+        raise JobScriptError("the job's slot secret must be 64 lowercase hex digits")
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -296,9 +299,12 @@ def _exec_line(job: PilotJob, template: JobTemplate, launcher: Launcher | str, l
         argv = launcher(pilot_argv(job, template), job.nodes)
     except ValueError as exc:
         raise JobScriptError(str(exc)) from None
+    # The slot's secret rides in the job's environment to every node (the launcher passes it on, sudo
+    # keeps it): never in argv, which any user on a node can read. The script itself is 0600.
     # exec: the pilots' launcher becomes the job's main process, so the LRM's
     # SIGTERM on cancel reaches it directly rather than a waiting shell.
-    return "exec " + " ".join(shlex.quote(word) for word in argv)
+    return (f"{SLOT_SECRET_ENV}={job.slot_secret}; export {SLOT_SECRET_ENV}\n"
+            "exec " + " ".join(shlex.quote(word) for word in argv))
 
 
 # -- extra directives and the typed fields they may fight --------------------------------------

@@ -447,7 +447,7 @@ class LeaseManager:
         log.info("lease %s created for %s: %d x %d MB for %g s (slot %s)",
                  lease_id, owner, nodes, memory_mb, duration_s, slot)
         job = PilotJob(slot, nodes, memory_mb, duration_s, self.grace_s, self.contact, self.pilot_config,
-                       lease=lease_id)
+                       lease=lease_id, slot_secret=self.store.slot_secret(slot))
         submit_started = self.clock()
         try:
             job_id = self.provider.submit(job)

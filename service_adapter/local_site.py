@@ -1,8 +1,9 @@
 """The embedded default: a whole workspace site on one machine, for demos, tests and benchmarks.
 
 A :class:`LocalSite` holds the store (SQLite on disk), the receiver on
-127.0.0.1, a pilot account (its secret kept in the workdir), a pilot configuration file for the local
-"nodes", the local provider and a lease manager (its thread running).
+127.0.0.1, a site key (kept in the workdir) and a key for each simulated node (made when the local
+provider starts its pilot), a pilot configuration file for the local "nodes", the local provider and a
+lease manager (its thread running).
 Closing it stops the manager, every pilot (by pid) and the receiver.
 """
 
@@ -12,33 +13,36 @@ import json
 import os
 import secrets
 
+from pilot.credentials import HOST_PLACEHOLDER
+from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LeaseManager
+from service_adapter.nodekeys import NodeAccounts, is_key, new_site_key, provision_node_key
 from service_adapter.providers.local import LocalProvider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.vms import VmManager
 
 REALM = "workspace-pilot"
-PILOT_USER = "pilot"
 OPERATOR_REALM = "workspace-operators"
 OPERATOR_USER = "operator"
 SITE_FILE = "site.json"
 
 
 def write_pilot_config(
-    path: str, *, contact: str, user: str, secret: str, realm: str, log_dir: str,
+    path: str, *, contact: str, node_key_file: str, log_dir: str,
     journal_dir: str = "/var/lib/workspace-pilot", reserved_timeout_s: float = 30.0,
     request_timeout_s: float = 5.0, sections: dict[str, dict[str, object]] | None = None,
 ) -> None:
-    """Write a pilot configuration file readable by its owner only (it holds the secret).
+    """Write a pilot configuration file readable by its owner only.
 
+    ``node_key_file`` may hold ``{host}`` (one key file per simulated node).
     ``sections`` adds options, e.g. ``{"memory": {"backend": "cgroup", "cgroup": "/sys/..."}}``.
     """
     options: dict[str, dict[str, object]] = {
         "service": {
-            "contact": contact, "user": user, "secret": secret, "realm": realm,
+            "contact": contact, "node_key_file": node_key_file,
             "request_timeout": f"{request_timeout_s:g}", "reserved_timeout": f"{reserved_timeout_s:g}",
         },
         "journal": {"dir": journal_dir},
@@ -65,8 +69,9 @@ class LocalSite:
     stopped (the caller ticks, or waits with :meth:`LeaseManager.wait`,
     which ticks for it).
 
-    The pilot account's secret and the receiver's port are kept in
-    ``workdir`` (``site.json``, mode 0600): a new LocalSite over the same
+    The site key and the receiver's port are kept in ``workdir``
+    (``site.json``, mode 0600), the nodes' keys in ``workdir/node-keys``
+    (written when the local provider starts a pilot on a node): a new LocalSite over the same
     workdir is the same service restarted, and the pilots still running
     from before keep reporting to it. ``close(stop_pilots=False)`` is the
     service going away while its pilots go on.
@@ -83,16 +88,20 @@ class LocalSite:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
         saved = _load_site(workdir)
-        secret = saved.get("secret") or secrets.token_urlsafe(24)
-        self.account = Account.from_secret(PILOT_USER, REALM, secret)
-        self.verifier = DigestVerifier(REALM, {PILOT_USER: self.account})
+        site_key = saved.get("site_key") if is_key(saved.get("site_key")) else new_site_key()
+        self.nodes = NodeAccounts(site_key, REALM)
+        self.verifier = DigestVerifier(REALM, self.nodes)
+        self.node_key_dir = os.path.join(workdir, "node-keys")
         self.store = Store(os.path.join(workdir, "service.sqlite"))
         self.board = CommandBoard()
         self.log_dir = os.path.join(workdir, "logs")
         self.provider = provider if provider is not None else LocalProvider(self.log_dir)
+        # A simulated node gets its key the way a real one would from its admin: before its first pilot.
+        self.provider.prepare_node = lambda host: provision_node_key(self.node_key_dir, site_key, host)
         self.pilot_config = os.path.join(workdir, "pilot.conf")
         self.operator_secret = saved.get("operator_secret") or secrets.token_urlsafe(24)
-        app = make_app(self.store, self.verifier, max_skew_s, board=self.board)
+        app = make_app(self.store, self.verifier, max_skew_s, board=self.board,
+                       allocations=Allocations(self.provider))
         # The manager is built before the receiver starts (the API needs it); its contact is set once the
         # port is known, before its thread or any reserve can use it.
         self.leases = LeaseManager(
@@ -112,12 +121,12 @@ class LocalSite:
         except BaseException:
             self.store.close()
             raise
-        _save_site(workdir, {"secret": secret, "port": self.receiver.port, "operator_secret": self.operator_secret})
+        _save_site(workdir, {"site_key": site_key, "port": self.receiver.port, "operator_secret": self.operator_secret})
         self.contact = contact or self.url
         self.leases.contact = self.contact
         write_pilot_config(
-            self.pilot_config, contact=self.contact, user=PILOT_USER, secret=secret, realm=REALM,
-            log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
+            self.pilot_config, contact=self.contact,
+            node_key_file=os.path.join(self.node_key_dir, f"{HOST_PLACEHOLDER}.key"), log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
             sections=pilot_sections,
         )
         if start_manager:

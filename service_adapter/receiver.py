@@ -1,20 +1,24 @@
 """The HTTP endpoints of the pilots: ``POST /pilot/v2/notifications`` and the command long-poll.
 
-Checks run cheapest-first and each refusal changes nothing:
-digest (401) -> size (413) -> body signature (401) -> JSON and fields (400)
--> clock skew (422) -> slot and seq, decided by the store (404, 409). A
-notification is answered 200 only after the store has committed it.
+Checks run cheapest-first and each refusal changes nothing: digest (401)
+-> size (413) -> JSON and fields (400) -> the host is the node that
+authenticated (403) -> the slot is known (404) -> the body signature with
+that (slot, host)'s key (401) -> clock skew (422) -> on a host's first
+report, the batch system gave that host to the slot's job (403; 503 while
+it cannot say) -> claims, slot and seq, decided by the store (422, 404,
+409). A notification is answered 200 only after the store has committed it.
 
 ``GET /pilot/v2/slots/{slot}/hosts/{host}/commands?after=N&wait=S``
 answers at once with the commands above ``N`` for that pilot, or holds the
 request up to ``S`` seconds (at most ``MAX_POLL_WAIT_S``) until one is
 queued (:mod:`service_adapter.commandboard` wakes it, and answers every
 waiting poll at once when the receiver shuts down). 401 without a valid
-digest, 400 for a malformed query, 404 when the slot or host is unknown,
-the host has not reserved, has ended its hold or was given up as lost, or
-the lease has ended: the pilot then gives the node back. The answer
-carries ``X-Pilot-Signature``, an HMAC over the request target and the
-body, so a pilot acts only on commands from the service it trusts.
+digest, 400 for a malformed query, 403 for another host's commands, 404
+when the slot or host is unknown, the host has not reserved, has ended its
+hold or was given up as lost, or the lease has ended: the pilot then gives
+the node back. The answer carries ``X-Pilot-Signature``, an HMAC over the
+request target and the body with that (slot, host)'s key, which no other
+node holds, so a pilot acts only on commands meant for it.
 
 aiohttp serves it: one event loop handles many pilots' keep-alive
 connections cheaply, and the blocking SQLite commit runs in the store's
@@ -47,9 +51,11 @@ from pilot.protocol import (
     signature_matches,
     utc_now,
 )
+from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
 from service_adapter.digest import DigestVerifier
+from service_adapter.nodekeys import NodeAccounts
 from service_adapter.refusals import REFUSALS
 from service_adapter.store import HOLD_ENDED, Store, Verdict
 
@@ -59,6 +65,8 @@ STORE_KEY = web.AppKey("store", Store)
 VERIFIER_KEY = web.AppKey("verifier", DigestVerifier)
 SKEW_KEY = web.AppKey("max_skew", timedelta)
 BOARD_KEY = web.AppKey("command_board", CommandBoard)
+NODES_KEY = web.AppKey("nodes", NodeAccounts)
+ALLOCATIONS_KEY = web.AppKey("allocations", object)
 _AFTER_RE = re.compile(r"[0-9]{1,19}")
 _WAIT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 #: The most commands one poll answer carries (the rest come with the next poll).
@@ -97,14 +105,23 @@ async def handle_notification(request: web.Request) -> web.Response:
     except BodyTimeout as exc:
         REFUSALS.refused(request.remote, "notification: %s", exc)
         return _answer(408, "timeout", str(exc))
-    if not signature_matches(auth.account.ha1_sha256, body, request.headers.get(SIGNATURE_HEADER)):
-        REFUSALS.refused(request.remote, "notification: bad body signature")
-        return _unauthorized(verifier, "missing or wrong " + SIGNATURE_HEADER)
     try:
         notification = Notification.from_json(body)
     except ProtocolError as exc:
         REFUSALS.refused(request.remote, "notification: %s", exc)
         return _answer(exc.status, "invalid", str(exc))
+    node = auth.account.user
+    if notification.host != node:
+        REFUSALS.refused(request.remote, "node %s sent a notification as host %s", node, notification.host)
+        return _answer(403, "forbidden", f"authenticated as node {node}: a node speaks only for itself")
+    store = request.app[STORE_KEY]
+    access = store.slot_access(notification.slot, node)
+    if access is None:
+        return _answer(404, "unknown-slot")
+    key = request.app[NODES_KEY].slot_key(node, notification.slot, access.secret)
+    if not signature_matches(key, body, request.headers.get(SIGNATURE_HEADER)):
+        REFUSALS.refused(request.remote, "notification of %s/%s: bad body signature", notification.slot, node)
+        return _unauthorized(verifier, "missing or wrong " + SIGNATURE_HEADER + " (this slot's key on this node)")
     skew = abs(utc_now() - parse_time(notification.sent_at))
     if skew > request.app[SKEW_KEY]:
         REFUSALS.refused(
@@ -112,7 +129,10 @@ async def handle_notification(request: web.Request) -> web.Response:
             notification.slot, notification.host, notification.seq, skew.total_seconds(),
         )
         return _answer(422, "skew", f"sent_at is {skew.total_seconds():.1f} s off the service clock")
-    store = request.app[STORE_KEY]
+    if not access.host_known:
+        refusal = await _check_allocation(request, notification.slot, node, access.job_id)
+        if refusal is not None:
+            return refusal
     verdict = await asyncio.wrap_future(store.record_notification(
         notification, body, auth.account.user, slack_s=request.app[SKEW_KEY].total_seconds(),
     ))
@@ -127,6 +147,24 @@ async def handle_notification(request: web.Request) -> web.Response:
             notification.slot, notification.host, notification.seq, verdict.name.lower(),
         )
     return _answer(verdict.status, verdict.result, verdict.detail)
+
+
+async def _check_allocation(request: web.Request, slot: str, host: str, job_id: str | None) -> web.Response | None:
+    """None if the batch system gave ``host`` to the slot's job; else the answer that refuses it."""
+    allocations = request.app[ALLOCATIONS_KEY]
+    if allocations is None:
+        return None  # a receiver without a batch system (tests of the protocol alone)
+    if job_id is None:
+        return _answer(503, "allocation-unknown", "the slot's job is not submitted yet: try again",
+                       headers={"Retry-After": "1"})
+    holds = await asyncio.get_running_loop().run_in_executor(None, allocations.holds, job_id, host)
+    if holds is None:
+        return _answer(503, "allocation-unknown", f"the batch system cannot say yet which nodes job {job_id} has: "
+                       "try again", headers={"Retry-After": "1"})
+    if not holds:
+        REFUSALS.refused(request.remote, "host %s is not in the allocation of job %s (slot %s)", host, job_id, slot)
+        return _answer(403, "not-allocated", f"the batch system did not give host {host} to this slot's job")
+    return None
 
 
 def _poll_query(request: web.Request) -> tuple[int, float]:
@@ -163,10 +201,14 @@ async def handle_commands(request: web.Request) -> web.Response:
         after, wait = _poll_query(request)
     except ProtocolError as exc:
         return _answer(400, "invalid", str(exc))
+    if host != auth.account.user:
+        REFUSALS.refused(request.remote, "node %s polled the commands of host %s", auth.account.user, host)
+        return _answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node polls only its own commands")
     store, board = request.app[STORE_KEY], request.app[BOARD_KEY]
     found = store.pilot(slot, host)
+    access = store.slot_access(slot, host)
     if found is None or found[1] or found[0].reserved_at is None or found[0].state in HOLD_ENDED \
-            or found[0].lost_at is not None:
+            or found[0].lost_at is not None or access is None:
         return _answer(404, "unknown-slot", "no held slot for this host: give the node back")
     target = (slot, host)
     loop = asyncio.get_running_loop()
@@ -187,13 +229,20 @@ async def handle_commands(request: web.Request) -> web.Response:
         board.poll_ended(target)
     body = json.dumps({"commands": [dict(command, id=cid) for cid, command in commands]},
                       separators=(",", ":")).encode()
-    signature = sign_commands(auth.account.ha1_sha256, request.raw_path, body)
+    key = request.app[NODES_KEY].slot_key(host, slot, access.secret)
+    signature = sign_commands(key, request.raw_path, body)
     return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
 
 
 def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
-             board: CommandBoard | None = None, guard: ConnectionGuard | None = None) -> web.Application:
+             board: CommandBoard | None = None, guard: ConnectionGuard | None = None, *,
+             allocations: Allocations | None = None) -> web.Application:
     """The receiver as an aiohttp application (bodies over the cap are refused while read).
+
+    ``verifier`` holds the pilots' accounts, a :class:`NodeAccounts`: one per
+    node, whose user name is the host it may speak for. ``allocations``
+    checks a host against its slot's job the first time it reports; None
+    only for a receiver with no batch system behind it (protocol tests).
 
     ``board`` (one is made if None) is where command polls wait; the store
     wakes it after each commit that queues commands. ``guard`` (one with
@@ -205,6 +254,10 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
     app[GUARD_KEY] = guard
     app[STORE_KEY] = store
     app[VERIFIER_KEY] = verifier
+    if not isinstance(verifier.accounts, NodeAccounts):
+        raise TypeError("the pilots' verifier must hold NodeAccounts (one account per node)")
+    app[NODES_KEY] = verifier.accounts
+    app[ALLOCATIONS_KEY] = allocations
     app[SKEW_KEY] = timedelta(seconds=max_skew_s)
     board = board if board is not None else CommandBoard()
     app[BOARD_KEY] = board

@@ -67,10 +67,11 @@ def build(config: ServiceConfig):
     from service_adapter.digest import DigestVerifier
     from service_adapter.lease import LeaseManager
     from service_adapter.providers import make_provider
+    from service_adapter.allocation import Allocations
     from service_adapter.receiver import make_app
     from service_adapter.store import Store
 
-    pilots = DigestVerifier(config.realm, {config.pilot_user: config.pilot_account()})
+    pilots = DigestVerifier(config.realm, config.node_accounts())
     operators = DigestVerifier(config.operator_realm, config.operator_accounts())
     try:
         os.makedirs(os.path.dirname(config.store), mode=0o700, exist_ok=True)
@@ -80,6 +81,13 @@ def build(config: ServiceConfig):
     board = CommandBoard()
     try:
         provider = make_provider(config.provider_settings())
+        if config.provider == "local":
+            # Simulated nodes get their keys from the service itself, where their pilot config
+            # must look: <state_dir>/node-keys/{host}.key.
+            from service_adapter.nodekeys import provision_node_key
+
+            key_dir = os.path.join(config.state_dir, "node-keys")
+            provider.prepare_node = lambda host: provision_node_key(key_dir, config.site_key, host)
         manager = LeaseManager(
             store, provider, contact=config.pilot_contact, pilot_config=config.pilot_config,
             grace_s=config.grace_s, queue_timeout_s=config.queue_timeout_s,
@@ -91,7 +99,7 @@ def build(config: ServiceConfig):
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {_one_line(exc)}") from None
     guard = ConnectionGuard(config.max_connections or None, config.request_timeout_s)
-    app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard)
+    app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider))
     add_api(app, manager, operators, vms=vms)
     return store, provider, manager, app
 

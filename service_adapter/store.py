@@ -36,17 +36,22 @@ from typing import Callable
 
 from pilot.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, VmSpec, epoch_micros, parse_time
 from service_adapter import vmstore
+from service_adapter.nodekeys import new_slot_secret
 from service_adapter.vmstore import CommandRow, VmRow
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Older versions this one upgrades in place (each step only adds), and how.
 _UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
     3: "ALTER TABLE slots ADD COLUMN submit_started_at REAL; ALTER TABLE slots ADD COLUMN submitted_at REAL;",
+    4: "ALTER TABLE slots ADD COLUMN secret TEXT;",
 }
+#: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
+#: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
+_FIRST_WITH_SLOT_SECRETS = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -79,7 +84,8 @@ CREATE TABLE IF NOT EXISTS slots (
     job_id      TEXT,
     created_at  REAL NOT NULL,
     submit_started_at REAL,
-    submitted_at      REAL
+    submitted_at      REAL,
+    secret      TEXT
 );
 CREATE TABLE IF NOT EXISTS pilots (
     slot_id     TEXT NOT NULL REFERENCES slots(id),
@@ -205,6 +211,18 @@ class PilotRow:
     """When the service accepted this host's latest notification."""
     lost_at: float | None = None
     """When the service gave this host up for lost (it stopped polling for commands); None: it has not."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotAccess:
+    """A slot as the receiver checks requests against it."""
+
+    secret: str = dataclasses.field(repr=False)
+    """The slot's secret (with a node's key, it makes that (slot, host)'s signing key)."""
+    job_id: str | None
+    """The LRM's job id, once the submit returned."""
+    host_known: bool
+    """Whether this host has reported for the slot before (it was checked against the allocation then)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +379,15 @@ class Store:
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         (tables,) = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+        if tables and version in _UPGRADES and version < _FIRST_WITH_SLOT_SECRETS:
+            (in_flight,) = conn.execute("SELECT COUNT(*) FROM leases WHERE ended_at IS NULL").fetchone()
+            if in_flight:
+                conn.close()
+                raise StoreError(
+                    f"store {self.path} has {in_flight} lease(s) in flight from before per-node credentials "
+                    f"(schema version {version}); their pilots hold the old shared secret and would be refused: "
+                    "release them (or let them end) with the previous workspace-pilot, then start this one"
+                )
         if tables and version in _UPGRADES:
             # Additive upgrades only: new columns and tables, in one transaction with the new version.
             steps = "".join(_UPGRADES[v] for v in sorted(_UPGRADES) if v >= version)
@@ -468,8 +495,9 @@ class Store:
         def write(conn: sqlite3.Connection) -> None:
             _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id)
             conn.execute(
-                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at) VALUES (?, ?, ?, ?, NULL, ?)",
-                (slot_id, lease_id, nodes, memory_mb, now),
+                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at, secret)"
+                " VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                (slot_id, lease_id, nodes, memory_mb, now, new_slot_secret()),
             )
 
         self.submit(write).result()
@@ -485,17 +513,20 @@ class Store:
             lambda conn: _insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, at, "", None)
         ).result()
 
-    def add_slot(self, slot_id: str, lease_id: str, nodes: int, memory_mb: int) -> None:
-        """Record a slot (one pilot job) of a lease, before its job is submitted."""
+    def add_slot(self, slot_id: str, lease_id: str, nodes: int, memory_mb: int) -> str:
+        """Record a slot (one pilot job) of a lease, before its job is submitted; returns the slot's new secret."""
+        secret = new_slot_secret()
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at) VALUES (?, ?, ?, ?, NULL, ?)",
-                (slot_id, lease_id, nodes, memory_mb, time.time()),
+                "INSERT INTO slots (id, lease_id, nodes, memory_mb, job_id, created_at, secret)"
+                " VALUES (?, ?, ?, ?, NULL, ?, ?)",
+                (slot_id, lease_id, nodes, memory_mb, time.time(), secret),
             )
             conn.execute("UPDATE leases SET slot = COALESCE(slot, ?) WHERE id = ?", (slot_id, lease_id))
 
         self.submit(write).result()
+        return secret
 
     def set_job_id(self, slot_id: str, job_id: str, reason: str | None = None,
                    submitted: tuple[float, float] | None = None) -> None:
@@ -784,6 +815,23 @@ class Store:
             f"SELECT TOTAL(node_seconds), TOTAL(mb_seconds), COUNT(DISTINCT lease_id) FROM usage{where}", params
         ).fetchone()
         return node_s, mb_s, leases
+
+    def slot_access(self, slot_id: str, host: str) -> SlotAccess | None:
+        """What the receiver needs to judge a request for (slot, host); None for an unknown slot
+        or one from before per-slot secrets."""
+        row = self._reader().execute(
+            "SELECT s.secret, s.job_id, EXISTS(SELECT 1 FROM pilots p WHERE p.slot_id = s.id AND p.host = ?)"
+            " FROM slots s WHERE s.id = ?",
+            (host, slot_id),
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return SlotAccess(row[0], row[1], bool(row[2]))
+
+    def slot_secret(self, slot_id: str) -> str | None:
+        """The slot's secret (for its job's environment), or None for an unknown slot."""
+        access = self.slot_access(slot_id, "")
+        return access.secret if access else None
 
     def pilots(self, slot_id: str) -> list[PilotRow]:
         """Every pilot that has reported for ``slot_id``, ordered by host."""

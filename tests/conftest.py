@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -17,16 +18,22 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import SIGNATURE_HEADER, Notification, format_time, sign, utc_now
-from service_adapter.digest import Account, DigestVerifier
+from pilot.credentials import HOST_PLACEHOLDER
+from pilot.protocol import SIGNATURE_HEADER, SLOT_SECRET_ENV, Notification, format_time, sign, utc_now
+from service_adapter.digest import DigestVerifier
 from service_adapter.local_site import write_pilot_config
+from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 NR_HUGEPAGES = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
 REALM = "workspace-pilot"
-USER = "pilot"
+#: Every slot secret a test Service handed out, so that start_pilot can put it in the pilot's environment
+#: as the slot's job would.
+SLOT_SECRETS: dict[str, str] = {}
+#: The simulated nodes a test Service provisions keys for.
+TEST_HOSTS = tuple(f"node{i}" for i in range(1, 9))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -69,12 +76,22 @@ def _pool_checked():
 
 
 class Service:
-    """A real receiver (aiohttp on 127.0.0.1) with a real SQLite store and one pilot account."""
+    """A real receiver (aiohttp on 127.0.0.1) with a real SQLite store and node accounts from a site key.
+
+    Keys for node1..node4 are written to ``<workdir>/node-keys/<host>.key``
+    (:meth:`node_key_file` is the pilot config's template for them). There
+    is no batch system behind it: any host within a slot's node count may
+    report (the allocation check is tested with real providers).
+    """
 
     def __init__(self, workdir: str, *, verifier_options=None, max_skew_s: float = 300.0):
-        self.secret = "s3cret-" + uuid.uuid4().hex[:8]
-        self.account = Account.from_secret(USER, REALM, self.secret, md5=True)
-        self.verifier = DigestVerifier(REALM, {USER: self.account}, **(verifier_options or {}))
+        self.site_key = new_site_key()
+        self.nodes = NodeAccounts(self.site_key, REALM, md5=True)
+        self.verifier = DigestVerifier(REALM, self.nodes, **(verifier_options or {}))
+        self.key_dir = os.path.join(workdir, "node-keys")
+        for host in TEST_HOSTS:
+            provision_node_key(self.key_dir, self.site_key, host)
+        self.slot_secrets: dict[str, str] = {}
         self.store = Store(os.path.join(workdir, "service.sqlite"))
         self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s))
         self.url = self.receiver.start()
@@ -82,11 +99,24 @@ class Service:
         self.lease = "lease-" + uuid.uuid4().hex[:8]
         self.store.add_lease(self.lease, 4, 64, 60)
 
-    def add_slot(self, nodes: int = 1) -> str:
-        """A new slot the service knows about."""
+    def add_slot(self, nodes: int = 1, memory_mb: int = 64) -> str:
+        """A new slot the service knows about (its secret in :attr:`slot_secrets` and :data:`SLOT_SECRETS`)."""
         slot = str(uuid.uuid4())
-        self.store.add_slot(slot, self.lease, nodes, 64)
+        secret = self.store.add_slot(slot, self.lease, nodes, memory_mb)
+        self.slot_secrets[slot] = SLOT_SECRETS[slot] = secret
         return slot
+
+    def node_key(self, host: str = "node1") -> str:
+        """``host``'s node key (its digest password)."""
+        return self.nodes.node_key(host)
+
+    def node_key_file(self) -> str:
+        """The pilot config's ``node_key_file``: one file per test host."""
+        return os.path.join(self.key_dir, f"{HOST_PLACEHOLDER}.key")
+
+    def sign_key(self, slot: str, host: str = "node1") -> str:
+        """The key of (slot, host)'s bodies and command answers."""
+        return self.nodes.slot_key(host, slot, self.slot_secrets[slot])
 
     def send_release(self, slot: str, host: str) -> None:
         """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
@@ -97,16 +127,25 @@ class Service:
             lambda conn: vmstore.queue_command(conn, slot, host, {"op": "release"}, now, self.store._wake_target)
         ).result()
 
-    def session(self, secret: str | None = None) -> requests.Session:
-        """A requests session with digest auth as the pilot account."""
+    def session(self, host: str = "node1", key: str | None = None) -> requests.Session:
+        """A requests session with digest auth as node ``host`` (with its key unless ``key`` is given)."""
         session = requests.Session()
-        session.auth = HTTPDigestAuth(USER, secret or self.secret)
+        session.auth = HTTPDigestAuth(host, key or self.node_key(host))
         return session
 
     def post(self, session: requests.Session, body: bytes, signature: str | None = None) -> requests.Response:
-        """POST a raw body, signed with the account's key unless ``signature`` is given."""
-        headers = {SIGNATURE_HEADER: signature or sign(self.account.ha1_sha256, body)}
-        return session.post(self.notifications_url, data=body, headers=headers, timeout=10)
+        """POST a raw body, signed with its (slot, host)'s key unless ``signature`` is given.
+
+        A body that names no slot this service handed out is signed with a key of no one's.
+        """
+        if signature is None:
+            try:
+                named = json.loads(body)
+                key = self.sign_key(named["slot"], named["host"])
+            except (ValueError, TypeError, KeyError):
+                key = "0" * 64
+            signature = sign(key, body)
+        return session.post(self.notifications_url, data=body, headers={SIGNATURE_HEADER: signature}, timeout=10)
 
     def close(self) -> None:
         self.receiver.stop()
@@ -135,24 +174,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pilot_config(tmp_path, contact: str, secret: str, **options) -> str:
+def throwaway_node_keys(tmp_path) -> str:
+    """Keys for node1..node4 from a site key no service has (for pilots that talk to no real service);
+    returns the config's node_key_file template."""
+    directory = str(tmp_path / "throwaway-node-keys")  # not a Service's node-keys: those are real
+    site_key = new_site_key()
+    for host in TEST_HOSTS:
+        provision_node_key(directory, site_key, host)
+    return os.path.join(directory, f"{HOST_PLACEHOLDER}.key")
+
+
+def pilot_config(tmp_path, contact: str, node_key_file: str, **options) -> str:
     """Write a pilot config under ``tmp_path`` (its own journal and log dirs); returns its path."""
     path = str(tmp_path / "pilot.conf")
     write_pilot_config(
-        path, contact=contact, user=USER, secret=secret, realm=REALM,
+        path, contact=contact, node_key_file=node_key_file,
         log_dir=str(tmp_path / "logs"), journal_dir=str(tmp_path / "journal"), **options,
     )
     return path
 
 
 def start_pilot(config: str, slot: str, *, memory: int = 64, duration: float = 30, grace: float = 5,
-                host: str = "node1", extra: tuple = (), pause_at: str | None = None) -> subprocess.Popen:
-    """Start ``workspace-pilot reserve`` as a real process (paused at a fault checkpoint if asked)."""
+                host: str = "node1", extra: tuple = (), pause_at: str | None = None,
+                slot_secret: str | None = None) -> subprocess.Popen:
+    """Start ``workspace-pilot reserve`` as a real process (paused at a fault checkpoint if asked).
+
+    Its environment carries the slot's secret, as the slot's job would: ``slot_secret``, else the one
+    a test Service gave the slot (a made-up one for a slot no Service knows).
+    """
     argv = [
         sys.executable, "-m", "pilot", "reserve", "--slot", slot, "--memory", str(memory),
         "--duration", str(duration), "--grace", str(grace), "--config", config, "--host", host, *extra,
     ]
-    env = dict(os.environ, WORKSPACE_PILOT_TEST_PAUSE_AT=pause_at) if pause_at else None
+    env = dict(os.environ)
+    env[SLOT_SECRET_ENV] = slot_secret or SLOT_SECRETS.get(slot) or "0" * 64
+    if pause_at:
+        env["WORKSPACE_PILOT_TEST_PAUSE_AT"] = pause_at
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 

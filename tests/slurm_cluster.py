@@ -21,11 +21,13 @@ import subprocess
 import sys
 import time
 
+from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
-from service_adapter.digest import Account, DigestVerifier
+from service_adapter.digest import DigestVerifier
 from service_adapter.jobscript import JobTemplate
 from service_adapter.lease import LeaseManager
 from service_adapter.local_site import write_pilot_config
+from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
@@ -37,7 +39,6 @@ PILOT = os.path.realpath(os.path.join(os.path.dirname(sys.executable), "workspac
 SUDO = shutil.which("sudo") or "/usr/bin/sudo"
 TERMINAL = {"released", "expired", "failed", "missing"}
 REALM = "workspace-pilot"
-USER = "pilot"
 WALLTIME_MARGIN_S = 20
 
 
@@ -252,7 +253,12 @@ class ServiceOnCluster:
         self.queue_timeout_s = queue_timeout_s
         self.extra_directives = extra_directives
         self.grace_s = grace_s
-        self.secret = "pilot-secret-" + os.urandom(6).hex()
+        # The site key, and each node's key installed as on real nodes (one directory here: the
+        # cluster's nodes share this machine's disk, so the pilot config names <dir>/{host}.key).
+        self.site_key = new_site_key()
+        self.node_key_dir = os.path.join(workdir, "node-keys")
+        for node in cluster.nodes:
+            provision_node_key(self.node_key_dir, self.site_key, node)
         self.store_path = store_path or os.path.join(workdir, "service.sqlite")
         self.log_dir = os.path.join(workdir, "logs")
         self.journal_dir = os.path.join(workdir, "journal")
@@ -265,20 +271,24 @@ class ServiceOnCluster:
 
     def open(self, contact=None) -> None:
         """Start (or start again) the service side over the same store file: what a restart does."""
-        account = Account.from_secret(USER, REALM, self.secret)
+        self.nodes = NodeAccounts(self.site_key, REALM)
         self.store = Store(self.store_path)
         self.board = CommandBoard()
-        self.receiver = ReceiverThread(make_app(self.store, DigestVerifier(REALM, {USER: account}), board=self.board),
-                                       port=getattr(self, "port", 0))
+        self.provider = self.provider_for(PILOT)
+        self.receiver = ReceiverThread(
+            make_app(self.store, DigestVerifier(REALM, self.nodes), board=self.board,
+                     allocations=Allocations(self.provider)),
+            port=getattr(self, "port", 0),
+        )
         self.url = self.receiver.start()
         self.port = self.receiver.port
         if not os.path.exists(self.pilot_config):
             write_pilot_config(
-                self.pilot_config, contact=contact or self.url, user=USER, secret=self.secret, realm=REALM,
+                self.pilot_config, contact=contact or self.url,
+                node_key_file=os.path.join(self.node_key_dir, "{host}.key"),
                 log_dir=self.log_dir, journal_dir=self.journal_dir,
                 sections=self.pilot_sections,
             )
-        self.provider = self.provider_for(PILOT)
         self.manager = LeaseManager(
             self.store, self.provider, contact=contact or self.url, pilot_config=self.pilot_config,
             grace_s=self.grace_s, queue_timeout_s=self.queue_timeout_s, release_grace_s=15,

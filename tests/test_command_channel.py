@@ -42,10 +42,11 @@ from pilot.protocol import (
     sign_commands,
 )
 from service_adapter.commandboard import CommandBoard
-from service_adapter.digest import Account, DigestVerifier
+from service_adapter.digest import DigestVerifier
 from service_adapter.receiver import POLL_BATCH, ReceiverThread, make_app
 from service_adapter.store import Store
-from tests.conftest import REALM, USER, notification
+from service_adapter.nodekeys import NodeAccounts, new_site_key
+from tests.conftest import REALM, notification
 
 SHA = "0123456789abcdef" * 4
 
@@ -75,13 +76,11 @@ def vm_spec(name: str, memory_mb: int = 16) -> VmSpec:
 
 
 class Channel:
-    """The receiver (real aiohttp on a free loopback port), its SQLite store, a hand-clocked board, a pilot account."""
+    """The receiver (real aiohttp on a free loopback port), its SQLite store, a hand-clocked board, node accounts."""
 
     def __init__(self, root, store_path: str | None = None):
-        self.secret = "s3cret-" + uuid.uuid4().hex[:8]
-        self.account = Account.from_secret(USER, REALM, self.secret)
-        self.ha1 = self.account.ha1_sha256
-        self.verifier = DigestVerifier(REALM, {USER: self.account})
+        self.nodes = NodeAccounts(new_site_key(), REALM)
+        self.verifier = DigestVerifier(REALM, self.nodes)
         self.store = Store(store_path or str(root / "service.sqlite"))
         self.clock = FakeClock()
         self.board = CommandBoard(clock=self.clock)
@@ -94,17 +93,23 @@ class Channel:
         self.receiver.stop()
         self.store.close()
 
-    def session(self, secret: str | None = None) -> requests.Session:
-        """A new session that authenticates as the pilot account (with ``secret`` if given)."""
+    def session(self, host: str = "node1", key: str | None = None) -> requests.Session:
+        """A new session that authenticates as node ``host`` (with ``key`` instead of its own if given)."""
         session = requests.Session()
-        session.auth = HTTPDigestAuth(USER, secret or self.secret)
+        session.auth = HTTPDigestAuth(host, key or self.nodes.node_key(host))
         return session
 
-    def _thread_session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = self.session()
-        return session
+    def key(self, slot: str, host: str = "node1") -> str:
+        """The key of (slot, host)'s bodies and command answers."""
+        return self.nodes.slot_key(host, slot, self.store.slot_secret(slot))
+
+    def _thread_session(self, host: str) -> requests.Session:
+        sessions = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = self._local.sessions = {}
+        if host not in sessions:
+            sessions[host] = self.session(host)
+        return sessions[host]
 
     # -- the pilots' notifications -------------------------------------------------------
 
@@ -112,9 +117,9 @@ class Channel:
         """One signed notification from (slot, host) with its next seq, over HTTP; expects ``status``."""
         seq = self._seq[(slot, host)] = self._seq.get((slot, host), 0) + 1
         body = notification(slot, seq, state, host, **fields).to_json()
-        response = self._thread_session().post(
+        response = self._thread_session(host).post(
             self.url + NOTIFICATIONS_PATH, data=body, timeout=20,
-            headers={SIGNATURE_HEADER: sign(self.ha1, body)},
+            headers={SIGNATURE_HEADER: sign(self.key(slot, host), body)},
         )
         assert response.status_code == status, response.text
         return response
@@ -151,14 +156,15 @@ class Channel:
              timeout: float = 90) -> requests.Response:
         """GET the command endpoint of (slot, host) with ``query``; the response's ``target`` is what was asked."""
         target = commands_path(slot, host) + (f"?{query}" if query else "")
-        response = (session or self.session()).get(self.url + target, timeout=timeout)
-        response.target = target
+        response = (session or self.session(host)).get(self.url + target, timeout=timeout)
+        response.target, response.slot, response.host = target, slot, host
         return response
 
     def commands(self, response: requests.Response) -> list[dict]:
         """The commands of a 200 answer, after checking its signature against the target asked."""
         assert response.status_code == 200, response.text
-        assert response.headers[SIGNATURE_HEADER] == sign_commands(self.ha1, response.target, response.content)
+        key = self.key(response.slot, response.host)
+        assert response.headers[SIGNATURE_HEADER] == sign_commands(key, response.target, response.content)
         return response.json()["commands"]
 
     def wait_parked(self, slot: str, host: str) -> None:
@@ -217,7 +223,7 @@ def test_without_or_with_a_wrong_digest_the_poll_is_401_with_a_challenge(channel
     assert bare.status_code == 401
     assert bare.headers["WWW-Authenticate"].startswith("Digest ")
     assert SIGNATURE_HEADER not in bare.headers and "commands" not in bare.json()
-    wrong = channel.poll(slot, "node1", session=channel.session("not-the-secret"))
+    wrong = channel.poll(slot, "node1", session=channel.session(key="0" * 64))
     assert wrong.status_code == 401
     assert SIGNATURE_HEADER not in wrong.headers and "commands" not in wrong.json()
     channel.clock.now += 30.0
@@ -398,16 +404,17 @@ def test_the_answer_is_signed_over_the_request_target_and_the_body(channel):
     cid = channel.start(lease_id, "vm1")
     response = channel.poll(slot, "node1", "after=0&wait=0")
     target = commands_path(slot, "node1") + "?after=0&wait=0"
-    assert response.headers[SIGNATURE_HEADER] == sign_commands(channel.ha1, target, response.content)
+    key = channel.key(slot, "node1")
+    assert response.headers[SIGNATURE_HEADER] == sign_commands(key, target, response.content)
     assert [c.id for c in parse_commands(response.content)] == [cid]
     # Bound to the target: the same body asked for with another cursor, slot or host does not verify.
     for other in (commands_path(slot, "node1") + "?after=1&wait=0", commands_path(slot, "node2") + "?after=0&wait=0",
                   commands_path(str(uuid.uuid4()), "node1") + "?after=0&wait=0"):
-        assert response.headers[SIGNATURE_HEADER] != sign_commands(channel.ha1, other, response.content)
+        assert response.headers[SIGNATURE_HEADER] != sign_commands(key, other, response.content)
     assert response.headers[SIGNATURE_HEADER] != sign_commands("0" * 64, target, response.content)
     # An empty answer is signed as well.
     empty = channel.poll(slot, "node1", f"after={cid}&wait=0")
-    assert empty.headers[SIGNATURE_HEADER] == sign_commands(channel.ha1, empty.target, empty.content)
+    assert empty.headers[SIGNATURE_HEADER] == sign_commands(key, empty.target, empty.content)
 
 
 def test_curl_digest_polls_and_gets_signed_json(channel, tmp_path):
@@ -420,19 +427,19 @@ def test_curl_digest_polls_and_gets_signed_json(channel, tmp_path):
     def curl(password: str) -> tuple[int, bytes, str]:
         body, headers = tmp_path / "body", tmp_path / "headers"
         result = subprocess.run(
-            ["curl", "--silent", "--show-error", "--digest", "--user", f"{USER}:{password}",
+            ["curl", "--silent", "--show-error", "--digest", "--user", f"node1:{password}",
              "--output", str(body), "--dump-header", str(headers), "--write-out", "%{http_code}",
              channel.url + target],
             capture_output=True, text=True, timeout=60, check=True,
         )
         return int(result.stdout), body.read_bytes(), headers.read_text()
 
-    status, body, headers = curl(channel.secret)
+    status, body, headers = curl(channel.nodes.node_key("node1"))
     assert status == 200
     assert json.loads(body) == {"commands": [{"id": cid, "op": "start-vm", "vm": vm_spec("vm1").to_dict()}]}
     signatures = [line.split(":", 1)[1].strip() for line in headers.splitlines()
                   if line.lower().startswith(SIGNATURE_HEADER.lower() + ":")]
-    assert signatures == [sign_commands(channel.ha1, target, body)]
+    assert signatures == [sign_commands(channel.key(slot, "node1"), target, body)]
     status, body, _ = curl("not-the-secret")
     assert status == 401 and "commands" not in json.loads(body)
 
@@ -496,7 +503,7 @@ def make_poller(channel_or_url, key: str, slot: str, host: str, recorder: Record
                 session: requests.Session | None = None) -> CommandPoller:
     url = channel_or_url if isinstance(channel_or_url, str) else channel_or_url.url
     if session is None:
-        session = channel_or_url.session() if not isinstance(channel_or_url, str) else requests.Session()
+        session = channel_or_url.session(host) if not isinstance(channel_or_url, str) else requests.Session()
     recorder.poller = CommandPoller(session, url, key, slot, host, on_commands=recorder.on_commands,
                                     on_gone=recorder.on_gone, wait_s=wait_s, request_timeout_s=5.0)
     return recorder.poller
@@ -541,7 +548,7 @@ def test_the_poller_hands_on_each_queued_command_once_in_id_order(channel):
     lease_id, slot = channel.lease(hosts=("node1", "node2"))
     before = channel.start(lease_id, "vm0", "node1")  # queued before the pilot polls at all
     recorder = Recorder()
-    poller = make_poller(channel, channel.ha1, slot, "node1", recorder)
+    poller = make_poller(channel, channel.key(slot, "node1"), slot, "node1", recorder)
     poller.start()
     try:
         wait_until(lambda: recorder.ids == [before], "the first command to reach the poller")
@@ -625,7 +632,7 @@ def test_an_answer_with_a_wrong_signature_is_ignored(how):
 def test_the_poller_calls_on_gone_once_on_404_and_stops(channel):
     lease_id, slot = channel.lease(hosts=("node1",))
     recorder = Recorder()
-    poller = make_poller(channel, channel.ha1, slot, "node1", recorder)
+    poller = make_poller(channel, channel.key(slot, "node1"), slot, "node1", recorder)
     poller.start()
     try:
         cid = channel.start(lease_id, "vm1")
@@ -644,7 +651,7 @@ def test_the_poller_calls_on_gone_once_on_404_and_stops(channel):
 def test_the_poller_of_a_host_the_service_does_not_hold_gives_up_at_the_first_poll(channel):
     _, slot = channel.lease(hosts=("node1",), nodes=2)
     recorder = Recorder()
-    poller = make_poller(channel, channel.ha1, slot, "node2", recorder)
+    poller = make_poller(channel, channel.key(slot, "node2"), slot, "node2", recorder)
     poller.start()
     poller._thread.join(20)
     assert not poller._thread.is_alive()
@@ -655,7 +662,7 @@ def test_a_poller_with_the_wrong_secret_keeps_trying_and_hands_on_nothing(channe
     lease_id, slot = channel.lease()
     channel.start(lease_id, "vm1")
     recorder = Recorder()
-    poller = make_poller(channel, channel.ha1, slot, "node1", recorder, session=channel.session("wrong"))
+    poller = make_poller(channel, channel.key(slot, "node1"), slot, "node1", recorder, session=channel.session(key="0" * 64))
     poller.start()
     try:
         wait_until(lambda: poller.polls >= 3, "three polls", timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,9 @@ import requests
 
 from pilot.protocol import SIGNATURE_HEADER, digest_ha1, sign
 from service_adapter.digest import DigestVerifier, parse_params, response_digest
-from tests.conftest import REALM, USER, Service, notification
+from tests.conftest import REALM, Service, notification
+
+USER = "node1"  # a node's account is its host name
 
 PATH = "/pilot/v2/notifications"
 
@@ -65,7 +68,10 @@ def authorization(nonce: str, *, secret: str, realm: str = REALM, nc: int = 1,
 
 
 def signed_post(svc: Service, auth_header: str, body: bytes) -> requests.Response:
-    headers = {"Authorization": auth_header, SIGNATURE_HEADER: sign(svc.account.ha1_sha256, body)}
+    import json
+
+    key = svc.sign_key(json.loads(body)["slot"], USER)
+    headers = {"Authorization": auth_header, SIGNATURE_HEADER: sign(key, body)}
     return requests.post(svc.notifications_url, data=body, headers=headers, timeout=10)
 
 
@@ -104,7 +110,7 @@ def test_requests_with_right_password_is_accepted(svc):
 
 def test_requests_with_wrong_password_is_refused(svc):
     slot = svc.add_slot()
-    response = svc.post(svc.session("wrong"), notification(slot).to_json())
+    response = svc.post(svc.session(key="0" * 64), notification(slot).to_json())
     assert response.status_code == 401
     assert svc.store.notifications(slot) == []
 
@@ -132,7 +138,7 @@ def curl(svc: Service, body: bytes, password: str, tmp_path) -> int:
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--digest", "--user", f"{USER}:{password}",
          "--header", "Content-Type: application/json",
-         "--header", f"{SIGNATURE_HEADER}: {sign(svc.account.ha1_sha256, body)}",
+         "--header", f"{SIGNATURE_HEADER}: {sign(svc.sign_key(json.loads(body)['slot'], USER), body)}",
          "--data-binary", f"@{body_file}", "--output", os.devnull, "--write-out", "%{http_code}",
          svc.notifications_url],
         capture_output=True, text=True, timeout=30, check=True,
@@ -142,7 +148,7 @@ def curl(svc: Service, body: bytes, password: str, tmp_path) -> int:
 
 def test_curl_with_right_password_is_accepted(svc, tmp_path):
     slot = svc.add_slot()
-    assert curl(svc, notification(slot).to_json(), svc.secret, tmp_path) == 200
+    assert curl(svc, notification(slot).to_json(), svc.node_key(), tmp_path) == 200
     assert len(svc.store.notifications(slot)) == 1
 
 
@@ -157,13 +163,13 @@ def test_curl_with_wrong_password_is_refused(svc, tmp_path):
 
 def test_hand_built_header_is_accepted_when_right(svc):
     slot = svc.add_slot()
-    header = authorization(fresh_nonce(svc), secret=svc.secret)
+    header = authorization(fresh_nonce(svc), secret=svc.node_key())
     assert signed_post(svc, header, notification(slot).to_json()).status_code == 200
 
 
 def test_wrong_realm_is_refused(svc):
     slot = svc.add_slot()
-    header = authorization(fresh_nonce(svc), secret=svc.secret, realm="other-realm")
+    header = authorization(fresh_nonce(svc), secret=svc.node_key(), realm="other-realm")
     assert signed_post(svc, header, notification(slot).to_json()).status_code == 401
     assert svc.store.notifications(slot) == []
 
@@ -171,10 +177,10 @@ def test_wrong_realm_is_refused(svc):
 def test_replayed_nonce_count_is_refused(svc):
     slot = svc.add_slot()
     nonce = fresh_nonce(svc)
-    assert signed_post(svc, authorization(nonce, secret=svc.secret, nc=5),
+    assert signed_post(svc, authorization(nonce, secret=svc.node_key(), nc=5),
                        notification(slot, seq=1).to_json()).status_code == 200
     for nc in (5, 4):  # the same count again, and a smaller one
-        answer = signed_post(svc, authorization(nonce, secret=svc.secret, nc=nc), notification(slot, seq=2).to_json())
+        answer = signed_post(svc, authorization(nonce, secret=svc.node_key(), nc=nc), notification(slot, seq=2).to_json())
         assert answer.status_code == 401
     assert [row[1] for row in svc.store.notifications(slot)] == [1]
 
@@ -183,7 +189,7 @@ def test_expired_nonce_is_refused_as_stale(svc, clock):
     slot = svc.add_slot()
     nonce = fresh_nonce(svc)
     clock.now += 61
-    answer = signed_post(svc, authorization(nonce, secret=svc.secret), notification(slot).to_json())
+    answer = signed_post(svc, authorization(nonce, secret=svc.node_key()), notification(slot).to_json())
     assert answer.status_code == 401
     assert "stale=true" in answer.headers["WWW-Authenticate"]
     assert svc.store.notifications(slot) == []
@@ -199,13 +205,13 @@ def test_expired_nonce_with_wrong_password_is_not_called_stale(svc, clock):
 
 def test_forged_nonce_is_refused(svc):
     forged = fresh_nonce(svc)[:-4] + "AAAA"
-    answer = signed_post(svc, authorization(forged, secret=svc.secret), notification(svc.add_slot()).to_json())
+    answer = signed_post(svc, authorization(forged, secret=svc.node_key()), notification(svc.add_slot()).to_json())
     assert answer.status_code == 401
 
 
 def test_md5_is_refused_when_not_configured(svc):
     slot = svc.add_slot()
-    header = authorization(fresh_nonce(svc), secret=svc.secret, algorithm="MD5")
+    header = authorization(fresh_nonce(svc), secret=svc.node_key(), algorithm="MD5")
     assert signed_post(svc, header, notification(slot).to_json()).status_code == 401
     assert svc.store.notifications(slot) == []
 
@@ -216,19 +222,19 @@ def test_md5_is_accepted_when_configured(tmp_path):
         challenges = requests.post(svc.notifications_url, data=b"{}", timeout=10).headers["WWW-Authenticate"]
         assert "algorithm=SHA-256" in challenges and "algorithm=MD5" in challenges
         slot = svc.add_slot()
-        header = authorization(fresh_nonce(svc), secret=svc.secret, algorithm="MD5")
+        header = authorization(fresh_nonce(svc), secret=svc.node_key(), algorithm="MD5")
         assert signed_post(svc, header, notification(slot).to_json()).status_code == 200
     finally:
         svc.close()
 
 
 def test_uri_of_another_resource_is_refused(svc):
-    header = authorization(fresh_nonce(svc), secret=svc.secret, uri="/elsewhere")
+    header = authorization(fresh_nonce(svc), secret=svc.node_key(), uri="/elsewhere")
     assert signed_post(svc, header, notification(svc.add_slot()).to_json()).status_code == 401
 
 
 def test_unknown_user_is_refused(svc):
-    header = authorization(fresh_nonce(svc), secret=svc.secret, user="intruder")
+    header = authorization(fresh_nonce(svc), secret=svc.node_key(), user="intruder")
     assert signed_post(svc, header, notification(svc.add_slot()).to_json()).status_code == 401
 
 

@@ -103,8 +103,8 @@ def test_no_notification_body_gets_a_5xx_and_a_refused_one_changes_nothing(tmp_p
                         sent = body
                 except (ValueError, RecursionError):
                     sent = body
-                answer = svc.pilot_session.post(svc.url + NOTIFICATIONS_PATH, data=sent, timeout=10,
-                                                headers={SIGNATURE_HEADER: sign(svc.pilot.ha1_sha256, sent)})
+                answer = svc.pilot_session().post(svc.url + NOTIFICATIONS_PATH, data=sent, timeout=10,
+                                                headers={SIGNATURE_HEADER: sign(svc.sign_key(slot), sent)})
                 return answer.status_code
 
             refused_leaves_the_store(svc, send)
@@ -136,7 +136,7 @@ def test_no_command_poll_gets_a_5xx_and_none_changes_the_store(tmp_path):
 
             def send() -> int:
                 before = svc.store.snapshot()
-                status = svc.pilot_session.get(url, timeout=20).status_code
+                status = svc.pilot_session().get(url, timeout=20).status_code
                 assert svc.store.snapshot() == before  # a poll reads; it never writes
                 return status
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from pilot.protocol import BATCH_ENV
+from pilot.protocol import PILOT_ENV
 from service_adapter.jobscript import (
     JobScriptError,
     JobTemplate,
@@ -32,7 +32,10 @@ SLOT = "3f2a1b2c-5d6e-4f70-8a9b-0c1d2e3f4a5b"
 LEASE = "lease-0001"
 CONTACT = "http://127.0.0.1:8443"
 CONFIG = "/etc/workspace-pilot/pilot.conf"
-PRESERVE = "--preserve-env=" + ",".join(BATCH_ENV)
+SLOT_SECRET = "5e" * 32
+PRESERVE = "--preserve-env=" + ",".join(PILOT_ENV)
+#: The line before the exec: the slot's secret goes to the pilots in the job's environment, never in argv.
+EXPORT = f"WORKSPACE_PILOT_SLOT_SECRET={SLOT_SECRET}; export WORKSPACE_PILOT_SLOT_SECRET"
 PILOT_WORDS = (
     f"/usr/bin/sudo -n {PRESERVE} /usr/bin/workspace-pilot reserve --slot {SLOT} --lease {LEASE} --memory 64 "
     f"--duration 20 --grace 5 --contact {CONTACT} --config {CONFIG}"
@@ -41,7 +44,7 @@ PILOT_WORDS = (
 
 def job(**fields) -> PilotJob:
     values = dict(slot=SLOT, nodes=2, memory_mb=64, duration_s=20, grace_s=5, contact=CONTACT,
-                  pilot_config=CONFIG, lease=LEASE)
+                  pilot_config=CONFIG, lease=LEASE, slot_secret=SLOT_SECRET)
     values.update(fields)
     return PilotJob(**values)
 
@@ -70,6 +73,7 @@ def test_slurm_script_line_by_line():
         f"#SBATCH --output=/var/log/workspace-pilot/jobs/{SLOT}.out",
         "#SBATCH --hold",
         "#SBATCH --exclusive",
+        EXPORT,
         f"exec srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=0 {PILOT_WORDS}",
     ]
 
@@ -89,6 +93,7 @@ def test_pbs_script_line_by_line():
         f"#PBS -o /var/log/workspace-pilot/jobs/{SLOT}.out",
         "#PBS -m abe",
         "#PBS -r n",
+        EXPORT,
         f"exec pbsdsh -u {PILOT_WORDS}",
     ]
 
@@ -108,6 +113,7 @@ def test_minimal_scripts_leave_out_queue_account_and_lease():
         "#SBATCH --mem=64M",
         "#SBATCH --time=00:03:00",
         f"#SBATCH --output=/srv/jobs/{SLOT}.out",
+        EXPORT,
         f"exec {words}",
     ]
     assert lines(render_pbs(single, template, "single")) == [
@@ -119,6 +125,7 @@ def test_minimal_scripts_leave_out_queue_account_and_lease():
         "#PBS -l mem=64mb",
         "#PBS -j oe",
         f"#PBS -o /srv/jobs/{SLOT}.out",
+        EXPORT,
         f"exec {words}",
     ]
 
@@ -134,7 +141,7 @@ def test_each_launcher_makes_the_last_line(render, launcher, nodes, words):
     by_name = lines(render(job(nodes=nodes), JobTemplate(), launcher))
     by_object = lines(render(job(nodes=nodes), JobTemplate(), LAUNCHERS[launcher]))
     assert by_name == by_object
-    assert by_name[-1] == f"exec {words}{PILOT_WORDS}"
+    assert by_name[-2:] == [EXPORT, f"exec {words}{PILOT_WORDS}"]
     assert sum(line.startswith("exec ") for line in by_name) == 1
 
 
@@ -213,6 +220,18 @@ def test_a_rendered_script_runs_under_sh_with_the_exact_arguments(tmp_path):
         "reserve", "--slot", SLOT, "--lease", LEASE, "--memory", "64", "--duration", "20.5", "--grace", "5",
         "--contact", contact, "--config", config,
     ]
+
+
+@pytest.mark.parametrize("secret", ["", "5E" * 32, "5e" * 31, "5e" * 31 + "; rm -rf /"])
+def test_a_slot_secret_that_is_not_64_hex_digits_never_reaches_a_script(secret):
+    with pytest.raises(JobScriptError, match="slot secret must be 64 lowercase hex digits"):
+        render_slurm(job(slot_secret=secret), JobTemplate(), "srun")
+
+
+def test_the_slot_secret_is_in_the_environment_never_in_the_pilots_argv():
+    script = lines(render_slurm(job(), JobTemplate(), "srun"))
+    assert [line for line in script if SLOT_SECRET in line] == [EXPORT]
+    assert "WORKSPACE_PILOT_SLOT_SECRET" in script[-1]  # only its name: sudo must keep it
 
 
 def test_contact_and_config_are_left_out_when_empty():
@@ -309,7 +328,7 @@ def test_conflict_messages_name_the_values_the_script_sets():
 def test_queue_in_extras_is_refused_only_when_the_template_sets_one(lrm, render, extra):
     with pytest.raises(JobScriptError, match="conflicts with queue: leave queue empty"):
         render(job(), JobTemplate(queue="batch", extra_directives=(extra,)), "srun")
-    assert lines(render(job(), JobTemplate(extra_directives=(extra,)), "srun"))[-2].endswith(extra)
+    assert lines(render(job(), JobTemplate(extra_directives=(extra,)), "srun"))[-3].endswith(extra)
 
 
 @pytest.mark.parametrize("lrm, render, extra", [
@@ -320,7 +339,7 @@ def test_queue_in_extras_is_refused_only_when_the_template_sets_one(lrm, render,
 def test_account_in_extras_is_refused_only_when_the_template_sets_one(lrm, render, extra):
     with pytest.raises(JobScriptError, match="conflicts with account: leave account empty"):
         render(job(), JobTemplate(account="physics", extra_directives=(extra,)), "srun")
-    assert lines(render(job(), JobTemplate(extra_directives=(extra,)), "srun"))[-2].endswith(extra)
+    assert lines(render(job(), JobTemplate(extra_directives=(extra,)), "srun"))[-3].endswith(extra)
 
 
 def test_memory_in_extras_is_allowed_with_memory_per_node_zero():
@@ -328,13 +347,13 @@ def test_memory_in_extras_is_allowed_with_memory_per_node_zero():
     pbs_template = JobTemplate(memory_per_node_mb=0, extra_directives=("-l pmem=100mb",))
     slurm = lines(render_slurm(job(), slurm_template, "srun"))
     pbs = lines(render_pbs(job(), pbs_template, "srun"))
-    assert slurm[-2] == "#SBATCH --mem-per-cpu=100" and not any("--mem=" in line for line in slurm)
-    assert pbs[-2] == "#PBS -l pmem=100mb" and not any("mem=64" in line for line in pbs)
+    assert slurm[-3] == "#SBATCH --mem-per-cpu=100" and not any("--mem=" in line for line in slurm)
+    assert pbs[-3] == "#PBS -l pmem=100mb" and not any("mem=64" in line for line in pbs)
 
 
 def test_harmless_extras_pass_with_their_prefix_added():
     template = JobTemplate(extra_directives=("--mem-bind=local", "--time-min=5", "--nodelist=node1", "--exclusive"))
-    assert lines(render_slurm(job(), template, "srun"))[-5:-1] == [
+    assert lines(render_slurm(job(), template, "srun"))[-6:-2] == [
         "#SBATCH --mem-bind=local", "#SBATCH --time-min=5", "#SBATCH --nodelist=node1", "#SBATCH --exclusive",
     ]
 

@@ -19,7 +19,7 @@ from pilot.exitcodes import ExitCode
 from pilot.journal import Entry, Journal, MemoryRecord
 from pilot.owner import Owner, boot_id, start_ticks
 from tests.conftest import (
-    USER, REALM, journal_files, pilot_config, pool_pages, read_until, running_pilot,
+    journal_files, pilot_config, pool_pages, read_until, running_pilot, throwaway_node_keys,
 )
 from tests.test_journal import dead_owner
 
@@ -35,8 +35,8 @@ def set_pool(pages: int) -> None:
 def config_for(tmp_path, service=None, **memory) -> str:
     sections = {"libvirt": {"uri": "test:///default"}, "memory": {"minmem": 0, **memory}}
     if service is None:
-        return pilot_config(tmp_path, "http://127.0.0.1:9", "unused", sections=sections)
-    return pilot_config(tmp_path, service.url, service.secret, sections=sections)
+        return pilot_config(tmp_path, "http://127.0.0.1:9", throwaway_node_keys(tmp_path), sections=sections)
+    return pilot_config(tmp_path, service.url, service.node_key_file(), sections=sections)
 
 
 def run_killall(config: str, *extra: str) -> tuple[int, str]:
@@ -45,9 +45,9 @@ def run_killall(config: str, *extra: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def held_entry(slot: str, pages: int, owner: Owner, contact: str | None = None) -> Entry:
+def held_entry(slot: str, pages: int, owner: Owner, contact: str | None = None, sign_key: str | None = None) -> Entry:
     record = MemoryRecord("hugepages", {"page_kb": 2048}, "held", pages, pages * 2)
-    return Entry(slot, "node1", owner, contact=contact, memory=record)
+    return Entry(slot, "node1", owner, contact=contact, memory=record, sign_key=sign_key)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_a_dead_pilots_slot_and_vm_are_backed_out_and_the_service_told(tmp_path,
     journal = Journal(str(tmp_path / "journal"))
     journal.prepare()
     set_pool(hugepages + 16)  # what the dead pilot took
-    journal.write(held_entry(slot, 16, dead_owner(), contact=service.url))
+    journal.write(held_entry(slot, 16, dead_owner(), contact=service.url, sign_key=service.sign_key(slot)))
     start_vm(conn, "wp-test-leased", slot)
     start_vm(conn, "wp-test-neighbour", None)  # not ours: never touched
 
@@ -259,7 +259,7 @@ def test_without_a_boot_value_an_unreadable_entry_is_a_problem_and_stays(tmp_pat
 def test_a_node_without_a_hypervisor_and_nothing_journalled_is_clean(tmp_path):
     """No libvirtd on the node (the socket is absent) and no entry with VMs: nothing to check, exit 0."""
     uri = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
-    config = pilot_config(tmp_path, "http://127.0.0.1:9", "x", sections={"libvirt": {"uri": uri}})
+    config = pilot_config(tmp_path, "http://127.0.0.1:9", throwaway_node_keys(tmp_path), sections={"libvirt": {"uri": uri}})
     for extra in ((), ("--dry-run",)):
         code, out = run_killall(config, "--no-notify", *extra)
         assert code == 0, out
@@ -269,7 +269,7 @@ def test_a_node_without_a_hypervisor_and_nothing_journalled_is_clean(tmp_path):
 
 def test_libvirt_that_cannot_be_reached_where_the_journal_has_vms_means_not_clean(tmp_path):
     uri = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
-    config = pilot_config(tmp_path, "http://127.0.0.1:9", "x", sections={"libvirt": {"uri": "test:///default"}})
+    config = pilot_config(tmp_path, "http://127.0.0.1:9", throwaway_node_keys(tmp_path), sections={"libvirt": {"uri": "test:///default"}})
     journal = Journal(str(tmp_path / "journal"))
     journal.prepare()
     journal.write(Entry("slot-vms", "node1", dead_owner(), vm_uri=uri))  # a pilot that had VMs there, then died

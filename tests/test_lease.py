@@ -277,6 +277,9 @@ class QueueThatNeverDispatches(Provider):
         self.status_calls.append(list(job_ids))
         return {j: JobState.CANCELLED if j in self.cancelled else JobState.PENDING for j in job_ids}
 
+    def allocated_hosts(self, job_id):
+        return None  # never dispatched: no hosts
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -400,6 +403,9 @@ class JobThatOutlivesItsCancel(QueueThatNeverDispatches):
     def status(self, job_ids):
         self.status_calls.append(list(job_ids))
         return {j: JobState.CANCELLED if j in self.cancelled else JobState.RUNNING for j in job_ids}
+
+    def allocated_hosts(self, job_id):
+        return None  # no receiver asks this stand-in
 
 
 def test_a_job_still_running_after_the_release_grace_is_cancelled_outright_once(store):

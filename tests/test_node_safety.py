@@ -24,7 +24,7 @@ DEATHS = ("sigterm", "sigkill-then-killall", "sigkill-then-next-pilot")
 
 def config_for(tmp_path, service) -> str:
     return pilot_config(
-        tmp_path, service.url, service.secret,
+        tmp_path, service.url, service.node_key_file(),
         sections={"memory": {"minmem": 0}, "libvirt": {"uri": ""}},
     )
 
@@ -63,7 +63,7 @@ def test_a_pilot_ended_at_any_point_leaves_the_node_as_it_began(tmp_path, hugepa
 @pytest.mark.parametrize("first_out", ["first-started", "second-started"])
 def test_two_pilots_on_one_node_end_in_either_order(tmp_path, hugepages, service, first_out):
     config = config_for(tmp_path, service)
-    slots = [service.add_slot(), service.add_slot()]
+    slots = [service.add_slot(), service.add_slot(memory_mb=128)]
     with running_pilot(config, slots[0], memory=64, duration=60, host="node1") as one, \
             running_pilot(config, slots[1], memory=128, duration=60, host="node2") as two:
         for slot in slots:

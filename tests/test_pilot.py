@@ -13,7 +13,7 @@ from pilot.exitcodes import ExitCode
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.receiver import ReceiverThread, make_app
-from tests.conftest import free_port, pilot_config, pool_pages, read_until, running_pilot
+from tests.conftest import free_port, pilot_config, pool_pages, read_until, running_pilot, throwaway_node_keys
 
 
 def states(service, slot, host="node1"):
@@ -69,7 +69,7 @@ def test_release_before_the_deadline_takes_the_early_path(site, hugepages):
 
 def test_service_down_for_the_whole_lease_gives_memory_back(tmp_path, hugepages):
     dead = f"http://127.0.0.1:{free_port()}"
-    config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=2)
+    config = pilot_config(tmp_path, dead, throwaway_node_keys(tmp_path), reserved_timeout_s=2)
     with running_pilot(config, "slot-down", duration=60, grace=3) as pilot:
         assert pilot.wait(timeout=2 + 3 + 10) == ExitCode.SERVICE_UNREACHABLE
     assert pool_pages() == hugepages
@@ -78,7 +78,7 @@ def test_service_down_for_the_whole_lease_gives_memory_back(tmp_path, hugepages)
 
 def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepages):
     dead = f"http://127.0.0.1:{free_port()}"
-    config = pilot_config(tmp_path, dead, "secret", reserved_timeout_s=600)
+    config = pilot_config(tmp_path, dead, throwaway_node_keys(tmp_path), reserved_timeout_s=600)
     with running_pilot(config, "slot-down", duration=600, grace=2) as pilot:
         for line in pilot.stdout:  # the pool is taken once it says so
             if "took 64 MB" in line:
@@ -93,7 +93,7 @@ def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepage
 def test_service_back_during_the_grace_hears_the_end(tmp_path, hugepages, service):
     slot = service.add_slot()
     port = free_port()
-    config = pilot_config(tmp_path, f"http://127.0.0.1:{port}", service.secret, reserved_timeout_s=600)
+    config = pilot_config(tmp_path, f"http://127.0.0.1:{port}", service.node_key_file(), reserved_timeout_s=600)
     late = ReceiverThread(make_app(service.store, service.verifier), port=port)
     with running_pilot(config, slot, duration=600, grace=20) as pilot:
         for line in pilot.stdout:
@@ -111,7 +111,7 @@ def test_service_back_during_the_grace_hears_the_end(tmp_path, hugepages, servic
 
 def test_service_that_vanishes_mid_lease(tmp_path, hugepages, service):
     slot = service.add_slot()
-    config = pilot_config(tmp_path, service.url, service.secret)
+    config = pilot_config(tmp_path, service.url, service.node_key_file())
     with running_pilot(config, slot, duration=300, grace=2) as pilot:
         wait_for_state(service, slot, "reserved")
         service.receiver.stop()
@@ -121,16 +121,16 @@ def test_service_that_vanishes_mid_lease(tmp_path, hugepages, service):
 
 
 def test_unknown_slot_is_refused_and_memory_given_back(tmp_path, hugepages, service):
-    config = pilot_config(tmp_path, service.url, service.secret)
+    config = pilot_config(tmp_path, service.url, service.node_key_file())
     with running_pilot(config, "slot-the-service-never-made", duration=300, grace=2) as pilot:
         assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
     assert pool_pages() == hugepages
     assert "HTTP 404" in pilot.stdout.read()
 
 
-def test_wrong_secret_is_refused_and_memory_given_back(tmp_path, hugepages, service):
+def test_a_node_key_the_service_did_not_issue_is_refused_and_memory_given_back(tmp_path, hugepages, service):
     slot = service.add_slot()
-    config = pilot_config(tmp_path, service.url, "not-the-secret")
+    config = pilot_config(tmp_path, service.url, throwaway_node_keys(tmp_path))
     with running_pilot(config, slot, duration=300, grace=2) as pilot:
         assert pilot.wait(timeout=30) == ExitCode.SERVICE_REFUSED
     assert pool_pages() == hugepages
@@ -139,7 +139,7 @@ def test_wrong_secret_is_refused_and_memory_given_back(tmp_path, hugepages, serv
 
 def test_not_enough_memory_fails_cleanly_and_tells_the_service(tmp_path, hugepages, service):
     slot = service.add_slot()
-    config = pilot_config(tmp_path, service.url, service.secret)
+    config = pilot_config(tmp_path, service.url, service.node_key_file())
     with running_pilot(config, slot, memory=64 * 1024 * 1024, duration=300, grace=5) as pilot:
         assert pilot.wait(timeout=60) == ExitCode.RESERVE_FAILED
     assert pool_pages() == hugepages
@@ -149,7 +149,7 @@ def test_not_enough_memory_fails_cleanly_and_tells_the_service(tmp_path, hugepag
 
 def test_second_sigterm_does_not_break_the_restore(tmp_path, hugepages, service):
     slot = service.add_slot()
-    config = pilot_config(tmp_path, service.url, service.secret)
+    config = pilot_config(tmp_path, service.url, service.node_key_file())
     with running_pilot(config, slot, duration=300, grace=5) as pilot:
         wait_for_state(service, slot, "reserved")
         pilot.send_signal(signal.SIGTERM)

@@ -122,7 +122,8 @@ def wait_state(provider, job_id: str, states: set[JobState], timeout: float = 20
 
 def pilot_job(tmp_path, nodes: int = 1, **fields) -> PilotJob:
     values = dict(slot="slot-" + os.urandom(6).hex(), nodes=nodes, memory_mb=64, duration_s=60, grace_s=5,
-                  contact="http://127.0.0.1:9/service", pilot_config=str(tmp_path / "pilot.conf"), lease="lease-test")
+                  contact="http://127.0.0.1:9/service", pilot_config=str(tmp_path / "pilot.conf"), lease="lease-test",
+                  slot_secret="5e" * 32)
     values.update(fields)
     return PilotJob(**values)
 
@@ -474,7 +475,8 @@ def test_local_provider_reports_pilots_of_a_process_that_is_gone(tmp_path):
         "import sys; from service_adapter.providers.local import LocalProvider; "
         "from service_adapter.providers import PilotJob; "
         f"p = LocalProvider({state_dir!r}, python={pilot!r}); "
-        f"print(p.submit(PilotJob('slot-gone', 2, 64, 60, 5, 'http://127.0.0.1:9', {str(tmp_path / 'pilot.conf')!r})))"
+        f"print(p.submit(PilotJob('slot-gone', 2, 64, 60, 5, 'http://127.0.0.1:9', {str(tmp_path / 'pilot.conf')!r}, "
+        f"slot_secret={'5e' * 32!r})))"
     )
     job_id = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)), timeout=30).stdout.strip()

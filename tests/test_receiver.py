@@ -23,7 +23,10 @@ def session(service):
 
 
 def accepted(service, session, slot, seq=1, **fields):
+    """POST a notification as its own host (``session`` is node1's) and expect 200."""
     body = notification(slot, seq=seq, **fields).to_json()
+    if fields.get("host", "node1") != "node1":
+        session = service.session(fields["host"])
     response = service.post(session, body)
     assert response.status_code == 200, response.text
     return body
@@ -91,7 +94,7 @@ def test_wrong_signature_is_401(service, session, slot):
 def test_signature_of_another_body_is_401(service, session, slot):
     body = notification(slot).to_json()
     other = notification(slot, seq=2).to_json()
-    refused(service, session, body, 401, signature=sign(service.account.ha1_sha256, other))
+    refused(service, session, body, 401, signature=sign(service.sign_key(slot), other))
 
 
 def test_unknown_slot_is_404(service, session):
@@ -101,7 +104,7 @@ def test_unknown_slot_is_404(service, session):
 def test_host_beyond_the_slots_node_count_is_404(service, session, slot):
     accepted(service, session, slot, host="node1")
     accepted(service, session, slot, host="node2")
-    refused(service, session, notification(slot, host="node3").to_json(), 404)
+    refused(service, service.session("node3"), notification(slot, host="node3").to_json(), 404)
 
 
 def test_invalid_notification_is_400(service, session, slot):

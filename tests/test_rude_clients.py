@@ -32,11 +32,11 @@ from requests.auth import HTTPDigestAuth
 
 from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, digest_ha1, sign
 from service_adapter.digest import parse_params, response_digest
-from tests.test_service_cli import (
-    OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, PILOT_SECRET, PILOT_USER, Site, serving,
-)
+from tests.test_service_cli import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, serving
 
-PILOT_KEY = digest_ha1(PILOT_USER, PILOT_REALM, PILOT_SECRET)
+PILOT_USER = "node1"  # a node's digest account is its host name
+#: A body signature of no one's: the bodies these tests send are refused before their signature counts.
+PILOT_KEY = "0" * 64
 HANG_S = 30  # a hang detector, not a timing goal
 
 
@@ -177,7 +177,8 @@ def test_a_body_that_stops_coming_is_408_and_changes_nothing(rude, target):
         extra = b""
     else:
         path = NOTIFICATIONS_PATH
-        header = authorization(rude, "POST", path, user=PILOT_USER, secret=PILOT_SECRET, realm=PILOT_REALM)
+        header = authorization(rude, "POST", path, user=PILOT_USER, secret=rude.nodes.node_key(PILOT_USER),
+                               realm=PILOT_REALM)
         extra = f"{SIGNATURE_HEADER}: {sign(PILOT_KEY, b'x' * 100)}\r\n".encode()
     before = store_rows(rude)
     sock = connect(rude)
@@ -209,7 +210,7 @@ def notification_body(**fields) -> bytes:
     (b"\xff\xfe{}", "not UTF-8"),
 ])
 def test_bad_json_in_a_notification_is_400_and_changes_nothing(rude, body, expected):
-    pilot = session(user=PILOT_USER, secret=PILOT_SECRET)
+    pilot = session(user=PILOT_USER, secret=rude.nodes.node_key(PILOT_USER))
     before = store_rows(rude)
     answer = pilot.post(rude.url + NOTIFICATIONS_PATH, data=body, timeout=10,
                         headers={SIGNATURE_HEADER: sign(PILOT_KEY, body)})
@@ -247,7 +248,7 @@ def test_refusals_are_one_line_per_peer_and_pilot_text_cannot_forge_a_line(rude)
     for _ in range(100):
         assert wrong.get(rude.url + "/api/v1/leases", timeout=10).status_code == 401
     forged = b'{"version": 2, "x\\n2026-12-01 00:00:00,000 INFO [1] service_adapter.server: \\u001b[2Jall good": 1}'
-    pilot = session("127.0.0.4", PILOT_USER, PILOT_SECRET)
+    pilot = session("127.0.0.4", PILOT_USER, rude.nodes.node_key(PILOT_USER))
     for _ in range(100):
         answer = pilot.post(rude.url + NOTIFICATIONS_PATH, data=forged, timeout=10,
                             headers={SIGNATURE_HEADER: sign(PILOT_KEY, forged)})

@@ -25,10 +25,10 @@ from requests.auth import HTTPDigestAuth
 
 from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from service_adapter.local_site import write_pilot_config
+from service_adapter.nodekeys import NodeAccounts, new_site_key
 from tests.conftest import free_port, pool_pages, read_until
 
 OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
-PILOT_USER, PILOT_SECRET = "pilot", "pilot-secret-4567"
 PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
 CLI = [sys.executable, "-m", "service_adapter"]
 
@@ -50,13 +50,15 @@ class Site:
         self.journal_dir = root / "journal"
         self.store = root / "service.sqlite"
         self.log_file = root / "service.log"
-        pilot_secret = private(root / "pilots.secret", PILOT_SECRET + "\n")
+        self.site_key = new_site_key()
+        site_key_file = private(root / "site.key", self.site_key + "\n")
+        self.nodes = NodeAccounts(self.site_key, PILOT_REALM)
         ha1 = hashlib.sha256(f"{OPERATOR}:{OPERATOR_REALM}:{OPERATOR_SECRET}".encode()).hexdigest()
         accounts = private(root / "operators.htdigest", f"{OPERATOR}:{OPERATOR_REALM}:{ha1}\n")
         self.secret_file = private(root / "alice.secret", OPERATOR_SECRET + "\n")
         self.pilot_config = str(root / "pilot.conf")
         write_pilot_config(
-            self.pilot_config, contact=self.url, user=PILOT_USER, secret=PILOT_SECRET, realm=PILOT_REALM,
+            self.pilot_config, contact=self.url, node_key_file=str(root / "local" / "node-keys" / "{host}.key"),
             log_dir=str(root / "logs"), journal_dir=str(self.journal_dir), reserved_timeout_s=15,
         )
         self.config = str(root / "service.conf")
@@ -68,7 +70,7 @@ class Site:
             "log_level = debug\n"
             + "".join(f"{name} = {value}\n" for name, value in service_options.items()) +
             "[pilots]\n"
-            f"secret_file = {pilot_secret}\n"
+            f"site_key_file = {site_key_file}\n"
             f"pilot_config = {self.pilot_config}\n"
             "grace = 5\n"
             "release_grace = 10\n"
@@ -404,7 +406,7 @@ def test_bad_requests_get_400_with_one_line(idle):
 
 
 def test_pilot_credentials_are_refused_by_the_api(idle):
-    response = idle.api("GET", "/leases", user=PILOT_USER, secret=PILOT_SECRET)
+    response = idle.api("GET", "/leases", user="node1", secret=idle.nodes.node_key("node1"))
     assert response.status_code == 401
     assert f'realm="{OPERATOR_REALM}"' in response.headers["WWW-Authenticate"]
     assert idle.api("GET", "/leases").status_code == 200
@@ -413,11 +415,10 @@ def test_pilot_credentials_are_refused_by_the_api(idle):
 
 def test_operator_credentials_are_refused_by_the_notification_endpoint(idle):
     body = b'{"version": 2}'
-    for user, secret, realm in ((OPERATOR, OPERATOR_SECRET, OPERATOR_REALM), (PILOT_USER, PILOT_SECRET, PILOT_REALM)):
-        ha1 = hashlib.sha256(f"{user}:{realm}:{secret}".encode()).hexdigest()
+    for user, secret in ((OPERATOR, OPERATOR_SECRET), ("node1", idle.nodes.node_key("node1"))):
         response = requests.post(
             idle.url + NOTIFICATIONS_PATH, data=body, auth=HTTPDigestAuth(user, secret),
-            headers={SIGNATURE_HEADER: sign(ha1, body)}, timeout=10,
+            headers={SIGNATURE_HEADER: sign("0" * 64, body)}, timeout=10,
         )
         if user == OPERATOR:
             assert response.status_code == 401
@@ -472,3 +473,46 @@ def test_vm_help_explains_every_option():
     assert "\n  8  " in result.stdout
     stop = subprocess.run([*CLI, "vm", "stop", "--help"], capture_output=True, text=True, timeout=30)
     assert stop.returncode == 0 and "--force" in stop.stdout and "--wait SECONDS" in stop.stdout
+
+
+# -- keys: site-key and node-key ---------------------------------------------------------------------
+
+
+def test_site_key_and_node_key_make_the_keys_a_node_installs(tmp_path):
+    from pilot.protocol import node_key
+
+    site_key_file = tmp_path / "site.key"
+    made = subprocess.run([*CLI, "site-key", "--output", str(site_key_file)], capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert oct(site_key_file.stat().st_mode & 0o777) == "0o600"
+    site_key = site_key_file.read_text().strip()
+    again = subprocess.run([*CLI, "site-key", "--output", str(site_key_file)], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 8 and "a site key is never replaced" in again.stderr
+    assert site_key_file.read_text().strip() == site_key  # untouched
+
+    printed = subprocess.run([*CLI, "node-key", "node7", "--site-key-file", str(site_key_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == node_key(site_key, "node7")
+    node_key_file = tmp_path / "node7.key"
+    written = subprocess.run([*CLI, "node-key", "node7", "--site-key-file", str(site_key_file),
+                              "--output", str(node_key_file)], capture_output=True, text=True, timeout=60)
+    assert written.returncode == 0, written.stderr
+    assert node_key_file.read_text().strip() == node_key(site_key, "node7")
+    assert oct(node_key_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_key_refuses_a_site_key_others_can_read_and_a_bad_host_in_one_line(tmp_path):
+    loose = tmp_path / "site.key"
+    loose.write_text("5" * 64 + "\n")
+    os.chmod(loose, 0o644)
+    result = subprocess.run([*CLI, "node-key", "node7", "--site-key-file", str(loose)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "mode 0644 lets group or others at it" in line
+    bad = subprocess.run([*CLI, "node-key", "no;de", "--site-key-file", str(loose)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from pilot.protocol import digest_ha1
+from pilot.protocol import digest_ha1, node_key
 from service_adapter.config import (
     DEFAULT_PATH,
     SCHEMA,
@@ -39,14 +39,17 @@ def ha1_line(user: str, secret: str, realm: str = "workspace-lease") -> str:
     return f"{user}:{realm}:{hashlib.sha256(f'{user}:{realm}:{secret}'.encode()).hexdigest()}\n"
 
 
+SITE_KEY = "5" * 64
+
+
 def serve_files(tmp_path, *, secret_mode=0o600, accounts_mode=0o600, accounts=None) -> str:
-    """A config whose [pilots] secret_file and [operators] accounts_file exist (for serve=True)."""
-    secret = private(tmp_path, "pilots.secret", "pilot-secret\n", secret_mode)
+    """A config whose [pilots] site_key_file and [operators] accounts_file exist (for serve=True)."""
+    secret = private(tmp_path, "site.key", SITE_KEY + "\n", secret_mode)
     accounts_file = private(
         tmp_path, "operators.htdigest", accounts if accounts is not None else ha1_line("alice", "a-secret"),
         accounts_mode,
     )
-    return f"[pilots]\nsecret_file = {secret}\n[operators]\naccounts_file = {accounts_file}\n"
+    return f"[pilots]\nsite_key_file = {secret}\n[operators]\naccounts_file = {accounts_file}\n"
 
 
 # -- defaults -------------------------------------------------------------------------------------
@@ -157,8 +160,7 @@ BAD_VALUES = [
     ("service", "max_connections", "many", "must be a whole number of connections"),
     ("service", "request_timeout", "0", "must be a number of seconds from 1 to 60"),
     ("service", "request_timeout", "120", "must be a number of seconds from 1 to 60"),
-    ("pilots", "user", "pi lot", "must be a user name"),
-    ("pilots", "secret_file", "secret", "must be an absolute path"),
+    ("pilots", "site_key_file", "site.key", "must be an absolute path"),
     ("pilots", "pilot_config", "pilot.conf", "must be an absolute path"),
     ("pilots", "grace", "soon", "must be a number of seconds above 0"),
     ("pilots", "queue_timeout", "0", "must be a number of seconds above 0"),
@@ -262,31 +264,48 @@ def test_overrides_win_over_the_file(tmp_path):
 # -- the secrets serve reads ----------------------------------------------------------------------
 
 
-def test_serve_reads_the_pilots_secret_and_the_operators_accounts(tmp_path):
+def test_serve_reads_the_site_key_and_the_operators_accounts(tmp_path):
     accounts = "# operators\n\n" + ha1_line("alice", "a-secret") + ha1_line("bob", "b-secret")
     config = load_config(write(tmp_path, serve_files(tmp_path, accounts=accounts)), serve=True)
-    assert config.pilot_secret == "pilot-secret"
-    assert config.pilot_account().ha1_sha256 == digest_ha1("pilot", "workspace-pilot", "pilot-secret")
+    assert config.site_key == SITE_KEY
+    node1 = config.node_accounts().get("node1")
+    assert node1.ha1_sha256 == digest_ha1("node1", "workspace-pilot", node_key(SITE_KEY, "node1"))
     operators = config.operator_accounts()
     assert sorted(operators) == ["alice", "bob"]
     assert operators["alice"].ha1_sha256 == digest_ha1("alice", "workspace-lease", "a-secret")
-    assert "pilot-secret" not in repr(config)
+    assert SITE_KEY not in repr(config)
+
+
+@pytest.mark.parametrize("option", ["user", "secret_file"])
+def test_the_shared_pilot_secret_options_of_old_configs_are_one_line_saying_what_replaced_them(tmp_path, option):
+    path = write(tmp_path, f"[pilots]\n{option} = /etc/workspace-pilot/pilots.secret\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = caught.value.problems
+    assert f"[pilots] {option} is gone" in problem and "site_key_file" in problem and "site-key" in problem
+
+
+def test_a_site_key_file_that_holds_no_key_is_refused(tmp_path):
+    text = serve_files(tmp_path)
+    private(tmp_path, "site.key", "pilot-secret\n")
+    with pytest.raises(ConfigError, match=r"site_key_file .*: does not hold a site key .*workspace-lease site-key"):
+        load_config(write(tmp_path, text), serve=True)
 
 
 def test_the_operator_commands_do_not_read_the_secrets(tmp_path):
     path = write(tmp_path, serve_files(tmp_path, secret_mode=0o000, accounts_mode=0o644))
     config = load_config(path)  # not for serve: the files are not opened
-    assert config.pilot_secret is None and config.operators == ()
+    assert config.site_key is None and config.operators == ()
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644], ids=oct)
 def test_a_secret_file_others_can_read_is_refused(tmp_path, mode):
     path = write(tmp_path, serve_files(tmp_path, secret_mode=mode))
-    secret = tmp_path / "pilots.secret"
+    secret = tmp_path / "site.key"
     with pytest.raises(ConfigError) as caught:
         load_config(path, serve=True)
     assert caught.value.problems == [
-        f"{path}: [pilots] secret_file {secret}: mode {mode:04o} lets group or others at it: chmod 600 {secret}"
+        f"{path}: [pilots] site_key_file {secret}: mode {mode:04o} lets group or others at it: chmod 600 {secret}"
     ]
 
 
@@ -299,20 +318,20 @@ def test_an_accounts_file_others_can_read_is_refused(tmp_path):
 def test_missing_secret_and_accounts_files_are_two_lines(tmp_path):
     path = write(
         tmp_path,
-        f"[pilots]\nsecret_file = {tmp_path}/none.secret\n[operators]\naccounts_file = {tmp_path}/none.htdigest\n",
+        f"[pilots]\nsite_key_file = {tmp_path}/none.key\n[operators]\naccounts_file = {tmp_path}/none.htdigest\n",
     )
     with pytest.raises(ConfigError) as caught:
         load_config(path, serve=True)
     assert caught.value.problems == [
-        f"{path}: [pilots] secret_file {tmp_path}/none.secret: No such file or directory: create it (mode 0600)",
+        f"{path}: [pilots] site_key_file {tmp_path}/none.key: No such file or directory: create it (mode 0600)",
         f"{path}: [operators] accounts_file {tmp_path}/none.htdigest: No such file or directory: create it (mode 0600)",
     ]
 
 
 def test_an_empty_secret_is_refused(tmp_path):
     text = serve_files(tmp_path)
-    private(tmp_path, "pilots.secret", "\n")
-    with pytest.raises(ConfigError, match=r"secret_file .*: is empty: put the secret in it"):
+    private(tmp_path, "site.key", "\n")
+    with pytest.raises(ConfigError, match=r"site_key_file .*: is empty: put the secret in it"):
         load_config(write(tmp_path, text), serve=True)
 
 

@@ -62,7 +62,7 @@ def fire(order: str, offset: float, gap: float, send_release, pilot: subprocess.
 
 def test_release_and_sigterm_together_always_restore_the_node(tmp_path, hugepages, service):
     rng = random.Random(SEED)  # the same orders and offsets every run: a failure can be replayed
-    config = pilot_config(tmp_path, service.url, service.secret, sections={"vms": {"poll_wait": 30}})
+    config = pilot_config(tmp_path, service.url, service.node_key_file(), sections={"vms": {"poll_wait": 30}})
     for round_number in range(ROUNDS):
         hosts = [f"node{i + 1}" for i in range(PILOTS)]
         slots = [service.add_slot() for _ in hosts]

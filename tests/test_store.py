@@ -17,7 +17,7 @@ from tests.conftest import notification
 
 
 def post(service, slot, seq, state, host="node1", status=200, **fields):
-    response = service.post(service.session(), notification(slot, seq=seq, state=state, host=host, **fields).to_json())
+    response = service.post(service.session(host), notification(slot, seq=seq, state=state, host=host, **fields).to_json())
     assert response.status_code == status, response.text
     return response
 
@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 4: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 5: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
@@ -144,3 +144,39 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
         assert returned == [now] and not waiter.is_alive()
     finally:
         store.close()
+
+
+def _as_version_4(path: str) -> None:
+    """Turn a store file into what schema version 4 wrote: no slot secrets."""
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE slots DROP COLUMN secret")
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+
+
+def test_a_store_with_leases_in_flight_from_before_slot_secrets_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "v4.sqlite")
+    store = Store(path)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    store.close()
+    _as_version_4(path)
+    with pytest.raises(StoreError, match=r"1 lease\(s\) in flight from before per-node credentials.*"
+                                         r"release them .* with the previous workspace-pilot") as caught:
+        Store(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_store_whose_leases_have_all_ended_is_upgraded_and_keeps_them(tmp_path):
+    path = str(tmp_path / "v4.sqlite")
+    store = Store(path)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    assert store.transition_lease("lease-1", "pending", "failed", "ended for the test", now=time.time(), ended=True)
+    store.close()
+    _as_version_4(path)
+    upgraded = Store(path)
+    try:
+        assert upgraded.get_lease("lease-1").state == "failed"
+        assert upgraded.slot_secret("slot-1") is None  # an old slot: no pilot can act for it
+    finally:
+        upgraded.close()

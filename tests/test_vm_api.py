@@ -25,6 +25,7 @@ from service_adapter.api import MAX_API_BODY, MAX_VM_BODY, add_api
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LeaseManager
+from service_adapter.nodekeys import NodeAccounts, new_site_key
 from service_adapter.providers.base import JobState, Provider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
@@ -32,7 +33,6 @@ from service_adapter.vms import VmManager
 from tests.conftest import free_port, notification
 
 OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
-PILOT_USER, PILOT_SECRET = "pilot", "pilot-secret-4567"
 PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
 OVERHEAD_MB = 64
 CLI = [sys.executable, "-m", "service_adapter"]
@@ -57,14 +57,17 @@ class BatchSystemStandIn(Provider):
     def status(self, job_ids):
         return {j: JobState.CANCELLED if j in self.cancelled else JobState.RUNNING for j in job_ids}
 
+    def allocated_hosts(self, job_id):
+        return None  # never asked: this service's receiver has no allocation check
+
 
 class VmService:
     """The service's app on a free loopback port, with its store, lease manager and VM manager."""
 
     def __init__(self, root):
         self.root = root
-        self.pilot = Account.from_secret(PILOT_USER, PILOT_REALM, PILOT_SECRET)
-        pilots = DigestVerifier(PILOT_REALM, {PILOT_USER: self.pilot})
+        self.nodes = NodeAccounts(new_site_key(), PILOT_REALM)
+        pilots = DigestVerifier(PILOT_REALM, self.nodes)
         operators = DigestVerifier(OPERATOR_REALM, {OPERATOR: Account.from_secret(OPERATOR, OPERATOR_REALM,
                                                                                    OPERATOR_SECRET)})
         self.store = Store(str(root / "service.sqlite"))
@@ -79,11 +82,22 @@ class VmService:
         self.receiver = ReceiverThread(app)
         self.url = self.receiver.start()
         self.seq: dict[tuple[str, str], int] = {}
-        self.pilot_session = requests.Session()
-        self.pilot_session.auth = HTTPDigestAuth(PILOT_USER, PILOT_SECRET)
+        self._pilot_sessions: dict[str, requests.Session] = {}
+
+    def pilot_session(self, host: str = "node1") -> requests.Session:
+        """The session of node ``host`` (digest with its own key), one per host."""
+        if host not in self._pilot_sessions:
+            session = self._pilot_sessions[host] = requests.Session()
+            session.auth = HTTPDigestAuth(host, self.nodes.node_key(host))
+        return self._pilot_sessions[host]
+
+    def sign_key(self, slot: str, host: str = "node1") -> str:
+        """The key of (slot, host)'s bodies and command answers."""
+        return self.nodes.slot_key(host, slot, self.store.slot_secret(slot))
 
     def close(self) -> None:
-        self.pilot_session.close()
+        for session in self._pilot_sessions.values():
+            session.close()
         self.receiver.stop()
         self.store.close()
 
@@ -102,9 +116,9 @@ class VmService:
         """One signed notification from (slot, host), over HTTP, with the next seq; it must be accepted."""
         seq = self.seq[(slot, host)] = self.seq.get((slot, host), 0) + 1
         body = notification(slot, seq, state, host, **fields).to_json()
-        response = self.pilot_session.post(
+        response = self.pilot_session(host).post(
             self.url + NOTIFICATIONS_PATH, data=body, timeout=10,
-            headers={SIGNATURE_HEADER: sign(self.pilot.ha1_sha256, body)},
+            headers={SIGNATURE_HEADER: sign(self.sign_key(slot, host), body)},
         )
         assert response.status_code == 200, response.text
 
@@ -358,7 +372,7 @@ def test_wrong_or_missing_credentials_are_401_on_every_vm_route(svc):
         ("POST", f"/leases/{lease_id}/vms/vm1/stop", {}),
     )
     for method, path, kwargs in routes:
-        for user, secret in ((OPERATOR, "wrong"), ("mallory", OPERATOR_SECRET), (PILOT_USER, PILOT_SECRET)):
+        for user, secret in ((OPERATOR, "wrong"), ("mallory", OPERATOR_SECRET), ("node1", svc.nodes.node_key("node1"))):
             response = svc.api(method, path, user=user, secret=secret, **kwargs)
             assert response.status_code == 401, (method, path, user)
             assert f'realm="{OPERATOR_REALM}"' in response.headers["WWW-Authenticate"]

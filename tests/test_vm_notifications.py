@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from service_adapter.store import SCHEMA_VERSION, Store
+from service_adapter.store import SCHEMA_VERSION, Store, StoreError
 from tests.test_command_channel import WOKEN_WITHIN_S, Channel, PollThread
 
 ACTIVE = {"starting", "running", "stopping"}
@@ -417,8 +417,10 @@ CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
 
-def version_2_file(path: str, lease_id: str, slot: str, host: str = "node1") -> dict[str, list[tuple]]:
-    """A store file as schema version 2 left it: one ready lease, its slot, one reserved pilot; its rows."""
+def version_2_file(path: str, lease_id: str, slot: str, host: str = "node1", *,
+                   ended: bool = False) -> dict[str, list[tuple]]:
+    """A store file as schema version 2 left it: one ready lease (or, ``ended``, one released), its slot,
+    one reserved pilot; its rows."""
     now = time.time()
     conn = sqlite3.connect(path)
     try:
@@ -440,6 +442,8 @@ def version_2_file(path: str, lease_id: str, slot: str, host: str = "node1") -> 
             " VALUES (?, ?, NULL, 'pending', 'created')",
             (lease_id, now - 60),
         )
+        if ended:
+            conn.execute("UPDATE leases SET state = 'released', ended_at = ? WHERE id = ?", (now - 5, lease_id))
         conn.execute("PRAGMA user_version = 2")
         conn.commit()
         return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall())
@@ -451,12 +455,12 @@ def version_2_file(path: str, lease_id: str, slot: str, host: str = "node1") -> 
 def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_path):
     path = str(tmp_path / "service.sqlite")
     lease_id, slot = "lease-" + uuid.uuid4().hex[:8], str(uuid.uuid4())
-    old = version_2_file(path, lease_id, slot)
+    old = version_2_file(path, lease_id, slot, ended=True)
 
     Store(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"vms", "commands"} <= tables
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -464,10 +468,10 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
         columns = [row[1] for row in conn.execute("PRAGMA table_info(pilots)")]
         assert columns[-1] == "lost_at"
         columns = [row[1] for row in conn.execute("PRAGMA table_info(slots)")]
-        assert columns[-2:] == ["submit_started_at", "submitted_at"]  # version 4's
+        assert columns[-3:] == ["submit_started_at", "submitted_at", "secret"]  # versions 4's and 5's
         for table, rows in old.items():
             now = sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-            added = {"pilots": 1, "slots": 2}.get(table, 0)
+            added = {"pilots": 1, "slots": 3}.get(table, 0)
             if added:
                 now = [row[:-added] for row in now]
                 assert all(set(row[-added:]) == {None} for row in conn.execute(f"SELECT * FROM {table}"))
@@ -483,20 +487,22 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
         reopened.close()
 
 
-def test_an_upgraded_store_serves_vms_and_the_command_channel(tmp_path):
+def test_a_version_2_store_with_a_lease_in_flight_is_refused_and_left_as_it_was(tmp_path):
+    """Its pilots hold the shared secret of before per-node credentials: no way to let them go on."""
     path = str(tmp_path / "service.sqlite")
     lease_id, slot = "lease-" + uuid.uuid4().hex[:8], str(uuid.uuid4())
-    version_2_file(path, lease_id, slot)
-    channel = Channel(tmp_path, store_path=path)
+    old = version_2_file(path, lease_id, slot)
+    with pytest.raises(StoreError) as caught:
+        Store(path)
+    assert str(caught.value) == (
+        f"store {path} has 1 lease(s) in flight from before per-node credentials (schema version 2); their "
+        "pilots hold the old shared secret and would be refused: release them (or let them end) with the "
+        "previous workspace-pilot, then start this one"
+    )
+    conn = sqlite3.connect(path)
     try:
-        channel._seq[(slot, "node1")] = 1  # the old file holds node1's seq 1
-        cid = channel.start(lease_id, "vm1", "node1")
-        (answered,) = channel.commands(channel.poll(slot, "node1", "after=0&wait=0"))
-        assert answered["id"] == cid and answered["op"] == "start-vm"
-        channel.notify(slot, "node1", "vm-running", command=cid, vms=["vm1"], message="up")
-        assert vm(channel, lease_id, "vm1").state == "running"
-        assert channel.store.mark_lost(slot, "node1", now=time.time(), why="silent")
-        assert vm(channel, lease_id, "vm1").state == "lost"
-        assert channel.poll(slot, "node1").status_code == 404
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        for table, rows in old.items():
+            assert sorted(conn.execute(f"SELECT * FROM {table}").fetchall()) == rows, table
     finally:
-        channel.close()
+        conn.close()

@@ -19,6 +19,7 @@ import uuid
 from service_adapter.client import LeaseClient
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import OPERATOR_USER, LocalSite
+from service_adapter.nodekeys import new_slot_secret
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.providers.base import PilotJob
 
@@ -179,5 +180,5 @@ class Bench:
         """Submit and cancel a do-nothing job of ``nodes`` nodes the way a lease's job is; its two stages."""
         opts = self.options
         job = PilotJob(str(uuid.uuid4()), nodes, opts.memory_mb, opts.duration_s, opts.grace_s,
-                       self.site.contact, self.site.pilot_config, lease="baseline")
+                       self.site.contact, self.site.pilot_config, lease="baseline", slot_secret=new_slot_secret())
         return baseline_stages(run_baseline(self.baseline, job, self.stamps, opts.timeout_s))

@@ -31,6 +31,8 @@ class PilotJob:
     """Path of the pilot's configuration file on the nodes."""
     lease: str = ""
     """The lease this job serves (for job names and logs only)."""
+    slot_secret: str = dataclasses.field(default="", repr=False)
+    """The slot's secret, handed to the pilots in the job's environment (never on a command line)."""
 
 
 class JobState(enum.Enum):
@@ -114,6 +116,11 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
         """The state of each job; UNKNOWN where the LRM could not say. Never raises for a failed query."""
+
+    @abc.abstractmethod
+    def allocated_hosts(self, job_id: str) -> list[str] | None:
+        """The hosts the LRM gave the job (its pilots may report only as these), or None while it
+        cannot say (the job has not started, the query failed). Never raises for a failed query."""
 
     def close(self) -> None:
         """Release what the provider holds (the local provider ends its pilots); others do nothing."""

@@ -27,9 +27,11 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 import psutil
 
+from pilot.protocol import SLOT_SECRET_ENV
 from service_adapter.jobscript import pilot_arguments
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 
@@ -73,6 +75,9 @@ class LocalProvider(Provider):
         self.state_path = os.path.join(output_dir, STATE_FILE)
         self._jobs: dict[str, _LocalJob] = {}
         self._lock = threading.Lock()
+        #: Called with each simulated node's name before its first pilot starts (a LocalSite writes the
+        #: node's key there, as a site admin installs a real node's key before it runs pilots).
+        self.prepare_node: Callable[[str], object] | None = None
 
     def pilot_argv(self, job: PilotJob, host: str) -> list[str]:
         """The command line of one pilot."""
@@ -89,6 +94,9 @@ class LocalProvider(Provider):
             first = int(state.get("next_host", 1))
             hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
             argvs = [self.pilot_argv(job, host) for host in hosts]  # validates the job before anything starts
+            for host in hosts:
+                if self.prepare_node is not None:
+                    self.prepare_node(host)
             processes = []
             try:
                 for host, argv in zip(hosts, argvs):
@@ -96,7 +104,7 @@ class LocalProvider(Provider):
                     with open(out_path, "ab") as out:
                         processes.append(subprocess.Popen(
                             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True,
+                            start_new_session=True, env=dict(os.environ, **{SLOT_SECRET_ENV: job.slot_secret}),
                         ))
             except OSError as exc:
                 for process in processes:
@@ -186,6 +194,13 @@ class LocalProvider(Provider):
             else:
                 states[job_id] = JobState.CANCELLED if record.get("cancelled") else JobState.ENDED
         return states
+
+    def allocated_hosts(self, job_id: str) -> list[str] | None:
+        """The simulated nodes of the job (None for a job this provider never started)."""
+        try:
+            return self.hosts(job_id)
+        except (KeyError, OSError, ValueError):
+            return None
 
     # -- for demos and tests -------------------------------------------------------------------
 

@@ -103,6 +103,16 @@ def parse_qstat_full(text: str) -> dict[str, dict[str, str]]:
     return jobs
 
 
+def exec_hosts(value: str) -> list[str] | None:
+    """The hosts of an ``exec_host`` attribute (``node1/0+node1/1+node2/0``), in order, each once; None if empty."""
+    hosts: list[str] = []
+    for part in value.replace(" ", "").split("+"):
+        host = part.split("/", 1)[0]
+        if host and host not in hosts:
+            hosts.append(host)
+    return hosts or None
+
+
 def _short(job_id: str) -> str:
     return job_id.split(".", 1)[0]
 
@@ -182,6 +192,19 @@ class PbsProvider(Provider):
             log.debug("qdel %s: the job has already ended (rc %s, %s)", job_id, result.rc, result.message())
             return
         raise ProviderError(f"qdel {job_id} failed: {result.message()}")
+
+    def allocated_hosts(self, job_id: str) -> list[str] | None:
+        """The hosts of ``qstat -f``'s ``exec_host`` (``node1/0+node2/0-3``, Torque and PBS Pro), each once;
+        None while the job has none (queued) or qstat could not say."""
+        if not _JOB_ID_RE.fullmatch(str(job_id)):
+            return None
+        result = self._run(["qstat", "-f", str(job_id)])
+        if not result.ok:
+            log.warning("qstat failed, the hosts of job %s are unknown: %s", job_id, result.message())
+            return None
+        jobs = parse_qstat_full(result.stdout)
+        attrs = jobs.get(job_id) or {_short(j): a for j, a in jobs.items()}.get(_short(job_id))
+        return exec_hosts(attrs.get("exec_host", "")) if attrs else None
 
     # -- status ------------------------------------------------------------------------------------
 

@@ -154,6 +154,23 @@ class SlurmProvider(Provider):
             return
         raise ProviderError(f"scancel {job_id} failed: {result.message()}")
 
+    def allocated_hosts(self, job_id: str) -> list[str] | None:
+        """``squeue -o %N`` for the job's node list, expanded by ``scontrol show hostnames``; None while
+        it has none (pending) or a command failed."""
+        if not _JOB_ID_RE.fullmatch(str(job_id)):
+            return None
+        listed = self._run(["squeue", "-h", "-j", str(job_id), "-o", "%N"])
+        nodelist = listed.stdout.strip() if listed.ok else ""
+        if not nodelist or nodelist.startswith("("):
+            if not listed.ok:
+                log.warning("squeue failed, the nodes of job %s are unknown: %s", job_id, listed.message())
+            return None
+        expanded = self._run(["scontrol", "show", "hostnames", nodelist])
+        if not expanded.ok:
+            log.warning("scontrol show hostnames %s failed: %s", nodelist, expanded.message())
+            return None
+        return [line.strip() for line in expanded.stdout.splitlines() if line.strip()] or None
+
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
         """One squeue call for all ids; sacct (if any) for those squeue no longer lists.
 

@@ -1,0 +1,64 @@
+"""Which nodes the batch system gave a pilot job: the receiver accepts a host for a slot only if it is one.
+
+A node's own credentials already keep it from speaking for another host;
+this keeps it from joining a slot whose job does not run on it (a slot's
+secret could leak, e.g. from a job's environment on a shared node). The
+provider asks the LRM (Slurm's node list, ``qstat -f``'s exec hosts, the
+local provider's simulated nodes); answers are cached per job, since a
+running job keeps its nodes. The LRM is asked once per job, not per
+pilot, and never on the event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def short_name(host: str) -> str:
+    """A host name without its domain, lower-cased (LRMs list nodes by short or full name)."""
+    return host.split(".", 1)[0].lower()
+
+
+class Allocations:
+    """The hosts of each job, asked from ``provider.allocated_hosts(job_id)`` and remembered.
+
+    :meth:`holds` answers True or False once the LRM has named the job's
+    hosts, and None while it cannot (the job not started yet, the LRM
+    query failed): the caller tells the pilot to try again.
+    """
+
+    def __init__(self, provider, *, cache_size: int = 4096):
+        self.provider = provider
+        self._known: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def hosts(self, job_id: str) -> frozenset[str] | None:
+        """The job's hosts as short names, or None while the LRM cannot say (blocks on the LRM)."""
+        with self._lock:
+            known = self._known.get(job_id)
+            if known is not None:
+                self._known.move_to_end(job_id)
+                return known
+        try:
+            listed = self.provider.allocated_hosts(job_id)
+        except Exception:  # a provider bug must not become a 500: the pilot tries again
+            log.exception("could not ask the LRM for the hosts of job %s", job_id)
+            return None
+        if not listed:
+            return None
+        found = frozenset(short_name(host) for host in listed)
+        with self._lock:
+            self._known[job_id] = found
+            while len(self._known) > self._cache_size:
+                self._known.popitem(last=False)
+        return found
+
+    def holds(self, job_id: str, host: str) -> bool | None:
+        """Whether ``host`` is one of the job's hosts; None while the LRM cannot say."""
+        found = self.hosts(job_id)
+        return None if found is None else short_name(host) in found
