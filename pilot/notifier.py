@@ -289,7 +289,9 @@ class Notifier:
     def _post(self, body: bytes, headers: dict, deliver_by: float) -> _Attempt:
         timeout = max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
         try:
-            response = self._session.post(self.url, data=body, headers=headers, timeout=timeout)
+            # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
+            response = self._session.post(self.url, data=body, headers=headers, timeout=timeout,
+                                          verify=self._session.verify)
         except requests.ConnectionError:
             self.reach.unanswered()
             raise

@@ -110,7 +110,9 @@ class CommandPoller:
         """One poll: True on a good answer, False to back off, None when the slot is gone."""
         target = f"{self.path}?after={self.cursor}&wait={self.wait_s:g}"
         try:
-            response = self.session.get(self.base + target, timeout=self.wait_s + self.request_timeout_s)
+            # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
+            response = self.session.get(self.base + target, timeout=self.wait_s + self.request_timeout_s,
+                                        verify=self.session.verify)
         except requests.RequestException as exc:
             if isinstance(exc, requests.ConnectionError):
                 self.reach.unanswered()

@@ -36,6 +36,8 @@ have_deb() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok 
 pkg-config --exists libvirt 2>/dev/null || have_deb libvirt-dev || need_pkgs+=(libvirt-dev)
 have_deb pkg-config || command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+# The tests make a CA and an https certificate with it.
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if [ "$cluster" = yes ]; then
   for pkg in sudo logrotate munge slurmctld slurmd slurm-client slurm-wlm-torque; do
     have_deb "$pkg" || need_pkgs+=("$pkg")

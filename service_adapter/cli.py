@@ -606,10 +606,10 @@ def _client_command(args) -> int:
     from service_adapter.client import ClientError, LeaseClient
 
     try:
-        url, user, secret, timeout_s = _client_settings(args)
+        url, user, secret, timeout_s, verify = _client_settings(args)
     except _Exit as exc:
         return exc.code
-    client = LeaseClient(url, user, secret, timeout_s=timeout_s)
+    client = LeaseClient(url, user, secret, timeout_s=timeout_s, verify_tls=verify)
     try:
         return _COMMANDS[args.command](client, args)
     except ClientError as exc:
@@ -636,8 +636,9 @@ def _exit_for_status(status: int | None) -> int:
     return EXIT_FAILED
 
 
-def _client_settings(args) -> tuple[str, str, str, float]:
-    """URL, user, secret and request timeout: command line, then environment, then [client]."""
+def _client_settings(args) -> tuple[str, str, str, float, bool | str]:
+    """URL, user, secret, request timeout and TLS check ([client] ca_file, else the system's CAs):
+    command line, then environment, then [client]."""
     from service_adapter.config import SECRET_FILE_ENV, ConfigError, load_config, read_secret_file
 
     try:
@@ -667,7 +668,7 @@ def _client_settings(args) -> tuple[str, str, str, float]:
         for problem in problems:
             _say(f"config error: {problem}")
         raise _Exit(EXIT_CONFIG)
-    return url, user, secret, args.timeout or config.client_timeout_s
+    return url, user, secret, args.timeout or config.client_timeout_s, config.client_ca_file or True
 
 
 def _print_json(body: dict) -> None:

@@ -28,7 +28,8 @@ class ClientError(Exception):
 class LeaseClient:
     """Calls the operator API at ``url`` as ``user`` (digest secret ``secret``)."""
 
-    def __init__(self, url: str, user: str, secret: str, *, timeout_s: float = 60.0, verify_tls: bool = True):
+    def __init__(self, url: str, user: str, secret: str, *, timeout_s: float = 60.0,
+                 verify_tls: bool | str = True):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = requests.Session()
@@ -100,7 +101,9 @@ class LeaseClient:
     def _call(self, method: str, path: str, **kwargs) -> dict:
         target = f"{self.url}{API}{path}"
         try:
-            response = self.session.request(method, target, timeout=self.timeout_s, **kwargs)
+            # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
+            response = self.session.request(method, target, timeout=self.timeout_s, verify=self.session.verify,
+                                            **kwargs)
         except requests.exceptions.Timeout:
             raise ClientError(f"{self.url}: no answer within {self.timeout_s:g} s") from None
         except requests.exceptions.SSLError as exc:

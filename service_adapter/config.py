@@ -64,6 +64,8 @@ class ServiceConfig:
     max_skew_s: float = 300.0
     max_connections: int = 0
     request_timeout_s: float = 30.0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     # [pilots]
     site_key_file: str = "/etc/workspace-pilot/site.key"
     pilot_config: str = "/etc/workspace-pilot/pilot.conf"
@@ -100,14 +102,36 @@ class ServiceConfig:
     client_user: str | None = None
     client_secret_file: str | None = None
     client_timeout_s: float = 60.0
+    client_ca_file: str | None = None
     # read for serve only
     site_key: str | None = dataclasses.field(default=None, repr=False, compare=False)
     operators: tuple[Account, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
+    def scheme(self) -> str:
+        """``https`` when the service has a certificate ([service] tls_cert_file), else ``http``."""
+        return "https" if self.tls_cert_file else "http"
+
+    @property
     def listen_url(self) -> str:
-        """``http://listen_host:port`` (IPv6 addresses in brackets)."""
-        return f"http://{_url_host(self.listen_host)}:{self.port}"
+        """``http(s)://listen_host:port`` (IPv6 addresses in brackets)."""
+        return f"{self.scheme}://{_url_host(self.listen_host)}:{self.port}"
+
+    def ssl_context(self):
+        """The server's TLS context (None without a certificate); ValueError says what is wrong."""
+        if not self.tls_cert_file:
+            return None
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"[service] tls_cert_file {self.tls_cert_file} / tls_key_file {self.tls_key_file}: "
+                f"{getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or exc}"
+            ) from None
+        return context
 
     @property
     def pilot_contact(self) -> str:
@@ -122,7 +146,7 @@ class ServiceConfig:
         host = self.listen_host
         if _is_wildcard(host):
             host = "::1" if ":" in host else "127.0.0.1"
-        return f"http://{_url_host(host)}:{self.port}"
+        return f"{self.scheme}://{_url_host(host)}:{self.port}"
 
     def job_template(self):
         """The :class:`~service_adapter.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
@@ -332,6 +356,8 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "max_skew": ("max_skew_s", _positive_float),
         "max_connections": ("max_connections", _connections),
         "request_timeout": ("request_timeout_s", _request_timeout),
+        "tls_cert_file": ("tls_cert_file", _abs_path),
+        "tls_key_file": ("tls_key_file", _abs_path),
     },
     "pilots": {
         "site_key_file": ("site_key_file", _abs_path),
@@ -373,6 +399,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "user": ("client_user", _user),
         "secret_file": ("client_secret_file", _abs_path),
         "timeout": ("client_timeout_s", _positive_float),
+        "ca_file": ("client_ca_file", _abs_path),
     },
 }
 
@@ -473,6 +500,8 @@ def _cross_checks(path: str, values: dict) -> list[str]:
             f"{path}: [service] contact: needed when listen_host = {host} (the pilots cannot reach a "
             "wildcard address): set the URL the nodes reach this service at"
         )
+    if values.get("tls_key_file") and not values.get("tls_cert_file"):
+        problems.append(f"{path}: [service] tls_key_file: needs tls_cert_file (the certificate it belongs to)")
     if values.get("realm", ServiceConfig.realm) == values.get("operator_realm", ServiceConfig.operator_realm):
         problems.append(
             f"{path}: [operators] realm: must differ from [service] realm, so that pilot and operator "

@@ -252,7 +252,7 @@ class GuardedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self.guard.protocol_factory(self._runner.server), self._host, self._port,
+            self.guard.protocol_factory(self._runner.server), self._host, self._port, ssl=self._ssl_context,
             backlog=BACKLOG, reuse_address=self._reuse_address, reuse_port=self._reuse_port,
         )
         self._bound_port = self._server.sockets[0].getsockname()[1]
@@ -261,8 +261,11 @@ class GuardedTCPSite(web.TCPSite):
                  self.guard.max_connections, self.guard.request_timeout_s)
 
 
-async def start_serving(app: web.Application, host: str, port: int, **runner_kwargs) -> web.AppRunner:
+async def start_serving(app: web.Application, host: str, port: int, *, ssl_context=None,
+                        **runner_kwargs) -> web.AppRunner:
     """Serve ``app`` (made by ``make_app``) on ``host:port`` with its guard and the refusal log; returns the runner.
+
+    ``ssl_context`` (an ``ssl.SSLContext`` with the service's certificate) makes it https.
 
     aiohttp's keep-alive timer is the head timeout: it closes a connection
     that has not sent a whole request head ``request_timeout_s`` after
@@ -277,7 +280,7 @@ async def start_serving(app: web.Application, host: str, port: int, **runner_kwa
                            **runner_kwargs)
     await runner.setup()
     try:
-        await GuardedTCPSite(runner, host, port, guard, reuse_address=True).start()
+        await GuardedTCPSite(runner, host, port, guard, reuse_address=True, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise

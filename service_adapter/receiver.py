@@ -283,10 +283,11 @@ class ReceiverThread:
     ``stop()`` closes the listener and waits for the thread.
     """
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
         self.app = app
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -321,10 +322,10 @@ class ReceiverThread:
         return self.url
 
     async def _open(self) -> None:
-        self._runner = await start_serving(self.app, self.host, self.port)
+        self._runner = await start_serving(self.app, self.host, self.port, ssl_context=self.ssl_context)
         host, port = self._runner.addresses[0][:2]
         self.port = port
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
 
     def stop(self) -> None:
         """Stop serving and join the thread; safe to call twice."""

@@ -132,7 +132,12 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        runner = await start_serving(app, config.listen_host, config.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        ssl_context = config.ssl_context()
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        runner = await start_serving(app, config.listen_host, config.port, ssl_context=ssl_context,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     except OSError as exc:
         raise ServeError(
             f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"

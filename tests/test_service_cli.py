@@ -10,6 +10,7 @@ The operator commands run as real processes too, and ``curl --digest`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,34 @@ PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
 CLI = [sys.executable, "-m", "service_adapter"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Tls:
+    """A CA made for the test, and a certificate it signed for 127.0.0.1 (with its key)."""
+
+    ca: str
+    cert: str
+    key: str
+
+    @classmethod
+    def make(cls, directory) -> "Tls":
+        """Make them with the openssl command line (EC P-256: fast), valid for one day."""
+        d = str(directory)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+        ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        openssl("req", "-x509", *ec, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "1",
+                "-subj", "/CN=workspace-pilot test CA")
+        openssl("req", *ec, "-keyout", f"{d}/service.key", "-out", f"{d}/service.csr", "-subj", "/CN=127.0.0.1")
+        with open(f"{d}/san.ext", "w", encoding="ascii") as handle:
+            handle.write("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", f"{d}/service.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+                "-CAcreateserial", "-out", f"{d}/service.pem", "-days", "1", "-extfile", f"{d}/san.ext")
+        os.chmod(f"{d}/service.key", 0o600)
+        return cls(f"{d}/ca.pem", f"{d}/service.pem", f"{d}/service.key")
+
+
 def private(path, text: str) -> str:
     path.write_text(text)
     os.chmod(path, 0o600)
@@ -42,11 +71,15 @@ def private(path, text: str) -> str:
 class Site:
     """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
 
-    def __init__(self, root, **service_options):
-        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``)."""
+    def __init__(self, root, *, tls: "Tls | None" = None, **service_options):
+        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``); ``tls``: serve https
+        with its certificate, and give pilots and operators its CA."""
         self.root = root
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        if tls:
+            service_options = dict(service_options, tls_cert_file=tls.cert, tls_key_file=tls.key)
         self.journal_dir = root / "journal"
         self.store = root / "service.sqlite"
         self.log_file = root / "service.log"
@@ -60,6 +93,7 @@ class Site:
         write_pilot_config(
             self.pilot_config, contact=self.url, node_key_file=str(root / "local" / "node-keys" / "{host}.key"),
             log_dir=str(root / "logs"), journal_dir=str(self.journal_dir), reserved_timeout_s=15,
+            sections={"service": {"ca_file": tls.ca}} if tls else None,
         )
         self.config = str(root / "service.conf")
         (root / "service.conf").write_text(
@@ -89,6 +123,7 @@ class Site:
             f"user = {OPERATOR}\n"
             f"secret_file = {self.secret_file}\n"
             "timeout = 20\n"
+            + (f"ca_file = {tls.ca}\n" if tls else "")
         )
 
     def cli(self, *args: str, config: bool = True, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -100,7 +135,8 @@ class Site:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environment)
 
     def api(self, method: str, path: str, user: str = OPERATOR, secret: str = OPERATOR_SECRET, **kwargs):
-        """One request to the API with ``requests``' digest auth."""
+        """One request to the API with ``requests``' digest auth (checking the site's CA when it has one)."""
+        kwargs.setdefault("verify", self.tls.ca if self.tls else True)
         return requests.request(
             method, f"{self.url}/api/v1{path}", auth=HTTPDigestAuth(user, secret), timeout=20, **kwargs,
         )
@@ -516,3 +552,49 @@ def test_node_key_refuses_a_site_key_others_can_read_and_a_bad_host_in_one_line(
     bad = subprocess.run([*CLI, "node-key", "no;de", "--site-key-file", str(loose)], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+# -- https ---------------------------------------------------------------------------------------------
+
+
+def test_an_https_service_leases_end_to_end_with_the_pilots_checking_its_ca(tmp_path, hugepages):
+    tls = Tls.make(tmp_path)
+    site = Site(tmp_path, tls=tls)
+    with serving(site):
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "60", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease = json.loads(reserved.stdout)
+        assert lease["state"] == "ready"  # both pilots reached the service over https, checking its certificate
+        assert pool_pages() == hugepages + 2 * 16
+        # Without the site's CA a client cannot talk to it; plain http is no way round.
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{site.url}/api/v1/leases", timeout=10)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{site.port}/api/v1/leases", timeout=10)
+        released = site.cli("release", lease["id"], "--wait", "--json")
+        assert released.returncode == 0, released.stderr
+        assert json.loads(released.stdout)["state"] == "released"
+    assert pool_pages() == hugepages
+
+
+def test_a_pilot_that_does_not_trust_the_services_certificate_gives_the_memory_back(tmp_path, hugepages):
+    tls = Tls.make(tmp_path)
+    site = Site(tmp_path, tls=tls)
+    other = tmp_path / "other"
+    other.mkdir()
+    stranger = Tls.make(other)  # a CA that did not sign the service's certificate
+    text = open(site.pilot_config, encoding="utf-8").read().replace(f"ca_file = {tls.ca}", f"ca_file = {stranger.ca}")
+    with open(site.pilot_config, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    with serving(site):
+        reserved = site.cli("reserve", "--nodes", "1", "--memory", "32", "--duration", "60", "--json")
+        assert reserved.returncode == 0, reserved.stderr
+        lease_id = json.loads(reserved.stdout)["id"]
+        log = site.root / "logs"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("CERTIFICATE_VERIFY_FAILED" in p.read_text()
+                                                      for p in log.glob("*.log")):
+            time.sleep(0.1)
+        assert any("CERTIFICATE_VERIFY_FAILED" in p.read_text() for p in log.glob("*.log"))
+        assert site.api("GET", f"/leases/{lease_id}").json()["state"] in ("pending", "failed", "missing")
+    assert pool_pages() == hugepages

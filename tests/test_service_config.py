@@ -156,6 +156,8 @@ BAD_VALUES = [
     ("service", "log_file", "service.log", "must be an absolute path"),
     ("service", "log_level", "loud", "must be one of debug, info, warning, error"),
     ("service", "max_skew", "-1", "must be a number of seconds above 0"),
+    ("service", "tls_cert_file", "service.pem", "must be an absolute path"),
+    ("service", "tls_key_file", "service.key", "must be an absolute path"),
     ("service", "max_connections", "-1", "must be a whole number of connections, 0 for as many as"),
     ("service", "max_connections", "many", "must be a whole number of connections"),
     ("service", "request_timeout", "0", "must be a number of seconds from 1 to 60"),
@@ -192,6 +194,7 @@ BAD_VALUES = [
     ("client", "url", "127.0.0.1:8780", "must be an http:// or https:// URL with a host"),
     ("client", "user", "", "must be a user name"),
     ("client", "secret_file", "~/.secret", "must be an absolute path"),
+    ("client", "ca_file", "ca.pem", "must be an absolute path"),
     ("client", "timeout", "forever", "must be a number of seconds above 0"),
 ]
 
@@ -433,3 +436,15 @@ def test_example_with_every_example_value_loads(tmp_path):
     assert config.extra_directives == ("#SBATCH --exclusive",)
     assert config.env == (("SLURM_CONF", "/etc/slurm/slurm.conf"),)
     assert config.contact == "https://workspace.example.org:8780"
+
+
+def test_a_tls_key_without_its_certificate_is_one_line(tmp_path):
+    path = write(tmp_path, "[service]\ntls_key_file = /etc/workspace-pilot/service.key\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: [service] tls_key_file: needs tls_cert_file (the certificate it belongs to)"]
+
+
+def test_with_a_certificate_the_urls_are_https(tmp_path):
+    config = load_config(write(tmp_path, "[service]\ntls_cert_file = /etc/workspace-pilot/service.pem\n"))
+    assert (config.listen_url, config.pilot_contact, config.service_url) == ("https://127.0.0.1:8780",) * 3
