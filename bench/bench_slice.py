@@ -107,6 +107,7 @@ def create_store(path: str, slots: int, synchronous: str = "FULL"):
     store.add_lease("bench-lease", slots, 64, 3600)
     for index in range(slots):
         store.add_slot(slot_name(index), "bench-lease", 1, 64)
+        store.set_job_id(slot_name(index), f"bench-job-{index}")  # as a submitted slot has
     return store
 
 

@@ -21,6 +21,7 @@ state names: a lease has ended when ``ended_at`` is set (see
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import enum
@@ -141,6 +142,8 @@ CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 
 _TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands")
 _GROUP_MAX = 256
+#: How many (slot, host) answers :meth:`Store.slot_access` keeps in memory.
+ACCESS_CACHE_SIZE = 16384
 #: A pilot's notified states that end its hold on the node (a usage row is written with the first).
 HOLD_ENDED = frozenset({"unreserved", "killed"})
 #: A pilot's notified states on its way out (the first one is kept as ``ended_by``).
@@ -333,6 +336,10 @@ class Store:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._woken: set[tuple[str, str]] = set()  # touched by the writer thread only
+        # What the receiver asks of every request and what never changes once true: a slot's secret and job
+        # id (once it has one), and that a host has reported for a slot. Bounded; misses read the file.
+        self._access_cache: collections.OrderedDict[tuple[str, str], SlotAccess] = collections.OrderedDict()
+        self._access_lock = threading.Lock()
         self._command_listener: Callable[[set[tuple[str, str]]], None] | None = None
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(
@@ -818,7 +825,16 @@ class Store:
 
     def slot_access(self, slot_id: str, host: str) -> SlotAccess | None:
         """What the receiver needs to judge a request for (slot, host); None for an unknown slot
-        or one from before per-slot secrets."""
+        or one from before per-slot secrets.
+
+        Answers are kept (at most :data:`ACCESS_CACHE_SIZE`) once nothing in
+        them can change: the slot has its job id and the host has reported.
+        """
+        with self._access_lock:
+            cached = self._access_cache.get((slot_id, host))
+            if cached is not None:
+                self._access_cache.move_to_end((slot_id, host))
+                return cached
         row = self._reader().execute(
             "SELECT s.secret, s.job_id, EXISTS(SELECT 1 FROM pilots p WHERE p.slot_id = s.id AND p.host = ?)"
             " FROM slots s WHERE s.id = ?",
@@ -826,7 +842,13 @@ class Store:
         ).fetchone()
         if row is None or row[0] is None:
             return None
-        return SlotAccess(row[0], row[1], bool(row[2]))
+        access = SlotAccess(row[0], row[1], bool(row[2]))
+        if access.job_id is not None and access.host_known:
+            with self._access_lock:
+                self._access_cache[(slot_id, host)] = access
+                while len(self._access_cache) > ACCESS_CACHE_SIZE:
+                    self._access_cache.popitem(last=False)
+        return access
 
     def slot_secret(self, slot_id: str) -> str | None:
         """The slot's secret (for its job's environment), or None for an unknown slot."""
