@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import errno
 import fcntl
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys

@@ -68,7 +68,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,6 @@ import contextlib
 import http.server
 import io
 import json
-import os
 import signal
 import subprocess
 import sys

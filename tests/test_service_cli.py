@@ -256,7 +256,7 @@ def test_reserve_list_show_release_usage(site, hugepages):
 
         shown = site.cli("show", lease_id)
         assert shown.returncode == 0, shown.stderr
-        assert f"id" in shown.stdout and lease_id in shown.stdout and "ready" in shown.stdout
+        assert "id" in shown.stdout and lease_id in shown.stdout and "ready" in shown.stdout
 
         released = site.cli("release", lease_id, "--wait", "--json")
         assert released.returncode == 0, released.stderr

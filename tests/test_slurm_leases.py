@@ -8,7 +8,6 @@ receiver on 127.0.0.1. The cluster comes from the session fixture
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
