@@ -26,12 +26,12 @@ import signal
 import sys
 import time
 
-from pilot.backends import BackendError, backend_from_config
+from pilot.node.backends import BackendError, backend_from_config
 from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
-from pilot.journal import Entry, Journal, JournalError, UnreadableEntry
-from pilot.nodelock import NodeLockError
-from pilot.nodememory import replay_dead, settle
-from pilot.vmcleanup import destroy_domain
+from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
+from pilot.node.lock import NodeLockError
+from pilot.node.memory import replay_dead, settle
+from pilot.vm.cleanup import destroy_domain
 
 EXIT_CLEAN = 0
 EXIT_NOT_CLEAN = 1
@@ -152,7 +152,7 @@ def make_plan(config: PilotConfig, journal: Journal, *, read_only: bool) -> Plan
     entry points at it, that is only noted: no hypervisor runs, so no VM
     of a pilot's can.
     """
-    from pilot.vmtag import tagged_domains
+    from pilot.vm.tag import tagged_domains
 
     found = journal.entries()
     entries = [e for e in found if isinstance(e, Entry)]
@@ -360,7 +360,7 @@ def notify_killed(plan: Plan, config: PilotConfig, report: Report) -> None:
 
 def check_clean(config: PilotConfig, journal: Journal, plan: Plan, report: Report) -> None:
     """Look again: the node is clean only if nothing of any pilot is left."""
-    from pilot.vmtag import tagged_domains
+    from pilot.vm.tag import tagged_domains
 
     left = journal.entries()
     if left:

@@ -53,10 +53,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pilot.backends import BackendError  # noqa: E402  (after the sys.path fix above)
-from pilot.journal import Entry, Journal, MemoryRecord  # noqa: E402
-from pilot.nodememory import NodeMemory, replay_dead  # noqa: E402
-from pilot.owner import Owner  # noqa: E402
+from pilot.node.backends import BackendError  # noqa: E402  (after the sys.path fix above)
+from pilot.node.journal import Entry, Journal, MemoryRecord  # noqa: E402
+from pilot.node.memory import NodeMemory, replay_dead  # noqa: E402
+from pilot.node.owner import Owner  # noqa: E402
 
 RESERVE_MB = 1024
 HUGEPAGES_ROOT = "/sys/kernel/mm/hugepages"
@@ -185,7 +185,7 @@ def hugepages_machine_lock():
 
 def bench_hugepages(page_kb: int, workdir: str, rounds: int) -> dict:
     """The real pool of ``page_kb`` pages; the caller holds the machine lock. Put back in a ``finally``."""
-    from pilot.backends.hugepages import HugepagesBackend
+    from pilot.node.backends.hugepages import HugepagesBackend
 
     pool = os.path.join(HUGEPAGES_ROOT, f"hugepages-{page_kb}kB", "nr_hugepages")
     if not os.path.exists(pool):
@@ -211,7 +211,7 @@ def bench_hugepages(page_kb: int, workdir: str, rounds: int) -> dict:
 
 def bench_cgroup(workdir: str, rounds: int) -> dict:
     """A fresh v1 memory cgroup with a 4 GiB limit; removed in a ``finally``."""
-    from pilot.backends.cgroup import CgroupBackend
+    from pilot.node.backends.cgroup import CgroupBackend
 
     if os.geteuid() != 0:
         raise Skipped("needs root (creates a cgroup)")
@@ -244,7 +244,7 @@ def bench_xen(workdir: str, rounds: int) -> dict:
         import libvirt  # noqa: F401
     except ImportError as exc:
         raise Skipped(f"libvirt-python is missing ({exc})") from None
-    from pilot.backends.xen import XenBackend
+    from pilot.node.backends.xen import XenBackend
 
     node = os.path.join(workdir, "node.xml")
     with open(node, "w", encoding="utf-8") as handle:
@@ -258,7 +258,7 @@ def bench_xen(workdir: str, rounds: int) -> dict:
 
 def bench_xl(workdir: str, rounds: int) -> dict:
     """XlBackend on a fake xl (Domain-0 at 6144 MB); also times one bare call of the fake."""
-    from pilot.backends.xl import XlBackend
+    from pilot.node.backends.xl import XlBackend
 
     from tests.fakes import install_fake_xl
 
@@ -277,7 +277,7 @@ def bench_xl(workdir: str, rounds: int) -> dict:
 
 def bench_none(workdir: str, rounds: int) -> dict:
     """NoBackend: the node lock, the dead-pilot check and the journal, nothing else."""
-    from pilot.backends.none import NoBackend
+    from pilot.node.backends.none import NoBackend
 
     return measure(NoBackend(), workdir, rounds)
 

@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate(args.config, args.contact, args.batch_user)
 
-    from pilot.backends import BackendError, backend_from_config
+    from pilot.node.backends import BackendError, backend_from_config
     from pilot.config import DEFAULT_PATH, ConfigError, load_config
     from pilot.credentials import CredentialError, pilot_credentials, take_slot_secret
-    from pilot.journal import Journal, JournalError
+    from pilot.node.journal import Journal, JournalError
 
     try:
         # First: out of the environment before anything (xl, squeue, sudo) could inherit it.
@@ -233,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reserve(args, config, backend, journal, host: str, log_path: str, started: float, credentials) -> int:
     from pilot.deadline import compute_deadline
-    from pilot.hosting import VmHosting
-    from pilot.journal import Entry
+    from pilot.vm.hosting import VmHosting
+    from pilot.node.journal import Entry
     from pilot.lifecycle import LeaseRequest, Pilot
     from pilot.moments import process_started_at
-    from pilot.nodememory import NodeMemory
+    from pilot.node.memory import NodeMemory
     from pilot.notifier import Notifier
-    from pilot.owner import Owner
+    from pilot.node.owner import Owner
     from pilot.wakeup import wake_on_signals
 
     log.info(

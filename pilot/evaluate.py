@@ -410,7 +410,7 @@ def _tree_problem(top: str) -> str | None:
 
 def check_backend(config: PilotConfig) -> list[Check]:
     """The configured backend can be built and read, and the host is not already below ``minmem``."""
-    from pilot.backends import BackendError, backend_from_config
+    from pilot.node.backends import BackendError, backend_from_config
 
     what = "memory backend"
     try:
@@ -449,7 +449,7 @@ def check_backend(config: PilotConfig) -> list[Check]:
 
 def check_journal(config: PilotConfig) -> list[Check]:
     """The journal directory is safe, and no entry of a dead pilot or unreadable entry waits in it."""
-    from pilot.journal import Entry, Journal, JournalError
+    from pilot.node.journal import Entry, Journal, JournalError
 
     directory = config.journal_dir
     what = f"journal {directory}"

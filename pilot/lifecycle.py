@@ -6,7 +6,7 @@ inside a lock that thread holds); all work happens in :meth:`Pilot.run` on
 the main thread. The restore never waits for the
 service: notifications are sent by the notifier thread with deadlines, and
 the memory is given back whatever they answer. Every change to the node
-goes through :class:`pilot.nodememory.NodeMemory`, journal first.
+goes through :class:`pilot.node.memory.NodeMemory`, journal first.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import logging
 import time
 from typing import Callable
 
-from pilot.backends import BackendError
+from pilot.node.backends import BackendError
 from pilot.deadline import Deadline, DeadlineError
 from pilot.exitcodes import ExitCode
 from pilot.faults import Checkpoints
-from pilot.journal import JournalError
+from pilot.node.journal import JournalError
 from pilot.moments import Moments
-from pilot.nodelock import NodeLockError
-from pilot.nodememory import NodeMemory, TakeAborted
+from pilot.node.lock import NodeLockError
+from pilot.node.memory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
 from pilot.protocol import format_epoch
-from pilot.vmcleanup import VmCleanupError
+from pilot.vm.cleanup import VmCleanupError
 from pilot.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Pilot:
         self.deadline: Deadline | None = None
         self.reserved_timeout_s = reserved_timeout_s
         self.earlywaitratio = earlywaitratio
-        #: The slot's command channel and VMs (:class:`pilot.hosting.VmHosting`); None: no VM hosting.
+        #: The slot's command channel and VMs (:class:`pilot.vm.hosting.VmHosting`); None: no VM hosting.
         self.hosting = hosting
         self.state = State.BEGIN
         self._state_since = time.monotonic()

@@ -26,7 +26,7 @@ import stat
 from urllib.parse import urlsplit
 
 from service_adapter.digest import Account
-from service_adapter.launchers import LAUNCHER_NAMES
+from service_adapter.providers.launchers import LAUNCHER_NAMES
 from service_adapter.nodekeys import NodeAccounts, is_key
 from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
 
@@ -149,8 +149,8 @@ class ServiceConfig:
         return f"{self.scheme}://{_url_host(host)}:{self.port}"
 
     def job_template(self):
-        """The :class:`~service_adapter.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
-        from service_adapter.jobscript import JobTemplate
+        """The :class:`~service_adapter.providers.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
+        from service_adapter.providers.jobscript import JobTemplate
 
         return JobTemplate(
             cores_per_node=self.cores_per_node, memory_per_node_mb=self.memory_per_node_mb,

@@ -24,7 +24,7 @@ import time
 from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import DigestVerifier
-from service_adapter.jobscript import JobTemplate
+from service_adapter.providers.jobscript import JobTemplate
 from service_adapter.lease import LeaseManager
 from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key

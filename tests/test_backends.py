@@ -24,13 +24,13 @@ import uuid
 import pytest
 
 from tests.fakes import FAKE_XL_SOURCE, install_fake_xl
-from pilot.backends import BackendError, make_backend
-from pilot.backends.base import read_meminfo_kb
-from pilot.backends.cgroup import UNLIMITED, CgroupBackend
-from pilot.backends.hugepages import HugepagesBackend
-from pilot.backends.none import NoBackend
-from pilot.backends.xen import XenBackend
-from pilot.backends.xl import XlBackend
+from pilot.node.backends import BackendError, make_backend
+from pilot.node.backends.base import read_meminfo_kb
+from pilot.node.backends.cgroup import UNLIMITED, CgroupBackend
+from pilot.node.backends.hugepages import HugepagesBackend
+from pilot.node.backends.none import NoBackend
+from pilot.node.backends.xen import XenBackend
+from pilot.node.backends.xl import XlBackend
 
 MIB = 2**20
 MEMORY_V1 = "/sys/fs/cgroup/memory"
@@ -344,8 +344,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_libvirt_is_imported_only_when_the_xen_backend_is_used():
     done = _python(
         "import sys\n"
-        "from pilot.backends import BackendError, make_backend\n"
-        "import pilot.backends.xen\n"
+        "from pilot.node.backends import BackendError, make_backend\n"
+        "import pilot.node.backends.xen\n"
         "make_backend('xen', {'uri': 'test:///default'})\n"
         "make_backend('none', {}).read()\n"
         "assert 'libvirt' not in sys.modules, 'imported too early'\n"
@@ -363,7 +363,7 @@ def test_xen_without_libvirt_python_says_so():
     done = _python(
         "import sys\n"
         "sys.modules['libvirt'] = None\n"
-        "from pilot.backends import BackendError, make_backend\n"
+        "from pilot.node.backends import BackendError, make_backend\n"
         "try:\n"
         "    make_backend('xen', {'uri': 'test:///default'}).read()\n"
         "except BackendError as exc:\n"

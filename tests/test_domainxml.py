@@ -1,4 +1,4 @@
-"""The domain XML the pilot renders (pilot.domainxml), parsed back; and created on libvirt's test driver."""
+"""The domain XML the pilot renders (pilot.vm.domainxml), parsed back; and created on libvirt's test driver."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pilot import vmtag
-from pilot.domainxml import choose_virt_type, render_domain
+from pilot.vm import tag as vmtag
+from pilot.vm.domainxml import choose_virt_type, render_domain
 from pilot.protocol import ImageFile, VmSpec
-from pilot.vmcheck import CheckedVm, VmRefused
-from pilot.vmtag import VmTag
+from pilot.vm.check import CheckedVm, VmRefused
+from pilot.vm.tag import VmTag
 
 TAG = VmTag("3f2a9c1e-aaaa-bbbb-cccc-000000000001", "lease-7", 4242)
 DIGEST = "0" * 64

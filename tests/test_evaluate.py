@@ -20,8 +20,8 @@ import pytest
 from pilot.config import load_config
 from pilot.evaluate import Check, check_journal, check_path, check_privilege, evaluate, resolve_chain
 from pilot.exitcodes import ExitCode
-from pilot.journal import Entry, Journal, MemoryRecord
-from pilot.owner import Owner
+from pilot.node.journal import Entry, Journal, MemoryRecord
+from pilot.node.owner import Owner
 from tests.conftest import NR_HUGEPAGES, Service, free_port, needs_root, pool_pages
 from tests.test_journal import dead_owner
 

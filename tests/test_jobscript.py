@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from pilot.protocol import PILOT_ENV
-from service_adapter.jobscript import (
+from service_adapter.providers.jobscript import (
     JobScriptError,
     JobTemplate,
     format_number,
@@ -25,7 +25,7 @@ from service_adapter.jobscript import (
     render_slurm,
     walltime_s,
 )
-from service_adapter.launchers import LAUNCHER_NAMES, LAUNCHERS, resolve_launcher
+from service_adapter.providers.launchers import LAUNCHER_NAMES, LAUNCHERS, resolve_launcher
 from service_adapter.providers import PilotJob
 
 SLOT = "3f2a1b2c-5d6e-4f70-8a9b-0c1d2e3f4a5b"

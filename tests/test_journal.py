@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pilot.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
-from pilot.owner import Owner, boot_id, start_ticks
+from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
+from pilot.node.owner import Owner, boot_id, start_ticks
 
 
 def dead_owner() -> Owner:

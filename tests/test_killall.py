@@ -15,8 +15,8 @@ import pytest
 
 from admin_tools import killall
 from pilot.exitcodes import ExitCode
-from pilot.journal import Entry, Journal, MemoryRecord
-from pilot.owner import Owner, boot_id, start_ticks
+from pilot.node.journal import Entry, Journal, MemoryRecord
+from pilot.node.owner import Owner, boot_id, start_ticks
 from tests.conftest import (
     journal_files, pilot_config, pool_pages, read_until, running_pilot, throwaway_node_keys,
 )
@@ -61,7 +61,7 @@ def conn():
 
 
 def start_vm(conn, name: str, slot: str | None):
-    from pilot.vmtag import VmTag, set_tag
+    from pilot.vm.tag import VmTag, set_tag
 
     xml = f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"
     domain = conn.createXML(xml, 0)

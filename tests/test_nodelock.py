@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pilot.nodelock import NodeLock, NodeLockError
+from pilot.node.lock import NodeLock, NodeLockError
 from tests.conftest import needs_root
 
 

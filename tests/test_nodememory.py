@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
-from pilot.backends import BackendError, read_meminfo_kb
-from pilot.backends.hugepages import HugepagesBackend
-from pilot.journal import Entry, Journal, JournalError, MemoryRecord
-from pilot.nodememory import NodeMemory, TakeAborted, replay_dead
-from pilot.owner import Owner
+from pilot.node.backends import BackendError, read_meminfo_kb
+from pilot.node.backends.hugepages import HugepagesBackend
+from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord
+from pilot.node.memory import NodeMemory, TakeAborted, replay_dead
+from pilot.node.owner import Owner
 from tests.conftest import NR_HUGEPAGES, pool_pages
 from tests.test_journal import dead_owner
 

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pilot.vmtag import tagged_domains
+from pilot.vm.tag import tagged_domains
 from service_adapter.vms import parse_vm_request
 from tests.conftest import pool_pages
 from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line

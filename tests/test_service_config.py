@@ -76,7 +76,7 @@ def test_a_missing_default_file_is_no_error_but_a_missing_named_file_is(tmp_path
 
 def test_the_provider_defaults_are_the_providers_own():
     """[provider] unset gives exactly ProviderSettings() and JobTemplate() (helper modules' defaults)."""
-    from service_adapter.jobscript import JobTemplate
+    from service_adapter.providers.jobscript import JobTemplate
     from service_adapter.providers import ProviderSettings
 
     assert ServiceConfig().job_template() == JobTemplate()

@@ -1,4 +1,4 @@
-"""The node's checks of a VM spec (pilot.vmcheck): real files in real directories, real hashing."""
+"""The node's checks of a VM spec (pilot.vm.check): real files in real directories, real hashing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from pilot.protocol import ImageFile, VmSpec
-from pilot.vmcheck import VmPolicy, VmRefused, check_spec, file_sha256
+from pilot.vm.check import VmPolicy, VmRefused, check_spec, file_sha256
 
 
 def sha(data: bytes) -> str:

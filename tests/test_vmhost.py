@@ -1,4 +1,4 @@
-"""Hosting a slot's VMs (pilot.vmhost) on libvirt's real test driver (test:///default, no daemon).
+"""Hosting a slot's VMs (pilot.vm.host) on libvirt's real test driver (test:///default, no daemon).
 
 The test driver keeps its domains in this process, shared by the
 connections open in it; the tests of two slots therefore share one
@@ -18,9 +18,9 @@ import threading
 import pytest
 
 from pilot.protocol import ImageFile, VmSpec
-from pilot.vmcheck import VmPolicy
-from pilot.vmhost import VmHost, VmTeardownError
-from pilot.vmtag import VmTag, read_tag, set_tag
+from pilot.vm.check import VmPolicy
+from pilot.vm.host import VmHost, VmTeardownError
+from pilot.vm.tag import VmTag, read_tag, set_tag
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -241,7 +241,7 @@ def test_teardown_of_one_slot_leaves_the_other_slot_and_the_neighbour_running(co
     leftover = untagged(conn, "wp-aaaaaaaa-old")
     set_tag(leftover, VmTag(SLOT_A, "lease-1", 1), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
-    with caplog.at_level(logging.INFO, logger="pilot.vmhost"):
+    with caplog.at_level(logging.INFO, logger="pilot.vm.host"):
         destroyed = host_a.teardown()
 
     assert sorted(destroyed) == ["a1", "a2", "old"]
@@ -302,7 +302,7 @@ def test_teardown_that_cannot_reach_libvirt_raises(policy):
 def test_importing_the_vm_modules_does_not_import_libvirt():
     code = (
         "import sys\n"
-        "import pilot.vmhost, pilot.vmcheck, pilot.domainxml\n"
+        "import pilot.vm.host, pilot.vm.check, pilot.vm.domainxml\n"
         "assert 'libvirt' not in sys.modules, 'libvirt imported at start'\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import time
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.providers.base import PilotJob, Provider
 from service_adapter.providers.local import LocalProvider
-from service_adapter.jobscript import pilot_arguments
+from service_adapter.providers.jobscript import pilot_arguments
 
 from admin_tools.leasebench.phases import BaselineRecord
 

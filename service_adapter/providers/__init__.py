@@ -11,7 +11,7 @@ import math
 import os
 import re
 
-from service_adapter.jobscript import JobTemplate
+from service_adapter.providers.jobscript import JobTemplate
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 
 __all__ = ["JobState", "PilotJob", "Provider", "ProviderError", "ProviderSettings", "make_provider", "PROVIDER_NAMES"]

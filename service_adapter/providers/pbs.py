@@ -23,8 +23,8 @@ import re
 import shutil
 from typing import Callable
 
-from service_adapter.jobscript import PBS, JobTemplate, job_name, output_path, render_pbs, script_path
-from service_adapter.launchers import resolve_launcher
+from service_adapter.providers.jobscript import PBS, JobTemplate, job_name, output_path, render_pbs, script_path
+from service_adapter.providers.launchers import resolve_launcher
 from service_adapter.providers.slurm import signal_steps
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
 from service_adapter.providers.commands import CommandResult, Outcome, run_command

@@ -12,8 +12,8 @@ import re
 import shutil
 from typing import Callable
 
-from service_adapter.jobscript import SLURM, JobTemplate, job_name, render_slurm, script_path
-from service_adapter.launchers import resolve_launcher
+from service_adapter.providers.jobscript import SLURM, JobTemplate, job_name, render_slurm, script_path
+from service_adapter.providers.launchers import resolve_launcher
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
 from service_adapter.providers.commands import Outcome, run_command
 from service_adapter.providers.scriptfile import write_job_script

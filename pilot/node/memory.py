@@ -11,7 +11,7 @@ Every change follows one order, for every backend:
 4. record the outcome in the journal before the lock is released.
 
 A pilot that dies at any point leaves an entry that the next lock holder
-(:func:`replay_dead`) can undo exactly; see :data:`pilot.journal.PHASES`.
+(:func:`replay_dead`) can undo exactly; see :data:`pilot.node.journal.PHASES`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import threading
 import time
 from typing import Callable
 
-from pilot.backends import BackendError, BalloonBackend, make_backend
-from pilot.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
-from pilot.vmcleanup import VmCleanupError, destroy_slot_vms
+from pilot.node.backends import BackendError, BalloonBackend, make_backend
+from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
+from pilot.vm.cleanup import VmCleanupError, destroy_slot_vms
 
 log = logging.getLogger(__name__)
 

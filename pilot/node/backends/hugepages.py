@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pilot.backends.base import BackendError, BalloonBackend, read_meminfo_kb
+from pilot.node.backends.base import BackendError, BalloonBackend, read_meminfo_kb
 
 SYSFS_ROOT = "/sys/kernel/mm/hugepages"
 

@@ -1,7 +1,7 @@
 """Destroying a slot's VMs by their tag, for whoever must clean up after a pilot (replay, teardown, kill-all).
 
 A VM belongs to a slot when its libvirt ``<metadata>`` carries the
-project's tag with that slot id (:mod:`pilot.vmtag`); names and the
+project's tag with that slot id (:mod:`pilot.vm.tag`); names and the
 service's word do not count. libvirt is imported here, never at the
 pilot's start.
 """
@@ -49,7 +49,7 @@ def destroy_slot_vms(uri: str, slot: str) -> list[str]:
         import libvirt
     except ImportError as exc:
         raise VmCleanupError(f"libvirt-python is missing ({exc})") from None
-    from pilot.vmtag import tagged_domains
+    from pilot.vm.tag import tagged_domains
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:

@@ -35,7 +35,7 @@ CODE_NO_VMS = 2
 class VmWorker:
     """Runs start-vm / stop-vm / release for one slot on this node.
 
-    ``make_host()`` builds the :class:`pilot.vmhost.VmHost` on the first
+    ``make_host()`` builds the :class:`pilot.vm.host.VmHost` on the first
     start (None: this node hosts no VMs, every start is refused with
     ``no_vms_reason``). ``held_mb()`` is the memory the pilot holds (for
     the notifications' ``memory_mb``). ``on_release(reason)`` is the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 
-from pilot.backends.base import BackendError, BalloonBackend
+from pilot.node.backends.base import BackendError, BalloonBackend
 
 DEFAULT_COMMAND = "/usr/sbin/xl"
 

@@ -12,7 +12,7 @@ import fcntl
 import os
 import time
 
-from pilot.safedir import directory_problem
+from pilot.node.safedir import directory_problem
 
 
 class NodeLockError(Exception):

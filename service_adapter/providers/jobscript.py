@@ -19,7 +19,7 @@ import shlex
 from typing import TYPE_CHECKING
 
 from pilot.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
-from service_adapter.launchers import LAUNCHERS, Launcher, check_launcher_name, resolve_launcher
+from service_adapter.providers.launchers import LAUNCHERS, Launcher, check_launcher_name, resolve_launcher
 
 if TYPE_CHECKING:
     # Only for annotations: service_adapter.providers imports this module for its settings.
@@ -52,7 +52,7 @@ class JobTemplate:
     to whole minutes (Slurm counts minutes). ``extra_directives`` are raw
     lines, with or without the ``#SBATCH ``/``#PBS `` prefix. ``sudo`` ""
     runs the pilot directly (sites whose jobs already run as root).
-    ``launcher`` is a name from :data:`service_adapter.launchers.LAUNCHER_NAMES`.
+    ``launcher`` is a name from :data:`service_adapter.providers.launchers.LAUNCHER_NAMES`.
     """
 
     cores_per_node: int = 1

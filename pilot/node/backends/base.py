@@ -4,7 +4,7 @@ A backend knows one knob on the host and nothing else: how to read its
 current *level*, how to ask for another level, and how a lease's memory
 maps onto levels. Everything that makes a change safe (the node lock, the
 write-ahead journal, the ``minmem`` floor, verification within a timeout,
-undoing a partial change) lives in :mod:`pilot.nodememory`, once for all
+undoing a partial change) lives in :mod:`pilot.node.memory`, once for all
 backends.
 
 Levels are integers in the backend's own unit (``unit``): hugepages count
@@ -40,7 +40,7 @@ class BalloonBackend(abc.ABC):
     """One way to take memory from the host for a lease and give it back.
 
     Implementations are small and stateless beyond their parameters:
-    :meth:`params` must be enough for :func:`pilot.backends.make_backend`
+    :meth:`params` must be enough for :func:`pilot.node.backends.make_backend`
     to rebuild an equal backend from the journal in another process.
     Callers hold the node lock around :meth:`write`.
     """

@@ -1,7 +1,7 @@
 """One slot's VMs on this node, through libvirt.
 
 :class:`VmHost` starts the VMs the service asks for (after
-:func:`pilot.vmcheck.check_spec`), stops them, notices the ones that
+:func:`pilot.vm.check.check_spec`), stops them, notices the ones that
 ended on their own, and at the lease's end destroys every domain that
 carries this slot's tag, whether or not it remembers starting it.
 Domains are transient and tagged from creation; their names are
@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Callable
 
-from pilot.domainxml import choose_virt_type, render_domain
+from pilot.vm.domainxml import choose_virt_type, render_domain
 from pilot.protocol import VmSpec
-from pilot.vmcheck import VmPolicy, VmRefused, check_memory, check_spec
-from pilot.vmcleanup import VmCleanupError, destroy_domain
-from pilot.vmtag import VmTag, read_tag, tagged_domains
+from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec
+from pilot.vm.cleanup import VmCleanupError, destroy_domain
+from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pilot.backends.base import BalloonBackend, read_meminfo_kb
+from pilot.node.backends.base import BalloonBackend, read_meminfo_kb
 
 
 class NoBackend(BalloonBackend):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 
-from pilot.backends.base import BackendError, BalloonBackend, read_meminfo_kb
+from pilot.node.backends.base import BackendError, BalloonBackend, read_meminfo_kb
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from pilot.vmcheck import CheckedVm, VmRefused
-from pilot.vmtag import VmTag
+from pilot.vm.check import CheckedVm, VmRefused
+from pilot.vm.tag import VmTag
 
 VIRT_TYPES = ("kvm", "qemu", "xen", "test")
 _KVM_MODULES = ("kvm_intel", "kvm_amd")

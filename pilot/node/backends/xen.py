@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pilot.backends.base import BackendError, BalloonBackend
+from pilot.node.backends.base import BackendError, BalloonBackend
 
 DEFAULT_URI = "xen:///system"
 

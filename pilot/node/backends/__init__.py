@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import importlib
 
-from pilot.backends.base import BackendError, BalloonBackend, read_meminfo_kb
+from pilot.node.backends.base import BackendError, BalloonBackend, read_meminfo_kb
 
 # name -> (module, class)
 _CLASSES = {
-    "hugepages": ("pilot.backends.hugepages", "HugepagesBackend"),
-    "cgroup": ("pilot.backends.cgroup", "CgroupBackend"),
-    "xen": ("pilot.backends.xen", "XenBackend"),
-    "xl": ("pilot.backends.xl", "XlBackend"),
-    "none": ("pilot.backends.none", "NoBackend"),
+    "hugepages": ("pilot.node.backends.hugepages", "HugepagesBackend"),
+    "cgroup": ("pilot.node.backends.cgroup", "CgroupBackend"),
+    "xen": ("pilot.node.backends.xen", "XenBackend"),
+    "xl": ("pilot.node.backends.xl", "XlBackend"),
+    "none": ("pilot.node.backends.none", "NoBackend"),
 }
 
 

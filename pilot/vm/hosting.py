@@ -15,7 +15,7 @@ from typing import Callable
 
 from pilot.config import PilotConfig
 from pilot.poller import CommandPoller
-from pilot.vmworker import VmWorker
+from pilot.vm.worker import VmWorker
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class VmHosting:
         self._started = False
 
     def _make_host(self):
-        from pilot.vmcheck import VmPolicy
-        from pilot.vmhost import VmHost
+        from pilot.vm.check import VmPolicy
+        from pilot.vm.host import VmHost
 
         config = self.config
         policy = VmPolicy(

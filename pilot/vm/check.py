@@ -20,7 +20,7 @@ import struct
 import threading
 
 from pilot.protocol import ImageFile, ProtocolError, VmSpec
-from pilot.safedir import directory_problem
+from pilot.node.safedir import directory_problem
 
 HASH_BLOCK = 1024 * 1024
 QCOW2_MAGIC = b"QFI\xfb"

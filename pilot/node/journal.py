@@ -9,9 +9,9 @@ node lock (``node.lock``) that serialises every change.
 
 Who undoes what: a pilot removes its own entry once the node is restored.
 An entry whose owner is dead (pid gone, or reused: see
-:mod:`pilot.owner`) is undone by the next holder of the node lock — the next
+:mod:`pilot.node.owner`) is undone by the next holder of the node lock — the next
 pilot, or ``workspace-killall`` — before it changes anything itself
-(:mod:`pilot.nodememory`).
+(:mod:`pilot.node.memory`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import dataclasses
 import json
 import os
 
-from pilot.nodelock import NodeLock
-from pilot.owner import Owner
-from pilot.safedir import directory_problem
+from pilot.node.lock import NodeLock
+from pilot.node.owner import Owner
+from pilot.node.safedir import directory_problem
 
 JOURNAL_VERSION = 1
 
