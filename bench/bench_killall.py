@@ -98,9 +98,9 @@ def one_round(workdir: str, pilot_alive: bool, service_dead: bool = False) -> di
     url = receiver.start()
     pilot = None
     try:
-        store.add_lease("bench", 1, 64, 600)
         slot = secrets.token_hex(8)
-        slot_secret = store.add_slot(slot, "bench", 1, 64)
+        store.create_lease("bench", slot, owner="bench", nodes=1, memory_mb=64, duration_s=600, now=time.time())
+        slot_secret = store.slot_secret(slot)
         node_xml = os.path.join(workdir, "node.xml")
         with open(node_xml, "w", encoding="utf-8") as handle:
             handle.write(NODE_XML.format(slot=slot))

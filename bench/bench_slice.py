@@ -104,9 +104,9 @@ def create_store(path: str, slots: int, synchronous: str = "FULL"):
     from service_adapter.store import Store
 
     store = Store(path, synchronous=synchronous)
-    store.add_lease("bench-lease", slots, 64, 3600)
-    for index in range(slots):
-        store.add_slot(slot_name(index), "bench-lease", 1, 64)
+    for index in range(slots):  # one lease per pilot, as the service makes them
+        store.create_lease(f"bench-lease-{index:02d}", slot_name(index), owner="bench", nodes=1, memory_mb=64,
+                           duration_s=3600, now=time.time())
         store.set_job_id(slot_name(index), f"bench-job-{index}")  # as a submitted slot has
     return store
 

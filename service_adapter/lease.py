@@ -35,7 +35,7 @@ from pilot.protocol import format_epoch
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 from service_adapter.commandboard import CommandBoard
 from service_adapter.store import HOLD_ENDED, LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
-from service_adapter.vmstore import VmRow
+from service_adapter.store.vms import VmRow
 
 log = logging.getLogger(__name__)
 

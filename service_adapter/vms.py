@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from pilot.protocol import ProtocolError, VmSpec
 from service_adapter.store import Store
-from service_adapter.vmstore import VmRequestError, VmRow
+from service_adapter.store.vms import VmRequestError, VmRow
 
 log = logging.getLogger(__name__)
 

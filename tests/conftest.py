@@ -75,6 +75,28 @@ def _pool_checked():
         pytest.fail(f"hugepage pool ended at {end} pages, started at {start}")
 
 
+def add_lease(store: Store, lease_id: str, nodes: int, memory_mb: int, duration_s: float, *,
+              owner: str = "operator") -> None:
+    """A lease without a slot (state ``pending``), as tests need: slots come with :func:`add_slot`."""
+    from service_adapter.store import leases
+
+    now = time.time()
+    store.submit(lambda conn: leases.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, "",
+                                                  None)).result()
+
+
+def add_slot(store: Store, slot_id: str, lease_id: str, nodes: int, memory_mb: int) -> str:
+    """One more slot of a test lease (several per lease, unlike the service's leases); returns its secret."""
+    from service_adapter.store import leases
+
+    def write(conn) -> str:
+        secret = leases.insert_slot(conn, slot_id, lease_id, nodes, memory_mb, time.time())
+        conn.execute("UPDATE leases SET slot = COALESCE(slot, ?) WHERE id = ?", (slot_id, lease_id))
+        return secret
+
+    return store.submit(write).result()
+
+
 class Service:
     """A real receiver (aiohttp on 127.0.0.1) with a real SQLite store and node accounts from a site key.
 
@@ -97,12 +119,12 @@ class Service:
         self.url = self.receiver.start()
         self.notifications_url = self.url + "/pilot/v2/notifications"
         self.lease = "lease-" + uuid.uuid4().hex[:8]
-        self.store.add_lease(self.lease, 4, 64, 60)
+        add_lease(self.store, self.lease, 4, 64, 60)
 
     def add_slot(self, nodes: int = 1, memory_mb: int = 64) -> str:
         """A new slot the service knows about (its secret in :attr:`slot_secrets` and :data:`SLOT_SECRETS`)."""
         slot = str(uuid.uuid4())
-        secret = self.store.add_slot(slot, self.lease, nodes, memory_mb)
+        secret = add_slot(self.store, slot, self.lease, nodes, memory_mb)
         self.slot_secrets[slot] = SLOT_SECRETS[slot] = secret
         return slot
 
@@ -120,7 +142,7 @@ class Service:
 
     def send_release(self, slot: str, host: str) -> None:
         """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
-        from service_adapter import vmstore
+        from service_adapter.store import vms as vmstore
 
         now = time.time()
         self.store.submit(

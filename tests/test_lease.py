@@ -30,7 +30,7 @@ from service_adapter.lease import (
 from service_adapter.local_site import LocalSite
 from service_adapter.providers.base import JobState, Provider, ProviderError
 from service_adapter.store import ENDING, LeaseRow, PilotRow, Store
-from tests.conftest import journal_files, pool_pages
+from tests.conftest import add_lease, journal_files, pool_pages
 
 # -- the state table -----------------------------------------------------------------------------
 
@@ -351,7 +351,7 @@ def test_the_thread_ticks_on_commits_and_does_not_poll(store):
     try:
         assert ticked.wait(5)
         ticked.clear()
-        store.add_lease("someone-elses", 1, 64, 60)  # any commit wakes the manager
+        add_lease(store, "someone-elses", 1, 64, 60)  # any commit wakes the manager
         assert ticked.wait(5)
         settled = len(count)
         time.sleep(0.5)  # idle: no commit, the interval is 30 s

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service_adapter.store import Store, StoreError
-from tests.conftest import notification
+from tests.conftest import add_lease, notification
 
 
 def post(service, slot, seq, state, host="node1", status=200, **fields):
@@ -128,7 +128,7 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
     store = Store(str(tmp_path / "s.sqlite"))
     try:
         seen = store.version
-        threading.Timer(0.1, store.add_lease, ("L", 1, 64, 60)).start()
+        threading.Timer(0.1, add_lease, (store, "L", 1, 64, 60)).start()
         assert store.wait_changed(seen, 10) > seen  # woken by the commit (a timeout returns ``seen``)
         assert store.wait_changed(seen, 10) > seen  # already moved: at once
         now = store.version

@@ -333,7 +333,7 @@ def test_a_lost_host_takes_its_vms_with_it(channel):
 
 # -- the schema upgrade from version 2 ---------------------------------------------------------------
 
-# The CREATE statements of schema version 2, as service_adapter/store.py had them (git show HEAD~4).
+# The CREATE statements of schema version 2, as service_adapter/store/ had them (git show HEAD~4).
 SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS leases (
     id                   TEXT PRIMARY KEY,

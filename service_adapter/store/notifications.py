@@ -1,0 +1,189 @@
+"""Notifications over a connection: the decision on each one (replay, unknown slot, claims, usage), and reads.
+
+:func:`record` runs inside the store's write transaction; the read
+functions take a reader connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Callable
+
+from pilot.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
+from service_adapter.store import vms
+from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict
+
+
+def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: str, account: str,
+           slack_s: float, wake: Callable[[str, str], None]) -> Verdict:
+    """Decide on one authenticated notification and, if accepted, record it; returns the :class:`Verdict`.
+
+    ACCEPTED (stored, and the pilot's state updated, in one transaction),
+    REPEAT (the exact same body was accepted before; nothing written),
+    UNKNOWN_SLOT (no such slot, a host beyond the slot's node count, or a
+    first ``reserved`` for a lease that has ended or is being released: that
+    pilot gives its memory back), REPLAY (the seq was used with another
+    body, or is not newer than the last one), or one of the claim bounds
+    (:func:`claim_bound`).
+
+    The notification that ends a host's hold (``unreserved`` or ``killed``
+    after its ``reserved``) writes that hold's usage row in the same
+    transaction: from the service's receipt of ``reserved`` to its receipt
+    of this one, at the memory ``reserved`` reported.
+    """
+    now = time.time()
+    verdict, slot, pilot = _decide(conn, n, body_hash, slack_s, now)
+    if verdict is not None:
+        return verdict
+    _, lease_id, owner, *_ = slot
+    if pilot is None:
+        _insert_pilot(conn, n, now)
+    elif n.state in LIFECYCLE_STATES:
+        _update_pilot(conn, n, pilot, lease_id, owner, now)
+    else:
+        conn.execute("UPDATE pilots SET last_seq = ?, updated_at = ? WHERE slot_id = ? AND host = ?",
+                     (n.seq, now, n.slot, n.host))
+    vms.apply_notification(conn, n, lease_id, now, wake)
+    conn.execute(
+        "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),
+    )
+    return Verdict.ACCEPTED
+
+
+def _decide(conn: sqlite3.Connection, n: Notification, body_hash: str, slack_s: float, now: float):
+    """(a refusing or REPEAT verdict, or None to accept; the slot's row; the pilot's row or None)."""
+    slot = conn.execute(
+        "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL,"
+        " s.memory_mb, l.duration_s FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
+        (n.slot,),
+    ).fetchone()
+    if slot is None:
+        return Verdict.UNKNOWN_SLOT, None, None
+    nodes, _lease_id, _owner, closing, slot_mb, duration_s = slot
+    prior = conn.execute(
+        "SELECT body_sha256 FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?", (n.slot, n.host, n.seq),
+    ).fetchone()
+    if prior is not None:
+        return (Verdict.REPEAT if prior[0] == body_hash else Verdict.REPLAY), slot, None
+    pilot = conn.execute(
+        "SELECT last_seq, reserved_at, reserved_mb, ended_by FROM pilots WHERE slot_id = ? AND host = ?",
+        (n.slot, n.host),
+    ).fetchone()
+    if pilot is not None and n.seq <= pilot[0]:
+        return Verdict.REPLAY, slot, pilot
+    bound = claim_bound(n, slot_mb, duration_s, pilot, now, slack_s)
+    if bound is not None:
+        return bound, slot, pilot
+    if n.state == "reserved" and closing and (pilot is None or pilot[1] is None):
+        return Verdict.UNKNOWN_SLOT, slot, pilot  # too late: the lease is over or being released
+    if pilot is None:
+        (hosts,) = conn.execute("SELECT COUNT(*) FROM pilots WHERE slot_id = ?", (n.slot,)).fetchone()
+        if hosts >= nodes:
+            return Verdict.UNKNOWN_SLOT, slot, pilot
+    return None, slot, pilot
+
+
+def _insert_pilot(conn: sqlite3.Connection, n: Notification, now: float) -> None:
+    reserving = n.state == "reserved"
+    state = n.state if n.state in LIFECYCLE_STATES else "reserving"
+    reserved_at, reserved_mb = (now, n.memory_mb) if reserving else (None, None)
+    conn.execute(
+        f"INSERT INTO pilots ({PILOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        (n.slot, n.host, state, n.code, n.seq, n.memory_mb, n.expires_at, reserved_at, reserved_mb,
+         n.state if n.state in ENDING else None, now),
+    )
+
+
+def _update_pilot(conn: sqlite3.Connection, n: Notification, pilot, lease_id: str, owner: str, now: float) -> None:
+    """A lifecycle state of a known pilot; the usage row when it ends a hold."""
+    _, reserved_at, reserved_mb, ended_by = pilot
+    if reserved_at is None and n.state == "reserved":
+        reserved_at, reserved_mb = now, n.memory_mb
+    conn.execute(
+        "UPDATE pilots SET state = ?, code = ?, last_seq = ?, memory_mb = ?,"
+        " expires_at = COALESCE(?, expires_at), updated_at = ?,"
+        " reserved_at = ?, reserved_mb = ?, ended_by = ?"
+        " WHERE slot_id = ? AND host = ?",
+        (n.state, n.code, n.seq, n.memory_mb, n.expires_at, now, reserved_at, reserved_mb,
+         ended_by or (n.state if n.state in ENDING else None), n.slot, n.host),
+    )
+    if n.state in HOLD_ENDED and reserved_at is not None:
+        held_s = max(now - reserved_at, 0.0)
+        conn.execute(
+            "INSERT OR IGNORE INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
+            " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (lease_id, n.host, n.slot, owner, reserved_mb, reserved_at, now, n.state, held_s, reserved_mb * held_s),
+        )
+
+
+def claim_bound(n: Notification, slot_mb: int, duration_s: float, pilot, now: float,
+                slack_s: float) -> Verdict | None:
+    """The bound a notification's claims break, if any (``pilot``: its row's last_seq, reserved_at, ...).
+
+    MEMORY_BEYOND_SLOT: ``memory_mb`` above the slot's memory per node;
+    SEQ_TOO_FAR: more than :data:`MAX_SEQ_STEP` past the last seq (a
+    ``killed`` may go up to its ``sent_at`` in microseconds since the epoch,
+    which is how kill-all counts); EXPIRES_TOO_LATE: ``expires_at`` after
+    the hold's start (or now) plus the lease's duration and ``slack_s``.
+    """
+    if n.memory_mb > slot_mb:
+        return Verdict.MEMORY_BEYOND_SLOT
+    last_seq = pilot[0] if pilot is not None else 0
+    if n.seq > last_seq + MAX_SEQ_STEP and not (n.state == "killed" and n.seq <= epoch_micros(n.sent_at)):
+        return Verdict.SEQ_TOO_FAR
+    if n.expires_at is not None:
+        start = pilot[1] if pilot is not None and pilot[1] is not None else now
+        if parse_time(n.expires_at).timestamp() > start + duration_s + slack_s:
+            return Verdict.EXPIRES_TOO_LATE
+    return None
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def slot_access(conn: sqlite3.Connection, slot_id: str, host: str) -> SlotAccess | None:
+    """What the receiver needs to judge a request for (slot, host); None for an unknown slot
+    or one from before per-slot secrets."""
+    row = conn.execute(
+        "SELECT s.secret, s.job_id, EXISTS(SELECT 1 FROM pilots p WHERE p.slot_id = s.id AND p.host = ?)"
+        " FROM slots s WHERE s.id = ?",
+        (host, slot_id),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return SlotAccess(row[0], row[1], bool(row[2]))
+
+
+def pilots(conn: sqlite3.Connection, slot_id: str) -> list[PilotRow]:
+    """Every pilot that has reported for ``slot_id``, ordered by host."""
+    rows = conn.execute(f"SELECT {PILOT_COLUMNS} FROM pilots WHERE slot_id = ? ORDER BY host", (slot_id,))
+    return [PilotRow(*row) for row in rows]
+
+
+def pilot_of(conn: sqlite3.Connection, slot: str, host: str) -> tuple[PilotRow, bool] | None:
+    """The pilot of (slot, host) and whether its lease has ended; None if no such pilot has reported."""
+    row = conn.execute(
+        f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL"
+        " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
+        " WHERE p.slot_id = ? AND p.host = ?",
+        (slot, host),
+    ).fetchone()
+    return None if row is None else (PilotRow(*row[:-1]), bool(row[-1]))
+
+
+def bodies(conn: sqlite3.Connection, slot_id: str) -> list[tuple[str, str, float, dict]]:
+    """(host, state, received_at, body as a dict) of every accepted notification of a slot, in arrival order."""
+    rows = conn.execute(
+        "SELECT host, state, received_at, body FROM notifications WHERE slot_id = ? ORDER BY rowid", (slot_id,)
+    )
+    return [(host, state, at, json.loads(body)) for host, state, at, body in rows]
+
+
+def listed(conn: sqlite3.Connection, slot_id: str) -> list[tuple[str, int, str, int]]:
+    """(host, seq, state, code) of every accepted notification of a slot, in arrival order."""
+    return list(conn.execute(
+        "SELECT host, seq, state, code FROM notifications WHERE slot_id = ? ORDER BY rowid", (slot_id,)
+    ))

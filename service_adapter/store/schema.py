@@ -1,0 +1,169 @@
+"""The store's tables, their version, and how a file of an older version is brought up to date."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+
+from service_adapter.store import vms
+from service_adapter.store.errors import StoreError
+
+log = logging.getLogger("service_adapter.store")
+
+#: Bumped whenever a table changes; a file of another version is refused with one clear line.
+SCHEMA_VERSION = 5
+#: Older versions this one upgrades in place (each step only adds), and how.
+UPGRADES = {
+    2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
+    3: "ALTER TABLE slots ADD COLUMN submit_started_at REAL; ALTER TABLE slots ADD COLUMN submitted_at REAL;",
+    4: "ALTER TABLE slots ADD COLUMN secret TEXT;",
+}
+#: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
+#: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
+FIRST_WITH_SLOT_SECRETS = 5
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    id                   TEXT PRIMARY KEY,
+    owner                TEXT NOT NULL,
+    nodes                INTEGER NOT NULL,
+    memory_mb            INTEGER NOT NULL,
+    duration_s           REAL NOT NULL,
+    state                TEXT NOT NULL,
+    reason               TEXT NOT NULL,
+    slot                 TEXT,
+    job_id               TEXT,
+    created_at           REAL NOT NULL,
+    updated_at           REAL NOT NULL,
+    ready_at             REAL,
+    release_requested_at REAL,
+    ended_at             REAL,
+    expires_at           REAL NOT NULL,
+    job_finished_at      REAL,
+    cancel_requested_at  REAL,
+    cancelled_at         REAL
+);
+CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state);
+CREATE INDEX IF NOT EXISTS leases_by_owner ON leases(owner);
+CREATE TABLE IF NOT EXISTS slots (
+    id          TEXT PRIMARY KEY,
+    lease_id    TEXT NOT NULL REFERENCES leases(id),
+    nodes       INTEGER NOT NULL,
+    memory_mb   INTEGER NOT NULL,
+    job_id      TEXT,
+    created_at  REAL NOT NULL,
+    submit_started_at REAL,
+    submitted_at      REAL,
+    secret      TEXT
+);
+CREATE TABLE IF NOT EXISTS pilots (
+    slot_id     TEXT NOT NULL REFERENCES slots(id),
+    host        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    code        INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    memory_mb   INTEGER NOT NULL,
+    expires_at  TEXT,
+    updated_at  REAL NOT NULL,
+    reserved_at REAL,
+    reserved_mb INTEGER,
+    ended_by    TEXT,
+    lost_at     REAL,
+    PRIMARY KEY (slot_id, host)
+);
+CREATE TABLE IF NOT EXISTS notifications (
+    slot_id     TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    code        INTEGER NOT NULL,
+    account     TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (slot_id, host, seq)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    lease_id     TEXT NOT NULL REFERENCES leases(id),
+    host         TEXT NOT NULL,
+    slot_id      TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    memory_mb    INTEGER NOT NULL,
+    reserved_at  REAL NOT NULL,
+    released_at  REAL NOT NULL,
+    ended_by     TEXT NOT NULL,
+    node_seconds REAL NOT NULL,
+    mb_seconds   REAL NOT NULL,
+    PRIMARY KEY (lease_id, host)
+);
+CREATE INDEX IF NOT EXISTS usage_by_owner ON usage(owner);
+CREATE TABLE IF NOT EXISTS lease_events (
+    seq         INTEGER PRIMARY KEY,
+    lease_id    TEXT NOT NULL REFERENCES leases(id),
+    at          REAL NOT NULL,
+    old_state   TEXT,
+    new_state   TEXT NOT NULL,
+    reason      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
+"""
+
+TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands")
+
+
+def prepare(conn: sqlite3.Connection, path: str) -> None:
+    """Create the tables in a new file, upgrade an older one in place, or raise StoreError (one line)."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    (tables,) = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    if tables and version in UPGRADES and version < FIRST_WITH_SLOT_SECRETS:
+        (in_flight,) = conn.execute("SELECT COUNT(*) FROM leases WHERE ended_at IS NULL").fetchone()
+        if in_flight:
+            conn.close()
+            raise StoreError(
+                f"store {path} has {in_flight} lease(s) in flight from before per-node credentials "
+                f"(schema version {version}); their pilots hold the old shared secret and would be refused: "
+                "release them (or let them end) with the previous workspace-pilot, then start this one"
+            )
+    if tables and version in UPGRADES:
+        # Additive upgrades only: new columns and tables, in one transaction with the new version.
+        steps = "".join(UPGRADES[v] for v in sorted(UPGRADES) if v >= version)
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        )
+        log.warning("store %s upgraded from schema version %d to %d", path, version, SCHEMA_VERSION)
+        return
+    if tables and version != SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(
+            f"store {path} has schema version {version}, this workspace-pilot reads version "
+            f"{SCHEMA_VERSION}: move the file away to start with an empty store"
+        )
+    # One transaction: a file never has the tables without the version, or the other way round.
+    conn.executescript(
+        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    )
+
+
+STORE_FILE_MODE = 0o600
+
+
+def make_private(path: str) -> None:
+    """Create the database file 0600 whatever the umask (SQLite gives its -wal and -shm files the same mode).
+
+    An existing file that others may read is narrowed to 0600: the store
+    holds every lease's owner and every pilot's notification.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, STORE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != STORE_FILE_MODE:
+            os.fchmod(fd, STORE_FILE_MODE)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left by an earlier run with a wider mode
+        try:
+            os.chmod(path + suffix, STORE_FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
