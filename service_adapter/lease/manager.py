@@ -1,24 +1,13 @@
-"""Leases: N nodes x M MB for D seconds, as one pilot job, watched through the store and the LRM.
+"""The lease manager, what a service embeds: reserve, release, and the watch that applies the rules.
 
-One lease is one slot is one pilot job of N nodes; each host binds to the
-slot with its first notification. A lease moves through
-:data:`LEASE_STATES` (one table: each state, whether it is terminal, where
-it may go, what it means). Every rule that moves it is in one pure
-function, :func:`decide`, over the lease as stored, its pilots' latest
-states, the job's state as the LRM reports it, and the time.
-
-:class:`LeaseManager` is what a service embeds: ``reserve`` records the
-lease and its slot, then submits the job; ``release`` cancels it; ``tick``
-reads every lease still open from the STORE (so a restarted service simply
-resumes), asks the provider about all their jobs in one call, applies
-:func:`decide`, writes each transition as a compare-and-set on the old
-state, and cancels jobs where told. ``start`` runs ``tick`` in a thread
-woken by store commits (a pilot's notification) or every
-``status_interval_s``. No HTTP here: the operator API (``api.py``) wraps it.
-
-Times in :meth:`LeaseInfo.to_json` are RFC 3339 UTC strings with
-microseconds (``pilot.protocol.format_epoch``, the wire protocol's form),
-or null; durations and usage are numbers of seconds.
+``reserve`` records the lease and its slot, then submits the job;
+``release`` cancels it; ``tick`` reads every lease still open from the
+store (so a restarted service simply resumes), asks the provider about all
+their jobs in one call, applies :func:`~service_adapter.lease.rules.decide`,
+writes each transition as a compare-and-set on the old state, and cancels
+jobs where told. ``start`` runs ``tick`` in a thread woken by store commits
+(a pilot's notification) or every ``status_interval_s``. No HTTP here: the
+operator API (``api.py``) wraps it.
 """
 
 from __future__ import annotations
@@ -31,355 +20,15 @@ import time
 import uuid
 from typing import Callable, Iterable
 
-from pilot.protocol import format_epoch
-from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 from service_adapter.commandboard import CommandBoard
-from service_adapter.store import HOLD_ENDED, LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
-from service_adapter.store.vms import VmRow
+from service_adapter.lease.rules import (
+    HOLDING, LEASE_STATES, InvalidLease, LeaseError, Timing, UnknownLease, decide,
+)
+from service_adapter.lease.views import LeaseInfo, Usage
+from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.store import LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
 
-log = logging.getLogger(__name__)
-
-__all__ = [
-    "LEASE_STATES", "TERMINAL_STATES", "Decision", "InvalidLease", "LeaseError", "LeaseInfo", "LeaseManager",
-    "LeaseState", "Timing", "UnknownLease", "Usage", "decide",
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class LeaseState:
-    """One row of :data:`LEASE_STATES`."""
-
-    terminal: bool
-    next: frozenset
-    meaning: str
-
-
-def _row(terminal: bool, nxt: Iterable[str], meaning: str) -> LeaseState:
-    return LeaseState(terminal, frozenset(nxt), meaning)
-
-
-#: The whole lease lifecycle: state -> (terminal, the states it may go to, its meaning).
-#: ``decide`` makes only these transitions (tests/test_lease.py checks it rule by rule).
-LEASE_STATES: dict[str, LeaseState] = {
-    "pending": _row(False, {"reserving", "ready", "releasing", "failed", "missing"},
-                    "the pilot job is submitted (or being submitted); no pilot has reported"),
-    "reserving": _row(False, {"ready", "releasing", "failed", "missing"},
-                      "some pilots reported, not all N have reserved"),
-    "ready": _row(False, {"running", "releasing", "failed", "expired"},
-                  "all N pilots reported reserved: the memory is held for VMs"),
-    "running": _row(False, {"ready", "releasing", "failed", "expired"},
-                    "at least one of its VMs runs (back to ready when none does)"),
-    "releasing": _row(False, {"released", "expired", "failed"},
-                      "a release was asked (the job is cancelled), or the pilots started unreserving on "
-                      "their own; waiting for every host's unreserved"),
-    "released": _row(True, (), "ended after a release"),
-    "expired": _row(True, (), "ended at its deadline: the pilots unreserved on their own, without a release"),
-    "failed": _row(True, (), "a pilot reported error, or a pilot stopped polling (lost), or the job ended "
-                              "before the lease was ready, or the lease ended early (while ready, before its "
-                              "deadline) without a release"),
-    "missing": _row(True, (), "the queue timeout passed before all N pilots reported reserved: the job is "
-                              "cancelled"),
-}
-TERMINAL_STATES = frozenset(s for s, row in LEASE_STATES.items() if row.terminal)
-_HOLDING = ("ready", "running")
-
-
-class LeaseError(Exception):
-    """A lease could not be made: the LRM refused its job (the message is the LRM's, in one line).
-
-    ``lease_id`` names the lease recorded as failed (None if none was recorded).
-    """
-
-    def __init__(self, message: str, lease_id: str | None = None):
-        super().__init__(message)
-        self.lease_id = lease_id
-
-
-class InvalidLease(LeaseError, ValueError):
-    """A bad request (nodes, memory, duration, owner): nothing was recorded or submitted."""
-
-
-class UnknownLease(KeyError):
-    """No lease has this id; ``args[0]`` is the id."""
-
-    def __str__(self) -> str:
-        return f"no lease {self.args[0]!r}"
-
-
-# -- the rules ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """The lease manager's time limits (seconds)."""
-
-    queue_timeout_s: float = 300.0
-    """From the lease's creation until all N pilots must have reported reserved."""
-    release_grace_s: float = 30.0
-    """How long a finished job's pilots still get to report their end before the lease ends without them."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """What :func:`decide` says: the lease's state (the same one: no change), why, and whether to cancel the job."""
-
-    state: str
-    reason: str
-    cancel: bool = False
-
-
-def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: float, timing: Timing,
-           vms_running: int = 0) -> Decision:
-    """The lease's next state from what is known now. Pure: no store, no provider, no clock.
-
-    ``lease`` needs ``state``, ``reason``, ``nodes``, ``created_at``,
-    ``expires_at``, ``release_requested_at`` and ``job_finished_at``;
-    ``pilots`` are the hosts bound to its slot with their latest state,
-    ``reserved_at`` and ``ended_by``. ``job_state`` is the LRM's word:
-    UNKNOWN never counts as finished, GONE does. ``vms_running`` is how
-    many of the lease's VMs its pilots reported running. Rules in order,
-    first match wins:
-
-    - a terminal state stays;
-    - a pilot in ``error`` -> failed, cancel;
-    - pending/reserving: all N hosts reserved (now or earlier) -> ready; a
-      release asked -> releasing, cancel; a host already on its way out ->
-      failed, cancel; the job finished -> failed; older than the queue
-      timeout -> missing, cancel; pending with a host reported -> reserving;
-    - ready/running: a release asked -> releasing, cancel; a host
-      unreserving, early-unreserving, unreserved or killed -> releasing;
-      a host given up as lost (it stopped polling) -> failed, cancel;
-      the job finished with no host on its way out, for release_grace_s ->
-      expired at or past ``expires_at``, else failed; ready with a VM
-      running -> running; running with none -> ready;
-    - releasing: every one of the N hosts unreserved or killed -> the end
-      (below); no host ever bound and a release asked -> released once the
-      job finished or release_grace_s after the request; the job finished
-      and every bound host ended -> the end; the job finished and
-      release_grace_s passed since the release request (else since the job
-      was first seen finished) -> the end, naming the hosts not heard from;
-    - the end: released if a release was asked; else failed if a host
-      left early (early-unreserving: the LRM stopped the job; or killed)
-      before ``expires_at``; else expired (the pilots' own deadline).
-    """
-    state = lease.state
-    stay = Decision(state, lease.reason)
-    if LEASE_STATES[state].terminal:
-        return stay
-    n = lease.nodes
-    errors = [p for p in pilots if p.state == "error"]
-    if errors:
-        return Decision("failed", "pilot error: " + _hosts(errors, with_code=True), cancel=True)
-    released = lease.release_requested_at is not None
-    finished = job_state.finished
-    reserved = [p for p in pilots if p.reserved_at is not None]
-    leaving = [p for p in pilots if p.ended_by is not None]
-
-    if state in ("pending", "reserving"):
-        if len(reserved) >= n:
-            return Decision("ready", f"all {n} pilots reserved")
-        if released:
-            return Decision("releasing", "release requested before the lease was ready", cancel=True)
-        if leaving:
-            return Decision(
-                "failed",
-                f"{_hosts(leaving)} ended before the lease was ready: {len(reserved)} of {n} pilots reserved",
-                cancel=True,
-            )
-        if finished:
-            return Decision(
-                "failed",
-                f"job ended ({job_state.value}) before the lease was ready: {len(reserved)} of {n} pilots reserved",
-            )
-        if now - lease.created_at > timing.queue_timeout_s:
-            return Decision(
-                "missing",
-                f"queue timeout ({timing.queue_timeout_s:g} s): {len(pilots)} of {n} pilots reported, "
-                f"{len(reserved)} reserved; job cancelled",
-                cancel=True,
-            )
-        if state == "pending" and pilots:
-            return Decision("reserving", f"{len(reserved)} of {n} pilots reserved")
-        return stay
-
-    if state in _HOLDING:
-        if released:
-            return Decision("releasing", "release requested", cancel=True)
-        if leaving:
-            return Decision("releasing", _why_leaving(leaving))
-        lost = [p for p in pilots if p.lost_at is not None]
-        if lost:
-            return Decision("failed", f"lost: {', '.join(p.host for p in lost)} stopped polling for commands; "
-                            "job cancelled", cancel=True)
-        if finished:
-            since = lease.job_finished_at if lease.job_finished_at is not None else now
-            if now - since >= timing.release_grace_s:
-                why = (f"job ended ({job_state.value}) and no pilot reported unreserving within "
-                       f"{timing.release_grace_s:g} s")
-                if lease.expires_at is not None and now >= lease.expires_at:
-                    return Decision("expired", why)
-                return Decision("failed", why + ", before the lease's deadline")
-        if state == "ready" and vms_running:
-            return Decision("running", f"{vms_running} VM{'s' if vms_running != 1 else ''} running")
-        if state == "running" and not vms_running:
-            return Decision("ready", "no VM running")
-        return stay
-
-    # releasing
-    done = [p for p in pilots if p.state in HOLD_ENDED]
-    if len(done) >= n:
-        return _the_end(lease, pilots, now, f"all {n} pilots reported {_states(done)}")
-    if not pilots:
-        if released and (finished or now - lease.release_requested_at >= timing.release_grace_s):
-            return Decision("released", f"released before any pilot reported (job {job_state.value})")
-        return stay
-    if finished:
-        silent = [p for p in pilots if p.state not in HOLD_ENDED]
-        unbound = n - len(pilots)
-        since = lease.release_requested_at if released else lease.job_finished_at
-        since = now if since is None else since
-        if silent and now - since < timing.release_grace_s:
-            return stay
-        missing = []
-        if silent:
-            missing.append(f"{_hosts(silent)} never reported unreserved")
-        if unbound:
-            missing.append(f"{unbound} of {n} hosts never reported at all")
-        return _the_end(lease, pilots, now, f"job ended ({job_state.value}); " + "; ".join(missing))
-    return stay
-
-
-def _the_end(lease: LeaseRow, pilots: list[PilotRow], now: float, why: str) -> Decision:
-    if lease.release_requested_at is not None:
-        return Decision("released", why)
-    early = [p for p in pilots if p.ended_by in ("earlyunreserving", "killed")]
-    if early and (lease.expires_at is None or now < lease.expires_at):
-        return Decision("failed", f"ended early, before its deadline, without a release ({_hosts(early, by=True)}); "
-                        + why)
-    return Decision("expired", why)
-
-
-def _why_leaving(leaving: list[PilotRow]) -> str:
-    parts = []
-    deadline = [p for p in leaving if p.ended_by in ("unreserving", "unreserved")]
-    lrm = [p for p in leaving if p.ended_by == "earlyunreserving"]
-    killed = [p for p in leaving if p.ended_by == "killed"]
-    if deadline:
-        parts.append(f"the pilots' deadline came ({_hosts(deadline, by=True)})")
-    if lrm:
-        parts.append(f"the LRM is stopping the job ({_hosts(lrm, by=True)})")
-    if killed:
-        parts.append(f"killed on the node ({_hosts(killed, by=True)})")
-    return "; ".join(parts)
-
-
-def _hosts(pilots: list[PilotRow], *, with_code: bool = False, by: bool = False) -> str:
-    def one(p: PilotRow) -> str:
-        if with_code:
-            return f"{p.host} (code {p.code})"
-        return f"{p.host}: {p.ended_by if by else p.state}"
-
-    return ", ".join(one(p) for p in pilots)
-
-
-def _states(pilots: list[PilotRow]) -> str:
-    return " or ".join(sorted({p.state for p in pilots}))
-
-
-# -- what callers get ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Node-seconds and MB-seconds of ended holds, and how many leases they came from."""
-
-    node_seconds: float
-    mb_seconds: float
-    leases: int
-
-    def to_json(self) -> dict:
-        return {"node_seconds": self.node_seconds, "mb_seconds": self.mb_seconds, "leases": self.leases}
-
-
-@dataclasses.dataclass(frozen=True)
-class LeaseInfo:
-    """A lease as callers see it: the stored row, its pilots (latest state per host) and its usage so far.
-
-    Times are epoch seconds on the service's clock (None: not yet);
-    :meth:`to_json` renders them as RFC 3339 UTC strings.
-    """
-
-    id: str
-    owner: str
-    nodes: int
-    memory_mb: int
-    duration_s: float
-    state: str
-    reason: str
-    slot: str | None
-    job_id: str | None
-    created_at: float
-    ready_at: float | None
-    release_requested_at: float | None
-    ended_at: float | None
-    expires_at: float | None
-    pilots: list[PilotRow]
-    usage: Usage
-    updated_at: float | None = None
-    vms: list[VmRow] = dataclasses.field(default_factory=list)
-
-    @property
-    def terminal(self) -> bool:
-        """Whether the lease has ended (released, expired, failed, missing)."""
-        return LEASE_STATES[self.state].terminal
-
-    def to_json(self) -> dict:
-        """Plain JSON types only; times as RFC 3339 UTC strings (``...Z``) or null."""
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "nodes": self.nodes,
-            "memory_mb": self.memory_mb,
-            "duration_s": self.duration_s,
-            "state": self.state,
-            "terminal": self.terminal,
-            "reason": self.reason,
-            "slot": self.slot,
-            "job_id": self.job_id,
-            "created_at": _time(self.created_at),
-            "updated_at": _time(self.updated_at),
-            "ready_at": _time(self.ready_at),
-            "release_requested_at": _time(self.release_requested_at),
-            "ended_at": _time(self.ended_at),
-            "expires_at": _time(self.expires_at),
-            "pilots": [
-                {
-                    "host": p.host, "state": p.state, "code": p.code, "seq": p.last_seq,
-                    "memory_mb": p.memory_mb, "expires_at": p.expires_at,
-                    "reserved_at": _time(p.reserved_at), "updated_at": _time(p.updated_at),
-                }
-                for p in self.pilots
-            ],
-            "usage": self.usage.to_json(),
-            "vms": [vm_json(vm) for vm in self.vms],
-        }
-
-
-def vm_json(vm: VmRow) -> dict:
-    """A VM as the API shows it: its host, state and why, its size, times as RFC 3339 or null, its spec."""
-    return {
-        "name": vm.name, "host": vm.host, "state": vm.state, "reason": vm.reason,
-        "memory_mb": vm.memory_mb, "vcpus": vm.vcpus, "created_at": _time(vm.created_at),
-        "updated_at": _time(vm.updated_at), "started_at": _time(vm.started_at),
-        "stopped_at": _time(vm.stopped_at), "spec": vm.spec,
-    }
-
-
-def _time(epoch: float | None) -> str | None:
-    return None if epoch is None else format_epoch(epoch)
-
-
-# -- the manager --------------------------------------------------------------------------------
+log = logging.getLogger("service_adapter.lease")
 
 
 class LeaseManager:
@@ -573,9 +222,9 @@ class LeaseManager:
         # A transition is stamped no earlier than its inputs were read: the tick's start can precede the
         # commit of a notification it then sees (the LRM query runs in between).
         now = max(now, self.clock())
-        if row.state in _HOLDING and self._give_up_silent(row, pilots, now):
+        if row.state in HOLDING and self._give_up_silent(row, pilots, now):
             pilots = self.store.pilots(row.slot)
-        vms = self.store.vms(row.id) if row.state in _HOLDING else []
+        vms = self.store.vms(row.id) if row.state in HOLDING else []
         running = sum(1 for vm in vms if vm.state == "running")
         for _ in range(len(LEASE_STATES)):
             decision = decide(row, pilots, job_state, now, self.timing, vms_running=running)
@@ -697,12 +346,8 @@ class LeaseManager:
 
     def _info(self, row: LeaseRow) -> LeaseInfo:
         return LeaseInfo(
-            id=row.id, owner=row.owner, nodes=row.nodes, memory_mb=row.memory_mb, duration_s=row.duration_s,
-            state=row.state, reason=row.reason, slot=row.slot, job_id=row.job_id, created_at=row.created_at,
-            ready_at=row.ready_at, release_requested_at=row.release_requested_at, ended_at=row.ended_at,
-            expires_at=row.expires_at, pilots=self.store.pilots(row.slot) if row.slot else [],
-            usage=Usage(*self.store.usage_totals(lease_id=row.id)), updated_at=row.updated_at,
-            vms=self.store.vms(row.id),
+            row, pilots=self.store.pilots(row.slot) if row.slot else [],
+            usage=Usage(*self.store.usage_totals(lease_id=row.id)), vms=self.store.vms(row.id),
         )
 
 
