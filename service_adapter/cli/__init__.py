@@ -1,0 +1,37 @@
+"""``workspace-lease``: the service side's command.
+
+``serve`` runs the service; ``reserve``, ``release``, ``list``, ``show``,
+``usage`` and ``vm start|stop|list`` are the operators' client of its HTTP
+API; ``demo`` runs one lease on this machine through the embedded local site.
+The parts: :mod:`.parser` (the command line), :mod:`.vmspec` (VM requests),
+:mod:`.commands` (the API client commands), :mod:`.local` (serve, demo,
+keys), :mod:`.render` (text output), :mod:`.common` (exit codes).
+"""
+
+from __future__ import annotations
+
+from service_adapter.cli.commands import client_command
+from service_adapter.cli.local import make_site_key, print_node_key, run_demo, run_serve
+from service_adapter.cli.parser import build_parser
+from service_adapter.cli.vmspec import BadSpec, vm_request
+
+__all__ = ["build_parser", "main"]
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``workspace-lease``."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return run_demo(args)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "site-key":
+        return make_site_key(args)
+    if args.command == "node-key":
+        return print_node_key(args)
+    if args.command == "vm" and args.vm_command == "start":
+        try:
+            args.vm_specs = vm_request(args)  # checked before anything is read or sent
+        except BadSpec as exc:
+            args.parser.error(str(exc))
+    return client_command(args)
+

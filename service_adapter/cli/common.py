@@ -1,0 +1,53 @@
+"""What every part of ``workspace-lease`` shares: the exit codes (and their --help text) and the one error line."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+from service_adapter.safetext import printable
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNREACHABLE = 4
+EXIT_REFUSED = 5
+EXIT_NOT_FOUND = 6
+EXIT_TIMEOUT = 7
+EXIT_CONFLICT = 8
+EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
+
+EXIT_CODES = {
+    EXIT_OK: "success (for --wait: the lease or VM reached the state waited for)",
+    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job; "
+                 "or (vm --wait) a VM failed, was lost or did not stop",
+    EXIT_USAGE: "bad arguments or VM spec (or a request the service found invalid)",
+    EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; or cannot run here",
+    EXIT_UNREACHABLE: "the service could not be reached (or did not answer in time)",
+    EXIT_REFUSED: "the service refused the credentials (401/403)",
+    EXIT_NOT_FOUND: "no such lease, or no such VM (404)",
+    EXIT_TIMEOUT: "--wait gave up (after --timeout; vm: after its --wait SECONDS); the lease or VM goes on",
+    EXIT_CONFLICT: "the service refused the VM request as the lease stands (409): the lease is not ready, "
+                   "a VM name is in use, the VMs do not fit, or the VM has ended already; nothing was queued",
+}
+EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
+    textwrap.fill(text, width=79, initial_indent=f"  {code}  ", subsequent_indent="     ")
+    for code, text in EXIT_CODES.items()
+)
+
+UP_STATES = ("ready", "running")
+FAILED_STATES = ("failed", "missing")
+
+
+def say(text: str) -> None:
+    """One line on stderr, escaped (it may quote what a pilot or the service wrote)."""
+    print(f"workspace-lease: {printable(text)}", file=sys.stderr)
+
+
+class Exit(Exception):
+    """Leave a command with ``code`` (its line already said)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code

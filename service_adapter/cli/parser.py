@@ -1,0 +1,303 @@
+"""The command line of ``workspace-lease``: every command, option and argument type, with --help that explains."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from service_adapter.cli.common import EXIT_CODES_HELP, EXIT_USAGE
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions, keeps the exit-code table's lines as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("exit codes:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind, noun: str = "a number"):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not value <= 10**8:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most 100000000)")
+        return value
+
+    return parse
+
+
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text.rstrip("/")
+
+
+def _lease_id(text: str) -> str:
+    if not text or len(text) > 64 or "/" in text or not text[0].isalnum():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lease id")
+    return text
+
+
+def _client_options(timeout_waits: bool = True) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("service and credentials (override [client] of the config file)")
+    group.add_argument("--config", metavar="FILE",
+                       help="service config file to read [client] from "
+                            "(default /etc/workspace-pilot/service.conf if it exists)")
+    group.add_argument("--url", type=_url, metavar="URL",
+                       help="the service's base URL (default [client] url, else this host's [service] listener)")
+    group.add_argument("--user", metavar="USER", help="operator account (default [client] user)")
+    group.add_argument("--secret-file", metavar="FILE",
+                       help="file holding the operator's digest secret, mode 0600 "
+                            "(default $WORKSPACE_LEASE_SECRET_FILE, else [client] secret_file)")
+    group.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+                       help="per request (default [client] timeout, 60)"
+                            + ("; with --wait also the longest wait (default 600)" if timeout_waits else ""))
+    common.add_argument("--json", action="store_true", help="print exactly the API's JSON answer instead of text")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``workspace-lease``."""
+    parser = _Parser(
+        prog="workspace-lease",
+        description=(
+            "Lease batch nodes' memory to virtual machines through pilot jobs. 'serve' runs the service; "
+            "reserve, release, list, show, usage and vm (start, stop, list a lease's VMs) talk to it over HTTP "
+            "(digest-authenticated as an operator); 'demo' runs one lease on this machine."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=_Formatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    common = _client_options()
+
+    def sub(name: str, help_text: str, description: str, parents=(common,)) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=description, parents=list(parents), epilog=EXIT_CODES_HELP,
+            formatter_class=_Formatter,
+        )
+
+    serve = sub(
+        "serve", "run the service (pilots' notifications and the operators' API) until SIGTERM",
+        "Run the workspace service: one HTTP listener ([service] listen_host, port) for the pilots' "
+        "notifications and the operators' API, the lease manager (submits pilot jobs through [provider], "
+        "watches them, ends leases), and the SQLite store. Logs go to [service] log_file. SIGTERM or SIGINT "
+        "stops it cleanly; leases and their pilot jobs keep running and a restarted service picks them up.",
+        parents=(),
+    )
+    serve.add_argument("--config", metavar="FILE",
+                       help="the service's config file (default /etc/workspace-pilot/service.conf)")
+
+    reserve = sub(
+        "reserve", "lease NODES nodes with MB each for SECONDS",
+        "Ask the service for a lease: NODES nodes, MB of memory on each, for SECONDS. The service submits "
+        "one pilot job to the batch system; the lease is 'ready' once every node's pilot has reserved its "
+        "memory. Prints the lease (its id is what release and show take).",
+    )
+    reserve.add_argument("--nodes", required=True, type=_positive(int, "a whole number"), help="how many nodes")
+    reserve.add_argument("--memory", required=True, type=_positive(int, "a whole number"), metavar="MB",
+                         help="memory per node, in MB")
+    reserve.add_argument("--duration", required=True, type=_positive(float), metavar="SECONDS",
+                         help="how long the lease lasts once its pilots start")
+    reserve.add_argument("--wait", action="store_true",
+                         help="block until the lease is ready (exit 0) or has ended (exit 1), "
+                              "at most --timeout (exit 7)")
+
+    release = sub(
+        "release", "end a lease early",
+        "Release a lease: the service cancels its pilot job (the pilots give the memory back and report). "
+        "Releasing a lease that has already ended is not an error.",
+    )
+    release.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    release.add_argument("--wait", action="store_true",
+                         help="block until the lease has ended: released or expired (exit 0), "
+                              "failed or missing (exit 1)")
+
+    listing = sub("list", "list leases", "List leases, optionally only some states or one owner's.")
+    listing.add_argument("--state", action="append", metavar="STATE",
+                         help="only leases in this state (repeatable, or comma-separated)")
+    listing.add_argument("--owner", metavar="OPERATOR", help="only this operator's leases")
+
+    show = sub("show", "show one lease", "Show one lease with its state and its pilots.")
+    show.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+
+    usage = sub("usage", "node-seconds and MB-seconds used",
+                "Show how much has been leased: node-seconds and MB-seconds of the holds that have ended.")
+    usage.add_argument("--owner", metavar="OPERATOR", help="only this operator's leases (default: all)")
+    usage.add_argument("--lease", type=_lease_id, metavar="LEASE", help="only this lease")
+
+    _add_vm_commands(commands, _client_options(timeout_waits=False))
+
+    site_key = commands.add_parser(
+        "site-key", help="make the site key that every node's key derives from (once, on the service's host)",
+        description=(
+            "Write a new random site key to FILE (mode 0600; an existing file is never replaced). The service "
+            "reads it from [pilots] site_key_file; each node's key is derived from it (see node-key). Keep it "
+            "as secret as the service's store: with it anyone can act as any node."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    site_key.add_argument("--output", required=True, metavar="FILE", help="the file to create")
+
+    node_key = commands.add_parser(
+        "node-key", help="print (or write) one node's key, to install on that node as root",
+        description=(
+            "Derive HOST's key from the site key ([pilots] site_key_file of the service config) and print it, "
+            "or write it to --output (mode 0600). Install it on HOST as its pilots' [service] node_key_file "
+            "(default /etc/workspace-pilot/node.key, root-owned, mode 0600), for example with "
+            "\"workspace-lease node-key node7 | ssh root@node7 'umask 077; cat > /etc/workspace-pilot/node.key'\". "
+            "A node's key lets it speak only as HOST, and only for slots whose job the batch system gave it."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    node_key.add_argument("host", type=_host_name, metavar="HOST",
+                          help="the node's name as its pilots report it (Slurm's node name, else its short host name)")
+    node_key.add_argument("--config", metavar="FILE",
+                          help="the service's config file (default /etc/workspace-pilot/service.conf)")
+    node_key.add_argument("--site-key-file", metavar="FILE", help="read the site key from FILE instead")
+    node_key.add_argument("--output", metavar="FILE", help="write the key to FILE (created 0600) instead of printing it")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run one lease on this machine through the local provider (needs root)",
+        description=(
+            "Start the notification receiver on 127.0.0.1, lease NODES simulated nodes (one local "
+            "pilot process each) with real 2 MiB hugepage reservations, print every step with its "
+            "time, and show that the hugepage pool ends where it started."
+        ),
+        epilog="exit codes: 0 success, 1 the lease failed, 2 bad arguments, 3 cannot run here (not root)",
+    )
+    demo.add_argument("--nodes", type=_positive(int), default=2, help="simulated nodes (default 2)")
+    demo.add_argument("--memory", type=_positive(int), default=64, metavar="MB", help="MB per node (default 64)")
+    demo.add_argument("--duration", type=_positive(float), default=20, metavar="SECONDS", help="lease length (default 20)")
+    demo.add_argument("--grace", type=_positive(float), default=10, metavar="SECONDS",
+                      help="the pilots' time to restore and report once stopped (default 10)")
+    demo.add_argument("--release-after", type=_positive(float), metavar="SECONDS",
+                      help="release the lease early (SIGTERM to the pilots) after this long; "
+                           "default: let the pilots end it at their own deadline")
+    demo.add_argument("--workdir", metavar="DIR", help="where the store, pilot config and logs go (default: a new temp dir)")
+    demo.add_argument(
+        "--journal-dir", metavar="DIR", default="/var/lib/workspace-pilot",
+        help="the pilots' node journal (default /var/lib/workspace-pilot, as on a real node)",
+    )
+    demo.add_argument("--verbose", action="store_true", help="also print the service's own log")
+    return parser
+
+
+# -- vm: the leases' VMs --------------------------------------------------------------------------
+
+
+_VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _vm_name(text: str) -> str:
+    if not _VM_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a VM name (a letter or digit, then letters, digits, . _ -; at most 64)"
+        )
+    return text
+
+
+def _host_name(text: str) -> str:
+    if not HOST_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name")
+    return text
+
+
+def _sha256(text: str) -> str:
+    lowered = text.lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", lowered):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a sha256 (64 hex digits, as sha256sum prints)")
+    return lowered
+
+
+def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
+    vm = commands.add_parser(
+        "vm", help="start, stop and list a lease's virtual machines",
+        description=(
+            "The VMs of a ready lease: 'vm start' places them on the lease's hosts (each host's reserved "
+            "memory respected, with the service's per-VM overhead) and queues their start to the pilots; "
+            "'vm stop' queues a stop; 'vm list' shows them. The pilots report each outcome."
+        ),
+        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+    )
+    vms = vm.add_subparsers(dest="vm_command", metavar="VMCOMMAND", required=True, parser_class=_Parser)
+
+    def sub(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser = vms.add_parser(name, help=help_text, description=description, parents=[common],
+                                epilog=EXIT_CODES_HELP, formatter_class=_Formatter)
+        parser.set_defaults(parser=parser)
+        return parser
+
+    start = sub(
+        "start", "start VMs on a lease",
+        "Start one VM described by the options below, or the VMs of a spec file, on a lease that is ready "
+        "or running. The request is checked here first (nothing is sent if it is malformed), then by the "
+        "service: all of them are queued, or none (exit 8 if they do not fit, a name is in use, or the "
+        "lease is not ready). Each pilot checks its VM again (image directory and sha256, memory) before "
+        "it starts it. Prints the VMs queued, with the host each was placed on.",
+    )
+    start.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    start.add_argument("--spec", metavar="FILE",
+                       help='a JSON file (- for stdin) holding {"vms": [spec, ...]} or one spec object; each '
+                            'spec is {"name", "memory_mb", "vcpus", "disk": {"path", "sha256", "readonly"}, '
+                            '"boot": {"kernel": {"path", "sha256"}, "initrd": {...}, "cmdline"}, "network", '
+                            '"console_log"} plus an optional "host". Not with the options below')
+    one = start.add_argument_group("one VM from options (instead of --spec)")
+    one.add_argument("--name", type=_vm_name, metavar="NAME",
+                     help="the VM's name, unique among the lease's active VMs (required)")
+    one.add_argument("--memory", type=_positive(int, "a whole number"), metavar="MB",
+                     help="the VM's memory in MB (required); the service adds its per-VM overhead when placing")
+    one.add_argument("--vcpus", type=_positive(int, "a whole number"), metavar="N", help="virtual CPUs (default 1)")
+    one.add_argument("--image", metavar="PATH",
+                     help="the disk image on the nodes (in the pilots' image directory); needs --image-sha256")
+    one.add_argument("--image-sha256", type=_sha256, metavar="HEX", help="the image's sha256, as sha256sum prints it")
+    one.add_argument("--readonly", action="store_true",
+                     help="attach the image read-only (default: writes go to a throw-away overlay)")
+    one.add_argument("--kernel", metavar="PATH",
+                     help="boot this kernel directly (with or without --image); needs --kernel-sha256")
+    one.add_argument("--kernel-sha256", type=_sha256, metavar="HEX", help="the kernel's sha256")
+    one.add_argument("--initrd", metavar="PATH", help="the initrd for --kernel; needs --initrd-sha256")
+    one.add_argument("--initrd-sha256", type=_sha256, metavar="HEX", help="the initrd's sha256")
+    one.add_argument("--cmdline", metavar="TEXT", help="the kernel command line for --kernel")
+    one.add_argument("--network", metavar="NAME", help="attach one NIC to this libvirt network (default: no NIC)")
+    one.add_argument("--console-log", metavar="FILE",
+                     help="a file name for the serial console's output, in the pilots' console directory")
+    one.add_argument("--host", type=_host_name, metavar="HOST",
+                     help="place the VM on this host of the lease (default: the host with the most room)")
+    start.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+                       help="then wait up to SECONDS until every VM runs (exit 0) or one has failed or "
+                            "was lost (exit 1); exit 7 if still starting then")
+
+    stop = sub(
+        "stop", "stop a VM of a lease",
+        "Queue a stop of one VM: graceful (an ACPI shutdown, then destroyed after the pilot's wait), or at "
+        "once with --force. Stopping a VM that has ended is refused (exit 8).",
+    )
+    stop.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    stop.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name")
+    stop.add_argument("--force", action="store_true", help="destroy it at once instead of shutting it down")
+    stop.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+                      help="then wait up to SECONDS until it has stopped (exit 0), or the stop failed or the "
+                           "VM was lost (exit 1); exit 7 if still stopping then")
+
+    listing = sub("list", "list a lease's VMs",
+                  "List a lease's VMs, oldest first (ended ones too): name, host, state, memory and why.")
+    listing.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+
+
