@@ -51,53 +51,41 @@ class State(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One state: where it may go, what a stop request (SIGTERM, SIGINT) does there, its error twin."""
+    """One state: where it may go, and its error twin (where a failed step of it goes)."""
 
     next: frozenset
-    on_stop: str
     error: State | None = None
 
 
 _S = State
-#: The whole lifecycle. A stop request only sets an event; this table says
-#: what the main loop does with it in each state.
+#: The whole lifecycle. A stop request (SIGTERM, SIGINT, the service's release) only sets an
+#: event; what the main loop does with it depends on the state it finds:
+#:
+#: ==================== ==================================================================
+#: begin                exit 0 before reserving: nothing on the node has changed
+#: reserving            finish the step under way (or skip the balloon if it has not
+#:                      started), then undo what was taken (earlyunreserving)
+#: reserved             early unreserve: tell the service, leave it grace x earlywaitratio
+#:                      for this slot's VMs, destroy what is left of them, restore, tell it
+#: (early)unreserving   nothing more: the restore is under way
+#: any error twin       nothing more: the pilot is giving back what it took, or exiting
+#:                      with the journal keeping what is left
+#: unreserved           nothing: done
+#: ==================== ==================================================================
 STATE_TABLE: dict[State, Row] = {
-    _S.BEGIN: Row(
-        frozenset({_S.RESERVING, _S.BEGIN_ERROR}),
-        "exit 0 before reserving: nothing on the node has changed",
-        _S.BEGIN_ERROR,
-    ),
-    _S.BEGIN_ERROR: Row(frozenset(), "none: the pilot is exiting, nothing changed"),
+    _S.BEGIN: Row(frozenset({_S.RESERVING, _S.BEGIN_ERROR}), _S.BEGIN_ERROR),
+    _S.BEGIN_ERROR: Row(frozenset()),
     _S.RESERVING: Row(
-        frozenset({_S.RESERVED, _S.RESERVING_ERROR, _S.EARLY_UNRESERVING, _S.UNRESERVING}),
-        "finish the step under way (or skip the balloon if it has not started), then undo what was "
-        "taken (earlyunreserving)",
-        _S.RESERVING_ERROR,
+        frozenset({_S.RESERVED, _S.RESERVING_ERROR, _S.EARLY_UNRESERVING, _S.UNRESERVING}), _S.RESERVING_ERROR,
     ),
-    _S.RESERVING_ERROR: Row(
-        frozenset({_S.UNRESERVING}),
-        "none: the pilot is already giving back what it took",
-    ),
-    _S.RESERVED: Row(
-        frozenset({_S.EARLY_UNRESERVING, _S.UNRESERVING, _S.RESERVED_ERROR}),
-        "early unreserve: tell the service, leave it grace x earlywaitratio for this slot's VMs, "
-        "destroy what is left of them, restore, tell the service",
-        _S.RESERVED_ERROR,
-    ),
-    _S.RESERVED_ERROR: Row(frozenset({_S.UNRESERVING}), "none: the restore is starting"),
-    _S.EARLY_UNRESERVING: Row(
-        frozenset({_S.UNRESERVED, _S.EARLY_UNRESERVING_ERROR}),
-        "none: the restore is under way",
-        _S.EARLY_UNRESERVING_ERROR,
-    ),
-    _S.EARLY_UNRESERVING_ERROR: Row(frozenset(), "none: exiting; the journal keeps what is left"),
-    _S.UNRESERVING: Row(
-        frozenset({_S.UNRESERVED, _S.UNRESERVING_ERROR}),
-        "none: the restore is under way",
-        _S.UNRESERVING_ERROR,
-    ),
-    _S.UNRESERVING_ERROR: Row(frozenset(), "none: exiting; the journal keeps what is left"),
-    _S.UNRESERVED: Row(frozenset(), "none: done"),
+    _S.RESERVING_ERROR: Row(frozenset({_S.UNRESERVING})),
+    _S.RESERVED: Row(frozenset({_S.EARLY_UNRESERVING, _S.UNRESERVING, _S.RESERVED_ERROR}), _S.RESERVED_ERROR),
+    _S.RESERVED_ERROR: Row(frozenset({_S.UNRESERVING})),
+    _S.EARLY_UNRESERVING: Row(frozenset({_S.UNRESERVED, _S.EARLY_UNRESERVING_ERROR}), _S.EARLY_UNRESERVING_ERROR),
+    _S.EARLY_UNRESERVING_ERROR: Row(frozenset()),
+    _S.UNRESERVING: Row(frozenset({_S.UNRESERVED, _S.UNRESERVING_ERROR}), _S.UNRESERVING_ERROR),
+    _S.UNRESERVING_ERROR: Row(frozenset()),
+    _S.UNRESERVED: Row(frozenset()),
 }
 
 

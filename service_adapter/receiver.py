@@ -88,7 +88,7 @@ def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) ->
 
 
 async def handle_notification(request: web.Request) -> web.Response:
-    """Verify, validate and store one notification; answer with DESIGN.md's status codes."""
+    """Verify, validate and store one notification; answer with the status codes of docs/protocol.md."""
     verifier = request.app[VERIFIER_KEY]
     auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
     if not auth.ok:
