@@ -8,20 +8,13 @@ configuration is known to be good.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import os
 from urllib.parse import urlsplit
 
+from pilot.inifile import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+
 DEFAULT_PATH = "/etc/workspace-pilot/pilot.conf"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 BACKENDS = ("hugepages", "cgroup", "xen", "xl", "none")
@@ -96,35 +89,11 @@ class PilotConfig:
 
 
 # section -> option -> (field name, parser)
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 10**8:
-        raise ValueError("must be a number above 0 (and at most 100000000)")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 10**8:
-        raise ValueError("must be a number, 0 or more (and at most 100000000)")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError("must be a number from 0 to 1")
-    return value
-
-
-def _mb(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("must be a whole number of MB") from None
-    if not 0 <= value <= 10**8:
-        raise ValueError("must be a whole number of MB, 0 or more")
-    return value
+_positive_float = number(0, 10**8, "must be a number above 0 (and at most 100000000)", above_low=True)
+_non_negative_float = number(0, 10**8, "must be a number, 0 or more (and at most 100000000)")
+_ratio = number(0, 1, "must be a number from 0 to 1")
+_mb = whole(0, 10**8, "must be a whole number of MB, 0 or more")
+_poll_wait = number(1, 60, "must be a number of seconds from 1 to 60 (the service holds a poll at most 60 s)")
 
 
 def _boot_mb(text: str) -> int | str:
@@ -132,7 +101,7 @@ def _boot_mb(text: str) -> int | str:
 
 
 def _cgroup_path(text: str) -> str:
-    path = _abs_path(text)
+    path = abs_path(text)
     normal = os.path.normpath(path)
     if not normal.startswith("/sys/fs/cgroup/") or normal.count("/") < 5:
         raise ValueError("must be a cgroup directory below /sys/fs/cgroup/<hierarchy>/")
@@ -145,35 +114,11 @@ def _libvirt_uri(text: str) -> str:
     return text
 
 
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("must be yes or no")
-
-
 def _url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     return text.rstrip("/")
-
-
-def _abs_path(text: str) -> str:
-    if not os.path.isabs(text):
-        raise ValueError("must be an absolute path")
-    return text
-
-
-def _choice(*allowed: str):
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return text
-
-    return parse
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -184,35 +129,28 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _poll_wait(text: str) -> float:
-    value = float(text)
-    if not 1 <= value <= 60:
-        raise ValueError("must be a number of seconds from 1 to 60 (the service holds a poll at most 60 s)")
-    return value
-
-
 SCHEMA = {
     "service": {
         "contact": ("contact", _url),
-        "node_key_file": ("node_key_file", _abs_path),
-        "ca_file": ("ca_file", _abs_path),
+        "node_key_file": ("node_key_file", abs_path),
+        "ca_file": ("ca_file", abs_path),
         "request_timeout": ("request_timeout_s", _positive_float),
         "reserved_timeout": ("reserved_timeout_s", _positive_float),
-        "verify_tls": ("verify_tls", _bool),
+        "verify_tls": ("verify_tls", boolean),
     },
     "memory": {
-        "backend": ("backend", _choice(*BACKENDS)),
+        "backend": ("backend", choice(*BACKENDS)),
         "minmem": ("minmem_mb", _mb),
         "verify_timeout": ("verify_timeout_s", _positive_float),
         "boot_mb": ("boot_mb", _boot_mb),
-        "hugepage_size": ("hugepage_size", _choice(*HUGEPAGE_SIZES_KB)),
+        "hugepage_size": ("hugepage_size", choice(*HUGEPAGE_SIZES_KB)),
         "cgroup": ("cgroup", _cgroup_path),
         "xen_uri": ("xen_uri", _libvirt_uri),
-        "xl_command": ("xl_command", _abs_path),
-        "xl_sudo": ("xl_sudo", _bool),
+        "xl_command": ("xl_command", abs_path),
+        "xl_sudo": ("xl_sudo", boolean),
     },
     "journal": {
-        "dir": ("journal_dir", _abs_path),
+        "dir": ("journal_dir", abs_path),
         "lock_timeout": ("lock_timeout_s", _positive_float),
     },
     "timing": {
@@ -224,17 +162,17 @@ SCHEMA = {
         "uri": ("libvirt_uri", _libvirt_uri),
     },
     "vms": {
-        "image_dir": ("image_dir", _abs_path),
-        "console_dir": ("console_dir", _abs_path),
+        "image_dir": ("image_dir", abs_path),
+        "console_dir": ("console_dir", abs_path),
         "overhead_mb": ("vm_overhead_mb", _mb),
         "networks": ("networks", _names),
-        "virt_type": ("virt_type", _choice("auto", "kvm", "qemu", "xen")),
+        "virt_type": ("virt_type", choice("auto", "kvm", "qemu", "xen")),
         "shutdown_timeout": ("shutdown_timeout_s", _positive_float),
         "poll_wait": ("poll_wait_s", _poll_wait),
     },
     "logging": {
-        "dir": ("log_dir", _abs_path),
-        "level": ("log_level", _choice("debug", "info", "warning", "error")),
+        "dir": ("log_dir", abs_path),
+        "level": ("log_level", choice("debug", "info", "warning", "error")),
     },
 }
 
@@ -261,16 +199,7 @@ def load_config(path: str | None, *, require_service: bool = True, **overrides) 
     explicit = path is not None
     path = path or DEFAULT_PATH
     if explicit or os.path.exists(path):
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                parser.read_file(handle)
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-        except configparser.Error as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError([f"{path}: not a valid INI file: {first}"]) from None
-        _read_sections(parser, path, values, problems)
+        read_sections(read_ini(path), path, SCHEMA, RETIRED, values, problems)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("contact") is None and not problems and require_service:
         problems.append("no service contact: pass --contact URL or set [service] contact")
@@ -290,25 +219,3 @@ def _cross_checks(path: str, values: dict) -> list[str]:
     if values.get("boot_mb") == "max" and backend != "cgroup":
         problems.append(f"{path}: [memory] boot_mb = max only means something for backend = cgroup")
     return problems
-
-
-def _read_sections(parser, path: str, values: dict, problems: list[str]) -> None:
-    for section in parser.sections():
-        options = SCHEMA.get(section)
-        if options is None:
-            problems.append(f"{path}: unknown section [{section}]; known: {', '.join(SCHEMA)}")
-            continue
-        for option, text in parser.items(section):
-            if (section, option) in RETIRED:
-                problems.append(f"{path}: [{section}] {option} is gone: {RETIRED[section, option]}")
-                continue
-            if option not in options:
-                problems.append(f"{path}: [{section}] unknown option '{option}'")
-                continue
-            field, parse = options[option]
-            try:
-                value = parse(text.strip())
-            except ValueError as exc:
-                problems.append(f"{path}: [{section}] {option} = {text!r}: {exc}")
-                continue
-            values[field] = value

@@ -17,30 +17,22 @@ indented line continues the option above it, so a multi-line value such as
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import ipaddress
 import os
 import re
-import stat
 from urllib.parse import urlsplit
 
+from pilot.inifile import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
 from service_adapter.digest import Account
+from service_adapter.secretfiles import read_accounts_file, read_site_key, user_name as _user
 from service_adapter.providers.launchers import LAUNCHER_NAMES
-from service_adapter.nodekeys import NodeAccounts, is_key
+from service_adapter.nodekeys import NodeAccounts
 from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
 
 DEFAULT_PATH = "/etc/workspace-pilot/service.conf"
 SECRET_FILE_ENV = "WORKSPACE_LEASE_SECRET_FILE"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,24 +178,8 @@ class ServiceConfig:
 _MAX = 10**8
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a number of seconds above 0") from None
-    if not 0 < value <= _MAX:
-        raise ValueError(f"must be a number of seconds above 0 (and at most {_MAX})")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a number of seconds, 0 or more") from None
-    if not 0 <= value <= _MAX:
-        raise ValueError(f"must be a number of seconds, 0 or more (and at most {_MAX})")
-    return value
+_positive_float = number(0, _MAX, f"must be a number of seconds above 0 (and at most {_MAX})", above_low=True)
+_non_negative_float = number(0, _MAX, f"must be a number of seconds, 0 or more (and at most {_MAX})")
 
 
 def _optional_mb(text: str) -> int | None:
@@ -219,44 +195,13 @@ def _optional_mb(text: str) -> int | None:
     return value
 
 
-def _whole(low: int, high: int, message: str):
-    """A parser of whole numbers from ``low`` to ``high``; anything else raises ValueError(``message``)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(message) from None
-        if not low <= value <= high:
-            raise ValueError(message)
-        return value
-
-    return parse
+_mb = whole(0, 2**31 - 1, f"must be a whole number of MB, 0 or more (at most {2**31 - 1})")
+_cores = whole(1, 100_000, "must be a whole number from 1 to 100000")
+_port = whole(1, 65535, "must be a TCP port number from 1 to 65535")
+_connections = whole(0, 10**7, "must be a whole number of connections, 0 for as many as the open-file limit allows")
 
 
-_mb = _whole(0, 2**31 - 1, f"must be a whole number of MB, 0 or more (at most {2**31 - 1})")
-_cores = _whole(1, 100_000, "must be a whole number from 1 to 100000")
-_port = _whole(1, 65535, "must be a TCP port number from 1 to 65535")
-_connections = _whole(0, 10**7, "must be a whole number of connections, 0 for as many as the open-file limit allows")
-
-
-def _request_timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a number of seconds from 1 to 60") from None
-    if not 1 <= value <= 60:
-        raise ValueError("must be a number of seconds from 1 to 60")
-    return value
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError("must be yes or no")
+_request_timeout = number(1, 60, "must be a number of seconds from 1 to 60")
 
 
 def _url(text: str) -> str:
@@ -279,38 +224,17 @@ def _host(text: str) -> str:
     return text
 
 
-def _abs_path(text: str) -> str:
-    if not os.path.isabs(text):
-        raise ValueError("must be an absolute path")
-    return text
-
-
 def _log_file(text: str) -> str:
-    return text if text == "-" else _abs_path(text)
+    return text if text == "-" else abs_path(text)
 
 
 def _optional_abs_path(text: str) -> str:
-    return text if text == "" else _abs_path(text)
-
-
-def _choice(*allowed: str):
-    def parse(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return text
-
-    return parse
+    return text if text == "" else abs_path(text)
 
 
 def _realm(text: str) -> str:
     if not text or '"' in text or "\\" in text:
         raise ValueError("must be non-empty and free of quotes and backslashes")
-    return text
-
-
-def _user(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}", text):
-        raise ValueError("must be a user name (letters, digits, _ . @ -; at most 64)")
     return text
 
 
@@ -350,18 +274,18 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "port": ("port", _port),
         "contact": ("contact", _url),
         "realm": ("realm", _realm),
-        "store": ("store", _abs_path),
+        "store": ("store", abs_path),
         "log_file": ("log_file", _log_file),
-        "log_level": ("log_level", _choice(*LOG_LEVELS)),
+        "log_level": ("log_level", choice(*LOG_LEVELS)),
         "max_skew": ("max_skew_s", _positive_float),
         "max_connections": ("max_connections", _connections),
         "request_timeout": ("request_timeout_s", _request_timeout),
-        "tls_cert_file": ("tls_cert_file", _abs_path),
-        "tls_key_file": ("tls_key_file", _abs_path),
+        "tls_cert_file": ("tls_cert_file", abs_path),
+        "tls_key_file": ("tls_key_file", abs_path),
     },
     "pilots": {
-        "site_key_file": ("site_key_file", _abs_path),
-        "pilot_config": ("pilot_config", _abs_path),
+        "site_key_file": ("site_key_file", abs_path),
+        "pilot_config": ("pilot_config", abs_path),
         "grace": ("grace_s", _positive_float),
         "queue_timeout": ("queue_timeout_s", _positive_float),
         "release_grace": ("release_grace_s", _positive_float),
@@ -372,34 +296,34 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "overhead_mb": ("vm_overhead_mb", _mb),
     },
     "provider": {
-        "name": ("provider", _choice(*PROVIDER_NAMES)),
+        "name": ("provider", choice(*PROVIDER_NAMES)),
         "command_timeout": ("command_timeout_s", _positive_float),
-        "use_pbs_python": ("use_pbs_python", _bool),
-        "qstat_history": ("qstat_history", _choice(*QSTAT_HISTORY)),
+        "use_pbs_python": ("use_pbs_python", boolean),
+        "qstat_history": ("qstat_history", choice(*QSTAT_HISTORY)),
         "env": ("env", _env),
-        "state_dir": ("state_dir", _abs_path),
+        "state_dir": ("state_dir", abs_path),
         "cores_per_node": ("cores_per_node", _cores),
         "memory_per_node": ("memory_per_node_mb", _optional_mb),
         "walltime_padding": ("walltime_padding_s", _non_negative_float),
         "queue": ("queue", _word),
         "account": ("account", _word),
         "job_name_prefix": ("job_name_prefix", _prefix),
-        "output_dir": ("output_dir", _abs_path),
+        "output_dir": ("output_dir", abs_path),
         "extra_directives": ("extra_directives", _lines),
         "sudo": ("sudo", _optional_abs_path),
-        "pilot_command": ("pilot_command", _abs_path),
-        "launcher": ("launcher", _choice(*LAUNCHER_NAMES)),
+        "pilot_command": ("pilot_command", abs_path),
+        "launcher": ("launcher", choice(*LAUNCHER_NAMES)),
     },
     "operators": {
-        "accounts_file": ("accounts_file", _abs_path),
+        "accounts_file": ("accounts_file", abs_path),
         "realm": ("operator_realm", _realm),
     },
     "client": {
         "url": ("client_url", _url),
         "user": ("client_user", _user),
-        "secret_file": ("client_secret_file", _abs_path),
+        "secret_file": ("client_secret_file", abs_path),
         "timeout": ("client_timeout_s", _positive_float),
-        "ca_file": ("client_ca_file", _abs_path),
+        "ca_file": ("client_ca_file", abs_path),
     },
 }
 
@@ -432,22 +356,8 @@ def load_config(path: str | None = None, *, serve: bool = False, **overrides) ->
     explicit = path is not None
     path = path or DEFAULT_PATH
     if explicit or os.path.exists(path):
-        parser = configparser.ConfigParser(interpolation=None, comment_prefixes=(), empty_lines_in_values=False)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-        except UnicodeDecodeError:
-            raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
         # Comments only at the start of a line: an indented "#SBATCH ..." is part of a value.
-        text = re.sub(r"(?m)^[#;].*$", "", text)
-        try:
-            parser.read_string(text, source=path)
-        except configparser.Error as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError([f"{path}: not a valid INI file: {first}"]) from None
-        _read_sections(parser, path, values, problems)
+        read_sections(read_ini(path, line_comments_only=True), path, SCHEMA, RETIRED, values, problems)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if not problems:
         problems.extend(_cross_checks(path, values))
@@ -467,28 +377,6 @@ RETIRED = {
     "each node's key from a site key: set site_key_file (make it with `workspace-lease site-key --output FILE`)"
     for option in ("user", "secret_file")
 }
-
-
-def _read_sections(parser: configparser.ConfigParser, path: str, values: dict, problems: list[str]) -> None:
-    for section in parser.sections():
-        options = SCHEMA.get(section)
-        if options is None:
-            problems.append(f"{path}: unknown section [{section}]: known are {', '.join(f'[{s}]' for s in SCHEMA)}")
-            continue
-        for option, text in parser.items(section):
-            if (section, option) in RETIRED:
-                problems.append(f"{path}: [{section}] {option} is gone: {RETIRED[section, option]}")
-                continue
-            if option not in options:
-                problems.append(
-                    f"{path}: [{section}] unknown option '{option}': known are {', '.join(options)}"
-                )
-                continue
-            field, parse = options[option]
-            try:
-                values[field] = parse(text.strip())
-            except ValueError as exc:
-                problems.append(f"{path}: [{section}] {option} = {text.strip()!r}: {exc}")
 
 
 def _cross_checks(path: str, values: dict) -> list[str]:
@@ -555,89 +443,3 @@ def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> 
     except ValueError as exc:
         problems.append(f"{path}: [provider] {_first_line(exc)}")
     return dataclasses.replace(config, site_key=site_key, operators=accounts)
-
-
-def check_private_file(path: str) -> os.stat_result:
-    """Raise ValueError unless ``path`` is a regular file only its owner (this user or root) can read."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise ValueError(f"{exc.strerror}: create it (mode 0600)") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError("is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise ValueError(f"mode {mode:04o} lets group or others at it: chmod 600 {path}")
-    if info.st_uid not in (0, os.geteuid()):
-        raise ValueError(f"is owned by uid {info.st_uid}, not by this user or root: chown it")
-    return info
-
-
-def read_secret_file(path: str) -> str:
-    """The secret in ``path`` (surrounding white space dropped); ValueError says what is wrong."""
-    check_private_file(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            secret = handle.read().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ValueError("is not UTF-8 text") from None
-    if not secret:
-        raise ValueError("is empty: put the secret in it")
-    if "\n" in secret:
-        raise ValueError("holds more than one line: put only the secret in it")
-    return secret
-
-
-def read_site_key(path: str) -> str:
-    """The site key in ``path`` (64 hex digits, a file of mode 0600); ValueError says what is wrong."""
-    key = read_secret_file(path)
-    if not is_key(key):
-        raise ValueError("does not hold a site key (64 lowercase hex digits): make one with "
-                         "workspace-lease site-key --output FILE")
-    return key
-
-
-def read_accounts_file(path: str, realm: str) -> dict[str, Account]:
-    """Operator accounts from an htdigest-style file of ``user:realm:HA1`` lines (SHA-256 HA1).
-
-    HA1 is ``sha256("user:realm:secret")`` in lowercase hex (for example
-    ``printf '%s' "alice:workspace-lease:$SECRET" | sha256sum``). Blank
-    lines and lines starting with ``#`` are skipped. Raises ValueError with
-    one line naming the first bad line.
-    """
-    check_private_file(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ValueError("is not UTF-8 text") from None
-    accounts: dict[str, Account] = {}
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"line {number}: not user:realm:HA1")
-        user, line_realm, ha1 = parts
-        try:
-            _user(user)
-        except ValueError as exc:
-            raise ValueError(f"line {number}: user {user!r} {exc}") from None
-        if line_realm != realm:
-            raise ValueError(
-                f"line {number}: realm {line_realm!r} is not the operator realm {realm!r}: "
-                "compute the HA1 with the operator realm"
-            )
-        if not re.fullmatch(r"[0-9a-fA-F]{64}", ha1):
-            raise ValueError(f"line {number}: HA1 must be 64 hex digits (sha256 of user:realm:secret)")
-        if user in accounts:
-            raise ValueError(f"line {number}: user {user!r} appears twice")
-        accounts[user] = Account(user, ha1.lower())
-    if not accounts:
-        raise ValueError("holds no account: add a user:realm:HA1 line")
-    return accounts

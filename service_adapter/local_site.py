@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 
-from pilot.credentials import HOST_PLACEHOLDER
 from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
@@ -124,9 +123,11 @@ class LocalSite:
         _save_site(workdir, {"site_key": site_key, "port": self.receiver.port, "operator_secret": self.operator_secret})
         self.contact = contact or self.url
         self.leases.contact = self.contact
+        # "{host}": each simulated node's pilot reads its own key file.
         write_pilot_config(
             self.pilot_config, contact=self.contact,
-            node_key_file=os.path.join(self.node_key_dir, f"{HOST_PLACEHOLDER}.key"), log_dir=self.log_dir, journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
+            node_key_file=os.path.join(self.node_key_dir, "{host}.key"), log_dir=self.log_dir,
+            journal_dir=journal_dir, reserved_timeout_s=reserved_timeout_s,
             sections=pilot_sections,
         )
         if start_manager:

@@ -16,8 +16,8 @@ from service_adapter.config import (
     ConfigError,
     ServiceConfig,
     load_config,
-    read_accounts_file,
 )
+from service_adapter.secretfiles import read_accounts_file
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "packaging", "service.conf.example")
 

@@ -56,7 +56,8 @@ def _exit_for_status(status: int | None) -> int:
 def _client_settings(args) -> tuple[str, str, str, float, bool | str]:
     """URL, user, secret, request timeout and TLS check ([client] ca_file, else the system's CAs):
     command line, then environment, then [client]."""
-    from service_adapter.config import SECRET_FILE_ENV, ConfigError, load_config, read_secret_file
+    from service_adapter.config import SECRET_FILE_ENV, ConfigError, load_config
+    from service_adapter.secretfiles import read_secret_file
 
     try:
         config = load_config(args.config)

@@ -76,7 +76,8 @@ def make_site_key(args) -> int:
 
 
 def print_node_key(args) -> int:
-    from service_adapter.config import DEFAULT_PATH, ConfigError, load_config, read_site_key
+    from service_adapter.config import DEFAULT_PATH, ConfigError, load_config
+    from service_adapter.secretfiles import read_site_key
     from service_adapter.nodekeys import NodeAccounts
 
     path = args.site_key_file
