@@ -1,0 +1,266 @@
+"""The commands the service queues for a pilot and the pilot pulls by long-poll, with the VM spec they carry.
+
+Part of the wire protocol (:mod:`pilot.protocol`): standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from pilot.protocol.wire import (
+    MAX_BODY_BYTES,
+    MAX_COMMAND,
+    MAX_HOST_LEN,
+    MAX_MEMORY_MB,
+    MAX_SLOT_LEN,
+    MAX_VM_NAME_LEN,
+    ProtocolError,
+    _HOST_RE,
+    _SLOT_RE,
+    _VM_NAME_RE,
+    _check_int,
+    _check_str,
+    load_json,
+    sign,
+)
+
+
+# -- commands: the service's work for a pilot, pulled by long-poll --------------------------------
+
+#: ``GET`` this (``?after=N&wait=S``) to receive commands; same digest account as notifications.
+COMMANDS_PATH = "/pilot/v2/slots/{slot}/hosts/{host}/commands"
+#: The longest long-poll a service holds open; a pilot asking for more gets at most this.
+MAX_POLL_WAIT_S = 60
+#: Command operations.
+OPS = frozenset({"start-vm", "stop-vm", "release"})
+#: Notification states that report a command's outcome.
+VM_STATES = frozenset({"vm-running", "vm-failed", "vm-stopped"})
+MAX_VCPUS = 256
+MAX_PATH_LEN = 4096
+MAX_CMDLINE_LEN = 4096
+MAX_NETWORK_LEN = 64
+MAX_COMMANDS = 256
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def commands_path(slot: str, host: str) -> str:
+    """The command endpoint's path for one (slot, host)."""
+    return COMMANDS_PATH.format(slot=slot, host=host)
+
+
+def check_target(slot: str, host: str) -> None:
+    """Raise :class:`ProtocolError` unless ``slot`` and ``host`` are a valid slot id and host name."""
+    _check_str("slot", slot, MAX_SLOT_LEN, _SLOT_RE)
+    _check_str("host", host, MAX_HOST_LEN, _HOST_RE)
+
+
+def sign_commands(key_ha1: str, target: str, body: bytes) -> str:
+    """The signature header of a command answer: HMAC over the request target (path and query) and the body.
+
+    The target is bound in so that a recorded answer cannot be replayed to
+    another poll (another cursor, another slot or host).
+    """
+    return sign(key_ha1, target.encode() + b"\n" + body)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """A file on the node that a VM uses (disk image, kernel, initrd): its path and its expected sha256.
+
+    The path is checked by the pilot against its image directory; here
+    only its shape is.
+    """
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, field: str, data) -> "ImageFile":
+        """Parse ``{"path": ..., "sha256": ...}``; ProtocolError names ``field``."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"{field}: must be an object with path and sha256")
+        _no_unknown(field, data, {"path", "sha256"})
+        path, digest = data.get("path"), data.get("sha256")
+        _check_str(f"{field}.path", path, MAX_PATH_LEN, None)
+        if "\x00" in path or not path.isprintable():
+            raise ProtocolError(f"{field}.path: has characters that are not allowed")
+        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+            raise ProtocolError(f"{field}.sha256: must be 64 lowercase hex digits")
+        return cls(path, digest)
+
+    def to_dict(self) -> dict:
+        """The JSON object."""
+        return {"path": self.path, "sha256": self.sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class VmSpec:
+    """One VM as the service asks for it; :meth:`from_dict` validates the shape of every field.
+
+    Boot from a ``disk`` image, or directly from a ``kernel`` (with an
+    optional ``initrd`` and ``cmdline``), or both (a kernel whose root is
+    on the disk). The disk is never written: ``disk_readonly`` attaches it
+    read-only, else writes go to a throw-away overlay. ``network`` is None
+    (no NIC) or a libvirt network's name; ``console_log`` is None or a file
+    name for the serial console's output (the pilot confines it to its
+    console directory). Whether the node allows the paths, the network
+    and the memory is the pilot's check, not this one's.
+    """
+
+    name: str
+    memory_mb: int
+    vcpus: int = 1
+    disk: ImageFile | None = None
+    disk_readonly: bool = False
+    kernel: ImageFile | None = None
+    initrd: ImageFile | None = None
+    cmdline: str | None = None
+    network: str | None = None
+    console_log: str | None = None
+
+    _FIELDS = frozenset({"name", "memory_mb", "vcpus", "disk", "boot", "network", "console_log"})
+
+    @classmethod
+    def from_dict(cls, data) -> "VmSpec":
+        """Parse and validate a VM spec object; raises :class:`ProtocolError` naming the field."""
+        if not isinstance(data, dict):
+            raise ProtocolError("vm: must be an object")
+        _no_unknown("vm", data, cls._FIELDS)
+        name = data.get("name")
+        _check_str("vm.name", name, MAX_VM_NAME_LEN, _VM_NAME_RE)
+        memory_mb = data.get("memory_mb")
+        _check_int("vm.memory_mb", memory_mb, 1, MAX_MEMORY_MB)
+        vcpus = data.get("vcpus", 1)
+        _check_int("vm.vcpus", vcpus, 1, MAX_VCPUS)
+        disk, readonly = None, False
+        if data.get("disk") is not None:
+            raw = data["disk"]
+            if isinstance(raw, dict) and "readonly" in raw:
+                readonly = raw["readonly"]
+                if not isinstance(readonly, bool):
+                    raise ProtocolError("vm.disk.readonly: must be true or false")
+                raw = {k: v for k, v in raw.items() if k != "readonly"}
+            disk = ImageFile.from_dict("vm.disk", raw)
+        kernel = initrd = cmdline = None
+        if data.get("boot") is not None:
+            boot = data["boot"]
+            if not isinstance(boot, dict):
+                raise ProtocolError("vm.boot: must be an object with kernel, and optionally initrd and cmdline")
+            _no_unknown("vm.boot", boot, {"kernel", "initrd", "cmdline"})
+            if boot.get("kernel") is None:
+                raise ProtocolError("vm.boot.kernel: missing (direct boot needs a kernel)")
+            kernel = ImageFile.from_dict("vm.boot.kernel", boot["kernel"])
+            if boot.get("initrd") is not None:
+                initrd = ImageFile.from_dict("vm.boot.initrd", boot["initrd"])
+            if boot.get("cmdline") is not None:
+                cmdline = boot["cmdline"]
+                _check_str("vm.boot.cmdline", cmdline, MAX_CMDLINE_LEN, None)
+                if not cmdline.isprintable():
+                    raise ProtocolError("vm.boot.cmdline: has characters that are not allowed")
+        if disk is None and kernel is None:
+            raise ProtocolError("vm: needs a disk image or a boot kernel (or both)")
+        network = data.get("network")
+        if network is not None:
+            _check_str("vm.network", network, MAX_NETWORK_LEN, _NETWORK_RE)
+        console_log = data.get("console_log")
+        if console_log is not None:
+            _check_str("vm.console_log", console_log, MAX_VM_NAME_LEN + 8, _VM_NAME_RE)
+        return cls(name, memory_mb, vcpus, disk, readonly, kernel, initrd, cmdline, network, console_log)
+
+    def to_dict(self) -> dict:
+        """The JSON object (the inverse of :meth:`from_dict`); unset optional parts are left out."""
+        out: dict = {"name": self.name, "memory_mb": self.memory_mb, "vcpus": self.vcpus}
+        if self.disk is not None:
+            out["disk"] = dict(self.disk.to_dict(), **({"readonly": True} if self.disk_readonly else {}))
+        if self.kernel is not None:
+            boot: dict = {"kernel": self.kernel.to_dict()}
+            if self.initrd is not None:
+                boot["initrd"] = self.initrd.to_dict()
+            if self.cmdline is not None:
+                boot["cmdline"] = self.cmdline
+            out["boot"] = boot
+        if self.network is not None:
+            out["network"] = self.network
+        if self.console_log is not None:
+            out["console_log"] = self.console_log
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``) or ``release``.
+
+    ``id`` grows with every command the service queues; a pilot polls for
+    those after the last id it has seen and reports each outcome as a
+    notification whose ``command`` is this id.
+    """
+
+    id: int
+    op: str
+    vm: VmSpec | None = None
+    name: str | None = None
+    force: bool = False
+
+    @classmethod
+    def from_dict(cls, data) -> "Command":
+        """Parse and validate one command object; raises :class:`ProtocolError`."""
+        if not isinstance(data, dict):
+            raise ProtocolError("command: must be an object")
+        _check_int("command.id", data.get("id"), 1, MAX_COMMAND)
+        op = data.get("op")
+        if op not in OPS:
+            raise ProtocolError(f"command.op: {op!r} is not one of {sorted(OPS)}")
+        if op == "start-vm":
+            _no_unknown("command", data, {"id", "op", "vm"})
+            return cls(data["id"], op, vm=VmSpec.from_dict(data.get("vm")))
+        if op == "stop-vm":
+            _no_unknown("command", data, {"id", "op", "name", "force"})
+            _check_str("command.name", data.get("name"), MAX_VM_NAME_LEN, _VM_NAME_RE)
+            force = data.get("force", False)
+            if not isinstance(force, bool):
+                raise ProtocolError("command.force: must be true or false")
+            return cls(data["id"], op, name=data["name"], force=force)
+        _no_unknown("command", data, {"id", "op"})
+        return cls(data["id"], op)
+
+    def to_dict(self) -> dict:
+        """The JSON object."""
+        out: dict = {"id": self.id, "op": self.op}
+        if self.op == "start-vm":
+            out["vm"] = self.vm.to_dict()
+        elif self.op == "stop-vm":
+            out["name"] = self.name
+            out["force"] = self.force
+        return out
+
+    @property
+    def vm_name(self) -> str | None:
+        """The VM this command is about (None for ``release``)."""
+        return self.vm.name if self.vm is not None else self.name
+
+
+def parse_commands(body: bytes) -> list[Command]:
+    """The commands of a poll answer (``{"commands": [...]}``), in id order; raises :class:`ProtocolError`."""
+    if len(body) > MAX_BODY_BYTES * 4:
+        raise ProtocolError(f"command answer is {len(body)} bytes, over {MAX_BODY_BYTES * 4}", status=413)
+    data = load_json(body, "command answer")
+    if not isinstance(data, dict) or not isinstance(data.get("commands"), list):
+        raise ProtocolError('command answer must be {"commands": [...]}')
+    if len(data["commands"]) > MAX_COMMANDS:
+        raise ProtocolError(f"command answer has more than {MAX_COMMANDS} commands")
+    commands = [Command.from_dict(item) for item in data["commands"]]
+    return sorted(commands, key=lambda c: c.id)
+
+
+def commands_body(commands: list[Command]) -> bytes:
+    """A poll answer's body for ``commands``."""
+    return json.dumps({"commands": [c.to_dict() for c in commands]}, separators=(",", ":")).encode()
+
+
+def _no_unknown(field: str, data: dict, known: set | frozenset) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ProtocolError(f"{field}: unknown field(s) {', '.join(map(str, unknown))}")
