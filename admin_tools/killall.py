@@ -130,13 +130,14 @@ class Report:
 
 def _open_libvirt(uri: str, read_only: bool):
     """(connection, None), or (None, why it could not connect)."""
+    from pilot.libvirtconn import libvirt_module, open_connection
+
     try:
-        import libvirt
+        libvirt = libvirt_module()
     except ImportError as exc:
         return None, f"libvirt-python is missing ({exc})"
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+        conn = open_connection(uri, read_only=read_only)
     except libvirt.libvirtError as exc:
         return None, f"cannot connect to libvirt at {uri}: {' '.join(str(exc).split())}"
     return conn, None

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from urllib.parse import urlsplit
 
-from pilot.inifile import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
 
 DEFAULT_PATH = "/etc/workspace-pilot/pilot.conf"
 

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pilot.shared.qstat import parse_full
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -261,9 +263,6 @@ def _which(name: str, search_path: str) -> str | None:
     return None
 
 
-_ATTRIBUTE = re.compile(r"\s+([A-Za-z_][\w.]*) = (.*)")
-
-
 def _qstat_full_end(output: str, now: float, job: str) -> float:
     """The job's end from ``qstat -f`` output, whichever PBS flavour printed it.
 
@@ -275,22 +274,14 @@ def _qstat_full_end(output: str, now: float, job: str) -> float:
       ``mtime`` + walltime and ``ctime`` counts. In real PBS, ctime is the creation time and
       mtime the last change, so those are read only when none of the above is present.
     """
-    attributes: dict[str, str] = {}
-    jobs = 0
-    for line in output.splitlines():
-        if line.startswith("Job Id:"):
-            jobs += 1
-            if jobs > 1:
-                break  # qstat was asked for one job; never mix in another job's attributes
-            continue
-        match = _ATTRIBUTE.fullmatch(line.rstrip())
-        if match:
-            attributes.setdefault(match.group(1), match.group(2).strip())
+    jobs = parse_full(output)
     if not jobs:
         raise _SourceFailed(f"no job {job} in its output ({_quote(output.strip())})")
+    # qstat was asked for one job: never mix in another job's attributes. Names are lower case.
+    attributes = next(iter(jobs.values()))
 
     def duration(key: str) -> float | None:
-        value = attributes.get(key)
+        value = attributes.get(key.lower())
         if value is None:
             return None
         try:
@@ -299,7 +290,7 @@ def _qstat_full_end(output: str, now: float, job: str) -> float:
             raise _SourceFailed(f"unparsable {key} {_quote(value)}") from None
 
     def moment(key: str) -> float | None:
-        value = attributes.get(key)
+        value = attributes.get(key.lower())
         if value is None:
             return None
         try:

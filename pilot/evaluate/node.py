@@ -214,18 +214,16 @@ def check_libvirt(config: PilotConfig) -> list[Check]:
     if not uri:
         return [Check(WARN, "libvirt", "[libvirt] uri is empty: VMs are disabled, pilots only set memory aside")]
     what = f"libvirt {uri}"
+    from pilot.libvirtconn import libvirt_module, open_connection
+
     try:
-        import libvirt
+        libvirt = libvirt_module()  # its errors become FAIL lines here, not stderr noise
     except ImportError as exc:
         return [Check(FAIL, what, f"libvirt-python is missing in {sys.executable} ({exc}): pip install libvirt-python")]
-    # libvirt prints every error on stderr by default; each one becomes a FAIL line here instead.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.openReadOnly(uri)
+        conn = open_connection(uri, read_only=True)
     except libvirt.libvirtError as exc:
         return [Check(FAIL, what, f"cannot connect: {_one_line(exc)}; is libvirtd running?")]
-    if conn is None:  # very old bindings return None instead of raising
-        return [Check(FAIL, what, "cannot connect; is libvirtd running?")]
     try:
         version = conn.getVersion()
         hostname = conn.getHostname()

@@ -45,15 +45,16 @@ def destroy_slot_vms(uri: str, slot: str) -> list[str]:
     Raises :class:`VmCleanupError` when libvirt cannot be reached or a
     domain cannot be destroyed: the caller then keeps its journal record.
     """
+    from pilot.libvirtconn import libvirt_module, open_connection
+
     try:
-        import libvirt
+        libvirt = libvirt_module()
     except ImportError as exc:
         raise VmCleanupError(f"libvirt-python is missing ({exc})") from None
     from pilot.vm.tag import tagged_domains
 
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.open(uri)
+        conn = open_connection(uri)
     except libvirt.libvirtError as exc:
         raise VmCleanupError(f"cannot connect to libvirt at {uri}: {' '.join(str(exc).split())}") from None
     destroyed = []

@@ -378,10 +378,9 @@ class VmHost:
     def _connection(self):
         """Under the lock: the connection, opened on first use."""
         if self._conn is None:
-            import libvirt
+            from pilot.libvirtconn import libvirt_module
 
-            # libvirt's default handler prints every error to stderr, expected ones too (a domain already gone).
-            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+            libvirt_module()  # with its stderr printing off: errors come as exceptions
             self._conn = self._connect()
         return self._conn
 

@@ -99,9 +99,8 @@ class VmHosting:
 
 def _connector(uri: str) -> Callable[[], object]:
     def connect():
-        import libvirt
+        from pilot.libvirtconn import open_connection
 
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        return libvirt.open(uri)
+        return open_connection(uri)
 
     return connect

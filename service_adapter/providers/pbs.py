@@ -23,11 +23,11 @@ import re
 import shutil
 from typing import Callable
 
-from service_adapter.providers.jobscript import PBS, JobTemplate, job_name, output_path, render_pbs, script_path
-from service_adapter.providers.launchers import resolve_launcher
-from service_adapter.providers.slurm import signal_steps
-from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
-from service_adapter.providers.commands import CommandResult, Outcome, run_command
+from pilot.shared.qstat import parse_full
+from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
+from service_adapter.providers.batch import BatchProvider, checked_job_id, signal_steps
+from service_adapter.providers.commands import CommandResult
+from service_adapter.providers.jobscript import PBS, JobTemplate, output_path, render_pbs, script_path
 from service_adapter.providers.scriptfile import write_job_script
 
 log = logging.getLogger(__name__)
@@ -79,30 +79,6 @@ def job_state(attributes: dict[str, str]) -> JobState:
     return JobState.UNKNOWN
 
 
-def parse_qstat_full(text: str) -> dict[str, dict[str, str]]:
-    """``qstat -f`` output as {job id: {attribute name in lower case: value}}.
-
-    Attribute lines are ``name = value`` (indented by spaces on Torque, by a
-    tab on SchedMD's qstat); a line without `` = `` continues the previous
-    value (Torque wraps long values).
-    """
-    jobs: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    last = None
-    for line in text.splitlines():
-        match = re.match(r"Job Id:\s*(\S+)", line)
-        if match:
-            current = jobs.setdefault(match.group(1), {})
-            last = None
-        elif current is not None and " = " in line:
-            name, _, value = line.partition(" = ")
-            last = name.strip().lower()
-            current[last] = value.strip()
-        elif current is not None and last is not None and line.strip():
-            current[last] += line.strip()
-    return jobs
-
-
 def exec_hosts(value: str) -> list[str] | None:
     """The hosts of an ``exec_host`` attribute (``node1/0+node1/1+node2/0``), in order, each once; None if empty."""
     hosts: list[str] = []
@@ -117,7 +93,7 @@ def _short(job_id: str) -> str:
     return job_id.split(".", 1)[0]
 
 
-class PbsProvider(Provider):
+class PbsProvider(BatchProvider):
     """Submits pilot jobs with qsub, cancels them with qdel, watches them with ``qstat -f``.
 
     ``use_pbs_python`` uses the pbs_python bindings instead of the commands
@@ -133,16 +109,9 @@ class PbsProvider(Provider):
                  which: Callable[[str], str | None] = shutil.which):
         if qstat_history not in HISTORY_CHOICES:
             raise ValueError(f"qstat_history must be one of {', '.join(HISTORY_CHOICES)}, not {qstat_history!r}")
-        template.check(PBS)
-        self.template = template
-        self.launcher = resolve_launcher(template.launcher, PBS, which)
-        self.command_timeout_s = command_timeout_s
-        self.env = dict(env) if env else None
+        super().__init__(template, PBS, command_timeout_s=command_timeout_s, env=env, which=which)
         self._history = {"auto": None, "yes": True, "no": False}[qstat_history]
         self._ifl = _load_pbs_python() if use_pbs_python else None
-
-    def _run(self, argv: list[str]) -> CommandResult:
-        return run_command(argv, timeout=self.command_timeout_s, env=self.env)
 
     # -- submit / cancel -------------------------------------------------------------------------
 
@@ -152,19 +121,11 @@ class PbsProvider(Provider):
         path = write_job_script(script_path(job, self.template), text)
         out = output_path(job, self.template)
         if self._ifl is not None:
-            job_id = self._ifl.submit(path, out)
+            job_id = checked_job_id(self._ifl.submit(path, out), job, "qsub", _JOB_ID_RE)
         else:
             result = self._run(["qsub", "-o", out, "-e", out, path])
-            if result.outcome is Outcome.TIMED_OUT:
-                raise ProviderError(
-                    f"{result.message()}: job {job_name(job, self.template)} for slot {job.slot} may be queued anyway"
-                )
-            if not result.ok:
-                raise ProviderError(f"qsub refused the job for slot {job.slot}: {result.message()}")
-            lines = result.stdout.strip().splitlines()
-            job_id = lines[0].strip() if lines else ""
-        if not _JOB_ID_RE.fullmatch(job_id):
-            raise ProviderError(f"qsub printed no job id for slot {job.slot}: {job_id!r}")
+            job_id = self._submitted_id(result, job, "qsub", _JOB_ID_RE,
+                                        lambda lines: lines[0].strip() if lines else "")
         log.info("slot %s: submitted PBS job %s (%d nodes)", job.slot, job_id, job.nodes)
         return job_id
 
@@ -173,7 +134,7 @@ class PbsProvider(Provider):
 
         On a Slurm-backed qsub (launcher srun) the gentle way is Slurm's:
         SIGTERM to the pilots' step only (see
-        :func:`service_adapter.providers.slurm.signal_steps`), because SchedMD's
+        :func:`service_adapter.providers.batch.signal_steps`), because SchedMD's
         qdel also signals srun, which then SIGKILLs the pilots; ``qdel`` is
         then the ``force`` step, for a job still there after the release grace.
         """
@@ -202,7 +163,7 @@ class PbsProvider(Provider):
         if not result.ok:
             log.warning("qstat failed, the hosts of job %s are unknown: %s", job_id, result.message())
             return None
-        jobs = parse_qstat_full(result.stdout)
+        jobs = parse_full(result.stdout)
         attrs = jobs.get(job_id) or {_short(j): a for j, a in jobs.items()}.get(_short(job_id))
         return exec_hosts(attrs.get("exec_host", "")) if attrs else None
 
@@ -233,7 +194,7 @@ class PbsProvider(Provider):
         if not result.exited:
             log.warning("qstat failed, job states unknown: %s", result.message())
             return {job_id: JobState.UNKNOWN for job_id in job_ids}, [], False
-        jobs = parse_qstat_full(result.stdout)
+        jobs = parse_full(result.stdout)
         by_short = {_short(job_id): attrs for job_id, attrs in jobs.items()}
         unknown_lines = [line for line in result.output.splitlines() if _UNKNOWN_JOB_RE.search(line)]
         other_lines = [

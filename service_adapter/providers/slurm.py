@@ -12,10 +12,10 @@ import re
 import shutil
 from typing import Callable
 
-from service_adapter.providers.jobscript import SLURM, JobTemplate, job_name, render_slurm, script_path
-from service_adapter.providers.launchers import resolve_launcher
-from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError, split_job_ids
-from service_adapter.providers.commands import Outcome, run_command
+from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
+from service_adapter.providers.batch import BatchProvider, signal_steps, slurm_job_ended
+from service_adapter.providers.commands import Outcome
+from service_adapter.providers.jobscript import SLURM, JobTemplate, render_slurm, script_path
 from service_adapter.providers.scriptfile import write_job_script
 
 log = logging.getLogger(__name__)
@@ -65,33 +65,7 @@ def map_state(state: str, reason: str = "") -> JobState:
     return mapped
 
 
-def _ended(output: str) -> bool:
-    text = output.lower()
-    return "invalid job id" in text or "already complet" in text
-
-
-def signal_steps(run: Callable[[list[str]], object], job_id: str) -> None:
-    """End a Slurm job the gentle way: cancel it if it still queues, else SIGTERM its steps only.
-
-    A plain ``scancel`` (and SchedMD's ``qdel``, which is the same kill)
-    also signals the batch step, where ``srun`` runs: srun turns a SIGTERM
-    of its own into a SIGKILL of its tasks ("srun: forcing job termination"),
-    which races the pilots' restore and sometimes wins. ``--signal=TERM``
-    without ``--full`` reaches only the steps' tasks, the pilots; once they
-    have restored and exited, srun and the batch script end and the job
-    completes by itself. Raises :class:`ProviderError` if Slurm cannot be asked.
-    """
-    queued = run(["scancel", "--state=PENDING", job_id])  # a no-op unless the job still waits
-    if not queued.ok and not (queued.exited and _ended(queued.output)):
-        raise ProviderError(f"scancel --state=PENDING {job_id} failed: {queued.message()}")
-    steps = run(["scancel", "--signal=TERM", job_id])
-    if steps.ok or (steps.exited and (_ended(steps.output) or "can not be altered" in steps.output.lower())):
-        # "can not be altered": it was still pending a moment ago, and the first call cancelled it.
-        return
-    raise ProviderError(f"scancel --signal=TERM {job_id} failed: {steps.message()}")
-
-
-class SlurmProvider(Provider):
+class SlurmProvider(BatchProvider):
     """Submits pilot jobs with sbatch, cancels them with scancel, watches them with squeue and sacct.
 
     ``env`` is added to the environment of every Slurm command (e.g.
@@ -102,15 +76,8 @@ class SlurmProvider(Provider):
 
     def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):
-        template.check(SLURM)
-        self.template = template
-        self.launcher = resolve_launcher(template.launcher, SLURM, which)
-        self.command_timeout_s = command_timeout_s
-        self.env = dict(env) if env else None
+        super().__init__(template, SLURM, command_timeout_s=command_timeout_s, env=env, which=which)
         self._accounting: bool | None = None  # None: not asked yet; False: sacct said it is disabled
-
-    def _run(self, argv: list[str]):
-        return run_command(argv, timeout=self.command_timeout_s, env=self.env)
 
     def submit(self, job: PilotJob) -> str:
         """Write ``{output_dir}/{slot}.sh`` and ``sbatch --parsable`` it; returns Slurm's job id.
@@ -121,17 +88,9 @@ class SlurmProvider(Provider):
         text = render_slurm(job, self.template, self.launcher)
         path = write_job_script(script_path(job, self.template), text)
         result = self._run(["sbatch", "--parsable", path])
-        if result.outcome is Outcome.TIMED_OUT:
-            raise ProviderError(
-                f"{result.message()}: job {job_name(job, self.template)} for slot {job.slot} may be queued anyway"
-            )
-        if not result.ok:
-            raise ProviderError(f"sbatch refused the job for slot {job.slot}: {result.message()}")
-        lines = result.stdout.strip().splitlines()
         # --parsable prints "id" or "id;cluster" on a federated or multi-cluster site.
-        job_id = lines[-1].split(";", 1)[0].strip() if lines else ""
-        if not _JOB_ID_RE.fullmatch(job_id):
-            raise ProviderError(f"sbatch printed no job id for slot {job.slot}: {result.stdout.strip()!r}")
+        job_id = self._submitted_id(result, job, "sbatch", _JOB_ID_RE,
+                                    lambda lines: lines[-1].split(";", 1)[0].strip() if lines else "")
         log.info("slot %s: submitted Slurm job %s (%d nodes)", job.slot, job_id, job.nodes)
         return job_id
 
@@ -149,7 +108,7 @@ class SlurmProvider(Provider):
         result = self._run(["scancel", str(job_id)])
         if result.ok:
             return
-        if result.exited and _ended(result.output):
+        if result.exited and slurm_job_ended(result.output):
             log.debug("scancel %s: the job has already ended (%s)", job_id, result.message())
             return
         raise ProviderError(f"scancel {job_id} failed: {result.message()}")

@@ -23,17 +23,15 @@ def _module():
     """The libvirt module, imported once; BackendError when libvirt-python is missing."""
     global _libvirt
     if _libvirt is None:
+        from pilot.libvirtconn import libvirt_module
+
         try:
-            import libvirt
+            _libvirt = libvirt_module()  # each error reaches the caller as a BackendError, not on stderr
         except ImportError as exc:
             raise BackendError(
                 f"xen: libvirt-python is missing in {sys.executable} ({exc}); "
                 "run scripts/bootstrap.sh (or pip install libvirt-python==9.0.0)"
             ) from None
-        # libvirt prints every error to stderr by default; each one reaches the
-        # caller as a BackendError instead, so the default printing is noise.
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-        _libvirt = libvirt
     return _libvirt
 
 
@@ -66,10 +64,12 @@ class XenBackend(BalloonBackend):
         return {"uri": self.uri}
 
     def _domain0(self):
+        from pilot.libvirtconn import open_connection
+
         libvirt = _module()
         if self._conn is None:
             try:
-                self._conn = libvirt.open(self.uri)
+                self._conn = open_connection(self.uri)
             except libvirt.libvirtError as exc:
                 raise BackendError(f"xen: cannot connect to {self.uri}: {_reason(exc)}; is libvirtd running?") from None
         if self._dom is None:
