@@ -31,6 +31,7 @@ from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import replay_dead, settle
+from pilot.shared.errors import OneLineParser, one_line
 from pilot.vm.cleanup import destroy_domain
 
 EXIT_CLEAN = 0
@@ -48,13 +49,6 @@ EXIT_HELP = """exit codes:
    3  a bad or unreadable configuration file"""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line and exits 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -67,7 +61,7 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, every option explained in ``--help``."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="workspace-killall",
         description=(
             "Emergency backout of this node: stop every pilot in the node journal (SIGTERM, then "
@@ -139,7 +133,7 @@ def _open_libvirt(uri: str, read_only: bool):
     try:
         conn = open_connection(uri, read_only=read_only)
     except libvirt.libvirtError as exc:
-        return None, f"cannot connect to libvirt at {uri}: {' '.join(str(exc).split())}"
+        return None, f"cannot connect to libvirt at {uri}: {one_line(exc)}"
     return conn, None
 
 
@@ -174,7 +168,7 @@ def make_plan(config: PilotConfig, journal: Journal, *, read_only: bool) -> Plan
         try:
             plan.vms += tagged_domains(conn)
         except Exception as exc:  # libvirtError, without importing libvirt at module level
-            plan.libvirt_problems.append(f"cannot list the VMs at {uri}: {' '.join(str(exc).split())}")
+            plan.libvirt_problems.append(f"cannot list the VMs at {uri}: {one_line(exc)}")
     return plan
 
 
@@ -252,7 +246,7 @@ def destroy_vms(vms, report: Report) -> None:
         try:
             gone_before = not destroy_domain(domain)
         except Exception as exc:  # libvirtError
-            report.problem(f"could not destroy VM {name} (slot {tag.slot}): {' '.join(str(exc).split())}")
+            report.problem(f"could not destroy VM {name} (slot {tag.slot}): {one_line(exc)}")
             continue
         if gone_before:
             # Its pilot destroyed it on the SIGTERM above: what we wanted.

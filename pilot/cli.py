@@ -13,6 +13,7 @@ import time
 from urllib.parse import urlsplit
 
 from pilot.exitcodes import MEANING, ExitCode
+from pilot.shared.errors import OneLineParser
 
 log = logging.getLogger("pilot")
 
@@ -22,13 +23,6 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
     f"  {code.value:>2}  {code.name.lower().replace('_', '-')}: {MEANING[code]}" for code in ExitCode
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line and exits with ExitCode.USAGE."""
-
-    def error(self, message: str):
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _slot(text: str) -> str:
@@ -82,7 +76,7 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface, with every option explained in ``--help``."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="workspace-pilot",
         description=(
             "Lease this node's memory to a workspace service for a while, then give it back. "
@@ -91,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     reserve = commands.add_parser(
         "reserve",
         help="reserve memory for a lease, report it, hold it, give it back",

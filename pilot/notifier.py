@@ -40,7 +40,8 @@ from pilot.protocol import (
     utc_now,
 )
 from pilot.credentials import PilotCredentials
-from pilot.reach import ServiceReach, failure_words
+from pilot.reach import ServiceReach
+from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
 

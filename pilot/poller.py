@@ -31,7 +31,8 @@ from pilot.protocol import (
     parse_commands,
     sign_commands,
 )
-from pilot.reach import ServiceReach, failure_words
+from pilot.reach import ServiceReach
+from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
 

@@ -50,25 +50,3 @@ class ServiceReach:
         if since is None:
             return "the service answers"
         return f"the service has answered nothing for {self._clock() - since:.1f} s"
-
-
-def failure_words(exc: BaseException) -> str:
-    """A failed request's root cause in a few words (``Connection refused``), not urllib3's whole chain.
-
-    Follows ``reason`` attributes, exception arguments and causes down to
-    the innermost error; an OSError gives its strerror.
-    """
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        inner = getattr(current, "reason", None)
-        if not isinstance(inner, BaseException):
-            first = current.args[0] if current.args else None
-            inner = first if isinstance(first, BaseException) else None
-        current = inner or current.__cause__ or current.__context__
-    root = seen[-1]
-    if isinstance(root, OSError) and root.strerror:
-        return root.strerror
-    words = " ".join(str(root).split()) or type(root).__name__
-    return words[:200]

@@ -46,6 +46,7 @@ import re
 from aiohttp import web
 
 from pilot.protocol import MAX_VM_NAME_LEN, ProtocolError, load_json
+from pilot.shared.errors import first_line
 from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease, vm_json
@@ -196,19 +197,14 @@ def _refusals(handler):
         except VmRequestError as exc:
             if exc.status == 409:
                 log.info("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
-            return _error(exc.status, _one_line(exc))
+            return _error(exc.status, first_line(exc))
         except LeaseError as exc:
             log.warning("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
-            return _error(502, f"the batch system refused: {_one_line(exc)}")
+            return _error(502, f"the batch system refused: {first_line(exc)}")
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _who(request: web.Request) -> str:
@@ -231,7 +227,7 @@ async def create_lease(request: web.Request) -> web.Response:
     try:
         info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner)
     except ValueError as exc:
-        raise _Refused(400, _one_line(exc)) from None
+        raise _Refused(400, first_line(exc)) from None
     log.info("API: %s reserved lease %s: %d x %d MB for %g s", owner, info.id, nodes, memory_mb, duration_s)
     body = info.to_json()
     return web.json_response(body, status=201, headers={"Location": f"{PREFIX}/leases/{info.id}"})
@@ -311,7 +307,7 @@ async def start_vms(request: web.Request) -> web.Response:
         except VmRequestError as exc:
             name = item.get("name") if isinstance(item, dict) else None
             label = f"vms[{index}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
-            raise _Refused(exc.status, f"{label[:100]}: {_one_line(exc)}") from None
+            raise _Refused(exc.status, f"{label[:100]}: {first_line(exc)}") from None
     vms = request.app[VMS_KEY]
     started = await asyncio.to_thread(vms.start, lease_id, wanted)
     log.info("API: %s started %d VM(s) on lease %s: %s", _who(request), len(started), lease_id,

@@ -8,10 +8,11 @@ the service could not be reached at all).
 
 from __future__ import annotations
 
-import re
 
 import requests
 from requests.auth import HTTPDigestAuth
+
+from pilot.shared.errors import failure_words
 
 API = "/api/v1"
 
@@ -109,7 +110,7 @@ class LeaseClient:
         except requests.exceptions.SSLError as exc:
             raise ClientError(f"{self.url}: TLS failed: {_first_line(exc)}") from None
         except requests.exceptions.ConnectionError as exc:
-            raise ClientError(f"cannot reach the service at {self.url}: {_reason(exc)}") from None
+            raise ClientError(f"cannot reach the service at {self.url}: {failure_words(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise ClientError(f"{self.url}: {_first_line(exc)}") from None
         try:
@@ -139,20 +140,3 @@ def _quote(part: str) -> str:
 def _first_line(value) -> str:
     text = str(value).strip()
     return text.splitlines()[0] if text else ""
-
-
-def _reason(exc: requests.exceptions.ConnectionError) -> str:
-    """The innermost cause of a connection failure, e.g. "Connection refused"."""
-    cause: BaseException = exc
-    while True:
-        inner = getattr(cause, "reason", None)  # urllib3's MaxRetryError -> NewConnectionError
-        if not isinstance(inner, BaseException):
-            inner = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
-        if inner is None or inner is cause:
-            break
-        cause = inner
-    text = _first_line(cause)
-    errno_text = re.search(r"\[Errno -?\d+\] ([^()\[\]]+)", text)
-    if errno_text:
-        text = errno_text.group(1).strip()  # "...: [Errno 111] Connection refused" -> "Connection refused"
-    return text or "connection failed"

@@ -23,6 +23,7 @@ import os
 import re
 from urllib.parse import urlsplit
 
+from pilot.shared.errors import first_line
 from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
 from service_adapter.digest import Account
 from service_adapter.secretfiles import read_accounts_file, read_site_key, user_name as _user
@@ -407,7 +408,7 @@ def _template_problems(path: str, values: dict) -> list[str]:
         if config.provider in ("pbs", "slurm"):
             template.check(config.provider)
     except ValueError as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         option = "extra_directives" if "extra directive" in message else None
         for name, (field, _) in SCHEMA["provider"].items():
             if option is None and re.match(rf"{field}\b", message):
@@ -419,11 +420,6 @@ def _template_problems(path: str, values: dict) -> list[str]:
         shown = "\n".join(value) if isinstance(value, tuple) else str(value)
         return [f"{path}: [provider] {option} = {shown!r}: {message}"]
     return []
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> ServiceConfig:
@@ -441,5 +437,5 @@ def _load_serve_parts(path: str, config: ServiceConfig, problems: list[str]) -> 
     try:
         config.provider_settings()
     except ValueError as exc:
-        problems.append(f"{path}: [provider] {_first_line(exc)}")
+        problems.append(f"{path}: [provider] {first_line(exc)}")
     return dataclasses.replace(config, site_key=site_key, operators=accounts)

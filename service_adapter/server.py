@@ -19,6 +19,7 @@ import sys
 
 from aiohttp import web
 
+from pilot.shared.errors import first_line
 from service_adapter.config import ServiceConfig
 from service_adapter.connections import ConnectionGuard, raise_file_limit, start_serving
 
@@ -97,7 +98,7 @@ def build(config: ServiceConfig):
         vms = VmManager(store, overhead_mb=config.vm_overhead_mb)
     except Exception as exc:
         store.close()
-        raise ServeError(f"[provider] name = {config.provider}: {_one_line(exc)}") from None
+        raise ServeError(f"[provider] name = {config.provider}: {first_line(exc)}") from None
     guard = ConnectionGuard(config.max_connections or None, config.request_timeout_s)
     app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider))
     add_api(app, manager, operators, vms=vms)
@@ -158,6 +159,3 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
             loop.remove_signal_handler(signum)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 from pilot.protocol import format_time, utc_now
+from pilot.shared.errors import OneLineParser
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -57,13 +58,6 @@ always applies it; never trusts one shared clock.
 """ + EXIT_HELP
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line and exits 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _positive_int(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 4096:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 4096")
@@ -80,7 +74,7 @@ def _pilot_option(text: str) -> tuple[str, str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (``--help`` lists the phases, the clock handling and the exit codes)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="lease-bench",
         description="Stand leases up and tear them down on a real LRM, phase by phase, beside an LRM-only job.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -13,6 +13,7 @@ import sys
 from pilot.config import DEFAULT_PATH, PilotConfig
 from pilot.evaluate.check import FAIL, OK, SUDO_TIMEOUT_S, WARN, Check, plural, valid_user
 from pilot.evaluate.paths import node_key_file
+from pilot.shared.errors import one_line
 
 
 # -- 1. privilege -------------------------------------------------------------
@@ -223,12 +224,12 @@ def check_libvirt(config: PilotConfig) -> list[Check]:
     try:
         conn = open_connection(uri, read_only=True)
     except libvirt.libvirtError as exc:
-        return [Check(FAIL, what, f"cannot connect: {_one_line(exc)}; is libvirtd running?")]
+        return [Check(FAIL, what, f"cannot connect: {one_line(exc)}; is libvirtd running?")]
     try:
         version = conn.getVersion()
         hostname = conn.getHostname()
     except libvirt.libvirtError as exc:
-        return [Check(FAIL, what, f"connected, but it does not answer: {_one_line(exc)}")]
+        return [Check(FAIL, what, f"connected, but it does not answer: {one_line(exc)}")]
     finally:
         conn.close()
     shown = f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
@@ -238,10 +239,6 @@ def check_libvirt(config: PilotConfig) -> list[Check]:
 def conn_type(uri: str) -> str:
     """The driver part of a libvirt URI (``qemu`` of ``qemu+ssh://...``), for the ok line."""
     return uri.split(":", 1)[0].split("+", 1)[0]
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # -- 6. service contact ----------------------------------------------------------

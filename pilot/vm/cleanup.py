@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+from pilot.shared.errors import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def destroy_slot_vms(uri: str, slot: str) -> list[str]:
     try:
         conn = open_connection(uri)
     except libvirt.libvirtError as exc:
-        raise VmCleanupError(f"cannot connect to libvirt at {uri}: {' '.join(str(exc).split())}") from None
+        raise VmCleanupError(f"cannot connect to libvirt at {uri}: {one_line(exc)}") from None
     destroyed = []
     try:
         for domain, tag in tagged_domains(conn):
@@ -67,11 +69,11 @@ def destroy_slot_vms(uri: str, slot: str) -> list[str]:
                 if not destroy_domain(domain):
                     continue
             except libvirt.libvirtError as exc:
-                raise VmCleanupError(f"cannot destroy VM {name} of slot {slot}: {' '.join(str(exc).split())}") from None
+                raise VmCleanupError(f"cannot destroy VM {name} of slot {slot}: {one_line(exc)}") from None
             log.warning("destroyed VM %s of slot %s in %.1f ms", name, slot, (time.monotonic() - t0) * 1000)
             destroyed.append(name)
     except libvirt.libvirtError as exc:
-        raise VmCleanupError(f"cannot list the VMs at {uri}: {' '.join(str(exc).split())}") from None
+        raise VmCleanupError(f"cannot list the VMs at {uri}: {one_line(exc)}") from None
     finally:
         conn.close()
     return destroyed

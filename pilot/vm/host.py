@@ -20,6 +20,7 @@ from typing import Callable
 
 from pilot.vm.domainxml import choose_virt_type, render_domain
 from pilot.protocol import VmSpec
+from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
@@ -66,10 +67,6 @@ class _Vm:
     spec: VmSpec
     domain_name: str
     domain: object
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 class VmHost:
@@ -168,7 +165,7 @@ class VmHost:
             conn = self._connection()
             virt_type = self._resolve_virt_type(conn)
         except (libvirt.libvirtError, ValueError) as exc:
-            return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {_one_line(exc)}")
+            return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
         domain_name = self.domain_name(name)
         try:
             xml = render_domain(
@@ -184,13 +181,13 @@ class VmHost:
                 self._before_first_vm(self.uri)
             except Exception as exc:
                 log.error("not starting VM %s: recording that VMs may exist failed: %s", name, exc)
-                return VmOutcome(False, name, f"cannot record that VMs may exist on this node: {_one_line(exc)}")
+                return VmOutcome(False, name, f"cannot record that VMs may exist on this node: {one_line(exc)}")
             self._journalled = True
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
-            return VmOutcome(False, name, f"libvirt refused the domain: {_one_line(exc)}")
+            return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
         self._vms[name] = _Vm(spec, domain_name, domain)
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",
                  name, domain_name, spec.memory_mb, (time.monotonic() - started) * 1000)
@@ -217,7 +214,7 @@ class VmHost:
                 tag = read_tag(domain)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {_one_line(exc)}")
+                    return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
                 if self._vms.pop(name, None) or self._gone.pop(name, None):
                     return VmOutcome(True, name, "already gone (it ended on its own)")
                 return VmOutcome(False, name, f"not a VM of this slot: no domain {domain_name} on this node")
@@ -237,7 +234,7 @@ class VmHost:
             else:
                 how = "already gone"
         except libvirt.libvirtError as exc:
-            return VmOutcome(False, name, f"libvirt could not stop {domain_name}: {_one_line(exc)}")
+            return VmOutcome(False, name, f"libvirt could not stop {domain_name}: {one_line(exc)}")
         self._forget(name)
         log.info("stopped VM %s (%s) in %.1f ms", name, how, (time.monotonic() - started) * 1000)
         return VmOutcome(True, name, how)
@@ -251,7 +248,7 @@ class VmHost:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == _ERR_NO_DOMAIN:
                 return True
-            log.warning("shutdown of %s failed (%s); destroying it", domain.name(), _one_line(exc))
+            log.warning("shutdown of %s failed (%s); destroying it", domain.name(), one_line(exc))
             return False
         deadline = time.monotonic() + timeout_s
         delay = 0.02
@@ -296,7 +293,7 @@ class VmHost:
                 active = _is_active(vm.domain)
             except libvirt.libvirtError as exc:
                 # Unknown is not gone: keep it on the books (and its memory counted) until libvirt answers.
-                log.warning("cannot tell whether VM %s still runs: %s", name, _one_line(exc))
+                log.warning("cannot tell whether VM %s still runs: %s", name, one_line(exc))
                 continue
             if not active:
                 log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
@@ -329,7 +326,7 @@ class VmHost:
                 conn = self._connection()
                 found = [(d, t) for d, t in tagged_domains(conn) if t.slot == self.slot]
             except libvirt.libvirtError as exc:
-                raise VmTeardownError(f"cannot list the VMs at {self.uri or 'libvirt'}: {_one_line(exc)}", []) from None
+                raise VmTeardownError(f"cannot list the VMs at {self.uri or 'libvirt'}: {one_line(exc)}", []) from None
             destroyed, problems = [], []
             for domain, _tag in found:
                 domain_name = domain.name()
@@ -338,8 +335,8 @@ class VmHost:
                 try:
                     destroy_domain(domain)
                 except libvirt.libvirtError as exc:
-                    log.error("could not destroy VM %s (domain %s): %s", name, domain_name, _one_line(exc))
-                    problems.append(f"{domain_name}: {_one_line(exc)}")
+                    log.error("could not destroy VM %s (domain %s): %s", name, domain_name, one_line(exc))
+                    problems.append(f"{domain_name}: {one_line(exc)}")
                     continue
                 log.info("destroyed VM %s (domain %s) in %.1f ms", name, domain_name, (time.monotonic() - started) * 1000)
                 destroyed.append(name)
@@ -370,7 +367,7 @@ class VmHost:
                 try:
                     self._conn.close()
                 except Exception as exc:  # libvirtError: closing is best effort
-                    log.warning("closing the libvirt connection: %s", _one_line(exc))
+                    log.warning("closing the libvirt connection: %s", one_line(exc))
                 self._conn = None
 
     # -- connection ----------------------------------------------------------------------------

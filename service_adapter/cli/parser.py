@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from service_adapter.cli.common import EXIT_CODES_HELP, EXIT_USAGE
+from pilot.shared.errors import OneLineParser
+from service_adapter.cli.common import EXIT_CODES_HELP
 
 class _Formatter(argparse.HelpFormatter):
     """Wraps descriptions, keeps the exit-code table's lines as written."""
@@ -14,11 +15,6 @@ class _Formatter(argparse.HelpFormatter):
         if text.startswith("exit codes:"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive(kind, noun: str = "a number"):
@@ -72,7 +68,7 @@ def _client_options(timeout_waits: bool = True) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``workspace-lease``."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="workspace-lease",
         description=(
             "Lease batch nodes' memory to virtual machines through pilot jobs. 'serve' runs the service; "
@@ -82,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=_Formatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     common = _client_options()
 
     def sub(name: str, help_text: str, description: str, parents=(common,)) -> argparse.ArgumentParser:
@@ -236,7 +232,7 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
         ),
         epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
     )
-    vms = vm.add_subparsers(dest="vm_command", metavar="VMCOMMAND", required=True, parser_class=_Parser)
+    vms = vm.add_subparsers(dest="vm_command", metavar="VMCOMMAND", required=True, parser_class=OneLineParser)
 
     def sub(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         parser = vms.add_parser(name, help=help_text, description=description, parents=[common],

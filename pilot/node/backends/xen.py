@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from pilot.node.backends.base import BackendError, BalloonBackend
+from pilot.shared.errors import one_line
 
 DEFAULT_URI = "xen:///system"
 
@@ -33,11 +34,6 @@ def _module():
                 "run scripts/bootstrap.sh (or pip install libvirt-python==9.0.0)"
             ) from None
     return _libvirt
-
-
-def _reason(exc: Exception) -> str:
-    """libvirt's message on one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class XenBackend(BalloonBackend):
@@ -71,7 +67,7 @@ class XenBackend(BalloonBackend):
             try:
                 self._conn = open_connection(self.uri)
             except libvirt.libvirtError as exc:
-                raise BackendError(f"xen: cannot connect to {self.uri}: {_reason(exc)}; is libvirtd running?") from None
+                raise BackendError(f"xen: cannot connect to {self.uri}: {one_line(exc)}; is libvirtd running?") from None
         if self._dom is None:
             try:
                 self._dom = self._conn.lookupByID(0)
@@ -80,7 +76,7 @@ class XenBackend(BalloonBackend):
                     self._dom = self._conn.lookupByName("Domain-0")
                 except libvirt.libvirtError as exc:
                     raise BackendError(
-                        f"xen: {self.uri} has no Domain-0 (no domain with id 0 or that name): {_reason(exc)}; "
+                        f"xen: {self.uri} has no Domain-0 (no domain with id 0 or that name): {one_line(exc)}; "
                         "is this a Xen host?"
                     ) from None
         return self._dom
@@ -103,7 +99,7 @@ class XenBackend(BalloonBackend):
             return int(dom.info()[2])
         except _module().libvirtError as exc:
             self._forget_if_dead()
-            raise BackendError(f"xen: cannot read Domain-0's memory through {self.uri}: {_reason(exc)}") from None
+            raise BackendError(f"xen: cannot read Domain-0's memory through {self.uri}: {one_line(exc)}") from None
 
     def write(self, level: int) -> None:
         """Ask Xen to balloon Domain-0 to ``level`` KiB (live only; it may get there later).
@@ -120,7 +116,7 @@ class XenBackend(BalloonBackend):
         except libvirt.libvirtError as exc:
             self._forget_if_dead()
             raise BackendError(
-                f"xen: cannot set Domain-0's memory to {level} KiB through {self.uri}: {_reason(exc)}"
+                f"xen: cannot set Domain-0's memory to {level} KiB through {self.uri}: {one_line(exc)}"
             ) from None
 
     def units_for(self, memory_mb: int) -> int:

@@ -1,0 +1,49 @@
+"""One line for an error, wherever it is shown: an exception's words, a request failure's root cause, and an
+argparse parser whose bad-argument message is one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+
+#: The exit code of a bad command-line argument, for every command of the project.
+USAGE_EXIT = 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's text with all white space (newlines too) collapsed; its type's name if it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's text; its type's name if it has none."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def failure_words(exc: BaseException) -> str:
+    """A failed request's root cause in a few words (``Connection refused``), not urllib3's whole chain.
+
+    Follows ``reason`` attributes, exception arguments and causes down to
+    the innermost error; an OSError gives its strerror.
+    """
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            first = current.args[0] if current.args else None
+            inner = first if isinstance(first, BaseException) else None
+        current = inner or current.__cause__ or current.__context__
+    root = seen[-1]
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror
+    words = " ".join(str(root).split()) or type(root).__name__
+    return words[:200]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (``prog: error: ... (see --help)``) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see --help)\n")
