@@ -31,7 +31,8 @@ from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import replay_dead, settle
-from pilot.shared.errors import OneLineParser, one_line
+from pilot.shared.cli import OneLineParser
+from pilot.shared.errors import one_line
 from pilot.vm.cleanup import destroy_domain
 
 EXIT_CLEAN = 0

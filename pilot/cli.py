@@ -10,10 +10,9 @@ import signal
 import socket
 import sys
 import time
-from urllib.parse import urlsplit
 
 from pilot.exitcodes import MEANING, ExitCode
-from pilot.shared.errors import OneLineParser
+from pilot.shared.cli import OneLineParser, http_url, positive
 
 log = logging.getLogger("pilot")
 
@@ -35,33 +34,6 @@ def _host(text: str) -> str:
     if not _HOST_RE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a host name")
     return text
-
-
-MAX_ARGUMENT = 10**8  # seconds: about three years (longer waits overflow timeout types); MB: 100 TB
-
-
-def _positive(kind, noun: str):
-    """An argparse type: a ``kind`` (int or float) above 0 and at most MAX_ARGUMENT."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be above 0")
-        if not value <= MAX_ARGUMENT:
-            raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_ARGUMENT})")
-        return value
-
-    return parse
-
-
-def _contact(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
-    return text.rstrip("/")
 
 
 def _add_logging_options(parser: argparse.ArgumentParser) -> None:
@@ -106,17 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the lease this slot serves (written into every VM's tag, for people; optional)",
     )
     reserve.add_argument(
-        "--memory", required=True, type=_positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB",
+        "--memory", required=True, type=positive(int, "a whole number"), metavar="MB", help="memory to reserve, in MB",
     )
     reserve.add_argument(
-        "--duration", required=True, type=_positive(float, "a number"), metavar="SECONDS",
+        "--duration", required=True, type=positive(float, "a number"), metavar="SECONDS",
         help="how long to hold the reservation, counted from the pilot's start",
     )
     reserve.add_argument(
-        "--grace", required=True, type=_positive(float, "a number"), metavar="SECONDS",
+        "--grace", required=True, type=positive(float, "a number"), metavar="SECONDS",
         help="the most time the pilot takes to restore the node and report, once it stops",
     )
-    reserve.add_argument("--contact", type=_contact, metavar="URL", help="the service's base URL (overrides [service] contact)")
+    reserve.add_argument("--contact", type=http_url, metavar="URL", help="the service's base URL (overrides [service] contact)")
     reserve.add_argument(
         "--config", metavar="FILE",
         help="configuration file (default /etc/workspace-pilot/pilot.conf if it exists)",
@@ -140,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE",
         help="configuration file (default /etc/workspace-pilot/pilot.conf if it exists)",
     )
-    evaluate.add_argument("--contact", type=_contact, metavar="URL", help="the service's base URL to check")
+    evaluate.add_argument("--contact", type=http_url, metavar="URL", help="the service's base URL to check")
     evaluate.add_argument(
         "--batch-user", metavar="USER",
         help="the account the batch jobs run as, for the sudoers line (default: $SUDO_USER, else 'pilot')",

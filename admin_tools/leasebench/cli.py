@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from pilot.protocol import format_time, utc_now
-from pilot.shared.errors import OneLineParser
+from pilot.shared.cli import OneLineParser
 
 EXIT_OK = 0
 EXIT_USAGE = 2

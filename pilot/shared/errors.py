@@ -1,13 +1,6 @@
-"""One line for an error, wherever it is shown: an exception's words, a request failure's root cause, and an
-argparse parser whose bad-argument message is one line with exit code 2."""
+"""One line for an error, wherever it is shown: an exception's words, a request failure's root cause."""
 
 from __future__ import annotations
-
-import argparse
-
-#: The exit code of a bad command-line argument, for every command of the project.
-USAGE_EXIT = 2
-
 
 def one_line(exc: BaseException) -> str:
     """The exception's text with all white space (newlines too) collapsed; its type's name if it has none."""
@@ -40,10 +33,3 @@ def failure_words(exc: BaseException) -> str:
         return root.strerror
     words = " ".join(str(root).split()) or type(root).__name__
     return words[:200]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (``prog: error: ... (see --help)``) and exits 2."""
-
-    def error(self, message: str):
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see --help)\n")

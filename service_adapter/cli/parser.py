@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pilot.shared.errors import OneLineParser
+from pilot.shared.cli import OneLineParser, http_url, positive
 from service_adapter.cli.common import EXIT_CODES_HELP
 
 class _Formatter(argparse.HelpFormatter):
@@ -15,30 +15,6 @@ class _Formatter(argparse.HelpFormatter):
         if text.startswith("exit codes:"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
-
-
-def _positive(kind, noun: str = "a number"):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be above 0")
-        if not value <= 10**8:
-            raise argparse.ArgumentTypeError(f"{text} is too large (at most 100000000)")
-        return value
-
-    return parse
-
-
-def _url(text: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
-    return text.rstrip("/")
 
 
 def _lease_id(text: str) -> str:
@@ -53,13 +29,13 @@ def _client_options(timeout_waits: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--config", metavar="FILE",
                        help="service config file to read [client] from "
                             "(default /etc/workspace-pilot/service.conf if it exists)")
-    group.add_argument("--url", type=_url, metavar="URL",
+    group.add_argument("--url", type=http_url, metavar="URL",
                        help="the service's base URL (default [client] url, else this host's [service] listener)")
     group.add_argument("--user", metavar="USER", help="operator account (default [client] user)")
     group.add_argument("--secret-file", metavar="FILE",
                        help="file holding the operator's digest secret, mode 0600 "
                             "(default $WORKSPACE_LEASE_SECRET_FILE, else [client] secret_file)")
-    group.add_argument("--timeout", type=_positive(float), metavar="SECONDS",
+    group.add_argument("--timeout", type=positive(float), metavar="SECONDS",
                        help="per request (default [client] timeout, 60)"
                             + ("; with --wait also the longest wait (default 600)" if timeout_waits else ""))
     common.add_argument("--json", action="store_true", help="print exactly the API's JSON answer instead of text")
@@ -104,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "one pilot job to the batch system; the lease is 'ready' once every node's pilot has reserved its "
         "memory. Prints the lease (its id is what release and show take).",
     )
-    reserve.add_argument("--nodes", required=True, type=_positive(int, "a whole number"), help="how many nodes")
-    reserve.add_argument("--memory", required=True, type=_positive(int, "a whole number"), metavar="MB",
+    reserve.add_argument("--nodes", required=True, type=positive(int, "a whole number"), help="how many nodes")
+    reserve.add_argument("--memory", required=True, type=positive(int, "a whole number"), metavar="MB",
                          help="memory per node, in MB")
-    reserve.add_argument("--duration", required=True, type=_positive(float), metavar="SECONDS",
+    reserve.add_argument("--duration", required=True, type=positive(float), metavar="SECONDS",
                          help="how long the lease lasts once its pilots start")
     reserve.add_argument("--wait", action="store_true",
                          help="block until the lease is ready (exit 0) or has ended (exit 1), "
@@ -177,12 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="exit codes: 0 success, 1 the lease failed, 2 bad arguments, 3 cannot run here (not root)",
     )
-    demo.add_argument("--nodes", type=_positive(int), default=2, help="simulated nodes (default 2)")
-    demo.add_argument("--memory", type=_positive(int), default=64, metavar="MB", help="MB per node (default 64)")
-    demo.add_argument("--duration", type=_positive(float), default=20, metavar="SECONDS", help="lease length (default 20)")
-    demo.add_argument("--grace", type=_positive(float), default=10, metavar="SECONDS",
+    demo.add_argument("--nodes", type=positive(int), default=2, help="simulated nodes (default 2)")
+    demo.add_argument("--memory", type=positive(int), default=64, metavar="MB", help="MB per node (default 64)")
+    demo.add_argument("--duration", type=positive(float), default=20, metavar="SECONDS", help="lease length (default 20)")
+    demo.add_argument("--grace", type=positive(float), default=10, metavar="SECONDS",
                       help="the pilots' time to restore and report once stopped (default 10)")
-    demo.add_argument("--release-after", type=_positive(float), metavar="SECONDS",
+    demo.add_argument("--release-after", type=positive(float), metavar="SECONDS",
                       help="release the lease early (SIGTERM to the pilots) after this long; "
                            "default: let the pilots end it at their own deadline")
     demo.add_argument("--workdir", metavar="DIR", help="where the store, pilot config and logs go (default: a new temp dir)")
@@ -257,9 +233,9 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     one = start.add_argument_group("one VM from options (instead of --spec)")
     one.add_argument("--name", type=_vm_name, metavar="NAME",
                      help="the VM's name, unique among the lease's active VMs (required)")
-    one.add_argument("--memory", type=_positive(int, "a whole number"), metavar="MB",
+    one.add_argument("--memory", type=positive(int, "a whole number"), metavar="MB",
                      help="the VM's memory in MB (required); the service adds its per-VM overhead when placing")
-    one.add_argument("--vcpus", type=_positive(int, "a whole number"), metavar="N", help="virtual CPUs (default 1)")
+    one.add_argument("--vcpus", type=positive(int, "a whole number"), metavar="N", help="virtual CPUs (default 1)")
     one.add_argument("--image", metavar="PATH",
                      help="the disk image on the nodes (in the pilots' image directory); needs --image-sha256")
     one.add_argument("--image-sha256", type=_sha256, metavar="HEX", help="the image's sha256, as sha256sum prints it")
@@ -276,7 +252,7 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
                      help="a file name for the serial console's output, in the pilots' console directory")
     one.add_argument("--host", type=_host_name, metavar="HOST",
                      help="place the VM on this host of the lease (default: the host with the most room)")
-    start.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+    start.add_argument("--wait", type=positive(float), metavar="SECONDS",
                        help="then wait up to SECONDS until every VM runs (exit 0) or one has failed or "
                             "was lost (exit 1); exit 7 if still starting then")
 
@@ -288,7 +264,7 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     stop.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
     stop.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name")
     stop.add_argument("--force", action="store_true", help="destroy it at once instead of shutting it down")
-    stop.add_argument("--wait", type=_positive(float), metavar="SECONDS",
+    stop.add_argument("--wait", type=positive(float), metavar="SECONDS",
                       help="then wait up to SECONDS until it has stopped (exit 0), or the stop failed or the "
                            "VM was lost (exit 1); exit 7 if still stopping then")
 

@@ -1,0 +1,44 @@
+"""What every command line of the project shares: one-line argument errors with exit code 2, and argument types."""
+
+from __future__ import annotations
+
+import argparse
+from urllib.parse import urlsplit
+
+#: The exit code of a bad command-line argument, for every command of the project.
+USAGE_EXIT = 2
+#: The largest number an argument takes: seconds, about three years (longer waits overflow timeout types);
+#: MB, 100 TB.
+MAX_ARGUMENT = 10**8
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (``prog: error: ... (see --help)``) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(kind, noun: str = "a number"):
+    """An argparse type: a ``kind`` (int or float) above 0 and at most :data:`MAX_ARGUMENT`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not value <= MAX_ARGUMENT:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_ARGUMENT})")
+        return value
+
+    return parse
+
+
+def http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host (a trailing / dropped)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text.rstrip("/")
