@@ -80,6 +80,19 @@ def _answer(status: int, result: str, detail: str = "", headers=None) -> web.Res
     return web.json_response(body, status=status, headers=headers)
 
 
+def _authenticate(request: web.Request, what: str):
+    """(the digest result, None) for a pilot that authenticated (its connection is then trusted), else
+    (the result, the 401 with a fresh challenge); a wrong credential is logged as a refusal of ``what``."""
+    verifier = request.app[VERIFIER_KEY]
+    auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
+    if not auth.ok:
+        if request.headers.get("Authorization"):
+            REFUSALS.refused(request.remote, "%s: %s", what, auth.reason)
+        return auth, _unauthorized(verifier, auth.reason, stale=auth.stale)
+    trust(request)
+    return auth, None
+
+
 def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) -> web.Response:
     response = _answer(401, "unauthorized", detail)
     for challenge in verifier.challenges(stale=stale):
@@ -90,12 +103,9 @@ def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) ->
 async def handle_notification(request: web.Request) -> web.Response:
     """Verify, validate and store one notification; answer with the status codes of docs/protocol.md."""
     verifier = request.app[VERIFIER_KEY]
-    auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
-    if not auth.ok:
-        if request.headers.get("Authorization"):
-            REFUSALS.refused(request.remote, "notification: %s", auth.reason)
-        return _unauthorized(verifier, auth.reason, stale=auth.stale)
-    trust(request)
+    auth, refusal = _authenticate(request, "notification")
+    if refusal is not None:
+        return refusal
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return _answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
     try:
@@ -188,13 +198,9 @@ def _poll_query(request: web.Request) -> tuple[int, float]:
 
 async def handle_commands(request: web.Request) -> web.Response:
     """Answer a pilot's long-poll with its commands above ``after`` (waiting up to ``wait`` s for one)."""
-    verifier = request.app[VERIFIER_KEY]
-    auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
-    if not auth.ok:
-        if request.headers.get("Authorization"):
-            REFUSALS.refused(request.remote, "command poll: %s", auth.reason)
-        return _unauthorized(verifier, auth.reason, stale=auth.stale)
-    trust(request)
+    auth, refusal = _authenticate(request, "command poll")
+    if refusal is not None:
+        return refusal
     slot, host = request.match_info["slot"], request.match_info["host"]
     try:
         check_target(slot, host)

@@ -89,6 +89,18 @@ def _client_settings(args) -> tuple[str, str, str, float, bool | str]:
     return url, user, secret, args.timeout or config.client_timeout_s, config.client_ca_file or True
 
 
+def _shown(args, body: dict, text: str, failure: str | bool) -> int:
+    """Print ``body`` (--json) or ``text``; then ``failure``, if any, as the error line: EXIT_FAILED, else EXIT_OK."""
+    if args.json:
+        _print_json(body)
+    else:
+        print(text)
+    if failure:
+        say(failure)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _print_json(body: dict) -> None:
     print(json.dumps(body, indent=2, sort_keys=True))
 
@@ -121,14 +133,9 @@ def _cmd_reserve(client, args) -> int:
             lease = _wait_for(client, lease["id"], UP_STATES, _wait_timeout(args))
         except Exit as exc:
             return exc.code
-    if args.json:
-        _print_json(lease)
-    else:
-        print(lease_text(lease))
-    if args.wait and lease.get("state") not in UP_STATES:
-        say(f"lease {lease['id']} ended {lease.get('state')} before it was ready" + reason_suffix(lease))
-        return EXIT_FAILED
-    return EXIT_OK
+    failed = args.wait and lease.get("state") not in UP_STATES
+    return _shown(args, lease, lease_text(lease), failed and (
+        f"lease {lease['id']} ended {lease.get('state')} before it was ready" + reason_suffix(lease)))
 
 
 def _cmd_release(client, args) -> int:
@@ -138,14 +145,9 @@ def _cmd_release(client, args) -> int:
             lease = _wait_for(client, args.lease, (), _wait_timeout(args))
         except Exit as exc:
             return exc.code
-    if args.json:
-        _print_json(lease)
-    else:
-        print(lease_text(lease))
-    if lease.get("state") in FAILED_STATES:
-        say(f"lease {args.lease} ended {lease.get('state')}" + reason_suffix(lease))
-        return EXIT_FAILED
-    return EXIT_OK
+    failed = lease.get("state") in FAILED_STATES
+    return _shown(args, lease, lease_text(lease),
+                  failed and f"lease {args.lease} ended {lease.get('state')}" + reason_suffix(lease))
 
 
 def _cmd_list(client, args) -> int:
@@ -196,16 +198,9 @@ def _cmd_vm_start(client, args) -> int:
             body = {"vms": _wait_for_vms(client, args.lease, names, _started, args.wait, "starting")}
         except Exit as exc:
             return exc.code
-    if args.json:
-        _print_json(body)
-    else:
-        print(vm_table(body.get("vms", [])))
-    if args.wait:
-        failed = [vm for vm in body["vms"] if vm.get("state") != "running"]
-        if failed:
-            say("; ".join(f"VM {vm.get('name')} {vm.get('state')}" + reason_suffix(vm) for vm in failed))
-            return EXIT_FAILED
-    return EXIT_OK
+    failed = [vm for vm in body["vms"] if vm.get("state") != "running"] if args.wait else []
+    return _shown(args, body, vm_table(body.get("vms", [])),
+                  "; ".join(f"VM {vm.get('name')} {vm.get('state')}" + reason_suffix(vm) for vm in failed))
 
 
 def _cmd_vm_stop(client, args) -> int:
@@ -215,14 +210,9 @@ def _cmd_vm_stop(client, args) -> int:
             (vm,) = _wait_for_vms(client, args.lease, [args.name], _stopped, args.wait, "stopping")
         except Exit as exc:
             return exc.code
-    if args.json:
-        _print_json(vm)
-    else:
-        print(vm_table([vm]))
-    if args.wait and vm.get("state") != "stopped":
-        say(f"VM {args.name} of lease {args.lease} is {vm.get('state')}" + reason_suffix(vm))
-        return EXIT_FAILED
-    return EXIT_OK
+    failed = args.wait and vm.get("state") != "stopped"
+    return _shown(args, vm, vm_table([vm]),
+                  failed and f"VM {args.name} of lease {args.lease} is {vm.get('state')}" + reason_suffix(vm))
 
 
 def _cmd_vm_list(client, args) -> int:
