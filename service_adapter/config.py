@@ -30,10 +30,14 @@ from service_adapter.secretfiles import read_accounts_file, read_site_key, user_
 from service_adapter.providers.launchers import LAUNCHER_NAMES
 from service_adapter.nodekeys import NodeAccounts
 from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
+from service_adapter.providers.jobscript import JobTemplate
 
 DEFAULT_PATH = "/etc/workspace-pilot/service.conf"
 SECRET_FILE_ENV = "WORKSPACE_LEASE_SECRET_FILE"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+_TEMPLATE = JobTemplate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,17 +80,18 @@ class ServiceConfig:
     qstat_history: str = "auto"
     env: tuple[tuple[str, str], ...] = ()
     state_dir: str = "/var/lib/workspace-pilot-service/local"
-    cores_per_node: int = 1
-    memory_per_node_mb: int | None = None
-    walltime_padding_s: float = 120.0
-    queue: str = ""
-    account: str = ""
-    job_name_prefix: str = "wp"
-    output_dir: str = "/var/log/workspace-pilot/jobs"
-    extra_directives: tuple[str, ...] = ()
-    sudo: str = "/usr/bin/sudo"
-    pilot_command: str = "/usr/bin/workspace-pilot"
-    launcher: str = "auto"
+    # the job template's fields, with its defaults (one place for them: JobTemplate)
+    cores_per_node: int = _TEMPLATE.cores_per_node
+    memory_per_node_mb: int | None = _TEMPLATE.memory_per_node_mb
+    walltime_padding_s: float = _TEMPLATE.walltime_padding_s
+    queue: str = _TEMPLATE.queue
+    account: str = _TEMPLATE.account
+    job_name_prefix: str = _TEMPLATE.job_name_prefix
+    output_dir: str = _TEMPLATE.output_dir
+    extra_directives: tuple[str, ...] = _TEMPLATE.extra_directives
+    sudo: str = _TEMPLATE.sudo
+    pilot_command: str = _TEMPLATE.pilot_command
+    launcher: str = _TEMPLATE.launcher
     # [operators]
     accounts_file: str = "/etc/workspace-pilot/operators.htdigest"
     operator_realm: str = "workspace-lease"
@@ -143,15 +148,7 @@ class ServiceConfig:
 
     def job_template(self):
         """The :class:`~service_adapter.providers.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
-        from service_adapter.providers.jobscript import JobTemplate
-
-        return JobTemplate(
-            cores_per_node=self.cores_per_node, memory_per_node_mb=self.memory_per_node_mb,
-            walltime_padding_s=self.walltime_padding_s, queue=self.queue, account=self.account,
-            job_name_prefix=self.job_name_prefix, output_dir=self.output_dir,
-            extra_directives=self.extra_directives, sudo=self.sudo, pilot_command=self.pilot_command,
-            launcher=self.launcher,
-        )
+        return JobTemplate(**{field.name: getattr(self, field.name) for field in dataclasses.fields(JobTemplate)})
 
     def provider_settings(self):
         """The :class:`~service_adapter.providers.ProviderSettings` of ``[provider]`` (raises ValueError if invalid)."""
