@@ -276,14 +276,15 @@ class Notifier:
             delivery._finish(Outcome.REFUSED, result.status, result.detail)
         else:
             reason = _last_failure(result)
-            if self._hopeless(result):
+            if self._hopeless():
                 reason += f"; {self.reach.describe()}: not trying again"
             log.error(
                 "could not deliver %s (seq %d) after %.0f ms: %s", n.state, n.seq, elapsed_ms, reason
             )
             delivery._finish(Outcome.UNDELIVERED, detail=reason)
 
-    def _hopeless(self, state=None) -> bool:
+    def _hopeless(self, _state=None) -> bool:
+        """Whether retrying is pointless: the service was silent before the cut-off and still is (also a tenacity stop)."""
         cutoff = self._give_up_silent_before
         return cutoff is not None and self.reach.silent_before(cutoff)
 

@@ -13,11 +13,12 @@ import json
 import os
 import secrets
 
+from pilot.protocol import is_key
 from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.lease import LeaseManager
-from service_adapter.nodekeys import NodeAccounts, is_key, new_site_key, provision_node_key
+from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 from service_adapter.providers.local import LocalProvider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store

@@ -21,8 +21,7 @@ import secrets
 
 from pilot.protocol import digest_ha1, is_host, is_key, node_key, slot_key
 
-__all__ = ["NodeAccounts", "SiteKeyError", "is_key", "new_site_key", "new_slot_secret", "provision_node_key",
-           "write_key_file"]
+__all__ = ["NodeAccounts", "SiteKeyError", "new_site_key", "new_slot_secret", "provision_node_key", "write_key_file"]
 from service_adapter.digest import Account
 
 

@@ -7,8 +7,8 @@ import os
 import re
 import stat
 
+from pilot.protocol import is_key
 from service_adapter.digest import Account
-from service_adapter.nodekeys import is_key
 
 
 def user_name(text: str) -> str:
