@@ -49,6 +49,7 @@ from pilot.protocol import MAX_VM_NAME_LEN, ProtocolError, load_json
 from pilot.shared.errors import first_line
 from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
+from service_adapter.store.images import ImageRefused
 from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease, vm_json
 from service_adapter.refusals import REFUSALS
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
@@ -109,7 +110,7 @@ def _allow(exc: web.HTTPException):
     return {"Allow": allow} if allow else None
 
 
-async def _read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
+async def read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
     """The request's JSON object (at most ``limit`` bytes), or an HTTP error response raised as an exception.
 
     The body is read from the stream with this route's own cap, not with
@@ -118,7 +119,7 @@ async def _read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
     which a VM start may need to exceed and every other route stays far below.
     """
     if request.content_length is not None and request.content_length > limit:
-        raise _Refused(413, f"body over {limit} bytes")
+        raise Refused(413, f"body over {limit} bytes")
     async def read() -> bytearray:
         body = bytearray()
         while True:
@@ -127,22 +128,24 @@ async def _read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
                 return body
             body += chunk
             if len(body) > limit:
-                raise _Refused(413, f"body over {limit} bytes")
+                raise Refused(413, f"body over {limit} bytes")
 
     try:
         body = await read_within(request, read())
     except BodyTimeout as exc:
-        raise _Refused(408, str(exc)) from None
+        raise Refused(408, str(exc)) from None
     try:
         data = load_json(bytes(body), "the body")
     except ProtocolError as exc:
-        raise _Refused(400, str(exc)) from None
+        raise Refused(400, str(exc)) from None
     if not isinstance(data, dict):
-        raise _Refused(400, "the body must be a JSON object")
+        raise Refused(400, "the body must be a JSON object")
     return data
 
 
-class _Refused(Exception):
+class Refused(Exception):
+    """A request refused by a handler: answered ``status`` with ``{"error": message}`` by :func:`refusals`."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -152,18 +155,18 @@ class _Refused(Exception):
 def _int_field(data: dict, name: str, high: int) -> int:
     value = data.get(name)
     if value is None:
-        raise _Refused(400, f"'{name}' is missing: a whole number from 1 to {high}")
+        raise Refused(400, f"'{name}' is missing: a whole number from 1 to {high}")
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise _Refused(400, f"'{name}' must be a whole number from 1 to {high}, not {json.dumps(value)[:40]}")
+        raise Refused(400, f"'{name}' must be a whole number from 1 to {high}, not {json.dumps(value)[:40]}")
     return value
 
 
 def _duration_field(data: dict) -> float:
     value = data.get("duration_s")
     if value is None:
-        raise _Refused(400, f"'duration_s' is missing: seconds, above 0 and at most {MAX_DURATION_S}")
+        raise Refused(400, f"'duration_s' is missing: seconds, above 0 and at most {MAX_DURATION_S}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DURATION_S:
-        raise _Refused(
+        raise Refused(
             400, f"'duration_s' must be seconds, above 0 and at most {MAX_DURATION_S}, not {json.dumps(value)[:40]}"
         )
     return float(value)
@@ -172,34 +175,37 @@ def _duration_field(data: dict) -> float:
 def _lease_id(request: web.Request) -> str:
     lease_id = request.match_info["lease_id"]
     if not _LEASE_ID_RE.fullmatch(lease_id):
-        raise _Refused(404, f"no lease {lease_id[:64]!r}")
+        raise Refused(404, f"no lease {lease_id[:64]!r}")
     return lease_id
 
 
 def _vm_name(request: web.Request, lease_id: str) -> str:
     name = request.match_info["name"]
     if not _VM_NAME_RE.fullmatch(name):
-        raise _Refused(404, f"lease {lease_id} has no VM named {name[:64]!r}")
+        raise Refused(404, f"lease {lease_id} has no VM named {name[:64]!r}")
     return name
 
 
-def _refusals(handler):
-    """Turn :class:`_Refused` and the manager's errors into one-line JSON answers."""
+def refusals(handler):
+    """Turn :class:`Refused` and the managers' errors (lease, VM, image) into one-line JSON answers."""
 
     async def wrapped(request: web.Request) -> web.Response:
         try:
             return await handler(request)
-        except _Refused as exc:
+        except Refused as exc:
             return _error(exc.status, exc.message)
         except UnknownLease as exc:
             lease_id = exc.args[0] if exc.args else "?"
             return _error(404, f"no lease {lease_id!r}")
+        except ImageRefused as exc:
+            log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
+            return _error(exc.status if exc.status != 500 else 503, first_line(exc))
         except VmRequestError as exc:
             if exc.status == 409:
-                log.info("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
+                log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
             return _error(exc.status, first_line(exc))
         except LeaseError as exc:
-            log.warning("API: %s %s by %s: %s", request.method, request.path, _who(request), exc)
+            log.warning("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
             return _error(502, f"the batch system refused: {first_line(exc)}")
 
     wrapped.__name__ = handler.__name__
@@ -207,50 +213,51 @@ def _refusals(handler):
     return wrapped
 
 
-def _who(request: web.Request) -> str:
+def who(request: web.Request) -> str:
+    """The authenticated operator's name ("?" before authentication)."""
     account: Account | None = request.get(OPERATOR_KEY)
     return account.user if account else "?"
 
 
-@_refusals
+@refusals
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
-    data = await _read_json(request)
+    data = await read_json(request)
     unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s"})
     if unknown:
-        raise _Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s")
+        raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s")
     nodes = _int_field(data, "nodes", MAX_NODES)
     memory_mb = _int_field(data, "memory_mb", MAX_MEMORY_MB)
     duration_s = _duration_field(data)
     manager = request.app[MANAGER_KEY]
-    owner = _who(request)
+    owner = who(request)
     try:
         info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner)
     except ValueError as exc:
-        raise _Refused(400, first_line(exc)) from None
+        raise Refused(400, first_line(exc)) from None
     log.info("API: %s reserved lease %s: %d x %d MB for %g s", owner, info.id, nodes, memory_mb, duration_s)
     body = info.to_json()
     return web.json_response(body, status=201, headers={"Location": f"{PREFIX}/leases/{info.id}"})
 
 
-@_refusals
+@refusals
 async def list_leases(request: web.Request) -> web.Response:
     """GET /api/v1/leases[?state=S[,S...]][&owner=O]: the leases, newest first as the manager orders them."""
     unknown = sorted(set(request.query) - {"state", "owner"})
     if unknown:
-        raise _Refused(400, f"unknown query parameter(s) {', '.join(unknown)}: use state and owner")
+        raise Refused(400, f"unknown query parameter(s) {', '.join(unknown)}: use state and owner")
     states = [s for value in request.query.getall("state", []) for s in value.split(",") if s]
     known = tuple(LEASE_STATES)
     bad = [s for s in states if s not in known]
     if bad:
-        raise _Refused(400, f"unknown state {bad[0]!r}: one of {', '.join(known)}")
+        raise Refused(400, f"unknown state {bad[0]!r}: one of {', '.join(known)}")
     owner = request.query.get("owner") or None
     manager = request.app[MANAGER_KEY]
     infos = await asyncio.to_thread(manager.list, states=states or None, owner=owner)
     return web.json_response({"leases": [info.to_json() for info in infos]})
 
 
-@_refusals
+@refusals
 async def show_lease(request: web.Request) -> web.Response:
     """GET /api/v1/leases/{id}: one lease."""
     lease_id = _lease_id(request)
@@ -258,23 +265,23 @@ async def show_lease(request: web.Request) -> web.Response:
     return web.json_response(info.to_json())
 
 
-@_refusals
+@refusals
 async def release_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases/{id}/release: end the lease early (idempotent); 202 with the lease."""
     lease_id = _lease_id(request)
     if request.content_length:
-        await _read_json(request)  # tolerated (e.g. "{}"), but it must be small and JSON
+        await read_json(request)  # tolerated (e.g. "{}"), but it must be small and JSON
     info = await asyncio.to_thread(request.app[MANAGER_KEY].release, lease_id)
-    log.info("API: %s released lease %s (now %s)", _who(request), lease_id, getattr(info, "state", "?"))
+    log.info("API: %s released lease %s (now %s)", who(request), lease_id, getattr(info, "state", "?"))
     return web.json_response(info.to_json(), status=202)
 
 
-@_refusals
+@refusals
 async def usage(request: web.Request) -> web.Response:
     """GET /api/v1/usage[?owner=O][&lease=ID]: node-seconds and MB-seconds used."""
     unknown = sorted(set(request.query) - {"owner", "lease"})
     if unknown:
-        raise _Refused(400, f"unknown query parameter(s) {', '.join(unknown)}: use owner and lease")
+        raise Refused(400, f"unknown query parameter(s) {', '.join(unknown)}: use owner and lease")
     owner = request.query.get("owner") or None
     lease_id = request.query.get("lease") or None
     used = await asyncio.to_thread(request.app[MANAGER_KEY].usage, lease_id=lease_id, owner=owner)
@@ -289,17 +296,17 @@ async def usage(request: web.Request) -> web.Response:
 # -- VMs -----------------------------------------------------------------------------------------
 
 
-@_refusals
+@refusals
 async def start_vms(request: web.Request) -> web.Response:
     """POST /api/v1/leases/{id}/vms ``{"vms": [spec, ...]}``: place and queue the VMs' start; 202 with them."""
     lease_id = _lease_id(request)
-    data = await _read_json(request, MAX_VM_BODY)
+    data = await read_json(request, MAX_VM_BODY)
     unknown = sorted(set(data) - {"vms"})
     if unknown:
-        raise _Refused(400, f'unknown field(s) {", ".join(unknown)}: give {{"vms": [VM spec, ...]}}')
+        raise Refused(400, f'unknown field(s) {", ".join(unknown)}: give {{"vms": [VM spec, ...]}}')
     items = data.get("vms")
     if not isinstance(items, list) or not items:
-        raise _Refused(400, "'vms' must be a non-empty list of VM specs (each a JSON object)")
+        raise Refused(400, "'vms' must be a non-empty list of VM specs (each a JSON object)")
     wanted = []
     for index, item in enumerate(items):
         try:
@@ -307,26 +314,26 @@ async def start_vms(request: web.Request) -> web.Response:
         except VmRequestError as exc:
             name = item.get("name") if isinstance(item, dict) else None
             label = f"vms[{index}]" + (f" ({name})" if isinstance(name, str) and name.isprintable() else "")
-            raise _Refused(exc.status, f"{label[:100]}: {first_line(exc)}") from None
+            raise Refused(exc.status, f"{label[:100]}: {first_line(exc)}") from None
     vms = request.app[VMS_KEY]
     started = await asyncio.to_thread(vms.start, lease_id, wanted)
-    log.info("API: %s started %d VM(s) on lease %s: %s", _who(request), len(started), lease_id,
+    log.info("API: %s started %d VM(s) on lease %s: %s", who(request), len(started), lease_id,
              ", ".join(f"{vm.name}@{vm.host}" for vm in started))
     return web.json_response({"vms": [vm_json(vm) for vm in started]}, status=202,
                              headers={"Location": f"{PREFIX}/leases/{lease_id}/vms"})
 
 
-@_refusals
+@refusals
 async def list_vms(request: web.Request) -> web.Response:
     """GET /api/v1/leases/{id}/vms: the lease's VMs (ended ones too), oldest first."""
     lease_id = _lease_id(request)
     if request.query:
-        raise _Refused(400, f"unknown query parameter(s) {', '.join(sorted(set(request.query)))}: none is taken")
+        raise Refused(400, f"unknown query parameter(s) {', '.join(sorted(set(request.query)))}: none is taken")
     found = await asyncio.to_thread(request.app[VMS_KEY].list, lease_id)
     return web.json_response({"vms": [vm_json(vm) for vm in found]})
 
 
-@_refusals
+@refusals
 async def show_vm(request: web.Request) -> web.Response:
     """GET /api/v1/leases/{id}/vms/{name}: one VM."""
     lease_id = _lease_id(request)
@@ -335,22 +342,22 @@ async def show_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_json(vm))
 
 
-@_refusals
+@refusals
 async def stop_vm(request: web.Request) -> web.Response:
     """POST /api/v1/leases/{id}/vms/{name}/stop [``{"force": true}``]: queue the VM's stop; 202 with it."""
     lease_id = _lease_id(request)
     name = _vm_name(request, lease_id)
     force = False
     if request.body_exists:  # an empty body is a graceful stop
-        data = await _read_json(request)
+        data = await read_json(request)
         unknown = sorted(set(data) - {"force"})
         if unknown:
-            raise _Refused(400, f'unknown field(s) {", ".join(unknown)}: the only one is "force" (true or false)')
+            raise Refused(400, f'unknown field(s) {", ".join(unknown)}: the only one is "force" (true or false)')
         force = data.get("force", False)
         if not isinstance(force, bool):
-            raise _Refused(400, f"'force' must be true or false, not {json.dumps(force)[:40]}")
+            raise Refused(400, f"'force' must be true or false, not {json.dumps(force)[:40]}")
     vm = await asyncio.to_thread(request.app[VMS_KEY].stop, lease_id, name, force=force)
-    log.info("API: %s stopped VM %s of lease %s%s (now %s)", _who(request), name, lease_id,
+    log.info("API: %s stopped VM %s of lease %s%s (now %s)", who(request), name, lease_id,
              " (forced)" if force else "", vm.state)
     return web.json_response(vm_json(vm), status=202)
 

@@ -97,6 +97,34 @@ class LeaseClient:
         """POST /leases/{id}/vms/{name}/stop: the VM, being stopped (at once with ``force``)."""
         return self._call("POST", f"/leases/{_quote(lease_id)}/vms/{_quote(name)}/stop", json={"force": bool(force)})
 
+    # -- images ----------------------------------------------------------------
+
+    def image_lists(self) -> dict:
+        """GET /image-lists: ``{"lists": [...]}``, the subscribed image lists."""
+        return self._call("GET", "/image-lists")
+
+    def subscribe(self, source: str) -> dict:
+        """POST /image-lists: subscribe the signed list at ``source`` (a path or URL the service reads)."""
+        return self._call("POST", "/image-lists", json={"source": source})
+
+    def refresh_lists(self, identifier: str | None = None) -> dict:
+        """POST /image-lists[/{id}]/refresh: ``{"results": [...]}``, one per list fetched again."""
+        path = f"/image-lists/{_quote(identifier)}/refresh" if identifier else "/image-lists/refresh"
+        return self._call("POST", path)
+
+    def images(self) -> dict:
+        """GET /images: ``{"images": [...]}``, every endorsed image with the site's decision."""
+        return self._call("GET", "/images")
+
+    def show_image(self, identifier: str) -> dict:
+        """GET /images/{identifier}: ``{"identifier", "versions": [...]}``."""
+        return self._call("GET", f"/images/{_quote(identifier)}")
+
+    def decide_image(self, identifier: str, decision: str, version: str | None = None, reason: str = "") -> dict:
+        """POST /images/{identifier}/approve or /revoke (``decision``), optionally one version, with a reason."""
+        body = {k: v for k, v in (("version", version), ("reason", reason)) if v}
+        return self._call("POST", f"/images/{_quote(identifier)}/{decision}", json=body)
+
     # -- plumbing --------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kwargs) -> dict:

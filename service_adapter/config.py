@@ -73,6 +73,11 @@ class ServiceConfig:
     lost_after_s: float = 120.0
     # [vms]
     vm_overhead_mb: int = 64
+    # [images]
+    endorser_keys: str = "/etc/workspace-pilot/endorsers"
+    image_store_dir: str = "/var/lib/workspace-pilot-service/images"
+    image_fetch_timeout_s: float = 60.0
+    image_ca_file: str | None = None
     # [provider]
     provider: str = "local"
     command_timeout_s: float = 30.0
@@ -292,6 +297,12 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
     },
     "vms": {
         "overhead_mb": ("vm_overhead_mb", _mb),
+    },
+    "images": {
+        "endorser_keys": ("endorser_keys", abs_path),
+        "store_dir": ("image_store_dir", abs_path),
+        "fetch_timeout": ("image_fetch_timeout_s", _positive_float),
+        "ca_file": ("image_ca_file", abs_path),
     },
     "provider": {
         "name": ("provider", choice(*PROVIDER_NAMES)),

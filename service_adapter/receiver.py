@@ -73,14 +73,15 @@ _WAIT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 POLL_BATCH = 64
 
 
-def _answer(status: int, result: str, detail: str = "", headers=None) -> web.Response:
+def answer(status: int, result: str, detail: str = "", headers=None) -> web.Response:
+    """A pilot endpoint's JSON answer: ``{"result": result[, "detail": detail]}`` with ``status``."""
     body = {"result": result}
     if detail:
         body["detail"] = detail
     return web.json_response(body, status=status, headers=headers)
 
 
-def _authenticate(request: web.Request, what: str):
+def authenticate(request: web.Request, what: str):
     """(the digest result, None) for a pilot that authenticated (its connection is then trusted), else
     (the result, the 401 with a fresh challenge); a wrong credential is logged as a refusal of ``what``."""
     verifier = request.app[VERIFIER_KEY]
@@ -94,7 +95,7 @@ def _authenticate(request: web.Request, what: str):
 
 
 def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) -> web.Response:
-    response = _answer(401, "unauthorized", detail)
+    response = answer(401, "unauthorized", detail)
     for challenge in verifier.challenges(stale=stale):
         response.headers.add("WWW-Authenticate", challenge)
     return response
@@ -103,31 +104,31 @@ def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) ->
 async def handle_notification(request: web.Request) -> web.Response:
     """Verify, validate and store one notification; answer with the status codes of docs/protocol.md."""
     verifier = request.app[VERIFIER_KEY]
-    auth, refusal = _authenticate(request, "notification")
+    auth, refusal = authenticate(request, "notification")
     if refusal is not None:
         return refusal
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return _answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
+        return answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
     try:
         body = await read_within(request, request.read())
     except web.HTTPRequestEntityTooLarge:
-        return _answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
+        return answer(413, "too-large", f"body over {MAX_BODY_BYTES} bytes")
     except BodyTimeout as exc:
         REFUSALS.refused(request.remote, "notification: %s", exc)
-        return _answer(408, "timeout", str(exc))
+        return answer(408, "timeout", str(exc))
     try:
         notification = Notification.from_json(body)
     except ProtocolError as exc:
         REFUSALS.refused(request.remote, "notification: %s", exc)
-        return _answer(exc.status, "invalid", str(exc))
+        return answer(exc.status, "invalid", str(exc))
     node = auth.account.user
     if notification.host != node:
         REFUSALS.refused(request.remote, "node %s sent a notification as host %s", node, notification.host)
-        return _answer(403, "forbidden", f"authenticated as node {node}: a node speaks only for itself")
+        return answer(403, "forbidden", f"authenticated as node {node}: a node speaks only for itself")
     store = request.app[STORE_KEY]
     access = store.slot_access(notification.slot, node)
     if access is None:
-        return _answer(404, "unknown-slot")
+        return answer(404, "unknown-slot")
     key = request.app[NODES_KEY].slot_key(node, notification.slot, access.secret)
     if not signature_matches(key, body, request.headers.get(SIGNATURE_HEADER)):
         REFUSALS.refused(request.remote, "notification of %s/%s: bad body signature", notification.slot, node)
@@ -138,7 +139,7 @@ async def handle_notification(request: web.Request) -> web.Response:
             request.remote, "%s/%s seq %d: sent_at off by %.1f s",
             notification.slot, notification.host, notification.seq, skew.total_seconds(),
         )
-        return _answer(422, "skew", f"sent_at is {skew.total_seconds():.1f} s off the service clock")
+        return answer(422, "skew", f"sent_at is {skew.total_seconds():.1f} s off the service clock")
     if not access.host_known:
         refusal = await _check_allocation(request, notification.slot, node, access.job_id)
         if refusal is not None:
@@ -156,7 +157,7 @@ async def handle_notification(request: web.Request) -> web.Response:
             request.remote, "%s/%s seq %d: %s",
             notification.slot, notification.host, notification.seq, verdict.name.lower(),
         )
-    return _answer(verdict.status, verdict.result, verdict.detail)
+    return answer(verdict.status, verdict.result, verdict.detail)
 
 
 async def _check_allocation(request: web.Request, slot: str, host: str, job_id: str | None) -> web.Response | None:
@@ -165,15 +166,15 @@ async def _check_allocation(request: web.Request, slot: str, host: str, job_id: 
     if allocations is None:
         return None  # a receiver without a batch system (tests of the protocol alone)
     if job_id is None:
-        return _answer(503, "allocation-unknown", "the slot's job is not submitted yet: try again",
+        return answer(503, "allocation-unknown", "the slot's job is not submitted yet: try again",
                        headers={"Retry-After": "1"})
     holds = await asyncio.get_running_loop().run_in_executor(None, allocations.holds, job_id, host)
     if holds is None:
-        return _answer(503, "allocation-unknown", f"the batch system cannot say yet which nodes job {job_id} has: "
+        return answer(503, "allocation-unknown", f"the batch system cannot say yet which nodes job {job_id} has: "
                        "try again", headers={"Retry-After": "1"})
     if not holds:
         REFUSALS.refused(request.remote, "host %s is not in the allocation of job %s (slot %s)", host, job_id, slot)
-        return _answer(403, "not-allocated", f"the batch system did not give host {host} to this slot's job")
+        return answer(403, "not-allocated", f"the batch system did not give host {host} to this slot's job")
     return None
 
 
@@ -196,9 +197,21 @@ def _poll_query(request: web.Request) -> tuple[int, float]:
     return after, min(wait, MAX_POLL_WAIT_S)
 
 
+def held_access(request: web.Request, slot: str, host: str):
+    """The (slot, host)'s access record if that host holds memory for the slot now (reserved, not ended, not
+    lost, the lease going on); None otherwise: the pilot channel then answers 404."""
+    store = request.app[STORE_KEY]
+    found = store.pilot(slot, host)
+    access = store.slot_access(slot, host)
+    if found is None or found[1] or found[0].reserved_at is None or found[0].state in HOLD_ENDED \
+            or found[0].lost_at is not None or access is None:
+        return None
+    return access
+
+
 async def handle_commands(request: web.Request) -> web.Response:
     """Answer a pilot's long-poll with its commands above ``after`` (waiting up to ``wait`` s for one)."""
-    auth, refusal = _authenticate(request, "command poll")
+    auth, refusal = authenticate(request, "command poll")
     if refusal is not None:
         return refusal
     slot, host = request.match_info["slot"], request.match_info["host"]
@@ -206,16 +219,14 @@ async def handle_commands(request: web.Request) -> web.Response:
         check_target(slot, host)
         after, wait = _poll_query(request)
     except ProtocolError as exc:
-        return _answer(400, "invalid", str(exc))
+        return answer(400, "invalid", str(exc))
     if host != auth.account.user:
         REFUSALS.refused(request.remote, "node %s polled the commands of host %s", auth.account.user, host)
-        return _answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node polls only its own commands")
+        return answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node polls only its own commands")
     store, board = request.app[STORE_KEY], request.app[BOARD_KEY]
-    found = store.pilot(slot, host)
-    access = store.slot_access(slot, host)
-    if found is None or found[1] or found[0].reserved_at is None or found[0].state in HOLD_ENDED \
-            or found[0].lost_at is not None or access is None:
-        return _answer(404, "unknown-slot", "no held slot for this host: give the node back")
+    access = held_access(request, slot, host)
+    if access is None:
+        return answer(404, "unknown-slot", "no held slot for this host: give the node back")
     target = (slot, host)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait

@@ -65,6 +65,8 @@ def build(config: ServiceConfig):
     from service_adapter.api import add_api
     from service_adapter.commandboard import CommandBoard
     from service_adapter.vms import VmManager
+    from service_adapter.images.catalog import ImageCatalog
+    from service_adapter.images.routes import add_image_routes
     from service_adapter.digest import DigestVerifier
     from service_adapter.lease import LeaseManager
     from service_adapter.providers import make_provider
@@ -95,13 +97,16 @@ def build(config: ServiceConfig):
             release_grace_s=config.release_grace_s, status_interval_s=config.status_interval_s,
             board=board, lost_after_s=config.lost_after_s,
         )
-        vms = VmManager(store, overhead_mb=config.vm_overhead_mb)
+        catalog = ImageCatalog(store, keys_dir=config.endorser_keys, store_dir=config.image_store_dir,
+                               timeout_s=config.image_fetch_timeout_s, ca_file=config.image_ca_file)
+        vms = VmManager(store, overhead_mb=config.vm_overhead_mb, catalog=catalog)
     except Exception as exc:
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {first_line(exc)}") from None
     guard = ConnectionGuard(config.max_connections or None, config.request_timeout_s)
     app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider))
     add_api(app, manager, operators, vms=vms)
+    add_image_routes(app, catalog)
     return store, provider, manager, app
 
 

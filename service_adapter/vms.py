@@ -39,15 +39,30 @@ def parse_vm_request(item) -> tuple[VmSpec, str | None]:
     return spec, host
 
 
-class VmManager:
-    """Starts, stops and lists the VMs of leases through the store; ``overhead_mb`` is counted per VM."""
+def _no_catalog(conn, spec: VmSpec) -> VmSpec:
+    for image in (spec.disk, spec.kernel, spec.initrd):
+        if image is not None and image.named:
+            raise VmRequestError(f"VM {spec.name}: {image.label}: this service has no image catalogue; give a "
+                                 "path and sha256")
+    return spec
 
-    def __init__(self, store: Store, *, overhead_mb: int = 64, clock: Callable[[], float] = time.time):
+
+class VmManager:
+    """Starts, stops and lists the VMs of leases through the store; ``overhead_mb`` is counted per VM.
+
+    ``catalog`` (an :class:`service_adapter.images.catalog.ImageCatalog`)
+    resolves the images a spec names by list identifier; without one such
+    a spec is refused.
+    """
+
+    def __init__(self, store: Store, *, overhead_mb: int = 64, clock: Callable[[], float] = time.time,
+                 catalog=None):
         if not isinstance(overhead_mb, int) or overhead_mb < 0:
             raise ValueError(f"overhead_mb must be a whole number of MB, 0 or more, got {overhead_mb!r}")
         self.store = store
         self.overhead_mb = overhead_mb
         self.clock = clock
+        self.catalog = catalog
 
     def start(self, lease_id: str, requests: list[tuple[VmSpec, str | None]]) -> list[VmRow]:
         """Queue the VMs' start; returns their rows (state ``starting``, with their hosts), in the request's order.
@@ -60,8 +75,10 @@ class VmManager:
             raise VmRequestError("no VMs given", 400)
         if len(requests) > MAX_VMS_PER_REQUEST:
             raise VmRequestError(f"at most {MAX_VMS_PER_REQUEST} VMs per request", 400)
-        hosts = self.store.start_vms(lease_id, requests, overhead_mb=self.overhead_mb, now=self.clock())
-        for (spec, _), host in zip(requests, hosts):
+        resolve = self.catalog.resolver() if self.catalog is not None else _no_catalog
+        queued = self.store.start_vms(lease_id, requests, overhead_mb=self.overhead_mb, now=self.clock(),
+                                      resolve=resolve)
+        for spec, host in queued:
             log.info("lease %s: VM %s (%d MB, %d vCPU) queued to start on %s",
                      lease_id, spec.name, spec.memory_mb, spec.vcpus, host)
         by_name = {vm.name: vm for vm in self.store.vms(lease_id)}

@@ -24,6 +24,8 @@ import time
 from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import DigestVerifier
+from service_adapter.images.catalog import ImageCatalog
+from service_adapter.images.routes import add_image_routes
 from service_adapter.providers.jobscript import JobTemplate
 from service_adapter.lease import LeaseManager
 from service_adapter.local_site import write_pilot_config
@@ -275,11 +277,12 @@ class ServiceOnCluster:
         self.store = Store(self.store_path)
         self.board = CommandBoard()
         self.provider = self.provider_for(PILOT)
-        self.receiver = ReceiverThread(
-            make_app(self.store, DigestVerifier(REALM, self.nodes), board=self.board,
-                     allocations=Allocations(self.provider)),
-            port=getattr(self, "port", 0),
-        )
+        self.catalog = ImageCatalog(self.store, keys_dir=os.path.join(self.workdir, "endorsers"),
+                                    store_dir=os.path.join(self.workdir, "image-store"))
+        app = make_app(self.store, DigestVerifier(REALM, self.nodes), board=self.board,
+                       allocations=Allocations(self.provider))
+        add_image_routes(app, self.catalog, operators=False)  # the pilots' image fetch (no operator API here)
+        self.receiver = ReceiverThread(app, port=getattr(self, "port", 0))
         self.url = self.receiver.start()
         self.port = self.receiver.port
         if not os.path.exists(self.pilot_config):
@@ -294,7 +297,7 @@ class ServiceOnCluster:
             grace_s=self.grace_s, queue_timeout_s=self.queue_timeout_s, release_grace_s=15,
             status_interval_s=0.5, board=self.board, lost_after_s=self.lost_after_s,
         )
-        self.vms = VmManager(self.store, overhead_mb=self.vm_overhead_mb)
+        self.vms = VmManager(self.store, overhead_mb=self.vm_overhead_mb, catalog=self.catalog)
         self.manager.start()
 
     def provider_for(self, pilot_command: str):

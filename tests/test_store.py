@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 5: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 6: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine

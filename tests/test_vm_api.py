@@ -24,6 +24,8 @@ from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from service_adapter.api import MAX_API_BODY, MAX_VM_BODY, add_api
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier
+from service_adapter.images.catalog import ImageCatalog
+from service_adapter.images.routes import add_image_routes
 from service_adapter.lease import LeaseManager
 from service_adapter.nodekeys import NodeAccounts, new_site_key
 from service_adapter.providers.base import JobState, Provider
@@ -64,7 +66,7 @@ class BatchSystemStandIn(Provider):
 class VmService:
     """The service's app on a free loopback port, with its store, lease manager and VM manager."""
 
-    def __init__(self, root):
+    def __init__(self, root, *, images: bool = False):
         self.root = root
         self.nodes = NodeAccounts(new_site_key(), PILOT_REALM)
         pilots = DigestVerifier(PILOT_REALM, self.nodes)
@@ -78,7 +80,13 @@ class VmService:
             status_interval_s=0.1, board=board, lost_after_s=3600,
         )
         app = make_app(self.store, pilots, board=board)
-        add_api(app, self.manager, operators, vms=VmManager(self.store, overhead_mb=OVERHEAD_MB))
+        # images: the site's image catalogue, trusting the keys in <root>/endorsers, storing in <root>/image-store.
+        self.catalog = ImageCatalog(self.store, keys_dir=str(root / "endorsers"),
+                                    store_dir=str(root / "image-store")) if images else None
+        add_api(app, self.manager, operators, vms=VmManager(self.store, overhead_mb=OVERHEAD_MB,
+                                                            catalog=self.catalog))
+        if images:
+            add_image_routes(app, self.catalog)
         self.receiver = ReceiverThread(app)
         self.url = self.receiver.start()
         self.seq: dict[tuple[str, str], int] = {}
@@ -534,7 +542,7 @@ def test_cli_vm_refusals_by_the_service_keep_their_exit_codes(svc, cli):
 @pytest.mark.parametrize("args,expected", [
     (("--name", "v", "--memory", "64", "--image", "/i.qcow2"), "--image needs --image-sha256"),
     (("--name", "v", "--memory", "64", "--image", "/i.qcow2", "--image-sha256", "abc"), "is not a sha256"),
-    (("--name", "v", "--memory", "64"), "needs --image (with --image-sha256) or --kernel"),
+    (("--name", "v", "--memory", "64"), "needs --image (with --image-sha256), --image-name or --kernel"),
     (("--memory", "64", "--kernel", "/k", "--kernel-sha256", SHA), "--name missing"),
     (("--name", "v", "--memory", "64", "--image", "/i", "--image-sha256", SHA, "--cmdline", "x"),
      "--cmdline needs --kernel"),

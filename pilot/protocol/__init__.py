@@ -9,6 +9,12 @@ the VM spec. ``docs/protocol.md`` describes it.
 
 from pilot.protocol.commands import (
     COMMANDS_PATH,
+    IMAGES_PATH,
+    IMAGE_NAME_RE,
+    IMAGE_VERSION_RE,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_NAME_LEN,
+    image_path,
     MAX_POLL_WAIT_S,
     OPS,
     VM_STATES,
@@ -66,6 +72,12 @@ from pilot.protocol.wire import (
 )
 
 __all__ = [
+    "IMAGES_PATH",
+    "IMAGE_NAME_RE",
+    "IMAGE_VERSION_RE",
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_NAME_LEN",
+    "image_path",
     "BATCH_ENV",
     "COMMANDS_PATH",
     "Command",

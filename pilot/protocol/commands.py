@@ -43,7 +43,22 @@ MAX_CMDLINE_LEN = 4096
 MAX_NETWORK_LEN = 64
 MAX_COMMANDS = 256
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: An image list's identifiers and versions (the lists' format, docs/images.md).
+MAX_IMAGE_NAME_LEN = 64
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+IMAGE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+#: The largest image a list may name.
+MAX_IMAGE_BYTES = 2**40
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+#: ``GET`` this for an approved image's content (Range requests allowed); same digest account as the commands.
+IMAGES_PATH = "/pilot/v2/slots/{slot}/hosts/{host}/images/{sha256}"
+
+
+def image_path(slot: str, host: str, sha256: str) -> str:
+    """The image endpoint's path for one (slot, host) and content."""
+    return IMAGES_PATH.format(slot=slot, host=host, sha256=sha256)
 
 
 def commands_path(slot: str, host: str) -> str:
@@ -68,20 +83,55 @@ def sign_commands(key_ha1: str, target: str, body: bytes) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
-    """A file on the node that a VM uses (disk image, kernel, initrd): its path and its expected sha256.
+    """A file a VM uses (disk image, kernel, initrd): a site-local file, or an image named on an image list.
 
-    The path is checked by the pilot against its image directory; here
-    only its shape is.
+    Site-local: ``path`` (in the node's image directory) and its expected
+    ``sha256``. From a list: ``image`` (the list's identifier) and
+    optionally ``version``; the service resolves the name against the
+    subscribed lists and the site's approvals and sends the pilot the
+    content it stands for (``sha256`` and ``size``), which the pilot takes
+    from its image cache or fetches. Here only the shape is checked.
     """
 
-    path: str
-    sha256: str
+    path: str | None
+    sha256: str | None
+    image: str | None = None
+    version: str | None = None
+    size: int | None = None
+
+    @property
+    def named(self) -> bool:
+        """Whether this names a list's image (else it is a site-local path)."""
+        return self.image is not None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the content is known: a path's sha256, or a named image's sha256 and size."""
+        return self.sha256 is not None and (self.image is None or self.size is not None)
+
+    @property
+    def label(self) -> str:
+        """How a refusal names it: the path, or ``image NAME [VERSION]``."""
+        if self.image is None:
+            return self.path
+        return f"image {self.image}" + (f" {self.version}" if self.version else "")
 
     @classmethod
     def from_dict(cls, field: str, data) -> "ImageFile":
-        """Parse ``{"path": ..., "sha256": ...}``; ProtocolError names ``field``."""
+        """Parse ``{"path", "sha256"}`` or ``{"image"[, "version", "sha256", "size"]}``; ProtocolError names ``field``."""
         if not isinstance(data, dict):
-            raise ProtocolError(f"{field}: must be an object with path and sha256")
+            raise ProtocolError(f"{field}: must be an object with path and sha256, or with image (and version)")
+        if "image" in data:
+            _no_unknown(field, data, {"image", "version", "sha256", "size"})
+            _check_str(f"{field}.image", data["image"], MAX_IMAGE_NAME_LEN, IMAGE_NAME_RE)
+            version, digest, size = data.get("version"), data.get("sha256"), data.get("size")
+            if version is not None:
+                _check_str(f"{field}.version", version, MAX_IMAGE_NAME_LEN, IMAGE_VERSION_RE)
+            if digest is not None and (not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest)):
+                raise ProtocolError(f"{field}.sha256: must be 64 lowercase hex digits")
+            if size is not None:
+                _check_int(f"{field}.size", size, 1, MAX_IMAGE_BYTES)
+            return cls(None, digest, data["image"], version, size)
         _no_unknown(field, data, {"path", "sha256"})
         path, digest = data.get("path"), data.get("sha256")
         _check_str(f"{field}.path", path, MAX_PATH_LEN, None)
@@ -92,8 +142,14 @@ class ImageFile:
         return cls(path, digest)
 
     def to_dict(self) -> dict:
-        """The JSON object."""
-        return {"path": self.path, "sha256": self.sha256}
+        """The JSON object (only the fields that are set)."""
+        if self.image is None:
+            return {"path": self.path, "sha256": self.sha256}
+        out: dict = {"image": self.image}
+        for name in ("version", "sha256", "size"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

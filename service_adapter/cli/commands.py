@@ -8,8 +8,9 @@ import time
 
 from service_adapter.cli.common import (
     EXIT_CONFIG, EXIT_CONFLICT, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNREACHABLE,
-    EXIT_USAGE, FAILED_STATES, UP_STATES, Exit, say,
+    EXIT_UNTRUSTED, EXIT_USAGE, FAILED_STATES, UP_STATES, Exit, say,
 )
+from service_adapter.cli.images import image_command
 from service_adapter.cli.render import lease_table, lease_text, reason_suffix, vm_table
 
 VM_ENDED = ("stopped", "failed", "lost")
@@ -48,7 +49,9 @@ def _exit_for_status(status: int | None) -> int:
         return EXIT_NOT_FOUND
     if status == 409:
         return EXIT_CONFLICT
-    if status in (400, 405, 413, 422):
+    if status == 422:
+        return EXIT_UNTRUSTED  # only the image lists answer 422 to an operator
+    if status in (400, 405, 413):
         return EXIT_USAGE
     return EXIT_FAILED
 
@@ -262,7 +265,7 @@ _VM_COMMANDS = {"start": _cmd_vm_start, "stop": _cmd_vm_stop, "list": _cmd_vm_li
 
 _COMMANDS = {
     "reserve": _cmd_reserve, "release": _cmd_release, "list": _cmd_list, "show": _cmd_show, "usage": _cmd_usage,
-    "vm": _cmd_vm,
+    "vm": _cmd_vm, "image": image_command,
 }
 
 

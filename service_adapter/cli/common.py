@@ -16,6 +16,7 @@ EXIT_REFUSED = 5
 EXIT_NOT_FOUND = 6
 EXIT_TIMEOUT = 7
 EXIT_CONFLICT = 8
+EXIT_UNTRUSTED = 9
 EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
 
 EXIT_CODES = {
@@ -26,10 +27,13 @@ EXIT_CODES = {
     EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; or cannot run here",
     EXIT_UNREACHABLE: "the service could not be reached (or did not answer in time)",
     EXIT_REFUSED: "the service refused the credentials (401/403)",
-    EXIT_NOT_FOUND: "no such lease, or no such VM (404)",
+    EXIT_NOT_FOUND: "no such lease, VM, image or image list (404)",
     EXIT_TIMEOUT: "--wait gave up (after --timeout; vm: after its --wait SECONDS); the lease or VM goes on",
     EXIT_CONFLICT: "the service refused the VM request as the lease stands (409): the lease is not ready, "
-                   "a VM name is in use, the VMs do not fit, or the VM has ended already; nothing was queued",
+                   "a VM name is in use, the VMs do not fit, an image is not endorsed and approved, or the VM "
+                   "has ended already; nothing was queued",
+    EXIT_UNTRUSTED: "an image list was refused (bad signature, untrusted endorser key, expired, malformed); "
+                    "nothing changed",
 }
 EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
     textwrap.fill(text, width=79, initial_indent=f"  {code}  ", subsequent_indent="     ")

@@ -7,6 +7,7 @@ import re
 
 from pilot.shared.cli import OneLineParser, http_url, positive
 from service_adapter.cli.common import EXIT_CODES_HELP
+from service_adapter.cli.images import add_image_commands
 
 class _Formatter(argparse.HelpFormatter):
     """Wraps descriptions, keeps the exit-code table's lines as written."""
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--lease", type=_lease_id, metavar="LEASE", help="only this lease")
 
     _add_vm_commands(commands, _client_options(timeout_waits=False))
+    add_image_commands(commands, _client_options(timeout_waits=False), EXIT_CODES_HELP, _Formatter)
 
     site_key = commands.add_parser(
         "site-key", help="make the site key that every node's key derives from (once, on the service's host)",
@@ -227,7 +229,8 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     start.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
     start.add_argument("--spec", metavar="FILE",
                        help='a JSON file (- for stdin) holding {"vms": [spec, ...]} or one spec object; each '
-                            'spec is {"name", "memory_mb", "vcpus", "disk": {"path", "sha256", "readonly"}, '
+                            'spec is {"name", "memory_mb", "vcpus", "disk": {"path", "sha256", "readonly"} or '
+                            '{"image", "version", "readonly"}, '
                             '"boot": {"kernel": {"path", "sha256"}, "initrd": {...}, "cmdline"}, "network", '
                             '"console_log"} plus an optional "host". Not with the options below')
     one = start.add_argument_group("one VM from options (instead of --spec)")
@@ -239,6 +242,11 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     one.add_argument("--image", metavar="PATH",
                      help="the disk image on the nodes (in the pilots' image directory); needs --image-sha256")
     one.add_argument("--image-sha256", type=_sha256, metavar="HEX", help="the image's sha256, as sha256sum prints it")
+    one.add_argument("--image-name", metavar="IMAGE",
+                     help="instead of --image: an image by its identifier on a subscribed image list; it must be "
+                          "approved here (see 'workspace-lease image'); the pilots fetch it")
+    one.add_argument("--image-version", metavar="VERSION",
+                     help="which version of --image-name (default: the one approved version)")
     one.add_argument("--readonly", action="store_true",
                      help="attach the image read-only (default: writes go to a throw-away overlay)")
     one.add_argument("--kernel", metavar="PATH",

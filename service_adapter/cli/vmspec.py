@@ -11,12 +11,13 @@ from service_adapter.cli.parser import HOST_RE
 _VM_OPTIONS = {
     "vm.name": "--name", "vm.memory_mb": "--memory", "vm.vcpus": "--vcpus",
     "vm.disk.path": "--image", "vm.disk.sha256": "--image-sha256", "vm.disk.readonly": "--readonly",
+    "vm.disk.image": "--image-name", "vm.disk.version": "--image-version",
     "vm.disk": "--image", "vm.boot.kernel.path": "--kernel", "vm.boot.kernel.sha256": "--kernel-sha256",
     "vm.boot.kernel": "--kernel", "vm.boot.initrd.path": "--initrd", "vm.boot.initrd.sha256": "--initrd-sha256",
     "vm.boot.initrd": "--initrd", "vm.boot.cmdline": "--cmdline", "vm.network": "--network",
     "vm.console_log": "--console-log", "vm": "the VM",
 }
-_SPEC_OPTIONS = ("name", "memory", "vcpus", "image", "image_sha256", "readonly", "kernel", "kernel_sha256",
+_SPEC_OPTIONS = ("name", "memory", "vcpus", "image", "image_sha256", "image_name", "image_version", "readonly", "kernel", "kernel_sha256",
                  "initrd", "initrd_sha256", "cmdline", "network", "console_log", "host")
 
 
@@ -105,21 +106,32 @@ def _spec_from_options(args) -> dict:
     if args.name is None or args.memory is None:
         missing = " and ".join(o for o, v in (("--name", args.name), ("--memory", args.memory)) if v is None)
         raise BadSpec(f"{missing} missing: give --spec FILE, or --name and --memory with --image or --kernel")
+    if args.image_name is not None and args.image is not None:
+        raise BadSpec("--image-name and --image exclude each other: a listed image, or a path on the nodes")
+    if args.image_version is not None and args.image_name is None:
+        raise BadSpec("--image-version needs --image-name")
+    if args.image_name is not None and args.image_sha256 is not None:
+        raise BadSpec("--image-sha256 goes with --image: a listed image's sha256 comes from its list")
     both("--image", args.image, "--image-sha256", args.image_sha256)
     both("--kernel", args.kernel, "--kernel-sha256", args.kernel_sha256)
     both("--initrd", args.initrd, "--initrd-sha256", args.initrd_sha256)
-    if args.readonly and args.image is None:
-        raise BadSpec("--readonly needs --image")
+    if args.readonly and args.image is None and args.image_name is None:
+        raise BadSpec("--readonly needs --image or --image-name")
     for option, value in (("--initrd", args.initrd), ("--cmdline", args.cmdline)):
         if value is not None and args.kernel is None:
             raise BadSpec(f"{option} needs --kernel (direct boot)")
-    if args.image is None and args.kernel is None:
-        raise BadSpec("the VM needs --image (with --image-sha256) or --kernel (with --kernel-sha256), or both")
+    if args.image is None and args.image_name is None and args.kernel is None:
+        raise BadSpec("the VM needs --image (with --image-sha256), --image-name or --kernel (with --kernel-sha256)")
     spec: dict = {"name": args.name, "memory_mb": args.memory}
     if args.vcpus is not None:
         spec["vcpus"] = args.vcpus
+    if args.image_name is not None:
+        spec["disk"] = {"image": args.image_name}
+        if args.image_version is not None:
+            spec["disk"]["version"] = args.image_version
     if args.image is not None:
         spec["disk"] = {"path": args.image, "sha256": args.image_sha256}
+    if "disk" in spec:
         if args.readonly:
             spec["disk"]["readonly"] = True
     if args.kernel is not None:

@@ -261,13 +261,17 @@ class Store:
         ))
 
     def start_vms(self, lease_id: str, requests: list[tuple[VmSpec, str | None]], *, overhead_mb: int,
-                  now: float) -> list[str]:
-        """Place and queue the VMs' start-vm commands in one transaction; the hosts chosen, in order.
+                  now: float, resolve: Callable[[sqlite3.Connection, VmSpec], VmSpec] | None = None
+                  ) -> list[tuple[VmSpec, str]]:
+        """Place and queue the VMs' start-vm commands in one transaction; (spec as queued, host), in order.
 
-        Raises :class:`service_adapter.store.vms.VmRequestError` (nothing queued).
+        ``resolve(conn, spec)``, when given, turns each spec into the one
+        queued (images named by list identifier resolved to their content)
+        inside the same transaction, or raises to refuse. Raises
+        :class:`service_adapter.store.vms.VmRequestError` (nothing queued).
         """
         return self.submit(
-            lambda conn: vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target)
+            lambda conn: vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target, resolve)
         ).result()
 
     def stop_vm(self, lease_id: str, name: str, *, force: bool, now: float) -> VmRow:
@@ -371,6 +375,10 @@ class Store:
     def commands(self, slot: str) -> list[CommandRow]:
         """Every command of a slot with its outcome, in id order."""
         return vm_ops.commands_of(self._reader(), slot)
+
+    def read(self, fn: Callable[[sqlite3.Connection], object]):
+        """``fn(conn)`` on this thread's reader connection: for modules that keep their queries beside them."""
+        return fn(self._reader())
 
     def snapshot(self) -> dict[str, list[tuple]]:
         """Every row of every table: for comparing the whole store before and after."""

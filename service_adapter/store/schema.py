@@ -6,18 +6,19 @@ import logging
 import os
 import sqlite3
 
-from service_adapter.store import vms
+from service_adapter.store import images, vms
 from service_adapter.store.errors import StoreError
 
 log = logging.getLogger("service_adapter.store")
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Older versions this one upgrades in place (each step only adds), and how.
 UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
     3: "ALTER TABLE slots ADD COLUMN submit_started_at REAL; ALTER TABLE slots ADD COLUMN submitted_at REAL;",
     4: "ALTER TABLE slots ADD COLUMN secret TEXT;",
+    5: "",  # the image tables (images.SCHEMA), created by the upgrade's CREATE TABLE IF NOT EXISTS
 }
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
 #: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
@@ -109,7 +110,8 @@ CREATE TABLE IF NOT EXISTS lease_events (
 CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
-TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands")
+TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands", "image_lists",
+          "list_images", "image_approvals")
 
 
 def prepare(conn: sqlite3.Connection, path: str) -> None:
@@ -129,7 +131,7 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         # Additive upgrades only: new columns and tables, in one transaction with the new version.
         steps = "".join(UPGRADES[v] for v in sorted(UPGRADES) if v >= version)
         conn.executescript(
-            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         )
         log.warning("store %s upgraded from schema version %d to %d", path, version, SCHEMA_VERSION)
         return
@@ -141,7 +143,7 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         )
     # One transaction: a file never has the tables without the version, or the other way round.
     conn.executescript(
-        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
 
 

@@ -149,12 +149,14 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
 
 
 def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSpec, str | None]],
-              overhead_mb: int, now: float, woken) -> list[str]:
+              overhead_mb: int, now: float, woken, resolve=None) -> list[tuple[VmSpec, str]]:
     """Place each (spec, wanted host or None) on a host of the lease and queue its start-vm; all or nothing.
 
-    Returns the hosts chosen, in order. Raises :class:`VmRequestError`: the
-    lease is not ready or running, a name is taken by an active VM (or
-    twice in the request), or the VMs do not fit.
+    Returns (spec as queued, host chosen), in order; ``resolve(conn, spec)``
+    gives the spec to queue (see :meth:`Store.start_vms`). Raises
+    :class:`VmRequestError`: the lease is not ready or running, a name is
+    taken by an active VM (or twice in the request), an image may not run,
+    or the VMs do not fit.
     """
     lease = conn.execute("SELECT state, slot FROM leases WHERE id = ?", (lease_id,)).fetchone()
     if lease is None:
@@ -173,6 +175,8 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
     busy = sorted(name for name, vm_state in taken if vm_state in ACTIVE)
     if busy:
         raise VmRequestError(f"lease {lease_id} already has an active VM named {', '.join(busy)}")
+    if resolve is not None:
+        requests = [(resolve(conn, spec), want) for spec, want in requests]
     rooms = host_rooms(conn, lease_id, slot, overhead_mb)
     try:
         hosts = place([(spec.name, spec.memory_mb + overhead_mb, want) for spec, want in requests], rooms)
@@ -186,7 +190,7 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
              json.dumps(spec.to_dict(), separators=(",", ":")), f"start-vm queued for {host}", now, now),
         )
         queue_command(conn, slot, host, {"op": "start-vm", "vm": spec.to_dict()}, now, woken)
-    return hosts
+    return [(spec, host) for (spec, _), host in zip(requests, hosts)]
 
 
 def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now: float, woken) -> VmRow:

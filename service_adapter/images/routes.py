@@ -1,0 +1,186 @@
+"""The image catalogue's HTTP routes: the operators' (under /api/v1, digest as an operator) and the pilots' fetch.
+
+=======  ======================================  ==========================================
+method   path                                    answer
+=======  ======================================  ==========================================
+GET      /api/v1/image-lists                     200, ``{"lists": [...]}``
+POST     /api/v1/image-lists                     201, the list (subscribe: ``{"source": S}``)
+POST     /api/v1/image-lists/refresh             200, ``{"results": [...]}``, every list
+POST     /api/v1/image-lists/{id}/refresh        200, ``{"results": [...]}``, one list
+GET      /api/v1/images                          200, ``{"images": [...]}``
+GET      /api/v1/images/{identifier}             200, ``{"identifier", "versions": [...]}``
+POST     /api/v1/images/{identifier}/approve     200, the image (``{"version", "reason"}``,
+                                                 both optional; fetches it first)
+POST     /api/v1/images/{identifier}/revoke      200, ``{"images": [...]}`` (same body)
+GET      /pilot/v2/slots/{slot}/hosts/{host}/    200 or 206 (Range), the image's bytes, for
+         images/{sha256}                         a pilot holding that slot, if approved
+=======  ======================================  ==========================================
+
+Refusals: 404 unknown list or image, 409 the image or list cannot be used
+as it stands (expired, untrusted key, several versions and none named),
+422 a list that is badly signed, expired, malformed or signed by an
+untrusted key, 502 the source or image could not be fetched. Each leaves
+the catalogue as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE, IMAGES_PATH, ProtocolError, check_target
+from service_adapter.api import OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who
+from service_adapter.images.catalog import ImageCatalog, image_json, list_json
+
+CATALOG_KEY = web.AppKey("image_catalog", ImageCatalog)
+_MAX_SOURCE = 2048
+_MAX_REASON = 500
+
+
+def _catalog(request: web.Request) -> ImageCatalog:
+    return request.app[CATALOG_KEY]
+
+
+def _identifier(request: web.Request, what: str = "image") -> str:
+    identifier = request.match_info["identifier"]
+    if not IMAGE_NAME_RE.fullmatch(identifier):
+        raise Refused(404, f"no {what} {identifier[:64]!r}")
+    return identifier
+
+
+def _decision(data: dict) -> tuple[str | None, str]:
+    unknown = sorted(set(data) - {"version", "reason"})
+    if unknown:
+        raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give version and reason (both optional)")
+    version, reason = data.get("version"), data.get("reason", "")
+    if version is not None and (not isinstance(version, str) or not IMAGE_VERSION_RE.fullmatch(version)):
+        raise Refused(400, "'version' must be an image version as the list gives it")
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON or not reason.isprintable():
+        raise Refused(400, f"'reason' must be printable text of at most {_MAX_REASON} characters")
+    return version, reason
+
+
+async def _body(request: web.Request) -> dict:
+    return await read_json(request) if request.body_exists else {}
+
+
+@refusals
+async def list_lists(request: web.Request) -> web.Response:
+    """GET /api/v1/image-lists: the subscribed lists."""
+    rows = await asyncio.to_thread(_catalog(request).lists)
+    now = time.time()
+    return web.json_response({"lists": [list_json(row, now) for row in rows]})
+
+
+@refusals
+async def subscribe(request: web.Request) -> web.Response:
+    """POST /api/v1/image-lists ``{"source": PATH_OR_URL}``: fetch, verify and subscribe; 201 with the list."""
+    data = await read_json(request)
+    unknown = sorted(set(data) - {"source"})
+    source = data.get("source")
+    if unknown or not isinstance(source, str) or not source or len(source) > _MAX_SOURCE or not source.isprintable():
+        raise Refused(400, f"give {{\"source\": PATH_OR_URL}} (an absolute path, file:// or http(s):// URL, at most "
+                           f"{_MAX_SOURCE} characters)")
+    row = await asyncio.to_thread(_catalog(request).subscribe, source, who(request))
+    return web.json_response(list_json(row, time.time()), status=201)
+
+
+@refusals
+async def refresh(request: web.Request) -> web.Response:
+    """POST /api/v1/image-lists[/{id}]/refresh: fetch the lists again; each result says what happened."""
+    identifier = _identifier(request, "list") if "identifier" in request.match_info else None
+    results = await asyncio.to_thread(_catalog(request).refresh, identifier)
+    return web.json_response({"results": [
+        {"list": r.identifier, "ok": r.ok, "version": r.version, "message": r.message} for r in results]})
+
+
+@refusals
+async def list_images(request: web.Request) -> web.Response:
+    """GET /api/v1/images: every endorsed image with the site's decision."""
+    catalog = _catalog(request)
+    rows = await asyncio.to_thread(catalog.images)
+    return web.json_response({"images": [image_json(row, catalog.stored(row.sha256)) for row in rows]})
+
+
+@refusals
+async def show_image(request: web.Request) -> web.Response:
+    """GET /api/v1/images/{identifier}: the versions of one image."""
+    identifier = _identifier(request)
+    catalog = _catalog(request)
+    rows = await asyncio.to_thread(catalog.images, identifier)
+    if not rows:
+        raise Refused(404, f"image {identifier} is on no subscribed list")
+    return web.json_response({"identifier": identifier,
+                              "versions": [image_json(row, catalog.stored(row.sha256)) for row in rows]})
+
+
+@refusals
+async def approve(request: web.Request) -> web.Response:
+    """POST /api/v1/images/{identifier}/approve: fetch the image into the store, then approve it."""
+    identifier = _identifier(request)
+    version, reason = _decision(await _body(request))
+    catalog = _catalog(request)
+    row = await asyncio.to_thread(catalog.approve, identifier, version, who(request), reason)
+    return web.json_response(image_json(row, catalog.stored(row.sha256)))
+
+
+@refusals
+async def revoke(request: web.Request) -> web.Response:
+    """POST /api/v1/images/{identifier}/revoke: no VM starts from it any more; it leaves the store."""
+    identifier = _identifier(request)
+    version, reason = _decision(await _body(request))
+    catalog = _catalog(request)
+    rows = await asyncio.to_thread(catalog.revoke, identifier, version, who(request), reason)
+    return web.json_response({"images": [image_json(row, catalog.stored(row.sha256)) for row in rows]})
+
+
+async def fetch_image(request: web.Request) -> web.StreamResponse:
+    """GET /pilot/v2/slots/{slot}/hosts/{host}/images/{sha256}: an approved image, to a pilot holding the slot.
+
+    Authenticated as the commands are (the node's digest account, the host
+    in the path its own, the slot held); aiohttp's file response answers
+    Range requests (206), which lets a pilot resume a broken download.
+    """
+    from service_adapter.receiver import answer, authenticate, held_access
+
+    auth, refusal = authenticate(request, "image fetch")
+    if refusal is not None:
+        return refusal
+    slot, host, sha256 = (request.match_info[k] for k in ("slot", "host", "sha256"))
+    try:
+        check_target(slot, host)
+    except ProtocolError as exc:
+        return answer(400, "invalid", str(exc))
+    if host != auth.account.user:
+        return answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node fetches only for itself")
+    if held_access(request, slot, host) is None:
+        return answer(404, "unknown-slot", "no held slot for this host")
+    path = await asyncio.to_thread(_catalog(request).fetchable, sha256) if len(sha256) == 64 else None
+    if path is None:
+        return answer(404, "unknown-image", "no approved image with this content")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True) -> None:
+    """Add the pilots' image fetch and (``operators``) the operators' image routes.
+
+    The operators' routes rely on the API's authentication middleware:
+    add the API (:func:`service_adapter.api.add_api`) first, or this
+    raises rather than serve them unauthenticated.
+    """
+    app[CATALOG_KEY] = catalog
+    app.router.add_get(IMAGES_PATH, fetch_image)
+    if not operators:
+        return
+    if OPERATORS_KEY not in app:
+        raise ValueError("add the operator API (add_api) before the image routes: its authentication guards them")
+    app.router.add_get(f"{PREFIX}/image-lists", list_lists)
+    app.router.add_post(f"{PREFIX}/image-lists", subscribe)
+    app.router.add_post(f"{PREFIX}/image-lists/refresh", refresh)
+    app.router.add_post(PREFIX + "/image-lists/{identifier}/refresh", refresh)
+    app.router.add_get(f"{PREFIX}/images", list_images)
+    app.router.add_get(PREFIX + "/images/{identifier}", show_image)
+    app.router.add_post(PREFIX + "/images/{identifier}/approve", approve)
+    app.router.add_post(PREFIX + "/images/{identifier}/revoke", revoke)
