@@ -8,7 +8,7 @@ the project's tag, it
    the pilot restores the node itself, then SIGKILL after a timeout;
 2. destroys the tagged VMs (all of them: this is the node's backout);
 3. undoes what the journal says is still taken, under the node lock, and
-   clears the entries; with no usable journal, puts the backend back to
+   clears the entries (and removes the partial image downloads they name); with no usable journal, puts the backend back to
    the configured boot value (``[memory] boot_mb``, e.g. dom0_mem);
 4. tells the service ``killed`` for each slot whose contact is known;
 5. prints what it did, and exits 0 only if the node is clean afterwards.
@@ -265,6 +265,7 @@ def restore_memory(config: PilotConfig, journal: Journal, report: Report) -> Non
                 report.line(f"restored {_describe(entry)} of pilot {entry.owner.pid}: {done}")
             for entry, why in replay.failed:
                 report.problem(f"could not restore {_describe(entry)} of pilot {entry.owner.pid}: {why}")
+            _remove_partial_images(config, [entry for entry, _ in replay.undone], report)
             for entry in replay.live:
                 report.problem(f"pilot {entry.owner.pid} ({_describe(entry)}) still runs; its entry stays")
             if config.boot_mb is not None and not replay.live and not replay.failed:
@@ -277,6 +278,18 @@ def restore_memory(config: PilotConfig, journal: Journal, report: Report) -> Non
                     )
     except (NodeLockError, JournalError) as exc:
         report.problem(str(exc))
+
+
+def _remove_partial_images(config: PilotConfig, undone: list[Entry], report: Report) -> None:
+    """Remove the partial image downloads the undone entries' dead pilots left (a pilot would resume them)."""
+    fetching = sorted({sha256 for entry in undone for sha256 in entry.fetching})
+    if not fetching:
+        return
+    from pilot.images.cache import ImageCache
+
+    removed = ImageCache(config.image_cache_dir, 0).remove_partials(fetching)
+    for sha256 in removed:
+        report.line(f"removed the partial download of image {sha256} from {config.image_cache_dir}")
 
 
 def _return_to_boot(config: PilotConfig, journal: Journal, unreadable, report: Report) -> None:

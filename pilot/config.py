@@ -63,6 +63,11 @@ class PilotConfig:
     virt_type: str = "auto"
     shutdown_timeout_s: float = 30.0
     poll_wait_s: float = 30.0
+    # [images]
+    image_cache_dir: str = "/var/lib/workspace-pilot/image-cache"
+    image_cache_mb: int = 20480
+    image_mirror: str | None = None
+    image_fetch_timeout_s: float = 30.0
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
@@ -112,6 +117,13 @@ def _libvirt_uri(text: str) -> str:
     if text and "://" not in text:
         raise ValueError("must be a libvirt URI such as qemu:///system, or empty for no libvirt")
     return text
+
+
+def _mirror_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("must be an http:// or https:// URL under which images are found by sha256")
+    return text.rstrip("/")
 
 
 def _url(text: str) -> str:
@@ -169,6 +181,12 @@ SCHEMA = {
         "virt_type": ("virt_type", choice("auto", "kvm", "qemu", "xen")),
         "shutdown_timeout": ("shutdown_timeout_s", _positive_float),
         "poll_wait": ("poll_wait_s", _poll_wait),
+    },
+    "images": {
+        "cache_dir": ("image_cache_dir", abs_path),
+        "cache_size": ("image_cache_mb", _mb),
+        "mirror": ("image_mirror", _mirror_url),
+        "fetch_timeout": ("image_fetch_timeout_s", _positive_float),
     },
     "logging": {
         "dir": ("log_dir", abs_path),

@@ -68,6 +68,8 @@ def image_entry(identifier: str, version: str, path: str, url: str, **extra) -> 
 class ImageServer:
     """A real HTTP server on 127.0.0.1 serving ``directory``; ``requests`` logs (path, Range header or None).
 
+    ``pause_after[name] = N`` sends N bytes of the next answer for ``/name``,
+    sets ``paused`` and holds the rest until ``resume`` is set.
     ``cut_after[name] = N`` makes the next answer for ``/name`` stop after N
     bytes of body (the connection closed mid-transfer, the headers having
     promised the whole); ``corrupt[name] = True`` serves other bytes of the
@@ -79,6 +81,10 @@ class ImageServer:
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: dict[str, int] = {}
         self.corrupt: dict[str, bool] = {}
+        #: pause_after[name] = N: send N bytes of the body, then wait until ``resume`` is set.
+        self.pause_after: dict[str, int] = {}
+        self.paused = threading.Event()
+        self.resume = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -108,6 +114,13 @@ class ImageServer:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
+                pause = server.pause_after.pop(name, None)
+                if pause is not None:
+                    self.wfile.write(body[:pause])
+                    self.wfile.flush()
+                    server.paused.set()
+                    server.resume.wait(60)
+                    body = body[pause:]
                 cut = server.cut_after.pop(name, None)
                 if cut is not None:
                     self.wfile.write(body[:cut])

@@ -80,6 +80,9 @@ class Entry:
     sign_key: str | None = dataclasses.field(default=None, repr=False)
     """The key of this (slot, host)'s notifications, so that workspace-killall can tell the service
     'killed' (the journal directory is root's alone, like the node key)."""
+    fetching: tuple[str, ...] = ()
+    """The images (sha256) this pilot is downloading into the node's image cache, set before the first
+    byte: workspace-killall removes the partial downloads a dead pilot left (the next pilot resumes them)."""
 
     @property
     def filename(self) -> str:
@@ -93,7 +96,7 @@ class Entry:
     @property
     def empty(self) -> bool:
         """Whether nothing of this pilot's is left on the node (no memory taken, no VMs possible)."""
-        return self.memory is None and self.vm_uri is None
+        return self.memory is None and self.vm_uri is None and not self.fetching
 
     def to_json(self) -> bytes:
         """The entry as the bytes stored on disk."""
@@ -106,6 +109,7 @@ class Entry:
             "memory": self.memory.to_dict() if self.memory else None,
             "vm_uri": self.vm_uri,
             "sign_key": self.sign_key,
+            "fetching": list(self.fetching),
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -124,7 +128,15 @@ class Entry:
             memory=MemoryRecord.from_dict(memory) if memory else None,
             vm_uri=data.get("vm_uri") or None,
             sign_key=data.get("sign_key") or None,
+            fetching=_sha256s(data.get("fetching") or ()),
         )
+
+
+def _sha256s(value) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in value):
+        raise ValueError("fetching must be a list of sha256s")
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)

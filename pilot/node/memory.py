@@ -209,6 +209,14 @@ class NodeMemory:
         with self._entry_lock:
             self._store(dataclasses.replace(self.entry, vm_uri=uri))
 
+    def note_fetching(self, sha256s: tuple[str, ...]) -> None:
+        """Journal the images this pilot is downloading into the node's image cache (before the first byte).
+
+        Raises JournalError (then nothing is fetched).
+        """
+        with self._entry_lock:
+            self._store(dataclasses.replace(self.entry, fetching=tuple(sha256s)))
+
     def take(self, memory_mb: int, should_stop: Callable[[], bool] = lambda: False) -> MemoryRecord:
         """Take ``memory_mb`` from the host, all or nothing; returns what is held.
 

@@ -37,8 +37,8 @@ class VmRefused(Exception):
 class VmPolicy:
     """What the node allows its slots' VMs.
 
-    ``image_dir``: the only directory images (disk, kernel, initrd) may come
-    from; ``console_dir``: where console logs go; ``overhead_mb``: memory a
+    ``image_dir``: the only directory site-local images (disk, kernel,
+    initrd given by path) may come from; ``console_dir``: where console logs go; ``overhead_mb``: memory a
     VM costs beyond its guest memory (the hypervisor process); ``networks``:
     the libvirt networks a VM may join (none when empty); ``hugepage_kb``:
     set when guests are backed by hugepages of that size, whose memory must
@@ -50,6 +50,8 @@ class VmPolicy:
     overhead_mb: int = 0
     networks: tuple[str, ...] = ()
     hugepage_kb: int | None = None
+    image_cache_dir: str | None = None
+    """Where images named by an image list are (the node's image cache); None: such images are refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +115,17 @@ def check_spec(
         allowed = ", ".join(policy.networks) if policy.networks else "none: this node gives VMs no network"
         raise VmRefused(f"network: {spec.network!r} is not allowed here (allowed: {allowed})")
 
-    image_dir = _safe_dir("image directory", policy.image_dir)
     images = {field: image for field, image in (("disk", spec.disk), ("kernel", spec.kernel), ("initrd", spec.initrd))
               if image is not None}
-    paths = {field: _image_path(field, image, image_dir) for field, image in images.items()}
+    image_dir = _safe_dir("image directory", policy.image_dir) if any(not i.named for i in images.values()) else ""
+    paths = {field: _cached_path(field, image, policy) if image.named else _image_path(field, image, image_dir)
+             for field, image in images.items()}
     console = _console_path(spec.console_log, policy.console_dir) if spec.console_log else None
     for field, image in images.items():
         digest = file_sha256(paths[field], cancel=cancel)
         if digest != image.sha256:
             raise VmRefused(
-                f"{field}: {image.path} has sha256 {digest}, not the {image.sha256} asked for; "
+                f"{field}: {image.label} has sha256 {digest}, not the {image.sha256} asked for; "
                 "fix the image or the digest"
             )
     disk_format = _disk_format(paths["disk"]) if "disk" in paths else None
@@ -154,6 +157,22 @@ def _image_path(field: str, image: ImageFile, image_dir: str) -> str:
     if not stat.S_ISREG(info.st_mode):
         raise VmRefused(f"{field}: {image.path} is not a regular file")
     return resolved
+
+
+def _cached_path(field: str, image: ImageFile, policy: VmPolicy) -> str:
+    """A named image's file in the node's image cache (put there, verified, before the check runs)."""
+    if policy.image_cache_dir is None:
+        raise VmRefused(f"{field}: {image.label}: this node has no image cache; give a path in its image directory")
+    if not image.resolved:
+        raise VmRefused(f"{field}: {image.label}: the service did not say its sha256 and size")
+    path = os.path.join(_safe_dir("image cache", policy.image_cache_dir), image.sha256)
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise VmRefused(f"{field}: {image.label}: not in the image cache: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise VmRefused(f"{field}: {image.label}: {path} is not a regular file")
+    return path
 
 
 def _console_path(name: str, console_dir: str) -> str:
@@ -199,6 +218,14 @@ def _disk_format(path: str) -> str:
         if incompatible & _QCOW2_INCOMPAT_EXTERNAL_DATA:
             raise VmRefused(f"disk: {path} is a qcow2 image with an external data file; only standalone images are allowed")
     return "qcow2"
+
+
+def known_sha256(path: str, digest: str) -> None:
+    """Record ``digest`` as the file's sha256 for this process (it was just computed while the file was
+    written, as the image cache does), so that :func:`file_sha256` need not read it again."""
+    info = os.stat(path)
+    with _digests_lock:
+        _digests[(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)] = digest
 
 
 _digests: dict[tuple[int, int, int, int], str] = {}

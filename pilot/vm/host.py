@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -21,7 +22,7 @@ from typing import Callable
 from pilot.vm.domainxml import choose_virt_type, render_domain
 from pilot.protocol import VmSpec
 from pilot.shared.errors import one_line
-from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec
+from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
@@ -67,6 +68,13 @@ class _Vm:
     spec: VmSpec
     domain_name: str
     domain: object
+    holds: tuple[int, ...] = ()  # shared locks on the cached images it uses (eviction skips those)
+
+    def let_go(self) -> None:
+        """Release the VM's hold on its cached images (it no longer runs)."""
+        holds, self.holds = self.holds, ()
+        for fd in holds:
+            os.close(fd)
 
 
 class VmHost:
@@ -93,8 +101,10 @@ class VmHost:
         before_first_vm: Callable[[str], None] = lambda uri: None,
         uri: str = "",
         vms_journalled: bool = False,
+        images=None,
     ):
         self._connect = connect
+        self.images = images  # a pilot.images.fetch.NodeImages: where images named by a list come from
         self.slot = slot
         self.tag = VmTag(slot, lease, pilot_pid)
         self.policy = policy
@@ -118,12 +128,14 @@ class VmHost:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def start(self, spec: VmSpec) -> VmOutcome:
+    def start(self, spec: VmSpec, on_fetch: Callable[[str, int, int], None] | None = None) -> VmOutcome:
         """Check ``spec``, then create its transient, tagged domain; a refusal creates nothing.
 
-        The images are hashed without holding the host's lock, so a stop or
-        a teardown never waits for a large image; the VM's memory is held
-        for it meanwhile, so two starts cannot both take the last of it.
+        Images named by a list are fetched into the node's cache first
+        (``on_fetch(label, bytes_so_far, size)`` follows the download); the
+        images are fetched and hashed without holding the host's lock, so a
+        stop or a teardown never waits for a large image; the VM's memory is
+        held for it meanwhile, so two starts cannot both take the last of it.
         """
         name = spec.name
         with self._lock:
@@ -138,20 +150,56 @@ class VmHost:
             except VmRefused as exc:
                 return VmOutcome(False, name, str(exc))
             self._pending[name] = spec.memory_mb + self.policy.overhead_mb
+        holds: list[int] = []
         try:
+            holds = self._cached_images(spec, on_fetch)
             checked = check_spec(
                 spec, self.policy, reserved_mb=self.reserved_mb, in_use_mb=in_use, cancel=self._stopping
             )
         except BaseException as exc:
             with self._lock:
                 self._pending.pop(name, None)
+            for fd in holds:
+                os.close(fd)
             if isinstance(exc, VmRefused):
                 return VmOutcome(False, name, str(exc))
             raise
         with self._lock:
             # Released with the create, in one hold of the lock: the memory is never counted twice or not at all.
             self._pending.pop(name, None)
-            return self._create(spec, checked)
+            outcome = self._create(spec, checked)
+            if outcome.ok:
+                self._vms[name].holds = tuple(holds)
+                holds = []
+        for fd in holds:
+            os.close(fd)
+        return outcome
+
+    def _cached_images(self, spec: VmSpec, on_fetch) -> list[int]:
+        """Put the images ``spec`` names by list into the cache; the shared locks that keep them there."""
+        from pilot.images.cache import CacheError
+
+        named = [image for image in (spec.disk, spec.kernel, spec.initrd) if image is not None and image.named]
+        if not named:
+            return []
+        if self.images is None:
+            raise VmRefused(f"{named[0].label}: this node has no image cache; give a path in its image directory")
+        holds: list[int] = []
+        try:
+            for image in named:
+                progress = (lambda done, size, label=image.label: on_fetch(label, done, size)) if on_fetch else None
+                path = self.images.ensure(image, cancel=self._stopping, progress=progress)
+                holds.append(self.images.cache.hold(image.sha256))
+                known_sha256(path, image.sha256)  # verified as it entered the cache (root's alone since)
+        except (CacheError, OSError) as exc:
+            for fd in holds:
+                os.close(fd)
+            raise VmRefused(one_line(exc)) from None
+        except BaseException:
+            for fd in holds:
+                os.close(fd)
+            raise
+        return holds
 
     def _create(self, spec: VmSpec, checked) -> VmOutcome:
         """Under the lock: journal hook, render, createXML."""
@@ -261,8 +309,10 @@ class VmHost:
 
     def _forget(self, name: str) -> None:
         with self._lock:
-            self._vms.pop(name, None)
-            self._gone.pop(name, None)
+            for books in (self._vms, self._gone):
+                vm = books.pop(name, None)
+                if vm is not None:
+                    vm.let_go()
 
     # -- books ---------------------------------------------------------------------------------
 
@@ -297,6 +347,7 @@ class VmHost:
                 continue
             if not active:
                 log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
+                vm.let_go()
                 self._gone[name] = self._vms.pop(name)
 
     def _in_use_mb(self) -> int:
@@ -340,8 +391,10 @@ class VmHost:
                     continue
                 log.info("destroyed VM %s (domain %s) in %.1f ms", name, domain_name, (time.monotonic() - started) * 1000)
                 destroyed.append(name)
-                self._vms.pop(name, None)
-                self._gone.pop(name, None)
+                for books in (self._vms, self._gone):
+                    vm = books.pop(name, None)
+                    if vm is not None:
+                        vm.let_go()
             log.info("teardown of slot %s: %d VM(s) destroyed in %.1f ms",
                      self.slot, len(destroyed), (time.monotonic() - began) * 1000)
         if problems:

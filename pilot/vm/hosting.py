@@ -33,6 +33,7 @@ class VmHosting:
         self.notifier = notifier
         self.memory = memory
         self.slot = slot
+        self.host = host
         self.lease = lease
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
@@ -58,13 +59,24 @@ class VmHosting:
             image_dir=config.image_dir, console_dir=config.console_dir, overhead_mb=config.vm_overhead_mb,
             networks=tuple(config.networks or ()),
             hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
+            image_cache_dir=config.image_cache_dir,
         )
         held = self.memory.held
         return VmHost(
             _connector(self.uri), slot=self.slot, lease=self.lease, pilot_pid=os.getpid(), policy=policy,
             reserved_mb=held.memory_mb if held else 0, virt_type=config.virt_type,
-            before_first_vm=self.memory.note_vms, uri=self.uri,
+            before_first_vm=self.memory.note_vms, uri=self.uri, images=self._node_images(),
         )
+
+    def _node_images(self):
+        from pilot.images.cache import ImageCache
+        from pilot.images.fetch import ImageSource, NodeImages
+
+        config = self.config
+        source = ImageSource(self.notifier.session, config.contact, self.slot, self.host, mirror=config.image_mirror,
+                             timeout_s=config.image_fetch_timeout_s)
+        cache = ImageCache(config.image_cache_dir, config.image_cache_mb * 1024 * 1024)
+        return NodeImages(cache, source, note_fetching=self.memory.note_fetching)
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""

@@ -1,0 +1,80 @@
+"""A real guest boots from images the pilot fetched into its node cache: list, approval, pull, boot, clean end.
+
+The real 4-node Slurm, a real pilot under sudo, real libvirtd and QEMU
+(TCG). The endorser publishes the test guest's kernel and initrd on a
+signed list over a real HTTP server; the site trusts the key, subscribes
+and approves; a VM names them by identifier. The pilot fetches both from
+the service's image endpoint (digest-authenticated as its node), verifies
+them into its cache, and boots the guest from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service_adapter.vms import parse_vm_request
+from tests.imagesource import Endorser, ImageServer, image_entry
+from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
+from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.test_real_vms import LEASE_MB, VM_MB, assert_node_clean
+
+pytest.importorskip("libvirt")
+
+
+@pytest.fixture
+def image_site(tmp_path, slurm_cluster, libvirt_qemu):
+    sites = []
+    server = ImageServer(GUEST_DIR)
+    sections = {
+        "libvirt": {"uri": libvirt_qemu.uri},
+        "vms": {"image_dir": str(tmp_path / "no-local-images"), "console_dir": str(tmp_path / "consoles"),
+                "poll_wait": 5, "shutdown_timeout": 2},
+        "images": {"cache_dir": str(tmp_path / "image-cache")},
+        "timing": {"walltime_margin": 20, "earlywaitratio": 0.3},
+    }
+    site = ServiceOnCluster(str(tmp_path), slurm_cluster, "slurm", pilot_sections=sections, grace_s=8)
+    sites.append(site)
+    endorser = Endorser(str(tmp_path / "endorser"), name="guest-builders")
+    endorser.trust_in(os.path.join(site.workdir, "endorsers"))
+    files = guest_files()
+    entries = [image_entry("test-kernel", "1", files.kernel, f"{server.url}/vmlinuz"),
+               image_entry("test-initrd", "1", files.initrd, f"{server.url}/initrd.img")]
+    list_path = str(tmp_path / "guest.list")
+    endorser.publish(list_path, entries)
+    site.catalog.subscribe(list_path, "alice")
+    for identifier in ("test-kernel", "test-initrd"):
+        site.catalog.approve(identifier, "1", "alice")
+    yield site, server
+    close_sites(sites, slurm_cluster)
+    server.close()
+
+
+def test_a_guest_boots_from_images_its_pilot_fetched_into_the_node_cache(image_site, libvirt_qemu, tmp_path,
+                                                                          hugepages):
+    site, server = image_site
+    lease = site.manager.reserve(nodes=1, memory_mb=LEASE_MB, duration_s=600)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    spec = {"name": "guest1", "memory_mb": VM_MB,
+            "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
+                     "cmdline": "console=ttyS0 panic=-1 quiet"},
+            "console_log": "guest1.log"}
+    site.vms.start(lease.id, [parse_vm_request(spec)])
+    vm = site.vms.wait(lease.id, "guest1", {"running", "failed"}, 90)
+    assert vm is not None and vm.state == "running", site.vms.get(lease.id, "guest1")
+    console = str(tmp_path / "consoles" / "guest1.log")
+    assert wait_for_line(console, GUEST_UP, 90), f"the guest never printed {GUEST_UP!r}"
+    files = guest_files()
+    cache = tmp_path / "image-cache"
+    cached = {name for name in os.listdir(cache) if len(name) == 64}
+    assert cached == {files.kernel_sha256, files.initrd_sha256}
+    assert not [name for name in os.listdir(cache) if name.endswith(".part")]
+    # The pilot fetched from the service, not from the endorser's server (which only the service used).
+    assert [path for path, _ in server.requests] == ["/vmlinuz", "/initrd.img"]
+    site.manager.release(lease.id)
+    site.wait(lease, TERMINAL, 60)
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)
+    # The cache outlives the lease: the next VM from these images starts without a download.
+    assert {name for name in os.listdir(cache) if len(name) == 64} == cached
