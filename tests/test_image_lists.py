@@ -194,6 +194,23 @@ def test_a_named_image_starts_only_once_endorsed_and_approved_and_the_command_ca
     assert command["vm"]["disk"] == {"image": "el9-worker", "version": "1.0", "sha256": sha, "size": IMAGE_BYTES}
 
 
+def test_a_pilots_fetch_progress_is_the_starting_vms_reason_until_it_runs(site):
+    subscribed(site)
+    assert approve(site).status_code == 200
+    lease_id, slot = site.svc.ready_lease()
+    assert site.svc.start(lease_id, named()).status_code == 202
+    (command,) = site.svc.store.commands(slot)
+    site.svc.notify(slot, "node1", "fetching", command=command.id, vms=["vm1"],
+                    message="fetching image el9-worker 1.0: 40% (1.2 of 3.0 MiB)")
+    vm = site.svc.api("GET", f"/leases/{lease_id}/vms/vm1").json()
+    assert (vm["state"], vm["reason"]) == ("starting", "fetching image el9-worker 1.0: 40% (1.2 of 3.0 MiB)")
+    site.svc.notify(slot, "node1", "vm-running", command=command.id, vms=["vm1"])
+    # A late progress report changes nothing once the start has its outcome.
+    site.svc.notify(slot, "node1", "fetching", command=command.id, vms=["vm1"], message="fetching: 99%")
+    vm = site.svc.api("GET", f"/leases/{lease_id}/vms/vm1").json()
+    assert vm["state"] == "running" and "99%" not in vm["reason"]
+
+
 def test_a_revoked_image_is_refused_and_leaves_the_image_store(site):
     subscribed(site)
     assert approve(site).status_code == 200

@@ -71,6 +71,11 @@ def test_a_guest_boots_from_images_its_pilot_fetched_into_the_node_cache(image_s
     cached = {name for name in os.listdir(cache) if len(name) == 64}
     assert cached == {files.kernel_sha256, files.initrd_sha256}
     assert not [name for name in os.listdir(cache) if name.endswith(".part")]
+    # While it fetched, the pilot said how far along it was; the last word on each image is its whole size.
+    progress = [body["message"] for _, state, _, body in site.store.notification_bodies(lease.slot)
+                if state == "fetching"]
+    for label in ("image test-kernel 1", "image test-initrd 1"):
+        assert any(m.startswith(f"fetching {label}: 100% (") for m in progress), progress
     # The pilot fetched from the service, not from the endorser's server (which only the service used).
     assert [path for path, _ in server.requests] == ["/vmlinuz", "/initrd.img"]
     site.manager.release(lease.id)

@@ -180,3 +180,22 @@ def test_a_store_whose_leases_have_all_ended_is_upgraded_and_keeps_them(tmp_path
         assert upgraded.slot_secret("slot-1") is None  # an old slot: no pilot can act for it
     finally:
         upgraded.close()
+
+
+def test_a_version_5_store_with_a_lease_in_flight_gains_the_image_tables_and_keeps_the_lease(tmp_path):
+    path = str(tmp_path / "v5.sqlite")
+    store = Store(path)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    store.close()
+    conn = sqlite3.connect(path)
+    for table in ("image_approvals", "list_images", "image_lists"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    upgraded = Store(path)  # version 5 had per-slot secrets: a lease in flight goes on
+    try:
+        assert upgraded.get_lease("lease-1").state == "pending"
+        assert upgraded.snapshot()["image_lists"] == []
+    finally:
+        upgraded.close()

@@ -460,9 +460,9 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
     Store(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"vms", "commands"} <= tables
+        assert {"vms", "commands", "image_lists", "list_images", "image_approvals"} <= tables  # 6's
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"vms_by_host", "commands_by_target"} <= indexes
         columns = [row[1] for row in conn.execute("PRAGMA table_info(pilots)")]

@@ -45,6 +45,7 @@ STATES = frozenset(
         "vm-running",
         "vm-stopped",
         "vm-failed",
+        "fetching",
         "error",
     }
 )

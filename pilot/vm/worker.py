@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: How long a command's outcome is retried towards the service.
 REPORT_WITHIN_S = 60.0
+#: How often a start that downloads its image reports how far along it is, and how long each report is tried.
+PROGRESS_EVERY_S = 2.0
+PROGRESS_WITHIN_S = 5.0
 #: Exit-code-like codes of vm-failed notifications.
 CODE_REFUSED = 1
 CODE_NO_VMS = 2
@@ -115,7 +118,7 @@ class VmWorker:
                 self._report(command, "vm-failed", CODE_NO_VMS, self.no_vms_reason)
                 return
             t0 = time.monotonic()
-            outcome = host.start(command.vm)
+            outcome = host.start(command.vm, on_fetch=self._fetch_reporter(command))
             took = (time.monotonic() - t0) * 1000
             if outcome.ok:
                 log.info("command %d: VM %s running (%.1f ms)", command.id, command.vm.name, took)
@@ -140,6 +143,25 @@ class VmWorker:
         else:
             log.warning("command %d: stop of VM %s failed: %s", command.id, command.name, outcome.reason)
             self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
+
+    def _fetch_reporter(self, command: Command) -> Callable[[str, int, int], None]:
+        """``on_fetch(label, done, size)`` for a start: a ``fetching`` notification at the first byte, then at
+        most one every :data:`PROGRESS_EVERY_S` (the service shows it as the starting VM's reason)."""
+        last = [0.0]
+
+        def report(label: str, done: int, size: int) -> None:
+            now = time.monotonic()
+            if last[0] and now - last[0] < PROGRESS_EVERY_S and done < size:
+                return
+            last[0] = now
+            mib = 1024 * 1024
+            self.notifier.notify(
+                "fetching", self.held_mb(), command=command.id, vms=[command.vm_name],
+                message=f"fetching {label}: {done * 100 // size}% ({done / mib:.1f} of {size / mib:.1f} MiB)",
+                deliver_within=PROGRESS_WITHIN_S,
+            )
+
+        return report
 
     def _host(self):
         if self.host is None and self._make_host is not None:

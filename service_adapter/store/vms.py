@@ -229,6 +229,13 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             "SELECT op, vm, outcome FROM commands WHERE id = ? AND slot_id = ? AND host = ?",
             (n.command, n.slot, n.host),
         ).fetchone()
+    if n.state == "fetching":
+        # Progress of a start-vm's image download: the VM still starts; its reason says how far along.
+        if command is not None and command[0] == "start-vm" and command[2] is None and command[1]:
+            _set_vm(conn, lease_id, command[1], "starting", n.message or "fetching its image", now, host=n.host,
+                    only=("starting",))
+        return
+    if n.command is not None:
         if command is not None and command[2] is not None and n.state.startswith("vm-"):
             return  # the command has its outcome: a second, later word on it changes nothing
         if command is not None and n.state.startswith("vm-"):
