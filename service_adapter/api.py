@@ -4,7 +4,8 @@
 method   path                                    answer
 =======  ======================================  ==========================================
 POST     /api/v1/leases                          201, the new lease (JSON body: nodes,
-                                                 memory_mb, duration_s)
+                                                 memory_mb, duration_s, optionally images
+                                                 to prefetch: [{"image", "version"}])
 GET      /api/v1/leases[?state=&owner=]          200, ``{"leases": [...]}``
 GET      /api/v1/leases/{id}                     200, the lease
 POST     /api/v1/leases/{id}/release             202, the lease (release under way)
@@ -45,7 +46,7 @@ import re
 
 from aiohttp import web
 
-from pilot.protocol import MAX_VM_NAME_LEN, ProtocolError, load_json
+from pilot.protocol import MAX_PREFETCH, MAX_VM_NAME_LEN, ImageFile, ProtocolError, load_json
 from pilot.shared.errors import first_line
 from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
@@ -223,21 +224,48 @@ def who(request: web.Request) -> str:
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
     data = await read_json(request)
-    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s"})
+    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images"})
     if unknown:
-        raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s")
+        raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s "
+                           "(and optionally images)")
     nodes = _int_field(data, "nodes", MAX_NODES)
     memory_mb = _int_field(data, "memory_mb", MAX_MEMORY_MB)
     duration_s = _duration_field(data)
+    images = await _lease_images(request, data.get("images"))
     manager = request.app[MANAGER_KEY]
     owner = who(request)
     try:
-        info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner)
+        info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner, images=images)
     except ValueError as exc:
         raise Refused(400, first_line(exc)) from None
     log.info("API: %s reserved lease %s: %d x %d MB for %g s", owner, info.id, nodes, memory_mb, duration_s)
     body = info.to_json()
     return web.json_response(body, status=201, headers={"Location": f"{PREFIX}/leases/{info.id}"})
+
+
+async def _lease_images(request: web.Request, items) -> list[dict] | None:
+    """A reserve's ``images``: listed images ({"image", "version"}) resolved by the catalogue (409 if one may not
+    run here), as the hosts will be told to prefetch them; None when none are asked for."""
+    if items is None:
+        return None
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_PREFETCH:
+        raise Refused(400, f"'images' must be a list of 1 to {MAX_PREFETCH} images, each {{\"image\", \"version\"}}")
+    wanted = []
+    for index, item in enumerate(items):
+        try:
+            image = ImageFile.from_dict(f"images[{index}]", item)
+        except ProtocolError as exc:
+            raise Refused(400, str(exc)) from None
+        if not image.named:
+            raise Refused(400, f"images[{index}]: name a listed image (\"image\"), not a path")
+        wanted.append(image)
+    from service_adapter.images.routes import CATALOG_KEY
+
+    catalog = request.app.get(CATALOG_KEY)
+    if catalog is None:
+        raise Refused(409, "this service has no image catalogue: a lease cannot name images")
+    resolved = await asyncio.to_thread(catalog.resolve_images, wanted)
+    return [image.to_dict() for image in resolved]
 
 
 @refusals

@@ -51,9 +51,12 @@ class LeaseClient:
 
     # -- the API ---------------------------------------------------------------
 
-    def reserve(self, nodes: int, memory_mb: int, duration_s: float) -> dict:
-        """POST /leases: the new lease."""
-        return self._call("POST", "/leases", json={"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s})
+    def reserve(self, nodes: int, memory_mb: int, duration_s: float, images: list[dict] | None = None) -> dict:
+        """POST /leases: the new lease (``images``: listed images its hosts prefetch, ``{"image", "version"}``)."""
+        body = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s}
+        if images:
+            body["images"] = list(images)
+        return self._call("POST", "/leases", json=body)
 
     def release(self, lease_id: str) -> dict:
         """POST /leases/{id}/release: the lease, being released."""

@@ -339,3 +339,34 @@ def test_cli_keygen_sign_subscribe_approve_and_a_bad_list_exit_9(site, tmp_path)
     assert missing.returncode == 6
     as_json = json.loads(cli(site, "image", "show", "el9-worker", "--json").stdout)
     assert [v["state"] for v in as_json["versions"]] == ["approved", "endorsed"]
+
+
+# -- leases that name their images ------------------------------------------------------------------------
+
+
+def test_a_lease_naming_an_unapproved_image_is_refused_and_nothing_is_submitted(site):
+    subscribed(site)
+    before = site.svc.store.snapshot()
+    response = site.svc.api("POST", "/leases", json={"nodes": 1, "memory_mb": 512, "duration_s": 60,
+                                                     "images": [{"image": "el9-worker", "version": "1.0"}]})
+    assert response.status_code == 409 and "images[0]: image el9-worker 1.0 is endorsed but not approved" in \
+        one_line_error(response)
+    assert site.svc.store.snapshot() == before and site.svc.provider.submitted == []
+    path_given = site.svc.api("POST", "/leases", json={"nodes": 1, "memory_mb": 512, "duration_s": 60,
+                                                       "images": [{"path": "x", "sha256": "a" * 64}]})
+    assert path_given.status_code == 400 and "name a listed image" in one_line_error(path_given)
+
+
+def test_each_host_of_a_lease_with_images_is_told_to_prefetch_them_once_it_has_reserved(site):
+    subscribed(site)
+    assert approve(site).status_code == 200
+    made = site.svc.api("POST", "/leases", json={"nodes": 2, "memory_mb": 512, "duration_s": 60,
+                                                 "images": [{"image": "el9-worker"}]})
+    assert made.status_code == 201, made.text
+    slot = made.json()["slot"]
+    assert site.svc.commands(slot) == []
+    site.svc.notify(slot, "node1", "reserved", memory_mb=512)
+    wanted = {"image": "el9-worker", "version": "1.0", "sha256": site.entries[0]["sha256"], "size": IMAGE_BYTES}
+    assert site.svc.commands(slot) == [("node1", "prefetch", {"op": "prefetch", "images": [wanted]})]
+    site.svc.notify(slot, "node2", "reserved", memory_mb=512)
+    assert [host for host, op, _ in site.svc.commands(slot) if op == "prefetch"] == ["node1", "node2"]

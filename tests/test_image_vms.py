@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+from pilot.protocol import ImageFile
 from service_adapter.vms import parse_vm_request
 from tests.imagesource import Endorser, ImageServer, image_entry
 from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
@@ -83,3 +84,37 @@ def test_a_guest_boots_from_images_its_pilot_fetched_into_the_node_cache(image_s
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
     # The cache outlives the lease: the next VM from these images starts without a download.
     assert {name for name in os.listdir(cache) if len(name) == 64} == cached
+
+
+def test_a_lease_that_names_its_images_has_them_prefetched_so_the_vm_start_downloads_nothing(
+        image_site, libvirt_qemu, tmp_path, hugepages):
+    site, _server = image_site
+    images = site.catalog.resolve_images([ImageFile.from_dict("i", {"image": "test-kernel"}),
+                                          ImageFile.from_dict("i", {"image": "test-initrd"})])
+    lease = site.manager.reserve(nodes=1, memory_mb=LEASE_MB, duration_s=600,
+                                 images=[image.to_dict() for image in images])
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    # The host was told to prefetch as soon as it reserved; its reports say when each image is in.
+    def prefetched() -> list[str]:
+        return [body["message"] for _, state, _, body in site.store.notification_bodies(lease.slot)
+                if state == "fetching" and "is in the node's image cache" in body["message"]]
+
+    assert site.store.wait_for(lambda: len(prefetched()) == 2, 60), site.store.notification_bodies(lease.slot)
+    files = guest_files()
+    cache = tmp_path / "image-cache"
+    assert {n for n in os.listdir(cache) if len(n) == 64} == {files.kernel_sha256, files.initrd_sha256}
+    seen = len(site.store.notification_bodies(lease.slot))
+    spec = {"name": "guest1", "memory_mb": VM_MB,
+            "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
+                     "cmdline": "console=ttyS0 panic=-1 quiet"},
+            "console_log": "guest1.log"}
+    site.vms.start(lease.id, [parse_vm_request(spec)])
+    vm = site.vms.wait(lease.id, "guest1", {"running", "failed"}, 90)
+    assert vm is not None and vm.state == "running", site.vms.get(lease.id, "guest1")
+    after = site.store.notification_bodies(lease.slot)[seen:]
+    assert [state for _, state, _, _ in after if state == "fetching"] == []  # the start downloaded nothing
+    assert wait_for_line(str(tmp_path / "consoles" / "guest1.log"), GUEST_UP, 90)
+    site.manager.release(lease.id)
+    site.wait(lease, TERMINAL, 60)
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)

@@ -34,7 +34,9 @@ COMMANDS_PATH = "/pilot/v2/slots/{slot}/hosts/{host}/commands"
 #: The longest long-poll a service holds open; a pilot asking for more gets at most this.
 MAX_POLL_WAIT_S = 60
 #: Command operations.
-OPS = frozenset({"start-vm", "stop-vm", "release"})
+OPS = frozenset({"start-vm", "stop-vm", "release", "prefetch"})
+#: The most images one prefetch (and one lease) may name.
+MAX_PREFETCH = 16
 #: Notification states that report a command's outcome.
 VM_STATES = frozenset({"vm-running", "vm-failed", "vm-stopped"})
 MAX_VCPUS = 256
@@ -247,7 +249,8 @@ class VmSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``) or ``release``.
+    """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``), ``release``,
+    or ``prefetch`` (with ``images``: listed images, resolved, to have in the node's cache before a VM needs them).
 
     ``id`` grows with every command the service queues; a pilot polls for
     those after the last id it has seen and reports each outcome as a
@@ -259,6 +262,7 @@ class Command:
     vm: VmSpec | None = None
     name: str | None = None
     force: bool = False
+    images: tuple[ImageFile, ...] = ()
 
     @classmethod
     def from_dict(cls, data) -> "Command":
@@ -279,6 +283,15 @@ class Command:
             if not isinstance(force, bool):
                 raise ProtocolError("command.force: must be true or false")
             return cls(data["id"], op, name=data["name"], force=force)
+        if op == "prefetch":
+            _no_unknown("command", data, {"id", "op", "images"})
+            items = data.get("images")
+            if not isinstance(items, list) or not 1 <= len(items) <= MAX_PREFETCH:
+                raise ProtocolError(f"command.images: must be a list of 1 to {MAX_PREFETCH} images")
+            images = tuple(ImageFile.from_dict(f"command.images[{i}]", item) for i, item in enumerate(items))
+            if not all(image.named and image.resolved for image in images):
+                raise ProtocolError("command.images: each must be a listed image with its sha256 and size")
+            return cls(data["id"], op, images=images)
         _no_unknown("command", data, {"id", "op"})
         return cls(data["id"], op)
 
@@ -290,11 +303,13 @@ class Command:
         elif self.op == "stop-vm":
             out["name"] = self.name
             out["force"] = self.force
+        elif self.op == "prefetch":
+            out["images"] = [image.to_dict() for image in self.images]
         return out
 
     @property
     def vm_name(self) -> str | None:
-        """The VM this command is about (None for ``release``)."""
+        """The VM this command is about (None for ``release`` and ``prefetch``)."""
         return self.vm.name if self.vm is not None else self.name
 
 

@@ -175,6 +175,19 @@ class VmHost:
             os.close(fd)
         return outcome
 
+    def prefetch(self, image, on_fetch: Callable[[str, int, int], None] | None = None) -> str:
+        """Have a listed image in the node's cache ahead of the VMs that will use it; its path.
+
+        Raises :class:`pilot.images.cache.CacheError` (one line); given up
+        when the slot is torn down.
+        """
+        from pilot.images.cache import CacheError
+
+        if self.images is None:
+            raise CacheError("this node has no image cache")
+        progress = (lambda done, size: on_fetch(image.label, done, size)) if on_fetch else None
+        return self.images.ensure(image, cancel=self._stopping, progress=progress)
+
     def _cached_images(self, spec: VmSpec, on_fetch) -> list[int]:
         """Put the images ``spec`` names by list into the cache; the shared locks that keep them there."""
         from pilot.images.cache import CacheError

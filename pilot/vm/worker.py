@@ -6,7 +6,9 @@ thread runs them in id order, so a ``stop-vm`` queued after its
 notification that names the command (``vm-running``, ``vm-failed``,
 ``vm-stopped``); a VM that shut down from inside the guest is noticed
 between commands and reported ``vm-stopped`` without one. ``release``
-asks the pilot to give the node back (its early-unreserve path).
+asks the pilot to give the node back (its early-unreserve path);
+``prefetch`` puts a lease's images in the node's image cache on a thread
+of its own, reporting ``fetching`` as it goes.
 
 The pilot's teardown (:meth:`VmWorker.teardown`) stops the worker, then
 destroys every domain tagged with this slot, whatever the worker's books
@@ -111,6 +113,16 @@ class VmWorker:
             log.info("command %d: release: giving the node back", command.id)
             self.on_release(f"release command {command.id} from the service")
             return
+        if command.op == "prefetch":
+            host = self._host()
+            if host is None or host.images is None:
+                log.info("command %d: prefetch ignored: %s", command.id, self.no_vms_reason)
+                return
+            # On its own thread: a download must not hold up the starts and stops queued behind it (a start
+            # that needs the same image waits for this download on the cache's lock instead of fetching twice).
+            threading.Thread(target=self._prefetch, args=(host, command), name=f"prefetch-{command.id}",
+                             daemon=True).start()
+            return
         if command.op == "start-vm":
             create = time.time()  # the first start-vm also imports libvirt and connects: that is create's too
             host = self._host()
@@ -144,6 +156,26 @@ class VmWorker:
             log.warning("command %d: stop of VM %s failed: %s", command.id, command.name, outcome.reason)
             self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
 
+    def _prefetch(self, host, command: Command) -> None:
+        from pilot.images.cache import CacheError
+
+        for image in command.images:
+            t0 = time.monotonic()
+            try:
+                host.prefetch(image, on_fetch=self._fetch_reporter(command))
+            except CacheError as exc:
+                log.warning("command %d: prefetch of %s failed: %s", command.id, image.label, exc)
+                self._progress(command, f"prefetch of {image.label} failed: {exc}", code=CODE_REFUSED)
+                continue
+            took = time.monotonic() - t0
+            log.info("command %d: %s is in the image cache (%.1f s)", command.id, image.label, took)
+            self._progress(command, f"{image.label} is in the node's image cache ({took:.1f} s)")
+
+    def _progress(self, command: Command, message: str, code: int = 0) -> None:
+        self.notifier.notify("fetching", self.held_mb(), code=code, command=command.id,
+                             vms=[command.vm_name] if command.vm_name else None, message=message[:4000],
+                             deliver_within=PROGRESS_WITHIN_S)
+
     def _fetch_reporter(self, command: Command) -> Callable[[str, int, int], None]:
         """``on_fetch(label, done, size)`` for a start: a ``fetching`` notification at the first byte, then at
         most one every :data:`PROGRESS_EVERY_S` (the service shows it as the starting VM's reason)."""
@@ -155,11 +187,7 @@ class VmWorker:
                 return
             last[0] = now
             mib = 1024 * 1024
-            self.notifier.notify(
-                "fetching", self.held_mb(), command=command.id, vms=[command.vm_name],
-                message=f"fetching {label}: {done * 100 // size}% ({done / mib:.1f} of {size / mib:.1f} MiB)",
-                deliver_within=PROGRESS_WITHIN_S,
-            )
+            self._progress(command, f"fetching {label}: {done * 100 // size}% ({done / mib:.1f} of {size / mib:.1f} MiB)")
 
         return report
 

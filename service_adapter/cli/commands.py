@@ -130,7 +130,7 @@ def _wait_timeout(args) -> float:
 
 
 def _cmd_reserve(client, args) -> int:
-    lease = client.reserve(args.nodes, args.memory, args.duration)
+    lease = client.reserve(args.nodes, args.memory, args.duration, images=args.images)
     if args.wait:
         try:
             lease = _wait_for(client, lease["id"], UP_STATES, _wait_timeout(args))

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="memory per node, in MB")
     reserve.add_argument("--duration", required=True, type=positive(float), metavar="SECONDS",
                          help="how long the lease lasts once its pilots start")
+    reserve.add_argument("--image", dest="images", action="append", type=_listed_image, metavar="IMAGE[:VERSION]",
+                         help="an image (by its image list identifier) the lease's VMs will use: each host fetches "
+                              "it into its cache as soon as it has reserved, so a VM start does not wait for the "
+                              "download; it must be approved here (exit 8 otherwise). Repeatable")
     reserve.add_argument("--wait", action="store_true",
                          help="block until the lease is ready (exit 0) or has ended (exit 1), "
                               "at most --timeout (exit 7)")
@@ -177,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 _VM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _listed_image(text: str) -> dict:
+    from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE
+
+    identifier, _, version = text.partition(":")
+    if not IMAGE_NAME_RE.fullmatch(identifier) or (version and not IMAGE_VERSION_RE.fullmatch(version)):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not IMAGE or IMAGE:VERSION (an image list's identifier)")
+    return {"image": identifier, **({"version": version} if version else {})}
 
 
 def _vm_name(text: str) -> str:

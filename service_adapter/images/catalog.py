@@ -218,19 +218,34 @@ class ImageCatalog:
                 if wanted is None or not wanted.named:
                     continue
                 try:
-                    row = image_ops.resolve(conn, wanted.image, wanted.version, now=now, trusted_key_ids=trusted)
+                    changes[field] = self._resolve_one(conn, wanted, now, trusted)
                 except ImageRefused as exc:
                     raise VmRequestError(f"VM {spec.name}: {field}: {exc}", exc.status) from None
-                if wanted.sha256 is not None and wanted.sha256 != row.sha256:
-                    raise VmRequestError(f"VM {spec.name}: {field}: image {row.identifier} {row.version} has sha256 "
-                                         f"{row.sha256}, not the {wanted.sha256} asked for")
-                if not self.stored(row.sha256):
-                    raise VmRequestError(f"VM {spec.name}: {field}: image {row.identifier} {row.version} is not in "
-                                         f"the service's image store: approve it again to fetch it")
-                changes[field] = ImageFile(None, row.sha256, row.identifier, row.version, row.size)
             return dataclasses.replace(spec, **changes) if changes else spec
 
         return resolve
+
+    def resolve_images(self, wanted: list[ImageFile]) -> list[ImageFile]:
+        """The images a lease asks to prefetch, resolved by the same rule as a VM start; ImageRefused (409)."""
+        trusted = frozenset(self.trusted())
+        now = self.clock()
+        resolved = []
+        for index, image in enumerate(wanted):
+            try:
+                resolved.append(self.store.read(lambda conn, i=image: self._resolve_one(conn, i, now, trusted)))
+            except ImageRefused as exc:
+                raise ImageRefused(f"images[{index}]: {exc}", exc.status) from None
+        return resolved
+
+    def _resolve_one(self, conn, wanted: ImageFile, now: float, trusted: frozenset[str]) -> ImageFile:
+        row = image_ops.resolve(conn, wanted.image, wanted.version, now=now, trusted_key_ids=trusted)
+        if wanted.sha256 is not None and wanted.sha256 != row.sha256:
+            raise ImageRefused(f"image {row.identifier} {row.version} has sha256 {row.sha256}, not the "
+                               f"{wanted.sha256} asked for")
+        if not self.stored(row.sha256):
+            raise ImageRefused(f"image {row.identifier} {row.version} is not in the service's image store: "
+                               "approve it again to fetch it")
+        return ImageFile(None, row.sha256, row.identifier, row.version, row.size)
 
 
 def list_json(row: ListRow, now: float) -> dict:

@@ -78,8 +78,12 @@ class LeaseManager:
 
     # -- requests ------------------------------------------------------------------
 
-    def reserve(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator") -> LeaseInfo:
+    def reserve(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
+                images: list[dict] | None = None) -> LeaseInfo:
         """Record a lease of ``nodes`` x ``memory_mb`` MB for ``duration_s`` s, then submit its pilot job.
+
+        ``images`` (listed images, already resolved by the image catalogue)
+        are prefetched by each host as soon as it has reserved.
 
         The lease and its slot are committed before the job is submitted, so
         a pilot's first notification finds them. Raises
@@ -92,6 +96,7 @@ class LeaseManager:
         lease_id, slot = str(uuid.uuid4()), str(uuid.uuid4())
         self.store.create_lease(
             lease_id, slot, owner=owner, nodes=nodes, memory_mb=memory_mb, duration_s=duration_s, now=now,
+            images=images,
         )
         log.info("lease %s created for %s: %d x %d MB for %g s (slot %s)",
                  lease_id, owner, nodes, memory_mb, duration_s, slot)

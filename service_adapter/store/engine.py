@@ -31,6 +31,7 @@ import time
 from typing import Callable
 
 from pilot.protocol import Notification, VmSpec
+from service_adapter.store import images as image_ops
 from service_adapter.store import leases as lease_ops
 from service_adapter.store import notifications as notification_ops
 from service_adapter.store import schema
@@ -194,17 +195,20 @@ class Store:
 
     def create_lease(
         self, lease_id: str, slot_id: str, *, owner: str, nodes: int, memory_mb: int, duration_s: float,
-        now: float, reason: str = "submitting the pilot job",
+        now: float, reason: str = "submitting the pilot job", images: list[dict] | None = None,
     ) -> LeaseRow:
         """Record a new lease (state ``pending``) and its one slot in one transaction; blocks until committed.
 
         Called before the pilot job is submitted, so a pilot's first
-        notification always finds its slot.
+        notification always finds its slot. ``images`` (resolved) are what
+        each host is told to prefetch once it has reserved.
         """
 
         def write(conn: sqlite3.Connection) -> None:
             lease_ops.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id)
             lease_ops.insert_slot(conn, slot_id, lease_id, nodes, memory_mb, now)
+            if images:
+                image_ops.set_lease_images(conn, lease_id, images)
 
         self.submit(write).result()
         return self.get_lease(lease_id)

@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS image_approvals (
     reason      TEXT NOT NULL,
     PRIMARY KEY (identifier, version)
 );
+CREATE TABLE IF NOT EXISTS lease_images (
+    lease_id    TEXT NOT NULL REFERENCES leases(id),
+    position    INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    PRIMARY KEY (lease_id, position)
+);
 """
 
 
@@ -209,6 +215,18 @@ def set_approval(conn: sqlite3.Connection, image: ImageRow, state: str, by: str,
         "INSERT OR REPLACE INTO image_approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
         (image.identifier, image.version, image.sha256, state, by, now, reason),
     )
+
+
+def set_lease_images(conn: sqlite3.Connection, lease_id: str, images: list[dict]) -> None:
+    """Record the images (resolved, as the pilots get them) a lease's hosts prefetch once they have reserved."""
+    conn.executemany("INSERT INTO lease_images VALUES (?, ?, ?)",
+                     [(lease_id, i, json.dumps(image, separators=(",", ":"))) for i, image in enumerate(images)])
+
+
+def lease_images(conn: sqlite3.Connection, lease_id: str) -> list[dict]:
+    """The images a lease's hosts prefetch, in the order asked."""
+    return [json.loads(text) for (text,) in conn.execute(
+        "SELECT image FROM lease_images WHERE lease_id = ? ORDER BY position", (lease_id,))]
 
 
 # -- the rule of every VM start ---------------------------------------------------------------------

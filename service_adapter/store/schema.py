@@ -111,7 +111,7 @@ CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
 TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands", "image_lists",
-          "list_images", "image_approvals")
+          "list_images", "image_approvals", "lease_images")
 
 
 def prepare(conn: sqlite3.Connection, path: str) -> None:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from pilot.protocol import Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
+from service_adapter.store import images as image_ops
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -265,6 +266,11 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             else:
                 _set_vm(conn, lease_id, name, "failed", why or "the pilot could not start it", now, host=n.host,
                         stopped=True)
+    elif n.state == "reserved":
+        # The host holds the memory: have it fetch the lease's images now, before a VM start waits for them.
+        images = image_ops.lease_images(conn, lease_id)
+        if images:
+            queue_command(conn, n.slot, n.host, {"op": "prefetch", "images": images}, now, woken)
     elif n.state == "earlyunreserving":
         # The pilot waits grace x earlywaitratio for the service to stop its VMs: ask it to, gracefully.
         for (name,) in conn.execute(
