@@ -3,9 +3,11 @@
 #   vmlinuz     the kernel of Debian's cloud kernel package (the linux-image-*-cloud-amd64 that
 #               linux-image-cloud-amd64 depends on; apt-get download + dpkg-deb -x, never installed:
 #               installing it upgrades systemd);
-#   initrd.img  a gzip'd newc cpio: busybox-static, the virtio modules the balloon needs, and an /init
-#               that prints "workspace-pilot test guest up" to /dev/ttyS0, then
-#               "workspace-pilot test guest alive N" every 2 s, forever;
+#   initrd.img  a gzip'd newc cpio: busybox-static, the virtio modules the balloon needs (and virtio_blk,
+#               isofs for a cloud-init seed), and an /init that prints "workspace-pilot test guest up" to
+#               /dev/ttyS0, then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
+#               test guest seed file NAME:" and "... seed end", then "workspace-pilot test guest alive N"
+#               every 2 s, forever;
 #   SHA256SUMS  sha256sum's manifest of the two; inputs: what they were built from.
 # Idempotent: when the inputs (kernel package and version, busybox-static's version, this script) are
 # unchanged and the files match SHA256SUMS, it does nothing. Needs busybox-static (scripts/bootstrap.sh
@@ -14,7 +16,8 @@ set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out="$top/.cache/test-guest"
 # The order the guest loads them in; without all of them setMemory "succeeds" and nothing changes.
-modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon)
+# virtio_blk, cdrom and isofs (which needs cdrom) let the guest read a cloud-init seed (a read-only virtio disk holding an ISO 9660).
+modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_blk cdrom isofs)
 busybox=/bin/busybox
 
 if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
@@ -60,7 +63,7 @@ cp "$tmp/kernel/boot/vmlinuz-$release" "$tmp/vmlinuz"
 
 # The initramfs tree.
 root="$tmp/root"
-mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/lib/modules"
+mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/lib/modules" "$root/seed"
 cp "$busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 loaded=()
@@ -88,6 +91,21 @@ for module in ${loaded[*]}; do
   insmod /lib/modules/\$module.ko || echo "insmod \$module failed"
 done
 echo "workspace-pilot test guest up" > /dev/ttyS0
+# A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
+# virtio_blk probes its disks asynchronously: give them 2 s to appear (a VM without one just waits).
+i=0
+while [ \$i -lt 20 ] && ! ls /dev/vd? >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
+for dev in /dev/vd?; do
+  [ -b "\$dev" ] || continue
+  if mount -t iso9660 -o ro "\$dev" /seed 2>/dev/null; then
+    for file in /seed/*; do
+      echo "workspace-pilot test guest seed file \$(basename "\$file"):" > /dev/ttyS0
+      cat "\$file" > /dev/ttyS0
+      echo "workspace-pilot test guest seed end" > /dev/ttyS0
+    done
+    umount /seed
+  fi
+done
 n=0
 while true; do
   sleep 2

@@ -189,3 +189,20 @@ def test_the_test_driver_creates_the_domain_and_read_tag_finds_the_tag():
             domain.destroy()
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("virt_type,target,bus", [("qemu", "vdz", "virtio"), ("xen", "xvdz", "xen")])
+def test_a_seed_is_one_more_read_only_disk_and_without_one_there_is_none(virt_type, target, bus):
+    import dataclasses
+
+    with_seed = dataclasses.replace(checked(readonly=True, console=None),
+                                    seed="/var/lib/workspace-pilot/seeds/wp-3f2a9c1e-vm1.iso")
+    disks = render(with_seed, virt_type=virt_type).findall("devices/disk")
+    seed = [d for d in disks if d.find("source").get("file").endswith(".iso")]
+    assert len(disks) == 2 and len(seed) == 1
+    (seed,) = seed
+    assert seed.find("target").attrib == {"dev": target, "bus": bus}
+    assert seed.find("readonly") is not None and seed.find("transient") is None
+    assert [d.find("source").get("file") for d in render(checked(readonly=True, console=None),
+                                                          virt_type=virt_type).findall("devices/disk")] == [
+        "/srv/images/disk.img"]

@@ -370,3 +370,28 @@ def test_each_host_of_a_lease_with_images_is_told_to_prefetch_them_once_it_has_r
     assert site.svc.commands(slot) == [("node1", "prefetch", {"op": "prefetch", "images": [wanted]})]
     site.svc.notify(slot, "node2", "reserved", memory_mb=512)
     assert [host for host, op, _ in site.svc.commands(slot) if op == "prefetch"] == ["node1", "node2"]
+
+
+def test_a_pilots_cache_retires_what_the_site_no_longer_approves_at_its_first_use(site, tmp_path):
+    from pilot.images.cache import ImageCache
+    from pilot.images.fetch import ImageSource, NodeImages
+    from pilot.protocol import ImageFile
+
+    subscribed(site)
+    assert approve(site, version="1.0").status_code == 200
+    assert approve(site, version="1.1").status_code == 200
+    _, slot = site.svc.ready_lease(("node1",))
+    key = site.svc.sign_key(slot, "node1")
+    source = ImageSource(site.svc.pilot_session("node1"), site.svc.url, slot, "node1")
+    assert source.approved(key) == {e["sha256"] for e in site.entries}
+    with pytest.raises(Exception, match="signature is wrong"):
+        source.approved("0" * 64)  # an answer not signed with this (slot, host)'s key is ignored
+    cache_dir = str(tmp_path / "node-cache")
+    old, new = site.entries
+    first = NodeImages(ImageCache(cache_dir, 1 << 40), source, key=key)
+    first.ensure(ImageFile(None, old["sha256"], "el9-worker", "1.0", old["size"]))
+    site.svc.api("POST", "/images/el9-worker/revoke", json={"version": "1.0"})
+    # The next pilot on the node: at its first use of the cache, 1.0 goes (1.1, still approved, is fetched).
+    second = NodeImages(ImageCache(cache_dir, 1 << 40), source, key=key)
+    second.ensure(ImageFile(None, new["sha256"], "el9-worker", "1.1", new["size"]))
+    assert sorted(n for n in os.listdir(cache_dir) if len(n) == 64) == [new["sha256"]]

@@ -10,6 +10,7 @@ them into its cache, and boots the guest from there.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -118,3 +119,67 @@ def test_a_lease_that_names_its_images_has_them_prefetched_so_the_vm_start_downl
     site.manager.release(lease.id)
     site.wait(lease, TERMINAL, 60)
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
+
+
+SEED_END = "workspace-pilot test guest seed end"
+
+
+def seed_files_on_console(console: str) -> dict[str, str]:
+    """The seed files the test guest printed on its console (name -> content)."""
+    files, name, lines = {}, None, []
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        for line in handle.read().splitlines():
+            line = line.rstrip("\r")
+            if line.startswith("workspace-pilot test guest seed file ") and line.endswith(":"):
+                name, lines = line[len("workspace-pilot test guest seed file "):-1], []
+            elif line == SEED_END and name is not None:
+                files[name], name = "\n".join(lines), None
+            elif name is not None:
+                lines.append(line)
+    return files
+
+
+def test_a_guest_reads_its_cloud_init_seed_hostname_keys_user_data_and_peers(image_site, libvirt_qemu, tmp_path,
+                                                                               hugepages):
+    site, _server = image_site
+    lease = site.manager.reserve(nodes=1, memory_mb=2 * LEASE_MB, duration_s=600)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm9seedtest alice@ops"
+    user_data = "#cloud-config\nruncmd:\n - echo hello from user-data\n"
+
+    def spec(name: str, **context) -> dict:
+        return {"name": name, "memory_mb": VM_MB,
+                "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
+                         "cmdline": "console=ttyS0 panic=-1 quiet"},
+                "console_log": f"{name}.log", "context": context}
+
+    site.vms.start(lease.id, [parse_vm_request(spec("head", hostname="head-node", ssh_authorized_keys=[key],
+                                                    user_data=user_data)),
+                              parse_vm_request(spec("worker1"))])
+    for name in ("head", "worker1"):
+        vm = site.vms.wait(lease.id, name, {"running", "failed"}, 90)
+        assert vm is not None and vm.state == "running", site.vms.get(lease.id, name)
+    console = str(tmp_path / "consoles" / "head.log")
+    assert wait_for_line(console, SEED_END, 90), open(console, errors="replace").read()
+    # The guest prints the seed before its first "alive": once that is there, the seed is all there.
+    assert wait_for_line(console, "workspace-pilot test guest alive 1", 30)
+    files = seed_files_on_console(console)
+    assert set(files) == {"meta-data", "peers", "user-data"}, files
+    meta = json.loads(files["meta-data"])
+    assert meta["local-hostname"] == "head-node" and meta["public-keys"] == [key]
+    assert meta["instance-id"] == f"{lease.slot}-head"
+    host = site.vms.get(lease.id, "head").host
+    assert meta["workspace-peers"] == [{"name": "head", "host": host}, {"name": "worker1", "host": host}]
+    assert files["user-data"] == user_data.rstrip("\n")
+    assert files["peers"] == f"head {host}\nworker1 {host}"
+    worker_console = str(tmp_path / "consoles" / "worker1.log")
+    assert wait_for_line(worker_console, "workspace-pilot test guest alive 1", 90)
+    worker = seed_files_on_console(worker_console)
+    assert json.loads(worker["meta-data"])["local-hostname"] == "worker1"  # its name, none given
+    seeds = os.path.join(site.journal_dir, "seeds")
+    assert len(os.listdir(seeds)) == 2
+    site.manager.release(lease.id)
+    site.wait(lease, TERMINAL, 60)
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)
+    assert os.listdir(seeds) == []  # the pilot's teardown removed its VMs' seeds

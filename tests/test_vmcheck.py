@@ -237,3 +237,32 @@ def test_hashing_stops_when_the_slot_is_torn_down(node):
     spec = VmSpec("vm", 128, disk=ImageFile("fresh.raw", sha(b"never hashed before")))
     with pytest.raises(VmRefused, match="hashing stopped: the slot is being torn down"):
         check_spec(spec, node.policy, reserved_mb=4096, in_use_mb=0, cancel=cancel)
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm9 alice@ops"
+
+
+@pytest.mark.parametrize("context,needle", [
+    ({"hostname": "web_1"}, "vm.context.hostname"),
+    ({"ssh_authorized_keys": ["not a key"]}, "vm.context.ssh_authorized_keys[]"),
+    ({"ssh_authorized_keys": [KEY + "\nssh-rsa AAAA injected"]}, "vm.context.ssh_authorized_keys[]"),
+    ({"ssh_authorized_keys": [KEY] * 17}, "at most 16 keys"),
+    ({"user_data": "x" * (32 * 1024 + 1)}, "vm.context.user_data"),
+    ({"peers": [{"name": "a", "host": "node1", "ip": "10.0.0.1"}]}, "vm.context.peers[]"),
+    ({"colour": "blue"}, "vm.context: unknown field(s) colour"),
+])
+def test_a_bad_context_is_refused_naming_its_field(context, needle):
+    from pilot.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError) as caught:
+        VmSpec.from_dict({"name": "vm1", "memory_mb": 64, "boot": {"kernel": {"path": "k", "sha256": "0" * 64}},
+                          "context": context})
+    assert needle in str(caught.value)
+
+
+def test_a_context_round_trips():
+    context = {"hostname": "web1", "ssh_authorized_keys": [KEY], "user_data": "#cloud-config\nruncmd: [ls]\n",
+               "peers": [{"name": "vm2", "host": "node2"}]}
+    spec = {"name": "vm1", "memory_mb": 64, "vcpus": 1, "boot": {"kernel": {"path": "k", "sha256": "0" * 64}},
+            "context": context}
+    assert VmSpec.from_dict(spec).to_dict() == spec

@@ -10,6 +10,8 @@ Both resume with a Range request from what a partial download holds.
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import threading
 from typing import Callable, Iterator
@@ -17,7 +19,7 @@ from typing import Callable, Iterator
 import requests
 
 from pilot.images.cache import CacheError, FetchCancelled, ImageCache
-from pilot.protocol import ImageFile, image_path
+from pilot.protocol import SIGNATURE_HEADER, ImageFile, image_path, sign_commands
 from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,25 @@ class ImageSource:
             urls.append((f"{self.mirror}/{sha256}", self._plain))
         urls.append((self.service + image_path(self.slot, self.host, sha256), self.session))
         return urls
+
+    def approved(self, key: str) -> set[str]:
+        """The sha256s the service approves now (its signed answer, checked with the (slot, host) ``key``);
+        CacheError if it cannot be had or the signature is wrong."""
+        target = image_path(self.slot, self.host, "x").rsplit("/", 1)[0]
+        try:
+            response = self.session.get(self.service + target, timeout=self.timeout_s, verify=self.session.verify)
+        except requests.RequestException as exc:
+            raise CacheError(f"{self.service}{target}: {failure_words(exc)}") from None
+        if response.status_code != 200:
+            raise CacheError(f"{self.service}{target}: HTTP {response.status_code}")
+        expected = sign_commands(key, target, response.content)
+        if not hmac.compare_digest(response.headers.get(SIGNATURE_HEADER, ""), expected):
+            raise CacheError(f"{self.service}{target}: the answer's signature is wrong: ignored")
+        try:
+            listed = json.loads(response.content)["sha256"]
+            return {sha for sha in listed if isinstance(sha, str) and len(sha) == 64}
+        except (ValueError, KeyError, TypeError):
+            raise CacheError(f"{self.service}{target}: not a list of sha256s") from None
 
     def fetcher(self, sha256: str) -> Callable[[int], Iterator[bytes]]:
         """``fetch(offset)`` for :meth:`ImageCache.ensure`: the bytes from ``offset`` on, from the first URL that
@@ -102,12 +123,29 @@ class NodeImages:
     """
 
     def __init__(self, cache: ImageCache, source: ImageSource, *,
-                 note_fetching: Callable[[tuple[str, ...]], None] = lambda sha256s: None):
+                 note_fetching: Callable[[tuple[str, ...]], None] = lambda sha256s: None, key: str | None = None):
         self.cache = cache
         self.source = source
         self.note_fetching = note_fetching
+        self.key = key
         self._lock = threading.Lock()
         self._fetching: dict[str, int] = {}
+        self._retired = key is None  # with the (slot, host) key, the first use retires what the site dropped
+
+    def retire_unlisted(self) -> list[str]:
+        """Remove cached images the service no longer approves (not those a VM uses); the sha256s removed.
+
+        Done once per pilot, at its first use of the cache; a failure is
+        logged and changes nothing (an image the site dropped can start no
+        VM anyway: the service refuses it first).
+        """
+        self._retired = True
+        try:
+            keep = self.source.approved(self.key)
+        except CacheError as exc:
+            log.warning("image cache: not retiring anything: %s", exc)
+            return []
+        return self.cache.retire(keep | set(self._fetching))
 
     def ensure(self, image: ImageFile, *, cancel: threading.Event | None = None,
                progress: Callable[[int, int], None] | None = None) -> str:
@@ -119,6 +157,8 @@ class NodeImages:
             raise CacheError(f"{image.label}: the service did not say its sha256 and size")
         sha256, size = image.sha256, image.size
         self.cache.prepare()
+        if not self._retired:
+            self.retire_unlisted()
         if self.cache.has(sha256):
             self.cache.touch(sha256)
             return self.cache.path(sha256)

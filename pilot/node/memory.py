@@ -89,6 +89,9 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
     if entry.vm_uri:
         # VMs first: their memory is what the restore gives back to the host.
         destroyed = destroy_slot_vms(entry.vm_uri, entry.slot)
+        from pilot.vm.seed import remove_seeds, seed_dir_of, slot_domain_prefix
+
+        remove_seeds(seed_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
     memory = entry.memory
     if memory is None:

@@ -154,6 +154,74 @@ class ImageFile:
         return out
 
 
+#: Bounds of a VM's contextualization (what goes on its cloud-init seed).
+MAX_SSH_KEYS = 16
+MAX_SSH_KEY_LEN = 8192
+MAX_USER_DATA = 32 * 1024
+MAX_PEERS = 256
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_SSH_KEY_RE = re.compile(r"^(ssh-|ecdsa-|sk-)[A-Za-z0-9@._-]+ [A-Za-z0-9+/=]+( [ -~]*)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class VmContext:
+    """What a VM learns about itself at boot, through a cloud-init NoCloud seed (docs/images.md).
+
+    ``hostname`` (default: the VM's name), the operator's
+    ``ssh_authorized_keys``, ``user_data`` (cloud-init's, as given), and
+    ``peers``: the lease's VMs (name and the node each runs on) when this
+    one was queued, which the service fills in.
+    """
+
+    hostname: str | None = None
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+    peers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_dict(cls, data) -> "VmContext":
+        """Parse and validate ``vm.context``; ProtocolError names the field."""
+        if not isinstance(data, dict):
+            raise ProtocolError("vm.context: must be an object")
+        _no_unknown("vm.context", data, {"hostname", "ssh_authorized_keys", "user_data", "peers"})
+        hostname = data.get("hostname")
+        if hostname is not None:
+            _check_str("vm.context.hostname", hostname, 63, _HOSTNAME_RE)
+        keys = data.get("ssh_authorized_keys", [])
+        if not isinstance(keys, list) or len(keys) > MAX_SSH_KEYS:
+            raise ProtocolError(f"vm.context.ssh_authorized_keys: must be a list of at most {MAX_SSH_KEYS} keys")
+        for key in keys:
+            _check_str("vm.context.ssh_authorized_keys[]", key, MAX_SSH_KEY_LEN, _SSH_KEY_RE)
+        user_data = data.get("user_data")
+        if user_data is not None:
+            if not isinstance(user_data, str) or len(user_data.encode()) > MAX_USER_DATA or "\x00" in user_data:
+                raise ProtocolError(f"vm.context.user_data: must be text of at most {MAX_USER_DATA} bytes")
+        peers = data.get("peers", [])
+        if not isinstance(peers, list) or len(peers) > MAX_PEERS:
+            raise ProtocolError(f"vm.context.peers: must be a list of at most {MAX_PEERS} VMs")
+        parsed = []
+        for peer in peers:
+            if not isinstance(peer, dict) or set(peer) != {"name", "host"}:
+                raise ProtocolError("vm.context.peers[]: must be {\"name\", \"host\"}")
+            _check_str("vm.context.peers[].name", peer["name"], MAX_VM_NAME_LEN, _VM_NAME_RE)
+            _check_str("vm.context.peers[].host", peer["host"], MAX_HOST_LEN, _HOST_RE)
+            parsed.append((peer["name"], peer["host"]))
+        return cls(hostname, tuple(keys), user_data, tuple(parsed))
+
+    def to_dict(self) -> dict:
+        """The JSON object (only the parts that are set)."""
+        out: dict = {}
+        if self.hostname is not None:
+            out["hostname"] = self.hostname
+        if self.ssh_authorized_keys:
+            out["ssh_authorized_keys"] = list(self.ssh_authorized_keys)
+        if self.user_data is not None:
+            out["user_data"] = self.user_data
+        if self.peers:
+            out["peers"] = [{"name": name, "host": host} for name, host in self.peers]
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class VmSpec:
     """One VM as the service asks for it; :meth:`from_dict` validates the shape of every field.
@@ -164,7 +232,8 @@ class VmSpec:
     read-only, else writes go to a throw-away overlay. ``network`` is None
     (no NIC) or a libvirt network's name; ``console_log`` is None or a file
     name for the serial console's output (the pilot confines it to its
-    console directory). Whether the node allows the paths, the network
+    console directory). ``context``, when set, gives the VM a cloud-init
+    seed (:class:`VmContext`). Whether the node allows the paths, the network
     and the memory is the pilot's check, not this one's.
     """
 
@@ -178,8 +247,9 @@ class VmSpec:
     cmdline: str | None = None
     network: str | None = None
     console_log: str | None = None
+    context: VmContext | None = None
 
-    _FIELDS = frozenset({"name", "memory_mb", "vcpus", "disk", "boot", "network", "console_log"})
+    _FIELDS = frozenset({"name", "memory_mb", "vcpus", "disk", "boot", "network", "console_log", "context"})
 
     @classmethod
     def from_dict(cls, data) -> "VmSpec":
@@ -226,7 +296,8 @@ class VmSpec:
         console_log = data.get("console_log")
         if console_log is not None:
             _check_str("vm.console_log", console_log, MAX_VM_NAME_LEN + 8, _VM_NAME_RE)
-        return cls(name, memory_mb, vcpus, disk, readonly, kernel, initrd, cmdline, network, console_log)
+        context = VmContext.from_dict(data["context"]) if data.get("context") is not None else None
+        return cls(name, memory_mb, vcpus, disk, readonly, kernel, initrd, cmdline, network, console_log, context)
 
     def to_dict(self) -> dict:
         """The JSON object (the inverse of :meth:`from_dict`); unset optional parts are left out."""
@@ -244,6 +315,8 @@ class VmSpec:
             out["network"] = self.network
         if self.console_log is not None:
             out["console_log"] = self.console_log
+        if self.context is not None:
+            out["context"] = self.context.to_dict()
         return out
 
 

@@ -52,6 +52,8 @@ class VmPolicy:
     hugepage_kb: int | None = None
     image_cache_dir: str | None = None
     """Where images named by an image list are (the node's image cache); None: such images are refused."""
+    seed_dir: str | None = None
+    """Where VMs' cloud-init seeds are written (root's alone); None: a VM that asks for one is refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,8 @@ class CheckedVm:
     kernel: str | None = None
     initrd: str | None = None
     console: str | None = None
+    seed: str | None = None
+    """The VM's cloud-init seed (written just before the domain is created), or None."""
 
 
 def check_memory(spec: VmSpec, policy: VmPolicy, *, reserved_mb: int, in_use_mb: int) -> None:
@@ -121,6 +125,8 @@ def check_spec(
     paths = {field: _cached_path(field, image, policy) if image.named else _image_path(field, image, image_dir)
              for field, image in images.items()}
     console = _console_path(spec.console_log, policy.console_dir) if spec.console_log else None
+    if spec.context is not None and policy.seed_dir is None:
+        raise VmRefused("context: this node cannot give VMs a cloud-init seed")
     for field, image in images.items():
         digest = file_sha256(paths[field], cancel=cancel)
         if digest != image.sha256:

@@ -99,6 +99,13 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         # QEMU keeps a transient disk's writes in an overlay next to the image
         # (<image>.TRANSIENT-<domain name>) and deletes it when the domain ends.
         ET.SubElement(disk, "readonly" if spec.disk_readonly else "transient")
+    if vm.seed is not None:
+        # The cloud-init seed: a read-only disk the guest finds by its label (cidata), whatever it names it.
+        seed = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(seed, "driver", name="qemu", type="raw")
+        ET.SubElement(seed, "source", file=vm.seed)
+        ET.SubElement(seed, "target", dev="xvdz" if xen else "vdz", bus="xen" if xen else "virtio")
+        ET.SubElement(seed, "readonly")
     if spec.network is not None:
         interface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(interface, "source", network=spec.network)

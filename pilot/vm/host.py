@@ -24,6 +24,7 @@ from pilot.protocol import VmSpec
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
+from pilot.vm.seed import remove_seeds, seed_files, seed_path, slot_domain_prefix, write_seed
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class VmHost:
 
     def domain_name(self, name: str) -> str:
         """The libvirt domain name of this slot's VM ``name``."""
-        return f"wp-{self.slot[:8]}-{name}"
+        return slot_domain_prefix(self.slot) + name
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -228,6 +229,8 @@ class VmHost:
         except (libvirt.libvirtError, ValueError) as exc:
             return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
         domain_name = self.domain_name(name)
+        if spec.context is not None:
+            checked = dataclasses.replace(checked, seed=seed_path(self.policy.seed_dir, domain_name))
         try:
             xml = render_domain(
                 checked, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
@@ -244,10 +247,18 @@ class VmHost:
                 log.error("not starting VM %s: recording that VMs may exist failed: %s", name, exc)
                 return VmOutcome(False, name, f"cannot record that VMs may exist on this node: {one_line(exc)}")
             self._journalled = True
+        if checked.seed is not None:
+            # After the journal says VMs may exist: whoever undoes this slot removes its seeds too.
+            try:
+                write_seed(checked.seed, seed_files(spec.context, instance_id=f"{self.slot}-{name}",
+                                                    default_hostname=name))
+            except (OSError, ValueError) as exc:
+                return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
+            self._remove_seed(domain_name)
             return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
         self._vms[name] = _Vm(spec, domain_name, domain)
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",
@@ -326,6 +337,14 @@ class VmHost:
                 vm = books.pop(name, None)
                 if vm is not None:
                     vm.let_go()
+                    self._remove_seed(vm.domain_name)
+
+    def _remove_seed(self, domain_name: str) -> None:
+        if self.policy.seed_dir is not None:
+            try:
+                os.unlink(seed_path(self.policy.seed_dir, domain_name))
+            except FileNotFoundError:
+                pass
 
     # -- books ---------------------------------------------------------------------------------
 
@@ -361,6 +380,7 @@ class VmHost:
             if not active:
                 log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
                 vm.let_go()
+                self._remove_seed(vm.domain_name)
                 self._gone[name] = self._vms.pop(name)
 
     def _in_use_mb(self) -> int:
@@ -408,6 +428,8 @@ class VmHost:
                     vm = books.pop(name, None)
                     if vm is not None:
                         vm.let_go()
+            if self.policy.seed_dir is not None:
+                remove_seeds(self.policy.seed_dir, self.domain_name(""))
             log.info("teardown of slot %s: %d VM(s) destroyed in %.1f ms",
                      self.slot, len(destroyed), (time.monotonic() - began) * 1000)
         if problems:

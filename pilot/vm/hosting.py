@@ -53,13 +53,14 @@ class VmHosting:
     def _make_host(self):
         from pilot.vm.check import VmPolicy
         from pilot.vm.host import VmHost
+        from pilot.vm.seed import seed_dir_of
 
         config = self.config
         policy = VmPolicy(
             image_dir=config.image_dir, console_dir=config.console_dir, overhead_mb=config.vm_overhead_mb,
             networks=tuple(config.networks or ()),
             hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
-            image_cache_dir=config.image_cache_dir,
+            image_cache_dir=config.image_cache_dir, seed_dir=seed_dir_of(config.journal_dir),
         )
         held = self.memory.held
         return VmHost(
@@ -76,7 +77,7 @@ class VmHosting:
         source = ImageSource(self.notifier.session, config.contact, self.slot, self.host, mirror=config.image_mirror,
                              timeout_s=config.image_fetch_timeout_s)
         cache = ImageCache(config.image_cache_dir, config.image_cache_mb * 1024 * 1024)
-        return NodeImages(cache, source, note_fetching=self.memory.note_fetching)
+        return NodeImages(cache, source, note_fetching=self.memory.note_fetching, key=self.notifier.key)
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""

@@ -245,7 +245,8 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
                             'spec is {"name", "memory_mb", "vcpus", "disk": {"path", "sha256", "readonly"} or '
                             '{"image", "version", "readonly"}, '
                             '"boot": {"kernel": {"path", "sha256"}, "initrd": {...}, "cmdline"}, "network", '
-                            '"console_log"} plus an optional "host". Not with the options below')
+                            '"console_log", "context": {"hostname", "ssh_authorized_keys", "user_data"}} plus an '
+                            'optional "host". Not with the options below')
     one = start.add_argument_group("one VM from options (instead of --spec)")
     one.add_argument("--name", type=_vm_name, metavar="NAME",
                      help="the VM's name, unique among the lease's active VMs (required)")
@@ -271,6 +272,12 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     one.add_argument("--network", metavar="NAME", help="attach one NIC to this libvirt network (default: no NIC)")
     one.add_argument("--console-log", metavar="FILE",
                      help="a file name for the serial console's output, in the pilots' console directory")
+    one.add_argument("--hostname", metavar="NAME",
+                     help="give the VM a cloud-init seed (NoCloud) with this host name (default: its name when "
+                          "--ssh-key or --user-data asks for a seed)")
+    one.add_argument("--ssh-key", dest="ssh_keys", action="append", metavar="FILE",
+                     help="an OpenSSH public key file whose keys go on the VM's seed (repeatable)")
+    one.add_argument("--user-data", metavar="FILE", help="cloud-init user-data for the VM's seed (at most 32 KiB)")
     one.add_argument("--host", type=_host_name, metavar="HOST",
                      help="place the VM on this host of the lease (default: the host with the most room)")
     start.add_argument("--wait", type=positive(float), metavar="SECONDS",

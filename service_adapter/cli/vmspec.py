@@ -15,10 +15,12 @@ _VM_OPTIONS = {
     "vm.disk": "--image", "vm.boot.kernel.path": "--kernel", "vm.boot.kernel.sha256": "--kernel-sha256",
     "vm.boot.kernel": "--kernel", "vm.boot.initrd.path": "--initrd", "vm.boot.initrd.sha256": "--initrd-sha256",
     "vm.boot.initrd": "--initrd", "vm.boot.cmdline": "--cmdline", "vm.network": "--network",
-    "vm.console_log": "--console-log", "vm": "the VM",
+    "vm.console_log": "--console-log", "vm.context.hostname": "--hostname",
+    "vm.context.ssh_authorized_keys[]": "--ssh-key", "vm.context.ssh_authorized_keys": "--ssh-key",
+    "vm.context.user_data": "--user-data", "vm": "the VM",
 }
 _SPEC_OPTIONS = ("name", "memory", "vcpus", "image", "image_sha256", "image_name", "image_version", "readonly", "kernel", "kernel_sha256",
-                 "initrd", "initrd_sha256", "cmdline", "network", "console_log", "host")
+                 "initrd", "initrd_sha256", "cmdline", "network", "console_log", "hostname", "ssh_keys", "user_data", "host")
 
 
 class BadSpec(Exception):
@@ -145,8 +147,37 @@ def _spec_from_options(args) -> dict:
         spec["network"] = args.network
     if args.console_log is not None:
         spec["console_log"] = args.console_log
+    context = _context_from_options(args)
+    if context is not None:
+        spec["context"] = context
     if args.host is not None:
         spec["host"] = args.host
     return spec
+
+
+def _context_from_options(args) -> dict | None:
+    """The cloud-init seed's part of a VM given by options, or None when none asks for one."""
+    if args.hostname is None and not args.ssh_keys and args.user_data is None:
+        return None
+    context: dict = {}
+    if args.hostname is not None:
+        context["hostname"] = args.hostname
+    keys = []
+    for path in args.ssh_keys or ():
+        try:
+            with open(path, encoding="utf-8") as handle:
+                keys += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadSpec(f"--ssh-key {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    if keys:
+        context["ssh_authorized_keys"] = keys
+    if args.user_data is not None:
+        try:
+            with open(args.user_data, encoding="utf-8") as handle:
+                context["user_data"] = handle.read(64 * 1024)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadSpec(f"--user-data {args.user_data}: cannot read it: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
 
 

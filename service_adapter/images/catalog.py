@@ -160,7 +160,7 @@ class ImageCatalog:
 
     def retire(self) -> list[str]:
         """Remove from the image store every file no approved, listed image has; their sha256s."""
-        wanted = self.store.read(image_ops.wanted_sha256)
+        wanted = self.approved_sha256s()
         try:
             names = os.listdir(self.store_dir)
         except FileNotFoundError:
@@ -173,6 +173,10 @@ class ImageCatalog:
         if gone:
             log.info("images: retired %d image(s) from the store: %s", len(gone), ", ".join(gone))
         return gone
+
+    def approved_sha256s(self) -> set[str]:
+        """The content of every approved, listed image (what nodes keep in their caches)."""
+        return self.store.read(image_ops.wanted_sha256)
 
     def fetchable(self, sha256: str) -> str | None:
         """The stored file a pilot may fetch for this content (approved, listed, present), else None."""

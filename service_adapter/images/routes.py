@@ -14,6 +14,8 @@ POST     /api/v1/images/{identifier}/approve     200, the image (``{"version", "
 POST     /api/v1/images/{identifier}/revoke      200, ``{"images": [...]}`` (same body)
 GET      /pilot/v2/slots/{slot}/hosts/{host}/    200 or 206 (Range), the image's bytes, for
          images/{sha256}                         a pilot holding that slot, if approved
+GET      /pilot/v2/slots/{slot}/hosts/{host}/    200, ``{"sha256": [...]}`` of the approved
+         images                                  images, signed as command answers are
 =======  ======================================  ==========================================
 
 Refusals: 404 unknown list or image, 409 the image or list cannot be used
@@ -26,6 +28,7 @@ the catalogue as it was.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from aiohttp import web
@@ -136,6 +139,27 @@ async def revoke(request: web.Request) -> web.Response:
     return web.json_response({"images": [image_json(row, catalog.stored(row.sha256)) for row in rows]})
 
 
+def _held(request: web.Request, what: str):
+    """(the (slot, host)'s access, None) when the request authenticated as the host in its path and that host
+    holds the slot; else (None, the refusal: 401, 400, 403 or 404, as for the command poll)."""
+    from service_adapter.receiver import answer, authenticate, held_access
+
+    auth, refusal = authenticate(request, what)
+    if refusal is not None:
+        return None, refusal
+    slot, host = request.match_info["slot"], request.match_info["host"]
+    try:
+        check_target(slot, host)
+    except ProtocolError as exc:
+        return None, answer(400, "invalid", str(exc))
+    if host != auth.account.user:
+        return None, answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node asks only for itself")
+    access = held_access(request, slot, host)
+    if access is None:
+        return None, answer(404, "unknown-slot", "no held slot for this host")
+    return access, None
+
+
 async def fetch_image(request: web.Request) -> web.StreamResponse:
     """GET /pilot/v2/slots/{slot}/hosts/{host}/images/{sha256}: an approved image, to a pilot holding the slot.
 
@@ -143,24 +167,33 @@ async def fetch_image(request: web.Request) -> web.StreamResponse:
     in the path its own, the slot held); aiohttp's file response answers
     Range requests (206), which lets a pilot resume a broken download.
     """
-    from service_adapter.receiver import answer, authenticate, held_access
+    from service_adapter.receiver import answer
 
-    auth, refusal = authenticate(request, "image fetch")
+    _, refusal = _held(request, "image fetch")
     if refusal is not None:
         return refusal
-    slot, host, sha256 = (request.match_info[k] for k in ("slot", "host", "sha256"))
-    try:
-        check_target(slot, host)
-    except ProtocolError as exc:
-        return answer(400, "invalid", str(exc))
-    if host != auth.account.user:
-        return answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node fetches only for itself")
-    if held_access(request, slot, host) is None:
-        return answer(404, "unknown-slot", "no held slot for this host")
+    sha256 = request.match_info["sha256"]
     path = await asyncio.to_thread(_catalog(request).fetchable, sha256) if len(sha256) == 64 else None
     if path is None:
         return answer(404, "unknown-image", "no approved image with this content")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def approved_images(request: web.Request) -> web.Response:
+    """GET /pilot/v2/slots/{slot}/hosts/{host}/images: ``{"sha256": [...]}``, the content of every approved,
+    listed image, signed like a command answer: the node's cache keeps these and retires the rest."""
+    from pilot.protocol import SIGNATURE_HEADER, sign_commands
+    from service_adapter.receiver import NODES_KEY
+
+    access, refusal = _held(request, "image list")
+    if refusal is not None:
+        return refusal
+    slot, host = request.match_info["slot"], request.match_info["host"]
+    wanted = await asyncio.to_thread(_catalog(request).approved_sha256s)
+    body = json.dumps({"sha256": sorted(wanted)}, separators=(",", ":")).encode()
+    key = request.app[NODES_KEY].slot_key(host, slot, access.secret)
+    return web.Response(body=body, content_type="application/json",
+                        headers={SIGNATURE_HEADER: sign_commands(key, request.raw_path, body)})
 
 
 def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True) -> None:
@@ -172,6 +205,7 @@ def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: 
     """
     app[CATALOG_KEY] = catalog
     app.router.add_get(IMAGES_PATH, fetch_image)
+    app.router.add_get(IMAGES_PATH.rsplit("/", 1)[0], approved_images)
     if not operators:
         return
     if OPERATORS_KEY not in app:

@@ -21,7 +21,7 @@ import json
 import sqlite3
 from typing import Callable
 
-from pilot.protocol import Notification, VmSpec
+from pilot.protocol import MAX_PEERS, Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import images as image_ops
 
@@ -183,6 +183,8 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
         hosts = place([(spec.name, spec.memory_mb + overhead_mb, want) for spec, want in requests], rooms)
     except PlacementError as exc:
         raise VmRequestError(f"lease {lease_id}: {exc}") from None
+    if any(spec.context is not None for spec, _ in requests):
+        requests = _with_peers(conn, lease_id, requests, hosts)
     for (spec, _), host in zip(requests, hosts):
         conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
         conn.execute(
@@ -192,6 +194,18 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
         )
         queue_command(conn, slot, host, {"op": "start-vm", "vm": spec.to_dict()}, now, woken)
     return [(spec, host) for (spec, _), host in zip(requests, hosts)]
+
+
+def _with_peers(conn, lease_id: str, requests, hosts):
+    """The requests with each context's ``peers``: the lease's active VMs and this request's, with their nodes."""
+    names = {spec.name for spec, _ in requests}
+    peers = [(name, host) for name, host in conn.execute(
+        f"SELECT name, host FROM vms WHERE lease_id = ? AND state IN ({', '.join('?' * len(ACTIVE))}) ORDER BY name",
+        [lease_id, *ACTIVE]) if name not in names]
+    peers += [(spec.name, host) for (spec, _), host in zip(requests, hosts)]
+    peers = tuple(peers[:MAX_PEERS])
+    return [(dataclasses.replace(spec, context=dataclasses.replace(spec.context, peers=peers))
+             if spec.context is not None else spec, want) for spec, want in requests]
 
 
 def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now: float, woken) -> VmRow:

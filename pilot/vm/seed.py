@@ -1,0 +1,96 @@
+"""A VM's cloud-init NoCloud seed: a small ISO 9660 image labelled ``cidata`` that the guest reads at boot.
+
+Files on it (Rock Ridge and Joliet names, so any guest sees them as written):
+
+- ``meta-data``: ``instance-id``, ``local-hostname``, ``public-keys`` (the
+  operator's SSH keys) and ``workspace-peers`` (the lease's VMs: name and
+  node), as JSON, which is YAML to cloud-init;
+- ``user-data``: the operator's user-data as given (an empty
+  ``#cloud-config`` when none was);
+- ``peers``: the same peers as ``meta-data``, one ``NAME NODE`` per line,
+  for guests without cloud-init.
+
+Made with pycdlib (no external tool, no root, no loop device), imported
+only when a VM asks for a seed. Seeds live in the journal directory's
+``seeds/``, named after the domain; the pilot removes a VM's seed when the
+VM is gone, and whoever undoes a dead pilot's entry removes its slot's.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+from pilot.protocol import VmContext
+
+SEED_LABEL = "cidata"
+
+
+def slot_domain_prefix(slot: str) -> str:
+    """The start of the libvirt domain name of every VM of ``slot`` (``wp-<first 8 of the slot>-``)."""
+    return f"wp-{slot[:8]}-"
+
+
+def seed_dir_of(journal_dir: str) -> str:
+    """Where the seeds of a node's VMs are: ``seeds/`` in the journal directory (root's alone)."""
+    return os.path.join(journal_dir, "seeds")
+
+
+def seed_path(seed_dir: str, domain_name: str) -> str:
+    """Where the seed of the domain ``domain_name`` is written."""
+    return os.path.join(seed_dir, f"{domain_name}.iso")
+
+
+def seed_files(context: VmContext, *, instance_id: str, default_hostname: str) -> dict[str, bytes]:
+    """The seed's files (name -> content)."""
+    meta: dict = {"instance-id": instance_id, "local-hostname": context.hostname or default_hostname}
+    if context.ssh_authorized_keys:
+        meta["public-keys"] = list(context.ssh_authorized_keys)
+    peers = [{"name": name, "host": host} for name, host in context.peers]
+    meta["workspace-peers"] = peers
+    user_data = context.user_data if context.user_data is not None else "#cloud-config\n{}\n"
+    return {
+        "meta-data": json.dumps(meta, indent=1).encode() + b"\n",
+        "user-data": user_data.encode(),
+        "peers": "".join(f"{p['name']} {p['host']}\n" for p in peers).encode(),
+    }
+
+
+def write_seed(path: str, files: dict[str, bytes]) -> None:
+    """Write the ISO (0600) atomically: a temporary file renamed into place."""
+    import pycdlib
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=SEED_LABEL)
+    try:
+        for index, (name, data) in enumerate(sorted(files.items())):
+            iso.add_fp(io.BytesIO(data), len(data), f"/F{index}.;1", rr_name=name, joliet_path=f"/{name}")
+        temp = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                iso.write_fp(handle)
+            os.replace(temp, path)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            raise
+    finally:
+        iso.close()
+
+
+def remove_seeds(seed_dir: str, domain_prefix: str) -> list[str]:
+    """Remove every seed whose domain name starts with ``domain_prefix``; the paths removed."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(seed_dir), glob.escape(domain_prefix) + "*.iso")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,64 @@
+"""The cloud-init seed as cloud-init finds it: an ISO 9660 volume labelled cidata with meta-data and user-data."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pycdlib
+
+from pilot.protocol import VmContext
+from pilot.vm.seed import remove_seeds, seed_files, seed_path, write_seed
+
+
+def read_iso(path: str) -> tuple[str, dict[str, bytes]]:
+    """The volume label and the files (by their Rock Ridge names) of an ISO."""
+    iso = pycdlib.PyCdlib()
+    iso.open(path)
+    try:
+        label = iso.pvd.volume_identifier.decode().strip()
+        files = {}
+        for child in iso.list_children(rr_path="/"):
+            name = child.rock_ridge.name().decode() if child.rock_ridge else None
+            if name in (None, ".", "..") or child.is_dir():
+                continue
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
+            files[name] = out.getvalue()
+        return label, files
+    finally:
+        iso.close()
+
+
+def test_the_seed_is_a_cidata_volume_with_what_the_context_says(tmp_path):
+    context = VmContext(hostname="head-node", ssh_authorized_keys=("ssh-ed25519 AAAA alice@ops",),
+                        user_data="#cloud-config\nruncmd: [hostname]\n", peers=(("head", "node1"), ("w1", "node2")))
+    path = seed_path(str(tmp_path / "seeds"), "wp-12345678-head")
+    write_seed(path, seed_files(context, instance_id="slot-head", default_hostname="head"))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    label, files = read_iso(path)
+    assert label == "cidata"
+    assert set(files) == {"meta-data", "user-data", "peers"}
+    meta = json.loads(files["meta-data"])
+    assert meta == {"instance-id": "slot-head", "local-hostname": "head-node",
+                    "public-keys": ["ssh-ed25519 AAAA alice@ops"],
+                    "workspace-peers": [{"name": "head", "host": "node1"}, {"name": "w1", "host": "node2"}]}
+    assert files["user-data"] == b"#cloud-config\nruncmd: [hostname]\n"
+    assert files["peers"] == b"head node1\nw1 node2\n"
+
+
+def test_without_user_data_the_seed_has_an_empty_cloud_config_and_the_vm_name(tmp_path):
+    path = seed_path(str(tmp_path), "wp-12345678-vm1")
+    write_seed(path, seed_files(VmContext(), instance_id="s-vm1", default_hostname="vm1"))
+    _, files = read_iso(path)
+    assert files["user-data"] == b"#cloud-config\n{}\n"
+    assert json.loads(files["meta-data"])["local-hostname"] == "vm1"
+
+
+def test_remove_seeds_takes_one_slots_seeds_only(tmp_path):
+    for domain in ("wp-aaaaaaaa-vm1", "wp-aaaaaaaa-vm2", "wp-bbbbbbbb-vm1"):
+        write_seed(seed_path(str(tmp_path), domain), seed_files(VmContext(), instance_id=domain,
+                                                                 default_hostname="x"))
+    assert len(remove_seeds(str(tmp_path), "wp-aaaaaaaa-")) == 2
+    assert os.listdir(tmp_path) == ["wp-bbbbbbbb-vm1.iso"]
