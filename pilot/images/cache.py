@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import re
 import threading
 from typing import Callable, Iterable, Iterator
@@ -225,38 +226,77 @@ class ImageCache:
 
     def _download(self, sha256: str, size: int, fetch: Fetch, cancel, progress) -> None:
         part = self.path(sha256) + ".part"
-        digest = hashlib.sha256()
+        digest = _Hasher()
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "r+b") as handle:
-            have = _hash_into(handle, digest)
-            if have > size:
-                have = 0
-                digest = hashlib.sha256()
-                handle.truncate(0)
-            if have:
-                log.info("image %s: resuming a partial download at %d of %d bytes", sha256, have, size)
-            handle.seek(have)
-            written = have
-            if written < size:
-                for chunk in _bounded(fetch(written), cancel):
-                    written += len(chunk)
-                    if written > size:
-                        break
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    if progress is not None:
-                        progress(written)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "r+b") as handle:
+                have = _hash_into(handle, digest)
+                if have > size:
+                    digest.restart()
+                    have = 0
+                    handle.truncate(0)
+                if have:
+                    log.info("image %s: resuming a partial download at %d of %d bytes", sha256, have, size)
+                handle.seek(have)
+                written = have
+                if written < size:
+                    for chunk in _bounded(fetch(written), cancel):
+                        written += len(chunk)
+                        if written > size:
+                            break
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        if progress is not None:
+                            progress(written)
+                handle.flush()
+                os.fsync(handle.fileno())
+            got = digest.hexdigest()
+        finally:
+            digest.close()
         if written != size:
             os.unlink(part)
             raise CacheError(f"image {sha256}: got {written} bytes, expected {size}: discarded")
-        if digest.hexdigest() != sha256:
+        if got != sha256:
             os.unlink(part)
-            raise CacheError(f"image {sha256}: the bytes received have sha256 {digest.hexdigest()}: discarded")
+            raise CacheError(f"image {sha256}: the bytes received have sha256 {got}: discarded")
         os.chmod(part, 0o400)
         os.replace(part, self.path(sha256))
         _fsync_dir(self.directory)
+
+
+class _Hasher:
+    """sha256 on a thread of its own, so hashing overlaps receiving and writing (hashlib and socket reads
+    both let go of the GIL); ``update`` queues a chunk, ``hexdigest`` waits for the last."""
+
+    def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=32)  # at most 8 MiB of 256 KiB reads in flight
+        self._digest = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, name="image-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def restart(self) -> None:
+        """Forget what was hashed (a partial file that cannot be the image's start)."""
+        self.close()
+        self._start()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _hash_into(handle, digest) -> int:

@@ -25,7 +25,8 @@ from pilot.shared.errors import failure_words
 log = logging.getLogger(__name__)
 
 #: Read size: also the most a transfer that breaks off loses of what arrived (the unfinished read is dropped).
-CHUNK = 64 * 1024
+#: 256 KiB: at 64 KiB, urllib3's per-read cost made a 1 GiB download over loopback take 1.02 s instead of 0.23 s.
+CHUNK = 256 * 1024
 #: Tries of one image per VM start; each resumes from what the one before it got.
 ATTEMPTS = 3
 
