@@ -144,17 +144,19 @@ def test_a_pilot_killed_mid_download_leaves_a_partial_that_the_next_one_resumes(
     victim = fetch_process(cache_dir, mirror, sha)
     try:
         assert mirror.paused.wait(30)
-        wait_until(lambda: os.path.exists(os.path.join(cache_dir, f"{sha}.part"))
-                   and os.path.getsize(os.path.join(cache_dir, f"{sha}.part")) == 2 * MiB)
+        part = os.path.join(cache_dir, f"{sha}.part")
+        wait_until(lambda: os.path.exists(part) and os.path.getsize(part) > 0)
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
         victim.kill()
     mirror.resume.set()
     assert not os.path.exists(os.path.join(cache_dir, sha))  # never renamed into place unverified
+    have = os.path.getsize(part)
+    assert 0 < have <= 2 * MiB
     path = node_images(cache_dir, mirror).ensure(image(sha))
     assert sha_of(path) == sha
-    assert mirror.gets(sha)[-1] == f"bytes={2 * MiB}-"
+    assert mirror.gets(sha)[-1] == f"bytes={have}-"  # resumed where the dead pilot's bytes end
 
 
 @pytest.mark.parametrize("fault", ["tampered", "truncated"])
