@@ -235,7 +235,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     )
     pilot.moments.mark("process_start", process_started_at() or started)
     pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
-                              on_stop=pilot.request_stop)
+                              on_stop=pilot.request_stop, peer_key=credentials.peer_key)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))
     wake_on_signals()  # a signal the kernel hands to another thread still wakes the main loop at once

@@ -68,6 +68,9 @@ class PilotConfig:
     image_cache_mb: int = 20480
     image_mirror: str | None = None
     image_fetch_timeout_s: float = 30.0
+    image_peers: bool = True
+    peer_address: str | None = None
+    peer_port: int = 0
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
@@ -117,6 +120,15 @@ def _libvirt_uri(text: str) -> str:
     if text and "://" not in text:
         raise ValueError("must be a libvirt URI such as qemu:///system, or empty for no libvirt")
     return text
+
+
+def _ip_address(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("must be this node's IP address that the lease's other nodes reach") from None
 
 
 def _mirror_url(text: str) -> str:
@@ -187,6 +199,9 @@ SCHEMA = {
         "cache_size": ("image_cache_mb", _mb),
         "mirror": ("image_mirror", _mirror_url),
         "fetch_timeout": ("image_fetch_timeout_s", _positive_float),
+        "peers": ("image_peers", boolean),
+        "peer_address": ("peer_address", _ip_address),
+        "peer_port": ("peer_port", whole(0, 65535, "must be a TCP port number, or 0 for any free port")),
     },
     "logging": {
         "dir": ("log_dir", abs_path),

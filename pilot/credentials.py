@@ -35,6 +35,8 @@ class PilotCredentials:
     user: str
     password: str = dataclasses.field(repr=False)
     sign_key: str = dataclasses.field(repr=False)
+    peer_key: str | None = dataclasses.field(default=None, repr=False)
+    """What the nodes of the slot prove membership with to each other's peer servers (from the slot secret)."""
 
 
 def node_key_path(template: str, host: str) -> str:
@@ -84,5 +86,7 @@ def take_slot_secret(environ=None) -> str:
 
 def pilot_credentials(node_key_file: str, host: str, slot: str, slot_secret: str) -> PilotCredentials:
     """Read ``host``'s node key and derive the (slot, host) key; CredentialError as above."""
+    from pilot.protocol.chunks import peer_key
+
     key = read_node_key(node_key_path(node_key_file, host))
-    return PilotCredentials(host, key, slot_key(key, slot, slot_secret))
+    return PilotCredentials(host, key, slot_key(key, slot, slot_secret), peer_key(slot_secret, slot))

@@ -85,8 +85,9 @@ class ImageCache:
         except FileNotFoundError:
             return 0
 
-    def ensure(self, sha256: str, size: int, fetch: Fetch, *, cancel: threading.Event | None = None,
-               progress: Callable[[int], None] | None = None) -> str:
+    def ensure(self, sha256: str, size: int, fetch: Fetch | None, *, cancel: threading.Event | None = None,
+               progress: Callable[[int], None] | None = None,
+               fill: Callable[[str, str], None] | None = None) -> str:
         """The cached image's path, fetching it first if it is not there; CacheError if it cannot be had.
 
         Holds the image's lock while fetching: a second pilot asking for the
@@ -95,7 +96,9 @@ class ImageCache:
         by an earlier one (after re-hashing what it holds); the result is
         renamed into place only if its size and sha256 are right, else the
         partial file is removed and CacheError says what was wrong.
-        ``progress(bytes_so_far)`` is called as bytes arrive.
+        ``progress(bytes_so_far)`` is called as bytes arrive. ``fill(part,
+        final)``, instead of ``fetch``, writes the partial file its own way
+        (chunks from peers, out of order); the whole is verified the same.
         """
         final = self.path(sha256)
         with self._locked(sha256, cancel):
@@ -103,7 +106,11 @@ class ImageCache:
                 self.touch(sha256)
                 return final
             self.make_room(size)
-            self._download(sha256, size, fetch, cancel, progress)
+            if fill is not None:
+                fill(final + ".part", final)
+                self._into_place(sha256, size)
+            else:
+                self._download(sha256, size, fetch, cancel, progress)
             return final
 
     def touch(self, sha256: str) -> None:
@@ -259,6 +266,24 @@ class ImageCache:
         if got != sha256:
             os.unlink(part)
             raise CacheError(f"image {sha256}: the bytes received have sha256 {got}: discarded")
+        os.chmod(part, 0o400)
+        os.replace(part, self.path(sha256))
+        _fsync_dir(self.directory)
+
+
+    def _into_place(self, sha256: str, size: int) -> None:
+        """Verify a partial file filled by chunks (its whole sha256, read once more) and rename it into place."""
+        part = self.path(sha256) + ".part"
+        digest = _Hasher()
+        try:
+            with open(part, "rb") as handle:
+                length = _hash_into(handle, digest)
+            got = digest.hexdigest()
+        finally:
+            digest.close()
+        if length != size or got != sha256:
+            os.unlink(part)
+            raise CacheError(f"image {sha256}: the chunks put together have sha256 {got} ({length} bytes): discarded")
         os.chmod(part, 0o400)
         os.replace(part, self.path(sha256))
         _fsync_dir(self.directory)

@@ -10,16 +10,21 @@ Both resume with a Range request from what a partial download holds.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
 import threading
+import time
 from typing import Callable, Iterator
 
 import requests
 
 from pilot.images.cache import CacheError, FetchCancelled, ImageCache
-from pilot.protocol import SIGNATURE_HEADER, ImageFile, image_path, sign_commands
+from pilot.protocol import SIGNATURE_HEADER, ImageFile, ProtocolError, image_path, sign_commands
+from pilot.protocol.chunks import (
+    PEER_AUTH_HEADER, PEER_CHUNK_PATH, PEER_HOST_HEADER, PEER_TIME_HEADER, ChunkManifest, peer_auth,
+)
 from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
@@ -29,20 +34,24 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 #: Tries of one image per VM start; each resumes from what the one before it got.
 ATTEMPTS = 3
+#: The longest a node keeps serving an image it has to the lease's nodes that still lack chunks of it.
+SEED_FOR_S = 600.0
 
 
 class ImageSource:
     """The URLs an image is fetched from, in order: ``{mirror}/{sha256}`` (if set), then the service's endpoint."""
 
     def __init__(self, session: requests.Session, contact: str, slot: str, host: str, *, mirror: str | None = None,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, peer_key: str | None = None):
         self.session = session
         self.service = contact.rstrip("/")
         self.slot = slot
         self.host = host
         self.mirror = mirror.rstrip("/") if mirror else None
         self.timeout_s = timeout_s
+        self.peer_key = peer_key
         self._plain: requests.Session | None = None
+        self._peers: requests.Session | None = None
 
     def urls(self, sha256: str) -> list[tuple[str, requests.Session]]:
         """(URL, session) to try, in order."""
@@ -55,12 +64,11 @@ class ImageSource:
         urls.append((self.service + image_path(self.slot, self.host, sha256), self.session))
         return urls
 
-    def approved(self, key: str) -> set[str]:
-        """The sha256s the service approves now (its signed answer, checked with the (slot, host) ``key``);
-        CacheError if it cannot be had or the signature is wrong."""
-        target = image_path(self.slot, self.host, "x").rsplit("/", 1)[0]
+    def _signed(self, method: str, target: str, key: str, body: dict | None = None):
+        """The service's JSON answer to ``target``, if signed with the (slot, host) ``key``; CacheError else."""
         try:
-            response = self.session.get(self.service + target, timeout=self.timeout_s, verify=self.session.verify)
+            response = self.session.request(method, self.service + target, timeout=self.timeout_s,
+                                            verify=self.session.verify, json=body)
         except requests.RequestException as exc:
             raise CacheError(f"{self.service}{target}: {failure_words(exc)}") from None
         if response.status_code != 200:
@@ -69,10 +77,74 @@ class ImageSource:
         if not hmac.compare_digest(response.headers.get(SIGNATURE_HEADER, ""), expected):
             raise CacheError(f"{self.service}{target}: the answer's signature is wrong: ignored")
         try:
-            listed = json.loads(response.content)["sha256"]
-            return {sha for sha in listed if isinstance(sha, str) and len(sha) == 64}
-        except (ValueError, KeyError, TypeError):
+            return json.loads(response.content), response.content
+        except ValueError:
+            raise CacheError(f"{self.service}{target}: not JSON") from None
+
+    def approved(self, key: str) -> set[str]:
+        """The sha256s the service approves now (its signed answer, checked with the (slot, host) ``key``);
+        CacheError if it cannot be had or the signature is wrong."""
+        target = image_path(self.slot, self.host, "x").rsplit("/", 1)[0]
+        data, _ = self._signed("GET", target, key)
+        try:
+            return {sha for sha in data["sha256"] if isinstance(sha, str) and len(sha) == 64}
+        except (KeyError, TypeError):
             raise CacheError(f"{self.service}{target}: not a list of sha256s") from None
+
+    def manifest(self, sha256: str, key: str) -> ChunkManifest:
+        """The image's chunk manifest, signed by the service; CacheError if it cannot be had."""
+        target = image_path(self.slot, self.host, sha256) + "/chunks"
+        _, raw = self._signed("GET", target, key)
+        try:
+            manifest = ChunkManifest.from_json(raw)
+        except ProtocolError as exc:
+            raise CacheError(f"{self.service}{target}: {exc}") from None
+        if manifest.sha256 != sha256:
+            raise CacheError(f"{self.service}{target}: a manifest of another image")
+        return manifest
+
+    def announce(self, sha256: str, key: str, address: str | None, have: bytes) -> tuple[list[dict], list[int]]:
+        """Tell the tracker what this node holds; (the slot's other nodes with their chunks, chunks to seed)."""
+        from pilot.images.peers import decode_peers
+
+        target = image_path(self.slot, self.host, sha256) + "/swarm"
+        data, _ = self._signed("POST", target, key, {"address": address, "have": base64.b64encode(have).decode()})
+        count = len(have) * 8
+        try:
+            return decode_peers(data["peers"], count), [int(i) for i in data["seed"] if 0 <= int(i) < count]
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{self.service}{target}: not a swarm answer") from None
+
+    def chunk_from_service(self, sha256: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the image from ``offset``: from the mirror, else the service (Range)."""
+        problems = []
+        for url, session in self.urls(sha256):
+            try:
+                response = session.get(url, timeout=self.timeout_s, verify=session.verify,
+                                       headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+            except requests.RequestException as exc:
+                problems.append(f"{url}: {failure_words(exc)}")
+                continue
+            if response.status_code == 206 and len(response.content) == length:
+                return response.content
+            problems.append(f"{url}: HTTP {response.status_code} ({len(response.content)} bytes)")
+        raise CacheError("; ".join(problems))
+
+    def chunk_from_peer(self, address: str, sha256: str, index: int) -> bytes:
+        """Chunk ``index`` from the peer at ``address``, proving this node's membership of the lease."""
+        path = PEER_CHUNK_PATH.format(sha256=sha256, index=index)
+        at = int(time.time())
+        headers = {PEER_HOST_HEADER: self.host, PEER_TIME_HEADER: str(at),
+                   PEER_AUTH_HEADER: peer_auth(self.peer_key, path, self.host, at)}
+        if self._peers is None:
+            self._peers = requests.Session()
+        try:
+            response = self._peers.get(f"http://{address}{path}", headers=headers, timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise CacheError(f"peer {address}: {failure_words(exc)}") from None
+        if response.status_code != 200:
+            raise CacheError(f"peer {address}: HTTP {response.status_code}")
+        return response.content
 
     def fetcher(self, sha256: str) -> Callable[[int], Iterator[bytes]]:
         """``fetch(offset)`` for :meth:`ImageCache.ensure`: the bytes from ``offset`` on, from the first URL that
@@ -124,11 +196,18 @@ class NodeImages:
     """
 
     def __init__(self, cache: ImageCache, source: ImageSource, *,
-                 note_fetching: Callable[[tuple[str, ...]], None] = lambda sha256s: None, key: str | None = None):
+                 note_fetching: Callable[[tuple[str, ...]], None] = lambda sha256s: None, key: str | None = None,
+                 peers: bool = False, peer_bind: str = "127.0.0.1", peer_port: int = 0,
+                 peer_advertise: str | None = None):
         self.cache = cache
         self.source = source
         self.note_fetching = note_fetching
         self.key = key
+        # Peering needs the (slot, host) key (the tracker's answers) and the lease's peer key (the peers').
+        self.peers = peers and key is not None and source.peer_key is not None
+        self.peer_bind, self.peer_port, self.peer_advertise = peer_bind, peer_port, peer_advertise
+        self.server = None
+        self.swarms: list = []
         self._lock = threading.Lock()
         self._fetching: dict[str, int] = {}
         self._retired = key is None  # with the (slot, host) key, the first use retires what the site dropped
@@ -165,6 +244,10 @@ class NodeImages:
             return self.cache.path(sha256)
         self._note(sha256, +1)
         try:
+            if self.peers:
+                swarmed = self._swarm(image, cancel, progress)
+                if swarmed is not None:
+                    return swarmed
             for attempt in range(1, ATTEMPTS + 1):
                 before = self.cache.partial_bytes(sha256)
                 try:
@@ -182,6 +265,40 @@ class NodeImages:
             raise AssertionError("unreachable")
         finally:
             self._note(sha256, -1)
+
+    def _swarm(self, image: ImageFile, cancel, progress) -> str | None:
+        """Fetch with the lease's peers (:mod:`pilot.images.peers`); None when the service offers no manifest
+        (then the plain download runs)."""
+        from pilot.images.peers import PeerServer, SwarmFetch
+
+        try:
+            manifest = self.source.manifest(image.sha256, self.key)
+        except CacheError as exc:
+            log.info("image %s: no chunk manifest (%s): fetching it whole", image.sha256, exc)
+            return None
+        with self._lock:
+            if self.server is None:
+                self.server = PeerServer(self.source.peer_key, self.peer_bind, self.peer_port,
+                                         advertise=self.peer_advertise)
+                log.info("serving image chunks to this lease's nodes at %s", self.server.address)
+        swarm = SwarmFetch(self.source, self.key, self.server, cancel=cancel,
+                           progress=(lambda done: progress(done, image.size)) if progress else None)
+        self.swarms.append(swarm)
+        path = self.cache.ensure(image.sha256, image.size, None, cancel=cancel,
+                                 fill=lambda part, final: swarm.fill(manifest, part, final))
+        log.info("image %s: %d chunk(s) from peers, %d from the service", image.sha256, swarm.from_peers,
+                 swarm.from_service)
+        offer = self.server.offer(manifest, (path, path + ".part"), set(range(manifest.count)))
+        threading.Thread(target=swarm.seed_on, args=(manifest, offer, time.monotonic() + SEED_FOR_S),
+                         name="image-seed", daemon=True).start()
+        return path
+
+    def close(self) -> None:
+        """Stop serving chunks (the pilot's teardown); seeding threads end with it."""
+        for swarm in self.swarms:
+            swarm.cancel.set()
+        if self.server is not None:
+            self.server.stop()
 
     def _note(self, sha256: str, delta: int) -> None:
         with self._lock:

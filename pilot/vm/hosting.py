@@ -28,13 +28,15 @@ class VmHosting:
     """
 
     def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
-                 on_stop: Callable[[str, str], None]):
+                 on_stop: Callable[[str, str], None], peer_key: str | None = None):
         self.config = config
         self.notifier = notifier
         self.memory = memory
         self.slot = slot
         self.host = host
         self.lease = lease
+        self.peer_key = peer_key  # the lease's nodes' shared key (from the slot secret): image chunks between them
+        self.images = None
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
         self.worker = VmWorker(
@@ -75,9 +77,13 @@ class VmHosting:
 
         config = self.config
         source = ImageSource(self.notifier.session, config.contact, self.slot, self.host, mirror=config.image_mirror,
-                             timeout_s=config.image_fetch_timeout_s)
+                             timeout_s=config.image_fetch_timeout_s, peer_key=self.peer_key)
         cache = ImageCache(config.image_cache_dir, config.image_cache_mb * 1024 * 1024)
-        return NodeImages(cache, source, note_fetching=self.memory.note_fetching, key=self.notifier.key)
+        address = config.peer_address or _address_towards(config.contact)
+        self.images = NodeImages(cache, source, note_fetching=self.memory.note_fetching, key=self.notifier.key,
+                                 peers=config.image_peers and self.peer_key is not None, peer_bind=address,
+                                 peer_port=config.peer_port, peer_advertise=address)
+        return self.images
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""
@@ -104,10 +110,27 @@ class VmHosting:
         next pilot or workspace-killall.
         """
         self.poller.stop()
+        if self.images is not None:
+            self.images.close()  # no more chunks to the lease's other nodes
         destroyed = self.worker.teardown()
         if self.memory.entry.vm_uri:
             self.memory.note_vms(None)
         return destroyed
+
+
+def _address_towards(contact: str) -> str:
+    """This node's IP address on the way to the service (what the lease's other nodes most likely reach)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(contact)
+    family = socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((parts.hostname, parts.port or 80))  # UDP: no packet is sent
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def _connector(uri: str) -> Callable[[], object]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -51,6 +52,7 @@ class ImageCatalog:
         self.timeout_s = timeout_s
         self.ca_file = ca_file
         self.clock = clock
+        self._manifests: dict = {}
 
     # -- lists ----------------------------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class ImageCatalog:
             if len(name) == 64 and name not in wanted:
                 os.unlink(os.path.join(self.store_dir, name))
                 gone.append(name)
+                self._manifests.pop(name, None)
+            elif name.endswith(".chunks") and name[:64] not in wanted:
+                os.unlink(os.path.join(self.store_dir, name))
         if gone:
             log.info("images: retired %d image(s) from the store: %s", len(gone), ", ".join(gone))
         return gone
@@ -177,6 +182,32 @@ class ImageCatalog:
     def approved_sha256s(self) -> set[str]:
         """The content of every approved, listed image (what nodes keep in their caches)."""
         return self.store.read(image_ops.wanted_sha256)
+
+    def manifest(self, sha256: str):
+        """The chunk manifest of a fetchable image (:class:`pilot.protocol.chunks.ChunkManifest`), or None.
+
+        Worked out on first use by reading the image once, then kept beside
+        it (``<sha256>.chunks``) and in memory.
+        """
+        from pilot.protocol.chunks import ChunkManifest, manifest_of
+
+        path = self.fetchable(sha256)
+        if path is None:
+            return None
+        cached = self._manifests.get(sha256)
+        if cached is not None:
+            return cached
+        try:
+            with open(path + ".chunks", "rb") as handle:
+                manifest = ChunkManifest.from_json(handle.read())
+        except (OSError, ValueError):
+            manifest = manifest_of(path, sha256)
+            temp = f"{path}.chunks.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(temp, "wb") as handle:
+                handle.write(manifest.to_json())
+            os.replace(temp, path + ".chunks")
+        self._manifests[sha256] = manifest
+        return manifest
 
     def fetchable(self, sha256: str) -> str | None:
         """The stored file a pilot may fetch for this content (approved, listed, present), else None."""

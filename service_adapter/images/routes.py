@@ -16,6 +16,10 @@ GET      /pilot/v2/slots/{slot}/hosts/{host}/    200 or 206 (Range), the image's
          images/{sha256}                         a pilot holding that slot, if approved
 GET      /pilot/v2/slots/{slot}/hosts/{host}/    200, ``{"sha256": [...]}`` of the approved
          images                                  images, signed as command answers are
+GET      .../images/{sha256}/chunks              200, the image's chunk manifest, signed
+POST     .../images/{sha256}/swarm               200, the other nodes of the slot fetching
+                                                 it and the chunks to take from here, signed
+                                                 (``service_adapter.images.swarm``)
 =======  ======================================  ==========================================
 
 Refusals: 404 unknown list or image, 409 the image or list cannot be used
@@ -28,7 +32,10 @@ the catalogue as it was.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
+import re
 import time
 
 from aiohttp import web
@@ -36,8 +43,11 @@ from aiohttp import web
 from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE, IMAGES_PATH, ProtocolError, check_target
 from service_adapter.api import OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who
 from service_adapter.images.catalog import ImageCatalog, image_json, list_json
+from service_adapter.images.swarm import SwarmBoard
 
 CATALOG_KEY = web.AppKey("image_catalog", ImageCatalog)
+SWARMS_KEY = web.AppKey("image_swarms", SwarmBoard)
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,80}:[0-9]{1,5}")
 _MAX_SOURCE = 2048
 _MAX_REASON = 500
 
@@ -182,18 +192,77 @@ async def fetch_image(request: web.Request) -> web.StreamResponse:
 async def approved_images(request: web.Request) -> web.Response:
     """GET /pilot/v2/slots/{slot}/hosts/{host}/images: ``{"sha256": [...]}``, the content of every approved,
     listed image, signed like a command answer: the node's cache keeps these and retires the rest."""
-    from pilot.protocol import SIGNATURE_HEADER, sign_commands
-    from service_adapter.receiver import NODES_KEY
-
     access, refusal = _held(request, "image list")
     if refusal is not None:
         return refusal
-    slot, host = request.match_info["slot"], request.match_info["host"]
     wanted = await asyncio.to_thread(_catalog(request).approved_sha256s)
-    body = json.dumps({"sha256": sorted(wanted)}, separators=(",", ":")).encode()
-    key = request.app[NODES_KEY].slot_key(host, slot, access.secret)
+    return _signed(request, access, json.dumps({"sha256": sorted(wanted)}, separators=(",", ":")).encode())
+
+
+def _signed(request: web.Request, access, body: bytes) -> web.Response:
+    """A JSON answer to a pilot, signed with its (slot, host) key as command answers are."""
+    from pilot.protocol import SIGNATURE_HEADER, sign_commands
+    from service_adapter.receiver import NODES_KEY
+
+    host = request.match_info["host"]
+    key = request.app[NODES_KEY].slot_key(host, request.match_info["slot"], access.secret)
     return web.Response(body=body, content_type="application/json",
                         headers={SIGNATURE_HEADER: sign_commands(key, request.raw_path, body)})
+
+
+async def _held_manifest(request: web.Request, what: str):
+    """(access, the image's chunk manifest, None) for a pilot holding a slot and an approved image; else
+    (None, None, the refusal)."""
+    from service_adapter.receiver import answer
+
+    access, refusal = _held(request, what)
+    if refusal is not None:
+        return None, None, refusal
+    sha256 = request.match_info["sha256"]
+    manifest = await asyncio.to_thread(_catalog(request).manifest, sha256) if len(sha256) == 64 else None
+    if manifest is None:
+        return None, None, answer(404, "unknown-image", "no approved image with this content")
+    return access, manifest, None
+
+
+async def image_manifest(request: web.Request) -> web.Response:
+    """GET .../images/{sha256}/chunks: the image's chunk manifest, signed, for a pilot holding a slot."""
+    access, manifest, refusal = await _held_manifest(request, "image manifest")
+    if refusal is not None:
+        return refusal
+    return _signed(request, access, manifest.to_json())
+
+
+async def image_swarm(request: web.Request) -> web.Response:
+    """POST .../images/{sha256}/swarm ``{"address", "have"}``: announce what this node holds of the image; the
+    answer (signed) lists the other nodes of its slot with what they hold, and the chunks to take from here."""
+    from service_adapter.connections import BodyTimeout, read_within
+    from service_adapter.receiver import answer
+
+    access, manifest, refusal = await _held_manifest(request, "image swarm")
+    if refusal is not None:
+        return refusal
+    sha256 = request.match_info["sha256"]
+    limit = 1024 + 2 * manifest.count // 6
+    if request.content_length is not None and request.content_length > limit:
+        return answer(413, "too-large", f"body over {limit} bytes")
+    try:
+        body = await read_within(request, request.content.read(limit + 1))
+    except BodyTimeout as exc:
+        return answer(408, "timeout", str(exc))
+    try:
+        data = json.loads(body)
+        address, have = data.get("address"), base64.b64decode(data.get("have", ""), validate=True)
+        if address is not None and (not isinstance(address, str) or not _ADDRESS_RE.fullmatch(address)):
+            raise ValueError("address must be HOST:PORT")
+        if len(have) > (manifest.count + 7) // 8:
+            raise ValueError("have has more chunks than the image")
+    except (ValueError, AttributeError, TypeError, binascii.Error) as exc:
+        return answer(400, "invalid", f"not a swarm announce: {str(exc)[:100]}")
+    peers, seeds = request.app[SWARMS_KEY].announce(request.match_info["slot"], sha256, manifest.count,
+                                                     request.match_info["host"], address, have)
+    out = {"peers": [dict(p, have=base64.b64encode(p["have"]).decode()) for p in peers], "seed": seeds}
+    return _signed(request, access, json.dumps(out, separators=(",", ":")).encode())
 
 
 def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True) -> None:
@@ -204,7 +273,10 @@ def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: 
     raises rather than serve them unauthenticated.
     """
     app[CATALOG_KEY] = catalog
+    app[SWARMS_KEY] = SwarmBoard()
     app.router.add_get(IMAGES_PATH, fetch_image)
+    app.router.add_get(IMAGES_PATH + "/chunks", image_manifest)
+    app.router.add_post(IMAGES_PATH + "/swarm", image_swarm)
     app.router.add_get(IMAGES_PATH.rsplit("/", 1)[0], approved_images)
     if not operators:
         return
