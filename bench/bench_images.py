@@ -79,9 +79,11 @@ def bench_verify(workdir: str, entries: int, rounds: int) -> dict:
 
 
 class ImageService:
-    """The service's app on 127.0.0.1 with one held (slot, host) and one approved image."""
+    """The service's app (on ``listen``, 127.0.0.1 by default) with one lease whose ``hosts`` have reserved, and
+    one approved image."""
 
-    def __init__(self, workdir: str, image: str, sha256: str, size: int):
+    def __init__(self, workdir: str, image: str, sha256: str, size: int, *, hosts=("node1",),
+                 listen: tuple[str, int] = ("127.0.0.1", 0)):
         from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, Notification, format_time, sign, utc_now
         from service_adapter.commandboard import CommandBoard
         from service_adapter.digest import DigestVerifier
@@ -93,7 +95,9 @@ class ImageService:
         import requests
         from requests.auth import HTTPDigestAuth
 
+        self.size = size
         self.nodes = NodeAccounts(new_site_key(), "workspace-pilot")
+        os.makedirs(workdir, exist_ok=True)
         self.store = Store(os.path.join(workdir, "service.sqlite"))
         keys = os.path.join(workdir, "endorsers")
         os.makedirs(keys)
@@ -110,20 +114,30 @@ class ImageService:
         self.approve_s = time.perf_counter() - t0
         app = make_app(self.store, DigestVerifier("workspace-pilot", self.nodes), board=CommandBoard())
         add_image_routes(app, self.catalog, operators=False)
-        self.receiver = ReceiverThread(app)
+        self.receiver = ReceiverThread(app, host=listen[0], port=listen[1])
         self.url = self.receiver.start()
-        self.slot, self.host = "bench-slot-0001", "node1"
-        now = time.time()
-        self.store.create_lease("bench-lease", self.slot, owner="bench", nodes=1, memory_mb=1024, duration_s=3600,
-                                now=now)
-        key = self.nodes.slot_key(self.host, self.slot, self.store.slot_secret(self.slot))
-        body = Notification(slot=self.slot, host=self.host, state="reserved", seq=1,
-                            sent_at=format_time(utc_now()), memory_mb=1024).to_json()
-        with requests.Session() as session:
-            session.auth = HTTPDigestAuth(self.host, self.nodes.node_key(self.host))
-            answer = session.post(self.url + NOTIFICATIONS_PATH, data=body, timeout=10,
-                                  headers={SIGNATURE_HEADER: sign(key, body)})
-            answer.raise_for_status()
+        self.slot, self.hosts, self.host = "bench-slot-0001", list(hosts), hosts[0]
+        self.store.create_lease("bench-lease", self.slot, owner="bench", nodes=len(self.hosts), memory_mb=1024,
+                                duration_s=3600, now=time.time())
+        for host in self.hosts:
+            key = self.nodes.slot_key(host, self.slot, self.store.slot_secret(self.slot))
+            body = Notification(slot=self.slot, host=host, state="reserved", seq=1,
+                                sent_at=format_time(utc_now()), memory_mb=1024).to_json()
+            with requests.Session() as session:
+                session.auth = HTTPDigestAuth(host, self.nodes.node_key(host))
+                answer = session.post(self.url + NOTIFICATIONS_PATH, data=body, timeout=10,
+                                      headers={SIGNATURE_HEADER: sign(key, body)})
+                answer.raise_for_status()
+
+    def handout(self, sha256: str) -> dict:
+        """What each simulated node needs (the URL, the slot, its keys, the lease's peer key), as JSON data."""
+        from pilot.protocol.chunks import peer_key
+
+        secret = self.store.slot_secret(self.slot)
+        return {"url": self.url, "slot": self.slot, "sha256": sha256, "size": self.size,
+                "peer_key": peer_key(secret, self.slot),
+                "nodes": {host: {"node_key": self.nodes.node_key(host),
+                                 "sign_key": self.nodes.slot_key(host, self.slot, secret)} for host in self.hosts}}
 
     @property
     def node_key(self) -> str:
