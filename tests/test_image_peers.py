@@ -203,3 +203,32 @@ def test_a_node_outside_the_lease_gets_nothing_from_a_peer(lease):
         assert ask(lease.peer_key) == 200
     finally:
         first.close()
+
+
+def test_a_silent_connection_to_a_peer_server_is_closed_and_a_flood_is_capped(lease):
+    import socket
+
+    from pilot.images.peers import PeerServer
+
+    quick = PeerServer(lease.peer_key, request_timeout_s=0.5)
+    capped = PeerServer(lease.peer_key, request_timeout_s=60, max_connections=2)
+    try:
+        host, port = quick.address.rsplit(":", 1)
+        silent = socket.create_connection((host, int(port)))
+        silent.settimeout(10)
+        assert silent.recv(1) == b""  # closed by the server, not held forever
+        silent.close()
+        host, port = capped.address.rsplit(":", 1)
+        held = [socket.create_connection((host, int(port))) for _ in range(2)]
+        for sock in held:
+            sock.sendall(b"GET /chunks/")  # a request begun and never finished: each holds a connection
+        extra = socket.create_connection((host, int(port)))
+        extra.settimeout(10)
+        extra.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert extra.recv(1) == b""  # over the cap: closed without an answer (a 404 otherwise)
+        for sock in held:
+            sock.close()
+        extra.close()
+    finally:
+        quick.stop()
+        capped.stop()

@@ -48,6 +48,9 @@ STALL_S = 3.0
 PEER_DOWN_S = 10.0
 #: Seconds between announces once done (while seeding for the others).
 SEED_EVERY_S = 1.0
+#: Seconds a peer connection may stay silent (or stop reading), and how many the server holds at once.
+REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
 _PATH_RE = re.compile(r"/chunks/([0-9a-f]{64})/([0-9]{1,7})")
 
 
@@ -90,14 +93,26 @@ class _Offer:
 class PeerServer:
     """This node's chunk server for the other nodes of its lease, on ``bind:port`` (0: any free port)."""
 
-    def __init__(self, key: str, bind: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None):
+    def __init__(self, key: str, bind: str = "127.0.0.1", port: int = 0, *, advertise: str | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
         self.key = key
         self._offers: dict[str, _Offer] = {}
         self.served = 0
         server = self
+        slots = threading.BoundedSemaphore(max_connections)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = request_timeout_s  # a connection that sends nothing (or stops reading) is closed
+
+            def handle(self):
+                # Anyone on the network can connect: at most max_connections threads, the rest closed at once.
+                if not slots.acquire(blocking=False):
+                    return
+                try:
+                    super().handle()
+                finally:
+                    slots.release()
 
             def log_message(self, *args):
                 pass
