@@ -19,17 +19,7 @@ import logging
 import queue
 import threading
 import time
-
-import requests
-from requests.auth import HTTPDigestAuth
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    retry_if_result,
-    stop_when_event_set,
-    wait_exponential,
-)
+from typing import TYPE_CHECKING
 
 from pilot.protocol import (
     NOTIFICATIONS_PATH,
@@ -42,6 +32,9 @@ from pilot.protocol import (
 from pilot.credentials import PilotCredentials
 from pilot.reach import ServiceReach
 from pilot.shared.errors import failure_words
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +122,14 @@ class Notifier:
         self.host = host
         self.request_timeout = request_timeout
         self._key = credentials.sign_key
-        self._session = requests.Session()
-        self._session.auth = HTTPDigestAuth(credentials.user, credentials.password)
-        # True: the system's CAs; a path: that CA file (an https contact with the site's own CA); False: none.
-        self._session.verify = verify_tls
-        self._session.headers["Content-Type"] = "application/json"
+        # requests and tenacity are imported by the sender thread, beside the pilot's memory take rather than
+        # before it (about two thirds of the pilot's own start was importing them); the session is ready when
+        # the thread has made it.
+        self._credentials = credentials
+        self._verify_tls = verify_tls
+        self._session: requests.Session | None = None
+        self._session_made = threading.Event()
+        self._session_error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         #: What this pilot has seen of the service; the command poller reports into it too.
@@ -186,8 +182,31 @@ class Notifier:
 
     @property
     def session(self) -> requests.Session:
-        """The one HTTP session (digest auth set) the pilot talks to the service with; the command poller shares it."""
+        """The one HTTP session (digest auth set) the pilot talks to the service with; the command poller shares it.
+
+        Made by the sender thread as its first act: this waits for it.
+        """
+        self._session_made.wait()
+        if self._session is None:
+            raise RuntimeError(f"the notifier's HTTP session could not be made: {self._session_error}")
         return self._session
+
+    def _make_session(self) -> None:
+        try:
+            import requests
+            from requests.auth import HTTPDigestAuth
+
+            session = requests.Session()
+            session.auth = HTTPDigestAuth(self._credentials.user, self._credentials.password)
+            # True: the system's CAs; a path: that CA file (an https contact with the site's own CA); False: none.
+            session.verify = self._verify_tls
+            session.headers["Content-Type"] = "application/json"
+            self._session = session
+        except BaseException as exc:  # an import that fails: every delivery then ends UNDELIVERED, said once
+            self._session_error = exc
+            log.error("cannot make the HTTP session: %s", exc)
+        finally:
+            self._session_made.set()
 
     @property
     def key(self) -> str:
@@ -218,12 +237,13 @@ class Notifier:
         self._closing.set()
         self._queue.put(None)
         self._thread.join(timeout=wait)
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and self._session is not None:
             self._session.close()
 
     # -- sender thread -----------------------------------------------------------
 
     def _run(self) -> None:
+        self._make_session()
         while True:
             delivery = self._queue.get()
             if delivery is None:
@@ -246,12 +266,20 @@ class Notifier:
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
 
     def _deliver(self, delivery: Delivery) -> None:
+        import requests
+        from tenacity import (
+            Retrying, retry_if_exception_type, retry_if_result, stop_when_event_set, wait_exponential,
+        )
+
+        if self._session is None:
+            delivery._finish(Outcome.UNDELIVERED, detail=f"no HTTP session: {self._session_error}")
+            return
         n = delivery.notification
         body = n.to_json()
         headers = {SIGNATURE_HEADER: sign(self._key, body)}
         started = time.monotonic()
 
-        def past_deadline(state: RetryCallState) -> bool:
+        def past_deadline(state) -> bool:
             return time.monotonic() >= delivery.deliver_by
 
         retrying = Retrying(
@@ -289,6 +317,8 @@ class Notifier:
         return cutoff is not None and self.reach.silent_before(cutoff)
 
     def _post(self, body: bytes, headers: dict, deliver_by: float) -> _Attempt:
+        import requests
+
         timeout = max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
@@ -310,6 +340,8 @@ class Notifier:
 
 
 def _last_failure(state) -> str:
+    from tenacity import RetryCallState
+
     if isinstance(state, RetryCallState) and state.outcome is not None:
         if state.outcome.failed:
             exc = state.outcome.exception()

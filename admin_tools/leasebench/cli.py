@@ -16,9 +16,11 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from pilot.protocol import format_time, utc_now
 from pilot.shared.cli import OneLineParser
@@ -215,6 +217,21 @@ def cluster_size(options) -> int | None:
     return sum(1 for line in out.splitlines() if line and not line[0].isspace()) or None
 
 
+#: How many bare interpreter starts the median is taken over.
+INTERPRETER_RUNS = 15
+
+
+def interpreter_start_ms(runs: int = INTERPRETER_RUNS) -> float:
+    """The median wall time of ``python -c pass`` with the pilots' interpreter (this one: the same venv, the
+    same site start-up), from fork to exit: what the pilot's boot is read against."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def _measure(args, options, counts: list[int], command: str) -> tuple[dict, int]:
     from admin_tools.leasebench import report
     from admin_tools.leasebench.phases import PHASE_HELP, STAGES
@@ -222,6 +239,7 @@ def _measure(args, options, counts: list[int], command: str) -> tuple[dict, int]
 
     results = {
         "bench": {
+            "interpreter_start_ms": interpreter_start_ms(),
             "provider": args.provider, "vm": args.vm, "memory_backend": args.memory_backend,
             "rounds": args.rounds, "node_counts": counts, "memory_mb": args.memory, "clocks": args.clocks,
             "command": command,

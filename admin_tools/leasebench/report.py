@@ -82,7 +82,7 @@ def summarize(results: dict) -> dict:
             for stage in stage_order
             if stage in grouped[nodes]
         }
-        ratio = ratios_of(per_stage)
+        ratio = ratios_of(per_stage, results.get("bench", {}).get("interpreter_start_ms"))
         if ratio:
             per_stage["ratio"] = ratio
         summary[str(nodes)] = per_stage
@@ -133,9 +133,13 @@ def ordered_phases(rounds: list[dict], phase_order: list[str]) -> list[str]:
     return listed + [phase for phase in seen if phase not in phase_order]
 
 
-def ratios_of(per_stage: dict) -> dict[str, float]:
-    """Return the lease-vs-LRM-only ratios that one N's stages allow (medians; none over a zero)."""
+def ratios_of(per_stage: dict, interpreter_start_ms: float | None = None) -> dict[str, float]:
+    """Return the lease-vs-LRM-only ratios that one N's stages allow (medians; none over a zero), and the
+    pilot's boot over a bare interpreter's start when that was measured."""
     ratio = {}
+    boot = per_stage.get("pilot", {}).get("phases", {}).get("boot")
+    if boot and interpreter_start_ms:
+        ratio["boot_vs_interpreter"] = boot["median"] / interpreter_start_ms
     standup = per_stage.get("standup", {}).get("total")
     baseline_standup = per_stage.get("baseline_standup", {}).get("total")
     if standup and baseline_standup and baseline_standup["median"]:
@@ -152,6 +156,7 @@ def ratios_of(per_stage: dict) -> dict[str, float]:
 RATIO_TEXT = {
     "standup_vs_baseline": "stand-up / baseline",
     "teardown_stop_vs_baseline": "stop signal / baseline cancel",
+    "boot_vs_interpreter": "pilot boot / bare interpreter start",
 }
 
 
@@ -178,9 +183,11 @@ def format_table(results: dict, summary: dict) -> str:
 def bench_line(bench: dict) -> str:
     """Return one line naming the bench's provider, VM mode, rounds and node counts."""
     node_counts = ", ".join(str(n) for n in bench.get("node_counts", [])) or "?"
+    interpreter = bench.get("interpreter_start_ms")
     return (
         f"lease-bench: provider {bench.get('provider', '?')}, vm {bench.get('vm', '?')}, "
         f"{bench.get('rounds', '?')} rounds, N = {node_counts}"
+        + (f"; a bare interpreter starts in {interpreter:.1f} ms" if interpreter else "")
     )
 
 

@@ -14,7 +14,6 @@ import os
 from typing import Callable
 
 from pilot.config import PilotConfig
-from pilot.poller import CommandPoller
 from pilot.vm.worker import VmWorker
 
 log = logging.getLogger(__name__)
@@ -44,12 +43,8 @@ class VmHosting:
             shutdown_timeout_s=config.shutdown_timeout_s,
             no_vms_reason="this node hosts no VMs: its pilot config sets [libvirt] uri empty",
         )
-        self.poller = CommandPoller(
-            notifier.session, config.contact, notifier.key, slot, host,
-            on_commands=self.worker.submit, on_gone=lambda reason: on_stop(reason, "gone"),
-            wait_s=config.poll_wait_s,
-            request_timeout_s=config.request_timeout_s, reach=notifier.reach,
-        )
+        self._on_stop = on_stop
+        self.poller = None  # made by start(): it needs the notifier's HTTP session (requests), not at the pilot's start
         self._started = False
 
     def _make_host(self):
@@ -87,6 +82,15 @@ class VmHosting:
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""
+        from pilot.poller import CommandPoller
+
+        config, notifier = self.config, self.notifier
+        self.poller = CommandPoller(
+            notifier.session, config.contact, notifier.key, self.slot, self.host,
+            on_commands=self.worker.submit, on_gone=lambda reason: self._on_stop(reason, "gone"),
+            wait_s=config.poll_wait_s,
+            request_timeout_s=config.request_timeout_s, reach=notifier.reach,
+        )
         self.worker.start()
         self.poller.start()
         self._started = True
@@ -109,7 +113,8 @@ class VmHosting:
         unreachable): the journal then still says VMs may exist, for the
         next pilot or workspace-killall.
         """
-        self.poller.stop()
+        if self.poller is not None:
+            self.poller.stop()
         if self.images is not None:
             self.images.close()  # no more chunks to the lease's other nodes
         destroyed = self.worker.teardown()
