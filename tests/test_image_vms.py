@@ -53,17 +53,21 @@ def image_site(tmp_path, slurm_cluster, libvirt_qemu):
     server.close()
 
 
+def listed_guest(name: str, **extra) -> dict:
+    """The test guest's spec with its kernel and initrd named by the list, its console in <name>.log."""
+    return {"name": name, "memory_mb": VM_MB,
+            "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
+                     "cmdline": "console=ttyS0 panic=-1 quiet"},
+            "console_log": f"{name}.log", **extra}
+
+
 def test_a_guest_boots_from_images_its_pilot_fetched_into_the_node_cache(image_site, libvirt_qemu, tmp_path,
                                                                           hugepages):
     site, server = image_site
     lease = site.manager.reserve(nodes=1, memory_mb=LEASE_MB, duration_s=600)
     ready = site.wait(lease, {"ready"} | TERMINAL, 60)
     assert ready.state == "ready", ready.reason
-    spec = {"name": "guest1", "memory_mb": VM_MB,
-            "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
-                     "cmdline": "console=ttyS0 panic=-1 quiet"},
-            "console_log": "guest1.log"}
-    site.vms.start(lease.id, [parse_vm_request(spec)])
+    site.vms.start(lease.id, [parse_vm_request(listed_guest("guest1"))])
     vm = site.vms.wait(lease.id, "guest1", {"running", "failed"}, 90)
     assert vm is not None and vm.state == "running", site.vms.get(lease.id, "guest1")
     console = str(tmp_path / "consoles" / "guest1.log")
@@ -106,11 +110,7 @@ def test_a_lease_that_names_its_images_has_them_prefetched_so_the_vm_start_downl
     cache = tmp_path / "image-cache"
     assert {n for n in os.listdir(cache) if len(n) == 64} == {files.kernel_sha256, files.initrd_sha256}
     seen = len(site.store.notification_bodies(lease.slot))
-    spec = {"name": "guest1", "memory_mb": VM_MB,
-            "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
-                     "cmdline": "console=ttyS0 panic=-1 quiet"},
-            "console_log": "guest1.log"}
-    site.vms.start(lease.id, [parse_vm_request(spec)])
+    site.vms.start(lease.id, [parse_vm_request(listed_guest("guest1"))])
     vm = site.vms.wait(lease.id, "guest1", {"running", "failed"}, 90)
     assert vm is not None and vm.state == "running", site.vms.get(lease.id, "guest1")
     after = site.store.notification_bodies(lease.slot)[seen:]
@@ -148,15 +148,9 @@ def test_a_guest_reads_its_cloud_init_seed_hostname_keys_user_data_and_peers(ima
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm9seedtest alice@ops"
     user_data = "#cloud-config\nruncmd:\n - echo hello from user-data\n"
 
-    def spec(name: str, **context) -> dict:
-        return {"name": name, "memory_mb": VM_MB,
-                "boot": {"kernel": {"image": "test-kernel"}, "initrd": {"image": "test-initrd"},
-                         "cmdline": "console=ttyS0 panic=-1 quiet"},
-                "console_log": f"{name}.log", "context": context}
-
-    site.vms.start(lease.id, [parse_vm_request(spec("head", hostname="head-node", ssh_authorized_keys=[key],
-                                                    user_data=user_data)),
-                              parse_vm_request(spec("worker1"))])
+    head = listed_guest("head", context={"hostname": "head-node", "ssh_authorized_keys": [key],
+                                         "user_data": user_data})
+    site.vms.start(lease.id, [parse_vm_request(head), parse_vm_request(listed_guest("worker1", context={}))])
     for name in ("head", "worker1"):
         vm = site.vms.wait(lease.id, name, {"running", "failed"}, 90)
         assert vm is not None and vm.state == "running", site.vms.get(lease.id, name)

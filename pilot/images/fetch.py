@@ -248,7 +248,8 @@ class NodeImages:
                 swarmed = self._swarm(image, cancel, progress)
                 if swarmed is not None:
                     return swarmed
-            for attempt in range(1, ATTEMPTS + 1):
+            attempt = 1
+            while True:
                 before = self.cache.partial_bytes(sha256)
                 try:
                     return self.cache.ensure(
@@ -261,8 +262,8 @@ class NodeImages:
                     # Only a try that got further is worth another: a source that refuses refuses again.
                     if attempt == ATTEMPTS or self.cache.partial_bytes(sha256) <= before:
                         raise CacheError(f"{image.label}: {exc}") from None
-                    log.warning("image %s: %s; resuming (try %d of %d)", sha256, exc, attempt + 1, ATTEMPTS)
-            raise AssertionError("unreachable")
+                    attempt += 1
+                    log.warning("image %s: %s; resuming (try %d of %d)", sha256, exc, attempt, ATTEMPTS)
         finally:
             self._note(sha256, -1)
 

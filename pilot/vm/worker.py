@@ -179,13 +179,14 @@ class VmWorker:
     def _fetch_reporter(self, command: Command) -> Callable[[str, int, int], None]:
         """``on_fetch(label, done, size)`` for a start: a ``fetching`` notification at the first byte, then at
         most one every :data:`PROGRESS_EVERY_S` (the service shows it as the starting VM's reason)."""
-        last = [0.0]
+        last = 0.0
 
         def report(label: str, done: int, size: int) -> None:
+            nonlocal last
             now = time.monotonic()
-            if last[0] and now - last[0] < PROGRESS_EVERY_S and done < size:
+            if last and now - last < PROGRESS_EVERY_S and done < size:
                 return
-            last[0] = now
+            last = now
             mib = 1024 * 1024
             self._progress(command, f"fetching {label}: {done * 100 // size}% ({done / mib:.1f} of {size / mib:.1f} MiB)")
 

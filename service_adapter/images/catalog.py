@@ -132,7 +132,8 @@ class ImageCatalog:
         failed (nothing is approved then).
         """
         row = self._one(identifier, version)
-        self._check_list(row)
+        trusted, now = frozenset(self.trusted()), self.clock()
+        self.store.read(lambda conn: image_ops.check_list(conn, row, now=now, trusted_key_ids=trusted))
         try:
             download(row.urls, row.sha256, row.size, self.store_dir, timeout_s=self.timeout_s, ca_file=self.ca_file)
         except TransferError as exc:
@@ -230,13 +231,6 @@ class ImageCatalog:
                 return row
         raise ImageRefused(f"image {identifier} has no version {version} (listed: "
                            f"{', '.join(r.version for r in rows)})", 404)
-
-    def _check_list(self, row: ImageRow) -> None:
-        listed = self.store.read(lambda conn: image_ops.get_list(conn, row.list_id))
-        if listed.key_id not in self.trusted():
-            raise ImageRefused(f"list {listed.identifier} is signed by {listed.key_name}'s key, no longer trusted")
-        if listed.expires <= self.clock():
-            raise ImageRefused(f"list {listed.identifier} expired at {_utc(listed.expires)}: refresh it")
 
     # -- the rule of every VM start -----------------------------------------------------------------
 

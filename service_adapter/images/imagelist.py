@@ -116,13 +116,8 @@ def load_private_key(path: str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    try:
-        with open(path, "rb") as handle:
-            key = serialization.load_pem_private_key(handle.read(), password=None)
-    except OSError as exc:
-        raise ImageListError(f"{path}: cannot read: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise ImageListError(f"{path}: not an unencrypted PEM private key ({_first(exc)})") from None
+    key = _load_pem(path, lambda data: serialization.load_pem_private_key(data, password=None),
+                    "an unencrypted PEM private key")
     if not isinstance(key, Ed25519PrivateKey):
         raise ImageListError(f"{path}: not an Ed25519 key (make one with `workspace-lease image keygen`)")
     return key
@@ -133,16 +128,20 @@ def load_public_key(path: str):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    try:
-        with open(path, "rb") as handle:
-            key = serialization.load_pem_public_key(handle.read())
-    except OSError as exc:
-        raise ImageListError(f"{path}: cannot read: {exc.strerror}") from None
-    except (ValueError, TypeError) as exc:
-        raise ImageListError(f"{path}: not a PEM public key ({_first(exc)})") from None
+    key = _load_pem(path, serialization.load_pem_public_key, "a PEM public key")
     if not isinstance(key, Ed25519PublicKey):
         raise ImageListError(f"{path}: not an Ed25519 public key")
     return key
+
+
+def _load_pem(path: str, load, kind: str):
+    try:
+        with open(path, "rb") as handle:
+            return load(handle.read())
+    except OSError as exc:
+        raise ImageListError(f"{path}: cannot read: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise ImageListError(f"{path}: not {kind} ({_first(exc)})") from None
 
 
 @dataclasses.dataclass(frozen=True)

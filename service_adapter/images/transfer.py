@@ -26,28 +26,12 @@ class TransferError(Exception):
 def read_source(source: str, *, timeout_s: float = 60.0, ca_file: str | None = None) -> bytes:
     """The bytes at ``source`` (an absolute path, file:// or http(s):// URL), at most MAX_LIST_BYTES + 1."""
     limit = MAX_LIST_BYTES + 1
-    scheme = urlsplit(source).scheme
-    if scheme in ("http", "https"):
-        import requests
-
-        try:
-            with requests.get(source, stream=True, timeout=timeout_s, verify=ca_file or True) as answer:
-                if answer.status_code != 200:
-                    raise TransferError(f"{source}: HTTP {answer.status_code}")
-                body = bytearray()
-                for chunk in answer.iter_content(CHUNK):
-                    body += chunk
-                    if len(body) >= limit:
-                        break
-                return bytes(body[:limit])
-        except requests.RequestException as exc:
-            raise TransferError(f"{source}: {_reason(exc)}") from None
-    path = _local_path(source)
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(limit)
-    except OSError as exc:
-        raise TransferError(f"{source}: cannot read: {exc.strerror}") from None
+    body = bytearray()
+    for chunk in _chunks(source, timeout_s, ca_file):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
 
 
 def check_source(source: str) -> str:

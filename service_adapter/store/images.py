@@ -232,6 +232,17 @@ def lease_images(conn: sqlite3.Connection, lease_id: str) -> list[dict]:
 # -- the rule of every VM start ---------------------------------------------------------------------
 
 
+def check_list(conn: sqlite3.Connection, row: ImageRow, *, now: float, trusted_key_ids) -> None:
+    """ImageRefused (409) unless the list that endorses ``row`` is signed by a key still trusted and unexpired."""
+    listed = get_list(conn, row.list_id)
+    if listed.key_id not in trusted_key_ids:
+        raise ImageRefused(f"image {row.identifier} {row.version}: its list {listed.identifier} is signed by "
+                           f"{listed.key_name}'s key, which is no longer trusted here")
+    if listed.expires <= now:
+        raise ImageRefused(f"image {row.identifier} {row.version}: its list {listed.identifier} has expired: "
+                           f"refresh it (`workspace-lease image refresh {listed.identifier}`)")
+
+
 def resolve(conn: sqlite3.Connection, identifier: str, version: str | None, *, now: float,
             trusted_key_ids: frozenset[str]) -> ImageRow:
     """The image a VM spec names, if the site may run it; ImageRefused (409) says why not.
@@ -254,13 +265,7 @@ def resolve(conn: sqlite3.Connection, identifier: str, version: str | None, *, n
                                f"({', '.join(r.version for r in approved)}): say which with \"version\"")
         found = approved or found[-1:]
     row = found[0]
-    listed = get_list(conn, row.list_id)
-    if listed.key_id not in trusted_key_ids:
-        raise ImageRefused(f"image {identifier} {row.version}: its list {listed.identifier} is signed by "
-                           f"{listed.key_name}'s key, which is no longer trusted here")
-    if listed.expires <= now:
-        raise ImageRefused(f"image {identifier} {row.version}: its list {listed.identifier} has expired: "
-                           f"refresh it (`workspace-lease image refresh {listed.identifier}`)")
+    check_list(conn, row, now=now, trusted_key_ids=trusted_key_ids)
     if row.approval == "revoked":
         raise ImageRefused(f"image {identifier} {row.version} is revoked by {row.approved_by}"
                            + (f": {row.reason}" if row.reason else ""))
