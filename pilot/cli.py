@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except JournalError as exc:
         return _fail("journal error", [f"{exc}; nothing changed"], ExitCode.JOURNAL)
     # Slurm's node name first: several slurmd on one host share its hostname but not this.
-    host = args.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    host = args.host or os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]  # gethostname(), without socket
     if not _HOST_RE.match(host):
         return _fail("usage error", [f"host name {host!r} (from $SLURMD_NODENAME or the hostname) is not valid: pass --host"],
                      ExitCode.USAGE)

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pilot.node.backends import BackendError
 from pilot.deadline import Deadline, DeadlineError

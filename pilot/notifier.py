@@ -9,6 +9,10 @@ first failed attempt while the service has answered nothing since that
 moment (:mod:`pilot.reach`): the pilot's exit is then not worth waiting for.
 A notification keeps one body across its retries, so a retry of one that
 did arrive is an exact repeat, which the service accepts as such.
+
+The first notification's first attempt goes through :mod:`pilot.firstshot`
+(``http.client``), before ``requests`` is imported; everything else,
+including that notification's retries, through the one ``requests`` session.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from pilot.protocol import (
     NOTIFICATIONS_PATH,
@@ -33,6 +36,7 @@ from pilot.credentials import PilotCredentials
 from pilot.reach import ServiceReach
 from pilot.shared.errors import failure_words
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the pilot's start path
 if TYPE_CHECKING:
     import requests
 
@@ -243,20 +247,30 @@ class Notifier:
     # -- sender thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        self._make_session()
-        while True:
+        delivery = self._queue.get()
+        # The first notification goes out before requests is imported (pilot.firstshot says why); its
+        # module is loaded only now, so that not even http.client competes with the memory take.
+        from pilot.firstshot import FirstShot
+
+        shot = None
+        if FirstShot.applies():
+            shot = FirstShot(self.url, self._credentials.user, self._credentials.password, verify_tls=self._verify_tls)
+        if shot is not None and delivery is not None and not self._closing.is_set() and self._first_shot(shot, delivery):
+            self._make_session()
             delivery = self._queue.get()
-            if delivery is None:
-                break
+        else:
+            self._make_session()
+        while delivery is not None:
             if self._closing.is_set():
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
-                continue
-            try:
-                self._deliver(delivery)
-            except Exception as exc:  # the sender must outlive any one notification
-                log.exception("sending %s failed unexpectedly", delivery.notification.state)
-                if not delivery.done():
-                    delivery._finish(Outcome.UNDELIVERED, detail=f"{type(exc).__name__}: {exc}")
+            else:
+                try:
+                    self._deliver(delivery)
+                except Exception as exc:  # the sender must outlive any one notification
+                    log.exception("sending %s failed unexpectedly", delivery.notification.state)
+                    if not delivery.done():
+                        delivery._finish(Outcome.UNDELIVERED, detail=f"{type(exc).__name__}: {exc}")
+            delivery = self._queue.get()
         while True:  # drain what was queued behind the close
             try:
                 delivery = self._queue.get_nowait()
@@ -264,6 +278,34 @@ class Notifier:
                 return
             if delivery is not None:
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
+
+    def _first_shot(self, shot, delivery: Delivery) -> bool:
+        """Try ``delivery`` once through ``shot`` (a :class:`pilot.firstshot.FirstShot`, before ``requests``
+        is imported); True if that ended it (delivered or refused), False to send it again through ``requests``."""
+        from pilot.firstshot import FirstShotFailed
+
+        n = delivery.notification
+        body = n.to_json()
+        started = time.monotonic()
+        timeout = max(0.05, min(self.request_timeout, delivery.deliver_by - started))
+        try:
+            status, detail = shot.post(body, {SIGNATURE_HEADER: sign(self._key, body)}, timeout)
+        except FirstShotFailed as exc:
+            log.info("first try of %s (seq %d) got no answer (%s); trying again with retries", n.state, n.seq, exc)
+            return False
+        except Exception:  # never worse than no first shot: the requests path takes it from here
+            log.exception("first try of %s (seq %d) failed unexpectedly; trying again with retries", n.state, n.seq)
+            return False
+        self.reach.answered()
+        if status == 200:
+            log.info("notified %s (seq %d) in %.1f ms", n.state, n.seq, (time.monotonic() - started) * 1000)
+            delivery._finish(Outcome.DELIVERED, 200)
+            return True
+        if status in RETRYABLE_STATUSES:
+            return False
+        log.error("service refused %s (seq %d): HTTP %s %s", n.state, n.seq, status, detail)
+        delivery._finish(Outcome.REFUSED, status, detail)
+        return True
 
     def _deliver(self, delivery: Delivery) -> None:
         import requests

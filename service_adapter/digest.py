@@ -31,9 +31,10 @@ import threading
 import time
 
 from pilot.protocol import digest_ha1
+from pilot.protocol.digest import HASHES as _HASHES, parse_params, response_digest
 
-_HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
-_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("((?:[^"\\]|\\.)*)"|[^,\s]*)\s*(?:,|$)')
+__all__ = ["Account", "DigestResult", "DigestVerifier", "parse_params", "response_digest"]
+
 _NONCE_RAW_LEN = 8 + 8 + 16
 
 
@@ -215,35 +216,3 @@ class DigestVerifier:
                 return False
             self._last_nc[nonce] = (nc, issued_at)
             return True
-
-
-def response_digest(algorithm: str, ha1: str, nonce: str, nc: str, cnonce: str, method: str, uri: str) -> str:
-    """The RFC 7616 ``response`` value for ``qop=auth``: ``KD(HA1, nonce:nc:cnonce:auth:HA2)``."""
-    hash_fn = _HASHES[algorithm]
-    ha2 = hash_fn(f"{method}:{uri}".encode()).hexdigest()
-    return hash_fn(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}".encode()).hexdigest()
-
-
-def parse_params(text: str) -> dict[str, str] | None:
-    """Parse the comma-separated ``name=value`` list of a Digest header.
-
-    Quoted values are unescaped. Returns None for anything malformed or for
-    a repeated parameter.
-    """
-    params: dict[str, str] = {}
-    pos = 0
-    text = text.strip()
-    while pos < len(text):
-        match = _PARAM_RE.match(text, pos)
-        if not match or match.end() == pos:
-            return None
-        name = match.group(1).lower()
-        if name in params:
-            return None
-        if match.group(3) is not None:
-            value = re.sub(r"\\(.)", r"\1", match.group(3))
-        else:
-            value = match.group(2)
-        params[name] = value
-        pos = match.end()
-    return params

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from pilot.node.backends import BackendError, BalloonBackend, make_backend
 from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry

@@ -5,74 +5,82 @@ import. ``service_adapter`` may import it (and :mod:`pilot.shared.ini`) and
 nothing else from ``pilot``. :mod:`.wire` holds the notifications, times,
 JSON limits, keys and signatures; :mod:`.commands` the command channel and
 the VM spec. ``docs/protocol.md`` describes it.
+
+The names below are loaded from their module on first use (PEP 562): the
+pilot's start path needs only :mod:`.wire`, and the command channel's
+module (its dataclasses and patterns) costs a few milliseconds that sat
+before the memory take.
 """
 
-from pilot.protocol.commands import (
-    COMMANDS_PATH,
-    IMAGES_PATH,
-    IMAGE_NAME_RE,
-    IMAGE_VERSION_RE,
-    MAX_IMAGE_BYTES,
-    MAX_IMAGE_NAME_LEN,
-    MAX_PREFETCH,
-    MAX_PEERS,
-    image_path,
-    MAX_POLL_WAIT_S,
-    OPS,
-    VM_STATES,
-    MAX_VCPUS,
-    MAX_PATH_LEN,
-    MAX_CMDLINE_LEN,
-    MAX_NETWORK_LEN,
-    MAX_COMMANDS,
-    commands_path,
-    check_target,
-    sign_commands,
-    ImageFile,
-    VmSpec,
-    VmContext,
-    Command,
-    parse_commands,
-    commands_body,
-)
-from pilot.protocol.wire import (
-    VERSION,
-    NOTIFICATIONS_PATH,
-    SIGNATURE_HEADER,
-    SIGNATURE_PREFIX,
-    MAX_BODY_BYTES,
-    BATCH_ENV,
-    SLOT_SECRET_ENV,
-    PILOT_ENV,
-    STATES,
-    LIFECYCLE_STATES,
-    MAX_SLOT_LEN,
-    MAX_HOST_LEN,
-    MAX_MESSAGE_LEN,
-    MAX_VM_NAME_LEN,
-    MAX_VMS,
-    MAX_SEQ,
-    MAX_SEQ_STEP,
-    MAX_MEMORY_MB,
-    MAX_COMMAND,
-    MAX_TIMINGS,
-    ProtocolError,
-    utc_now,
-    format_time,
-    format_epoch,
-    parse_time,
-    epoch_micros,
-    Notification,
-    MAX_JSON_DEPTH,
-    load_json,
-    digest_ha1,
-    is_key,
-    is_host,
-    node_key,
-    slot_key,
-    sign,
-    signature_matches,
-)
+from __future__ import annotations
+
+import importlib
+
+#: Where each public name lives.
+_HOMES = {
+    "COMMANDS_PATH": "commands",
+    "IMAGES_PATH": "commands",
+    "IMAGE_NAME_RE": "commands",
+    "IMAGE_VERSION_RE": "commands",
+    "MAX_IMAGE_BYTES": "commands",
+    "MAX_IMAGE_NAME_LEN": "commands",
+    "MAX_PREFETCH": "commands",
+    "MAX_PEERS": "commands",
+    "image_path": "commands",
+    "MAX_POLL_WAIT_S": "commands",
+    "OPS": "commands",
+    "VM_STATES": "commands",
+    "MAX_VCPUS": "commands",
+    "MAX_PATH_LEN": "commands",
+    "MAX_CMDLINE_LEN": "commands",
+    "MAX_NETWORK_LEN": "commands",
+    "MAX_COMMANDS": "commands",
+    "commands_path": "commands",
+    "check_target": "commands",
+    "sign_commands": "commands",
+    "ImageFile": "commands",
+    "VmSpec": "commands",
+    "VmContext": "commands",
+    "Command": "commands",
+    "parse_commands": "commands",
+    "commands_body": "commands",
+    "VERSION": "wire",
+    "NOTIFICATIONS_PATH": "wire",
+    "SIGNATURE_HEADER": "wire",
+    "SIGNATURE_PREFIX": "wire",
+    "MAX_BODY_BYTES": "wire",
+    "BATCH_ENV": "wire",
+    "SLOT_SECRET_ENV": "wire",
+    "PILOT_ENV": "wire",
+    "STATES": "wire",
+    "LIFECYCLE_STATES": "wire",
+    "MAX_SLOT_LEN": "wire",
+    "MAX_HOST_LEN": "wire",
+    "MAX_MESSAGE_LEN": "wire",
+    "MAX_VM_NAME_LEN": "wire",
+    "MAX_VMS": "wire",
+    "MAX_SEQ": "wire",
+    "MAX_SEQ_STEP": "wire",
+    "MAX_MEMORY_MB": "wire",
+    "MAX_COMMAND": "wire",
+    "MAX_TIMINGS": "wire",
+    "ProtocolError": "wire",
+    "utc_now": "wire",
+    "format_time": "wire",
+    "format_epoch": "wire",
+    "parse_time": "wire",
+    "epoch_micros": "wire",
+    "Notification": "wire",
+    "MAX_JSON_DEPTH": "wire",
+    "load_json": "wire",
+    "digest_ha1": "wire",
+    "is_key": "wire",
+    "is_host": "wire",
+    "node_key": "wire",
+    "slot_key": "wire",
+    "sign": "wire",
+    "signature_matches": "wire",
+}
 
 __all__ = [
     "IMAGES_PATH",
@@ -138,3 +146,16 @@ __all__ = [
     "slot_key",
     "utc_now",
 ]
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

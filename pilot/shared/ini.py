@@ -11,7 +11,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Parser = Callable[[str], object]
 Schema = dict[str, dict[str, tuple[str, Parser]]]

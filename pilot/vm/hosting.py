@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from pilot.config import PilotConfig
 from pilot.vm.worker import VmWorker

@@ -21,9 +21,13 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from pilot.protocol import Command, format_epoch
+from pilot.protocol.wire import format_epoch
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the pilot's start path
+if TYPE_CHECKING:  # the command module loads with the first poll answer, not at the pilot's start
+    from pilot.protocol.commands import Command
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class VmWorker:
                 item = None
             if self._stopping.is_set() or item is False:
                 return
-            if isinstance(item, Command):
+            if item is not None:  # a Command (None only wakes the worker; False stops it, above)
                 try:
                     self._carry_out(item)
                 except Exception:  # the worker must outlive any one command

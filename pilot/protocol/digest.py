@@ -1,0 +1,48 @@
+"""HTTP Digest (RFC 7616, ``qop=auth``) arithmetic both sides share: the response value and the
+header parameter list. Standard library only and cheap to import (one regex, compiled on first
+use): the pilot's first notification is authenticated with it before anything heavy is loaded.
+
+The service's verifier (:mod:`service_adapter.digest`) checks with these functions what the
+pilot's first-shot sender (:mod:`pilot.firstshot`) computes with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
+_PARAM_PATTERN = r'\s*([A-Za-z0-9_-]+)\s*=\s*("((?:[^"\\]|\\.)*)"|[^,\s]*)\s*(?:,|$)'
+
+
+def response_digest(algorithm: str, ha1: str, nonce: str, nc: str, cnonce: str, method: str, uri: str) -> str:
+    """The RFC 7616 ``response`` value for ``qop=auth``: ``KD(HA1, nonce:nc:cnonce:auth:HA2)``."""
+    hash_fn = HASHES[algorithm]
+    ha2 = hash_fn(f"{method}:{uri}".encode()).hexdigest()
+    return hash_fn(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}".encode()).hexdigest()
+
+
+def parse_params(text: str) -> dict[str, str] | None:
+    """Parse the comma-separated ``name=value`` list of a Digest header.
+
+    Quoted values are unescaped. Returns None for anything malformed or for
+    a repeated parameter.
+    """
+    param_re = re.compile(_PARAM_PATTERN)  # re's own cache makes this a dict lookup after the first call
+    params: dict[str, str] = {}
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        match = param_re.match(text, pos)
+        if not match or match.end() == pos:
+            return None
+        name = match.group(1).lower()
+        if name in params:
+            return None
+        if match.group(3) is not None:
+            value = re.sub(r"\\(.)", r"\1", match.group(3))
+        else:
+            value = match.group(2)
+        params[name] = value
+        pos = match.end()
+    return params
