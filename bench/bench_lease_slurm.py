@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     """Start the cluster, run lease-bench against it, stop the cluster; lease-bench's exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--launcher", default="auto", help="the job scripts' launcher (default auto: srun)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (job output, logs)")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then lease-bench's own arguments")
     args = parser.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -61,7 +62,10 @@ def main(argv=None) -> int:
                             *(rest or ["--nodes", "1", "2", "4", "--rounds", "5"])])
     finally:
         cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"bench-lease-slurm: kept {workdir} (job output, service and slurm logs)", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_json_alone_goes_to_stdout(tmp_path):
     (["--pilot-option", "nodot=1"], 2, "is not SECTION.KEY=VALUE"),
     (["--provider", "slurm"], 3, "--provider slurm needs --config FILE"),
     (["--memory-backend", "none", "--plot", "/nonexistent/x.png"], 3, "its directory does not exist"),
+    (["--memory-backend", "none", "--json", "/nonexistent/x.json"], 3, "--json /nonexistent/x.json: its directory"),
 ])
 def test_bad_input_gets_one_line_and_its_exit_code(tmp_path, args, code, needle):
     done = run_bench(*args, cwd=str(tmp_path))

@@ -124,6 +124,9 @@ def test_summary_ratios_are_medians_over_baseline_medians():
         baseline_teardown = statistics.median(values_of(results, nodes, "baseline_teardown", None))
         assert ratio["standup_vs_baseline"] == pytest.approx(standup / baseline_standup)
         assert ratio["teardown_stop_vs_baseline"] == pytest.approx(stop_signal / baseline_teardown)
+        own = sum(statistics.median(values_of(results, nodes, "standup", phase))
+                  for phase in STAGES["standup"] if phase != "dispatch")
+        assert ratio["standup_own_vs_baseline"] == pytest.approx((baseline_standup + own) / baseline_standup)
 
 
 def test_summary_without_baselines_has_no_ratio():

@@ -12,6 +12,7 @@ and a PNG when asked. The phases and how clocks are handled are in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -129,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_SETUP, str(exc))
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         return _fail(EXIT_SETUP, f"--plot {args.plot}: its directory does not exist")
+    if args.json and args.json != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        return _fail(EXIT_SETUP, f"--json {args.json}: its directory does not exist")  # before the rounds, not after
     if args.plot:
         try:
             report.import_pyplot()
         except report.ReportError as exc:
             return _fail(EXIT_SETUP, str(exc))
-    size = cluster_size(options)
+    nodes = cluster_nodes(options)
+    size = None if nodes is None else len(nodes)
+    options = dataclasses.replace(options, cluster_nodes=tuple(nodes or ()))
     wanted = sorted(set(args.nodes or DEFAULT_NODES))
     counts = [n for n in wanted if size is None or n <= size]
     if len(counts) < len(wanted):
@@ -202,8 +207,8 @@ def _options(args):
     )
 
 
-def cluster_size(options) -> int | None:
-    """How many nodes the LRM has (sinfo, pbsnodes); None for the local provider or when it cannot tell."""
+def cluster_nodes(options) -> list[str] | None:
+    """The LRM's node names (sinfo, pbsnodes); None for the local provider or when it cannot tell."""
     if options.settings is None or options.settings.name == "local":
         return None
     env = {**os.environ, **(options.settings.env or {})}
@@ -213,8 +218,8 @@ def cluster_size(options) -> int | None:
     except (OSError, subprocess.SubprocessError):
         return None
     if options.settings.name == "slurm":
-        return len(set(out.split())) or None
-    return sum(1 for line in out.splitlines() if line and not line[0].isspace()) or None
+        return sorted(set(out.split())) or None
+    return [line.strip() for line in out.splitlines() if line.strip() and not line[0].isspace()] or None
 
 
 #: How many bare interpreter starts the median is taken over.

@@ -52,6 +52,9 @@ class BenchOptions:
     listen_host: str = "127.0.0.1"
     contact: str | None = None
     pilot_options: tuple[tuple[str, str, str], ...] = ()
+    #: The batch system's nodes; each gets a node key in the site's key directory (which the
+    #: nodes must share with this host, as the tests' one-host cluster does).
+    cluster_nodes: tuple[str, ...] = ()
 
 
 def pilot_sections(options: BenchOptions, workdir: str) -> dict[str, dict[str, object]]:
@@ -76,12 +79,15 @@ def open_site(options: BenchOptions, workdir: str) -> LocalSite:
     """The embedded service over the chosen provider, with the operator API, its journal in ``workdir``."""
     provider = None if options.settings is None or options.settings.name == "local" else make_provider(options.settings)
     journal = os.path.join(workdir, "journal")
-    return LocalSite(
+    site = LocalSite(
         os.path.join(workdir, "service"), grace_s=options.grace_s, journal_dir=journal,
         queue_timeout_s=options.timeout_s, release_grace_s=options.grace_s, status_interval_s=0.5,
         vm_overhead_mb=VM_OVERHEAD_MB, pilot_sections=pilot_sections(options, workdir), provider=provider,
         listen_host=options.listen_host, contact=options.contact, operator_api=True,
     )
+    for host in options.cluster_nodes:  # the local provider keys its simulated nodes itself
+        site.provider.prepare_node(host)
+    return site
 
 
 def vm_specs(nodes: int) -> list[dict]:
