@@ -36,27 +36,44 @@ class Allocations:
         self._known: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._asking: dict[str, threading.Lock] = {}  # job id -> held while the LRM is asked about it
 
     def hosts(self, job_id: str) -> frozenset[str] | None:
-        """The job's hosts as short names, or None while the LRM cannot say (blocks on the LRM)."""
+        """The job's hosts as short names, or None while the LRM cannot say (blocks on the LRM).
+
+        The nodes of one job report at about the same moment: the first asks the LRM, the
+        others wait for its answer instead of asking again.
+        """
+        known = self.known_hosts(job_id)
+        if known is not None:
+            return known
+        with self._lock:
+            asking = self._asking.setdefault(job_id, threading.Lock())
+        with asking:
+            known = self.known_hosts(job_id)  # answered while this one waited
+            if known is not None:
+                return known
+            try:
+                listed = self.provider.allocated_hosts(job_id)
+            except Exception:  # a provider bug must not become a 500: the pilot tries again
+                log.exception("could not ask the LRM for the hosts of job %s", job_id)
+                listed = None
+            found = frozenset(short_name(host) for host in listed) if listed else None
+            with self._lock:
+                self._asking.pop(job_id, None)
+                if found is not None:
+                    self._known[job_id] = found
+                    while len(self._known) > self._cache_size:
+                        self._known.popitem(last=False)
+        return found
+
+    def known_hosts(self, job_id: str) -> frozenset[str] | None:
+        """The job's hosts if the LRM has already named them, else None; never asks (safe on the event loop)."""
         with self._lock:
             known = self._known.get(job_id)
             if known is not None:
                 self._known.move_to_end(job_id)
-                return known
-        try:
-            listed = self.provider.allocated_hosts(job_id)
-        except Exception:  # a provider bug must not become a 500: the pilot tries again
-            log.exception("could not ask the LRM for the hosts of job %s", job_id)
-            return None
-        if not listed:
-            return None
-        found = frozenset(short_name(host) for host in listed)
-        with self._lock:
-            self._known[job_id] = found
-            while len(self._known) > self._cache_size:
-                self._known.popitem(last=False)
-        return found
+            return known
 
     def holds(self, job_id: str, host: str) -> bool | None:
         """Whether ``host`` is one of the job's hosts; None while the LRM cannot say."""

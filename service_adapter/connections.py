@@ -46,6 +46,11 @@ FD_RESERVE = 128
 #: descriptors one pass after that: the cap stays three batches below the file limit too.
 BACKLOG = 128
 ACCEPT_SLACK = 3 * BACKLOG
+#: The kernel's queue of connections not yet accepted (capped by net.core.somaxconn). At 128,
+#: thousands of pilots connecting within a second overflowed it and their connects were retried
+#: by TCP after 1, 3, 7, 15 s (issue 17: 39,208 overflows, p50 16.7 s for 10,000 pilots).
+#: asyncio still takes BACKLOG of them per loop pass, which is what ACCEPT_SLACK counts.
+LISTEN_QUEUE = 8192
 MIN_CONNECTIONS = 16
 
 
@@ -255,6 +260,9 @@ class GuardedTCPSite(web.TCPSite):
             self.guard.protocol_factory(self._runner.server), self._host, self._port, ssl=self._ssl_context,
             backlog=BACKLOG, reuse_address=self._reuse_address, reuse_port=self._reuse_port,
         )
+        for listening in self._server.sockets:
+            with listening.dup() as same:  # listen() again on the same socket: only its queue grows
+                same.listen(LISTEN_QUEUE)
         self._bound_port = self._server.sockets[0].getsockname()[1]
         self.guard.limit()  # resolve the cap now, from the file limit in force
         log.info("holding at most %d connections; a client has %g s for a request head, and again for its body",

@@ -525,3 +525,24 @@ def test_make_provider_and_settings():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             ProviderSettings(**bad)
+
+
+def test_adopted_jobs_run_while_their_process_runs_and_a_cancel_is_seen_by_every_reader(tmp_path):
+    # What bench/bench_scale.py does: one process simulates the nodes of many jobs.
+    simulator = subprocess.Popen(["sleep", "60"])
+    try:
+        ids = LocalProvider(str(tmp_path)).adopt(
+            [("slot-a", "lease-a", ["sim-1", "sim-2"]), ("slot-b", "lease-b", ["sim-3"])], simulator.pid)
+        reader = LocalProvider(str(tmp_path))  # another process's provider: it knows them from the state file
+        assert reader.status(ids) == {ids[0]: JobState.RUNNING, ids[1]: JobState.RUNNING}
+        assert reader.allocated_hosts(ids[0]) == ["sim-1", "sim-2"]
+        LocalProvider(str(tmp_path)).cancel(ids[1])  # a third one cancels: SIGTERM to the simulator, by pid
+        assert simulator.wait(10) == -15
+        # The reader parsed the file before the cancel rewrote it; it must see the new one.
+        assert reader.status(ids) == {ids[0]: JobState.ENDED, ids[1]: JobState.CANCELLED}
+    finally:
+        if simulator.poll() is None:
+            simulator.kill()
+            simulator.wait()
+    with pytest.raises(ProviderError, match="no process"):
+        LocalProvider(str(tmp_path)).adopt([("slot-c", "lease-c", ["sim-4"])], simulator.pid)

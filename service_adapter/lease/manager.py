@@ -30,6 +30,11 @@ from service_adapter.store import LeaseEvent, LeaseRow, PilotRow, Store, StoreCl
 
 log = logging.getLogger("service_adapter.lease")
 
+#: The longest rest between two ticks that the length of the last one imposes (see ``_run``).
+MAX_REST_S = 0.5
+#: The longest a tick reuses pilots an earlier tick read (see ``_pilots_and_vms``).
+REREAD_S = 30.0
+
 
 class LeaseManager:
     """Makes, watches and ends leases through one provider; all state is in the store.
@@ -71,8 +76,11 @@ class LeaseManager:
         self._lock = threading.RLock()  # one tick at a time (release and wait tick too)
         self._status: dict[str, JobState] = {}
         self._status_at: float | None = None
+        self._status_spent_s = 0.0  # how long this tick's status call took (0: the last answer was reused)
         self._cancel_tried: dict[str, float] = {}
         self._forced: set[str] = set()  # leases whose job got the forced cancel (once per process)
+        self._kept_pilots: dict[str, tuple[int, list[PilotRow]]] = {}  # slot -> (its pilot mark, its pilots)
+        self._kept_since = 0.0  # when _kept_pilots was last emptied (monotonic)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -190,6 +198,7 @@ class LeaseManager:
         if only is not None:
             rows = [r for r in rows if r.id in only]
         jobs = self._job_states([r.job_id for r in rows if r.job_id], now)
+        pilots, running = self._pilots_and_vms(rows)
         changes = []
         for row in rows:
             job_state = jobs.get(row.job_id, JobState.UNKNOWN) if row.job_id else JobState.UNKNOWN
@@ -201,7 +210,7 @@ class LeaseManager:
                     else row.cancelled_at,
                 )
             if not LEASE_STATES[row.state].terminal:
-                row = self._advance(row, job_state, now, changes)
+                row = self._advance(row, job_state, now, changes, pilots.get(row.slot, []), running.get(row.id, 0))
             if (row.cancel_requested_at is not None and row.cancelled_at is None and row.job_id
                     and not job_state.finished):
                 self._cancel(row, now)
@@ -209,6 +218,31 @@ class LeaseManager:
                   and now - row.cancelled_at > self.timing.release_grace_s and row.id not in self._forced):
                 self._force_cancel(row)
         return changes
+
+    def _pilots_and_vms(self, rows: list[LeaseRow]) -> tuple[dict[str, list[PilotRow]], dict[str, int]]:
+        """Each open lease's pilots (by slot) and running VMs (by lease), read for all of them at once.
+
+        With a thousand leases, two queries per lease per tick were most of the tick, and reading
+        every pilot again still took tens of ms; so a slot's pilots are kept from an earlier tick
+        while the store says no commit changed them since (:meth:`Store.pilot_marks`), and all are
+        read again at least every :data:`REREAD_S` seconds (another process's writes leave no mark).
+        """
+        open_rows = [r for r in rows if not LEASE_STATES[r.state].terminal]
+        slots = [r.slot for r in open_rows if r.slot]
+        now = time.monotonic()
+        if now - self._kept_since >= REREAD_S:
+            self._kept_pilots, self._kept_since = {}, now
+        marks = self.store.pilot_marks(slots)  # before the read: a commit after it shows at the next tick
+        kept = self._kept_pilots
+        stale = [slot for slot in slots if slot not in kept or kept[slot][0] != marks[slot]]
+        if stale:
+            for slot, found in self.store.pilots_by_slot(stale).items():
+                kept[slot] = (marks[slot], found)
+        watched = set(slots)
+        for slot in [slot for slot in kept if slot not in watched]:
+            del kept[slot]
+        running = self.store.running_vm_counts([r.id for r in open_rows if r.state in HOLDING])
+        return {slot: kept[slot][1] for slot in slots}, running
 
     def _force_cancel(self, row: LeaseRow) -> None:
         """The gentle cancel has not ended the job within the release grace: the LRM's outright cancel, once."""
@@ -221,16 +255,17 @@ class LeaseManager:
         log.warning("lease %s: job %s still ran %g s after its cancel: cancelled outright",
                     row.id, row.job_id, self.timing.release_grace_s)
 
-    def _advance(self, row: LeaseRow, job_state: JobState, now: float, changes: list) -> LeaseRow:
-        """Apply decide() until the lease stays put (a restart may catch up several steps at once)."""
-        pilots = self.store.pilots(row.slot) if row.slot else []
+    def _advance(self, row: LeaseRow, job_state: JobState, now: float, changes: list,
+                 pilots: list[PilotRow], running: int) -> LeaseRow:
+        """Apply decide() until the lease stays put (a restart may catch up several steps at once).
+
+        ``pilots`` and ``running`` (its VMs that run) were read for this tick.
+        """
         # A transition is stamped no earlier than its inputs were read: the tick's start can precede the
         # commit of a notification it then sees (the LRM query runs in between).
         now = max(now, self.clock())
         if row.state in HOLDING and self._give_up_silent(row, pilots, now):
             pilots = self.store.pilots(row.slot)
-        vms = self.store.vms(row.id) if row.state in HOLDING else []
-        running = sum(1 for vm in vms if vm.state == "running")
         for _ in range(len(LEASE_STATES)):
             decision = decide(row, pilots, job_state, now, self.timing, vms_running=running)
             if decision.state == row.state:
@@ -279,11 +314,15 @@ class LeaseManager:
             return {}
         fresh = self._status_at is not None and 0 <= now - self._status_at < self.status_interval_s
         if not fresh:
+            asked = sorted(set(job_ids))
+            started = time.monotonic()
             try:
-                self._status = dict(self.provider.status(sorted(set(job_ids))))
+                self._status = dict(self.provider.status(asked))
             except Exception:  # the contract says status never raises; a bug must not stop the watch
                 log.exception("provider status failed; every job counts as unknown")
                 self._status = {}
+            self._status_spent_s = time.monotonic() - started
+            log.debug("status of %d job(s) in %.1f ms", len(asked), self._status_spent_s * 1000)
             self._status_at = now
         return self._status
 
@@ -330,6 +369,8 @@ class LeaseManager:
     def _run(self) -> None:
         while not self._stopping.is_set():
             seen = self.store.version
+            started = time.monotonic()
+            self._status_spent_s = 0.0
             try:
                 self.tick()
             except Exception as exc:
@@ -337,7 +378,12 @@ class LeaseManager:
                     log.warning("the store is closed: the lease manager stops")
                     return
                 log.exception("lease manager tick failed; trying again")
-            if self._stopping.is_set():
+            # Rest as long as the tick worked before looking again: during a burst of notifications every
+            # commit would otherwise start the next tick at once, and a tick over a thousand leases takes
+            # tens of ms of the GIL the receiver needs. Waiting on the LRM's status command is not work
+            # (it holds no GIL), so it does not count; with a few leases the rest is a millisecond or two.
+            worked = time.monotonic() - started - self._status_spent_s
+            if self._stopping.wait(min(max(worked, 0.0), MAX_REST_S)):
                 return
             self.store.wait_changed(seen, self.status_interval_s)
 

@@ -75,6 +75,7 @@ class LocalProvider(Provider):
         self.state_path = os.path.join(output_dir, STATE_FILE)
         self._jobs: dict[str, _LocalJob] = {}
         self._lock = threading.Lock()
+        self._seen_state: tuple[tuple, dict] | None = None  # (the file's identity, its jobs) for readers
         #: Called with each simulated node's name before its first pilot starts (a LocalSite writes the
         #: node's key there, as a site admin installs a real node's key before it runs pilots).
         self.prepare_node: Callable[[str], object] | None = None
@@ -141,7 +142,7 @@ class LocalProvider(Provider):
                 for process in local.processes:
                     if process.poll() is None:
                         process.send_signal(sig)
-        record = self._read_state()["jobs"].get(job_id)
+        record = self._recorded_jobs().get(job_id)
         if record is None:
             if local is None:
                 log.debug("cancel %s: no such local job (nothing to do)", job_id)
@@ -167,6 +168,14 @@ class LocalProvider(Provider):
         """
         states = {}
         records = None
+        checked: dict[tuple, bool] = {}  # (pid, create time) -> alive: asked once per call, however many jobs share it
+
+        def alive(pilot: dict) -> bool:
+            key = (pilot.get("pid"), pilot.get("create_time"))
+            if key not in checked:
+                checked[key] = _live_process(pilot) is not None
+            return checked[key]
+
         for job_id in job_ids:
             local = self._jobs.get(job_id)
             if local is not None:
@@ -177,17 +186,17 @@ class LocalProvider(Provider):
                 if not local.cancelled:
                     # Another provider over this directory (a restarted service) may have cancelled it.
                     if records is None:
-                        records = self._read_state()["jobs"]
+                        records = self._recorded_jobs()
                     local.cancelled = bool(records.get(job_id, {}).get("cancelled"))
                 self._record_end(job_id, local, codes)
                 states[job_id] = _ended_state(codes, local.cancelled)
                 continue
             if records is None:
-                records = self._read_state()["jobs"]
+                records = self._recorded_jobs()
             record = records.get(job_id)
             if record is None:
                 states[job_id] = JobState.GONE
-            elif any(_live_process(pilot) is not None for pilot in record["pilots"]):
+            elif any(alive(pilot) for pilot in record["pilots"]):
                 states[job_id] = JobState.RUNNING
             elif record.get("exit_codes") is not None:
                 states[job_id] = _ended_state(record["exit_codes"], bool(record.get("cancelled")))
@@ -204,19 +213,46 @@ class LocalProvider(Provider):
 
     # -- for demos and tests -------------------------------------------------------------------
 
+    def adopt(self, jobs: list[tuple[str, str, list[str]]], pid: int) -> list[str]:
+        """Record jobs whose pilots another process runs, as if this provider had started them; their job ids.
+
+        ``jobs`` holds (slot, lease, hosts) per job; every host's pilot is the
+        process ``pid`` (one process simulating many nodes: ``bench/bench_scale.py``).
+        They are RUNNING while that process runs, and cancelling one signals it.
+        One state-file write for all of them.
+        """
+        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+        created = _create_time(pid)
+        if created is None:
+            raise ProviderError(f"no process {pid} to adopt jobs for")
+        ids = []
+        with self._lock, self._state_lock():
+            state = self._read_state()
+            for slot, lease, hosts in jobs:
+                job_id = f"local-{uuid.uuid4().hex[:12]}"
+                state["jobs"][job_id] = {
+                    "slot": slot, "lease": lease, "submitted_at": time.time(), "owner_pid": pid,
+                    "pilots": [{"host": host, "pid": pid, "create_time": created} for host in hosts],
+                    "cancelled": False, "exit_codes": None,
+                }
+                ids.append(job_id)
+            self._write_state(state)
+        return ids
+
+
     def hosts(self, job_id: str) -> list[str]:
         """The simulated node names of a job's pilots (KeyError for a job never recorded here)."""
         local = self._jobs.get(job_id)
         if local is not None:
             return list(local.hosts)
-        return [pilot["host"] for pilot in self._read_state()["jobs"][job_id]["pilots"]]
+        return [pilot["host"] for pilot in self._recorded_jobs()[job_id]["pilots"]]
 
     def pids(self, job_id: str) -> list[int]:
         """The pids of a job's pilot processes (KeyError for a job never recorded here)."""
         local = self._jobs.get(job_id)
         if local is not None:
             return [p.pid for p in local.processes]
-        return [pilot["pid"] for pilot in self._read_state()["jobs"][job_id]["pilots"]]
+        return [pilot["pid"] for pilot in self._recorded_jobs()[job_id]["pilots"]]
 
     def wait(self, job_id: str, timeout: float) -> list[int | None]:
         """Wait up to ``timeout`` seconds in all for the pilots of a job this provider started.
@@ -264,6 +300,25 @@ class LocalProvider(Provider):
             yield
         finally:
             os.close(fd)
+
+    def _recorded_jobs(self) -> dict:
+        """The state file's jobs, for reading only: parsed again only when the file was replaced.
+
+        Every write replaces the file (a new inode), so its identity says whether what was parsed
+        is still what is on disk; with a thousand jobs a parse costs milliseconds, and the
+        allocation check asks once per job.
+        """
+        try:
+            info = os.stat(self.state_path)
+        except OSError:
+            return self._read_state()["jobs"]
+        identity = (info.st_ino, info.st_mtime_ns, info.st_size)
+        seen = self._seen_state
+        if seen is not None and seen[0] == identity:
+            return seen[1]
+        jobs = self._read_state()["jobs"]
+        self._seen_state = (identity, jobs)
+        return jobs
 
     def _read_state(self) -> dict:
         # Readers need no lock: the file is only ever replaced whole (rename).

@@ -37,7 +37,7 @@ from service_adapter.store import notifications as notification_ops
 from service_adapter.store import schema
 from service_adapter.store import vms as vm_ops
 from service_adapter.store.errors import StoreClosed
-from service_adapter.store.rows import LeaseEvent, LeaseRow, PilotRow, SlotAccess, UsageRow
+from service_adapter.store.rows import LeaseEvent, LeaseRow, PilotRow, SlotAccess, UsageRow, Verdict
 from service_adapter.store.vms import CommandRow, VmRow
 
 log = logging.getLogger("service_adapter.store")
@@ -70,6 +70,8 @@ class Store:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._woken: set[tuple[str, str]] = set()  # touched by the writer thread only
+        self._pilots_touched: set[str] = set()  # slots whose pilot rows this batch wrote (writer thread only)
+        self._pilot_marks: dict[str, int] = {}  # slot -> the version whose commit last changed its pilots
         # What the receiver asks of every request and what never changes once true: a slot's secret and job
         # id (once it has one), and that a host has reported for a slot. Bounded; misses read the file.
         self._access_cache: collections.OrderedDict[tuple[str, str], SlotAccess] = collections.OrderedDict()
@@ -140,7 +142,10 @@ class Store:
             return
         with self._changed:
             self._version += 1
+            for slot in self._pilots_touched:
+                self._pilot_marks[slot] = self._version
             self._changed.notify_all()
+        self._pilots_touched = set()
         woken, self._woken = self._woken, set()
         if woken and self._command_listener is not None:
             try:
@@ -260,9 +265,12 @@ class Store:
         """Decide on and durably record one authenticated notification; the future gives its
         :class:`Verdict` (see :func:`service_adapter.store.notifications.record`)."""
         body_hash = hashlib.sha256(body).hexdigest()
-        return self.submit(lambda conn: notification_ops.record(
-            conn, notification, body, body_hash, account, slack_s, self._wake_target,
-        ))
+
+        def write(conn: sqlite3.Connection) -> Verdict:
+            self._pilots_touched.add(notification.slot)
+            return notification_ops.record(conn, notification, body, body_hash, account, slack_s, self._wake_target)
+
+        return self.submit(write)
 
     def start_vms(self, lease_id: str, requests: list[tuple[VmSpec, str | None]], *, overhead_mb: int,
                   now: float, resolve: Callable[[sqlite3.Connection, VmSpec], VmSpec] | None = None
@@ -284,7 +292,11 @@ class Store:
 
     def mark_lost(self, slot: str, host: str, *, now: float, why: str) -> bool:
         """Give (slot, host) up for lost, its active VMs with it; False if it already was."""
-        return self.submit(lambda conn: vm_ops.mark_lost(conn, slot, host, now, why)).result()
+        def write(conn: sqlite3.Connection) -> bool:
+            self._pilots_touched.add(slot)
+            return vm_ops.mark_lost(conn, slot, host, now, why)
+
+        return self.submit(write).result()
 
     # -- reads --------------------------------------------------------------------
 
@@ -355,6 +367,20 @@ class Store:
     def pilots(self, slot_id: str) -> list[PilotRow]:
         """Every pilot that has reported for ``slot_id``, ordered by host."""
         return notification_ops.pilots(self._reader(), slot_id)
+
+    def pilot_marks(self, slot_ids) -> dict[str, int]:
+        """For each slot, the :attr:`version` whose commit last changed its pilots in this process (0: none
+        since it opened). Equal marks between two reads: the slot's pilots are as they were."""
+        with self._changed:
+            return {slot: self._pilot_marks.get(slot, 0) for slot in slot_ids}
+
+    def pilots_by_slot(self, slot_ids: list[str]) -> dict[str, list[PilotRow]]:
+        """:meth:`pilots` of many slots at once (the lease manager's tick: a few queries, not one per lease)."""
+        return notification_ops.pilots_by_slot(self._reader(), slot_ids)
+
+    def running_vm_counts(self, lease_ids: list[str]) -> dict[str, int]:
+        """How many VMs of each lease are running (0 for none), for many leases at once."""
+        return vm_ops.running_counts(self._reader(), lease_ids)
 
     def pilot(self, slot: str, host: str) -> tuple[PilotRow, bool] | None:
         """The pilot of (slot, host) and whether its lease has ended; None if no such pilot has reported."""

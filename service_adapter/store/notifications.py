@@ -163,6 +163,24 @@ def pilots(conn: sqlite3.Connection, slot_id: str) -> list[PilotRow]:
     return [PilotRow(*row) for row in rows]
 
 
+def pilots_by_slot(conn: sqlite3.Connection, slot_ids: list[str]) -> dict[str, list[PilotRow]]:
+    """The pilots of each of ``slot_ids`` (ordered by host), in a few queries rather than one per slot."""
+    found: dict[str, list[PilotRow]] = {slot: [] for slot in slot_ids}
+    for start in range(0, len(slot_ids), _IN_CHUNK):
+        chunk = slot_ids[start:start + _IN_CHUNK]
+        rows = conn.execute(
+            f"SELECT {PILOT_COLUMNS} FROM pilots WHERE slot_id IN ({', '.join('?' * len(chunk))})"
+            " ORDER BY slot_id, host", chunk,
+        )
+        for row in rows:
+            found[row[0]].append(PilotRow(*row))
+    return found
+
+
+#: Ids per ``IN (...)`` list: well under SQLite's bound-parameter limit.
+_IN_CHUNK = 500
+
+
 def pilot_of(conn: sqlite3.Connection, slot: str, host: str) -> tuple[PilotRow, bool] | None:
     """The pilot of (slot, host) and whether its lease has ended; None if no such pilot has reported."""
     row = conn.execute(

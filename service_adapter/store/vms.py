@@ -359,6 +359,18 @@ def vms_of(conn: sqlite3.Connection, lease_id: str) -> list[VmRow]:
     return [_vm_row(row) for row in rows]
 
 
+def running_counts(conn: sqlite3.Connection, lease_ids: list[str]) -> dict[str, int]:
+    """How many VMs of each of ``lease_ids`` are running (0 for a lease with none), in a few queries."""
+    found = dict.fromkeys(lease_ids, 0)
+    for start in range(0, len(lease_ids), 500):
+        chunk = lease_ids[start:start + 500]
+        found.update(conn.execute(
+            f"SELECT lease_id, COUNT(*) FROM vms WHERE state = 'running' AND lease_id IN ({', '.join('?' * len(chunk))})"
+            " GROUP BY lease_id", chunk,
+        ).fetchall())
+    return found
+
+
 def commands_after(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: int) -> list[tuple[int, dict]]:
     """(id, body) of the commands for (slot, host) with an id above ``after``, oldest first."""
     rows = conn.execute(
