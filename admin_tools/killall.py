@@ -31,7 +31,7 @@ from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import replay_dead, settle
-from pilot.shared.cli import OneLineParser
+from pilot.shared.cli import OneLineParser, WrappingFormatter
 from pilot.shared.errors import one_line
 from pilot.vm.cleanup import destroy_domain
 
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             "contact is known. Run as root on the node."
         ),
         epilog=EXIT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=WrappingFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help=f"the pilots' configuration file (default {DEFAULT_PATH} if it exists)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")

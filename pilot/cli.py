@@ -8,18 +8,22 @@ import os
 import re
 import signal
 import sys
+import textwrap  # loaded by logging anyway: not an extra import on the start path
 import time
 
 from pilot.exitcodes import MEANING, ExitCode
-from pilot.shared.cli import OneLineParser, http_url, positive
+from pilot.shared.cli import OneLineParser, WrappingFormatter, http_url, positive
 
 log = logging.getLogger("pilot")
 
 _SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
+#: README.md's table says the same (tests/test_cli.py checks); lines wrapped at 79 columns.
 EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
-    f"  {code.value:>2}  {code.name.lower().replace('_', '-')}: {MEANING[code]}" for code in ExitCode
+    textwrap.fill(f"{code.name.lower().replace('_', '-')}: {MEANING[code]}", width=79,
+                  initial_indent=f"  {code.value:>2}  ", subsequent_indent=" " * 6)
+    for code in ExitCode
 )
 
 
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run by the batch job on each node, as root (through one sudo rule: see 'evaluate')."
         ),
         epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=WrappingFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     reserve = commands.add_parser(
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             "pilot reserves. The memory is given back whether or not the service answers."
         ),
         epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=WrappingFormatter,
     )
     reserve.add_argument("--slot", required=True, type=_slot, help="the slot id the service gave this job")
     reserve.add_argument(
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
             "one is known. Print one line per check and the sudoers line to install. Changes nothing."
         ),
         epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=WrappingFormatter,
     )
     evaluate.add_argument(
         "--config", metavar="FILE",

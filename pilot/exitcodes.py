@@ -32,8 +32,13 @@ MEANING = {
     ExitCode.LOCK_TIMEOUT: "the node lock was not free in time, or its directory is unsafe; nothing changed",
     ExitCode.RESERVE_FAILED: "the memory could not be reserved (not enough, below minmem, not root, walltime too short); nothing kept",
     ExitCode.SERVICE_UNREACHABLE: "'reserved' could not be delivered in time; memory given back",
-    ExitCode.SERVICE_REFUSED: "the service refused 'reserved' (e.g. unknown slot); memory given back",
-    ExitCode.RESTORE_FAILED: "the memory could NOT be given back: the node needs an administrator",
+    ExitCode.SERVICE_REFUSED: (
+        "the service refused 'reserved' (e.g. unknown slot, a node key it did not issue, a host not in the "
+        "job's allocation, memory beyond the lease's); memory given back"
+    ),
+    ExitCode.RESTORE_FAILED: (
+        "the memory could NOT be given back: the journal keeps it for workspace-killall or the next pilot"
+    ),
     ExitCode.UNDELIVERED: "the node was restored, but 'unreserved' could not be delivered",
     ExitCode.INTERNAL: "an unexpected error (see the log); memory given back if it had been taken",
     ExitCode.JOURNAL: (

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything workspace-pilot needs on a Debian 12 machine, idempotently:
-# Debian packages (as root), a virtualenv in .venv, the project installed editable with its test extras.
+# Debian packages (as root), a virtualenv in .venv, the project installed editable.
 # Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
+# --test (scripts/test.sh): also the test extras (pytest, hypothesis, matplotlib); the demo needs none.
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
 # Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), sudo, through which
 # job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/slurm_cluster.py).
@@ -14,11 +15,13 @@
 set -euo pipefail
 cluster=no
 vm=no
+extras=
 for arg in "$@"; do
   case "$arg" in
     --cluster) cluster=yes ;;
     --vm) vm=yes ;;
-    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm)" >&2; exit 2 ;;
+    --test) extras='[test]' ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --test)" >&2; exit 2 ;;
   esac
 done
 
@@ -70,16 +73,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.workspace-pilot-installed
 want=$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# The stamp says what was installed from which setup.cfg: "<hash>" or "<hash> [test]" (the extras
+# too). An install with the test extras serves the demo as well; one without them does not serve the tests.
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "$have" != "$want $extras" ] && [ "$have" != "$want [test]" ]; then
   echo "bootstrap: installing workspace-pilot and its dependencies into .venv" >&2
   # pip's output goes to a log and is shown only if the install fails.
   if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
-         .venv/bin/python -m pip install --disable-pip-version-check -e '.[test]'; } > .venv/install.log 2>&1; then
+         .venv/bin/python -m pip install --disable-pip-version-check -e ".$extras"; } > .venv/install.log 2>&1; then
     cat .venv/install.log >&2
     echo "bootstrap: installing into .venv failed (log above, also in .venv/install.log)" >&2
     exit 3
   fi
-  echo "$want" > "$stamp"
+  echo "$want $extras" > "$stamp"
 fi
 # The project's own bytecode, written now: the package is installed editable, and where
 # PYTHONDONTWRITEBYTECODE is set (as on our machines) every pilot would otherwise compile its modules

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +60,42 @@ def test_help_explains_the_exit_codes():
     assert result.returncode == 0
     for code in ExitCode:
         assert f"{code.value:>2}  {code.name.lower().replace('_', '-')}" in result.stdout
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "pilot", "--help"], ["-m", "pilot", "reserve", "--help"], ["-m", "pilot", "evaluate", "--help"],
+    ["-m", "admin_tools.killall", "--help"], ["-c", "from admin_tools.leasebench.cli import main; main()", "--help"],
+    ["-m", "service_adapter", "--help"], ["-m", "service_adapter", "vm", "start", "--help"],
+    ["-m", "service_adapter", "image", "approve", "--help"],
+], ids=lambda command: " ".join(command[1:]).split(";")[-1].strip())
+def test_help_fits_a_100_column_terminal(command):
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, COLUMNS="100"))
+    assert result.returncode == 0 and "usage:" in result.stdout
+    too_long = [line for line in result.stdout.splitlines() if len(line) > 100]
+    assert not too_long
+
+
+def readme_table(title: str) -> dict[int, str]:
+    """README.md's exit-code table under ``title``: code -> its last column, without markup."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in readme[readme.index(title):].splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].isdigit():  # not the header, its rule or the blank line before them
+            rows[int(cells[0])] = cells[-1].replace("`", "")
+    return rows
+
+
+def test_the_readme_and_the_help_say_the_same_of_each_exit_code():
+    from pilot.exitcodes import MEANING
+    from service_adapter.cli.common import EXIT_CODES
+
+    unquoted = {code.value: re.sub(r"'(\w+)'", r"\1", MEANING[code]) for code in ExitCode}  # 'reserved' -> reserved
+    assert readme_table("### Exit codes of `workspace-pilot`") == unquoted
+    assert readme_table("### Exit codes of `workspace-lease`") == EXIT_CODES
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from pilot.protocol import format_time, utc_now
-from pilot.shared.cli import OneLineParser
+from pilot.shared.cli import OneLineParser, WrappingFormatter
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -38,25 +38,26 @@ NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 EXIT_HELP = """exit codes:
    0  every round completed; the report is printed (and written)
    2  a bad command-line argument
-   3  the bench cannot run here (bad --config, not root for the hugepages backend, no matplotlib for --plot,
-      the site would not start)
-   4  a round failed (a lease that did not get ready or released, a baseline job that did not start or stop
-      in time); what was measured until then is still reported
+   3  the bench cannot run here (bad --config, not root for the hugepages backend, no matplotlib
+      for --plot, the site would not start)
+   4  a round failed (a lease that did not get ready or released, a baseline job that did not
+      start or stop in time); what was measured until then is still reported
    5  the node is not as it was: the hugepage pool differs from its size before the bench"""
 
 EPILOG = """phases (each round's phases are consecutive, so they add up to its total):
   stand-up   client -> dispatch -> pilot_start -> notification -> ready
-             (request to submit, submit to the last pilot's process start, its start to reserved sent,
-             sent to stored, stored to the lease ready)
-  pilot      boot -> shrink -> report: the critical pilot's start split at the memory take (shrink is
-             Nimbus's "dom0 shrink")
+             (request to submit, submit to the last pilot's process start, its start to
+             reserved sent, sent to stored, stored to the lease ready)
+  pilot      boot -> shrink -> report: the critical pilot's start split at the memory take
+             (shrink is Nimbus's "dom0 shrink")
   vm         request -> delivery -> create -> report (with --vm test: one VM per node)
   tear-down  client -> stop_signal -> vm_destroy -> restore -> notification -> released
-  LRM-only   a do-nothing job: submit to its payload's start on the last node; cancel to its SIGTERM
+  LRM-only   a do-nothing job: submit to its payload's start on the last node; cancel to its
+             SIGTERM
 
-clocks: pilot moments are on each node's clock. --clocks auto (default) estimates each node's offset
-NTP-style from its reserved notification and applies it only where it exceeds its own uncertainty;
-always applies it; never trusts one shared clock.
+clocks: pilot moments are on each node's clock. --clocks auto (default) estimates each node's
+offset NTP-style from its reserved notification and applies it only where it exceeds its own
+uncertainty; always applies it; never trusts one shared clock.
 
 """ + EXIT_HELP
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="lease-bench",
         description="Stand leases up and tear them down on a real LRM, phase by phase, beside an LRM-only job.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=WrappingFormatter,
     )
     parser.add_argument("--provider", choices=("local", "slurm", "pbs"), default="local",
                         help="the LRM (default local: one process per simulated node on this machine)")

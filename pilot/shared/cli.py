@@ -42,3 +42,13 @@ def http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
     return text.rstrip("/")
+
+
+class WrappingFormatter(argparse.HelpFormatter):
+    """Wraps a description or epilog written as one paragraph to the terminal; keeps one written with
+    line breaks (an exit-code table, a list of phases) as its author laid it out."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip("\n"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)

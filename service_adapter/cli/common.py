@@ -19,19 +19,21 @@ EXIT_CONFLICT = 8
 EXIT_UNTRUSTED = 9
 EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
 
-EXIT_CODES = {
-    EXIT_OK: "success (for --wait: the lease or VM reached the state waited for)",
-    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job; "
-                 "or (vm --wait) a VM failed, was lost or did not stop",
-    EXIT_USAGE: "bad arguments or VM spec (or a request the service found invalid)",
-    EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; or cannot run here",
-    EXIT_UNREACHABLE: "the service could not be reached (or did not answer in time)",
+EXIT_CODES = {  # README.md's table says the same (tests/test_cli.py checks)
+    EXIT_OK: "success (with --wait: the lease or the VMs reached the state waited for)",
+    EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job; or the "
+                 "demo's lease failed; or (vm ... --wait) a VM failed, was lost, or did not stop",
+    EXIT_USAGE: "bad arguments or a malformed VM spec, found before anything is sent (or a request the service "
+                "found invalid: 400)",
+    EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; serve cannot listen or open its store "
+                 "or log; the demo cannot run here",
+    EXIT_UNREACHABLE: "the service could not be reached, or did not answer within --timeout",
     EXIT_REFUSED: "the service refused the credentials (401/403)",
     EXIT_NOT_FOUND: "no such lease, VM, image or image list (404)",
-    EXIT_TIMEOUT: "--wait gave up (after --timeout; vm: after its --wait SECONDS); the lease or VM goes on",
-    EXIT_CONFLICT: "the service refused the VM request as the lease stands (409): the lease is not ready, "
-                   "a VM name is in use, the VMs do not fit, an image is not endorsed and approved, or the VM "
-                   "has ended already; nothing was queued",
+    EXIT_TIMEOUT: "--wait gave up (after --timeout seconds; vm: after its --wait SECONDS); the lease or VM goes on",
+    EXIT_CONFLICT: "the service refused a VM request as the lease stands (409): the lease is not ready or running, "
+                   "a VM name is in use, the VMs do not fit its hosts, an image is not endorsed and approved, or "
+                   "the VM has ended already; nothing was queued",
     EXIT_UNTRUSTED: "an image list was refused (bad signature, untrusted endorser key, expired, malformed); "
                     "nothing changed",
 }
