@@ -64,7 +64,8 @@ def test_help_explains_the_exit_codes():
 
 @pytest.mark.parametrize("command", [
     ["-m", "pilot", "--help"], ["-m", "pilot", "reserve", "--help"], ["-m", "pilot", "evaluate", "--help"],
-    ["-m", "admin_tools.killall", "--help"], ["-c", "from admin_tools.leasebench.cli import main; main()", "--help"],
+    ["-m", "admin_tools.killall", "--help"], ["-m", "admin_tools.nodestatus", "--help"],
+    ["-c", "from admin_tools.leasebench.cli import main; main()", "--help"],
     ["-m", "service_adapter", "--help"], ["-m", "service_adapter", "vm", "start", "--help"],
     ["-m", "service_adapter", "image", "approve", "--help"],
 ], ids=lambda command: " ".join(command[1:]).split(";")[-1].strip())
