@@ -334,3 +334,17 @@ def libvirt_qemu():
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def conn():
+    """libvirt's test driver (its state is shared by every connection of this process); the test's
+    ``wp-test-*`` domains are destroyed at the end."""
+    import libvirt
+
+    connection = libvirt.open("test:///default")
+    yield connection
+    for domain in connection.listAllDomains(0):
+        if domain.name().startswith("wp-test-"):
+            domain.destroy()  # transient: gone once destroyed
+    connection.close()

@@ -49,17 +49,6 @@ def held_entry(slot: str, pages: int, owner: Owner, contact: str | None = None, 
     return Entry(slot, "node1", owner, contact=contact, memory=record, sign_key=sign_key)
 
 
-@pytest.fixture
-def conn():
-    """libvirt's test driver; its state is shared by every connection of this process."""
-    connection = libvirt.open("test:///default")
-    yield connection
-    for domain in connection.listAllDomains(0):
-        if domain.name().startswith("wp-test-"):
-            domain.destroy()  # transient: gone once destroyed
-    connection.close()
-
-
 def start_vm(conn, name: str, slot: str | None):
     from pilot.vm.tag import VmTag, set_tag
 

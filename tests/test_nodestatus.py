@@ -15,7 +15,7 @@ from pilot.node.journal import Journal
 from pilot.node.owner import Owner
 from tests.conftest import journal_files, pool_pages, running_pilot
 from tests.test_journal import dead_owner
-from tests.test_killall import conn, config_for, held_entry, set_pool, start_vm  # noqa: F401  (conn: a fixture)
+from tests.test_killall import config_for, held_entry, set_pool, start_vm
 
 libvirt = pytest.importorskip("libvirt")
 
