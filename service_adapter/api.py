@@ -80,8 +80,8 @@ def _error(status: int, message: str, headers=None) -> web.Response:
 
 @web.middleware
 async def _api_auth(request: web.Request, handler):
-    """Digest-authenticate every request under /api/ against the operators' verifier."""
-    if not request.path.startswith("/api/"):
+    """Digest-authenticate every request under /api/ (and /metrics) against the operators' verifier."""
+    if not (request.path.startswith("/api/") or request.path == "/metrics"):
         return await handler(request)
     verifier = request.app[OPERATORS_KEY]
     header = request.headers.get("Authorization")

@@ -114,6 +114,11 @@ class CommandBoard:
             else:
                 self._polling.pop(target, None)
 
+    def hosts_polling(self) -> int:
+        """How many (slot, host) have a poll open now."""
+        with self._lock:
+            return len(self._polling)
+
     def silent_for(self, target: Target, since: float | None = None) -> float:
         """Seconds since ``target`` was last heard polling; 0 while a poll of it is open.
 

@@ -73,6 +73,8 @@ class ServiceConfig:
     lost_after_s: float = 120.0
     # [vms]
     vm_overhead_mb: int = 64
+    # [metrics]
+    metrics_listen: str = "api"
     # [images]
     endorser_keys: str = "/etc/workspace-pilot/endorsers"
     image_store_dir: str = "/var/lib/workspace-pilot-service/images"
@@ -227,6 +229,19 @@ def _host(text: str) -> str:
     return text
 
 
+def _metrics_listen(text: str) -> str:
+    """``api`` (on the service's port, behind the operators' digest), ``off``, or ``HOST:PORT``."""
+    if text in ("api", "off"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be api, off, or HOST:PORT of a separate listener (e.g. 127.0.0.1:9780)")
+    _host(host.strip("[]"))
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} must be a number from 1 to 65535")
+    return text
+
+
 def _log_file(text: str) -> str:
     return text if text == "-" else abs_path(text)
 
@@ -297,6 +312,9 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
     },
     "vms": {
         "overhead_mb": ("vm_overhead_mb", _mb),
+    },
+    "metrics": {
+        "listen": ("metrics_listen", _metrics_listen),
     },
     "images": {
         "endorser_keys": ("endorser_keys", abs_path),

@@ -32,6 +32,7 @@ import json
 import logging
 import re
 import threading
+import time
 from datetime import timedelta
 
 from aiohttp import web
@@ -55,6 +56,7 @@ from service_adapter.allocation import Allocations, short_name
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
 from service_adapter.digest import DigestVerifier
+from service_adapter.metrics import METRICS_KEY
 from service_adapter.nodekeys import NodeAccounts
 from service_adapter.refusals import REFUSALS
 from service_adapter.store import HOLD_ENDED, Store, Verdict
@@ -67,6 +69,8 @@ SKEW_KEY = web.AppKey("max_skew", timedelta)
 BOARD_KEY = web.AppKey("command_board", CommandBoard)
 NODES_KEY = web.AppKey("nodes", NodeAccounts)
 ALLOCATIONS_KEY = web.AppKey("allocations", object)
+#: On a pilot endpoint's response: the ``result`` it told the pilot (typed where aiohttp has response keys).
+RESULT_KEY = web.ResponseKey("result", str) if hasattr(web, "ResponseKey") else "result"
 _AFTER_RE = re.compile(r"[0-9]{1,19}")
 _WAIT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
 #: The most commands one poll answer carries (the rest come with the next poll).
@@ -78,7 +82,9 @@ def answer(status: int, result: str, detail: str = "", headers=None) -> web.Resp
     body = {"result": result}
     if detail:
         body["detail"] = detail
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    response[RESULT_KEY] = result  # for the metrics: what the pilot was told, without parsing the body
+    return response
 
 
 def authenticate(request: web.Request, what: str):
@@ -102,6 +108,19 @@ def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) ->
 
 
 async def handle_notification(request: web.Request) -> web.Response:
+    """:func:`receive_notification`, counted in the service's metrics (when it keeps them) by its answer."""
+    started = time.monotonic()
+    response = await receive_notification(request)
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        result = response.get(RESULT_KEY, str(response.status))
+        if response.status == 401 and not request.headers.get("Authorization"):
+            result = "challenge"  # a pilot's first request: asked for credentials, not refused
+        metrics.notification(result, time.monotonic() - started)
+    return response
+
+
+async def receive_notification(request: web.Request) -> web.Response:
     """Verify, validate and store one notification; answer with the status codes of docs/protocol.md."""
     verifier = request.app[VERIFIER_KEY]
     auth, refusal = authenticate(request, "notification")
@@ -254,6 +273,9 @@ async def handle_commands(request: web.Request) -> web.Response:
                 board.unregister(target, woken)
     finally:
         board.poll_ended(target)
+    metrics = request.app.get(METRICS_KEY)
+    if commands and metrics is not None:
+        metrics.commands_handed(store.commands_queued_at([cid for cid, _ in commands]))
     body = json.dumps({"commands": [dict(command, id=cid) for cid, command in commands]},
                       separators=(",", ":")).encode()
     key = request.app[NODES_KEY].slot_key(host, slot, access.secret)

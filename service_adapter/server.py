@@ -73,6 +73,7 @@ def build(config: ServiceConfig):
     from service_adapter.allocation import Allocations
     from service_adapter.receiver import make_app
     from service_adapter.store import Store
+    from service_adapter.metrics import METRICS_KEY, ServiceMetrics, add_metrics_route
 
     pilots = DigestVerifier(config.realm, config.node_accounts())
     operators = DigestVerifier(config.operator_realm, config.operator_accounts())
@@ -107,6 +108,13 @@ def build(config: ServiceConfig):
     app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider))
     add_api(app, manager, operators, vms=vms)
     add_image_routes(app, catalog)
+    if config.metrics_listen != "off":
+        metrics = ServiceMetrics(store, board)
+        app[METRICS_KEY] = metrics  # the receiver and the image routes count into it
+        if hasattr(provider, "observe"):
+            provider.observe = metrics.lrm_command
+        if config.metrics_listen == "api":
+            add_metrics_route(app, metrics)  # behind the operators' digest, as the API
     return store, provider, manager, app
 
 
@@ -149,6 +157,11 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
             f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
         ) from None
     try:
+        metrics_runner = await _serve_metrics(config, app)
+    except ServeError:
+        await runner.cleanup()
+        raise
+    try:
         await asyncio.to_thread(manager.start)
         line = (
             f"workspace-lease: serving on {config.listen_url} (store {config.store}, provider {config.provider}, "
@@ -159,8 +172,26 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
         await stop.wait()
         log.info("stopping (signal): no new connections, then the lease manager and the store")
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
 
+async def _serve_metrics(config: ServiceConfig, app: web.Application):
+    """The separate /metrics listener when ``[metrics] listen`` is HOST:PORT; its runner, or None."""
+    if config.metrics_listen in ("api", "off"):
+        return None
+    from service_adapter.metrics import METRICS_KEY, metrics_app
+
+    host, _, port = config.metrics_listen.rpartition(":")
+    runner = web.AppRunner(metrics_app(app[METRICS_KEY]), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ServeError(f"[metrics] cannot listen on {config.metrics_listen}: {exc.strerror or exc}") from None
+    log.info("metrics on http://%s/metrics (no authentication: [metrics] listen)", config.metrics_listen)
+    return runner

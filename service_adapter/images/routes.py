@@ -44,6 +44,7 @@ from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE, IMAGES_PATH, Protoco
 from service_adapter.api import OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who
 from service_adapter.images.catalog import ImageCatalog, image_json, list_json
 from service_adapter.images.swarm import SwarmBoard
+from service_adapter.metrics import METRICS_KEY
 
 CATALOG_KEY = web.AppKey("image_catalog", ImageCatalog)
 SWARMS_KEY = web.AppKey("image_swarms", SwarmBoard)
@@ -186,7 +187,12 @@ async def fetch_image(request: web.Request) -> web.StreamResponse:
     path = await asyncio.to_thread(_catalog(request).fetchable, sha256) if len(sha256) == 64 else None
     if path is None:
         return answer(404, "unknown-image", "no approved image with this content")
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        await response.prepare(request)  # sends it (the whole file or the range asked for)
+        metrics.image_bytes.inc(response.content_length or 0)
+    return response
 
 
 async def approved_images(request: web.Request) -> web.Response:

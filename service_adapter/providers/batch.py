@@ -32,9 +32,14 @@ class BatchProvider(Provider):
         self.launcher = resolve_launcher(template.launcher, lrm, which)
         self.command_timeout_s = command_timeout_s
         self.env = dict(env) if env else None
+        #: Called with every command's result (the service's metrics); must not raise.
+        self.observe: Callable[[CommandResult], object] | None = None
 
     def _run(self, argv: list[str]) -> CommandResult:
-        return run_command(argv, timeout=self.command_timeout_s, env=self.env)
+        result = run_command(argv, timeout=self.command_timeout_s, env=self.env)
+        if self.observe is not None:
+            self.observe(result)
+        return result
 
     def _submitted_id(self, result: CommandResult, job: PilotJob, command: str, job_id_re: re.Pattern,
                       pick: Callable[[list[str]], str]) -> str:

@@ -319,6 +319,17 @@ class Store:
         """Leases, newest first; only those in ``states`` (an iterable of names) and of ``owner`` if given."""
         return lease_ops.listed(self._reader(), states, owner)
 
+    def lease_counts(self) -> dict[str, int]:
+        """How many leases are in each state (states with none are left out)."""
+        return dict(self._reader().execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+
+    def commands_queued_at(self, ids: list[int]) -> list[tuple[str, float]]:
+        """(op, when queued) of the commands with these ids (for the command wait's histogram)."""
+        if not ids:
+            return []
+        return self._reader().execute(
+            f"SELECT op, created_at FROM commands WHERE id IN ({', '.join('?' * len(ids))})", ids).fetchall()
+
     def leases_to_watch(self) -> list[LeaseRow]:
         """Leases the manager must look at: every one not ended, and ended ones whose job still needs a cancel."""
         return lease_ops.to_watch(self._reader())
