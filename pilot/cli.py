@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=WrappingFormatter,
     )
+    from pilot import __version__
+
+    parser.add_argument("--version", action="version", version=f"workspace-pilot {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     reserve = commands.add_parser(
         "reserve",

@@ -2,7 +2,8 @@
 # Set up everything workspace-pilot needs on a Debian 12 machine, idempotently:
 # Debian packages (as root), a virtualenv in .venv, the project installed editable.
 # Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
-# --test (scripts/test.sh): also the test extras (pytest, hypothesis, matplotlib); the demo needs none.
+# --test (scripts/test.sh): also the test extras (pytest, hypothesis, matplotlib, build) and dpkg-dev and
+# rpm, with which the tests build the packages; the demo needs none.
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
 # Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), sudo, through which
 # job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/slurm_cluster.py).
@@ -43,6 +44,12 @@ have_deb gcc || command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if [ "$cluster" = yes ]; then
   for pkg in sudo logrotate munge slurmctld slurmd slurm-client slurm-wlm-torque; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
+fi
+if [ -n "$extras" ]; then
+  # The packaging test builds the .deb packages (dpkg-deb) and the RPMs (Debian's rpm has rpmbuild).
+  for pkg in dpkg-dev rpm; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi

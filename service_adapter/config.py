@@ -56,7 +56,7 @@ class ServiceConfig:
     contact: str | None = None
     realm: str = "workspace-pilot"
     store: str = "/var/lib/workspace-pilot-service/service.sqlite"
-    log_file: str = "/var/log/workspace-pilot/service.log"
+    log_file: str = "/var/log/workspace-lease/service.log"
     log_level: str = "info"
     max_skew_s: float = 300.0
     max_connections: int = 0

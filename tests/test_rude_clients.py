@@ -268,9 +268,9 @@ def test_refusals_are_one_line_per_peer_and_pilot_text_cannot_forge_a_line(rude)
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is installed by scripts/bootstrap.sh")
 def test_the_shipped_logrotate_file_rotates_the_log_and_serve_writes_a_new_one(rude, tmp_path):
     shipped = open(os.path.join(os.path.dirname(__file__), "..", "packaging", "workspace-lease.logrotate")).read()
-    assert "/var/log/workspace-pilot/service.log {" in shipped
+    assert "/var/log/workspace-lease/service.log {" in shipped
     config = tmp_path / "logrotate.conf"
-    config.write_text(shipped.replace("/var/log/workspace-pilot/service.log", str(rude.log_file)))
+    config.write_text(shipped.replace("/var/log/workspace-lease/service.log", str(rude.log_file)))
     before = log_text(rude)
     subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "state"), str(config)], check=True,
                    capture_output=True, timeout=60)

@@ -91,8 +91,8 @@ def report(checks: list[Check], executable: str | None, batch_user: str, out: Te
     else:
         print(f"# install with visudo -f {SUDOERS_FILE} (both lines; the first lets the job's", file=out)
         print("# walltime and node name through sudo's env_reset, so the pilot can end before the batch system kills it):", file=out)
-        print(f'Defaults!{executable} env_keep += "{" ".join(PILOT_ENV)}"', file=out)
-        print(line, file=out)
+        for rule in sudoers_rules(batch_user, executable):
+            print(rule, file=out)
     out.flush()
     return ExitCode.NOT_READY if failed else ExitCode.OK
 
@@ -102,6 +102,12 @@ def sudoers_line(batch_user: str, executable: str | None) -> str | None:
     if not valid_user(batch_user) or executable is None or not SUDOERS_PATH_RE.fullmatch(executable):
         return None
     return f"{batch_user} ALL=(root) NOPASSWD: {executable} reserve *"
+
+
+def sudoers_rules(batch_user: str, executable: str) -> list[str]:
+    """Both lines of the sudoers file (packaging/workspace-pilot.sudoers holds them for /usr/bin): the
+    env_keep that lets the job's batch variables and the slot's secret through, and the rule."""
+    return [f'Defaults!{executable} env_keep += "{" ".join(PILOT_ENV)}"', sudoers_line(batch_user, executable)]
 
 
 def pilot_executable() -> str | None:

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=_Formatter,
     )
+    from pilot import __version__
+
+    parser.add_argument("--version", action="version", version=f"workspace-lease {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     common = _client_options()
 
