@@ -70,7 +70,11 @@ def survey(config: PilotConfig) -> dict:
         except JournalError as exc:
             status["attention"].append(str(exc))
             return status
-    plan = make_plan(config, journal, read_only=True)
+    try:
+        plan = make_plan(config, journal, read_only=True)
+    except JournalError as exc:  # e.g. not root: the journal is root's alone
+        status["attention"].append(str(exc))
+        return status
     try:
         live_slots = set()
         for entry in plan.entries:
