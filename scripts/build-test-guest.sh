@@ -7,7 +7,11 @@
 #               isofs for a cloud-init seed), and an /init that prints "workspace-pilot test guest up" to
 #               /dev/ttyS0, then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
 #               test guest seed file NAME:" and "... seed end", then "workspace-pilot test guest alive N"
-#               every 2 s, forever;
+#               every 2 s, forever. With a virtiofs share tagged "control" (fuse, virtiofs) it runs a batch
+#               job instead (the contract issue 19's VM jobs build on): the command line in
+#               control/command, in the share tagged "workdir", its stdout and stderr into control/stdout
+#               and control/stderr, its exit code into control/status (written last), then it reboots,
+#               which ends a domain whose on_reboot is destroy;
 #   SHA256SUMS  sha256sum's manifest of the two; inputs: what they were built from.
 # Idempotent: when the inputs (kernel package and version, busybox-static's version, this script) are
 # unchanged and the files match SHA256SUMS, it does nothing. Needs busybox-static (scripts/bootstrap.sh
@@ -17,7 +21,9 @@ top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out="$top/.cache/test-guest"
 # The order the guest loads them in; without all of them setMemory "succeeds" and nothing changes.
 # virtio_blk, cdrom and isofs (which needs cdrom) let the guest read a cloud-init seed (a read-only virtio disk holding an ISO 9660).
-modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_blk cdrom isofs)
+# fuse and virtiofs mount the host directories a VM job shares with the guest (virtiofsd on the host).
+modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_blk cdrom isofs
+         fuse virtiofs)
 busybox=/bin/busybox
 
 if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
@@ -91,6 +97,19 @@ for module in ${loaded[*]}; do
   insmod /lib/modules/\$module.ko || echo "insmod \$module failed"
 done
 echo "workspace-pilot test guest up" > /dev/ttyS0
+# A batch job, if the VM has one: virtiofs shares "control" (command in; stdout, stderr, status out) and
+# "workdir" (the job's working directory). The status is written under another name and renamed, so a
+# host that sees control/status sees all of it.
+mkdir -p /control /workdir
+if mount -t virtiofs control /control 2>/dev/null; then
+  mount -t virtiofs workdir /workdir 2>/dev/null || echo "workspace-pilot test guest: no workdir share" > /dev/ttyS0
+  echo "workspace-pilot test guest job started" > /dev/ttyS0
+  (cd /workdir && sh -c "\$(cat /control/command)" > /control/stdout 2> /control/stderr)
+  echo \$? > /control/status.part && mv /control/status.part /control/status
+  sync
+  echo "workspace-pilot test guest job done \$(cat /control/status)" > /dev/ttyS0
+  reboot -f
+fi
 # A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
 # virtio_blk probes its disks asynchronously: give them 2 s to appear (a VM without one just waits).
 i=0

@@ -288,16 +288,36 @@ def guest_files(directory: str = GUEST_DIR) -> GuestFiles:
     return GuestFiles(kernel, initrd, _sha256(kernel), _sha256(initrd))
 
 
-def guest_xml(name: str, console_path: str, memory_mb: int = 128, hugepages: bool = False) -> str:
+#: Debian's QEMU ships the C virtiofsd here (qemu-system-common).
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+def guest_xml(name: str, console_path: str, memory_mb: int = 128, hugepages: bool = False,
+              shares: dict[str, str] | None = None) -> str:
     """A transient TCG domain that boots the test guest with ``memory_mb`` MiB, its ttyS0 written to ``console_path``.
 
     Direct kernel boot, one vCPU, a virtio balloon, no disk and no network;
     a reboot or a guest panic ends the domain. ``hugepages`` backs its
     memory with the hugepage pool (which must have the pages free).
+    ``shares`` maps virtiofs tags to host directories (``control`` and
+    ``workdir`` make the guest run a job: scripts/build-test-guest.sh); the
+    guest's memory is then shared with virtiofsd (memfd, or the hugepages).
     """
     files = guest_files()
     console = quoteattr(console_path)
-    backing = "  <memoryBacking><hugepages/></memoryBacking>\n" if hugepages else ""
+    shared = "<access mode='shared'/>" if shares else ""
+    if hugepages:
+        backing = f"  <memoryBacking><hugepages/>{shared}</memoryBacking>\n"
+    elif shares:
+        backing = f"  <memoryBacking><source type='memfd'/>{shared}</memoryBacking>\n"
+    else:
+        backing = ""
+    filesystems = "".join(
+        "    <filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>"
+        f"<binary path={quoteattr(VIRTIOFSD)}/><source dir={quoteattr(directory)}/><target dir={quoteattr(tag)}/>"
+        "</filesystem>\n"
+        for tag, directory in (shares or {}).items()
+    )
     return (
         "<domain type='qemu'>\n"
         f"  <name>{escape(name)}</name>\n"
@@ -315,6 +335,7 @@ def guest_xml(name: str, console_path: str, memory_mb: int = 128, hugepages: boo
         "  <on_reboot>destroy</on_reboot>\n"
         "  <on_crash>destroy</on_crash>\n"
         "  <devices>\n"
+        f"{filesystems}"
         f"    <serial type='file'><source path={console}/><target port='0'/></serial>\n"
         f"    <console type='file'><source path={console}/><target type='serial' port='0'/></console>\n"
         "    <memballoon model='virtio'/>\n"

@@ -8,12 +8,14 @@ pilot. Every domain a test creates is destroyed in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import time
 import uuid
 
 import pytest
 
-from tests.libvirt_daemon import GUEST_ALIVE, GUEST_UP, guest_xml, wait_for_line
+from tests.libvirt_daemon import GUEST_ALIVE, GUEST_UP, guest_files, guest_xml, wait_for_line
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -76,3 +78,28 @@ def test_balloon_lowers_the_running_guest(libvirt_qemu, tmp_path):
         while dom.info()[2] > target_kib and time.monotonic() < deadline:
             time.sleep(0.1)  # the balloon reports through QEMU; there is nothing to wait on
         assert dom.info()[2] <= target_kib, f"current memory still {dom.info()[2]} KiB, asked {target_kib} KiB"
+
+
+def test_guest_runs_a_job_in_a_shared_directory_and_ends_itself(libvirt_qemu, tmp_path):
+    """The guest side of a VM batch job (issue 19): virtiofs shares from the host, the command run in the
+    working directory, its output and exit code back in the control directory, the domain gone after."""
+    control, workdir = tmp_path / "control", tmp_path / "workdir"
+    control.mkdir()
+    workdir.mkdir()
+    (workdir / "input.txt").write_text("from the host\n")
+    (control / "command").write_text('uname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3\n')
+    console = str(tmp_path / "console.log")
+    with _running_guest(libvirt_qemu, console, shares={"control": str(control), "workdir": str(workdir)}) as (conn, dom):
+        name = dom.name()
+        assert wait_for_line(console, "workspace-pilot test guest job done 3", BOOT_TIMEOUT_S), open(console).read()
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while not _gone(conn, name) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the guest's reboot ends the domain; libvirt forgets it a moment later
+        assert _gone(conn, name), "the guest's reboot did not end the domain"
+    stdout = (control / "stdout").read_text().splitlines()
+    inputs = open(os.path.join(os.path.dirname(guest_files().kernel), "inputs"), encoding="utf-8").read()
+    assert stdout[0] == re.search(r"kernel=linux-image-(\S+?)=", inputs).group(1)  # the guest's kernel release
+    assert stdout[1:] == ["from the host"]
+    assert (control / "stderr").read_text() == "oops\n"
+    assert (control / "status").read_text() == "3\n"
+    assert (workdir / "output.txt").read_text() == "made\n"  # written by the guest, seen on the host
