@@ -27,7 +27,7 @@ import sys
 import time
 
 from pilot.node.backends import BackendError, backend_from_config
-from pilot.config import DEFAULT_PATH, ConfigError, PilotConfig, load_config
+from pilot.config import DEFAULT_PATH, PilotConfig, load_node_tool_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import replay_dead, settle
@@ -393,11 +393,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     started = time.monotonic()
-    try:
-        config = load_config(args.config, require_service=False)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"workspace-killall: config error: {problem}", file=sys.stderr)
+    config = load_node_tool_config("workspace-killall", args.config)
+    if config is None:
         return EXIT_CONFIG
     journal = Journal(config.journal_dir, config.lock_timeout_s)
     report = Report(out)

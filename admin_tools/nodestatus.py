@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from pilot.config import ConfigError, PilotConfig, load_config
+from pilot.config import PilotConfig, load_node_tool_config
 from pilot.node.journal import Journal, JournalError
 from pilot.shared.cli import OneLineParser, WrappingFormatter
 from pilot.shared.errors import one_line
@@ -173,11 +173,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
     """Entry point of ``workspace-node-status``; returns its exit code."""
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config, require_service=False)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"workspace-node-status: config error: {problem}", file=sys.stderr)
+    config = load_node_tool_config("workspace-node-status", args.config)
+    if config is None:
         return EXIT_CONFIG
     status = survey(config)
     status["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

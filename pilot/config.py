@@ -252,3 +252,16 @@ def _cross_checks(path: str, values: dict) -> list[str]:
     if values.get("boot_mb") == "max" and backend != "cgroup":
         problems.append(f"{path}: [memory] boot_mb = max only means something for backend = cgroup")
     return problems
+
+
+def load_node_tool_config(prog: str, path: str | None) -> PilotConfig | None:
+    """The node tools' (kill-all, node status) way in: :func:`load_config` without a required
+    contact; None after printing each problem as one ``PROG: config error: ...`` line on stderr."""
+    import sys
+
+    try:
+        return load_config(path, require_service=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: config error: {problem}", file=sys.stderr)
+        return None
