@@ -247,19 +247,10 @@ class Notifier:
     # -- sender thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        delivery = self._queue.get()
-        # The first notification goes out before requests is imported (pilot.firstshot says why); its
-        # module is loaded only now, so that not even http.client competes with the memory take.
-        from pilot.firstshot import FirstShot
-
-        shot = None
-        if FirstShot.applies():
-            shot = FirstShot(self.url, self._credentials.user, self._credentials.password, verify_tls=self._verify_tls)
-        if shot is not None and delivery is not None and not self._closing.is_set() and self._first_shot(shot, delivery):
-            self._make_session()
-            delivery = self._queue.get()
-        else:
-            self._make_session()
+        first = self._queue.get()
+        answered = first is not None and not self._closing.is_set() and self._first_shot(first)
+        self._make_session()
+        delivery = self._queue.get() if answered else first
         while delivery is not None:
             if self._closing.is_set():
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
@@ -279,17 +270,20 @@ class Notifier:
             if delivery is not None:
                 delivery._finish(Outcome.UNDELIVERED, detail="notifier closed")
 
-    def _first_shot(self, shot, delivery: Delivery) -> bool:
-        """Try ``delivery`` once through ``shot`` (a :class:`pilot.firstshot.FirstShot`, before ``requests``
-        is imported); True if that ended it (delivered or refused), False to send it again through ``requests``."""
-        from pilot.firstshot import FirstShotFailed
+    def _first_shot(self, delivery: Delivery) -> bool:
+        """Try ``delivery`` once through :class:`pilot.firstshot.FirstShot`, before ``requests`` is imported;
+        True if that ended it (delivered or refused), False to send it again through ``requests``."""
+        # Loaded only now, so that not even http.client competes with the memory take.
+        from pilot.firstshot import FirstShot, FirstShotFailed
 
+        if not FirstShot.applies():
+            return False
         n = delivery.notification
         body = n.to_json()
         started = time.monotonic()
-        timeout = max(0.05, min(self.request_timeout, delivery.deliver_by - started))
         try:
-            status, detail = shot.post(body, {SIGNATURE_HEADER: sign(self._key, body)}, timeout)
+            shot = FirstShot(self.url, self._credentials.user, self._credentials.password, verify_tls=self._verify_tls)
+            status, detail = shot.post(body, {SIGNATURE_HEADER: sign(self._key, body)}, self._timeout(delivery.deliver_by))
         except FirstShotFailed as exc:
             log.info("first try of %s (seq %d) got no answer (%s); trying again with retries", n.state, n.seq, exc)
             return False
@@ -358,10 +352,14 @@ class Notifier:
         cutoff = self._give_up_silent_before
         return cutoff is not None and self.reach.silent_before(cutoff)
 
+    def _timeout(self, deliver_by: float) -> float:
+        """One attempt's time limit: the request timeout, cut to what is left until ``deliver_by``."""
+        return max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
+
     def _post(self, body: bytes, headers: dict, deliver_by: float) -> _Attempt:
         import requests
 
-        timeout = max(0.05, min(self.request_timeout, deliver_by - time.monotonic()))
+        timeout = self._timeout(deliver_by)
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
             response = self._session.post(self.url, data=body, headers=headers, timeout=timeout,

@@ -75,6 +75,12 @@ class Allocations:
                 self._known.move_to_end(job_id)
             return known
 
+    def known_holds(self, job_id: str, host: str) -> bool | None:
+        """Whether ``host`` is one of the job's hosts, from what the LRM already said; None if it was not
+        asked yet (then :meth:`holds`, off the event loop). Never asks."""
+        found = self.known_hosts(job_id)
+        return None if found is None else short_name(host) in found
+
     def holds(self, job_id: str, host: str) -> bool | None:
         """Whether ``host`` is one of the job's hosts; None while the LRM cannot say."""
         found = self.hosts(job_id)

@@ -52,7 +52,7 @@ from pilot.protocol import (
     signature_matches,
     utc_now,
 )
-from service_adapter.allocation import Allocations, short_name
+from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
 from service_adapter.digest import DigestVerifier
@@ -187,10 +187,8 @@ async def _check_allocation(request: web.Request, slot: str, host: str, job_id: 
     if job_id is None:
         return answer(503, "allocation-unknown", "the slot's job is not submitted yet: try again",
                        headers={"Retry-After": "1"})
-    known = allocations.known_hosts(job_id)  # the job's other nodes asked already: no thread hop
-    if known is not None:
-        holds = short_name(host) in known
-    else:
+    holds = allocations.known_holds(job_id, host)  # the job's other nodes asked already: no thread hop
+    if holds is None:
         holds = await asyncio.get_running_loop().run_in_executor(None, allocations.holds, job_id, host)
     if holds is None:
         return answer(503, "allocation-unknown", f"the batch system cannot say yet which nodes job {job_id} has: "

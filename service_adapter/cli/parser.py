@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 
-from pilot.shared.cli import OneLineParser, http_url, positive
+from pilot.shared.cli import OneLineParser, WrappingFormatter, http_url, positive
 from service_adapter.cli.common import EXIT_CODES_HELP
 from service_adapter.cli.images import add_image_commands
-
-class _Formatter(argparse.HelpFormatter):
-    """Wraps descriptions, keeps the exit-code table's lines as written."""
-
-    def _fill_text(self, text, width, indent):
-        if text.startswith("exit codes:"):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
 
 def _lease_id(text: str) -> str:
     if not text or len(text) > 64 or "/" in text or not text[0].isalnum():
@@ -53,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(digest-authenticated as an operator); 'demo' runs one lease on this machine."
         ),
         epilog=EXIT_CODES_HELP,
-        formatter_class=_Formatter,
+        formatter_class=WrappingFormatter,
     )
     from pilot import __version__
 
@@ -64,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     def sub(name: str, help_text: str, description: str, parents=(common,)) -> argparse.ArgumentParser:
         return commands.add_parser(
             name, help=help_text, description=description, parents=list(parents), epilog=EXIT_CODES_HELP,
-            formatter_class=_Formatter,
+            formatter_class=WrappingFormatter,
         )
 
     serve = sub(
@@ -121,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--lease", type=_lease_id, metavar="LEASE", help="only this lease")
 
     _add_vm_commands(commands, _client_options(timeout_waits=False))
-    add_image_commands(commands, _client_options(timeout_waits=False), EXIT_CODES_HELP, _Formatter)
+    add_image_commands(commands, _client_options(timeout_waits=False), EXIT_CODES_HELP, WrappingFormatter)
 
     site_key = commands.add_parser(
         "site-key", help="make the site key that every node's key derives from (once, on the service's host)",
@@ -130,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             "reads it from [pilots] site_key_file; each node's key is derived from it (see node-key). Keep it "
             "as secret as the service's store: with it anyone can act as any node."
         ),
-        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+        epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter,
     )
     site_key.add_argument("--output", required=True, metavar="FILE", help="the file to create")
 
@@ -143,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             "\"workspace-lease node-key node7 | ssh root@node7 'umask 077; cat > /etc/workspace-pilot/node.key'\". "
             "A node's key lets it speak only as HOST, and only for slots whose job the batch system gave it."
         ),
-        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+        epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter,
     )
     node_key.add_argument("host", type=_host_name, metavar="HOST",
                           help="the node's name as its pilots report it (Slurm's node name, else its short host name)")
@@ -224,13 +215,13 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
             "memory respected, with the service's per-VM overhead) and queues their start to the pilots; "
             "'vm stop' queues a stop; 'vm list' shows them. The pilots report each outcome."
         ),
-        epilog=EXIT_CODES_HELP, formatter_class=_Formatter,
+        epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter,
     )
     vms = vm.add_subparsers(dest="vm_command", metavar="VMCOMMAND", required=True, parser_class=OneLineParser)
 
     def sub(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         parser = vms.add_parser(name, help=help_text, description=description, parents=[common],
-                                epilog=EXIT_CODES_HELP, formatter_class=_Formatter)
+                                epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter)
         parser.set_defaults(parser=parser)
         return parser
 
