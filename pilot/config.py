@@ -71,6 +71,14 @@ class PilotConfig:
     image_peers: bool = True
     peer_address: str | None = None
     peer_port: int = 0
+    # [vmjob]
+    vmjob_images: str = "/etc/workspace-pilot/vmjob-images.conf"
+    vmjob_run_dir: str = "/run/workspace-vmjob"
+    vmjob_default_memory_mb: int = 1024
+    vmjob_stop_timeout_s: float = 5.0
+    vmjob_virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    vmjob_slurm_conf: str | None = None
+    vmjob_output_limit_mb: int = 10240
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
@@ -202,6 +210,15 @@ SCHEMA = {
         "peers": ("image_peers", boolean),
         "peer_address": ("peer_address", _ip_address),
         "peer_port": ("peer_port", whole(0, 65535, "must be a TCP port number, or 0 for any free port")),
+    },
+    "vmjob": {
+        "images": ("vmjob_images", abs_path),
+        "run_dir": ("vmjob_run_dir", abs_path),
+        "default_memory": ("vmjob_default_memory_mb", whole(1, 10**8, "must be a whole number of MB above 0")),
+        "stop_timeout": ("vmjob_stop_timeout_s", _non_negative_float),
+        "virtiofsd": ("vmjob_virtiofsd", abs_path),
+        "slurm_conf": ("vmjob_slurm_conf", abs_path),
+        "output_limit": ("vmjob_output_limit_mb", whole(1, 10**8, "must be a whole number of MB above 0")),
     },
     "logging": {
         "dir": ("log_dir", abs_path),

@@ -8,10 +8,11 @@
 #               /dev/ttyS0, then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
 #               test guest seed file NAME:" and "... seed end", then "workspace-pilot test guest alive N"
 #               every 2 s, forever. With a virtiofs share tagged "control" (fuse, virtiofs) it runs a batch
-#               job instead (the contract issue 19's VM jobs build on): the command line in
-#               control/command, in the share tagged "workdir", its stdout and stderr into control/stdout
-#               and control/stderr, its exit code into control/status (written last), then it reboots,
-#               which ends a domain whose on_reboot is destroy;
+#               job instead (the guest contract of workspace-vmjob, docs/vmjobs.md): it writes
+#               control/started, executes control/command (a file starting with #!) in the share tagged
+#               "workdir", its stdout and stderr into control/stdout and control/stderr, its exit code
+#               into control/status (written last), then it reboots, which ends a domain whose on_reboot
+#               is destroy;
 #   SHA256SUMS  sha256sum's manifest of the two; inputs: what they were built from.
 # Idempotent: when the inputs (kernel package and version, busybox-static's version, this script) are
 # unchanged and the files match SHA256SUMS, it does nothing. Needs busybox-static (scripts/bootstrap.sh
@@ -104,7 +105,8 @@ mkdir -p /control /workdir
 if mount -t virtiofs control /control 2>/dev/null; then
   mount -t virtiofs workdir /workdir 2>/dev/null || echo "workspace-pilot test guest: no workdir share" > /dev/ttyS0
   echo "workspace-pilot test guest job started" > /dev/ttyS0
-  (cd /workdir && sh -c "\$(cat /control/command)" > /control/stdout 2> /control/stderr)
+  : > /control/started
+  (cd /workdir && /control/command > /control/stdout 2> /control/stderr)
   echo \$? > /control/status.part && mv /control/status.part /control/status
   sync
   echo "workspace-pilot test guest job done \$(cat /control/status)" > /dev/ttyS0

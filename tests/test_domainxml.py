@@ -110,6 +110,27 @@ def test_hugepage_backing():
     assert page.attrib == {"size": "2048", "unit": "KiB"}
 
 
+def test_without_shares_there_is_no_filesystem_and_no_shared_memory():
+    root = render()
+    assert root.find("devices/filesystem") is None and root.find("memoryBacking") is None
+
+
+def test_shares_are_virtiofs_over_the_callers_sockets_with_the_memory_shared():
+    shares = (("control", "/run/wp/job1/sock/control.sock"), ("workdir", "/run/wp/job1/sock/workdir.sock"))
+    root = render(shares=shares)
+    found = [(fs.find("driver").get("type"), fs.find("source").attrib, fs.find("target").get("dir"))
+             for fs in root.findall("devices/filesystem")]
+    assert found == [("virtiofs", {"socket": path}, tag) for tag, path in shares]
+    assert root.find("devices/filesystem/binary") is None  # libvirt starts no daemon of its own (as root)
+    backing = root.find("memoryBacking")
+    assert backing.find("source").get("type") == "memfd" and backing.find("access").get("mode") == "shared"
+    hugepages = render(shares=shares, hugepage_kb=2048).find("memoryBacking")
+    assert hugepages.find("hugepages/page") is not None and hugepages.find("source") is None
+    assert hugepages.find("access").get("mode") == "shared"
+    with pytest.raises(VmRefused, match="^shared directories need QEMU"):
+        render(checked(readonly=True, console=None), virt_type="xen", shares=shares)
+
+
 def test_the_tag_is_in_metadata_in_the_project_namespace():
     metadata = render().find("metadata")
     (element,) = list(metadata)

@@ -87,7 +87,8 @@ def test_guest_runs_a_job_in_a_shared_directory_and_ends_itself(libvirt_qemu, tm
     control.mkdir()
     workdir.mkdir()
     (workdir / "input.txt").write_text("from the host\n")
-    (control / "command").write_text('uname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3\n')
+    (control / "command").write_text('#!/bin/sh\nuname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3\n')
+    (control / "command").chmod(0o755)
     console = str(tmp_path / "console.log")
     with _running_guest(libvirt_qemu, console, shares={"control": str(control), "workdir": str(workdir)}) as (conn, dom):
         name = dom.name()

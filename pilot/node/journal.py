@@ -83,6 +83,9 @@ class Entry:
     fetching: tuple[str, ...] = ()
     """The images (sha256) this pilot is downloading into the node's image cache, set before the first
     byte: workspace-killall removes the partial downloads a dead pilot left (the next pilot resumes them)."""
+    run_dir: str | None = None
+    """A VM job's run directory (its control files and virtiofs sockets, see :mod:`pilot.vmjob`), set before
+    it is made: whoever undoes the entry removes it, after the job's VM is destroyed."""
 
     @property
     def filename(self) -> str:
@@ -96,7 +99,7 @@ class Entry:
     @property
     def empty(self) -> bool:
         """Whether nothing of this pilot's is left on the node (no memory taken, no VMs possible)."""
-        return self.memory is None and self.vm_uri is None and not self.fetching
+        return self.memory is None and self.vm_uri is None and not self.fetching and self.run_dir is None
 
     def to_json(self) -> bytes:
         """The entry as the bytes stored on disk."""
@@ -110,6 +113,7 @@ class Entry:
             "vm_uri": self.vm_uri,
             "sign_key": self.sign_key,
             "fetching": list(self.fetching),
+            "run_dir": self.run_dir,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -129,6 +133,7 @@ class Entry:
             vm_uri=data.get("vm_uri") or None,
             sign_key=data.get("sign_key") or None,
             fetching=_sha256s(data.get("fetching") or ()),
+            run_dir=_absolute(data.get("run_dir")),
         )
 
 
@@ -137,6 +142,14 @@ def _sha256s(value) -> tuple[str, ...]:
             isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in value):
         raise ValueError("fetching must be a list of sha256s")
     return tuple(value)
+
+
+def _absolute(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value) or os.path.normpath(value) != value or value == "/":
+        raise ValueError("run_dir must be a normalised absolute path below /")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,12 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
 
         remove_seeds(seed_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
+    if entry.run_dir:
+        # After the VMs: a VM job's virtiofs daemons end with its VM; then its control files can go.
+        from pilot.vmjob.rundir import remove_run_dir
+
+        remove_run_dir(entry.run_dir)
+        vms += f"removed {entry.run_dir}; "
     memory = entry.memory
     if memory is None:
         journal.remove(entry)
@@ -211,6 +217,11 @@ class NodeMemory:
         """
         with self._entry_lock:
             self._store(dataclasses.replace(self.entry, vm_uri=uri))
+
+    def note_run_dir(self, path: str | None) -> None:
+        """Journal a VM job's run directory before it is made (None once it is removed); raises JournalError."""
+        with self._entry_lock:
+            self._store(dataclasses.replace(self.entry, run_dir=path))
 
     def note_fetching(self, sha256s: tuple[str, ...]) -> None:
         """Journal the images this pilot is downloading into the node's image cache (before the first byte).

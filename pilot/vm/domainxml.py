@@ -47,10 +47,14 @@ def choose_virt_type(conn_type: str, configured: str, *, dev_kvm: str = "/dev/kv
     raise ValueError(f"cannot pick a domain type for a libvirt {conn_type!r} connection; configure kvm, qemu or xen")
 
 
-def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag, hugepage_kb: int | None = None) -> str:
+def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag, hugepage_kb: int | None = None,
+                  shares: tuple[tuple[str, str], ...] = ()) -> str:
     """The domain XML for ``vm`` as a string.
 
-    Xen's PV guests (xen with a kernel to boot directly) get ``<type>xen``
+    ``shares``: (tag, socket path) of virtiofs file systems whose daemons the
+    caller has started and bound to those sockets (libvirt then starts none
+    of its own, so the daemon runs as whoever the caller chose); the guest's
+    memory is shared with them (memfd, or the hugepages). Xen's PV guests (xen with a kernel to boot directly) get ``<type>xen``
     and Xen devices; everything else is an HVM guest with virtio devices.
     Raises :class:`VmRefused` for what the virt type cannot do safely: Xen
     cannot keep a writable disk's writes off the image (libxl has no
@@ -63,6 +67,8 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         raise VmRefused("disk: on Xen a writable disk would write to the image itself; ask for readonly: true")
     if pv and vm.console is not None:
         raise VmRefused("console_log: a Xen PV guest's console cannot go to a file; leave console_log unset")
+    if shares and virt_type not in ("kvm", "qemu"):
+        raise VmRefused(f"shared directories need QEMU (virtiofs); this node's VMs run on {virt_type}")
 
     domain = ET.Element("domain", type=virt_type)
     _sub(domain, "name", domain_name)
@@ -70,9 +76,16 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
     kib = str(spec.memory_mb * 1024)
     _sub(domain, "memory", kib, unit="KiB")
     _sub(domain, "currentMemory", kib, unit="KiB")
-    if hugepage_kb:
-        pages = ET.SubElement(ET.SubElement(domain, "memoryBacking"), "hugepages")
-        ET.SubElement(pages, "page", size=str(hugepage_kb), unit="KiB")
+    if hugepage_kb or shares:
+        backing = ET.SubElement(domain, "memoryBacking")
+        if hugepage_kb:
+            pages = ET.SubElement(backing, "hugepages")
+            ET.SubElement(pages, "page", size=str(hugepage_kb), unit="KiB")
+        else:
+            ET.SubElement(backing, "source", type="memfd")
+        if shares:
+            # virtiofs: the daemon reads and writes the guest's buffers in its memory directly.
+            ET.SubElement(backing, "access", mode="shared")
     _sub(domain, "vcpu", str(spec.vcpus))
 
     os_element = ET.SubElement(domain, "os")
@@ -111,6 +124,11 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(interface, "source", network=spec.network)
         if not xen:
             ET.SubElement(interface, "model", type="virtio")
+    for share_tag, socket_path in shares:
+        filesystem = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(filesystem, "driver", type="virtiofs")
+        ET.SubElement(filesystem, "source", socket=socket_path)
+        ET.SubElement(filesystem, "target", dir=share_tag)
     _console(devices, vm.console, pv)
     ET.SubElement(devices, "memballoon", model="xen" if xen else "virtio")
     return ET.tostring(domain, encoding="unicode")

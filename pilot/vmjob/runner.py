@@ -1,0 +1,333 @@
+"""One VM job from start to end, in the order that leaves nothing behind.
+
+1. hold the slot's lock (one VM per job and node);
+2. check the VM (:func:`pilot.vm.check.check_spec`: the image's files and
+   their sha256, the memory) before anything on the node changes;
+3. take the VM's memory from the host through the node's backend (the
+   journal entry first, dead pilots' and jobs' entries undone first);
+4. journal the run directory, make it; journal the libvirt URI; start the
+   shares' daemons as the job's user; create the tagged, transient domain;
+5. copy the guest's output as it comes, until the guest's exit status is
+   there (the guest then powers off), the VM ends without one, or a signal
+   asks to stop (the guest gets ``stop_timeout`` s to power off);
+6. destroy the domain, stop the daemons, remove the run directory, give the
+   memory back; the journal entry goes last.
+
+A wrapper killed at any point leaves its journal entry, which the next
+pilot, ``workspace-vmjob epilog`` or ``workspace-killall`` undoes
+(:func:`pilot.node.memory.undo_entry`): destroy the slot's VMs by tag,
+remove the run directory, give back the memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+
+from pilot.node.backends import BackendError
+from pilot.node.journal import Entry, Journal, JournalError
+from pilot.node.lock import NodeLockError
+from pilot.node.memory import NodeMemory
+from pilot.node.owner import Owner
+from pilot.shared.errors import one_line
+from pilot.vm.check import VmPolicy, VmRefused, check_spec
+from pilot.vm.cleanup import VmCleanupError, destroy_domain, destroy_slot_vms
+from pilot.vm.domainxml import choose_virt_type, render_domain
+from pilot.vm.tag import VmTag
+from pilot.vmjob.catalog import JobImage
+from pilot.vmjob.exitcodes import VmJobExit
+from pilot.vmjob.output import GuestOutput
+from pilot.vmjob.rundir import SHARE_TAGS, RunDir, RunDirError, SlotBusy, read_status, remove_run_dir
+from pilot.vmjob.virtiofs import ShareDaemon, ShareError
+
+log = logging.getLogger(__name__)
+
+#: How often the wrapper looks at the guest's output, its status file and its domain.
+POLL_S = 0.02
+#: How often, of those looks, libvirt is asked whether the domain still runs.
+DOMAIN_EVERY = 10
+
+
+class JobFailed(Exception):
+    """The job could not run (or not to its end); ``code`` says which kind, ``str()`` is one line."""
+
+    def __init__(self, code: VmJobExit, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """What to run and as whom: the slot (one per job and node), the command file, the job's directory and
+    user, and the VM's size."""
+
+    slot: str
+    host: str
+    image: JobImage
+    command: bytes
+    workdir: str
+    uid: int
+    gid: int
+    memory_mb: int
+    cpus: int
+
+
+class VmJob:
+    """Runs one :class:`JobRequest`; :meth:`run` returns the guest's exit status or raises :class:`JobFailed`.
+
+    ``stop`` (set from a signal handler) ends the job early: the guest gets
+    ``config.vmjob_stop_timeout_s`` to power off, then its VM is destroyed.
+    ``moments`` collects when each phase ended (seconds since ``started``).
+    """
+
+    def __init__(self, config, journal: Journal, backend, request: JobRequest, *, stop: threading.Event,
+                 started: float):
+        self.config = config
+        self.journal = journal
+        self.backend = backend
+        self.request = request
+        self.stop = stop
+        self.started = started
+        self.moments: dict[str, float] = {}
+        self.run_dir = RunDir(config.vmjob_run_dir, request.slot)
+        self.uri = config.vm_uri
+        self.memory: NodeMemory | None = None
+        self.daemons: list[ShareDaemon] = []
+        self.domain = None
+        self.conn = None
+
+    def mark(self, name: str) -> None:
+        """Record that phase ``name`` ended now."""
+        self.moments.setdefault(name, round(time.monotonic() - self.started, 4))
+
+    @property
+    def domain_name(self) -> str:
+        """The libvirt name of the job's domain."""
+        return f"wp-{self.request.slot}"
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the job; the guest's exit status (0-255). Raises :class:`JobFailed`; the node is restored
+        either way, or the failure is ``RESTORE_FAILED`` with the journal keeping what is left."""
+        try:
+            lock_fd = self.run_dir.lock()
+        except SlotBusy as exc:
+            raise JobFailed(VmJobExit.ALLOCATION, str(exc)) from None
+        except RunDirError as exc:
+            raise JobFailed(VmJobExit.CONFIG, str(exc)) from None
+        try:
+            checked = self._check()
+            failure: JobFailed | None = None
+            status = None
+            try:
+                self._take_memory()
+                status = self._run_vm(checked)
+            except JobFailed as exc:
+                failure = exc
+            finally:
+                restore_problem = self._restore()
+            if restore_problem:
+                raise JobFailed(VmJobExit.RESTORE_FAILED, restore_problem)
+            if failure is not None:
+                raise failure
+            return status
+        finally:
+            self.run_dir.unlock(lock_fd, remove=self.request.slot.startswith("vmjob"))
+            log.info("vmjob timings %s", json.dumps(self.moments, sort_keys=True))
+
+    def _policy(self) -> VmPolicy:
+        config = self.config
+        return VmPolicy(
+            image_dir=config.image_dir, console_dir=config.console_dir, overhead_mb=config.vm_overhead_mb,
+            hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
+        )
+
+    def _check(self):
+        request = self.request
+        spec = request.image.spec("job", memory_mb=request.memory_mb, vcpus=request.cpus,
+                                  console_log=f"{self.domain_name}.log")
+        policy = self._policy()
+        try:
+            checked = check_spec(spec, policy, reserved_mb=request.memory_mb + policy.overhead_mb, in_use_mb=0,
+                                 cancel=self.stop)
+        except VmRefused as exc:
+            raise JobFailed(VmJobExit.IMAGE, f"image {request.image.name}: {exc}") from None
+        self.mark("image_ready")
+        return checked
+
+    def _take_memory(self) -> None:
+        request, config = self.request, self.config
+        entry = Entry(request.slot, request.host, Owner.current())
+        self.memory = NodeMemory(self.journal, self.backend, entry, minmem_mb=config.minmem_mb,
+                                 verify_timeout=config.verify_timeout_s)
+        need = request.memory_mb + config.vm_overhead_mb
+        try:
+            self.memory.take(need, should_stop=self.stop.is_set)
+        except (JournalError, NodeLockError) as exc:
+            raise JobFailed(VmJobExit.JOURNAL, one_line(exc)) from None
+        except BackendError as exc:
+            raise JobFailed(VmJobExit.VM_FAILED, f"cannot set aside {need} MB for the VM: {one_line(exc)}") from None
+        except Exception as exc:  # TakeAborted: a signal came first
+            raise JobFailed(VmJobExit.VM_FAILED, f"stopped before the VM started: {one_line(exc)}") from None
+        self.mark("memory_taken")
+
+    def _run_vm(self, checked) -> int:
+        request, config = self.request, self.config
+        try:
+            self.memory.note_run_dir(self.run_dir.path)
+            self.run_dir.make(request.command, request.uid, request.gid)
+            self.memory.note_vms(self.uri)
+        except (JournalError, RunDirError) as exc:
+            raise JobFailed(VmJobExit.JOURNAL if isinstance(exc, JournalError) else VmJobExit.CONFIG,
+                            one_line(exc)) from None
+        sources = {"control": self.run_dir.control, "workdir": request.workdir}
+        for tag in SHARE_TAGS:
+            daemon = ShareDaemon(
+                tag, sources[tag], self.run_dir.socket(tag), virtiofsd=config.vmjob_virtiofsd, uid=request.uid,
+                gid=request.gid,
+                log_path=os.path.join(config.log_dir, f"vmjob-{request.slot}.{tag}.virtiofsd.log"),
+            )
+            try:
+                daemon.start()
+            except ShareError as exc:
+                raise JobFailed(VmJobExit.VM_FAILED, str(exc)) from None
+            self.daemons.append(daemon)
+        self._create_domain(checked)
+        return self._follow()
+
+    def _create_domain(self, checked) -> None:
+        from pilot.libvirtconn import libvirt_module, open_connection
+
+        try:
+            libvirt = libvirt_module()
+        except ImportError as exc:
+            raise JobFailed(VmJobExit.VM_FAILED, f"libvirt-python is missing ({exc})") from None
+        try:
+            self.conn = open_connection(self.uri)
+            virt_type = choose_virt_type(self.conn.getType(), self.config.virt_type)
+            xml = render_domain(
+                checked, domain_name=self.domain_name, virt_type=virt_type,
+                tag=VmTag(self.request.slot, "", os.getpid()), hugepage_kb=self._policy().hugepage_kb,
+                shares=tuple((tag, self.run_dir.socket(tag)) for tag in SHARE_TAGS),
+            )
+            if self.stop.is_set():
+                raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started")
+            self.domain = self.conn.createXML(xml, 0)
+        except (libvirt.libvirtError, ValueError, VmRefused) as exc:
+            raise JobFailed(VmJobExit.VM_FAILED, f"the VM could not be started: {one_line(exc)}") from None
+        self.mark("domain_created")
+        log.info("VM %s created (%d MB, %d cores) for slot %s", self.domain_name, self.request.memory_mb,
+                 self.request.cpus, self.request.slot)
+
+    def _follow(self) -> int:
+        """Copy output until the guest's status, the VM's end, or a stop; the status."""
+        request = self.request
+        control = self.run_dir.control
+        output = GuestOutput(control, request.uid, limit=self.config.vmjob_output_limit_mb * 1024 * 1024)
+        started_file = os.path.join(control, "started")
+        status_file = os.path.join(control, "status")
+        looks = 0
+        try:
+            while True:
+                if output.pump():
+                    self.mark("first_output")
+                if "guest_started" not in self.moments and os.path.lexists(started_file):
+                    self.mark("guest_started")
+                try:
+                    status = read_status(status_file, request.uid)
+                except RunDirError as exc:
+                    raise JobFailed(VmJobExit.VM_FAILED, str(exc)) from None
+                if status is not None:
+                    # The status comes last (the contract): the job is done; the destroy in _restore ends the
+                    # VM without waiting for the guest's own power-off (its disk is read-only or thrown away).
+                    self.mark("status")
+                    return status
+                if self.stop.is_set():
+                    self._let_guest_end()
+                    output.close()
+                    raise JobFailed(VmJobExit.STOPPED, "stopped by a signal: the VM was shut down")
+                looks += 1
+                if looks % DOMAIN_EVERY == 0 and not self._domain_active():
+                    output.close()
+                    status = read_status(status_file, request.uid)  # written just before the guest ended
+                    if status is not None:
+                        self.mark("status")
+                        return status
+                    raise JobFailed(VmJobExit.VM_FAILED, "the VM ended without an exit status "
+                                    f"(its console: {self.config.console_dir}/{self.domain_name}.log)")
+                self.stop.wait(POLL_S)
+        finally:
+            for problem in output.problems():
+                log.warning("%s", problem)
+                print(f"workspace-vmjob: {problem}", file=__import__("sys").stderr)
+            output.close()
+
+    def _domain_active(self) -> bool:
+        import libvirt
+
+        try:
+            return bool(self.domain.isActive())
+        except libvirt.libvirtError:
+            return False  # a transient domain that ended is gone
+
+    def _let_guest_end(self) -> None:
+        """Ask the guest to power off and give it ``stop_timeout`` s; the destroy in :meth:`_restore` does the rest."""
+        import libvirt
+
+        timeout = self.config.vmjob_stop_timeout_s
+        if timeout > 0:
+            try:
+                self.domain.shutdown()
+            except libvirt.libvirtError:
+                return
+        deadline = time.monotonic() + timeout
+        while self._domain_active() and time.monotonic() < deadline:
+            time.sleep(POLL_S)  # libvirt's lifecycle events would need an event loop thread for this one wait
+        self.mark("guest_ended")
+
+    # -- restore -------------------------------------------------------------------------------
+
+    def _restore(self) -> str | None:
+        """Undo everything this run did, in reverse; None, or what could not be undone (journal keeps it)."""
+        problems = []
+        if self.domain is not None:
+            try:
+                destroy_domain(self.domain)
+            except Exception as exc:  # libvirtError
+                problems.append(f"cannot destroy VM {self.domain_name}: {one_line(exc)}")
+        memory = self.memory
+        if memory is not None and memory.entry.vm_uri and not problems:
+            # By tag as well: a domain created while a signal cut createXML short is not in self.domain.
+            try:
+                destroy_slot_vms(self.uri, self.request.slot)
+                memory.note_vms(None)
+            except (VmCleanupError, JournalError) as exc:
+                problems.append(one_line(exc))
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # libvirtError: closing is best effort
+                pass
+        for daemon in self.daemons:
+            daemon.stop()
+        if memory is not None and memory.entry.run_dir and not problems:
+            try:
+                remove_run_dir(self.run_dir.path)
+                memory.note_run_dir(None)
+            except (VmCleanupError, JournalError) as exc:
+                problems.append(one_line(exc))
+        if memory is not None and not problems:
+            try:
+                memory.give_back()
+            except (BackendError, JournalError, NodeLockError) as exc:
+                problems.append(f"the VM's memory could not be given back: {one_line(exc)}")
+        self.mark("restored")
+        if problems:
+            log.critical("VM job %s not fully undone: %s", self.request.slot, "; ".join(problems))
+            return "; ".join(problems) + "; the node journal keeps it for workspace-vmjob epilog or workspace-killall"
+        return None
