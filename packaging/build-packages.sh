@@ -8,9 +8,11 @@
 # OUTDIR/*.deb   workspace-pilot-common  the Python runtime: the wheels; its postinst makes the virtualenv
 #                                        /opt/workspace-pilot from them (no network, no compiler);
 #                                        workspace-lease and lease-bench in /usr/bin
-#                workspace-pilot-node    a node's pilot, workspace-killall, workspace-node-status, the
-#                                        sudoers rule, tmpfiles.d for the journal and image cache,
-#                                        /etc/workspace-pilot/pilot.conf (a conffile)
+#                workspace-pilot-node    a node's pilot, workspace-vmjob (with its Slurm job submit
+#                                        filter and epilog, PBS epilogue), workspace-killall,
+#                                        workspace-node-status, the sudoers rules, tmpfiles.d for the
+#                                        journal and image cache, /etc/workspace-pilot/pilot.conf and
+#                                        vmjob-images.conf (conffiles)
 #                workspace-lease-service the service's systemd unit and user, service.conf (a conffile),
 #                                        logrotate
 #                workspace-pilot-doc     README, BENCHMARKS, docs/, the Grafana dashboard
@@ -56,8 +58,14 @@ node=$stage/node
 command_script "$node/usr/bin/workspace-pilot" pilot.cli main
 command_script "$node/usr/bin/workspace-killall" admin_tools.killall main
 command_script "$node/usr/bin/workspace-node-status" admin_tools.nodestatus main
+command_script "$node/usr/bin/workspace-vmjob" pilot.vmjob.cli main
 install -D -m 0640 packaging/pilot.conf.example "$node/etc/workspace-pilot/pilot.conf"
+install -D -m 0644 packaging/vmjob-images.conf.example "$node/etc/workspace-pilot/vmjob-images.conf"
 install -D -m 0440 packaging/workspace-pilot.sudoers "$node/etc/sudoers.d/workspace-pilot"
+install -D -m 0440 packaging/workspace-vmjob.sudoers "$node/etc/sudoers.d/workspace-vmjob"
+install -D -m 0644 packaging/slurm/job_submit.lua "$node/usr/share/workspace-pilot/slurm/job_submit.lua"
+install -D -m 0755 packaging/slurm/epilog "$node/usr/share/workspace-pilot/slurm/epilog"
+install -D -m 0755 packaging/pbs/epilogue "$node/usr/share/workspace-pilot/pbs/epilogue"
 install -D -m 0644 packaging/workspace-pilot.tmpfiles "$node/usr/lib/tmpfiles.d/workspace-pilot.conf"
 
 service=$stage/service
@@ -98,8 +106,9 @@ arch=$(dpkg --print-architecture)
 deb workspace-pilot-common "$common" "$arch" "python3 (>= 3.10), python3-venv, libvirt0" \
   "workspace-pilot's Python runtime (a virtualenv built from the shipped wheels at install)"
 deb workspace-pilot-node "$node" all "workspace-pilot-common (= $version), sudo" \
-  "workspace-pilot on a batch node: the pilot, workspace-killall, workspace-node-status" \
-  /etc/workspace-pilot/pilot.conf /etc/sudoers.d/workspace-pilot
+  "workspace-pilot on a batch node: the pilot, workspace-vmjob, workspace-killall, workspace-node-status" \
+  /etc/workspace-pilot/pilot.conf /etc/workspace-pilot/vmjob-images.conf /etc/sudoers.d/workspace-pilot \
+  /etc/sudoers.d/workspace-vmjob
 deb workspace-lease-service "$service" all "workspace-pilot-common (= $version), adduser" \
   "the workspace service (workspace-lease serve) as a systemd unit" \
   /etc/workspace-pilot/service.conf /etc/logrotate.d/workspace-lease

@@ -70,13 +70,17 @@ def missing_commands() -> list[str]:
 class SlurmCluster:
     """``nodes`` Slurm nodes (``node1``..``nodeN``) with KillWait ``kill_wait`` under ``workdir``.
 
+    ``extra_config``: more slurm.conf lines (a plugin's files, such as
+    job_submit.lua, go in ``workdir``, the directory of slurm.conf).
+
     ``start()`` returns once every node is idle; ``env()`` is the
     environment for the Slurm and Torque commands; ``stop()`` ends the
     daemons by pid (SIGTERM, then SIGKILL) and may be called twice.
     """
 
-    def __init__(self, workdir: str, nodes: int = 4, kill_wait: int = 5):
+    def __init__(self, workdir: str, nodes: int = 4, kill_wait: int = 5, extra_config: tuple[str, ...] = ()):
         self.workdir = os.path.abspath(workdir)
+        self.extra_config = extra_config
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.kill_wait = kill_wait
         self.conf = os.path.join(self.workdir, "slurm.conf")
@@ -124,6 +128,7 @@ class SlurmCluster:
             f"SlurmctldLogFile={self.log_dir}/slurmctld.log",
             f"SlurmdLogFile={self.log_dir}/slurmd-%n.log",
             f"PlugStackConfig={w}/plugstack.conf",
+            *self.extra_config,
         ]
         for name, port in zip(self.nodes, node_ports):
             lines.append(

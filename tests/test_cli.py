@@ -68,6 +68,7 @@ def test_help_explains_the_exit_codes():
     ["-c", "from admin_tools.leasebench.cli import main; main()", "--help"],
     ["-m", "service_adapter", "--help"], ["-m", "service_adapter", "vm", "start", "--help"],
     ["-m", "service_adapter", "image", "approve", "--help"],
+    ["-m", "pilot.vmjob", "--help"], ["-m", "pilot.vmjob", "run", "--help"], ["-m", "pilot.vmjob", "epilog", "--help"],
 ], ids=lambda command: " ".join(command[1:]).split(";")[-1].strip())
 def test_help_fits_a_100_column_terminal(command):
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=60,
@@ -97,6 +98,9 @@ def test_the_readme_and_the_help_say_the_same_of_each_exit_code():
     unquoted = {code.value: re.sub(r"'(\w+)'", r"\1", MEANING[code]) for code in ExitCode}  # 'reserved' -> reserved
     assert readme_table("### Exit codes of `workspace-pilot`") == unquoted
     assert readme_table("### Exit codes of `workspace-lease`") == EXIT_CODES
+    from pilot.vmjob.exitcodes import MEANING as VMJOB_MEANING, VmJobExit
+
+    assert readme_table("### Exit codes of `workspace-vmjob`") == {c.value: VMJOB_MEANING[c] for c in VmJobExit}
 
 
 @pytest.mark.parametrize(

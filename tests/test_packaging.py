@@ -19,7 +19,8 @@ from tests.conftest import pool_pages
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = pilot.__version__
 DEBS = ("workspace-pilot-common", "workspace-pilot-node", "workspace-lease-service", "workspace-pilot-doc")
-COMMANDS = {"workspace-pilot", "workspace-lease", "workspace-killall", "workspace-node-status", "lease-bench"}
+COMMANDS = {"workspace-pilot", "workspace-lease", "workspace-killall", "workspace-node-status", "lease-bench",
+            "workspace-vmjob"}
 
 
 def run(*argv: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -69,14 +70,18 @@ def test_the_debs_split_node_service_and_docs_with_their_conffiles(built):
     assert any(f.startswith("/usr/share/workspace-pilot/wheels/libvirt_python-") for f in files[DEBS[0]])
     node = files["workspace-pilot-node"]
     assert {"/usr/bin/workspace-pilot", "/usr/bin/workspace-killall", "/usr/bin/workspace-node-status",
-            "/etc/workspace-pilot/pilot.conf", "/usr/lib/tmpfiles.d/workspace-pilot.conf"} <= set(node)
-    assert node["/etc/sudoers.d/workspace-pilot"] == "-r--r-----"
+            "/etc/workspace-pilot/pilot.conf", "/usr/lib/tmpfiles.d/workspace-pilot.conf", "/usr/bin/workspace-vmjob",
+            "/etc/workspace-pilot/vmjob-images.conf", "/usr/share/workspace-pilot/slurm/job_submit.lua",
+            "/usr/share/workspace-pilot/slurm/epilog", "/usr/share/workspace-pilot/pbs/epilogue"} <= set(node)
+    assert node["/etc/sudoers.d/workspace-pilot"] == node["/etc/sudoers.d/workspace-vmjob"] == "-r--r-----"
+    assert node["/usr/share/workspace-pilot/slurm/epilog"] == "-rwxr-xr-x"
     service = files["workspace-lease-service"]
     assert {"/lib/systemd/system/workspace-lease.service", "/etc/workspace-pilot/service.conf",
             "/etc/logrotate.d/workspace-lease"} <= set(service)
     assert "/usr/share/doc/workspace-pilot/docs/scaling.md" in files["workspace-pilot-doc"]
     conffiles = {name: run("dpkg-deb", "-I", path, "conffiles").stdout.split() for name, path in paths.items()}
-    assert conffiles["workspace-pilot-node"] == ["/etc/workspace-pilot/pilot.conf", "/etc/sudoers.d/workspace-pilot"]
+    assert conffiles["workspace-pilot-node"] == ["/etc/workspace-pilot/pilot.conf", "/etc/workspace-pilot/vmjob-images.conf",
+                                                 "/etc/sudoers.d/workspace-pilot", "/etc/sudoers.d/workspace-vmjob"]
     assert conffiles["workspace-lease-service"] == ["/etc/workspace-pilot/service.conf", "/etc/logrotate.d/workspace-lease"]
     depends = run("dpkg-deb", "-f", paths["workspace-pilot-node"], "Depends").stdout.strip()
     assert depends == f"workspace-pilot-common (= {VERSION}), sudo"
@@ -87,7 +92,9 @@ def test_the_rpms_hold_the_same_files_with_config_noreplace(built):
     by_name = {run("rpm", "-qp", "--qf", "%{NAME}", p).stdout: p for p in rpms.values()}
     assert set(by_name) == {"workspace-pilot", "workspace-pilot-node", "workspace-lease-service", "workspace-pilot-doc"}
     node_files = set(run("rpm", "-qlp", by_name["workspace-pilot-node"]).stdout.split())
-    assert {"/usr/bin/workspace-pilot", "/etc/sudoers.d/workspace-pilot", "/etc/workspace-pilot/pilot.conf"} <= node_files
+    assert {"/usr/bin/workspace-pilot", "/etc/sudoers.d/workspace-pilot", "/etc/workspace-pilot/pilot.conf",
+            "/usr/bin/workspace-vmjob", "/etc/sudoers.d/workspace-vmjob",
+            "/usr/share/workspace-pilot/slurm/job_submit.lua"} <= node_files
     configs = run("rpm", "-qcp", by_name["workspace-lease-service"]).stdout.split()
     assert configs == ["/etc/logrotate.d/workspace-lease", "/etc/workspace-pilot/service.conf"]
     assert run("rpm", "-qp", "--qf", "%{VERSION}", by_name["workspace-pilot"]).stdout == VERSION
@@ -103,6 +110,12 @@ def test_the_shipped_unit_sudoers_and_tmpfiles_are_valid_for_their_tools(tmp_pat
     assert run("visudo", "-c", "-f", sudoers).returncode == 0
     rules = [line for line in open(sudoers, encoding="utf-8").read().splitlines() if line and line[0] != "#"]
     assert rules == sudoers_rules("pilot", "/usr/bin/workspace-pilot")  # what evaluate prints for /usr/bin
+    vmjob = open(os.path.join(packaging, "workspace-vmjob.sudoers"), encoding="utf-8").read()
+    enabled = tmp_path / "workspace-vmjob.sudoers"  # as an admin turns it on
+    enabled.write_text(vmjob.replace("#ALL ALL=(root)", "ALL ALL=(root)"))
+    assert "\nALL ALL=(root) NOPASSWD: /usr/bin/workspace-vmjob run *\n" in enabled.read_text()
+    for path in (os.path.join(packaging, "workspace-vmjob.sudoers"), str(enabled)):
+        assert run("visudo", "-c", "-f", path).returncode == 0
     root = tmp_path / "root"
     root.mkdir()
     done = run("systemd-tmpfiles", "--create", f"--root={root}", os.path.join(packaging, "workspace-pilot.tmpfiles"))

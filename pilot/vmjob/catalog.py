@@ -63,15 +63,18 @@ def load_catalog(path: str) -> dict[str, JobImage]:
         if unknown:
             problems.append(f"{where}: unknown option {unknown[0]!r}: known are {', '.join(sorted(_OPTIONS))}")
             continue
-        files = {}
+        files, bad_file = {}, False
         for part in _FILES:
             path_text, digest = options.get(part, "").strip(), options.get(f"{part}_sha256", "").strip()
             if not path_text and not digest:
                 continue
             if not path_text or not _SHA256_RE.match(digest):
                 problems.append(f"{where}: {part} needs a path and {part}_sha256 (64 lowercase hex digits)")
+                bad_file = True
                 continue
             files[part] = ImageFile(path_text, digest)
+        if bad_file:
+            continue
         if "disk" not in files and "kernel" not in files:
             problems.append(f"{where}: needs a disk or a kernel (or both)")
             continue

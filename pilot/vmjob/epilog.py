@@ -33,11 +33,16 @@ def job_entries(journal: Journal, job_id: str) -> list[Entry]:
 def clean_job(config, job_id: str, *, out) -> list[str]:
     """Stop the job's wrappers, undo their entries; one line to ``out`` per thing done; the problems left."""
     journal = Journal(config.journal_dir, config.lock_timeout_s)
+    if not os.path.isdir(config.journal_dir):
+        return []  # no pilot and no VM job ever ran on this node
     try:
         journal.check()
         entries = job_entries(journal, job_id)
     except JournalError as exc:
         return [str(exc)]
+    if not entries:
+        _remove_slot_locks(config, job_id)
+        return []  # the common case, every job's epilog: no node lock taken
     for entry in entries:
         if entry.owner.alive():
             # Give it the time it would have had from the batch system, then make sure.
@@ -63,9 +68,14 @@ def clean_job(config, job_id: str, *, out) -> list[str]:
     except NodeLockError as exc:
         return [str(exc)]
     if not problems:
-        for path in glob.glob(os.path.join(glob.escape(config.vmjob_run_dir), f"job{glob.escape(job_id)}.*.lock")):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        _remove_slot_locks(config, job_id)
     return problems
+
+
+def _remove_slot_locks(config, job_id: str) -> None:
+    """The job's slot lock files: no run of the job can start once its epilog runs."""
+    for path in glob.glob(os.path.join(glob.escape(config.vmjob_run_dir), f"job{glob.escape(job_id)}.*.lock")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

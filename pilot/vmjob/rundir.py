@@ -90,6 +90,7 @@ class RunDir:
         The command is written while the directory is still root's, so
         nothing the user does can redirect the write. Raises RunDirError.
         """
+        _base_dir(self.base)
         try:
             remove_run_dir(self.path)  # a dead run's leftovers (its journal entry is undone before this)
             os.mkdir(self.path, 0o711)

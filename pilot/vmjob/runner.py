@@ -300,6 +300,7 @@ class VmJob:
                 destroy_domain(self.domain)
             except Exception as exc:  # libvirtError
                 problems.append(f"cannot destroy VM {self.domain_name}: {one_line(exc)}")
+            self.mark("domain_destroyed")
         memory = self.memory
         if memory is not None and memory.entry.vm_uri and not problems:
             # By tag as well: a domain created while a signal cut createXML short is not in self.domain.
@@ -315,6 +316,8 @@ class VmJob:
                 pass
         for daemon in self.daemons:
             daemon.stop()
+        if self.daemons:
+            self.mark("shares_stopped")
         if memory is not None and memory.entry.run_dir and not problems:
             try:
                 remove_run_dir(self.run_dir.path)

@@ -1,0 +1,389 @@
+"""workspace-vmjob on real parts: libvirtd with QEMU (TCG) booting the test guest, the real hugepage pool as
+the VM's memory, virtiofsd, the test Slurm with its real sudo, scancel and epilog, and Slurm's job_submit/lua.
+
+Every test ends with the pool where it started (the ``hugepages`` fixture fails the test otherwise), no
+domain carrying the project's tag, and the node journal empty. The jobs run as ``nobody`` through a
+sudo rule that the module installs (with /etc/workspace-pilot/pilot.conf, which a sudo caller cannot
+replace) and removes; they are skipped if that file was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from pilot.node.journal import Entry, Journal
+from pilot.vm.tag import tagged_domains
+from pilot.vmjob.exitcodes import VmJobExit
+from tests.conftest import read_until
+from tests.libvirt_daemon import GUEST_DIR, guest_files
+from tests.slurm_cluster import SlurmCluster
+
+libvirt = pytest.importorskip("libvirt")
+
+VMJOB = os.path.join(os.path.dirname(sys.executable), "workspace-vmjob")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGING = os.path.join(REPO, "packaging")
+NOBODY, NOGROUP = 65534, 65534
+SYSTEM_CONFIG = "/etc/workspace-pilot/pilot.conf"
+SUDOERS = "/etc/sudoers.d/workspace-vmjob-tests"
+#: The most any wait below lasts: TCG boots the guest in 3-4 s; these are give-up points, not expectations.
+GIVE_UP_S = 90
+
+
+def guest_release() -> str:
+    """The test guest's kernel release (what uname -r prints inside it)."""
+    with open(os.path.join(GUEST_DIR, "inputs"), encoding="utf-8") as handle:
+        return re.search(r"kernel=linux-image-(\S+?)=", handle.read()).group(1)
+
+
+def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2) -> str:
+    """A node for VM jobs under ``directory`` (journal, logs, run dir; hugepages; the test guest as image
+    ``test``); the config file's path."""
+    files = guest_files()
+    images = os.path.join(directory, "images.conf")
+    with open(images, "w", encoding="utf-8") as handle:
+        handle.write(f"[test]\nkernel = vmlinuz\nkernel_sha256 = {files.kernel_sha256}\ninitrd = initrd.img\n"
+                     f"initrd_sha256 = {files.initrd_sha256}\ncmdline = console=ttyS0 panic=-1 quiet\n")
+    vmjob = {"images": images, "run_dir": f"{directory}/run", "stop_timeout": stop_timeout}
+    if slurm_conf:
+        vmjob["slurm_conf"] = slurm_conf
+    sections = {
+        "memory": {"backend": "hugepages", "minmem": 512},
+        "journal": {"dir": f"{directory}/journal"},
+        "libvirt": {"uri": "qemu:///system"},
+        "vms": {"image_dir": GUEST_DIR, "console_dir": f"{directory}/consoles", "virt_type": "qemu"},
+        "vmjob": vmjob,
+        "logging": {"dir": f"{directory}/logs"},
+    }
+    path = os.path.join(directory, "pilot.conf")
+    with open(path, "w", encoding="utf-8") as handle:
+        for section, values in sections.items():
+            handle.write(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    return path
+
+
+def system_node_cluster_conf(directory: str) -> str:
+    """The slurm.conf the node's config first named (the session's cluster)."""
+    with open(os.path.join(directory, "session-slurm.conf.path"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def journal_entries(directory: str) -> list[Entry]:
+    return [e for e in Journal(os.path.join(directory, "journal")).entries() if isinstance(e, Entry)]
+
+
+def our_domains() -> list[str]:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [domain.name() for domain, _tag in tagged_domains(conn)]
+    finally:
+        conn.close()
+
+
+def assert_node_clean(directory: str) -> None:
+    """No journal entry, no tagged domain, no run directory left (slot locks may stay until the epilog)."""
+    assert journal_entries(directory) == []
+    assert our_domains() == []
+    run = os.path.join(directory, "run")
+    assert [n for n in os.listdir(run) if not n.endswith(".lock")] == [] if os.path.isdir(run) else True
+
+
+def wait_for(condition, what: str, timeout: float = GIVE_UP_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.1)  # polling things (files, squeue) that have no change notification
+
+
+@pytest.fixture
+def node(tmp_path, libvirt_qemu, hugepages):
+    directory = str(tmp_path)
+    yield directory, write_node(directory)
+    _destroy_left_domains()
+
+
+def _destroy_left_domains() -> None:
+    conn = libvirt.open("qemu:///system")
+    try:
+        for domain, _tag in tagged_domains(conn):
+            with contextlib.suppress(libvirt.libvirtError):
+                domain.destroy()
+    finally:
+        conn.close()
+
+
+# -- as root, outside a batch job -------------------------------------------------------------------
+
+
+def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_status(node, tmp_path):
+    directory, config = node
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "input.txt").write_text("from the host\n")
+    result = subprocess.run(
+        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
+         "sh", "-c", "uname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3"],
+        cwd=work, capture_output=True, text=True, timeout=GIVE_UP_S,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.splitlines() == [guest_release(), "from the host"]
+    assert result.stderr == "oops\n"
+    assert (work / "output.txt").read_text() == "made\n"
+    assert_node_clean(directory)
+    (log,) = [n for n in os.listdir(tmp_path / "logs") if n.startswith("vmjob-") and n.endswith("0.log")
+              or re.fullmatch(r"vmjob-vmjob\d+\.log", n)]
+    timings = (tmp_path / "logs" / log).read_text()
+    assert re.search(r'vmjob timings \{"domain_created": [\d.]+, "first_output": [\d.]+, "guest_started"', timings)
+
+
+def test_sigterm_shuts_the_guest_down_and_gives_everything_back(node, tmp_path):
+    directory, config = node
+    process = subprocess.Popen(
+        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
+         "sh", "-c", "echo started; sleep 600"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        read_until(process, "started", timeout=GIVE_UP_S)
+        (entry,) = journal_entries(directory)
+        assert entry.memory.phase == "held" and entry.vm_uri and entry.run_dir  # all journalled while it runs
+        assert len(our_domains()) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(GIVE_UP_S) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert b"stopped by SIGTERM" in process.stderr.read()
+    assert_node_clean(directory)
+
+
+def test_a_wrapper_killed_outright_leaves_its_entry_and_killall_undoes_it(node, tmp_path):
+    directory, config = node
+    process = subprocess.Popen(
+        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
+         "sh", "-c", "echo started; sleep 600"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        read_until(process, "started", timeout=GIVE_UP_S)
+        (entry,) = journal_entries(directory)
+        daemons = _share_daemons(entry.run_dir)
+        assert len(daemons) == 2
+        process.kill()
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # What the journal says is what is left: the VM, its memory, its run directory.
+    (left,) = journal_entries(directory)
+    assert left.memory.phase == "held" and os.path.isdir(left.run_dir) and len(our_domains()) == 1
+    wait_for(lambda: not _share_daemons(left.run_dir), "the share daemons ending with their wrapper", 10)
+    killall = subprocess.run([os.path.join(os.path.dirname(sys.executable), "workspace-killall"),
+                              "--config", config, "--no-notify"], capture_output=True, text=True, timeout=GIVE_UP_S)
+    assert killall.returncode == 0, killall.stdout + killall.stderr
+    assert_node_clean(directory)
+
+
+def _share_daemons(run_dir: str) -> list[int]:
+    """The pids of virtiofsd processes serving sockets of ``run_dir`` (looked up, not stopped, by name)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"virtiofsd") and any(run_dir.encode() in a for a in argv):
+            found.append(int(pid))
+    return found
+
+
+# -- as a user, inside Slurm jobs, through the sudo rule ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def system_node(slurm_cluster, libvirt_qemu):
+    """/etc/workspace-pilot/pilot.conf and a sudo rule for nobody, for the module; removed afterwards."""
+    if os.path.lexists(SYSTEM_CONFIG) or os.path.lexists(SUDOERS):
+        pytest.skip(f"{SYSTEM_CONFIG} or {SUDOERS} exists already: not replacing a node's own")
+    directory = tempfile.mkdtemp(prefix="workspace-vmjob-")
+    os.chmod(directory, 0o755)
+    made_etc = not os.path.isdir(os.path.dirname(SYSTEM_CONFIG))
+    try:
+        os.makedirs(os.path.dirname(SYSTEM_CONFIG), exist_ok=True)
+        shutil.copy(write_node(directory, slurm_conf=slurm_cluster.conf), SYSTEM_CONFIG)
+        with open(os.path.join(directory, "session-slurm.conf.path"), "w", encoding="utf-8") as handle:
+            handle.write(slurm_cluster.conf)
+        with open(SUDOERS, "w", encoding="ascii") as handle:
+            handle.write(f'Defaults!{VMJOB} env_keep += "SLURM_JOB_ID SLURMD_NODENAME"\n'
+                         f"nobody ALL=(root) NOPASSWD: {VMJOB} run *\n")
+        os.chmod(SUDOERS, 0o440)
+        subprocess.run(["visudo", "-c", "-f", SUDOERS], check=True, capture_output=True)
+        yield directory
+    finally:
+        for path in (SUDOERS, SYSTEM_CONFIG):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if made_etc:
+            os.rmdir(os.path.dirname(SYSTEM_CONFIG))
+        _destroy_left_domains()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir(system_node, hugepages):
+    """A working directory of nobody's for one job."""
+    work = tempfile.mkdtemp(prefix="job-", dir=system_node)
+    os.chown(work, NOBODY, NOGROUP)
+    yield work
+    assert_node_clean(system_node)
+
+
+def submit(cluster, script: str, work: str, *extra: str) -> str:
+    path = os.path.join(work, "job.sh")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(script)
+    os.chmod(path, 0o755)
+    result = cluster.run(["sbatch", "--parsable", "--uid=nobody", "--gid=nogroup", "-D", work,
+                          "-o", os.path.join(work, "out.txt"), *extra, path])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_field(cluster, job: str, field: str) -> str | None:
+    shown = cluster.run(["scontrol", "show", "job", "-o", job]).stdout
+    match = re.search(rf"\b{field}=(\S+)", shown)
+    return match.group(1) if match else None
+
+
+def wait_job_done(cluster, job: str) -> None:
+    wait_for(lambda: job_field(cluster, job, "JobState") not in ("PENDING", "RUNNING", "COMPLETING", None),
+             f"job {job} ending")
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def test_a_users_job_shows_the_guests_output_and_exit_code_in_slurm(slurm_cluster, system_node, user_dir):
+    job = submit(slurm_cluster, f"#!/bin/sh\nsudo -n {VMJOB} run --image test -- "
+                                "sh -c 'uname -r; echo made > made.txt; exit 3'\n", user_dir)
+    wait_job_done(slurm_cluster, job)
+    assert read(os.path.join(user_dir, "out.txt")) == guest_release() + "\n"
+    assert job_field(slurm_cluster, job, "ExitCode") == "3:0"
+    made = os.stat(os.path.join(user_dir, "made.txt"))
+    assert (made.st_uid, made.st_gid) == (NOBODY, NOGROUP)  # the guest's root wrote it as the job's user
+
+
+def test_scancel_mid_job_leaves_no_vm_and_no_memory_held(slurm_cluster, system_node, user_dir):
+    job = submit(slurm_cluster, f"#!/bin/sh\nsudo -n {VMJOB} run --image test -- sh -c 'echo started; sleep 600'\n",
+                 user_dir, "--mem=128")
+    out = os.path.join(user_dir, "out.txt")
+    wait_for(lambda: os.path.exists(out) and "started" in read(out), "the guest's first line")
+    (entry,) = journal_entries(system_node)
+    assert entry.slot == f"job{job}.{entry.host}" and entry.memory.memory_mb == 128 + 64
+    assert slurm_cluster.run(["scancel", job]).returncode == 0
+    wait_job_done(slurm_cluster, job)
+    wait_for(lambda: not journal_entries(system_node), "the wrapper restoring the node")
+    # user_dir's teardown asserts no tagged domain and no run directory; hugepages' the pool.
+
+
+def test_more_memory_than_the_job_has_is_refused_in_the_job(slurm_cluster, system_node, user_dir):
+    job = submit(slurm_cluster, f"#!/bin/sh\nsudo -n {VMJOB} run --image test --memory 512 -- true\necho rc=$?\n",
+                 user_dir, "--mem=256")
+    wait_job_done(slurm_cluster, job)
+    assert read(os.path.join(user_dir, "out.txt")) == (
+        f"workspace-vmjob: --memory 512: job {job} has 256 MB on {job_field(slurm_cluster, job, 'BatchHost')}\n"
+        f"rc={VmJobExit.ALLOCATION.value}\n")
+
+
+def test_outside_a_job_a_user_reaches_root_only_to_be_refused(system_node):
+    """The user-side form: `workspace-vmjob run` re-runs itself through sudo, its command carried on stdin."""
+    check = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOGROUP}", "--clear-groups",
+                            "/usr/bin/python3", "-c", f"import os; assert os.access({REPO + '/pilot/__init__.py'!r}, os.R_OK)"],
+                           capture_output=True)
+    if check.returncode != 0:
+        pytest.skip(f"{REPO} is not readable by nobody (a checkout under a private directory)")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": REPO}
+    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOGROUP}", "--clear-groups",
+                             "/usr/bin/python3", VMJOB, "run", "--image", "test", "--", "true"],
+                            capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert result.returncode == VmJobExit.ALLOCATION, result.stderr
+    assert result.stderr == "workspace-vmjob: not inside a batch job: run it in a job's script (or as root)\n"
+
+
+# -- the hidden form: Slurm's job_submit/lua and Epilog ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wrapping_cluster(system_node):
+    """A one-node Slurm whose job_submit.lua and Epilog are the shipped ones (paths pointed at this checkout)."""
+    workdir = tempfile.mkdtemp(prefix="workspace-vmjob-slurm-")
+    os.chmod(workdir, 0o755)
+    config = os.path.join(system_node, "pilot.conf")
+    with open(os.path.join(PACKAGING, "slurm", "job_submit.lua"), encoding="utf-8") as handle:
+        lua = handle.read().replace('local VMJOB = "/usr/bin/workspace-vmjob"', f'local VMJOB = "{VMJOB}"')
+    with open(os.path.join(workdir, "job_submit.lua"), "w", encoding="utf-8") as handle:
+        handle.write(lua)
+    with open(os.path.join(PACKAGING, "slurm", "epilog"), encoding="utf-8") as handle:
+        epilog = handle.read().replace("VMJOB=/usr/bin/workspace-vmjob", f"VMJOB={VMJOB}").replace(
+            "CONFIG=/etc/workspace-pilot/pilot.conf", f"CONFIG={config}")
+    epilog_path = os.path.join(workdir, "epilog")
+    with open(epilog_path, "w", encoding="utf-8") as handle:
+        handle.write(epilog)
+    os.chmod(epilog_path, 0o755)
+    cluster = SlurmCluster(workdir, nodes=1, extra_config=("JobSubmitPlugins=lua", f"Epilog={epilog_path}"))
+    # The node's scontrol calls ask this cluster while it runs (the config is the node's, read through sudo).
+    shutil.copy(write_node(system_node, slurm_conf=cluster.conf), SYSTEM_CONFIG)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.copy(write_node(system_node, slurm_conf=system_node_cluster_conf(system_node)), SYSTEM_CONFIG)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_an_unchanged_job_script_runs_in_a_vm_when_its_comment_names_an_image(wrapping_cluster, system_node, user_dir):
+    script = "#!/bin/sh\n# the user's own script, unchanged\nuname -r\necho \"$((6 * 7))\"\nexit 3\n"
+    job = submit(wrapping_cluster, script, user_dir, "--comment=vm:test")
+    wait_job_done(wrapping_cluster, job)
+    assert read(os.path.join(user_dir, "out.txt")) == f"{guest_release()}\n42\n"
+    assert job_field(wrapping_cluster, job, "ExitCode") == "3:0"
+    stored = wrapping_cluster.run(["scontrol", "write", "batch_script", job, "-"]).stdout
+    assert "run --image test --script -" in stored and script in stored  # the original, handed over whole
+    plain = submit(wrapping_cluster, "#!/bin/sh\nuname -r\n", user_dir)
+    wait_job_done(wrapping_cluster, plain)
+    assert read(os.path.join(user_dir, "out.txt")) == os.uname().release + "\n"  # no comment: no VM
+
+
+def test_a_comment_that_names_no_image_is_refused_at_submission(wrapping_cluster, system_node, user_dir):
+    result = wrapping_cluster.run(["sbatch", "--uid=nobody", "--gid=nogroup", "-D", user_dir,
+                                   "--comment=vm:no such image", "--wrap", "true"])
+    assert result.returncode != 0 and "not vm:IMAGE" in result.stderr
+
+
+def test_the_epilog_cleans_up_after_a_wrapper_killed_outright(wrapping_cluster, system_node, user_dir):
+    job = submit(wrapping_cluster, "#!/bin/sh\necho started\nsleep 600\n", user_dir, "--comment=vm:test")
+    out = os.path.join(user_dir, "out.txt")
+    wait_for(lambda: os.path.exists(out) and "started" in read(out), "the guest's first line")
+    (entry,) = journal_entries(system_node)
+    os.kill(entry.owner.pid, signal.SIGKILL)  # as the OOM killer or a SIGKILL after the kill wait would
+    wait_job_done(wrapping_cluster, job)
+    # Slurm ran the shipped epilog: the VM destroyed, the memory given back, the entry gone.
+    wait_for(lambda: not journal_entries(system_node) and not our_domains(), "the epilog's clean-up")
+    assert "DRAIN" not in wrapping_cluster.run(["sinfo", "-h", "-o", "%T"]).stdout.upper()
