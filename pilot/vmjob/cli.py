@@ -206,15 +206,9 @@ def _run(args, argv: list[str], started: float) -> int:
     config = _load_config(args.config)
     if isinstance(config, int):
         return config
-    from pilot.shared.ini import ConfigError
-    from pilot.vmjob.catalog import load_catalog
-
-    try:
-        catalog = load_catalog(config.vmjob_images)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: image list: {problem}", file=sys.stderr)
-        return VmJobExit.CONFIG
+    catalog = _load_catalog(config)
+    if isinstance(catalog, int):
+        return catalog
     image = catalog.get(args.image)
     if image is None:
         known = ", ".join(sorted(catalog)) or "none"
@@ -237,6 +231,19 @@ def _load_config(path):
 
     config = load_node_tool_config(PROG, path)
     return VmJobExit.CONFIG if config is None else config
+
+
+def _load_catalog(config):
+    """The node's image list, or CONFIG after one line per problem."""
+    from pilot.shared.ini import ConfigError
+    from pilot.vmjob.catalog import load_catalog
+
+    try:
+        return load_catalog(config.vmjob_images)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{PROG}: image list: {problem}", file=sys.stderr)
+        return VmJobExit.CONFIG
 
 
 def _size(args, config, uid: int):
@@ -320,9 +327,10 @@ def _run_job(config, request, started: float) -> int:
         status = job.run()
     except JobFailed as exc:
         log.error("%s", exc)
-        if exc.code == VmJobExit.STOPPED and received:
-            print(f"{PROG}: stopped by {signal.Signals(received[0]).name}: the VM was destroyed, the node "
-                  "restored", file=sys.stderr)
+        if received and exc.code != VmJobExit.RESTORE_FAILED:
+            # Whatever phase the signal cut short, the job was stopped, and the node is as it was.
+            print(f"{PROG}: stopped by {signal.Signals(received[0]).name}: no VM left, the node restored",
+                  file=sys.stderr)
             return 128 + received[0]
         return _fail(exc.code, str(exc))
     except Exception:
@@ -341,15 +349,9 @@ def _images(args) -> int:
     config = _load_config(args.config)
     if isinstance(config, int):
         return config
-    from pilot.shared.ini import ConfigError
-    from pilot.vmjob.catalog import load_catalog
-
-    try:
-        catalog = load_catalog(config.vmjob_images)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: image list: {problem}", file=sys.stderr)
-        return VmJobExit.CONFIG
+    catalog = _load_catalog(config)
+    if isinstance(catalog, int):
+        return catalog
     for name, image in sorted(catalog.items()):
         files = ", ".join(f"{part} {f.path}" for part, f in (("disk", image.disk), ("kernel", image.kernel),
                                                               ("initrd", image.initrd)) if f is not None)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -234,10 +235,11 @@ class VmJob:
         looks = 0
         try:
             while True:
-                if output.pump():
-                    self.mark("first_output")
+                # In the guest's order (started, output, status), so one look that sees all three marks them so.
                 if "guest_started" not in self.moments and os.path.lexists(started_file):
                     self.mark("guest_started")
+                if output.pump():
+                    self.mark("first_output")
                 try:
                     status = read_status(status_file, request.uid)
                 except RunDirError as exc:
@@ -264,7 +266,7 @@ class VmJob:
         finally:
             for problem in output.problems():
                 log.warning("%s", problem)
-                print(f"workspace-vmjob: {problem}", file=__import__("sys").stderr)
+                print(f"workspace-vmjob: {problem}", file=sys.stderr)
             output.close()
 
     def _domain_active(self) -> bool:
