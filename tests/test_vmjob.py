@@ -8,9 +8,12 @@ tests/test_vmjob_real.py asks the real scontrol.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -313,3 +316,35 @@ def test_a_bad_image_list_is_a_config_error(tmp_path):
 def test_the_exit_code_table_says_each_code_once():
     codes = [line.split()[0] for line in cli.EXIT_CODES_HELP.splitlines()[1:] if line[:7].strip()]
     assert codes == ["0-255"] + [str(code.value) for code in VmJobExit]
+
+
+def test_a_share_daemon_runs_as_the_user_and_its_log_stays_bounded(tmp_path):
+    """The daemon's messages reach the root-owned log only up to LOG_LIMIT: it runs as the user, who could
+    make it write without end. A stand-in for virtiofsd (a shell script) writes 1 MB and says who it is."""
+    if os.geteuid() != 0:
+        pytest.skip("starts a process as another user: needs root")
+    from pilot.vmjob.virtiofs import LOG_LIMIT, ShareDaemon
+
+    public = tempfile.mkdtemp(prefix="wp-share-")  # pytest's tmp dirs are root's alone; nobody must exec this
+    try:
+        os.chmod(public, 0o755)
+        stand_in = os.path.join(public, "virtiofsd")
+        with open(stand_in, "w") as handle:
+            handle.write("#!/bin/sh\nid -u >&2\nhead -c 1048576 /dev/zero | tr '\\\\0' x >&2\n")
+        os.chmod(stand_in, 0o755)
+        (tmp_path / "sock").mkdir()
+        daemon = ShareDaemon("workdir", public, str(tmp_path / "sock" / "w.sock"), virtiofsd=stand_in,
+                             uid=NOBODY, gid=NOBODY, log_path=str(tmp_path / "share.log"))
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while daemon.process.poll() is None and time.monotonic() < deadline:
+            daemon.drain()  # as the wrapper's poll does: a pipe nobody reads would stop the daemon
+            time.sleep(0.01)
+        daemon.stop()
+        log = (tmp_path / "share.log").read_bytes()
+        assert len(log) == LOG_LIMIT
+        assert log.startswith(b"0\n")  # uid 0 inside its user namespace...
+        assert "its virtiofsd exited with 0" in daemon.failed()  # ...and said so when asked why it is gone
+        assert os.stat(stand_in).st_uid == 0
+    finally:
+        shutil.rmtree(public)

@@ -32,7 +32,7 @@ import time
 from pilot.node.backends import BackendError
 from pilot.node.journal import Entry, Journal, JournalError
 from pilot.node.lock import NodeLockError
-from pilot.node.memory import NodeMemory
+from pilot.node.memory import NodeMemory, TakeAborted
 from pilot.node.owner import Owner
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_spec
@@ -173,8 +173,8 @@ class VmJob:
             raise JobFailed(VmJobExit.JOURNAL, one_line(exc)) from None
         except BackendError as exc:
             raise JobFailed(VmJobExit.VM_FAILED, f"cannot set aside {need} MB for the VM: {one_line(exc)}") from None
-        except Exception as exc:  # TakeAborted: a signal came first
-            raise JobFailed(VmJobExit.VM_FAILED, f"stopped before the VM started: {one_line(exc)}") from None
+        except TakeAborted:
+            raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started") from None
         self.mark("memory_taken")
 
     def _run_vm(self, checked) -> int:
@@ -220,7 +220,11 @@ class VmJob:
                 raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started")
             self.domain = self.conn.createXML(xml, 0)
         except (libvirt.libvirtError, ValueError, VmRefused) as exc:
-            raise JobFailed(VmJobExit.VM_FAILED, f"the VM could not be started: {one_line(exc)}") from None
+            for daemon in self.daemons:
+                daemon.drain()
+            why = "; ".join(filter(None, (daemon.failed() for daemon in self.daemons)))
+            raise JobFailed(VmJobExit.VM_FAILED, f"the VM could not be started: {one_line(exc)}"
+                            + (f" ({why})" if why else "")) from None
         self.mark("domain_created")
         log.info("VM %s created (%d MB, %d cores) for slot %s", self.domain_name, self.request.memory_mb,
                  self.request.cpus, self.request.slot)
@@ -235,6 +239,8 @@ class VmJob:
         looks = 0
         try:
             while True:
+                for daemon in self.daemons:
+                    daemon.drain()
                 # In the guest's order (started, output, status), so one look that sees all three marks them so.
                 if "guest_started" not in self.moments and os.path.lexists(started_file):
                     self.mark("guest_started")

@@ -29,6 +29,9 @@ import subprocess
 
 UNSHARE = "/usr/bin/unshare"
 _PR_SET_PDEATHSIG = 1
+#: The most of a daemon's own messages kept in its log: it runs as the user, who could make it write
+#: without end, and the log is root's, on the node's disk.
+LOG_LIMIT = 64 * 1024
 
 
 class ShareError(Exception):
@@ -53,6 +56,8 @@ class ShareDaemon:
         self.uid, self.gid = uid, gid
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self._messages: int | None = None  # the read end of the daemon's stdout and stderr
+        self._logged = 0
 
     def start(self) -> None:
         """Bind the socket and start the daemon (it then waits for QEMU); raises ShareError."""
@@ -66,18 +71,40 @@ class ShareDaemon:
             listener.listen(1)
             argv = [UNSHARE, "--user", "--map-root-user", self.virtiofsd, f"--fd={listener.fileno()}",
                     "-o", f"source={self.source}", "-o", "cache=none", "-o", "sandbox=namespace"]
-            with open(self.log_path, "ab") as log:
+            # Its messages come through a pipe that drain() copies, bounded, into the root-owned log.
+            self._messages, writer = os.pipe()
+            os.set_blocking(self._messages, False)
+            try:
                 self.process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=[listener.fileno()],
+                    argv, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer, pass_fds=[listener.fileno()],
                     user=self.uid, group=self.gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"},
                     preexec_fn=_die_with_parent, cwd="/",
                 )
+            finally:
+                os.close(writer)
         except OSError as exc:
             raise ShareError(f"share {self.tag}: cannot start {self.virtiofsd}: {exc.strerror or exc}") from None
         except subprocess.SubprocessError as exc:
             raise ShareError(f"share {self.tag}: cannot start {self.virtiofsd}: {exc}") from None
         finally:
             listener.close()  # the daemon has its own copy
+
+    def drain(self) -> None:
+        """Copy what the daemon wrote since the last call into its log, up to :data:`LOG_LIMIT` in all."""
+        while self._messages is not None:
+            try:
+                chunk = os.read(self._messages, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                os.close(self._messages)
+                self._messages = None
+                return
+            keep = chunk[:max(LOG_LIMIT - self._logged, 0)]
+            if keep:
+                with open(self.log_path, "ab") as log:
+                    log.write(keep)
+                self._logged += len(keep)
 
     def failed(self) -> str | None:
         """Why the daemon is no longer there (exit status), or None while it runs."""
@@ -88,11 +115,14 @@ class ShareDaemon:
     def stop(self, timeout: float = 2.0) -> None:
         """End the daemon (it ends by itself once QEMU has gone); SIGKILL after ``timeout`` s."""
         process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.drain()
+        if self._messages is not None:  # a child of the daemon may still hold the pipe: stop reading
+            os.close(self._messages)
+            self._messages = None
