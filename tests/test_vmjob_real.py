@@ -150,6 +150,22 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
     assert sorted(moments, key=moments.get) == order
 
 
+def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path):
+    """The serial console's log goes through virtlogd, which rotates it at 2 MiB and keeps 3 old ones."""
+    directory, config = node
+    result = subprocess.run(
+        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
+         "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S,
+    )
+    assert result.returncode == 0, result.stderr
+    consoles = tmp_path / "consoles"
+    sizes = {path.name: path.stat().st_size for path in consoles.iterdir()}
+    (current,) = [name for name in sizes if name.endswith(".log")]
+    assert sizes[current + ".0"] == 2 * 1024 * 1024 and sizes[current] < 2 * 1024 * 1024, sizes
+    assert_node_clean(directory)
+
+
 def test_sigterm_shuts_the_guest_down_and_gives_everything_back(node, tmp_path):
     directory, config = node
     process = subprocess.Popen(

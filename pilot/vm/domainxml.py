@@ -129,7 +129,7 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(filesystem, "driver", type="virtiofs")
         ET.SubElement(filesystem, "source", socket=socket_path)
         ET.SubElement(filesystem, "target", dir=share_tag)
-    _console(devices, vm.console, pv)
+    _console(devices, vm.console, pv, capped=virt_type in ("kvm", "qemu"))
     ET.SubElement(devices, "memballoon", model="xen" if xen else "virtio")
     return ET.tostring(domain, encoding="unicode")
 
@@ -140,10 +140,19 @@ def _sub(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:
     return element
 
 
-def _console(devices: ET.Element, path: str | None, pv: bool) -> None:
+def _console(devices: ET.Element, path: str | None, pv: bool, capped: bool) -> None:
     if pv:
         console = ET.SubElement(devices, "console", type="pty")
         ET.SubElement(console, "target", type="xen", port="0")
+        return
+    if capped and path is not None:
+        # The guest writes its serial port as fast as it likes; a file chardev would let it fill the node's
+        # disk. A <log> goes through virtlogd (qemu.conf's default stdio_handler = "logd"), which rotates it
+        # at max_size with max_backups (2 MiB and 3 by default: at most 8 MiB per VM).
+        serial = ET.SubElement(devices, "serial", type="pty")
+        ET.SubElement(serial, "log", file=path, append="on")
+        ET.SubElement(serial, "target", port="0")
+        ET.SubElement(ET.SubElement(devices, "console", type="pty"), "target", type="serial", port="0")
         return
     kind = "pty" if path is None else "file"
     # libvirt makes a serial-type <console> an alias of the first <serial>: one device, one file.
