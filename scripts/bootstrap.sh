@@ -13,16 +13,21 @@
 # /etc/libvirt/qemu.conf (run as root, no sVirt, no chown of images, hugetlbfs at /dev/hugepages), and a
 # tiny test guest in .cache/test-guest (scripts/build-test-guest.sh). The tests start and stop libvirtd
 # themselves (tests/libvirt_daemon.py).
+# --sge (scripts/test.sh): also Son of Grid Engine, unpacked into .cache/gridengine, not installed (its qsub
+# conflicts with slurm-wlm-torque's; scripts/unpack-gridengine.sh), and the library it needs (libjemalloc2).
+# The tests run it in namespaces of their own (tests/sge_cluster.py).
 set -euo pipefail
 cluster=no
 vm=no
+sge=no
 extras=
 for arg in "$@"; do
   case "$arg" in
     --cluster) cluster=yes ;;
     --vm) vm=yes ;;
+    --sge) sge=yes ;;
     --test) extras='[test]' ;;
-    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --test)" >&2; exit 2 ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --sge, --test)" >&2; exit 2 ;;
   esac
 done
 
@@ -55,6 +60,11 @@ if [ -n "$extras" ]; then
 fi
 if [ "$vm" = yes ]; then
   for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
+fi
+if [ "$sge" = yes ]; then
+  for pkg in libjemalloc2 iproute2; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi
@@ -143,4 +153,7 @@ if [ "$vm" = yes ]; then
     mv "$tmp" "$qemu_conf"
   fi
   "$top/scripts/build-test-guest.sh"
+fi
+if [ "$sge" = yes ]; then
+  "$top/scripts/unpack-gridengine.sh"
 fi

@@ -4,6 +4,6 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-"$top/scripts/bootstrap.sh" --cluster --vm --test
+"$top/scripts/bootstrap.sh" --cluster --vm --sge --test
 cd "$top"
 exec .venv/bin/python -m pytest -q -ra "$@"

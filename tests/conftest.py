@@ -305,6 +305,30 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
+def sge_cluster():
+    """A real Son of Grid Engine: a qmaster and 2 execution hosts, each in namespaces of its own, for the session.
+
+    Unpacked by ``scripts/bootstrap.sh --sge`` (the test command does that);
+    skipped only where it cannot run at all (not root, not unpacked). The
+    daemons are stopped by pid and the namespaces deleted at the end.
+    """
+    from tests.sge_cluster import SgeCluster, missing
+
+    lacking = missing()
+    if lacking:
+        pytest.skip(f"Grid Engine cannot run here: missing {', '.join(lacking)}")
+    workdir = tempfile.mkdtemp(prefix="workspace-pilot-sge-")
+    os.chmod(workdir, 0o755)
+    cluster = SgeCluster(workdir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def libvirt_qemu():
     """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.libvirt_daemon.LibvirtDaemon``.
 
