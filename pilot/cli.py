@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Check everything a pilot needs on this node: root (or the sudo rule), the configuration, "
             "that the paths are root-owned and not writable by group or others, the memory backend "
-            "(reachable, memory readable), the journal directory, libvirt, and the service contact if "
-            "one is known. Print one line per check and the sudoers line to install. Changes nothing."
+            "(reachable, memory readable), the journal directory, libvirt, what VM jobs need (when the node "
+            "lists images for them), and the service contact if one is known. Print one line per check and the sudoers line to install. Changes nothing."
         ),
         epilog=EXIT_CODES_HELP,
         formatter_class=WrappingFormatter,

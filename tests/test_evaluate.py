@@ -417,3 +417,34 @@ def test_an_image_dir_others_can_write_makes_the_node_not_ready(private):
     code, lines = run(config)
     assert line(lines, "FAIL path image dir:")
     assert code != 0
+
+
+# -- VM jobs -------------------------------------------------------------------
+
+
+def test_a_node_without_an_image_list_does_not_run_vm_jobs_and_that_is_fine(tmp_path):
+    config = write_config(str(tmp_path))
+    with open(config, "a", encoding="utf-8") as handle:
+        handle.write(f"[vmjob]\nimages = {tmp_path}/no-such-list.conf\n")
+    _, lines = run(config)
+    assert line(lines, "ok   VM jobs") == f"ok   VM jobs: not set up on this node (no image list at {tmp_path}/no-such-list.conf)"
+
+
+def test_vm_job_prerequisites_are_checked_when_images_are_listed(tmp_path):
+    config = write_config(str(tmp_path))
+    (tmp_path / "images" / "vmlinuz").write_bytes(b"k")
+    listed = tmp_path / "vmjob-images.conf"
+    listed.write_text(f"[present]\nkernel = vmlinuz\nkernel_sha256 = {'a' * 64}\n"
+                      f"[absent]\ndisk = gone.qcow2\ndisk_sha256 = {'b' * 64}\n")
+    with open(config, "a", encoding="utf-8") as handle:
+        handle.write(f"[vmjob]\nimages = {listed}\nvirtiofsd = {tmp_path}/no-virtiofsd\n")
+    code, lines = run(config)
+    assert code == ExitCode.NOT_READY
+    assert line(lines, "warn VM job images").endswith(
+        f"not in {tmp_path}/images: absent disk gone.qcow2 (jobs asking for these images will be refused)")
+    assert line(lines, "FAIL VM jobs: virtiofsd").startswith(f"FAIL VM jobs: virtiofsd: {tmp_path}/no-virtiofsd is not")
+    assert line(lines, "ok   VM jobs: unshare") == "ok   VM jobs: unshare: /usr/bin/unshare"
+    assert line(lines, "ok   VM jobs: user namespaces").startswith("ok   VM jobs: user namespaces: allowed (")
+    listed.write_text("# no image yet\n")
+    _, lines = run(config)
+    assert line(lines, "ok   VM jobs") == f"ok   VM jobs: not used on this node (no image in {listed})"

@@ -35,6 +35,7 @@ from pilot.evaluate.check import FAIL, OK, SUDOERS_FILE, SUDOERS_PATH_RE, WARN, 
 from pilot.evaluate.node import (
     check_backend, check_batch_user, check_config, check_contact, check_journal, check_libvirt, check_privilege,
 )
+from pilot.evaluate.vmjobs import check_vmjobs
 from pilot.evaluate.paths import check_path, check_paths, resolve_chain
 
 __all__ = ["Check", "FAIL", "OK", "WARN", "check_journal", "check_path", "check_privilege", "evaluate",
@@ -67,6 +68,7 @@ def evaluate(config_path: str | None, contact: str | None, batch_user: str | Non
         *check_backend(config),
         *check_journal(config),
         *check_libvirt(config),
+        *check_vmjobs(config),
         *check_contact(config),
         *check_batch_user(user, batch_user is not None),
     ]
