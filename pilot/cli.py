@@ -242,8 +242,11 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     pilot.moments.mark("process_start", process_started_at() or started)
     pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
                               on_stop=pilot.request_stop, peer_key=credentials.peer_key)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR2: Grid Engine's warning before a qdel's SIGKILL (-notify); the pilot restores as for SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))
+    # SIGUSR1: Grid Engine's warning before a suspend (SIGSTOP): nothing to do, but its default would kill us.
+    signal.signal(signal.SIGUSR1, lambda _num, _frame: log.warning("SIGUSR1: the batch system is about to suspend this job"))
     wake_on_signals()  # a signal the kernel hands to another thread still wakes the main loop at once
     try:
         code = pilot.run()

@@ -99,6 +99,7 @@ class ServiceConfig:
     sudo: str = _TEMPLATE.sudo
     pilot_command: str = _TEMPLATE.pilot_command
     launcher: str = _TEMPLATE.launcher
+    parallel_environment: str = _TEMPLATE.parallel_environment
     # [operators]
     accounts_file: str = "/etc/workspace-pilot/operators.htdigest"
     operator_realm: str = "workspace-lease"
@@ -340,6 +341,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "sudo": ("sudo", _optional_abs_path),
         "pilot_command": ("pilot_command", abs_path),
         "launcher": ("launcher", choice(*LAUNCHER_NAMES)),
+        "parallel_environment": ("parallel_environment", _word),
     },
     "operators": {
         "accounts_file": ("accounts_file", abs_path),
@@ -431,7 +433,7 @@ def _template_problems(path: str, values: dict) -> list[str]:
     config = ServiceConfig(**values)
     try:
         template = config.job_template()
-        if config.provider in ("pbs", "slurm"):
+        if config.provider in ("pbs", "sge", "slurm"):
             template.check(config.provider)
     except ValueError as exc:
         message = first_line(exc)

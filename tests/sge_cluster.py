@@ -77,7 +77,7 @@ min_cpu_interval 00:05:00
 processors UNDEFINED
 qtype BATCH INTERACTIVE
 ckpt_list NONE
-pe_list wp
+pe_list workspace-pilot
 rerun FALSE
 slots {slots}
 tmpdir /tmp
@@ -117,8 +117,8 @@ s_vmem INFINITY
 h_vmem INFINITY
 """
 
-#: One slot per host: a pilot job of N nodes asks for ``-pe wp N``.
-_PE = """pe_name wp
+#: One slot per host: a pilot job of N nodes asks for ``-pe workspace-pilot N``.
+_PE = """pe_name workspace-pilot
 slots 9999
 user_lists NONE
 xuser_lists NONE
@@ -331,7 +331,7 @@ class SgeCluster:
             result = self.run(["qconf", "-as", host])
             if result.returncode != 0:
                 raise SgeError(f"qconf -as {host}: {result.stderr.strip()}")
-        load("-Ap", _PE, "wp")
+        load("-Ap", _PE, "workspace-pilot")
         load("-Aq", _QUEUE.format(hosts=" ".join(self.nodes), slots=self.slots), "all.q")
 
     def _start_execd(self, index: int, node: str) -> None:

@@ -90,6 +90,29 @@ def test_sigterm_with_the_service_down_exits_within_the_grace(tmp_path, hugepage
     assert pool_pages() == hugepages
 
 
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
+def test_grid_engines_notify_signals_restore_or_are_noted(tmp_path, hugepages, signum):
+    """Grid Engine's -notify: SIGUSR2 comes before a qdel's SIGKILL (restore as for SIGTERM), SIGUSR1 before
+    a suspend (nothing to do, but not a death: the default action of both would end the pilot shrunk)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = pilot_config(tmp_path, dead, throwaway_node_keys(tmp_path), reserved_timeout_s=600)
+    with running_pilot(config, "slot-sge", duration=600, grace=2) as pilot:
+        for line in pilot.stdout:
+            if "took 64 MB" in line:
+                break
+        pilot.send_signal(signum)
+        if signum == signal.SIGUSR2:
+            assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED  # restored; the service was never there
+        else:
+            for line in pilot.stdout:
+                if "SIGUSR1: the batch system is about to suspend this job" in line:
+                    break
+            assert pilot.poll() is None and pool_pages() == hugepages + 32  # still holding, still alive
+            pilot.send_signal(signal.SIGTERM)
+            assert pilot.wait(timeout=2 + 5) == ExitCode.UNDELIVERED
+    assert pool_pages() == hugepages
+
+
 def test_service_back_during_the_grace_hears_the_end(tmp_path, hugepages, service):
     slot = service.add_slot()
     port = free_port()

@@ -516,7 +516,7 @@ def test_make_provider_and_settings():
     provider = make_provider(settings)
     assert isinstance(provider, LocalProvider) and provider.output_dir == "/tmp/wp-state-test"
     for bad, message in [
-        ({"name": "lsf"}, "unknown provider 'lsf': use one of local, pbs, slurm"),
+        ({"name": "lsf"}, "unknown provider 'lsf': use one of local, pbs, sge, slurm"),
         ({"command_timeout_s": 0}, "command_timeout_s must be a number of seconds above 0"),
         ({"qstat_history": "maybe"}, "qstat_history must be one of auto, yes, no"),
         ({"env": {"SLURM CONF": "x"}}, "is not NAME=text"),

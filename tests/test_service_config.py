@@ -174,7 +174,7 @@ BAD_VALUES = [
     ("images", "store_dir", "images", "must be an absolute path"),
     ("images", "fetch_timeout", "0", "must be a number of seconds above 0"),
     ("images", "ca_file", "ca.pem", "must be an absolute path"),
-    ("provider", "name", "sge", "must be one of local, pbs, slurm"),
+    ("provider", "name", "lsf", "must be one of local, pbs, sge, slurm"),
     ("provider", "command_timeout", "0", "must be a number of seconds above 0"),
     ("provider", "use_pbs_python", "maybe", "must be yes or no"),
     ("provider", "qstat_history", "sometimes", "must be one of"),
@@ -191,6 +191,7 @@ BAD_VALUES = [
     ("provider", "sudo", "sudo", "must be an absolute path"),
     ("provider", "pilot_command", "workspace-pilot", "must be an absolute path"),
     ("provider", "launcher", "ssh", "must be one of"),
+    ("provider", "parallel_environment", "two words", "must be one word"),
     ("provider", "extra_directives", "\n    #SBATCH --time=10", "conflicts with walltime_padding_s"),
     ("provider", "extra_directives", "\n    --exclusive\n    #PBS -l mem=1gb", "is a #PBS line (pbs)"),
     ("metrics", "listen", "everywhere", "must be api, off, or HOST:PORT"),
@@ -228,7 +229,7 @@ def test_every_option_of_the_schema_has_a_bad_value_case():
 def test_every_problem_is_reported_at_once(tmp_path):
     path = write(
         tmp_path,
-        "[service]\nport = x\nlog_level = loud\n[pilots]\ngrace = -1\n[provider]\nname = sge\ncolour = blue\n"
+        "[service]\nport = x\nlog_level = loud\n[pilots]\ngrace = -1\n[provider]\nname = lsf\ncolour = blue\n"
         "[nonsense]\na = b\n",
     )
     with pytest.raises(ConfigError) as caught:
@@ -238,7 +239,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert problems[0].startswith(f"{path}: [service] port = 'x': ")
     assert problems[1].startswith(f"{path}: [service] log_level = 'loud': ")
     assert problems[2].startswith(f"{path}: [pilots] grace = '-1': ")
-    assert problems[3].startswith(f"{path}: [provider] name = 'sge': ")
+    assert problems[3].startswith(f"{path}: [provider] name = 'lsf': ")
     assert problems[4].startswith(f"{path}: [provider] unknown option 'colour': known are name, ")
     assert problems[5].startswith(f"{path}: unknown section [nonsense]: known are [service], [pilots]")
 

@@ -30,7 +30,7 @@ def test_a_parallel_job_gets_one_slot_on_each_host_and_reaches_them_with_qrsh_in
         handle.write('#!/bin/sh\necho "batch host $(hostname)"\n'
                      'for host in $(cut -d" " -f1 "$PE_HOSTFILE"); do qrsh -inherit "$host" hostname; done\n'
                      "exit 3\n")
-    result = sge_cluster.run(["qsub", "-terse", "-pe", "wp", "2", "-o", f"{work}/out.txt", "-j", "y", script])
+    result = sge_cluster.run(["qsub", "-terse", "-pe", "workspace-pilot", "2", "-o", f"{work}/out.txt", "-j", "y", script])
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip()
     wait_ended(sge_cluster, job)

@@ -16,7 +16,7 @@ from service_adapter.providers.base import JobState, PilotJob, Provider, Provide
 
 __all__ = ["JobState", "PilotJob", "Provider", "ProviderError", "ProviderSettings", "make_provider", "PROVIDER_NAMES"]
 
-PROVIDER_NAMES = ("local", "pbs", "slurm")
+PROVIDER_NAMES = ("local", "pbs", "sge", "slurm")
 QSTAT_HISTORY = ("auto", "yes", "no")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -25,7 +25,7 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class ProviderSettings:
     """Which provider, and how it runs; constructing one validates every field (ValueError, one line).
 
-    ``template`` shapes the pbs and slurm job scripts; ``command_timeout_s``
+    ``template`` shapes the pbs, sge and slurm job scripts; ``command_timeout_s``
     bounds each LRM command; ``env`` is added to the environment of every
     LRM command (e.g. ``{"SLURM_CONF": ...}``); ``use_pbs_python`` and
     ``qstat_history`` are for pbs; ``state_dir`` is the local provider's
@@ -75,6 +75,10 @@ def make_provider(settings: ProviderSettings) -> Provider:
         from service_adapter.providers.slurm import SlurmProvider
 
         return SlurmProvider(settings.template, command_timeout_s=settings.command_timeout_s, env=settings.env)
+    if settings.name == "sge":
+        from service_adapter.providers.sge import SgeProvider
+
+        return SgeProvider(settings.template, command_timeout_s=settings.command_timeout_s, env=settings.env)
     if settings.name == "pbs":
         from service_adapter.providers.pbs import PbsProvider
 

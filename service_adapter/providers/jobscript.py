@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 SLURM = "slurm"
 PBS = "pbs"
-PREFIXES = {SLURM: "#SBATCH", PBS: "#PBS"}
+SGE = "sge"
+PREFIXES = {SLURM: "#SBATCH", PBS: "#PBS", SGE: "#$"}
+#: Grid Engine's parallel environment for pilot jobs when a template names none: the site's PE that puts
+#: one slot on each host (allocation_rule 1, control_slaves TRUE: docs/gridengine.md).
+DEFAULT_SGE_PE = "workspace-pilot"
 
 # The pilot protocol's slot syntax (pilot.protocol keeps its pattern private); it is also
 # what makes a slot safe in file names and directive lines.
@@ -66,6 +70,8 @@ class JobTemplate:
     sudo: str = "/usr/bin/sudo"
     pilot_command: str = "/usr/bin/workspace-pilot"
     launcher: str = "auto"
+    parallel_environment: str = DEFAULT_SGE_PE
+    """Grid Engine only: the PE a job asks for one slot per host of (``-pe PE N``)."""
 
     def __post_init__(self):
         if not _is_int(self.cores_per_node) or not 1 <= self.cores_per_node <= 100_000:
@@ -98,6 +104,9 @@ class JobTemplate:
             raise ValueError(f"pilot_command must be an absolute path, not {self.pilot_command!r}")
         if not isinstance(self.launcher, str):
             raise ValueError(f"launcher must be a name, not {self.launcher!r}")
+        if not isinstance(self.parallel_environment, str) or not _WORD_RE.fullmatch(self.parallel_environment):
+            raise ValueError(f"parallel_environment must be one word (letters, digits, _ . @ + -), "
+                             f"not {self.parallel_environment!r}")
         check_launcher_name(self.launcher)
 
     def _check_extra_directives(self) -> None:
@@ -285,6 +294,37 @@ def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
     return "\n".join(lines) + "\n"
 
 
+def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:
+    """The whole Grid Engine batch script for ``job`` (raises :class:`JobScriptError` before returning anything).
+
+    One slot on each of ``nodes`` hosts through the template's parallel
+    environment; ``h_rt`` the walltime, ``-notify`` so that a ``qdel`` or a
+    suspend warns the pilot (SIGUSR2, SIGUSR1) before SIGKILL/SIGSTOP; memory
+    ``h_vmem`` per slot (one slot per host: per node). ``-S /bin/sh`` and
+    ``-V`` are not used: the script is POSIX sh and carries what it needs.
+    """
+    check_job(job)
+    memory = memory_per_node_mb(job, template)
+    extras = _normalised_extras(template, SGE, memory_set=memory != 0, job=job)
+    lines = _head(job) + [
+        "#$ -S /bin/sh",
+        f"#$ -N {job_name(job, template)}",
+        f"#$ -pe {template.parallel_environment} {job.nodes}",
+        f"#$ -l h_rt={format_walltime(walltime_s(job, template))}",
+        "#$ -notify",
+    ]
+    if memory:
+        lines.append(f"#$ -l h_vmem={memory}M")
+    if template.queue:
+        lines.append(f"#$ -q {template.queue}")
+    if template.account:
+        lines.append(f"#$ -A {template.account}")
+    lines += ["#$ -j y", f"#$ -o {output_path(job, template)}"]
+    lines += extras
+    lines.append(_exec_line(job, template, launcher, SGE))
+    return "\n".join(lines) + "\n"
+
+
 def _head(job: PilotJob) -> list[str]:
     return ["#!/bin/sh", f"# workspace-pilot job: lease {job.lease or '-'}, slot {job.slot}"]
 
@@ -350,7 +390,6 @@ def _normalised_extras(
         "output": output_path(job, template) if job else os.path.join(template.output_dir, "<slot>.out"),
     }
     prefix = PREFIXES[lrm]
-    other_lrm, other_prefix = next((name, p) for name, p in PREFIXES.items() if name != lrm)
     active = {"name", "nodes", "tasks", "cpus", "walltime", "output"}
     if memory_set:
         active.add("memory")
@@ -360,11 +399,12 @@ def _normalised_extras(
         active.add("account")
     lines = []
     for line in template.extra_directives:
-        if _starts_with_word(line, other_prefix):
-            raise JobScriptError(
-                f"extra directive {line!r} is a {other_prefix} line ({other_lrm}); "
-                f"a {lrm} job script takes {prefix} lines"
-            )
+        for other_lrm, other_prefix in PREFIXES.items():
+            if other_lrm != lrm and _starts_with_word(line, other_prefix):
+                raise JobScriptError(
+                    f"extra directive {line!r} is a {other_prefix} line ({other_lrm}); "
+                    f"a {lrm} job script takes {prefix} lines"
+                )
         if _starts_with_word(line, prefix):
             rest = line[len(prefix):].strip()
         elif line.startswith("#"):
@@ -377,11 +417,11 @@ def _normalised_extras(
             raise JobScriptError(f"extra directive {line!r} cannot be read: {exc}") from None
         if not words or not words[0].startswith("-"):
             raise JobScriptError(f"extra directive {line!r} does not start with an option")
-        if lrm == PBS and any(word.startswith("--") for word in words):
+        if lrm in (PBS, SGE) and any(word.startswith("--") for word in words):
             raise JobScriptError(
-                f"extra directive {line!r} holds a long (Slurm) option; PBS directives take -x options"
+                f"extra directive {line!r} holds a long (Slurm) option; {lrm.upper()} directives take -x options"
             )
-        keys = _slurm_keys(words) if lrm == SLURM else _pbs_keys(words)
+        keys = {SLURM: _slurm_keys, PBS: _pbs_keys, SGE: _sge_keys}[lrm](words)
         for key in keys:
             if key in active:
                 what, field, why = _FIELDS[key]
@@ -435,6 +475,30 @@ def _pbs_keys(words: list[str]) -> list[str]:
                     keys.append(key)
         elif letter in _PBS_SHORT:
             keys.append(_PBS_SHORT[letter])
+    return keys
+
+
+# Grid Engine's qsub options (-l resources apart; -pe sets the node count).
+_SGE_OPTIONS = {"-N": "name", "-q": "queue", "-A": "account", "-o": "output", "-e": "output", "-j": "output",
+                "-pe": "nodes"}
+_SGE_RESOURCES = {"h_rt": "walltime", "s_rt": "walltime", "h_vmem": "memory", "s_vmem": "memory",
+                  "mem_free": "memory", "virtual_free": "memory"}
+
+
+def _sge_keys(words: list[str]) -> list[str]:
+    keys = []
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word == "-l" and index < len(words):
+            for item in words[index].split(","):
+                key = _SGE_RESOURCES.get(item.split("=", 1)[0].strip().lower())
+                if key:
+                    keys.append(key)
+            index += 1
+        elif word in _SGE_OPTIONS:
+            keys.append(_SGE_OPTIONS[word])
     return keys
 
 

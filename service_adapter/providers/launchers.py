@@ -9,6 +9,7 @@ name for a provider.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from typing import Callable
 
@@ -82,9 +83,35 @@ class MpiexecLauncher(Launcher):
         return ["mpiexec", "-n", str(nodes), "-ppn", "1", *argv]
 
 
+class QrshLauncher(Launcher):
+    """Grid Engine: ``qrsh -inherit -V`` to each host of ``$PE_HOSTFILE`` (one slot per host), then ``wait``.
+
+    Seen on Son of Grid Engine 8.1.9 (docs/gridengine.md): ``-V`` is what
+    carries the script's exported variables (the slot's secret) to the
+    remote task, never argv; qrsh joins its arguments and the remote side
+    runs them through a shell, so the command goes as one shell-quoted
+    string; with ``-notify`` a ``qdel`` sends SIGUSR2 to every task and to
+    the qrsh clients, whose default action would end them and so the job
+    before the remote pilots restore: the loop ignores SIGUSR1/SIGUSR2
+    (inherited by the clients), waits for every pilot, and exits with the
+    first non-zero status among them.
+    """
+
+    name = "qrsh"
+    # The job ends with the first non-zero status of the pilots (a plain `wait` would always give 0).
+    LOOP = ('trap "" USR1 USR2; pids=; for host in $(cut -d" " -f1 "$PE_HOSTFILE"); do '
+            'qrsh -inherit -V -nostdin "$host" "$1" & pids="$pids $!"; done; '
+            'status=0; for pid in $pids; do wait "$pid" || [ "$status" -ne 0 ] || status=$?; done; exit "$status"')
+
+    def __call__(self, argv: list[str], nodes: int) -> list[str]:
+        _check_nodes(nodes)
+        return ["sh", "-c", self.LOOP, "qrsh-launch", shlex.join(argv)]
+
+
 #: The launchers by config name.
 LAUNCHERS: dict[str, Launcher] = {
-    launcher.name: launcher for launcher in (SingleLauncher(), SrunLauncher(), PbsdshLauncher(), MpiexecLauncher())
+    launcher.name: launcher
+    for launcher in (SingleLauncher(), SrunLauncher(), PbsdshLauncher(), MpiexecLauncher(), QrshLauncher())
 }
 #: Every name a template's ``launcher`` may hold ("auto" picks one per provider).
 LAUNCHER_NAMES = ("auto", *LAUNCHERS)
@@ -100,7 +127,7 @@ def check_launcher_name(name: str) -> str:
 def resolve_launcher(name: str, provider_name: str, which: Callable[[str], str | None] = shutil.which) -> Launcher:
     """The launcher ``name`` stands for with ``provider_name``'s batch system.
 
-    "auto": slurm -> srun; pbs -> pbsdsh if ``pbsdsh`` is on PATH, else srun
+    "auto": slurm -> srun; sge -> qrsh; pbs -> pbsdsh if ``pbsdsh`` is on PATH, else srun
     if ``srun`` is (a Slurm-backed qsub: SchedMD's slurm-wlm-torque has no
     pbsdsh, and its jobs are Slurm jobs), else single. ``which`` looks on the
     service's host, which is assumed to have the nodes' commands. The local
@@ -108,11 +135,13 @@ def resolve_launcher(name: str, provider_name: str, which: Callable[[str], str |
     """
     check_launcher_name(name)
     if provider_name == "local":
-        raise ValueError("the local provider starts one process per node itself; launchers apply to pbs and slurm")
+        raise ValueError("the local provider starts one process per node itself; launchers apply to pbs, sge and slurm")
     if name != "auto":
         return LAUNCHERS[name]
     if provider_name == "slurm":
         return LAUNCHERS["srun"]
+    if provider_name == "sge":
+        return LAUNCHERS["qrsh"]
     if provider_name == "pbs":
         if which("pbsdsh"):
             return LAUNCHERS["pbsdsh"]
