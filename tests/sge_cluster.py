@@ -10,7 +10,8 @@ cluster's own lies over /etc/hosts. Each host has its network namespace
 ``sgenodeN``, a veth on the bridge) and its UTS namespace with its own name,
 so ``sge_execd`` runs once per host on its standard port and Grid Engine's
 strict host-name checks see real, distinct hosts. Traffic stays inside
-these namespaces. Commands (qsub, qstat, ...) run in the qmaster's
+these namespaces, but for one veth whose other end is in this machine's
+namespace (``service_host``), where a test's service listens for the pilots. Commands (qsub, qstat, ...) run in the qmaster's
 namespaces: :meth:`SgeCluster.run`, or the wrappers of :meth:`command_dir`.
 
 Every daemon is started and stopped by the pid this module got for it
@@ -34,7 +35,6 @@ BIN = "/usr/lib/gridengine"  # where the binaries are, inside the namespaces (an
 QMASTER_PORT = 6444
 EXECD_PORT = 6445
 MASTER = "sgemaster"
-SUBNET = "10.251.0"
 
 
 class SgeError(RuntimeError):
@@ -156,6 +156,9 @@ class SgeCluster:
         self.nodes = [f"sgenode{i}" for i in range(1, nodes + 1)]
         self.slots = slots
         self.prefix = "wpsge" + secrets.token_hex(3)  # two clusters (two test runs) never share a namespace
+        # The hosts' network; the test's own end of it (service_host) is in this machine's namespace, so two
+        # clusters at once must not share it.
+        self.subnet = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(250)}"
         self.root = os.path.join(self.workdir, "sge-root")  # SGE_ROOT
         self.hosts_file = os.path.join(self.workdir, "hosts")
         self.namespaces_sh = os.path.join(self.workdir, "namespaces.sh")
@@ -163,6 +166,29 @@ class SgeCluster:
         self.netns: list[str] = []
 
     # -- environment ---------------------------------------------------------------------
+
+    @property
+    def service_host(self) -> str:
+        """The address a test's service listens on for the hosts: this machine's end of a veth on their bridge."""
+        return f"{self.subnet}.254"
+
+    def provider_env(self) -> dict[str, str]:
+        """What a provider adds to its commands' environment to drive this cluster (its command wrappers first)."""
+        return {"PATH": f"{self.command_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+    def cancel(self, job_id: str) -> None:
+        """Delete a job of this cluster (a test's teardown)."""
+        self.run(["qdel", "-f", job_id])
+
+    def wait_empty(self, timeout: float = 30) -> bool:
+        """Wait until the qmaster holds no job; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.run(["qstat", "-u", "*"], timeout=10)
+            if result.returncode == 0 and not result.stdout.strip():
+                return True
+            time.sleep(0.2)  # qstat has no way to wait
+        return False
 
     def env(self) -> dict[str, str]:
         """Grid Engine's environment for the cluster's commands."""
@@ -225,8 +251,13 @@ class SgeCluster:
         self.netns.append(master_ns)
         self._ip("-n", master_ns, "link", "set", "lo", "up")
         self._ip("-n", master_ns, "link", "add", "br0", "type", "bridge")
-        self._ip("-n", master_ns, "addr", "add", f"{SUBNET}.1/24", "dev", "br0")
+        self._ip("-n", master_ns, "addr", "add", f"{self.subnet}.1/24", "dev", "br0")
         self._ip("-n", master_ns, "link", "set", "br0", "up")
+        # This machine's end: a test's service listens on it (deleting the namespace deletes the pair).
+        self._ip("link", "add", f"{self.prefix}h", "type", "veth", "peer", "name", "svc", "netns", master_ns)
+        self._ip("-n", master_ns, "link", "set", "svc", "master", "br0", "up")
+        self._ip("addr", "add", f"{self.service_host}/24", "dev", f"{self.prefix}h")
+        self._ip("link", "set", f"{self.prefix}h", "up")
         for index in range(1, len(self.nodes) + 1):
             node_ns = f"{self.prefix}{index}"
             self._ip("netns", "add", node_ns)
@@ -234,14 +265,14 @@ class SgeCluster:
             self._ip("-n", master_ns, "link", "add", f"v{index}", "type", "veth", "peer", "name", "eth0",
                      "netns", node_ns)
             self._ip("-n", master_ns, "link", "set", f"v{index}", "master", "br0", "up")
-            self._ip("-n", node_ns, "addr", "add", f"{SUBNET}.{10 + index}/24", "dev", "eth0")
+            self._ip("-n", node_ns, "addr", "add", f"{self.subnet}.{10 + index}/24", "dev", "eth0")
             self._ip("-n", node_ns, "link", "set", "eth0", "up")
             self._ip("-n", node_ns, "link", "set", "lo", "up")
 
     def _layout(self) -> None:
         with open(self.hosts_file, "w", encoding="ascii") as handle:
-            handle.write(f"127.0.0.1 localhost\n{SUBNET}.1 {MASTER}\n")
-            handle.writelines(f"{SUBNET}.{10 + i} {node}\n" for i, node in enumerate(self.nodes, 1))
+            handle.write(f"127.0.0.1 localhost\n{self.subnet}.1 {MASTER}\n")
+            handle.writelines(f"{self.subnet}.{10 + i} {node}\n" for i, node in enumerate(self.nodes, 1))
         with open(self.namespaces_sh, "w", encoding="ascii") as handle:
             handle.write(_NAMESPACES_SH.format(gridengine=GRIDENGINE, hosts=self.hosts_file))
         os.chmod(self.namespaces_sh, 0o755)

@@ -88,6 +88,17 @@ class SlurmCluster:
         self.munge_socket = os.path.join(self.workdir, "munge", "munge.socket")
         self.processes: dict[str, subprocess.Popen] = {}
 
+    #: Where a test's service listens so that this cluster's nodes reach it (they share the host's network).
+    service_host = "127.0.0.1"
+
+    def provider_env(self) -> dict:
+        """What a provider adds to its commands' environment to drive this cluster."""
+        return {"SLURM_CONF": self.conf}
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job of this cluster (a test's teardown)."""
+        self.run(["scancel", job_id])
+
     def env(self, base: dict | None = None) -> dict:
         """An environment in which sbatch, squeue, qsub, ... talk to this cluster."""
         env = dict(os.environ if base is None else base)
@@ -287,7 +298,7 @@ class ServiceOnCluster:
         app = make_app(self.store, DigestVerifier(REALM, self.nodes), board=self.board,
                        allocations=Allocations(self.provider))
         add_image_routes(app, self.catalog, operators=False)  # the pilots' image fetch (no operator API here)
-        self.receiver = ReceiverThread(app, port=getattr(self, "port", 0))
+        self.receiver = ReceiverThread(app, host=self.cluster.service_host, port=getattr(self, "port", 0))
         self.url = self.receiver.start()
         self.port = self.receiver.port
         if not os.path.exists(self.pilot_config):
@@ -312,8 +323,7 @@ class ServiceOnCluster:
             walltime_padding_s=self.padding_s, extra_directives=self.extra_directives, launcher=self.launcher,
         )
         return make_provider(ProviderSettings(
-            name=self.provider_name, template=template, env={"SLURM_CONF": self.cluster.conf},
-            command_timeout_s=20,
+            name=self.provider_name, template=template, env=self.cluster.provider_env(), command_timeout_s=20,
         ))
 
     def close(self) -> None:
@@ -348,7 +358,7 @@ def close_sites(sites: list, cluster) -> None:
         try:
             for lease in site.manager.list():
                 if lease.job_id:
-                    cluster.run(["scancel", lease.job_id])
+                    cluster.cancel(lease.job_id)
         finally:
             site.close()
     assert cluster.wait_empty(30), "a job outlived its test"

@@ -9,6 +9,7 @@ scripts to a real Slurm.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -459,3 +460,50 @@ def test_auto_launcher_on_this_machine_is_srun_for_pbs_when_there_is_no_pbsdsh()
     if not os.path.exists("/usr/bin/srun") or os.path.exists("/usr/bin/pbsdsh"):
         pytest.skip("needs srun and no pbsdsh")
     assert resolve_launcher("auto", "pbs").name == "srun"
+
+
+# -- Grid Engine ------------------------------------------------------------------------------------------
+
+
+def test_sge_script_line_by_line():
+    from service_adapter.providers.jobscript import render_sge
+
+    template = JobTemplate(queue="batch.q", account="physics", parallel_environment="one-per-host",
+                           extra_directives=("-P physics", "#$ -l arch=lx-amd64"))
+    script = lines(render_sge(job(), template, "qrsh"))
+    assert script[:-2] == [
+        "#!/bin/sh",
+        f"# workspace-pilot job: lease {LEASE}, slot {SLOT}",
+        "#$ -S /bin/sh",
+        "#$ -N wp-3f2a1b2c",
+        "#$ -pe one-per-host 2",
+        "#$ -l h_rt=00:03:00",
+        "#$ -notify",
+        "#$ -l mem_free=64M",  # a request the scheduler matches, never h_vmem: a limit on the pilot itself
+        "#$ -q batch.q",
+        "#$ -A physics",
+        "#$ -j y",
+        f"#$ -o /var/log/workspace-pilot/jobs/{SLOT}.out",
+        "#$ -P physics",
+        "#$ -l arch=lx-amd64",
+    ]
+    assert script[-2] == EXPORT
+    launch = shlex.split(script[-1])
+    assert launch[:2] == ["exec", "sh"] and launch[4] == "qrsh-launch"
+    assert 'qrsh -inherit -V -nostdin "$host" "$1"' in launch[3] and 'trap "" USR1 USR2' in launch[3]
+    assert shlex.split(launch[5]) == shlex.split(PILOT_WORDS)  # the pilot's line, as one quoted string
+
+
+@pytest.mark.parametrize("directive, conflict", [
+    ("#$ -l h_rt=1:00:00", "conflicts with walltime_padding_s"),
+    ("-pe mpi 4", "conflicts with the lease's nodes"),
+    ("-l h_vmem=4G", "conflicts with memory_per_node_mb"),
+    ("-o /elsewhere", "conflicts with output_dir"),
+    ("#SBATCH --exclusive", "is a #SBATCH line (slurm); a sge job script takes #$ lines"),
+    ("--exclusive", "holds a long (Slurm) option; SGE directives take -x options"),
+])
+def test_sge_extra_directives_that_fight_a_typed_field_are_refused(directive, conflict):
+    from service_adapter.providers.jobscript import render_sge
+
+    with pytest.raises(JobScriptError, match=re.escape(conflict)):
+        render_sge(job(), JobTemplate(extra_directives=(directive,)), "qrsh")

@@ -298,10 +298,13 @@ def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
     """The whole Grid Engine batch script for ``job`` (raises :class:`JobScriptError` before returning anything).
 
     One slot on each of ``nodes`` hosts through the template's parallel
-    environment; ``h_rt`` the walltime, ``-notify`` so that a ``qdel`` or a
+    environment; ``h_rt`` the walltime; ``-notify`` so that a ``qdel`` or a
     suspend warns the pilot (SIGUSR2, SIGUSR1) before SIGKILL/SIGSTOP; memory
-    ``h_vmem`` per slot (one slot per host: per node). ``-S /bin/sh`` and
-    ``-V`` are not used: the script is POSIX sh and carries what it needs.
+    as ``mem_free`` per slot (one slot per host: per node), which the
+    scheduler matches against the hosts' free memory, never ``h_vmem``, a
+    limit on the pilot's own processes (at a lease's size it crashes Python
+    and Grid Engine's own tools: the pilot takes that memory from the host,
+    it does not use it). ``-V`` is not used: the script carries what it needs.
     """
     check_job(job)
     memory = memory_per_node_mb(job, template)
@@ -314,7 +317,7 @@ def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
         "#$ -notify",
     ]
     if memory:
-        lines.append(f"#$ -l h_vmem={memory}M")
+        lines.append(f"#$ -l mem_free={memory}M")
     if template.queue:
         lines.append(f"#$ -q {template.queue}")
     if template.account:
