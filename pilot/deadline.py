@@ -89,7 +89,10 @@ def walltime_end(
     3. ``qstat -f $PBS_JOBID`` (Torque, PBS Pro/OpenPBS, or Slurm's Torque wrapper);
     4. ``PBS_WALLTIME`` (seconds) from this session leader's start
        (``"PBS_WALLTIME"``), or from ``now()`` when that cannot be read
-       (``"PBS_WALLTIME (estimate: counted from now)"``).
+       (``"PBS_WALLTIME (estimate: counted from now)"``);
+    5. Grid Engine: ``qstat -j $JOB_ID`` (with ``$SGE_ROOT`` set) for the
+       job's ``h_rt``/``s_rt``, counted from this session leader's start (the
+       task ``qrsh -inherit`` started), ``"qstat -j"``.
 
     Commands are found through ``env["PATH"]`` and run with ``env`` as their
     environment, each bounded by ``query_timeout`` seconds. A source that
@@ -218,11 +221,47 @@ def _from_pbs_walltime(env, query_timeout, run, now):
         return now() + seconds, "PBS_WALLTIME (estimate: counted from now)"
 
 
+def _from_sge(env, query_timeout, run, now):
+    job = env.get("JOB_ID")
+    if not job or not env.get("SGE_ROOT"):
+        return None
+    output = _query(["qstat", "-j", job], env, query_timeout, run)
+    limit = sge_runtime_limit(output)
+    if limit is None:
+        raise _SourceFailed(f"qstat -j {job} shows no h_rt or s_rt in the job's hard resource list")
+    try:
+        # The pilot's session leader is the task qrsh -inherit started, moments after the job did: the end
+        # counted from it is late by that moment, which the walltime margin covers.
+        return _session_start() + limit, "qstat -j"
+    except (OSError, ValueError, IndexError) as exc:
+        log.warning("qstat -j: cannot read the session leader's start (%s); counting from now, "
+                    "an estimate that may end later than the LRM's limit", exc)
+        return now() + limit, "qstat -j (estimate: counted from now)"
+
+
+def sge_runtime_limit(output: str) -> int | None:
+    """The least of ``h_rt`` and ``s_rt`` (seconds) in ``qstat -j``'s ``hard resource_list`` line, or None."""
+    limits = []
+    for line in output.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() != "hard resource_list":
+            continue
+        for item in value.split(","):
+            key, _, text = item.strip().partition("=")
+            if key in ("h_rt", "s_rt"):
+                try:
+                    limits.append(_parse_walltime(text))
+                except ValueError:
+                    raise _SourceFailed(f"not a run-time limit: {_quote(item.strip())}") from None
+    return min(limits) if limits else None
+
+
 _SOURCES = (
     ("SLURM_JOB_END_TIME", _from_slurm_end_time),
     ("squeue", _from_squeue),
     ("qstat -f", _from_qstat),
     ("PBS_WALLTIME", _from_pbs_walltime),
+    ("qstat -j", _from_sge),
 )
 
 

@@ -476,3 +476,13 @@ def test_a_time_repeated_by_a_dst_change_reads_as_the_earlier_one():
         else:
             os.environ["TZ"] = old
         time.tzset()
+
+
+def test_grid_engines_run_time_limit_is_the_least_of_h_rt_and_s_rt():
+    from pilot.deadline import sge_runtime_limit
+
+    shown = ("job_number:                 7\nhard resource_list:         h_rt=3600,mem_free=32M,s_rt=0:50:00\n"
+             "soft resource_list:         h_rt=10\n")
+    assert sge_runtime_limit(shown) == 3000  # soft requests do not limit anything
+    assert sge_runtime_limit("job_number: 7\nhard resource_list:         mem_free=32M\n") is None
+    assert sge_runtime_limit("job_number: 7\n") is None

@@ -9,6 +9,8 @@ Slurm provider passes (tests/test_slurm_leases.py).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import pool_pages
@@ -42,4 +44,19 @@ def test_two_node_lease_is_ready_then_released_through_grid_engine(make_site, hu
     done = site.wait(lease, TERMINAL, 60)
     assert done.state == "released", done.reason
     assert site.pilot_states(lease) == {h: ["reserved", "earlyunreserving", "unreserved"] for h in hosts}
+    assert pool_pages() == hugepages
+
+
+def test_a_short_h_rt_sends_the_pilot_home_before_grid_engine_kills_it(make_site, hugepages):
+    # A 50 s lease with no padding asks for h_rt=00:01:00. The pilot reads it with qstat -j and leaves the
+    # walltime margin (20 s) + grace (5 s) before it: its deadline comes before its own duration's end.
+    site = make_site(padding_s=0, grace_s=5)
+    lease = site.manager.reserve(nodes=1, memory_mb=32, duration_s=50)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    [host] = [p.host for p in ready.pilots]
+    assert re.search(r"deadline \S+ \(qstat -j\)", site.pilot_log(lease, host)), site.pilot_log(lease, host)
+    done = site.wait(lease, TERMINAL, 90)
+    assert done.state == "expired", done.reason
+    assert site.pilot_states(lease) == {host: ["reserved", "unreserving", "unreserved"]}
     assert pool_pages() == hugepages

@@ -27,7 +27,8 @@ MAX_BODY_BYTES = 64 * 1024
 #: Slurm node name, Slurm's config path). Job scripts pass these through sudo
 #: (``--preserve-env``) and ``workspace-pilot evaluate`` prints the matching
 #: ``env_keep`` line, so both sides name the same variables.
-BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "SLURM_CONF", "PBS_JOBID", "PBS_WALLTIME")
+BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "SLURM_CONF", "PBS_JOBID", "PBS_WALLTIME",
+             "JOB_ID", "SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT")
 #: The job environment variable that carries a slot's secret to its pilots (never argv, never a file).
 SLOT_SECRET_ENV = "WORKSPACE_PILOT_SLOT_SECRET"
 #: What sudo must keep for the pilot: the batch variables and the slot's secret.
