@@ -60,3 +60,70 @@ def test_a_short_h_rt_sends_the_pilot_home_before_grid_engine_kills_it(make_site
     assert done.state == "expired", done.reason
     assert site.pilot_states(lease) == {host: ["reserved", "unreserving", "unreserved"]}
     assert pool_pages() == hugepages
+
+
+def test_a_host_outside_the_jobs_allocation_is_refused_even_with_the_slot_secret(make_site, hugepages):
+    """qstat's queue instances of the job decide which hosts may join its slot."""
+    import requests
+    from requests.auth import HTTPDigestAuth
+
+    from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+    from tests.conftest import notification
+
+    site = make_site()
+    lease = site.manager.reserve(nodes=1, memory_mb=32, duration_s=300)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    outsider = sorted(set(site.cluster.nodes) - {p.host for p in ready.pilots})[0]
+    session = requests.Session()
+    session.auth = HTTPDigestAuth(outsider, site.nodes.node_key(outsider))  # its own, real key
+    body = notification(lease.slot, host=outsider, memory_mb=32).to_json()
+    leaked = site.nodes.slot_key(outsider, lease.slot, site.store.slot_secret(lease.slot))
+    before = site.store.snapshot()
+    answer = session.post(site.url + NOTIFICATIONS_PATH, data=body, headers={SIGNATURE_HEADER: sign(leaked, body)},
+                          timeout=30)
+    assert answer.status_code == 403 and answer.json()["result"] == "not-allocated", answer.text
+    assert site.store.snapshot() == before
+    site.manager.release(lease.id)
+    assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert pool_pages() == hugepages
+
+
+@pytest.mark.parametrize("how", ["too-many-nodes", "held"])
+def test_a_job_that_never_starts_is_deleted_by_the_queue_timeout(make_site, sge_cluster, how):
+    nodes, extra = (len(sge_cluster.nodes) + 1, ()) if how == "too-many-nodes" else (1, ("-h",))
+    site = make_site(queue_timeout_s=3, extra_directives=extra)
+    lease = site.manager.reserve(nodes=nodes, memory_mb=32, duration_s=60)
+    assert "qw" in sge_cluster.run(["qstat", "-u", "*"]).stdout  # waiting (hqw when held)
+    done = site.wait(lease, TERMINAL, 30)
+    assert done.state == "missing", done.reason
+    assert done.pilots == []
+    assert sge_cluster.wait_empty(10), "the queue timeout did not delete the job"
+
+
+def test_a_service_restart_mid_lease_loses_nothing(make_site, hugepages):
+    site = make_site()
+    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300)
+    assert site.wait(lease, {"ready"} | TERMINAL, 60).state == "ready"
+    site.close()  # the service goes away; the job and its pilots stay
+    site.open()  # a new store, receiver (same address and port), provider and manager over the same file
+    again = site.manager.get(lease.id)
+    assert again.state == "ready" and again.job_id == lease.job_id and len(again.pilots) == 2
+    site.manager.release(lease.id)
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "released", done.reason
+    assert all(s[-1] == "unreserved" for s in site.pilot_states(lease).values())
+    assert pool_pages() == hugepages
+
+
+def test_a_lease_shorter_than_h_rt_ends_by_the_pilots_own_duration(make_site, hugepages):
+    site = make_site(padding_s=120)  # h_rt: 2 minutes past the lease
+    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=4)
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "expired", done.reason
+    states = site.pilot_states(lease)
+    assert sorted(states) == ["sgenode1", "sgenode2"]
+    assert all(s == ["reserved", "unreserving", "unreserved"] for s in states.values()), states
+    for host in states:
+        assert re.search(r"deadline \S+ \(duration\)", site.pilot_log(lease, host)), "the duration was the deadline"
+    assert pool_pages() == hugepages
