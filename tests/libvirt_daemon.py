@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
+
+from tests.daemons import stop_in_order
 
 URI = "qemu:///system"
 GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "test-guest")
@@ -202,17 +203,8 @@ class LibvirtDaemon:
             self._stop_processes(timeout)
 
     def _stop_processes(self, timeout: float) -> None:
-        for name in ("libvirtd", "virtlogd"):  # libvirtd first: it talks to virtlogd while it shuts down
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+        # libvirtd first: it talks to virtlogd while it shuts down.
+        stop_in_order(self.processes, ["libvirtd", "virtlogd"], timeout)
         if self._mounted_hugetlbfs:
             subprocess.run(["umount", HUGETLBFS], check=False, capture_output=True)
             self._mounted_hugetlbfs = False

@@ -25,9 +25,10 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import time
+
+from tests.daemons import stop_in_order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDENGINE = os.path.join(REPO, ".cache", "gridengine", "root")
@@ -401,16 +402,7 @@ class SgeCluster:
         if master is not None and master.poll() is None:
             self.run(["qdel", "-f", "-u", "*"], timeout=20)
         order = [n for n in self.processes if n.startswith("execd")] + ["qmaster"]
-        for name in order:
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_in_order(self.processes, order, timeout)
         for netns in reversed(self.netns):
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         self.netns.clear()

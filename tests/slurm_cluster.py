@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.vms import VmManager
+from tests.daemons import stop_in_order
 
 SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -244,17 +244,7 @@ class SlurmCluster:
             self.run(["scancel", "--full", "--user=root"], timeout=10)
         # slurmd before slurmctld before munged: each needs the next one to shut down quietly.
         order = [n for n in self.processes if n.startswith("slurmd")] + ["slurmctld", "munged"]
-        for name in order:
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+        stop_in_order(self.processes, order, timeout)
 
 
 class ServiceOnCluster:

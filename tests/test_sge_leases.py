@@ -14,6 +14,9 @@ import re
 import pytest
 
 from tests.conftest import pool_pages
+from tests.lease_checks import (
+    check_a_host_outside_the_allocation_is_refused, check_a_service_restart_mid_lease_loses_nothing,
+)
 from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 
@@ -64,29 +67,7 @@ def test_a_short_h_rt_sends_the_pilot_home_before_grid_engine_kills_it(make_site
 
 def test_a_host_outside_the_jobs_allocation_is_refused_even_with_the_slot_secret(make_site, hugepages):
     """qstat's queue instances of the job decide which hosts may join its slot."""
-    import requests
-    from requests.auth import HTTPDigestAuth
-
-    from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
-    from tests.conftest import notification
-
-    site = make_site()
-    lease = site.manager.reserve(nodes=1, memory_mb=32, duration_s=300)
-    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
-    assert ready.state == "ready", ready.reason
-    outsider = sorted(set(site.cluster.nodes) - {p.host for p in ready.pilots})[0]
-    session = requests.Session()
-    session.auth = HTTPDigestAuth(outsider, site.nodes.node_key(outsider))  # its own, real key
-    body = notification(lease.slot, host=outsider, memory_mb=32).to_json()
-    leaked = site.nodes.slot_key(outsider, lease.slot, site.store.slot_secret(lease.slot))
-    before = site.store.snapshot()
-    answer = session.post(site.url + NOTIFICATIONS_PATH, data=body, headers={SIGNATURE_HEADER: sign(leaked, body)},
-                          timeout=30)
-    assert answer.status_code == 403 and answer.json()["result"] == "not-allocated", answer.text
-    assert site.store.snapshot() == before
-    site.manager.release(lease.id)
-    assert site.wait(lease, TERMINAL, 60).state == "released"
-    assert pool_pages() == hugepages
+    check_a_host_outside_the_allocation_is_refused(make_site(), 1, hugepages)
 
 
 @pytest.mark.parametrize("how", ["too-many-nodes", "held"])
@@ -102,18 +83,7 @@ def test_a_job_that_never_starts_is_deleted_by_the_queue_timeout(make_site, sge_
 
 
 def test_a_service_restart_mid_lease_loses_nothing(make_site, hugepages):
-    site = make_site()
-    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300)
-    assert site.wait(lease, {"ready"} | TERMINAL, 60).state == "ready"
-    site.close()  # the service goes away; the job and its pilots stay
-    site.open()  # a new store, receiver (same address and port), provider and manager over the same file
-    again = site.manager.get(lease.id)
-    assert again.state == "ready" and again.job_id == lease.job_id and len(again.pilots) == 2
-    site.manager.release(lease.id)
-    done = site.wait(lease, TERMINAL, 60)
-    assert done.state == "released", done.reason
-    assert all(s[-1] == "unreserved" for s in site.pilot_states(lease).values())
-    assert pool_pages() == hugepages
+    check_a_service_restart_mid_lease_loses_nothing(make_site(), hugepages)
 
 
 def test_a_lease_shorter_than_h_rt_ends_by_the_pilots_own_duration(make_site, hugepages):

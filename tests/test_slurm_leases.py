@@ -13,6 +13,9 @@ import re
 import pytest
 
 from tests.conftest import pool_pages
+from tests.lease_checks import (
+    check_a_host_outside_the_allocation_is_refused, check_a_service_restart_mid_lease_loses_nothing,
+)
 from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 
@@ -55,29 +58,7 @@ def test_two_node_lease_is_ready_then_released_through_the_lrm(make_site, provid
 @pytest.mark.parametrize("provider", ["slurm", "pbs"])
 def test_a_node_outside_the_jobs_allocation_is_refused_even_with_the_slot_secret(make_site, provider, hugepages):
     """Slurm's node list (squeue + scontrol) or qstat -f's exec_host decides which hosts may join a slot."""
-    import requests
-    from requests.auth import HTTPDigestAuth
-
-    from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
-    from tests.conftest import notification
-
-    site = make_site(provider)
-    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300)
-    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
-    assert ready.state == "ready", ready.reason
-    outsider = sorted(set(site.cluster.nodes) - {p.host for p in ready.pilots})[0]
-    session = requests.Session()
-    session.auth = HTTPDigestAuth(outsider, site.nodes.node_key(outsider))  # its own, real key
-    body = notification(lease.slot, host=outsider, memory_mb=32).to_json()
-    leaked = site.nodes.slot_key(outsider, lease.slot, site.store.slot_secret(lease.slot))
-    before = site.store.snapshot()
-    answer = session.post(site.url + NOTIFICATIONS_PATH, data=body, headers={SIGNATURE_HEADER: sign(leaked, body)},
-                          timeout=30)
-    assert answer.status_code == 403 and answer.json()["result"] == "not-allocated", answer.text
-    assert site.store.snapshot() == before
-    site.manager.release(lease.id)
-    assert site.wait(lease, TERMINAL, 60).state == "released"
-    assert pool_pages() == hugepages
+    check_a_host_outside_the_allocation_is_refused(make_site(provider), 2, hugepages)
 
 
 def test_a_lease_shorter_than_the_walltime_ends_by_the_pilots_own_deadline(make_site, hugepages):
@@ -126,15 +107,4 @@ def test_a_job_that_never_starts_is_cancelled_by_the_queue_timeout(make_site, sl
 
 
 def test_a_service_restart_mid_lease_loses_nothing(make_site, hugepages):
-    site = make_site("slurm")
-    lease = site.manager.reserve(nodes=2, memory_mb=32, duration_s=300)
-    assert site.wait(lease, {"ready"} | TERMINAL, 60).state == "ready"
-    site.close()  # the service goes away; the job and its pilots stay
-    site.open()  # a new store, receiver (same port), provider and manager over the same file
-    again = site.manager.get(lease.id)
-    assert again.state == "ready" and again.job_id == lease.job_id and len(again.pilots) == 2
-    site.manager.release(lease.id)
-    done = site.wait(lease, TERMINAL, 60)
-    assert done.state == "released", done.reason
-    assert all(s[-1] == "unreserved" for s in site.pilot_states(lease).values())
-    assert pool_pages() == hugepages
+    check_a_service_restart_mid_lease_loses_nothing(make_site("slurm"), hugepages)
