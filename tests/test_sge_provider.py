@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -112,12 +113,15 @@ def test_a_two_node_job_runs_one_pilot_on_each_host_then_qdel_warns_them(site):
 
 
 @pytest.mark.parametrize("exit_code, expected", [(0, JobState.COMPLETED), (3, JobState.FAILED)])
-def test_a_job_is_reported_by_its_pilots_exit(site, exit_code, expected):
+def test_a_job_is_reported_by_its_pilots_exit(site, sge_cluster, exit_code, expected):
     provider_for, submitted = site
     provider, _ = provider_for(exit_code)
     job_id = provider.submit(job(f"slot-x{exit_code}", 2))
     submitted.append(job_id)
     assert wait_state(provider, job_id, {JobState.COMPLETED, JobState.FAILED}) is expected
+    # The job script's own record (the last) carries the pilots' status itself, not just "non-zero".
+    statuses = re.findall(r"^exit_status\s+(\d+)", sge_cluster.run(["qacct", "-j", job_id]).stdout, re.M)
+    assert statuses[-1] == str(exit_code)
 
 
 def test_an_id_grid_engine_never_had_is_gone_and_not_an_id_is_refused(site):

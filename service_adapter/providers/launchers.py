@@ -101,7 +101,8 @@ class QrshLauncher(Launcher):
     # The job ends with the first non-zero status of the pilots (a plain `wait` would always give 0).
     LOOP = ('trap "" USR1 USR2; pids=; for host in $(cut -d" " -f1 "$PE_HOSTFILE"); do '
             'qrsh -inherit -V -nostdin "$host" "$1" & pids="$pids $!"; done; '
-            'status=0; for pid in $pids; do wait "$pid" || [ "$status" -ne 0 ] || status=$?; done; exit "$status"')
+            'status=0; for pid in $pids; do wait "$pid"; rc=$?; [ "$status" -ne 0 ] || status=$rc; done; '
+            'exit "$status"')
 
     def __call__(self, argv: list[str], nodes: int) -> list[str]:
         _check_nodes(nodes)
