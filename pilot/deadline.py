@@ -212,13 +212,19 @@ def _from_pbs_walltime(env, query_timeout, run, now):
         seconds = _parse_walltime(value)
     except ValueError:
         raise _SourceFailed(f"not a walltime: {_quote(value)}") from None
+    # Torque starts the job script as a session leader, so its start is the job's start.
+    return _from_session_start(seconds, "PBS_WALLTIME", now)
+
+
+def _from_session_start(seconds: float, source: str, now) -> tuple[float, str]:
+    """(this session leader's start + ``seconds``, ``source``); counted from ``now()``, and said so, when the
+    start cannot be read."""
     try:
-        # Torque starts the job script as a session leader, so its start is the job's start.
-        return _session_start() + seconds, "PBS_WALLTIME"
+        return _session_start() + seconds, source
     except (OSError, ValueError, IndexError) as exc:
-        log.warning("PBS_WALLTIME: cannot read the session leader's start (%s); counting from now, "
-                    "an estimate that may end later than the LRM's limit", exc)
-        return now() + seconds, "PBS_WALLTIME (estimate: counted from now)"
+        log.warning("%s: cannot read the session leader's start (%s); counting from now, "
+                    "an estimate that may end later than the LRM's limit", source, exc)
+        return now() + seconds, f"{source} (estimate: counted from now)"
 
 
 def _from_sge(env, query_timeout, run, now):
@@ -229,14 +235,9 @@ def _from_sge(env, query_timeout, run, now):
     limit = sge_runtime_limit(output)
     if limit is None:
         raise _SourceFailed(f"qstat -j {job} shows no h_rt or s_rt in the job's hard resource list")
-    try:
-        # The pilot's session leader is the task qrsh -inherit started, moments after the job did: the end
-        # counted from it is late by that moment, which the walltime margin covers.
-        return _session_start() + limit, "qstat -j"
-    except (OSError, ValueError, IndexError) as exc:
-        log.warning("qstat -j: cannot read the session leader's start (%s); counting from now, "
-                    "an estimate that may end later than the LRM's limit", exc)
-        return now() + limit, "qstat -j (estimate: counted from now)"
+    # The pilot's session leader is the task qrsh -inherit started, moments after the job did: the end
+    # counted from it is late by that moment, which the walltime margin covers.
+    return _from_session_start(limit, "qstat -j", now)
 
 
 def sge_runtime_limit(output: str) -> int | None:

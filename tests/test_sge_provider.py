@@ -21,6 +21,7 @@ import pytest
 from pilot.protocol import SLOT_SECRET_ENV
 from service_adapter.providers import JobState, PilotJob, ProviderSettings, make_provider
 from service_adapter.providers.jobscript import JobTemplate
+from tests.test_providers import wait_state
 
 SUDO = "/usr/bin/sudo"
 STAND_IN = '''#!{python}
@@ -72,7 +73,7 @@ def site(sge_cluster):
 
 def job(slot: str, nodes: int) -> PilotJob:
     return PilotJob(slot=slot, lease="l1", nodes=nodes, memory_mb=64, duration_s=60, grace_s=5,
-                    contact="http://10.251.0.1:1", pilot_config="", slot_secret="5e" * 32)
+                    contact="http://127.0.0.1:1", pilot_config="", slot_secret="5e" * 32)
 
 
 def records_of(records: str, count: int, timeout: float = 30) -> list[dict]:
@@ -81,14 +82,6 @@ def records_of(records: str, count: int, timeout: float = 30) -> list[dict]:
         assert time.monotonic() < deadline, f"{len(names)} stand-ins started, expected {count}"
         time.sleep(0.05)  # a payload starting on a host signals nobody
     return [json.load(open(os.path.join(records, name))) for name in names]
-
-
-def wait_state(provider, job_id: str, states: set, timeout: float = 30) -> JobState:
-    deadline = time.monotonic() + timeout
-    while (state := provider.status([job_id])[job_id]) not in states:
-        assert time.monotonic() < deadline, f"job {job_id} is {state}, not {states}"
-        time.sleep(0.1)  # Grid Engine has no way to wait for a state
-    return state
 
 
 def test_a_two_node_job_runs_one_pilot_on_each_host_then_qdel_warns_them(site):
@@ -101,14 +94,14 @@ def test_a_two_node_job_runs_one_pilot_on_each_host_then_qdel_warns_them(site):
     assert all(r["secret"] == "5e" * 32 for r in found)  # through qrsh -V and sudo, never argv
     assert all("5e" * 32 not in " ".join(r["argv"]) for r in found)
     assert all(r["argv"][:3] == ["reserve", "--slot", "slot-a"] for r in found)
-    assert wait_state(provider, job_id, {JobState.RUNNING}) is JobState.RUNNING
+    assert wait_state(provider, job_id, {JobState.RUNNING}, timeout=30) is JobState.RUNNING
     assert sorted(provider.allocated_hosts(job_id)) == ["sgenode1", "sgenode2"]
     provider.cancel(job_id)
     deadline = time.monotonic() + 30
     while len([n for n in os.listdir(records) if n.endswith(".usr2")]) < 2:
         assert time.monotonic() < deadline, "not every stand-in got the -notify warning"
         time.sleep(0.05)
-    assert wait_state(provider, job_id, {JobState.COMPLETED, JobState.FAILED, JobState.GONE}) is not JobState.RUNNING
+    assert wait_state(provider, job_id, {JobState.COMPLETED, JobState.FAILED, JobState.GONE}, timeout=30) is not JobState.RUNNING
     provider.cancel(job_id)  # a job that has ended: not an error
 
 
@@ -118,7 +111,7 @@ def test_a_job_is_reported_by_its_pilots_exit(site, sge_cluster, exit_code, expe
     provider, _ = provider_for(exit_code)
     job_id = provider.submit(job(f"slot-x{exit_code}", 2))
     submitted.append(job_id)
-    assert wait_state(provider, job_id, {JobState.COMPLETED, JobState.FAILED}) is expected
+    assert wait_state(provider, job_id, {JobState.COMPLETED, JobState.FAILED}, timeout=30) is expected
     # The job script's own record (the last) carries the pilots' status itself, not just "non-zero".
     statuses = re.findall(r"^exit_status\s+(\d+)", sge_cluster.run(["qacct", "-j", job_id]).stdout, re.M)
     assert statuses[-1] == str(exit_code)

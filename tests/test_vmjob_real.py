@@ -107,6 +107,23 @@ def wait_for(condition, what: str, timeout: float = GIVE_UP_S) -> None:
         time.sleep(0.1)  # polling things (files, squeue) that have no change notification
 
 
+def vmjob_argv(config: str, shell_line: str) -> list[str]:
+    """``workspace-vmjob run`` of the test image (128 MB) with ``sh -c shell_line`` as root, outside a batch job."""
+    return [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--", "sh", "-c", shell_line]
+
+
+@contextlib.contextmanager
+def running_vmjob(config: str, cwd, shell_line: str, **popen):
+    """The wrapper as a process for the block; killed by its pid afterwards if it still runs."""
+    process = subprocess.Popen(vmjob_argv(config, shell_line), cwd=cwd, **popen)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture
 def node(tmp_path, libvirt_qemu, hugepages):
     directory = str(tmp_path)
@@ -133,8 +150,7 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
     work.mkdir()
     (work / "input.txt").write_text("from the host\n")
     result = subprocess.run(
-        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
-         "sh", "-c", "uname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3"],
+        vmjob_argv(config, "uname -r; cat input.txt; echo made > output.txt; echo oops >&2; exit 3"),
         cwd=work, capture_output=True, text=True, timeout=GIVE_UP_S,
     )
     assert result.returncode == 3, result.stderr
@@ -153,11 +169,8 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
 def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path):
     """The serial console's log goes through virtlogd, which rotates it at 2 MiB and keeps 3 old ones."""
     directory, config = node
-    result = subprocess.run(
-        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
-         "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S,
-    )
+    result = subprocess.run(vmjob_argv(config, "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S)
     assert result.returncode == 0, result.stderr
     consoles = tmp_path / "consoles"
     sizes = {path.name: path.stat().st_size for path in consoles.iterdir()}
@@ -168,22 +181,14 @@ def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path)
 
 def test_sigterm_shuts_the_guest_down_and_gives_everything_back(node, tmp_path):
     directory, config = node
-    process = subprocess.Popen(
-        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
-         "sh", "-c", "echo started; sleep 600"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
+    with running_vmjob(config, tmp_path, "echo started; sleep 600", stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE) as process:
         read_until(process, "started", timeout=GIVE_UP_S)
         (entry,) = journal_entries(directory)
         assert entry.memory.phase == "held" and entry.vm_uri and entry.run_dir  # all journalled while it runs
         assert len(our_domains()) == 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(GIVE_UP_S) == 128 + signal.SIGTERM
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert b"stopped by SIGTERM" in process.stderr.read()
     assert_node_clean(directory)
 
@@ -194,18 +199,10 @@ def test_sigterm_in_any_phase_of_the_start_leaves_nothing(node, tmp_path, delay_
     the boot) each take from ~5 to ~900 ms here: a signal in any of them ends the job as stopped, with the
     node as it was."""
     directory, config = node
-    process = subprocess.Popen(
-        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--", "sh", "-c", "sleep 600"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
+    with running_vmjob(config, tmp_path, "sleep 600", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as process:
         time.sleep(delay_s)  # where in the start the signal lands is the test's parameter
         process.send_signal(signal.SIGTERM)
         status = process.wait(GIVE_UP_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     stderr = process.stderr.read().decode()
     # Before the handlers are in place the default action ends it (-15): nothing had been changed yet.
     assert status in (128 + signal.SIGTERM, -signal.SIGTERM), stderr
@@ -214,22 +211,14 @@ def test_sigterm_in_any_phase_of_the_start_leaves_nothing(node, tmp_path, delay_
 
 def test_a_wrapper_killed_outright_leaves_its_entry_and_killall_undoes_it(node, tmp_path):
     directory, config = node
-    process = subprocess.Popen(
-        [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--",
-         "sh", "-c", "echo started; sleep 600"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )
-    try:
+    with running_vmjob(config, tmp_path, "echo started; sleep 600", stdout=subprocess.PIPE,
+                       stderr=subprocess.DEVNULL) as process:
         read_until(process, "started", timeout=GIVE_UP_S)
         (entry,) = journal_entries(directory)
         daemons = _share_daemons(entry.run_dir)
         assert len(daemons) == 2
-        process.kill()
+        process.kill()  # by its pid: SIGKILL, as the batch system's kill after its wait would
         process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     # What the journal says is what is left: the VM, its memory, its run directory.
     (left,) = journal_entries(directory)
     assert left.memory.phase == "held" and os.path.isdir(left.run_dir) and len(our_domains()) == 1

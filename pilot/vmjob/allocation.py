@@ -70,15 +70,15 @@ def parse_job(line: str, node: str, expand) -> JobAllocation:
     ``expand(hostlist)`` turns ``node[1-2]`` into names. Raises
     AllocationError when the job does not run, or not on ``node``.
     """
-    fields = dict(_FIELD_RE.findall(line.split("   Nodes=", 1)[0]))
+    head, _, details = line.partition("   Nodes=")
+    fields = dict(_FIELD_RE.findall(head))
     job_id = fields.get("JobId", "?")
     if fields.get("JobState") != "RUNNING":
         raise AllocationError(f"job {job_id} is {fields.get('JobState', 'in no known state')}, not RUNNING")
     owner = re.match(r"^.*\((\d+)\)$", fields.get("UserId", ""))
     if owner is None:
         raise AllocationError(f"job {job_id}: no owner in scontrol's answer")
-    tail = line.split("   Nodes=", 1)
-    per_node = dict(_FIELD_RE.findall(tail[1])) if len(tail) == 2 else {}
+    per_node = dict(_FIELD_RE.findall(details))
     for hosts, cpu_ids, mem in _DETAIL_RE.findall(line):
         if node in expand(hosts):
             cpus = count_cpu_ids(cpu_ids)
@@ -151,7 +151,7 @@ class SlurmAllocations:
         if result.returncode != 0 or not result.stdout.startswith(f"JobId={job_id} "):
             raise AllocationError(f"scontrol show job {job_id}: {result.stderr.strip()[:200] or 'no answer'}")
         line = result.stdout.strip()
-        fields = dict(_FIELD_RE.findall(line.split("   Nodes=", 1)[0]))
+        fields = dict(_FIELD_RE.findall(line.partition("   Nodes=")[0]))
         nodes = self.expand(fields.get("NodeList", ""))
         hostname = os.uname().nodename.split(".")[0]
         if node_hint in nodes:

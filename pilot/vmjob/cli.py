@@ -144,7 +144,7 @@ def _command_file(args) -> bytes | None:
     return b"#!/bin/sh\n" + shlex.join(command).encode() + b"\n"
 
 
-def _through_sudo(args, argv: list[str], command: bytes) -> int:
+def _through_sudo(argv: list[str], command: bytes) -> int:
     """Re-run this command as root through the sudo rule, the command file on stdin (read as the user)."""
     self_path = shutil.which(sys.argv[0]) or sys.argv[0]
     carrier = tempfile.TemporaryFile()
@@ -194,7 +194,7 @@ def _run(args, argv: list[str], started: float) -> int:
     if command is None:
         return _fail(VmJobExit.USAGE, "give a COMMAND after '--', or --script FILE, not both (see --help)")
     if os.geteuid() != 0:
-        return _through_sudo(args, argv, command)
+        return _through_sudo(argv, command)
     uid, gid = _caller()
     from pilot.config import DEFAULT_PATH
 
@@ -203,12 +203,10 @@ def _run(args, argv: list[str], started: float) -> int:
         return _fail(VmJobExit.USAGE, f"--config is refused through sudo; {PROG} reads {DEFAULT_PATH}")
     if uid != 0 and args.script not in (None, "-"):
         return _fail(VmJobExit.USAGE, "--script FILE is read as the user, before sudo: run it as yourself")
-    config = _load_config(args.config)
-    if isinstance(config, int):
-        return config
-    catalog = _load_catalog(config)
-    if isinstance(catalog, int):
-        return catalog
+    loaded = _load_config_and_images(args.config)
+    if isinstance(loaded, int):
+        return loaded
+    config, catalog = loaded
     image = catalog.get(args.image)
     if image is None:
         known = ", ".join(sorted(catalog)) or "none"
@@ -233,13 +231,16 @@ def _load_config(path):
     return VmJobExit.CONFIG if config is None else config
 
 
-def _load_catalog(config):
-    """The node's image list, or CONFIG after one line per problem."""
+def _load_config_and_images(path):
+    """(the node's configuration, its image list), or CONFIG after one line per problem."""
     from pilot.shared.ini import ConfigError
     from pilot.vmjob.catalog import load_catalog
 
+    config = _load_config(path)
+    if isinstance(config, int):
+        return config
     try:
-        return load_catalog(config.vmjob_images)
+        return config, load_catalog(config.vmjob_images)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{PROG}: image list: {problem}", file=sys.stderr)
@@ -346,12 +347,10 @@ def _run_job(config, request, started: float) -> int:
 
 
 def _images(args) -> int:
-    config = _load_config(args.config)
-    if isinstance(config, int):
-        return config
-    catalog = _load_catalog(config)
-    if isinstance(catalog, int):
-        return catalog
+    loaded = _load_config_and_images(args.config)
+    if isinstance(loaded, int):
+        return loaded
+    _config, catalog = loaded
     for name, image in sorted(catalog.items()):
         files = ", ".join(f"{part} {f.path}" for part, f in (("disk", image.disk), ("kernel", image.kernel),
                                                               ("initrd", image.initrd)) if f is not None)

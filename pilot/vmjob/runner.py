@@ -257,11 +257,9 @@ class VmJob:
                     return status
                 if self.stop.is_set():
                     self._let_guest_end()
-                    output.close()
                     raise JobFailed(VmJobExit.STOPPED, "stopped by a signal: the VM was shut down")
                 looks += 1
                 if looks % DOMAIN_EVERY == 0 and not self._domain_active():
-                    output.close()
                     status = read_status(status_file, request.uid)  # written just before the guest ended
                     if status is not None:
                         self.mark("status")
@@ -270,10 +268,10 @@ class VmJob:
                                     f"(its console: {self.config.console_dir}/{self.domain_name}.log)")
                 self.stop.wait(POLL_S)
         finally:
+            output.close()  # a last copy first: it may find the limit
             for problem in output.problems():
                 log.warning("%s", problem)
                 print(f"workspace-vmjob: {problem}", file=sys.stderr)
-            output.close()
 
     def _domain_active(self) -> bool:
         import libvirt
@@ -303,20 +301,20 @@ class VmJob:
     def _restore(self) -> str | None:
         """Undo everything this run did, in reverse; None, or what could not be undone (journal keeps it)."""
         problems = []
-        if self.domain is not None:
-            try:
-                destroy_domain(self.domain)
-            except Exception as exc:  # libvirtError
-                problems.append(f"cannot destroy VM {self.domain_name}: {one_line(exc)}")
-            self.mark("domain_destroyed")
         memory = self.memory
-        if memory is not None and memory.entry.vm_uri and not problems:
-            # By tag as well: a domain created while a signal cut createXML short is not in self.domain.
+        if memory is not None and memory.entry.vm_uri:
             try:
-                destroy_slot_vms(self.uri, self.request.slot)
+                if self.domain is not None:
+                    destroy_domain(self.domain)
+                else:
+                    # Journalled, but createXML never handed a domain back: look for one by tag all the same.
+                    destroy_slot_vms(self.uri, self.request.slot)
                 memory.note_vms(None)
             except (VmCleanupError, JournalError) as exc:
                 problems.append(one_line(exc))
+            except Exception as exc:  # libvirtError from destroy_domain
+                problems.append(f"cannot destroy VM {self.domain_name}: {one_line(exc)}")
+            self.mark("domain_destroyed")
         if self.conn is not None:
             try:
                 self.conn.close()
