@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", required=True, type=positive(float, "a number"), metavar="SECONDS",
         help="the most time the pilot takes to restore the node and report, once it stops",
     )
+    reserve.add_argument(
+        "--warn-before", type=positive(float, zero=True), default=0.0, metavar="SECONDS",
+        help="warn this slot's VMs this long before the deadline, on their lease channel (default 0: no warning)",
+    )
     reserve.add_argument("--contact", type=http_url, metavar="URL", help="the service's base URL (overrides [service] contact)")
     reserve.add_argument(
         "--config", metavar="FILE",
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reserve(args, config, backend, journal, host: str, log_path: str, started: float, credentials) -> int:
-    from pilot.deadline import compute_deadline
+    from pilot.deadline import compute_deadline, extended_deadline
     from pilot.vm.hosting import VmHosting
     from pilot.node.journal import Entry
     from pilot.lifecycle import LeaseRequest, Pilot
@@ -234,14 +238,21 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
             margin_s=config.walltime_margin_s, env=os.environ, query_timeout=config.lrm_query_timeout_s,
         )
 
+    def extend(duration_s, current):
+        return extended_deadline(
+            current, started=started, duration_s=duration_s, grace_s=args.grace,
+            margin_s=config.walltime_margin_s, env=os.environ, query_timeout=config.lrm_query_timeout_s,
+        )
+
     request = LeaseRequest(args.slot, host, args.memory, args.duration, args.grace)
     pilot = Pilot(
         request, memory, notifier, deadline,
         reserved_timeout_s=config.reserved_timeout_s, earlywaitratio=config.earlywaitratio,
+        warn_before_s=args.warn_before, extend_deadline=extend,
     )
     pilot.moments.mark("process_start", process_started_at() or started)
     pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
-                              on_stop=pilot.request_stop, peer_key=credentials.peer_key)
+                              on_stop=pilot.request_stop, peer_key=credentials.peer_key, on_extend=pilot.extend)
     # SIGUSR2: Grid Engine's warning before a qdel's SIGKILL (-notify); the pilot restores as for SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))

@@ -159,6 +159,42 @@ def compute_deadline(
     return Deadline(by_duration, "duration", end)
 
 
+#: Walltime sources read from the job's environment: fixed when the job started, so blind to an extension.
+_STATIC_SOURCES = ("SLURM_JOB_END_TIME", "PBS_WALLTIME")
+
+
+def extended_deadline(
+    old: Deadline,
+    *,
+    started: float,
+    duration_s: float,
+    grace_s: float,
+    margin_s: float,
+    env: Mapping[str, str],
+    query_timeout: float,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    now: Callable[[], float] = time.time,
+) -> Deadline:
+    """The deadline after the lease's duration became ``duration_s``: never earlier than ``old``.
+
+    The earlier of ``started + duration_s`` and the LRM's end of the job
+    less ``margin_s`` and ``grace_s``, as :func:`compute_deadline`; but the
+    LRM is asked again (``squeue``, ``qstat``) without the variables fixed at
+    the job's start, which cannot know of a raised limit. When no live
+    source answers, the end known before (``old.walltime_end``) still
+    bounds it: the pilot never holds past a limit it has not seen raised.
+    """
+    live = {key: value for key, value in env.items() if key not in _STATIC_SOURCES}
+    found = walltime_end(live, query_timeout=query_timeout, run=run, now=now)
+    end, source = found if found is not None else (old.walltime_end, old.source)
+    at, why = started + duration_s, "duration"
+    if end is not None and end - margin_s - grace_s < at:
+        at, why = end - margin_s - grace_s, source
+    if at <= old.at:
+        return old
+    return Deadline(at, why, end)
+
+
 # --- the sources ------------------------------------------------------------------------------------
 # Each returns None when it does not apply (its variable is not set), (end, source) when it answers,
 # and raises _SourceFailed when it applies but has no usable answer.

@@ -114,6 +114,8 @@ class Pilot:
         earlywaitratio: float = 0.5,
         pause_at: str | None = None,
         hosting=None,
+        warn_before_s: float = 0.0,
+        extend_deadline: Callable[[float, Deadline], Deadline] | None = None,
     ):
         self.request = request
         self.memory = memory
@@ -124,6 +126,12 @@ class Pilot:
         self.earlywaitratio = earlywaitratio
         #: The slot's command channel and VMs (:class:`pilot.vm.hosting.VmHosting`); None: no VM hosting.
         self.hosting = hosting
+        #: How long before the deadline the VMs are warned on their lease channel (0: not warned).
+        self.warn_before_s = warn_before_s
+        #: ``extend_deadline(duration_s, current)``: the deadline for the lease's new duration (see extend()).
+        self._extend_deadline = extend_deadline
+        self._until: float | None = None  # the deadline on the monotonic clock, once holding (extend() moves it)
+        self._warned = False
         self.state = State.BEGIN
         self._state_since = time.monotonic()
         # Both are set by request_stop, which may run inside a signal handler: lock-free wake-ups, never
@@ -244,12 +252,13 @@ class Pilot:
         if reserved.outcome is not Outcome.DELIVERED:
             return self._reserved_not_accepted(reserved)
 
+        self._until = deadline
         self._enter(State.RESERVED)
         log.info("holding %d MB until %s (%s)", held.memory_mb, expires_at, self.deadline.source)
         if self.hosting is not None:
             self.hosting.start()
         self.checkpoint("holding")
-        self._wait_until(deadline)
+        self._hold_until_deadline()
         early = self._stop_reason is not None
         if early:
             log.info("stop requested (%s) before the deadline: early unreserve", self._stop_reason)
@@ -257,6 +266,58 @@ class Pilot:
             self.moments.mark("stop_deadline")
         self._enter(State.EARLY_UNRESERVING if early else State.UNRESERVING)
         return self._unreserve(early=early)
+
+    def _hold_until_deadline(self) -> None:
+        """Block until a stop request or the deadline (which :meth:`extend` may move), warning the VMs
+        ``warn_before_s`` before it."""
+        while True:
+            self._wake.clear()
+            if self._stop_reason:
+                return
+            left = self._until - time.monotonic()
+            if left <= 0:
+                return
+            if self.warn_before_s and not self._warned:
+                if left <= self.warn_before_s:
+                    self._warned = True
+                    self._warn_vms(self.deadline.at, "deadline")
+                    continue
+                left -= self.warn_before_s
+            self._wake.wait(left)
+
+    def _warn_vms(self, ends_at: float, why: str) -> None:
+        """Tell the VMs on their lease channel when they end and why (docs/leases.md has the line's form)."""
+        if self.hosting is None:
+            return
+        left = max(ends_at - time.time(), 0.0)
+        line = f"ending {format_epoch(ends_at)} {left:.0f} {why}"
+        log.info("warning the VMs: %s", line)
+        self.hosting.warn(line)
+
+    def extend(self, duration_s: float) -> tuple[float | None, int, str]:
+        """Move the deadline for the lease's new duration (the service's ``extend``; any thread).
+
+        Only while holding, and only later: the new deadline is the earlier
+        of the pilot's start plus ``duration_s`` and what the batch system
+        now allows (asked again), never before the current one. Returns
+        (the deadline now, 0 if it moved else 1, what happened in words).
+        """
+        current = self.deadline
+        if self.state is not State.RESERVED or self._stop_reason or self._until is None:
+            return (current.at if current else None), 1, f"not holding ({self.state.value}): the deadline stays"
+        if self._extend_deadline is None:
+            return current.at, 1, "this pilot cannot move its deadline"
+        new = self._extend_deadline(duration_s, current)
+        if new.at <= current.at:
+            return current.at, 1, (f"the deadline stays at {format_epoch(current.at)}: the batch system's end "
+                                   f"({new.source}) leaves no more")
+        self.deadline = new
+        self._until = time.monotonic() + new.remaining()
+        self._warned = False
+        self._wake.set()
+        message = f"deadline moved from {format_epoch(current.at)} to {format_epoch(new.at)} ({new.source})"
+        log.info("%s", message)
+        return new.at, 0, message
 
     def _fail_reserving(self, code: ExitCode, reason: str) -> ExitCode:
         self._enter(State.RESERVING_ERROR)
@@ -365,6 +426,9 @@ class Pilot:
             )
         elif early:
             wait = self.request.grace_s * self.earlywaitratio
+            if self.warn_before_s:
+                self._warn_vms(time.time() + wait, "release" if self._stop_reason and "release" in self._stop_reason
+                               else "stop")
             left = self.hosting.wait_empty(started + wait)
             log.info(
                 "early unreserve: %s after %.0f ms (the service had up to %.1f s = grace x earlywaitratio)",

@@ -5,10 +5,16 @@ method   path                                    answer
 =======  ======================================  ==========================================
 POST     /api/v1/leases                          201, the new lease (JSON body: nodes,
                                                  memory_mb, duration_s, optionally images
-                                                 to prefetch: [{"image", "version"}])
+                                                 to prefetch: [{"image", "version"}] and
+                                                 start_at, an RFC 3339 time to start at)
 GET      /api/v1/leases[?state=&owner=]          200, ``{"leases": [...]}``
 GET      /api/v1/leases/{id}                     200, the lease
 POST     /api/v1/leases/{id}/release             202, the lease (release under way)
+POST     /api/v1/leases/{id}/extend              200, the lease, longer (JSON body:
+                                                 ``{"by_s": SECONDS}``); 409 refused
+GET      /api/v1/leases/{id}/events[?after=N]    200, ``{"events": [...]}``: its history
+                                                 (transitions, ``ending``, ``extended``),
+                                                 those numbered above N
 POST     /api/v1/leases/{id}/vms                 202, ``{"vms": [...]}``: the VMs queued to
                                                  start (JSON body: ``{"vms": [spec, ...]}``,
                                                  each a VM spec with an optional ``host``)
@@ -16,6 +22,9 @@ GET      /api/v1/leases/{id}/vms                 200, ``{"vms": [...]}``, oldest
 GET      /api/v1/leases/{id}/vms/{name}          200, the VM
 POST     /api/v1/leases/{id}/vms/{name}/stop     202, the VM (stop queued; optional JSON
                                                  body ``{"force": true}``)
+POST     /api/v1/leases/{id}/vms/{name}/suspend  202, the VM (suspend queued; it must run)
+POST     /api/v1/leases/{id}/vms/{name}/resume   202, the VM (resume queued; it must be
+                                                 paused)
 GET      /api/v1/usage[?owner=&lease=]           200, ``{"node_seconds", "mb_seconds", "leases"}``
 =======  ======================================  ==========================================
 
@@ -30,7 +39,9 @@ did not arrive within the request timeout ([service] request_timeout), 401
 no or wrong credentials (with a fresh challenge), 404 unknown lease, VM or
 path, 405 wrong method, 409 a VM request that cannot be carried out as the
 lease stands (the lease is not ready or running, a VM name is in use, the
-VMs do not fit its hosts, the VM has ended already; nothing is queued), 413
+VMs do not fit its hosts, the VM has ended already; nothing is queued) or
+an extension refused (by the batch system's policy or the partition's
+limit, or the lease is ending; nothing changed), 413
 body too large (4 KiB; 256 KiB for a VM start, which may hold many specs),
 502 the batch system refused the job. The lease and VM managers' calls
 block (reserve submits to the batch system, VM calls commit to the store),
@@ -40,6 +51,7 @@ so each runs in a worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import re
@@ -51,7 +63,7 @@ from pilot.shared.errors import first_line
 from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
 from service_adapter.store.images import ImageRefused
-from service_adapter.lease import LEASE_STATES, LeaseError, UnknownLease, vm_json
+from service_adapter.lease import LEASE_STATES, ExtensionRefused, LeaseError, UnknownLease, event_json, vm_json
 from service_adapter.refusals import REFUSALS
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
 
@@ -173,6 +185,23 @@ def _duration_field(data: dict) -> float:
     return float(value)
 
 
+def _time_field(data: dict, name: str) -> float | None:
+    """An optional RFC 3339 time (``2026-12-02T15:30:00Z``, with its offset) as epoch seconds."""
+    value = data.get(name)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError
+        when = datetime.datetime.fromisoformat(value)
+        if when.tzinfo is None:
+            raise ValueError
+        return when.timestamp()
+    except (ValueError, OverflowError):
+        raise Refused(400, f"'{name}' must be an RFC 3339 time with its offset (2026-12-02T15:30:00Z), "
+                           f"not {json.dumps(value)[:60]}") from None
+
+
 def _lease_id(request: web.Request) -> str:
     lease_id = request.match_info["lease_id"]
     if not _LEASE_ID_RE.fullmatch(lease_id):
@@ -205,6 +234,9 @@ def refusals(handler):
             if exc.status == 409:
                 log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
             return _error(exc.status, first_line(exc))
+        except ExtensionRefused as exc:
+            log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
+            return _error(409, first_line(exc))
         except LeaseError as exc:
             log.warning("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
             return _error(502, f"the batch system refused: {first_line(exc)}")
@@ -224,18 +256,20 @@ def who(request: web.Request) -> str:
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
     data = await read_json(request)
-    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images"})
+    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images", "start_at"})
     if unknown:
         raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s "
-                           "(and optionally images)")
+                           "(and optionally images and start_at)")
     nodes = _int_field(data, "nodes", MAX_NODES)
     memory_mb = _int_field(data, "memory_mb", MAX_MEMORY_MB)
     duration_s = _duration_field(data)
+    start_at = _time_field(data, "start_at")
     images = await _lease_images(request, data.get("images"))
     manager = request.app[MANAGER_KEY]
     owner = who(request)
     try:
-        info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner, images=images)
+        info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner, images=images,
+                                       start_at=start_at)
     except ValueError as exc:
         raise Refused(400, first_line(exc)) from None
     log.info("API: %s reserved lease %s: %d x %d MB for %g s", owner, info.id, nodes, memory_mb, duration_s)
@@ -302,6 +336,37 @@ async def release_lease(request: web.Request) -> web.Response:
     info = await asyncio.to_thread(request.app[MANAGER_KEY].release, lease_id)
     log.info("API: %s released lease %s (now %s)", who(request), lease_id, getattr(info, "state", "?"))
     return web.json_response(info.to_json(), status=202)
+
+
+@refusals
+async def extend_lease(request: web.Request) -> web.Response:
+    """POST /api/v1/leases/{id}/extend ``{"by_s": SECONDS}``: a longer lease if the batch system allows; 200."""
+    lease_id = _lease_id(request)
+    data = await read_json(request)
+    unknown = sorted(set(data) - {"by_s"})
+    if unknown:
+        raise Refused(400, f'unknown field(s) {", ".join(unknown)}: give {{"by_s": SECONDS}}')
+    by_s = data.get("by_s")
+    if isinstance(by_s, bool) or not isinstance(by_s, (int, float)) or not 0 < by_s <= MAX_DURATION_S:
+        raise Refused(400, f"'by_s' must be seconds, above 0 and at most {MAX_DURATION_S}, not "
+                           f"{json.dumps(by_s)[:40]}")
+    info = await asyncio.to_thread(request.app[MANAGER_KEY].extend, lease_id, float(by_s))
+    log.info("API: %s extended lease %s by %g s (now %g s)", who(request), lease_id, by_s, info.duration_s)
+    return web.json_response(info.to_json())
+
+
+@refusals
+async def lease_events(request: web.Request) -> web.Response:
+    """GET /api/v1/leases/{id}/events[?after=N]: the lease's history, oldest first (only entries above N)."""
+    lease_id = _lease_id(request)
+    unknown = sorted(set(request.query) - {"after"})
+    if unknown:
+        raise Refused(400, f"unknown query parameter(s) {', '.join(unknown)}: use after")
+    after_text = request.query.get("after", "0")
+    if not after_text.isdigit() or len(after_text) > 18:
+        raise Refused(400, f"'after' must be an event number (0 or more), not {after_text[:40]!r}")
+    events = await asyncio.to_thread(request.app[MANAGER_KEY].history, lease_id, int(after_text))
+    return web.json_response({"events": [event_json(event) for event in events]})
 
 
 @refusals
@@ -390,6 +455,20 @@ async def stop_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_json(vm), status=202)
 
 
+@refusals
+async def pause_vm(request: web.Request) -> web.Response:
+    """POST /api/v1/leases/{id}/vms/{name}/suspend or .../resume: queue it; 202 with the VM."""
+    lease_id = _lease_id(request)
+    name = _vm_name(request, lease_id)
+    if request.content_length:
+        await read_json(request)  # tolerated (e.g. "{}"), but it must be small and JSON
+    resume = request.path.endswith("/resume")
+    vms = request.app[VMS_KEY]
+    vm = await asyncio.to_thread(vms.resume if resume else vms.suspend, lease_id, name)
+    log.info("API: %s %s VM %s of lease %s", who(request), "resumed" if resume else "suspended", name, lease_id)
+    return web.json_response(vm_json(vm), status=202)
+
+
 def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None) -> web.Application:
     """Add the operator API to ``app`` (built by :func:`service_adapter.receiver.make_app`).
 
@@ -415,5 +494,9 @@ def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmMana
     app.router.add_get(PREFIX + "/leases/{lease_id}/vms", list_vms)
     app.router.add_get(PREFIX + "/leases/{lease_id}/vms/{name}", show_vm)
     app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/stop", stop_vm)
+    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/suspend", pause_vm)
+    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/resume", pause_vm)
+    app.router.add_post(PREFIX + "/leases/{lease_id}/extend", extend_lease)
+    app.router.add_get(PREFIX + "/leases/{lease_id}/events", lease_events)
     app.router.add_get(f"{PREFIX}/usage", usage)
     return app

@@ -51,12 +51,24 @@ class LeaseClient:
 
     # -- the API ---------------------------------------------------------------
 
-    def reserve(self, nodes: int, memory_mb: int, duration_s: float, images: list[dict] | None = None) -> dict:
-        """POST /leases: the new lease (``images``: listed images its hosts prefetch, ``{"image", "version"}``)."""
+    def reserve(self, nodes: int, memory_mb: int, duration_s: float, images: list[dict] | None = None,
+                start_at: str | None = None) -> dict:
+        """POST /leases: the new lease (``images``: listed images its hosts prefetch, ``{"image", "version"}``;
+        ``start_at``: an RFC 3339 time it starts at, else at once)."""
         body = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s}
         if images:
             body["images"] = list(images)
+        if start_at:
+            body["start_at"] = start_at
         return self._call("POST", "/leases", json=body)
+
+    def extend(self, lease_id: str, by_s: float) -> dict:
+        """POST /leases/{id}/extend: the lease, ``by_s`` seconds longer (409 when refused)."""
+        return self._call("POST", f"/leases/{_quote(lease_id)}/extend", json={"by_s": by_s})
+
+    def events(self, lease_id: str, after: int = 0) -> dict:
+        """GET /leases/{id}/events: ``{"events": [...]}``, the lease's history numbered above ``after``."""
+        return self._call("GET", f"/leases/{_quote(lease_id)}/events", params={"after": str(after)} if after else {})
 
     def release(self, lease_id: str) -> dict:
         """POST /leases/{id}/release: the lease, being released."""
@@ -99,6 +111,11 @@ class LeaseClient:
     def stop_vm(self, lease_id: str, name: str, force: bool = False) -> dict:
         """POST /leases/{id}/vms/{name}/stop: the VM, being stopped (at once with ``force``)."""
         return self._call("POST", f"/leases/{_quote(lease_id)}/vms/{_quote(name)}/stop", json={"force": bool(force)})
+
+    def pause_vm(self, lease_id: str, name: str, resume: bool = False) -> dict:
+        """POST /leases/{id}/vms/{name}/suspend (or /resume): the VM, its suspend (resume) queued."""
+        action = "resume" if resume else "suspend"
+        return self._call("POST", f"/leases/{_quote(lease_id)}/vms/{_quote(name)}/{action}")
 
     # -- images ----------------------------------------------------------------
 

@@ -71,6 +71,7 @@ class ServiceConfig:
     release_grace_s: float = 30.0
     status_interval_s: float = 2.0
     lost_after_s: float = 120.0
+    warn_before_s: float = 60.0
     # [vms]
     vm_overhead_mb: int = 64
     # [metrics]
@@ -310,6 +311,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "release_grace": ("release_grace_s", _positive_float),
         "status_interval": ("status_interval_s", _positive_float),
         "lost_after": ("lost_after_s", _positive_float),
+        "warn_before": ("warn_before_s", _non_negative_float),
     },
     "vms": {
         "overhead_mb": ("vm_overhead_mb", _mb),

@@ -55,7 +55,10 @@ class _Narrator:
         self.notes_seen = len(rows)
         events = self.site.store.lease_events(self.lease_id)
         for event in events[self.events_seen:]:
-            self.say(f"lease {event.old_state} -> {event.new_state}: {event.reason}")
+            if event.kind in ("ending", "extended"):
+                self.say(f"lease {event.kind}: {event.reason}")
+            else:
+                self.say(f"lease {event.old_state} -> {event.new_state}: {event.reason}")
         self.events_seen = len(events)
 
     def until(self, states: set[str], timeout: float):

@@ -83,7 +83,7 @@ class LocalSite:
         queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 0.5,
         start_manager: bool = True, lost_after_s: float | None = 120.0, vm_overhead_mb: int = 64,
         pilot_sections: dict[str, dict[str, object]] | None = None, provider=None,
-        listen_host: str = "127.0.0.1", operator_api: bool = False,
+        listen_host: str = "127.0.0.1", operator_api: bool = False, warn_before_s: float = 0.0,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -108,6 +108,7 @@ class LocalSite:
             self.store, self.provider, contact=contact or "http://unset.invalid", pilot_config=self.pilot_config,
             grace_s=grace_s, queue_timeout_s=queue_timeout_s, release_grace_s=release_grace_s,
             status_interval_s=status_interval_s, board=self.board, lost_after_s=lost_after_s,
+            warn_before_s=warn_before_s,
         )
         self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb)
         if operator_api:

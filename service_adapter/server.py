@@ -96,7 +96,7 @@ def build(config: ServiceConfig):
             store, provider, contact=config.pilot_contact, pilot_config=config.pilot_config,
             grace_s=config.grace_s, queue_timeout_s=config.queue_timeout_s,
             release_grace_s=config.release_grace_s, status_interval_s=config.status_interval_s,
-            board=board, lost_after_s=config.lost_after_s,
+            board=board, lost_after_s=config.lost_after_s, warn_before_s=config.warn_before_s,
         )
         catalog = ImageCatalog(store, keys_dir=config.endorser_keys, store_dir=config.image_store_dir,
                                timeout_s=config.image_fetch_timeout_s, ca_file=config.image_ca_file)

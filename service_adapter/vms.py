@@ -93,6 +93,21 @@ class VmManager:
         log.info("lease %s: VM %s queued to stop%s", lease_id, name, " (forced)" if force else "")
         return self.get(lease_id, name)
 
+    def suspend(self, lease_id: str, name: str) -> VmRow:
+        """Queue a running VM's suspend (its pilot pauses it: no CPU, memory kept); returns it.
+
+        Raises :class:`VmRequestError`: 404 no such lease or VM, 409 it is not running.
+        """
+        self.store.pause_vm(lease_id, name, resume=False, now=self.clock())
+        log.info("lease %s: VM %s queued to suspend", lease_id, name)
+        return self.get(lease_id, name)
+
+    def resume(self, lease_id: str, name: str) -> VmRow:
+        """Queue a paused VM's resume; returns it. Raises :class:`VmRequestError`: 404, or 409 it is not paused."""
+        self.store.pause_vm(lease_id, name, resume=True, now=self.clock())
+        log.info("lease %s: VM %s queued to resume", lease_id, name)
+        return self.get(lease_id, name)
+
     def list(self, lease_id: str) -> list[VmRow]:
         """The lease's VMs, oldest first (ended ones included); VmRequestError 404 for an unknown lease."""
         if self.store.get_lease(lease_id) is None:

@@ -35,8 +35,8 @@ from tests.conftest import add_lease, journal_files, pool_pages
 # -- the state table -----------------------------------------------------------------------------
 
 
-def test_every_state_is_reachable_from_pending_through_the_table():
-    seen, todo = {"pending"}, ["pending"]
+def test_every_state_is_reachable_from_the_two_first_states_through_the_table():
+    seen, todo = {"pending", "scheduled"}, ["pending", "scheduled"]
     while todo:
         for nxt in LEASE_STATES[todo.pop()].next:
             assert nxt in LEASE_STATES, f"{nxt} is not a state"
@@ -59,15 +59,18 @@ NOW = 1_700_000_000.0
 TIMING = Timing(queue_timeout_s=60, release_grace_s=10)
 
 
-def lease(state="pending", *, nodes=2, age=5.0, duration=100.0, release=None, job_finished=None) -> LeaseRow:
-    """A stored lease created ``age`` s before NOW; ``release``/``job_finished``: seconds before NOW."""
+def lease(state="pending", *, nodes=2, age=5.0, duration=100.0, release=None, job_finished=None,
+          start=None) -> LeaseRow:
+    """A stored lease created ``age`` s before NOW; ``release``/``job_finished``: seconds before NOW;
+    ``start``: its start_at, seconds after NOW (negative: before)."""
     created = NOW - age
+    start_at = None if start is None else NOW + start
     return LeaseRow(
         id="lease-1", owner="alice", nodes=nodes, memory_mb=64, duration_s=duration, state=state, reason="before",
         slot="slot-1", job_id="job-1", created_at=created, updated_at=created,
         release_requested_at=None if release is None else NOW - release,
-        expires_at=created + duration,
-        job_finished_at=None if job_finished is None else NOW - job_finished,
+        expires_at=(start_at or created) + duration,
+        job_finished_at=None if job_finished is None else NOW - job_finished, start_at=start_at,
     )
 
 
@@ -138,6 +141,24 @@ CASES = [
     Case("release beats the job's end", lease("pending", release=0), [], JobState.CANCELLED, "releasing", True),
     Case("a host leaves before the lease was ready", lease("reserving"),
          [pilot("n1", "unreserving")], R, "failed", True, "n1: unreserving ended before the lease was ready"),
+    # scheduled: a begin time
+    Case("scheduled waits for its start, however old", lease("scheduled", age=1000, start=30), [],
+         JobState.PENDING, "scheduled"),
+    Case("scheduled: its start came", lease("scheduled", start=0), [], JobState.PENDING, "pending",
+         reason="its start time came"),
+    Case("scheduled: released before its start", lease("scheduled", start=30, release=0), [], JobState.PENDING,
+         "releasing", True, "release requested before the lease was ready"),
+    Case("scheduled: the job ended before its start", lease("scheduled", start=30), [], JobState.CANCELLED,
+         "failed", reason="job ended (cancelled) before the lease was ready"),
+    Case("scheduled: the batch system started it early and all reserved", lease("scheduled", start=30),
+         BOTH_RESERVED, R, "ready"),
+    Case("scheduled: a pilot reported", lease("scheduled", start=30), ONE_RESERVED, R, "reserving"),
+    Case("scheduled: one pilot, the queue timeout past its start", lease("scheduled", age=100, start=-61), ONE_RESERVED, R,
+         "missing", True),
+    Case("the queue timeout counts from the start", lease("pending", age=1000, start=-60), [], JobState.PENDING,
+         "pending"),
+    Case("the queue timeout after the start", lease("pending", age=1000, start=-61), [], JobState.PENDING,
+         "missing", True),
     # ready / running
     Case("release while ready", lease("ready", release=0), BOTH_RESERVED, R, "releasing", True, "release requested"),
     Case("release while running", lease("running", release=0), BOTH_RESERVED, R, "releasing", True),

@@ -169,6 +169,7 @@ BAD_VALUES = [
     ("pilots", "release_grace", "1e9", "at most 100000000"),
     ("pilots", "status_interval", "nan", "must be a number of seconds above 0"),
     ("pilots", "lost_after", "0", "must be a number of seconds above 0"),
+    ("pilots", "warn_before", "-1", "must be a number of seconds, 0 or more"),
     ("vms", "overhead_mb", "-1", "must be a whole number of MB, 0 or more"),
     ("images", "endorser_keys", "endorsers", "must be an absolute path"),
     ("images", "store_dir", "images", "must be an absolute path"),

@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 6: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 7: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
@@ -146,9 +146,16 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
         store.close()
 
 
+def _as_version_6(conn) -> None:
+    """Drop what schema version 7 added (a lease's start and before-end event, the events' kind)."""
+    for table, column in (("leases", "start_at"), ("leases", "warned_at"), ("lease_events", "kind")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
 def _as_version_4(path: str) -> None:
     """Turn a store file into what schema version 4 wrote: no slot secrets."""
     conn = sqlite3.connect(path)
+    _as_version_6(conn)
     conn.execute("ALTER TABLE slots DROP COLUMN secret")
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
@@ -188,6 +195,7 @@ def test_a_version_5_store_with_a_lease_in_flight_gains_the_image_tables_and_kee
     store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
     store.close()
     conn = sqlite3.connect(path)
+    _as_version_6(conn)
     for table in ("image_approvals", "list_images", "image_lists"):
         conn.execute(f"DROP TABLE {table}")
     conn.execute("PRAGMA user_version = 5")
@@ -197,5 +205,27 @@ def test_a_version_5_store_with_a_lease_in_flight_gains_the_image_tables_and_kee
     try:
         assert upgraded.get_lease("lease-1").state == "pending"
         assert upgraded.snapshot()["image_lists"] == []
+    finally:
+        upgraded.close()
+
+
+def test_a_version_6_store_gains_lease_starts_and_event_kinds_and_its_leases_go_on(tmp_path):
+    path = str(tmp_path / "v6.sqlite")
+    store = Store(path)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    store.close()
+    conn = sqlite3.connect(path)
+    _as_version_6(conn)
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    upgraded = Store(path)
+    try:
+        row = upgraded.get_lease("lease-1")
+        assert (row.state, row.start_at, row.warned_at) == ("pending", None, None)
+        assert upgraded.transition_lease("lease-1", "pending", "failed", "ended for the test", now=time.time(),
+                                         ended=True)
+        assert [(e.kind, e.new_state) for e in upgraded.lease_events("lease-1")] == [
+            ("state", "pending"), ("state", "failed")]  # an old creation entry reads as a state entry
     finally:
         upgraded.close()

@@ -34,11 +34,13 @@ COMMANDS_PATH = "/pilot/v2/slots/{slot}/hosts/{host}/commands"
 #: The longest long-poll a service holds open; a pilot asking for more gets at most this.
 MAX_POLL_WAIT_S = 60
 #: Command operations.
-OPS = frozenset({"start-vm", "stop-vm", "release", "prefetch"})
+OPS = frozenset({"start-vm", "stop-vm", "suspend-vm", "resume-vm", "release", "prefetch", "extend"})
+#: The longest lease duration an ``extend`` may carry (seconds).
+MAX_DURATION_S = 10**9
 #: The most images one prefetch (and one lease) may name.
 MAX_PREFETCH = 16
 #: Notification states that report a command's outcome.
-VM_STATES = frozenset({"vm-running", "vm-failed", "vm-stopped"})
+VM_STATES = frozenset({"vm-running", "vm-failed", "vm-stopped", "vm-paused"})
 MAX_VCPUS = 256
 MAX_PATH_LEN = 4096
 MAX_CMDLINE_LEN = 4096
@@ -322,8 +324,10 @@ class VmSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``), ``release``,
-    or ``prefetch`` (with ``images``: listed images, resolved, to have in the node's cache before a VM needs them).
+    """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``),
+    ``suspend-vm`` and ``resume-vm`` (with ``name``), ``release``, ``prefetch`` (with ``images``: listed
+    images, resolved, to have in the node's cache before a VM needs them), or ``extend`` (with
+    ``duration_s``: the lease's whole duration now, after the batch system raised the job's time limit).
 
     ``id`` grows with every command the service queues; a pilot polls for
     those after the last id it has seen and reports each outcome as a
@@ -336,6 +340,7 @@ class Command:
     name: str | None = None
     force: bool = False
     images: tuple[ImageFile, ...] = ()
+    duration_s: float | None = None
 
     @classmethod
     def from_dict(cls, data) -> "Command":
@@ -356,6 +361,17 @@ class Command:
             if not isinstance(force, bool):
                 raise ProtocolError("command.force: must be true or false")
             return cls(data["id"], op, name=data["name"], force=force)
+        if op in ("suspend-vm", "resume-vm"):
+            _no_unknown("command", data, {"id", "op", "name"})
+            _check_str("command.name", data.get("name"), MAX_VM_NAME_LEN, _VM_NAME_RE)
+            return cls(data["id"], op, name=data["name"])
+        if op == "extend":
+            _no_unknown("command", data, {"id", "op", "duration_s"})
+            duration = data.get("duration_s")
+            if (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                    or not 0 < duration <= MAX_DURATION_S or duration != duration):
+                raise ProtocolError(f"command.duration_s: must be seconds above 0 and at most {MAX_DURATION_S}")
+            return cls(data["id"], op, duration_s=float(duration))
         if op == "prefetch":
             _no_unknown("command", data, {"id", "op", "images"})
             items = data.get("images")
@@ -376,13 +392,17 @@ class Command:
         elif self.op == "stop-vm":
             out["name"] = self.name
             out["force"] = self.force
+        elif self.op in ("suspend-vm", "resume-vm"):
+            out["name"] = self.name
         elif self.op == "prefetch":
             out["images"] = [image.to_dict() for image in self.images]
+        elif self.op == "extend":
+            out["duration_s"] = self.duration_s
         return out
 
     @property
     def vm_name(self) -> str | None:
-        """The VM this command is about (None for ``release`` and ``prefetch``)."""
+        """The VM this command is about (None for ``release``, ``prefetch`` and ``extend``)."""
         return self.vm.name if self.vm is not None else self.name
 
 

@@ -46,7 +46,9 @@ STATES = frozenset(
         "vm-running",
         "vm-stopped",
         "vm-failed",
+        "vm-paused",
         "fetching",
+        "extended",
         "error",
     }
 )

@@ -19,16 +19,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind, noun: str = "a number"):
-    """An argparse type: a ``kind`` (int or float) above 0 and at most :data:`MAX_ARGUMENT`."""
+def positive(kind, noun: str = "a number", *, zero: bool = False):
+    """An argparse type: a ``kind`` (int or float) above 0 (or 0 too, with ``zero``) and at most
+    :data:`MAX_ARGUMENT`."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"{text} must be {'0 or more' if zero else 'above 0'}")
         if not value <= MAX_ARGUMENT:
             raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_ARGUMENT})")
         return value

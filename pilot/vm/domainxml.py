@@ -17,6 +17,9 @@ import xml.etree.ElementTree as ET
 from pilot.vm.check import CheckedVm, VmRefused
 from pilot.vm.tag import VmTag
 
+#: The virtio-serial port over which the pilot tells a VM that its lease ends (docs/leases.md).
+LEASE_CHANNEL = "org.workspace-pilot.lease.0"
+
 VIRT_TYPES = ("kvm", "qemu", "xen", "test")
 _KVM_MODULES = ("kvm_intel", "kvm_amd")
 
@@ -130,6 +133,11 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(filesystem, "source", socket=socket_path)
         ET.SubElement(filesystem, "target", dir=share_tag)
     _console(devices, vm.console, pv, capped=virt_type in ("kvm", "qemu"))
+    if not xen:
+        # The lease channel: a virtio-serial port the pilot writes the lease's end to (docs/leases.md). No
+        # source path: libvirt makes the unix socket in its own channel directory, where only root reaches it.
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "target", type="virtio", name=LEASE_CHANNEL)
     ET.SubElement(devices, "memballoon", model="xen" if xen else "virtio")
     return ET.tostring(domain, encoding="unicode")
 

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable
 
-from pilot.vm.domainxml import choose_virt_type, render_domain
+from pilot.vm.domainxml import LEASE_CHANNEL, choose_virt_type, render_domain
 from pilot.protocol import VmSpec
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # libvirt's VIR_ERR_NO_DOMAIN, without importing libvirt at module level.
 _ERR_NO_DOMAIN = 42
+#: How long one write to a VM's lease channel may block (a guest that does not read fills it).
+CHANNEL_TIMEOUT_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +72,16 @@ class _Vm:
     domain_name: str
     domain: object
     holds: tuple[int, ...] = ()  # shared locks on the cached images it uses (eviction skips those)
+    channel: object = None  # the connected socket of its lease channel, once a warning was written
 
     def let_go(self) -> None:
-        """Release the VM's hold on its cached images (it no longer runs)."""
+        """Release the VM's hold on its cached images and its lease channel (it no longer runs)."""
         holds, self.holds = self.holds, ()
         for fd in holds:
             os.close(fd)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
 
 
 class VmHost:
@@ -278,23 +284,14 @@ class VmHost:
         libvirt, missing = _import_libvirt()
         if libvirt is None:
             return VmOutcome(False, name, missing)
+        domain, refused = self._own_domain(libvirt, name, forget_gone=True)
+        if domain is None:
+            return refused
         domain_name = self.domain_name(name)
-        with self._lock:
-            try:
-                conn = self._connection()
-                domain = conn.lookupByName(domain_name)
-                tag = read_tag(domain)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != _ERR_NO_DOMAIN:
-                    return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
-                if self._vms.pop(name, None) or self._gone.pop(name, None):
-                    return VmOutcome(True, name, "already gone (it ended on its own)")
-                return VmOutcome(False, name, f"not a VM of this slot: no domain {domain_name} on this node")
-            if tag is None or tag.slot != self.slot:
-                owner = "has no pilot tag" if tag is None else f"belongs to slot {tag.slot}"
-                return VmOutcome(False, name, f"not a VM of this slot: domain {domain_name} {owner}")
         started = time.monotonic()
         try:
+            if not force and domain.info()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                domain.resume()  # a paused guest cannot hear the shutdown request
             if not force:
                 if self._shutdown_and_wait(domain, timeout_s):
                     how = f"shut down in {time.monotonic() - started:.1f} s"
@@ -310,6 +307,76 @@ class VmHost:
         self._forget(name)
         log.info("stopped VM %s (%s) in %.1f ms", name, how, (time.monotonic() - started) * 1000)
         return VmOutcome(True, name, how)
+
+    def _own_domain(self, libvirt, name: str, *, forget_gone: bool = False):
+        """(this slot's domain of VM ``name``, None), or (None, the refusal): no such domain, another slot's, or
+        libvirt could not say. With ``forget_gone`` a VM on the books whose domain is gone is an ``ok`` outcome."""
+        domain_name = self.domain_name(name)
+        with self._lock:
+            try:
+                conn = self._connection()
+                domain = conn.lookupByName(domain_name)
+                tag = read_tag(domain)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != _ERR_NO_DOMAIN:
+                    return None, VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
+                if forget_gone and (self._vms.pop(name, None) or self._gone.pop(name, None)):
+                    return None, VmOutcome(True, name, "already gone (it ended on its own)")
+                return None, VmOutcome(False, name, f"not a VM of this slot: no domain {domain_name} on this node")
+            if tag is None or tag.slot != self.slot:
+                owner = "has no pilot tag" if tag is None else f"belongs to slot {tag.slot}"
+                return None, VmOutcome(False, name, f"not a VM of this slot: domain {domain_name} {owner}")
+        return domain, None
+
+    def pause(self, name: str, *, resume: bool = False) -> VmOutcome:
+        """Suspend this slot's VM ``name`` (its vCPUs stop; it keeps its memory), or with ``resume`` let it run
+        again. A VM already in the state asked for is an ``ok`` outcome; only this slot's domains are touched."""
+        libvirt, missing = _import_libvirt()
+        if libvirt is None:
+            return VmOutcome(False, name, missing)
+        domain, refused = self._own_domain(libvirt, name)
+        if domain is None:
+            return refused
+        started = time.monotonic()
+        try:
+            paused = domain.info()[0] == libvirt.VIR_DOMAIN_PAUSED
+            if paused == (not resume):
+                return VmOutcome(True, name, "already " + ("paused" if paused else "running"))
+            domain.resume() if resume else domain.suspend()
+        except libvirt.libvirtError as exc:
+            return VmOutcome(False, name, f"libvirt could not {'resume' if resume else 'suspend'} "
+                                          f"{self.domain_name(name)}: {one_line(exc)}")
+        how = f"{'resumed' if resume else 'suspended'} in {(time.monotonic() - started) * 1000:.1f} ms"
+        log.info("VM %s %s", name, how)
+        return VmOutcome(True, name, how)
+
+    def warn(self, line: str) -> list[str]:
+        """Write ``line`` (one line of text) to the lease channel of each VM this host runs; the names reached.
+
+        The channel is a virtio-serial port named :data:`LEASE_CHANNEL`
+        (``/dev/virtio-ports/org.workspace-pilot.lease.0`` in a guest with
+        udev); libvirt gives it a unix socket, which this pilot connects to
+        once per VM and keeps open (a guest that opens the port later still
+        reads what was written). A VM whose channel cannot be reached is
+        logged and skipped: the warning is a courtesy, the stop comes anyway.
+        """
+        with self._lock:
+            vms = list(self._vms.items())
+        data = (line.rstrip("\n") + "\n").encode()
+        reached = []
+        for name, vm in vms:
+            try:
+                channel = vm.channel or _open_channel(vm.domain)
+                vm.channel = channel
+                channel.sendall(data)
+            except (OSError, ValueError) as exc:
+                log.warning("could not warn VM %s on its lease channel: %s", name, exc)
+                continue
+            except Exception as exc:  # libvirtError reading the live XML
+                log.warning("could not find VM %s's lease channel: %s", name, one_line(exc))
+                continue
+            reached.append(name)
+        return reached
 
     def _shutdown_and_wait(self, domain, timeout_s: float) -> bool:
         """Ask for a shutdown; True once the domain is no longer active, False on timeout or teardown."""
@@ -509,3 +576,24 @@ def _destroy(domain) -> bool:
             return False
         raise
     return True
+
+
+def _open_channel(domain):
+    """A connected socket to the domain's lease channel (its unix socket, from the live XML); OSError or
+    ValueError (no such channel) when there is none to reach."""
+    import socket
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(domain.XMLDesc(0))
+    for channel in root.iterfind("./devices/channel"):
+        target, source = channel.find("target"), channel.find("source")
+        if target is not None and target.get("name") == LEASE_CHANNEL and source is not None and source.get("path"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(CHANNEL_TIMEOUT_S)
+            try:
+                sock.connect(source.get("path"))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+    raise ValueError(f"domain {domain.name()} has no {LEASE_CHANNEL} channel with a socket")

@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class VmHosting:
-    """The command channel and the VMs of one slot; ``on_stop(reason, kind)`` is the pilot's stop request.
+    """The command channel and the VMs of one slot; ``on_stop(reason, kind)`` is the pilot's stop request,
+    ``on_extend(duration_s)`` its deadline move (see :class:`VmWorker`).
 
     ``kind`` is ``release`` (the service's release command) or ``gone`` (a
     404 on the poll: the service no longer knows the slot).
     """
 
     def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
-                 on_stop: Callable[[str, str], None], peer_key: str | None = None):
+                 on_stop: Callable[[str, str], None], peer_key: str | None = None, on_extend=None):
         self.config = config
         self.notifier = notifier
         self.memory = memory
@@ -40,7 +41,7 @@ class VmHosting:
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
         self.worker = VmWorker(
             self._make_host if self.uri else None, notifier, held, lambda reason: on_stop(reason, "release"),
-            shutdown_timeout_s=config.shutdown_timeout_s,
+            on_extend=on_extend, shutdown_timeout_s=config.shutdown_timeout_s,
             no_vms_reason="this node hosts no VMs: its pilot config sets [libvirt] uri empty",
         )
         self._on_stop = on_stop
@@ -96,6 +97,11 @@ class VmHosting:
         self._started = True
         log.info("polling %s for commands (wait %g s); VMs at %s", self.poller.base + self.poller.path,
                  self.config.poll_wait_s, self.uri or "nowhere (no libvirt)")
+
+    def warn(self, line: str) -> None:
+        """Write ``line`` to every VM's lease channel (on the worker thread, soon; a no-op before :meth:`start`)."""
+        if self._started:
+            self.worker.warn(line)
 
     def wait_empty(self, until: float) -> list[str]:
         """Keep taking the service's stop-vm commands until this slot runs no VM or the monotonic ``until``.

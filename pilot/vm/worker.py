@@ -42,13 +42,16 @@ CODE_NO_VMS = 2
 
 
 class VmWorker:
-    """Runs start-vm / stop-vm / release for one slot on this node.
+    """Runs the service's commands for one slot on this node (VM start, stop, suspend, resume; release; prefetch;
+    extend) and the pilot's warnings to the VMs.
 
     ``make_host()`` builds the :class:`pilot.vm.host.VmHost` on the first
     start (None: this node hosts no VMs, every start is refused with
     ``no_vms_reason``). ``held_mb()`` is the memory the pilot holds (for
     the notifications' ``memory_mb``). ``on_release(reason)`` is the
-    pilot's stop request.
+    pilot's stop request; ``on_extend(duration_s)`` moves the pilot's
+    deadline for the lease's new duration and returns (its deadline in
+    epoch seconds or None, 0 if it moved else 1, what happened in words).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class VmWorker:
         held_mb: Callable[[], int],
         on_release: Callable[[str], None],
         *,
+        on_extend: Callable[[float], tuple[float | None, int, str]] | None = None,
         shutdown_timeout_s: float = 30.0,
         check_every_s: float = 5.0,
         no_vms_reason: str = "this node hosts no VMs",
@@ -67,6 +71,7 @@ class VmWorker:
         self.notifier = notifier
         self.held_mb = held_mb
         self.on_release = on_release
+        self.on_extend = on_extend
         self.shutdown_timeout_s = shutdown_timeout_s
         self.check_every_s = check_every_s
         self.no_vms_reason = no_vms_reason
@@ -87,6 +92,10 @@ class VmWorker:
             self._seen[command.id] = now
             self._queue.put(command)
 
+    def warn(self, line: str) -> None:
+        """Queue ``line`` for every VM's lease channel (written by the worker thread, in order with the commands)."""
+        self._queue.put(("warn", line))
+
     # -- the worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -97,6 +106,12 @@ class VmWorker:
                 item = None
             if self._stopping.is_set() or item is False:
                 return
+            if isinstance(item, tuple):  # a warning for the VMs
+                if self.host is not None:
+                    reached = self.host.warn(item[1])
+                    log.info("lease channel: %r written to %d VM(s)%s", item[1], len(reached),
+                             f" ({', '.join(reached)})" if reached else "")
+                item = None
             if item is not None:  # a Command (None only wakes the worker; False stops it, above)
                 try:
                     self._carry_out(item)
@@ -126,6 +141,21 @@ class VmWorker:
             # that needs the same image waits for this download on the cache's lock instead of fetching twice).
             threading.Thread(target=self._prefetch, args=(host, command), name=f"prefetch-{command.id}",
                              daemon=True).start()
+            return
+        if command.op == "extend":
+            self._extend(command)
+            return
+        if command.op in ("suspend-vm", "resume-vm"):
+            resume = command.op == "resume-vm"
+            if self.host is None:
+                self._report(command, "vm-failed", CODE_NO_VMS, f"no VM {command.name} on this node")
+                return
+            outcome = self.host.pause(command.name, resume=resume)
+            if outcome.ok:
+                self._report(command, "vm-running" if resume else "vm-paused", 0, outcome.reason)
+            else:
+                log.warning("command %d: %s of VM %s failed: %s", command.id, command.op, command.name, outcome.reason)
+                self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
             return
         if command.op == "start-vm":
             create = time.time()  # the first start-vm also imports libvirt and connects: that is create's too
@@ -159,6 +189,18 @@ class VmWorker:
         else:
             log.warning("command %d: stop of VM %s failed: %s", command.id, command.name, outcome.reason)
             self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
+
+    def _extend(self, command: Command) -> None:
+        """Move the pilot's deadline for the lease's new duration; report ``extended`` with where it is now."""
+        if self.on_extend is None:
+            at, code, message = None, CODE_REFUSED, "this pilot cannot move its deadline"
+        else:
+            at, code, message = self.on_extend(command.duration_s)
+        log.info("command %d: extend to %g s: %s", command.id, command.duration_s, message)
+        self.notifier.notify(
+            "extended", self.held_mb(), code=code, command=command.id, message=message[:4000] or None,
+            expires_at=format_epoch(at) if at is not None else None, deliver_within=REPORT_WITHIN_S,
+        )
 
     def _prefetch(self, host, command: Command) -> None:
         from pilot.images.cache import CacheError

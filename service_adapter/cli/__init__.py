@@ -1,7 +1,8 @@
 """``workspace-lease``: the service side's command.
 
-``serve`` runs the service; ``reserve``, ``release``, ``list``, ``show``,
-``usage``, ``vm start|stop|list`` and ``image ...`` are the operators' client
+``serve`` runs the service; ``reserve``, ``release``, ``extend``, ``list``,
+``show``, ``events``, ``usage``, ``vm start|stop|suspend|resume|list`` and
+``image ...`` are the operators' client
 of its HTTP API (``image keygen|sign`` are the endorser's local tools); ``demo`` runs one lease on this machine through the embedded local site.
 The parts: :mod:`.parser` (the command line), :mod:`.vmspec` (VM requests),
 :mod:`.commands` (the API client commands), :mod:`.local` (serve, demo,

@@ -1,4 +1,5 @@
-"""The operators' commands against the service's HTTP API: reserve, release, list, show, usage, vm start|stop|list."""
+"""The operators' commands against the service's HTTP API: reserve, release, extend, list, show, events, usage,
+vm start|stop|suspend|resume|list."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from service_adapter.cli.common import (
     EXIT_UNTRUSTED, EXIT_USAGE, FAILED_STATES, UP_STATES, Exit, say,
 )
 from service_adapter.cli.images import image_command
-from service_adapter.cli.render import lease_table, lease_text, reason_suffix, vm_table
+from service_adapter.cli.render import event_line, lease_table, lease_text, reason_suffix, vm_table
 
 VM_ENDED = ("stopped", "failed", "lost")
 STOP_FAILED = "stop failed"  # how the service's reason starts when a pilot reported that a stop-vm failed
@@ -130,7 +131,7 @@ def _wait_timeout(args) -> float:
 
 
 def _cmd_reserve(client, args) -> int:
-    lease = client.reserve(args.nodes, args.memory, args.duration, images=args.images)
+    lease = client.reserve(args.nodes, args.memory, args.duration, images=args.images, start_at=args.start_at)
     if args.wait:
         try:
             lease = _wait_for(client, lease["id"], UP_STATES, _wait_timeout(args))
@@ -151,6 +152,39 @@ def _cmd_release(client, args) -> int:
     failed = lease.get("state") in FAILED_STATES
     return _shown(args, lease, lease_text(lease),
                   failed and f"lease {args.lease} ended {lease.get('state')}" + reason_suffix(lease))
+
+
+def _cmd_extend(client, args) -> int:
+    lease = client.extend(args.lease, args.by)
+    if args.json:
+        _print_json(lease)
+    else:
+        print(lease_text(lease))
+    return EXIT_OK
+
+
+def _cmd_events(client, args) -> int:
+    """Print the lease's events; with --follow, poll (at most every 0.5 s) until it has ended."""
+    deadline = time.monotonic() + _wait_timeout(args)
+    after, delay = args.after, 0.1
+    while True:
+        events = client.events(args.lease, after).get("events", [])
+        for event in events:
+            print(json.dumps(event, sort_keys=True) if args.json else event_line(event), flush=True)
+            after = max(after, int(event.get("seq", after)))
+        if not args.follow:
+            return EXIT_OK
+        lease = client.show(args.lease) if not events else None
+        if lease is not None and lease.get("terminal"):
+            if client.events(args.lease, after).get("events"):
+                continue  # its last events came after the read above: print them first
+            return EXIT_FAILED if lease.get("state") in FAILED_STATES else EXIT_OK
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            say(f"lease {args.lease} has not ended after {_wait_timeout(args):g} s; it goes on")
+            return EXIT_TIMEOUT
+        time.sleep(min(delay if not events else 0.1, remaining))
+        delay = min(delay * 1.5, 0.5)
 
 
 def _cmd_list(client, args) -> int:
@@ -218,6 +252,23 @@ def _cmd_vm_stop(client, args) -> int:
                   failed and f"VM {args.name} of lease {args.lease} is {vm.get('state')}" + reason_suffix(vm))
 
 
+def _cmd_vm_pause(client, args) -> int:
+    resume = args.vm_command == "resume"
+    vm = client.pause_vm(args.lease, args.name, resume=resume)
+    wanted = "running" if resume else "paused"
+    if args.wait:
+        def done(found: dict) -> bool:
+            return found.get("state") in (wanted, *VM_ENDED) or "failed:" in str(found.get("reason", ""))
+
+        try:
+            (vm,) = _wait_for_vms(client, args.lease, [args.name], done, args.wait, "waiting for its " + args.vm_command)
+        except Exit as exc:
+            return exc.code
+    failed = args.wait and vm.get("state") != wanted
+    return _shown(args, vm, vm_table([vm]),
+                  failed and f"VM {args.name} of lease {args.lease} is {vm.get('state')}" + reason_suffix(vm))
+
+
 def _cmd_vm_list(client, args) -> int:
     body = client.list_vms(args.lease)
     if args.json:
@@ -261,11 +312,12 @@ def _wait_for_vms(client, lease_id: str, names: list[str], done, timeout_s: floa
         delay = min(delay * 1.5, 0.5)
 
 
-_VM_COMMANDS = {"start": _cmd_vm_start, "stop": _cmd_vm_stop, "list": _cmd_vm_list}
+_VM_COMMANDS = {"start": _cmd_vm_start, "stop": _cmd_vm_stop, "suspend": _cmd_vm_pause, "resume": _cmd_vm_pause,
+                "list": _cmd_vm_list}
 
 _COMMANDS = {
-    "reserve": _cmd_reserve, "release": _cmd_release, "list": _cmd_list, "show": _cmd_show, "usage": _cmd_usage,
-    "vm": _cmd_vm, "image": image_command,
+    "reserve": _cmd_reserve, "release": _cmd_release, "extend": _cmd_extend, "list": _cmd_list, "show": _cmd_show,
+    "events": _cmd_events, "usage": _cmd_usage, "vm": _cmd_vm, "image": image_command,
 }
 
 

@@ -31,9 +31,10 @@ EXIT_CODES = {  # README.md's table says the same (tests/test_cli.py checks)
     EXIT_REFUSED: "the service refused the credentials (401/403)",
     EXIT_NOT_FOUND: "no such lease, VM, image or image list (404)",
     EXIT_TIMEOUT: "--wait gave up (after --timeout seconds; vm: after its --wait SECONDS); the lease or VM goes on",
-    EXIT_CONFLICT: "the service refused a VM request as the lease stands (409): the lease is not ready or running, "
-                   "a VM name is in use, the VMs do not fit its hosts, an image is not endorsed and approved, or "
-                   "the VM has ended already; nothing was queued",
+    EXIT_CONFLICT: "the service refused a request as the lease stands (409): the lease is not ready or running, "
+                   "a VM name is in use, the VMs do not fit its hosts, an image is not endorsed and approved, "
+                   "the VM has ended already or is not running (suspend) or paused (resume); or an extension the "
+                   "batch system or the partition's limit refused; nothing was queued or changed",
     EXIT_UNTRUSTED: "an image list was refused (bad signature, untrusted endorser key, expired, malformed); "
                     "nothing changed",
 }

@@ -9,6 +9,27 @@ from pilot.shared.cli import OneLineParser, WrappingFormatter, http_url, positiv
 from service_adapter.cli.common import EXIT_CODES_HELP
 from service_adapter.cli.images import add_image_commands
 
+def start_time(text: str) -> str:
+    """An argparse type: ``+SECONDS`` or an ISO 8601 date and time (local unless it has Z or an offset), as the
+    API's RFC 3339 UTC string."""
+    import datetime
+
+    text = text.strip()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        if text.startswith("+"):
+            when = now + datetime.timedelta(seconds=float(text[1:]))
+        else:
+            when = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+            when = when.astimezone(datetime.timezone.utc)  # a naive time is the local time
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not +SECONDS or a date and time such as 2026-12-24T18:00 (or ...Z)") from None
+    if when <= now:
+        raise argparse.ArgumentTypeError(f"{text[:60]} is not in the future")
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _lease_id(text: str) -> str:
     if not text or len(text) > 64 or "/" in text or not text[0].isalnum():
         raise argparse.ArgumentTypeError(f"{text!r} is not a lease id")
@@ -40,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workspace-lease",
         description=(
             "Lease batch nodes' memory to virtual machines through pilot jobs. 'serve' runs the service; "
-            "reserve, release, list, show, usage and vm (start, stop, list a lease's VMs) talk to it over HTTP "
+            "reserve, release, extend, list, show, events, usage and vm (start, stop, suspend, resume, list a "
+            "lease's VMs) talk to it over HTTP "
             "(digest-authenticated as an operator); 'demo' runs one lease on this machine."
         ),
         epilog=EXIT_CODES_HELP,
@@ -84,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an image (by its image list identifier) the lease's VMs will use: each host fetches "
                               "it into its cache as soon as it has reserved, so a VM start does not wait for the "
                               "download; it must be approved here (exit 8 otherwise). Repeatable")
+    reserve.add_argument("--start-at", type=start_time, metavar="TIME",
+                         help="start the lease later: +SECONDS from now, or a date and time (2026-12-24T18:00, "
+                              "local time unless it ends in Z or an offset such as +01:00). The pilot job is "
+                              "submitted now with the batch system's begin time, so it plans the nodes in "
+                              "advance; the lease is 'scheduled' until then, and a release cancels it cleanly")
     reserve.add_argument("--wait", action="store_true",
                          help="block until the lease is ready (exit 0) or has ended (exit 1), "
                               "at most --timeout (exit 7)")
@@ -97,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--wait", action="store_true",
                          help="block until the lease has ended: released or expired (exit 0), "
                               "failed or missing (exit 1)")
+
+    extend = sub(
+        "extend", "make a lease longer",
+        "Ask for a lease to last SECONDS longer. The service first asks the batch system for the pilot job's "
+        "longer time limit (its policy decides, and the partition's or queue's limit: beyond it the extension "
+        "is refused, exit 8, and nothing changes); only then does it tell each pilot, which moves its own "
+        "deadline. Prints the lease with its new duration and end.",
+    )
+    extend.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    extend.add_argument("--by", required=True, type=positive(float), metavar="SECONDS", help="how much longer")
+
+    events = sub(
+        "events", "a lease's history: its states, its before-end event, its extensions",
+        "Print a lease's events, oldest first, one per line: number, time, kind (created, state, ending, "
+        "extended) and what happened. 'ending' is the before-end event, recorded [pilots] warn_before seconds "
+        "before the lease's end (or at a release), when the pilots warn their VMs.",
+    )
+    events.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    events.add_argument("--after", type=positive(int, "a whole number", zero=True), default=0, metavar="N",
+                        help="only the events numbered above N (what an earlier call printed last)")
+    events.add_argument("--follow", action="store_true",
+                        help="keep printing new events until the lease has ended: exit 0 released or expired, "
+                             "1 failed or missing; at most --timeout (exit 7)")
 
     listing = sub("list", "list leases", "List leases, optionally only some states or one owner's.")
     listing.add_argument("--state", action="append", metavar="STATE",
@@ -209,11 +259,12 @@ def _sha256(text: str) -> str:
 
 def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     vm = commands.add_parser(
-        "vm", help="start, stop and list a lease's virtual machines",
+        "vm", help="start, stop, suspend, resume and list a lease's virtual machines",
         description=(
             "The VMs of a ready lease: 'vm start' places them on the lease's hosts (each host's reserved "
             "memory respected, with the service's per-VM overhead) and queues their start to the pilots; "
-            "'vm stop' queues a stop; 'vm list' shows them. The pilots report each outcome."
+            "'vm stop' queues a stop; 'vm suspend' and 'vm resume' pause a VM and let it run again; "
+            "'vm list' shows them. The pilots report each outcome."
         ),
         epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter,
     )
@@ -289,6 +340,20 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
     stop.add_argument("--wait", type=positive(float), metavar="SECONDS",
                       help="then wait up to SECONDS until it has stopped (exit 0), or the stop failed or the "
                            "VM was lost (exit 1); exit 7 if still stopping then")
+
+    for action, doing in (("suspend", "pause"), ("resume", "let run again")):
+        pause = sub(
+            action, f"{doing} a VM of a lease",
+            ("Queue a suspend of a running VM: its pilot pauses it (libvirt suspend): it keeps its memory on "
+             "the node and uses no CPU until resumed. 'vm list' shows it paused." if action == "suspend" else
+             "Queue a resume of a paused VM: it runs again where it stopped.")
+            + " Refused (exit 8) if the VM is not " + ("running." if action == "suspend" else "paused."),
+        )
+        pause.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+        pause.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name")
+        pause.add_argument("--wait", type=positive(float), metavar="SECONDS",
+                           help="then wait up to SECONDS until the pilot has done it (exit 0), or it failed "
+                                "(exit 1); exit 7 if not done then")
 
     listing = sub("list", "list a lease's VMs",
                   "List a lease's VMs, oldest first (ended ones too): name, host, state, memory and why.")

@@ -55,6 +55,17 @@ def lease_table(leases: list[dict]) -> str:
     )
 
 
+def event_line(event: dict) -> str:
+    """One event of a lease's history: ``SEQ  TIME  KIND  OLD -> NEW  REASON`` (only the state for the others)."""
+    kind = str(event.get("kind", "?"))
+    if kind in ("created", "state"):
+        states = f"{event.get('old_state') or '-'} -> {event.get('new_state')}"
+    else:
+        states = str(event.get("new_state"))
+    return printable(f"{event.get('seq', '?'):>6}  {_when(event.get('at'))}  {kind:<8}  {states}  "
+                     f"{event.get('reason', '')}")
+
+
 def vm_table(vms: list[dict]) -> str:
     if not vms:
         return "no VMs"
@@ -73,7 +84,7 @@ def vm_table(vms: list[dict]) -> str:
 
 _SHOWN_FIRST = (
     "id", "state", "reason", "owner", "nodes", "memory_mb", "duration_s", "slot", "job_id",
-    "created_at", "ready_at", "release_requested_at", "expires_at", "ended_at", "updated_at",
+    "created_at", "start_at", "ready_at", "release_requested_at", "expires_at", "ended_at", "updated_at",
 )
 
 

@@ -7,11 +7,12 @@
 
 from service_adapter.lease.manager import LeaseManager
 from service_adapter.lease.rules import (
-    LEASE_STATES, TERMINAL_STATES, Decision, InvalidLease, LeaseError, LeaseState, Timing, UnknownLease, decide,
+    LEASE_STATES, TERMINAL_STATES, Decision, ExtensionRefused, InvalidLease, LeaseError, LeaseState, Timing,
+    UnknownLease, decide,
 )
-from service_adapter.lease.views import LeaseInfo, Usage, vm_json
+from service_adapter.lease.views import LeaseInfo, Usage, event_json, vm_json
 
 __all__ = [
-    "LEASE_STATES", "TERMINAL_STATES", "Decision", "InvalidLease", "LeaseError", "LeaseInfo", "LeaseManager",
-    "LeaseState", "Timing", "UnknownLease", "Usage", "decide", "vm_json",
+    "LEASE_STATES", "TERMINAL_STATES", "Decision", "ExtensionRefused", "InvalidLease", "LeaseError", "LeaseInfo",
+    "LeaseManager", "LeaseState", "Timing", "UnknownLease", "Usage", "decide", "event_json", "vm_json",
 ]

@@ -21,8 +21,10 @@ import uuid
 from typing import Callable, Iterable
 
 from service_adapter.commandboard import CommandBoard
+from pilot.protocol import format_epoch, parse_time
+from pilot.shared.errors import first_line
 from service_adapter.lease.rules import (
-    HOLDING, LEASE_STATES, InvalidLease, LeaseError, Timing, UnknownLease, decide,
+    HOLDING, LEASE_STATES, ExtensionRefused, InvalidLease, LeaseError, Timing, UnknownLease, decide,
 )
 from service_adapter.lease.views import LeaseInfo, Usage
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
@@ -34,6 +36,12 @@ log = logging.getLogger("service_adapter.lease")
 MAX_REST_S = 0.5
 #: The longest a tick reuses pilots an earlier tick read (see ``_pilots_and_vms``).
 REREAD_S = 30.0
+#: How far ahead a lease may be asked to start.
+MAX_START_AHEAD_S = 366 * 86400
+#: The most one extension may add.
+MAX_EXTENSION_S = 10**8
+#: The states in which a lease may be extended (its job is queued or its hosts hold it).
+EXTENDABLE = ("scheduled", "pending", "reserving", "ready", "running")
 
 
 class LeaseManager:
@@ -54,7 +62,7 @@ class LeaseManager:
         self, store: Store, provider: Provider, *, contact: str, pilot_config: str, grace_s: float = 10.0,
         queue_timeout_s: float = 300.0, release_grace_s: float = 30.0, status_interval_s: float = 2.0,
         clock: Callable[[], float] = time.time, board: CommandBoard | None = None,
-        lost_after_s: float | None = None,
+        lost_after_s: float | None = None, warn_before_s: float = 0.0,
     ):
         checked = [("grace_s", grace_s), ("queue_timeout_s", queue_timeout_s),
                    ("release_grace_s", release_grace_s), ("status_interval_s", status_interval_s)]
@@ -63,6 +71,9 @@ class LeaseManager:
         for name, value in checked:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a number above 0, got {value!r}")
+        if not (isinstance(warn_before_s, (int, float)) and math.isfinite(warn_before_s) and warn_before_s >= 0):
+            raise ValueError(f"warn_before_s must be a number, 0 or more, got {warn_before_s!r}")
+        self.warn_before_s = warn_before_s
         self.store = store
         self.provider = provider
         self.contact = contact
@@ -87,11 +98,14 @@ class LeaseManager:
     # -- requests ------------------------------------------------------------------
 
     def reserve(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
-                images: list[dict] | None = None) -> LeaseInfo:
+                images: list[dict] | None = None, start_at: float | None = None) -> LeaseInfo:
         """Record a lease of ``nodes`` x ``memory_mb`` MB for ``duration_s`` s, then submit its pilot job.
 
         ``images`` (listed images, already resolved by the image catalogue)
-        are prefetched by each host as soon as it has reserved.
+        are prefetched by each host as soon as it has reserved. With
+        ``start_at`` (epoch seconds, in the future) the job is submitted at
+        once with that begin time, so the batch system plans the nodes in
+        advance; the lease is ``scheduled`` until then.
 
         The lease and its slot are committed before the job is submitted, so
         a pilot's first notification finds them. Raises
@@ -101,23 +115,26 @@ class LeaseManager:
         """
         _check_request(nodes, memory_mb, duration_s, owner)
         now = self.clock()
+        _check_start(start_at, now)
         lease_id, slot = str(uuid.uuid4()), str(uuid.uuid4())
         self.store.create_lease(
             lease_id, slot, owner=owner, nodes=nodes, memory_mb=memory_mb, duration_s=duration_s, now=now,
-            images=images,
+            images=images, start_at=start_at,
         )
-        log.info("lease %s created for %s: %d x %d MB for %g s (slot %s)",
-                 lease_id, owner, nodes, memory_mb, duration_s, slot)
+        log.info("lease %s created for %s: %d x %d MB for %g s%s (slot %s)", lease_id, owner, nodes, memory_mb,
+                 duration_s, "" if start_at is None else f" from {format_epoch(start_at)}", slot)
         job = PilotJob(slot, nodes, memory_mb, duration_s, self.grace_s, self.contact, self.pilot_config,
-                       lease=lease_id, slot_secret=self.store.slot_secret(slot))
+                       lease=lease_id, slot_secret=self.store.slot_secret(slot), begin_at=start_at,
+                       warn_before_s=self.warn_before_s)
         submit_started = self.clock()
         try:
             job_id = self.provider.submit(job)
         except Exception as exc:
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reason = f"the LRM refused the pilot job: {message}"
-            if self.store.transition_lease(lease_id, "pending", "failed", reason, now=self.clock(), ended=True):
-                log.info("lease %s: pending -> failed: %s", lease_id, reason)
+            first = "pending" if start_at is None else "scheduled"
+            if self.store.transition_lease(lease_id, first, "failed", reason, now=self.clock(), ended=True):
+                log.info("lease %s: %s -> failed: %s", lease_id, first, reason)
             if isinstance(exc, ProviderError):
                 raise LeaseError(reason, lease_id) from exc
             raise
@@ -136,7 +153,7 @@ class LeaseManager:
         if LEASE_STATES[row.state].terminal:
             return self.get(lease_id)
         with self._lock:
-            if self.store.request_release(lease_id, self.clock()):
+            if self.store.request_release(lease_id, self.clock(), warn=self.warn_before_s > 0):
                 log.info("lease %s: release requested (state %s)", lease_id, row.state)
             self._tick([lease_id])
         return self.get(lease_id)
@@ -160,10 +177,56 @@ class LeaseManager:
             self._row(lease_id)
         return Usage(*self.store.usage_totals(lease_id=lease_id, owner=owner))
 
-    def history(self, lease_id: str) -> list[LeaseEvent]:
-        """The lease's creation and each of its transitions, in order; raises UnknownLease."""
+    def history(self, lease_id: str, after: int = 0) -> list[LeaseEvent]:
+        """The lease's creation, its transitions and events (``ending``, ``extended``), in order; only those
+        numbered above ``after`` (a poller's cursor) if given. Raises UnknownLease."""
         self._row(lease_id)
-        return self.store.lease_events(lease_id)
+        return self.store.lease_events(lease_id, after)
+
+    def extend(self, lease_id: str, by_s: float) -> LeaseInfo:
+        """Lengthen a lease by ``by_s`` seconds: the batch system first, then the lease, then its pilots.
+
+        The provider asks the batch system for the job's longer time limit
+        (its policy and the partition's limit decide); only when that
+        succeeded is the lease's duration and end moved, and each host that
+        holds the lease told its new duration over the command channel (the
+        pilot moves its own deadline, never past what the batch system now
+        allows, and reports its new ``expires_at``). Raises
+        :class:`UnknownLease`; :class:`InvalidLease` for a bad ``by_s``;
+        :class:`ExtensionRefused` (nothing changed) when the lease cannot be
+        extended as it stands or the batch system said no.
+        """
+        if (not isinstance(by_s, (int, float)) or isinstance(by_s, bool) or not math.isfinite(by_s)
+                or not 0 < by_s <= MAX_EXTENSION_S):
+            raise InvalidLease(f"by_s must be a number of seconds above 0 and at most {MAX_EXTENSION_S}, "
+                               f"got {by_s!r}")
+        with self._lock:
+            row = self._row(lease_id)
+            if row.state not in EXTENDABLE or row.release_requested_at is not None:
+                why = "a release was asked" if row.release_requested_at is not None else f"it is {row.state}"
+                raise ExtensionRefused(f"lease {lease_id} cannot be extended: {why}", lease_id)
+            if row.job_id is None:
+                raise ExtensionRefused(f"lease {lease_id} cannot be extended: its job is not submitted yet", lease_id)
+            pilots = self.store.pilots(row.slot)
+            leaving = [p.host for p in pilots if p.ended_by is not None or p.lost_at is not None]
+            if leaving:
+                raise ExtensionRefused(f"lease {lease_id} cannot be extended: {', '.join(leaving)} already "
+                                       "ended its hold", lease_id)
+            duration = row.duration_s + by_s
+            try:
+                self.provider.extend(row.job_id, duration)
+            except ProviderError as exc:
+                raise ExtensionRefused(f"lease {lease_id} cannot be extended by {by_s:g} s: "
+                                       f"{first_line(exc)}", lease_id) from exc
+            reason = f"extended by {by_s:g} s to {duration:g} s: the batch system's time limit is raised"
+            told = self.store.extend_lease(lease_id, row.duration_s, by_s, reason, self.clock())
+            if told is None:
+                # Changed under us (another manager's extension, or it ended): the LRM's limit is only longer.
+                raise ExtensionRefused(f"lease {lease_id} changed while it was being extended: look again",
+                                       lease_id)
+            reason += f"; {told} host(s) told"
+            log.info("lease %s: %s", lease_id, reason)
+        return self.get(lease_id)
 
     def wait(self, lease_id: str, states: Iterable[str], timeout: float) -> LeaseInfo | None:
         """Block until the lease is in one of ``states`` (woken by commits); None on timeout.
@@ -211,6 +274,7 @@ class LeaseManager:
                 )
             if not LEASE_STATES[row.state].terminal:
                 row = self._advance(row, job_state, now, changes, pilots.get(row.slot, []), running.get(row.id, 0))
+                self._warn_if_ending(row)
             if (row.cancel_requested_at is not None and row.cancelled_at is None and row.job_id
                     and not job_state.finished):
                 self._cancel(row, now)
@@ -275,11 +339,13 @@ class LeaseManager:
                           row.id, row.state, decision.state)
                 break
             ended = LEASE_STATES[decision.state].terminal
-            ready_at = None
-            if decision.state == "ready":
+            ready_at = expires_at = None
+            if decision.state == "ready" and row.ready_at is None:
                 ready_at = max((p.reserved_at for p in pilots if p.reserved_at is not None), default=now)
+                expires_at = _earliest_deadline(pilots)
             if not self.store.transition_lease(row.id, row.state, decision.state, decision.reason, now=now,
-                                               ended=ended, ready_at=ready_at, cancel=decision.cancel):
+                                               ended=ended, ready_at=ready_at, cancel=decision.cancel,
+                                               expires_at=expires_at):
                 log.info("lease %s: no longer %s (changed elsewhere); looking again next tick", row.id, row.state)
                 break
             log.info("lease %s: %s -> %s: %s", row.id, row.state, decision.state, decision.reason)
@@ -287,10 +353,25 @@ class LeaseManager:
             row = dataclasses.replace(
                 row, state=decision.state, reason=decision.reason, updated_at=now,
                 ready_at=row.ready_at if row.ready_at is not None else ready_at,
+                expires_at=expires_at if expires_at is not None else row.expires_at,
                 ended_at=(row.ended_at or now) if ended else row.ended_at,
                 cancel_requested_at=(row.cancel_requested_at or now) if decision.cancel else row.cancel_requested_at,
             )
         return row
+
+    def _warn_if_ending(self, row: LeaseRow) -> None:
+        """Record the before-end event of a held lease once its end is within warn_before_s."""
+        if (not self.warn_before_s or row.state not in HOLDING or row.warned_at is not None
+                or row.expires_at is None):
+            return
+        now = self.clock()
+        left = row.expires_at - now
+        if left > self.warn_before_s:
+            return
+        reason = (f"ending: the lease ends at its deadline, {format_epoch(row.expires_at)} (in {max(left, 0):.0f} s); "
+                  "its pilots warn their VMs, then stop them")
+        if self.store.mark_warned(row.id, reason, now):
+            log.info("lease %s: %s", row.id, reason)
 
     def _give_up_silent(self, row: LeaseRow, pilots: list[PilotRow], now: float) -> bool:
         """Mark lost every holding host silent for longer than lost_after_s; whether any was marked."""
@@ -400,6 +481,30 @@ class LeaseManager:
             row, pilots=self.store.pilots(row.slot) if row.slot else [],
             usage=Usage(*self.store.usage_totals(lease_id=row.id)), vms=self.store.vms(row.id),
         )
+
+
+def _earliest_deadline(pilots: list[PilotRow]) -> float | None:
+    """The earliest deadline (``expires_at``) the pilots reported, in epoch seconds; None if none did."""
+    ends = []
+    for p in pilots:
+        if p.expires_at:
+            try:
+                ends.append(parse_time(p.expires_at).timestamp())
+            except ValueError:  # checked on receipt; an unreadable one only loses the better end
+                continue
+    return min(ends) if ends else None
+
+
+def _check_start(start_at, now: float) -> None:
+    if start_at is None:
+        return
+    if not isinstance(start_at, (int, float)) or isinstance(start_at, bool) or not math.isfinite(start_at):
+        raise InvalidLease(f"start_at must be a time, got {start_at!r}")
+    if start_at <= now:
+        raise InvalidLease(f"start_at {format_epoch(start_at)} is not in the future (now {format_epoch(now)}): "
+                           "leave it out to start at once")
+    if start_at - now > MAX_START_AHEAD_S:
+        raise InvalidLease(f"start_at {format_epoch(start_at)} is more than {MAX_START_AHEAD_S // 86400} days ahead")
 
 
 def _check_request(nodes, memory_mb, duration_s, owner) -> None:

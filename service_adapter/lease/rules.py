@@ -33,6 +33,8 @@ def _row(terminal: bool, nxt: Iterable[str], meaning: str) -> LeaseState:
 #: The whole lease lifecycle: state -> (terminal, the states it may go to, its meaning).
 #: ``decide`` makes only these transitions (tests/test_lease.py checks it rule by rule).
 LEASE_STATES: dict[str, LeaseState] = {
+    "scheduled": _row(False, {"pending", "reserving", "ready", "releasing", "failed", "missing"},
+                      "the pilot job is submitted with a begin time (start_at) the batch system holds it until"),
     "pending": _row(False, {"reserving", "ready", "releasing", "failed", "missing"},
                     "the pilot job is submitted (or being submitted); no pilot has reported"),
     "reserving": _row(False, {"ready", "releasing", "failed", "missing"},
@@ -72,6 +74,11 @@ class InvalidLease(LeaseError, ValueError):
     """A bad request (nodes, memory, duration, owner): nothing was recorded or submitted."""
 
 
+class ExtensionRefused(LeaseError):
+    """An extension that was not made: the lease cannot be extended as it stands, or the batch system refused
+    (its policy, the partition's time limit). Nothing changed; the message says why, in one line."""
+
+
 class UnknownLease(KeyError):
     """No lease has this id; ``args[0]`` is the id."""
 
@@ -106,7 +113,7 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
     """The lease's next state from what is known now. Pure: no store, no provider, no clock.
 
     ``lease`` needs ``state``, ``reason``, ``nodes``, ``created_at``,
-    ``expires_at``, ``release_requested_at`` and ``job_finished_at``;
+    ``start_at``, ``expires_at``, ``release_requested_at`` and ``job_finished_at``;
     ``pilots`` are the hosts bound to its slot with their latest state,
     ``reserved_at`` and ``ended_by``. ``job_state`` is the LRM's word:
     UNKNOWN never counts as finished, GONE does. ``vms_running`` is how
@@ -115,6 +122,9 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
 
     - a terminal state stays;
     - a pilot in ``error`` -> failed, cancel;
+    - scheduled: like pending (below), except that until ``start_at`` with
+      no host reported it stays, and the queue timeout counts from
+      ``start_at``; at ``start_at`` -> pending;
     - pending/reserving: all N hosts reserved (now or earlier) -> ready; a
       release asked -> releasing, cancel; a host already on its way out ->
       failed, cancel; the job finished -> failed; older than the queue
@@ -148,7 +158,7 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
     reserved = [p for p in pilots if p.reserved_at is not None]
     leaving = [p for p in pilots if p.ended_by is not None]
 
-    if state in ("pending", "reserving"):
+    if state in ("scheduled", "pending", "reserving"):
         if len(reserved) >= n:
             return Decision("ready", f"all {n} pilots reserved")
         if released:
@@ -164,14 +174,19 @@ def decide(lease: LeaseRow, pilots: list[PilotRow], job_state: JobState, now: fl
                 "failed",
                 f"job ended ({job_state.value}) before the lease was ready: {len(reserved)} of {n} pilots reserved",
             )
-        if now - lease.created_at > timing.queue_timeout_s:
+        waiting_since = max(lease.created_at, lease.start_at or lease.created_at)
+        if state == "scheduled" and not pilots:
+            if now < waiting_since:
+                return stay
+            return Decision("pending", "its start time came: the batch system may start the pilot job now")
+        if now - waiting_since > timing.queue_timeout_s:
             return Decision(
                 "missing",
                 f"queue timeout ({timing.queue_timeout_s:g} s): {len(pilots)} of {n} pilots reported, "
                 f"{len(reserved)} reserved; job cancelled",
                 cancel=True,
             )
-        if state == "pending" and pilots:
+        if state in ("scheduled", "pending") and pilots:
             return Decision("reserving", f"{len(reserved)} of {n} pilots reserved")
         return stay
 

@@ -11,7 +11,7 @@ import dataclasses
 
 from pilot.protocol import format_epoch
 from service_adapter.lease.rules import LEASE_STATES
-from service_adapter.store import LeaseRow, PilotRow
+from service_adapter.store import LeaseEvent, LeaseRow, PilotRow
 from service_adapter.store.vms import VmRow
 
 
@@ -73,6 +73,7 @@ class LeaseInfo:
             "release_requested_at": _time(row.release_requested_at),
             "ended_at": _time(row.ended_at),
             "expires_at": _time(row.expires_at),
+            "start_at": _time(row.start_at),
             "pilots": [
                 {
                     "host": p.host, "state": p.state, "code": p.code, "seq": p.last_seq,
@@ -84,6 +85,12 @@ class LeaseInfo:
             "usage": self.usage.to_json(),
             "vms": [vm_json(vm) for vm in self.vms],
         }
+
+
+def event_json(event: LeaseEvent) -> dict:
+    """One entry of a lease's history as the API shows it: its number, time, kind, states and why."""
+    return {"seq": event.seq, "at": _time(event.at), "kind": event.kind, "old_state": event.old_state,
+            "new_state": event.new_state, "reason": event.reason}
 
 
 def vm_json(vm: VmRow) -> dict:

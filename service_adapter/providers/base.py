@@ -33,6 +33,10 @@ class PilotJob:
     """The lease this job serves (for job names and logs only)."""
     slot_secret: str = dataclasses.field(default="", repr=False)
     """The slot's secret, handed to the pilots in the job's environment (never on a command line)."""
+    begin_at: float | None = None
+    """When the batch system may start the job at the earliest (epoch seconds); None: as soon as it can."""
+    warn_before_s: float = 0.0
+    """How long before their deadline the pilots warn their VMs (0: no warning)."""
 
 
 class JobState(enum.Enum):
@@ -121,6 +125,15 @@ class Provider(abc.ABC):
     def allocated_hosts(self, job_id: str) -> list[str] | None:
         """The hosts the LRM gave the job (its pilots may report only as these), or None while it
         cannot say (the job has not started, the query failed). Never raises for a failed query."""
+
+    def extend(self, job_id: str, duration_s: float) -> None:
+        """Give the job the time limit a lease of ``duration_s`` needs (never shorter than it has).
+
+        Raises :class:`ProviderError` with the batch system's reason (its
+        policy, the partition's or queue's limit) when it cannot; the job is
+        then as it was. This default says the provider cannot extend at all.
+        """
+        raise ProviderError(f"the {self.name or type(self).__name__} provider cannot change a job's time limit")
 
     def close(self) -> None:
         """Release what the provider holds (the local provider ends its pilots); others do nothing."""

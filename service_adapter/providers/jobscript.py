@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import time
 from typing import TYPE_CHECKING
 
 from pilot.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
@@ -142,7 +143,12 @@ class JobTemplate:
 
 def walltime_s(job: PilotJob, template: JobTemplate) -> int:
     """The job's walltime in seconds: duration + padding, rounded UP to whole minutes (at least one)."""
-    total = float(job.duration_s) + float(template.walltime_padding_s)
+    return walltime_for(job.duration_s, template)
+
+
+def walltime_for(duration_s: float, template: JobTemplate) -> int:
+    """The walltime in seconds a lease of ``duration_s`` needs: with the padding, rounded UP to whole minutes."""
+    total = float(duration_s) + float(template.walltime_padding_s)
     # The small tolerance keeps 180.00000000000003 s (float noise from adding) at 3 minutes, not 4.
     return max(1, math.ceil(total / 60 - 1e-9)) * 60
 
@@ -152,6 +158,18 @@ def format_walltime(seconds: int) -> str:
     hours, rest = divmod(int(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def slurm_time(epoch: float) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` in this host's local time, as sbatch's ``--begin`` reads it; rounded up to the
+    second (a job never begins before it was asked to)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(math.ceil(epoch)))
+
+
+def pbs_time(epoch: float) -> str:
+    """``CCYYMMDDhhmm.SS`` in this host's local time, as ``qsub -a`` of Torque, PBS Pro and Grid Engine reads it;
+    rounded up to the second."""
+    return time.strftime("%Y%m%d%H%M.%S", time.localtime(math.ceil(epoch)))
 
 
 def memory_per_node_mb(job: PilotJob, template: JobTemplate) -> int:
@@ -192,6 +210,8 @@ def pilot_arguments(job: PilotJob) -> list[str]:
         argv += ["--contact", job.contact]
     if job.pilot_config:
         argv += ["--config", job.pilot_config]
+    if job.warn_before_s:
+        argv += ["--warn-before", format_number(job.warn_before_s)]
     return argv
 
 
@@ -233,6 +253,10 @@ def check_job(job: PilotJob) -> None:
         raise JobScriptError(f"contact {job.contact!r} is not a URL")
     if not isinstance(job.pilot_config, str) or (job.pilot_config and not _is_abs_path(job.pilot_config)):
         raise JobScriptError(f"pilot_config {job.pilot_config!r} must be an absolute path on the nodes")
+    if job.begin_at is not None and (not _is_real(job.begin_at) or not 0 < job.begin_at < 2**33):
+        raise JobScriptError(f"begin_at must be a time in epoch seconds, not {job.begin_at!r}")
+    if not _is_real(job.warn_before_s) or job.warn_before_s < 0:
+        raise JobScriptError(f"warn_before_s must be a number of seconds from 0, not {job.warn_before_s!r}")
     if not is_key(job.slot_secret):
         raise JobScriptError("the job's slot secret must be 64 lowercase hex digits")
 
@@ -254,6 +278,8 @@ def render_slurm(job: PilotJob, template: JobTemplate, launcher: Launcher | str)
     if memory:
         lines.append(f"#SBATCH --mem={memory}M")
     lines.append(f"#SBATCH --time={format_walltime(walltime_s(job, template))}")
+    if job.begin_at is not None:
+        lines.append(f"#SBATCH --begin={slurm_time(job.begin_at)}")
     if template.queue:
         lines.append(f"#SBATCH --partition={template.queue}")
     if template.account:
@@ -282,6 +308,8 @@ def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
         f"#PBS -l nodes={job.nodes}:ppn={template.cores_per_node}",
         f"#PBS -l walltime={format_walltime(walltime_s(job, template))}",
     ]
+    if job.begin_at is not None:
+        lines.append(f"#PBS -a {pbs_time(job.begin_at)}")
     if memory:
         lines.append(f"#PBS -l mem={memory}mb")
     if template.queue:
@@ -316,6 +344,8 @@ def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
         f"#$ -l h_rt={format_walltime(walltime_s(job, template))}",
         "#$ -notify",
     ]
+    if job.begin_at is not None:
+        lines.append(f"#$ -a {pbs_time(job.begin_at)}")
     if memory:
         lines.append(f"#$ -l mem_free={memory}M")
     if template.queue:

@@ -54,6 +54,7 @@ class _LocalJob:
     processes: list[subprocess.Popen]
     cancelled: bool = False
     end_recorded: bool = False
+    timer: threading.Timer | None = None  # starts the pilots of a job that begins later
 
 
 class LocalProvider(Provider):
@@ -87,44 +88,83 @@ class LocalProvider(Provider):
     # -- the interface -----------------------------------------------------------------------
 
     def submit(self, job: PilotJob) -> str:
-        """Start one pilot process per node of ``job``; returns ``local-<12 hex digits>``, unique across processes."""
+        """Start one pilot process per node of ``job``; returns ``local-<12 hex digits>``, unique across processes.
+
+        A job with a ``begin_at`` in the future is PENDING until then, when a
+        timer of this provider starts its pilots (as an LRM's scheduler would);
+        cancelled before, it never starts. Only this process starts it: a
+        provider over the same directory after a restart reports it ENDED.
+        """
         os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
         job_id = f"local-{uuid.uuid4().hex[:12]}"
+        later = job.begin_at is not None and job.begin_at > time.time()
         with self._lock, self._state_lock():
             state = self._read_state()
             first = int(state.get("next_host", 1))
             hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
-            argvs = [self.pilot_argv(job, host) for host in hosts]  # validates the job before anything starts
             for host in hosts:
-                if self.prepare_node is not None:
-                    self.prepare_node(host)
-            processes = []
-            try:
-                for host, argv in zip(hosts, argvs):
-                    out_path = os.path.join(self.output_dir, f"{job.slot}.{host}.out")
-                    with open(out_path, "ab") as out:
-                        processes.append(subprocess.Popen(
-                            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, **{SLOT_SECRET_ENV: job.slot_secret}),
-                        ))
-            except OSError as exc:
-                for process in processes:
-                    process.send_signal(signal.SIGTERM)
-                raise ProviderError(f"could not start a pilot for slot {job.slot}: {exc}") from exc
-            self._jobs[job_id] = _LocalJob(job, hosts, processes)
+                self.pilot_argv(job, host)  # validates the job before anything starts
+            local = _LocalJob(job, hosts, [])
             _prune(state)
             state["next_host"] = first + job.nodes
             state["jobs"][job_id] = {
                 "slot": job.slot, "lease": job.lease, "submitted_at": time.time(), "owner_pid": os.getpid(),
-                "pilots": [
-                    {"host": host, "pid": process.pid, "create_time": _create_time(process.pid)}
-                    for host, process in zip(hosts, processes)
-                ],
-                "cancelled": False, "exit_codes": None,
+                "pilots": [], "cancelled": False, "exit_codes": None, "begin_at": job.begin_at if later else None,
             }
+            if not later:
+                self._spawn(job_id, local, state)
+            self._jobs[job_id] = local
             self._write_state(state)
-        log.info("slot %s: local job %s started pilots %s", job.slot, job_id, ", ".join(hosts))
+        if later:
+            local.timer = threading.Timer(job.begin_at - time.time(), self._begin, args=(job_id,))
+            local.timer.daemon = True
+            local.timer.start()
+            log.info("slot %s: local job %s waits for its begin time (%s)", job.slot, job_id, ", ".join(hosts))
+        else:
+            log.info("slot %s: local job %s started pilots %s", job.slot, job_id, ", ".join(hosts))
         return job_id
+
+    def _begin(self, job_id: str) -> None:
+        """The begin time of a job came: start its pilots unless it was cancelled meanwhile."""
+        with self._lock, self._state_lock():
+            local = self._jobs.get(job_id)
+            state = self._read_state()
+            if local is None or local.cancelled or state["jobs"].get(job_id, {}).get("cancelled"):
+                return
+            try:
+                self._spawn(job_id, local, state)
+            except ProviderError as exc:
+                log.error("local job %s: %s", job_id, exc)
+                local.cancelled = True
+                state["jobs"][job_id]["cancelled"] = True
+            self._write_state(state)
+        log.info("slot %s: local job %s started pilots %s", local.job.slot, job_id, ", ".join(local.hosts))
+
+    def _spawn(self, job_id: str, local: _LocalJob, state: dict) -> None:
+        """Start the job's pilots (under both locks) and record them in ``state``; ProviderError if one cannot."""
+        job, hosts = local.job, local.hosts
+        for host in hosts:
+            if self.prepare_node is not None:
+                self.prepare_node(host)
+        processes = []
+        try:
+            for host in hosts:
+                out_path = os.path.join(self.output_dir, f"{job.slot}.{host}.out")
+                with open(out_path, "ab") as out:
+                    processes.append(subprocess.Popen(
+                        self.pilot_argv(job, host), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                        start_new_session=True, env=dict(os.environ, **{SLOT_SECRET_ENV: job.slot_secret}),
+                    ))
+        except OSError as exc:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            raise ProviderError(f"could not start a pilot for slot {job.slot}: {exc}") from exc
+        local.processes = processes
+        state["jobs"][job_id]["pilots"] = [
+            {"host": host, "pid": process.pid, "create_time": _create_time(process.pid)}
+            for host, process in zip(hosts, processes)
+        ]
+        state["jobs"][job_id]["begin_at"] = None
 
     def cancel(self, job_id: str, force: bool = False) -> None:
         """SIGTERM (``force``: SIGKILL, as an LRM after its kill delay) every live pilot of the job, by pid.
@@ -139,6 +179,8 @@ class LocalProvider(Provider):
             local = self._jobs.get(job_id)
             if local is not None:
                 local.cancelled = True
+                if local.timer is not None:
+                    local.timer.cancel()
                 for process in local.processes:
                     if process.poll() is None:
                         process.send_signal(sig)
@@ -178,6 +220,9 @@ class LocalProvider(Provider):
 
         for job_id in job_ids:
             local = self._jobs.get(job_id)
+            if local is not None and not local.processes:
+                states[job_id] = JobState.CANCELLED if local.cancelled else JobState.PENDING
+                continue
             if local is not None:
                 codes = [p.poll() for p in local.processes]
                 if any(code is None for code in codes):
@@ -196,6 +241,9 @@ class LocalProvider(Provider):
             record = records.get(job_id)
             if record is None:
                 states[job_id] = JobState.GONE
+            elif not record["pilots"] and not record.get("cancelled") and record.get("begin_at"):
+                # Waiting for its begin time in another provider's timer: pending while that process lives.
+                states[job_id] = JobState.PENDING if psutil.pid_exists(record.get("owner_pid") or 0) else JobState.ENDED
             elif any(alive(pilot) for pilot in record["pilots"]):
                 states[job_id] = JobState.RUNNING
             elif record.get("exit_codes") is not None:
@@ -203,6 +251,11 @@ class LocalProvider(Provider):
             else:
                 states[job_id] = JobState.CANCELLED if record.get("cancelled") else JobState.ENDED
         return states
+
+    def extend(self, job_id: str, duration_s: float) -> None:
+        """Local pilots have no batch time limit: nothing to raise (ProviderError for a job never recorded here)."""
+        if job_id not in self._jobs and job_id not in self._recorded_jobs():
+            raise ProviderError(f"no local job {job_id}")
 
     def allocated_hosts(self, job_id: str) -> list[str] | None:
         """The simulated nodes of the job (None for a job this provider never started)."""
@@ -277,7 +330,7 @@ class LocalProvider(Provider):
         SIGTERM (so it restores its node), SIGKILL if it hangs past ``kill_after``.
         """
         for job_id, local in list(self._jobs.items()):
-            if any(p.poll() is None for p in local.processes):
+            if any(p.poll() is None for p in local.processes) or (local.timer is not None and not local.processes):
                 self.cancel(job_id)
         for job_id, local in list(self._jobs.items()):
             for process in local.processes:

@@ -27,7 +27,9 @@ from pilot.shared.qstat import parse_full
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, checked_job_id, signal_steps
 from service_adapter.providers.commands import CommandResult
-from service_adapter.providers.jobscript import PBS, JobTemplate, output_path, render_pbs, script_path
+from service_adapter.providers.jobscript import (
+    PBS, JobTemplate, format_walltime, output_path, render_pbs, script_path, walltime_for,
+)
 from service_adapter.providers.scriptfile import write_job_script
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,22 @@ class PbsProvider(BatchProvider):
             log.debug("qdel %s: the job has already ended (rc %s, %s)", job_id, result.rc, result.message())
             return
         raise ProviderError(f"qdel {job_id} failed: {result.message()}")
+
+    def extend(self, job_id: str, duration_s: float) -> None:
+        """``qalter -l walltime=HH:MM:SS ID`` for the walltime a lease of ``duration_s`` needs.
+
+        The server's policy decides (Torque and PBS Pro let a manager or
+        operator raise a running job's walltime, within the queue's
+        ``resources_max.walltime``; SchedMD's qalter has no ``-l`` at all);
+        its refusal is raised as :class:`ProviderError`, nothing changed.
+        """
+        if not _JOB_ID_RE.fullmatch(str(job_id)):
+            raise ProviderError(f"{job_id!r} is not a PBS job id")
+        walltime = format_walltime(walltime_for(duration_s, self.template))
+        result = self._run(["qalter", "-l", f"walltime={walltime}", str(job_id)])
+        if not result.ok:
+            raise ProviderError(f"qalter refused a walltime of {walltime} for job {job_id}: {result.message()}")
+        log.info("job %s: walltime raised to %s", job_id, walltime)
 
     def allocated_hosts(self, job_id: str) -> list[str] | None:
         """The hosts of ``qstat -f``'s ``exec_host`` (``node1/0+node2/0-3``, Torque and PBS Pro), each once;

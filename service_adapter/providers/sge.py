@@ -106,6 +106,12 @@ class SgeProvider(BatchProvider):
             return
         raise ProviderError(f"qdel {job_id} failed: {result.message()}")
 
+    def extend(self, job_id: str, duration_s: float) -> None:
+        """Refused: Grid Engine applies a changed ``h_rt`` only when a job restarts or migrates (qalter(1)),
+        so a running pilot job cannot be given a longer limit."""
+        raise ProviderError("Grid Engine applies a changed h_rt only when the job restarts (qalter(1)): "
+                            "a running pilot job's time limit cannot be raised")
+
     def allocated_hosts(self, job_id: str) -> list[str] | None:
         """The hosts of the job's slots (``qstat -s r -xml``'s queue instances); None while it has none."""
         if not _JOB_ID_RE.fullmatch(str(job_id)):

@@ -15,7 +15,7 @@ from typing import Callable
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, signal_steps, slurm_job_ended
 from service_adapter.providers.commands import Outcome
-from service_adapter.providers.jobscript import SLURM, JobTemplate, render_slurm, script_path
+from service_adapter.providers.jobscript import SLURM, JobTemplate, render_slurm, script_path, walltime_for
 from service_adapter.providers.scriptfile import write_job_script
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,42 @@ class SlurmProvider(BatchProvider):
             return
         raise ProviderError(f"scancel {job_id} failed: {result.message()}")
 
+    def extend(self, job_id: str, duration_s: float) -> None:
+        """``scontrol update JobId=ID TimeLimit=MIN`` for the walltime a lease of ``duration_s`` needs.
+
+        Slurm lets an operator or administrator raise a limit past the
+        partition's MaxTime (a plain user may only lower it), so the
+        partition's MaxTime is checked here first: an extension beyond it is
+        refused, naming the partition and its limit. A job whose limit is
+        already long enough is left alone. Raises :class:`ProviderError`
+        (nothing changed) with Slurm's or the partition's reason.
+        """
+        if not _JOB_ID_RE.fullmatch(str(job_id)):
+            raise ProviderError(f"{job_id!r} is not a Slurm job id")
+        want = walltime_for(duration_s, self.template) // 60
+        job = self._show("job", str(job_id))
+        current = slurm_minutes(job.get("TimeLimit", ""))
+        if current is None or current >= want:
+            log.info("job %s: its time limit (%s) already covers %d min", job_id, job.get("TimeLimit"), want)
+            return
+        for partition in filter(None, job.get("Partition", "").split(",")):
+            limit = self._show("partition", partition).get("MaxTime", "")
+            most = slurm_minutes(limit)
+            if most is not None and want > most:
+                raise ProviderError(f"partition {partition} allows at most {limit} ({most} min): the job would "
+                                    f"need a time limit of {want} min")
+        result = self._run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={want}"])
+        if not result.ok:
+            raise ProviderError(f"Slurm refused a time limit of {want} min for job {job_id}: {result.message()}")
+        log.info("job %s: time limit raised from %s to %d min", job_id, job.get("TimeLimit"), want)
+
+    def _show(self, kind: str, name: str) -> dict[str, str]:
+        """``scontrol show KIND NAME -o`` as its Key=Value pairs; ProviderError when Slurm could not say."""
+        result = self._run(["scontrol", "show", kind, name, "-o"])
+        if not result.ok:
+            raise ProviderError(f"scontrol show {kind} {name} failed: {result.message()}")
+        return scontrol_fields(result.stdout)
+
     def allocated_hosts(self, job_id: str) -> list[str] | None:
         """``squeue -o %N`` for the job's node list, expanded by ``scontrol show hostnames``; None while
         it has none (pending) or a command failed."""
@@ -182,6 +218,35 @@ class SlurmProvider(BatchProvider):
             if job_id.strip() in job_ids and state:
                 found[job_id.strip()] = map_state(state)
         return {job_id: found.get(job_id, JobState.GONE) for job_id in job_ids}
+
+
+def scontrol_fields(text: str) -> dict[str, str]:
+    """The ``Key=Value`` words of one ``scontrol show ... -o`` line (values without blanks, which is all we read)."""
+    fields = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def slurm_minutes(text: str) -> int | None:
+    """A Slurm time limit (``[D-]HH:MM:SS``, ``MM:SS``, ``MM``) in whole minutes, rounded up; None for
+    UNLIMITED, INFINITE or what is no time limit at all."""
+    text = text.strip()
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        return None
+    days, first, second, third = match.groups()
+    days = int(days or 0)
+    if third is not None:
+        hours, minutes, seconds = int(first), int(second), int(third)
+    elif second is not None:
+        # D-HH:MM, or MM:SS without days (Slurm's own reading of two fields).
+        hours, minutes, seconds = (int(first), int(second), 0) if match.group(1) else (0, int(first), int(second))
+    else:
+        hours, minutes, seconds = (int(first), 0, 0) if match.group(1) else (0, int(first), 0)
+    return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 def _parse_squeue(text: str) -> dict[str, JobState]:

@@ -201,8 +201,10 @@ class Store:
     def create_lease(
         self, lease_id: str, slot_id: str, *, owner: str, nodes: int, memory_mb: int, duration_s: float,
         now: float, reason: str = "submitting the pilot job", images: list[dict] | None = None,
+        start_at: float | None = None,
     ) -> LeaseRow:
-        """Record a new lease (state ``pending``) and its one slot in one transaction; blocks until committed.
+        """Record a new lease (state ``pending``, or ``scheduled`` with ``start_at``) and its one slot in one
+        transaction; blocks until committed.
 
         Called before the pilot job is submitted, so a pilot's first
         notification always finds its slot. ``images`` (resolved) are what
@@ -210,7 +212,8 @@ class Store:
         """
 
         def write(conn: sqlite3.Connection) -> None:
-            lease_ops.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id)
+            lease_ops.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id,
+                                   start_at)
             lease_ops.insert_slot(conn, slot_id, lease_id, nodes, memory_mb, now)
             if images:
                 image_ops.set_lease_images(conn, lease_id, images)
@@ -228,7 +231,7 @@ class Store:
 
     def transition_lease(
         self, lease_id: str, old: str, new: str, reason: str, *, now: float, ended: bool = False,
-        ready_at: float | None = None, cancel: bool = False,
+        ready_at: float | None = None, cancel: bool = False, expires_at: float | None = None,
     ) -> bool:
         """Move a lease from ``old`` to ``new`` only if it is still in ``old`` (compare-and-set).
 
@@ -236,18 +239,42 @@ class Store:
         or an earlier process, got there first) is left as it is. The
         transition and its history entry commit together. ``ended`` sets
         ``ended_at`` (a terminal state), ``ready_at`` sets when it became
-        ready, ``cancel`` records that the job must be cancelled.
+        ready, ``cancel`` records that the job must be cancelled, ``expires_at``
+        (when given) is the lease's end from now on.
         """
         return self.submit(lambda conn: lease_ops.transition(
             conn, lease_id, old, new, reason, now=now, ended=ended, ready_at=ready_at, cancel=cancel,
+            expires_at=expires_at,
         )).result()
 
-    def request_release(self, lease_id: str, now: float) -> bool:
+    def mark_warned(self, lease_id: str, reason: str, now: float) -> bool:
+        """Record the lease's before-end event (an ``ending`` history entry) once; whether this call recorded it."""
+        return self.submit(lambda conn: lease_ops.mark_warned(conn, lease_id, reason, now)).result()
+
+    def extend_lease(self, lease_id: str, old_duration_s: float, by_s: float, reason: str, now: float) -> int | None:
+        """Lengthen a lease by ``by_s`` and queue an ``extend`` for each of its hosts that holds it, in one transaction.
+
+        A compare-and-set on the duration: None (nothing written) if the
+        lease's duration is no longer ``old_duration_s`` or it has ended;
+        else how many hosts were told. A host that reserves later is told
+        with its ``reserved`` (see :func:`vms.apply_notification`).
+        """
+
+        def write(conn: sqlite3.Connection) -> int | None:
+            if not lease_ops.extend(conn, lease_id, old_duration_s, by_s, reason, now):
+                return None
+            return vm_ops.queue_extend(conn, lease_id, now, self._wake_target)
+
+        return self.submit(write).result()
+
+    def request_release(self, lease_id: str, now: float, *, warn: bool = False) -> bool:
         """Record that a release (and so a cancel of the job) was asked; False if the lease has ended or is unknown.
 
-        Repeating it keeps the first request's time.
+        Repeating it keeps the first request's time. With ``warn`` a held
+        lease also gets its before-end event (an ``ending`` entry), once.
         """
-        return self.submit(lambda conn: lease_ops.request_release(conn, lease_id, now, self._wake_target)).result()
+        return self.submit(lambda conn: lease_ops.request_release(conn, lease_id, now, self._wake_target,
+                                                                  warn)).result()
 
     def mark_job_finished(self, lease_id: str, now: float) -> None:
         """Record when the job was first seen finished; a cancel still wanted is then moot."""
@@ -289,6 +316,11 @@ class Store:
     def stop_vm(self, lease_id: str, name: str, *, force: bool, now: float) -> VmRow:
         """Queue a stop-vm for an active VM (it becomes ``stopping``); raises VmRequestError."""
         return self.submit(lambda conn: vm_ops.stop_vm(conn, lease_id, name, force, now, self._wake_target)).result()
+
+    def pause_vm(self, lease_id: str, name: str, *, resume: bool, now: float) -> VmRow:
+        """Queue a suspend-vm (or, with ``resume``, a resume-vm) for a VM; raises VmRequestError (404, 409)."""
+        op = "resume-vm" if resume else "suspend-vm"
+        return self.submit(lambda conn: vm_ops.pause_vm(conn, lease_id, name, op, now, self._wake_target)).result()
 
     def mark_lost(self, slot: str, host: str, *, now: float, why: str) -> bool:
         """Give (slot, host) up for lost, its active VMs with it; False if it already was."""
@@ -334,9 +366,10 @@ class Store:
         """Leases the manager must look at: every one not ended, and ended ones whose job still needs a cancel."""
         return lease_ops.to_watch(self._reader())
 
-    def lease_events(self, lease_id: str) -> list[LeaseEvent]:
-        """A lease's history: its creation, then each state transition, in order."""
-        return lease_ops.events(self._reader(), lease_id)
+    def lease_events(self, lease_id: str, after: int = 0) -> list[LeaseEvent]:
+        """A lease's history: its creation, then each transition and event, in order (those numbered above
+        ``after`` only)."""
+        return lease_ops.events(self._reader(), lease_id, after)
 
     def usage_rows(self, lease_id: str | None = None, owner: str | None = None) -> list[UsageRow]:
         """The ended holds (one per lease and host), of one lease and/or one owner if given, oldest first."""

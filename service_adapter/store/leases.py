@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
+from pilot.protocol import format_epoch
 from service_adapter.nodekeys import new_slot_secret
 from service_adapter.store import vms
 from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, UsageRow
@@ -21,16 +22,21 @@ from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, Usag
 
 
 def insert_lease(conn: sqlite3.Connection, lease_id, owner, nodes, memory_mb, duration_s, now, reason,
-                 slot_id) -> None:
-    """A new lease in state ``pending`` with its history's first entry."""
+                 slot_id, start_at: float | None = None) -> None:
+    """A new lease with its history's first entry: ``pending``, or ``scheduled`` when it starts at ``start_at``."""
+    state = "pending" if start_at is None else "scheduled"
+    begins = now if start_at is None else start_at
     conn.execute(
         "INSERT INTO leases (id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id,"
-        " created_at, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, NULL, ?, ?, ?)",
-        (lease_id, owner, nodes, memory_mb, float(duration_s), reason, slot_id, now, now, now + duration_s),
+        " created_at, updated_at, expires_at, start_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+        (lease_id, owner, nodes, memory_mb, float(duration_s), state, reason, slot_id, now, now,
+         begins + duration_s, start_at),
     )
+    starts = "" if start_at is None else f", starting at {format_epoch(start_at)}"
     conn.execute(
-        "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason) VALUES (?, ?, NULL, 'pending', ?)",
-        (lease_id, now, f"created: {nodes} x {memory_mb} MB for {duration_s:g} s, owner {owner}"),
+        "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
+        " VALUES (?, ?, NULL, ?, ?, 'created')",
+        (lease_id, now, state, f"created: {nodes} x {memory_mb} MB for {duration_s:g} s{starts}, owner {owner}"),
     )
 
 
@@ -57,16 +63,16 @@ def set_job_id(conn: sqlite3.Connection, slot_id: str, job_id: str, reason: str 
 
 
 def transition(conn: sqlite3.Connection, lease_id: str, old: str, new: str, reason: str, *, now: float,
-               ended: bool, ready_at: float | None, cancel: bool) -> bool:
+               ended: bool, ready_at: float | None, cancel: bool, expires_at: float | None = None) -> bool:
     """Move a lease from ``old`` to ``new`` only if it is still in ``old``; whether it moved (see Store)."""
     cursor = conn.execute(
         "UPDATE leases SET state = ?, reason = ?, updated_at = ?,"
-        " ready_at = COALESCE(ready_at, ?),"
+        " ready_at = COALESCE(ready_at, ?), expires_at = COALESCE(?, expires_at),"
         " ended_at = CASE WHEN ? THEN COALESCE(ended_at, ?) ELSE ended_at END,"
         " cancel_requested_at = CASE WHEN ? THEN COALESCE(cancel_requested_at, ?)"
         "   ELSE cancel_requested_at END"
         " WHERE id = ? AND state = ?",
-        (new, reason, now, ready_at, ended, now, cancel, now, lease_id, old),
+        (new, reason, now, ready_at, expires_at, ended, now, cancel, now, lease_id, old),
     )
     if cursor.rowcount != 1:
         return False
@@ -79,9 +85,45 @@ def transition(conn: sqlite3.Connection, lease_id: str, old: str, new: str, reas
     return True
 
 
+def add_event(conn: sqlite3.Connection, lease_id: str, kind: str, reason: str, now: float) -> None:
+    """A history entry that is no transition (``ending``, ``extended``): the state before and after is the same."""
+    conn.execute(
+        "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
+        " SELECT id, ?, state, state, ?, ? FROM leases WHERE id = ?",
+        (now, reason, kind, lease_id),
+    )
+
+
+def mark_warned(conn: sqlite3.Connection, lease_id: str, reason: str, now: float) -> bool:
+    """Record the lease's before-end event once (its ``ending`` entry); False if it was recorded before or it ended."""
+    cursor = conn.execute(
+        "UPDATE leases SET warned_at = ? WHERE id = ? AND warned_at IS NULL AND ended_at IS NULL", (now, lease_id),
+    )
+    if cursor.rowcount != 1:
+        return False
+    add_event(conn, lease_id, "ending", reason, now)
+    return True
+
+
+def extend(conn: sqlite3.Connection, lease_id: str, old_duration_s: float, by_s: float, reason: str,
+           now: float) -> bool:
+    """Lengthen the lease by ``by_s`` (duration and expires_at) if its duration is still ``old_duration_s``
+    and it has not ended; its before-end event may come again. Whether it was lengthened."""
+    cursor = conn.execute(
+        "UPDATE leases SET duration_s = duration_s + ?, expires_at = expires_at + ?, updated_at = ?,"
+        " warned_at = NULL WHERE id = ? AND duration_s = ? AND ended_at IS NULL",
+        (by_s, by_s, now, lease_id, old_duration_s),
+    )
+    if cursor.rowcount != 1:
+        return False
+    add_event(conn, lease_id, "extended", reason, now)
+    return True
+
+
 def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
-                    wake: Callable[[str, str], None]) -> bool:
-    """Record that a release (and a cancel of the job) was asked, queueing the pilots' release commands."""
+                    wake: Callable[[str, str], None], warn: bool = False) -> bool:
+    """Record that a release (and a cancel of the job) was asked, queueing the pilots' release commands;
+    with ``warn``, a held lease's before-end event too."""
     cursor = conn.execute(
         "UPDATE leases SET release_requested_at = COALESCE(release_requested_at, ?),"
         " cancel_requested_at = COALESCE(cancel_requested_at, ?), updated_at = ?"
@@ -90,6 +132,10 @@ def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
     )
     if cursor.rowcount == 1:
         vms.queue_release(conn, lease_id, now, wake)
+        (state,) = conn.execute("SELECT state FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        if warn and state in ("ready", "running"):  # its hosts hold memory, maybe VMs: this is its before-end event
+            mark_warned(conn, lease_id, "ending: release requested; the pilots stop their VMs and give the "
+                                        "nodes back now", now)
     return cursor.rowcount == 1
 
 
@@ -149,11 +195,12 @@ def to_watch(conn: sqlite3.Connection) -> list[LeaseRow]:
     return [LeaseRow(*row) for row in rows]
 
 
-def events(conn: sqlite3.Connection, lease_id: str) -> list[LeaseEvent]:
-    """A lease's history in order."""
+def events(conn: sqlite3.Connection, lease_id: str, after: int = 0) -> list[LeaseEvent]:
+    """A lease's history in order (only the entries numbered above ``after``)."""
     rows = conn.execute(
-        "SELECT lease_id, at, old_state, new_state, reason FROM lease_events WHERE lease_id = ? ORDER BY seq",
-        (lease_id,),
+        "SELECT lease_id, at, old_state, new_state, reason, kind, seq FROM lease_events"
+        " WHERE lease_id = ? AND seq > ? ORDER BY seq",
+        (lease_id, after),
     )
     return [LeaseEvent(*row) for row in rows]
 

@@ -43,8 +43,9 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
     elif n.state in LIFECYCLE_STATES:
         _update_pilot(conn, n, pilot, lease_id, owner, now)
     else:
-        conn.execute("UPDATE pilots SET last_seq = ?, updated_at = ? WHERE slot_id = ? AND host = ?",
-                     (n.seq, now, n.slot, n.host))
+        # A report may carry a moved deadline (``extended``): the pilot's expires_at follows it.
+        conn.execute("UPDATE pilots SET last_seq = ?, updated_at = ?, expires_at = COALESCE(?, expires_at)"
+                     " WHERE slot_id = ? AND host = ?", (n.seq, now, n.expires_at, n.slot, n.host))
     vms.apply_notification(conn, n, lease_id, now, wake)
     conn.execute(
         "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

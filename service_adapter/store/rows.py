@@ -13,7 +13,8 @@ HOLD_ENDED = frozenset({"unreserved", "killed"})
 ENDING = frozenset({"earlyunreserving", "unreserving"}) | HOLD_ENDED
 LEASE_COLUMNS = (
     "id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id, created_at, updated_at,"
-    " ready_at, release_requested_at, ended_at, expires_at, job_finished_at, cancel_requested_at, cancelled_at"
+    " ready_at, release_requested_at, ended_at, expires_at, job_finished_at, cancel_requested_at, cancelled_at,"
+    " start_at, warned_at"
 )
 PILOT_COLUMNS = (
     "slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by, updated_at,"
@@ -92,8 +93,9 @@ class LeaseRow:
     """One lease as stored: what was asked, its state, and the times the lease manager needs.
 
     Times are epoch seconds on the service's clock; None where it has not
-    happened. ``expires_at`` is ``created_at + duration_s`` (informative:
-    each pilot's own deadline counts from its own start).
+    happened. ``expires_at`` is ``created_at + duration_s`` (``start_at +
+    duration_s`` for a lease that starts later) until the lease is ready,
+    then the earliest deadline its pilots reported; an extension moves it.
     """
 
     id: str
@@ -117,6 +119,10 @@ class LeaseRow:
     """When a cancel of the job was decided (release, queue timeout, a pilot's error)."""
     cancelled_at: float | None = None
     """When that cancel went through, or the job was seen finished (nothing left to cancel)."""
+    start_at: float | None = None
+    """When a lease that starts later asked its job to start (the batch system's begin time); None: at once."""
+    warned_at: float | None = None
+    """When its before-end event was recorded; None: not yet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +143,19 @@ class UsageRow:
 
 @dataclasses.dataclass(frozen=True)
 class LeaseEvent:
-    """One entry of a lease's history: created (``old_state`` None) or a state transition."""
+    """One entry of a lease's history, numbered by ``seq`` (increasing across all leases).
+
+    ``kind`` is ``created`` (``old_state`` None), ``state`` (a transition
+    from ``old_state`` to ``new_state``), ``ending`` (the before-end event:
+    the lease ends within the service's warn_before), or ``extended`` (a
+    longer lease); the last two leave the state as it was (``old_state`` ==
+    ``new_state``).
+    """
 
     lease_id: str
     at: float
     old_state: str | None
     new_state: str
     reason: str
+    kind: str = "state"
+    seq: int = 0

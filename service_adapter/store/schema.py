@@ -12,13 +12,15 @@ from service_adapter.store.errors import StoreError
 log = logging.getLogger("service_adapter.store")
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Older versions this one upgrades in place (each step only adds), and how.
 UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
     3: "ALTER TABLE slots ADD COLUMN submit_started_at REAL; ALTER TABLE slots ADD COLUMN submitted_at REAL;",
     4: "ALTER TABLE slots ADD COLUMN secret TEXT;",
     5: "",  # the image tables (images.SCHEMA), created by the upgrade's CREATE TABLE IF NOT EXISTS
+    6: "ALTER TABLE leases ADD COLUMN start_at REAL; ALTER TABLE leases ADD COLUMN warned_at REAL;"
+       " ALTER TABLE lease_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'state';",
 }
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
 #: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
@@ -43,7 +45,9 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at           REAL NOT NULL,
     job_finished_at      REAL,
     cancel_requested_at  REAL,
-    cancelled_at         REAL
+    cancelled_at         REAL,
+    start_at             REAL,
+    warned_at            REAL
 );
 CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_by_owner ON leases(owner);
@@ -105,7 +109,8 @@ CREATE TABLE IF NOT EXISTS lease_events (
     at          REAL NOT NULL,
     old_state   TEXT,
     new_state   TEXT NOT NULL,
-    reason      TEXT NOT NULL
+    reason      TEXT NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'state'
 );
 CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """

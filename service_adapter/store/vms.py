@@ -9,7 +9,9 @@ the same transaction that stores the notification, so the two never
 disagree after a crash or a restart.
 
 VM states: ``starting`` (start-vm queued), ``running`` (the pilot reported
-vm-running), ``stopping`` (stop-vm queued), and the ended ones ``stopped``,
+vm-running), ``paused`` (the pilot reported vm-paused after a suspend-vm:
+it keeps its memory and uses no CPU; a resume-vm makes it running again),
+``stopping`` (stop-vm queued), and the ended ones ``stopped``,
 ``failed`` (the pilot refused or could not start it) and ``lost`` (its host
 stopped polling, or its hold ended without a word about it).
 """
@@ -59,7 +61,8 @@ CREATE TABLE IF NOT EXISTS commands (
 CREATE INDEX IF NOT EXISTS commands_by_target ON commands(slot_id, host, id);
 """
 
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = ("starting", "running", "paused", "stopping")
+_ACTIVE_SQL = "('starting', 'running', 'paused', 'stopping')"
 ENDED = ("stopped", "failed", "lost")
 _VM_COLUMNS = (
     "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
@@ -141,7 +144,7 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
         # The (slot_id, host) index answers each host's sum without scanning the lease's other VMs.
         " (SELECT TOTAL(v.memory_mb) + COUNT(v.name) * ? FROM vms v"
         "   WHERE v.slot_id = p.slot_id AND v.host = p.host AND v.lease_id = ?"
-        "   AND v.state IN ('starting', 'running', 'stopping'))"
+        f"   AND v.state IN {_ACTIVE_SQL})"
         " FROM pilots p WHERE p.slot_id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
         " AND p.lost_at IS NULL AND p.state = 'reserved' ORDER BY p.host",
         (overhead_mb, lease_id, slot),
@@ -223,6 +226,26 @@ def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now
     return vm
 
 
+def pause_vm(conn: sqlite3.Connection, lease_id: str, name: str, op: str, now: float, woken) -> VmRow:
+    """Queue a ``suspend-vm`` (the VM must be running) or ``resume-vm`` (it must be paused); VmRequestError else.
+
+    The VM's state moves when its pilot reports (``vm-paused``, ``vm-running``).
+    """
+    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? AND name = ?", (lease_id, name)).fetchone()
+    if row is None:
+        if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
+            raise VmRequestError(f"no lease {lease_id!r}", 404)
+        raise VmRequestError(f"lease {lease_id} has no VM named {name!r}", 404)
+    vm = _vm_row(row)
+    wanted = "running" if op == "suspend-vm" else "paused"
+    if vm.state != wanted:
+        raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state}: only a {wanted} VM can be "
+                             f"{'suspended' if op == 'suspend-vm' else 'resumed'}")
+    queue_command(conn, vm.slot_id, vm.host, {"op": op, "name": name}, now, woken)
+    _set_vm(conn, lease_id, name, vm.state, f"{op} queued for {vm.host}", now)
+    return vm
+
+
 def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) -> None:
     """Queue a ``release`` for every host of the lease that holds memory and has not started leaving."""
     hosts = conn.execute(
@@ -234,6 +257,20 @@ def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) ->
     ).fetchall()
     for slot, host in hosts:
         queue_command(conn, slot, host, {"op": "release"}, now, woken)
+
+
+def queue_extend(conn: sqlite3.Connection, lease_id: str, now: float, woken, host: str | None = None) -> int:
+    """Queue an ``extend`` (the lease's duration now) for each host of the lease that holds it (or only ``host``);
+    how many were queued."""
+    rows = conn.execute(
+        "SELECT p.slot_id, p.host, l.duration_s FROM pilots p JOIN leases l ON l.slot = p.slot_id"
+        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL AND p.lost_at IS NULL"
+        + (" AND p.host = ?" if host is not None else ""),
+        (lease_id, host) if host is not None else (lease_id,),
+    ).fetchall()
+    for slot, target, duration_s in rows:
+        queue_command(conn, slot, target, {"op": "extend", "duration_s": duration_s}, now, woken)
+    return len(rows)
 
 
 def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str, now: float, woken) -> None:
@@ -250,10 +287,11 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             _set_vm(conn, lease_id, command[1], "starting", n.message or "fetching its image", now, host=n.host,
                     only=("starting",))
         return
+    outcome = n.state.startswith("vm-") or n.state == "extended"
     if n.command is not None:
-        if command is not None and command[2] is not None and n.state.startswith("vm-"):
+        if command is not None and command[2] is not None and outcome:
             return  # the command has its outcome: a second, later word on it changes nothing
-        if command is not None and n.state.startswith("vm-"):
+        if command is not None and outcome:
             conn.execute(
                 "UPDATE commands SET outcome = ?, code = ?, message = ?, done_at = ? WHERE id = ? AND outcome IS NULL",
                 (n.state, n.code, n.message, now, n.command),
@@ -262,16 +300,32 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
     if command is not None and command[1] and command[1] not in names:
         names.append(command[1])
     why = n.message or ""
-    if n.state == "vm-running":
+    op = command[0] if command is not None else None
+    if n.state == "extended":
+        conn.execute(
+            "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
+            " SELECT id, ?, state, state, ?, 'extended' FROM leases WHERE id = ?",
+            (now, f"{n.host} holds until {n.expires_at or '?'}" + (f": {why}" if why else ""), lease_id),
+        )
+    elif n.state == "vm-running":
         for name in names:
-            # Only a starting VM becomes running: one already stopping keeps its queued stop.
+            # Only a starting VM (or a paused one its resume woke) becomes running: one already stopping keeps
+            # its queued stop.
             _set_vm(conn, lease_id, name, "running", why or f"running on {n.host}", now, host=n.host,
-                    started=True, only=("starting",))
+                    started=True, only=("starting", "paused") if op == "resume-vm" else ("starting",))
+    elif n.state == "vm-paused":
+        for name in names:
+            _set_vm(conn, lease_id, name, "paused", why or f"paused on {n.host}", now, host=n.host, only=("running",))
+    elif n.state == "vm-failed" and op in ("suspend-vm", "resume-vm"):
+        # The VM is as it was: only the reason tells what did not happen.
+        for name in names:
+            conn.execute("UPDATE vms SET reason = ?, updated_at = ? WHERE lease_id = ? AND name = ? AND host = ?",
+                         (f"{op[:-3]} failed: {why or 'the pilot gave no reason'}"[:4000], now, lease_id, name,
+                          n.host))
     elif n.state == "vm-stopped":
         for name in names:
             _set_vm(conn, lease_id, name, "stopped", why or f"stopped on {n.host}", now, host=n.host, stopped=True)
     elif n.state == "vm-failed":
-        op = command[0] if command is not None else "start-vm"
         for name in names:
             if op == "stop-vm":
                 # The stop did not happen: the VM is still there as far as anyone knows.
@@ -285,10 +339,14 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
         images = image_ops.lease_images(conn, lease_id)
         if images:
             queue_command(conn, n.slot, n.host, {"op": "prefetch", "images": images}, now, woken)
+        # Extended while its job waited or it reserved: its --duration is the old one, tell it the new.
+        if conn.execute("SELECT 1 FROM lease_events WHERE lease_id = ? AND kind = 'extended' LIMIT 1",
+                        (lease_id,)).fetchone():
+            queue_extend(conn, lease_id, now, woken, host=n.host)
     elif n.state == "earlyunreserving":
         # The pilot waits grace x earlywaitratio for the service to stop its VMs: ask it to, gracefully.
         for (name,) in conn.execute(
-            "SELECT name FROM vms WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running')",
+            "SELECT name FROM vms WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running', 'paused')",
             (lease_id, n.host),
         ).fetchall():
             queue_command(conn, n.slot, n.host, {"op": "stop-vm", "name": name, "force": False}, now, woken)
@@ -301,7 +359,7 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
         # The hold is over: nothing of this slot can still run on that host.
         conn.execute(
             "UPDATE vms SET state = 'stopped', reason = ?, updated_at = ?, stopped_at = COALESCE(stopped_at, ?)"
-            " WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running', 'stopping')",
+            f" WHERE lease_id = ? AND host = ? AND state IN {_ACTIVE_SQL}",
             (f"{n.host} ended its hold ({n.state})", now, now, lease_id, n.host),
         )
 
@@ -315,7 +373,7 @@ def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: s
         return False
     conn.execute(
         "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE slot_id = ? AND host = ?"
-        " AND state IN ('starting', 'running', 'stopping')",
+        f" AND state IN {_ACTIVE_SQL}",
         (why, now, slot, host),
     )
     return True
@@ -325,7 +383,7 @@ def end_lease_vms(conn: sqlite3.Connection, lease_id: str, now: float, state: st
     """A lease ended: VMs no pilot reported on are ``lost`` (nobody can say they stopped)."""
     conn.execute(
         "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE lease_id = ?"
-        " AND state IN ('starting', 'running', 'stopping')",
+        f" AND state IN {_ACTIVE_SQL}",
         (f"the lease ended ({state}) without a report on this VM", now, lease_id),
     )
 
@@ -360,12 +418,12 @@ def vms_of(conn: sqlite3.Connection, lease_id: str) -> list[VmRow]:
 
 
 def running_counts(conn: sqlite3.Connection, lease_ids: list[str]) -> dict[str, int]:
-    """How many VMs of each of ``lease_ids`` are running (0 for a lease with none), in a few queries."""
+    """How many VMs of each of ``lease_ids`` are running or paused (0 for a lease with none), in a few queries."""
     found = dict.fromkeys(lease_ids, 0)
     for start in range(0, len(lease_ids), 500):
         chunk = lease_ids[start:start + 500]
         found.update(conn.execute(
-            f"SELECT lease_id, COUNT(*) FROM vms WHERE state = 'running' AND lease_id IN ({', '.join('?' * len(chunk))})"
+            f"SELECT lease_id, COUNT(*) FROM vms WHERE state IN ('running', 'paused') AND lease_id IN ({', '.join('?' * len(chunk))})"
             " GROUP BY lease_id", chunk,
         ).fetchall())
     return found
