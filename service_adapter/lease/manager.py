@@ -203,7 +203,7 @@ class LeaseManager:
         with self._lock:
             row = self._row(lease_id)
             if row.state not in EXTENDABLE or row.release_requested_at is not None:
-                why = "a release was asked" if row.release_requested_at is not None else f"it is {row.state}"
+                why = f"it is {row.state}" if row.state not in EXTENDABLE else "a release was asked"
                 raise ExtensionRefused(f"lease {lease_id} cannot be extended: {why}", lease_id)
             if row.job_id is None:
                 raise ExtensionRefused(f"lease {lease_id} cannot be extended: its job is not submitted yet", lease_id)
