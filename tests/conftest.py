@@ -277,6 +277,10 @@ def journal_files(tmp_path) -> list[str]:
     return sorted(p.name for p in directory.glob("*.json")) if directory.exists() else []
 
 
+#: The session cluster's partition with a time limit (MaxTime=5 minutes).
+SHORT_PARTITION = "short"
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A real 4-node Slurm (munged, slurmctld, 4 slurmd) with SchedMD's qsub/qdel/qstat, for the session.
@@ -295,7 +299,9 @@ def slurm_cluster():
     # Not under pytest's tmp dirs: those are 0700 root, and munged runs as the munge user.
     workdir = tempfile.mkdtemp(prefix="workspace-pilot-slurm-")
     os.chmod(workdir, 0o755)
-    cluster = SlurmCluster(workdir)
+    # Besides the default partition "debug" (no time limit): "short", whose MaxTime of 5 minutes an extension
+    # must respect (tests/test_slurm_lease_time.py).
+    cluster = SlurmCluster(workdir, extra_config=(f"PartitionName={SHORT_PARTITION} Nodes=ALL MaxTime=5 State=UP",))
     try:
         cluster.start()
         yield cluster

@@ -226,12 +226,13 @@ class SlurmCluster:
         result = self.run(["squeue", "-h", "-o", "%i", "--states=all"])
         return result.stdout.split()
 
-    def wait_empty(self, timeout: float = 30) -> bool:
-        """Wait until no job is pending or running; False on timeout."""
+    def wait_empty(self, timeout: float = 30, only: set[str] | None = None) -> bool:
+        """Wait until no job (of ``only``, if given) is pending or running; False on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = self.run(["squeue", "-h", "-o", "%i"])
-            if result.returncode == 0 and not result.stdout.strip():
+            left = set(result.stdout.split())
+            if result.returncode == 0 and not (left if only is None else left & only):
                 return True
             time.sleep(0.2)  # squeue has no way to wait
         return False
@@ -253,7 +254,7 @@ class ServiceOnCluster:
     def __init__(self, workdir, cluster, provider: str, *, padding_s: float = 120, queue_timeout_s: float = 60,
                  extra_directives: tuple = (), grace_s: float = 5, store_path: str | None = None, contact=None,
                  pilot_sections: dict | None = None, lost_after_s: float = 60, vm_overhead_mb: int = 64,
-                 launcher: str = "auto"):
+                 launcher: str = "auto", queue: str = "", warn_before_s: float = 0.0):
         self.workdir = workdir
         self.cluster = cluster
         self.provider_name = provider
@@ -274,6 +275,8 @@ class ServiceOnCluster:
         self.pilot_sections = {"timing": {"walltime_margin": WALLTIME_MARGIN_S}, **(pilot_sections or {})}
         self.lost_after_s = lost_after_s
         self.launcher = launcher
+        self.queue = queue
+        self.warn_before_s = warn_before_s
         self.vm_overhead_mb = vm_overhead_mb
         self.open(contact)
 
@@ -302,6 +305,7 @@ class ServiceOnCluster:
             self.store, self.provider, contact=contact or self.url, pilot_config=self.pilot_config,
             grace_s=self.grace_s, queue_timeout_s=self.queue_timeout_s, release_grace_s=15,
             status_interval_s=0.5, board=self.board, lost_after_s=self.lost_after_s,
+            warn_before_s=self.warn_before_s,
         )
         self.vms = VmManager(self.store, overhead_mb=self.vm_overhead_mb, catalog=self.catalog)
         self.manager.start()
@@ -311,6 +315,7 @@ class ServiceOnCluster:
         template = JobTemplate(
             pilot_command=pilot_command, sudo=SUDO, output_dir=os.path.join(self.workdir, "jobs"),
             walltime_padding_s=self.padding_s, extra_directives=self.extra_directives, launcher=self.launcher,
+            queue=self.queue,
         )
         return make_provider(ProviderSettings(
             name=self.provider_name, template=template, env=self.cluster.provider_env(), command_timeout_s=20,
@@ -342,13 +347,16 @@ class ServiceOnCluster:
             return handle.read()
 
 
-def close_sites(sites: list, cluster) -> None:
-    """A test's teardown: cancel every job of its sites' leases, close the sites, and see the queue empty."""
+def close_sites(sites: list, cluster, *, only_theirs: bool = False) -> None:
+    """A test's teardown: cancel every job of its sites' leases, close the sites, and see the queue empty
+    (``only_theirs``: of their jobs, where another fixture's job may still wait)."""
+    jobs = set()
     for site in sites:
         try:
             for lease in site.manager.list():
                 if lease.job_id:
+                    jobs.add(lease.job_id)
                     cluster.cancel(lease.job_id)
         finally:
             site.close()
-    assert cluster.wait_empty(30), "a job outlived its test"
+    assert cluster.wait_empty(30, only=jobs if only_theirs else None), "a job outlived its test"
