@@ -4,8 +4,9 @@
 #               linux-image-cloud-amd64 depends on; apt-get download + dpkg-deb -x, never installed:
 #               installing it upgrades systemd);
 #   initrd.img  a gzip'd newc cpio: busybox-static, the virtio modules the balloon needs (and virtio_blk,
-#               isofs for a cloud-init seed), and an /init that prints "workspace-pilot test guest up" to
-#               /dev/ttyS0, then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
+#               isofs for a cloud-init seed, virtio_console for the lease channel), and an /init that prints
+#               "workspace-pilot test guest up" to /dev/ttyS0, then (with a lease channel) "... lease channel
+#               open" and each line read from it as "... lease: LINE", then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
 #               test guest seed file NAME:" and "... seed end", then "workspace-pilot test guest alive N"
 #               every 2 s, forever. With a virtiofs share tagged "control" (fuse, virtiofs) it runs a batch
 #               job instead (the guest contract of workspace-vmjob, docs/vmjobs.md): it writes
@@ -23,8 +24,9 @@ out="$top/.cache/test-guest"
 # The order the guest loads them in; without all of them setMemory "succeeds" and nothing changes.
 # virtio_blk, cdrom and isofs (which needs cdrom) let the guest read a cloud-init seed (a read-only virtio disk holding an ISO 9660).
 # fuse and virtiofs mount the host directories a VM job shares with the guest (virtiofsd on the host).
+# virtio_console gives the guest the pilot's lease channel (a virtio-serial port).
 modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_blk cdrom isofs
-         fuse virtiofs)
+         fuse virtiofs virtio_console)
 busybox=/bin/busybox
 
 if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
@@ -98,6 +100,20 @@ for module in ${loaded[*]}; do
   insmod /lib/modules/\$module.ko || echo "insmod \$module failed"
 done
 echo "workspace-pilot test guest up" > /dev/ttyS0
+# The lease channel, if the VM has one (docs/leases.md): every line the pilot writes on the virtio-serial port
+# named org.workspace-pilot.lease.0 goes to the console, as "workspace-pilot test guest lease: LINE". Its port
+# appears once the host side has answered: give it 2 s.
+i=0
+while [ \$i -lt 20 ] && ! ls /sys/class/virtio-ports/* >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
+for port in /sys/class/virtio-ports/*; do
+  [ "\$(cat "\$port/name" 2>/dev/null)" = org.workspace-pilot.lease.0 ] || continue
+  # A read while no pilot is connected is end-of-file: open the port again a second later.
+  (while :; do
+     while read -r line; do echo "workspace-pilot test guest lease: \$line" > /dev/ttyS0; done < /dev/\${port##*/}
+     sleep 1
+   done) &
+  echo "workspace-pilot test guest lease channel open" > /dev/ttyS0
+done
 # A batch job, if the VM has one: virtiofs shares "control" (command in; stdout, stderr, status out) and
 # "workdir" (the job's working directory). The status is written under another name and renamed, so a
 # host that sees control/status sees all of it.

@@ -12,16 +12,19 @@ the hugepage pool back where it was, and the node journal empty.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
+from pilot.protocol import parse_time
 from pilot.vm.tag import tagged_domains
 from service_adapter.vms import parse_vm_request
 from tests.conftest import pool_pages
-from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
+from tests.libvirt_daemon import GUEST_ALIVE, GUEST_DIR, GUEST_UP, guest_files, wait_for_line
 from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 VM_MB = 128
@@ -170,3 +173,67 @@ def test_a_pilot_killed_with_sigkill_is_cleaned_up_by_the_next_pilot(vm_site, li
     site.manager.release(second.id)
     assert site.wait(second, TERMINAL, 60).state == "released"
     assert_node_clean(site, libvirt_qemu, second, hugepages)
+
+
+def vcpu_time_ns(domain) -> int:
+    """The guest's vCPUs' own CPU time (their threads'), in ns: QEMU's other threads do not count."""
+    return sum(vcpu[2] for vcpu in domain.vcpus()[0])
+
+
+def alive_lines(console: str) -> list[int]:
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        return [int(n) for n in re.findall(rf"{GUEST_ALIVE} (\d+)", handle.read())]
+
+
+def test_a_suspended_guest_uses_no_cpu_and_runs_on_once_resumed(vm_site, libvirt_qemu, tmp_path, hugepages):
+    import libvirt
+
+    site = vm_site("slurm", warn_before_s=5)  # long before its deadline: only the release warns it
+    lease, name = guest_running(site, libvirt_qemu, tmp_path, duration_s=600)
+    console = str(tmp_path / "consoles" / "guest1.log")
+    conn = libvirt_qemu.connect()
+    try:
+        domain = conn.lookupByName(name)
+        assert wait_for_line(console, f"{GUEST_ALIVE} 1", 30)  # past its boot: it prints a line every 2 s
+        assert site.vms.suspend(lease.id, "guest1").state == "running"  # queued; the pilot's report moves it
+        paused = site.vms.wait(lease.id, "guest1", {"paused", "failed", "lost"}, 30)
+        assert paused is not None and paused.state == "paused", site.vms.get(lease.id, "guest1")
+        assert domain.info()[0] == libvirt.VIR_DOMAIN_PAUSED
+        assert site.manager.get(lease.id).state == "running"  # a paused VM still holds its memory
+        before = vcpu_time_ns(domain)
+        time.sleep(3)  # an observation window: longer than the guest's 2 s between "alive" lines
+        assert vcpu_time_ns(domain) == before, "a paused guest's vCPUs ran"
+
+        site.vms.resume(lease.id, "guest1")
+        resumed = site.vms.wait(lease.id, "guest1", {"running", "failed", "lost"}, 30)
+        assert resumed is not None and resumed.state == "running" and resumed.reason.startswith("resumed in")
+        last = max(alive_lines(console))
+        assert wait_for_line(console, f"{GUEST_ALIVE} {last + 1}", 30), "the guest did not run on"
+        assert vcpu_time_ns(domain) > before
+    finally:
+        conn.close()
+    site.manager.release(lease.id)
+    assert site.wait(lease, TERMINAL, 60).state == "released"
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        warnings = re.findall(r"workspace-pilot test guest lease: ending \S+ \d+ (\w+)", handle.read())
+    assert warnings == ["release"]  # told before it was stopped, once
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)
+
+
+def test_the_pilot_warns_its_guest_on_the_lease_channel_before_the_deadline(vm_site, libvirt_qemu, tmp_path,
+                                                                           hugepages):
+    site = vm_site("slurm", warn_before_s=20)
+    lease, _ = guest_running(site, libvirt_qemu, tmp_path, duration_s=40)
+    console = str(tmp_path / "consoles" / "guest1.log")
+    assert wait_for_line(console, "workspace-pilot test guest lease channel open", 30)
+    done = site.wait(lease, TERMINAL, 90)
+    assert done.state == "expired", done.reason
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        found = re.search(r"workspace-pilot test guest lease: ending (\S+) (\d+) deadline", handle.read())
+    assert found, "the guest never read the pilot's warning"
+    (pilot,) = done.pilots
+    assert parse_time(found.group(1)) == parse_time(pilot.expires_at)  # the line names the pilot's own deadline
+    assert int(found.group(2)) <= 20
+    kinds = [e.kind if e.kind == "ending" else e.new_state for e in site.manager.history(lease.id)]
+    assert kinds.index("ready") < kinds.index("ending") < kinds.index("releasing") < kinds.index("expired")
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)

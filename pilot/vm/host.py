@@ -266,7 +266,12 @@ class VmHost:
         except libvirt.libvirtError as exc:
             self._remove_seed(domain_name)
             return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
-        self._vms[name] = _Vm(spec, domain_name, domain)
+        vm = self._vms[name] = _Vm(spec, domain_name, domain)
+        try:
+            # Connected for the VM's life: a guest reading its port while no one is connected reads end-of-file.
+            vm.channel = _open_channel(domain)
+        except (OSError, ValueError, libvirt.libvirtError) as exc:  # warn() tries again
+            log.debug("VM %s: no lease channel to connect to yet: %s", name, one_line(exc))
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",
                  name, domain_name, spec.memory_mb, (time.monotonic() - started) * 1000)
         return VmOutcome(True, name, f"running as {domain_name}")
@@ -356,8 +361,9 @@ class VmHost:
         The channel is a virtio-serial port named :data:`LEASE_CHANNEL`
         (``/dev/virtio-ports/org.workspace-pilot.lease.0`` in a guest with
         udev); libvirt gives it a unix socket, which this pilot connects to
-        once per VM and keeps open (a guest that opens the port later still
-        reads what was written). A VM whose channel cannot be reached is
+        when it starts the VM and keeps open for the VM's life (a guest
+        reading the port while no one is connected reads end-of-file; what
+        is written before the guest opens it waits for it). A VM whose channel cannot be reached is
         logged and skipped: the warning is a courtesy, the stop comes anyway.
         """
         with self._lock:
