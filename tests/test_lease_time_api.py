@@ -16,9 +16,12 @@ import time
 import pytest
 
 from pilot.protocol import format_epoch
-from tests.test_vm_api import (  # noqa: F401  (cli and svc are fixtures)
-    BatchSystemStandIn, VmService, cli, one_line_error, single_line, spec, svc,
-)
+from tests import test_vm_api
+from tests.test_vm_api import BatchSystemStandIn, VmService, one_line_error, single_line, spec
+
+# That file's fixtures: its service (svc) and its workspace-lease runner (cli).
+svc = test_vm_api.svc
+cli = test_vm_api.cli
 
 
 class ExtendingStandIn(BatchSystemStandIn):
