@@ -27,6 +27,7 @@ from pilot.deadline import (
     _parse_ctime,
     _parse_walltime,
     compute_deadline,
+    extended_deadline,
     walltime_end,
 )
 
@@ -486,3 +487,46 @@ def test_grid_engines_run_time_limit_is_the_least_of_h_rt_and_s_rt():
     assert sge_runtime_limit(shown) == 3000  # soft requests do not limit anything
     assert sge_runtime_limit("job_number: 7\nhard resource_list:         mem_free=32M\n") is None
     assert sge_runtime_limit("job_number: 7\n") is None
+
+
+# --- an extension ------------------------------------------------------------------------------------
+
+
+def test_an_extension_asks_squeue_for_the_new_end_not_the_variable_fixed_at_the_jobs_start(fakes):
+    old = compute_deadline(started=T, duration_s=3600, grace_s=20, margin_s=30, query_timeout=1, now=fixed_now,
+                           env=fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242"))
+    assert old == Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
+    squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 1200)))
+    run = CountingRun()
+    env = fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242")
+    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, query_timeout=5,
+                            run=run, now=fixed_now)
+    assert new == Deadline(T + 1200 - 50, "squeue", T + 1200)
+    assert run.commands == ["squeue"]
+
+
+def test_an_extension_the_duration_bounds_takes_the_new_duration(fakes):
+    squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 7200)))
+    old = Deadline(T + 600, "duration", T + 3600)
+    new = extended_deadline(old, started=T, duration_s=900, grace_s=20, margin_s=30, query_timeout=5,
+                            env=fakes.env(SLURM_JOB_ID="4242"), now=fixed_now)
+    assert new == Deadline(T + 900, "duration", T + 7200)
+
+
+def test_without_a_live_source_the_end_known_before_still_bounds_an_extension(fakes, caplog):
+    fakes.add("squeue", "a slurmctld that is down", "echo 'slurm_load_jobs error: Unable to contact' >&2; exit 1")
+    old = Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
+    env = fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242")
+    # The service said the limit was raised, but nothing the pilot can ask says so: it keeps its deadline.
+    assert extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, query_timeout=5,
+                             now=fixed_now) is old
+    assert any("Unable to contact" in w for w in warnings_of(caplog))
+
+
+def test_an_extension_never_moves_the_deadline_earlier(fakes):
+    squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 300)))
+    old = Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
+    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, query_timeout=5,
+                            env=fakes.env(SLURM_JOB_ID="4242"), now=fixed_now)
+    assert new is old
+

@@ -99,6 +99,29 @@ def test_an_extension_raises_the_jobs_time_limit_then_moves_the_pilots_deadline(
     assert pool_pages() == hugepages
 
 
+def test_where_the_time_limit_bounds_the_pilot_it_asks_slurm_again_for_the_jobs_new_end(make_site, hugepages):
+    # No padding: a 60 s lease asks for 1 minute, and the pilot leaves the walltime margin (20 s) and its grace
+    # (5 s) before the job's end: its deadline is 35 s after the job's start, not its duration's 60.
+    site = make_site(padding_s=0)
+    lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60)
+    ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+    assert ready.state == "ready", ready.reason
+    (host,) = [p.host for p in ready.pilots]
+    before = pilot_end(site, lease)
+    assert time_limit(site, lease) == "00:01:00"
+
+    site.manager.extend(lease.id, 60)  # 120 s: a 2-minute limit
+    assert time_limit(site, lease) == "00:02:00"
+    assert site.store.wait_for(lambda: sum(kind == "extended" for kind, _ in events(site, lease)) == 2, 30)
+    # The job's environment still says the old end (SLURM_JOB_END_TIME is fixed at its start): the pilot took
+    # squeue's new one, a minute later, and so holds exactly a minute longer.
+    assert pilot_end(site, lease) == pytest.approx(before + 60, abs=1e-5)
+    assert re.search(r"deadline moved from \S+ to \S+ \(squeue\)", site.pilot_log(lease, host))
+    site.manager.release(lease.id)
+    assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert pool_pages() == hugepages
+
+
 def test_an_extension_past_the_partitions_limit_is_refused_and_nothing_changes(make_site, hugepages):
     site = make_site(padding_s=120, queue=SHORT_PARTITION)  # MaxTime=5 minutes
     lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60)

@@ -19,7 +19,7 @@ import pytest
 
 from pilot.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
-from pilot.vm.host import VmHost, VmTeardownError
+from pilot.vm.host import VmHost, VmOutcome, VmTeardownError
 from pilot.vm.tag import VmTag, read_tag, set_tag
 
 libvirt = pytest.importorskip("libvirt")
@@ -199,6 +199,31 @@ def test_graceful_stop_shuts_the_guest_down(conn, policy):
     assert outcome.ok and outcome.reason.startswith("shut down in ")
     assert "wp-aaaaaaaa-vm1" not in names(conn)
     assert host.vms() == [] and host.gone() == []
+
+
+def test_suspend_pauses_the_domain_resume_lets_it_run_and_a_repeat_is_harmless(conn, policy):
+    host = make_host(conn, policy)
+    assert host.start(spec("vm1")).ok
+    domain = conn.lookupByName(host.domain_name("vm1"))
+    paused = host.pause("vm1")
+    assert paused.ok and paused.reason.startswith("suspended in")
+    assert domain.info()[0] == libvirt.VIR_DOMAIN_PAUSED
+    assert host.pause("vm1") == VmOutcome(True, "vm1", "already paused")
+    assert [(vm.name, vm.state) for vm in host.vms()] == [("vm1", "running")]  # on the books: it holds memory
+    resumed = host.pause("vm1", resume=True)
+    assert resumed.ok and domain.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert host.pause("vm1", resume=True) == VmOutcome(True, "vm1", "already running")
+
+
+def test_a_paused_vm_stops_gracefully_and_pause_touches_only_this_slot(conn, policy):
+    mine, theirs = make_host(conn, policy), make_host(conn, policy, slot=SLOT_B)
+    assert mine.start(spec("vm1")).ok and theirs.start(spec("vm1")).ok
+    refused = mine.pause("nosuch")
+    assert not refused.ok and "not a VM of this slot" in refused.reason
+    assert mine.pause("vm1").ok
+    assert conn.lookupByName(theirs.domain_name("vm1")).info()[0] == libvirt.VIR_DOMAIN_RUNNING
+    stopped = mine.stop("vm1", timeout_s=5)  # (the test driver shuts down even a paused domain; QEMU's guest
+    assert stopped.ok and stopped.reason.startswith("shut down in"), stopped.reason  # needs the resume first)
 
 
 def test_stop_touches_only_this_slots_domains(conn, policy):
