@@ -248,3 +248,14 @@ def test_cli_bad_time_arguments_are_exit_2_in_one_line_and_nothing_is_sent(svc, 
     result = cli(*args)
     assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1]
     assert svc.store.list_leases() == []
+
+
+def test_a_nodes_unasked_extended_reports_leave_the_lease_history_alone(svc):
+    lease_id, slot = svc.ready_lease()
+    running_vm(svc, lease_id, slot)
+    before = svc.api("GET", f"/leases/{lease_id}/events").json()["events"]
+    start = [c for c in svc.store.commands(slot) if c.op == "start-vm"][0]
+    for _ in range(3):
+        svc.notify(slot, "node1", "extended", memory_mb=1024, message="I hold for ever")
+    svc.notify(slot, "node1", "extended", memory_mb=1024, command=start.id, message="not an extend")
+    assert svc.api("GET", f"/leases/{lease_id}/events").json()["events"] == before

@@ -302,6 +302,8 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
     why = n.message or ""
     op = command[0] if command is not None else None
     if n.state == "extended":
+        if op != "extend" or command[2] is not None:
+            return  # only the answer to an extend the service queued, once: a node cannot fill the history
         conn.execute(
             "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
             " SELECT id, ?, state, state, ?, 'extended' FROM leases WHERE id = ?",
