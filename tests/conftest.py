@@ -277,6 +277,20 @@ def journal_files(tmp_path) -> list[str]:
     return sorted(p.name for p in directory.glob("*.json")) if directory.exists() else []
 
 
+@pytest.fixture
+def local_tz():
+    """A fixed non-UTC local time zone (UTC-5, no DST) for this process, so "local" is visible."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "XST+5"
+    time.tzset()
+    yield 5 * 3600
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
 #: The session cluster's partition with a time limit (MaxTime=5 minutes).
 SHORT_PARTITION = "short"
 

@@ -81,20 +81,6 @@ def fakes(tmp_path):
     return Fakes()
 
 
-@pytest.fixture
-def local_tz():
-    """A fixed non-UTC local time zone (UTC-5, no DST) for this process, so "local" is visible."""
-    old = os.environ.get("TZ")
-    os.environ["TZ"] = "XST+5"
-    time.tzset()
-    yield 5 * 3600
-    if old is None:
-        del os.environ["TZ"]
-    else:
-        os.environ["TZ"] = old
-    time.tzset()
-
-
 def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "pilot.deadline" and r.levelno == logging.WARNING]
 

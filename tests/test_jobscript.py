@@ -22,7 +22,9 @@ from service_adapter.providers.jobscript import (
     JobTemplate,
     format_number,
     format_walltime,
+    pilot_arguments,
     render_pbs,
+    render_sge,
     render_slurm,
     walltime_s,
 )
@@ -411,6 +413,9 @@ def test_template_keeps_extra_directives_as_a_stripped_tuple():
     ({"grace_s": -1}, "grace_s must be a number of seconds from 0"),
     ({"pilot_config": "pilot.conf"}, "must be an absolute path on the nodes"),
     ({"contact": "http://x\n#SBATCH --time=1"}, "is not a URL"),
+    ({"begin_at": float("nan")}, "begin_at must be a time in epoch seconds"),
+    ({"begin_at": -5}, "begin_at must be a time in epoch seconds"),
+    ({"warn_before_s": -1}, "warn_before_s must be a number of seconds from 0"),
 ])
 def test_bad_jobs_are_refused(fields, message):
     for render in (render_slurm, render_pbs):
@@ -466,7 +471,6 @@ def test_auto_launcher_on_this_machine_is_srun_for_pbs_when_there_is_no_pbsdsh()
 
 
 def test_sge_script_line_by_line():
-    from service_adapter.providers.jobscript import render_sge
 
     template = JobTemplate(queue="batch.q", account="physics", parallel_environment="one-per-host",
                            extra_directives=("-P physics", "#$ -l arch=lx-amd64"))
@@ -503,7 +507,26 @@ def test_sge_script_line_by_line():
     ("--exclusive", "holds a long (Slurm) option; SGE directives take -x options"),
 ])
 def test_sge_extra_directives_that_fight_a_typed_field_are_refused(directive, conflict):
-    from service_adapter.providers.jobscript import render_sge
 
     with pytest.raises(JobScriptError, match=re.escape(conflict)):
         render_sge(job(), JobTemplate(extra_directives=(directive,)), "qrsh")
+
+
+# -- a begin time and the VMs' warning ------------------------------------------------------------------
+
+
+def test_a_begin_time_is_each_batch_systems_own_form_in_local_time_rounded_up(local_tz):
+    begin = 1_800_000_000.25  # 2027-01-15T08:00:00.25Z: 03:00:01 in UTC-5, rounded up to the second
+    assert "#SBATCH --begin=2027-01-15T03:00:01" in lines(render_slurm(job(begin_at=begin), JobTemplate(), "srun"))
+    assert "#PBS -a 202701150300.01" in lines(render_pbs(job(begin_at=begin), JobTemplate(), "pbsdsh"))
+    schedmd = render_pbs(job(begin_at=begin), JobTemplate(), "srun", slurm_backed=True)
+    assert "#PBS -a 2027-01-15T03:00:01" in lines(schedmd)  # sbatch reads it, as --begin
+    assert "#$ -a 202701150300.01" in lines(render_sge(job(begin_at=begin), JobTemplate(), "qrsh"))
+    for render, launcher in ((render_slurm, "srun"), (render_pbs, "pbsdsh"), (render_sge, "qrsh")):
+        assert not any(word in render(job(), JobTemplate(), launcher) for word in ("--begin", " -a "))
+
+
+def test_the_warning_time_reaches_the_pilots_argv_only_when_set():
+    assert pilot_arguments(job(warn_before_s=60))[-2:] == ["--warn-before", "60"]
+    assert "--warn-before" not in pilot_arguments(job())
+

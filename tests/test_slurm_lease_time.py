@@ -76,6 +76,20 @@ def test_a_lease_that_starts_later_is_scheduled_and_slurm_holds_its_job_until_th
     assert site.manager.get(lease.id).state == "scheduled"
 
 
+def test_through_schedmds_qsub_a_lease_that_starts_later_waits_too_and_a_release_cancels_it(make_site, hugepages):
+    site = make_site("pbs")
+    start = time.time() + 600
+    lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60, start_at=start)
+    assert lease.state == "scheduled"
+    state, reason, begins = squeue(site, lease, "%T %r %S")  # "#PBS -a CCYYMMDDhhmm.SS", read by sbatch
+    assert (state, reason) == ("PENDING", "BeginTime")
+    assert time.mktime(time.strptime(begins, "%Y-%m-%dT%H:%M:%S")) == pytest.approx(start, abs=1)
+    site.manager.release(lease.id)
+    done = site.wait(lease, TERMINAL, 30)
+    assert done.state == "released" and done.pilots == []
+    assert [e.new_state for e in site.manager.history(lease.id)] == ["scheduled", "releasing", "released"]
+
+
 def test_an_extension_raises_the_jobs_time_limit_then_moves_the_pilots_deadline(make_site, hugepages):
     site = make_site(padding_s=120)
     lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60)

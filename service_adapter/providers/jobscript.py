@@ -291,8 +291,12 @@ def render_slurm(job: PilotJob, template: JobTemplate, launcher: Launcher | str)
     return "\n".join(lines) + "\n"
 
 
-def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:
+def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str, *, slurm_backed: bool = False) -> str:
     """The whole PBS batch script for ``job`` (raises :class:`JobScriptError` before returning anything).
+
+    A begin time is ``-a CCYYMMDDhhmm.SS`` (Torque, PBS Pro), or with
+    ``slurm_backed`` (SchedMD's qsub, whose sbatch reads the ``#PBS`` lines
+    and hands ``-a`` to ``--begin`` as it is) ``YYYY-MM-DDThh:mm:ss``.
 
     Memory is ``-l mem=<M>mb``: SchedMD's qsub turns it into ``--mem=<M>M``
     and sbatch's own ``#PBS`` parser reads it the same way, both per node;
@@ -309,7 +313,7 @@ def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
         f"#PBS -l walltime={format_walltime(walltime_s(job, template))}",
     ]
     if job.begin_at is not None:
-        lines.append(f"#PBS -a {pbs_time(job.begin_at)}")
+        lines.append(f"#PBS -a {slurm_time(job.begin_at) if slurm_backed else pbs_time(job.begin_at)}")
     if memory:
         lines.append(f"#PBS -l mem={memory}mb")
     if template.queue:

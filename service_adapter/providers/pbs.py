@@ -112,6 +112,8 @@ class PbsProvider(BatchProvider):
         if qstat_history not in HISTORY_CHOICES:
             raise ValueError(f"qstat_history must be one of {', '.join(HISTORY_CHOICES)}, not {qstat_history!r}")
         super().__init__(template, PBS, command_timeout_s=command_timeout_s, env=env, which=which)
+        #: SchedMD's qsub (slurm-wlm-torque): sbatch reads the script's #PBS lines, a begin time in its own form.
+        self.slurm_backed = which("sbatch") is not None and which("pbsdsh") is None
         self._history = {"auto": None, "yes": True, "no": False}[qstat_history]
         self._ifl = _load_pbs_python() if use_pbs_python else None
 
@@ -119,7 +121,7 @@ class PbsProvider(BatchProvider):
 
     def submit(self, job: PilotJob) -> str:
         """Write ``{output_dir}/{slot}.sh`` and ``qsub -o OUT -e OUT`` it; returns the job id qsub printed."""
-        text = render_pbs(job, self.template, self.launcher)
+        text = render_pbs(job, self.template, self.launcher, slurm_backed=self.slurm_backed)
         path = write_job_script(script_path(job, self.template), text)
         out = output_path(job, self.template)
         if self._ifl is not None:
