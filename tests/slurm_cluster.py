@@ -359,4 +359,4 @@ def close_sites(sites: list, cluster, *, only_theirs: bool = False) -> None:
                     cluster.cancel(lease.job_id)
         finally:
             site.close()
-    assert cluster.wait_empty(30, only=jobs if only_theirs else None), "a job outlived its test"
+    assert (cluster.wait_empty(30, only=jobs) if only_theirs else cluster.wait_empty(30)), "a job outlived its test"

@@ -97,3 +97,34 @@ def test_a_lease_shorter_than_h_rt_ends_by_the_pilots_own_duration(make_site, hu
     for host in states:
         assert re.search(r"deadline \S+ \(duration\)", site.pilot_log(lease, host)), "the duration was the deadline"
     assert pool_pages() == hugepages
+
+
+def test_a_lease_that_starts_later_waits_in_grid_engine_and_a_release_cancels_it(make_site, hugepages):
+    import time
+
+    from service_adapter.providers.base import JobState
+
+    site = make_site()
+    lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60, start_at=time.time() + 600)  # qsub -a
+    assert lease.state == "scheduled"
+    assert site.provider.status([lease.job_id]) == {lease.job_id: JobState.PENDING}
+    details = site.cluster.run(["qstat", "-j", lease.job_id]).stdout
+    assert re.search(r"^execution_time:\s+\S", details, re.M), details  # Grid Engine holds it until then
+    site.manager.release(lease.id)
+    done = site.wait(lease, TERMINAL, 30)
+    assert done.state == "released" and done.pilots == []
+
+
+def test_grid_engine_cannot_raise_a_running_jobs_h_rt_so_an_extension_is_refused_and_nothing_changes(make_site,
+                                                                                                     hugepages):
+    from service_adapter.lease import ExtensionRefused
+
+    site = make_site()
+    lease = site.manager.reserve(nodes=1, memory_mb=16, duration_s=60)
+    assert site.wait(lease, {"ready"} | TERMINAL, 60).state == "ready"
+    with pytest.raises(ExtensionRefused, match=r"Grid Engine applies a changed h_rt only when the job restarts"):
+        site.manager.extend(lease.id, 60)
+    assert site.manager.get(lease.id).duration_s == 60
+    site.manager.release(lease.id)
+    assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert pool_pages() == hugepages
