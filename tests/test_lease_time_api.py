@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pilot.protocol import format_epoch
+from pilot.protocol import format_epoch, parse_time
 from tests import test_vm_api
 from tests.test_vm_api import BatchSystemStandIn, VmService, one_line_error, single_line, spec
 
@@ -152,6 +152,16 @@ def test_an_extension_the_batch_system_allows_lengthens_the_lease_and_tells_each
         assert too_far.status_code == 409 and "the stand-in allows at most 900 s" in one_line_error(too_far)
         assert svc.api("GET", f"/leases/{lease_id}").json()["duration_s"] == 720
         assert len(svc.store.commands(slot)) == 2
+
+        # The pilots answer with their deadlines now; one was held back (its batch system's end came first):
+        # the lease ends with the earlier one, whatever the service's sum said.
+        longer = parse_time(extended.json()["expires_at"]).timestamp()
+        for command, end in zip(sorted(svc.store.commands(slot), key=lambda c: c.host), (longer, longer - 30)):
+            svc.notify(slot, command.host, "extended", memory_mb=1024, command=command.id,
+                       expires_at=format_epoch(end), message="deadline moved")
+        lease = svc.api("GET", f"/leases/{lease_id}").json()
+        assert lease["expires_at"] == format_epoch(longer - 30)
+        assert [p["expires_at"] for p in lease["pilots"]] == [format_epoch(longer), format_epoch(longer - 30)]
     finally:
         svc.close()
 

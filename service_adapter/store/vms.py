@@ -23,7 +23,7 @@ import json
 import sqlite3
 from typing import Callable
 
-from pilot.protocol import MAX_PEERS, Notification, VmSpec
+from pilot.protocol import MAX_PEERS, Notification, VmSpec, parse_time
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import images as image_ops
 
@@ -309,6 +309,7 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             " SELECT id, ?, state, state, ?, 'extended' FROM leases WHERE id = ?",
             (now, f"{n.host} holds until {n.expires_at or '?'}" + (f": {why}" if why else ""), lease_id),
         )
+        _lease_ends_with_its_pilots(conn, lease_id, n.slot)
     elif n.state == "vm-running":
         for name in names:
             # Only a starting VM (or a paused one its resume woke) becomes running: one already stopping keeps
@@ -364,6 +365,21 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             f" WHERE lease_id = ? AND host = ? AND state IN {_ACTIVE_SQL}",
             (f"{n.host} ended its hold ({n.state})", now, now, lease_id, n.host),
         )
+
+
+def _lease_ends_with_its_pilots(conn: sqlite3.Connection, lease_id: str, slot: str) -> None:
+    """The lease's end is its holding pilots' earliest deadline (a pilot the batch system's end held back
+    from an extension's whole length ends the lease earlier than the service's sum said)."""
+    ends = []
+    for (text,) in conn.execute(
+            "SELECT expires_at FROM pilots WHERE slot_id = ? AND reserved_at IS NOT NULL AND ended_by IS NULL"
+            " AND lost_at IS NULL AND expires_at IS NOT NULL", (slot,)):
+        try:
+            ends.append(parse_time(text).timestamp())
+        except ValueError:  # checked on receipt: never here
+            continue
+    if ends:
+        conn.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL", (min(ends), lease_id))
 
 
 def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: str) -> bool:
