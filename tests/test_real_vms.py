@@ -216,7 +216,9 @@ def test_a_suspended_guest_uses_no_cpu_and_runs_on_once_resumed(vm_site, libvirt
     assert site.wait(lease, TERMINAL, 60).state == "released"
     with open(console, encoding="utf-8", errors="replace") as handle:
         warnings = re.findall(r"workspace-pilot test guest lease: ending \S+ \d+ (\w+)", handle.read())
-    assert warnings == ["release"]  # told before it was stopped, once
+    # Told before it was stopped, once. The release reaches the pilot twice, as the service's release command and
+    # as the batch system's SIGTERM of the cancelled job; whichever comes first names it.
+    assert warnings in (["release"], ["stop"])
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
 
 
