@@ -17,6 +17,12 @@ from tests.conftest import pool_pages
 from tests.test_lease import local_site
 
 
+def release_and_end(site, lease_id: str) -> None:
+    """Release the lease and see it end released."""
+    site.leases.release(lease_id)
+    assert site.leases.wait(lease_id, TERMINAL_STATES, timeout=30).state == "released"
+
+
 def kinds(site, lease_id: str) -> list[tuple[str, str]]:
     """The lease's history as (kind, new state): transitions and events in the order they were recorded."""
     return [(e.kind, e.new_state) for e in site.leases.history(lease_id)]
@@ -42,8 +48,7 @@ def test_a_lease_that_starts_later_is_scheduled_with_its_job_held_back_then_read
         assert ready.ready_at >= start_at
         states = [state for kind, state in kinds(site, made.id)]
         assert states[:2] == ["scheduled", "pending"] and states[-1] == "ready"
-        site.leases.release(made.id)
-        assert site.leases.wait(made.id, TERMINAL_STATES, timeout=30).state == "released"
+        release_and_end(site, made.id)
     finally:
         site.close()
     assert pool_pages() == hugepages
@@ -96,8 +101,7 @@ def test_an_extension_moves_the_pilots_deadline_and_the_lease_end(tmp_path, huge
         (command,) = [c for c in site.store.commands(ready.slot) if c.op == "extend"]
         assert command.outcome == "extended" and command.code == 0
 
-        site.leases.release(made.id)
-        assert site.leases.wait(made.id, TERMINAL_STATES, timeout=30).state == "released"
+        release_and_end(site, made.id)
     finally:
         site.close()
     assert pool_pages() == hugepages
@@ -115,8 +119,7 @@ def test_a_lease_extended_while_its_job_waits_tells_its_pilot_when_it_reserves(t
         (pilot,) = site.leases.get(made.id).pilots
         # Its --duration said 20 s; the extend it got with its reserved made that 60 s from its start.
         assert pilot_end(site, made.id) - pilot.reserved_at == pytest.approx(60, abs=2)
-        site.leases.release(made.id)
-        assert site.leases.wait(made.id, TERMINAL_STATES, timeout=30).state == "released"
+        release_and_end(site, made.id)
     finally:
         site.close()
     assert pool_pages() == hugepages
@@ -166,8 +169,7 @@ def test_a_release_is_the_before_end_event_when_it_comes_first(tmp_path, hugepag
     try:
         made = site.leases.reserve(1, 16, 300)
         assert site.leases.wait(made.id, {"ready"} | TERMINAL_STATES, timeout=30).state == "ready"
-        site.leases.release(made.id)
-        assert site.leases.wait(made.id, TERMINAL_STATES, timeout=30).state == "released"
+        release_and_end(site, made.id)
         history = kinds(site, made.id)
         assert history[-3:] == [("ending", "ready"), ("state", "releasing"), ("state", "released")]
         (ending,) = [e for e in site.leases.history(made.id) if e.kind == "ending"]

@@ -211,14 +211,19 @@ def _with_peers(conn, lease_id: str, requests, hosts):
              if spec.context is not None else spec, want) for spec, want in requests]
 
 
-def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now: float, woken) -> VmRow:
-    """Queue a stop-vm for an active VM of the lease (state -> stopping); raises :class:`VmRequestError`."""
+def _named_vm(conn: sqlite3.Connection, lease_id: str, name: str) -> VmRow:
+    """The lease's VM ``name``; VmRequestError 404 for no such lease or VM."""
     row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? AND name = ?", (lease_id, name)).fetchone()
     if row is None:
         if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
             raise VmRequestError(f"no lease {lease_id!r}", 404)
         raise VmRequestError(f"lease {lease_id} has no VM named {name!r}", 404)
-    vm = _vm_row(row)
+    return _vm_row(row)
+
+
+def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now: float, woken) -> VmRow:
+    """Queue a stop-vm for an active VM of the lease (state -> stopping); raises :class:`VmRequestError`."""
+    vm = _named_vm(conn, lease_id, name)
     if not vm.active:
         raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state} already")
     queue_command(conn, vm.slot_id, vm.host, {"op": "stop-vm", "name": name, "force": force}, now, woken)
@@ -231,12 +236,7 @@ def pause_vm(conn: sqlite3.Connection, lease_id: str, name: str, op: str, now: f
 
     The VM's state moves when its pilot reports (``vm-paused``, ``vm-running``).
     """
-    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? AND name = ?", (lease_id, name)).fetchone()
-    if row is None:
-        if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
-            raise VmRequestError(f"no lease {lease_id!r}", 404)
-        raise VmRequestError(f"lease {lease_id} has no VM named {name!r}", 404)
-    vm = _vm_row(row)
+    vm = _named_vm(conn, lease_id, name)
     wanted = "running" if op == "suspend-vm" else "paused"
     if vm.state != wanted:
         raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state}: only a {wanted} VM can be "
