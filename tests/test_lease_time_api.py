@@ -269,3 +269,22 @@ def test_a_nodes_unasked_extended_reports_leave_the_lease_history_alone(svc):
         svc.notify(slot, "node1", "extended", memory_mb=1024, message="I hold for ever")
     svc.notify(slot, "node1", "extended", memory_mb=1024, command=start.id, message="not an extend")
     assert svc.api("GET", f"/leases/{lease_id}/events").json()["events"] == before
+
+
+def test_cli_vm_suspend_wait_returns_once_the_pilot_reports_and_a_failure_is_exit_1(svc, cli):
+    lease_id, slot = svc.ready_lease()
+    running_vm(svc, lease_id, slot)
+    waiting = cli("vm", "suspend", lease_id, "a", "--wait", "30", "--json", background=True)
+    assert svc.store.wait_for(lambda: last_command(svc, slot).op == "suspend-vm", 20)
+    svc.notify(slot, "node1", "vm-paused", vms=["a"], command=last_command(svc, slot).id, memory_mb=1024)
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["state"] == "paused"
+
+    failing = cli("vm", "resume", lease_id, "a", "--wait", "30", background=True)
+    assert svc.store.wait_for(lambda: last_command(svc, slot).op == "resume-vm", 20)
+    svc.notify(slot, "node1", "vm-failed", code=1, vms=["a"], command=last_command(svc, slot).id, memory_mb=1024,
+               message="libvirt could not resume it")
+    out, err = failing.communicate(timeout=30)
+    assert failing.returncode == 1
+    assert "is paused: resume failed: libvirt could not resume it" in single_line(err)
