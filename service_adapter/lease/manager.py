@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import Callable, Iterable
 
-from service_adapter.commandboard import CommandBoard
 from pilot.protocol import format_epoch, parse_time
 from pilot.shared.errors import first_line
+from service_adapter.commandboard import CommandBoard
 from service_adapter.lease.rules import (
     HOLDING, LEASE_STATES, ExtensionRefused, InvalidLease, LeaseError, Timing, UnknownLease, decide,
 )
@@ -85,6 +85,8 @@ class LeaseManager:
         self.board = board
         self.lost_after_s = lost_after_s if board is not None else None
         self._lock = threading.RLock()  # one tick at a time (release and wait tick too)
+        # One extension at a time, apart from the ticks: its batch system commands may take a while.
+        self._extend_lock = threading.Lock()
         self._status: dict[str, JobState] = {}
         self._status_at: float | None = None
         self._status_spent_s = 0.0  # how long this tick's status call took (0: the last answer was reused)
@@ -200,7 +202,7 @@ class LeaseManager:
                 or not 0 < by_s <= MAX_EXTENSION_S):
             raise InvalidLease(f"by_s must be a number of seconds above 0 and at most {MAX_EXTENSION_S}, "
                                f"got {by_s!r}")
-        with self._lock:
+        with self._extend_lock:
             row = self._row(lease_id)
             if row.state not in EXTENDABLE or row.release_requested_at is not None:
                 why = f"it is {row.state}" if row.state not in EXTENDABLE else "a release was asked"
