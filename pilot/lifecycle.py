@@ -132,6 +132,7 @@ class Pilot:
         self._extend_deadline = extend_deadline
         self._until: float | None = None  # the deadline on the monotonic clock, once holding (extend() moves it)
         self._warned = False
+        self._warning: tuple[float, str] | None = None  # (when the VMs end, why) once they were warned
         self.state = State.BEGIN
         self._state_since = time.monotonic()
         # Both are set by request_stop, which may run inside a signal handler: lock-free wake-ups, never
@@ -286,13 +287,22 @@ class Pilot:
             self._wake.wait(left)
 
     def _warn_vms(self, ends_at: float, why: str) -> None:
-        """Tell the VMs on their lease channel when they end and why (docs/leases.md has the line's form)."""
+        """Tell the VMs on their lease channel when they end and why; a VM started later is told at its start."""
+        self._warning = (ends_at, why)
         if self.hosting is None:
             return
-        left = max(ends_at - time.time(), 0.0)
-        line = f"ending {format_epoch(ends_at)} {left:.0f} {why}"
+        line = self.warning_line()
         log.info("warning the VMs: %s", line)
         self.hosting.warn(line)
+
+    def warning_line(self) -> str | None:
+        """The lease channel's line for the warning given, with the seconds left now (docs/leases.md); None
+        before the VMs were warned (or since an extension moved the deadline). Any thread."""
+        warning = self._warning
+        if warning is None:
+            return None
+        ends_at, why = warning
+        return f"ending {format_epoch(ends_at)} {max(ends_at - time.time(), 0.0):.0f} {why}"
 
     def extend(self, duration_s: float) -> tuple[float | None, int, str]:
         """Move the deadline for the lease's new duration (the service's ``extend``; any thread).
@@ -313,7 +323,7 @@ class Pilot:
                                    f"({new.source}) leaves no more")
         self.deadline = new
         self._until = time.monotonic() + new.remaining()
-        self._warned = False
+        self._warned, self._warning = False, None
         self._wake.set()
         message = f"deadline moved from {format_epoch(current.at)} to {format_epoch(new.at)} ({new.source})"
         log.info("%s", message)

@@ -239,3 +239,20 @@ def test_the_pilot_warns_its_guest_on_the_lease_channel_before_the_deadline(vm_s
     kinds = [e.kind if e.kind == "ending" else e.new_state for e in site.manager.history(lease.id)]
     assert kinds.index("ready") < kinds.index("ending") < kinds.index("releasing") < kinds.index("expired")
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
+
+
+def test_a_guest_started_after_the_warning_is_told_at_its_start(vm_site, libvirt_qemu, tmp_path, hugepages):
+    site = vm_site("slurm", warn_before_s=600)  # more than the lease: the pilot warns as soon as it holds
+    lease, _ = guest_running(site, libvirt_qemu, tmp_path, duration_s=300)
+    console = str(tmp_path / "consoles" / "guest1.log")
+    assert wait_for_line(console, "workspace-pilot test guest lease: ending", 30), "the late guest was not told"
+    site.manager.release(lease.id)
+    done = site.wait(lease, TERMINAL, 60)
+    assert done.state == "released", done.reason
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        told = re.findall(r"workspace-pilot test guest lease: ending (\S+) \d+ (\w+)", handle.read())
+    (pilot,) = done.pilots
+    assert told[0] == (pilot.expires_at, "deadline")  # the warning it missed, with the pilot's own deadline
+    assert [why for _, why in told[1:]] in (["release"], ["stop"])
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)
+

@@ -92,7 +92,9 @@ class VmHost:
     domain is ever created (it journals that VMs may exist); if it raises,
     no VM is created. ``vms_journalled`` says the journal already records
     VMs for this slot (a resumed slot): teardown then looks for them even
-    if this host started none. Refusals are results, not exceptions.
+    if this host started none. ``warning()`` is the lease channel's line
+    once the pilot has warned its VMs (None before): a VM started later is
+    told at its start. Refusals are results, not exceptions.
     """
 
     def __init__(
@@ -109,8 +111,10 @@ class VmHost:
         uri: str = "",
         vms_journalled: bool = False,
         images=None,
+        warning: Callable[[], str | None] = lambda: None,
     ):
         self._connect = connect
+        self.warning = warning  # the lease channel's line once the pilot warned its VMs: told to a VM at its start
         self.images = images  # a pilot.images.fetch.NodeImages: where images named by a list come from
         self.slot = slot
         self.tag = VmTag(slot, lease, pilot_pid)
@@ -270,6 +274,9 @@ class VmHost:
         try:
             # Connected for the VM's life: a guest reading its port while no one is connected reads end-of-file.
             vm.channel = _open_channel(domain)
+            line = self.warning()
+            if line:  # started after the warning: it ends as soon as the others
+                vm.channel.sendall((line + "\n").encode())
         except (OSError, ValueError, libvirt.libvirtError) as exc:  # warn() tries again
             log.debug("VM %s: no lease channel to connect to yet: %s", name, one_line(exc))
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",

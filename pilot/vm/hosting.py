@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 
 class VmHosting:
     """The command channel and the VMs of one slot; ``on_stop(reason, kind)`` is the pilot's stop request,
-    ``on_extend(duration_s)`` its deadline move (see :class:`VmWorker`).
+    ``on_extend(duration_s)`` its deadline move (see :class:`VmWorker`), ``warning()`` the lease channel's
+    line once the pilot has warned the VMs (a VM started later is told at its start).
 
     ``kind`` is ``release`` (the service's release command) or ``gone`` (a
     404 on the poll: the service no longer knows the slot).
     """
 
     def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
-                 on_stop: Callable[[str, str], None], peer_key: str | None = None, on_extend=None):
+                 on_stop: Callable[[str, str], None], peer_key: str | None = None, on_extend=None,
+                 warning: Callable[[], str | None] | None = None):
         self.config = config
         self.notifier = notifier
         self.memory = memory
@@ -36,6 +38,7 @@ class VmHosting:
         self.host = host
         self.lease = lease
         self.peer_key = peer_key  # the lease's nodes' shared key (from the slot secret): image chunks between them
+        self.warning = warning or (lambda: None)  # the lease channel's line once the VMs were warned
         self.images = None
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
@@ -64,7 +67,7 @@ class VmHosting:
         return VmHost(
             _connector(self.uri), slot=self.slot, lease=self.lease, pilot_pid=os.getpid(), policy=policy,
             reserved_mb=held.memory_mb if held else 0, virt_type=config.virt_type,
-            before_first_vm=self.memory.note_vms, uri=self.uri, images=self._node_images(),
+            before_first_vm=self.memory.note_vms, uri=self.uri, images=self._node_images(), warning=self.warning,
         )
 
     def _node_images(self):
