@@ -314,8 +314,10 @@ def slurm_cluster():
     workdir = tempfile.mkdtemp(prefix="workspace-pilot-slurm-")
     os.chmod(workdir, 0o755)
     # Besides the default partition "debug" (no time limit): "short", whose MaxTime of 5 minutes an extension
-    # must respect (tests/test_slurm_lease_time.py).
-    cluster = SlurmCluster(workdir, extra_config=(f"PartitionName={SHORT_PARTITION} Nodes=ALL MaxTime=5 State=UP",))
+    # must respect; and a backfill pass every 5 s (Slurm's 30 s would start a begin-time job up to 30 s late:
+    # tests/test_slurm_lease_time.py waits for one).
+    cluster = SlurmCluster(workdir, extra_config=(f"PartitionName={SHORT_PARTITION} Nodes=ALL MaxTime=5 State=UP",),
+                           backfill_interval_s=5)
     try:
         cluster.start()
         yield cluster
