@@ -131,7 +131,6 @@ class Pilot:
         #: ``extend_deadline(duration_s, current)``: the deadline for the lease's new duration (see extend()).
         self._extend_deadline = extend_deadline
         self._until: float | None = None  # the deadline on the monotonic clock, once holding (extend() moves it)
-        self._warned = False
         self._warning: tuple[float, str] | None = None  # (when the VMs end, why) once they were warned
         self.state = State.BEGIN
         self._state_since = time.monotonic()
@@ -141,6 +140,7 @@ class Pilot:
         #: Set by every stop request: resumes a paused test checkpoint.
         self.signalled = Wakeup()
         self._stop_reason: str | None = None
+        self._stop_kind: str | None = None  # the first stop request's kind (signal, release, gone)
         #: Where the time went, on this node's clock; sent as the notifications' ``timings``.
         self.moments = Moments()
         #: Fault-injection points (inert unless ``pause_at`` or the environment names one).
@@ -155,6 +155,7 @@ class Pilot:
         """
         self.moments.mark(f"stop_{kind}")
         if self._stop_reason is None:
+            self._stop_kind = kind
             self._stop_reason = reason
         self.signalled.set()
         self._wake.set()
@@ -278,9 +279,8 @@ class Pilot:
             left = self._until - time.monotonic()
             if left <= 0:
                 return
-            if self.warn_before_s and not self._warned:
+            if self.warn_before_s and self._warning is None:
                 if left <= self.warn_before_s:
-                    self._warned = True
                     self._warn_vms(self.deadline.at, "deadline")
                     continue
                 left -= self.warn_before_s
@@ -323,7 +323,7 @@ class Pilot:
                                    f"({new.source}) leaves no more")
         self.deadline = new
         self._until = time.monotonic() + new.remaining()
-        self._warned, self._warning = False, None
+        self._warning = None  # the deadline warning comes again, before the new deadline
         self._wake.set()
         message = f"deadline moved from {format_epoch(current.at)} to {format_epoch(new.at)} ({new.source})"
         log.info("%s", message)
@@ -437,8 +437,7 @@ class Pilot:
         elif early:
             wait = self.request.grace_s * self.earlywaitratio
             if self.warn_before_s:
-                self._warn_vms(time.time() + wait, "release" if self._stop_reason and "release" in self._stop_reason
-                               else "stop")
+                self._warn_vms(time.time() + wait, "release" if self._stop_kind == "release" else "stop")
             left = self.hosting.wait_empty(started + wait)
             log.info(
                 "early unreserve: %s after %.0f ms (the service had up to %.1f s = grace x earlywaitratio)",

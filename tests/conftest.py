@@ -236,15 +236,19 @@ def start_pilot(config: str, slot: str, *, memory: int = 64, duration: float = 3
 
 
 @contextlib.contextmanager
-def running_pilot(config: str, slot: str, **options):
-    """A pilot process for the ``with`` block; killed by its pid afterwards if it still runs."""
-    process = start_pilot(config, slot, **options)
+def killed_after(process: subprocess.Popen):
+    """``process`` for the ``with`` block; killed by its pid afterwards if it still runs."""
     try:
         yield process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def running_pilot(config: str, slot: str, **options):
+    """A pilot process for the ``with`` block; killed by its pid afterwards if it still runs."""
+    return killed_after(start_pilot(config, slot, **options))
 
 
 def read_until(process: subprocess.Popen, needle: str, timeout: float = 15.0) -> str:

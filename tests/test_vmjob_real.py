@@ -25,7 +25,7 @@ import pytest
 from pilot.node.journal import Entry, Journal
 from pilot.vm.tag import tagged_domains
 from pilot.vmjob.exitcodes import VmJobExit
-from tests.conftest import read_until
+from tests.conftest import killed_after, read_until
 from tests.libvirt_daemon import GUEST_DIR, guest_files
 from tests.slurm_cluster import SlurmCluster
 
@@ -112,16 +112,9 @@ def vmjob_argv(config: str, shell_line: str) -> list[str]:
     return [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--", "sh", "-c", shell_line]
 
 
-@contextlib.contextmanager
 def running_vmjob(config: str, cwd, shell_line: str, **popen):
     """The wrapper as a process for the block; killed by its pid afterwards if it still runs."""
-    process = subprocess.Popen(vmjob_argv(config, shell_line), cwd=cwd, **popen)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return killed_after(subprocess.Popen(vmjob_argv(config, shell_line), cwd=cwd, **popen))
 
 
 @pytest.fixture

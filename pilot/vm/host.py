@@ -72,7 +72,7 @@ class _Vm:
     domain_name: str
     domain: object
     holds: tuple[int, ...] = ()  # shared locks on the cached images it uses (eviction skips those)
-    channel: object = None  # the connected socket of its lease channel, once a warning was written
+    channel: object = None  # the connected socket of its lease channel (from its start, when libvirt gave one)
 
     def let_go(self) -> None:
         """Release the VM's hold on its cached images and its lease channel (it no longer runs)."""

@@ -155,12 +155,7 @@ def _cmd_release(client, args) -> int:
 
 
 def _cmd_extend(client, args) -> int:
-    lease = client.extend(args.lease, args.by)
-    if args.json:
-        _print_json(lease)
-    else:
-        print(lease_text(lease))
-    return EXIT_OK
+    return _print_lease(args, client.extend(args.lease, args.by))
 
 
 def _cmd_events(client, args) -> int:
@@ -183,8 +178,8 @@ def _cmd_events(client, args) -> int:
         if remaining <= 0:
             say(f"lease {args.lease} has not ended after {_wait_timeout(args):g} s; it goes on")
             return EXIT_TIMEOUT
-        time.sleep(min(delay if not events else 0.1, remaining))
-        delay = min(delay * 1.5, 0.5)
+        delay = 0.1 if events else min(delay * 1.5, 0.5)  # soon again after news, else back off
+        time.sleep(min(delay, remaining))
 
 
 def _cmd_list(client, args) -> int:
@@ -198,7 +193,10 @@ def _cmd_list(client, args) -> int:
 
 
 def _cmd_show(client, args) -> int:
-    lease = client.show(args.lease)
+    return _print_lease(args, client.show(args.lease))
+
+
+def _print_lease(args, lease: dict) -> int:
     if args.json:
         _print_json(lease)
     else:

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Callable, Iterable
 
-from pilot.protocol import format_epoch, parse_time
+from pilot.protocol import format_epoch
 from pilot.shared.errors import first_line
 from service_adapter.commandboard import CommandBoard
 from service_adapter.lease.rules import (
@@ -29,6 +29,7 @@ from service_adapter.lease.rules import (
 from service_adapter.lease.views import LeaseInfo, Usage
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 from service_adapter.store import LeaseEvent, LeaseRow, PilotRow, Store, StoreClosed
+from service_adapter.store.rows import earliest_expiry
 
 log = logging.getLogger("service_adapter.lease")
 
@@ -155,7 +156,9 @@ class LeaseManager:
         if LEASE_STATES[row.state].terminal:
             return self.get(lease_id)
         with self._lock:
-            if self.store.request_release(lease_id, self.clock(), warn=self.warn_before_s > 0):
+            # A held lease's release is its before-end event (its hosts hold memory, maybe VMs).
+            warn = self.warn_before_s > 0 and row.state in HOLDING
+            if self.store.request_release(lease_id, self.clock(), warn=warn):
                 log.info("lease %s: release requested (state %s)", lease_id, row.state)
             self._tick([lease_id])
         return self.get(lease_id)
@@ -344,7 +347,7 @@ class LeaseManager:
             ready_at = expires_at = None
             if decision.state == "ready" and row.ready_at is None:
                 ready_at = max((p.reserved_at for p in pilots if p.reserved_at is not None), default=now)
-                expires_at = _earliest_deadline(pilots)
+                expires_at = earliest_expiry(p.expires_at for p in pilots)
             if not self.store.transition_lease(row.id, row.state, decision.state, decision.reason, now=now,
                                                ended=ended, ready_at=ready_at, cancel=decision.cancel,
                                                expires_at=expires_at):
@@ -483,18 +486,6 @@ class LeaseManager:
             row, pilots=self.store.pilots(row.slot) if row.slot else [],
             usage=Usage(*self.store.usage_totals(lease_id=row.id)), vms=self.store.vms(row.id),
         )
-
-
-def _earliest_deadline(pilots: list[PilotRow]) -> float | None:
-    """The earliest deadline (``expires_at``) the pilots reported, in epoch seconds; None if none did."""
-    ends = []
-    for p in pilots:
-        if p.expires_at:
-            try:
-                ends.append(parse_time(p.expires_at).timestamp())
-            except ValueError:  # checked on receipt; an unreadable one only loses the better end
-                continue
-    return min(ends) if ends else None
 
 
 def _check_start(start_at, now: float) -> None:

@@ -4,8 +4,8 @@
   readers, and the waits for commits;
 - :mod:`.schema`: the tables, their version and the upgrades of older files;
 - :mod:`.rows`: the rows as Python sees them, and the notification verdicts;
-- :mod:`.leases`, :mod:`.notifications`, :mod:`.vms`: what is written and read,
-  as functions over a connection.
+- :mod:`.leases`, :mod:`.notifications`, :mod:`.vms`, :mod:`.history`: what is
+  written and read, as functions over a connection.
 """
 
 from service_adapter.store.engine import ACCESS_CACHE_SIZE, Store

@@ -270,8 +270,8 @@ class Store:
     def request_release(self, lease_id: str, now: float, *, warn: bool = False) -> bool:
         """Record that a release (and so a cancel of the job) was asked; False if the lease has ended or is unknown.
 
-        Repeating it keeps the first request's time. With ``warn`` a held
-        lease also gets its before-end event (an ``ending`` entry), once.
+        Repeating it keeps the first request's time. With ``warn`` the lease
+        also gets its before-end event (an ``ending`` entry), once.
         """
         return self.submit(lambda conn: lease_ops.request_release(conn, lease_id, now, self._wake_target,
                                                                   warn)).result()

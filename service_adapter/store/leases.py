@@ -16,6 +16,7 @@ from typing import Callable
 from pilot.protocol import format_epoch
 from service_adapter.nodekeys import new_slot_secret
 from service_adapter.store import vms
+from service_adapter.store.history import add_event
 from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, UsageRow
 
 # -- writes ---------------------------------------------------------------------------------------
@@ -85,15 +86,6 @@ def transition(conn: sqlite3.Connection, lease_id: str, old: str, new: str, reas
     return True
 
 
-def add_event(conn: sqlite3.Connection, lease_id: str, kind: str, reason: str, now: float) -> None:
-    """A history entry that is no transition (``ending``, ``extended``): the state before and after is the same."""
-    conn.execute(
-        "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
-        " SELECT id, ?, state, state, ?, ? FROM leases WHERE id = ?",
-        (now, reason, kind, lease_id),
-    )
-
-
 def mark_warned(conn: sqlite3.Connection, lease_id: str, reason: str, now: float) -> bool:
     """Record the lease's before-end event once (its ``ending`` entry); False if it was recorded before or it ended."""
     cursor = conn.execute(
@@ -123,7 +115,7 @@ def extend(conn: sqlite3.Connection, lease_id: str, old_duration_s: float, by_s:
 def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
                     wake: Callable[[str, str], None], warn: bool = False) -> bool:
     """Record that a release (and a cancel of the job) was asked, queueing the pilots' release commands;
-    with ``warn``, a held lease's before-end event too."""
+    with ``warn``, the lease's before-end event too (once)."""
     cursor = conn.execute(
         "UPDATE leases SET release_requested_at = COALESCE(release_requested_at, ?),"
         " cancel_requested_at = COALESCE(cancel_requested_at, ?), updated_at = ?"
@@ -132,8 +124,7 @@ def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
     )
     if cursor.rowcount == 1:
         vms.queue_release(conn, lease_id, now, wake)
-        (state,) = conn.execute("SELECT state FROM leases WHERE id = ?", (lease_id,)).fetchone()
-        if warn and state in ("ready", "running"):  # its hosts hold memory, maybe VMs: this is its before-end event
+        if warn:
             mark_warned(conn, lease_id, "ending: release requested; the pilots stop their VMs and give the "
                                         "nodes back now", now)
     return cursor.rowcount == 1

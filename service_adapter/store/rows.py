@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Iterable
 
-from pilot.protocol import MAX_SEQ_STEP
+from pilot.protocol import MAX_SEQ_STEP, parse_time
 
 #: A pilot's notified states that end its hold on the node (a usage row is written with the first).
 HOLD_ENDED = frozenset({"unreserved", "killed"})
@@ -51,6 +52,18 @@ class Verdict(enum.Enum):
     def detail(self) -> str:
         """What the answer's ``detail`` says (empty where the result says it all)."""
         return self.value[2] if len(self.value) > 2 else ""
+
+
+def earliest_expiry(expires: Iterable[str | None]) -> float | None:
+    """The earliest of pilots' ``expires_at`` (RFC 3339, as they reported them) in epoch seconds; None if none."""
+    ends = []
+    for text in expires:
+        if text:
+            try:
+                ends.append(parse_time(text).timestamp())
+            except ValueError:  # checked on receipt; an unreadable one only loses the better end
+                continue
+    return min(ends) if ends else None
 
 
 @dataclasses.dataclass(frozen=True)

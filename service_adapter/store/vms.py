@@ -23,9 +23,11 @@ import json
 import sqlite3
 from typing import Callable
 
-from pilot.protocol import MAX_PEERS, Notification, VmSpec, parse_time
+from pilot.protocol import MAX_PEERS, Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import images as image_ops
+from service_adapter.store.history import add_event
+from service_adapter.store.rows import earliest_expiry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -62,7 +64,7 @@ CREATE INDEX IF NOT EXISTS commands_by_target ON commands(slot_id, host, id);
 """
 
 ACTIVE = ("starting", "running", "paused", "stopping")
-_ACTIVE_SQL = "('starting', 'running', 'paused', 'stopping')"
+_ACTIVE_SQL = "(" + ", ".join(f"'{state}'" for state in ACTIVE) + ")"
 ENDED = ("stopped", "failed", "lost")
 _VM_COLUMNS = (
     "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
@@ -302,13 +304,10 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
     why = n.message or ""
     op = command[0] if command is not None else None
     if n.state == "extended":
-        if op != "extend" or command[2] is not None:
-            return  # only the answer to an extend the service queued, once: a node cannot fill the history
-        conn.execute(
-            "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
-            " SELECT id, ?, state, state, ?, 'extended' FROM leases WHERE id = ?",
-            (now, f"{n.host} holds until {n.expires_at or '?'}" + (f": {why}" if why else ""), lease_id),
-        )
+        if op != "extend":
+            return  # only the answer to an extend the service queued (once, above): a node cannot fill the history
+        held = f"{n.host} holds until {n.expires_at or '?'}" + (f": {why}" if why else "")
+        add_event(conn, lease_id, "extended", held, now)
         _lease_ends_with_its_pilots(conn, lease_id, n.slot)
     elif n.state == "vm-running":
         for name in names:
@@ -370,16 +369,11 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
 def _lease_ends_with_its_pilots(conn: sqlite3.Connection, lease_id: str, slot: str) -> None:
     """The lease's end is its holding pilots' earliest deadline (a pilot the batch system's end held back
     from an extension's whole length ends the lease earlier than the service's sum said)."""
-    ends = []
-    for (text,) in conn.execute(
-            "SELECT expires_at FROM pilots WHERE slot_id = ? AND reserved_at IS NOT NULL AND ended_by IS NULL"
-            " AND lost_at IS NULL AND expires_at IS NOT NULL", (slot,)):
-        try:
-            ends.append(parse_time(text).timestamp())
-        except ValueError:  # checked on receipt: never here
-            continue
-    if ends:
-        conn.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL", (min(ends), lease_id))
+    ends = earliest_expiry(text for (text,) in conn.execute(
+        "SELECT expires_at FROM pilots WHERE slot_id = ? AND reserved_at IS NOT NULL AND ended_by IS NULL"
+        " AND lost_at IS NULL", (slot,)))
+    if ends is not None:
+        conn.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL", (ends, lease_id))
 
 
 def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: str) -> bool:
