@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         bench_dir = os.path.join(workdir, "bench")
         return lease_bench(["--provider", "slurm", "--config", config, "--workdir", bench_dir,
                             "--pilot-option", f"timing.walltime_margin={WALLTIME_MARGIN_S}",
+                            "--pilot-option", f"batch.slurm_conf={cluster.conf}",
                             *(rest or ["--nodes", "1", "2", "4", "--rounds", "5"])])
     finally:
         cluster.stop()

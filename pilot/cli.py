@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate(args.config, args.contact, args.batch_user)
 
+    from pilot.batchenv import JobVariableError, job_variables
     from pilot.node.backends import BackendError, backend_from_config
     from pilot.config import DEFAULT_PATH, ConfigError, load_config
     from pilot.credentials import CredentialError, pilot_credentials, take_slot_secret
@@ -171,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         # First: out of the environment before anything (xl, squeue, sudo) could inherit it.
         slot_secret = take_slot_secret()
     except CredentialError as exc:
+        return _fail("usage error", [str(exc)], ExitCode.USAGE)
+
+    try:
+        # The job's identity is all root takes from its caller's environment, each value checked (pilot/batchenv.py).
+        job = job_variables(os.environ)
+    except JobVariableError as exc:
         return _fail("usage error", [str(exc)], ExitCode.USAGE)
 
     if os.environ.get("SUDO_USER") and os.environ.get("SUDO_UID") != "0" and args.config not in (None, DEFAULT_PATH):
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except JournalError as exc:
         return _fail("journal error", [f"{exc}; nothing changed"], ExitCode.JOURNAL)
     # Slurm's node name first: several slurmd on one host share its hostname but not this.
-    host = args.host or os.environ.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]  # gethostname(), without socket
+    host = args.host or job.get("SLURMD_NODENAME") or os.uname().nodename.split(".")[0]  # gethostname(), without socket
     if not _HOST_RE.match(host):
         return _fail("usage error", [f"host name {host!r} (from $SLURMD_NODENAME or the hostname) is not valid: pass --host"],
                      ExitCode.USAGE)
@@ -204,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         log_path = _setup_logging(config, args.slot, host, args)
     except OSError as exc:
         return _fail("config error", [f"log directory {config.log_dir}: {exc.strerror}"], ExitCode.CONFIG)
-    return _reserve(args, config, backend, journal, host, log_path, started, credentials)
+    return _reserve(args, config, backend, journal, host, log_path, started, credentials, job)
 
 
-def _reserve(args, config, backend, journal, host: str, log_path: str, started: float, credentials) -> int:
+def _reserve(args, config, backend, journal, host: str, log_path: str, started: float, credentials,
+             job: dict[str, str]) -> int:
     from pilot.deadline import compute_deadline, extended_deadline
     from pilot.vm.hosting import VmHosting
     from pilot.node.journal import Entry
@@ -234,14 +242,14 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
 
     def deadline():
         return compute_deadline(
-            started=started, duration_s=args.duration, grace_s=args.grace,
-            margin_s=config.walltime_margin_s, env=os.environ, query_timeout=config.lrm_query_timeout_s,
+            started=started, duration_s=args.duration, grace_s=args.grace, margin_s=config.walltime_margin_s,
+            env=job, query_timeout=config.lrm_query_timeout_s, client=config.batch_client,
         )
 
     def extend(duration_s, current):
         return extended_deadline(
-            current, started=started, duration_s=duration_s, grace_s=args.grace,
-            margin_s=config.walltime_margin_s, env=os.environ, query_timeout=config.lrm_query_timeout_s,
+            current, started=started, duration_s=duration_s, grace_s=args.grace, margin_s=config.walltime_margin_s,
+            env=job, query_timeout=config.lrm_query_timeout_s, client=config.batch_client,
         )
 
     request = LeaseRequest(args.slot, host, args.memory, args.duration, args.grace)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from urllib.parse import urlsplit
 
+from pilot.batchenv import DEFAULT_PATH as DEFAULT_BATCH_PATH, BatchClient
 from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
 
 DEFAULT_PATH = "/etc/workspace-pilot/pilot.conf"
@@ -53,6 +54,12 @@ class PilotConfig:
     earlywaitratio: float = 0.5
     walltime_margin_s: float = 30.0
     lrm_query_timeout_s: float = 5.0
+    # [batch]
+    batch_path: str = DEFAULT_BATCH_PATH
+    slurm_conf: str | None = None
+    sge_root: str | None = None
+    sge_cell: str = "default"
+    sge_qmaster_port: int | None = None
     # [libvirt]
     libvirt_uri: str | None = None
     # [vms]
@@ -77,7 +84,6 @@ class PilotConfig:
     vmjob_default_memory_mb: int = 1024
     vmjob_stop_timeout_s: float = 5.0
     vmjob_virtiofsd: str = "/usr/lib/qemu/virtiofsd"
-    vmjob_slurm_conf: str | None = None
     vmjob_output_limit_mb: int = 10240
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
@@ -90,6 +96,11 @@ class PilotConfig:
         if not self.verify_tls:
             return False
         return self.ca_file or True
+
+    @property
+    def batch_client(self) -> BatchClient:
+        """Where root finds the batch system's commands and what they read (``[batch]``; never the caller's)."""
+        return BatchClient(self.batch_path, self.slurm_conf, self.sge_root, self.sge_cell, self.sge_qmaster_port)
 
     @property
     def hugepage_kb(self) -> int:
@@ -153,6 +164,20 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _search_path(text: str) -> str:
+    directories = [part for part in text.split(":")]
+    if not text or any(not part.startswith("/") for part in directories):
+        raise ValueError("must be absolute directories separated by ':' (root-owned, where the batch system's "
+                         "commands are)")
+    return ":".join(os.path.normpath(part) for part in directories)
+
+
+def _cell(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "._-" for c in text) or text[0] == "." or len(text) > 64:
+        raise ValueError("must be a Grid Engine cell name (letters, digits, . _ -)")
+    return text
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.replace(",", " ").split() if part.strip())
     for name in names:
@@ -190,6 +215,13 @@ SCHEMA = {
         "walltime_margin": ("walltime_margin_s", _non_negative_float),
         "lrm_query_timeout": ("lrm_query_timeout_s", _positive_float),
     },
+    "batch": {
+        "path": ("batch_path", _search_path),
+        "slurm_conf": ("slurm_conf", abs_path),
+        "sge_root": ("sge_root", abs_path),
+        "sge_cell": ("sge_cell", _cell),
+        "sge_qmaster_port": ("sge_qmaster_port", whole(1, 65535, "must be a TCP port number from 1 to 65535")),
+    },
     "libvirt": {
         "uri": ("libvirt_uri", _libvirt_uri),
     },
@@ -217,7 +249,6 @@ SCHEMA = {
         "default_memory": ("vmjob_default_memory_mb", whole(1, 10**8, "must be a whole number of MB above 0")),
         "stop_timeout": ("vmjob_stop_timeout_s", _non_negative_float),
         "virtiofsd": ("vmjob_virtiofsd", abs_path),
-        "slurm_conf": ("vmjob_slurm_conf", abs_path),
         "output_limit": ("vmjob_output_limit_mb", whole(1, 10**8, "must be a whole number of MB above 0")),
     },
     "logging": {
@@ -233,6 +264,8 @@ RETIRED = {
     "own key: set node_key_file (make the key with `workspace-lease node-key HOST` on the service's host)"
     for option in ("user", "secret", "secret_file", "realm")
 }
+RETIRED[("vmjob", "slurm_conf")] = ("moved to [batch] slurm_conf, which every batch-system command the pilot and "
+                                    "workspace-vmjob run as root reads")
 
 
 def load_config(path: str | None, *, require_service: bool = True, **overrides) -> PilotConfig:

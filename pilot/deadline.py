@@ -28,6 +28,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from pilot.batchenv import BatchClient
 from pilot.shared.qstat import parse_full
 
 from collections.abc import Callable, Mapping
@@ -77,6 +78,7 @@ def walltime_end(
     env: Mapping[str, str],
     *,
     query_timeout: float,
+    client: BatchClient = BatchClient(),
     run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
     now: Callable[[], float] = time.time,
 ) -> tuple[float, str] | None:
@@ -90,12 +92,16 @@ def walltime_end(
     4. ``PBS_WALLTIME`` (seconds) from this session leader's start
        (``"PBS_WALLTIME"``), or from ``now()`` when that cannot be read
        (``"PBS_WALLTIME (estimate: counted from now)"``);
-    5. Grid Engine: ``qstat -j $JOB_ID`` (with ``$SGE_ROOT`` set) for the
-       job's ``h_rt``/``s_rt``, counted from this session leader's start (the
-       task ``qrsh -inherit`` started), ``"qstat -j"``.
+    5. Grid Engine: ``qstat -j $JOB_ID`` (where ``client`` names an
+       ``SGE_ROOT``) for the job's ``h_rt``/``s_rt``, counted from this
+       session leader's start (the task ``qrsh -inherit`` started),
+       ``"qstat -j"``.
 
-    Commands are found through ``env["PATH"]`` and run with ``env`` as their
-    environment, each bounded by ``query_timeout`` seconds. A source that
+    ``env`` holds the job's variables (checked by
+    :func:`pilot.batchenv.job_variables`); nothing else of it reaches a
+    command. Commands are found on ``client``'s path and run with
+    ``client``'s environment (root-owned configuration, never the
+    caller's), each bounded by ``query_timeout`` seconds. A source that
     fails, hangs, prints nonsense, or gives an end more than a day past or
     about three years ahead is logged as one warning line and skipped.
     Returns None when no source applies or none answered; never raises for
@@ -103,7 +109,7 @@ def walltime_end(
     """
     for name, probe in _SOURCES:
         try:
-            answer = probe(env, query_timeout, run, now)
+            answer = probe(env, _Query(client, query_timeout, run), now)
         except _SourceFailed as exc:
             log.warning("walltime source %s: %s; trying the next source", name, exc)
             continue
@@ -126,20 +132,21 @@ def compute_deadline(
     margin_s: float,
     env: Mapping[str, str],
     query_timeout: float,
+    client: BatchClient = BatchClient(),
     run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
     now: Callable[[], float] = time.time,
 ) -> Deadline:
     """The earlier of ``started + duration_s`` and ``walltime_end - margin_s - grace_s``.
 
     ``started`` is the pilot's start in epoch seconds. The walltime end comes
-    from :func:`walltime_end` (``env``, ``query_timeout``, ``run`` and ``now``
-    are passed on). On a tie the duration wins (it is what was asked for).
+    from :func:`walltime_end` (``env``, ``query_timeout``, ``client``, ``run``
+    and ``now`` are passed on). On a tie the duration wins (it is what was asked for).
     Raises :class:`DeadlineError` when the walltime-derived deadline is at or
     before ``now()``: the pilot could not even restore in time, so it must not
     reserve anything.
     """
     by_duration = started + duration_s
-    found = walltime_end(env, query_timeout=query_timeout, run=run, now=now)
+    found = walltime_end(env, query_timeout=query_timeout, client=client, run=run, now=now)
     if found is None:
         return Deadline(by_duration, "duration", None)
     end, source = found
@@ -172,6 +179,7 @@ def extended_deadline(
     margin_s: float,
     env: Mapping[str, str],
     query_timeout: float,
+    client: BatchClient = BatchClient(),
     run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
     now: Callable[[], float] = time.time,
 ) -> Deadline:
@@ -185,7 +193,7 @@ def extended_deadline(
     bounds it: the pilot never holds past a limit it has not seen raised.
     """
     live = {key: value for key, value in env.items() if key not in _STATIC_SOURCES}
-    found = walltime_end(live, query_timeout=query_timeout, run=run, now=now)
+    found = walltime_end(live, query_timeout=query_timeout, client=client, run=run, now=now)
     end, source = found if found is not None else (old.walltime_end, old.source)
     at, why = started + duration_s, "duration"
     if end is not None and end - margin_s - grace_s < at:
@@ -200,7 +208,7 @@ def extended_deadline(
 # and raises _SourceFailed when it applies but has no usable answer.
 
 
-def _from_slurm_end_time(env, query_timeout, run, now):
+def _from_slurm_end_time(env, query, now):
     value = env.get("SLURM_JOB_END_TIME")
     if value is None:
         return None
@@ -209,11 +217,11 @@ def _from_slurm_end_time(env, query_timeout, run, now):
     return float(int(value)), "SLURM_JOB_END_TIME"
 
 
-def _from_squeue(env, query_timeout, run, now):
+def _from_squeue(env, query, now):
     job = env.get("SLURM_JOB_ID")
     if not job:
         return None
-    output = _query(["squeue", "-h", "-j", job, "-o", "%e"], env, query_timeout, run)
+    output = query("squeue", "-h", "-j", job, "-o", "%e")
     ends = []
     for line in output.splitlines():
         text = line.strip()
@@ -232,15 +240,15 @@ def _from_squeue(env, query_timeout, run, now):
     return min(ends), "squeue"
 
 
-def _from_qstat(env, query_timeout, run, now):
+def _from_qstat(env, query, now):
     job = env.get("PBS_JOBID")
     if not job:
         return None
-    output = _query(["qstat", "-f", job], env, query_timeout, run)
+    output = query("qstat", "-f", job)
     return _qstat_full_end(output, now(), job), "qstat -f"
 
 
-def _from_pbs_walltime(env, query_timeout, run, now):
+def _from_pbs_walltime(env, query, now):
     value = env.get("PBS_WALLTIME")
     if value is None:
         return None
@@ -263,11 +271,11 @@ def _from_session_start(seconds: float, source: str, now) -> tuple[float, str]:
         return now() + seconds, f"{source} (estimate: counted from now)"
 
 
-def _from_sge(env, query_timeout, run, now):
+def _from_sge(env, query, now):
     job = env.get("JOB_ID")
-    if not job or not env.get("SGE_ROOT"):
+    if not job or not query.client.sge_root:
         return None
-    output = _query(["qstat", "-j", job], env, query_timeout, run)
+    output = query("qstat", "-j", job)
     limit = sge_runtime_limit(output)
     if limit is None:
         raise _SourceFailed(f"qstat -j {job} shows no h_rt or s_rt in the job's hard resource list")
@@ -305,36 +313,30 @@ _SOURCES = (
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-def _query(argv: list[str], env: Mapping[str, str], timeout: float, run) -> str:
-    """Run an LRM command found through ``env``'s PATH; its stdout, or _SourceFailed saying why not."""
-    path = _which(argv[0], env.get("PATH", os.defpath))
-    if path is None:
-        raise _SourceFailed(f"{argv[0]} not found on PATH")
-    child_env = dict(env)
-    # A site or user may export SLURM_TIME_FORMAT=relative (or any strftime format): pin the one we parse.
-    child_env["SLURM_TIME_FORMAT"] = "standard"
-    try:
-        done = run(
-            [path, *argv[1:]], env=child_env, stdin=subprocess.DEVNULL, capture_output=True,
-            encoding="utf-8", errors="replace", timeout=timeout, check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise _SourceFailed(f"{path} gave no answer within {timeout:g} s") from None
-    except OSError as exc:
-        raise _SourceFailed(f"cannot run {path}: {exc.strerror or exc}") from None
-    if done.returncode != 0:
-        said = next((line.strip() for line in (done.stderr or "").splitlines() if line.strip()), "")
-        raise _SourceFailed(f"{path} exited with status {done.returncode}" + (f": {_quote(said)}" if said else ""))
-    return done.stdout or ""
+class _Query:
+    """Runs one LRM command found on ``client``'s path, with ``client``'s environment, for at most ``timeout`` s."""
 
+    def __init__(self, client: BatchClient, timeout: float, run):
+        self.client, self.timeout, self.run = client, timeout, run
 
-def _which(name: str, search_path: str) -> str | None:
-    """The first executable ``name`` on ``search_path`` (shutil.which without shutil's imports)."""
-    for directory in search_path.split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    def __call__(self, name: str, *args: str) -> str:
+        """The command's stdout, or _SourceFailed saying why not."""
+        path = self.client.which(name)
+        if path is None:
+            raise _SourceFailed(f"{name} not found in [batch] path {self.client.path}")
+        try:
+            done = self.run(
+                [path, *args], env=self.client.environment(), stdin=subprocess.DEVNULL, capture_output=True,
+                encoding="utf-8", errors="replace", timeout=self.timeout, check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise _SourceFailed(f"{path} gave no answer within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise _SourceFailed(f"cannot run {path}: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            said = next((line.strip() for line in (done.stderr or "").splitlines() if line.strip()), "")
+            raise _SourceFailed(f"{path} exited with status {done.returncode}" + (f": {_quote(said)}" if said else ""))
+        return done.stdout or ""
 
 
 def _qstat_full_end(output: str, now: float, job: str) -> float:

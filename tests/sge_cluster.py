@@ -177,6 +177,11 @@ class SgeCluster:
         """What a provider adds to its commands' environment to drive this cluster (its command wrappers first)."""
         return {"PATH": f"{self.command_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
+    def pilot_batch(self) -> dict[str, object]:
+        """The pilot config's [batch] options for this cluster (root's qstat, run on an execution host, reads
+        this SGE_ROOT and cell and asks the qmaster on this port)."""
+        return {"sge_root": self.root, "sge_cell": "default", "sge_qmaster_port": QMASTER_PORT}
+
     def cancel(self, job_id: str) -> None:
         """Delete a job of this cluster (a test's teardown)."""
         self.run(["qdel", "-f", job_id])

@@ -103,6 +103,10 @@ class SlurmCluster:
         """Cancel a job of this cluster (a test's teardown)."""
         self.run(["scancel", job_id])
 
+    def pilot_batch(self) -> dict:
+        """The pilot config's [batch] options for this cluster (root's Slurm commands read this slurm.conf)."""
+        return {"slurm_conf": self.conf}
+
     def env(self, base: dict | None = None) -> dict:
         """An environment in which sbatch, squeue, qsub, ... talk to this cluster."""
         env = dict(os.environ if base is None else base)
@@ -277,7 +281,9 @@ class ServiceOnCluster:
         self.log_dir = os.path.join(workdir, "logs")
         self.journal_dir = os.path.join(workdir, "journal")
         self.pilot_config = os.path.join(workdir, "pilot.conf")
-        self.pilot_sections = {"timing": {"walltime_margin": WALLTIME_MARGIN_S}, **(pilot_sections or {})}
+        # The pilots run as root: what their squeue/qstat read comes from their config, never the job's environment.
+        self.pilot_sections = {"timing": {"walltime_margin": WALLTIME_MARGIN_S}, "batch": cluster.pilot_batch(),
+                               **(pilot_sections or {})}
         self.lost_after_s = lost_after_s
         self.launcher = launcher
         self.queue = queue

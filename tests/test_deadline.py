@@ -3,9 +3,10 @@
 Slurm and its Torque wrapper are not installed on the test machines yet, so
 the command sources run *fake* ``squeue``/``qstat`` executables: tiny shell
 scripts under ``tmp_path/bin`` that print what the real commands print, run
-as real subprocesses found through the ``PATH`` of the env under test. That
-PATH holds only the fakes' directory, so a real Slurm installed later never
-answers in their place.
+as real subprocesses found on the [batch] path of the client under test
+(:class:`pilot.batchenv.BatchClient`, what pilot.conf configures). That path
+holds only the fakes' directory, so a real Slurm installed later never
+answers in their place; a PATH in the job's environment is never looked at.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import pytest
 
 from pilot import deadline as deadline_module
+from pilot.batchenv import BatchClient
 from pilot.deadline import (
     Deadline,
     DeadlineError,
@@ -34,6 +36,10 @@ from pilot.deadline import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 T = float(int(time.time()))  # "now" for the tests that fix it: whole seconds, so ends compare exactly
+
+
+#: A client that finds no batch-system command at all.
+NO_COMMANDS = BatchClient(path="/nonexistent")
 
 
 def fixed_now():
@@ -74,9 +80,13 @@ def fakes(tmp_path):
             path.write_text(f"#!/bin/sh\n# fake {name}: {comment}\n{body}\n")
             path.chmod(0o755)
 
-        def env(self, **variables: str) -> dict[str, str]:
+        @property
+        def client(self) -> BatchClient:
             self.bin.mkdir(exist_ok=True)
-            return {"PATH": str(self.bin), **variables}
+            return BatchClient(path=str(self.bin))
+
+        def env(self, **variables: str) -> dict[str, str]:
+            return dict(variables)
 
     return Fakes()
 
@@ -118,8 +128,8 @@ def ctime(epoch: float) -> str:
 
 def test_duration_only_outside_a_batch_job():
     run = CountingRun()
-    found = compute_deadline(started=T, duration_s=600, grace_s=10, margin_s=30, env={"PATH": "/nonexistent"},
-                             query_timeout=1, run=run, now=fixed_now)
+    found = compute_deadline(started=T, duration_s=600, grace_s=10, margin_s=30, env={},
+                             client=NO_COMMANDS, query_timeout=1, run=run, now=fixed_now)
     assert found == Deadline(T + 600, "duration", None)
     assert run.commands == []
 
@@ -130,7 +140,7 @@ def test_earlier_slurm_job_end_time_wins_less_margin_and_grace(fakes):
     run = CountingRun()
     env = fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242")
     found = compute_deadline(started=T, duration_s=3600, grace_s=20, margin_s=30, env=env,
-                             query_timeout=1, run=run, now=fixed_now)
+                             client=fakes.client, query_timeout=1, run=run, now=fixed_now)
     assert found == Deadline(T + 600 - 30 - 20, "SLURM_JOB_END_TIME", T + 600)
     assert found.remaining(now=T) == 550
     assert run.commands == []
@@ -139,7 +149,7 @@ def test_earlier_slurm_job_end_time_wins_less_margin_and_grace(fakes):
 def test_later_slurm_job_end_time_loses_to_the_duration():
     env = {"SLURM_JOB_END_TIME": str(int(T) + 7200)}
     found = compute_deadline(started=T, duration_s=3600, grace_s=20, margin_s=30, env=env,
-                             query_timeout=1, now=fixed_now)
+                             client=NO_COMMANDS, query_timeout=1, now=fixed_now)
     assert found == Deadline(T + 3600, "duration", T + 7200)
 
 
@@ -154,7 +164,7 @@ def test_a_walltime_that_leaves_no_time_is_an_error_naming_the_numbers(left, phr
     env = {"SLURM_JOB_END_TIME": str(int(T) + left)}
     with pytest.raises(DeadlineError) as raised:
         compute_deadline(started=T, duration_s=3600, grace_s=15, margin_s=30, env=env,
-                         query_timeout=1, now=fixed_now)
+                         client=NO_COMMANDS, query_timeout=1, now=fixed_now)
     message = str(raised.value)
     assert "\n" not in message
     for part in (phrase, "SLURM_JOB_END_TIME", "walltime margin of 30 s", "grace of 15 s",
@@ -165,20 +175,20 @@ def test_a_walltime_that_leaves_no_time_is_an_error_naming_the_numbers(left, phr
 def test_one_second_to_spare_is_enough():
     env = {"SLURM_JOB_END_TIME": str(int(T) + 46)}
     found = compute_deadline(started=T, duration_s=3600, grace_s=15, margin_s=30, env=env,
-                             query_timeout=1, now=fixed_now)
+                             client=NO_COMMANDS, query_timeout=1, now=fixed_now)
     assert found == Deadline(T + 1, "SLURM_JOB_END_TIME", T + 46)
 
 
 @pytest.mark.parametrize("value", ["soon", "", "-5", "0", "1.5e9"])
 def test_a_bad_slurm_job_end_time_is_skipped_with_a_warning(value, caplog):
-    assert walltime_end({"SLURM_JOB_END_TIME": value}, query_timeout=1, now=fixed_now) is None
+    assert walltime_end({"SLURM_JOB_END_TIME": value}, client=NO_COMMANDS, query_timeout=1, now=fixed_now) is None
     assert any("SLURM_JOB_END_TIME" in w and "not an epoch time" in w for w in warnings_of(caplog))
 
 
 @pytest.mark.parametrize("offset, why", [(-2 * 86400, "in the past"), (4 * 366 * 86400, "three years")])
 def test_an_absurd_end_is_ignored_and_the_next_source_asked(offset, why, caplog, no_proc):
     env = {"SLURM_JOB_END_TIME": str(int(T + offset)), "PBS_WALLTIME": "600"}
-    assert walltime_end(env, query_timeout=1, now=fixed_now) == (T + 600, ESTIMATE)
+    assert walltime_end(env, client=NO_COMMANDS, query_timeout=1, now=fixed_now) == (T + 600, ESTIMATE)
     assert any("SLURM_JOB_END_TIME" in w and why in w for w in warnings_of(caplog))
 
 
@@ -243,12 +253,12 @@ def test_session_start_outside_this_pid_namespace_is_an_error(monkeypatch):
 
 
 def test_pbs_walltime_without_proc_is_counted_from_now_and_says_so(no_proc, caplog):
-    assert walltime_end({"PBS_WALLTIME": "3600"}, query_timeout=1, now=fixed_now) == (T + 3600, ESTIMATE)
+    assert walltime_end({"PBS_WALLTIME": "3600"}, client=NO_COMMANDS, query_timeout=1, now=fixed_now) == (T + 3600, ESTIMATE)
     assert any("counting from now" in w for w in warnings_of(caplog))
 
 
 def test_a_bad_pbs_walltime_is_skipped(caplog):
-    assert walltime_end({"PBS_WALLTIME": "forever"}, query_timeout=1, now=fixed_now) is None
+    assert walltime_end({"PBS_WALLTIME": "forever"}, client=NO_COMMANDS, query_timeout=1, now=fixed_now) is None
     assert any("PBS_WALLTIME" in w and "'forever'" in w for w in warnings_of(caplog))
 
 
@@ -260,7 +270,7 @@ def test_squeue_end_is_read_in_local_time(fakes, local_tz):
     wall_clock = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(end - local_tz))  # as squeue prints it in UTC-5
     squeue_fake(fakes, "4242", wall_clock)
     run = CountingRun()
-    assert walltime_end(fakes.env(SLURM_JOB_ID="4242"), query_timeout=5, run=run, now=fixed_now) == (end, "squeue")
+    assert walltime_end(fakes.env(SLURM_JOB_ID="4242"), client=fakes.client, query_timeout=5, run=run, now=fixed_now) == (end, "squeue")
     assert run.commands == ["squeue"]
     assert calendar.timegm(time.strptime(wall_clock, "%Y-%m-%dT%H:%M:%S")) == end - local_tz  # not read as UTC
 
@@ -270,7 +280,7 @@ def test_squeue_na_falls_through_to_qstat(fakes, caplog):
     qstat_fake(fakes, "4242", "Torque 6's qstat -f, an excerpt", "Job Id: 4242\n    Walltime.Remaining = 1200\n")
     run = CountingRun()
     env = fakes.env(SLURM_JOB_ID="4242", PBS_JOBID="4242")
-    assert walltime_end(env, query_timeout=5, run=run, now=fixed_now) == (T + 1200, "qstat -f")
+    assert walltime_end(env, client=fakes.client, query_timeout=5, run=run, now=fixed_now) == (T + 1200, "qstat -f")
     assert run.commands == ["squeue", "qstat"]
     assert any("squeue" in w and "no end time known" in w and "'N/A'" in w for w in warnings_of(caplog))
 
@@ -279,7 +289,7 @@ def test_a_failing_squeue_falls_through_with_its_message(fakes, caplog, no_proc)
     fakes.add("squeue", "what Slurm 22.05's squeue says for a job it does not know",
               "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1")
     env = fakes.env(SLURM_JOB_ID="4242", PBS_WALLTIME="600")
-    assert walltime_end(env, query_timeout=5, now=fixed_now)== (T + 600, ESTIMATE)
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now)== (T + 600, ESTIMATE)
     assert any("exited with status 1" in w and "Invalid job id specified" in w for w in warnings_of(caplog))
 
 
@@ -288,24 +298,24 @@ def test_a_hanging_squeue_is_given_up_after_the_query_timeout(fakes, caplog, no_
     env = fakes.env(SLURM_JOB_ID="4242", PBS_WALLTIME="600")
     # The fall-through to PBS_WALLTIME and the warning show the query was given up; how fast is
     # the benchmark's business, not a test's.
-    assert walltime_end(env, query_timeout=0.3, now=fixed_now) == (T + 600, ESTIMATE)
+    assert walltime_end(env, client=fakes.client, query_timeout=0.3, now=fixed_now) == (T + 600, ESTIMATE)
     assert any("no answer within 0.3 s" in w for w in warnings_of(caplog))
 
 
 def test_missing_commands_fall_through(fakes, caplog):
     run = CountingRun()
     env = fakes.env(SLURM_JOB_ID="4242", PBS_JOBID="4242.head")  # an empty bin: no squeue, no qstat
-    assert walltime_end(env, query_timeout=5, run=run, now=fixed_now) is None
+    assert walltime_end(env, client=fakes.client, query_timeout=5, run=run, now=fixed_now) is None
     assert run.commands == []
     found = warnings_of(caplog)
-    assert any("squeue not found on PATH" in w for w in found)
-    assert any("qstat not found on PATH" in w for w in found)
+    assert any("squeue not found in [batch] path" in w for w in found)
+    assert any("qstat not found in [batch] path" in w for w in found)
 
 
 @pytest.mark.parametrize("output", ["tomorrow at noon", "2026-13-45T99:00:00", "1795223927"])
 def test_garbage_from_squeue_falls_through_with_a_warning(fakes, caplog, output):
     squeue_fake(fakes, "4242", output)
-    assert walltime_end(fakes.env(SLURM_JOB_ID="4242"), query_timeout=5, now=fixed_now) is None
+    assert walltime_end(fakes.env(SLURM_JOB_ID="4242"), client=fakes.client, query_timeout=5, now=fixed_now) is None
     found = warnings_of(caplog)
     assert len(found) == 1 and "\n" not in found[0]
     assert "walltime source squeue" in found[0] and repr(output) in found[0]
@@ -325,7 +335,7 @@ def test_qstat_walltime_remaining_is_preferred(fakes):
         "    Walltime.Remaining = 3540\n"
     ))
     env = fakes.env(PBS_JOBID="4242.head")
-    assert walltime_end(env, query_timeout=5, now=fixed_now) == (T + 3540, "qstat -f")
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now) == (T + 3540, "qstat -f")
 
 
 def test_qstat_torque_start_time_plus_walltime(fakes):
@@ -337,7 +347,7 @@ def test_qstat_torque_start_time_plus_walltime(fakes):
         "    Resource_List.walltime = 1:00:00:00\n"
     ))
     env = fakes.env(PBS_JOBID="4242.head")
-    assert walltime_end(env, query_timeout=5, now=fixed_now) == (T - 600 + 86400, "qstat -f")
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now) == (T - 600 + 86400, "qstat -f")
 
 
 # What slurm-wlm-torque 22.05's qstat (a Perl script) prints for `qstat -f <id>`, from its
@@ -376,7 +386,7 @@ def test_qstat_from_slurm_wlm_torque(fakes, local_tz, walltime, seconds, end_aft
                SLURM_QSTAT_F.format(submitted=ctime(started - 2), started=ctime(started),
                                     ends=ctime(started + end_after_start), walltime=walltime))
     env = fakes.env(PBS_JOBID="4242")
-    assert walltime_end(env, query_timeout=5, now=fixed_now) == (started + min(seconds, end_after_start), "qstat -f")
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now) == (started + min(seconds, end_after_start), "qstat -f")
 
 
 def test_qstat_openpbs_stime_plus_walltime(fakes):
@@ -390,7 +400,7 @@ def test_qstat_openpbs_stime_plus_walltime(fakes):
         f"    stime = {ctime(T - 600)}\n"
     ))
     env = fakes.env(PBS_JOBID="77.pbs")
-    assert walltime_end(env, query_timeout=5, now=fixed_now) == (T - 600 + 1800, "qstat -f")
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now) == (T - 600 + 1800, "qstat -f")
 
 
 @pytest.mark.parametrize("output, problem", [
@@ -402,14 +412,14 @@ def test_qstat_openpbs_stime_plus_walltime(fakes):
 def test_garbage_from_qstat_falls_through_with_a_warning(fakes, caplog, no_proc, output, problem):
     qstat_fake(fakes, "4242", "printing nonsense", output)
     env = fakes.env(PBS_JOBID="4242", PBS_WALLTIME="600")
-    assert walltime_end(env, query_timeout=5, now=fixed_now)== (T + 600, ESTIMATE)
+    assert walltime_end(env, client=fakes.client, query_timeout=5, now=fixed_now)== (T + 600, ESTIMATE)
     found = [w for w in warnings_of(caplog) if w.startswith("walltime source qstat -f")]
     assert len(found) == 1 and "\n" not in found[0] and problem in found[0], found
 
 
 def test_qstat_for_an_unknown_job_falls_through(fakes, caplog):
     qstat_fake(fakes, "4242", "slurm-wlm-torque's qstat for another job id: nothing, exit 153", "")
-    assert walltime_end(fakes.env(PBS_JOBID="999"), query_timeout=5, now=fixed_now) is None
+    assert walltime_end(fakes.env(PBS_JOBID="999"), client=fakes.client, query_timeout=5, now=fixed_now) is None
     assert any("exited with status 153" in w for w in warnings_of(caplog))
 
 
@@ -479,13 +489,13 @@ def test_grid_engines_run_time_limit_is_the_least_of_h_rt_and_s_rt():
 
 
 def test_an_extension_asks_squeue_for_the_new_end_not_the_variable_fixed_at_the_jobs_start(fakes):
-    old = compute_deadline(started=T, duration_s=3600, grace_s=20, margin_s=30, query_timeout=1, now=fixed_now,
+    old = compute_deadline(started=T, duration_s=3600, grace_s=20, margin_s=30, client=fakes.client, query_timeout=1, now=fixed_now,
                            env=fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242"))
     assert old == Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
     squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 1200)))
     run = CountingRun()
     env = fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242")
-    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, query_timeout=5,
+    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, client=fakes.client, query_timeout=5,
                             run=run, now=fixed_now)
     assert new == Deadline(T + 1200 - 50, "squeue", T + 1200)
     assert run.commands == ["squeue"]
@@ -494,7 +504,7 @@ def test_an_extension_asks_squeue_for_the_new_end_not_the_variable_fixed_at_the_
 def test_an_extension_the_duration_bounds_takes_the_new_duration(fakes):
     squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 7200)))
     old = Deadline(T + 600, "duration", T + 3600)
-    new = extended_deadline(old, started=T, duration_s=900, grace_s=20, margin_s=30, query_timeout=5,
+    new = extended_deadline(old, started=T, duration_s=900, grace_s=20, margin_s=30, client=fakes.client, query_timeout=5,
                             env=fakes.env(SLURM_JOB_ID="4242"), now=fixed_now)
     assert new == Deadline(T + 900, "duration", T + 7200)
 
@@ -504,7 +514,7 @@ def test_without_a_live_source_the_end_known_before_still_bounds_an_extension(fa
     old = Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
     env = fakes.env(SLURM_JOB_END_TIME=str(int(T) + 600), SLURM_JOB_ID="4242")
     # The service said the limit was raised, but nothing the pilot can ask says so: it keeps its deadline.
-    assert extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, query_timeout=5,
+    assert extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, env=env, client=fakes.client, query_timeout=5,
                              now=fixed_now) is old
     assert any("Unable to contact" in w for w in warnings_of(caplog))
 
@@ -512,7 +522,7 @@ def test_without_a_live_source_the_end_known_before_still_bounds_an_extension(fa
 def test_an_extension_never_moves_the_deadline_earlier(fakes):
     squeue_fake(fakes, "4242", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(T + 300)))
     old = Deadline(T + 550, "SLURM_JOB_END_TIME", T + 600)
-    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, query_timeout=5,
+    new = extended_deadline(old, started=T, duration_s=3600, grace_s=20, margin_s=30, client=fakes.client, query_timeout=5,
                             env=fakes.env(SLURM_JOB_ID="4242"), now=fixed_now)
     assert new is old
 

@@ -149,10 +149,12 @@ def test_a_good_node_is_ready_and_the_last_line_is_the_sudoers_rule(private, tmp
     assert line(lines, "ok   libvirt test:///default:")
     assert line(lines, f"ok   service contact {service.url}:").endswith("with a SHA-256 digest challenge")
     assert line(lines, "ok   batch user:").startswith("ok   batch user: nobody (uid ")
-    assert lines[-6].startswith("NOT READY: " if INSTALL_FAILS else "ready: ") and lines[-5] == ""
-    assert lines[-4].startswith("# install with visudo -f /etc/sudoers.d/workspace-pilot")
+    assert lines[-8].startswith("NOT READY: " if INSTALL_FAILS else "ready: ") and lines[-7] == ""
+    assert lines[-6].startswith("# install with visudo -f /etc/sudoers.d/workspace-pilot")
+    # root's PATH is fixed, and the batch systems' config locations (SLURM_CONF, SGE_*) do not cross sudo
+    assert lines[-3] == f'Defaults!{EXECUTABLE} secure_path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"'
     assert lines[-2] == (
-        f'Defaults!{EXECUTABLE} env_keep += "SLURM_JOB_ID SLURM_JOB_END_TIME SLURMD_NODENAME SLURM_CONF PBS_JOBID PBS_WALLTIME JOB_ID SGE_ROOT SGE_CELL SGE_QMASTER_PORT WORKSPACE_PILOT_SLOT_SECRET"'
+        f'Defaults!{EXECUTABLE} env_keep += "SLURM_JOB_ID SLURM_JOB_END_TIME SLURMD_NODENAME PBS_JOBID PBS_WALLTIME JOB_ID WORKSPACE_PILOT_SLOT_SECRET"'
     )
     assert lines[-1] == f"nobody ALL=(root) NOPASSWD: {EXECUTABLE} reserve *"
     assert os.path.isabs(EXECUTABLE)

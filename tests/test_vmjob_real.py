@@ -56,14 +56,13 @@ def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: f
         handle.write(f"[test]\nkernel = vmlinuz\nkernel_sha256 = {files.kernel_sha256}\ninitrd = initrd.img\n"
                      f"initrd_sha256 = {files.initrd_sha256}\ncmdline = console=ttyS0 panic=-1 quiet\n")
     vmjob = {"images": images, "run_dir": f"{directory}/run", "stop_timeout": stop_timeout}
-    if slurm_conf:
-        vmjob["slurm_conf"] = slurm_conf
     sections = {
         "memory": {"backend": "hugepages", "minmem": 512},
         "journal": {"dir": f"{directory}/journal"},
         "libvirt": {"uri": "qemu:///system"},
         "vms": {"image_dir": GUEST_DIR, "console_dir": f"{directory}/consoles", "virt_type": "qemu"},
         "vmjob": vmjob,
+        **({"batch": {"slurm_conf": slurm_conf}} if slurm_conf else {}),
         "logging": {"dir": f"{directory}/logs"},
     }
     path = os.path.join(directory, "pilot.conf")

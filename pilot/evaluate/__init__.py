@@ -30,6 +30,7 @@ from typing import TextIO
 
 from pilot.config import DEFAULT_PATH, ConfigError, load_config
 from pilot.exitcodes import ExitCode
+from pilot.batchenv import DEFAULT_PATH as SECURE_PATH
 from pilot.protocol import PILOT_ENV
 from pilot.evaluate.check import FAIL, OK, SUDOERS_FILE, SUDOERS_PATH_RE, WARN, Check, plural, valid_user
 from pilot.evaluate.node import (
@@ -91,8 +92,9 @@ def report(checks: list[Check], executable: str | None, batch_user: str, out: Te
     if line is None:
         print("# no sudoers line: fix the FAIL lines about the batch user or the executable first", file=out)
     else:
-        print(f"# install with visudo -f {SUDOERS_FILE} (both lines; the first lets the job's", file=out)
-        print("# walltime and node name through sudo's env_reset, so the pilot can end before the batch system kills it):", file=out)
+        print(f"# install with visudo -f {SUDOERS_FILE} (all three lines: the first fixes the PATH root runs with;", file=out)
+        print("# the second lets the job's walltime and node name through sudo's env_reset, so the pilot can end", file=out)
+        print("# before the batch system kills it, and nothing else of the caller's environment):", file=out)
         for rule in sudoers_rules(batch_user, executable):
             print(rule, file=out)
     out.flush()
@@ -107,9 +109,11 @@ def sudoers_line(batch_user: str, executable: str | None) -> str | None:
 
 
 def sudoers_rules(batch_user: str, executable: str) -> list[str]:
-    """Both lines of the sudoers file (packaging/workspace-pilot.sudoers holds them for /usr/bin): the
-    env_keep that lets the job's batch variables and the slot's secret through, and the rule."""
-    return [f'Defaults!{executable} env_keep += "{" ".join(PILOT_ENV)}"', sudoers_line(batch_user, executable)]
+    """The three lines of the sudoers file (packaging/workspace-pilot.sudoers holds them for /usr/bin, its rule
+    commented out until the site names its account): the fixed PATH root runs with, the env_keep that lets
+    the job's batch variables and the slot's secret through, and the rule."""
+    return [f'Defaults!{executable} secure_path="{SECURE_PATH}"',
+            f'Defaults!{executable} env_keep += "{" ".join(PILOT_ENV)}"', sudoers_line(batch_user, executable)]
 
 
 def pilot_executable() -> str | None:

@@ -23,12 +23,13 @@ SIGNATURE_HEADER = "X-Pilot-Signature"
 SIGNATURE_PREFIX = "sha256="
 MAX_BODY_BYTES = 64 * 1024
 
-#: The batch job's environment the pilot reads on a node (its walltime, its
-#: Slurm node name, Slurm's config path). Job scripts pass these through sudo
-#: (``--preserve-env``) and ``workspace-pilot evaluate`` prints the matching
-#: ``env_keep`` line, so both sides name the same variables.
-BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "SLURM_CONF", "PBS_JOBID", "PBS_WALLTIME",
-             "JOB_ID", "SGE_ROOT", "SGE_CELL", "SGE_QMASTER_PORT")
+#: The batch job's environment the pilot reads on a node: the job's identity (its ids, its walltime, its
+#: Slurm node name), each checked on the node against its batch system's form. Job scripts pass these
+#: through sudo (``--preserve-env``) and ``workspace-pilot evaluate`` prints the matching ``env_keep``
+#: line, so both sides name the same variables. The batch systems' own config locations (SLURM_CONF,
+#: SGE_ROOT, SGE_CELL, SGE_QMASTER_PORT) are deliberately not here: they choose what the batch system's
+#: commands load, so the pilot, as root, takes them from its root-owned config ([batch]) only.
+BATCH_ENV = ("SLURM_JOB_ID", "SLURM_JOB_END_TIME", "SLURMD_NODENAME", "PBS_JOBID", "PBS_WALLTIME", "JOB_ID")
 #: The job environment variable that carries a slot's secret to its pilots (never argv, never a file).
 SLOT_SECRET_ENV = "WORKSPACE_PILOT_SLOT_SECRET"
 #: What sudo must keep for the pilot: the batch variables and the slot's secret.

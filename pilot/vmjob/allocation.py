@@ -17,6 +17,8 @@ import os
 import re
 import subprocess
 
+from pilot.batchenv import BatchClient
+
 JOB_RE = re.compile(r"Slurm JobId=(\d+)")
 _FIELD_RE = re.compile(r"(?:^|\s)([A-Za-z/:_]+)=(\S*)")
 _DETAIL_RE = re.compile(r"Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
@@ -93,13 +95,12 @@ def parse_job(line: str, node: str, expand) -> JobAllocation:
 
 
 class SlurmAllocations:
-    """Finds a process's job through ``scontrol`` (with ``slurm_conf`` as SLURM_CONF when given)."""
+    """Finds a process's job through ``scontrol``, found and run as ``client`` says (pilot.conf's ``[batch]``)."""
 
-    def __init__(self, *, scontrol: str = "scontrol", slurm_conf: str | None = None, timeout_s: float = 10.0):
-        self.scontrol = scontrol
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        if slurm_conf:
-            self.env["SLURM_CONF"] = slurm_conf
+    def __init__(self, client: BatchClient | None = None, *, timeout_s: float = 10.0):
+        self.client = client or BatchClient()
+        self.scontrol = self.client.which("scontrol")
+        self.env = self.client.environment()
         self.timeout_s = timeout_s
 
     def local_node(self, name: str | None) -> str | None:
@@ -121,6 +122,9 @@ class SlurmAllocations:
         return None
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
+        if self.scontrol is None:
+            raise AllocationError(f"scontrol not found in [batch] path {self.client.path}: this node has no Slurm "
+                                  "client")
         try:
             return subprocess.run([self.scontrol, *args], capture_output=True, text=True, env=self.env,
                                   timeout=self.timeout_s, stdin=subprocess.DEVNULL)

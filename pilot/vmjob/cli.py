@@ -251,11 +251,17 @@ def _size(args, config, uid: int):
     """(slot, host, memory MB, cores) from the batch job's allocation, or an exit code after one line."""
     from pilot.vmjob.allocation import AllocationError, SlurmAllocations
 
-    allocations = SlurmAllocations(slurm_conf=config.vmjob_slurm_conf, timeout_s=config.lrm_query_timeout_s)
-    in_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+    from pilot.batchenv import JobVariableError, job_variables
+
     try:
-        node = allocations.local_node(os.environ.get("SLURMD_NODENAME")) if in_slurm else None
-        job_id = allocations.job_of(os.getpid()) if shutil.which(allocations.scontrol) else None
+        job = job_variables(os.environ)  # only the job's identity comes from the caller, checked
+    except JobVariableError as exc:
+        return _fail(VmJobExit.USAGE, str(exc))
+    allocations = SlurmAllocations(config.batch_client, timeout_s=config.lrm_query_timeout_s)
+    in_slurm = "SLURM_JOB_ID" in job
+    try:
+        node = allocations.local_node(job.get("SLURMD_NODENAME")) if in_slurm else None
+        job_id = allocations.job_of(os.getpid()) if allocations.scontrol else None
         allocation = allocations.allocation(job_id, node) if job_id else None
     except AllocationError as exc:
         return _fail(VmJobExit.ALLOCATION, str(exc))

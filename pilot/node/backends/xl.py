@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import subprocess
 
+from pilot.batchenv import DEFAULT_PATH
+
 from pilot.node.backends.base import BackendError, BalloonBackend
 
 DEFAULT_COMMAND = "/usr/sbin/xl"
+#: sudo for xl_sudo = yes: an absolute path, never looked up on the caller's PATH.
+SUDO = "/usr/bin/sudo"
 
 #: Seconds one xl call may take before it counts as hung.
 TIMEOUT_S = 30
@@ -48,11 +52,13 @@ class XlBackend(BalloonBackend):
 
     def _run(self, *args: str) -> str:
         """xl's stdout for ``args``; BackendError when it cannot run, hangs or fails."""
-        argv = (["sudo", "-n"] if self.sudo else []) + [self.command, *args]
+        argv = ([SUDO, "-n"] if self.sudo else []) + [self.command, *args]
         shown = " ".join(argv)
         try:
+            # A fixed environment: root's xl (or sudo) never sees what its caller's environment chose.
             done = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+                env={"PATH": DEFAULT_PATH, "LC_ALL": "C"},
             )
         except FileNotFoundError:
             missing = "sudo" if self.sudo else self.command
