@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import queue
 import threading
 import time
 
+from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most
 from pilot.protocol import (
+    MAX_BODY_BYTES,
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
     Notification,
@@ -362,20 +365,28 @@ class Notifier:
         timeout = self._timeout(deliver_by)
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
-            response = self._session.post(self.url, data=body, headers=headers, timeout=timeout,
-                                          verify=self._session.verify)
+            response = self._session.post(self.url, data=body, headers={**headers, **IDENTITY}, timeout=timeout,
+                                          verify=self._session.verify, stream=True)
         except requests.ConnectionError:
             self.reach.unanswered()
             raise
         self.reach.answered()
-        detail = ""
-        if response.status_code != 200:
+        try:
+            # The service's answers are small; one from a proxy or a rogue server costs no more than this.
+            content = read_at_most(response, MAX_BODY_BYTES)
+        except AnswerTooLong as exc:
+            content = b""
+            detail = f"({exc})"
+        else:
+            detail = ""
+        if response.status_code != 200 and content:
             # The answer may come from a proxy, not the service: take a detail only if it is ours.
             try:
-                answer = response.json()
+                answer = json.loads(content)
             except ValueError:
                 answer = None
-            detail = str(answer.get("detail", "")) if isinstance(answer, dict) else response.text[:200]
+            detail = str(answer.get("detail", "")) if isinstance(answer, dict) else \
+                content[:200].decode("utf-8", "replace")
         return _Attempt(response.status_code, detail)
 
 

@@ -23,7 +23,9 @@ from typing import Callable
 
 import requests
 
+from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most
 from pilot.protocol import (
+    MAX_COMMANDS_ANSWER_BYTES,
     SIGNATURE_HEADER,
     Command,
     ProtocolError,
@@ -113,7 +115,12 @@ class CommandPoller:
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
             response = self.session.get(self.base + target, timeout=self.wait_s + self.request_timeout_s,
-                                        verify=self.session.verify)
+                                        verify=self.session.verify, stream=True, headers=IDENTITY)
+            # Read with the protocol's bound on a poll answer: a longer one is never all in memory.
+            content = read_at_most(response, MAX_COMMANDS_ANSWER_BYTES)
+        except AnswerTooLong as exc:
+            log.error("command poll: %s: ignored", exc)
+            return False
         except requests.RequestException as exc:
             if isinstance(exc, requests.ConnectionError):
                 self.reach.unanswered()
@@ -129,15 +136,15 @@ class CommandPoller:
                 self.on_gone(reason)
             return None
         if response.status_code != 200:
-            log.warning("command poll: HTTP %d %s", response.status_code, response.text[:200])
+            log.warning("command poll: HTTP %d %s", response.status_code, content[:200].decode("utf-8", "replace"))
             return False
-        expected = sign_commands(self.key, target, response.content)
+        expected = sign_commands(self.key, target, content)
         got = response.headers.get(SIGNATURE_HEADER, "").strip()
         if not hmac.compare_digest(got.encode(), expected.encode()):
             log.error("command poll: the answer's %s is missing or wrong: ignored", SIGNATURE_HEADER)
             return False
         try:
-            commands = parse_commands(response.content)
+            commands = parse_commands(content)
         except ProtocolError as exc:
             log.error("command poll: a malformed answer was ignored: %s", exc)
             return False

@@ -73,10 +73,10 @@ class ImageServer:
     ``cut_after[name] = N`` makes the next answer for ``/name`` stop after N
     bytes of body (the connection closed mid-transfer, the headers having
     promised the whole); ``corrupt[name] = True`` serves other bytes of the
-    same length.
+    same length. ``by_basename`` serves a file under every path that ends in its name.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, by_basename: bool = False):
         self.directory = directory
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: dict[str, int] = {}
@@ -94,7 +94,8 @@ class ImageServer:
                 pass
 
             def do_GET(self):
-                name = self.path.lstrip("/")
+                # by_basename: /any/prefix/NAME serves NAME (an image endpoint's path, as the service has it).
+                name = self.path.rsplit("/", 1)[-1] if by_basename else self.path.lstrip("/")
                 server.requests.append((self.path, self.headers.get("Range")))
                 path = os.path.join(server.directory, name)
                 if "/" in name or not os.path.isfile(path):
@@ -104,15 +105,16 @@ class ImageServer:
                     data = handle.read()
                 if server.corrupt.get(name):
                     data = bytes(b ^ 0x5A for b in data)
-                start, status = 0, 200
-                wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                start, end, status = 0, len(data) - 1, 200
+                wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
                 if wanted and int(wanted.group(1)) < len(data):
                     start, status = int(wanted.group(1)), 206
-                body = data[start:]
+                    end = min(int(wanted.group(2) or end), end)
+                body = data[start:end + 1]
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 if status == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.end_headers()
                 pause = server.pause_after.pop(name, None)
                 if pause is not None:

@@ -47,6 +47,11 @@ class CacheError(Exception):
     """An image that could not be put in the cache; ``str()`` is one line (nothing half-done stays in place)."""
 
 
+class BadSource(CacheError):
+    """A source that broke its word (it sent more than the image's declared size): nothing it sent in this try
+    is kept, and the next try asks another source."""
+
+
 class FetchCancelled(CacheError):
     """The fetch was given up because the pilot is stopping (the partial download stays, to be resumed)."""
 
@@ -247,14 +252,19 @@ class ImageCache:
                 handle.seek(have)
                 written = have
                 if written < size:
-                    for chunk in _bounded(fetch(written), cancel):
-                        written += len(chunk)
-                        if written > size:
-                            break
-                        handle.write(chunk)
-                        digest.update(chunk)
-                        if progress is not None:
-                            progress(written)
+                    try:
+                        for chunk in _bounded(fetch(written), cancel):
+                            written += len(chunk)
+                            if written > size:
+                                break
+                            handle.write(chunk)
+                            digest.update(chunk)
+                            if progress is not None:
+                                progress(written)
+                    except BadSource:
+                        handle.truncate(have)  # its bytes are not worth resuming from
+                        os.fsync(handle.fileno())
+                        raise
                 handle.flush()
                 os.fsync(handle.fileno())
             got = digest.hexdigest()

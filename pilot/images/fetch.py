@@ -20,10 +20,12 @@ from typing import Callable, Iterator
 
 import requests
 
-from pilot.images.cache import CacheError, FetchCancelled, ImageCache
+from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most, stream_at_most
+from pilot.images.cache import BadSource, CacheError, FetchCancelled, ImageCache
 from pilot.protocol import SIGNATURE_HEADER, ImageFile, ProtocolError, image_path, sign_commands
 from pilot.protocol.chunks import (
-    PEER_AUTH_HEADER, PEER_CHUNK_PATH, PEER_HOST_HEADER, PEER_TIME_HEADER, ChunkManifest, peer_auth,
+    PEER_AUTH_HEADER, PEER_CHUNK_PATH, PEER_HOST_HEADER, PEER_TIME_HEADER, ChunkManifest, manifest_bytes_bound, peer_auth,
+    swarm_bytes_bound,
 )
 from pilot.shared.errors import failure_words
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 #: Tries of one image per VM start; each resumes from what the one before it got.
 ATTEMPTS = 3
+#: The most the service's list of approved sha256s may be (about 15,000 images).
+MAX_APPROVED_BYTES = 1024 * 1024
 #: The longest a node keeps serving an image it has to the lease's nodes that still lack chunks of it.
 SEED_FOR_S = 600.0
 
@@ -52,11 +56,13 @@ class ImageSource:
         self.peer_key = peer_key
         self._plain: requests.Session | None = None
         self._peers: requests.Session | None = None
+        #: Sources that sent more than was declared: never asked again by this pilot.
+        self.bad_sources: set[str] = set()
 
     def urls(self, sha256: str) -> list[tuple[str, requests.Session]]:
-        """(URL, session) to try, in order."""
+        """(URL, session) to try, in order; a mirror that sent more than was declared is left out."""
         urls = []
-        if self.mirror:
+        if self.mirror and self.mirror not in self.bad_sources:
             if self._plain is None:
                 self._plain = requests.Session()
                 self._plain.verify = self.session.verify
@@ -64,20 +70,26 @@ class ImageSource:
         urls.append((self.service + image_path(self.slot, self.host, sha256), self.session))
         return urls
 
-    def _signed(self, method: str, target: str, key: str, body: dict | None = None):
-        """The service's JSON answer to ``target``, if signed with the (slot, host) ``key``; CacheError else."""
+    def _signed(self, method: str, target: str, key: str, limit: int, body: dict | None = None):
+        """The service's JSON answer to ``target``, if signed with the (slot, host) ``key``; CacheError else.
+
+        Read up to ``limit`` bytes: a longer answer is refused before it is all in memory."""
         try:
             response = self.session.request(method, self.service + target, timeout=self.timeout_s,
-                                            verify=self.session.verify, json=body)
+                                            verify=self.session.verify, json=body, stream=True, headers=IDENTITY)
+            if response.status_code != 200:
+                response.close()
+                raise CacheError(f"{self.service}{target}: HTTP {response.status_code}")
+            content = read_at_most(response, limit)
         except requests.RequestException as exc:
             raise CacheError(f"{self.service}{target}: {failure_words(exc)}") from None
-        if response.status_code != 200:
-            raise CacheError(f"{self.service}{target}: HTTP {response.status_code}")
-        expected = sign_commands(key, target, response.content)
+        except AnswerTooLong as exc:
+            raise CacheError(f"{self.service}{target}: {exc}: dropped") from None
+        expected = sign_commands(key, target, content)
         if not hmac.compare_digest(response.headers.get(SIGNATURE_HEADER, ""), expected):
             raise CacheError(f"{self.service}{target}: the answer's signature is wrong: ignored")
         try:
-            return json.loads(response.content), response.content
+            return json.loads(content), content
         except ValueError:
             raise CacheError(f"{self.service}{target}: not JSON") from None
 
@@ -85,21 +97,22 @@ class ImageSource:
         """The sha256s the service approves now (its signed answer, checked with the (slot, host) ``key``);
         CacheError if it cannot be had or the signature is wrong."""
         target = image_path(self.slot, self.host, "x").rsplit("/", 1)[0]
-        data, _ = self._signed("GET", target, key)
+        data, _ = self._signed("GET", target, key, MAX_APPROVED_BYTES)
         try:
             return {sha for sha in data["sha256"] if isinstance(sha, str) and len(sha) == 64}
         except (KeyError, TypeError):
             raise CacheError(f"{self.service}{target}: not a list of sha256s") from None
 
-    def manifest(self, sha256: str, key: str) -> ChunkManifest:
-        """The image's chunk manifest, signed by the service; CacheError if it cannot be had."""
+    def manifest(self, sha256: str, key: str, size: int) -> ChunkManifest:
+        """The chunk manifest of the image of ``size`` bytes, signed by the service; CacheError if it cannot be
+        had (or is longer than such an image's manifest can be)."""
         target = image_path(self.slot, self.host, sha256) + "/chunks"
-        _, raw = self._signed("GET", target, key)
+        _, raw = self._signed("GET", target, key, manifest_bytes_bound(size))
         try:
             manifest = ChunkManifest.from_json(raw)
         except ProtocolError as exc:
             raise CacheError(f"{self.service}{target}: {exc}") from None
-        if manifest.sha256 != sha256:
+        if manifest.sha256 != sha256 or manifest.size != size:
             raise CacheError(f"{self.service}{target}: a manifest of another image")
         return manifest
 
@@ -108,54 +121,80 @@ class ImageSource:
         from pilot.images.peers import decode_peers
 
         target = image_path(self.slot, self.host, sha256) + "/swarm"
-        data, _ = self._signed("POST", target, key, {"address": address, "have": base64.b64encode(have).decode()})
         count = len(have) * 8
+        data, _ = self._signed("POST", target, key, swarm_bytes_bound(count),
+                               {"address": address, "have": base64.b64encode(have).decode()})
         try:
             return decode_peers(data["peers"], count), [int(i) for i in data["seed"] if 0 <= int(i) < count]
         except (KeyError, TypeError, ValueError):
             raise CacheError(f"{self.service}{target}: not a swarm answer") from None
 
     def chunk_from_service(self, sha256: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of the image from ``offset``: from the mirror, else the service (Range)."""
+        """``length`` bytes of the image from ``offset``: from the mirror, else the service (Range).
+
+        Each answer is read up to ``length`` bytes: a source that sends more is dropped (a mirror for good)."""
         problems = []
         for url, session in self.urls(sha256):
             try:
-                response = session.get(url, timeout=self.timeout_s, verify=session.verify,
-                                       headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+                response = session.get(url, timeout=self.timeout_s, verify=session.verify, stream=True,
+                                       headers={"Range": f"bytes={offset}-{offset + length - 1}", **IDENTITY})
+                if response.status_code != 206:
+                    response.close()
+                    problems.append(f"{url}: HTTP {response.status_code}")
+                    continue
+                data = read_at_most(response, length)
             except requests.RequestException as exc:
                 problems.append(f"{url}: {failure_words(exc)}")
                 continue
-            if response.status_code == 206 and len(response.content) == length:
-                return response.content
-            problems.append(f"{url}: HTTP {response.status_code} ({len(response.content)} bytes)")
+            except AnswerTooLong as exc:
+                problems.append(f"{url}: {exc}: a bad source, dropped")
+                self._drop(url)
+                continue
+            if len(data) == length:
+                return data
+            problems.append(f"{url}: HTTP 206 ({len(data)} bytes)")
         raise CacheError("; ".join(problems))
 
-    def chunk_from_peer(self, address: str, sha256: str, index: int) -> bytes:
-        """Chunk ``index`` from the peer at ``address``, proving this node's membership of the lease."""
+    def chunk_from_peer(self, address: str, sha256: str, index: int, length: int) -> bytes:
+        """Chunk ``index`` (``length`` bytes) from the peer at ``address``, proving this node's membership of the
+        lease; read up to ``length`` bytes, so a peer that sends more or never stops costs no more."""
         path = PEER_CHUNK_PATH.format(sha256=sha256, index=index)
         at = int(time.time())
         headers = {PEER_HOST_HEADER: self.host, PEER_TIME_HEADER: str(at),
-                   PEER_AUTH_HEADER: peer_auth(self.peer_key, path, self.host, at)}
+                   PEER_AUTH_HEADER: peer_auth(self.peer_key, path, self.host, at), **IDENTITY}
         if self._peers is None:
             self._peers = requests.Session()
         try:
-            response = self._peers.get(f"http://{address}{path}", headers=headers, timeout=self.timeout_s)
+            response = self._peers.get(f"http://{address}{path}", headers=headers, timeout=self.timeout_s,
+                                       stream=True)
+            if response.status_code != 200:
+                response.close()
+                raise CacheError(f"peer {address}: HTTP {response.status_code}")
+            return read_at_most(response, length)
         except requests.RequestException as exc:
             raise CacheError(f"peer {address}: {failure_words(exc)}") from None
-        if response.status_code != 200:
-            raise CacheError(f"peer {address}: HTTP {response.status_code}")
-        return response.content
+        except AnswerTooLong as exc:
+            raise CacheError(f"peer {address}: {exc}: dropped") from None
 
-    def fetcher(self, sha256: str) -> Callable[[int], Iterator[bytes]]:
-        """``fetch(offset)`` for :meth:`ImageCache.ensure`: the bytes from ``offset`` on, from the first URL that
-        answers; CacheError (one line per URL) if none does."""
+    def _drop(self, url: str) -> None:
+        """Leave the mirror out from now on if ``url`` is one of its (the service is never left out)."""
+        if self.mirror and url.startswith(self.mirror + "/"):
+            if self.mirror not in self.bad_sources:
+                log.warning("image mirror %s sent more than was declared: not asked again", self.mirror)
+            self.bad_sources.add(self.mirror)
+
+    def fetcher(self, sha256: str, size: int) -> Callable[[int], Iterator[bytes]]:
+        """``fetch(offset)`` for :meth:`ImageCache.ensure`: the image's bytes from ``offset`` on (``size`` in all),
+        from the first URL that answers; CacheError (one line per URL) if none does. An answer that goes on
+        past ``size`` raises CacheError at that point and drops its source (a mirror for good), so the next
+        try goes to the next source."""
 
         def fetch(offset: int) -> Iterator[bytes]:
             problems = []
             for url, session in self.urls(sha256):
                 try:
                     response = session.get(url, stream=True, timeout=self.timeout_s, verify=session.verify,
-                                           headers={"Range": f"bytes={offset}-"} if offset else {})
+                                           headers={"Range": f"bytes={offset}-", **IDENTITY} if offset else IDENTITY)
                 except requests.RequestException as exc:
                     problems.append(f"{url}: {failure_words(exc)}")
                     continue
@@ -163,28 +202,29 @@ class ImageSource:
                     problems.append(f"{url}: HTTP {response.status_code}")
                     response.close()
                     continue
-                return _body(response, url, offset)
+                return self._body(response, url, offset, size)
             raise CacheError("; ".join(problems))
 
         return fetch
 
-
-def _body(response: requests.Response, url: str, offset: int) -> Iterator[bytes]:
-    skip = offset if response.status_code == 200 else 0  # a server that ignored the Range sends it all
-    if response.status_code == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-        response.close()
-        raise CacheError(f"{url}: answered a range other than the one asked for")
-    try:
-        for chunk in response.iter_content(CHUNK):
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            if chunk:
-                yield chunk
-    except requests.RequestException as exc:
-        raise CacheError(f"{url}: the transfer broke off: {failure_words(exc)}") from None
-    finally:
-        response.close()
+    def _body(self, response: requests.Response, url: str, offset: int, size: int) -> Iterator[bytes]:
+        """The bytes from ``offset`` to ``size`` of a 200 (whole file) or 206 (from ``offset``) answer."""
+        skip = offset if response.status_code == 200 else 0  # a server that ignored the Range sends it all
+        if response.status_code == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            response.close()
+            raise CacheError(f"{url}: answered a range other than the one asked for")
+        try:
+            for chunk in stream_at_most(response, size - offset + skip, CHUNK):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                if chunk:
+                    yield chunk
+        except requests.RequestException as exc:
+            raise CacheError(f"{url}: the transfer broke off: {failure_words(exc)}") from None
+        except AnswerTooLong as exc:
+            self._drop(url)
+            raise BadSource(f"{url}: {exc}: a bad source, dropped") from None
 
 
 class NodeImages:
@@ -253,14 +293,16 @@ class NodeImages:
                 before = self.cache.partial_bytes(sha256)
                 try:
                     return self.cache.ensure(
-                        sha256, size, self.source.fetcher(sha256), cancel=cancel,
+                        sha256, size, self.source.fetcher(sha256, size), cancel=cancel,
                         progress=(lambda done: progress(done, size)) if progress else None,
                     )
                 except FetchCancelled:
                     raise
                 except CacheError as exc:
-                    # Only a try that got further is worth another: a source that refuses refuses again.
-                    if attempt == ATTEMPTS or self.cache.partial_bytes(sha256) <= before:
+                    # Only a try that got further is worth another: a source that refuses refuses again. A bad
+                    # source is dropped, so the next try asks another.
+                    if attempt == ATTEMPTS or (self.cache.partial_bytes(sha256) <= before
+                                               and not isinstance(exc, BadSource)):
                         raise CacheError(f"{image.label}: {exc}") from None
                     attempt += 1
                     log.warning("image %s: %s; resuming (try %d of %d)", sha256, exc, attempt, ATTEMPTS)
@@ -273,7 +315,7 @@ class NodeImages:
         from pilot.images.peers import PeerServer, SwarmFetch
 
         try:
-            manifest = self.source.manifest(image.sha256, self.key)
+            manifest = self.source.manifest(image.sha256, self.key, image.size)
         except CacheError as exc:
             log.info("image %s: no chunk manifest (%s): fetching it whole", image.sha256, exc)
             return None

@@ -310,7 +310,7 @@ class SwarmFetch:
         try:
             if peer is None:
                 return self.source.chunk_from_service(manifest.sha256, offset, length)
-            return self.source.chunk_from_peer(peer["address"], manifest.sha256, index)
+            return self.source.chunk_from_peer(peer["address"], manifest.sha256, index, length)
         except CacheError as exc:
             if peer is not None:
                 self._down[peer["host"]] = time.monotonic() + PEER_DOWN_S

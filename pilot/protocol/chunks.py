@@ -23,6 +23,21 @@ CHUNK_SIZE = 4 * 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 #: The most chunks a manifest may list (a 4 TiB image at 4 MiB).
 MAX_CHUNKS = 1 << 20
+#: The smallest chunk a manifest may have: with the image's size, it bounds the manifest's length.
+MIN_CHUNK_SIZE = 1024 * 1024
+#: The most members one swarm answer lists (a lease larger than this sees a random subset each time).
+MAX_PEERS_SHOWN = 64
+
+
+def manifest_bytes_bound(size: int) -> int:
+    """The most bytes the manifest of an image of ``size`` bytes can have (chunks of MIN_CHUNK_SIZE or more)."""
+    return min(-(-size // MIN_CHUNK_SIZE), MAX_CHUNKS) * 67 + 1024
+
+
+def swarm_bytes_bound(count: int) -> int:
+    """The most bytes a swarm answer about an image of ``count`` chunks can have: MAX_PEERS_SHOWN members, each
+    with a host name, an address and a bitmap in base64, and a list of chunk indexes to seed."""
+    return MAX_PEERS_SHOWN * (-(-count // 8) * 4 // 3 + 4 + 512) + count * 9 + 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +52,9 @@ class ChunkManifest:
     def __post_init__(self) -> None:
         if not _SHA256_RE.fullmatch(self.sha256) or not all(_SHA256_RE.fullmatch(c) for c in self.chunks):
             raise ProtocolError("manifest: sha256s must be 64 lowercase hex digits")
-        if self.chunk_size < 1 or self.size < 1 or len(self.chunks) != -(-self.size // self.chunk_size):
+        if self.chunk_size < MIN_CHUNK_SIZE:
+            raise ProtocolError(f"manifest: chunks of {self.chunk_size} bytes, under the {MIN_CHUNK_SIZE} allowed")
+        if self.size < 1 or len(self.chunks) != -(-self.size // self.chunk_size):
             raise ProtocolError("manifest: the chunk count does not match the size and chunk size")
 
     @property

@@ -46,6 +46,8 @@ MAX_PATH_LEN = 4096
 MAX_CMDLINE_LEN = 4096
 MAX_NETWORK_LEN = 64
 MAX_COMMANDS = 256
+#: The most a poll answer may be: the pilot reads no more of one, the service never sends more.
+MAX_COMMANDS_ANSWER_BYTES = MAX_BODY_BYTES * 4
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: An image list's identifiers and versions (the lists' format, docs/images.md).
 MAX_IMAGE_NAME_LEN = 64
@@ -408,8 +410,8 @@ class Command:
 
 def parse_commands(body: bytes) -> list[Command]:
     """The commands of a poll answer (``{"commands": [...]}``), in id order; raises :class:`ProtocolError`."""
-    if len(body) > MAX_BODY_BYTES * 4:
-        raise ProtocolError(f"command answer is {len(body)} bytes, over {MAX_BODY_BYTES * 4}", status=413)
+    if len(body) > MAX_COMMANDS_ANSWER_BYTES:
+        raise ProtocolError(f"command answer is {len(body)} bytes, over {MAX_COMMANDS_ANSWER_BYTES}", status=413)
     data = load_json(body, "command answer")
     if not isinstance(data, dict) or not isinstance(data.get("commands"), list):
         raise ProtocolError('command answer must be {"commands": [...]}')

@@ -30,8 +30,7 @@ MEMBER_TTL_S = 10.0
 SEED_TTL_S = 30.0
 #: Chunks one member may be fetching from the service at once.
 SEED_IN_FLIGHT = 2
-#: The most members one answer lists (a lease larger than this sees a random subset each time).
-MAX_PEERS_SHOWN = 64
+from pilot.protocol.chunks import MAX_PEERS_SHOWN  # noqa: E402  (the pilot bounds its read of an answer by it)
 
 
 @dataclasses.dataclass
