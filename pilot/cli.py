@@ -135,7 +135,9 @@ def _setup_logging(config, slot: str, host: str, args) -> str:
     os.makedirs(config.log_dir, mode=0o755, exist_ok=True)
     path = os.path.join(config.log_dir, f"{slot}.{host}.log")
     fmt = logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    file_handler = logging.FileHandler(path)
+    from pilot.nodelog import log_handler
+
+    file_handler = log_handler(path)
     file_handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stdout if args.stdout else sys.stderr)
     console.setFormatter(fmt)
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     from pilot.credentials import CredentialError, pilot_credentials, take_slot_secret
     from pilot.node.journal import Journal, JournalError
 
+    from pilot.wakeup import ignore_job_control
+
+    ignore_job_control()  # before the node lock: the caller's SIGTSTP, relayed by sudo, must not stop root
     try:
         # First: out of the environment before anything (xl, squeue, sudo) could inherit it.
         slot_secret = take_slot_secret()

@@ -84,7 +84,8 @@ class PilotConfig:
     vmjob_default_memory_mb: int = 1024
     vmjob_stop_timeout_s: float = 5.0
     vmjob_virtiofsd: str = "/usr/lib/qemu/virtiofsd"
-    vmjob_output_limit_mb: int = 10240
+    vmjob_output_limit_mb: int = 100
+    vmjob_run_size_mb: int = 256
     # [logging]
     log_dir: str = "/var/log/workspace-pilot"
     log_level: str = "info"
@@ -121,6 +122,12 @@ _non_negative_float = number(0, 10**8, "must be a number, 0 or more (and at most
 _ratio = number(0, 1, "must be a number from 0 to 1")
 _mb = whole(0, 10**8, "must be a whole number of MB, 0 or more")
 _poll_wait = number(1, 60, "must be a number of seconds from 1 to 60 (the service holds a poll at most 60 s)")
+
+
+#: What a VM job's run directory holds besides the guest's stdout and stderr: its console log, which virtlogd
+#: keeps to 4 files of 2 MiB, and the control files.
+RUN_DIR_OVERHEAD_MB = 9
+MIN_RUN_SIZE_MB = RUN_DIR_OVERHEAD_MB + 2
 
 
 def _boot_mb(text: str) -> int | str:
@@ -250,6 +257,8 @@ SCHEMA = {
         "stop_timeout": ("vmjob_stop_timeout_s", _non_negative_float),
         "virtiofsd": ("vmjob_virtiofsd", abs_path),
         "output_limit": ("vmjob_output_limit_mb", whole(1, 10**8, "must be a whole number of MB above 0")),
+        "run_size": ("vmjob_run_size_mb", whole(MIN_RUN_SIZE_MB, 10**6,
+                                                f"must be a whole number of MB, {MIN_RUN_SIZE_MB} or more")),
     },
     "logging": {
         "dir": ("log_dir", abs_path),
@@ -301,6 +310,12 @@ def _cross_checks(path: str, values: dict) -> list[str]:
         problems.append(f"{path}: [memory] backend = cgroup needs 'cgroup' (the host cgroup's directory)")
     if values.get("boot_mb") == "max" and backend != "cgroup":
         problems.append(f"{path}: [memory] boot_mb = max only means something for backend = cgroup")
+    output_mb = values.get("vmjob_output_limit_mb", PilotConfig.vmjob_output_limit_mb)
+    run_mb = values.get("vmjob_run_size_mb", PilotConfig.vmjob_run_size_mb)
+    if 2 * output_mb + RUN_DIR_OVERHEAD_MB > run_mb:
+        problems.append(f"{path}: [vmjob] output_limit = {output_mb} MB does not fit twice (stdout and stderr), "
+                        f"with {RUN_DIR_OVERHEAD_MB} MB for the console, in run_size = {run_mb} MB: lower it to "
+                        f"{(run_mb - RUN_DIR_OVERHEAD_MB) // 2} or raise run_size")
     return problems
 
 

@@ -109,3 +109,19 @@ class Wakeup:
         if any(fd == _signal_read for fd, _events in ready):
             _drain(_signal_read)
         return self._flag or any(fd == self._read for fd, _events in ready)
+
+
+#: The job-control signals sudo relays from its caller to the command it runs.
+JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def ignore_job_control() -> None:
+    """Let no job-control signal stop this process (SIGSTOP itself cannot be sent to it: it runs as root).
+
+    sudo relays the SIGTSTP that its caller sends it to the command, whose default is to stop: a root
+    pilot or VM-job wrapper stopped that way would hold the node lock, the memory and the node's VMs
+    past its deadline, at the caller's will. The batch system suspends a job with SIGSTOP to its
+    processes, which a root process still obeys.
+    """
+    for signum in JOB_CONTROL:
+        signal.signal(signum, signal.SIG_IGN)

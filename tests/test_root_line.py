@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -77,6 +78,32 @@ echo "pilot $?" >> {out}/codes
 SLURM_JOB_ID="$SLURM_JOB_ID --clusters=evil" /usr/bin/sudo -n --preserve-env=$KEEP {pilot} reserve --slot {slot} \\
     --memory 1 --duration 3600 --grace 5 2>{out}/badid.err
 echo "badid $?" >> {out}/codes
+"""
+
+
+STOPPING_JOB = """#!/bin/sh
+# The pilot service account's job, trying to stop its root pilot through sudo's relay of SIGTSTP.
+export WORKSPACE_PILOT_SLOT_SECRET={secret}
+/usr/bin/sudo -n --preserve-env={keep} {pilot} reserve --slot {slot} --memory 1 --duration 3600 --grace 5 \\
+    2>{out}/pilot.err &
+S=$!
+P=""
+while [ -z "$P" ] && kill -0 $S 2>/dev/null; do P=$(pgrep -P $S -f workspace-pilot); done
+# Until the interpreter has set its dispositions (the first lines of main: before any lock), a stop is harmless.
+for i in $(seq 200); do
+    ignored=$(awk '/^SigIgn/ {{print $2}}' /proc/$P/status 2>/dev/null)
+    [ -n "$ignored" ] && [ $(( 0x$ignored & 0x80000 )) -ne 0 ] && break
+    sleep 0.01
+done
+echo "ignored ${{ignored:-none}}" >> {out}/codes
+for i in $(seq 40); do
+    kill -TSTP $S 2>/dev/null
+    sleep 0.02
+    [ -r /proc/$P/stat ] && cut -d' ' -f3 /proc/$P/stat >> {out}/states
+done
+kill -CONT $S 2>/dev/null  # sudo itself stops on SIGTSTP; the pilot must not have
+wait $S
+echo "pilot $?" >> {out}/codes
 """
 
 
@@ -147,6 +174,24 @@ def arm(evil: str, real_slurm_conf: str) -> str:
     return marker
 
 
+def hostile_job(cluster, node_dir: str, template: str, slot: str, **fields) -> str:
+    """Run ``template`` as nobody in a real Slurm job (10 minutes' walltime); its output directory once done."""
+    out = tempfile.mkdtemp(prefix="out-", dir=node_dir)
+    os.chmod(node_dir, 0o755)
+    os.chown(out, NOBODY, NOGROUP)
+    script = os.path.join(out, "job.sh")
+    with open(script, "w", encoding="ascii") as handle:
+        handle.write(template.format(keep=",".join(PILOT_ENV), secret="5e" * 32, pilot=PILOT, slot=slot, out=out,
+                                     **fields))
+    os.chmod(script, 0o755)
+    submitted = cluster.run(["sbatch", "--parsable", "--uid=nobody", "--gid=nogroup", "-t", "10", "-N", "1",
+                             "-D", out, "-o", os.path.join(out, "job.out"), script])
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    assert wait_done(cluster, job) == "COMPLETED"
+    return out
+
+
 def wait_done(cluster, job: str, timeout: float = 90) -> str:
     """The job's final state once it left the queue (polled: squeue has no way to wait)."""
     give_up = time.monotonic() + timeout
@@ -196,10 +241,23 @@ def test_a_hostile_service_account_makes_root_load_nothing_of_its_own(slurm_clus
     # real end; the service is unreachable, so it gives the slot back and says so.
     assert codes["pilot"] == "6", pathlib.Path(out, "pilot.err").read_text()
     logs = os.path.join(root_line_node, "logs")
-    log = pathlib.Path(logs, next(name for name in os.listdir(logs) if name.startswith(slot))).read_text()
+    log_file = pathlib.Path(logs, next(name for name in os.listdir(logs) if name.startswith(slot)))
+    log = log_file.read_text()
     assert re.search(r"deadline .* \(squeue\)", log), log
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o640  # the node's logs are not the node's users' to read
     # A job id that is not one stops the pilot with one line before anything changes.
     assert codes["badid"] == "2"
     bad = pathlib.Path(out, "badid.err").read_text().splitlines()
     assert bad == [f"workspace-pilot: usage error: $SLURM_JOB_ID is '{job} --clusters=evil', not a slurm job id "
                    "of the batch system's form; the pilot changes nothing"]
+
+
+def test_the_caller_cannot_stop_its_root_pilot_with_job_control_signals(slurm_cluster, root_line_node):
+    out = hostile_job(slurm_cluster, root_line_node, STOPPING_JOB, "root-line-2")
+    codes = dict(line.split() for line in pathlib.Path(out, "codes").read_text().splitlines())
+    # The pilot ignores SIGTSTP (bit 20 of its SigIgn) from its first lines on, before any lock...
+    assert int(codes["ignored"], 16) & (1 << 19), codes
+    # ...so while sudo relayed each SIGTSTP (and stopped itself), the pilot ran on, never T (stopped), to its end.
+    states = pathlib.Path(out, "states").read_text().split()
+    assert states and "T" not in states, states
+    assert codes["pilot"] == "6", pathlib.Path(out, "pilot.err").read_text()

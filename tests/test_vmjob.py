@@ -26,7 +26,7 @@ from pilot.vmjob.allocation import AllocationError, count_cpu_ids, memory_mb, pa
 from pilot.vmjob.catalog import load_catalog
 from pilot.vmjob.exitcodes import VmJobExit
 from pilot.vmjob.output import GuestOutput
-from pilot.vmjob.rundir import RunDir, RunDirError, SlotBusy, open_guest_file, read_status
+from pilot.vmjob.rundir import RunDir, RunDirError, SlotBusy, open_guest_file, read_status, remove_run_dir
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -157,6 +157,34 @@ def test_the_command_is_written_by_root_then_the_control_directory_is_the_users(
     assert (control.st_uid, stat.S_IMODE(control.st_mode)) == (NOBODY, 0o700)
     command = os.stat(os.path.join(run_dir.control, "command"))
     assert (command.st_uid, stat.S_IMODE(command.st_mode)) == (NOBODY, 0o700)
+
+
+def test_a_slots_run_directory_is_a_tmpfs_of_its_own_that_its_user_can_fill_and_nothing_else():
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    top = tempfile.mkdtemp(prefix="workspace-vmjob-")  # not pytest's 0700 tree: the job's user passes through
+    os.chmod(top, 0o755)
+    capped = RunDir(os.path.join(top, "run"), "job8.node1", size_mb=4)
+    capped.make(b"#!/bin/sh\ntrue\n", NOBODY, NOBODY)
+    try:
+        assert os.path.ismount(capped.path)
+        assert stat.S_IMODE(os.stat(capped.path).st_mode) == 0o711  # the tmpfs's root, as the plain one
+        before = os.statvfs(top)
+        # The job's user fills its control directory: it stops at the cap, the filesystem below keeps its room.
+        filler = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "dd",
+                                 "if=/dev/zero", f"of={capped.control}/stdout", "bs=1M", "count=64"],
+                                capture_output=True, text=True, timeout=30)
+        assert filler.returncode != 0 and "No space left on device" in filler.stderr
+        assert os.path.getsize(os.path.join(capped.control, "stdout")) <= 4 * 1024 * 1024
+        after = os.statvfs(top)
+        assert (before.f_bavail - after.f_bavail) * after.f_frsize < 1024 * 1024
+    finally:
+        remove_run_dir(capped.path)
+    try:
+        assert not os.path.exists(capped.path)
+        assert capped.path not in open("/proc/self/mounts", encoding="utf-8").read()  # unmounted, not just emptied
+    finally:
+        shutil.rmtree(top)
 
 
 def test_one_run_per_slot(run_dir):

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,8 @@ def guest_release() -> str:
         return re.search(r"kernel=linux-image-(\S+?)=", handle.read()).group(1)
 
 
-def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2) -> str:
+def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2, run_size: int = 64,
+               output_limit: int = 16) -> str:
     """A node for VM jobs under ``directory`` (journal, logs, run dir; hugepages; the test guest as image
     ``test``); the config file's path."""
     files = guest_files()
@@ -55,7 +57,8 @@ def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: f
     with open(images, "w", encoding="utf-8") as handle:
         handle.write(f"[test]\nkernel = vmlinuz\nkernel_sha256 = {files.kernel_sha256}\ninitrd = initrd.img\n"
                      f"initrd_sha256 = {files.initrd_sha256}\ncmdline = console=ttyS0 panic=-1 quiet\n")
-    vmjob = {"images": images, "run_dir": f"{directory}/run", "stop_timeout": stop_timeout}
+    vmjob = {"images": images, "run_dir": f"{directory}/run", "stop_timeout": stop_timeout, "run_size": run_size,
+             "output_limit": output_limit}
     sections = {
         "memory": {"backend": "hugepages", "minmem": 512},
         "journal": {"dir": f"{directory}/journal"},
@@ -91,9 +94,14 @@ def our_domains() -> list[str]:
 
 
 def assert_node_clean(directory: str) -> None:
-    """No journal entry, no tagged domain, no run directory left (slot locks may stay until the epilog)."""
+    """No journal entry, no tagged domain, no run directory and no console log left (slot locks may stay until
+    the epilog)."""
     assert journal_entries(directory) == []
     assert our_domains() == []
+    consoles = os.path.join(directory, "consoles")
+    assert (os.listdir(consoles) if os.path.isdir(consoles) else []) == []
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        assert f"{directory}/run/" not in mounts.read()  # no job's tmpfs left mounted
     run = os.path.join(directory, "run")
     assert [n for n in os.listdir(run) if not n.endswith(".lock")] == [] if os.path.isdir(run) else True
 
@@ -151,6 +159,7 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
     assert (work / "output.txt").read_text() == "made\n"
     assert_node_clean(directory)
     (log,) = [n for n in os.listdir(tmp_path / "logs") if re.fullmatch(r"vmjob-vmjob\d+\.log", n)]
+    assert stat.S_IMODE((tmp_path / "logs" / log).stat().st_mode) == 0o640
     (line,) = [line for line in (tmp_path / "logs" / log).read_text().splitlines() if "vmjob timings" in line]
     moments = json.loads(line.split("vmjob timings ", 1)[1])  # the split the benchmark reports, in order
     order = ["image_ready", "memory_taken", "domain_created", "guest_started", "first_output", "status",
@@ -159,15 +168,43 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
 
 
 def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path):
-    """The serial console's log goes through virtlogd, which rotates it at 2 MiB and keeps 3 old ones."""
+    """The serial console's log goes through virtlogd, which rotates it at 2 MiB and keeps 3 old ones, in the
+    job's own tmpfs, and it goes with the job."""
     directory, config = node
-    result = subprocess.run(vmjob_argv(config, "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0"),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S)
-    assert result.returncode == 0, result.stderr
-    consoles = tmp_path / "consoles"
-    sizes = {path.name: path.stat().st_size for path in consoles.iterdir()}
-    (current,) = [name for name in sizes if name.endswith(".log")]
-    assert sizes[current + ".0"] == 2 * 1024 * 1024 and sizes[current] < 2 * 1024 * 1024, sizes
+    with running_vmjob(config, tmp_path, "head -c 3000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded; "
+                       "sleep 600", stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        read_until(process, "flooded", timeout=GIVE_UP_S)
+        (slot,) = [path for path in (tmp_path / "run").iterdir() if path.is_dir()]
+        sizes = {path.name: path.stat().st_size for path in slot.iterdir() if path.name.startswith("console.")}
+        (current,) = [name for name in sizes if name.endswith(".log")]
+        assert sizes[current + ".0"] == 2 * 1024 * 1024 and sizes[current] < 2 * 1024 * 1024, sizes
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(GIVE_UP_S) == 128 + signal.SIGTERM
+    assert_node_clean(directory)  # the console log and its rotations too
+
+
+def test_a_guest_writing_without_end_fills_its_jobs_own_tmpfs_and_nothing_the_node_needs(tmp_path, libvirt_qemu,
+                                                                                        hugepages):
+    directory = str(tmp_path)
+    config = write_node(directory, run_size=24, output_limit=4)
+    run_fs = os.statvfs(os.path.dirname(directory))
+    try:
+        result = subprocess.run(
+            vmjob_argv(config, "head -c 100000000 /dev/zero | tr '\\0' x; echo exit $? >&2"),
+            cwd=tmp_path, capture_output=True, timeout=GIVE_UP_S * 2,
+        )
+    finally:
+        _destroy_left_domains()
+    # The guest wrote 100 MB to its stdout, in its job's 24 MB tmpfs: the wrapper read it as it came and freed
+    # what it read, so the guest never met a full disk and its exit status found room. The job's output got
+    # the first 4 MB and a line saying the rest was not copied; the filesystem under the node's run_dir did not
+    # lose what the guest wrote.
+    assert len(result.stdout) == 4 * 1024 * 1024 and set(result.stdout) == {ord("x")}
+    assert b"exit 0" in result.stderr, result.stderr[-800:]
+    assert result.returncode == 0, result.stderr[-800:]  # its exit status still had room: the job ended as it said
+    assert b"more than 4194304 bytes; the rest is not copied" in result.stderr, result.stderr[-500:]
+    after = os.statvfs(os.path.dirname(directory))
+    assert (run_fs.f_bavail - after.f_bavail) * after.f_frsize < 16 * 1024 * 1024
     assert_node_clean(directory)
 
 

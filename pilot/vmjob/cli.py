@@ -292,7 +292,9 @@ def _setup_logging(config, slot: str) -> str:
     """Log to ``<log_dir>/vmjob-<slot>.log`` (kept after the job), warnings also on stderr."""
     os.makedirs(config.log_dir, mode=0o755, exist_ok=True)
     path = os.path.join(config.log_dir, f"vmjob-{slot}.log")
-    handler = logging.FileHandler(path)
+    from pilot.nodelog import log_handler
+
+    handler = log_handler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.setLevel(config.log_level.upper())
@@ -327,6 +329,9 @@ def _run_job(config, request, started: float) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    from pilot.wakeup import ignore_job_control
+
+    ignore_job_control()  # the caller's SIGTSTP, relayed by sudo, must not stop root holding the node
     log.info("VM job %s: image %s, %d MB, %d cores, workdir %s, uid %d; log %s", request.slot,
              request.image.name, request.memory_mb, request.cpus, request.workdir, request.uid, log_path)
     job = VmJob(config, journal, backend, request, stop=stop, started=started)

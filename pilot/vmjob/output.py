@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 
-from pilot.vmjob.rundir import RunDirError, open_guest_file
+from pilot.vmjob.rundir import RunDirError, open_guest_file, punch_hole
 
 READ_BYTES = 256 * 1024
+#: Reads one pump makes at most, so a guest that never stops writing cannot hold the wrapper's loop.
+READS_PER_PUMP = 16
 
 
 class GuestFile:
@@ -27,8 +29,10 @@ class GuestFile:
         self.uid = uid
         self.limit = limit
         self.copied = 0
+        self.read = 0  # the file's offset: everything before it is read, and punched out
         self.fd: int | None = None
-        self.problem: str | None = None
+        self.problem: str | None = None  # why it cannot be followed at all
+        self.over = False  # more than the limit came: the rest is read and dropped
         self.closed = False
 
     def pump(self) -> int:
@@ -37,28 +41,39 @@ class GuestFile:
             return 0
         if self.fd is None:
             try:
-                self.fd = open_guest_file(self.path, self.uid)
+                self.fd = open_guest_file(self.path, self.uid, writable=True)
             except RunDirError as exc:
                 self.problem = str(exc)
                 return 0
             if self.fd is None:
                 return 0
         moved = 0
-        while self.copied < self.limit:
-            chunk = os.read(self.fd, min(READ_BYTES, self.limit - self.copied))
+        for _ in range(READS_PER_PUMP):
+            chunk = os.read(self.fd, READ_BYTES)
             if not chunk:
                 break
+            punch_hole(self.fd, self.read, len(chunk))
+            self.read += len(chunk)
+            keep = chunk[:max(0, self.limit - self.copied)]
+            self.over = self.over or len(keep) < len(chunk)
+            if not keep:
+                continue  # read and dropped: it takes no room in the run directory
             try:
-                _write_all(self.out, chunk)
+                _write_all(self.out, keep)
             except OSError as exc:
                 # The batch system's output is gone (a closed pipe, a full disk): the job goes on without it.
                 self.problem = f"cannot copy {self.path}: {exc.strerror}"
                 return moved
-            self.copied += len(chunk)
-            moved += len(chunk)
-        if self.copied >= self.limit and self.problem is None:
-            self.problem = f"{self.path}: more than {self.limit} bytes; the rest is not copied"
+            self.copied += len(keep)
+            moved += len(keep)
         return moved
+
+    def problems(self) -> list[str]:
+        """Why it could not be followed, and whether its output went past the limit."""
+        found = [self.problem] if self.problem else []
+        if self.over:
+            found.append(f"{self.path}: more than {self.limit} bytes; the rest is not copied")
+        return found
 
     def close(self) -> None:
         """Stop following (the descriptor is closed); later pumps copy nothing."""
@@ -85,7 +100,7 @@ class GuestOutput:
 
     def problems(self) -> list[str]:
         """What could not be followed (a file that is not the user's regular file, a file past the limit)."""
-        return [f.problem for f in self.files if f.problem]
+        return [problem for f in self.files for problem in f.problems()]
 
     def close(self) -> None:
         """A last copy, then stop following."""

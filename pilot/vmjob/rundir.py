@@ -4,10 +4,17 @@ Layout, below ``[vmjob] run_dir`` (root's, 0711: the job's user may pass
 through to its own control directory, but not list the others)::
 
     <slot>.lock        root 0600: held (flock) by the one run of the slot
-    <slot>/            root 0711
+    <slot>/            root 0711, a tmpfs of its own of ``[vmjob] run_size`` MB
         sock/          root 0700: the virtiofs sockets, bound by root, so
                        QEMU connects to nothing the user could swap
+        console.log    root: the guest's serial console (virtlogd rotates it)
         control/       the job's user, 0700: shared with the guest as "control"
+
+Each slot's directory is a tmpfs of a fixed size (nosuid, nodev): what the
+job or its guest writes there (its stdout and stderr, its console) fills
+that and nothing else, never the ``/run`` that sudo, libvirt and systemd
+need. Removing the directory unmounts it (lazily, should a daemon still
+hold a file).
 
 The guest contract (docs/vmjobs.md): the guest mounts the virtiofs tags
 ``control`` and ``workdir``, writes ``control/started``, executes
@@ -47,11 +54,17 @@ class RunDir:
 
     base: str
     slot: str
+    size_mb: int | None = None  # the slot's own tmpfs; None: a plain directory (tests without root)
 
     @property
     def path(self) -> str:
         """The slot's directory."""
         return os.path.join(self.base, self.slot)
+
+    @property
+    def console(self) -> str:
+        """The guest's console log (in the slot's tmpfs: capped with it, removed with it)."""
+        return os.path.join(self.path, "console.log")
 
     @property
     def control(self) -> str:
@@ -94,6 +107,8 @@ class RunDir:
         try:
             remove_run_dir(self.path)  # a dead run's leftovers (its journal entry is undone before this)
             os.mkdir(self.path, 0o711)
+            if self.size_mb:
+                _mount_tmpfs(self.path, self.size_mb)
             os.chmod(self.path, 0o711)  # whatever the umask
             os.mkdir(os.path.join(self.path, "sock"), 0o700)
             os.mkdir(self.control, 0o700)
@@ -119,16 +134,19 @@ def _base_dir(base: str) -> None:
                           "not writable by group or others")
 
 
-def open_guest_file(path: str, uid: int) -> int | None:
-    """A read-only descriptor of the guest-written file ``path``, or None while it does not exist.
+def open_guest_file(path: str, uid: int, *, writable: bool = False) -> int | None:
+    """A descriptor of the guest-written file ``path`` (read-only, or read-write for ``writable``), or None
+    while it does not exist.
 
     Refused (RunDirError) unless it is a regular file that ``uid`` owns: the
     user (or the guest, through virtiofsd running as the user) could have
     put a symlink, a FIFO or a hard link to someone else's file there, and
-    root would copy what it reads into the job's output.
+    root would copy what it reads into the job's output. (In a slot's tmpfs
+    a hard link can only be to a file of that tmpfs.)
     """
+    mode = os.O_RDWR if writable else os.O_RDONLY
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -158,11 +176,62 @@ def remove_run_dir(path: str) -> None:
     """Remove a run directory and everything in it (gone already is fine); VmCleanupError if it cannot.
 
     ``shutil.rmtree`` works through directory descriptors, so a symlink the
-    user planted in ``control/`` is removed, never followed.
+    user planted in ``control/`` is removed, never followed. A slot's tmpfs
+    is detached first (its contents go with it).
     """
+    if os.path.ismount(path):
+        _unmount(path)
     try:
         shutil.rmtree(path)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise VmCleanupError(f"cannot remove the VM job's run directory {path}: {exc.strerror}") from None
+
+
+
+# mount(2) and umount2(2) flags (linux/mount.h)
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
+# fallocate(2) modes (linux/falloc.h)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _mount_tmpfs(path: str, size_mb: int) -> None:
+    """Mount a tmpfs of ``size_mb`` MB (root's, 0711, nosuid, nodev) on the directory ``path``; OSError if not."""
+    import ctypes
+
+    options = f"size={size_mb}m,mode=0711,uid=0,gid=0".encode()
+    if _libc().mount(b"workspace-vmjob", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot mount its tmpfs: {os.strerror(errno)}")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the storage of ``length`` bytes at ``offset`` of the file ``fd`` (its size stays): False where the
+    filesystem cannot (then the bytes stay)."""
+    import ctypes
+
+    libc = _libc()
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
+
+
+def _unmount(path: str) -> None:
+    """Detach the mount on ``path`` (its files go once nothing holds them); VmCleanupError if it cannot."""
+    import ctypes
+
+    if _libc().umount2(os.fsencode(path), _MNT_DETACH) != 0:
+        errno = ctypes.get_errno()
+        raise VmCleanupError(f"cannot unmount the VM job's run directory {path}: {os.strerror(errno)}")

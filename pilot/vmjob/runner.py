@@ -47,6 +47,9 @@ from pilot.vmjob.virtiofs import ShareDaemon, ShareError
 
 log = logging.getLogger(__name__)
 
+#: How much of a failed guest's console its job is shown (the console goes with the run directory).
+CONSOLE_TAIL_BYTES = 600
+
 #: How often the wrapper looks at the guest's output, its status file and its domain.
 POLL_S = 0.02
 #: How often, of those looks, libvirt is asked whether the domain still runs.
@@ -94,7 +97,7 @@ class VmJob:
         self.stop = stop
         self.started = started
         self.moments: dict[str, float] = {}
-        self.run_dir = RunDir(config.vmjob_run_dir, request.slot)
+        self.run_dir = RunDir(config.vmjob_run_dir, request.slot, config.vmjob_run_size_mb)
         self.uri = config.vm_uri
         self.memory: NodeMemory | None = None
         self.daemons: list[ShareDaemon] = []
@@ -150,8 +153,8 @@ class VmJob:
 
     def _check(self):
         request = self.request
-        spec = request.image.spec("job", memory_mb=request.memory_mb, vcpus=request.cpus,
-                                  console_log=f"{self.domain_name}.log")
+        # No console log here: it goes in the run directory's tmpfs, once that exists (see _run_vm).
+        spec = request.image.spec("job", memory_mb=request.memory_mb, vcpus=request.cpus, console_log=None)
         policy = self._policy()
         try:
             checked = check_spec(spec, policy, reserved_mb=request.memory_mb + policy.overhead_mb, in_use_mb=0,
@@ -198,7 +201,8 @@ class VmJob:
             except ShareError as exc:
                 raise JobFailed(VmJobExit.VM_FAILED, str(exc)) from None
             self.daemons.append(daemon)
-        self._create_domain(checked)
+        # The console goes where the job's other files are: the slot's capped tmpfs, removed with it.
+        self._create_domain(dataclasses.replace(checked, console=self.run_dir.console))
         return self._follow()
 
     def _create_domain(self, checked) -> None:
@@ -264,8 +268,8 @@ class VmJob:
                     if status is not None:
                         self.mark("status")
                         return status
-                    raise JobFailed(VmJobExit.VM_FAILED, "the VM ended without an exit status "
-                                    f"(its console: {self.config.console_dir}/{self.domain_name}.log)")
+                    raise JobFailed(VmJobExit.VM_FAILED, "the VM ended without an exit status; the end of its "
+                                    f"console: {console_tail(self.run_dir.console)}")
                 self.stop.wait(POLL_S)
         finally:
             output.close()  # a last copy first: it may find the limit
@@ -340,3 +344,15 @@ class VmJob:
             log.critical("VM job %s not fully undone: %s", self.request.slot, "; ".join(problems))
             return "; ".join(problems) + "; the node journal keeps it for workspace-vmjob epilog or workspace-killall"
         return None
+
+
+def console_tail(path: str) -> str:
+    """The last lines of a console log (at most CONSOLE_TAIL_BYTES), on one line; what is printable only."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - CONSOLE_TAIL_BYTES))
+            text = handle.read(CONSOLE_TAIL_BYTES).decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(none: {exc.strerror})"
+    lines = [line.strip() for line in text.splitlines() if line.strip().isprintable() and line.strip()]
+    return " | ".join(lines[-5:]) or "(empty)"

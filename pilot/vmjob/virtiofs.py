@@ -27,6 +27,8 @@ import signal
 import socket
 import subprocess
 
+from pilot.nodelog import open_log
+
 UNSHARE = "/usr/bin/unshare"
 _PR_SET_PDEATHSIG = 1
 #: The most of a daemon's own messages kept in its log: it runs as the user, who could make it write
@@ -102,7 +104,7 @@ class ShareDaemon:
                 return
             keep = chunk[:max(LOG_LIMIT - self._logged, 0)]
             if keep:
-                with open(self.log_path, "ab") as log:
+                with os.fdopen(open_log(self.log_path), "ab") as log:
                     log.write(keep)
                 self._logged += len(keep)
 
