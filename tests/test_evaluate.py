@@ -318,6 +318,28 @@ def test_backend_none_warns_loudly_and_minmem_above_the_host_fails(tmp_path):
     assert "minmem 100000000 MB" in failed and "the host is already below minmem" in failed
 
 
+def test_a_node_whose_guests_run_as_root_is_warned_about(tmp_path, libvirt_qemu):
+    # The tests' own libvirtd runs QEMU as root (scripts/bootstrap.sh, qemu.conf): evaluate says so, from
+    # what libvirt itself reports.
+    code, lines = run(write_config(str(tmp_path), uri=libvirt_qemu.uri))
+    assert line(lines, f"ok   libvirt {libvirt_qemu.uri}:")
+    warned = line(lines, "warn guests:")
+    assert warned.startswith("warn guests: run as root (libvirt's DAC label +0:+0), with no confinement")
+    assert warned.endswith("dynamic_ownership = 1 in /etc/libvirt/qemu.conf")
+
+
+def test_guests_of_an_unprivileged_user_are_fine_and_other_drivers_say_nothing():
+    from pilot.evaluate.node import check_guest_user
+
+    qemu = ("<capabilities><host><secmodel><model>apparmor</model><doi>0</doi></secmodel><secmodel><model>dac"
+            "</model><doi>0</doi><baselabel type='kvm'>+64055:+994</baselabel><baselabel type='qemu'>+64055:+994"
+            "</baselabel></secmodel></host></capabilities>")
+    (check,) = check_guest_user(qemu)
+    assert check.line() == "ok   guests: run as uid 64055 (libvirt's DAC label), confined by apparmor"
+    assert check_guest_user("<capabilities><host><secmodel><model>testSecurity</model></secmodel></host>"
+                            "</capabilities>") == []
+
+
 def test_an_unreachable_libvirt_fails_and_an_empty_uri_warns(tmp_path):
     uri = f"qemu+unix:///system?socket={tmp_path}/nosock"
     code, lines = run(write_config(str(tmp_path), uri=uri))

@@ -228,12 +228,38 @@ def check_libvirt(config: PilotConfig) -> list[Check]:
     try:
         version = conn.getVersion()
         hostname = conn.getHostname()
+        capabilities = conn.getCapabilities()
     except libvirt.libvirtError as exc:
         return [Check(FAIL, what, f"connected, but it does not answer: {one_line(exc)}")]
     finally:
         conn.close()
     shown = f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
-    return [Check(OK, what, f"{conn_type(uri)} {shown} on {hostname}")]
+    return [Check(OK, what, f"{conn_type(uri)} {shown} on {hostname}"), *check_guest_user(capabilities)]
+
+
+def check_guest_user(capabilities: str) -> list[Check]:
+    """Whom guests run as, from libvirt's own word (its capabilities' DAC security model): a warning when that is
+    root (a guest that escapes its hypervisor is then root on the node), an ok line with the uid otherwise;
+    nothing where libvirt runs guests under no DAC model (Xen, the test driver)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        models = ET.fromstring(capabilities).findall("host/secmodel")
+    except ET.ParseError:
+        return [Check(WARN, "guests", "libvirt's capabilities are not XML: cannot tell whom guests run as")]
+    names = [model.findtext("model", "") for model in models]
+    labels = [label.text or "" for model in models if model.findtext("model") == "dac"
+              for label in model.findall("baselabel")]
+    if not labels:
+        return []
+    confined = [name for name in names if name not in ("none", "dac")]
+    confinement = f", confined by {', '.join(confined)}" if confined else ", with no confinement (security_driver)"
+    uids = {label.split(":", 1)[0].lstrip("+") for label in labels}
+    if "0" in uids:
+        return [Check(WARN, "guests", f"run as root (libvirt's DAC label {labels[0]}){confinement}: a guest that "
+                      "escapes QEMU is root on this node; set user and group (e.g. libvirt-qemu) and "
+                      "dynamic_ownership = 1 in /etc/libvirt/qemu.conf")]
+    return [Check(OK, "guests", f"run as uid {', '.join(sorted(uids))} (libvirt's DAC label){confinement}")]
 
 
 def conn_type(uri: str) -> str:
