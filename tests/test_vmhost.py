@@ -350,3 +350,32 @@ def test_interrupt_refuses_new_starts_and_leaves_running_vms_to_teardown(conn, p
     assert not refused.ok and refused.reason == "the slot is being torn down; no new VMs"
     assert "wp-aaaaaaaa-vm1" in names(conn)
     assert host.teardown() == ["vm1"]
+
+
+def test_a_vm_started_as_the_pilot_warns_is_told_once(conn, policy, monkeypatch):
+    # libvirt's test driver makes no lease channel socket: each VM's channel here is one end of a real socket
+    # pair, the other end standing for the guest's port.
+    import socket
+
+    from pilot.vm import host as host_module
+
+    guests = {}
+
+    def channel(domain):
+        ours, guest = socket.socketpair()
+        guests[domain.name()] = guest
+        return ours
+
+    monkeypatch.setattr(host_module, "_open_channel", channel)
+    line = "ending 2026-12-06T17:00:00.000000Z 290 deadline"
+    warned = []  # the pilot sets its warning, then queues the broadcast: a VM starting in between reads it
+    host = make_host(conn, policy, warning=lambda: warned[0] if warned else None)
+    assert host.start(spec("early")).ok
+    warned.append(line)
+    assert host.start(spec("late")).ok  # told at its start
+    assert host.warn("ending 2026-12-06T17:00:00.000000Z 289 deadline") == ["early", "late"]  # the broadcast
+    assert host.warn("ending 2026-12-06T17:00:30.000000Z 300 release") == ["early", "late"]  # a new warning
+    for name, guest in guests.items():
+        guest.settimeout(5)
+        told = guest.recv(4096).decode().splitlines()
+        assert [words.split()[3] for words in told] == ["deadline", "release"], (name, told)

@@ -73,6 +73,7 @@ class _Vm:
     domain: object
     holds: tuple[int, ...] = ()  # shared locks on the cached images it uses (eviction skips those)
     channel: object = None  # the connected socket of its lease channel (from its start, when libvirt gave one)
+    told: tuple[str, ...] | None = None  # the warning it was given (its end and why), so it is given once
 
     def let_go(self) -> None:
         """Release the VM's hold on its cached images and its lease channel (it no longer runs)."""
@@ -277,6 +278,7 @@ class VmHost:
             line = self.warning()
             if line:  # started after the warning: it ends as soon as the others
                 vm.channel.sendall((line + "\n").encode())
+                vm.told = _warning_of(line)
         except (OSError, ValueError, libvirt.libvirtError) as exc:  # warn() tries again
             log.debug("VM %s: no lease channel to connect to yet: %s", name, one_line(exc))
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",
@@ -376,12 +378,18 @@ class VmHost:
         with self._lock:
             vms = list(self._vms.items())
         data = (line.rstrip("\n") + "\n").encode()
+        warning = _warning_of(line)
         reached = []
         for name, vm in vms:
+            if vm.told == warning:
+                # Started between the warning and this broadcast: it was told at its start, once is enough.
+                reached.append(name)
+                continue
             try:
                 channel = vm.channel or _open_channel(vm.domain)
                 vm.channel = channel
                 channel.sendall(data)
+                vm.told = warning
             except (OSError, ValueError) as exc:
                 log.warning("could not warn VM %s on its lease channel: %s", name, exc)
                 continue
@@ -589,6 +597,12 @@ def _destroy(domain) -> bool:
             return False
         raise
     return True
+
+
+def _warning_of(line: str) -> tuple[str, ...]:
+    """What a lease channel line says, without the seconds left (``ending TIME SECONDS WHY``: TIME and WHY)."""
+    words = line.split()
+    return (words[1], words[3]) if len(words) == 4 and words[0] == "ending" else tuple(words)
 
 
 def _open_channel(domain):
