@@ -79,9 +79,9 @@ class BatchClient:
     sge_cell: str = "default"
     sge_qmaster_port: int | None = None
 
-    def environment(self, **extra: str) -> dict[str, str]:
+    def environment(self) -> dict[str, str]:
         """A fresh environment for one batch-system command: PATH, the C locale, Slurm's standard time format,
-        the configured Slurm and Grid Engine locations, and ``extra`` (e.g. a checked SLURMD_NODENAME)."""
+        and the configured Slurm and Grid Engine locations."""
         env = {"PATH": self.path, "LC_ALL": "C", "SLURM_TIME_FORMAT": "standard"}
         if self.slurm_conf:
             env["SLURM_CONF"] = self.slurm_conf
@@ -90,7 +90,6 @@ class BatchClient:
             env["SGE_CELL"] = self.sge_cell
             if self.sge_qmaster_port is not None:
                 env["SGE_QMASTER_PORT"] = str(self.sge_qmaster_port)
-        env.update(extra)
         return env
 
     def which(self, name: str) -> str | None:

@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     from pilot.config import DEFAULT_PATH, ConfigError, load_config
     from pilot.credentials import CredentialError, pilot_credentials, take_slot_secret
     from pilot.node.journal import Journal, JournalError
-
     from pilot.wakeup import ignore_job_control
 
     ignore_job_control()  # before the node lock: the caller's SIGTSTP, relayed by sudo, must not stop root

@@ -172,7 +172,7 @@ def _url(text: str) -> str:
 
 
 def _search_path(text: str) -> str:
-    directories = [part for part in text.split(":")]
+    directories = text.split(":")
     if not text or any(not part.startswith("/") for part in directories):
         raise ValueError("must be absolute directories separated by ':' (root-owned, where the batch system's "
                          "commands are)")

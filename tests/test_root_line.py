@@ -15,7 +15,6 @@ and removes both; it is skipped where either was there before.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
@@ -30,9 +29,9 @@ import pytest
 from pilot.protocol import PILOT_ENV
 from tests.conftest import throwaway_node_keys
 from tests.slurm_cluster import PILOT
+from tests.system_node import SYSTEM_CONFIG, sudo_rule_and_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEM_CONFIG = "/etc/workspace-pilot/pilot.conf"
 SUDOERS = "/etc/sudoers.d/workspace-pilot-tests"
 NOBODY, NOGROUP = 65534, 65534
 SLURM_PLUGINS = "/usr/lib/x86_64-linux-gnu/slurm-wlm"
@@ -110,38 +109,26 @@ echo "pilot $?" >> {out}/codes
 @pytest.fixture(scope="module")
 def root_line_node(slurm_cluster):
     """pilot.conf and the shipped sudo rule (enabled for nobody, for this venv's pilot), for the module."""
-    if os.path.lexists(SYSTEM_CONFIG) or os.path.lexists(SUDOERS):
-        pytest.skip(f"{SYSTEM_CONFIG} or {SUDOERS} exists already: not replacing a node's own")
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to build the hostile plug-in")
-    directory = tempfile.mkdtemp(prefix="workspace-root-line-")
-    made_etc = not os.path.isdir(os.path.dirname(SYSTEM_CONFIG))
     shipped = pathlib.Path(REPO, "packaging", "workspace-pilot.sudoers").read_text(encoding="utf-8")
     rule = shipped.replace("/usr/bin/workspace-pilot", PILOT).replace("\n#pilot ALL=", "\nnobody ALL=")
-    try:
-        os.makedirs(os.path.dirname(SYSTEM_CONFIG), exist_ok=True)
-        key_file = throwaway_node_keys(pathlib.Path(directory))
-        with open(SYSTEM_CONFIG, "w", encoding="utf-8") as handle:
-            handle.write(
-                f"[service]\ncontact = http://127.0.0.1:1\nnode_key_file = {key_file}\nreserved_timeout = 1\n"
-                "[memory]\nbackend = none\n[libvirt]\nuri =\n"
-                f"[journal]\ndir = {directory}/journal\n[logging]\ndir = {directory}/logs\n"
-                f"[timing]\nwalltime_margin = 20\n[batch]\nslurm_conf = {slurm_cluster.conf}\n"
-            )
-        os.chmod(SYSTEM_CONFIG, 0o600)
-        with open(SUDOERS, "w", encoding="ascii") as handle:
-            handle.write(rule)
-        os.chmod(SUDOERS, 0o440)
-        checked = subprocess.run(["visudo", "-c", "-f", SUDOERS], capture_output=True, text=True)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        yield directory
-    finally:
-        for path in (SUDOERS, SYSTEM_CONFIG):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        if made_etc:
-            os.rmdir(os.path.dirname(SYSTEM_CONFIG))
-        shutil.rmtree(directory, ignore_errors=True)
+    with sudo_rule_and_config(SUDOERS, rule):
+        directory = tempfile.mkdtemp(prefix="workspace-root-line-")
+        os.chmod(directory, 0o755)  # the account reaches its own directories below it
+        try:
+            key_file = throwaway_node_keys(pathlib.Path(directory))
+            with open(SYSTEM_CONFIG, "w", encoding="utf-8") as handle:
+                handle.write(
+                    f"[service]\ncontact = http://127.0.0.1:1\nnode_key_file = {key_file}\nreserved_timeout = 1\n"
+                    "[memory]\nbackend = none\n[libvirt]\nuri =\n"
+                    f"[journal]\ndir = {directory}/journal\n[logging]\ndir = {directory}/logs\n"
+                    f"[timing]\nwalltime_margin = 20\n[batch]\nslurm_conf = {slurm_cluster.conf}\n"
+                )
+            os.chmod(SYSTEM_CONFIG, 0o600)
+            yield directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def arm(evil: str, real_slurm_conf: str) -> str:
@@ -174,10 +161,10 @@ def arm(evil: str, real_slurm_conf: str) -> str:
     return marker
 
 
-def hostile_job(cluster, node_dir: str, template: str, slot: str, **fields) -> str:
-    """Run ``template`` as nobody in a real Slurm job (10 minutes' walltime); its output directory once done."""
+def hostile_job(cluster, node_dir: str, template: str, slot: str, **fields) -> tuple[str, str]:
+    """Run ``template`` as nobody in a real Slurm job (10 minutes' walltime); (its job id, its output directory)
+    once done."""
     out = tempfile.mkdtemp(prefix="out-", dir=node_dir)
-    os.chmod(node_dir, 0o755)
     os.chown(out, NOBODY, NOGROUP)
     script = os.path.join(out, "job.sh")
     with open(script, "w", encoding="ascii") as handle:
@@ -189,7 +176,7 @@ def hostile_job(cluster, node_dir: str, template: str, slot: str, **fields) -> s
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     assert wait_done(cluster, job) == "COMPLETED"
-    return out
+    return job, out
 
 
 def wait_done(cluster, job: str, timeout: float = 90) -> str:
@@ -207,22 +194,9 @@ def wait_done(cluster, job: str, timeout: float = 90) -> str:
 
 def test_a_hostile_service_account_makes_root_load_nothing_of_its_own(slurm_cluster, root_line_node):
     evil = tempfile.mkdtemp(prefix="evil-", dir=root_line_node)
-    os.chmod(root_line_node, 0o755)
-    out = os.path.join(evil, "out")
     marker = arm(evil, slurm_cluster.conf)
-    os.makedirs(out)
-    os.chown(out, NOBODY, NOGROUP)
     slot = "root-line-1"
-    script = os.path.join(evil, "job.sh")
-    with open(script, "w", encoding="ascii") as handle:
-        handle.write(HOSTILE_JOB.format(evil=evil, keep=",".join(PILOT_ENV), secret="5e" * 32, pilot=PILOT,
-                                        slot=slot, out=out))
-    os.chmod(script, 0o755)
-    submitted = slurm_cluster.run(["sbatch", "--parsable", "--uid=nobody", "--gid=nogroup", "-t", "10", "-N", "1",
-                                   "-D", out, "-o", os.path.join(out, "job.out"), script])
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
-    assert wait_done(slurm_cluster, job) == "COMPLETED"
+    job, out = hostile_job(slurm_cluster, root_line_node, HOSTILE_JOB, slot, evil=evil)
 
     lines = pathlib.Path(marker).read_text(encoding="ascii").splitlines()
     # The weapons work: the account's own squeue loaded its plug-ins, and its PATH chose its squeue...
@@ -253,7 +227,7 @@ def test_a_hostile_service_account_makes_root_load_nothing_of_its_own(slurm_clus
 
 
 def test_the_caller_cannot_stop_its_root_pilot_with_job_control_signals(slurm_cluster, root_line_node):
-    out = hostile_job(slurm_cluster, root_line_node, STOPPING_JOB, "root-line-2")
+    _, out = hostile_job(slurm_cluster, root_line_node, STOPPING_JOB, "root-line-2")
     codes = dict(line.split() for line in pathlib.Path(out, "codes").read_text().splitlines())
     # The pilot ignores SIGTSTP (bit 20 of its SigIgn) from its first lines on, before any lock...
     assert int(codes["ignored"], 16) & (1 << 19), codes

@@ -29,6 +29,7 @@ from pilot.vmjob.exitcodes import VmJobExit
 from tests.conftest import killed_after, read_until
 from tests.libvirt_daemon import GUEST_DIR, guest_files
 from tests.slurm_cluster import SlurmCluster
+from tests.system_node import SYSTEM_CONFIG, sudo_rule_and_config
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -36,7 +37,6 @@ VMJOB = os.path.join(os.path.dirname(sys.executable), "workspace-vmjob")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGING = os.path.join(REPO, "packaging")
 NOBODY, NOGROUP = 65534, 65534
-SYSTEM_CONFIG = "/etc/workspace-pilot/pilot.conf"
 SUDOERS = "/etc/sudoers.d/workspace-vmjob-tests"
 #: The most any wait below lasts: TCG boots the guest in 3-4 s; these are give-up points, not expectations.
 GIVE_UP_S = 90
@@ -278,30 +278,19 @@ def _share_daemons(run_dir: str) -> list[int]:
 @pytest.fixture(scope="module")
 def system_node(slurm_cluster, libvirt_qemu):
     """/etc/workspace-pilot/pilot.conf and a sudo rule for nobody, for the module; removed afterwards."""
-    if os.path.lexists(SYSTEM_CONFIG) or os.path.lexists(SUDOERS):
-        pytest.skip(f"{SYSTEM_CONFIG} or {SUDOERS} exists already: not replacing a node's own")
-    directory = tempfile.mkdtemp(prefix="workspace-vmjob-")
-    os.chmod(directory, 0o755)
-    made_etc = not os.path.isdir(os.path.dirname(SYSTEM_CONFIG))
-    try:
-        os.makedirs(os.path.dirname(SYSTEM_CONFIG), exist_ok=True)
-        shutil.copy(write_node(directory, slurm_conf=slurm_cluster.conf), SYSTEM_CONFIG)
-        with open(os.path.join(directory, "session-slurm.conf.path"), "w", encoding="utf-8") as handle:
-            handle.write(slurm_cluster.conf)
-        with open(SUDOERS, "w", encoding="ascii") as handle:
-            handle.write(f'Defaults!{VMJOB} env_keep += "SLURM_JOB_ID SLURMD_NODENAME"\n'
-                         f"nobody ALL=(root) NOPASSWD: {VMJOB} run *\n")
-        os.chmod(SUDOERS, 0o440)
-        subprocess.run(["visudo", "-c", "-f", SUDOERS], check=True, capture_output=True)
-        yield directory
-    finally:
-        for path in (SUDOERS, SYSTEM_CONFIG):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        if made_etc:
-            os.rmdir(os.path.dirname(SYSTEM_CONFIG))
-        _destroy_left_domains()
-        shutil.rmtree(directory, ignore_errors=True)
+    rule = (f'Defaults!{VMJOB} env_keep += "SLURM_JOB_ID SLURMD_NODENAME"\n'
+            f"nobody ALL=(root) NOPASSWD: {VMJOB} run *\n")
+    with sudo_rule_and_config(SUDOERS, rule):
+        directory = tempfile.mkdtemp(prefix="workspace-vmjob-")
+        os.chmod(directory, 0o755)
+        try:
+            shutil.copy(write_node(directory, slurm_conf=slurm_cluster.conf), SYSTEM_CONFIG)
+            with open(os.path.join(directory, "session-slurm.conf.path"), "w", encoding="utf-8") as handle:
+                handle.write(slurm_cluster.conf)
+            yield directory
+        finally:
+            _destroy_left_domains()
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

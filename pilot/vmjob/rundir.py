@@ -189,7 +189,6 @@ def remove_run_dir(path: str) -> None:
         raise VmCleanupError(f"cannot remove the VM job's run directory {path}: {exc.strerror}") from None
 
 
-
 # mount(2) and umount2(2) flags (linux/mount.h)
 _MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
 # fallocate(2) modes (linux/falloc.h)
@@ -205,6 +204,7 @@ def _libc():
         import ctypes
 
         _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     return _LIBC
 
 
@@ -221,11 +221,7 @@ def _mount_tmpfs(path: str, size_mb: int) -> None:
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free the storage of ``length`` bytes at ``offset`` of the file ``fd`` (its size stays): False where the
     filesystem cannot (then the bytes stay)."""
-    import ctypes
-
-    libc = _libc()
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
+    return _libc().fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
 
 
 def _unmount(path: str) -> None:

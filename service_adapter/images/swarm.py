@@ -24,13 +24,14 @@ import random
 import threading
 import time
 
+from pilot.protocol.chunks import MAX_PEERS_SHOWN  # the pilot bounds its read of a swarm answer by it
+
 #: Seconds a member stays without announcing.
 MEMBER_TTL_S = 10.0
 #: Seconds a seed chunk stays handed to one member before another may get it.
 SEED_TTL_S = 30.0
 #: Chunks one member may be fetching from the service at once.
 SEED_IN_FLIGHT = 2
-from pilot.protocol.chunks import MAX_PEERS_SHOWN  # noqa: E402  (the pilot bounds its read of an answer by it)
 
 
 @dataclasses.dataclass
