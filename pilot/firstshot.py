@@ -28,7 +28,8 @@ from pilot.protocol.wire import digest_ha1
 #: Environment variables through which ``requests`` would send via a proxy; if any is set,
 #: the first shot stands aside rather than go direct where ``requests`` would not.
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-#: The most of an answer's body that is read (a refusal's detail); the rest is dropped.
+#: The most of an answer's body that is kept (a refusal's detail); as much again is read and dropped, and an
+#: answer longer than that is not read to its end (its connection is closed).
 MAX_ANSWER_BYTES = 64 * 1024
 
 
@@ -110,7 +111,11 @@ class FirstShot:
         response = connection.getresponse()
         answer = response.read(MAX_ANSWER_BYTES)
         if not response.isclosed():
-            response.read()  # the rest, so the connection can carry the authenticated request
+            # The rest, up to as much again, so the connection can carry the authenticated request; an answer
+            # that goes on is not read: the connection is closed, and http.client opens another for the next.
+            response.read(MAX_ANSWER_BYTES)
+            if not response.isclosed():
+                connection.close()
         return response.status, answer, response.getheader("WWW-Authenticate", "")
 
     def _authorization(self, challenge: str) -> str:

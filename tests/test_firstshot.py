@@ -85,3 +85,45 @@ def test_no_first_shot_behind_a_proxy_that_requests_would_use():
     assert FirstShot.applies({})
     assert not FirstShot.applies({"https_proxy": "http://proxy.example:3128"})
     assert not FirstShot.applies({"HTTP_PROXY": "http://proxy.example:3128"})
+
+
+def test_a_challenge_whose_body_never_ends_is_not_read_to_its_end():
+    # A real socket server in the service's place: its 401 carries a well-formed challenge and then a chunked
+    # body that never ends; on a new connection it accepts the authenticated request. The first shot reads a
+    # bounded part of the endless body, hangs up, and sends its answer on a fresh connection.
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []  # (first request line, whether it carried an Authorization) per connection
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(65536)
+                authorized = b"\r\nauthorization: digest" in head.lower()
+                seen.append((head.split(b"\r\n", 1)[0].decode(), authorized))
+                if authorized:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}")
+                    continue
+                conn.sendall(b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Digest realm="workspace-pilot", '
+                             b'nonce="abc", algorithm=SHA-256, qop="auth"\r\nTransfer-Encoding: chunked\r\n\r\n')
+                try:
+                    while True:
+                        conn.sendall(b"10000\r\n" + b"x" * 65536 + b"\r\n")
+                except OSError:
+                    pass  # the client hung up: what it should do
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        shot = FirstShot(f"http://127.0.0.1:{listener.getsockname()[1]}{NOTIFICATIONS_PATH}", "node1", "0" * 64)
+        assert shot.post(b"{}", {}, timeout=10) == (200, "")
+        server.join(10)
+    finally:
+        listener.close()
+    assert not server.is_alive()  # the endless answer was hung up on, not read for ever
+    assert [authorized for _line, authorized in seen] == [False, True]
