@@ -90,6 +90,32 @@ class _Offer:
         return None
 
 
+class _CappedServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``max_connections`` connections at once.
+
+    Anyone on the network can connect: the cap is taken in the accepting thread, in the order connections
+    are accepted, so a connection over it is closed before any thread is made for it.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class PeerServer:
     """This node's chunk server for the other nodes of its lease, on ``bind:port`` (0: any free port)."""
 
@@ -99,20 +125,10 @@ class PeerServer:
         self._offers: dict[str, _Offer] = {}
         self.served = 0
         server = self
-        slots = threading.BoundedSemaphore(max_connections)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = request_timeout_s  # a connection that sends nothing (or stops reading) is closed
-
-            def handle(self):
-                # Anyone on the network can connect: at most max_connections threads, the rest closed at once.
-                if not slots.acquire(blocking=False):
-                    return
-                try:
-                    super().handle()
-                finally:
-                    slots.release()
 
             def log_message(self, *args):
                 pass
@@ -125,8 +141,7 @@ class PeerServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._httpd = http.server.ThreadingHTTPServer((bind, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _CappedServer((bind, port), Handler, max_connections)
         self._httpd.timeout = 30
         host, real_port = self._httpd.server_address[:2]
         self.address = f"{advertise or host}:{real_port}"
