@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pilot.batchenv import DEFAULT_PATH as DEFAULT_BATCH_PATH, BatchClient
 from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+
+if TYPE_CHECKING:
+    from pilot.vm.overlay import DiskBudget
 
 DEFAULT_PATH = "/etc/workspace-pilot/pilot.conf"
 
@@ -70,6 +74,9 @@ class PilotConfig:
     virt_type: str = "auto"
     shutdown_timeout_s: float = 30.0
     poll_wait_s: float = 30.0
+    disk_budget_mb: int = 0
+    disk_reserve_mb: int = 1024
+    qemu_img: str = "/usr/bin/qemu-img"
     # [images]
     image_cache_dir: str = "/var/lib/workspace-pilot/image-cache"
     image_cache_mb: int = 20480
@@ -102,6 +109,13 @@ class PilotConfig:
     def batch_client(self) -> BatchClient:
         """Where root finds the batch system's commands and what they read (``[batch]``; never the caller's)."""
         return BatchClient(self.batch_path, self.slurm_conf, self.sge_root, self.sge_cell, self.sge_qmaster_port)
+
+    @property
+    def disk_budget(self) -> "DiskBudget":
+        """Where writable disks' overlays go and how much of the disk they may take (``[vms]``)."""
+        from pilot.vm.overlay import DiskBudget, overlay_dir_of
+
+        return DiskBudget(overlay_dir_of(self.journal_dir), self.disk_budget_mb, self.disk_reserve_mb, self.qemu_img)
 
     @property
     def hugepage_kb(self) -> int:
@@ -240,6 +254,9 @@ SCHEMA = {
         "virt_type": ("virt_type", choice("auto", "kvm", "qemu", "xen")),
         "shutdown_timeout": ("shutdown_timeout_s", _positive_float),
         "poll_wait": ("poll_wait_s", _poll_wait),
+        "disk_budget": ("disk_budget_mb", _mb),
+        "disk_reserve": ("disk_reserve_mb", _mb),
+        "qemu_img": ("qemu_img", abs_path),
     },
     "images": {
         "cache_dir": ("image_cache_dir", abs_path),

@@ -59,7 +59,7 @@ if [ -n "$extras" ]; then
   done
 fi
 if [ "$vm" = yes ]; then
-  for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 busybox-static; do
+  for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils busybox-static; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi

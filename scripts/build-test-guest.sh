@@ -143,6 +143,14 @@ for dev in /dev/vd?; do
     umount /seed
   fi
 done
+# A disk to fill, if the kernel command line has wp_fill: random bytes to /dev/vda's end (where a guest that
+# wants the node's disk would write), then its size in 512-byte sectors.
+case " \$(cat /proc/cmdline) " in
+  *" wp_fill "*)
+    dd if=/dev/urandom of=/dev/vda bs=1M 2>/dev/null
+    sync
+    echo "workspace-pilot test guest filled \$(cat /sys/block/vda/size)" > /dev/ttyS0 ;;
+esac
 n=0
 while true; do
   sleep 2

@@ -30,7 +30,7 @@ def checked(*, readonly=False, kernel=True, disk=True, console="/var/log/wp/vm1.
         spec,
         disk="/srv/images/disk.img" if disk else None, disk_format=fmt if disk else None,
         kernel="/srv/images/vmlinuz" if kernel else None, initrd="/srv/images/initrd.img" if kernel else None,
-        console=console,
+        console=console, overlay=None if readonly or not disk else "/var/lib/wp/overlays/wp-3f2a9c1e-vm1.qcow2",
     )
 
 
@@ -63,19 +63,34 @@ def test_direct_boot_and_the_cmdline_survive_special_characters():
     assert len(root.findall(".//cmdline")) == 1  # the value did not add elements
 
 
-def test_a_writable_disk_is_transient_and_a_readonly_one_readonly():
+def test_a_writable_disk_writes_to_the_pilots_overlay_over_the_image_and_a_readonly_one_is_readonly():
     disk = render(checked(readonly=False)).find("devices/disk")
     assert disk.get("type") == "file" and disk.get("device") == "disk"
-    assert disk.find("source").get("file") == "/srv/images/disk.img"
+    # The guest's writes go to the overlay; the image is its backing store, named here (nothing is probed).
+    assert disk.find("source").get("file") == "/var/lib/wp/overlays/wp-3f2a9c1e-vm1.qcow2"
+    assert disk.find("driver").attrib == {"name": "qemu", "type": "qcow2"}
+    backing = disk.find("backingStore")
+    assert backing.get("type") == "file" and backing.find("source").get("file") == "/srv/images/disk.img"
+    assert backing.find("format").get("type") == "raw"
+    assert list(backing.find("backingStore")) == []  # the chain ends there
     assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}
-    assert disk.find("transient") is not None and disk.find("readonly") is None
+    assert disk.find("readonly") is None and disk.find("transient") is None
     readonly = render(checked(readonly=True)).find("devices/disk")
-    assert readonly.find("readonly") is not None and readonly.find("transient") is None
+    assert readonly.find("source").get("file") == "/srv/images/disk.img"
+    assert readonly.find("readonly") is not None and readonly.find("backingStore") is None
+
+
+def test_a_writable_disk_without_an_overlay_is_refused():
+    import dataclasses
+
+    with pytest.raises(VmRefused, match="needs an overlay"):
+        render(dataclasses.replace(checked(readonly=False), overlay=None))
 
 
 def test_the_disk_format_is_the_checked_one():
-    assert render(checked(fmt="qcow2")).find("devices/disk/driver").attrib == {"name": "qemu", "type": "qcow2"}
-    assert render(checked(fmt="raw")).find("devices/disk/driver").get("type") == "raw"
+    assert render(checked(fmt="qcow2", readonly=True)).find("devices/disk/driver").attrib == {"name": "qemu", "type": "qcow2"}
+    assert render(checked(fmt="raw", readonly=True)).find("devices/disk/driver").get("type") == "raw"
+    assert render(checked(fmt="qcow2")).find("devices/disk/backingStore/format").get("type") == "qcow2"
 
 
 def test_a_disk_only_vm_boots_from_its_disk():

@@ -11,8 +11,10 @@ the hugepage pool back where it was, and the node journal empty.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,11 +37,11 @@ LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead
 def vm_site(tmp_path, slurm_cluster, libvirt_qemu):
     sites = []
 
-    def make(provider: str, **options) -> ServiceOnCluster:
+    def make(provider: str, vms: dict | None = None, **options) -> ServiceOnCluster:
         sections = {
             "libvirt": {"uri": libvirt_qemu.uri},
             "vms": {"image_dir": GUEST_DIR, "console_dir": str(tmp_path / "consoles"), "poll_wait": 5,
-                    "shutdown_timeout": 2},
+                    "shutdown_timeout": 2, **(vms or {})},
             "timing": {"walltime_margin": 20, "earlywaitratio": 0.3},
         }
         site = ServiceOnCluster(str(tmp_path), slurm_cluster, provider, pilot_sections=sections, grace_s=8,
@@ -62,13 +64,13 @@ def guest_spec(name: str) -> dict:
     }
 
 
-def guest_running(site, libvirt_qemu, tmp_path, duration_s: float):
-    """A ready one-node lease with the test guest booted on it; (lease, domain name)."""
+def guest_running(site, libvirt_qemu, tmp_path, duration_s: float, spec: dict | None = None):
+    """A ready one-node lease with the test guest (or ``spec``) booted on it; (lease, domain name)."""
     lease = site.manager.reserve(nodes=1, memory_mb=LEASE_MB, duration_s=duration_s)
     ready = site.wait(lease, {"ready"} | TERMINAL, 60)
     assert ready.state == "ready", ready.reason
     available = available_hugepages()
-    site.vms.start(lease.id, [parse_vm_request(guest_spec("guest1"))])
+    site.vms.start(lease.id, [parse_vm_request(spec or guest_spec("guest1"))])
     vm = site.vms.wait(lease.id, "guest1", {"running", "failed"}, 60)
     assert vm is not None and vm.state == "running", site.vms.get(lease.id, "guest1")
     console = str(tmp_path / "consoles" / "guest1.log")
@@ -173,6 +175,44 @@ def test_a_pilot_killed_with_sigkill_is_cleaned_up_by_the_next_pilot(vm_site, li
     site.manager.release(second.id)
     assert site.wait(second, TERMINAL, 60).state == "released"
     assert_node_clean(site, libvirt_qemu, second, hugepages)
+
+
+def test_a_guest_filling_its_disk_fills_only_its_overlay_within_the_budget(vm_site, libvirt_qemu, tmp_path, hugepages):
+    """The guest writes its whole writable disk: the writes land in the pilot's overlay (never the image), the
+    overlay stays within the worst case the budget counted, and a dead pilot's overlay goes with kill-all."""
+    from pilot.vm.overlay import overlay_dir_of, worst_case_bytes
+
+    images = tmp_path / "images"
+    images.mkdir(mode=0o755)
+    for name in ("vmlinuz", "initrd.img"):
+        shutil.copyfile(os.path.join(GUEST_DIR, name), images / name)
+    disk_bytes = 24 * 2**20
+    (images / "disk.raw").write_bytes(bytes(disk_bytes))
+    image_sha256 = hashlib.sha256((images / "disk.raw").read_bytes()).hexdigest()
+    site = vm_site("slurm", vms={"image_dir": str(images), "disk_budget": 30, "disk_reserve": 0})
+    spec = guest_spec("guest1")
+    spec["boot"]["cmdline"] += " wp_fill"
+    spec["disk"] = {"path": "disk.raw", "sha256": image_sha256}
+    lease, domain = guest_running(site, libvirt_qemu, tmp_path, duration_s=600, spec=spec)
+    console = str(tmp_path / "consoles" / "guest1.log")
+    assert wait_for_line(console, f"workspace-pilot test guest filled {disk_bytes // 512}", 120), console
+    overlay = os.path.join(overlay_dir_of(site.journal_dir), f"{domain}.qcow2")
+    taken = os.stat(overlay).st_blocks * 512
+    assert disk_bytes <= taken <= worst_case_bytes(disk_bytes), taken  # every write, and no more than counted
+    assert hashlib.sha256((images / "disk.raw").read_bytes()).hexdigest() == image_sha256  # the image: untouched
+
+    # The pilot dies (SIGKILL: no teardown); kill-all destroys its guest and removes the overlay it left.
+    [entry] = [n for n in os.listdir(site.journal_dir) if n.endswith(".json")]
+    os.kill(int(entry.split(".")[-2]), 9)
+    site.wait(lease, TERMINAL, 60)
+    assert os.path.exists(overlay)
+    backout = subprocess.run(
+        [sys.executable, "-m", "admin_tools.killall", "--config", site.pilot_config, "--term-timeout", "30"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert backout.returncode == 0, backout.stdout + backout.stderr
+    assert not os.path.exists(overlay) and not [n for n in os.listdir(os.path.dirname(overlay)) if n.endswith(".qcow2")]
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)
 
 
 def vcpu_time_ns(domain) -> int:

@@ -13,6 +13,7 @@ import pytest
 
 from pilot.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy, VmRefused, check_spec, file_sha256
+from pilot.vm.overlay import DiskBudget
 
 
 def sha(data: bytes) -> str:
@@ -28,7 +29,8 @@ def node(tmp_path):
     files = {"disk.raw": b"D" * 5000, "vmlinuz": b"K" * 300, "initrd.img": b"I" * 200}
     for name, data in files.items():
         (image_dir / name).write_bytes(data)
-    policy = VmPolicy(str(image_dir), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",))
+    policy = VmPolicy(str(image_dir), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",),
+                      disks=DiskBudget(str(tmp_path / "overlays")))
     return dataclasses.make_dataclass("Node", ["tmp", "images", "policy", "files"])(tmp_path, image_dir, policy, files)
 
 
@@ -52,6 +54,14 @@ def test_memory_over_the_reservation_counts_the_overhead_and_says_what_fits(node
     )
     # Exactly what the message says fits does fit.
     assert check(node, dataclasses.replace(spec, memory_mb=408), reserved_mb=600, in_use_mb=128).spec.memory_mb == 408
+
+
+def test_a_writable_disk_on_a_node_without_overlays_is_refused_and_a_readonly_one_is_not(node):
+    spec = VmSpec("vm", 512, disk=image(node, "disk.raw"))
+    bare = dataclasses.replace(node.policy, disks=None)
+    with pytest.raises(VmRefused, match="^disk: this node gives VMs no writable disk; ask for readonly: true$"):
+        check(node, spec, policy=bare)
+    assert check(node, dataclasses.replace(spec, disk_readonly=True), policy=bare).disk.endswith("disk.raw")
 
 
 def test_memory_is_checked_before_any_image_is_read(node):

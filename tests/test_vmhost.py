@@ -20,6 +20,7 @@ import pytest
 from pilot.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
 from pilot.vm.host import VmHost, VmOutcome, VmTeardownError
+from pilot.vm.overlay import DiskBudget, overlay_path, virtual_size
 from pilot.vm.tag import VmTag, read_tag, set_tag
 
 libvirt = pytest.importorskip("libvirt")
@@ -49,7 +50,8 @@ def policy(tmp_path):
     images = tmp_path / "images"
     images.mkdir(mode=0o755)
     (images / "disk.raw").write_bytes(DISK)
-    return VmPolicy(str(images), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",), hugepage_kb=2048)
+    return VmPolicy(str(images), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",), hugepage_kb=2048,
+                    disks=DiskBudget(str(tmp_path / "overlays"), reserve_mb=0))
 
 
 def spec(name="vm1", memory_mb=256, **kwargs) -> VmSpec:
@@ -85,6 +87,13 @@ def test_start_runs_a_transient_domain_tagged_with_the_slot(conn, policy):
     assert [(i.name, i.domain_name, i.memory_mb, i.state) for i in host.vms()] == [
         ("vm1", "wp-aaaaaaaa-vm1", 256, "running")
     ]
+    # Its writable disk is the pilot's overlay over the image, as big as the image; it goes with the VM.
+    overlay = overlay_path(policy.disks.overlay_dir, "wp-aaaaaaaa-vm1")
+    assert f"<source file='{overlay}'" in domain.XMLDesc(0)
+    assert virtual_size(overlay, "qcow2") == -(-len(DISK) // 512) * 512  # in whole sectors, as QEMU sees the image
+    assert os.stat(overlay).st_mode & 0o777 == 0o600
+    assert host.stop("vm1", force=True).ok
+    assert not os.path.exists(overlay)
 
 
 @pytest.mark.parametrize(
@@ -379,3 +388,34 @@ def test_a_vm_started_as_the_pilot_warns_is_told_once(conn, policy, monkeypatch)
         guest.settimeout(5)
         told = guest.recv(4096).decode().splitlines()
         assert [words.split()[3] for words in told] == ["deadline", "release"], (name, told)
+
+
+def test_overlays_are_made_only_within_the_nodes_disk_budget_and_leave_with_their_slot(conn, policy, tmp_path):
+    """Two slots share one node budget; a disk whose overlay would not fit is refused with what is left."""
+    big = tmp_path / "images" / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "40M"], check=True)
+    big_spec = lambda name: spec(name, disk=ImageFile("big.qcow2", hashlib.sha256(big.read_bytes()).hexdigest()))  # noqa: E731
+    budget = dataclasses.replace(policy, disks=dataclasses.replace(policy.disks, budget_mb=100))
+    a, b = make_host(conn, budget), make_host(conn, budget, slot=SLOT_B)
+    assert a.start(big_spec("vm1")).ok and b.start(big_spec("vm1")).ok
+    before = names(conn)
+    refused = a.start(big_spec("vm2"))
+    # 2 x (40 MiB + 10 KiB of tables + 1 MiB) = 82.02 MiB taken of 100: a third 41.01 MiB does not fit.
+    assert not refused.ok and refused.reason == (
+        "disk: its overlay may grow to 42 MB and the node's overlays to 83 MB of the 100 MB disk budget; "
+        "at most 18 MB is left (ask for readonly: true, or a smaller disk)"), refused.reason
+    assert names(conn) == before and sorted(os.listdir(policy.disks.overlay_dir)) == [
+        ".budget.lock", "wp-aaaaaaaa-vm1.qcow2", "wp-bbbbbbbb-vm1.qcow2"]
+    assert a.start(spec("small")).ok  # a tiny disk still fits; a read-only one takes nothing
+    assert a.start(spec("ro", disk_readonly=True)).ok
+    # The filesystem's free space counts too: a reserve larger than what is free refuses every overlay.
+    free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // 2**20
+    tight = make_host(conn, dataclasses.replace(policy, disks=dataclasses.replace(policy.disks, reserve_mb=free_mb)),
+                      slot="cccccccc-3333-4000-8000-000000000003")
+    refused = tight.start(spec("vm1"))
+    assert not refused.ok and "MB free, of which the node's overlays may still take" in refused.reason
+    assert f"and {free_mb} MB stays free" in refused.reason
+    assert sorted(a.teardown()) == ["ro", "small", "vm1"]
+    assert sorted(os.listdir(policy.disks.overlay_dir)) == [".budget.lock", "wp-bbbbbbbb-vm1.qcow2"]
+    b.teardown()
+    assert os.listdir(policy.disks.overlay_dir) == [".budget.lock"]

@@ -18,9 +18,13 @@ import os
 import stat
 import struct
 import threading
+from typing import TYPE_CHECKING
 
 from pilot.protocol import ImageFile, ProtocolError, VmSpec
 from pilot.node.safedir import directory_problem
+
+if TYPE_CHECKING:
+    from pilot.vm.overlay import DiskBudget
 
 HASH_BLOCK = 1024 * 1024
 QCOW2_MAGIC = b"QFI\xfb"
@@ -54,6 +58,9 @@ class VmPolicy:
     """Where images named by an image list are (the node's image cache); None: such images are refused."""
     seed_dir: str | None = None
     """Where VMs' cloud-init seeds are written (root's alone); None: a VM that asks for one is refused."""
+    disks: "DiskBudget | None" = None
+    """Where writable disks' overlays are made and how much they may take (:mod:`pilot.vm.overlay`);
+    None: a VM whose disk is not read-only is refused."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,8 @@ class CheckedVm:
     console: str | None = None
     seed: str | None = None
     """The VM's cloud-init seed (written just before the domain is created), or None."""
+    overlay: str | None = None
+    """The writable disk's qcow2 overlay (made just before the domain is created), or None."""
 
 
 def check_memory(spec: VmSpec, policy: VmPolicy, *, reserved_mb: int, in_use_mb: int) -> None:
@@ -127,6 +136,8 @@ def check_spec(
     console = _console_path(spec.console_log, policy.console_dir) if spec.console_log else None
     if spec.context is not None and policy.seed_dir is None:
         raise VmRefused("context: this node cannot give VMs a cloud-init seed")
+    if spec.disk is not None and not spec.disk_readonly and policy.disks is None:
+        raise VmRefused("disk: this node gives VMs no writable disk; ask for readonly: true")
     for field, image in images.items():
         digest = file_sha256(paths[field], cancel=cancel)
         if digest != image.sha256:

@@ -5,7 +5,7 @@ spec can change the document's structure. The domain is meant to be
 created transient (``createXML``): destroying it leaves nothing defined.
 Every way it ends (power off, reboot, crash) destroys it, so a VM that
 ends is gone rather than restarted behind the pilot's back; its disk never
-takes writes (read-only, or a throw-away overlay); and it carries the
+takes writes (read-only, or the pilot's throw-away overlay); and it carries the
 project's tag in ``<metadata>`` from its first moment.
 """
 
@@ -68,6 +68,8 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
     pv = xen and vm.kernel is not None
     if xen and vm.disk is not None and not spec.disk_readonly:
         raise VmRefused("disk: on Xen a writable disk would write to the image itself; ask for readonly: true")
+    if vm.disk is not None and not spec.disk_readonly and vm.overlay is None:
+        raise VmRefused("disk: a writable disk needs an overlay and this node made none; ask for readonly: true")
     if pv and vm.console is not None:
         raise VmRefused("console_log: a Xen PV guest's console cannot go to a file; leave console_log unset")
     if shares and virt_type not in ("kvm", "qemu"):
@@ -109,12 +111,21 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
     devices = ET.SubElement(domain, "devices")
     if vm.disk is not None:
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type=vm.disk_format or "raw")
-        ET.SubElement(disk, "source", file=vm.disk)
+        if spec.disk_readonly:
+            ET.SubElement(disk, "driver", name="qemu", type=vm.disk_format or "raw")
+            ET.SubElement(disk, "source", file=vm.disk)
+        else:
+            # The guest writes to the pilot's overlay (pilot.vm.overlay), never to the image: the image is
+            # named as its backing store here, so libvirt and QEMU probe nothing of the chain themselves.
+            ET.SubElement(disk, "driver", name="qemu", type="qcow2")
+            ET.SubElement(disk, "source", file=vm.overlay)
+            backing = ET.SubElement(disk, "backingStore", type="file")
+            ET.SubElement(backing, "format", type=vm.disk_format or "raw")
+            ET.SubElement(backing, "source", file=vm.disk)
+            ET.SubElement(backing, "backingStore")
         ET.SubElement(disk, "target", dev="xvda" if xen else "vda", bus="xen" if xen else "virtio")
-        # QEMU keeps a transient disk's writes in an overlay next to the image
-        # (<image>.TRANSIENT-<domain name>) and deletes it when the domain ends.
-        ET.SubElement(disk, "readonly" if spec.disk_readonly else "transient")
+        if spec.disk_readonly:
+            ET.SubElement(disk, "readonly")
     if vm.seed is not None:
         # The cloud-init seed: a read-only disk the guest finds by its label (cidata), whatever it names it.
         seed = ET.SubElement(devices, "disk", type="file", device="disk")

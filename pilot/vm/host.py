@@ -24,6 +24,7 @@ from pilot.protocol import VmSpec
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
+from pilot.vm.overlay import overlay_path, remove_overlay, remove_overlays
 from pilot.vm.seed import remove_seeds, seed_files, seed_path, slot_domain_prefix, write_seed
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
@@ -242,6 +243,9 @@ class VmHost:
         domain_name = self.domain_name(name)
         if spec.context is not None:
             checked = dataclasses.replace(checked, seed=seed_path(self.policy.seed_dir, domain_name))
+        disks = self.policy.disks
+        if checked.disk is not None and not spec.disk_readonly and disks is not None:
+            checked = dataclasses.replace(checked, overlay=overlay_path(disks.overlay_dir, domain_name))
         try:
             xml = render_domain(
                 checked, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
@@ -265,11 +269,18 @@ class VmHost:
                                                     default_hostname=name))
             except (OSError, ValueError) as exc:
                 return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
+        if checked.overlay is not None:
+            # After the journal too, and under the node's disk budget: whoever undoes this slot removes it.
+            try:
+                disks.make(domain_name, checked.disk, checked.disk_format)
+            except (OSError, VmRefused) as exc:
+                self._remove_guest_files(domain_name)
+                return VmOutcome(False, name, one_line(exc))
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
-            self._remove_seed(domain_name)
+            self._remove_guest_files(domain_name)
             return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
         vm = self._vms[name] = _Vm(spec, domain_name, domain)
         try:
@@ -425,14 +436,17 @@ class VmHost:
                 vm = books.pop(name, None)
                 if vm is not None:
                     vm.let_go()
-                    self._remove_seed(vm.domain_name)
+                    self._remove_guest_files(vm.domain_name)
 
-    def _remove_seed(self, domain_name: str) -> None:
+    def _remove_guest_files(self, domain_name: str) -> None:
+        """Remove the VM's seed and overlay (its domain is gone, or was never made)."""
         if self.policy.seed_dir is not None:
             try:
                 os.unlink(seed_path(self.policy.seed_dir, domain_name))
             except FileNotFoundError:
                 pass
+        if self.policy.disks is not None:
+            remove_overlay(self.policy.disks.overlay_dir, domain_name)
 
     # -- books ---------------------------------------------------------------------------------
 
@@ -468,7 +482,7 @@ class VmHost:
             if not active:
                 log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
                 vm.let_go()
-                self._remove_seed(vm.domain_name)
+                self._remove_guest_files(vm.domain_name)
                 self._gone[name] = self._vms.pop(name)
 
     def _in_use_mb(self) -> int:
@@ -518,6 +532,8 @@ class VmHost:
                         vm.let_go()
             if self.policy.seed_dir is not None:
                 remove_seeds(self.policy.seed_dir, self.domain_name(""))
+            if self.policy.disks is not None:
+                remove_overlays(self.policy.disks.overlay_dir, self.domain_name(""))
             log.info("teardown of slot %s: %d VM(s) destroyed in %.1f ms",
                      self.slot, len(destroyed), (time.monotonic() - began) * 1000)
         if problems:

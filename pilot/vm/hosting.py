@@ -62,6 +62,7 @@ class VmHosting:
             networks=tuple(config.networks or ()),
             hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
             image_cache_dir=config.image_cache_dir, seed_dir=seed_dir_of(config.journal_dir),
+            disks=config.disk_budget,
         )
         held = self.memory.held
         return VmHost(

@@ -40,6 +40,11 @@ SHARE_TAGS = ("control", "workdir")
 MAX_STATUS_BYTES = 16
 
 
+def job_domain_name(slot: str) -> str:
+    """The libvirt domain name of the VM of the VM job whose slot is ``slot``."""
+    return f"wp-{slot}"
+
+
 class RunDirError(Exception):
     """The run directory cannot be made or used; one line."""
 

@@ -38,11 +38,14 @@ from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_spec
 from pilot.vm.cleanup import VmCleanupError, destroy_domain, destroy_slot_vms
 from pilot.vm.domainxml import choose_virt_type, render_domain
+from pilot.vm.overlay import overlay_path, remove_overlay
 from pilot.vm.tag import VmTag
 from pilot.vmjob.catalog import JobImage
 from pilot.vmjob.exitcodes import VmJobExit
 from pilot.vmjob.output import GuestOutput
-from pilot.vmjob.rundir import SHARE_TAGS, RunDir, RunDirError, SlotBusy, read_status, remove_run_dir
+from pilot.vmjob.rundir import (
+    SHARE_TAGS, RunDir, RunDirError, SlotBusy, job_domain_name, read_status, remove_run_dir,
+)
 from pilot.vmjob.virtiofs import ShareDaemon, ShareError
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class VmJob:
     @property
     def domain_name(self) -> str:
         """The libvirt name of the job's domain."""
-        return f"wp-{self.request.slot}"
+        return job_domain_name(self.request.slot)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class VmJob:
         config = self.config
         return VmPolicy(
             image_dir=config.image_dir, console_dir=config.console_dir, overhead_mb=config.vm_overhead_mb,
-            hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None,
+            hugepage_kb=config.hugepage_kb if config.backend == "hugepages" else None, disks=config.disk_budget,
         )
 
     def _check(self):
@@ -215,6 +218,9 @@ class VmJob:
         try:
             self.conn = open_connection(self.uri)
             virt_type = choose_virt_type(self.conn.getType(), self.config.virt_type)
+            disks = self.config.disk_budget
+            if checked.disk is not None and not checked.spec.disk_readonly:
+                checked = dataclasses.replace(checked, overlay=overlay_path(disks.overlay_dir, self.domain_name))
             xml = render_domain(
                 checked, domain_name=self.domain_name, virt_type=virt_type,
                 tag=VmTag(self.request.slot, "", os.getpid()), hugepage_kb=self._policy().hugepage_kb,
@@ -222,8 +228,11 @@ class VmJob:
             )
             if self.stop.is_set():
                 raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started")
+            if checked.overlay is not None:
+                # The journal says VMs may exist (note_vms): whoever undoes the job removes the overlay too.
+                disks.make(self.domain_name, checked.disk, checked.disk_format)
             self.domain = self.conn.createXML(xml, 0)
-        except (libvirt.libvirtError, ValueError, VmRefused) as exc:
+        except (libvirt.libvirtError, ValueError, VmRefused, OSError) as exc:
             for daemon in self.daemons:
                 daemon.drain()
             why = "; ".join(filter(None, (daemon.failed() for daemon in self.daemons)))
@@ -313,8 +322,9 @@ class VmJob:
                 else:
                     # Journalled, but createXML never handed a domain back: look for one by tag all the same.
                     destroy_slot_vms(self.uri, self.request.slot)
+                remove_overlay(self.config.disk_budget.overlay_dir, self.domain_name)
                 memory.note_vms(None)
-            except (VmCleanupError, JournalError) as exc:
+            except (VmCleanupError, JournalError, OSError) as exc:
                 problems.append(one_line(exc))
             except Exception as exc:  # libvirtError from destroy_domain
                 problems.append(f"cannot destroy VM {self.domain_name}: {one_line(exc)}")
