@@ -113,9 +113,10 @@ class PilotConfig:
     @property
     def disk_budget(self) -> "DiskBudget":
         """Where writable disks' overlays go and how much of the disk they may take (``[vms]``)."""
-        from pilot.vm.overlay import DiskBudget, overlay_dir_of
+        from pilot.vm.overlay import DiskBudget
+        from pilot.vm.vmfiles import vm_files_dir_of
 
-        return DiskBudget(overlay_dir_of(self.journal_dir), self.disk_budget_mb, self.disk_reserve_mb, self.qemu_img)
+        return DiskBudget(vm_files_dir_of(self.journal_dir), self.disk_budget_mb, self.disk_reserve_mb, self.qemu_img)
 
     @property
     def hugepage_kb(self) -> int:

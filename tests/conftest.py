@@ -354,8 +354,16 @@ def sge_cluster():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def open_basetemp_to_guests(tmp_path_factory) -> None:
+    """Guests run as libvirt-qemu: let it search (not list) its way into the session's temporary directories,
+    which pytest makes 0700 (each VM test makes its own tmp_path searchable too)."""
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base.parent, base):
+        os.chmod(directory, 0o711)
+
+
 @pytest.fixture(scope="session")
-def libvirt_qemu():
+def libvirt_qemu(tmp_path_factory):
     """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.libvirt_daemon.LibvirtDaemon``.
 
     Its ``uri`` is ``qemu:///system``; ``connect()`` opens a libvirt
@@ -377,6 +385,7 @@ def libvirt_qemu():
         pytest.skip(f"no test guest in {GUEST_DIR}: run scripts/build-test-guest.sh")
     workdir = tempfile.mkdtemp(prefix="workspace-pilot-libvirt-")
     os.chmod(workdir, 0o755)
+    open_basetemp_to_guests(tmp_path_factory)
     daemon = LibvirtDaemon(workdir)
     try:
         daemon.start()

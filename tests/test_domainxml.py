@@ -30,7 +30,7 @@ def checked(*, readonly=False, kernel=True, disk=True, console="/var/log/wp/vm1.
         spec,
         disk="/srv/images/disk.img" if disk else None, disk_format=fmt if disk else None,
         kernel="/srv/images/vmlinuz" if kernel else None, initrd="/srv/images/initrd.img" if kernel else None,
-        console=console, overlay=None if readonly or not disk else "/var/lib/wp/overlays/wp-3f2a9c1e-vm1.qcow2",
+        console=console, overlay=None if readonly or not disk else "/var/lib/wp/vm-files/wp-3f2a9c1e-vm1.qcow2",
     )
 
 
@@ -67,7 +67,7 @@ def test_a_writable_disk_writes_to_the_pilots_overlay_over_the_image_and_a_reado
     disk = render(checked(readonly=False)).find("devices/disk")
     assert disk.get("type") == "file" and disk.get("device") == "disk"
     # The guest's writes go to the overlay; the image is its backing store, named here (nothing is probed).
-    assert disk.find("source").get("file") == "/var/lib/wp/overlays/wp-3f2a9c1e-vm1.qcow2"
+    assert disk.find("source").get("file") == "/var/lib/wp/vm-files/wp-3f2a9c1e-vm1.qcow2"
     assert disk.find("driver").attrib == {"name": "qemu", "type": "qcow2"}
     backing = disk.find("backingStore")
     assert backing.get("type") == "file" and backing.find("source").get("file") == "/srv/images/disk.img"

@@ -318,14 +318,35 @@ def test_backend_none_warns_loudly_and_minmem_above_the_host_fails(tmp_path):
     assert "minmem 100000000 MB" in failed and "the host is already below minmem" in failed
 
 
-def test_a_node_whose_guests_run_as_root_is_warned_about(tmp_path, libvirt_qemu):
-    # The tests' own libvirtd runs QEMU as root (scripts/bootstrap.sh, qemu.conf): evaluate says so, from
-    # what libvirt itself reports.
+def test_the_guests_user_is_read_from_the_real_libvirt_and_its_way_to_the_images_checked(tmp_path, libvirt_qemu):
+    # The tests' own libvirtd runs QEMU as libvirt-qemu (scripts/bootstrap.sh, qemu.conf): evaluate says so,
+    # from what libvirt itself reports, and checks that this user can search its way to the site's images.
+    import pwd
+
+    uid = pwd.getpwnam("libvirt-qemu").pw_uid
+    os.chmod(tmp_path, 0o700)  # its image directory <tmp_path>/images is 0755, but the way there is closed
     code, lines = run(write_config(str(tmp_path), uri=libvirt_qemu.uri))
     assert line(lines, f"ok   libvirt {libvirt_qemu.uri}:")
+    assert line(lines, "ok   guests:") == (
+        f"ok   guests: run as uid {uid} (libvirt's DAC label), with no confinement (security_driver)")
     warned = line(lines, "warn guests:")
-    assert warned.startswith("warn guests: run as root (libvirt's DAC label +0:+0), with no confinement")
-    assert warned.endswith("dynamic_ownership = 1 in /etc/libvirt/qemu.conf")
+    assert warned == (f"warn guests: cannot reach the image directory: {tmp_path} is root:root 0700: the guests' user "
+                      f"(uid {uid}) cannot search it; VMs booting from its images are refused (make it and its "
+                      f"images readable by gid {pwd.getpwnam('libvirt-qemu').pw_gid})")
+    os.chmod(tmp_path, 0o711)
+    code, lines = run(write_config(str(tmp_path), uri=libvirt_qemu.uri))
+    assert not [text for text in lines if text.startswith("warn guests:")]
+
+
+def test_guests_run_as_root_are_warned_about():
+    from pilot.evaluate.node import check_guest_user
+
+    root = ("<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel><secmodel><model>dac</model>"
+            "<doi>0</doi><baselabel type='kvm'>+0:+0</baselabel><baselabel type='qemu'>+0:+0</baselabel>"
+            "</secmodel></host></capabilities>")
+    (warned,) = check_guest_user(root)
+    assert warned.line().startswith("warn guests: run as root (libvirt's DAC label +0:+0), with no confinement")
+    assert warned.line().endswith("dynamic_ownership = 1 in /etc/libvirt/qemu.conf")
 
 
 def test_guests_of_an_unprivileged_user_are_fine_and_other_drivers_say_nothing():

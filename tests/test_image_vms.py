@@ -10,8 +10,11 @@ them into its cache, and boots the guest from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pwd
+import subprocess
 
 import pytest
 
@@ -27,6 +30,7 @@ pytest.importorskip("libvirt")
 
 @pytest.fixture
 def image_site(tmp_path, slurm_cluster, libvirt_qemu):
+    os.chmod(tmp_path, 0o711)  # the guests' user searches its way to the journal's VM files and seeds
     sites = []
     server = ImageServer(GUEST_DIR)
     sections = {
@@ -84,6 +88,25 @@ def test_a_guest_boots_from_images_its_pilot_fetched_into_the_node_cache(image_s
         assert any(m.startswith(f"fetching {label}: 100% (") for m in progress), progress
     # The pilot fetched from the service, not from the endorser's server (which only the service used).
     assert [path for path, _ in server.requests] == ["/vmlinuz", "/initrd.img"]
+    # A guest that escapes QEMU is libvirt-qemu: it boots from its own copies of the kernel and initrd, and can
+    # neither read nor change the cached ones (for the next VM) nor look into the journal (whose entries hold
+    # the slot's signing key). Its copies are all it has.
+    [entry] = [n for n in os.listdir(site.journal_dir) if n.endswith(".json")]
+    tries = {
+        "read the kernel": f"open({str(cache / files.kernel_sha256)!r}, 'rb').read(1)",
+        "write the kernel": f"open({str(cache / files.kernel_sha256)!r}, 'ab')",
+        "make the kernel writable": f"os.chmod({str(cache / files.kernel_sha256)!r}, 0o644)",
+        "replace the kernel": f"os.rename({str(cache / files.kernel_sha256)!r}, '/tmp/x')",
+        "list the cache": f"os.listdir({str(cache)!r})",
+        "list the journal": f"os.listdir({site.journal_dir!r})",
+        "read a journal entry": f"open({os.path.join(site.journal_dir, entry)!r}).read()",
+    }
+    copies = os.path.join(site.journal_dir, "vm-files")
+    [kernel_copy] = [os.path.join(copies, n) for n in os.listdir(copies) if n.endswith(".kernel")]
+    tries["read its own kernel"] = f"open({kernel_copy!r}, 'rb').read(1)"
+    assert as_guest_user(tries) == {what: what == "read its own kernel" for what in tries}
+    assert {n for n in os.listdir(cache) if len(n) == 64} == cached
+    assert hashlib.sha256((cache / files.kernel_sha256).read_bytes()).hexdigest() == files.kernel_sha256
     site.manager.release(lease.id)
     site.wait(lease, TERMINAL, 60)
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
@@ -119,6 +142,20 @@ def test_a_lease_that_names_its_images_has_them_prefetched_so_the_vm_start_downl
     site.manager.release(lease.id)
     site.wait(lease, TERMINAL, 60)
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
+
+
+def as_guest_user(tries: dict[str, str]) -> dict[str, bool]:
+    """Run each Python statement as libvirt-qemu (its uid, gid and groups: what an escaped guest is); for each,
+    whether it was allowed (False: it raised OSError)."""
+    user = pwd.getpwnam("libvirt-qemu")
+    code = "import json, os\nout = {}\n" + "".join(
+        f"try:\n    {statement}\n    out[{what!r}] = True\nexcept OSError:\n    out[{what!r}] = False\n"
+        for what, statement in tries.items()) + "print(json.dumps(out))\n"
+    result = subprocess.run(["/usr/bin/python3", "-I", "-c", code], user=user.pw_uid, group=user.pw_gid,
+                            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid), capture_output=True, text=True,
+                            timeout=30, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 SEED_END = "workspace-pilot test guest seed end"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead
 
 @pytest.fixture
 def vm_site(tmp_path, slurm_cluster, libvirt_qemu):
+    os.chmod(tmp_path, 0o711)  # the guests' user searches its way to the journal's VM files
     sites = []
 
     def make(provider: str, vms: dict | None = None, **options) -> ServiceOnCluster:
@@ -180,7 +182,8 @@ def test_a_pilot_killed_with_sigkill_is_cleaned_up_by_the_next_pilot(vm_site, li
 def test_a_guest_filling_its_disk_fills_only_its_overlay_within_the_budget(vm_site, libvirt_qemu, tmp_path, hugepages):
     """The guest writes its whole writable disk: the writes land in the pilot's overlay (never the image), the
     overlay stays within the worst case the budget counted, and a dead pilot's overlay goes with kill-all."""
-    from pilot.vm.overlay import overlay_dir_of, worst_case_bytes
+    from pilot.vm.overlay import worst_case_bytes
+    from pilot.vm.vmfiles import vm_file, vm_files_dir_of
 
     images = tmp_path / "images"
     images.mkdir(mode=0o755)
@@ -189,14 +192,22 @@ def test_a_guest_filling_its_disk_fills_only_its_overlay_within_the_budget(vm_si
     disk_bytes = 24 * 2**20
     (images / "disk.raw").write_bytes(bytes(disk_bytes))
     image_sha256 = hashlib.sha256((images / "disk.raw").read_bytes()).hexdigest()
-    site = vm_site("slurm", vms={"image_dir": str(images), "disk_budget": 30, "disk_reserve": 0})
+    site = vm_site("slurm", vms={"image_dir": str(images), "disk_budget": 45, "disk_reserve": 0})
     spec = guest_spec("guest1")
     spec["boot"]["cmdline"] += " wp_fill"
     spec["disk"] = {"path": "disk.raw", "sha256": image_sha256}
     lease, domain = guest_running(site, libvirt_qemu, tmp_path, duration_s=600, spec=spec)
     console = str(tmp_path / "consoles" / "guest1.log")
     assert wait_for_line(console, f"workspace-pilot test guest filled {disk_bytes // 512}", 120), console
-    overlay = os.path.join(overlay_dir_of(site.journal_dir), f"{domain}.qcow2")
+    overlay = vm_file(vm_files_dir_of(site.journal_dir), domain, "qcow2")
+    # The guest runs as libvirt-qemu, never root: it owns its overlay and its copy of the kernel, while the
+    # images it came from stay root's, as they were (libvirt never handed them over).
+    guest_uid = pwd.getpwnam("libvirt-qemu").pw_uid
+    assert qemu_uid(domain) == guest_uid
+    assert os.stat(overlay).st_uid == guest_uid
+    assert os.stat(vm_file(vm_files_dir_of(site.journal_dir), domain, "kernel")).st_uid == guest_uid
+    assert [(os.stat(images / n).st_uid, oct(os.stat(images / n).st_mode)) for n in ("disk.raw", "vmlinuz")] == [
+        (0, "0o100644")] * 2
     taken = os.stat(overlay).st_blocks * 512
     assert disk_bytes <= taken <= worst_case_bytes(disk_bytes), taken  # every write, and no more than counted
     assert hashlib.sha256((images / "disk.raw").read_bytes()).hexdigest() == image_sha256  # the image: untouched
@@ -213,6 +224,12 @@ def test_a_guest_filling_its_disk_fills_only_its_overlay_within_the_budget(vm_si
     assert backout.returncode == 0, backout.stdout + backout.stderr
     assert not os.path.exists(overlay) and not [n for n in os.listdir(os.path.dirname(overlay)) if n.endswith(".qcow2")]
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
+
+
+def qemu_uid(domain_name: str) -> int:
+    """The uid the QEMU process of ``domain_name`` runs as (libvirt's pid file names it)."""
+    with open(f"/run/libvirt/qemu/{domain_name}.pid", encoding="ascii") as handle:
+        return os.stat(f"/proc/{int(handle.read().strip())}").st_uid
 
 
 def vcpu_time_ns(domain) -> int:

@@ -30,7 +30,7 @@ def node(tmp_path):
     for name, data in files.items():
         (image_dir / name).write_bytes(data)
     policy = VmPolicy(str(image_dir), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",),
-                      disks=DiskBudget(str(tmp_path / "overlays")))
+                      disks=DiskBudget(str(tmp_path / "vm-files")))
     return dataclasses.make_dataclass("Node", ["tmp", "images", "policy", "files"])(tmp_path, image_dir, policy, files)
 
 

@@ -20,7 +20,8 @@ import pytest
 from pilot.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
 from pilot.vm.host import VmHost, VmOutcome, VmTeardownError
-from pilot.vm.overlay import DiskBudget, overlay_path, virtual_size
+from pilot.vm.overlay import DiskBudget, virtual_size
+from pilot.vm.vmfiles import vm_file
 from pilot.vm.tag import VmTag, read_tag, set_tag
 
 libvirt = pytest.importorskip("libvirt")
@@ -51,7 +52,7 @@ def policy(tmp_path):
     images.mkdir(mode=0o755)
     (images / "disk.raw").write_bytes(DISK)
     return VmPolicy(str(images), str(tmp_path / "consoles"), overhead_mb=64, networks=("default",), hugepage_kb=2048,
-                    disks=DiskBudget(str(tmp_path / "overlays"), reserve_mb=0))
+                    disks=DiskBudget(str(tmp_path / "vm-files"), reserve_mb=0))
 
 
 def spec(name="vm1", memory_mb=256, **kwargs) -> VmSpec:
@@ -88,7 +89,7 @@ def test_start_runs_a_transient_domain_tagged_with_the_slot(conn, policy):
         ("vm1", "wp-aaaaaaaa-vm1", 256, "running")
     ]
     # Its writable disk is the pilot's overlay over the image, as big as the image; it goes with the VM.
-    overlay = overlay_path(policy.disks.overlay_dir, "wp-aaaaaaaa-vm1")
+    overlay = vm_file(policy.disks.directory, "wp-aaaaaaaa-vm1", "qcow2")
     assert f"<source file='{overlay}'" in domain.XMLDesc(0)
     assert virtual_size(overlay, "qcow2") == -(-len(DISK) // 512) * 512  # in whole sectors, as QEMU sees the image
     assert os.stat(overlay).st_mode & 0o777 == 0o600
@@ -402,9 +403,9 @@ def test_overlays_are_made_only_within_the_nodes_disk_budget_and_leave_with_thei
     refused = a.start(big_spec("vm2"))
     # 2 x (40 MiB + 10 KiB of tables + 1 MiB) = 82.02 MiB taken of 100: a third 41.01 MiB does not fit.
     assert not refused.ok and refused.reason == (
-        "disk: its overlay may grow to 42 MB and the node's overlays to 83 MB of the 100 MB disk budget; "
+        "disk: its overlay may grow to 42 MB and the node's VM files to 83 MB of the 100 MB disk budget; "
         "at most 18 MB is left (ask for readonly: true, or a smaller disk)"), refused.reason
-    assert names(conn) == before and sorted(os.listdir(policy.disks.overlay_dir)) == [
+    assert names(conn) == before and sorted(os.listdir(policy.disks.directory)) == [
         ".budget.lock", "wp-aaaaaaaa-vm1.qcow2", "wp-bbbbbbbb-vm1.qcow2"]
     assert a.start(spec("small")).ok  # a tiny disk still fits; a read-only one takes nothing
     assert a.start(spec("ro", disk_readonly=True)).ok
@@ -416,6 +417,6 @@ def test_overlays_are_made_only_within_the_nodes_disk_budget_and_leave_with_thei
     assert not refused.ok and "MB free, of which the node's overlays may still take" in refused.reason
     assert f"and {free_mb} MB stays free" in refused.reason
     assert sorted(a.teardown()) == ["ro", "small", "vm1"]
-    assert sorted(os.listdir(policy.disks.overlay_dir)) == [".budget.lock", "wp-bbbbbbbb-vm1.qcow2"]
+    assert sorted(os.listdir(policy.disks.directory)) == [".budget.lock", "wp-bbbbbbbb-vm1.qcow2"]
     b.teardown()
-    assert os.listdir(policy.disks.overlay_dir) == [".budget.lock"]
+    assert os.listdir(policy.disks.directory) == [".budget.lock"]

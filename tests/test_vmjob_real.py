@@ -51,7 +51,8 @@ def guest_release() -> str:
 def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2, run_size: int = 64,
                output_limit: int = 16) -> str:
     """A node for VM jobs under ``directory`` (journal, logs, run dir; hugepages; the test guest as image
-    ``test``); the config file's path."""
+    ``test``); the config file's path. ``directory`` becomes searchable: the guests' user finds its files there."""
+    os.chmod(directory, 0o711)
     files = guest_files()
     images = os.path.join(directory, "images.conf")
     with open(images, "w", encoding="utf-8") as handle:

@@ -234,22 +234,24 @@ def check_libvirt(config: PilotConfig) -> list[Check]:
     finally:
         conn.close()
     shown = f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
-    return [Check(OK, what, f"{conn_type(uri)} {shown} on {hostname}"), *check_guest_user(capabilities)]
+    return [Check(OK, what, f"{conn_type(uri)} {shown} on {hostname}"),
+            *check_guest_user(capabilities, config.image_dir)]
 
 
-def check_guest_user(capabilities: str) -> list[Check]:
+def check_guest_user(capabilities: str, image_dir: str | None = None) -> list[Check]:
     """Whom guests run as, from libvirt's own word (its capabilities' DAC security model): a warning when that is
-    root (a guest that escapes its hypervisor is then root on the node), an ok line with the uid otherwise;
+    root (a guest that escapes its hypervisor is then root on the node), an ok line with the uid otherwise, and a
+    warning when that user cannot search ``image_dir`` (the site's images: QEMU opens them as that user);
     nothing where libvirt runs guests under no DAC model (Xen, the test driver)."""
     import xml.etree.ElementTree as ET
 
+    from pilot.vm.guestuser import dac_labels, guest_user, search_problem
+
     try:
-        models = ET.fromstring(capabilities).findall("host/secmodel")
+        names = [model.findtext("model", "") for model in ET.fromstring(capabilities).findall("host/secmodel")]
+        labels = [label for _, label in dac_labels(capabilities)]
     except ET.ParseError:
         return [Check(WARN, "guests", "libvirt's capabilities are not XML: cannot tell whom guests run as")]
-    names = [model.findtext("model", "") for model in models]
-    labels = [label.text or "" for model in models if model.findtext("model") == "dac"
-              for label in model.findall("baselabel")]
     if not labels:
         return []
     confined = [name for name in names if name not in ("none", "dac")]
@@ -259,7 +261,14 @@ def check_guest_user(capabilities: str) -> list[Check]:
         return [Check(WARN, "guests", f"run as root (libvirt's DAC label {labels[0]}){confinement}: a guest that "
                       "escapes QEMU is root on this node; set user and group (e.g. libvirt-qemu) and "
                       "dynamic_ownership = 1 in /etc/libvirt/qemu.conf")]
-    return [Check(OK, "guests", f"run as uid {', '.join(sorted(uids))} (libvirt's DAC label){confinement}")]
+    checks = [Check(OK, "guests", f"run as uid {', '.join(sorted(uids))} (libvirt's DAC label){confinement}")]
+    user = guest_user(capabilities, "")
+    if image_dir is not None and os.path.isdir(image_dir):
+        problem = search_problem(image_dir, user)
+        if problem is not None:
+            checks.append(Check(WARN, "guests", f"cannot reach the image directory: {problem}; VMs booting from "
+                                f"its images are refused (make it and its images readable by gid {user.gid})"))
+    return checks
 
 
 def conn_type(uri: str) -> str:

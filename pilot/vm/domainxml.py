@@ -65,6 +65,7 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
     """
     spec = vm.spec
     xen = virt_type == "xen"
+    qemu = virt_type in ("kvm", "qemu")
     pv = xen and vm.kernel is not None
     if xen and vm.disk is not None and not spec.disk_readonly:
         raise VmRefused("disk: on Xen a writable disk would write to the image itself; ask for readonly: true")
@@ -113,7 +114,7 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         if spec.disk_readonly:
             ET.SubElement(disk, "driver", name="qemu", type=vm.disk_format or "raw")
-            ET.SubElement(disk, "source", file=vm.disk)
+            _image_source(disk, vm.disk, qemu)
         else:
             # The guest writes to the pilot's overlay (pilot.vm.overlay), never to the image: the image is
             # named as its backing store here, so libvirt and QEMU probe nothing of the chain themselves.
@@ -121,7 +122,7 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
             ET.SubElement(disk, "source", file=vm.overlay)
             backing = ET.SubElement(disk, "backingStore", type="file")
             ET.SubElement(backing, "format", type=vm.disk_format or "raw")
-            ET.SubElement(backing, "source", file=vm.disk)
+            _image_source(backing, vm.disk, qemu)
             ET.SubElement(backing, "backingStore")
         ET.SubElement(disk, "target", dev="xvda" if xen else "vda", bus="xen" if xen else "virtio")
         if spec.disk_readonly:
@@ -151,6 +152,14 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(channel, "target", type="virtio", name=LEASE_CHANNEL)
     ET.SubElement(devices, "memballoon", model="xen" if xen else "virtio")
     return ET.tostring(domain, encoding="unicode")
+
+
+def _image_source(parent: ET.Element, path: str, qemu: bool) -> None:
+    source = ET.SubElement(parent, "source", file=path)
+    if qemu:
+        # The image is shared (the cache's, the site's): libvirt must not hand it to the guest user, who could
+        # then make it writable. The guest user reads it through its group (pilot.vm.guestuser).
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")
 
 
 def _sub(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:

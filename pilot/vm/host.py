@@ -19,13 +19,15 @@ import threading
 import time
 from typing import Callable
 
+from pilot.vm import vmprep
 from pilot.vm.domainxml import LEASE_CHANNEL, choose_virt_type, render_domain
+from pilot.vm.guestuser import GuestUser, guest_user
 from pilot.protocol import VmSpec
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
-from pilot.vm.overlay import overlay_path, remove_overlay, remove_overlays
 from pilot.vm.seed import remove_seeds, seed_files, seed_path, slot_domain_prefix, write_seed
+from pilot.vm.vmfiles import remove_slot_vm_files, remove_vm_files
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,7 @@ class VmHost:
         self.uri = uri
         self._configured_virt_type = virt_type
         self._virt_type: str | None = None
+        self._guest_user: GuestUser | None | object = _UNKNOWN  # whom libvirt runs the guests as, once asked
         self._before_first_vm = before_first_vm
         self._journalled = False  # before_first_vm has succeeded: never call it again
         self._may_have_vms = vms_journalled  # teardown must look (set before the hook runs)
@@ -238,17 +241,17 @@ class VmHost:
         try:
             conn = self._connection()
             virt_type = self._resolve_virt_type(conn)
+            user = self._resolve_guest_user(conn, virt_type)
         except (libvirt.libvirtError, ValueError) as exc:
             return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
         domain_name = self.domain_name(name)
         if spec.context is not None:
             checked = dataclasses.replace(checked, seed=seed_path(self.policy.seed_dir, domain_name))
         disks = self.policy.disks
-        if checked.disk is not None and not spec.disk_readonly and disks is not None:
-            checked = dataclasses.replace(checked, overlay=overlay_path(disks.overlay_dir, domain_name))
+        planned = vmprep.plan(checked, domain_name=domain_name, disks=disks, user=user)
         try:
             xml = render_domain(
-                checked, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
                 hugepage_kb=self.policy.hugepage_kb,
             )
         except VmRefused as exc:
@@ -269,13 +272,13 @@ class VmHost:
                                                     default_hostname=name))
             except (OSError, ValueError) as exc:
                 return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
-        if checked.overlay is not None:
-            # After the journal too, and under the node's disk budget: whoever undoes this slot removes it.
-            try:
-                disks.make(domain_name, checked.disk, checked.disk_format)
-            except (OSError, VmRefused) as exc:
-                self._remove_guest_files(domain_name)
-                return VmOutcome(False, name, one_line(exc))
+        try:
+            # After the journal too (the overlay under the node's disk budget): whoever undoes this slot removes them.
+            vmprep.make(planned, checked, domain_name=domain_name, disks=disks, user=user,
+                        image_cache_dir=self.policy.image_cache_dir)
+        except (OSError, VmRefused) as exc:
+            self._remove_guest_files(domain_name)
+            return VmOutcome(False, name, one_line(exc))
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)
@@ -446,7 +449,7 @@ class VmHost:
             except FileNotFoundError:
                 pass
         if self.policy.disks is not None:
-            remove_overlay(self.policy.disks.overlay_dir, domain_name)
+            remove_vm_files(self.policy.disks.directory, domain_name)
 
     # -- books ---------------------------------------------------------------------------------
 
@@ -533,7 +536,7 @@ class VmHost:
             if self.policy.seed_dir is not None:
                 remove_seeds(self.policy.seed_dir, self.domain_name(""))
             if self.policy.disks is not None:
-                remove_overlays(self.policy.disks.overlay_dir, self.domain_name(""))
+                remove_slot_vm_files(self.policy.disks.directory, self.domain_name(""))
             log.info("teardown of slot %s: %d VM(s) destroyed in %.1f ms",
                      self.slot, len(destroyed), (time.monotonic() - began) * 1000)
         if problems:
@@ -577,6 +580,14 @@ class VmHost:
         if self._virt_type is None:
             self._virt_type = choose_virt_type(conn.getType(), self._configured_virt_type)
         return self._virt_type
+
+    def _resolve_guest_user(self, conn, virt_type: str) -> GuestUser | None:
+        if self._guest_user is _UNKNOWN:
+            self._guest_user = guest_user(conn.getCapabilities(), virt_type)
+        return self._guest_user
+
+
+_UNKNOWN = object()
 
 
 def _import_libvirt():

@@ -2,10 +2,9 @@
 
 A VM whose disk is not read-only writes to a qcow2 overlay whose backing
 file is the checked image, so the image never takes a write. Overlays are
-``<journal dir>/overlays/<domain name>.qcow2``, root's, made with
-``qemu-img`` (absolute path, fixed environment) after the journal says the
-slot may have VMs, and removed with the VM; whoever undoes a dead pilot's
-entry removes its slot's.
+among the VM's own files (:mod:`pilot.vm.vmfiles`: ``<domain>.qcow2``),
+made with ``qemu-img`` (absolute path, fixed environment) after the journal
+says the slot may have VMs, and removed with the VM.
 
 An overlay grows as its guest writes, up to its disk's virtual size plus
 qcow2's own tables. Before one is made, the worst case of every overlay on
@@ -17,39 +16,33 @@ the node, the new one included, must fit twice over:
   guests that fill their disks all at once still leave the reserve for the
   journal, the logs and the image cache beside them.
 
-One flock on the overlay directory makes the check and the creation one
+One flock on that directory makes the check and the creation one
 step across every pilot and VM job of the node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import glob
 import os
+import shutil
 import struct
 import subprocess
 
 from pilot.vm.check import QCOW2_MAGIC, VmRefused
+from pilot.vm.vmfiles import vm_file
 
 #: Where qemu-img finds what it loads; never the caller's PATH or locale.
 QEMU_IMG_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 QEMU_IMG_TIMEOUT_S = 30.0
-SUFFIX = ".qcow2"
+SUFFIX = ".qcow2"  # the overlays among the VM files
 _LOCK_NAME = ".budget.lock"
 _MB = 1024 * 1024
+COPY_BLOCK = _MB
 # qcow2's header: magic, version, backing offset and size, cluster bits, then the virtual size at byte 24.
 _VIRTUAL_SIZE = struct.Struct(">Q")
-
-
-def overlay_dir_of(journal_dir: str) -> str:
-    """Where the node's overlays are: ``overlays/`` in the journal directory."""
-    return os.path.join(journal_dir, "overlays")
-
-
-def overlay_path(overlay_dir: str, domain_name: str) -> str:
-    """The overlay of the domain ``domain_name``."""
-    return os.path.join(overlay_dir, domain_name + SUFFIX)
 
 
 def virtual_size(path: str, disk_format: str) -> int:
@@ -71,9 +64,10 @@ def worst_case_bytes(size: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DiskBudget:
-    """The node's rule for overlays: ``budget_mb`` in all (0: none), ``reserve_mb`` always left free."""
+    """The node's rule for overlays, made in ``directory`` (the VM files'): ``budget_mb`` in all (0: none),
+    ``reserve_mb`` always left free on its filesystem."""
 
-    overlay_dir: str
+    directory: str
     budget_mb: int = 0
     reserve_mb: int = 1024
     qemu_img: str = "/usr/bin/qemu-img"
@@ -88,48 +82,72 @@ class DiskBudget:
             size = virtual_size(image, disk_format)
         except (OSError, ValueError) as exc:
             raise VmRefused(f"disk: cannot read its size: {exc}") from None
-        need = worst_case_bytes(size)
-        os.makedirs(self.overlay_dir, mode=0o700, exist_ok=True)
-        path = overlay_path(self.overlay_dir, domain_name)
-        lock = os.open(os.path.join(self.overlay_dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = vm_file(self.directory, domain_name, "qcow2")
+        with self._admitted(path, worst_case_bytes(size), "disk: its overlay may grow to",
+                            "ask for readonly: true, or a smaller disk"):
+            self._create(path, image, disk_format, size)
+        return path
+
+    def copy(self, domain_name: str, kind: str, source: str) -> str:
+        """Copy ``source`` to the domain's file of ``kind`` (``kernel``, ``initrd``), root's 0600; its path.
+
+        Counted like an overlay that is full already; :class:`VmRefused` when it does not fit.
+        """
+        path = vm_file(self.directory, domain_name, kind)
+        with open(source, "rb") as original:
+            size = os.fstat(original.fileno()).st_size
+            with self._admitted(path, size, f"{kind}: its copy takes", "the VM's boot files must fit too"):
+                temp = f"{path}.tmp-{os.getpid()}"
+                try:
+                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                    with os.fdopen(fd, "wb") as copy:
+                        shutil.copyfileobj(original, copy, COPY_BLOCK)
+                    os.replace(temp, path)
+                except BaseException:
+                    _unlink(temp)
+                    raise
+        return path
+
+    @contextlib.contextmanager
+    def _admitted(self, path: str, need: int, what: str, hint: str):
+        """Hold the node's flock while ``need`` more bytes are checked against the rules and the file made."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        lock = os.open(os.path.join(self.directory, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             worst, growth = self._committed(exclude=path)
             if self.budget_mb and worst + need > self.budget_mb * _MB:
                 raise VmRefused(
-                    f"disk: its overlay may grow to {_in_mb(need)} MB and the node's overlays to "
-                    f"{_in_mb(worst)} MB of the {self.budget_mb} MB disk budget; at most "
-                    f"{_in_mb(max(self.budget_mb * _MB - worst, 0))} MB is left (ask for readonly: true, or a smaller disk)")
-            free = _free_bytes(self.overlay_dir)
-            room = free - growth - self.reserve_mb * _MB
-            if need > room:
+                    f"{what} {_in_mb(need)} MB and the node's VM files to {_in_mb(worst)} MB of the "
+                    f"{self.budget_mb} MB disk budget; at most {_in_mb(max(self.budget_mb * _MB - worst, 0))} MB "
+                    f"is left ({hint})")
+            free = _free_bytes(self.directory)
+            if need > free - growth - self.reserve_mb * _MB:
                 raise VmRefused(
-                    f"disk: its overlay may grow to {_in_mb(need)} MB; {self.overlay_dir} has {_in_mb(free)} MB free, "
-                    f"of which the node's overlays may still take {_in_mb(growth)} MB and {self.reserve_mb} MB stays "
-                    f"free (ask for readonly: true, or a smaller disk)")
-            self._create(path, image, disk_format, size)
+                    f"{what} {_in_mb(need)} MB; {self.directory} has {_in_mb(free)} MB free, of which the node's "
+                    f"overlays may still take {_in_mb(growth)} MB and {self.reserve_mb} MB stays free ({hint})")
+            yield
         finally:
             os.close(lock)
-        return path
 
     def _committed(self, *, exclude: str) -> tuple[int, int]:
-        """(worst case of every overlay there, what they may still grow by), in bytes."""
+        """(the most every VM file there can take, what the overlays may still grow by), in bytes."""
         worst = growth = 0
-        for path in glob.glob(os.path.join(glob.escape(self.overlay_dir), "*" + SUFFIX)):
-            if path == exclude:
+        for path in glob.glob(os.path.join(glob.escape(self.directory), "*.*")):
+            if path == exclude or os.path.basename(path).startswith("."):
+                continue
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed with its VM meanwhile
+            used = info.st_blocks * 512
+            if not path.endswith(SUFFIX):
+                worst += max(used, info.st_size)  # a copy: full already
                 continue
             try:
                 size = virtual_size(path, "qcow2")
-                used = os.stat(path).st_blocks * 512
-            except FileNotFoundError:
-                continue  # removed with its VM meanwhile
             except (OSError, ValueError):
-                # Unreadable: count it whole (its file's size as what it holds), never as nothing.
-                size, used = 0, 0
-                try:
-                    size = os.stat(path).st_size
-                except OSError:
-                    pass
+                size = info.st_size  # half-made or unreadable: counted by what it holds, never as nothing
             case = worst_case_bytes(size)
             worst += case
             growth += max(case - used, 0)
@@ -153,28 +171,11 @@ class DiskBudget:
         os.replace(temp, path)
 
 
-def remove_overlay(overlay_dir: str, domain_name: str) -> None:
-    """Remove the domain's overlay (and a half-made one), if there."""
-    path = overlay_path(overlay_dir, domain_name)
-    for leftover in [path, *glob.glob(glob.escape(path) + ".tmp-*")]:
-        _unlink(leftover)
-
-
-def remove_overlays(overlay_dir: str, prefix: str) -> list[str]:
-    """Remove every overlay whose domain name starts with ``prefix`` (a slot's); the paths removed."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(overlay_dir), glob.escape(prefix) + "*" + SUFFIX + "*")):
-        if _unlink(path):
-            removed.append(path)
-    return removed
-
-
-def _unlink(path: str) -> bool:
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
-        return True
     except FileNotFoundError:
-        return False
+        pass
 
 
 def _free_bytes(directory: str) -> int:

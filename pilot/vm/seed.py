@@ -86,11 +86,6 @@ def write_seed(path: str, files: dict[str, bytes]) -> None:
 
 def remove_seeds(seed_dir: str, domain_prefix: str) -> list[str]:
     """Remove every seed whose domain name starts with ``domain_prefix``; the paths removed."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(seed_dir), glob.escape(domain_prefix) + "*.iso")):
-        try:
-            os.unlink(path)
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-    return removed
+    from pilot.vm.vmfiles import remove_paths
+
+    return remove_paths(glob.glob(os.path.join(glob.escape(seed_dir), glob.escape(domain_prefix) + "*.iso")))

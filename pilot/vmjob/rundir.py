@@ -34,6 +34,7 @@ import shutil
 import stat
 
 from pilot.vm.cleanup import VmCleanupError
+from pilot.vm.guestuser import let_through
 
 SHARE_TAGS = ("control", "workdir")
 #: The most of a status file that is read: "255\n" and a little slack.
@@ -79,6 +80,17 @@ class RunDir:
     def socket(self, tag: str) -> str:
         """The virtiofs socket of share ``tag``."""
         return os.path.join(self.path, "sock", f"{tag}.sock")
+
+    def open_sockets_to(self, user, tags) -> None:
+        """Let the guest user (:class:`pilot.vm.guestuser.GuestUser`; None or root: nothing changes) connect to the
+        shares' sockets of ``tags``: ``sock/`` searchable by its group, each socket ``root:<gid> 0660``."""
+        if user is None or user.root:
+            return
+        let_through(os.path.join(self.path, "sock"), user)
+        for tag in tags:
+            path = self.socket(tag)
+            os.chown(path, 0, user.gid, follow_symlinks=False)
+            os.chmod(path, 0o660)
 
     def lock(self) -> int:
         """Hold the slot's lock for as long as the returned descriptor stays open; :class:`SlotBusy` if held."""

@@ -37,9 +37,11 @@ from pilot.node.owner import Owner
 from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_spec
 from pilot.vm.cleanup import VmCleanupError, destroy_domain, destroy_slot_vms
+from pilot.vm import vmprep
 from pilot.vm.domainxml import choose_virt_type, render_domain
-from pilot.vm.overlay import overlay_path, remove_overlay
+from pilot.vm.guestuser import guest_user
 from pilot.vm.tag import VmTag
+from pilot.vm.vmfiles import remove_vm_files
 from pilot.vmjob.catalog import JobImage
 from pilot.vmjob.exitcodes import VmJobExit
 from pilot.vmjob.output import GuestOutput
@@ -219,18 +221,18 @@ class VmJob:
             self.conn = open_connection(self.uri)
             virt_type = choose_virt_type(self.conn.getType(), self.config.virt_type)
             disks = self.config.disk_budget
-            if checked.disk is not None and not checked.spec.disk_readonly:
-                checked = dataclasses.replace(checked, overlay=overlay_path(disks.overlay_dir, self.domain_name))
+            user = guest_user(self.conn.getCapabilities(), virt_type)
+            planned = vmprep.plan(checked, domain_name=self.domain_name, disks=disks, user=user)
             xml = render_domain(
-                checked, domain_name=self.domain_name, virt_type=virt_type,
+                planned, domain_name=self.domain_name, virt_type=virt_type,
                 tag=VmTag(self.request.slot, "", os.getpid()), hugepage_kb=self._policy().hugepage_kb,
                 shares=tuple((tag, self.run_dir.socket(tag)) for tag in SHARE_TAGS),
             )
             if self.stop.is_set():
                 raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started")
-            if checked.overlay is not None:
-                # The journal says VMs may exist (note_vms): whoever undoes the job removes the overlay too.
-                disks.make(self.domain_name, checked.disk, checked.disk_format)
+            # The journal says VMs may exist (note_vms): whoever undoes the job removes these files too.
+            vmprep.make(planned, checked, domain_name=self.domain_name, disks=disks, user=user, image_cache_dir=None)
+            self.run_dir.open_sockets_to(user, SHARE_TAGS)
             self.domain = self.conn.createXML(xml, 0)
         except (libvirt.libvirtError, ValueError, VmRefused, OSError) as exc:
             for daemon in self.daemons:
@@ -322,7 +324,7 @@ class VmJob:
                 else:
                     # Journalled, but createXML never handed a domain back: look for one by tag all the same.
                     destroy_slot_vms(self.uri, self.request.slot)
-                remove_overlay(self.config.disk_budget.overlay_dir, self.domain_name)
+                remove_vm_files(self.config.disk_budget.directory, self.domain_name)
                 memory.note_vms(None)
             except (VmCleanupError, JournalError, OSError) as exc:
                 problems.append(one_line(exc))
