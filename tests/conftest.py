@@ -354,16 +354,18 @@ def sge_cluster():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def open_basetemp_to_guests(tmp_path_factory) -> None:
-    """Guests run as libvirt-qemu: let it search (not list) its way into the session's temporary directories,
-    which pytest makes 0700 (each VM test makes its own tmp_path searchable too)."""
+@pytest.fixture
+def guest_reachable(tmp_path, tmp_path_factory):
+    """``tmp_path``, searchable (not listable) by the guests' user (libvirt-qemu) down from /tmp: pytest makes its
+    directories 0700, and each new session (another one side by side too) makes its root 0700 again."""
     base = tmp_path_factory.getbasetemp()
-    for directory in (base.parent, base):
+    for directory in (base.parent, base, tmp_path):
         os.chmod(directory, 0o711)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")
-def libvirt_qemu(tmp_path_factory):
+def libvirt_qemu():
     """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.libvirt_daemon.LibvirtDaemon``.
 
     Its ``uri`` is ``qemu:///system``; ``connect()`` opens a libvirt
@@ -385,7 +387,6 @@ def libvirt_qemu(tmp_path_factory):
         pytest.skip(f"no test guest in {GUEST_DIR}: run scripts/build-test-guest.sh")
     workdir = tempfile.mkdtemp(prefix="workspace-pilot-libvirt-")
     os.chmod(workdir, 0o755)
-    open_basetemp_to_guests(tmp_path_factory)
     daemon = LibvirtDaemon(workdir)
     try:
         daemon.start()

@@ -36,16 +36,13 @@ def test_the_guest_user_is_libvirts_dac_label_for_the_domain_type():
 
 
 @pytest.fixture
-def qemu_user(tmp_path_factory):
-    from tests.conftest import open_basetemp_to_guests
-
+def qemu_user(guest_reachable):
     if os.geteuid() != 0:
         pytest.skip("changing owners needs root")
     try:
         entry = pwd.getpwnam("libvirt-qemu")
     except KeyError:
         pytest.skip("no libvirt-qemu user: run scripts/bootstrap.sh --vm")
-    open_basetemp_to_guests(tmp_path_factory)
     return GuestUser(entry.pw_uid, entry.pw_gid)
 
 

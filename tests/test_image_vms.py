@@ -29,8 +29,8 @@ pytest.importorskip("libvirt")
 
 
 @pytest.fixture
-def image_site(tmp_path, slurm_cluster, libvirt_qemu):
-    os.chmod(tmp_path, 0o711)  # the guests' user searches its way to the journal's VM files and seeds
+def image_site(guest_reachable, slurm_cluster, libvirt_qemu):
+    tmp_path = guest_reachable  # the guests' user searches its way to the journal's VM files and seeds
     sites = []
     server = ImageServer(GUEST_DIR)
     sections = {

@@ -35,8 +35,8 @@ LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead
 
 
 @pytest.fixture
-def vm_site(tmp_path, slurm_cluster, libvirt_qemu):
-    os.chmod(tmp_path, 0o711)  # the guests' user searches its way to the journal's VM files
+def vm_site(guest_reachable, slurm_cluster, libvirt_qemu):
+    tmp_path = guest_reachable  # the guests' user searches its way to the journal's VM files
     sites = []
 
     def make(provider: str, vms: dict | None = None, **options) -> ServiceOnCluster:

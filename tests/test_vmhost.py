@@ -395,7 +395,8 @@ def test_overlays_are_made_only_within_the_nodes_disk_budget_and_leave_with_thei
     """Two slots share one node budget; a disk whose overlay would not fit is refused with what is left."""
     big = tmp_path / "images" / "big.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "40M"], check=True)
-    big_spec = lambda name: spec(name, disk=ImageFile("big.qcow2", hashlib.sha256(big.read_bytes()).hexdigest()))  # noqa: E731
+    big_sha256 = hashlib.sha256(big.read_bytes()).hexdigest()
+    big_spec = lambda name: spec(name, disk=ImageFile("big.qcow2", big_sha256))  # noqa: E731
     budget = dataclasses.replace(policy, disks=dataclasses.replace(policy.disks, budget_mb=100))
     a, b = make_host(conn, budget), make_host(conn, budget, slot=SLOT_B)
     assert a.start(big_spec("vm1")).ok and b.start(big_spec("vm1")).ok

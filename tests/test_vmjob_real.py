@@ -10,6 +10,7 @@ replace) and removes; they are skipped if that file was there before.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -51,8 +52,7 @@ def guest_release() -> str:
 def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2, run_size: int = 64,
                output_limit: int = 16) -> str:
     """A node for VM jobs under ``directory`` (journal, logs, run dir; hugepages; the test guest as image
-    ``test``); the config file's path. ``directory`` becomes searchable: the guests' user finds its files there."""
-    os.chmod(directory, 0o711)
+    ``test``); the config file's path. ``directory`` must be searchable by the guests' user."""
     files = guest_files()
     images = os.path.join(directory, "images.conf")
     with open(images, "w", encoding="utf-8") as handle:
@@ -126,8 +126,8 @@ def running_vmjob(config: str, cwd, shell_line: str, **popen):
 
 
 @pytest.fixture
-def node(tmp_path, libvirt_qemu, hugepages):
-    directory = str(tmp_path)
+def node(guest_reachable, libvirt_qemu, hugepages):
+    directory = str(guest_reachable)
     yield directory, write_node(directory)
     _destroy_left_domains()
 
@@ -184,8 +184,9 @@ def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path)
     assert_node_clean(directory)  # the console log and its rotations too
 
 
-def test_a_guest_writing_without_end_fills_its_jobs_own_tmpfs_and_nothing_the_node_needs(tmp_path, libvirt_qemu,
-                                                                                        hugepages):
+def test_a_guest_writing_without_end_fills_its_jobs_own_tmpfs_and_nothing_the_node_needs(guest_reachable,
+                                                                                        libvirt_qemu, hugepages):
+    tmp_path = guest_reachable
     directory = str(tmp_path)
     config = write_node(directory, run_size=24, output_limit=4)
     run_fs = os.statvfs(os.path.dirname(directory))
@@ -438,3 +439,83 @@ def test_the_epilog_cleans_up_after_a_wrapper_killed_outright(wrapping_cluster, 
     # Slurm ran the shipped epilog: the VM destroyed, the memory given back, the entry gone.
     wait_for(lambda: not journal_entries(system_node) and not our_domains(), "the epilog's clean-up")
     assert "DRAIN" not in wrapping_cluster.run(["sinfo", "-h", "-o", "%T"]).stdout.upper()
+
+
+@pytest.fixture(scope="module")
+def cgroup_cluster(system_node):
+    """A one-node Slurm that enforces each job's cores and memory with cgroup v1 (task/cgroup, proctrack/cgroup)."""
+    if not os.access("/sys/fs/cgroup/memory", os.W_OK) or not os.path.isdir("/sys/fs/cgroup/cpuset"):
+        pytest.skip("no writable cgroup v1 memory and cpuset controllers")
+    workdir = tempfile.mkdtemp(prefix="workspace-vmjob-cgroup-slurm-")
+    os.chmod(workdir, 0o755)
+    with open(os.path.join(workdir, "cgroup.conf"), "w", encoding="ascii") as handle:
+        handle.write("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\nCgroupMountpoint=/sys/fs/cgroup\n"
+                     "ConstrainCores=yes\nConstrainRAMSpace=yes\n")
+    # CR_Core_Memory: memory is a consumable resource, so ConstrainRAMSpace limits each job to its --mem (with
+    # CR_Core it would be the whole node's memory).
+    cluster = SlurmCluster(workdir, nodes=1, extra_config=("TaskPlugin=task/cgroup", "ProctrackType=proctrack/cgroup",
+                                                          "SelectTypeParameters=CR_Core_Memory"))
+    shutil.copy(write_node(system_node, slurm_conf=cluster.conf), SYSTEM_CONFIG)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.copy(write_node(system_node, slurm_conf=system_node_cluster_conf(system_node)), SYSTEM_CONFIG)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def job_cgroup(controller: str, job: str) -> str:
+    """The job's cgroup directory of ``controller`` that Slurm made."""
+    found = [path for path in glob.glob(f"/sys/fs/cgroup/{controller}/slurm*/uid_*/job_{job}")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def allowed_cpus(pid: int) -> set[str]:
+    """The Cpus_allowed_list of every thread of ``pid``."""
+    lists = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status", encoding="ascii") as handle:
+            lists |= set(re.findall(r"^Cpus_allowed_list:\s*(\S+)$", handle.read(), re.M))
+    return lists
+
+
+def test_a_jobs_vm_runs_on_the_jobs_cores_and_its_memory_comes_out_of_the_jobs(cgroup_cluster, system_node,
+                                                                              user_dir):
+    # exec, as the job submit filter's script does: under proctrack/cgroup, slurmstepd kills what is left of the
+    # job as soon as its script's own process ends, so the script must be the wrapper to let it restore on scancel.
+    job = submit(cgroup_cluster, f"#!/bin/sh\nexec sudo -n {VMJOB} run --image test --memory 128 -- "
+                                 "sh -c 'echo started; sleep 600'\n", user_dir, "--mem=400", "-c", "1")
+    out = os.path.join(user_dir, "out.txt")
+    wait_for(lambda: os.path.exists(out) and "started" in read(out), "the guest's command starting")
+    memory, cpuset = job_cgroup("memory", job), job_cgroup("cpuset", job)
+    with open(os.path.join(cpuset, "cpuset.cpus"), encoding="ascii") as handle:
+        job_cores = handle.read().strip()
+    # Its guest's vCPUs and QEMU's own threads run only on the job's cores, which are not all the machine's.
+    assert job_cores != f"0-{os.cpu_count() - 1}"
+    [domain] = our_domains()
+    with open(f"/run/libvirt/qemu/{domain}.pid", encoding="ascii") as handle:
+        assert allowed_cpus(int(handle.read())) == {job_cores}
+    # The VM's 128 MB and its 64 MB overhead, taken from the host's hugepages, come off the job's 400 MB: its
+    # own processes on the host may use 208 MB while the guest runs. The old limit is journalled first.
+    with open(os.path.join(memory, "memory.limit_in_bytes"), encoding="ascii") as handle:
+        assert int(handle.read()) == 208 * 2**20
+    (entry,) = journal_entries(system_node)
+    assert entry.job_limit == (memory, 400 * 2**20)
+    cgroup_cluster.run(["scancel", job])
+    wait_job_done(cgroup_cluster, job)
+    wait_for(lambda: not journal_entries(system_node), "the wrapper restoring the node")
+
+
+def test_a_vm_that_does_not_fit_beside_the_jobs_own_processes_is_refused_in_the_job(cgroup_cluster, system_node,
+                                                                                    user_dir):
+    # 128 MB + 64 MB of overhead would leave the job 8 MB of its 200: less than its shell, sudo and the wrapper use.
+    job = submit(cgroup_cluster, f"#!/bin/sh\nsudo -n {VMJOB} run --image test --memory 128 -- true\n",
+                 user_dir, "--mem=200", "-c", "1")
+    wait_job_done(cgroup_cluster, job)
+    said = read(os.path.join(user_dir, "out.txt"))
+    assert re.search(r"workspace-vmjob: memory: the job's processes use \d+ MB of its 200 MB; a VM taking 192 MB "
+                     r"does not fit beside them \(at most \d+ MB does, VM overhead included\)", said), said
+    assert job_field(cgroup_cluster, job, "ExitCode") == f"{int(VmJobExit.ALLOCATION)}:0"
+    assert our_domains() == []

@@ -87,6 +87,10 @@ class Entry:
     """A VM job's run directory (its control files and virtiofs sockets, see :mod:`pilot.vmjob`), set before
     it is made: whoever undoes the entry removes it, after the job's VM is destroyed."""
 
+    job_limit: tuple[str, int] | None = None
+    """A VM job's batch job's memory cgroup and its limit in bytes before the wrapper lowered it by the VM's
+    memory (:mod:`pilot.vmjob.jobshare`), set before the change: whoever undoes the entry puts it back."""
+
     @property
     def filename(self) -> str:
         """The entry's file name in the journal directory."""
@@ -99,7 +103,8 @@ class Entry:
     @property
     def empty(self) -> bool:
         """Whether nothing of this pilot's is left on the node (no memory taken, no VMs possible)."""
-        return self.memory is None and self.vm_uri is None and not self.fetching and self.run_dir is None
+        return (self.memory is None and self.vm_uri is None and not self.fetching and self.run_dir is None
+                and self.job_limit is None)
 
     def to_json(self) -> bytes:
         """The entry as the bytes stored on disk."""
@@ -114,6 +119,7 @@ class Entry:
             "sign_key": self.sign_key,
             "fetching": list(self.fetching),
             "run_dir": self.run_dir,
+            "job_limit": list(self.job_limit) if self.job_limit else None,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -134,6 +140,7 @@ class Entry:
             sign_key=data.get("sign_key") or None,
             fetching=_sha256s(data.get("fetching") or ()),
             run_dir=_absolute(data.get("run_dir")),
+            job_limit=_job_limit(data.get("job_limit")),
         )
 
 
@@ -142,6 +149,15 @@ def _sha256s(value) -> tuple[str, ...]:
             isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in value):
         raise ValueError("fetching must be a list of sha256s")
     return tuple(value)
+
+
+def _job_limit(value) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], int) or value[1] < 0
+            or not str(_absolute(value[0])).startswith("/sys/fs/cgroup/")):
+        raise ValueError("job_limit must be [a cgroup directory under /sys/fs/cgroup, a limit in bytes]")
+    return value[0], value[1]
 
 
 def _absolute(value) -> str | None:

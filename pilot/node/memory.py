@@ -95,6 +95,16 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
         remove_seeds(seed_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         remove_slot_vm_files(vm_files_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
+    if entry.job_limit:
+        # After the VM: its batch job gets back the memory limit it had before its VM.
+        from pilot.vmjob.jobshare import restore_limit
+
+        try:
+            restore_limit(*entry.job_limit)
+        except OSError as exc:
+            raise BackendError(f"cannot give job cgroup {entry.job_limit[0]} its memory limit back: "
+                               f"{exc.strerror}") from None
+        vms += f"gave job cgroup {entry.job_limit[0]} its memory limit back; "
     if entry.run_dir:
         # After the VMs: a VM job's virtiofs daemons end with its VM; then its control files can go.
         from pilot.vm.vmfiles import remove_vm_files, vm_files_dir_of
@@ -226,6 +236,12 @@ class NodeMemory:
         """Journal a VM job's run directory before it is made (None once it is removed); raises JournalError."""
         with self._entry_lock:
             self._store(dataclasses.replace(self.entry, run_dir=path))
+
+    def note_job_limit(self, limit: tuple[str, int] | None) -> None:
+        """Journal a VM job's batch job's memory cgroup and its limit before the wrapper lowers it (None once it is
+        put back); raises JournalError."""
+        with self._entry_lock:
+            self._store(dataclasses.replace(self.entry, job_limit=limit))
 
     def note_fetching(self, sha256s: tuple[str, ...]) -> None:
         """Journal the images this pilot is downloading into the node's image cache (before the first byte).

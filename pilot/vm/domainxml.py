@@ -51,13 +51,14 @@ def choose_virt_type(conn_type: str, configured: str, *, dev_kvm: str = "/dev/kv
 
 
 def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag, hugepage_kb: int | None = None,
-                  shares: tuple[tuple[str, str], ...] = ()) -> str:
+                  shares: tuple[tuple[str, str], ...] = (), cpuset: str | None = None) -> str:
     """The domain XML for ``vm`` as a string.
 
     ``shares``: (tag, socket path) of virtiofs file systems whose daemons the
     caller has started and bound to those sockets (libvirt then starts none
     of its own, so the daemon runs as whoever the caller chose); the guest's
-    memory is shared with them (memfd, or the hugepages). Xen's PV guests (xen with a kernel to boot directly) get ``<type>xen``
+    memory is shared with them (memfd, or the hugepages). ``cpuset`` (``0-1,4``): the only CPUs
+    its vCPUs and QEMU's own threads may run on. Xen's PV guests (xen with a kernel to boot directly) get ``<type>xen``
     and Xen devices; everything else is an HVM guest with virtio devices.
     Raises :class:`VmRefused` for what the virt type cannot do safely: Xen
     cannot keep a writable disk's writes off the image (libxl has no
@@ -92,7 +93,11 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         if shares:
             # virtiofs: the daemon reads and writes the guest's buffers in its memory directly.
             ET.SubElement(backing, "access", mode="shared")
-    _sub(domain, "vcpu", str(spec.vcpus))
+    vcpu = _sub(domain, "vcpu", str(spec.vcpus))
+    if cpuset is not None:
+        vcpu.set("cpuset", cpuset)
+        if qemu:
+            ET.SubElement(ET.SubElement(domain, "cputune"), "emulatorpin", cpuset=cpuset)
 
     os_element = ET.SubElement(domain, "os")
     _sub(os_element, "type", "xen" if pv else "hvm")

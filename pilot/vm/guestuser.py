@@ -87,7 +87,8 @@ def reach_problem(path: str, user: GuestUser | None, *, write: bool = False) -> 
         return f"{path}: {exc.strerror}"
     want = 0o6 if write else 0o4
     if not _allowed(info, user.uid, groups, want):
-        return f"{path} is {_describe(info)}: the guests' user (uid {user.uid}) cannot {'write' if write else 'read'} it"
+        verb = "write" if write else "read"
+        return f"{path} is {_describe(info)}: the guests' user (uid {user.uid}) cannot {verb} it"
     return None
 
 

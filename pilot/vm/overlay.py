@@ -166,7 +166,8 @@ class DiskBudget:
         if result.returncode != 0:
             _unlink(temp)
             why = result.stderr.decode(errors="replace").strip().splitlines()
-            raise VmRefused(f"disk: {self.qemu_img} could not make its overlay: {why[-1] if why else result.returncode}")
+            said = why[-1] if why else f"exit {result.returncode}"
+            raise VmRefused(f"disk: {self.qemu_img} could not make its overlay: {said}")
         os.chmod(temp, 0o600)
         os.replace(temp, path)
 

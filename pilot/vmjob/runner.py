@@ -44,6 +44,9 @@ from pilot.vm.tag import VmTag
 from pilot.vm.vmfiles import remove_vm_files
 from pilot.vmjob.catalog import JobImage
 from pilot.vmjob.exitcodes import VmJobExit
+from pilot.vmjob.jobshare import (
+    UNLIMITED, JobShareError, cpuset_text, job_cpus, job_memory_cgroup, lower_limit, read_limit, restore_limit,
+)
 from pilot.vmjob.output import GuestOutput
 from pilot.vmjob.rundir import (
     SHARE_TAGS, RunDir, RunDirError, SlotBusy, job_domain_name, read_status, remove_run_dir,
@@ -83,6 +86,8 @@ class JobRequest:
     gid: int
     memory_mb: int
     cpus: int
+    job_id: str | None = None
+    """The batch job it runs in (None: root, outside any job): the VM comes out of that job's share."""
 
 
 class VmJob:
@@ -135,6 +140,7 @@ class VmJob:
             status = None
             try:
                 self._take_memory()
+                self._share_with_job()
                 status = self._run_vm(checked)
             except JobFailed as exc:
                 failure = exc
@@ -185,6 +191,30 @@ class VmJob:
             raise JobFailed(VmJobExit.VM_FAILED, "stopped before the VM started") from None
         self.mark("memory_taken")
 
+    def _share_with_job(self) -> None:
+        """Lower the job's memory limit by what the VM takes from the host (journalled first; see jobshare)."""
+        request = self.request
+        directory = job_memory_cgroup(request.job_id) if request.job_id else None
+        if directory is None:
+            return
+        try:
+            limit = read_limit(directory)
+        except (OSError, ValueError) as exc:
+            raise JobFailed(VmJobExit.ALLOCATION, f"cannot read the job's memory limit in {directory}: {exc}") from None
+        if limit >= UNLIMITED:
+            return
+        need = request.memory_mb + self.config.vm_overhead_mb
+        try:
+            self.memory.note_job_limit((directory, limit))
+        except JournalError as exc:
+            raise JobFailed(VmJobExit.JOURNAL, one_line(exc)) from None
+        try:
+            lowered = lower_limit(directory, limit, need)
+        except JobShareError as exc:
+            raise JobFailed(VmJobExit.ALLOCATION, str(exc)) from None
+        log.info("job %s: memory limit %d -> %d MB while its VM runs", request.job_id, limit >> 20, lowered >> 20)
+        self.mark("job_limit_lowered")
+
     def _run_vm(self, checked) -> int:
         request, config = self.request, self.config
         try:
@@ -226,6 +256,8 @@ class VmJob:
             xml = render_domain(
                 planned, domain_name=self.domain_name, virt_type=virt_type,
                 tag=VmTag(self.request.slot, "", os.getpid()), hugepage_kb=self._policy().hugepage_kb,
+                # Inside a batch job its guest runs on the job's cores only (see pilot.vmjob.jobshare).
+                cpuset=cpuset_text(job_cpus()) if self.request.job_id else None,
                 shares=tuple((tag, self.run_dir.socket(tag)) for tag in SHARE_TAGS),
             )
             if self.stop.is_set():
@@ -340,6 +372,14 @@ class VmJob:
             daemon.stop()
         if self.daemons:
             self.mark("shares_stopped")
+        if memory is not None and memory.entry.job_limit and not problems:
+            try:
+                restore_limit(*memory.entry.job_limit)
+                memory.note_job_limit(None)
+            except JournalError as exc:
+                problems.append(one_line(exc))
+            except OSError as exc:
+                problems.append(f"cannot give the job its memory limit back: {exc.strerror}")
         if memory is not None and memory.entry.run_dir and not problems:
             try:
                 remove_run_dir(self.run_dir.path)
