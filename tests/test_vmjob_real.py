@@ -398,8 +398,13 @@ def wrapping_cluster(system_node):
     with open(epilog_path, "w", encoding="utf-8") as handle:
         handle.write(epilog)
     os.chmod(epilog_path, 0o755)
-    cluster = SlurmCluster(workdir, nodes=1, extra_config=("JobSubmitPlugins=lua", f"Epilog={epilog_path}"))
-    # The node's scontrol calls ask this cluster while it runs (the config is the node's, read through sudo).
+    yield from the_nodes_cluster(system_node, workdir, ("JobSubmitPlugins=lua", f"Epilog={epilog_path}"))
+
+
+def the_nodes_cluster(system_node: str, workdir: str, extra_config: tuple[str, ...]):
+    """A one-node Slurm in ``workdir`` (removed afterwards) that the node's config names while it runs: the
+    node's scontrol calls ask it (the config is the node's, read through sudo); the session's cluster after."""
+    cluster = SlurmCluster(workdir, nodes=1, extra_config=extra_config)
     shutil.copy(write_node(system_node, slurm_conf=cluster.conf), SYSTEM_CONFIG)
     try:
         cluster.start()
@@ -453,16 +458,8 @@ def cgroup_cluster(system_node):
                      "ConstrainCores=yes\nConstrainRAMSpace=yes\n")
     # CR_Core_Memory: memory is a consumable resource, so ConstrainRAMSpace limits each job to its --mem (with
     # CR_Core it would be the whole node's memory).
-    cluster = SlurmCluster(workdir, nodes=1, extra_config=("TaskPlugin=task/cgroup", "ProctrackType=proctrack/cgroup",
-                                                          "SelectTypeParameters=CR_Core_Memory"))
-    shutil.copy(write_node(system_node, slurm_conf=cluster.conf), SYSTEM_CONFIG)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.copy(write_node(system_node, slurm_conf=system_node_cluster_conf(system_node)), SYSTEM_CONFIG)
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from the_nodes_cluster(system_node, workdir, ("TaskPlugin=task/cgroup", "ProctrackType=proctrack/cgroup",
+                                                        "SelectTypeParameters=CR_Core_Memory"))
 
 
 def job_cgroup(controller: str, job: str) -> str:
