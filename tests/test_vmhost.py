@@ -421,3 +421,30 @@ def test_overlays_are_made_only_within_the_nodes_disk_budget_and_leave_with_thei
     assert sorted(os.listdir(policy.disks.directory)) == [".budget.lock", "wp-bbbbbbbb-vm1.qcow2"]
     b.teardown()
     assert os.listdir(policy.disks.directory) == [".budget.lock"]
+
+
+def test_concurrent_starts_in_many_slots_never_overrun_the_disk_budget(conn, policy, tmp_path):
+    """The budget's check and the overlay's creation are one step under the node's flock: eight slots starting
+    a 40 MiB disk at once against 100 MB, two fit (2 x 41.01 MiB), never three."""
+    big = tmp_path / "images" / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "40M"], check=True)
+    disk = ImageFile("big.qcow2", hashlib.sha256(big.read_bytes()).hexdigest())
+    budget = dataclasses.replace(policy, disks=dataclasses.replace(policy.disks, budget_mb=100))
+    hosts = [make_host(conn, budget, slot=f"{i:08x}-3333-4000-8000-00000000000{i}") for i in range(8)]
+    outcomes: list[VmOutcome] = []
+    start = threading.Barrier(len(hosts))
+
+    def run(host):
+        start.wait()
+        outcomes.append(host.start(spec("vm1", disk=disk)))
+
+    threads = [threading.Thread(target=run, args=(host,)) for host in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sum(outcome.ok for outcome in outcomes) == 2, [o.reason for o in outcomes]
+    assert all("disk budget" in o.reason for o in outcomes if not o.ok)
+    assert len([n for n in os.listdir(policy.disks.directory) if n.endswith(".qcow2")]) == 2
+    for host in hosts:
+        host.teardown()
