@@ -318,11 +318,13 @@ def test_backend_none_warns_loudly_and_minmem_above_the_host_fails(tmp_path):
     assert "minmem 100000000 MB" in failed and "the host is already below minmem" in failed
 
 
-def test_the_guests_user_is_read_from_the_real_libvirt_and_its_way_to_the_images_checked(tmp_path, libvirt_qemu):
+def test_the_guests_user_is_read_from_the_real_libvirt_and_its_way_to_the_images_checked(guest_reachable,
+                                                                                         libvirt_qemu):
     # The tests' own libvirtd runs QEMU as libvirt-qemu (scripts/bootstrap.sh, qemu.conf): evaluate says so,
     # from what libvirt itself reports, and checks that this user can search its way to the site's images.
     import pwd
 
+    tmp_path = guest_reachable
     uid = pwd.getpwnam("libvirt-qemu").pw_uid
     os.chmod(tmp_path, 0o700)  # its image directory <tmp_path>/images is 0755, but the way there is closed
     code, lines = run(write_config(str(tmp_path), uri=libvirt_qemu.uri))

@@ -128,6 +128,23 @@ def test_the_allocation_on_this_node_from_scontrols_line():
     assert tracked.memory_mb == 750  # what the node gave the job, when Slurm tracks memory
 
 
+def test_a_stopping_guest_never_waits_into_slurms_sigkill():
+    from pilot.vmjob.runner import RESTORE_RESERVE_S, guest_stop_wait
+
+    assert guest_stop_wait(5, None) == 5  # outside Slurm, or it did not say: the site's stop_timeout
+    assert guest_stop_wait(5, 30) == 5  # Slurm's default KillWait leaves room
+    assert guest_stop_wait(2, 5) == 5 - RESTORE_RESERVE_S  # a short KillWait: the destroy and restore come first
+    assert guest_stop_wait(2, 3) == 0  # shorter still: no wait, straight to the destroy
+
+
+def test_slurms_kill_wait_is_read_from_the_real_scontrol(slurm_cluster):
+    from pilot.batchenv import BatchClient
+    from pilot.vmjob.allocation import SlurmAllocations
+
+    client = BatchClient(slurm_conf=slurm_cluster.conf)
+    assert SlurmAllocations(client).kill_wait_s() == slurm_cluster.kill_wait
+
+
 def test_a_job_that_does_not_run_or_not_here_is_refused():
     with pytest.raises(AllocationError, match="job 1 is COMPLETING, not RUNNING"):
         parse_job(ONE_NODE.replace("JobState=RUNNING", "JobState=COMPLETING"), "node3", expand)

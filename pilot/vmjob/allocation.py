@@ -22,6 +22,7 @@ from pilot.batchenv import BatchClient
 JOB_RE = re.compile(r"Slurm JobId=(\d+)")
 _FIELD_RE = re.compile(r"(?:^|\s)([A-Za-z/:_]+)=(\S*)")
 _DETAIL_RE = re.compile(r"Nodes=(\S+) CPU_IDs=(\S+) Mem=(\d+)")
+_KILL_WAIT_RE = re.compile(r"^KillWait\s*=\s*(\d+) sec", re.MULTILINE)
 _MEMORY_RE = re.compile(r"^(\d+)([KMGT]?)$")
 _UNITS_MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
 
@@ -147,6 +148,12 @@ class SlurmAllocations:
         if result.returncode != 0:
             raise AllocationError(f"scontrol cannot expand {hostlist!r}: {result.stderr.strip()[:200]}")
         return result.stdout.split()
+
+    def kill_wait_s(self) -> float | None:
+        """Slurm's KillWait: how long after its SIGTERM the job's processes get SIGKILL; None if it does not say."""
+        result = self._run("show", "config")
+        match = _KILL_WAIT_RE.search(result.stdout) if result.returncode == 0 else None
+        return float(match.group(1)) if match else None
 
     def allocation(self, job_id: str, node_hint: str | None) -> JobAllocation:
         """The job's allocation on this node (``node_hint`` when it is one of the job's nodes, else the job's

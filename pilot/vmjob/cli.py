@@ -214,13 +214,13 @@ def _run(args, argv: list[str], started: float) -> int:
     sizing = _size(args, config, uid)
     if isinstance(sizing, int):
         return sizing
-    slot, host, memory_mb, cpus, job_id = sizing
+    slot, host, memory_mb, cpus, job_id, kill_wait_s = sizing
     workdir = os.path.abspath(args.workdir or os.getcwd())
     if not os.path.isdir(workdir):
         return _fail(VmJobExit.USAGE, f"working directory {workdir}: not a directory")
     from pilot.vmjob.runner import JobRequest
 
-    request = JobRequest(slot, host, image, command, workdir, uid, gid, memory_mb, cpus, job_id)
+    request = JobRequest(slot, host, image, command, workdir, uid, gid, memory_mb, cpus, job_id, kill_wait_s)
     return _run_job(config, request, started)
 
 
@@ -248,8 +248,8 @@ def _load_config_and_images(path):
 
 
 def _size(args, config, uid: int):
-    """(slot, host, memory MB, cores, job id or None) from the batch job's allocation, or an exit code after one
-    line."""
+    """(slot, host, memory MB, cores, job id or None, Slurm's KillWait or None) from the batch job's allocation,
+    or an exit code after one line."""
     from pilot.vmjob.allocation import AllocationError, SlurmAllocations
 
     from pilot.batchenv import JobVariableError, job_variables
@@ -272,7 +272,7 @@ def _size(args, config, uid: int):
         if uid != 0:
             return _fail(VmJobExit.ALLOCATION, "not inside a batch job: run it in a job's script (or as root)")
         host = os.uname().nodename.split(".")[0]
-        return f"vmjob{os.getpid()}", host, args.memory or config.vmjob_default_memory_mb, args.cpus or 1, None
+        return f"vmjob{os.getpid()}", host, args.memory or config.vmjob_default_memory_mb, args.cpus or 1, None, None
     if uid not in (0, allocation.uid):
         return _fail(VmJobExit.ALLOCATION, f"job {allocation.job_id} belongs to uid {allocation.uid}, not to you")
     memory_cap = allocation.memory_mb or config.vmjob_default_memory_mb
@@ -286,7 +286,11 @@ def _size(args, config, uid: int):
         return _fail(VmJobExit.ALLOCATION,
                      f"--cpus {cpus}: job {allocation.job_id} has {allocation.cpus} on {allocation.node}")
     slot = f"job{allocation.job_id}.{allocation.node}"[:64]
-    return slot, allocation.node, memory, cpus, allocation.job_id
+    try:
+        kill_wait_s = allocations.kill_wait_s()
+    except AllocationError:
+        kill_wait_s = None  # the guest then gets the whole stop_timeout
+    return slot, allocation.node, memory, cpus, allocation.job_id, kill_wait_s
 
 
 def _setup_logging(config, slot: str) -> str:
