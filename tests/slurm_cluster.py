@@ -251,7 +251,15 @@ class SlurmCluster:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel what still runs, then stop each daemon by the pid we started (SIGTERM, then SIGKILL)."""
         if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
-            self.run(["scancel", "--full", "--user=root"], timeout=10)
+            # Every user's jobs (the VM job tests' run as nobody): a job still running when slurmd goes leaves its
+            # slurmstepd behind for good, in the job's cgroups where there are any.
+            jobs = self.run(["squeue", "-h", "-o", "%i"], timeout=10).stdout.split()
+            if jobs:
+                self.run(["scancel", "--full", *jobs], timeout=10)
+                deadline = time.monotonic() + self.kill_wait + timeout
+                while self.run(["squeue", "-h", "-o", "%i"], timeout=10).stdout.split() and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.2)  # squeue is the only word on a job's end here
         # slurmd before slurmctld before munged: each needs the next one to shut down quietly.
         order = [n for n in self.processes if n.startswith("slurmd")] + ["slurmctld", "munged"]
         stop_in_order(self.processes, order, timeout)

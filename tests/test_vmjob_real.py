@@ -291,6 +291,11 @@ def system_node(slurm_cluster, libvirt_qemu):
                 handle.write(slurm_cluster.conf)
             yield directory
         finally:
+            # What a failed test left journalled (a VM, its hugepages, a job's lowered limit) is undone the way
+            # a site would undo it, before the journal goes with the directory.
+            subprocess.run([sys.executable, "-m", "admin_tools.killall", "--config",
+                            os.path.join(directory, "pilot.conf"), "--term-timeout", "10"],
+                           capture_output=True, timeout=120, check=False)
             _destroy_left_domains()
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -458,8 +463,23 @@ def cgroup_cluster(system_node):
                      "ConstrainCores=yes\nConstrainRAMSpace=yes\n")
     # CR_Core_Memory: memory is a consumable resource, so ConstrainRAMSpace limits each job to its --mem (with
     # CR_Core it would be the whole node's memory).
-    yield from the_nodes_cluster(system_node, workdir, ("TaskPlugin=task/cgroup", "ProctrackType=proctrack/cgroup",
-                                                        "SelectTypeParameters=CR_Core_Memory"))
+    made_by_slurm = [path for path in _slurm_cgroups() if not os.path.exists(path)]
+    try:
+        yield from the_nodes_cluster(system_node, workdir, ("TaskPlugin=task/cgroup",
+                                                            "ProctrackType=proctrack/cgroup",
+                                                            "SelectTypeParameters=CR_Core_Memory"))
+    finally:
+        # slurmd leaves its (empty) per-node cgroups behind: remove those this cluster made, deepest first.
+        for top in made_by_slurm:
+            for root, _dirs, _files in sorted(os.walk(top), key=lambda walked: -walked[0].count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)
+
+
+def _slurm_cgroups() -> list[str]:
+    """Where slurmd of the one-node cluster (node1) makes its cgroups, one per controller."""
+    return [os.path.join("/sys/fs/cgroup", controller, "slurm_node1") for controller in os.listdir("/sys/fs/cgroup")
+            if os.path.isdir(os.path.join("/sys/fs/cgroup", controller))]
 
 
 def job_cgroup(controller: str, job: str) -> str:
