@@ -90,10 +90,13 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
         # VMs first: their memory is what the restore gives back to the host.
         destroyed = destroy_slot_vms(entry.vm_uri, entry.slot)
         from pilot.vm.seed import remove_seeds, seed_dir_of, slot_domain_prefix
-        from pilot.vm.vmfiles import remove_slot_vm_files, vm_files_dir_of
+        from pilot.vm.vmfiles import remove_slot_vm_files, remove_vm_files, vm_files_dir_of
+        from pilot.vmjob.rundir import job_domain_name
 
+        # The files of its VMs: a lease's are named by the slot's prefix, a VM job's after its one domain.
         remove_seeds(seed_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         remove_slot_vm_files(vm_files_dir_of(journal.directory), slot_domain_prefix(entry.slot))
+        remove_vm_files(vm_files_dir_of(journal.directory), job_domain_name(entry.slot))
         vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
     if entry.job_limit:
         # After the VM: its batch job gets back the memory limit it had before its VM.
@@ -107,10 +110,8 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
         vms += f"gave job cgroup {entry.job_limit[0]} its memory limit back; "
     if entry.run_dir:
         # After the VMs: a VM job's virtiofs daemons end with its VM; then its control files can go.
-        from pilot.vm.vmfiles import remove_vm_files, vm_files_dir_of
-        from pilot.vmjob.rundir import job_domain_name, remove_run_dir
+        from pilot.vmjob.rundir import remove_run_dir
 
-        remove_vm_files(vm_files_dir_of(journal.directory), job_domain_name(entry.slot))
         remove_run_dir(entry.run_dir)
         vms += f"removed {entry.run_dir}; "
     memory = entry.memory

@@ -74,7 +74,7 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         raise VmRefused("disk: a writable disk needs an overlay and this node made none; ask for readonly: true")
     if pv and vm.console is not None:
         raise VmRefused("console_log: a Xen PV guest's console cannot go to a file; leave console_log unset")
-    if shares and virt_type not in ("kvm", "qemu"):
+    if shares and not qemu:
         raise VmRefused(f"shared directories need QEMU (virtiofs); this node's VMs run on {virt_type}")
 
     domain = ET.Element("domain", type=virt_type)

@@ -27,7 +27,7 @@ from pilot.shared.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
 from pilot.vm.seed import remove_seeds, seed_files, seed_path, slot_domain_prefix, write_seed
-from pilot.vm.vmfiles import remove_slot_vm_files, remove_vm_files
+from pilot.vm.vmfiles import remove_paths, remove_slot_vm_files, remove_vm_files
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 
 log = logging.getLogger(__name__)
@@ -444,10 +444,7 @@ class VmHost:
     def _remove_guest_files(self, domain_name: str) -> None:
         """Remove the VM's seed and overlay (its domain is gone, or was never made)."""
         if self.policy.seed_dir is not None:
-            try:
-                os.unlink(seed_path(self.policy.seed_dir, domain_name))
-            except FileNotFoundError:
-                pass
+            remove_paths([seed_path(self.policy.seed_dir, domain_name)])
         if self.policy.disks is not None:
             remove_vm_files(self.policy.disks.directory, domain_name)
 

@@ -39,7 +39,8 @@ QEMU_IMG_TIMEOUT_S = 30.0
 SUFFIX = ".qcow2"  # the overlays among the VM files
 _LOCK_NAME = ".budget.lock"
 _MB = 1024 * 1024
-COPY_BLOCK = _MB
+#: The most one copy_file_range call is asked to copy.
+COPY_CHUNK = 64 * _MB
 # qcow2's header: magic, version, backing offset and size, cluster bits, then the virtual size at byte 24.
 _VIRTUAL_SIZE = struct.Struct(">Q")
 
@@ -175,7 +176,7 @@ def _copy_all(source: int, target: int, size: int) -> None:
     """Copy ``size`` bytes in the kernel (copy_file_range: a reflink where the filesystem shares blocks)."""
     done = 0
     while done < size:
-        count = os.copy_file_range(source, target, min(size - done, COPY_BLOCK * 64), done, done)
+        count = os.copy_file_range(source, target, min(size - done, COPY_CHUNK), done, done)
         if count == 0:
             raise OSError(f"the source ended after {done} of {size} bytes")
         done += count

@@ -24,6 +24,7 @@ import json
 import os
 
 from pilot.protocol import VmContext
+from pilot.vm.vmfiles import remove_paths
 
 SEED_LABEL = "cidata"
 
@@ -86,6 +87,4 @@ def write_seed(path: str, files: dict[str, bytes]) -> None:
 
 def remove_seeds(seed_dir: str, domain_prefix: str) -> list[str]:
     """Remove every seed whose domain name starts with ``domain_prefix``; the paths removed."""
-    from pilot.vm.vmfiles import remove_paths
-
     return remove_paths(glob.glob(os.path.join(glob.escape(seed_dir), glob.escape(domain_prefix) + "*.iso")))

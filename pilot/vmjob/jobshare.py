@@ -88,23 +88,21 @@ def job_memory_cgroup(job_id: str, *, proc_cgroup: str = "/proc/self/cgroup",
 
 def read_limit(directory: str) -> int:
     """The cgroup's memory limit in bytes (:data:`UNLIMITED` or more: none)."""
-    with open(os.path.join(directory, "memory.limit_in_bytes"), encoding="ascii") as handle:
-        return int(handle.read())
+    return _read_int(os.path.join(directory, "memory.limit_in_bytes"))
 
 
 def lower_limit(directory: str, old_limit: int, by_mb: int) -> int:
     """Lower the cgroup's limit from ``old_limit`` by ``by_mb``; the new limit. :class:`JobShareError` if the
     job's processes use more than that leaves them (nothing is changed then)."""
     new = old_limit - by_mb * _MB
-    usage = _read_int(os.path.join(directory, "memory.usage_in_bytes"))
+    usage = _usage(directory)
     if new <= usage:
         raise JobShareError(_no_room(old_limit, usage, by_mb))
     try:
         _write(directory, new)
     except OSError as exc:
         if exc.errno == errno.EBUSY:  # the kernel could not reclaim enough to get under it
-            raise JobShareError(_no_room(old_limit, _read_int(os.path.join(directory, "memory.usage_in_bytes")),
-                                         by_mb)) from None
+            raise JobShareError(_no_room(old_limit, _usage(directory), by_mb)) from None
         raise JobShareError(f"cannot lower the job's memory limit in {directory}: {exc.strerror}") from None
     return new
 
@@ -121,6 +119,10 @@ def _no_room(limit: int, usage: int, by_mb: int) -> str:
     room = max((limit - usage) // _MB - 1, 0)
     return (f"memory: the job's processes use {usage // _MB} MB of its {limit // _MB} MB; a VM taking {by_mb} MB "
             f"does not fit beside them (at most {room} MB does, VM overhead included)")
+
+
+def _usage(directory: str) -> int:
+    return _read_int(os.path.join(directory, "memory.usage_in_bytes"))
 
 
 def _read_int(path: str) -> int:
