@@ -224,6 +224,22 @@ def test_sigterm_shuts_the_guest_down_and_gives_everything_back(node, tmp_path):
     assert_node_clean(directory)
 
 
+def test_a_storm_of_signals_stops_the_wrapper_and_never_hangs_it(node, tmp_path):
+    """Signals keep coming while the wrapper follows its guest (every 20 ms it waits on its stop flag): its
+    handler must never wait for a lock the interrupted wait holds (a wrapper whose stop flag was a
+    threading.Event hung so, in a futex, with the VM and its memory held), nor nest without end (one that
+    handled every one of 33,000 SIGHUPs died of a RecursionError mid-run)."""
+    directory, config = node
+    with running_vmjob(config, tmp_path, "echo started; sleep 600", stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE) as process:
+        read_until(process, "started", timeout=GIVE_UP_S)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and process.poll() is None:
+            process.send_signal(signal.SIGHUP)  # a stop, as SIGTERM is; thousands of them
+        assert process.wait(GIVE_UP_S) == 128 + signal.SIGHUP
+    assert_node_clean(directory)
+
+
 @pytest.mark.parametrize("delay_s", [0.05, 0.15, 0.3, 0.5, 0.8, 1.2])
 def test_sigterm_in_any_phase_of_the_start_leaves_nothing(node, tmp_path, delay_s):
     """The start's phases (imports, the image check, the memory, the run directory, the daemons, createXML,

@@ -19,7 +19,6 @@ import signal
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 
 from pilot.shared.cli import OneLineParser, WrappingFormatter, positive
@@ -325,16 +324,24 @@ def _run_job(config, request, started: float) -> int:
         log_path = _setup_logging(config, request.slot)
     except OSError as exc:
         return _fail(VmJobExit.CONFIG, f"log directory {config.log_dir}: {exc.strerror}")
-    stop = threading.Event()
+    from pilot.wakeup import Wakeup, ignore_job_control, wake_on_signals
+
+    # Not a threading.Event: a handler that runs while the main loop is inside the Event's wait would wait for
+    # the lock that wait holds, for ever, with the VM and its memory held (seen: a wrapper hung in a futex).
+    stop = Wakeup()
     received: list[int] = []
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def on_signal(signum, _frame):
+        for other in stops:
+            # Once is enough; a storm of them (its caller's, relayed by sudo) would nest handlers without end.
+            signal.signal(other, signal.SIG_IGN)
         received.append(signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in stops:
         signal.signal(signum, on_signal)
-    from pilot.wakeup import ignore_job_control
+    wake_on_signals()
 
     ignore_job_control()  # the caller's SIGTSTP, relayed by sudo, must not stop root holding the node
     log.info("VM job %s: image %s, %d MB, %d cores, workdir %s, uid %d; log %s", request.slot,

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 
 from pilot.node.backends import BackendError
@@ -52,6 +51,7 @@ from pilot.vmjob.rundir import (
     SHARE_TAGS, RunDir, RunDirError, SlotBusy, job_domain_name, read_status, remove_run_dir,
 )
 from pilot.vmjob.virtiofs import ShareDaemon, ShareError
+from pilot.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class VmJob:
     ``moments`` collects when each phase ended (seconds since ``started``).
     """
 
-    def __init__(self, config, journal: Journal, backend, request: JobRequest, *, stop: threading.Event,
+    def __init__(self, config, journal: Journal, backend, request: JobRequest, *, stop: Wakeup,
                  started: float):
         self.config = config
         self.journal = journal
