@@ -31,7 +31,7 @@ from pilot.config import DEFAULT_PATH, PilotConfig, load_node_tool_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import replay_dead, settle
-from pilot.shared.cli import OneLineParser, WrappingFormatter
+from pilot.shared.cli import OneLineParser, WrappingFormatter, silence
 from pilot.shared.errors import one_line
 from pilot.vm.cleanup import destroy_domain
 
@@ -114,8 +114,19 @@ class Report:
         self.failed = False
 
     def line(self, text: str) -> None:
-        """Print one line at once (the admin may be watching a slow step)."""
-        print(text, file=self.out, flush=True)
+        """Print one line at once (the admin may be watching a slow step).
+
+        A reader that went away (``workspace-killall | head -1``) stops the
+        printing, never the backout: a half-done kill-all is what this tool
+        exists to prevent.
+        """
+        if self.out is None:
+            return
+        try:
+            print(text, file=self.out, flush=True)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            silence(self.out)
+            self.out = None
 
     def problem(self, text: str) -> None:
         """Print a problem; the node will not count as clean."""

@@ -22,7 +22,7 @@ import time
 
 from pilot.config import PilotConfig, load_node_tool_config
 from pilot.node.journal import Journal, JournalError
-from pilot.shared.cli import OneLineParser, WrappingFormatter
+from pilot.shared.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
 from pilot.shared.errors import one_line
 
 EXIT_CONSISTENT = 0
@@ -169,8 +169,9 @@ def _table(rows: list[tuple[str, ...]], out) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None, out=None) -> int:
-    """Entry point of ``workspace-node-status``; returns its exit code."""
+    """Entry point of ``workspace-node-status``; returns its exit code (141 when its reader went away)."""
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     config = load_node_tool_config("workspace-node-status", args.config)

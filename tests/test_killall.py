@@ -283,3 +283,19 @@ def test_bad_arguments_and_bad_config_are_one_line_with_their_own_codes(tmp_path
         f"workspace-killall: config error: {config}: [memory] backend = 'balloon': "
         "must be one of hugepages, cgroup, xen, xl, none"
     ]
+
+
+def test_a_reader_that_goes_away_stops_the_printing_not_the_backout(tmp_path, hugepages):
+    """``workspace-killall | head -1``: the pipe closes before the first line; the node is still backed out."""
+    config = config_for(tmp_path, boot_mb=hugepages * 2)
+    Journal(str(tmp_path / "journal")).prepare()
+    (tmp_path / "journal" / "lost.json").write_text("{truncated")
+    set_pool(hugepages + 8)
+    process = subprocess.Popen([sys.executable, "-m", "admin_tools.killall", "--config", config, "--no-notify"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # no reader left: its first line meets a closed pipe
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+    assert pool_pages() == hugepages
+    assert journal_files(tmp_path) == []

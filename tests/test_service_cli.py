@@ -489,6 +489,16 @@ def test_curl_digest_sha256_against_the_api(idle, tmp_path):
     assert status == 400 and "nodes" in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("args", [("list",), ("usage", "--json"), ("--help",)])
+def test_a_closed_output_pipe_ends_the_cli_quietly(idle, args):
+    """``workspace-lease list | head``: the reader is gone before the first line; no traceback, exit 141 (or 0)."""
+    process = subprocess.Popen([*CLI, *args, "--config", idle.config], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, err = process.communicate(timeout=60)
+    assert err == b""
+    assert process.returncode in (0, 141)
+
+
 def test_help_explains_commands_and_exit_codes():
     result = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0

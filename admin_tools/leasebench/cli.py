@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from pilot.protocol import format_time, utc_now
-from pilot.shared.cli import OneLineParser, WrappingFormatter
+from pilot.shared.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lease-bench``; returns an exit code from :data:`EXIT_HELP`."""
+    """Entry point of ``lease-bench`` (its leases are released as ever when its reader goes away: exit 141); returns an exit code from :data:`EXIT_HELP`."""
     args = build_parser().parse_args(argv)
     from admin_tools.leasebench import report
 

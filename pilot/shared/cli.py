@@ -53,3 +53,44 @@ class WrappingFormatter(argparse.HelpFormatter):
         if "\n" in text.strip("\n"):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
+
+
+#: The exit code of a command whose reader went away (a shell's 128 + SIGPIPE).
+CLOSED_PIPE_EXIT = 141
+
+
+def quiet_on_closed_pipe(main):
+    """Wrap a command's ``main`` so that a reader that went away (``... | head``) ends it with
+    :data:`CLOSED_PIPE_EXIT` and no traceback.
+
+    Python ignores SIGPIPE, so the write raises BrokenPipeError; stdout is
+    then pointed at /dev/null, else the interpreter's last flush at exit
+    raises again ("Exception ignored ... BrokenPipeError").
+    """
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            for stream in (sys.stdout, sys.stderr):
+                silence(stream)
+            return CLOSED_PIPE_EXIT
+
+    return run
+
+
+def silence(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (its reader went away), so that what is still
+    buffered, and the interpreter's flush at exit, go nowhere instead of raising BrokenPipeError again.
+    A stream without a descriptor (a test's StringIO) is left alone."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), fd)

@@ -11,6 +11,7 @@ keys), :mod:`.render` (text output), :mod:`.common` (exit codes).
 
 from __future__ import annotations
 
+from pilot.shared.cli import quiet_on_closed_pipe
 from service_adapter.cli.commands import client_command
 from service_adapter.cli.images import LOCAL_COMMANDS, run_local
 from service_adapter.cli.local import make_site_key, print_node_key, run_demo, run_serve
@@ -19,8 +20,9 @@ from service_adapter.cli.vmspec import BadSpec, vm_request
 
 __all__ = ["build_parser", "main"]
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``workspace-lease``."""
+    """Entry point of ``workspace-lease``; a closed output pipe ends it quietly with exit 141."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return run_demo(args)
