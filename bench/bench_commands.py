@@ -177,7 +177,7 @@ def timed_board_class():
 
         def poll_started(self, target):
             self.polls_started += 1
-            super().poll_started(target)
+            return super().poll_started(target)
 
         def clear(self) -> None:
             self.committed.clear()

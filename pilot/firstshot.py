@@ -116,6 +116,7 @@ class FirstShot:
             response.read(MAX_ANSWER_BYTES)
             if not response.isclosed():
                 connection.close()
+        self.retry_after = response.getheader("Retry-After")  # the last answer's: read by the notifier on a 429
         return response.status, answer, response.getheader("WWW-Authenticate", "")
 
     def _authorization(self, challenge: str) -> str:

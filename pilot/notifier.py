@@ -37,6 +37,7 @@ from pilot.protocol import (
 )
 from pilot.credentials import PilotCredentials
 from pilot.reach import ServiceReach
+from pilot.retryafter import retry_after_s
 from pilot.shared.errors import failure_words
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the pilot's start path
@@ -103,6 +104,7 @@ class Delivery:
 class _Attempt:
     status: int | None = None
     detail: str = ""
+    retry_after_s: float | None = None  # what the service asked this pilot to wait (429, 503)
 
 
 class Notifier:
@@ -299,6 +301,9 @@ class Notifier:
             delivery._finish(Outcome.DELIVERED, 200)
             return True
         if status in RETRYABLE_STATUSES:
+            asked = retry_after_s(status, {"Retry-After": getattr(shot, "retry_after", None)})
+            if asked is not None:  # as the retries below do: the service asked for this much quiet
+                self._closing.wait(min(asked, max(0.0, delivery.deliver_by - time.monotonic())))
             return False
         log.error("service refused %s (seq %d): HTTP %s %s", n.state, n.seq, status, detail)
         delivery._finish(Outcome.REFUSED, status, detail)
@@ -323,7 +328,7 @@ class Notifier:
 
         retrying = Retrying(
             stop=stop_when_event_set(self._closing) | past_deadline | self._hopeless,
-            wait=wait_exponential(multiplier=0.05, max=2.0),
+            wait=_honouring_retry_after(wait_exponential(multiplier=0.05, max=2.0), delivery.deliver_by),
             # Waiting on the closing event, not time.sleep, is what makes close() stop retries at once.
             sleep=self._closing.wait,
             retry=retry_if_exception_type(requests.RequestException)
@@ -387,7 +392,21 @@ class Notifier:
                 answer = None
             detail = str(answer.get("detail", "")) if isinstance(answer, dict) else \
                 content[:200].decode("utf-8", "replace")
-        return _Attempt(response.status_code, detail)
+        return _Attempt(response.status_code, detail, retry_after_s(response.status_code, response.headers))
+
+
+def _honouring_retry_after(backoff, deliver_by: float):
+    """A tenacity wait: the longer of ``backoff`` and the Retry-After of the last answer (429, 503), but never
+    past ``deliver_by`` (monotonic)."""
+
+    def wait(state) -> float:
+        asked = None
+        if state.outcome is not None and not state.outcome.failed:
+            attempt = state.outcome.result()
+            asked = getattr(attempt, "retry_after_s", None)
+        return min(max(backoff(state), asked or 0.0), max(0.0, deliver_by - time.monotonic()))
+
+    return wait
 
 
 def _last_failure(state) -> str:

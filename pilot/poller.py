@@ -34,6 +34,7 @@ from pilot.protocol import (
     sign_commands,
 )
 from pilot.reach import ServiceReach
+from pilot.retryafter import retry_after_s
 from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ class CommandPoller:
             return None
         if response.status_code != 200:
             log.warning("command poll: HTTP %d %s", response.status_code, content[:200].decode("utf-8", "replace"))
+            asked = retry_after_s(response.status_code, response.headers)
+            if asked is not None:
+                self._stopping.wait(asked)  # the service asked for this much quiet (429: over this node's share)
             return False
         expected = sign_commands(self.key, target, content)
         got = response.headers.get(SIGNATURE_HEADER, "").strip()

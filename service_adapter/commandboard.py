@@ -31,7 +31,7 @@ class CommandBoard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[Target, list[asyncio.Future]] = {}
         self._seen: dict[Target, float] = {}
-        self._polling: dict[Target, int] = {}
+        self._current: dict[Target, object] = {}  # target -> the token of its newest open poll
         self._lock = threading.Lock()
         self._closing = False
 
@@ -98,26 +98,37 @@ class CommandBoard:
         except RuntimeError:  # the loop closed in between: nobody is waiting any more
             pass
 
-    def poll_started(self, target: Target) -> None:
-        """A poll of ``target`` arrived: it is alive now, and while the poll is open."""
+    def poll_started(self, target: Target) -> object:
+        """A poll of ``target`` arrived: it is alive now, and while the poll is open. Returns the poll's token.
+
+        One poll per target waits at a time: a newer one ends the older
+        (:meth:`current` is then False for the older's token and its waiter
+        is woken), so a node cannot pile up waiting polls (call on the loop).
+        """
+        token = object()
         with self._lock:
             self._seen[target] = self.clock()
-            self._polling[target] = self._polling.get(target, 0) + 1
+            older = target in self._current
+            self._current[target] = token
+        if older:
+            self._wake_on_loop([target])
+        return token
 
-    def poll_ended(self, target: Target) -> None:
+    def current(self, target: Target, token: object) -> bool:
+        """Whether the poll of ``token`` is still ``target``'s newest (else it answers now)."""
+        return self._current.get(target) is token
+
+    def poll_ended(self, target: Target, token: object) -> None:
         """A poll of ``target`` was answered (or dropped)."""
         with self._lock:
             self._seen[target] = self.clock()
-            left = self._polling.get(target, 0) - 1
-            if left > 0:
-                self._polling[target] = left
-            else:
-                self._polling.pop(target, None)
+            if self._current.get(target) is token:
+                del self._current[target]
 
     def hosts_polling(self) -> int:
         """How many (slot, host) have a poll open now."""
         with self._lock:
-            return len(self._polling)
+            return len(self._current)
 
     def silent_for(self, target: Target, since: float | None = None) -> float:
         """Seconds since ``target`` was last heard polling; 0 while a poll of it is open.
@@ -127,7 +138,7 @@ class CommandBoard:
         so a restarted service does not give up every host at once.
         """
         with self._lock:
-            if self._polling.get(target):
+            if target in self._current:
                 return 0.0
             last = self._seen.get(target)
         if last is None:

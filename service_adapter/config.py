@@ -61,6 +61,10 @@ class ServiceConfig:
     max_skew_s: float = 300.0
     max_connections: int = 0
     request_timeout_s: float = 30.0
+    host_rate: float = 20.0
+    host_burst: int = 200
+    host_requests: int = 16
+    host_downloads: int = 2
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     # [pilots]
@@ -209,6 +213,8 @@ _connections = whole(0, 10**7, "must be a whole number of connections, 0 for as 
 
 
 _request_timeout = number(1, 60, "must be a number of seconds from 1 to 60")
+_host_rate = number(0, 10**6, "must be a number of requests a second above 0", above_low=True)
+_host_count = whole(1, 10**6, "must be a whole number from 1 to 1000000")
 
 
 def _url(text: str) -> str:
@@ -300,6 +306,10 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "max_skew": ("max_skew_s", _positive_float),
         "max_connections": ("max_connections", _connections),
         "request_timeout": ("request_timeout_s", _request_timeout),
+        "host_rate": ("host_rate", _host_rate),
+        "host_burst": ("host_burst", _host_count),
+        "host_requests": ("host_requests", _host_count),
+        "host_downloads": ("host_downloads", _host_count),
         "tls_cert_file": ("tls_cert_file", abs_path),
         "tls_key_file": ("tls_key_file", abs_path),
     },

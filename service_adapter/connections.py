@@ -18,7 +18,15 @@ need file descriptors too, and asyncio then reports each failed accept
 - a connection must send a whole request head within ``request_timeout_s``
   of connecting or of its last answer (aiohttp's keep-alive timer, which
   also runs before the first request), and a whole body within
-  ``request_timeout_s`` of its head (:func:`read_within`): 408 otherwise.
+  ``request_timeout_s`` of its head (:func:`read_within`): 408 otherwise;
+- a client must read its answer: once the unsent part of an answer passes
+  the transport's high-water mark (64 KiB), the client has
+  ``request_timeout_s`` to read it down below the low-water mark, or the
+  connection is aborted (the send timeout; one refusal line).
+
+A request holds its connection's descriptor only: an image is read a
+chunk at a time (:mod:`service_adapter.images.download`), never kept open
+while the client reads, so the cap counts what requests really hold.
 
 Serve through :class:`GuardedTCPSite`; the app needs
 :attr:`ConnectionGuard.middleware` (``make_app`` adds both), and the
@@ -78,11 +86,12 @@ def default_max_connections(file_limit: int) -> int:
 
 
 class _Connection:
-    __slots__ = ("transport", "trusted")
+    __slots__ = ("transport", "trusted", "stalled")
 
     def __init__(self, transport: asyncio.BaseTransport):
         self.transport = transport
         self.trusted = False  # a request on it passed digest authentication
+        self.stalled: asyncio.TimerHandle | None = None  # the send timeout, while the client reads too little
 
 
 class ConnectionGuard:
@@ -104,6 +113,8 @@ class ConnectionGuard:
         #: How many connections were closed to make room, and how many new ones were closed at once.
         self.evicted = 0
         self.turned_away = 0
+        #: How many connections were aborted because their client did not read its answer (the send timeout).
+        self.send_timeouts = 0
 
     @property
     def open_connections(self) -> int:
@@ -133,7 +144,9 @@ class ConnectionGuard:
             self._make_room(handler)
 
     def _closed(self, handler) -> None:
-        self._open.pop(handler, None)
+        connection = self._open.pop(handler, None)
+        if connection is not None and connection.stalled is not None:
+            connection.stalled.cancel()
         self._idle_untrusted.pop(handler, None)
         self._idle_trusted.pop(handler, None)
 
@@ -142,6 +155,33 @@ class ConnectionGuard:
             self._idle_untrusted.move_to_end(handler)
         elif handler in self._idle_trusted:
             self._idle_trusted.move_to_end(handler)
+
+    def _stalled(self, handler) -> None:
+        """The answer's unsent bytes passed the transport's high-water mark: the client has the send timeout
+        to read them down again, or its connection is aborted (a client that never reads holds nothing long)."""
+        connection = self._open.get(handler)
+        if connection is not None and connection.stalled is None:
+            connection.stalled = asyncio.get_running_loop().call_later(
+                self.request_timeout_s, self._send_timed_out, handler)
+
+    def _flowing(self, handler) -> None:
+        connection = self._open.get(handler)
+        if connection is not None and connection.stalled is not None:
+            connection.stalled.cancel()
+            connection.stalled = None
+
+    def _send_timed_out(self, handler) -> None:
+        connection = self._open.get(handler)
+        if connection is None:
+            return
+        connection.stalled = None
+        self.send_timeouts += 1
+        from service_adapter.refusals import REFUSALS
+
+        peer = connection.transport.get_extra_info("peername")
+        REFUSALS.refused(peer[0] if peer else None, "the client read too little of its answer for %g s: connection "
+                         "closed ([service] request_timeout)", self.request_timeout_s)
+        connection.transport.abort()  # unsent data dropped: close() would wait to send it
 
     def _make_room(self, newcomer) -> None:
         for idle in (self._idle_untrusted, self._idle_trusted):
@@ -239,9 +279,11 @@ class _Counted(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._guard._stalled(self._inner)
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._guard._flowing(self._inner)
         self._inner.resume_writing()
 
 

@@ -56,6 +56,7 @@ from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, start_serving, trust
 from service_adapter.digest import DigestVerifier
+from service_adapter.hostshares import SHARES_KEY, HostShares, admitted, retry_after_header
 from service_adapter.metrics import METRICS_KEY
 from service_adapter.nodekeys import NodeAccounts
 from service_adapter.refusals import REFUSALS
@@ -88,8 +89,9 @@ def answer(status: int, result: str, detail: str = "", headers=None) -> web.Resp
 
 
 def authenticate(request: web.Request, what: str):
-    """(the digest result, None) for a pilot that authenticated (its connection is then trusted), else
-    (the result, the 401 with a fresh challenge); a wrong credential is logged as a refusal of ``what``."""
+    """(the digest result, None) for a pilot that authenticated (its connection is then trusted) and is within
+    its node's share (:mod:`service_adapter.hostshares`), else (the result, the refusal): 401 with a fresh
+    challenge (a wrong credential is logged as a refusal of ``what``), or 429 with Retry-After."""
     verifier = request.app[VERIFIER_KEY]
     auth = verifier.verify(request.method, request.raw_path, request.headers.get("Authorization"))
     if not auth.ok:
@@ -97,6 +99,11 @@ def authenticate(request: web.Request, what: str):
             REFUSALS.refused(request.remote, "%s: %s", what, auth.reason)
         return auth, _unauthorized(verifier, auth.reason, stale=auth.stale)
     trust(request)
+    wait = admitted(request, auth.account.user)
+    if wait is not None:
+        REFUSALS.refused(request.remote, "%s of node %s: over its share, 429", what, auth.account.user)
+        return auth, answer(429, "too-many", "this node is over its share of the service: try again after "
+                            "Retry-After seconds", headers=retry_after_header(wait))
     return auth, None
 
 
@@ -251,14 +258,14 @@ async def handle_commands(request: web.Request) -> web.Response:
     target = (slot, host)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    board.poll_started(target)
+    token = board.poll_started(target)  # ends this target's older poll, if one waits
     try:
         while True:
             woken = board.register(target)  # before the read: a commit after it wakes this
             try:
                 commands = store.commands_after(slot, host, after, POLL_BATCH)
                 remaining = deadline - loop.time()
-                if commands or remaining <= 0 or board.closing:
+                if commands or remaining <= 0 or board.closing or not board.current(target, token):
                     break
                 # A timer that resolves the waiter at the deadline: a fifth of the loop's time with
                 # 10,000 parked polls went into asyncio.wait's own bookkeeping (issue 17).
@@ -270,7 +277,7 @@ async def handle_commands(request: web.Request) -> web.Response:
             finally:
                 board.unregister(target, woken)
     finally:
-        board.poll_ended(target)
+        board.poll_ended(target, token)
     metrics = request.app.get(METRICS_KEY)
     if commands and metrics is not None:
         metrics.commands_handed(store.commands_queued_at([cid for cid, _ in commands]))
@@ -289,7 +296,7 @@ def _resolve(future: asyncio.Future) -> None:
 
 def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
              board: CommandBoard | None = None, guard: ConnectionGuard | None = None, *,
-             allocations: Allocations | None = None) -> web.Application:
+             allocations: Allocations | None = None, shares: HostShares | None = None) -> web.Application:
     """The receiver as an aiohttp application (bodies over the cap are refused while read).
 
     ``verifier`` holds the pilots' accounts, a :class:`NodeAccounts`: one per
@@ -301,10 +308,14 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
     wakes it after each commit that queues commands. ``guard`` (one with
     the defaults if None) caps and times the connections; serve the app
     with :func:`service_adapter.connections.start_serving` for it to see them.
+    ``shares`` (one with the defaults if None) is what each node may take
+    of the service at once (:mod:`service_adapter.hostshares`).
     """
     guard = guard if guard is not None else ConnectionGuard()
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard.middleware])
+    shares = shares if shares is not None else HostShares()
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard.middleware, shares.middleware])
     app[GUARD_KEY] = guard
+    app[SHARES_KEY] = shares
     app[STORE_KEY] = store
     app[VERIFIER_KEY] = verifier
     if not isinstance(verifier.accounts, NodeAccounts):

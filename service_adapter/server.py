@@ -71,6 +71,7 @@ def build(config: ServiceConfig):
     from service_adapter.lease import LeaseManager
     from service_adapter.providers import make_provider
     from service_adapter.allocation import Allocations
+    from service_adapter.hostshares import HostShares
     from service_adapter.receiver import make_app
     from service_adapter.store import Store
     from service_adapter.metrics import METRICS_KEY, ServiceMetrics, add_metrics_route
@@ -105,7 +106,9 @@ def build(config: ServiceConfig):
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {first_line(exc)}") from None
     guard = ConnectionGuard(config.max_connections or None, config.request_timeout_s)
-    app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider))
+    shares = HostShares(config.host_rate, config.host_burst, config.host_requests, config.host_downloads)
+    app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider),
+                   shares=shares)
     add_api(app, manager, operators, vms=vms)
     add_image_routes(app, catalog)
     if config.metrics_listen != "off":

@@ -65,6 +65,15 @@ def hugepages():
         yield from _pool_checked()
 
 
+@pytest.fixture(scope="module")
+def hugepages_module():
+    """:func:`hugepages` for a module whose tests share one lease (its pilots hold pages across the tests)."""
+    if os.geteuid() != 0 or not os.access(NR_HUGEPAGES, os.W_OK):
+        pytest.skip("needs root and a writable 2 MiB hugepage pool")
+    with machine_lock("hugepages"):
+        yield from _pool_checked()
+
+
 def _pool_checked():
     start = pool_pages()
     yield start

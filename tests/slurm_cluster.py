@@ -14,6 +14,7 @@ Daemons are stopped by the pids this object started, never by name.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -49,16 +50,24 @@ class ClusterError(RuntimeError):
 
 
 def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """``count`` ports that bind now, below the kernel's ephemeral range: a port from that range (what binding
+    port 0 gives) can be taken by any outgoing connection before the daemon binds it (slurmd-node3 failed to
+    start so after a test that had opened 1,100 client connections)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
+        ephemeral_low = int(handle.read().split()[0])
+    candidates = list(range(max(1024, ephemeral_low - 12000), ephemeral_low))
+    random.shuffle(candidates)
+    ports = []
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise ClusterError(f"no {count} free ports below {ephemeral_low}")
 
 
 def missing_commands() -> list[str]:

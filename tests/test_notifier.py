@@ -81,6 +81,32 @@ def test_an_answer_that_is_not_ours_is_a_refusal_not_a_dead_sender():
         proxy.stop()
 
 
+def test_a_429_with_retry_after_is_waited_out_before_the_next_try():
+    """A node over its share is told 429 with Retry-After: its pilot asks again only after that wait."""
+    from aiohttp import web
+
+    arrivals: list[float] = []
+
+    async def busy_then_accepting(request):
+        arrivals.append(time.monotonic())
+        if len(arrivals) <= 3:
+            return web.json_response({"result": "too-many"}, status=429, headers={"Retry-After": "1"})
+        return web.json_response({"result": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/pilot/v2/notifications", busy_then_accepting)
+    server = ReceiverThread(app)
+    notifier = make_notifier(server.start(), None, "slot-x")
+    try:
+        delivery = notifier.notify("reserved", 64, deliver_within=60)
+        assert delivery.wait(30) is Outcome.DELIVERED
+    finally:
+        notifier.close()
+        server.stop()
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    assert len(gaps) == 3 and min(gaps) >= 0.99, gaps  # each try waited the second it was asked to
+
+
 def test_close_stops_retries_at_once():
     notifier = make_notifier(f"http://127.0.0.1:{free_port()}", None, "slot-x")
     pending = notifier.notify("reserved", 64, deliver_within=3600)

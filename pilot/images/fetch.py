@@ -27,6 +27,7 @@ from pilot.protocol.chunks import (
     PEER_AUTH_HEADER, PEER_CHUNK_PATH, PEER_HOST_HEADER, PEER_TIME_HEADER, ChunkManifest, manifest_bytes_bound, peer_auth,
     swarm_bytes_bound,
 )
+from pilot.retryafter import retry_after_s
 from pilot.shared.errors import failure_words
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ CHUNK = 256 * 1024
 ATTEMPTS = 3
 #: The most the service's list of approved sha256s may be (about 15,000 images).
 MAX_APPROVED_BYTES = 1024 * 1024
+#: Requests of one part of an image the service may answer "wait" (429, 503 with Retry-After) before it counts
+#: as a failed try.
+ADMIT_TRIES = 5
 #: The longest a node keeps serving an image it has to the lease's nodes that still lack chunks of it.
 SEED_FOR_S = 600.0
 
@@ -75,8 +79,8 @@ class ImageSource:
 
         Read up to ``limit`` bytes: a longer answer is refused before it is all in memory."""
         try:
-            response = self.session.request(method, self.service + target, timeout=self.timeout_s,
-                                            verify=self.session.verify, json=body, stream=True, headers=IDENTITY)
+            response = self._admitted(self.session, method, self.service + target, timeout=self.timeout_s,
+                                      verify=self.session.verify, json=body, stream=True, headers=IDENTITY)
             if response.status_code != 200:
                 response.close()
                 raise CacheError(f"{self.service}{target}: HTTP {response.status_code}")
@@ -136,8 +140,9 @@ class ImageSource:
         problems = []
         for url, session in self.urls(sha256):
             try:
-                response = session.get(url, timeout=self.timeout_s, verify=session.verify, stream=True,
-                                       headers={"Range": f"bytes={offset}-{offset + length - 1}", **IDENTITY})
+                response = self._admitted(session, "GET", url, timeout=self.timeout_s, verify=session.verify,
+                                          stream=True,
+                                          headers={"Range": f"bytes={offset}-{offset + length - 1}", **IDENTITY})
                 if response.status_code != 206:
                     response.close()
                     problems.append(f"{url}: HTTP {response.status_code}")
@@ -176,6 +181,19 @@ class ImageSource:
         except AnswerTooLong as exc:
             raise CacheError(f"peer {address}: {exc}: dropped") from None
 
+    def _admitted(self, session: requests.Session, method: str, url: str, **kwargs) -> requests.Response:
+        """``session.request(method, url, **kwargs)``, asked again (up to :data:`ADMIT_TRIES` times in all) after
+        the wait a 429 or 503 answer's Retry-After names: the service holds each node to its share."""
+        for _ in range(ADMIT_TRIES - 1):
+            response = session.request(method, url, **kwargs)
+            wait = retry_after_s(response.status_code, response.headers)
+            if wait is None:
+                return response
+            response.close()
+            log.info("%s: HTTP %d, asked to wait %g s", url, response.status_code, wait)
+            time.sleep(wait)  # what the service asked for; a fetch runs in its own thread
+        return session.request(method, url, **kwargs)
+
     def _drop(self, url: str) -> None:
         """Leave the mirror out from now on if ``url`` is one of its (the service is never left out)."""
         if self.mirror and url.startswith(self.mirror + "/"):
@@ -193,8 +211,9 @@ class ImageSource:
             problems = []
             for url, session in self.urls(sha256):
                 try:
-                    response = session.get(url, stream=True, timeout=self.timeout_s, verify=session.verify,
-                                           headers={"Range": f"bytes={offset}-", **IDENTITY} if offset else IDENTITY)
+                    response = self._admitted(session, "GET", url, stream=True, timeout=self.timeout_s,
+                                              verify=session.verify,
+                                              headers={"Range": f"bytes={offset}-", **IDENTITY} if offset else IDENTITY)
                 except requests.RequestException as exc:
                     problems.append(f"{url}: {failure_words(exc)}")
                     continue

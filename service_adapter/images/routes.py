@@ -175,9 +175,13 @@ async def fetch_image(request: web.Request) -> web.StreamResponse:
     """GET /pilot/v2/slots/{slot}/hosts/{host}/images/{sha256}: an approved image, to a pilot holding the slot.
 
     Authenticated as the commands are (the node's digest account, the host
-    in the path its own, the slot held); aiohttp's file response answers
-    Range requests (206), which lets a pilot resume a broken download.
+    in the path its own, the slot held); one byte range (206) lets a pilot
+    resume a broken download or take one chunk; a bad Range is 416 with the
+    size (:mod:`service_adapter.images.download`). A node streams at most
+    ``[service] host_downloads`` images at once: 429 with Retry-After over it.
     """
+    from service_adapter.hostshares import SHARES_KEY, retry_after_header
+    from service_adapter.images.download import send_file
     from service_adapter.receiver import answer
 
     _, refusal = _held(request, "image fetch")
@@ -187,12 +191,17 @@ async def fetch_image(request: web.Request) -> web.StreamResponse:
     path = await asyncio.to_thread(_catalog(request).fetchable, sha256) if len(sha256) == 64 else None
     if path is None:
         return answer(404, "unknown-image", "no approved image with this content")
-    response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    host, shares = request.match_info["host"], request.app.get(SHARES_KEY)
+    if shares is not None and not shares.start_download(host):
+        return answer(429, "too-many", f"this node streams {shares.downloads} image(s) already: try again after "
+                      "Retry-After seconds", headers=retry_after_header(1))
     metrics = request.app.get(METRICS_KEY)
-    if metrics is not None:
-        await response.prepare(request)  # sends it (the whole file or the range asked for)
-        metrics.image_bytes.inc(response.content_length or 0)
-    return response
+    try:
+        return await send_file(request, path, what=f"image {sha256[:12]} for {host}",
+                               on_sent=metrics.image_bytes.inc if metrics is not None else None)
+    finally:
+        if shares is not None:
+            shares.end_download(host)
 
 
 async def approved_images(request: web.Request) -> web.Response:

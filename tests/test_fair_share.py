@@ -1,0 +1,232 @@
+"""One node's credentials against a real ``workspace-lease serve`` under a 1024 open-file limit: its share, no more.
+
+A real service (the ``local`` provider, its real pilots holding real
+hugepages) leases four nodes. Each attack is made with one node's own
+digest key, from its own loopback address, over raw sockets and
+``requests``: hundreds of parked command polls, downloads that never read,
+a burst of requests. Meanwhile the tests check what the others depend on:
+the operator's command and another node's requests are answered (their
+time is reported by ``bench/bench_fair_share.py``, not asserted here),
+and the attacker gets 429 with Retry-After, never a reset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+
+import pytest
+import requests
+from requests.auth import HTTPDigestAuth
+
+from pilot.protocol import commands_path, image_path
+from tests.imagesource import Endorser, ImageServer, image_entry, write_file
+from tests.test_rude_clients import HANG_S, authorization, closed_by_server, connect, log_text, open_file_limit, status_of
+from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, PILOT_REALM, Site, serving
+
+IMAGE_BYTES = 8 * 1024 * 1024 + 5
+#: The service's request timeout here, which is also its send timeout.
+TIMEOUT_S = 2
+
+
+def node_auth(site: Site, host: str) -> HTTPDigestAuth:
+    """The digest credentials of node ``host`` (its key, derived from the site key as the node's is)."""
+    return HTTPDigestAuth(host, site.nodes.node_key(host))
+
+
+def node_header(site: Site, host: str, path: str) -> str:
+    """A fresh Authorization header of node ``host`` for one GET of ``path``."""
+    return authorization(site, "GET", path, user=host, secret=site.nodes.node_key(host), realm=PILOT_REALM)
+
+
+def read_head(sock: socket.socket, timeout: float = HANG_S) -> bytes | None:
+    """The head of the answer on ``sock`` (None if none came within ``timeout``, b"" if it was closed)."""
+    sock.settimeout(timeout)
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return head
+            head += chunk
+    except socket.timeout:
+        return None
+    return head
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, hugepages_module):
+    """A serve under ``prlimit --nofile=1024``, an approved image, and a 4-node lease held by real pilots."""
+    root = tmp_path_factory.mktemp("fair")
+    site = Site(root, request_timeout=TIMEOUT_S)
+    published = root / "published"
+    published.mkdir()
+    write_file(str(published / "worker.img"), IMAGE_BYTES, seed=3)
+    server = ImageServer(str(published))
+    endorser = Endorser(str(root / "endorser"))
+    endorser.trust_in(str(root / "endorsers"))
+    entry = image_entry("worker", "1.0", str(published / "worker.img"), f"{server.url}/worker.img")
+    endorser.publish(str(published / "hep.list"), [entry])
+    with open(site.config, "a", encoding="utf-8") as handle:
+        handle.write(f"[images]\nendorser_keys = {root / 'endorsers'}\nstore_dir = {root / 'image-store'}\n")
+    with open_file_limit(4096), serving(site, wrapper=("prlimit", "--nofile=1024:1024")) as process:
+        try:
+            assert site.api("POST", "/image-lists", json={"source": f"{server.url}/hep.list"}).status_code == 201
+            assert site.api("POST", "/images/worker/approve", json={"version": "1.0"}).status_code == 200
+            reserved = site.cli("reserve", "--nodes", "4", "--memory", "16", "--duration", "600", "--json", "--wait")
+            assert reserved.returncode == 0, reserved.stderr
+            lease = json.loads(reserved.stdout)
+            site.lease_id, site.slot, site.sha256, site.pid = lease["id"], lease["slot"], entry["sha256"], process.pid
+            site.hosts = sorted(pilot["host"] for pilot in lease["pilots"])  # the attackers' nodes and a good one
+            assert len(site.hosts) == 4
+            yield site
+            released = site.cli("release", site.lease_id, "--wait")
+            assert released.returncode == 0, released.stderr
+        finally:
+            server.close()
+
+
+def operator_answers(site: Site) -> None:
+    """The operator's command works now."""
+    listed = site.cli("list", timeout=HANG_S)
+    assert listed.returncode == 0, listed.stderr
+
+
+def good_pilot_answers(site: Site) -> None:
+    """Another node's poll (wait 0) is answered 200 now."""
+    host = site.hosts[1]
+    url = site.url + commands_path(site.slot, host) + "?after=0&wait=0"
+    answer = requests.get(url, auth=node_auth(site, host), timeout=HANG_S)
+    assert answer.status_code == 200, answer.text
+
+
+def open_descriptors(pid: int) -> list[str]:
+    """Where each open descriptor of process ``pid`` points."""
+    found = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_nodes_300_parked_polls_leave_it_one_and_the_others_are_served(attacked):
+    site, host = attacked, attacked.hosts[0]
+    path = commands_path(site.slot, host) + "?after=0&wait=60"
+    polls = []
+    with open_file_limit(4096):
+        try:
+            for _ in range(300):
+                sock = connect(site, "127.0.0.21")
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {node_header(site, host, path)}\r\n\r\n"
+                             .encode())
+                polls.append(sock)
+            operator_answers(site)
+            good_pilot_answers(site)
+            # Every poll but one is answered at once: ended by a newer one (200, no commands) or refused as over
+            # the node's share (429 with Retry-After); none is reset.
+            heads = [read_head(sock, timeout=3) for sock in polls]
+        finally:
+            for sock in polls:
+                sock.close()
+    # At most one waits: the node's real pilot polls its slot too, and its newer poll may have ended the last.
+    assert heads.count(None) <= 1, "more than one of the node's polls waits"
+    answered = [head for head in heads if head is not None]
+    statuses = [status_of(head) for head in answered]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    for head in answered:
+        if status_of(head) == 429:
+            assert re.search(rb"\r\nRetry-After: [1-9][0-9]*\r\n", head), head
+    assert "connection reset" not in log_text(site).lower()
+
+
+def test_downloads_that_never_read_are_capped_per_node_cut_off_and_hold_no_file(attacked):
+    site, host = attacked, attacked.hosts[2]
+    path = image_path(site.slot, host, site.sha256)
+    downloads = []
+    with open_file_limit(4096):
+        try:
+            for _ in range(40):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read: the answer backs up
+                sock.bind(("127.0.0.23", 0))
+                sock.connect(("127.0.0.1", site.port))
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {node_header(site, host, path)}\r\n\r\n"
+                             .encode())
+                downloads.append(sock)
+            time.sleep(0.5)  # what the service is holding is what this test looks at: let the answers begin
+            held = open_descriptors(site.pid)
+            assert not [target for target in held if site.sha256 in target], "a stalled download holds the image open"
+            operator_answers(site)
+            good_pilot_answers(site)
+            heads = [read_head(sock) for sock in downloads]
+            statuses = [status_of(head) for head in heads]
+            assert statuses.count(200) == 2, statuses  # [service] host_downloads
+            assert statuses.count(429) == 38
+            # The two that stream are cut off by the send timeout (they never read): closed by the service.
+            for sock, status in zip(downloads, statuses):
+                if status == 200:
+                    assert closed_by_server(sock) is not None
+        finally:
+            for sock in downloads:
+                sock.close()
+    text = log_text(site)
+    assert "read too little of its answer" in text
+    assert "Traceback" not in text and "out of system resource" not in text
+
+
+def test_a_burst_beyond_the_nodes_rate_is_429_with_retry_after_and_the_node_is_served_after_it(attacked):
+    site, host = attacked, attacked.hosts[3]
+    url = site.url + commands_path(site.slot, host) + "?after=0&wait=0"
+    with requests.Session() as attacker:
+        attacker.auth = node_auth(site, host)
+        answers = [attacker.get(url, timeout=HANG_S) for _ in range(400)]
+        statuses = [answer.status_code for answer in answers]
+        assert set(statuses) <= {200, 429}, statuses
+        limited = [answer for answer in answers if answer.status_code == 429]
+        assert limited, "400 requests at full speed never met the node's rate"
+        operator_answers(site)
+        good_pilot_answers(site)
+        wait = int(limited[-1].headers["Retry-After"])
+        assert 1 <= wait <= 30
+        time.sleep(wait)  # as the pilot does: the service asked for this much quiet
+        assert attacker.get(url, timeout=HANG_S).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["bytes=999999999-", "bytes=abc", "bytes=0-1,5-6", "bytes=5-1", "lines=0-10"])
+def test_a_bad_range_is_416_with_the_size_and_no_traceback(attacked, header):
+    site, host = attacked, attacked.hosts[1]
+    url = site.url + image_path(site.slot, host, site.sha256)
+    answer = requests.get(url, auth=node_auth(site, host), headers={"Range": header}, timeout=HANG_S)
+    assert answer.status_code == 416
+    assert answer.headers["Content-Range"] == f"bytes */{IMAGE_BYTES}"
+    assert answer.content == b""
+    tail = requests.get(url, auth=node_auth(site, host), headers={"Range": "bytes=-5"}, timeout=HANG_S)
+    assert tail.status_code == 206 and len(tail.content) == 5
+    assert tail.headers["Content-Range"] == f"bytes {IMAGE_BYTES - 5}-{IMAGE_BYTES - 1}/{IMAGE_BYTES}"
+    assert "Traceback" not in log_text(site)
+
+
+def test_a_client_gone_mid_download_is_one_log_line(attacked):
+    site, host = attacked, attacked.hosts[1]
+    path = image_path(site.slot, host, site.sha256)
+    before = len(log_text(site))
+    sock = connect(site, "127.0.0.22")
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {node_header(site, host, path)}\r\n\r\n".encode())
+    assert status_of(read_head(sock)) == 200
+    sock.recv(65536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close with a reset
+    sock.close()
+    operator_answers(site)
+    line = re.compile(rf"image [0-9a-f]{{12}} for {host} to [0-9.]+: stopped after \d+ of \d+ bytes")
+    deadline = time.monotonic() + HANG_S
+    while not line.search(log_text(site)[before:]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the service logs it when its next write meets the reset
+    text = log_text(site)[before:]
+    assert "Traceback" not in text
+    assert len(line.findall(text)) == 1, text
