@@ -229,3 +229,40 @@ def test_a_version_6_store_gains_lease_starts_and_event_kinds_and_its_leases_go_
             ("state", "pending"), ("state", "failed")]  # an old creation entry reads as a state entry
     finally:
         upgraded.close()
+
+
+# -- a lease's account closes ----------------------------------------------------------------------
+
+
+def test_at_the_leases_end_the_service_closes_the_usage_of_a_host_that_never_reported_its_end(service):
+    slot = service.add_slot(nodes=2)
+    post(service, slot, 1, "reserved", host="node1")
+    post(service, slot, 1, "reserved", host="node2")
+    post(service, slot, 2, "unreserved", host="node1")
+    ended_at = time.time()
+    assert service.store.transition_lease(service.lease, "pending", "released", "done", now=ended_at, ended=True)
+    rows = {row.host: row for row in service.store.usage_rows(lease_id=service.lease)}
+    assert rows["node1"].ended_by == "unreserved"
+    closed = rows["node2"]
+    assert closed.ended_by == "closed-by-service" and closed.released_at == ended_at
+    # Late news from that host: a heartbeat changes nothing (410); its unreserved, the documented clean-up, is
+    # taken (the node did give the memory back) but the account stays as the service closed it.
+    before = service.store.snapshot()
+    refused = post(service, slot, 2, "heartbeat", host="node2", status=410)
+    assert refused.json()["result"] == "lease-ended"
+    assert service.store.snapshot() == before
+    post(service, slot, 3, "unreserved", host="node2")
+    assert {row.host: row for row in service.store.usage_rows(lease_id=service.lease)}["node2"] == closed
+    assert {p.host: p.state for p in service.store.pilots(slot)} == {"node1": "unreserved", "node2": "unreserved"}
+
+
+def test_no_usage_row_is_longer_than_the_leases_duration(service):
+    service.store.submit(lambda conn: conn.execute("UPDATE leases SET duration_s = 1 WHERE id = ?",
+                                                   (service.lease,))).result()
+    slot = service.add_slot()
+    post(service, slot, 1, "reserved", host="node1", memory_mb=64)
+    time.sleep(1.2)  # the hold outlives the lease's window: its end is reported late
+    post(service, slot, 2, "unreserved", host="node1", memory_mb=0)
+    (row,) = service.store.usage_rows(lease_id=service.lease)
+    assert row.node_seconds == 1.0 and row.mb_seconds == 64.0
+    assert row.released_at == row.reserved_at + 1

@@ -313,8 +313,8 @@ def test_when_the_lease_ends_no_vm_is_left_active(channel):
     for name in ("vm-running", "vm-stopping", "vm-starting"):
         assert states[name][1:] == ("lost", "the lease ended (expired) without a report on this VM"), name
     assert states["vm-stopped"][1] == "stopped" and states["vm-failed"][1] == "failed"
-    # A late report does not bring a VM of an ended lease back.
-    channel.notify(slot, "node1", "vm-running", vms=["vm-running"])
+    # A late report does not bring a VM of an ended lease back: the lease's account is closed (410).
+    channel.notify(slot, "node1", "vm-running", vms=["vm-running"], status=410)
     assert vm(channel, lease_id, "vm-running").state == "lost"
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pilot.protocol import format_epoch
 from service_adapter.nodekeys import new_slot_secret
-from service_adapter.store import vms
+from service_adapter.store import notifications, vms
 from service_adapter.store.history import add_event
 from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, UsageRow
 
@@ -79,6 +79,7 @@ def transition(conn: sqlite3.Connection, lease_id: str, old: str, new: str, reas
         return False
     if ended:
         vms.end_lease_vms(conn, lease_id, now, new)
+        notifications.close_open_holds(conn, lease_id, now)
     conn.execute(
         "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason) VALUES (?, ?, ?, ?, ?)",
         (lease_id, now, old, new, reason),

@@ -31,17 +31,23 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
     The notification that ends a host's hold (``unreserved`` or ``killed``
     after its ``reserved``) writes that hold's usage row in the same
     transaction: from the service's receipt of ``reserved`` to its receipt
-    of this one, at the memory ``reserved`` reported.
+    of this one (or the lease's end, if that came first), at most the
+    lease's duration, at the memory ``reserved`` reported.
+
+    Once the lease has ended its account is closed: LEASE_ENDED (410) for
+    anything but ``unreserved`` and ``killed`` (clean-up: they still record
+    that the node gave the memory back); a hold the service closed at the
+    lease's end (:func:`close_open_holds`) keeps that usage row.
     """
     now = time.time()
     verdict, slot, pilot = _decide(conn, n, body_hash, slack_s, now)
     if verdict is not None:
         return verdict
-    _, lease_id, owner, *_ = slot
+    _, lease_id, owner, _, _, duration_s, ended_at = slot
     if pilot is None:
         _insert_pilot(conn, n, now)
     elif n.state in LIFECYCLE_STATES:
-        _update_pilot(conn, n, pilot, lease_id, owner, now)
+        _update_pilot(conn, n, pilot, lease_id, owner, now, window=(ended_at, duration_s))
     else:
         # A report may carry a moved deadline (``extended``): the pilot's expires_at follows it.
         conn.execute("UPDATE pilots SET last_seq = ?, updated_at = ?, expires_at = COALESCE(?, expires_at)"
@@ -58,12 +64,12 @@ def _decide(conn: sqlite3.Connection, n: Notification, body_hash: str, slack_s: 
     """(a refusing or REPEAT verdict, or None to accept; the slot's row; the pilot's row or None)."""
     slot = conn.execute(
         "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL,"
-        " s.memory_mb, l.duration_s FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
+        " s.memory_mb, l.duration_s, l.ended_at FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
         (n.slot,),
     ).fetchone()
     if slot is None:
         return Verdict.UNKNOWN_SLOT, None, None
-    nodes, _lease_id, _owner, closing, slot_mb, duration_s = slot
+    nodes, _lease_id, _owner, closing, slot_mb, duration_s, ended_at = slot
     prior = conn.execute(
         "SELECT body_sha256 FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?", (n.slot, n.host, n.seq),
     ).fetchone()
@@ -80,6 +86,8 @@ def _decide(conn: sqlite3.Connection, n: Notification, body_hash: str, slack_s: 
         return bound, slot, pilot
     if n.state == "reserved" and closing and (pilot is None or pilot[1] is None):
         return Verdict.UNKNOWN_SLOT, slot, pilot  # too late: the lease is over or being released
+    if ended_at is not None and n.state not in HOLD_ENDED:
+        return Verdict.LEASE_ENDED, slot, pilot
     if pilot is None:
         (hosts,) = conn.execute("SELECT COUNT(*) FROM pilots WHERE slot_id = ?", (n.slot,)).fetchone()
         if hosts >= nodes:
@@ -98,8 +106,10 @@ def _insert_pilot(conn: sqlite3.Connection, n: Notification, now: float) -> None
     )
 
 
-def _update_pilot(conn: sqlite3.Connection, n: Notification, pilot, lease_id: str, owner: str, now: float) -> None:
-    """A lifecycle state of a known pilot; the usage row when it ends a hold."""
+def _update_pilot(conn: sqlite3.Connection, n: Notification, pilot, lease_id: str, owner: str, now: float,
+                  window: tuple[float | None, float]) -> None:
+    """A lifecycle state of a known pilot; the usage row when it ends a hold (``window``: the lease's end, if it
+    has ended, and its duration: what the row is held to)."""
     _, reserved_at, reserved_mb, ended_by = pilot
     if reserved_at is None and n.state == "reserved":
         reserved_at, reserved_mb = now, n.memory_mb
@@ -112,12 +122,41 @@ def _update_pilot(conn: sqlite3.Connection, n: Notification, pilot, lease_id: st
          ended_by or (n.state if n.state in ENDING else None), n.slot, n.host),
     )
     if n.state in HOLD_ENDED and reserved_at is not None:
-        held_s = max(now - reserved_at, 0.0)
-        conn.execute(
-            "INSERT OR IGNORE INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
-            " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (lease_id, n.host, n.slot, owner, reserved_mb, reserved_at, now, n.state, held_s, reserved_mb * held_s),
-        )
+        ended_at, duration_s = window
+        _add_usage(conn, lease_id, n.host, n.slot, owner, reserved_mb, reserved_at,
+                   now if ended_at is None else min(now, ended_at), n.state, duration_s)
+
+
+def _add_usage(conn: sqlite3.Connection, lease_id: str, host: str, slot: str, owner: str, memory_mb: int,
+               reserved_at: float, released_at: float, ended_by: str, duration_s: float) -> None:
+    """The usage row of one hold, held to the lease's duration; a row already there (the service closed the hold
+    at the lease's end, or a repeat) is kept."""
+    released_at = min(max(released_at, reserved_at), reserved_at + duration_s)
+    held_s = released_at - reserved_at
+    conn.execute(
+        "INSERT OR IGNORE INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
+        " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (lease_id, host, slot, owner, memory_mb, reserved_at, released_at, ended_by, held_s, memory_mb * held_s),
+    )
+
+
+#: ``ended_by`` of a usage row the service wrote at the lease's end for a host that never reported its own.
+CLOSED_BY_SERVICE = "closed-by-service"
+
+
+def close_open_holds(conn: sqlite3.Connection, lease_id: str, now: float) -> int:
+    """At the lease's end: a usage row, up to ``now`` (at most the lease's duration), marked
+    :data:`CLOSED_BY_SERVICE`, for each of its hosts that reserved and never reported its hold's end; how many."""
+    rows = conn.execute(
+        "SELECT p.host, p.slot_id, l.owner, p.reserved_mb, p.reserved_at, l.duration_s"
+        " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
+        " WHERE l.id = ? AND p.reserved_at IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM usage u WHERE u.lease_id = l.id AND u.host = p.host)",
+        (lease_id,),
+    ).fetchall()
+    for host, slot, owner, memory_mb, reserved_at, duration_s in rows:
+        _add_usage(conn, lease_id, host, slot, owner, memory_mb, reserved_at, now, CLOSED_BY_SERVICE, duration_s)
+    return len(rows)
 
 
 def claim_bound(n: Notification, slot_mb: int, duration_s: float, pilot, now: float,

@@ -31,6 +31,8 @@ class Verdict(enum.Enum):
     REPEAT = ("repeat", 200)
     UNKNOWN_SLOT = ("unknown-slot", 404)
     REPLAY = ("replay", 409)
+    # The lease's account is closed: only what ends a hold (unreserved, kill-all's killed) is still taken.
+    LEASE_ENDED = ("lease-ended", 410, "the lease has ended: only unreserved or killed is taken from its hosts now")
     # Claims beyond what the lease allows (a pilot's bug, or a node lying): refused, nothing stored.
     MEMORY_BEYOND_SLOT = ("out-of-bounds", 422, "memory_mb is above the slot's memory per node")
     SEQ_TOO_FAR = ("out-of-bounds", 422, f"seq jumps more than {MAX_SEQ_STEP} past the last one "
