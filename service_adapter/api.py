@@ -31,7 +31,9 @@ GET      /api/v1/usage[?owner=&lease=]           200, ``{"node_seconds", "mb_sec
 Every request is digest-authenticated (RFC 7616, SHA-256, ``qop=auth``)
 against the operators' accounts, with their own realm and verifier: a
 pilot's credentials do not work here, nor an operator's on the pilots'
-endpoints. The authenticated operator owns the leases it reserves.
+endpoints. The authenticated operator owns the leases it reserves. Failed
+logins are throttled per source address (:mod:`service_adapter.loginthrottle`:
+429 with Retry-After once 10 failed, then one try every 2 s).
 
 Errors are one JSON line, ``{"error": "..."}``: 400 bad JSON (not UTF-8,
 NaN, nested deeper than 16, a lone surrogate) or values, 408 a body that
@@ -62,6 +64,8 @@ from pilot.protocol import MAX_PREFETCH, MAX_VM_NAME_LEN, ImageFile, ProtocolErr
 from pilot.shared.errors import first_line
 from service_adapter.connections import BodyTimeout, read_within, trust
 from service_adapter.digest import Account, DigestVerifier
+from service_adapter.hostshares import retry_after_header
+from service_adapter.loginthrottle import LoginThrottle
 from service_adapter.store.images import ImageRefused
 from service_adapter.lease import LEASE_STATES, ExtensionRefused, LeaseError, UnknownLease, event_json, vm_json
 from service_adapter.refusals import REFUSALS
@@ -81,6 +85,7 @@ _VM_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VM_NAME_LEN - 1}}}
 
 MANAGER_KEY = web.AppKey("lease_manager", object)
 OPERATORS_KEY = web.AppKey("operator_verifier", DigestVerifier)
+THROTTLE_KEY = web.AppKey("login_throttle", LoginThrottle)
 VMS_KEY = web.AppKey("vm_manager", VmManager)
 # Request key of the authenticated operator's Account (a typed key where aiohttp has them: 3.14 warns otherwise).
 OPERATOR_KEY = web.RequestKey("operator", Account) if hasattr(web, "RequestKey") else "operator"
@@ -97,10 +102,20 @@ async def _api_auth(request: web.Request, handler):
         return await handler(request)
     verifier = request.app[OPERATORS_KEY]
     header = request.headers.get("Authorization")
+    throttle = request.app[THROTTLE_KEY]
+    if header:
+        wait = throttle.wait(request.remote)
+        if wait is not None:
+            REFUSALS.refused(request.remote, "API %s %s: too many failed logins from this address, 429",
+                             request.method, request.path)
+            return _error(429, "too many failed logins from this address: try again after Retry-After seconds",
+                          headers=retry_after_header(wait))
     auth = verifier.verify(request.method, request.raw_path, header)
     if not auth.ok:
         if header:
             REFUSALS.refused(request.remote, "API %s %s: %s", request.method, request.path, auth.reason)
+            if not auth.stale:
+                throttle.failed(request.remote)
         response = _error(401, f"authentication required: digest (SHA-256) as an operator of realm {verifier.realm}")
         for challenge in verifier.challenges(stale=auth.stale):
             response.headers.add("WWW-Authenticate", challenge)
@@ -469,13 +484,15 @@ async def pause_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_json(vm), status=202)
 
 
-def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None) -> web.Application:
+def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None, *,
+            throttle: LoginThrottle | None = None) -> web.Application:
     """Add the operator API to ``app`` (built by :func:`service_adapter.receiver.make_app`).
 
     ``verifier`` holds the operators' accounts; its realm must differ from
     the pilots' verifier's, so neither side's credentials work for the other.
     ``vms`` starts and stops the leases' VMs; None makes one over the lease
-    manager's store with the default 64 MB overhead per VM.
+    manager's store with the default 64 MB overhead per VM. ``throttle``
+    holds back failed logins per source address (one with the defaults if None).
     """
     from service_adapter.receiver import VERIFIER_KEY
 
@@ -484,6 +501,7 @@ def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmMana
         raise ValueError("the operators' realm must differ from the pilots' realm")
     app[MANAGER_KEY] = manager
     app[OPERATORS_KEY] = verifier
+    app[THROTTLE_KEY] = throttle if throttle is not None else LoginThrottle()
     app[VMS_KEY] = vms if vms is not None else VmManager(manager.store, overhead_mb=64)
     app.middlewares.append(_api_auth)
     app.router.add_post(f"{PREFIX}/leases", create_lease)

@@ -108,6 +108,7 @@ class ServiceConfig:
     # [operators]
     accounts_file: str = "/etc/workspace-pilot/operators.htdigest"
     operator_realm: str = "workspace-lease"
+    operator_listen: str | None = None
     # [client]
     client_url: str | None = None
     client_user: str | None = None
@@ -151,13 +152,17 @@ class ServiceConfig:
 
     @property
     def service_url(self) -> str:
-        """Where the operator commands reach the service: ``[client] url``, else this host's listener."""
+        """Where the operator commands reach the service: ``[client] url``, else this host's operators' listener
+        (``[operators] listen``, or the service's own when that is unset)."""
         if self.client_url:
             return self.client_url
-        host = self.listen_host
+        host, port = self.listen_host, self.port
+        if self.operator_listen:
+            host, _, port = self.operator_listen.rpartition(":")
+            host = host.strip("[]")
         if _is_wildcard(host):
             host = "::1" if ":" in host else "127.0.0.1"
-        return f"{self.scheme}://{_url_host(host)}:{self.port}"
+        return f"{self.scheme}://{_url_host(host)}:{port}"
 
     def job_template(self):
         """The :class:`~service_adapter.providers.jobscript.JobTemplate` of ``[provider]`` (raises ValueError if invalid)."""
@@ -238,12 +243,21 @@ def _host(text: str) -> str:
 
 
 def _metrics_listen(text: str) -> str:
-    """``api`` (on the service's port, behind the operators' digest), ``off``, or ``HOST:PORT``."""
+    """``api`` (with the operators' API, behind their digest), ``off``, or ``HOST:PORT``."""
     if text in ("api", "off"):
         return text
+    return _listen_address(text, "must be api, off, or HOST:PORT of a separate listener (e.g. 127.0.0.1:9780)")
+
+
+def _operator_listen(text: str) -> str:
+    return _listen_address(text, "must be HOST:PORT of the operators' own listener (e.g. 127.0.0.1:8781)")
+
+
+def _listen_address(text: str, message: str) -> str:
+    """``HOST:PORT`` to listen on (an IPv6 host in brackets)."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ValueError("must be api, off, or HOST:PORT of a separate listener (e.g. 127.0.0.1:9780)")
+        raise ValueError(message)
     _host(host.strip("[]"))
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} must be a number from 1 to 65535")
@@ -358,6 +372,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
     "operators": {
         "accounts_file": ("accounts_file", abs_path),
         "realm": ("operator_realm", _realm),
+        "listen": ("operator_listen", _operator_listen),
     },
     "client": {
         "url": ("client_url", _url),

@@ -1,7 +1,8 @@
 """``workspace-lease serve``: the service as one process.
 
-One aiohttp application on ``listen_host:port`` holds both the pilots'
-notification endpoint (digest realm ``[service] realm``) and the operators'
+One aiohttp application on ``listen_host:port`` holds the pilots'
+notification endpoint (digest realm ``[service] realm``) and, unless
+``[operators] listen`` gives them a listener of their own, the operators'
 API (realm ``[operators] realm``); one lease manager thread watches the
 leases through the store and the provider. SIGTERM or SIGINT stops it
 cleanly: no new connections, the manager stopped, the store closed. Leases
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from pilot.shared.errors import first_line
 from service_adapter.config import ServiceConfig
-from service_adapter.connections import ConnectionGuard, raise_file_limit, start_serving
+from service_adapter.connections import GUARD_KEY, ConnectionGuard, raise_file_limit, start_serving
 
 log = logging.getLogger("service_adapter.server")
 
@@ -109,16 +110,25 @@ def build(config: ServiceConfig):
     shares = HostShares(config.host_rate, config.host_burst, config.host_requests, config.host_downloads)
     app = make_app(store, pilots, config.max_skew_s, board=board, guard=guard, allocations=Allocations(provider),
                    shares=shares)
-    add_api(app, manager, operators, vms=vms)
-    add_image_routes(app, catalog)
+    # The operators' door: on the pilots' listener, or on its own ([operators] listen), where the pilots' traffic
+    # (and whoever holds a node) cannot reach it and a firewall or the address can keep it to the site's admins.
+    if config.operator_listen:
+        operator_guard = ConnectionGuard(None, config.request_timeout_s)
+        operator_app = web.Application(middlewares=[operator_guard.middleware])
+        operator_app[GUARD_KEY] = operator_guard
+    else:
+        operator_app = app
+    add_api(operator_app, manager, operators, vms=vms)
+    add_image_routes(app, catalog, operators=False)
+    add_image_routes(operator_app, catalog, pilots=False)
     if config.metrics_listen != "off":
         metrics = ServiceMetrics(store, board)
         app[METRICS_KEY] = metrics  # the receiver and the image routes count into it
         if hasattr(provider, "observe"):
             provider.observe = metrics.lrm_command
         if config.metrics_listen == "api":
-            add_metrics_route(app, metrics)  # behind the operators' digest, as the API
-    return store, provider, manager, app
+            add_metrics_route(operator_app, metrics)  # behind the operators' digest, as the API
+    return store, provider, manager, app, (operator_app if operator_app is not app else None)
 
 
 def serve(config: ServiceConfig, *, out=None) -> int:
@@ -131,9 +141,9 @@ def serve(config: ServiceConfig, *, out=None) -> int:
     out = out or sys.stdout
     setup_logging(config)
     raise_file_limit()  # before the store opens: the connection cap is worked out from the limit in force
-    store, provider, manager, app = build(config)
+    store, provider, manager, app, operator_app = build(config)
     try:
-        asyncio.run(_run(config, app, manager, store, out))
+        asyncio.run(_run(config, app, operator_app, manager, store, out))
     finally:
         try:
             manager.stop()
@@ -143,7 +153,8 @@ def serve(config: ServiceConfig, *, out=None) -> int:
     return 0
 
 
-async def _run(config: ServiceConfig, app: web.Application, manager, store, out) -> None:
+async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Application | None, manager, store,
+               out) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -159,9 +170,22 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
         raise ServeError(
             f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
         ) from None
+    operator_runner = None
+    if operator_app is not None:
+        host, _, port = config.operator_listen.rpartition(":")
+        try:
+            operator_runner = await start_serving(operator_app, host.strip("[]"), int(port), ssl_context=ssl_context,
+                                                  shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        except OSError as exc:
+            await runner.cleanup()
+            raise ServeError(f"[operators] cannot listen on {config.operator_listen}: {exc.strerror or exc}") from None
+        log.info("operators' API on %s://%s (apart from the pilots: [operators] listen)", config.scheme,
+                 config.operator_listen)
     try:
         metrics_runner = await _serve_metrics(config, app)
     except ServeError:
+        if operator_runner is not None:
+            await operator_runner.cleanup()
         await runner.cleanup()
         raise
     try:
@@ -177,6 +201,8 @@ async def _run(config: ServiceConfig, app: web.Application, manager, store, out)
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+        if operator_runner is not None:
+            await operator_runner.cleanup()
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -134,7 +134,8 @@ def test_serve_builds_the_vm_manager_with_the_configured_overhead(tmp_path):
         f"[service]\nstore = {tmp_path / 'service.sqlite'}\n[provider]\nstate_dir = {tmp_path / 'local'}\n"
         "[vms]\noverhead_mb = 128\n"
     )
-    store, provider, manager, app = build(load_config(write(tmp_path, text), serve=True))
+    store, provider, manager, app, operator_app = build(load_config(write(tmp_path, text), serve=True))
+    assert operator_app is None  # [operators] listen unset: the API shares the pilots' listener
     try:
         assert app[VMS_KEY].overhead_mb == 128
         assert manager.lost_after_s == 30
@@ -163,6 +164,8 @@ BAD_VALUES = [
     ("service", "request_timeout", "0", "must be a number of seconds from 1 to 60"),
     ("service", "request_timeout", "120", "must be a number of seconds from 1 to 60"),
     ("service", "host_rate", "0", "must be a number of requests a second above 0"),
+    ("operators", "listen", "8781", "must be HOST:PORT of the operators' own listener"),
+    ("operators", "listen", "127.0.0.1:0", "port '0' must be a number from 1 to 65535"),
     ("service", "host_burst", "0", "must be a whole number from 1 to 1000000"),
     ("service", "host_requests", "many", "must be a whole number from 1 to 1000000"),
     ("service", "host_downloads", "-1", "must be a whole number from 1 to 1000000"),
@@ -438,8 +441,11 @@ def test_example_defaults_are_the_codes_defaults(tmp_path):
 
 
 def test_example_loads_as_shipped(tmp_path):
+    """As shipped the file sets one option, on purpose: the operators' API apart from the pilots' port."""
     text = open(EXAMPLE, encoding="utf-8").read()
-    assert load_config(write(tmp_path, text)) == ServiceConfig()
+    config = load_config(write(tmp_path, text))
+    assert config == dataclasses.replace(ServiceConfig(), operator_listen="127.0.0.1:8781")
+    assert config.service_url == "http://127.0.0.1:8781"
 
 
 def test_example_with_every_example_value_loads(tmp_path):

@@ -280,19 +280,21 @@ async def image_swarm(request: web.Request) -> web.Response:
     return _signed(request, access, json.dumps(out, separators=(",", ":")).encode())
 
 
-def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True) -> None:
-    """Add the pilots' image fetch and (``operators``) the operators' image routes.
+def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True,
+                     pilots: bool = True) -> None:
+    """Add the pilots' image routes (``pilots``) and the operators' (``operators``) to ``app``.
 
     The operators' routes rely on the API's authentication middleware:
     add the API (:func:`service_adapter.api.add_api`) first, or this
     raises rather than serve them unauthenticated.
     """
     app[CATALOG_KEY] = catalog
-    app[SWARMS_KEY] = SwarmBoard()
-    app.router.add_get(IMAGES_PATH, fetch_image)
-    app.router.add_get(IMAGES_PATH + "/chunks", image_manifest)
-    app.router.add_post(IMAGES_PATH + "/swarm", image_swarm)
-    app.router.add_get(IMAGES_PATH.rsplit("/", 1)[0], approved_images)
+    if pilots:
+        app[SWARMS_KEY] = SwarmBoard()
+        app.router.add_get(IMAGES_PATH, fetch_image)
+        app.router.add_get(IMAGES_PATH + "/chunks", image_manifest)
+        app.router.add_post(IMAGES_PATH + "/swarm", image_swarm)
+        app.router.add_get(IMAGES_PATH.rsplit("/", 1)[0], approved_images)
     if not operators:
         return
     if OPERATORS_KEY not in app:
