@@ -65,6 +65,8 @@ class ServiceConfig:
     host_burst: int = 200
     host_requests: int = 16
     host_downloads: int = 2
+    retention_s: float = 30 * 86400.0
+    host_store_mb: int = 16
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     # [pilots]
@@ -220,6 +222,7 @@ _connections = whole(0, 10**7, "must be a whole number of connections, 0 for as 
 _request_timeout = number(1, 60, "must be a number of seconds from 1 to 60")
 _host_rate = number(0, 10**6, "must be a number of requests a second above 0", above_low=True)
 _host_count = whole(1, 10**6, "must be a whole number from 1 to 1000000")
+_retention = number(0, 100 * 365 * 86400, "must be a number of seconds, 0 or more (at most 100 years)")
 
 
 def _url(text: str) -> str:
@@ -324,6 +327,8 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "host_burst": ("host_burst", _host_count),
         "host_requests": ("host_requests", _host_count),
         "host_downloads": ("host_downloads", _host_count),
+        "retention": ("retention_s", _retention),
+        "host_store_mb": ("host_store_mb", _mb),
         "tls_cert_file": ("tls_cert_file", abs_path),
         "tls_key_file": ("tls_key_file", abs_path),
     },

@@ -81,7 +81,7 @@ def build(config: ServiceConfig):
     operators = DigestVerifier(config.operator_realm, config.operator_accounts())
     try:
         os.makedirs(os.path.dirname(config.store), mode=0o700, exist_ok=True)
-        store = Store(config.store)
+        store = Store(config.store, host_store_bytes=config.host_store_mb * 1024 * 1024 or None)
     except Exception as exc:  # OSError, sqlite3.Error: one line either way
         raise ServeError(f"[service] store {config.store}: {getattr(exc, 'strerror', None) or exc}") from None
     board = CommandBoard()
@@ -141,11 +141,16 @@ def serve(config: ServiceConfig, *, out=None) -> int:
     out = out or sys.stdout
     setup_logging(config)
     raise_file_limit()  # before the store opens: the connection cap is worked out from the limit in force
+    from service_adapter.compactor import Compactor
+
     store, provider, manager, app, operator_app = build(config)
+    compactor = Compactor(store, config.retention_s)
+    compactor.start()
     try:
         asyncio.run(_run(config, app, operator_app, manager, store, out))
     finally:
         try:
+            compactor.stop()
             manager.stop()
         finally:
             store.close()

@@ -12,6 +12,7 @@ and the attacker gets 429 with Retry-After, never a reset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,9 +26,9 @@ from requests.auth import HTTPDigestAuth
 from pilot.protocol import commands_path, image_path
 from tests.imagesource import Endorser, ImageServer, image_entry, write_file
 from tests.test_rude_clients import HANG_S, authorization, closed_by_server, connect, log_text, open_file_limit, status_of
-from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, PILOT_REALM, Site, serving
+from tests.test_service_cli import PILOT_REALM, Site, serving
 
-IMAGE_BYTES = 8 * 1024 * 1024 + 5
+IMAGE_BYTES = 8 * 1024 * 1024 + 5  # an image of 8 MiB and a few bytes: no read lands on its end by chance
 #: The service's request timeout here, which is also its send timeout.
 TIMEOUT_S = 2
 
@@ -57,11 +58,12 @@ def read_head(sock: socket.socket, timeout: float = HANG_S) -> bytes | None:
     return head
 
 
-@pytest.fixture(scope="module")
-def attacked(tmp_path_factory, hugepages_module):
-    """A serve under ``prlimit --nofile=1024``, an approved image, and a 4-node lease held by real pilots."""
-    root = tmp_path_factory.mktemp("fair")
-    site = Site(root, request_timeout=TIMEOUT_S)
+@contextlib.contextmanager
+def leased_with_an_image(site: Site, nodes: int = 4):
+    """``site`` served under ``prlimit --nofile=1024``, an 8 MiB image approved from a real HTTP server, and a lease
+    of ``nodes`` nodes held by real pilots: sets ``site.lease_id``, ``slot``, ``hosts``, ``sha256``, ``pid``.
+    The lease is released at the end of the block (when it went well)."""
+    root = site.root
     published = root / "published"
     published.mkdir()
     write_file(str(published / "worker.img"), IMAGE_BYTES, seed=3)
@@ -72,21 +74,30 @@ def attacked(tmp_path_factory, hugepages_module):
     endorser.publish(str(published / "hep.list"), [entry])
     with open(site.config, "a", encoding="utf-8") as handle:
         handle.write(f"[images]\nendorser_keys = {root / 'endorsers'}\nstore_dir = {root / 'image-store'}\n")
-    with open_file_limit(4096), serving(site, wrapper=("prlimit", "--nofile=1024:1024")) as process:
+    with open_file_limit(8192), serving(site, wrapper=("prlimit", "--nofile=1024:1024")) as process:
         try:
             assert site.api("POST", "/image-lists", json={"source": f"{server.url}/hep.list"}).status_code == 201
             assert site.api("POST", "/images/worker/approve", json={"version": "1.0"}).status_code == 200
-            reserved = site.cli("reserve", "--nodes", "4", "--memory", "16", "--duration", "600", "--json", "--wait")
+            reserved = site.cli("reserve", "--nodes", str(nodes), "--memory", "16", "--duration", "900", "--json",
+                                "--wait")
             assert reserved.returncode == 0, reserved.stderr
             lease = json.loads(reserved.stdout)
             site.lease_id, site.slot, site.sha256, site.pid = lease["id"], lease["slot"], entry["sha256"], process.pid
             site.hosts = sorted(pilot["host"] for pilot in lease["pilots"])  # the attackers' nodes and a good one
-            assert len(site.hosts) == 4
+            assert len(site.hosts) == nodes
             yield site
-            released = site.cli("release", site.lease_id, "--wait")
-            assert released.returncode == 0, released.stderr
+            if not getattr(site, "released", False):  # the block may have released it itself
+                released = site.cli("release", site.lease_id, "--wait", timeout=120)
+                assert released.returncode == 0, released.stderr
         finally:
             server.close()
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, hugepages_module):
+    """A serve under ``prlimit --nofile=1024``, an approved image, and a 4-node lease held by real pilots."""
+    with leased_with_an_image(Site(tmp_path_factory.mktemp("fair"), request_timeout=TIMEOUT_S)) as site:
+        yield site
 
 
 def operator_answers(site: Site) -> None:

@@ -164,6 +164,8 @@ BAD_VALUES = [
     ("service", "request_timeout", "0", "must be a number of seconds from 1 to 60"),
     ("service", "request_timeout", "120", "must be a number of seconds from 1 to 60"),
     ("service", "host_rate", "0", "must be a number of requests a second above 0"),
+    ("service", "retention", "-1", "must be a number of seconds, 0 or more"),
+    ("service", "host_store_mb", "lots", "must be a whole number of MB, 0 or more"),
     ("operators", "listen", "8781", "must be HOST:PORT of the operators' own listener"),
     ("operators", "listen", "127.0.0.1:0", "port '0' must be a number from 1 to 65535"),
     ("service", "host_burst", "0", "must be a whole number from 1 to 1000000"),

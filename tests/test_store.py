@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service_adapter.store import Store, StoreError
-from tests.conftest import add_lease, notification
+from tests.conftest import Service, add_lease, notification
 
 
 def post(service, slot, seq, state, host="node1", status=200, **fields):
@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 7: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 8: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
@@ -146,8 +146,21 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
         store.close()
 
 
+def _as_version_7(conn) -> None:
+    """Drop what schema version 8 added (the bounded store's columns) and turn auto-vacuum off, as 7 had it."""
+    conn.execute("DROP INDEX leases_to_compact")
+    for table, column in (("leases", "compacted_at"), ("pilots", "stored_bytes")):
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.commit()
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.execute("PRAGMA auto_vacuum = NONE")
+    conn.execute("VACUUM")
+
+
 def _as_version_6(conn) -> None:
-    """Drop what schema version 7 added (a lease's start and before-end event, the events' kind)."""
+    """Drop what schema versions 7 and 8 added (a lease's start and before-end event, the events' kind; the
+    bounded store's columns)."""
+    _as_version_7(conn)
     for table, column in (("leases", "start_at"), ("leases", "warned_at"), ("lease_events", "kind")):
         conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
 
@@ -231,6 +244,28 @@ def test_a_version_6_store_gains_lease_starts_and_event_kinds_and_its_leases_go_
         upgraded.close()
 
 
+def test_a_version_7_store_counts_what_each_host_stored_and_turns_to_incremental_vacuum(service, tmp_path):
+    slot = service.add_slot()
+    post(service, slot, 1, "reserved", host="node1")
+    post(service, slot, 2, "heartbeat", host="node1")
+    service.receiver.stop()
+    service.store.close()
+    conn = sqlite3.connect(service.store.path)
+    _as_version_7(conn)
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    (bodies,) = conn.execute("SELECT SUM(length(body)) FROM notifications WHERE slot_id = ?", (slot,)).fetchone()
+    conn.close()
+    upgraded = Store(service.store.path)
+    try:
+        assert upgraded.read(lambda c: c.execute("PRAGMA auto_vacuum").fetchone()) == (2,)
+        assert upgraded.read(lambda c: c.execute("SELECT stored_bytes FROM pilots WHERE slot_id = ?",
+                                                 (slot,)).fetchone()) == (bodies + 2 * 128,)
+        assert upgraded.get_lease(service.lease).state == "pending"
+    finally:
+        upgraded.close()
+
+
 # -- a lease's account closes ----------------------------------------------------------------------
 
 
@@ -266,3 +301,82 @@ def test_no_usage_row_is_longer_than_the_leases_duration(service):
     (row,) = service.store.usage_rows(lease_id=service.lease)
     assert row.node_seconds == 1.0 and row.mb_seconds == 64.0
     assert row.released_at == row.reserved_at + 1
+
+
+# -- a bounded store -------------------------------------------------------------------------------
+
+#: A heartbeat as large as the protocol lets a pilot make one (256 VM names and a 4 KiB message): ~21 KB.
+BIG = {"vms": [f"vm-{i:03d}-" + "x" * 56 for i in range(256)], "message": "m" * 4096}
+
+
+def stored_bytes(store, slot: str, host: str = "node1") -> tuple[int, int]:
+    """(what the rows of (slot, host) hold, what its pilot row counts) in bytes."""
+    return store.read(lambda conn: (
+        conn.execute("SELECT COALESCE(SUM(length(body)), 0) + 128 * COUNT(*) FROM notifications"
+                     " WHERE slot_id = ? AND host = ?", (slot, host)).fetchone()[0],
+        conn.execute("SELECT stored_bytes FROM pilots WHERE slot_id = ? AND host = ?", (slot, host)).fetchone()[0]))
+
+
+def test_a_live_hosts_stored_notifications_stay_under_its_cap_and_its_lifecycle_stays(tmp_path):
+    cap = 256 * 1024
+    service = Service(str(tmp_path), store_options={"host_store_bytes": cap})
+    try:
+        slot = service.add_slot()
+        post(service, slot, 1, "reserved", host="node1")
+        for seq in range(2, 102):  # ~2 MB of heartbeats, 8 times the cap
+            post(service, slot, seq, "heartbeat", host="node1", **BIG)
+        held, counted = stored_bytes(service.store, slot)
+        assert held == counted and cap // 2 < held <= cap
+        kept = service.store.notifications(slot)
+        assert kept[0][1:3] == (1, "reserved") and kept[-1][1:3] == (101, "heartbeat")
+        assert [seq for _, seq, _, _ in kept[1:]] == list(range(kept[1][1], 102))  # the newest, without a gap
+        post(service, slot, 102, "unreserved", host="node1")
+        (row,) = service.store.usage_rows(lease_id=service.lease)
+        assert row.ended_by == "unreserved"
+    finally:
+        service.close()
+
+
+def test_an_ended_lease_is_compacted_after_its_retention_and_its_account_stays(service):
+    old_slot = service.add_slot()
+    post(service, old_slot, 1, "reserved", host="node1")
+    for seq in range(2, 40):
+        post(service, old_slot, seq, "heartbeat", host="node1", **BIG)
+    post(service, old_slot, 40, "unreserved", host="node1")
+    ended = time.time()
+    assert service.store.transition_lease(service.lease, "pending", "released", "done", now=ended, ended=True)
+    usage, events = service.store.usage_rows(), service.store.lease_events(service.lease)
+    pages_before = service.store.read(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    # Within its retention: kept whole.
+    assert service.store.compact(retention_s=3600, now=ended + 60)[:3] == (0, 0, 0)
+    assert len(service.store.notifications(old_slot)) == 40
+    # Past it: the notifications go, the lease, its history, its pilot's summary and its usage stay.
+    leases, notifications, commands, free = service.store.compact(retention_s=3600, now=ended + 3601)
+    assert (leases, notifications, commands) == (1, 40, 0)
+    assert service.store.notifications(old_slot) == []
+    assert service.store.usage_rows() == usage and service.store.lease_events(service.lease) == events
+    assert [(p.state, p.last_seq) for p in service.store.pilots(old_slot)] == [("unreserved", 40)]
+    assert service.store.get_lease(service.lease).state == "released"
+    # The space went back to the file system in the same pass: nothing is left free for the next.
+    assert free > 150
+    pages_after = service.store.read(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    assert pages_after < pages_before - 150  # ~800 KB of heartbeats, 4 KiB pages
+    assert service.store.compact(retention_s=3600, now=ended + 3602) == (0, 0, 0, 0)
+    # A replay of a compacted notification is still refused.
+    post(service, old_slot, 2, "heartbeat", host="node1", status=409)
+
+
+def test_the_compactor_thread_compacts_what_passes_its_retention_and_stops_by_itself(service):
+    from service_adapter.compactor import Compactor
+
+    slot = service.add_slot()
+    post(service, slot, 1, "reserved", host="node1")
+    post(service, slot, 2, "unreserved", host="node1")
+    assert service.store.transition_lease(service.lease, "pending", "released", "done", now=time.time(), ended=True)
+    compactor = Compactor(service.store, retention_s=0, every_s=0.05)
+    compactor.start()
+    try:
+        assert service.store.wait_for(lambda: service.store.get_lease(service.lease).compacted_at is not None, 30)
+    finally:
+        compactor.stop()
+    assert service.store.notifications(slot) == [] and len(service.store.usage_rows()) == 1

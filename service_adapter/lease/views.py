@@ -74,6 +74,7 @@ class LeaseInfo:
             "ended_at": _time(row.ended_at),
             "expires_at": _time(row.expires_at),
             "start_at": _time(row.start_at),
+            "compacted_at": _time(row.compacted_at),
             "pilots": [
                 {
                     "host": p.host, "state": p.state, "code": p.code, "seq": p.last_seq,

@@ -31,6 +31,7 @@ import time
 from typing import Callable
 
 from pilot.protocol import Notification, VmSpec
+from service_adapter.store import compaction
 from service_adapter.store import images as image_ops
 from service_adapter.store import leases as lease_ops
 from service_adapter.store import notifications as notification_ops
@@ -56,10 +57,12 @@ class Store:
     one connection per calling thread.
     """
 
-    def __init__(self, path: str, *, synchronous: str = "FULL"):
+    def __init__(self, path: str, *, synchronous: str = "FULL", host_store_bytes: int | None = None):
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be FULL or NORMAL")
         self.path = path
+        #: What one (slot, host) may keep of stored notifications (None: no cap); see :mod:`.compaction`.
+        self.host_store_bytes = host_store_bytes
         self._synchronous = synchronous
         schema.make_private(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -88,6 +91,9 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Before WAL writes the file's first page: on a new file this is what makes it incremental (an existing
+        # file keeps its mode; schema.prepare turns an upgraded one over with a VACUUM).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -295,9 +301,23 @@ class Store:
 
         def write(conn: sqlite3.Connection) -> Verdict:
             self._pilots_touched.add(notification.slot)
-            return notification_ops.record(conn, notification, body, body_hash, account, slack_s, self._wake_target)
+            return notification_ops.record(conn, notification, body, body_hash, account, slack_s, self._wake_target,
+                                           self.host_store_bytes)
 
         return self.submit(write)
+
+    def compact(self, retention_s: float, now: float) -> tuple[int, int, int, int]:
+        """One compaction pass (:mod:`.compaction`): the notifications and commands of leases that ended more
+        than ``retention_s`` before ``now`` are deleted (a batch of them), then free pages are given back.
+        Returns (leases compacted, notifications deleted, commands deleted, free pages before the vacuum)."""
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            return compaction.compact_ended(conn, now - retention_s, now)
+
+        leases, notifications, commands = self.submit(write).result()
+        # Its own transaction, after the deletes committed: their pages are free only then.
+        free = self.submit(compaction.give_back).result()
+        return leases, notifications, commands, free
 
     def start_vms(self, lease_id: str, requests: list[tuple[VmSpec, str | None]], *, overhead_mb: int,
                   now: float, resolve: Callable[[sqlite3.Connection, VmSpec], VmSpec] | None = None

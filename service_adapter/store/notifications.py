@@ -12,12 +12,12 @@ import time
 from typing import Callable
 
 from pilot.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
-from service_adapter.store import vms
+from service_adapter.store import compaction, vms
 from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict
 
 
 def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: str, account: str,
-           slack_s: float, wake: Callable[[str, str], None]) -> Verdict:
+           slack_s: float, wake: Callable[[str, str], None], host_cap_bytes: int | None = None) -> Verdict:
     """Decide on one authenticated notification and, if accepted, record it; returns the :class:`Verdict`.
 
     ACCEPTED (stored, and the pilot's state updated, in one transaction),
@@ -26,7 +26,9 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
     first ``reserved`` for a lease that has ended or is being released: that
     pilot gives its memory back), REPLAY (the seq was used with another
     body, or is not newer than the last one), or one of the claim bounds
-    (:func:`claim_bound`).
+    (:func:`claim_bound`). A (slot, host) whose stored notifications pass
+    ``host_cap_bytes`` loses its oldest non-lifecycle ones
+    (:func:`service_adapter.store.compaction.trim_host`).
 
     The notification that ends a host's hold (``unreserved`` or ``killed``
     after its ``reserved``) writes that hold's usage row in the same
@@ -57,6 +59,8 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
         "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),
     )
+    if compaction.stored(conn, n.slot, n.host, len(body)) > (host_cap_bytes or float("inf")):
+        compaction.trim_host(conn, n.slot, n.host, host_cap_bytes)
     return Verdict.ACCEPTED
 
 

@@ -12,7 +12,7 @@ from service_adapter.store.errors import StoreError
 log = logging.getLogger("service_adapter.store")
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: Older versions this one upgrades in place (each step only adds), and how.
 UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
@@ -21,6 +21,11 @@ UPGRADES = {
     5: "",  # the image tables (images.SCHEMA), created by the upgrade's CREATE TABLE IF NOT EXISTS
     6: "ALTER TABLE leases ADD COLUMN start_at REAL; ALTER TABLE leases ADD COLUMN warned_at REAL;"
        " ALTER TABLE lease_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'state';",
+    # The bounded store (service_adapter.store.compaction): what each host has stored, which leases are compacted.
+    7: "ALTER TABLE leases ADD COLUMN compacted_at REAL;"
+       " ALTER TABLE pilots ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;"
+       " UPDATE pilots SET stored_bytes = (SELECT COALESCE(SUM(length(n.body)), 0) + 128 * COUNT(*)"
+       " FROM notifications n WHERE n.slot_id = pilots.slot_id AND n.host = pilots.host);",
 }
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
 #: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
@@ -47,10 +52,12 @@ CREATE TABLE IF NOT EXISTS leases (
     cancel_requested_at  REAL,
     cancelled_at         REAL,
     start_at             REAL,
-    warned_at            REAL
+    warned_at            REAL,
+    compacted_at         REAL
 );
 CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_by_owner ON leases(owner);
+CREATE INDEX IF NOT EXISTS leases_to_compact ON leases(ended_at) WHERE compacted_at IS NULL;
 CREATE TABLE IF NOT EXISTS slots (
     id          TEXT PRIMARY KEY,
     lease_id    TEXT NOT NULL REFERENCES leases(id),
@@ -75,6 +82,7 @@ CREATE TABLE IF NOT EXISTS pilots (
     reserved_mb INTEGER,
     ended_by    TEXT,
     lost_at     REAL,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (slot_id, host)
 );
 CREATE TABLE IF NOT EXISTS notifications (
@@ -139,6 +147,7 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
             f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         )
         log.warning("store %s upgraded from schema version %d to %d", path, version, SCHEMA_VERSION)
+        _incremental_vacuum(conn, path)
         return
     if tables and version != SCHEMA_VERSION:
         conn.close()
@@ -150,6 +159,15 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
     conn.executescript(
         f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
+
+
+def _incremental_vacuum(conn: sqlite3.Connection, path: str) -> None:
+    """Turn an upgraded file's auto-vacuum to incremental (a VACUUM rewrites the file once, at this start)."""
+    (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+    if mode != 2:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+        log.warning("store %s rewritten once for incremental vacuum", path)
 
 
 STORE_FILE_MODE = 0o600
