@@ -669,3 +669,31 @@ def test_a_poller_with_the_wrong_secret_keeps_trying_and_hands_on_nothing(channe
         assert recorder.batches == [] and recorder.gone == []  # 401 is not 404: the pilot does not give up
     finally:
         finish(poller)
+
+
+def test_a_poll_answered_429_waits_its_retry_after_before_the_next():
+    """A node over its share: the service says 429 with Retry-After, and the pilot's poller keeps that quiet."""
+    key = "a" * 64
+    arrivals: list[float] = []
+
+    async def busy_then_serving(request: web.Request) -> web.Response:
+        arrivals.append(time.monotonic())
+        if len(arrivals) <= 3:
+            return web.json_response({"result": "too-many"}, status=429, headers={"Retry-After": "1"})
+        body = commands_body([])
+        return web.Response(body=body, content_type="application/json",
+                            headers={SIGNATURE_HEADER: sign_commands(key, request.raw_path, body)})
+
+    app = web.Application()
+    app.router.add_get(COMMANDS_PATH, busy_then_serving)
+    server = ReceiverThread(app)
+    recorder = Recorder()
+    poller = make_poller(server.start(), key, "slot-1", "node1", recorder)
+    poller.start()
+    try:
+        wait_until(lambda: poller.polls >= 4, "a poll answered 200 after three 429s")
+    finally:
+        finish(poller)
+        server.stop()
+    gaps = [later - earlier for earlier, later in zip(arrivals[:4], arrivals[1:4])]
+    assert min(gaps) >= 0.99, gaps  # each waited the second it was asked to (its own backoff is 0.1 s)
