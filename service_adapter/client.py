@@ -176,6 +176,8 @@ class LeaseClient:
         detail = body.get("error") or body.get("detail") or response.reason or "error"
         if response.status_code == 401:
             detail = "the service refused this user and secret (HTTP digest)"
+        elif response.status_code == 429 and response.headers.get("Retry-After", "").isdigit():
+            detail = f"{_first_line(detail)} ({response.headers['Retry-After']} s)"
         raise ClientError(f"{method} {target}: {response.status_code} {_first_line(detail)}", response.status_code)
 
 

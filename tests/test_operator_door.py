@@ -101,3 +101,17 @@ def test_a_password_guesser_is_held_to_one_try_every_2_s_and_an_operator_elsewhe
     # The log names the guesser, in a line or two, not one per guess (service_adapter.refusals).
     lines = [line for line in log_text(door).splitlines() if "127.0.0.41" in line]
     assert 1 <= len(lines) <= 2, lines
+
+
+def test_the_cli_held_back_after_failed_logins_says_so_in_one_line_with_exit_5(tmp_path):
+    site = Site(tmp_path)
+    operators = apart(site)
+    with serving(site):
+        url = f"{operators}/api/v1/leases"
+        statuses = [requests.get(url, headers={"Authorization": guess(url, "wrong")}, timeout=HANG_S).status_code
+                    for _ in range(12)]  # from 127.0.0.1, where the operator's command runs too
+        assert statuses[-1] == 429, statuses
+        listed = site.cli("list")
+    assert listed.returncode == 5, listed.stderr
+    line = listed.stderr.strip()
+    assert "\n" not in line and "429 too many failed logins from this address" in line and " s)" in line, line

@@ -44,7 +44,7 @@ def client_command(args) -> int:
 def _exit_for_status(status: int | None) -> int:
     if status is None:
         return EXIT_UNREACHABLE
-    if status in (401, 403):
+    if status in (401, 403, 429):
         return EXIT_REFUSED
     if status == 404:
         return EXIT_NOT_FOUND

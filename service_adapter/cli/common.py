@@ -28,7 +28,8 @@ EXIT_CODES = {  # README.md's table says the same (tests/test_cli.py checks)
     EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; serve cannot listen or open its store "
                  "or log; the demo cannot run here",
     EXIT_UNREACHABLE: "the service could not be reached, or did not answer within --timeout",
-    EXIT_REFUSED: "the service refused the credentials (401/403)",
+    EXIT_REFUSED: "the service refused the credentials (401/403), or holds back this address after too many "
+                  "failed logins (429)",
     EXIT_NOT_FOUND: "no such lease, VM, image or image list (404)",
     EXIT_TIMEOUT: "--wait gave up (after --timeout seconds; vm: after its --wait SECONDS); the lease or VM goes on",
     EXIT_CONFLICT: "the service refused a request as the lease stands (409): the lease is not ready or running, "
