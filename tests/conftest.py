@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
+from tests.ports import free_port  # noqa: F401 (the tests import it from here)
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 NR_HUGEPAGES = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
@@ -198,11 +198,6 @@ def notification(slot: str, seq: int = 1, state: str = "reserved", host: str = "
     return Notification(slot=slot, host=host, state=state, seq=seq, **fields)
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (at the moment of the call)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def throwaway_node_keys(tmp_path) -> str:

@@ -14,7 +14,6 @@ Daemons are stopped by the pids this object started, never by name.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.vms import VmManager
 from tests.daemons import stop_in_order
+from tests.ports import free_ports
 
 SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -47,27 +47,6 @@ WALLTIME_MARGIN_S = 20
 
 class ClusterError(RuntimeError):
     """The cluster could not be started; the message says which part and where its log is."""
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` ports that bind now, below the kernel's ephemeral range: a port from that range (what binding
-    port 0 gives) can be taken by any outgoing connection before the daemon binds it (slurmd-node3 failed to
-    start so after a test that had opened 1,100 client connections)."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as handle:
-        ephemeral_low = int(handle.read().split()[0])
-    candidates = list(range(max(1024, ephemeral_low - 12000), ephemeral_low))
-    random.shuffle(candidates)
-    ports = []
-    for port in candidates:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise ClusterError(f"no {count} free ports below {ephemeral_low}")
 
 
 def missing_commands() -> list[str]:
@@ -126,7 +105,7 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         host = socket.gethostname().split(".")[0]
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         cpus = os.cpu_count() or 1
         w = self.workdir
         lines = [
