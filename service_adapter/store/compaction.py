@@ -39,21 +39,10 @@ VACUUM_PAGES = 8192
 _LIFECYCLE_SQL = "(" + ", ".join(f"'{state}'" for state in sorted(LIFECYCLE_STATES)) + ")"
 
 
-def stored(conn: sqlite3.Connection, slot: str, host: str, body_bytes: int) -> int:
-    """Count one more stored notification of ``body_bytes`` against (slot, host); its stored bytes now."""
-    row = conn.execute(
-        "UPDATE pilots SET stored_bytes = stored_bytes + ? WHERE slot_id = ? AND host = ? RETURNING stored_bytes",
-        (body_bytes + ROW_BYTES, slot, host),
-    ).fetchone()
-    return row[0] if row else 0
-
-
-def trim_host(conn: sqlite3.Connection, slot: str, host: str, cap_bytes: int) -> int:
-    """Delete (slot, host)'s oldest non-lifecycle notifications until its stored bytes are at most three quarters
-    of ``cap_bytes``; how many were deleted (0 when it holds only lifecycle ones)."""
-    (now_bytes,) = conn.execute("SELECT stored_bytes FROM pilots WHERE slot_id = ? AND host = ?",
-                                (slot, host)).fetchone()
-    goal = now_bytes - cap_bytes * 3 // 4
+def trim_host(conn: sqlite3.Connection, slot: str, host: str, cap_bytes: int, stored_bytes: int) -> int:
+    """Delete (slot, host)'s oldest non-lifecycle notifications until its ``stored_bytes`` are at most three
+    quarters of ``cap_bytes``; how many were deleted (0 when it holds only lifecycle ones)."""
+    goal = stored_bytes - cap_bytes * 3 // 4
     doomed, freed = [], 0
     for seq, size in conn.execute(
         "SELECT seq, length(body) FROM notifications WHERE slot_id = ? AND host = ?"

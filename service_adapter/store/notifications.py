@@ -46,21 +46,24 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
     if verdict is not None:
         return verdict
     _, lease_id, owner, _, _, duration_s, ended_at = slot
+    cost = len(body) + compaction.ROW_BYTES  # counted against the host in the pilot row's own write
     if pilot is None:
-        _insert_pilot(conn, n, now)
+        stored = _insert_pilot(conn, n, now, cost)
     elif n.state in LIFECYCLE_STATES:
-        _update_pilot(conn, n, pilot, lease_id, owner, now, window=(ended_at, duration_s))
+        stored = _update_pilot(conn, n, pilot, lease_id, owner, now, cost, window=(ended_at, duration_s))
     else:
         # A report may carry a moved deadline (``extended``): the pilot's expires_at follows it.
-        conn.execute("UPDATE pilots SET last_seq = ?, updated_at = ?, expires_at = COALESCE(?, expires_at)"
-                     " WHERE slot_id = ? AND host = ?", (n.seq, now, n.expires_at, n.slot, n.host))
+        (stored,) = conn.execute(
+            "UPDATE pilots SET last_seq = ?, updated_at = ?, expires_at = COALESCE(?, expires_at),"
+            " stored_bytes = stored_bytes + ? WHERE slot_id = ? AND host = ? RETURNING stored_bytes",
+            (n.seq, now, n.expires_at, cost, n.slot, n.host)).fetchone()
     vms.apply_notification(conn, n, lease_id, now, wake)
     conn.execute(
         "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),
     )
-    if compaction.stored(conn, n.slot, n.host, len(body)) > (host_cap_bytes or float("inf")):
-        compaction.trim_host(conn, n.slot, n.host, host_cap_bytes)
+    if host_cap_bytes and stored > host_cap_bytes:
+        compaction.trim_host(conn, n.slot, n.host, host_cap_bytes, stored)
     return Verdict.ACCEPTED
 
 
@@ -99,36 +102,40 @@ def _decide(conn: sqlite3.Connection, n: Notification, body_hash: str, slack_s: 
     return None, slot, pilot
 
 
-def _insert_pilot(conn: sqlite3.Connection, n: Notification, now: float) -> None:
+def _insert_pilot(conn: sqlite3.Connection, n: Notification, now: float, stored: int) -> int:
+    """A host's first notification: its pilot row, with ``stored`` bytes counted; returns them."""
     reserving = n.state == "reserved"
     state = n.state if n.state in LIFECYCLE_STATES else "reserving"
     reserved_at, reserved_mb = (now, n.memory_mb) if reserving else (None, None)
     conn.execute(
-        f"INSERT INTO pilots ({PILOT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        f"INSERT INTO pilots ({PILOT_COLUMNS}, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
         (n.slot, n.host, state, n.code, n.seq, n.memory_mb, n.expires_at, reserved_at, reserved_mb,
-         n.state if n.state in ENDING else None, now),
+         n.state if n.state in ENDING else None, now, stored),
     )
+    return stored
 
 
 def _update_pilot(conn: sqlite3.Connection, n: Notification, pilot, lease_id: str, owner: str, now: float,
-                  window: tuple[float | None, float]) -> None:
-    """A lifecycle state of a known pilot; the usage row when it ends a hold (``window``: the lease's end, if it
-    has ended, and its duration: what the row is held to)."""
+                  cost: int, window: tuple[float | None, float]) -> int:
+    """A lifecycle state of a known pilot, ``cost`` more stored bytes counted; the usage row when it ends a hold
+    (``window``: the lease's end, if it has ended, and its duration: what the row is held to). Returns the
+    host's stored bytes now."""
     _, reserved_at, reserved_mb, ended_by = pilot
     if reserved_at is None and n.state == "reserved":
         reserved_at, reserved_mb = now, n.memory_mb
-    conn.execute(
+    (stored,) = conn.execute(
         "UPDATE pilots SET state = ?, code = ?, last_seq = ?, memory_mb = ?,"
         " expires_at = COALESCE(?, expires_at), updated_at = ?,"
-        " reserved_at = ?, reserved_mb = ?, ended_by = ?"
-        " WHERE slot_id = ? AND host = ?",
+        " reserved_at = ?, reserved_mb = ?, ended_by = ?, stored_bytes = stored_bytes + ?"
+        " WHERE slot_id = ? AND host = ? RETURNING stored_bytes",
         (n.state, n.code, n.seq, n.memory_mb, n.expires_at, now, reserved_at, reserved_mb,
-         ended_by or (n.state if n.state in ENDING else None), n.slot, n.host),
-    )
+         ended_by or (n.state if n.state in ENDING else None), cost, n.slot, n.host),
+    ).fetchone()
     if n.state in HOLD_ENDED and reserved_at is not None:
         ended_at, duration_s = window
         _add_usage(conn, lease_id, n.host, n.slot, owner, reserved_mb, reserved_at,
                    now if ended_at is None else min(now, ended_at), n.state, duration_s)
+    return stored
 
 
 def _add_usage(conn: sqlite3.Connection, lease_id: str, host: str, slot: str, owner: str, memory_mb: int,

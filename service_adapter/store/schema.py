@@ -7,6 +7,7 @@ import os
 import sqlite3
 
 from service_adapter.store import images, vms
+from service_adapter.store.compaction import ROW_BYTES
 from service_adapter.store.errors import StoreError
 
 log = logging.getLogger("service_adapter.store")
@@ -24,7 +25,7 @@ UPGRADES = {
     # The bounded store (service_adapter.store.compaction): what each host has stored, which leases are compacted.
     7: "ALTER TABLE leases ADD COLUMN compacted_at REAL;"
        " ALTER TABLE pilots ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;"
-       " UPDATE pilots SET stored_bytes = (SELECT COALESCE(SUM(length(n.body)), 0) + 128 * COUNT(*)"
+       f" UPDATE pilots SET stored_bytes = (SELECT COALESCE(SUM(length(n.body)), 0) + {ROW_BYTES} * COUNT(*)"
        " FROM notifications n WHERE n.slot_id = pilots.slot_id AND n.host = pilots.host);",
 }
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
