@@ -57,6 +57,8 @@ class FirstShot:
         self.user = user
         self.password = password
         self.verify_tls = verify_tls
+        #: The last answer's Retry-After header (None: none, or no answer yet); the notifier honours it on a 429.
+        self.retry_after: str | None = None
 
     @staticmethod
     def applies(env=os.environ) -> bool:
@@ -116,7 +118,7 @@ class FirstShot:
             response.read(MAX_ANSWER_BYTES)
             if not response.isclosed():
                 connection.close()
-        self.retry_after = response.getheader("Retry-After")  # the last answer's: read by the notifier on a 429
+        self.retry_after = response.getheader("Retry-After")
         return response.status, answer, response.getheader("WWW-Authenticate", "")
 
     def _authorization(self, challenge: str) -> str:

@@ -301,7 +301,7 @@ class Notifier:
             delivery._finish(Outcome.DELIVERED, 200)
             return True
         if status in RETRYABLE_STATUSES:
-            asked = retry_after_s(status, {"Retry-After": getattr(shot, "retry_after", None)})
+            asked = retry_after_s(status, {"Retry-After": shot.retry_after})
             if asked is not None:  # as the retries below do: the service asked for this much quiet
                 self._closing.wait(min(asked, max(0.0, delivery.deliver_by - time.monotonic())))
             return False
@@ -402,8 +402,7 @@ def _honouring_retry_after(backoff, deliver_by: float):
     def wait(state) -> float:
         asked = None
         if state.outcome is not None and not state.outcome.failed:
-            attempt = state.outcome.result()
-            asked = getattr(attempt, "retry_after_s", None)
+            asked = state.outcome.result().retry_after_s
         return min(max(backoff(state), asked or 0.0), max(0.0, deliver_by - time.monotonic()))
 
     return wait

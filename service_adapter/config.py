@@ -160,8 +160,7 @@ class ServiceConfig:
             return self.client_url
         host, port = self.listen_host, self.port
         if self.operator_listen:
-            host, _, port = self.operator_listen.rpartition(":")
-            host = host.strip("[]")
+            host, port = listen_parts(self.operator_listen)
         if _is_wildcard(host):
             host = "::1" if ":" in host else "127.0.0.1"
         return f"{self.scheme}://{_url_host(host)}:{port}"
@@ -254,6 +253,12 @@ def _metrics_listen(text: str) -> str:
 
 def _operator_listen(text: str) -> str:
     return _listen_address(text, "must be HOST:PORT of the operators' own listener (e.g. 127.0.0.1:8781)")
+
+
+def listen_parts(text: str) -> tuple[str, int]:
+    """(host, port) of a checked ``HOST:PORT`` option (an IPv6 host without its brackets)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _listen_address(text: str, message: str) -> str:

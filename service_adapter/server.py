@@ -21,7 +21,7 @@ import sys
 from aiohttp import web
 
 from pilot.shared.errors import first_line
-from service_adapter.config import ServiceConfig
+from service_adapter.config import ServiceConfig, listen_parts
 from service_adapter.connections import GUARD_KEY, ConnectionGuard, raise_file_limit, start_serving
 
 log = logging.getLogger("service_adapter.server")
@@ -177,10 +177,9 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
         ) from None
     operator_runner = None
     if operator_app is not None:
-        host, _, port = config.operator_listen.rpartition(":")
         try:
-            operator_runner = await start_serving(operator_app, host.strip("[]"), int(port), ssl_context=ssl_context,
-                                                  shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            operator_runner = await start_serving(operator_app, *listen_parts(config.operator_listen),
+                                                  ssl_context=ssl_context, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         except OSError as exc:
             await runner.cleanup()
             raise ServeError(f"[operators] cannot listen on {config.operator_listen}: {exc.strerror or exc}") from None
@@ -219,11 +218,10 @@ async def _serve_metrics(config: ServiceConfig, app: web.Application):
         return None
     from service_adapter.metrics import METRICS_KEY, metrics_app
 
-    host, _, port = config.metrics_listen.rpartition(":")
     runner = web.AppRunner(metrics_app(app[METRICS_KEY]), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        await web.TCPSite(runner, *listen_parts(config.metrics_listen)).start()
     except OSError as exc:
         await runner.cleanup()
         raise ServeError(f"[metrics] cannot listen on {config.metrics_listen}: {exc.strerror or exc}") from None
