@@ -141,16 +141,21 @@ def image_open(site: Site) -> bool:
     return any(site.sha256 in target for target in open_descriptors(site.pid))
 
 
-def established(server_port: int, client_port: int) -> bool:
-    """Whether the service's TCP connection from loopback port ``client_port`` is still established
-    (``/proc/net/tcp``: local 127.0.0.1:server_port, state 01)."""
+def send_queue(server_port: int, client_port: int) -> int | None:
+    """Bytes the service's end of the connection from loopback port ``client_port`` holds unsent or unacknowledged
+    (``/proc/net/tcp``: local 127.0.0.1:server_port, state 01, tx_queue); None once it is no longer established."""
     local = f"0100007F:{server_port:04X}"
     with open("/proc/net/tcp", encoding="ascii") as handle:
         for line in handle.readlines()[1:]:
             fields = line.split()
             if fields[1] == local and fields[2].endswith(f":{client_port:04X}") and fields[3] == "01":
-                return True
-    return False
+                return int(fields[4].split(":")[0], 16)
+    return None
+
+
+def established(server_port: int, client_port: int) -> bool:
+    """Whether the service's TCP connection from loopback port ``client_port`` is still established."""
+    return send_queue(server_port, client_port) is not None
 
 
 def test_a_nodes_300_parked_polls_leave_it_one_and_the_others_are_served(attacked):
@@ -206,10 +211,14 @@ def test_downloads_that_never_read_are_capped_per_node_cut_off_and_hold_no_file(
             # Two are streaming, soon stalled: while the service still holds their connections, it holds no image
             # file for them (a read of a chunk opens and closes it; aiohttp's FileResponse kept it open throughout).
             streaming = [sock.getsockname()[1] for sock, status in zip(downloads, statuses) if status == 200]
-            while image_open(site) and all(established(site.port, port) for port in streaming):
-                time.sleep(0.01)  # watching another process's descriptors: nothing to wait on
-            assert not image_open(site) and all(established(site.port, port) for port in streaming), \
-                "a stalled download held the image file open until it was cut off"
+            # Stalled: each stream's send queue full and still (a stream that still moves reads its next chunk,
+            # and opens the file for that moment, so only both stalled says what a waiting download holds).
+            queues, before = [send_queue(site.port, port) for port in streaming], None
+            while queues != before or not all(queues):
+                assert None not in queues, "a download was cut off before it stalled"
+                time.sleep(0.05)  # another process's sockets: nothing to wait on
+                queues, before = [send_queue(site.port, port) for port in streaming], queues
+            assert not image_open(site), "a stalled download holds the image file open"
             operator_answers(site)
             good_pilot_answers(site)
             assert statuses.count(200) == 2, statuses  # [service] host_downloads
