@@ -331,7 +331,8 @@ async def list_leases(request: web.Request) -> web.Response:
     owner = request.query.get("owner") or None
     manager = request.app[MANAGER_KEY]
     infos = await asyncio.to_thread(manager.list, states=states or None, owner=owner)
-    return web.json_response({"leases": [info.to_json() for info in infos]})
+    asker = who(request)
+    return web.json_response({"leases": [info.to_json(asker=asker) for info in infos]})
 
 
 @refusals
@@ -339,7 +340,7 @@ async def show_lease(request: web.Request) -> web.Response:
     """GET /api/v1/leases/{id}: one lease."""
     lease_id = _lease_id(request)
     info = await asyncio.to_thread(request.app[MANAGER_KEY].get, lease_id)
-    return web.json_response(info.to_json())
+    return web.json_response(info.to_json(asker=who(request)))
 
 
 @refusals
@@ -350,7 +351,7 @@ async def release_lease(request: web.Request) -> web.Response:
         await read_json(request)  # tolerated (e.g. "{}"), but it must be small and JSON
     info = await asyncio.to_thread(request.app[MANAGER_KEY].release, lease_id)
     log.info("API: %s released lease %s (now %s)", who(request), lease_id, getattr(info, "state", "?"))
-    return web.json_response(info.to_json(), status=202)
+    return web.json_response(info.to_json(asker=who(request)), status=202)
 
 
 @refusals
@@ -367,7 +368,7 @@ async def extend_lease(request: web.Request) -> web.Response:
                            f"{json.dumps(by_s)[:40]}")
     info = await asyncio.to_thread(request.app[MANAGER_KEY].extend, lease_id, float(by_s))
     log.info("API: %s extended lease %s by %g s (now %g s)", who(request), lease_id, by_s, info.duration_s)
-    return web.json_response(info.to_json())
+    return web.json_response(info.to_json(asker=who(request)))
 
 
 @refusals
@@ -427,8 +428,15 @@ async def start_vms(request: web.Request) -> web.Response:
     started = await asyncio.to_thread(vms.start, lease_id, wanted)
     log.info("API: %s started %d VM(s) on lease %s: %s", who(request), len(started), lease_id,
              ", ".join(f"{vm.name}@{vm.host}" for vm in started))
-    return web.json_response({"vms": [vm_json(vm) for vm in started]}, status=202,
+    owner = await _is_owner(request, lease_id)
+    return web.json_response({"vms": [vm_json(vm, owner=owner) for vm in started]}, status=202,
                              headers={"Location": f"{PREFIX}/leases/{lease_id}/vms"})
+
+
+async def _is_owner(request: web.Request, lease_id: str) -> bool:
+    """Whether the asker owns the lease (only the owner is told how to reach its VMs)."""
+    lease = await asyncio.to_thread(request.app[VMS_KEY].store.get_lease, lease_id)
+    return lease is not None and lease.owner == who(request)
 
 
 @refusals
@@ -438,7 +446,8 @@ async def list_vms(request: web.Request) -> web.Response:
     if request.query:
         raise Refused(400, f"unknown query parameter(s) {', '.join(sorted(set(request.query)))}: none is taken")
     found = await asyncio.to_thread(request.app[VMS_KEY].list, lease_id)
-    return web.json_response({"vms": [vm_json(vm) for vm in found]})
+    owner = await _is_owner(request, lease_id)
+    return web.json_response({"vms": [vm_json(vm, owner=owner) for vm in found]})
 
 
 @refusals
@@ -447,7 +456,7 @@ async def show_vm(request: web.Request) -> web.Response:
     lease_id = _lease_id(request)
     name = _vm_name(request, lease_id)
     vm = await asyncio.to_thread(request.app[VMS_KEY].get, lease_id, name)
-    return web.json_response(vm_json(vm))
+    return web.json_response(vm_json(vm, owner=await _is_owner(request, lease_id)))
 
 
 @refusals
@@ -467,7 +476,7 @@ async def stop_vm(request: web.Request) -> web.Response:
     vm = await asyncio.to_thread(request.app[VMS_KEY].stop, lease_id, name, force=force)
     log.info("API: %s stopped VM %s of lease %s%s (now %s)", who(request), name, lease_id,
              " (forced)" if force else "", vm.state)
-    return web.json_response(vm_json(vm), status=202)
+    return web.json_response(vm_json(vm, owner=await _is_owner(request, lease_id)), status=202)
 
 
 @refusals
@@ -481,7 +490,7 @@ async def pause_vm(request: web.Request) -> web.Response:
     vms = request.app[VMS_KEY]
     vm = await asyncio.to_thread(vms.resume if resume else vms.suspend, lease_id, name)
     log.info("API: %s %s VM %s of lease %s", who(request), "resumed" if resume else "suspended", name, lease_id)
-    return web.json_response(vm_json(vm), status=202)
+    return web.json_response(vm_json(vm, owner=await _is_owner(request, lease_id)), status=202)
 
 
 def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None, *,

@@ -29,6 +29,7 @@ from service_adapter.digest import Account
 from service_adapter.secretfiles import read_accounts_file, read_site_key, user_name as _user
 from service_adapter.providers.launchers import LAUNCHER_NAMES
 from service_adapter.nodekeys import NodeAccounts
+from service_adapter import networks as _networks
 from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
 from service_adapter.providers.jobscript import JobTemplate
 
@@ -80,6 +81,18 @@ class ServiceConfig:
     warn_before_s: float = 60.0
     # [vms]
     vm_overhead_mb: int = 64
+    # [networks]
+    net_mode: str = "none"
+    lease_range: object = _networks.NetworkPlan.lease_range
+    lease_prefix: int = 24
+    vxlan_port: int = 4789
+    vni_base: int = 100000
+    site_network: object = None
+    site_gateway: object = None
+    site_pool: tuple = ()
+    site_bridge: str | None = None
+    net_domain: str = "vm.internal"
+    forward_ports: tuple[int, int] | None = (20000, 20999)
     # [metrics]
     metrics_listen: str = "api"
     # [images]
@@ -178,6 +191,12 @@ class ServiceConfig:
             use_pbs_python=self.use_pbs_python, qstat_history=self.qstat_history,
             env=dict(self.env) if self.env else None, state_dir=self.state_dir,
         )
+
+    def network_plan(self) -> _networks.NetworkPlan:
+        """The [networks] section as the store allocates from it."""
+        return _networks.NetworkPlan(
+            self.net_mode, self.lease_range, self.lease_prefix, self.vxlan_port, self.vni_base, self.site_network,
+            self.site_gateway, self.site_pool, self.site_bridge, self.net_domain, self.forward_ports)
 
     def operator_accounts(self) -> dict[str, Account]:
         """The operators' accounts by user name (serve only)."""
@@ -299,6 +318,13 @@ def _prefix(text: str) -> str:
     return text
 
 
+def _ipv4_address(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 address") from None
+
+
 def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
@@ -349,6 +375,19 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
     },
     "vms": {
         "overhead_mb": ("vm_overhead_mb", _mb),
+    },
+    "networks": {
+        "mode": ("net_mode", choice(*_networks.MODES)),
+        "lease_range": ("lease_range", _networks.parse_network),
+        "lease_prefix": ("lease_prefix", whole(8, 30, "must be a prefix length from 8 to 30")),
+        "vxlan_port": ("vxlan_port", _port),
+        "vni_base": ("vni_base", whole(1, 2**24 - 1, "must be a VXLAN id from 1 to 16777215")),
+        "site_network": ("site_network", _networks.parse_network),
+        "site_gateway": ("site_gateway", _ipv4_address),
+        "site_pool": ("site_pool", _networks.parse_ranges),
+        "site_bridge": ("site_bridge", _networks.check_bridge),
+        "domain": ("net_domain", _networks.check_domain),
+        "forward_ports": ("forward_ports", _networks.parse_ports),
     },
     "metrics": {
         "listen": ("metrics_listen", _metrics_listen),
@@ -461,6 +500,8 @@ def _cross_checks(path: str, values: dict) -> list[str]:
             f"{path}: [operators] realm: must differ from [service] realm, so that pilot and operator "
             "credentials never work for each other"
         )
+    plan = ServiceConfig(**values).network_plan()
+    problems.extend(f"{path}: [networks] {option}: {why}" for option, why in plan.problems())
     problems.extend(_template_problems(path, values))
     return problems
 

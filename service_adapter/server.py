@@ -102,7 +102,8 @@ def build(config: ServiceConfig):
         )
         catalog = ImageCatalog(store, keys_dir=config.endorser_keys, store_dir=config.image_store_dir,
                                timeout_s=config.image_fetch_timeout_s, ca_file=config.image_ca_file)
-        vms = VmManager(store, overhead_mb=config.vm_overhead_mb, catalog=catalog)
+        vms = VmManager(store, overhead_mb=config.vm_overhead_mb, catalog=catalog,
+                        network_plan=config.network_plan())
     except Exception as exc:
         store.close()
         raise ServeError(f"[provider] name = {config.provider}: {first_line(exc)}") from None

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Iterable
 
 from pilot.protocol import ProtocolError, VmSpec
+from service_adapter.networks import NetworkPlan
 from service_adapter.store import Store
 from service_adapter.store.vms import VmRequestError, VmRow
 
@@ -52,17 +53,20 @@ class VmManager:
 
     ``catalog`` (an :class:`service_adapter.images.catalog.ImageCatalog`)
     resolves the images a spec names by list identifier; without one such
-    a spec is refused.
+    a spec is refused. ``network_plan`` (a
+    :class:`~service_adapter.networks.NetworkPlan`) gives each VM an
+    address; without one (or with mode none) VMs get none from the service.
     """
 
     def __init__(self, store: Store, *, overhead_mb: int = 64, clock: Callable[[], float] = time.time,
-                 catalog=None):
+                 catalog=None, network_plan: NetworkPlan | None = None):
         if not isinstance(overhead_mb, int) or overhead_mb < 0:
             raise ValueError(f"overhead_mb must be a whole number of MB, 0 or more, got {overhead_mb!r}")
         self.store = store
         self.overhead_mb = overhead_mb
         self.clock = clock
         self.catalog = catalog
+        self.network_plan = network_plan
 
     def start(self, lease_id: str, requests: list[tuple[VmSpec, str | None]]) -> list[VmRow]:
         """Queue the VMs' start; returns their rows (state ``starting``, with their hosts), in the request's order.
@@ -76,11 +80,14 @@ class VmManager:
         if len(requests) > MAX_VMS_PER_REQUEST:
             raise VmRequestError(f"at most {MAX_VMS_PER_REQUEST} VMs per request", 400)
         resolve = self.catalog.resolver() if self.catalog is not None else _no_catalog
+        if any(spec.nic is not None for spec, _ in requests):
+            raise VmRequestError("vm.nic: the service gives each VM its address; leave out 'nic'", 400)
         queued = self.store.start_vms(lease_id, requests, overhead_mb=self.overhead_mb, now=self.clock(),
-                                      resolve=resolve)
+                                      resolve=resolve, plan=self.network_plan)
         for spec, host in queued:
-            log.info("lease %s: VM %s (%d MB, %d vCPU) queued to start on %s",
-                     lease_id, spec.name, spec.memory_mb, spec.vcpus, host)
+            log.info("lease %s: VM %s (%d MB, %d vCPU) queued to start on %s%s",
+                     lease_id, spec.name, spec.memory_mb, spec.vcpus, host,
+                     f" as {spec.nic.ip} ({spec.nic.mac})" if spec.nic is not None else "")
         by_name = {vm.name: vm for vm in self.store.vms(lease_id)}
         return [by_name[spec.name] for spec, _ in requests]  # in the request's order
 

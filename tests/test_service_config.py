@@ -204,6 +204,18 @@ BAD_VALUES = [
     ("provider", "parallel_environment", "two words", "must be one word"),
     ("provider", "extra_directives", "\n    #SBATCH --time=10", "conflicts with walltime_padding_s"),
     ("provider", "extra_directives", "\n    --exclusive\n    #PBS -l mem=1gb", "is a #PBS line (pbs)"),
+    ("networks", "mode", "bridged", "must be one of none, private, site"),
+    ("networks", "lease_range", "10.213.0.0", "give the prefix length too"),
+    ("networks", "lease_range", "10.213.0.1/16", "is not an IPv4 network with its prefix"),
+    ("networks", "lease_prefix", "31", "must be a prefix length from 8 to 30"),
+    ("networks", "vxlan_port", "0", "must be a TCP port number"),
+    ("networks", "vni_base", "0", "must be a VXLAN id from 1 to 16777215"),
+    ("networks", "site_network", "192.0.2.0/33", "is not an IPv4 network"),
+    ("networks", "site_gateway", "192.0.2", "is not an IPv4 address"),
+    ("networks", "site_pool", "192.0.2.10-192.0.2.20, 192.0.2.15-192.0.2.30", "ranges overlap at 192.0.2.15"),
+    ("networks", "site_bridge", "a-bridge-name-too-long", "is not an interface name"),
+    ("networks", "domain", "vm_internal", "is not a DNS domain"),
+    ("networks", "forward_ports", "22-80", "ports must run upward within 1024-65535"),
     ("metrics", "listen", "everywhere", "must be api, off, or HOST:PORT"),
     ("metrics", "listen", "127.0.0.1:99999", "must be a number from 1 to 65535"),
     ("metrics", "listen", "bad host:9780", "must be an IP address or a host name"),
@@ -252,6 +264,38 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert problems[3].startswith(f"{path}: [provider] name = 'lsf': ")
     assert problems[4].startswith(f"{path}: [provider] unknown option 'colour': known are name, ")
     assert problems[5].startswith(f"{path}: unknown section [nonsense]: known are [service], [pilots]")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("mode = private\nlease_range = 10.0.0.0/8\nsite_network = 10.1.0.0/24\n",
+     "[networks] lease_range: 10.0.0.0/8 overlaps site_network 10.1.0.0/24: a lease's VM could take a site address"),
+    ("mode = private\nlease_range = 10.213.0.0/24\nlease_prefix = 16\n",
+     "[networks] lease_prefix: 16 must be longer than lease_range's /24 and at most 29"),
+    ("mode = private\nlease_range = 10.0.0.0/8\nlease_prefix = 29\nvni_base = 16000000\n",
+     "[networks] vni_base: 16000000 + 2097152 subnets passes the VXLAN limit 16777215: lower it"),
+    ("mode = site\nsite_network = 192.0.2.0/24\nsite_gateway = 192.0.2.1\nsite_bridge = br0\n",
+     "[networks] site_pool: needed when mode = site"),
+    ("mode = site\nsite_network = 192.0.2.0/24\nsite_gateway = 192.0.2.1\nsite_bridge = br0\n"
+     "site_pool = 192.0.2.200-192.0.3.10\n", "[networks] site_pool: 192.0.2.200-192.0.3.10 is not inside site_network"),
+    ("mode = site\nsite_network = 192.0.2.0/24\nsite_gateway = 192.0.2.1\nsite_bridge = br0\n"
+     "site_pool = 192.0.2.1-192.0.2.10\n", "[networks] site_pool: 192.0.2.1-192.0.2.10 holds the gateway 192.0.2.1"),
+    ("mode = site\nsite_network = 192.0.2.0/24\nsite_gateway = 192.0.3.1\nsite_bridge = br0\n"
+     "site_pool = 192.0.2.10-192.0.2.20\n", "[networks] site_gateway: 192.0.3.1 is not a host address of site_network"),
+])
+def test_pools_that_overlap_or_do_not_fit_are_one_line_each(tmp_path, text, expected):
+    path = write(tmp_path, "[networks]\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert caught.value.problems[0].startswith(f"{path}: {expected}")
+
+
+def test_the_networks_section_becomes_the_plan_the_store_allocates_from(tmp_path):
+    path = write(tmp_path, "[networks]\nmode = site\nsite_network = 192.0.2.0/24\nsite_gateway = 192.0.2.1\n"
+                           "site_bridge = br0\nsite_pool = 192.0.2.100-192.0.2.101, 192.0.2.50\nforward_ports =\n")
+    plan = load_config(path).network_plan()
+    assert [str(a) for a in plan.site_addresses()] == ["192.0.2.50", "192.0.2.100", "192.0.2.101"]
+    assert plan.forward_ports is None and plan.problems() == []
 
 
 def test_not_an_ini_file_is_one_line(tmp_path):

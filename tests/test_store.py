@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 8: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 9: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
@@ -146,8 +146,22 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
         store.close()
 
 
+def _as_version_8(conn) -> None:
+    """Drop what schema version 9 added (the VMs' addresses, their lease networks, the nodes' addresses)."""
+    for index in ("lease_subnets_held", "lease_vnis_held", "vm_addresses_held", "vm_forwards_held",
+                  "vm_addresses_by_lease"):
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("DROP TRIGGER vm_address_freed")
+    conn.execute("DROP TABLE lease_networks")
+    for column in ("ip", "mac", "hostname", "forward_port", "holds_address"):
+        conn.execute(f"ALTER TABLE vms DROP COLUMN {column}")
+    conn.execute("ALTER TABLE pilots DROP COLUMN address")
+
+
 def _as_version_7(conn) -> None:
-    """Drop what schema version 8 added (the bounded store's columns) and turn auto-vacuum off, as 7 had it."""
+    """Drop what schema versions 8 and 9 added (the bounded store's columns; the addresses) and turn auto-vacuum
+    off, as 7 had it."""
+    _as_version_8(conn)
     conn.execute("DROP INDEX leases_to_compact")
     for table, column in (("leases", "compacted_at"), ("pilots", "stored_bytes")):
         conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")

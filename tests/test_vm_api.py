@@ -36,6 +36,7 @@ from service_adapter.vms import VmManager
 from tests.conftest import free_port, notification
 
 OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
+OTHER_OPERATOR, OTHER_SECRET = "bob", "bob-secret-45678"
 PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
 OVERHEAD_MB = 64
 CLI = [sys.executable, "-m", "service_adapter"]
@@ -67,12 +68,13 @@ class BatchSystemStandIn(Provider):
 class VmService:
     """The service's app on a free loopback port, with its store, lease manager and VM manager."""
 
-    def __init__(self, root, *, images: bool = False):
+    def __init__(self, root, *, images: bool = False, network_plan=None):
         self.root = root
         self.nodes = NodeAccounts(new_site_key(), PILOT_REALM)
         pilots = DigestVerifier(PILOT_REALM, self.nodes)
-        operators = DigestVerifier(OPERATOR_REALM, {OPERATOR: Account.from_secret(OPERATOR, OPERATOR_REALM,
-                                                                                   OPERATOR_SECRET)})
+        operators = DigestVerifier(OPERATOR_REALM, {
+            user: Account.from_secret(user, OPERATOR_REALM, secret)
+            for user, secret in ((OPERATOR, OPERATOR_SECRET), (OTHER_OPERATOR, OTHER_SECRET))})
         self.store = Store(str(root / "service.sqlite"))
         board = CommandBoard()
         self.provider = BatchSystemStandIn()
@@ -85,8 +87,8 @@ class VmService:
         self.catalog = ImageCatalog(self.store, keys_dir=str(root / "endorsers"),
                                     store_dir=str(root / "image-store")) if images else None
         # Wrong credentials by the dozen, from one address: these tests are about the routes, not the throttle.
-        add_api(app, self.manager, operators, vms=VmManager(self.store, overhead_mb=OVERHEAD_MB, catalog=self.catalog),
-                throttle=LoginThrottle(burst=10**6))
+        self.vms = VmManager(self.store, overhead_mb=OVERHEAD_MB, catalog=self.catalog, network_plan=network_plan)
+        add_api(app, self.manager, operators, vms=self.vms, throttle=LoginThrottle(burst=10**6))
         if images:
             add_image_routes(app, self.catalog)
         self.receiver = ReceiverThread(app)
@@ -132,13 +134,15 @@ class VmService:
         )
         assert response.status_code == 200, response.text
 
-    def ready_lease(self, hosts=("node1",), memory_mb: int = 1024) -> tuple[str, str]:
-        """A lease reserved through the API whose hosts all reported reserved; (lease id, slot)."""
+    def ready_lease(self, hosts=("node1",), memory_mb: int = 1024, addresses=None) -> tuple[str, str]:
+        """A lease reserved through the API whose hosts all reported reserved (with ``addresses[host]``, when
+        given, as the node's address); (lease id, slot)."""
         made = self.api("POST", "/leases", json={"nodes": len(hosts), "memory_mb": memory_mb, "duration_s": 600})
         assert made.status_code == 201, made.text
         lease_id, slot = made.json()["id"], made.json()["slot"]
         for host in hosts:
-            self.notify(slot, host, "reserved", memory_mb=memory_mb)
+            extra = {"address": addresses[host]} if addresses and host in addresses else {}
+            self.notify(slot, host, "reserved", memory_mb=memory_mb, **extra)
         self.manager.tick()
         assert self.api("GET", f"/leases/{lease_id}").json()["state"] == "ready"
         return lease_id, slot

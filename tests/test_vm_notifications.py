@@ -460,19 +460,19 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
     Store(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (9,)
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental, since version 8
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"vms", "commands", "image_lists", "list_images", "image_approvals"} <= tables  # 6's
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"vms_by_host", "commands_by_target"} <= indexes
         columns = [row[1] for row in conn.execute("PRAGMA table_info(pilots)")]
-        assert columns[-2:] == ["lost_at", "stored_bytes"]  # versions 2's and 8's
+        assert columns[-3:] == ["lost_at", "stored_bytes", "address"]  # versions 2's, 8's and 9's
         columns = [row[1] for row in conn.execute("PRAGMA table_info(slots)")]
         assert columns[-3:] == ["submit_started_at", "submitted_at", "secret"]  # versions 4's and 5's
         for table, rows in old.items():
             now = sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-            added = {"pilots": 2, "slots": 3, "leases": 3, "lease_events": 1}.get(table, 0)
+            added = {"pilots": 3, "slots": 3, "leases": 3, "lease_events": 1}.get(table, 0)
             if added:
                 now = [row[:-added] for row in now]
                 default = {"state"} if table == "lease_events" else {None}  # version 7's event kind
@@ -481,7 +481,7 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
                         (stored,) = conn.execute(
                             "SELECT COALESCE(SUM(length(body)), 0) + 128 * COUNT(*) FROM notifications"
                             " WHERE slot_id = ? AND host = ?", row[:2]).fetchone()
-                        assert row[-2:] == (None, stored)
+                        assert row[-3:] == (None, stored, None)
                     else:
                         assert set(row[-added:]) == default, table
             assert now == rows, table

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 
+from pilot.protocol.network import NetState, Nic
 from pilot.protocol.wire import (
     MAX_BODY_BYTES,
     MAX_COMMAND,
@@ -34,7 +35,7 @@ COMMANDS_PATH = "/pilot/v2/slots/{slot}/hosts/{host}/commands"
 #: The longest long-poll a service holds open; a pilot asking for more gets at most this.
 MAX_POLL_WAIT_S = 60
 #: Command operations.
-OPS = frozenset({"start-vm", "stop-vm", "suspend-vm", "resume-vm", "release", "prefetch", "extend"})
+OPS = frozenset({"start-vm", "stop-vm", "suspend-vm", "resume-vm", "release", "prefetch", "extend", "network"})
 #: The longest lease duration an ``extend`` may carry (seconds).
 MAX_DURATION_S = 10**9
 #: The most images one prefetch (and one lease) may name.
@@ -234,7 +235,9 @@ class VmSpec:
     optional ``initrd`` and ``cmdline``), or both (a kernel whose root is
     on the disk). The disk is never written: ``disk_readonly`` attaches it
     read-only, else writes go to a throw-away overlay. ``network`` is None
-    (no NIC) or a libvirt network's name; ``console_log`` is None or a file
+    (no NIC) or a libvirt network's name; ``nic`` (never with ``network``)
+    is the address and lease network the service allocated
+    (:class:`~pilot.protocol.network.Nic`); ``console_log`` is None or a file
     name for the serial console's output (the pilot confines it to its
     console directory). ``context``, when set, gives the VM a cloud-init
     seed (:class:`VmContext`). Whether the node allows the paths, the network
@@ -252,8 +255,9 @@ class VmSpec:
     network: str | None = None
     console_log: str | None = None
     context: VmContext | None = None
+    nic: Nic | None = None
 
-    _FIELDS = frozenset({"name", "memory_mb", "vcpus", "disk", "boot", "network", "console_log", "context"})
+    _FIELDS = frozenset({"name", "memory_mb", "vcpus", "disk", "boot", "network", "console_log", "context", "nic"})
 
     @classmethod
     def from_dict(cls, data) -> "VmSpec":
@@ -301,7 +305,11 @@ class VmSpec:
         if console_log is not None:
             _check_str("vm.console_log", console_log, MAX_VM_NAME_LEN + 8, _VM_NAME_RE)
         context = VmContext.from_dict(data["context"]) if data.get("context") is not None else None
-        return cls(name, memory_mb, vcpus, disk, readonly, kernel, initrd, cmdline, network, console_log, context)
+        nic = Nic.from_dict("vm.nic", data["nic"]) if data.get("nic") is not None else None
+        if nic is not None and network is not None:
+            raise ProtocolError("vm.nic: a VM joins either a libvirt network or its lease's network, not both")
+        return cls(name, memory_mb, vcpus, disk, readonly, kernel, initrd, cmdline, network, console_log, context,
+                   nic)
 
     def to_dict(self) -> dict:
         """The JSON object (the inverse of :meth:`from_dict`); unset optional parts are left out."""
@@ -321,6 +329,8 @@ class VmSpec:
             out["console_log"] = self.console_log
         if self.context is not None:
             out["context"] = self.context.to_dict()
+        if self.nic is not None:
+            out["nic"] = self.nic.to_dict()
         return out
 
 
@@ -329,7 +339,8 @@ class Command:
     """One command for a pilot: ``start-vm`` (with ``vm``), ``stop-vm`` (with ``name``, ``force``),
     ``suspend-vm`` and ``resume-vm`` (with ``name``), ``release``, ``prefetch`` (with ``images``: listed
     images, resolved, to have in the node's cache before a VM needs them), or ``extend`` (with
-    ``duration_s``: the lease's whole duration now, after the batch system raised the job's time limit).
+    ``duration_s``: the lease's whole duration now, after the batch system raised the job's time limit), or
+    ``network`` (with ``net``: the lease network's new state, :class:`~pilot.protocol.network.NetState`).
 
     ``id`` grows with every command the service queues; a pilot polls for
     those after the last id it has seen and reports each outcome as a
@@ -343,6 +354,7 @@ class Command:
     force: bool = False
     images: tuple[ImageFile, ...] = ()
     duration_s: float | None = None
+    net: NetState | None = None
 
     @classmethod
     def from_dict(cls, data) -> "Command":
@@ -374,6 +386,9 @@ class Command:
                     or not 0 < duration <= MAX_DURATION_S or duration != duration):
                 raise ProtocolError(f"command.duration_s: must be seconds above 0 and at most {MAX_DURATION_S}")
             return cls(data["id"], op, duration_s=float(duration))
+        if op == "network":
+            _no_unknown("command", data, {"id", "op", "net"})
+            return cls(data["id"], op, net=NetState.from_dict("command.net", data.get("net")))
         if op == "prefetch":
             _no_unknown("command", data, {"id", "op", "images"})
             items = data.get("images")
@@ -400,11 +415,13 @@ class Command:
             out["images"] = [image.to_dict() for image in self.images]
         elif self.op == "extend":
             out["duration_s"] = self.duration_s
+        elif self.op == "network":
+            out["net"] = self.net.to_dict()
         return out
 
     @property
     def vm_name(self) -> str | None:
-        """The VM this command is about (None for ``release``, ``prefetch`` and ``extend``)."""
+        """The VM this command is about (None for ``release``, ``prefetch``, ``extend`` and ``network``)."""
         return self.vm.name if self.vm is not None else self.name
 
 

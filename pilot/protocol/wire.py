@@ -71,7 +71,7 @@ MAX_COMMAND = 2**63 - 1
 MAX_TIMINGS = 32
 
 _REQUIRED = ("version", "slot", "host", "state", "code", "seq", "sent_at", "memory_mb")
-_OPTIONAL = ("expires_at", "vms", "command", "message", "timings")
+_OPTIONAL = ("expires_at", "vms", "command", "message", "timings", "address")
 _SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -149,6 +149,8 @@ class Notification:
     message: str | None = None
     timings: dict[str, str] | None = None
     """Named moments on the pilot's clock (``pilot.moments``) for ``lease-bench``; never acted on."""
+    address: str | None = None
+    """The node's own IPv4 address (``reserved`` only): where its lease networks' overlay and forwards meet it."""
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -184,6 +186,11 @@ class Notification:
                 _check_str("timings name", name, 48, _TIMING_NAME_RE)
                 _check_time(f"timings.{name}", value)
             object.__setattr__(self, "timings", dict(self.timings))
+        if self.address is not None:
+            if self.state != "reserved":
+                raise ProtocolError("address: only a reserved notification says the node's address")
+            from pilot.protocol.network import check_node_address  # only a reserved notification pays for it
+            check_node_address("address", self.address)
 
     def to_dict(self) -> dict:
         """The notification as a JSON-ready dict; optional fields that are unset are left out."""

@@ -66,13 +66,23 @@ def event_line(event: dict) -> str:
                      f"{event.get('reason', '')}")
 
 
+def login_text(login) -> str:
+    """Where to SSH to: ``HOST:PORT``, ``[V6]:PORT``, or ``-``."""
+    if not isinstance(login, dict) or not login.get("host"):
+        return "-"
+    host = str(login["host"])
+    return f"[{host}]:{login.get('port')}" if ":" in host else f"{host}:{login.get('port')}"
+
+
 def vm_table(vms: list[dict]) -> str:
     if not vms:
         return "no VMs"
-    header = ("VM", "HOST", "STATE", "MB", "REASON")
+    addressed = any(vm.get("ip") for vm in vms)
+    header = ("VM", "HOST", "STATE", "MB") + (("ADDRESS", "LOGIN") if addressed else ()) + ("REASON",)
     rows = [
-        (str(vm.get("name", "?")), str(vm.get("host", "-")), str(vm.get("state", "?")),
-         str(vm.get("memory_mb", "-")), str(vm.get("reason") or "-"))
+        (str(vm.get("name", "?")), str(vm.get("host", "-")), str(vm.get("state", "?")), str(vm.get("memory_mb", "-")))
+        + ((str(vm.get("ip") or "-"), login_text(vm.get("login"))) if addressed else ())
+        + (str(vm.get("reason") or "-"),)
         for vm in vms
     ]
     rows = [tuple(printable(cell) for cell in row) for row in rows]  # a pilot wrote the reason

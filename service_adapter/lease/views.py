@@ -53,8 +53,12 @@ class LeaseInfo:
         """Whether the lease has ended (released, expired, failed, missing)."""
         return LEASE_STATES[self.row.state].terminal
 
-    def to_json(self) -> dict:
-        """Plain JSON types only; times as RFC 3339 UTC strings (``...Z``) or null."""
+    def to_json(self, *, asker: str | None = None) -> dict:
+        """Plain JSON types only; times as RFC 3339 UTC strings (``...Z``) or null.
+
+        ``asker``: who asks; unless it is the owner (or None: the service
+        itself), the VMs are shown without how to reach them (:func:`vm_json`).
+        """
         row = self.row
         return {
             "id": row.id,
@@ -84,7 +88,7 @@ class LeaseInfo:
                 for p in self.pilots
             ],
             "usage": self.usage.to_json(),
-            "vms": [vm_json(vm) for vm in self.vms],
+            "vms": [vm_json(vm, owner=asker is None or asker == row.owner) for vm in self.vms],
         }
 
 
@@ -94,14 +98,36 @@ def event_json(event: LeaseEvent) -> dict:
             "new_state": event.new_state, "reason": event.reason}
 
 
-def vm_json(vm: VmRow) -> dict:
-    """A VM as the API shows it: its host, state and why, its size, times as RFC 3339 or null, its spec."""
-    return {
+def vm_json(vm: VmRow, *, owner: bool = True) -> dict:
+    """A VM as the API shows it: its host, state and why, its size, times as RFC 3339 or null, its spec, and
+    its address (``ip``, ``mac``, ``hostname``; null when the site gives none).
+
+    ``owner``: whether the asker owns the lease; only the owner is told how to
+    reach the VM (``login``: the host and port to use, from outside its node)
+    and sees its network's state in the spec.
+    """
+    spec = vm.spec if owner else {key: value for key, value in vm.spec.items() if key != "nic"}
+    out = {
         "name": vm.name, "host": vm.host, "state": vm.state, "reason": vm.reason,
         "memory_mb": vm.memory_mb, "vcpus": vm.vcpus, "created_at": _time(vm.created_at),
         "updated_at": _time(vm.updated_at), "started_at": _time(vm.started_at),
-        "stopped_at": _time(vm.stopped_at), "spec": vm.spec,
+        "stopped_at": _time(vm.stopped_at), "spec": spec, "ip": vm.ip, "mac": vm.mac, "hostname": vm.hostname,
     }
+    if owner:
+        out["login"] = vm_login(vm)
+    return out
+
+
+def vm_login(vm: VmRow) -> dict | None:
+    """Where the owner reaches the VM's SSH from outside its node: its node's forward (a lease network), its own
+    address (a site network), or None (no address, not active, or its node never said its address)."""
+    if vm.ip is None or not vm.active:
+        return None
+    if vm.forward_port is not None:
+        return {"host": vm.node_address, "port": vm.forward_port} if vm.node_address else None
+    if (vm.spec.get("nic") or {}).get("net", {}).get("kind") == "site":
+        return {"host": vm.ip, "port": 22}
+    return None
 
 
 def _time(epoch: float | None) -> str | None:

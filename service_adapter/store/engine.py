@@ -320,17 +320,20 @@ class Store:
         return leases, notifications, commands, free
 
     def start_vms(self, lease_id: str, requests: list[tuple[VmSpec, str | None]], *, overhead_mb: int,
-                  now: float, resolve: Callable[[sqlite3.Connection, VmSpec], VmSpec] | None = None
-                  ) -> list[tuple[VmSpec, str]]:
+                  now: float, resolve: Callable[[sqlite3.Connection, VmSpec], VmSpec] | None = None,
+                  plan=None) -> list[tuple[VmSpec, str]]:
         """Place and queue the VMs' start-vm commands in one transaction; (spec as queued, host), in order.
 
         ``resolve(conn, spec)``, when given, turns each spec into the one
         queued (images named by list identifier resolved to their content)
-        inside the same transaction, or raises to refuse. Raises
+        inside the same transaction, or raises to refuse; ``plan`` (a
+        :class:`~service_adapter.networks.NetworkPlan`) gives each VM its
+        address in the same transaction. Raises
         :class:`service_adapter.store.vms.VmRequestError` (nothing queued).
         """
         return self.submit(
-            lambda conn: vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target, resolve)
+            lambda conn: vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target, resolve,
+                                          plan)
         ).result()
 
     def stop_vm(self, lease_id: str, name: str, *, force: bool, now: float) -> VmRow:

@@ -6,14 +6,14 @@ import logging
 import os
 import sqlite3
 
-from service_adapter.store import images, vms
+from service_adapter.store import addresses, images, vms
 from service_adapter.store.compaction import ROW_BYTES
 from service_adapter.store.errors import StoreError
 
 log = logging.getLogger("service_adapter.store")
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: Older versions this one upgrades in place (each step only adds), and how.
 UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
@@ -27,7 +27,13 @@ UPGRADES = {
        " ALTER TABLE pilots ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;"
        f" UPDATE pilots SET stored_bytes = (SELECT COALESCE(SUM(length(n.body)), 0) + {ROW_BYTES} * COUNT(*)"
        " FROM notifications n WHERE n.slot_id = pilots.slot_id AND n.host = pilots.host);",
+    # The VMs' addresses (service_adapter.store.addresses, and VM_COLUMNS_ADDED below).
+    8: "ALTER TABLE pilots ADD COLUMN address TEXT;",
 }
+#: Columns added to the VM table since it was made (version 6 files have it, older ones get it whole): added
+#: after the tables are created, before the indexes that read them.
+VM_COLUMNS_ADDED = (("ip", "TEXT"), ("mac", "TEXT"), ("hostname", "TEXT"), ("forward_port", "INTEGER"),
+                    ("holds_address", "INTEGER NOT NULL DEFAULT 0"))
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
 #: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
 FIRST_WITH_SLOT_SECRETS = 5
@@ -84,6 +90,7 @@ CREATE TABLE IF NOT EXISTS pilots (
     ended_by    TEXT,
     lost_at     REAL,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
+    address     TEXT,
     PRIMARY KEY (slot_id, host)
 );
 CREATE TABLE IF NOT EXISTS notifications (
@@ -125,7 +132,7 @@ CREATE INDEX IF NOT EXISTS lease_events_by_lease ON lease_events(lease_id);
 """
 
 TABLES = ("leases", "slots", "pilots", "notifications", "usage", "lease_events", "vms", "commands", "image_lists",
-          "list_images", "image_approvals", "lease_images")
+          "list_images", "image_approvals", "lease_images", "lease_networks")
 
 
 def prepare(conn: sqlite3.Connection, path: str) -> None:
@@ -144,8 +151,12 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
     if tables and version in UPGRADES:
         # Additive upgrades only: new columns and tables, in one transaction with the new version.
         steps = "".join(UPGRADES[v] for v in sorted(UPGRADES) if v >= version)
+        had = {row[1] for row in conn.execute("PRAGMA table_info(vms)")}
+        columns = "".join(f"ALTER TABLE vms ADD COLUMN {name} {kind};"
+                          for name, kind in VM_COLUMNS_ADDED if had and name not in had)
         conn.executescript(
-            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\n{columns}\n{addresses.SCHEMA}\n"
+            f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         )
         log.warning("store %s upgraded from schema version %d to %d", path, version, SCHEMA_VERSION)
         _incremental_vacuum(conn, path)
@@ -158,7 +169,8 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         )
     # One transaction: a file never has the tables without the version, or the other way round.
     conn.executescript(
-        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\n{addresses.SCHEMA}\n"
+        f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
 
 

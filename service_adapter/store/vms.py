@@ -25,6 +25,7 @@ from typing import Callable
 
 from pilot.protocol import MAX_PEERS, Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
+from service_adapter.store import addresses
 from service_adapter.store import images as image_ops
 from service_adapter.store.history import add_event
 from service_adapter.store.rows import earliest_expiry
@@ -44,6 +45,11 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at  REAL NOT NULL,
     started_at  REAL,
     stopped_at  REAL,
+    ip          TEXT,
+    mac         TEXT,
+    hostname    TEXT,
+    forward_port INTEGER,
+    holds_address INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (lease_id, name)
 );
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms(slot_id, host);
@@ -68,8 +74,11 @@ _ACTIVE_SQL = "(" + ", ".join(f"'{state}'" for state in ACTIVE) + ")"
 ENDED = ("stopped", "failed", "lost")
 _VM_COLUMNS = (
     "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
-    " started_at, stopped_at"
+    " started_at, stopped_at, ip, mac, hostname, forward_port"
 )
+#: What a read of a VM selects: its row and its node's address.
+_VM_READ = (f"SELECT {', '.join('v.' + column.strip() for column in _VM_COLUMNS.split(','))}, p.address"
+            " FROM vms v LEFT JOIN pilots p ON p.slot_id = v.slot_id AND p.host = v.host")
 
 
 class VmRequestError(ValueError):
@@ -97,6 +106,12 @@ class VmRow:
     updated_at: float
     started_at: float | None
     stopped_at: float | None
+    ip: str | None = None
+    mac: str | None = None
+    hostname: str | None = None
+    forward_port: int | None = None
+    node_address: str | None = None
+    """The address its node reported (where the node's forward to this VM listens)."""
 
     @property
     def active(self) -> bool:
@@ -155,14 +170,16 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
 
 
 def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSpec, str | None]],
-              overhead_mb: int, now: float, woken, resolve=None) -> list[tuple[VmSpec, str]]:
+              overhead_mb: int, now: float, woken, resolve=None, plan=None) -> list[tuple[VmSpec, str]]:
     """Place each (spec, wanted host or None) on a host of the lease and queue its start-vm; all or nothing.
 
     Returns (spec as queued, host chosen), in order; ``resolve(conn, spec)``
-    gives the spec to queue (see :meth:`Store.start_vms`). Raises
-    :class:`VmRequestError`: the lease is not ready or running, a name is
-    taken by an active VM (or twice in the request), an image may not run,
-    or the VMs do not fit.
+    gives the spec to queue (see :meth:`Store.start_vms`); ``plan`` (a
+    :class:`~service_adapter.networks.NetworkPlan`) gives each VM its
+    address (:mod:`.addresses`). Raises :class:`VmRequestError`: the lease
+    is not ready or running, a name is taken by an active VM (or twice in
+    the request), an image may not run, the VMs do not fit, or the network
+    pool has no address left (409, the pool named).
     """
     lease = conn.execute("SELECT state, slot FROM leases WHERE id = ?", (lease_id,)).fetchone()
     if lease is None:
@@ -190,15 +207,42 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
         raise VmRequestError(f"lease {lease_id}: {exc}") from None
     if any(spec.context is not None for spec, _ in requests):
         requests = _with_peers(conn, lease_id, requests, hosts)
-    for (spec, _), host in zip(requests, hosts):
+    specs = [spec for spec, _ in requests]
+    if plan is not None and plan.enabled:
+        # Hosts that run the lease's VMs already learn of the new ones by a network command.
+        before = {host for (host,) in conn.execute(
+            "SELECT DISTINCT host FROM vms WHERE lease_id = ? AND holds_address = 1", (lease_id,))}
+        try:
+            specs = addresses.assign(conn, plan, lease_id, slot, list(zip(specs, hosts)), now)
+        except addresses.PoolExhausted as exc:
+            raise VmRequestError(f"lease {lease_id}: {exc}") from None
+        except ValueError as exc:
+            raise VmRequestError(str(exc), 400) from None
+    for spec, host in zip(specs, hosts):
         conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
         conn.execute(
-            f"INSERT INTO vms ({_VM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, NULL, NULL)",
+            f"INSERT INTO vms ({_VM_COLUMNS}, holds_address)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?)",
             (lease_id, spec.name, slot, host, spec.memory_mb, spec.vcpus,
-             json.dumps(spec.to_dict(), separators=(",", ":")), f"start-vm queued for {host}", now, now),
+             json.dumps(spec.to_dict(), separators=(",", ":")), f"start-vm queued for {host}", now, now,
+             *addresses.hold_columns(spec)),
         )
         queue_command(conn, slot, host, {"op": "start-vm", "vm": spec.to_dict()}, now, woken)
-    return [(spec, host) for (spec, _), host in zip(requests, hosts)]
+    if plan is not None and plan.enabled:
+        queue_network(conn, lease_id, slot, before - set(hosts), now, woken)
+    return list(zip(specs, hosts))
+
+
+def queue_network(conn: sqlite3.Connection, lease_id: str, slot: str, hosts, now: float, woken) -> None:
+    """Queue the lease network's current state (a ``network`` command) to each of ``hosts`` that still holds."""
+    state = addresses.net_state(conn, lease_id)
+    if state is None:
+        return
+    holding = {host for (host,) in conn.execute(
+        "SELECT host FROM pilots WHERE slot_id = ? AND reserved_at IS NOT NULL AND ended_by IS NULL"
+        " AND lost_at IS NULL", (slot,))}
+    for host in sorted(set(hosts) & holding):
+        queue_command(conn, slot, host, {"op": "network", "net": state.to_dict()}, now, woken)
 
 
 def _with_peers(conn, lease_id: str, requests, hosts):
@@ -215,7 +259,7 @@ def _with_peers(conn, lease_id: str, requests, hosts):
 
 def _named_vm(conn: sqlite3.Connection, lease_id: str, name: str) -> VmRow:
     """The lease's VM ``name``; VmRequestError 404 for no such lease or VM."""
-    row = conn.execute(f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? AND name = ?", (lease_id, name)).fetchone()
+    row = conn.execute(f"{_VM_READ} WHERE v.lease_id = ? AND v.name = ?", (lease_id, name)).fetchone()
     if row is None:
         if conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone() is None:
             raise VmRequestError(f"no lease {lease_id!r}", 404)
@@ -337,6 +381,10 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
                 _set_vm(conn, lease_id, name, "failed", why or "the pilot could not start it", now, host=n.host,
                         stopped=True)
     elif n.state == "reserved":
+        if n.address is not None:
+            # Where the lease network's overlay and forwards meet this node. Every node of a lease has reserved
+            # before its first VM starts (a lease is ready only then), so each start-vm lists them all.
+            conn.execute("UPDATE pilots SET address = ? WHERE slot_id = ? AND host = ?", (n.address, n.slot, n.host))
         # The host holds the memory: have it fetch the lease's images now, before a VM start waits for them.
         images = image_ops.lease_images(conn, lease_id)
         if images:
@@ -392,12 +440,14 @@ def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: s
 
 
 def end_lease_vms(conn: sqlite3.Connection, lease_id: str, now: float, state: str) -> None:
-    """A lease ended: VMs no pilot reported on are ``lost`` (nobody can say they stopped)."""
+    """A lease ended: VMs no pilot reported on are ``lost`` (nobody can say they stopped); its network and every
+    address in it are free."""
     conn.execute(
         "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE lease_id = ?"
         f" AND state IN {_ACTIVE_SQL}",
         (f"the lease ended ({state}) without a report on this VM", now, lease_id),
     )
+    addresses.free_lease(conn, lease_id, now)
 
 
 def _set_vm(conn, lease_id: str, name: str, state: str, reason: str, now: float, *, host: str | None = None,
@@ -423,9 +473,7 @@ def _set_vm(conn, lease_id: str, name: str, state: str, reason: str, now: float,
 
 def vms_of(conn: sqlite3.Connection, lease_id: str) -> list[VmRow]:
     """The lease's VMs, oldest first."""
-    rows = conn.execute(
-        f"SELECT {_VM_COLUMNS} FROM vms WHERE lease_id = ? ORDER BY created_at, name", (lease_id,)
-    )
+    rows = conn.execute(f"{_VM_READ} WHERE v.lease_id = ? ORDER BY v.created_at, v.name", (lease_id,))
     return [_vm_row(row) for row in rows]
 
 
