@@ -200,6 +200,9 @@ def print_plan(plan: Plan, config: PilotConfig, report: Report, term_timeout: fl
         memory = entry.memory
         what = f"{memory.memory_mb} MB ({memory.backend}, phase {memory.phase})" if memory else "nothing taken yet"
         report.line(f"would restore {_describe(entry)} of pilot {entry.owner.pid}: {what}")
+        for name in entry.nets:
+            report.line(f"would remove lease network {name} of {_describe(entry)} (its bridge, VXLAN, nft tables "
+                        "and dnsmasq)")
         if entry.contact and entry.sign_key:
             report.line(f"would tell {entry.contact} 'killed' for {_describe(entry)}")
     for bad in plan.unreadable:

@@ -85,6 +85,11 @@ class PilotConfig:
     image_peers: bool = True
     peer_address: str | None = None
     peer_port: int = 0
+    # [networks]
+    net_address: str | None = None
+    forwards: bool = True
+    forward_address: str | None = None
+    net_run_dir: str = "/run/workspace-pilot/net"
     # [vmjob]
     vmjob_images: str = "/etc/workspace-pilot/vmjob-images.conf"
     vmjob_run_dir: str = "/run/workspace-vmjob"
@@ -117,6 +122,17 @@ class PilotConfig:
         from pilot.vm.vmfiles import vm_files_dir_of
 
         return DiskBudget(vm_files_dir_of(self.journal_dir), self.disk_budget_mb, self.disk_reserve_mb, self.qemu_img)
+
+    def node_address(self) -> str | None:
+        """Where the lease networks' overlay meets this node: ``[networks] address``, else the node's address on
+        the way to the service; None when neither is a usable IPv4 address (no lease network can be built)."""
+        from pilot.protocol.wire import ProtocolError, check_node_address
+
+        address = self.net_address or address_towards(self.contact)
+        try:
+            return check_node_address("address", address)
+        except ProtocolError:
+            return None
 
     @property
     def hugepage_kb(self) -> int:
@@ -170,6 +186,21 @@ def _ip_address(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError("must be this node's IP address that the lease's other nodes reach") from None
+
+
+def address_towards(contact: str) -> str:
+    """This node's IP address on the way to the service (what the lease's other nodes most likely reach)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(contact)
+    family = socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((parts.hostname, parts.port or 80))  # UDP: no packet is sent
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def _mirror_url(text: str) -> str:
@@ -267,6 +298,12 @@ SCHEMA = {
         "peers": ("image_peers", boolean),
         "peer_address": ("peer_address", _ip_address),
         "peer_port": ("peer_port", whole(0, 65535, "must be a TCP port number, or 0 for any free port")),
+    },
+    "networks": {
+        "address": ("net_address", _ip_address),
+        "forwards": ("forwards", boolean),
+        "forward_address": ("forward_address", _ip_address),
+        "run_dir": ("net_run_dir", abs_path),
     },
     "vmjob": {
         "images": ("vmjob_images", abs_path),

@@ -243,6 +243,7 @@ class Pilot:
         reserved = self.notifier.notify(
             "reserved", held.memory_mb, expires_at=expires_at, deliver_within=self.reserved_timeout_s,
             timings=self.moments.pick("process_start", "memory_take", "memory_taken"),
+            address=self.hosting.node_address() if self.hosting is not None else None,
         )
         reserved.add_done_callback(lambda _: (self.moments.mark("reserved_answered"), self._wake.set()))
         self._wait_until(deadline, reserved.done)

@@ -161,6 +161,7 @@ class Notifier:
         vms: list[str] | None = None,
         command: int | None = None,
         timings: dict[str, str] | None = None,
+        address: str | None = None,
     ) -> Delivery:
         """Queue a notification; it is tried until ``deliver_within`` seconds from now.
 
@@ -181,6 +182,7 @@ class Notifier:
                 vms=vms,
                 command=command,
                 timings=timings,
+                address=address,
             )
         delivery = Delivery(notification, time.monotonic() + deliver_within)
         if self._closing.is_set():

@@ -91,6 +91,12 @@ class Entry:
     """A VM job's batch job's memory cgroup and its limit in bytes before the wrapper lowered it by the VM's
     memory (:mod:`pilot.vmjob.jobshare`), set before the change: whoever undoes the entry puts it back."""
 
+    nets: tuple[str, ...] = ()
+    """The lease networks this pilot may have made on the node (:mod:`pilot.net`), each set before its first
+    device: whoever undoes the entry removes their bridges, tunnels, filters and DHCP servers, after the VMs."""
+    net_root: str | None = None
+    """Where those networks' DHCP servers keep their files (``[networks] run_dir``), set with ``nets``."""
+
     @property
     def filename(self) -> str:
         """The entry's file name in the journal directory."""
@@ -104,7 +110,7 @@ class Entry:
     def empty(self) -> bool:
         """Whether nothing of this pilot's is left on the node (no memory taken, no VMs possible)."""
         return (self.memory is None and self.vm_uri is None and not self.fetching and self.run_dir is None
-                and self.job_limit is None)
+                and self.job_limit is None and not self.nets)
 
     def to_json(self) -> bytes:
         """The entry as the bytes stored on disk."""
@@ -120,6 +126,8 @@ class Entry:
             "fetching": list(self.fetching),
             "run_dir": self.run_dir,
             "job_limit": list(self.job_limit) if self.job_limit else None,
+            "nets": list(self.nets),
+            "net_root": self.net_root,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -141,6 +149,8 @@ class Entry:
             fetching=_sha256s(data.get("fetching") or ()),
             run_dir=_absolute(data.get("run_dir")),
             job_limit=_job_limit(data.get("job_limit")),
+            nets=_net_names(data.get("nets") or ()),
+            net_root=_net_root(_net_names(data.get("nets") or ()), data.get("net_root")),
         )
 
 
@@ -149,6 +159,21 @@ def _sha256s(value) -> tuple[str, ...]:
             isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in value):
         raise ValueError("fetching must be a list of sha256s")
     return tuple(value)
+
+
+def _net_names(value) -> tuple[str, ...]:
+    from pilot.net.names import check_net_name
+
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("nets must be a list of network names")
+    return tuple(check_net_name(name) for name in value)
+
+
+def _net_root(nets: tuple[str, ...], value) -> str | None:
+    root = _absolute(value)
+    if nets and root is None:
+        raise ValueError("nets need net_root (where their files are)")
+    return root
 
 
 def _job_limit(value) -> tuple[str, int] | None:
@@ -164,7 +189,7 @@ def _absolute(value) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not os.path.isabs(value) or os.path.normpath(value) != value or value == "/":
-        raise ValueError("run_dir must be a normalised absolute path below /")
+        raise ValueError("run_dir and net_root must be normalised absolute paths below /")
     return value
 
 

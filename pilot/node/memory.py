@@ -98,6 +98,17 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
         remove_slot_vm_files(vm_files_dir_of(journal.directory), slot_domain_prefix(entry.slot))
         remove_vm_files(vm_files_dir_of(journal.directory), job_domain_name(entry.slot))
         vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
+    if entry.nets:
+        # After the VMs (nothing is on the bridges any more), before the memory: a pilot's networks go with it.
+        from pilot.net.cleanup import remove_network
+        from pilot.net.commands import NetError
+
+        for name in entry.nets:
+            try:
+                removed = remove_network(name, entry.net_root)
+            except (NetError, ValueError) as exc:
+                raise VmCleanupError(f"cannot remove network {name}: {exc}") from None
+            vms += f"removed network {name} ({', '.join(removed) or 'nothing left of it'}); "
     if entry.job_limit:
         # After the VM: its batch job gets back the memory limit it had before its VM.
         from pilot.vmjob.jobshare import restore_limit
@@ -232,6 +243,12 @@ class NodeMemory:
         """
         with self._entry_lock:
             self._store(dataclasses.replace(self.entry, vm_uri=uri))
+
+    def note_nets(self, names: tuple[str, ...], root: str | None) -> None:
+        """Journal the lease networks this pilot may make (before the first device of each) and where their files
+        go; ``()`` once they are all removed. Raises JournalError (then nothing is made)."""
+        with self._entry_lock:
+            self._store(dataclasses.replace(self.entry, nets=tuple(names), net_root=root if names else None))
 
     def note_run_dir(self, path: str | None) -> None:
         """Journal a VM job's run directory before it is made (None once it is removed); raises JournalError."""

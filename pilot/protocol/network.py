@@ -20,7 +20,7 @@ import dataclasses
 import ipaddress
 import re
 
-from pilot.protocol.wire import ProtocolError, _check_int, _check_str
+from pilot.protocol.wire import ProtocolError, _check_int, _check_str, check_node_address
 
 KINDS = ("lease", "site")
 #: The most VMs (names and addresses) one network state lists, and the most nodes it spans.
@@ -53,15 +53,6 @@ def _ipv4(field: str, value) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(value)
     except ValueError:
         raise ProtocolError(f"{field}: {value!r} is not an IPv4 address") from None
-
-
-def check_node_address(field: str, value) -> str:
-    """``value`` if it is a node's unicast IPv4 address (for the overlay and forwards); ProtocolError else."""
-    address = _ipv4(field, value)
-    if address.is_multicast or address.is_unspecified or address.is_loopback or address == ipaddress.IPv4Address(
-            "255.255.255.255"):
-        raise ProtocolError(f"{field}: {value} is not a node's unicast address")
-    return value
 
 
 def _no_unknown(field: str, data: dict, known: set) -> None:

@@ -189,7 +189,6 @@ class Notification:
         if self.address is not None:
             if self.state != "reserved":
                 raise ProtocolError("address: only a reserved notification says the node's address")
-            from pilot.protocol.network import check_node_address  # only a reserved notification pays for it
             check_node_address("address", self.address)
 
     def to_dict(self) -> dict:
@@ -230,6 +229,21 @@ class Notification:
         if data.get("vms") is not None and not isinstance(data["vms"], list):
             raise ProtocolError("vms: must be a list of VM names")
         return cls(**data)
+
+
+_IPV4_RE = re.compile(r"^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})$")
+
+
+def check_node_address(field: str, value) -> str:
+    """``value`` if it is a node's unicast IPv4 address (where a lease network's overlay and forwards meet the
+    node); ProtocolError naming ``field`` else. No ``ipaddress`` import: this is on the pilot's way to reserved."""
+    match = _IPV4_RE.fullmatch(value) if isinstance(value, str) else None
+    octets = [int(part) for part in match.groups()] if match else []
+    if not octets or max(octets) > 255:
+        raise ProtocolError(f"{field}: must be an IPv4 address")
+    if octets[0] in (0, 127) or octets[0] >= 224:
+        raise ProtocolError(f"{field}: {value} is not a node's unicast address")
+    return value
 
 
 def _refuse_constant(name: str):

@@ -82,6 +82,8 @@ class CheckedVm:
     """The VM's cloud-init seed (written just before the domain is created), or None."""
     overlay: str | None = None
     """The writable disk's qcow2 overlay (made just before the domain is created), or None."""
+    interface: dict | None = None
+    """How it joins its lease network: ``bridge``, ``tap``, ``mac``, ``mtu`` (:mod:`pilot.net`), or None."""
 
 
 def check_memory(spec: VmSpec, policy: VmPolicy, *, reserved_mb: int, in_use_mb: int) -> None:

@@ -144,6 +144,16 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(interface, "source", network=spec.network)
         if not xen:
             ET.SubElement(interface, "model", type="virtio")
+    if vm.interface is not None:
+        # The lease network's bridge, through a tap of a name the pilot's filters already match.
+        interface = ET.SubElement(devices, "interface", type="bridge")
+        ET.SubElement(interface, "mac", address=vm.interface["mac"])
+        ET.SubElement(interface, "source", bridge=vm.interface["bridge"])
+        ET.SubElement(interface, "target", dev=vm.interface["tap"])
+        if not xen:
+            ET.SubElement(interface, "model", type="virtio")
+        if vm.interface.get("mtu"):
+            ET.SubElement(interface, "mtu", size=str(vm.interface["mtu"]))
     for share_tag, socket_path in shares:
         filesystem = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
         ET.SubElement(filesystem, "driver", type="virtiofs")

@@ -98,7 +98,10 @@ class VmHost:
     VMs for this slot (a resumed slot): teardown then looks for them even
     if this host started none. ``warning()`` is the lease channel's line
     once the pilot has warned its VMs (None before): a VM started later is
-    told at its start. Refusals are results, not exceptions.
+    told at its start. ``networks`` (a
+    :class:`pilot.net.nodenets.NodeNetworks`) builds the lease network a VM
+    with a ``nic`` joins, before its domain is made (None: such a VM is
+    refused). Refusals are results, not exceptions.
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class VmHost:
         vms_journalled: bool = False,
         images=None,
         warning: Callable[[], str | None] = lambda: None,
+        networks=None,
     ):
         self._connect = connect
+        self.networks = networks  # a pilot.net.nodenets.NodeNetworks: the lease networks VMs with a nic join
         self.warning = warning  # the lease channel's line once the pilot warned its VMs: told to a VM at its start
         self.images = images  # a pilot.images.fetch.NodeImages: where images named by a list come from
         self.slot = slot
@@ -247,13 +252,17 @@ class VmHost:
         domain_name = self.domain_name(name)
         if spec.context is not None:
             checked = dataclasses.replace(checked, seed=seed_path(self.policy.seed_dir, domain_name))
+        if spec.nic is not None:
+            if self.networks is None:
+                return VmOutcome(False, name, "nic: this node hosts no lease networks (its pilot has no VM host "
+                                              "networking); ask the site")
+            # Its interface as it will be (the MTU is the network's): rendered now, so a refusal makes nothing.
+            checked = dataclasses.replace(checked, interface=self.networks.interface(spec.nic))
         disks = self.policy.disks
         planned = vmprep.plan(checked, domain_name=domain_name, disks=disks, user=user)
         try:
-            xml = render_domain(
-                planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
-                hugepage_kb=self.policy.hugepage_kb,
-            )
+            render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                          hugepage_kb=self.policy.hugepage_kb)
         except VmRefused as exc:
             return VmOutcome(False, name, str(exc))
         if not self._journalled:
@@ -265,25 +274,39 @@ class VmHost:
                 log.error("not starting VM %s: recording that VMs may exist failed: %s", name, exc)
                 return VmOutcome(False, name, f"cannot record that VMs may exist on this node: {one_line(exc)}")
             self._journalled = True
+        if spec.nic is not None:
+            # After the journal says VMs may exist; the network journals itself before its first device.
+            from pilot.net.commands import NetError
+
+            try:
+                interface = self.networks.attach(spec.nic)
+            except NetError as exc:
+                return VmOutcome(False, name, f"network {spec.nic.net.name}: {one_line(exc)}")
+            checked = dataclasses.replace(checked, interface=interface)
+            planned = dataclasses.replace(planned, interface=interface)
         if checked.seed is not None:
             # After the journal says VMs may exist: whoever undoes this slot removes its seeds too.
             try:
                 write_seed(checked.seed, seed_files(spec.context, instance_id=f"{self.slot}-{name}",
-                                                    default_hostname=name))
+                                                    default_hostname=name, nic=spec.nic,
+                                                    mtu=(checked.interface or {}).get("mtu")))
             except (OSError, ValueError) as exc:
+                self._undo_start(spec, domain_name)
                 return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
         try:
             # After the journal too (the overlay under the node's disk budget): whoever undoes this slot removes them.
             vmprep.make(planned, checked, domain_name=domain_name, disks=disks, user=user,
                         image_cache_dir=self.policy.image_cache_dir)
         except (OSError, VmRefused) as exc:
-            self._remove_guest_files(domain_name)
+            self._undo_start(spec, domain_name)
             return VmOutcome(False, name, one_line(exc))
+        xml = render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                            hugepage_kb=self.policy.hugepage_kb)
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
-            self._remove_guest_files(domain_name)
+            self._undo_start(spec, domain_name)
             return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
         vm = self._vms[name] = _Vm(spec, domain_name, domain)
         try:
@@ -440,6 +463,23 @@ class VmHost:
                 if vm is not None:
                     vm.let_go()
                     self._remove_guest_files(vm.domain_name)
+                    self._leave_network(vm.spec)
+
+    def _undo_start(self, spec: VmSpec, domain_name: str) -> None:
+        """A start that made files (and let the VM onto its network) but no domain: undo both."""
+        self._remove_guest_files(domain_name)
+        self._leave_network(spec)
+
+    def _leave_network(self, spec: VmSpec) -> None:
+        """The VM is gone (or never came): its forward, filter and DHCP entry go."""
+        if spec.nic is not None and self.networks is not None:
+            self.networks.detach(spec.nic)
+
+    def apply_network(self, state) -> str:
+        """A ``network`` command's newer state of a lease network; what was done (one line). Raises NetError."""
+        if self.networks is None:
+            return "this node hosts no lease networks: ignored"
+        return self.networks.apply(state)
 
     def _remove_guest_files(self, domain_name: str) -> None:
         """Remove the VM's seed and overlay (its domain is gone, or was never made)."""
@@ -483,6 +523,7 @@ class VmHost:
                 log.info("VM %s (domain %s) ended on its own", name, vm.domain_name)
                 vm.let_go()
                 self._remove_guest_files(vm.domain_name)
+                self._leave_network(vm.spec)
                 self._gone[name] = self._vms.pop(name)
 
     def _in_use_mb(self) -> int:

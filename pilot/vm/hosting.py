@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from pilot.config import PilotConfig
+from pilot.config import PilotConfig, address_towards
 from pilot.vm.worker import VmWorker
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class VmHosting:
         self.peer_key = peer_key  # the lease's nodes' shared key (from the slot secret): image chunks between them
         self.warning = warning or (lambda: None)  # the lease channel's line once the VMs were warned
         self.images = None
+        self.networks = None  # a pilot.net.nodenets.NodeNetworks, made with the VM host
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
         self.worker = VmWorker(
@@ -69,7 +70,18 @@ class VmHosting:
             _connector(self.uri), slot=self.slot, lease=self.lease, pilot_pid=os.getpid(), policy=policy,
             reserved_mb=held.memory_mb if held else 0, virt_type=config.virt_type,
             before_first_vm=self.memory.note_vms, uri=self.uri, images=self._node_images(), warning=self.warning,
+            networks=self._node_networks(),
         )
+
+    def _node_networks(self):
+        from pilot.net.nodenets import NodeNetworks
+
+        config = self.config
+        address = config.node_address()
+        self.networks = NodeNetworks(
+            own_address=address, forward_address=(config.forward_address or address) if config.forwards else None,
+            run_root=config.net_run_dir, before_first=lambda names: self.memory.note_nets(names, config.net_run_dir))
+        return self.networks
 
     def _node_images(self):
         from pilot.images.cache import ImageCache
@@ -79,11 +91,16 @@ class VmHosting:
         source = ImageSource(self.notifier.session, config.contact, self.slot, self.host, mirror=config.image_mirror,
                              timeout_s=config.image_fetch_timeout_s, peer_key=self.peer_key)
         cache = ImageCache(config.image_cache_dir, config.image_cache_mb * 1024 * 1024)
-        address = config.peer_address or _address_towards(config.contact)
+        address = config.peer_address or address_towards(config.contact)
         self.images = NodeImages(cache, source, note_fetching=self.memory.note_fetching, key=self.notifier.key,
                                  peers=config.image_peers and self.peer_key is not None, peer_bind=address,
                                  peer_port=config.peer_port, peer_advertise=address)
         return self.images
+
+    def node_address(self) -> str | None:
+        """The node's address for its lease networks' overlay and forwards (told to the service with
+        ``reserved``), or None when it has none or hosts no VMs."""
+        return self.config.node_address() if self.uri else None
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""
@@ -128,24 +145,20 @@ class VmHosting:
         if self.images is not None:
             self.images.close()  # no more chunks to the lease's other nodes
         destroyed = self.worker.teardown()
+        if self.networks is not None:
+            # After the VMs: nothing is on the bridges any more.
+            from pilot.net.commands import NetError
+            from pilot.vm.cleanup import VmCleanupError
+
+            try:
+                removed = self.networks.teardown()
+            except NetError as exc:
+                raise VmCleanupError(f"the lease networks could not all be removed: {exc}") from None
+            if removed:
+                log.info("removed lease network(s) %s", ", ".join(removed))
         if self.memory.entry.vm_uri:
             self.memory.note_vms(None)
         return destroyed
-
-
-def _address_towards(contact: str) -> str:
-    """This node's IP address on the way to the service (what the lease's other nodes most likely reach)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(contact)
-    family = socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((parts.hostname, parts.port or 80))  # UDP: no packet is sent
-            return probe.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def _connector(uri: str) -> Callable[[], object]:

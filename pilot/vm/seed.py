@@ -8,7 +8,12 @@ Files on it (Rock Ridge and Joliet names, so any guest sees them as written):
 - ``user-data``: the operator's user-data as given (an empty
   ``#cloud-config`` when none was);
 - ``peers``: the same peers as ``meta-data``, one ``NAME NODE`` per line,
-  for guests without cloud-init.
+  for guests without cloud-init;
+- with an address from the service (a ``nic``): ``network-config``
+  (cloud-init's version 2: the address, found by MAC; the lease network's
+  name server, or the site's gateway) and ``hosts`` (the lease's VMs known
+  when it started, ``ADDRESS NAME.DOMAIN NAME`` per line; later ones are
+  answered by the node's DNS).
 
 Made with pycdlib (no external tool, no root, no loop device), imported
 only when a VM asks for a seed. Seeds live in the journal directory's
@@ -23,7 +28,7 @@ import io
 import json
 import os
 
-from pilot.protocol import VmContext
+from pilot.protocol import Nic, VmContext
 from pilot.vm.vmfiles import remove_paths
 
 SEED_LABEL = "cidata"
@@ -44,19 +49,41 @@ def seed_path(seed_dir: str, domain_name: str) -> str:
     return os.path.join(seed_dir, f"{domain_name}.iso")
 
 
-def seed_files(context: VmContext, *, instance_id: str, default_hostname: str) -> dict[str, bytes]:
-    """The seed's files (name -> content)."""
+def seed_files(context: VmContext, *, instance_id: str, default_hostname: str, nic: Nic | None = None,
+               mtu: int | None = None) -> dict[str, bytes]:
+    """The seed's files (name -> content); with ``nic`` (the address the service allocated) also its
+    ``network-config`` and the lease's ``hosts``."""
     meta: dict = {"instance-id": instance_id, "local-hostname": context.hostname or default_hostname}
     if context.ssh_authorized_keys:
         meta["public-keys"] = list(context.ssh_authorized_keys)
     peers = [{"name": name, "host": host} for name, host in context.peers]
     meta["workspace-peers"] = peers
     user_data = context.user_data if context.user_data is not None else "#cloud-config\n{}\n"
-    return {
+    files = {
         "meta-data": json.dumps(meta, indent=1).encode() + b"\n",
         "user-data": user_data.encode(),
         "peers": "".join(f"{p['name']} {p['host']}\n" for p in peers).encode(),
     }
+    if nic is not None:
+        files["network-config"] = json.dumps(network_config(nic, mtu), indent=1).encode() + b"\n"
+        domain = nic.net.domain
+        files["hosts"] = "".join(f"{ip} {name}.{domain} {name}\n" for name, ip in nic.net.hosts).encode()
+    return files
+
+
+def network_config(nic: Nic, mtu: int | None) -> dict:
+    """cloud-init's network configuration (version 2) for the VM's one interface, found by its MAC: its address,
+    the lease network's name server and domain (a lease network: no route out), or the site's gateway."""
+    net = nic.net
+    ethernet: dict = {"match": {"macaddress": nic.mac}, "set-name": "eth0",
+                      "addresses": [f"{nic.ip}/{net.network.prefixlen}"]}
+    if net.kind == "lease":
+        ethernet["nameservers"] = {"addresses": [net.gateway], "search": [net.domain]}
+    else:
+        ethernet["routes"] = [{"to": "default", "via": net.gateway}]
+    if mtu:
+        ethernet["mtu"] = mtu
+    return {"version": 2, "ethernets": {"eth0": ethernet}}
 
 
 def write_seed(path: str, files: dict[str, bytes]) -> None:

@@ -145,6 +145,19 @@ class VmWorker:
         if command.op == "extend":
             self._extend(command)
             return
+        if command.op == "network":
+            # No outcome to report: the next start-vm carries the network's state again anyway.
+            host = self.host
+            if host is None:  # the service sends it only to nodes that run the lease's VMs
+                log.info("command %d: network %s ignored: no VM has started here", command.id, command.net.name)
+                return
+            from pilot.net.commands import NetError
+
+            try:
+                log.info("command %d: %s", command.id, host.apply_network(command.net))
+            except NetError as exc:
+                log.error("command %d: network %s could not be updated: %s", command.id, command.net.name, exc)
+            return
         if command.op in ("suspend-vm", "resume-vm"):
             resume = command.op == "resume-vm"
             if self.host is None:

@@ -1,0 +1,177 @@
+"""One network of a lease on this node, built from the state the service sent, changed as VMs come and go.
+
+A lease network (``kind`` lease): a bridge holding the gateway address,
+a VXLAN to the lease's other nodes (unicast: one forwarding entry per node,
+no multicast, no learning of where to flood), its filters
+(:mod:`pilot.net.filters`) and its DHCP and DNS server
+(:mod:`pilot.net.dhcp`). A site network (``kind`` site): the site's own
+bridge, which the pilot only filters (its VMs' taps) and never changes.
+
+The caller journals the network's name before :meth:`LeaseNet.build`
+makes anything; :func:`pilot.net.cleanup.remove_network` undoes it from
+the name alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pilot.net import dhcp, filters, names
+from pilot.net.commands import BRIDGE, IP, NetError, delete_link, link_exists, run
+from pilot.protocol.network import NetState, Nic
+
+log = logging.getLogger(__name__)
+
+#: What the VXLAN encapsulation costs of the underlay's MTU (IPv4 outer header).
+VXLAN_OVERHEAD = 50
+
+
+def _underlay_mtu(address: str) -> int:
+    """The MTU of the interface that holds ``address`` (1500 if it cannot be told)."""
+    out = run([IP, "-o", "-4", "addr", "show"], what="listing the node's addresses")
+    for line in out.splitlines():
+        words = line.split()
+        if "inet" in words and words[words.index("inet") + 1].split("/")[0] == address:
+            try:
+                with open(f"/sys/class/net/{words[1].rstrip(':').split('@')[0]}/mtu", encoding="ascii") as handle:
+                    return int(handle.read())
+            except (OSError, ValueError):
+                break
+    return 1500
+
+
+def _no_ipv6(interface: str) -> None:
+    """Keep the node's own IPv6 off ``interface`` (the lease network is IPv4; no link-local chatter)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6", "w", encoding="ascii") as handle:
+            handle.write("1")
+    except OSError:
+        pass  # a kernel without IPv6: nothing to keep off
+
+
+class LeaseNet:
+    """Network ``state`` on this node: ``own_address`` is where the overlay meets it, ``run_root`` where its DHCP
+    server's files go. Not thread-safe: :class:`pilot.net.nodenets.NodeNetworks` serialises the calls."""
+
+    def __init__(self, state: NetState, *, own_address: str | None, run_root: str):
+        self.state = state
+        self.name = names.check_net_name(state.name)
+        self.own_address = own_address
+        self.directory = names.run_dir(run_root, self.name)
+        self.lease = state.kind == "lease"
+        self.bridge = names.bridge_name(self.name) if self.lease else state.bridge
+        self.overlay = names.vxlan_name(self.name) if self.lease else None
+        self.vms: dict[str, Nic] = {}  # by address: this node's VMs on it
+        self.mtu: int | None = None
+        self._peers: set[str] = set()
+        self._dhcp: dhcp.DhcpServer | None = None
+
+    # -- build ------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Make the network on this node (the caller journalled its name). Raises NetError; what was made stays
+        for :func:`pilot.net.cleanup.remove_network`."""
+        if not self.lease:
+            if not link_exists(self.bridge):
+                raise NetError(f"site network: this node has no bridge {self.bridge} (the site makes it)")
+            self._apply_filters()
+            return
+        if self.own_address is None:
+            raise NetError("this node has no address for the lease network's overlay: set [networks] address")
+        for device in (self.bridge, self.overlay):
+            if link_exists(device):
+                raise NetError(f"{device} already exists on this node: another pilot's, or left behind "
+                               "(workspace-killall removes a dead pilot's)")
+        state = self.state
+        network = state.network
+        self.mtu = _underlay_mtu(self.own_address) - VXLAN_OVERHEAD
+        run([IP, "link", "add", self.bridge, "mtu", str(self.mtu), "type", "bridge"], what=f"making {self.bridge}")
+        _no_ipv6(self.bridge)
+        run([IP, "addr", "add", f"{state.gateway}/{network.prefixlen}", "dev", self.bridge],
+            what=f"giving {self.bridge} the gateway address")
+        run([IP, "link", "add", self.overlay, "mtu", str(self.mtu), "type", "vxlan", "id", str(state.vni),
+             "local", self.own_address, "dstport", str(state.port), "nolearning"], what=f"making {self.overlay}")
+        _no_ipv6(self.overlay)
+        run([IP, "link", "set", self.overlay, "master", self.bridge], what=f"joining {self.overlay} to {self.bridge}")
+        self._sync_peers(state.nodes)
+        self._apply_filters()
+        run([IP, "link", "set", self.overlay, "up"], what=f"bringing {self.overlay} up")
+        run([IP, "link", "set", self.bridge, "up"], what=f"bringing {self.bridge} up")
+        self._dhcp = dhcp.DhcpServer(self.name, self.directory, bridge=self.bridge, subnet=state.subnet,
+                                     gateway=state.gateway, domain=state.domain, mtu=self.mtu)
+        self._dhcp.start(self._dhcp_hosts(), list(state.hosts))
+        log.info("lease network %s: %s on %s, %s to %s (VXLAN %d, MTU %d)", self.name, state.subnet, self.bridge,
+                 self.overlay, ", ".join(sorted(self._peers)) or "no other node yet", state.vni, self.mtu)
+
+    def _sync_peers(self, nodes) -> None:
+        """One all-zero forwarding entry per other node of the lease: floods reach each, and only them."""
+        wanted = {node for node in nodes if node != self.own_address}
+        for node in sorted(wanted - self._peers):
+            run([BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", self.overlay, "dst", node],
+                what=f"reaching node {node} over {self.overlay}")
+        for node in sorted(self._peers - wanted):
+            run([BRIDGE, "fdb", "del", "00:00:00:00:00:00", "dev", self.overlay, "dst", node],
+                what=f"forgetting node {node} on {self.overlay}")
+        self._peers = wanted
+
+    def _apply_filters(self) -> None:
+        vms = [(nic.mac, nic.ip) for nic in self.vms.values()]
+        tables = [("bridge", filters.bridge_table(self.name, vms, overlay=self.overlay,
+                                                   gateway=self.state.gateway))]
+        if self.lease:
+            tables.append(("ip", filters.ip_table(self.name, self.bridge)))
+        filters.replace_tables(self.name, tables)
+
+    def _dhcp_hosts(self) -> list[tuple[str, str, str]]:
+        return [(nic.mac, nic.ip, nic.hostname) for nic in self.vms.values()]
+
+    def _reload_dhcp(self) -> None:
+        if self._dhcp is not None:
+            self._dhcp.reload(self._dhcp_hosts(), list(self.state.hosts))
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def update(self, state: NetState) -> bool:
+        """Take a newer state of the network (its nodes, its names); whether it was newer. Raises NetError."""
+        if state.generation <= self.state.generation:
+            return False
+        if (state.name, state.kind, state.subnet, state.gateway) != (self.name, self.state.kind, self.state.subnet,
+                                                                     self.state.gateway):
+            raise NetError(f"network {state.name}: a new state must keep its subnet and gateway")
+        self.state = state
+        if self.lease:
+            self._sync_peers(state.nodes)
+        self._reload_dhcp()
+        return True
+
+    def attach(self, nic: Nic) -> None:
+        """Let a VM with ``nic`` onto the network: its filter (before its tap exists) and its DHCP entry."""
+        self.update(nic.net)
+        self.vms[nic.ip] = nic
+        try:
+            self._apply_filters()
+            self._reload_dhcp()
+        except NetError:
+            self.vms.pop(nic.ip, None)
+            raise
+
+    def detach(self, ip: str) -> None:
+        """The VM holding ``ip`` is gone: its filter and DHCP entry go."""
+        if self.vms.pop(ip, None) is not None:
+            self._apply_filters()
+            self._reload_dhcp()
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Remove everything of this network from the node (raises NetError if something stays)."""
+        from pilot.net.cleanup import remove_network
+
+        remove_network(self.name, os.path.dirname(self.directory))
+
+
+def interface_of(net: LeaseNet, nic: Nic) -> dict:
+    """How the VM's domain joins the network: bridge, tap name, MAC and MTU (for :mod:`pilot.vm.domainxml`)."""
+    return {"bridge": net.bridge, "tap": names.tap_name(nic.ip), "mac": nic.mac, "mtu": net.mtu}
+
