@@ -42,6 +42,19 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
     os.replace(temporary, path)
 
 
+def _check_reachable(directory: str) -> None:
+    """Raise NetError unless dnsmasq, once it runs as :data:`USER`, can reach its files (every directory above
+    them searchable by others): it reads them again on every SIGHUP."""
+    path = os.path.realpath(directory)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            raise NetError(f"[networks] run_dir: dnsmasq runs as {USER} and cannot reach {directory}: {path} is not "
+                           "searchable by others (choose a run_dir whose parents are, e.g. /run/workspace-pilot/net)")
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 class DhcpServer:
     """The dnsmasq of network ``name`` on bridge ``bridge`` (address ``gateway`` of ``subnet``), files in
     ``directory``; ``mtu`` is told to the VMs (the overlay's, smaller than the underlay's)."""
@@ -95,6 +108,7 @@ class DhcpServer:
         """Write its files and start it; its pid. Raises NetError with what dnsmasq said (it exits at once when its
         configuration cannot work, e.g. the bridge has no address)."""
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        _check_reachable(self.directory)
         _write(self.conf, self._config())
         self.write_hosts(vms, lease_names)
         # dnsmasq forks and its first process returns once the server is up, or with why it is not.
