@@ -13,7 +13,11 @@
 #               control/started, executes control/command (a file starting with #!) in the share tagged
 #               "workdir", its stdout and stderr into control/stdout and control/stderr, its exit code
 #               into control/status (written last), then it reboots, which ends a domain whose on_reboot
-#               is destroy;
+#               is destroy. With a NIC (eth0: virtio_net) it asks DHCP for its address (busybox udhcpc),
+#               prints "workspace-pilot test guest address IP HOSTNAME" (or "... no address"), and answers
+#               on TCP port 22: a line "workspace-pilot test guest HOSTNAME IP", then it runs the one line
+#               the client sends (a shell command) and sends back its output: the stand-in for an SSH
+#               login in the lease network tests (a test guest only: no authentication at all);
 #   SHA256SUMS  sha256sum's manifest of the two; inputs: what they were built from.
 # Idempotent: when the inputs (kernel package and version, busybox-static's version, this script) are
 # unchanged and the files match SHA256SUMS, it does nothing. Needs busybox-static (scripts/bootstrap.sh
@@ -25,8 +29,9 @@ out="$top/.cache/test-guest"
 # virtio_blk, cdrom and isofs (which needs cdrom) let the guest read a cloud-init seed (a read-only virtio disk holding an ISO 9660).
 # fuse and virtiofs mount the host directories a VM job shares with the guest (virtiofsd on the host).
 # virtio_console gives the guest the pilot's lease channel (a virtio-serial port).
+# failover, net_failover and virtio_net give it a NIC (a lease network's).
 modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_blk cdrom isofs
-         fuse virtiofs virtio_console)
+         fuse virtiofs virtio_console failover net_failover virtio_net)
 busybox=/bin/busybox
 
 if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]; then
@@ -143,6 +148,37 @@ for dev in /dev/vd?; do
     umount /seed
   fi
 done
+# A NIC, if the VM has one: its address by DHCP (from its node's DHCP server), then the login stand-in on port 22.
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up
+  ip link set eth0 up
+  cat > /bin/wp-dhcp <<'SCRIPT'
+#!/bin/sh
+if [ "\$1" = bound ]; then
+  ip addr add "\$ip/\$mask" dev "\$interface"
+  [ -n "\$mtu" ] && ip link set "\$interface" mtu "\$mtu"
+  [ -n "\$hostname" ] && hostname "\$hostname"
+  echo "nameserver \$dns" > /etc/resolv.conf
+  echo "search \$domain" >> /etc/resolv.conf
+  echo "\$ip" > /run-address
+fi
+exit 0
+SCRIPT
+  cat > /bin/wp-login <<'SCRIPT'
+#!/bin/sh
+echo "workspace-pilot test guest \$(hostname) \$(cat /run-address 2>/dev/null)"
+read -r line
+eval "\$line" 2>&1
+SCRIPT
+  chmod 0755 /bin/wp-dhcp /bin/wp-login
+  mkdir -p /etc
+  if udhcpc -i eth0 -n -q -t 10 -T 1 -O mtu -s /bin/wp-dhcp >/dev/null 2>&1; then
+    echo "workspace-pilot test guest address \$(cat /run-address) \$(hostname)" > /dev/ttyS0
+  else
+    echo "workspace-pilot test guest no address" > /dev/ttyS0
+  fi
+  nc -ll -p 22 -e /bin/wp-login &
+fi
 # A disk to fill, if the kernel command line has wp_fill: random bytes to /dev/vda's end (where a guest that
 # wants the node's disk would write), then its size in 512-byte sectors.
 case " \$(cat /proc/cmdline) " in

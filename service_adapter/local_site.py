@@ -65,7 +65,9 @@ class LocalSite:
     ``contact`` may point the pilots elsewhere than the receiver (tests use
     it to simulate a service that is down). ``queue_timeout_s``,
     ``release_grace_s`` and ``status_interval_s`` go to the
-    :class:`LeaseManager`; ``start_manager=False`` leaves its thread
+    :class:`LeaseManager`; ``network_plan`` (a
+    :class:`~service_adapter.networks.NetworkPlan`) gives the VMs addresses;
+    ``start_manager=False`` leaves its thread
     stopped (the caller ticks, or waits with :meth:`LeaseManager.wait`,
     which ticks for it).
 
@@ -84,6 +86,7 @@ class LocalSite:
         start_manager: bool = True, lost_after_s: float | None = 120.0, vm_overhead_mb: int = 64,
         pilot_sections: dict[str, dict[str, object]] | None = None, provider=None,
         listen_host: str = "127.0.0.1", operator_api: bool = False, warn_before_s: float = 0.0,
+        network_plan=None,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -110,7 +113,7 @@ class LocalSite:
             status_interval_s=status_interval_s, board=self.board, lost_after_s=lost_after_s,
             warn_before_s=warn_before_s,
         )
-        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb)
+        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb, network_plan=network_plan)
         if operator_api:
             from service_adapter.api import add_api
 

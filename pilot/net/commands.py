@@ -37,10 +37,16 @@ def run(argv: list[str], *, stdin: str | None = None, what: str | None = None) -
 
 
 def link_exists(name: str) -> bool:
-    """Whether interface ``name`` exists in this network namespace."""
-    import os
-
-    return os.path.exists(f"/sys/class/net/{name}")
+    """Whether interface ``name`` exists in this network namespace (asked of the kernel, not of /sys, which shows
+    the namespace it was mounted in)."""
+    try:
+        result = subprocess.run([IP, "-o", "link", "show", "dev", name], capture_output=True, text=True,
+                                timeout=TIMEOUT_S, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    except FileNotFoundError:
+        raise NetError(f"{IP} is not installed (the node needs iproute2)") from None
+    except subprocess.TimeoutExpired:
+        raise NetError(f"{IP} link show {name}: no answer in {TIMEOUT_S:g} s") from None
+    return result.returncode == 0
 
 
 def delete_link(name: str) -> bool:

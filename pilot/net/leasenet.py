@@ -29,15 +29,12 @@ VXLAN_OVERHEAD = 50
 
 def _underlay_mtu(address: str) -> int:
     """The MTU of the interface that holds ``address`` (1500 if it cannot be told)."""
-    out = run([IP, "-o", "-4", "addr", "show"], what="listing the node's addresses")
-    for line in out.splitlines():
-        words = line.split()
-        if "inet" in words and words[words.index("inet") + 1].split("/")[0] == address:
-            try:
-                with open(f"/sys/class/net/{words[1].rstrip(':').split('@')[0]}/mtu", encoding="ascii") as handle:
-                    return int(handle.read())
-            except (OSError, ValueError):
-                break
+    holders = [line.split()[1] for line in run([IP, "-o", "-4", "addr", "show"], what="listing the node's addresses")
+               .splitlines() if f" inet {address}/" in line]
+    if holders:
+        words = run([IP, "-o", "link", "show", "dev", holders[0]], what=f"reading {holders[0]}'s MTU").split()
+        if "mtu" in words:
+            return int(words[words.index("mtu") + 1])
     return 1500
 
 

@@ -65,13 +65,20 @@ class LocalProvider(Provider):
     pilot this provider started that still runs (SIGTERM, then SIGKILL after
     ``kill_after`` seconds), always by its pid; pilots of earlier processes
     are left to their jobs.
+
+    Each job's nodes get new names (``local-node1``, ``local-node2``, ...),
+    unless ``fixed_hosts`` names a fixed set of nodes: then every job runs on the
+    first ones it needs (jobs share them, as leases share a real node's
+    memory), and a job asking for more is refused.
     """
 
     name = "local"
 
-    def __init__(self, output_dir: str, *, host_prefix: str = "local-node", python: str = sys.executable):
+    def __init__(self, output_dir: str, *, host_prefix: str = "local-node", python: str = sys.executable,
+                 fixed_hosts: tuple[str, ...] | None = None):
         self.output_dir = output_dir
         self.host_prefix = host_prefix
+        self.fixed_hosts = tuple(fixed_hosts) if fixed_hosts is not None else None
         self.python = python
         self.state_path = os.path.join(output_dir, STATE_FILE)
         self._jobs: dict[str, _LocalJob] = {}
@@ -101,7 +108,13 @@ class LocalProvider(Provider):
         with self._lock, self._state_lock():
             state = self._read_state()
             first = int(state.get("next_host", 1))
-            hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
+            if self.fixed_hosts is None:
+                hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
+            elif job.nodes > len(self.fixed_hosts):
+                raise ProviderError(f"this local site has {len(self.fixed_hosts)} node(s); the job asks for "
+                                    f"{job.nodes}")
+            else:
+                hosts = list(self.fixed_hosts[:job.nodes])
             for host in hosts:
                 self.pilot_argv(job, host)  # validates the job before anything starts
             local = _LocalJob(job, hosts, [])
