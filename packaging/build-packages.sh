@@ -105,7 +105,7 @@ deb() {  # NAME TREE ARCH DEPENDS DESCRIPTION [CONFFILE...]
 arch=$(dpkg --print-architecture)
 deb workspace-pilot-common "$common" "$arch" "python3 (>= 3.10), python3-venv, libvirt0" \
   "workspace-pilot's Python runtime (a virtualenv built from the shipped wheels at install)"
-deb workspace-pilot-node "$node" all "workspace-pilot-common (= $version), sudo" \
+deb workspace-pilot-node "$node" all "workspace-pilot-common (= $version), sudo, iproute2, nftables, dnsmasq-base" \
   "workspace-pilot on a batch node: the pilot, workspace-vmjob, workspace-killall, workspace-node-status" \
   /etc/workspace-pilot/pilot.conf /etc/workspace-pilot/vmjob-images.conf /etc/sudoers.d/workspace-pilot \
   /etc/sudoers.d/workspace-vmjob

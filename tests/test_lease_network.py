@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-from service_adapter.networks import NetworkPlan
+from service_adapter.networks import NetworkPlan, parse_ranges
 from tests.test_vm_api import VmService, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)")
@@ -95,8 +95,9 @@ class Node:
 class Guest:
     """A stand-in for a VM's NIC: a namespace whose eth0 has the VM's MAC, its other end as the VM's tap."""
 
-    def __init__(self, node: Node, nic: dict, mtu: int):
+    def __init__(self, node: Node, nic: dict, mtu: int | None, bridge: str | None = None):
         self.node, self.nic = node, nic
+        mtu = mtu or 1500
         self.ns = f"{PREFIX}-g{int(ipaddress.IPv4Address(nic['ip'])) & 0xffff:x}"
         self.tap = f"wpt-{int(ipaddress.IPv4Address(nic['ip'])):08x}"
         sh("ip", "netns", "add", self.ns)
@@ -104,7 +105,7 @@ class Guest:
         sh("ip", "link", "add", self.tap, "netns", node.ns, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0",
            "netns", self.ns)
         sh("ip", "-n", self.ns, "link", "set", "eth0", "address", nic["mac"], "mtu", str(mtu), "up")
-        bridge = f"wpb-{nic['net']['vni']:06x}"
+        bridge = bridge or f"wpb-{nic['net']['vni']:06x}"
         sh("ip", "-n", node.ns, "link", "set", self.tap, "master", bridge, "up")
 
     def dhcp(self) -> dict:
@@ -213,7 +214,7 @@ def boot(nodes, guests, host, nic) -> Guest:
     """What the pilot does at a VM's start (attach), then the VM's NIC appears on the bridge."""
     answer = nodes[host].ask("attach", nic=nic)
     assert answer["ok"], answer
-    guest = Guest(nodes[host], nic, answer["interface"]["mtu"])
+    guest = Guest(nodes[host], nic, answer["interface"]["mtu"], answer["interface"]["bridge"])
     guests.append(guest)
     return guest
 
@@ -376,3 +377,34 @@ def test_a_node_without_an_address_builds_nothing_and_says_why(tmp_path):
     assert journalled == [("l100000",)]
     assert not os.path.exists("/sys/class/net/wpb-0186a0")
     assert networks.teardown() == ["l100000"] and journalled[-1] == ()
+
+
+def test_site_mode_puts_the_vm_on_the_sites_bridge_with_the_same_filters_and_leaves_the_bridge(tmp_path, nodes):
+    nodes, guests = nodes
+    plan = NetworkPlan(mode="site", site_network=ipaddress.IPv4Network("198.51.100.0/24"),
+                       site_gateway=ipaddress.IPv4Address("198.51.100.1"),
+                       site_pool=parse_ranges("198.51.100.20-198.51.100.29"), site_bridge="br-site")
+    site = VmService(tmp_path, network_plan=plan)
+    node = nodes["node1"]
+    # The site's bridge on the node, with the site's router address (the site makes these, not the pilot).
+    sh("ip", "-n", node.ns, "link", "add", "br-site", "type", "bridge")
+    sh("ip", "-n", node.ns, "addr", "add", "198.51.100.1/24", "dev", "br-site")
+    sh("ip", "-n", node.ns, "link", "set", "br-site", "up")
+    try:
+        lease_id, slot = site.ready_lease(("node1",), addresses=NODES)
+        vms = start(site, lease_id, slot, ("a", "node1"), ("b", "node1"))
+        a, b = (boot(nodes, guests, *vms[name]) for name in ("a", "b"))
+        for guest in (a, b):
+            guest.configure(guest.nic["ip"], 24)  # from its seed's network-config: no DHCP on a site network
+        assert a.ping(b.nic["ip"]) and a.ping("198.51.100.1")
+        a.configure("198.51.100.99", 24)
+        assert not a.ping(b.nic["ip"], source="198.51.100.99")
+        for guest in guests:
+            guest.remove()
+        guests.clear()
+        assert node.ask("teardown")["ok"]
+        assert [t for t in sh("nft", "list", "tables", ns=node.ns).stdout.splitlines() if "wpilot_" in t] == []
+        assert sh("ip", "-o", "link", "show", "dev", "br-site", ns=node.ns).returncode == 0  # the site's stays
+    finally:
+        sh("ip", "-n", node.ns, "link", "delete", "br-site", check=False)
+        site.close()

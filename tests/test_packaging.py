@@ -84,7 +84,7 @@ def test_the_debs_split_node_service_and_docs_with_their_conffiles(built):
                                                  "/etc/sudoers.d/workspace-pilot", "/etc/sudoers.d/workspace-vmjob"]
     assert conffiles["workspace-lease-service"] == ["/etc/workspace-pilot/service.conf", "/etc/logrotate.d/workspace-lease"]
     depends = run("dpkg-deb", "-f", paths["workspace-pilot-node"], "Depends").stdout.strip()
-    assert depends == f"workspace-pilot-common (= {VERSION}), sudo"
+    assert depends == f"workspace-pilot-common (= {VERSION}), sudo, iproute2, nftables, dnsmasq-base"
 
 
 def test_the_rpms_hold_the_same_files_with_config_noreplace(built):
@@ -123,7 +123,7 @@ def test_the_shipped_unit_sudoers_and_tmpfiles_are_valid_for_their_tools(tmp_pat
     done = run("systemd-tmpfiles", "--create", f"--root={root}", os.path.join(packaging, "workspace-pilot.tmpfiles"))
     assert done.returncode == 0, done.stderr
     for path, mode in (("var/lib/workspace-pilot", 0o700), ("var/lib/workspace-pilot/image-cache", 0o700),
-                       ("var/log/workspace-pilot", 0o755)):
+                       ("var/log/workspace-pilot", 0o755), ("run/workspace-pilot/net", 0o755)):
         assert os.stat(root / path).st_mode & 0o7777 == mode
     unit = open(os.path.join(packaging, "workspace-lease.service"), encoding="utf-8").read()
     for setting in ("User=workspace-lease", "NoNewPrivileges=yes", "ProtectSystem=strict", "LimitNOFILE=",
