@@ -10,6 +10,7 @@ does with the addresses is ``test_lease_network``'s).
 from __future__ import annotations
 
 import ipaddress
+import json
 import sqlite3
 import threading
 
@@ -17,7 +18,7 @@ import pytest
 
 from pilot.protocol import Command, mac_for
 from service_adapter.networks import NetworkPlan, parse_ranges
-from tests.test_vm_api import OTHER_OPERATOR, OTHER_SECRET, VmService, one_line_error, spec
+from tests.test_vm_api import OTHER_OPERATOR, OTHER_SECRET, VmService, cli, one_line_error, spec  # noqa: F401 (cli)
 
 NODE_ADDRESSES = {"node1": "192.0.2.1", "node2": "192.0.2.2", "node3": "192.0.2.3"}
 
@@ -258,3 +259,23 @@ def test_site_mode_hands_out_pool_addresses_on_the_site_bridge_and_the_vm_is_rea
                          " by a VM")
     finally:
         service.close()
+
+
+def test_vm_list_and_show_tell_the_owner_each_vms_address_and_where_to_log_in(svc, cli):
+    lease_id, _ = svc.ready_lease(("node1", "node2"), addresses=NODE_ADDRESSES)
+    started(svc, lease_id, spec("web", 64, host="node1"), spec("db", 64, host="node2"))
+    table = cli("vm", "list", lease_id)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.strip().splitlines()
+    assert header.split() == ["VM", "HOST", "STATE", "MB", "ADDRESS", "LOGIN", "REASON"]
+    assert [row.split()[:6] for row in rows] == [["db", "node2", "starting", "64", "10.213.0.3", "192.0.2.2:20000"],
+                                                 ["web", "node1", "starting", "64", "10.213.0.2", "192.0.2.1:20000"]]
+    shown = cli("vm", "show", lease_id, "db", "--json")
+    assert shown.returncode == 0, shown.stderr
+    body = json.loads(shown.stdout)
+    assert (body["ip"], body["mac"], body["login"]) == ("10.213.0.3", "52:54:0a:d5:00:03",
+                                                        {"host": "192.0.2.2", "port": 20000})
+    text = cli("vm", "show", lease_id, "db").stdout.splitlines()
+    assert text[0] == "VM db on node2: starting: start-vm queued for node2"
+    assert "  address  10.213.0.3 (db, MAC 52:54:0a:d5:00:03)" in text
+    assert "  login    ssh -p 20000 USER@192.0.2.2" in text

@@ -12,7 +12,7 @@ from service_adapter.cli.common import (
     EXIT_UNTRUSTED, EXIT_USAGE, FAILED_STATES, UP_STATES, Exit, say,
 )
 from service_adapter.cli.images import image_command
-from service_adapter.cli.render import event_line, lease_table, lease_text, reason_suffix, vm_table
+from service_adapter.cli.render import event_line, lease_table, lease_text, reason_suffix, vm_table, vm_text
 
 VM_ENDED = ("stopped", "failed", "lost")
 STOP_FAILED = "stop failed"  # how the service's reason starts when a pilot reported that a stop-vm failed
@@ -276,6 +276,15 @@ def _cmd_vm_list(client, args) -> int:
     return EXIT_OK
 
 
+def _cmd_vm_show(client, args) -> int:
+    vm = client.show_vm(args.lease, args.name)
+    if args.json:
+        _print_json(vm)
+    else:
+        print(vm_text(vm))
+    return EXIT_OK
+
+
 def _started(vm: dict) -> bool:
     return vm.get("state") == "running" or vm.get("state") in VM_ENDED
 
@@ -311,7 +320,7 @@ def _wait_for_vms(client, lease_id: str, names: list[str], done, timeout_s: floa
 
 
 _VM_COMMANDS = {"start": _cmd_vm_start, "stop": _cmd_vm_stop, "suspend": _cmd_vm_pause, "resume": _cmd_vm_pause,
-                "list": _cmd_vm_list}
+                "list": _cmd_vm_list, "show": _cmd_vm_show}
 
 _COMMANDS = {
     "reserve": _cmd_reserve, "release": _cmd_release, "extend": _cmd_extend, "list": _cmd_list, "show": _cmd_show,

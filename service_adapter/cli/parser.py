@@ -356,7 +356,15 @@ def _add_vm_commands(commands, common: argparse.ArgumentParser) -> None:
                                 "(exit 1); exit 7 if not done then")
 
     listing = sub("list", "list a lease's VMs",
-                  "List a lease's VMs, oldest first (ended ones too): name, host, state, memory and why.")
+                  "List a lease's VMs, oldest first (ended ones too): name, host, state, memory and why; where "
+                  "the site gives VMs addresses, each VM's address and, to the lease's owner, where to log in "
+                  "(LOGIN: the node's address and the port it forwards to the VM's SSH, or the VM's own).")
     listing.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+
+    show = sub("show", "show one VM of a lease",
+               "Show one VM: its node, state and why, size, times, its address, MAC and host name, and, to the "
+               "lease's owner, how to log in to it.")
+    show.add_argument("lease", type=_lease_id, metavar="LEASE", help="the lease id")
+    show.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name")
 
 

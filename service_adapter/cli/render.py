@@ -92,6 +92,19 @@ def vm_table(vms: list[dict]) -> str:
     )
 
 
+def vm_text(vm: dict) -> str:
+    """One VM for people: a line each for its node, state, size, times, address and login."""
+    lines = [f"VM {vm.get('name', '?')} on {vm.get('host', '?')}: {vm.get('state', '?')}{reason_suffix(vm)}",
+             f"  memory   {vm.get('memory_mb', '-')} MB, {vm.get('vcpus', '-')} vCPU",
+             f"  started  {_when(vm.get('started_at'))}   stopped {_when(vm.get('stopped_at'))}"]
+    if vm.get("ip"):
+        lines.append(f"  address  {vm['ip']} ({vm.get('hostname') or '-'}, MAC {vm.get('mac') or '-'})")
+    login = vm.get("login")
+    if isinstance(login, dict) and login.get("host"):
+        lines.append(f"  login    ssh -p {login.get('port')} USER@{login['host']}")
+    return "\n".join(printable(line) for line in lines)  # a pilot wrote the reason
+
+
 _SHOWN_FIRST = (
     "id", "state", "reason", "owner", "nodes", "memory_mb", "duration_s", "slot", "job_id",
     "created_at", "start_at", "ready_at", "release_requested_at", "expires_at", "ended_at", "updated_at",
