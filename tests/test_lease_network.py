@@ -25,6 +25,7 @@ import tempfile
 import pytest
 
 from service_adapter.networks import NetworkPlan, parse_ranges
+from tests.netlab import NetLab, kill_all_in, sh
 from tests.test_vm_api import VmService, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)")
@@ -32,28 +33,14 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = f"wpn{os.getpid() % 100000}"
 NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
-OWNER = "192.0.2.100"
-
-
-def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 30, **kwargs):
-    full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
-    result = subprocess.run(full, capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(full)}: exit {result.returncode}: {result.stderr.strip()}")
-    return result
-
-
-def _program(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as handle:
-        return handle.read().split(b"\0")[0].decode()
 
 
 class Node:
     """A node's namespace and the pilot's networks in it (``tests.netnode``)."""
 
-    def __init__(self, name: str, address: str, workdir: str):
-        self.name, self.address = name, address
-        self.ns = f"{PREFIX}-{name}"
+    def __init__(self, lab: NetLab, name: str, workdir: str):
+        self.lab, self.name, self.address = lab, name, lab.nodes[name]
+        self.ns = lab.ns(name)
         self.run_root = os.path.join(workdir, name, "net")
         self.journal = os.path.join(workdir, name, "journal.json")
         os.makedirs(os.path.dirname(self.journal), exist_ok=True)
@@ -81,15 +68,8 @@ class Node:
 
     def leftovers(self) -> list[str]:
         """What of the pilot's networks is still on this node: devices, nft tables, processes, files."""
-        found = [line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-o", "link", ns=self.ns).stdout
-                 .splitlines() if line.split(":")[1].strip().startswith(("wpb-", "wpx-"))]
-        found += [line for line in sh("nft", "list", "tables", ns=self.ns).stdout.splitlines() if "wpilot_" in line]
-        agent = {self.agent.pid} if self.agent is not None else set()
-        pids = {int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()} - agent
-        found += [f"process {pid}: {_program(pid)}" for pid in pids if os.path.exists(f"/proc/{pid}")]
-        if os.path.isdir(self.run_root):
-            found += [f"file {name}" for name in os.listdir(self.run_root)]
-        return found
+        return self.lab.leftovers(self.name, ignore_pids={self.agent.pid} if self.agent else (),
+                                  run_root=self.run_root)
 
 
 class Guest:
@@ -131,8 +111,7 @@ class Guest:
         return answers[0] if answers else None
 
     def remove(self) -> None:
-        for pid in sh("ip", "netns", "pids", self.ns, check=False).stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
+        kill_all_in(self.ns)
         sh("ip", "netns", "del", self.ns, check=False)
 
 
@@ -144,28 +123,12 @@ def lan():
     its files as nobody, as it would in /run/workspace-pilot/net."""
     workdir = tempfile.mkdtemp(prefix=f"{PREFIX}-")
     os.chmod(workdir, 0o755)
-    hub = f"{PREFIX}-lan"
-    spaces = [hub]
+    lab = NetLab(PREFIX, NODES)
     try:
-        sh("ip", "netns", "add", hub)
-        sh("ip", "-n", hub, "link", "add", "hub", "type", "bridge")
-        sh("ip", "-n", hub, "link", "set", "hub", "up")
-        nodes = {name: Node(name, address, workdir) for name, address in NODES.items()}
-        members = [(node.ns, node.address) for node in nodes.values()] + [(f"{PREFIX}-owner", OWNER)]
-        for index, (ns, address) in enumerate(members):
-            spaces.append(ns)
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "link", "add", f"u{index}", "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", hub, "link", "set", f"u{index}", "master", "hub", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        yield nodes
+        lab.open()
+        yield {name: Node(lab, name, workdir) for name in NODES}
     finally:
-        for ns in spaces:
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
-            sh("ip", "netns", "del", ns, check=False)
+        lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -315,7 +278,7 @@ def test_the_owner_reaches_each_vms_ssh_through_its_nodes_forward(service, nodes
             assert server.stdout.readline().strip() == "listening"
             login = listed[name]["login"]
             # From outside both nodes, to what vm list told the owner: the node's address and the port.
-            said = sh("busybox", "nc", "-w", "5", login["host"], str(login["port"]), ns=f"{PREFIX}-owner",
+            said = sh("busybox", "nc", "-w", "5", login["host"], str(login["port"]), ns=nodes["node1"].lab.owner,
                       input="").stdout
             assert said.strip() == f"SSH-2.0-stand-in {name}"
         finally:
