@@ -18,7 +18,7 @@ import logging
 import os
 
 from pilot.net import dhcp, filters, names
-from pilot.net.commands import BRIDGE, IP, NetError, delete_link, link_exists, run
+from pilot.net.commands import BRIDGE, IP, NetError, link_exists, link_mtu, run, run_batch
 from pilot.protocol.network import NetState, Nic
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,10 @@ def _underlay_mtu(address: str) -> int:
     """The MTU of the interface that holds ``address`` (1500 if it cannot be told)."""
     holders = [line.split()[1] for line in run([IP, "-o", "-4", "addr", "show"], what="listing the node's addresses")
                .splitlines() if f" inet {address}/" in line]
-    if holders:
-        words = run([IP, "-o", "link", "show", "dev", holders[0]], what=f"reading {holders[0]}'s MTU").split()
-        if "mtu" in words:
-            return int(words[words.index("mtu") + 1])
-    return 1500
+    try:
+        return link_mtu(holders[0]) if holders else 1500
+    except OSError:
+        return 1500
 
 
 def _no_ipv6(interface: str) -> None:
@@ -76,25 +75,26 @@ class LeaseNet:
             return
         if self.own_address is None:
             raise NetError("this node has no address for the lease network's overlay: set [networks] address")
-        for device in (self.bridge, self.overlay):
-            if link_exists(device):
-                raise NetError(f"{device} already exists on this node: another pilot's, or left behind "
-                               "(workspace-killall removes a dead pilot's)")
         state = self.state
-        network = state.network
         self.mtu = _underlay_mtu(self.own_address) - VXLAN_OVERHEAD
-        run([IP, "link", "add", self.bridge, "mtu", str(self.mtu), "type", "bridge"], what=f"making {self.bridge}")
-        _no_ipv6(self.bridge)
-        run([IP, "addr", "add", f"{state.gateway}/{network.prefixlen}", "dev", self.bridge],
-            what=f"giving {self.bridge} the gateway address")
-        run([IP, "link", "add", self.overlay, "mtu", str(self.mtu), "type", "vxlan", "id", str(state.vni),
-             "local", self.own_address, "dstport", str(state.port), "nolearning"], what=f"making {self.overlay}")
-        _no_ipv6(self.overlay)
-        run([IP, "link", "set", self.overlay, "master", self.bridge], what=f"joining {self.overlay} to {self.bridge}")
+        try:
+            run_batch(IP, [f"link add {self.bridge} mtu {self.mtu} type bridge",
+                           f"addr add {state.gateway}/{state.network.prefixlen} dev {self.bridge}",
+                           f"link add {self.overlay} mtu {self.mtu} type vxlan id {state.vni} local {self.own_address}"
+                           f" dstport {state.port} nolearning",
+                           f"link set {self.overlay} master {self.bridge}"],
+                      what=f"making {self.bridge} and {self.overlay}")
+        except NetError as exc:
+            if "File exists" in str(exc):
+                raise NetError(f"{self.bridge} or {self.overlay} already exists on this node: another pilot's, or "
+                               "left behind (workspace-killall removes a dead pilot's)") from None
+            raise
+        for device in (self.bridge, self.overlay):
+            _no_ipv6(device)  # before they are up: no link-local address ever
         self._sync_peers(state.nodes)
-        self._apply_filters()
-        run([IP, "link", "set", self.overlay, "up"], what=f"bringing {self.overlay} up")
-        run([IP, "link", "set", self.bridge, "up"], what=f"bringing {self.bridge} up")
+        self._apply_filters()  # before they are up: no frame passes unfiltered
+        run_batch(IP, [f"link set {self.overlay} up", f"link set {self.bridge} up"],
+                  what=f"bringing {self.bridge} up")
         self._dhcp = dhcp.DhcpServer(self.name, self.directory, bridge=self.bridge, subnet=state.subnet,
                                      gateway=state.gateway, domain=state.domain, mtu=self.mtu)
         self._dhcp.start(self._dhcp_hosts(), list(state.hosts))
@@ -104,12 +104,10 @@ class LeaseNet:
     def _sync_peers(self, nodes) -> None:
         """One all-zero forwarding entry per other node of the lease: floods reach each, and only them."""
         wanted = {node for node in nodes if node != self.own_address}
-        for node in sorted(wanted - self._peers):
-            run([BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", self.overlay, "dst", node],
-                what=f"reaching node {node} over {self.overlay}")
-        for node in sorted(self._peers - wanted):
-            run([BRIDGE, "fdb", "del", "00:00:00:00:00:00", "dev", self.overlay, "dst", node],
-                what=f"forgetting node {node} on {self.overlay}")
+        run_batch(BRIDGE, [f"fdb append 00:00:00:00:00:00 dev {self.overlay} dst {node}"
+                           for node in sorted(wanted - self._peers)]
+                  + [f"fdb del 00:00:00:00:00:00 dev {self.overlay} dst {node}" for node in sorted(self._peers - wanted)],
+                  what=f"the lease's nodes on {self.overlay}")
         self._peers = wanted
 
     def _apply_filters(self) -> None:
