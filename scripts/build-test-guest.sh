@@ -13,7 +13,7 @@
 #               control/started, executes control/command (a file starting with #!) in the share tagged
 #               "workdir", its stdout and stderr into control/stdout and control/stderr, its exit code
 #               into control/status (written last), then it reboots, which ends a domain whose on_reboot
-#               is destroy. With a NIC (eth0: virtio_net) it asks DHCP for its address (busybox udhcpc),
+#               is destroy. With a NIC (eth0: virtio_net), first of all, it asks DHCP for its address (busybox udhcpc),
 #               prints "workspace-pilot test guest address IP HOSTNAME" (or "... no address"), and answers
 #               on TCP port 22: a line "workspace-pilot test guest HOSTNAME IP", then it runs the one line
 #               the client sends (a shell command) and sends back its output: the stand-in for an SSH
@@ -119,35 +119,6 @@ for port in /sys/class/virtio-ports/*; do
    done) &
   echo "workspace-pilot test guest lease channel open" > /dev/ttyS0
 done
-# A batch job, if the VM has one: virtiofs shares "control" (command in; stdout, stderr, status out) and
-# "workdir" (the job's working directory). The status is written under another name and renamed, so a
-# host that sees control/status sees all of it.
-mkdir -p /control /workdir
-if mount -t virtiofs control /control 2>/dev/null; then
-  mount -t virtiofs workdir /workdir 2>/dev/null || echo "workspace-pilot test guest: no workdir share" > /dev/ttyS0
-  echo "workspace-pilot test guest job started" > /dev/ttyS0
-  : > /control/started
-  (cd /workdir && /control/command > /control/stdout 2> /control/stderr)
-  echo \$? > /control/status.part && mv /control/status.part /control/status
-  sync
-  echo "workspace-pilot test guest job done \$(cat /control/status)" > /dev/ttyS0
-  reboot -f
-fi
-# A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
-# virtio_blk probes its disks asynchronously: give them 2 s to appear (a VM without one just waits).
-i=0
-while [ \$i -lt 20 ] && ! ls /dev/vd? >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
-for dev in /dev/vd?; do
-  [ -b "\$dev" ] || continue
-  if mount -t iso9660 -o ro "\$dev" /seed 2>/dev/null; then
-    for file in /seed/*; do
-      echo "workspace-pilot test guest seed file \$(basename "\$file"):" > /dev/ttyS0
-      cat "\$file" > /dev/ttyS0
-      echo "workspace-pilot test guest seed end" > /dev/ttyS0
-    done
-    umount /seed
-  fi
-done
 # A NIC, if the VM has one: its address by DHCP (from its node's DHCP server), then the login stand-in on port 22.
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
@@ -179,6 +150,35 @@ SCRIPT
   fi
   nc -ll -p 22 -e /bin/wp-login &
 fi
+# A batch job, if the VM has one: virtiofs shares "control" (command in; stdout, stderr, status out) and
+# "workdir" (the job's working directory). The status is written under another name and renamed, so a
+# host that sees control/status sees all of it.
+mkdir -p /control /workdir
+if mount -t virtiofs control /control 2>/dev/null; then
+  mount -t virtiofs workdir /workdir 2>/dev/null || echo "workspace-pilot test guest: no workdir share" > /dev/ttyS0
+  echo "workspace-pilot test guest job started" > /dev/ttyS0
+  : > /control/started
+  (cd /workdir && /control/command > /control/stdout 2> /control/stderr)
+  echo \$? > /control/status.part && mv /control/status.part /control/status
+  sync
+  echo "workspace-pilot test guest job done \$(cat /control/status)" > /dev/ttyS0
+  reboot -f
+fi
+# A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
+# virtio_blk probes its disks asynchronously: give them 2 s to appear (a VM without one just waits).
+i=0
+while [ \$i -lt 20 ] && ! ls /dev/vd? >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
+for dev in /dev/vd?; do
+  [ -b "\$dev" ] || continue
+  if mount -t iso9660 -o ro "\$dev" /seed 2>/dev/null; then
+    for file in /seed/*; do
+      echo "workspace-pilot test guest seed file \$(basename "\$file"):" > /dev/ttyS0
+      cat "\$file" > /dev/ttyS0
+      echo "workspace-pilot test guest seed end" > /dev/ttyS0
+    done
+    umount /seed
+  fi
+done
 # A disk to fill, if the kernel command line has wp_fill: random bytes to /dev/vda's end (where a guest that
 # wants the node's disk would write), then its size in 512-byte sectors.
 case " \$(cat /proc/cmdline) " in

@@ -69,8 +69,10 @@ cmdline = console=ttyS0 quiet
 disk = disk.qcow2
 disk_sha256 = {SHA_B}
 disk_readonly = yes
+network = user
 """))
     assert sorted(images) == ["debian12", "disk-only"]
+    assert (images["debian12"].network, images["disk-only"].network) == ("none", "user")
     spec = images["debian12"].spec("job", memory_mb=256, vcpus=2, console_log="c.log")
     assert (spec.kernel.path, spec.kernel.sha256, spec.initrd.path, spec.cmdline) == (
         "debian12/vmlinuz", SHA_A, "debian12/initrd.img", "console=ttyS0 quiet")
@@ -96,17 +98,22 @@ initrd = i
 initrd_sha256 = {SHA_A}
 [typo]
 kernal = k
+[bridged]
+disk = d
+disk_sha256 = {SHA_A}
+network = bridge
 [ok]
 disk = d
 disk_sha256 = {SHA_A}
 """))
     problems = caught.value.problems
-    assert len(problems) == 5, problems
+    assert len(problems) == 6, problems
     assert "[bad name!]: not an image name" in problems[0]
     assert "[no-sha]: kernel needs a path and kernel_sha256" in problems[1]
     assert "[nothing]: needs a disk or a kernel" in problems[2]
     assert "[initrd-only]: an initrd needs a kernel" in problems[3]
     assert "[typo]: unknown option 'kernal'" in problems[4]
+    assert "[bridged]: network = 'bridge': must be one of none, user" in problems[5]
 
 
 # -- Slurm's allocation ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.server
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -52,12 +54,13 @@ def guest_release() -> str:
 def write_node(directory: str, *, slurm_conf: str | None = None, stop_timeout: float = 2, run_size: int = 64,
                output_limit: int = 16) -> str:
     """A node for VM jobs under ``directory`` (journal, logs, run dir; hugepages; the test guest as image
-    ``test``); the config file's path. ``directory`` must be searchable by the guests' user."""
+    ``test``, and as ``test-net`` with a NIC behind QEMU's user-mode NAT); the config file's path. ``directory`` must be searchable by the guests' user."""
     files = guest_files()
     images = os.path.join(directory, "images.conf")
     with open(images, "w", encoding="utf-8") as handle:
-        handle.write(f"[test]\nkernel = vmlinuz\nkernel_sha256 = {files.kernel_sha256}\ninitrd = initrd.img\n"
-                     f"initrd_sha256 = {files.initrd_sha256}\ncmdline = console=ttyS0 panic=-1 quiet\n")
+        for name, extra in (("test", ""), ("test-net", "network = user\n")):
+            handle.write(f"[{name}]\nkernel = vmlinuz\nkernel_sha256 = {files.kernel_sha256}\ninitrd = initrd.img\n"
+                         f"initrd_sha256 = {files.initrd_sha256}\ncmdline = console=ttyS0 panic=-1 quiet\n{extra}")
     vmjob = {"images": images, "run_dir": f"{directory}/run", "stop_timeout": stop_timeout, "run_size": run_size,
              "output_limit": output_limit}
     sections = {
@@ -115,9 +118,9 @@ def wait_for(condition, what: str, timeout: float = GIVE_UP_S) -> None:
         time.sleep(0.1)  # polling things (files, squeue) that have no change notification
 
 
-def vmjob_argv(config: str, shell_line: str) -> list[str]:
+def vmjob_argv(config: str, shell_line: str, image: str = "test") -> list[str]:
     """``workspace-vmjob run`` of the test image (128 MB) with ``sh -c shell_line`` as root, outside a batch job."""
-    return [VMJOB, "run", "--config", config, "--image", "test", "--memory", "128", "--", "sh", "-c", shell_line]
+    return [VMJOB, "run", "--config", config, "--image", image, "--memory", "128", "--", "sh", "-c", shell_line]
 
 
 def running_vmjob(config: str, cwd, shell_line: str, **popen):
@@ -166,6 +169,42 @@ def test_a_command_runs_in_the_guest_with_its_output_its_files_and_its_exit_stat
     order = ["image_ready", "memory_taken", "domain_created", "guest_started", "first_output", "status",
              "domain_destroyed", "shares_stopped", "restored"]
     assert sorted(moments, key=moments.get) == order
+
+
+def test_an_image_the_site_gives_a_network_reaches_what_the_job_reaches_and_others_have_no_nic(node, tmp_path):
+    directory, config = node
+    served = []
+
+    class Probe(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            served.append(self.path)
+            body = b"reached the node\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Probe)  # on the node, as a job's process sees it
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # The guest's view of the node's loopback through QEMU's user-mode NAT is 10.0.2.2.
+        result = subprocess.run(
+            vmjob_argv(config, f"cat /run-address; wget -q -O - http://10.0.2.2:{server.server_port}/from-guest",
+                       image="test-net"), cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["10.0.2.15", "reached the node"]
+        assert served == ["/from-guest"]
+        plain = subprocess.run(vmjob_argv(config, "ls /sys/class/net"), cwd=tmp_path, capture_output=True, text=True,
+                               timeout=GIVE_UP_S)
+        assert plain.returncode == 0 and plain.stdout.split() == ["lo"], plain.stderr  # the default: no NIC
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_node_clean(directory)
 
 
 def test_a_guest_flooding_its_console_cannot_fill_the_nodes_disk(node, tmp_path):

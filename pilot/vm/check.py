@@ -83,7 +83,8 @@ class CheckedVm:
     overlay: str | None = None
     """The writable disk's qcow2 overlay (made just before the domain is created), or None."""
     interface: dict | None = None
-    """How it joins its lease network: ``bridge``, ``tap``, ``mac``, ``mtu`` (:mod:`pilot.net`), or None."""
+    """Its NIC: on a lease network ``bridge``, ``tap``, ``mac``, ``mtu`` (:mod:`pilot.net`); a VM job's
+    ``{"type": "user"}`` (QEMU's user-mode NAT); or None (no NIC but a libvirt network the spec names)."""
 
 
 def check_memory(spec: VmSpec, policy: VmPolicy, *, reserved_mb: int, in_use_mb: int) -> None:

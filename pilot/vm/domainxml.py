@@ -144,7 +144,11 @@ def render_domain(vm: CheckedVm, *, domain_name: str, virt_type: str, tag: VmTag
         ET.SubElement(interface, "source", network=spec.network)
         if not xen:
             ET.SubElement(interface, "model", type="virtio")
-    if vm.interface is not None:
+    if vm.interface is not None and vm.interface.get("type") == "user":
+        # A VM job's image with network = user: QEMU's own NAT, nothing on the node changes (pilot.vmjob.catalog).
+        interface = ET.SubElement(devices, "interface", type="user")
+        ET.SubElement(interface, "model", type="virtio")
+    elif vm.interface is not None:
         # The lease network's bridge, through a tap of a name the pilot's filters already match.
         interface = ET.SubElement(devices, "interface", type="bridge")
         ET.SubElement(interface, "mac", address=vm.interface["mac"])

@@ -12,10 +12,18 @@ documents it). Each section is an image a job asks for by name::
     disk_sha256 = ...
     disk_readonly = no                    ; else writes go to a throw-away overlay
     cmdline = console=ttyS0 root=/dev/vda1
+    network = none                        ; user: a NIC behind QEMU's user-mode NAT (see below)
 
 Only what is listed runs, and only with the content its sha256 names: the
 VM check (:func:`pilot.vm.check.check_spec`) hashes each file before the VM
 is made, as it does for a lease's VMs.
+
+``network = user`` gives the image's VMs one NIC behind QEMU's user-mode
+networking: the guest asks its DHCP (10.0.2.15), and reaches what the
+job's own processes on the node reach (its connections leave as QEMU's,
+the job's own VM process: the node's address, and the node's loopback as
+10.0.2.2); nothing on the node changes and nothing reaches the guest from
+outside. The default, ``none``, is no NIC.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from pilot.shared.ini import ConfigError, boolean, read_ini
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILES = ("disk", "kernel", "initrd")
-_OPTIONS = {f"{part}{suffix}" for part in _FILES for suffix in ("", "_sha256")} | {"disk_readonly", "cmdline"}
+_OPTIONS = {f"{part}{suffix}" for part in _FILES for suffix in ("", "_sha256")} | {"disk_readonly", "cmdline",
+                                                                                  "network"}
+#: What an image's ``network`` may say.
+NETWORKS = ("none", "user")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,7 @@ class JobImage:
     initrd: ImageFile | None = None
     disk_readonly: bool = False
     cmdline: str | None = None
+    network: str = "none"
 
     def spec(self, vm_name: str, *, memory_mb: int, vcpus: int, console_log: str | None) -> VmSpec:
         """The VM of a job of this image, as a spec the node's VM check takes."""
@@ -90,7 +102,12 @@ def load_catalog(path: str) -> dict[str, JobImage]:
         if cmdline is not None and "kernel" not in files:
             problems.append(f"{where}: a cmdline needs a kernel")
             continue
-        images[name] = JobImage(name, files.get("disk"), files.get("kernel"), files.get("initrd"), readonly, cmdline)
+        network = options.get("network", "none").strip()
+        if network not in NETWORKS:
+            problems.append(f"{where}: network = {network!r}: must be one of {', '.join(NETWORKS)}")
+            continue
+        images[name] = JobImage(name, files.get("disk"), files.get("kernel"), files.get("initrd"), readonly, cmdline,
+                                network)
     if problems:
         raise ConfigError(problems)
     return images

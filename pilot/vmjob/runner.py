@@ -187,6 +187,8 @@ class VmJob:
                                  cancel=self.stop)
         except VmRefused as exc:
             raise JobFailed(VmJobExit.IMAGE, f"image {request.image.name}: {exc}") from None
+        if request.image.network == "user":
+            checked = dataclasses.replace(checked, interface={"type": "user"})
         self.mark("image_ready")
         return checked
 
