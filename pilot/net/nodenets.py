@@ -70,7 +70,11 @@ class NodeNetworks:
                         raise NetError(f"cannot record network {nic.net.name} in the journal: {exc}") from None
                     self._journalled = journalled
                 self._nets[nic.net.name] = net
-                net.build()
+                try:
+                    net.build()
+                except NetError:
+                    self._give_up(net)
+                    raise
             net.attach(nic)
             if nic.forward_port is not None and self.forward_address is not None:
                 try:
@@ -79,6 +83,23 @@ class NodeNetworks:
                     net.detach(nic.ip)
                     raise NetError(str(exc)) from None
             return interface_of(net, nic)
+
+    def _give_up(self, net: LeaseNet) -> None:
+        """A network that could not be built: remove what of it was made (and its journal note) at once. What cannot
+        be removed stays journalled, for the teardown, the next pilot or workspace-killall."""
+        try:
+            net.teardown()
+        except NetError as exc:
+            log.error("network %s could not be built, and what was made of it stays until the slot ends: %s",
+                      net.name, exc)
+            return
+        del self._nets[net.name]
+        journalled = tuple(name for name in self._journalled if name != net.name)
+        try:
+            self._before_first(journalled)
+            self._journalled = journalled
+        except Exception as exc:  # the journal keeps the name: removing a network that is gone is harmless
+            log.warning("network %s is gone but stays in the journal: %s", net.name, exc)
 
     def detach(self, nic: Nic) -> None:
         """The VM with ``nic`` is gone: its forward, filter and DHCP entry go (the network stays). Logs a failure."""

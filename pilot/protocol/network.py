@@ -181,7 +181,8 @@ class Nic:
         _check_str(f"{field}.hostname", data.get("hostname"), 63, HOSTNAME_RE)
         port = data.get("forward_port")
         if port is not None:
-            _check_int(f"{field}.forward_port", port, 1, 65535)
+            # Never a privileged port: a forward must not stand in for one of the node's own services.
+            _check_int(f"{field}.forward_port", port, 1024, 65535)
             if net.kind != "lease":
                 raise ProtocolError(f"{field}.forward_port: only a VM on a lease network is reached by a forward")
         return cls(mac, str(ip), data["hostname"], net, port)
