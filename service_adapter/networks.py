@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 
-from pilot.protocol.network import HOSTNAME_RE, MAX_VNI
+from pilot.protocol.network import BRIDGE_RE, DOMAIN_RE, HOSTNAME_RE, MAX_VNI
 
 MODES = ("none", "private", "site")
-_BRIDGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_DOMAIN_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network:
@@ -70,14 +67,14 @@ def parse_ports(text: str) -> tuple[int, int] | None:
 
 def check_bridge(text: str) -> str:
     """A Linux interface name (at most 15 characters)."""
-    if not _BRIDGE_RE.fullmatch(text):
+    if not BRIDGE_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not an interface name (letters, digits, . _ -; at most 15 characters)")
     return text
 
 
 def check_domain(text: str) -> str:
     """A DNS domain the VMs' names live under."""
-    if len(text) > 200 or not _DOMAIN_RE.fullmatch(text):
+    if len(text) > 200 or not DOMAIN_RE.fullmatch(text):
         raise ValueError(f"{text!r} is not a DNS domain (labels of letters, digits and hyphens, e.g. vm.internal)")
     return text
 

@@ -23,6 +23,7 @@ from pilot.protocol.wire import (
     _VM_NAME_RE,
     _check_int,
     _check_str,
+    _no_unknown,
     load_json,
     sign,
 )
@@ -442,8 +443,3 @@ def commands_body(commands: list[Command]) -> bytes:
     """A poll answer's body for ``commands``."""
     return json.dumps({"commands": [c.to_dict() for c in commands]}, separators=(",", ":")).encode()
 
-
-def _no_unknown(field: str, data: dict, known: set | frozenset) -> None:
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ProtocolError(f"{field}: unknown field(s) {', '.join(map(str, unknown))}")

@@ -20,7 +20,7 @@ import dataclasses
 import ipaddress
 import re
 
-from pilot.protocol.wire import ProtocolError, _check_int, _check_str, check_node_address
+from pilot.protocol.wire import ProtocolError, _check_int, _check_str, _no_unknown, check_node_address
 
 KINDS = ("lease", "site")
 #: The most VMs (names and addresses) one network state lists, and the most nodes it spans.
@@ -31,8 +31,9 @@ MAX_GENERATION = 2**63 - 1
 #: Host names the lease's VMs answer to: one DNS label.
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NET_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_DOMAIN_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_BRIDGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+#: A DNS domain the VMs' names live under, and a Linux interface name (a site's bridge).
+DOMAIN_RE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+BRIDGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _MAC_RE = re.compile(r"^52:54(:[0-9a-f]{2}){4}$")
 
 
@@ -53,12 +54,6 @@ def _ipv4(field: str, value) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(value)
     except ValueError:
         raise ProtocolError(f"{field}: {value!r} is not an IPv4 address") from None
-
-
-def _no_unknown(field: str, data: dict, known: set) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ProtocolError(f"{field}: unknown field(s) {', '.join(map(str, unknown))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +100,7 @@ class NetState:
         gateway = _ipv4(f"{field}.gateway", data.get("gateway"))
         if gateway not in network or gateway in (network.network_address, network.broadcast_address):
             raise ProtocolError(f"{field}.gateway: {gateway} is not a host address of {network}")
-        _check_str(f"{field}.domain", data.get("domain"), 200, _DOMAIN_RE)
+        _check_str(f"{field}.domain", data.get("domain"), 200, DOMAIN_RE)
         _check_int(f"{field}.generation", data.get("generation"), 0, MAX_GENERATION)
         vni = port = bridge = None
         nodes: tuple[str, ...] = ()
@@ -121,7 +116,7 @@ class NetState:
                 raise ProtocolError(f"{field}.bridge: only a site network names a bridge")
         else:
             bridge = data.get("bridge")
-            _check_str(f"{field}.bridge", bridge, 15, _BRIDGE_RE)
+            _check_str(f"{field}.bridge", bridge, 15, BRIDGE_RE)
             for name in ("vni", "port"):
                 if data.get(name) is not None:
                     raise ProtocolError(f"{field}.{name}: only a lease network has one")

@@ -317,6 +317,12 @@ def _check_str(field: str, value, max_len: int, pattern: re.Pattern | None) -> N
         raise ProtocolError(f"{field}: {value!r} has characters that are not allowed")
 
 
+def _no_unknown(field: str, data: dict, known: set | frozenset) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ProtocolError(f"{field}: unknown field(s) {', '.join(map(str, unknown))}")
+
+
 def _check_time(field: str, value) -> None:
     try:
         parse_time(value)
