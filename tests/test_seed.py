@@ -8,8 +8,8 @@ import os
 
 import pycdlib
 
-from pilot.protocol import VmContext
-from pilot.vm.seed import remove_seeds, seed_files, seed_path, write_seed
+from pilot.protocol import NetState, Nic, VmContext, mac_for
+from pilot.vm.seed import network_config, remove_seeds, seed_files, seed_path, write_seed
 
 
 def read_iso(path: str) -> tuple[str, dict[str, bytes]]:
@@ -46,6 +46,23 @@ def test_the_seed_is_a_cidata_volume_with_what_the_context_says(tmp_path):
                     "workspace-peers": [{"name": "head", "host": "node1"}, {"name": "w1", "host": "node2"}]}
     assert files["user-data"] == b"#cloud-config\nruncmd: [hostname]\n"
     assert files["peers"] == b"head node1\nw1 node2\n"
+
+
+def test_a_vm_with_an_address_gets_its_network_config_and_the_leases_hosts(tmp_path):
+    net = NetState("l100000", "lease", "10.213.0.0/24", "10.213.0.1", "vm.internal", 3, 100000, 4789,
+                   nodes=("192.0.2.1", "192.0.2.2"), hosts=(("head", "10.213.0.2"), ("w1", "10.213.0.3")))
+    nic = Nic(mac_for("10.213.0.2"), "10.213.0.2", "head", net, 20000)
+    path = seed_path(str(tmp_path), "wp-12345678-head")
+    write_seed(path, seed_files(VmContext(), instance_id="s-head", default_hostname="head", nic=nic, mtu=1450))
+    _, files = read_iso(path)
+    assert json.loads(files["network-config"]) == {"version": 2, "ethernets": {"eth0": {
+        "match": {"macaddress": "52:54:0a:d5:00:02"}, "set-name": "eth0", "addresses": ["10.213.0.2/24"],
+        "nameservers": {"addresses": ["10.213.0.1"], "search": ["vm.internal"]}, "mtu": 1450}}}
+    assert files["hosts"] == b"10.213.0.2 head.vm.internal head\n10.213.0.3 w1.vm.internal w1\n"
+    site = NetState("sabcdef12", "site", "198.51.100.0/24", "198.51.100.1", "vm.internal", 1, bridge="br0")
+    config = network_config(Nic(mac_for("198.51.100.20"), "198.51.100.20", "a", site), None)
+    assert config["ethernets"]["eth0"]["routes"] == [{"to": "default", "via": "198.51.100.1"}]
+    assert "nameservers" not in config["ethernets"]["eth0"] and "mtu" not in config["ethernets"]["eth0"]
 
 
 def test_without_user_data_the_seed_has_an_empty_cloud_config_and_the_vm_name(tmp_path):
