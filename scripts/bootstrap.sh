@@ -14,6 +14,8 @@
 # /etc/libvirt/qemu.conf (guests as libvirt-qemu with dynamic ownership, no sVirt, hugetlbfs at /dev/hugepages), and a
 # tiny test guest in .cache/test-guest (scripts/build-test-guest.sh). The tests start and stop libvirtd
 # themselves (tests/libvirt_daemon.py).
+# --cloud-image (scripts/test.sh): also a small Debian 12 cloud image (cloud-init, openssh-server) built from
+# Debian's packages into .cache/cloud-image (scripts/build-cloud-image.sh; mmdebstrap), once; implies --vm.
 # --sge (scripts/test.sh): also Son of Grid Engine, unpacked into .cache/gridengine, not installed (its qsub
 # conflicts with slurm-wlm-torque's; scripts/unpack-gridengine.sh), and the library it needs (libjemalloc2).
 # The tests run it in namespaces of their own (tests/sge_cluster.py).
@@ -21,14 +23,16 @@ set -euo pipefail
 cluster=no
 vm=no
 sge=no
+cloud_image=no
 extras=
 for arg in "$@"; do
   case "$arg" in
     --cluster) cluster=yes ;;
     --vm) vm=yes ;;
     --sge) sge=yes ;;
+    --cloud-image) cloud_image=yes; vm=yes ;;
     --test) extras='[test]' ;;
-    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --sge, --test)" >&2; exit 2 ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --cloud-image, --sge, --test)" >&2; exit 2 ;;
   esac
 done
 
@@ -64,6 +68,9 @@ if [ "$vm" = yes ]; then
              iproute2 nftables dnsmasq-base; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
+fi
+if [ "$cloud_image" = yes ]; then
+  have_deb mmdebstrap || need_pkgs+=(mmdebstrap)
 fi
 if [ "$sge" = yes ]; then
   for pkg in libjemalloc2 iproute2; do
@@ -166,6 +173,9 @@ if [ "$vm" = yes ]; then
     chmod 0660 /dev/kvm
   fi
   "$top/scripts/build-test-guest.sh"
+fi
+if [ "$cloud_image" = yes ]; then
+  "$top/scripts/build-cloud-image.sh"
 fi
 if [ "$sge" = yes ]; then
   "$top/scripts/unpack-gridengine.sh"

@@ -67,6 +67,9 @@ class LocalSite:
     ``release_grace_s`` and ``status_interval_s`` go to the
     :class:`LeaseManager`; ``network_plan`` (a
     :class:`~service_adapter.networks.NetworkPlan`) gives the VMs addresses;
+    ``images=True`` gives it an image catalogue (``catalog``: endorser keys in
+    ``workdir/endorsers``, approved images in ``workdir/image-store``) and the
+    pilots' image endpoint;
     ``start_manager=False`` leaves its thread
     stopped (the caller ticks, or waits with :meth:`LeaseManager.wait`,
     which ticks for it).
@@ -86,7 +89,7 @@ class LocalSite:
         start_manager: bool = True, lost_after_s: float | None = 120.0, vm_overhead_mb: int = 64,
         pilot_sections: dict[str, dict[str, object]] | None = None, provider=None,
         listen_host: str = "127.0.0.1", operator_api: bool = False, warn_before_s: float = 0.0,
-        network_plan=None,
+        network_plan=None, images: bool = False,
     ):
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         self.workdir = workdir
@@ -113,7 +116,15 @@ class LocalSite:
             status_interval_s=status_interval_s, board=self.board, lost_after_s=lost_after_s,
             warn_before_s=warn_before_s,
         )
-        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb, network_plan=network_plan)
+        self.catalog = None
+        if images:
+            from service_adapter.images.catalog import ImageCatalog
+            from service_adapter.images.routes import add_image_routes
+
+            self.catalog = ImageCatalog(self.store, keys_dir=os.path.join(workdir, "endorsers"),
+                                        store_dir=os.path.join(workdir, "image-store"))
+            add_image_routes(app, self.catalog, operators=False)  # the pilots' image fetch
+        self.vms = VmManager(self.store, overhead_mb=vm_overhead_mb, network_plan=network_plan, catalog=self.catalog)
         if operator_api:
             from service_adapter.api import add_api
 

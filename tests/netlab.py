@@ -258,8 +258,11 @@ class LeaseLab:
     slot is still on a node.
     """
 
-    def __init__(self, prefix: str, nodes: dict[str, str], *, network_mode: str = "private"):
+    def __init__(self, prefix: str, nodes: dict[str, str], *, network_mode: str = "private", images: bool = False,
+                 warn_before_s: float = 0.0):
         self.network_mode = network_mode
+        self.images = images  # the service has an image catalogue; each node an image cache
+        self.warn_before_s = warn_before_s
         self.prefix, self.nodes = prefix, dict(nodes)
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
         os.chmod(self.workdir, 0o755)  # the guests' user and dnsmasq's find their way down
@@ -281,7 +284,8 @@ class LeaseLab:
         plan = NetworkPlan(mode=self.network_mode, lease_range=ipaddress.IPv4Network("10.213.0.0/16"), lease_prefix=24)
         with in_netns(self.net.hub):  # the receiver's and the manager's threads live there
             self.site = LocalSite(os.path.join(self.workdir, "site"), listen_host=HUB_ADDRESS, provider=provider,
-                                  network_plan=plan, grace_s=8, status_interval_s=0.3)
+                                  network_plan=plan, grace_s=8, status_interval_s=0.3, images=self.images,
+                                  warn_before_s=self.warn_before_s)
         for host in self.nodes:
             provider.configs[host] = self.write_config(host)
         return self
@@ -297,6 +301,7 @@ class LeaseLab:
                 "vms": {"image_dir": GUEST_DIR, "console_dir": self.node_dir(host, "consoles"), "poll_wait": 5,
                         "shutdown_timeout": 2},
                 "networks": {"run_dir": self.node_dir(host, "net")},
+                "images": {"cache_dir": self.node_dir(host, "image-cache")},
             })
         return path
 
@@ -314,8 +319,8 @@ class LeaseLab:
 
     # -- leases and VMs ---------------------------------------------------------------------------
 
-    def lease(self, nodes: int):
-        lease = self.site.leases.reserve(nodes=nodes, memory_mb=LEASE_MB, duration_s=600)
+    def lease(self, nodes: int, memory_mb: int = LEASE_MB, duration_s: float = 600):
+        lease = self.site.leases.reserve(nodes=nodes, memory_mb=memory_mb, duration_s=duration_s)
         ready = self.site.leases.wait(lease.id, {"ready", "failed", "expired", "released"}, 60)
         assert ready is not None and ready.state == "ready", ready
         return lease

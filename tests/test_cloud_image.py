@@ -1,0 +1,122 @@
+"""A real cloud image end to end: from a lease request to an SSH session in a cluster that configured itself.
+
+The image is Debian 12 with cloud-init and openssh-server, built from Debian's packages by
+``scripts/build-cloud-image.sh`` (``scripts/bootstrap.sh --cloud-image``, which the test command runs).
+An endorser signs a list of its disk, kernel and initrd; the site trusts the key, subscribes and approves
+through the same catalogue a site uses (the files fetched from a local HTTP server). Two nodes
+(``tests.netlab``: namespaces with their own libvirtd, the real service, real pilots on a private lease
+network) each boot one VM of it; the pilots fetch the images from the service into their caches.
+cloud-init reads the seed the pilot wrote: host name, the owner's key, the user-data, the network from
+network-config. The owner, outside both nodes, logs in with ssh through what ``vm list`` prints.
+One lease is shared by the tests (a boot under emulation takes about a minute).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from service_adapter.lease import vm_json
+from service_adapter.vms import parse_vm_request
+from tests.imagesource import Endorser, ImageServer, image_entry
+from tests.libvirt_daemon import missing_commands, wait_for_line
+from tests.netlab import LeaseLab, sh
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")
+PREFIX = f"wpc{os.getpid() % 100000}"
+NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
+VM_MB = 512
+#: What the user-data does: a mark the owner finds after logging in.
+USER_DATA = """#cloud-config
+runcmd:
+  - [sh, -c, 'echo "user-data ran on $(hostname)" > /run/user-data-effect']
+"""
+DURATION_S = 600
+
+
+def cloud_spec(name: str, host: str, key: str) -> dict:
+    listed = lambda identifier: {"image": identifier, "version": "1"}  # noqa: E731
+    return {"name": name, "memory_mb": VM_MB, "host": host, "disk": listed("debian12-cloud"),
+            "boot": {"kernel": listed("debian12-cloud-kernel"), "initrd": listed("debian12-cloud-initrd"),
+                     "cmdline": "root=/dev/vda rw console=ttyS0 panic=-1"},
+            "console_log": f"{name}.log",
+            "context": {"hostname": name, "ssh_authorized_keys": [key], "user_data": USER_DATA}}
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    if missing_commands():
+        pytest.skip(f"libvirt/QEMU not installed ({', '.join(missing_commands())}): run scripts/bootstrap.sh --vm")
+    if not os.path.isfile(os.path.join(CLOUD_DIR, "SHA256SUMS")):
+        pytest.skip(f"no cloud image in {CLOUD_DIR}: run scripts/bootstrap.sh --cloud-image")
+    lab = LeaseLab(PREFIX, NODES, images=True)
+    try:
+        lab.open()
+        key = os.path.join(lab.workdir, "owner_key")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True, timeout=30)
+        # The site's path: an endorser's signed list, the site's trust, subscription and approvals.
+        endorser = Endorser(os.path.join(lab.workdir, "endorser"), name="cloud-builders")
+        endorser.trust_in(os.path.join(lab.site.workdir, "endorsers"))
+        server = ImageServer(CLOUD_DIR)
+        try:
+            entries = [image_entry(identifier, "1", os.path.join(CLOUD_DIR, name), f"{server.url}/{name}")
+                       for identifier, name in (("debian12-cloud", "disk.qcow2"), ("debian12-cloud-kernel", "vmlinuz"),
+                                                ("debian12-cloud-initrd", "initrd.img"))]
+            list_path = os.path.join(lab.workdir, "cloud.list")
+            endorser.publish(list_path, entries, identifier="debian12-cloud-images")
+            lab.site.catalog.subscribe(list_path, "operator")
+            for identifier in ("debian12-cloud", "debian12-cloud-kernel", "debian12-cloud-initrd"):
+                lab.site.catalog.approve(identifier, "1", "operator")
+        finally:
+            server.close()
+        lease = lab.lease(2, memory_mb=VM_MB + 64, duration_s=DURATION_S)
+        with open(key + ".pub", encoding="utf-8") as handle:
+            public = handle.read().strip()
+        lab.site.vms.start(lease.id, [parse_vm_request(cloud_spec(name, host, public))
+                                      for name, host in (("web", "node1"), ("db", "node2"))])
+        vms = {}
+        for name in ("web", "db"):
+            vm = lab.site.vms.wait(lease.id, name, {"running", "failed"}, 300)
+            assert vm is not None and vm.state == "running", lab.site.vms.get(lease.id, name)
+            vms[name] = vm_json(vm)
+        for name, host in (("web", "node1"), ("db", "node2")):
+            console = lab.console(host, name)
+            assert wait_for_line(console, "Cloud-init v. ", 300) and wait_for_line(console, " finished at ", 300), \
+                open(console, errors="replace").read()[-3000:]
+        yield lab, lease, vms, key
+        lab.site.leases.release(lease.id)
+        lab.site.leases.wait(lease.id, {"released", "expired", "failed"}, 90)
+    finally:
+        lab.close()
+
+
+def ssh(lab: LeaseLab, vm: dict, key: str, command: str) -> subprocess.CompletedProcess:
+    """``ssh`` as the image's user from the owner's side, to what ``vm list`` told the owner."""
+    login = vm["login"]
+    return sh("ssh", "-i", key, "-p", str(login["port"]), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+              "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR",
+              f"debian@{login['host']}", command, ns=lab.net.owner, check=False, timeout=60)
+
+
+def test_the_owner_logs_in_with_ssh_and_finds_the_host_name_and_the_user_datas_effect(cloud):
+    lab, _, vms, key = cloud
+    for name in ("web", "db"):
+        said = ssh(lab, vms[name], key, "hostname; cat /run/user-data-effect")
+        assert said.returncode == 0, said.stderr
+        assert said.stdout.splitlines() == [name, f"user-data ran on {name}"]
+
+
+def test_the_network_comes_from_the_seed_and_the_other_vm_is_reached_by_name(cloud):
+    lab, _, vms, key = cloud
+    said = ssh(lab, vms["web"], key, "ip -4 -o addr show dev eth0; getent hosts db; ping -c 1 -W 3 db >/dev/null"
+                                     " && echo reached db")
+    assert said.returncode == 0, said.stderr
+    assert f"inet {vms['web']['ip']}/24" in said.stdout  # the address the service allocated, from network-config
+    assert f"{vms['db']['ip']}" in said.stdout.splitlines()[1]
+    assert said.stdout.splitlines()[-1] == "reached db"
+
