@@ -16,8 +16,9 @@ its socket in a directory the tests reach (the URI's ``?socket=``).
 threads started meanwhile (a receiver's, a manager's) stay there.
 
 ``LeaseLab`` puts it together for leases: the service in the hub, each
-node's pilot started in its namespace (``nsenter``: ``ip netns exec``
-would mount a /sys without the cgroups) with the node's own config.
+node's pilot started in its network namespace and its libvirtd's mount
+namespace (``nsenter``: ``ip netns exec`` would mount a /sys without the
+cgroups) with the node's own config.
 """
 
 from __future__ import annotations
@@ -181,6 +182,11 @@ class NodeLibvirtd:
         except OSError as exc:
             return str(exc)
 
+    def mount_namespace(self) -> str:
+        """The mount namespace libvirtd runs in (its /proc entry), for what must see its sockets and files."""
+        with open(os.path.join(self.workdir, "libvirtd.pid"), encoding="ascii") as handle:
+            return f"/proc/{int(handle.read().strip())}/ns/mnt"
+
     def pids(self) -> list[int]:
         """The daemons' pids (what a leftover check ignores)."""
         found = []
@@ -238,13 +244,19 @@ class NetnsProvider(LocalProvider):
         super().__init__(output_dir, fixed_hosts=tuple(lab.nodes))
         self.lab = lab
         self.configs: dict[str, str] = {}
+        self.mounts: dict[str, str] = {}  # host -> its libvirtd's mount namespace
 
     def pilot_argv(self, job, host):
         argv = super().pilot_argv(job, host)
         if self.configs:
             argv[argv.index("--config") + 1] = self.configs[host]
-        # nsenter, not ip netns exec: that mounts a /sys of the namespace, without the cgroups under it.
-        return ["nsenter", f"--net=/run/netns/{self.lab.ns(host)}", *argv]
+        return self.on_node(host, argv)
+
+    def on_node(self, host: str, argv: list[str]) -> list[str]:
+        """``argv`` as it runs on ``host``: in its network namespace and its libvirtd's mount namespace (where that
+        daemon's /run/libvirt and /var/lib/libvirt are, the VMs' lease channel sockets among them). nsenter, not
+        ip netns exec: that mounts a /sys of the namespace, without the cgroups under it."""
+        return ["nsenter", f"--net=/run/netns/{self.lab.ns(host)}", f"--mount={self.mounts[host]}", *argv]
 
 
 class LeaseLab:
@@ -288,6 +300,7 @@ class LeaseLab:
                                   warn_before_s=self.warn_before_s)
         for host in self.nodes:
             provider.configs[host] = self.write_config(host)
+            provider.mounts[host] = self.daemons[host].mount_namespace()
         return self
 
     def write_config(self, host: str) -> str:

@@ -18,6 +18,7 @@ import subprocess
 
 import pytest
 
+from pilot.protocol import parse_time
 from service_adapter.lease import vm_json
 from service_adapter.vms import parse_vm_request
 from tests.imagesource import Endorser, ImageServer, image_entry
@@ -31,11 +32,17 @@ CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")
 PREFIX = f"wpc{os.getpid() % 100000}"
 NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
 VM_MB = 512
-#: What the user-data does: a mark the owner finds after logging in.
+#: What the user-data does: a mark the owner finds after logging in, and a reader of the lease channel (the pilot's
+#: before-end warning) into a file.
 USER_DATA = """#cloud-config
 runcmd:
   - [sh, -c, 'echo "user-data ran on $(hostname)" > /run/user-data-effect']
+  - [systemd-run, --unit=lease-reader, sh, -c,
+     'while :; do cat /dev/virtio-ports/org.workspace-pilot.lease.0 >> /run/lease-channel; sleep 1; done']
 """
+#: The pilots warn the VMs this long before the lease's end: while the guests still boot, so the line waits in the
+#: port until the guest's reader opens it.
+WARN_BEFORE_S = 560
 DURATION_S = 600
 
 
@@ -54,7 +61,7 @@ def cloud():
         pytest.skip(f"libvirt/QEMU not installed ({', '.join(missing_commands())}): run scripts/bootstrap.sh --vm")
     if not os.path.isfile(os.path.join(CLOUD_DIR, "SHA256SUMS")):
         pytest.skip(f"no cloud image in {CLOUD_DIR}: run scripts/bootstrap.sh --cloud-image")
-    lab = LeaseLab(PREFIX, NODES, images=True)
+    lab = LeaseLab(PREFIX, NODES, images=True, warn_before_s=WARN_BEFORE_S)
     try:
         lab.open()
         key = os.path.join(lab.workdir, "owner_key")
@@ -120,3 +127,14 @@ def test_the_network_comes_from_the_seed_and_the_other_vm_is_reached_by_name(clo
     assert f"{vms['db']['ip']}" in said.stdout.splitlines()[1]
     assert said.stdout.splitlines()[-1] == "reached db"
 
+
+
+def test_the_pilots_before_end_warning_reaches_a_process_in_the_guest(cloud):
+    lab, lease, vms, key = cloud
+    said = ssh(lab, vms["db"], key, "cat /run/lease-channel")
+    assert said.returncode == 0, said.stderr
+    ends = lab.site.leases.get(lease.id).row.expires_at
+    (line,) = said.stdout.splitlines()  # written once, while the guest booted; read when its reader opened the port
+    word, at, _, why = line.split()
+    assert (word, why) == ("ending", "deadline")
+    assert abs(parse_time(at).timestamp() - ends) < 5  # the pilot's own deadline, the lease's end

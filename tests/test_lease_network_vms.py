@@ -117,9 +117,9 @@ def test_a_sigkilled_pilots_network_is_removed_by_killall():
         pilot.kill()
         pilot.wait(10)
         assert lone.leftovers("node1", vm)
-        out = sh("nsenter", f"--net=/run/netns/{lone.net.ns('node1')}", sys.executable, "-m", "admin_tools.killall",
-                 "--config", lone.site.provider.configs["node1"], "--no-notify", timeout=120, check=False,
-                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = sh(*lone.site.provider.on_node("node1", [sys.executable, "-m", "admin_tools.killall", "--config",
+                                                        lone.site.provider.configs["node1"], "--no-notify"]),
+                 timeout=120, check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"removed network {vm['spec']['nic']['net']['name']}" in out.stdout, out.stdout
         assert lone.leftovers("node1", vm) == []
