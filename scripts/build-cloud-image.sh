@@ -53,7 +53,7 @@ if ! mmdebstrap --mode=root --variant=apt --format=directory --include="$include
 fi
 cp "$root"/boot/vmlinuz-* "$tmp/vmlinuz"
 cp "$root"/boot/initrd.img-* "$tmp/initrd.img"
-mke2fs -q -t ext4 -L root -d "$root" -E root_owner=0:0 "$tmp/disk.raw" 1200M
+mke2fs -q -t ext4 -L root -d "$root" -E root_owner=0:0 "$tmp/disk.raw" 1200M > /dev/null  # it says "Creating regular file" even with -q
 qemu-img convert -O qcow2 "$tmp/disk.raw" "$tmp/disk.qcow2"
 
 # Into place; the manifest last, so a half-done build is never taken for a finished one.
