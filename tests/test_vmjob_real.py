@@ -191,7 +191,8 @@ def test_an_image_the_site_gives_a_network_reaches_what_the_job_reaches_and_othe
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        # The guest's view of the node's loopback through QEMU's user-mode NAT is 10.0.2.2.
+        # The guest's view of the node's loopback through QEMU's user-mode NAT is 10.0.2.2: QEMU delivers the
+        # connection to the server above on 127.0.0.1, and the guest goes nowhere else.
         result = subprocess.run(
             vmjob_argv(config, f"cat /run-address; wget -q -O - http://10.0.2.2:{server.server_port}/from-guest",
                        image="test-net"), cwd=tmp_path, capture_output=True, text=True, timeout=GIVE_UP_S)

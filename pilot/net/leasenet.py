@@ -129,6 +129,13 @@ class LeaseNet:
 
     def update(self, state: NetState) -> bool:
         """Take a newer state of the network (its nodes, its names); whether it was newer. Raises NetError."""
+        if not self._take(state):
+            return False
+        self._reload_dhcp()
+        return True
+
+    def _take(self, state: NetState) -> bool:
+        """Keep ``state`` if it is newer (the overlay's nodes follow it; the DHCP server is the caller's)."""
         if state.generation <= self.state.generation:
             return False
         if (state.name, state.kind, state.subnet, state.gateway) != (self.name, self.state.kind, self.state.subnet,
@@ -137,12 +144,12 @@ class LeaseNet:
         self.state = state
         if self.lease:
             self._sync_peers(state.nodes)
-        self._reload_dhcp()
         return True
 
     def attach(self, nic: Nic) -> None:
-        """Let a VM with ``nic`` onto the network: its filter (before its tap exists) and its DHCP entry."""
-        self.update(nic.net)
+        """Let a VM with ``nic`` onto the network: its filter (before its tap exists) and its DHCP entry (with the
+        newer names its state may bring: one reload for both)."""
+        self._take(nic.net)
         self.vms[nic.ip] = nic
         try:
             self._apply_filters()

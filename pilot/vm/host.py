@@ -261,8 +261,8 @@ class VmHost:
         disks = self.policy.disks
         planned = vmprep.plan(checked, domain_name=domain_name, disks=disks, user=user)
         try:
-            render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
-                          hugepage_kb=self.policy.hugepage_kb)
+            xml = render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                                hugepage_kb=self.policy.hugepage_kb)
         except VmRefused as exc:
             return VmOutcome(False, name, str(exc))
         if not self._journalled:
@@ -284,6 +284,9 @@ class VmHost:
                 return VmOutcome(False, name, f"network {spec.nic.net.name}: {one_line(exc)}")
             checked = dataclasses.replace(checked, interface=interface)
             planned = dataclasses.replace(planned, interface=interface)
+            # Again, now with the network's MTU (the first rendering checked everything else).
+            xml = render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
+                                hugepage_kb=self.policy.hugepage_kb)
         if checked.seed is not None:
             # After the journal says VMs may exist: whoever undoes this slot removes its seeds too.
             try:
@@ -300,8 +303,6 @@ class VmHost:
         except (OSError, VmRefused) as exc:
             self._undo_start(spec, domain_name)
             return VmOutcome(False, name, one_line(exc))
-        xml = render_domain(planned, domain_name=domain_name, virt_type=virt_type, tag=self.tag,
-                            hugepage_kb=self.policy.hugepage_kb)
         started = time.monotonic()
         try:
             domain = conn.createXML(xml, 0)

@@ -17,6 +17,7 @@ from pilot.config import PilotConfig, address_towards
 from pilot.vm.worker import VmWorker
 
 log = logging.getLogger(__name__)
+_UNSET = object()
 
 
 class VmHosting:
@@ -41,6 +42,7 @@ class VmHosting:
         self.warning = warning or (lambda: None)  # the lease channel's line once the VMs were warned
         self.images = None
         self.networks = None  # a pilot.net.nodenets.NodeNetworks, made with the VM host
+        self._node_address: str | None | object = _UNSET
         self.uri = config.vm_uri
         held = lambda: memory.held.memory_mb if memory.held else 0  # noqa: E731
         self.worker = VmWorker(
@@ -77,7 +79,7 @@ class VmHosting:
         from pilot.net.nodenets import NodeNetworks
 
         config = self.config
-        address = config.node_address()
+        address = self.node_address()
         self.networks = NodeNetworks(
             own_address=address, forward_address=(config.forward_address or address) if config.forwards else None,
             run_root=config.net_run_dir, before_first=lambda names: self.memory.note_nets(names, config.net_run_dir))
@@ -99,8 +101,10 @@ class VmHosting:
 
     def node_address(self) -> str | None:
         """The node's address for its lease networks' overlay and forwards (told to the service with
-        ``reserved``), or None when it has none or hosts no VMs."""
-        return self.config.node_address() if self.uri else None
+        ``reserved``), or None when it has none or hosts no VMs; looked up once."""
+        if self._node_address is _UNSET:
+            self._node_address = self.config.node_address() if self.uri else None
+        return self._node_address
 
     def start(self) -> None:
         """Start running commands and polling for them (once the service has accepted ``reserved``)."""

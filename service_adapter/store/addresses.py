@@ -124,8 +124,9 @@ def assign(conn: sqlite3.Connection, plan: NetworkPlan, lease_id: str, slot: str
     """
     if not plan.enabled:
         return [spec for spec, _ in placed]
-    for spec, _ in placed:
-        if vm_hostname(spec.name, spec.context.hostname if spec.context else None) is None:
+    names = [vm_hostname(spec.name, spec.context.hostname if spec.context else None) for spec, _ in placed]
+    for (spec, _), name in zip(placed, names):
+        if name is None:
             raise ValueError(f"VM {spec.name}: its name must be a host name (letters, digits and hyphens, at most "
                              "63) when the site gives VMs addresses, or give context.hostname")
         if spec.network is not None:
@@ -137,7 +138,7 @@ def assign(conn: sqlite3.Connection, plan: NetworkPlan, lease_id: str, slot: str
     ips = _free_ips(conn, plan, lease_id, network, gateway)
     ports: dict[str, object] = {}
     chosen: list[tuple[VmSpec, str, str, str, int | None]] = []
-    for spec, host in placed:
+    for (spec, host), name in zip(placed, names):
         ip = next(ips, None)
         if ip is None:
             raise PoolExhausted(f"{plan.pool_label() if kind == 'site' else f'lease subnet {subnet}'} is exhausted: "
@@ -148,15 +149,11 @@ def assign(conn: sqlite3.Connection, plan: NetworkPlan, lease_id: str, slot: str
             if port is None:
                 low, high = plan.forward_ports
                 raise PoolExhausted(f"forward_ports {low}-{high} is exhausted on {host}: every port forwards to a VM")
-        name = vm_hostname(spec.name, spec.context.hostname if spec.context else None)
         chosen.append((spec, host, ip, name, port))
     generation = _bump(conn, lease_id)
     state = net_state(conn, lease_id, extra=[(name, ip) for _, _, ip, name, _ in chosen], generation=generation)
-    return [_with_nic(spec, Nic(mac_for(ip), ip, name, state, port)) for spec, _, ip, name, port in chosen]
-
-
-def _with_nic(spec: VmSpec, nic: Nic) -> VmSpec:
-    return dataclasses.replace(spec, nic=nic)
+    return [dataclasses.replace(spec, nic=Nic(mac_for(ip), ip, name, state, port))
+            for spec, _, ip, name, port in chosen]
 
 
 def hold_columns(spec: VmSpec) -> tuple:
