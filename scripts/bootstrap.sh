@@ -70,7 +70,10 @@ if [ "$vm" = yes ]; then
   done
 fi
 if [ "$cloud_image" = yes ]; then
-  have_deb mmdebstrap || need_pkgs+=(mmdebstrap)
+  # openssh-client: the owner's ssh into the image's VMs (the tests', the demo's)
+  for pkg in mmdebstrap openssh-client; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
 fi
 if [ "$sge" = yes ]; then
   for pkg in libjemalloc2 iproute2; do

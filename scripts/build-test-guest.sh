@@ -24,6 +24,7 @@
 # --vm installs it) and Debian's package lists.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$top/scripts/lib/cache.sh"
 out="$top/.cache/test-guest"
 # The order the guest loads them in; without all of them setMemory "succeeds" and nothing changes.
 # virtio_blk, cdrom and isofs (which needs cdrom) let the guest read a cloud-init seed (a read-only virtio disk holding an ISO 9660).
@@ -57,8 +58,7 @@ read -r kernel_pkg kernel_ver <<<"$depends"
 want="kernel=$kernel_pkg=$kernel_ver busybox-static=$(dpkg-query -W -f='${Version}' busybox-static)"
 want="$want script=$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 
-if [ -f "$out/inputs" ] && [ "$(cat "$out/inputs")" = "$want" ] && [ -f "$out/SHA256SUMS" ] &&
-   (cd "$out" && sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1); then
+if cache_built "$out" "$want"; then
   exit 0  # already built from these inputs
 fi
 
@@ -197,9 +197,5 @@ EOF
 chmod 0755 "$root/init"
 (cd "$root" && find . | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -9 -n > "$tmp/initrd.img"
 
-# Into place; the manifest last, so a half-done build is never taken for a finished one.
-rm -f "$out/SHA256SUMS" "$out/inputs"
-mv "$tmp/vmlinuz" "$tmp/initrd.img" "$out/"
-(cd "$out" && sha256sum vmlinuz initrd.img > SHA256SUMS)
-echo "$want" > "$out/inputs"
+cache_install "$out" "$want" "$tmp" vmlinuz initrd.img
 echo "build-test-guest: built $out (modules: ${loaded[*]:-none})" >&2

@@ -13,10 +13,18 @@ from service_adapter.local_site import LocalSite
 from service_adapter.safetext import printable
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+VM_OVERHEAD_MB = 64  # what the site adds to each VM's memory (QEMU's own)
+#: (nodes, MB per node, seconds) when not given: the memory-only lease, and the lease of one VM of the cloud image.
+DEFAULTS = (2, 64, 20.0)
+VM_DEFAULTS = (1, 512 + VM_OVERHEAD_MB, 300.0)
 
 
 class DemoError(Exception):
     """The demo cannot run here; the message says why and what to do."""
+
+
+class DemoArgumentError(DemoError):
+    """The demo's arguments do not go together; the message says which."""
 
 
 #: Signals that end the demo early: ^C, ``timeout``/``kill``, a closed terminal.
@@ -77,10 +85,16 @@ class _Narrator:
             store.wait_changed(seen, remaining)
 
 
-def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
+def run_demo(nodes: int | None, memory_mb: int | None, duration_s: float | None, grace_s: float,
              release_after_s: float | None, workdir: str | None, out=sys.stdout,
-             journal_dir: str = "/var/lib/workspace-pilot") -> int:
+             journal_dir: str = "/var/lib/workspace-pilot", vm_image: str | None = None) -> int:
     """Run the demo; returns 0 when the lease ran and ended and the hugepage pool is back where it started.
+
+    ``vm_image`` (a directory with the cloud image's files): the lease also
+    boots a VM of it, logs in with ssh and shows what the guest says; when
+    the hypervisor or the image is missing, the demo says what to install
+    and runs the memory-only lease. ``nodes``, ``memory_mb`` and
+    ``duration_s`` default (None) to :data:`DEFAULTS` or :data:`VM_DEFAULTS`.
 
     SIGINT, SIGTERM or SIGHUP release the lease at once, wait for the
     pilots to give the node back (a second signal does not cut that
@@ -96,38 +110,86 @@ def run_demo(nodes: int, memory_mb: int, duration_s: float, grace_s: float,
         print(f"[{time.monotonic() - t0:8.3f} s] {text}", file=out, flush=True)
 
     workdir = workdir or tempfile.mkdtemp(prefix="workspace-lease-demo-")
+    vm = None
+    if vm_image is not None:
+        from service_adapter.demo_vm import MIN_VM_MB, VmDemo, vm_unavailable
+
+        why = vm_unavailable(vm_image)
+        if why:
+            say(f"{why}; running the memory-only lease instead")
+        else:
+            vm = VmDemo(workdir, vm_image, say)
+    defaults = VM_DEFAULTS if vm else DEFAULTS
+    nodes, memory_mb, duration_s = (given if given is not None else default
+                                    for given, default in zip((nodes, memory_mb, duration_s), defaults))
+    if vm and nodes != 1:
+        raise DemoArgumentError("--vm leases one node: this machine (a second pilot here would build the same network)")
+    if vm and memory_mb - VM_OVERHEAD_MB < MIN_VM_MB:
+        raise DemoArgumentError(f"--vm needs --memory of at least {MIN_VM_MB + VM_OVERHEAD_MB} MB (the VM gets it less "
+                        f"the site's {VM_OVERHEAD_MB} MB overhead)")
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
     try:
-        return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say)
+        return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say) -> int:
+def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm) -> int:
     try:
         before = _pool_pages()
     except _Interrupted as exc:
         return 128 + exc.signum
     say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
     try:
-        site = LocalSite(
-            workdir, grace_s=grace_s, journal_dir=journal_dir, queue_timeout_s=60, release_grace_s=grace_s + 5,
-            status_interval_s=0.5,
-        )
-    except _Interrupted as exc:
-        return 128 + exc.signum  # nothing leased yet
-    try:
-        return _narrate(site, nodes, memory_mb, duration_s, grace_s, release_after_s, before, say)
-    except _Interrupted as exc:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)  # the node is given back first, whatever comes next
-        return _wind_down(site, exc.signum, grace_s, before, say)
+        try:
+            site = _open_site(workdir, grace_s, journal_dir, vm)
+        except _Interrupted as exc:
+            return 128 + exc.signum  # nothing leased yet
+        try:
+            if vm is not None and not _endorse(site, vm, say):
+                return 1
+            return _narrate(site, nodes, memory_mb, duration_s, grace_s, release_after_s, before, say, vm)
+        except _Interrupted as exc:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)  # the node is given back first, whatever comes next
+            return _wind_down(site, exc.signum, grace_s, before, say, vm)
+        finally:
+            site.close()
     finally:
-        site.close()
+        if vm is not None:
+            vm.close()
 
 
-def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say) -> int:
+def _open_site(workdir: str, grace_s: float, journal_dir: str, vm) -> LocalSite:
+    """The local site; with ``vm``: its hypervisor running first, an image catalogue, lease networks."""
+    extra = {}
+    if vm is not None:
+        from service_adapter.localvirt import HypervisorError
+
+        try:
+            vm.start_hypervisor()
+        except HypervisorError as exc:
+            raise DemoError(f"libvirtd cannot run here: {exc}") from None
+        extra = {"images": True, "network_plan": vm.network_plan(), "pilot_sections": vm.pilot_sections(),
+                 "vm_overhead_mb": VM_OVERHEAD_MB}
+    return LocalSite(workdir, grace_s=grace_s, journal_dir=journal_dir, queue_timeout_s=60,
+                     release_grace_s=grace_s + 5, status_interval_s=0.5, **extra)
+
+
+def _endorse(site: LocalSite, vm, say) -> bool:
+    """The site approves the demo's image through its catalogue; False (said why) when it refuses."""
+    from service_adapter.images.catalog import ImageRefused
+
+    try:
+        vm.endorse(site)
+    except ImageRefused as exc:
+        say(f"FAILED: the site refused the image: {exc}")
+        return False
+    return True
+
+
+def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say, vm=None) -> int:
     """After a stop signal: release every lease of this site, wait for the pilots, and say where the node stands."""
     say(f"interrupted ({signal.Signals(signum).name}): releasing the lease; the pilots give the node back")
     open_leases = [info for info in site.leases.list() if info.state not in TERMINAL_STATES]
@@ -145,11 +207,16 @@ def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say) -
     if after != before:
         say(f"FAILED: hugepage pool at {after} pages, was {before}; run workspace-killall")
         return 1
+    left = [item for info in open_leases for item in (vm.leftovers(info.slot) if vm else [])]
+    if left:
+        say(f"FAILED: still on this machine: {', '.join(left)}; run workspace-killall")
+        return 1
     say(f"hugepage pool after: {after} pages ({after * 2} MB): the node is as it was")
     return 128 + signum
 
 
-def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_after_s, before: int, say) -> int:
+def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_after_s, before: int, say,
+             vm=None) -> int:
     """One lease from reserve to its end, told as it goes; 0 when it ended well and the pool is back."""
     say(f"store {site.store.path} (SQLite, WAL)")
     say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")
@@ -169,13 +236,23 @@ def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_aft
         return 1
     held = _pool_pages()
     say(f"lease ready: hugepage pool now {held} pages ({held * 2} MB, +{(held - before) * 2} MB)")
-    if release_after_s is not None:
+    booted = True
+    if vm is not None:
+        booted = vm.boot(site, lease, site.provider.hosts(lease.job_id)[0], memory_mb - VM_OVERHEAD_MB,
+                         tick=narrator.report)
+        narrator.report()
+        if vm.login and booted:
+            say(f"log in yourself while the lease holds: {vm.ssh_command()}")
+    if not booted:
+        say("releasing the lease: the VM did not come up")
+        site.leases.release(lease.id)
+    elif release_after_s is not None:
         if narrator.until(TERMINAL_STATES, release_after_s) is None:
             say(f"releasing the lease after {release_after_s:g} s (the job is cancelled: SIGTERM to each "
                 "pilot, like qdel)")
             site.leases.release(lease.id)
     else:
-        say(f"holding until the pilots' own deadline ({duration_s:g} s after they started)")
+        say(f"holding until the pilots' own deadline ({duration_s:g} s after they started; ^C ends it now)")
     ended = narrator.until(TERMINAL_STATES, duration_s + grace_s + 30)
     codes = site.provider.wait(lease.job_id, grace_s + 5)
     narrator.report()
@@ -185,11 +262,18 @@ def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_aft
         used = ended.usage
         say(f"usage: {used.node_seconds:.1f} node-seconds, {used.mb_seconds:.0f} MB-seconds")
     say(f"hugepage pool after: {after} pages ({after * 2} MB)")
-    if (ended is not None and ended.state in ("released", "expired") and after == before
+    left = vm.leftovers(lease.slot) if vm is not None else []
+    if vm is not None and not left:
+        say("the VM and its lease network are gone from this machine")
+    if (booted and not left and ended is not None and ended.state in ("released", "expired") and after == before
             and all(code == 0 for code in codes)):
         say(f"lease {ended.state}; the node's hugepages are back where they started")
         return 0
-    if after != before:
+    if left:
+        say(f"FAILED: still on this machine: {', '.join(left)}; run workspace-killall")
+    elif not booted:
+        say("FAILED: the VM did not come up (above: why)")
+    elif after != before:
         say("FAILED: pool not restored")
     elif ended is None:
         say("FAILED: the lease did not end in time")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from service_adapter.cli.common import EXIT_CONFIG, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, say
+from service_adapter.cli.common import (
+    EXIT_CONFIG, EXIT_CONFLICT, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK, EXIT_USAGE, say,
+)
 
 # -- demo -------------------------------------------------------------------------------------
 
@@ -14,13 +16,16 @@ def run_demo(args) -> int:
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from service_adapter.demo import DemoError, run_demo
+    from service_adapter.demo import DemoArgumentError, DemoError, run_demo
 
     try:
         return run_demo(
             args.nodes, args.memory, args.duration, args.grace, args.release_after, args.workdir,
-            journal_dir=args.journal_dir,
+            journal_dir=args.journal_dir, vm_image=args.vm_image if args.vm else None,
         )
+    except DemoArgumentError as exc:
+        say(str(exc))
+        return EXIT_USAGE
     except DemoError as exc:
         say(str(exc))
         return EXIT_ENVIRONMENT
