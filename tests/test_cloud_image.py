@@ -110,12 +110,12 @@ def ssh(lab: LeaseLab, vm: dict, key: str, command: str) -> subprocess.Completed
               f"debian@{login['host']}", command, ns=lab.net.owner, check=False, timeout=60)
 
 
-def test_the_owner_logs_in_with_ssh_and_finds_the_host_name_and_the_user_datas_effect(cloud):
+def test_the_owner_logs_in_with_ssh_and_finds_the_host_name_the_user_datas_effect_and_cloud_init_done(cloud):
     lab, _, vms, key = cloud
     for name in ("web", "db"):
-        said = ssh(lab, vms[name], key, "hostname; cat /run/user-data-effect")
-        assert said.returncode == 0, said.stderr
-        assert said.stdout.splitlines() == [name, f"user-data ran on {name}"]
+        said = ssh(lab, vms[name], key, "hostname; cat /run/user-data-effect; cloud-init status")
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert said.stdout.splitlines() == [name, f"user-data ran on {name}", "status: done"]  # no module failed
 
 
 def test_the_network_comes_from_the_seed_and_the_other_vm_is_reached_by_name(cloud):
