@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
+
+from service_adapter.children import stop_in_order
 
 URI = "qemu:///system"
 #: What a QEMU guest through libvirt needs on this machine.
@@ -151,17 +152,7 @@ class LocalLibvirtd:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop what this object started (libvirtd first: it talks to virtlogd while it shuts down)."""
-        for name in ("libvirtd", "virtlogd"):
-            process = self.processes.get(name)
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+        stop_in_order(self.processes, ["libvirtd", "virtlogd"], timeout)
         if self._mounted_hugetlbfs:
             subprocess.run(["umount", HUGETLBFS], check=False, capture_output=True)
             self._mounted_hugetlbfs = False

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import time
 
-from tests.daemons import stop_in_order
+from service_adapter.children import stop_in_order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDENGINE = os.path.join(REPO, ".cache", "gridengine", "root")

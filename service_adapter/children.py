@@ -1,4 +1,5 @@
-"""Stopping the daemons a test harness started: by the pid it holds, never by name."""
+"""Stopping the daemons this process started (the embedded site's libvirtd, the test harnesses' clusters): by the
+pid it holds, never by name."""
 
 from __future__ import annotations
 
