@@ -125,8 +125,8 @@ def run_demo(nodes: int | None, memory_mb: int | None, duration_s: float | None,
     if vm and nodes != 1:
         raise DemoArgumentError("--vm leases one node: this machine (a second pilot here would build the same network)")
     if vm and memory_mb - VM_OVERHEAD_MB < MIN_VM_MB:
-        raise DemoArgumentError(f"--vm needs --memory of at least {MIN_VM_MB + VM_OVERHEAD_MB} MB (the VM gets it less "
-                        f"the site's {VM_OVERHEAD_MB} MB overhead)")
+        raise DemoArgumentError(f"--vm needs --memory of at least {MIN_VM_MB + VM_OVERHEAD_MB} MB (the VM gets it "
+                                f"less the site's {VM_OVERHEAD_MB} MB overhead)")
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
     try:
         return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm)
