@@ -30,9 +30,10 @@ from pilot.node.backends import BackendError, backend_from_config
 from pilot.config import DEFAULT_PATH, PilotConfig, load_node_tool_config
 from pilot.node.journal import Entry, Journal, JournalError, UnreadableEntry
 from pilot.node.lock import NodeLockError
-from pilot.node.memory import replay_dead, settle
-from pilot.shared.cli import OneLineParser, WrappingFormatter, silence
-from pilot.shared.errors import one_line
+from pilot.node.memory import settle
+from pilot.recovery import replay_dead
+from workspace_common.cli import OneLineParser, WrappingFormatter, silence
+from workspace_common.errors import one_line
 from pilot.vm.cleanup import destroy_domain
 
 EXIT_CLEAN = 0

@@ -22,8 +22,8 @@ import time
 
 from pilot.config import PilotConfig, load_node_tool_config
 from pilot.node.journal import Journal, JournalError
-from pilot.shared.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
-from pilot.shared.errors import one_line
+from workspace_common.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
+from workspace_common.errors import one_line
 
 EXIT_CONSISTENT = 0
 EXIT_ATTENTION = 1

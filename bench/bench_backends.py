@@ -55,7 +55,8 @@ if REPO not in sys.path:
 
 from pilot.node.backends import BackendError  # noqa: E402  (after the sys.path fix above)
 from pilot.node.journal import Entry, Journal, MemoryRecord  # noqa: E402
-from pilot.node.memory import NodeMemory, replay_dead  # noqa: E402
+from pilot.node.memory import NodeMemory  # noqa: E402
+from pilot.recovery import replay_dead  # noqa: E402
 from pilot.node.owner import Owner  # noqa: E402
 
 RESERVE_MB = 1024
@@ -118,7 +119,7 @@ def measure(backend, workdir: str, rounds: int) -> dict:
     journal.prepare()
     memory = NodeMemory(
         journal, backend, Entry(f"bench-{uuid.uuid4()}", "benchnode", Owner.current()),
-        minmem_mb=0, verify_timeout=VERIFY_TIMEOUT_S,
+        minmem_mb=0, verify_timeout=VERIFY_TIMEOUT_S, replay=replay_dead,
     )
     start_level = backend.read()
     reserve_ms: list[float] = []

@@ -111,7 +111,7 @@ def pilot_worker(indices: list[int], url: str, keys: tuple[str, str], wait_s: fl
     from pilot.credentials import PilotCredentials
     from pilot.notifier import Notifier, Outcome
     from pilot.poller import CommandPoller
-    from pilot.protocol import node_key, slot_key
+    from workspace_common.protocol import node_key, slot_key
 
     site_key, slot_secret = keys
 
@@ -309,7 +309,7 @@ class Bench:
 
     def start_everywhere(self, label: str) -> dict:
         """One Store.start_vms with a start-vm for every host (one transaction); per-pilot latency (ms)."""
-        from pilot.protocol import ImageFile, VmSpec
+        from workspace_common.protocol import ImageFile, VmSpec
 
         image = ImageFile(*IMAGE)
         wanted = {i: ("start-vm", f"{label}-{i:03d}") for i in range(self.pilots)}

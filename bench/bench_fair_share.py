@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import requests  # noqa: E402
 from requests.auth import HTTPDigestAuth  # noqa: E402
 
-from pilot.protocol import commands_path, image_path  # noqa: E402
+from workspace_common.protocol import commands_path, image_path  # noqa: E402
 from tests.conftest import pool_pages  # noqa: E402
 from tests.test_fair_share import leased_with_an_image, node_auth, node_header  # noqa: E402
 from tests.test_operator_door import guess  # noqa: E402

@@ -84,7 +84,7 @@ class ImageService:
 
     def __init__(self, workdir: str, image: str, sha256: str, size: int, *, hosts=("node1",),
                  listen: tuple[str, int] = ("127.0.0.1", 0)):
-        from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, Notification, format_time, sign, utc_now
+        from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, Notification, format_time, sign, utc_now
         from service_adapter.commandboard import CommandBoard
         from service_adapter.digest import DigestVerifier
         from service_adapter.images.catalog import ImageCatalog
@@ -131,7 +131,7 @@ class ImageService:
 
     def handout(self, sha256: str) -> dict:
         """What each simulated node needs (the URL, the slot, its keys, the lease's peer key), as JSON data."""
-        from pilot.protocol.chunks import peer_key
+        from workspace_common.protocol.chunks import peer_key
 
         secret = self.store.slot_secret(self.slot)
         return {"url": self.url, "slot": self.slot, "sha256": sha256, "size": self.size,
@@ -153,7 +153,7 @@ import sys, time, requests
 from requests.auth import HTTPDigestAuth
 from pilot.images.cache import ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 url, slot, host, key, cache, sha, size = sys.argv[1:]
 session = requests.Session()
 session.auth = HTTPDigestAuth(host, key)
@@ -169,7 +169,7 @@ def bench_fetch(workdir: str, size_mib: int, rounds: int) -> dict:
     image = os.path.join(workdir, "source.img")
     sha = write_file(image, size)
     service = ImageService(workdir, image, sha, size)
-    from pilot.protocol import image_path
+    from workspace_common.protocol import image_path
 
     url = service.url + image_path(service.slot, service.host, sha)
     pilot_s, curl_s, curl_sync_s = [], [], []
@@ -204,7 +204,7 @@ _VM_START = r"""
 import os, sys, time
 from pilot.images.cache import ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
 from pilot.vm.host import VmHost
 import requests

@@ -46,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pilot.protocol import SLOT_SECRET_ENV  # noqa: E402
+from workspace_common.protocol import SLOT_SECRET_ENV  # noqa: E402
 from service_adapter.digest import DigestVerifier  # noqa: E402
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key  # noqa: E402
 from service_adapter.local_site import write_pilot_config  # noqa: E402

@@ -135,7 +135,7 @@ def ops(rounds: int) -> dict[str, list[float]]:
     import subprocess
     import tempfile
 
-    from pilot.protocol.network import NetState, Nic, mac_for
+    from workspace_common.protocol.network import NetState, Nic, mac_for
     from tests.netlab import NetLab
 
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

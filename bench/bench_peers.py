@@ -116,7 +116,7 @@ import requests
 from requests.auth import HTTPDigestAuth
 from pilot.images.cache import ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 info, host, ip, cache, peers = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "yes"
 node = info["nodes"][host]
 session = requests.Session()

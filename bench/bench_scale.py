@@ -57,7 +57,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pilot.protocol import (  # noqa: E402  (after the sys.path fix above)
+from workspace_common.protocol import (  # noqa: E402  (after the sys.path fix above)
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
     Notification,
@@ -71,7 +71,7 @@ from pilot.protocol import (  # noqa: E402  (after the sys.path fix above)
     slot_key,
     utc_now,
 )
-from pilot.protocol.digest import parse_params, response_digest  # noqa: E402
+from workspace_common.protocol.digest import parse_params, response_digest  # noqa: E402
 
 PILOT_REALM = "workspace-pilot"
 OPERATOR, OPERATOR_REALM = "bench", "workspace-lease"

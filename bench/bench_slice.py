@@ -44,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pilot.protocol import (  # noqa: E402  (after the sys.path fix above)
+from workspace_common.protocol import (  # noqa: E402  (after the sys.path fix above)
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
     Notification,
@@ -113,7 +113,7 @@ def create_store(path: str, slots: int, synchronous: str = "FULL"):
 
 def pilot_keys(site_key: str, store, count: int) -> list[tuple[str, str]]:
     """(node key, (slot, host) key) of each of the first ``count`` benchmark pilots, as the service derives them."""
-    from pilot.protocol import node_key, slot_key
+    from workspace_common.protocol import node_key, slot_key
 
     keys = []
     for index in range(count):

@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 
-from pilot.protocol import Notification, format_time, utc_now
+from workspace_common.protocol import Notification, format_time, utc_now
 from service_adapter.store import Store
 
 DAY_S = 86400.0

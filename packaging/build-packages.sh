@@ -18,15 +18,15 @@
 #                workspace-pilot-doc     README, BENCHMARKS, docs/, the Grafana dashboard
 # OUTDIR/rpm/... the same four as RPMs (rpmbuild, packaging/workspace-pilot.spec)
 #
-# The version comes from pilot/__init__.py (its one place). Run with the project's .venv (it needs
+# The version comes from workspace_common/__init__.py (its one place). Run with the project's .venv (it needs
 # the `build` module) from the repository root; needs dpkg-deb and rpmbuild (Debian's rpm package).
 set -euo pipefail
 out=$(realpath -m "${1:?usage: packaging/build-packages.sh OUTDIR}")
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 python=${PYTHON:-$top/.venv/bin/python}
-version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' pilot/__init__.py)
-[ -n "$version" ] || { echo "build-packages: no __version__ in pilot/__init__.py" >&2; exit 3; }
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' workspace_common/__init__.py)
+[ -n "$version" ] || { echo "build-packages: no __version__ in workspace_common/__init__.py" >&2; exit 3; }
 mkdir -p "$out/dist" "$out/wheels"
 
 "$python" -m build --sdist --wheel --outdir "$out/dist" . > "$out/build.log" 2>&1 ||

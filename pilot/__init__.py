@@ -1,4 +1,3 @@
 """workspace-pilot: the node side. A pilot reserves this node's memory for leased VMs and always gives it back."""
 
-#: The project's version, in this one place (setup.cfg reads it; the packages' builds too).
-__version__ = "0.1.0"
+from workspace_common import __version__  # noqa: F401 (the version lives in the shared floor)

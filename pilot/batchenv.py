@@ -28,7 +28,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: The job variables root takes from its caller, each with the form it must have. Only these cross sudo
 #: (the shipped sudoers' env_keep and the job script's --preserve-env name the same list,
-#: :data:`pilot.protocol.BATCH_ENV`); the batch system's own config locations are not among them.
+#: :data:`workspace_common.protocol.BATCH_ENV`); the batch system's own config locations are not among them.
 _JOB_VARIABLE_FORMS = {
     "SLURM_JOB_ID": re.compile(r"[0-9]{1,12}"),
     "SLURM_JOB_END_TIME": re.compile(r"[0-9]{1,12}"),

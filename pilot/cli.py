@@ -12,7 +12,7 @@ import textwrap  # loaded by logging anyway: not an extra import on the start pa
 import time
 
 from pilot.exitcodes import MEANING, ExitCode
-from pilot.shared.cli import OneLineParser, WrappingFormatter, http_url, positive
+from workspace_common.cli import OneLineParser, WrappingFormatter, http_url, positive
 
 log = logging.getLogger("pilot")
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=WrappingFormatter,
     )
-    from pilot import __version__
+    from workspace_common import __version__
 
     parser.add_argument("--version", action="version", version=f"workspace-pilot {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
@@ -226,6 +226,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     from pilot.lifecycle import LeaseRequest, Pilot
     from pilot.moments import process_started_at
     from pilot.node.memory import NodeMemory
+    from pilot.recovery import replay_dead
     from pilot.notifier import Notifier
     from pilot.node.owner import Owner
     from pilot.wakeup import wake_on_signals
@@ -238,6 +239,7 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     entry = Entry(args.slot, host, Owner.current(), contact=config.contact, sign_key=credentials.sign_key)
     memory = NodeMemory(
         journal, backend, entry, minmem_mb=config.minmem_mb, verify_timeout=config.verify_timeout_s,
+        replay=replay_dead,
     )
     notifier = Notifier(
         config.contact, credentials, args.slot, host,

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pilot.batchenv import DEFAULT_PATH as DEFAULT_BATCH_PATH, BatchClient
-from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+from workspace_common.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+from workspace_common.route import address_towards
 
 if TYPE_CHECKING:
     from pilot.vm.overlay import DiskBudget
@@ -126,7 +127,7 @@ class PilotConfig:
     def node_address(self) -> str | None:
         """Where the lease networks' overlay meets this node: ``[networks] address``, else the node's address on
         the way to the service; None when neither is a usable IPv4 address (no lease network can be built)."""
-        from pilot.protocol.wire import ProtocolError, check_node_address
+        from workspace_common.protocol.wire import ProtocolError, check_node_address
 
         address = self.net_address or address_towards(self.contact)
         try:
@@ -186,21 +187,6 @@ def _ip_address(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise ValueError("must be this node's IP address that the lease's other nodes reach") from None
-
-
-def address_towards(contact: str) -> str:
-    """This node's IP address on the way to the service (what the lease's other nodes most likely reach)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(contact)
-    family = socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((parts.hostname, parts.port or 80))  # UDP: no packet is sent
-            return probe.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def _mirror_url(text: str) -> str:

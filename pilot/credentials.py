@@ -5,12 +5,12 @@
   service's host) is the digest password of the account named after the
   host: with it a node can speak only as itself.
 * The **slot secret** comes in the job's environment
-  (:data:`pilot.protocol.SLOT_SECRET_ENV`), never on the command line; the
+  (:data:`workspace_common.protocol.SLOT_SECRET_ENV`), never on the command line; the
   pilot takes it out of its environment at once so nothing it starts
   inherits it.
 * Together they make the (slot, host) key that signs the pilot's
   notification bodies and checks the service's command answers
-  (:func:`pilot.protocol.slot_key`).
+  (:func:`workspace_common.protocol.slot_key`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pilot.protocol import SLOT_SECRET_ENV, is_key, slot_key
+from workspace_common.protocol import SLOT_SECRET_ENV, is_key, slot_key
 
 #: The placeholder a node key path may hold, for a config shared by several nodes.
 HOST_PLACEHOLDER = "{host}"
@@ -86,7 +86,7 @@ def take_slot_secret(environ=None) -> str:
 
 def pilot_credentials(node_key_file: str, host: str, slot: str, slot_secret: str) -> PilotCredentials:
     """Read ``host``'s node key and derive the (slot, host) key; CredentialError as above."""
-    from pilot.protocol.chunks import peer_key
+    from workspace_common.protocol.chunks import peer_key
 
     key = read_node_key(node_key_path(node_key_file, host))
     return PilotCredentials(host, key, slot_key(key, slot, slot_secret), peer_key(slot_secret, slot))

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from pilot.batchenv import BatchClient
-from pilot.shared.qstat import parse_full
+from workspace_common.qstat import parse_full
 
 from collections.abc import Callable, Mapping
 

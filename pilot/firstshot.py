@@ -4,7 +4,7 @@ Importing ``requests`` costs about 100 ms of CPU on our nodes (urllib3, charset 
 cookie jars), against about 25 ms for ``http.client``; on the pilot's start path that import
 sat between the memory take and the ``reserved`` send, the one moment the lease waits for
 (BENCHMARKS.md, issue 17). So the notifier's thread sends its first notification once through
-:class:`FirstShot` (HTTP Digest SHA-256 from :mod:`pilot.protocol.digest`, the same signed body)
+:class:`FirstShot` (HTTP Digest SHA-256 from :mod:`workspace_common.protocol.digest`, the same signed body)
 and only then imports ``requests``, which stays the client for everything after: retries,
 later notifications, the command poll, images.
 
@@ -22,8 +22,8 @@ import json
 import os
 import urllib.parse
 
-from pilot.protocol.digest import parse_params, response_digest
-from pilot.protocol.wire import digest_ha1
+from workspace_common.protocol.digest import parse_params, response_digest
+from workspace_common.protocol.wire import digest_ha1
 
 #: Environment variables through which ``requests`` would send via a proxy; if any is set,
 #: the first shot stands aside rather than go direct where ``requests`` would not.

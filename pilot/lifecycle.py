@@ -26,7 +26,7 @@ from pilot.moments import Moments
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import NodeMemory, TakeAborted
 from pilot.notifier import Delivery, Notifier, Outcome
-from pilot.protocol import format_epoch
+from workspace_common.protocol import format_epoch
 from pilot.vm.cleanup import VmCleanupError
 from pilot.wakeup import Wakeup
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from pilot.protocol import format_epoch
+from workspace_common.protocol import format_epoch
 
 
 class Moments:

@@ -26,7 +26,7 @@ import threading
 import time
 
 from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most
-from pilot.protocol import (
+from workspace_common.protocol import (
     MAX_BODY_BYTES,
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,
@@ -38,7 +38,7 @@ from pilot.protocol import (
 from pilot.credentials import PilotCredentials
 from pilot.reach import ServiceReach
 from pilot.retryafter import retry_after_s
-from pilot.shared.errors import failure_words
+from workspace_common.errors import failure_words
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the pilot's start path
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from typing import Callable
 import requests
 
 from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most
-from pilot.protocol import (
+from workspace_common.protocol import (
     MAX_COMMANDS_ANSWER_BYTES,
     SIGNATURE_HEADER,
     Command,
@@ -35,7 +35,7 @@ from pilot.protocol import (
 )
 from pilot.reach import ServiceReach
 from pilot.retryafter import retry_after_s
-from pilot.shared.errors import failure_words
+from workspace_common.errors import failure_words
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,7 @@ fi
 # The project's own bytecode, written now: the package is installed editable, and where
 # PYTHONDONTWRITEBYTECODE is set (as on our machines) every pilot would otherwise compile its modules
 # at each start (issue 17). Only changed files are compiled; quick when nothing changed.
-.venv/bin/python -m compileall -q pilot service_adapter admin_tools > /dev/null
+.venv/bin/python -m compileall -q pilot service_adapter admin_tools workspace_common > /dev/null
 
 if [ "$vm" = yes ]; then
   need_root() {

@@ -60,21 +60,21 @@ import re
 
 from aiohttp import web
 
-from pilot.protocol import MAX_PREFETCH, MAX_VM_NAME_LEN, ImageFile, ProtocolError, load_json
-from pilot.shared.errors import first_line
-from service_adapter.connections import BodyTimeout, read_within, trust
-from service_adapter.digest import Account, DigestVerifier
+from service_adapter.apiparts import (  # noqa: F401 (MAX_API_BODY: the API's own limit, re-exported)
+    CATALOG_KEY, MAX_API_BODY, OPERATOR_KEY, OPERATORS_KEY, PREFIX, Refused, json_error, read_json, refusals, who,
+)
+from service_adapter.connections import trust
+from service_adapter.digest import DigestVerifier
 from service_adapter.hostshares import retry_after_header
+from service_adapter.lease import LEASE_STATES, event_json, vm_json
 from service_adapter.loginthrottle import LoginThrottle
-from service_adapter.store.images import ImageRefused
-from service_adapter.lease import LEASE_STATES, ExtensionRefused, LeaseError, UnknownLease, event_json, vm_json
 from service_adapter.refusals import REFUSALS
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
+from workspace_common.errors import first_line
+from workspace_common.protocol import MAX_PREFETCH, MAX_VM_NAME_LEN, ImageFile, ProtocolError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/api/v1"
-MAX_API_BODY = 4096
 #: A VM start may carry many specs (up to vms.MAX_VMS_PER_REQUEST), each with paths and digests.
 MAX_VM_BODY = 256 * 1024
 MAX_NODES = 100_000
@@ -84,15 +84,8 @@ _LEASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VM_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VM_NAME_LEN - 1}}}")
 
 MANAGER_KEY = web.AppKey("lease_manager", object)
-OPERATORS_KEY = web.AppKey("operator_verifier", DigestVerifier)
 THROTTLE_KEY = web.AppKey("login_throttle", LoginThrottle)
 VMS_KEY = web.AppKey("vm_manager", VmManager)
-# Request key of the authenticated operator's Account (a typed key where aiohttp has them: 3.14 warns otherwise).
-OPERATOR_KEY = web.RequestKey("operator", Account) if hasattr(web, "RequestKey") else "operator"
-
-
-def _error(status: int, message: str, headers=None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 @web.middleware
@@ -108,7 +101,7 @@ async def _api_auth(request: web.Request, handler):
         if wait is not None:
             REFUSALS.refused(request.remote, "API %s %s: too many failed logins from this address, 429",
                              request.method, request.path)
-            return _error(429, "too many failed logins from this address: try again after Retry-After seconds",
+            return json_error(429, "too many failed logins from this address: try again after Retry-After seconds",
                           headers=retry_after_header(wait))
     auth = verifier.verify(request.method, request.raw_path, header)
     if not auth.ok:
@@ -116,7 +109,7 @@ async def _api_auth(request: web.Request, handler):
             REFUSALS.refused(request.remote, "API %s %s: %s", request.method, request.path, auth.reason)
             if not auth.stale:
                 throttle.failed(request.remote)
-        response = _error(401, f"authentication required: digest (SHA-256) as an operator of realm {verifier.realm}")
+        response = json_error(401, f"authentication required: digest (SHA-256) as an operator of realm {verifier.realm}")
         for challenge in verifier.challenges(stale=auth.stale):
             response.headers.add("WWW-Authenticate", challenge)
         return response
@@ -127,57 +120,15 @@ async def _api_auth(request: web.Request, handler):
     except web.HTTPException as exc:
         # aiohttp's own 404/405 (unknown path, wrong method) as one JSON line too.
         if exc.status == 405:
-            return _error(405, f"{request.method} is not allowed on {request.path}", headers=_allow(exc))
+            return json_error(405, f"{request.method} is not allowed on {request.path}", headers=_allow(exc))
         if exc.status >= 400:
-            return _error(exc.status, f"{exc.reason.lower()}: {request.path}")
+            return json_error(exc.status, f"{exc.reason.lower()}: {request.path}")
         raise
 
 
 def _allow(exc: web.HTTPException):
     allow = exc.headers.get("Allow") if exc.headers else None
     return {"Allow": allow} if allow else None
-
-
-async def read_json(request: web.Request, limit: int = MAX_API_BODY) -> dict:
-    """The request's JSON object (at most ``limit`` bytes), or an HTTP error response raised as an exception.
-
-    The body is read from the stream with this route's own cap, not with
-    ``request.read()``: that one is capped by the app's ``client_max_size``
-    (the pilots' 64 KiB, see :func:`service_adapter.receiver.make_app`),
-    which a VM start may need to exceed and every other route stays far below.
-    """
-    if request.content_length is not None and request.content_length > limit:
-        raise Refused(413, f"body over {limit} bytes")
-    async def read() -> bytearray:
-        body = bytearray()
-        while True:
-            chunk = await request.content.read(limit + 1 - len(body))
-            if not chunk:
-                return body
-            body += chunk
-            if len(body) > limit:
-                raise Refused(413, f"body over {limit} bytes")
-
-    try:
-        body = await read_within(request, read())
-    except BodyTimeout as exc:
-        raise Refused(408, str(exc)) from None
-    try:
-        data = load_json(bytes(body), "the body")
-    except ProtocolError as exc:
-        raise Refused(400, str(exc)) from None
-    if not isinstance(data, dict):
-        raise Refused(400, "the body must be a JSON object")
-    return data
-
-
-class Refused(Exception):
-    """A request refused by a handler: answered ``status`` with ``{"error": message}`` by :func:`refusals`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _int_field(data: dict, name: str, high: int) -> int:
@@ -231,42 +182,6 @@ def _vm_name(request: web.Request, lease_id: str) -> str:
     return name
 
 
-def refusals(handler):
-    """Turn :class:`Refused` and the managers' errors (lease, VM, image) into one-line JSON answers."""
-
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except Refused as exc:
-            return _error(exc.status, exc.message)
-        except UnknownLease as exc:
-            lease_id = exc.args[0] if exc.args else "?"
-            return _error(404, f"no lease {lease_id!r}")
-        except ImageRefused as exc:
-            log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
-            return _error(exc.status if exc.status != 500 else 503, first_line(exc))
-        except VmRequestError as exc:
-            if exc.status == 409:
-                log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
-            return _error(exc.status, first_line(exc))
-        except ExtensionRefused as exc:
-            log.info("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
-            return _error(409, first_line(exc))
-        except LeaseError as exc:
-            log.warning("API: %s %s by %s: %s", request.method, request.path, who(request), exc)
-            return _error(502, f"the batch system refused: {first_line(exc)}")
-
-    wrapped.__name__ = handler.__name__
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
-
-
-def who(request: web.Request) -> str:
-    """The authenticated operator's name ("?" before authentication)."""
-    account: Account | None = request.get(OPERATOR_KEY)
-    return account.user if account else "?"
-
-
 @refusals
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
@@ -308,7 +223,6 @@ async def _lease_images(request: web.Request, items) -> list[dict] | None:
         if not image.named:
             raise Refused(400, f"images[{index}]: name a listed image (\"image\"), not a path")
         wanted.append(image)
-    from service_adapter.images.routes import CATALOG_KEY
 
     catalog = request.app.get(CATALOG_KEY)
     if catalog is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.shared.errors import failure_words
+from workspace_common.errors import failure_words
 
 API = "/api/v1"
 

@@ -23,8 +23,8 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from pilot.shared.errors import first_line
-from pilot.shared.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
+from workspace_common.errors import first_line
+from workspace_common.ini import ConfigError, abs_path, boolean, choice, number, read_ini, read_sections, whole
 from service_adapter.digest import Account
 from service_adapter.secretfiles import read_accounts_file, read_site_key, user_name as _user
 from service_adapter.providers.launchers import LAUNCHER_NAMES

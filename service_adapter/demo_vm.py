@@ -55,8 +55,8 @@ def vm_unavailable(image_dir: str) -> str | None:
 
 def lease_network_address() -> str | None:
     """This machine's IPv4 address for the lease network and the SSH forward (its way out); None without one."""
-    from pilot.config import address_towards
-    from pilot.protocol.wire import ProtocolError, check_node_address
+    from workspace_common.route import address_towards
+    from workspace_common.protocol.wire import ProtocolError, check_node_address
 
     try:  # a documentation address (RFC 5737): only the route is looked up, nothing is sent
         return check_node_address("address", address_towards("http://198.51.100.1:80"))
@@ -222,10 +222,9 @@ class VmDemo:
 
     def leftovers(self, slot: str) -> list[str]:
         """The demo VM's domain and its lease network's devices still on this machine (empty: all gone)."""
-        from pilot.net import names
-        from pilot.vm.seed import slot_domain_prefix
+        from workspace_common import nodenames as names
 
-        domain = slot_domain_prefix(slot) + VM_NAME
+        domain = names.slot_domain_prefix(slot) + VM_NAME
         listed = subprocess.run(["virsh", "-c", self.hypervisor.uri, "list", "--all", "--name"],
                                 capture_output=True, text=True, timeout=30)
         found = [f"domain {domain}"] if domain in listed.stdout.split() else []

@@ -30,8 +30,8 @@ import struct
 import threading
 import time
 
-from pilot.protocol import digest_ha1
-from pilot.protocol.digest import HASHES as _HASHES, parse_params, response_digest
+from workspace_common.protocol import digest_ha1
+from workspace_common.protocol.digest import HASHES as _HASHES, parse_params, response_digest
 
 __all__ = ["Account", "DigestResult", "DigestVerifier", "parse_params", "response_digest"]
 

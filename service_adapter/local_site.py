@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 
-from pilot.protocol import is_key
+from workspace_common.protocol import is_key
 from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from pilot.protocol.network import BRIDGE_RE, DOMAIN_RE, HOSTNAME_RE, MAX_VNI
+from workspace_common.protocol.network import BRIDGE_RE, DOMAIN_RE, HOSTNAME_RE, MAX_VNI
 
 MODES = ("none", "private", "site")
 

@@ -2,7 +2,7 @@
 
 The service keeps one secret, the *site key*. Every node's key (its digest
 password, installed on the node like a host key) is derived from it and
-the host name (:func:`pilot.protocol.node_key`), so the service needs no
+the host name (:func:`workspace_common.protocol.node_key`), so the service needs no
 list of nodes: an account exists for every valid host name, and only the
 node holding that host's key can use it. The digest user name *is* the
 host name; the receiver accepts a notification or a command poll only for
@@ -10,7 +10,7 @@ the host the request authenticated as.
 
 A slot's secret (random, kept in the store, handed to the slot's job in its
 environment) combines with the node key into the key that signs that
-(slot, host)'s bodies and command answers (:func:`pilot.protocol.slot_key`).
+(slot, host)'s bodies and command answers (:func:`workspace_common.protocol.slot_key`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import functools
 import os
 import secrets
 
-from pilot.protocol import digest_ha1, is_host, is_key, node_key, slot_key
+from workspace_common.protocol import digest_ha1, is_host, is_key, node_key, slot_key
 
 __all__ = ["NodeAccounts", "SiteKeyError", "new_site_key", "new_slot_secret", "provision_node_key", "write_key_file"]
 from service_adapter.digest import Account

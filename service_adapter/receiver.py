@@ -37,7 +37,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from pilot.protocol import (
+from workspace_common.protocol import (
     COMMANDS_PATH,
     MAX_BODY_BYTES,
     MAX_COMMAND,

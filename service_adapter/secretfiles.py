@@ -7,7 +7,7 @@ import os
 import re
 import stat
 
-from pilot.protocol import is_key
+from workspace_common.protocol import is_key
 from service_adapter.digest import Account
 
 

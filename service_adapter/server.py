@@ -20,7 +20,7 @@ import sys
 
 from aiohttp import web
 
-from pilot.shared.errors import first_line
+from workspace_common.errors import first_line
 from service_adapter.config import ServiceConfig, listen_parts
 from service_adapter.connections import GUARD_KEY, ConnectionGuard, raise_file_limit, start_serving
 

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
-from pilot.protocol import ProtocolError, VmSpec
+from workspace_common.protocol import ProtocolError, VmSpec
 from service_adapter.networks import NetworkPlan
 from service_adapter.store import Store
 from service_adapter.store.vms import VmRequestError, VmRow

@@ -17,7 +17,7 @@ import requests
 
 from pilot.images.cache import CacheError, ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 
 ADDRESS_SPACE = 2 << 30
 

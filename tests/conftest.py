@@ -18,7 +18,7 @@ import requests
 from requests.auth import HTTPDigestAuth
 
 from pilot.credentials import HOST_PLACEHOLDER
-from pilot.protocol import SIGNATURE_HEADER, SLOT_SECRET_ENV, Notification, format_time, sign, utc_now
+from workspace_common.protocol import SIGNATURE_HEADER, SLOT_SECRET_ENV, Notification, format_time, sign, utc_now
 from service_adapter.digest import DigestVerifier
 from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key

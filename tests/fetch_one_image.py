@@ -12,7 +12,7 @@ import requests
 
 from pilot.images.cache import CacheError, ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 
 
 def main(cache_dir: str, mirror: str, sha256: str, size: str) -> int:

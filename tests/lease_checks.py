@@ -13,7 +13,7 @@ def check_a_host_outside_the_allocation_is_refused(site, nodes: int, hugepages: 
     import requests
     from requests.auth import HTTPDigestAuth
 
-    from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+    from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
     from tests.conftest import notification
 
     lease = site.manager.reserve(nodes=nodes, memory_mb=32, duration_s=300)

@@ -18,7 +18,7 @@ import sys
 
 from pilot.net.commands import NetError
 from pilot.net.nodenets import NodeNetworks
-from pilot.protocol.network import NetState, Nic
+from workspace_common.protocol.network import NetState, Nic
 
 
 def main() -> int:

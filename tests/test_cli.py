@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pilot.exitcodes import ExitCode
-from pilot.protocol import SLOT_SECRET_ENV
+from workspace_common.protocol import SLOT_SECRET_ENV
 from tests.conftest import pilot_config, pool_pages, throwaway_node_keys
 
 GOOD_ARGS = ["--slot", "s1", "--memory", "64", "--duration", "10", "--grace", "2"]

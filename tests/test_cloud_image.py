@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from pilot.protocol import parse_time
+from workspace_common.protocol import parse_time
 from service_adapter.lease import vm_json
 from service_adapter.vms import parse_vm_request
 from tests.imagesource import Endorser, ImageServer, image_entry

@@ -29,7 +29,7 @@ from aiohttp import web
 from requests.auth import HTTPDigestAuth
 
 from pilot.poller import CommandPoller
-from pilot.protocol import (
+from workspace_common.protocol import (
     COMMANDS_PATH,
     NOTIFICATIONS_PATH,
     SIGNATURE_HEADER,

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import requests
 
-from pilot.protocol import SIGNATURE_HEADER, digest_ha1, sign
+from workspace_common.protocol import SIGNATURE_HEADER, digest_ha1, sign
 from service_adapter.digest import DigestVerifier, parse_params, response_digest
 from tests.conftest import REALM, Service, notification
 

@@ -8,7 +8,7 @@ import pytest
 
 from pilot.vm import tag as vmtag
 from pilot.vm.domainxml import choose_virt_type, render_domain
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm.check import CheckedVm, VmRefused
 from pilot.vm.tag import VmTag
 

@@ -8,7 +8,7 @@ import sys
 
 from pilot.firstshot import FirstShot, FirstShotFailed
 from pilot.notifier import Outcome
-from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from tests.conftest import free_port, notification
 from tests.test_notifier import make_notifier
 

@@ -21,7 +21,7 @@ import requests
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import COMMANDS_PATH, NOTIFICATIONS_PATH, SIGNATURE_HEADER, format_time, sign, utc_now
+from workspace_common.protocol import COMMANDS_PATH, NOTIFICATIONS_PATH, SIGNATURE_HEADER, format_time, sign, utc_now
 from tests.test_vm_api import OPERATOR, OPERATOR_SECRET, SHA, VmService
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm import vmprep
 from pilot.vm.check import CheckedVm, VmRefused
 from pilot.vm.guestuser import GuestUser, guest_user, reach_problem, search_problem

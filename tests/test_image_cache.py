@@ -23,7 +23,7 @@ from admin_tools import killall
 from pilot.images.cache import CacheError, ImageCache
 from pilot.images.fetch import CHUNK, ImageSource, NodeImages
 from pilot.node.journal import Entry, Journal
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 from tests.conftest import pilot_config, throwaway_node_keys
 from tests.imagesource import ImageServer, write_file
 from tests.test_journal import dead_owner

@@ -375,7 +375,7 @@ def test_each_host_of_a_lease_with_images_is_told_to_prefetch_them_once_it_has_r
 def test_a_pilots_cache_retires_what_the_site_no_longer_approves_at_its_first_use(site, tmp_path):
     from pilot.images.cache import ImageCache
     from pilot.images.fetch import ImageSource, NodeImages
-    from pilot.protocol import ImageFile
+    from workspace_common.protocol import ImageFile
 
     subscribed(site)
     assert approve(site, version="1.0").status_code == 200

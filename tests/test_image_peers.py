@@ -21,8 +21,8 @@ import requests
 from pilot.images.cache import ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
 from pilot.images.peers import bitmap
-from pilot.protocol import ImageFile
-from pilot.protocol.chunks import CHUNK_SIZE, PEER_CHUNK_PATH, peer_auth, peer_key
+from workspace_common.protocol import ImageFile
+from workspace_common.protocol.chunks import CHUNK_SIZE, PEER_CHUNK_PATH, peer_auth, peer_key
 from service_adapter.images.routes import SWARMS_KEY
 from tests.imagesource import Endorser, image_entry, write_file
 from tests.test_vm_api import VmService
@@ -89,7 +89,7 @@ import sys, requests
 from requests.auth import HTTPDigestAuth
 from pilot.images.cache import ImageCache
 from pilot.images.fetch import ImageSource, NodeImages
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 url, slot, host, node_key, sign_key, peer_key, cache, sha, size = sys.argv[1:]
 session = requests.Session()
 session.auth = HTTPDigestAuth(host, node_key)

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from pilot.protocol import ImageFile
+from workspace_common.protocol import ImageFile
 from service_adapter.vms import parse_vm_request
 from tests.imagesource import Endorser, ImageServer, image_entry
 from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from pilot.protocol import PILOT_ENV
+from workspace_common.protocol import PILOT_ENV
 from service_adapter.providers.jobscript import (
     JobScriptError,
     JobTemplate,

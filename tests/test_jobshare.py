@@ -84,7 +84,7 @@ def test_the_limit_is_lowered_by_the_vm_only_while_the_jobs_processes_fit_beside
 
 def test_whoever_undoes_a_dead_wrappers_entry_gives_the_job_its_limit_back(job_cgroup, tmp_path):
     from pilot.node.journal import Entry, Journal
-    from pilot.node.memory import undo_entry
+    from pilot.recovery import undo_entry
     from pilot.node.owner import Owner
 
     journal = Journal(str(tmp_path / "journal"))

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from pilot.protocol import Command, mac_for
+from workspace_common.protocol import Command, mac_for
 from service_adapter.networks import NetworkPlan, parse_ranges
 from tests.test_vm_api import OTHER_OPERATOR, OTHER_SECRET, VmService, cli, one_line_error, spec  # noqa: F401 (cli)
 

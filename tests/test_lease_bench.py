@@ -14,7 +14,7 @@ import pytest
 from admin_tools.leasebench.phases import (
     STAGES, BaselineRecord, LeaseRecord, RecordError, baseline_stages, lease_stages,
 )
-from pilot.protocol import format_epoch
+from workspace_common.protocol import format_epoch
 
 LEASE_BENCH = os.path.join(os.path.dirname(sys.executable), "lease-bench")
 #: Each round's phases run from one recorded moment to the next, so their sum is the total but for float

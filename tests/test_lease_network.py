@@ -328,7 +328,7 @@ def test_after_a_sigkill_the_journalled_name_is_enough_to_remove_everything(serv
 def test_a_node_without_an_address_builds_nothing_and_says_why(tmp_path):
     from pilot.net.commands import NetError
     from pilot.net.nodenets import NodeNetworks
-    from pilot.protocol.network import NetState, Nic, mac_for
+    from workspace_common.protocol.network import NetState, Nic, mac_for
 
     net = NetState("l100000", "lease", "10.213.0.0/24", "10.213.0.1", "vm.internal", 1, 100000, 4789)
     journalled = []

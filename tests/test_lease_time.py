@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pilot.protocol import format_epoch, parse_time
+from workspace_common.protocol import format_epoch, parse_time
 from service_adapter.lease import TERMINAL_STATES, ExtensionRefused, InvalidLease
 from service_adapter.providers.base import JobState
 from tests.conftest import pool_pages

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pilot.protocol import format_epoch, parse_time
+from workspace_common.protocol import format_epoch, parse_time
 from tests import test_vm_api
 from tests.test_vm_api import BatchSystemStandIn, VmService, one_line_error, single_line, spec
 

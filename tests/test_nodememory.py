@@ -10,7 +10,8 @@ import pytest
 from pilot.node.backends import BackendError, read_meminfo_kb
 from pilot.node.backends.hugepages import HugepagesBackend
 from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord
-from pilot.node.memory import NodeMemory, TakeAborted, replay_dead
+from pilot.node.memory import NodeMemory, TakeAborted
+from pilot.recovery import replay_dead
 from pilot.node.owner import Owner
 from tests.conftest import NR_HUGEPAGES, pool_pages
 from tests.test_journal import dead_owner
@@ -31,7 +32,8 @@ def journal(tmp_path):
 def node_memory(journal, *, minmem_mb=0, owner=None, checkpoint=lambda name: None) -> NodeMemory:
     entry = Entry(f"slot-{uuid.uuid4().hex[:8]}", "node1", owner or Owner.current())
     return NodeMemory(
-        journal, HugepagesBackend(), entry, minmem_mb=minmem_mb, verify_timeout=1, checkpoint=checkpoint
+        journal, HugepagesBackend(), entry, minmem_mb=minmem_mb, verify_timeout=1, checkpoint=checkpoint,
+        replay=replay_dead,
     )
 
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import (
+from workspace_common.protocol import (
     COMMANDS_PATH, MAX_MEMORY_MB, MAX_SEQ, NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign, slot_key,
 )
 from service_adapter.lease import TERMINAL_STATES

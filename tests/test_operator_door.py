@@ -19,7 +19,7 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import digest_ha1
+from workspace_common.protocol import digest_ha1
 from service_adapter.digest import parse_params, response_digest
 from tests.conftest import free_port
 from tests.test_rude_clients import HANG_S, log_text, session

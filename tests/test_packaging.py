@@ -13,11 +13,11 @@ import zipfile
 
 import pytest
 
-import pilot
+import workspace_common
 from tests.conftest import pool_pages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERSION = pilot.__version__
+VERSION = workspace_common.__version__
 DEBS = ("workspace-pilot-common", "workspace-pilot-node", "workspace-lease-service", "workspace-pilot-doc")
 COMMANDS = {"workspace-pilot", "workspace-lease", "workspace-killall", "workspace-node-status", "lease-bench",
             "workspace-vmjob"}

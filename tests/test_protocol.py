@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pilot.protocol import (
+from workspace_common.protocol import (
     MAX_BODY_BYTES,
     STATES,
     Notification,

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from pilot.protocol import BATCH_ENV
+from workspace_common.protocol import BATCH_ENV
 from service_adapter.providers.jobscript import JobScriptError, JobTemplate, pilot_arguments
 from service_adapter.providers import JobState, PilotJob, ProviderError, ProviderSettings, make_provider
 from service_adapter.providers.commands import Outcome, run_command

@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pilot.protocol import parse_time
+from workspace_common.protocol import parse_time
 from pilot.vm.tag import tagged_domains
 from service_adapter.vms import parse_vm_request
 from tests.conftest import pool_pages

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from pilot.protocol import MAX_BODY_BYTES, MAX_MEMORY_MB, MAX_SEQ, MAX_SEQ_STEP, epoch_micros, format_time, sign, utc_now
+from workspace_common.protocol import MAX_BODY_BYTES, MAX_MEMORY_MB, MAX_SEQ, MAX_SEQ_STEP, epoch_micros, format_time, sign, utc_now
 from service_adapter.store import Store
 from tests.conftest import notification
 

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from pilot.protocol import PILOT_ENV
+from workspace_common.protocol import PILOT_ENV
 from tests.conftest import throwaway_node_keys
 from tests.slurm_cluster import PILOT
 from tests.system_node import SYSTEM_CONFIG, sudo_rule_and_config

@@ -30,7 +30,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, digest_ha1, sign
+from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, digest_ha1, sign
 from service_adapter.digest import parse_params, response_digest
 from tests.test_service_cli import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, serving
 

@@ -8,7 +8,7 @@ import os
 
 import pycdlib
 
-from pilot.protocol import NetState, Nic, VmContext, mac_for
+from workspace_common.protocol import NetState, Nic, VmContext, mac_for
 from pilot.vm.seed import network_config, remove_seeds, seed_files, seed_path, write_seed
 
 

@@ -24,7 +24,7 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key
 from tests.conftest import free_port, pool_pages, read_until
@@ -525,7 +525,7 @@ def test_vm_help_explains_every_option():
 
 
 def test_site_key_and_node_key_make_the_keys_a_node_installs(tmp_path):
-    from pilot.protocol import node_key
+    from workspace_common.protocol import node_key
 
     site_key_file = tmp_path / "site.key"
     made = subprocess.run([*CLI, "site-key", "--output", str(site_key_file)], capture_output=True, text=True,

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from pilot.protocol import digest_ha1, node_key
+from workspace_common.protocol import digest_ha1, node_key
 from service_adapter.config import (
     DEFAULT_PATH,
     SCHEMA,

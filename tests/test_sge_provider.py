@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from pilot.protocol import SLOT_SECRET_ENV
+from workspace_common.protocol import SLOT_SECRET_ENV
 from service_adapter.providers import JobState, PilotJob, ProviderSettings, make_provider
 from service_adapter.providers.jobscript import JobTemplate
 from tests.test_providers import wait_state

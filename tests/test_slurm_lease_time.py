@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pilot.protocol import parse_time
+from workspace_common.protocol import parse_time
 from service_adapter.lease import ExtensionRefused
 from tests.conftest import SHORT_PARTITION, pool_pages
 from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites

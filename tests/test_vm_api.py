@@ -20,7 +20,7 @@ import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from pilot.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from service_adapter.api import MAX_API_BODY, MAX_VM_BODY, add_api
 from service_adapter.commandboard import CommandBoard
 from service_adapter.digest import Account, DigestVerifier

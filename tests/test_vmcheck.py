@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy, VmRefused, check_spec, file_sha256
 from pilot.vm.overlay import DiskBudget
 
@@ -262,7 +262,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm9 alice@ops"
     ({"colour": "blue"}, "vm.context: unknown field(s) colour"),
 ])
 def test_a_bad_context_is_refused_naming_its_field(context, needle):
-    from pilot.protocol import ProtocolError
+    from workspace_common.protocol import ProtocolError
 
     with pytest.raises(ProtocolError) as caught:
         VmSpec.from_dict({"name": "vm1", "memory_mb": 64, "boot": {"kernel": {"path": "k", "sha256": "0" * 64}},

@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
 from pilot.vm.host import VmHost, VmOutcome, VmTeardownError
 from pilot.vm.overlay import DiskBudget, virtual_size

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from pilot.node.journal import Entry, Journal
-from pilot.node.memory import undo_entry
+from pilot.recovery import undo_entry
 from pilot.node.owner import Owner
-from pilot.shared.ini import ConfigError
+from workspace_common.ini import ConfigError
 from pilot.vmjob import cli
 from pilot.vmjob.allocation import AllocationError, count_cpu_ids, memory_mb, parse_job
 from pilot.vmjob.catalog import load_catalog

@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 
-from pilot.protocol import format_time, utc_now
-from pilot.shared.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
+from workspace_common.protocol import format_time, utc_now
+from workspace_common.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
 
 EXIT_OK = 0
 EXIT_USAGE = 2

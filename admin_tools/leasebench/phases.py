@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pilot.protocol import parse_time
+from workspace_common.protocol import parse_time
 
 STAGES: dict[str, tuple[str, ...]] = {
     "standup": ("client", "dispatch", "pilot_start", "notification", "ready"),

@@ -31,7 +31,7 @@ from typing import TextIO
 from pilot.config import DEFAULT_PATH, ConfigError, load_config
 from pilot.exitcodes import ExitCode
 from pilot.batchenv import DEFAULT_PATH as SECURE_PATH
-from pilot.protocol import PILOT_ENV
+from workspace_common.protocol import PILOT_ENV
 from pilot.evaluate.check import FAIL, OK, SUDOERS_FILE, SUDOERS_PATH_RE, WARN, Check, plural, valid_user
 from pilot.evaluate.node import (
     check_backend, check_batch_user, check_config, check_contact, check_journal, check_libvirt, check_privilege,

@@ -13,7 +13,7 @@ import sys
 from pilot.config import DEFAULT_PATH, PilotConfig
 from pilot.evaluate.check import FAIL, OK, SUDO_TIMEOUT_S, WARN, Check, plural, valid_user
 from pilot.evaluate.paths import node_key_file
-from pilot.shared.errors import one_line
+from workspace_common.errors import one_line
 
 
 # -- 1. privilege -------------------------------------------------------------

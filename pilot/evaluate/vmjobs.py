@@ -18,7 +18,7 @@ MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
 
 def check_vmjobs(config: PilotConfig) -> list[Check]:
     """The image list (every image's files present in the image directory), virtiofsd, unshare, user namespaces."""
-    from pilot.shared.ini import ConfigError
+    from workspace_common.ini import ConfigError
     from pilot.vmjob.catalog import load_catalog
     from pilot.vmjob.virtiofs import UNSHARE
 

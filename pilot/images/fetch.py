@@ -22,13 +22,13 @@ import requests
 
 from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most, stream_at_most
 from pilot.images.cache import BadSource, CacheError, FetchCancelled, ImageCache
-from pilot.protocol import SIGNATURE_HEADER, ImageFile, ProtocolError, image_path, sign_commands
-from pilot.protocol.chunks import (
+from workspace_common.protocol import SIGNATURE_HEADER, ImageFile, ProtocolError, image_path, sign_commands
+from workspace_common.protocol.chunks import (
     PEER_AUTH_HEADER, PEER_CHUNK_PATH, PEER_HOST_HEADER, PEER_TIME_HEADER, ChunkManifest, manifest_bytes_bound, peer_auth,
     swarm_bytes_bound,
 )
 from pilot.retryafter import retry_after_s
-from pilot.shared.errors import failure_words
+from workspace_common.errors import failure_words
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 :class:`PeerServer` answers ``GET /chunks/{sha256}/{index}`` for the chunks
 this pilot holds, verified, only to requests proving the lease's peer key
 (every node the slot's job runs on has it, no other node: see
-:func:`pilot.protocol.chunks.peer_key`). :class:`SwarmFetch` fills a
+:func:`workspace_common.protocol.chunks.peer_key`). :class:`SwarmFetch` fills a
 ``.part`` chunk by chunk: the chunks the service's tracker hands it
 (``seed``) from the service, the others from peers that announced them,
 rarest first; every chunk is checked against the signed manifest before it
@@ -30,7 +30,7 @@ import time
 from typing import Callable
 
 from pilot.images.cache import CacheError, FetchCancelled
-from pilot.protocol.chunks import (
+from workspace_common.protocol.chunks import (
     PEER_AUTH_HEADER, PEER_HOST_HEADER, PEER_SKEW_S, PEER_TIME_HEADER, ChunkManifest, peer_auth,
 )
 

@@ -1,6 +1,6 @@
 """The leased VMs' networks on a node: a lease network's bridge, overlay, filters, DHCP and DNS, and forwards.
 
-The service allocates every address (:mod:`pilot.protocol.network`); the
+The service allocates every address (:mod:`workspace_common.protocol.network`); the
 pilot builds on its node what the network state it was sent describes
 (:mod:`.leasenet`), gives each VM exactly the address it was sent, lets
 it send from nothing else (:mod:`.filters`), answers DHCP for its own VMs

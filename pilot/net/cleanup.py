@@ -10,7 +10,8 @@ before this runs).
 
 from __future__ import annotations
 
-from pilot.net import dhcp, filters, names
+from pilot.net import dhcp, filters
+from workspace_common import nodenames as names
 from pilot.net.commands import delete_link
 
 

@@ -23,7 +23,7 @@ import select
 import signal
 import subprocess
 
-from pilot.net import names
+from workspace_common import nodenames as names
 from pilot.net.commands import DNSMASQ, NetError
 
 #: How long a lease the VMs get (they renew at half of it; the address never changes).

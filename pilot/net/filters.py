@@ -1,7 +1,7 @@
 """The nftables rules of a network on a node: no spoofing, DHCP and the gateway kept local, the node kept out.
 
 Each network has its own tables (``bridge`` and ``ip`` families, named
-by :func:`pilot.net.names.table_name`), replaced whole in one ``nft``
+by :func:`workspace_common.nodenames.table_name`), replaced whole in one ``nft``
 transaction whenever a VM comes or goes, so the rules are never half
 there, and deleted whole at teardown. Nothing outside them is touched.
 
@@ -22,7 +22,7 @@ own ports pass: a node with ``br_netfilter`` shows them to these hooks).
 
 from __future__ import annotations
 
-from pilot.net import names
+from workspace_common import nodenames as names
 from pilot.net.commands import NFT, run
 
 

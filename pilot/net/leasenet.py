@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import os
 
-from pilot.net import dhcp, filters, names
+from pilot.net import dhcp, filters
+from workspace_common import nodenames as names
 from pilot.net.commands import BRIDGE, IP, NetError, link_exists, link_mtu, run, run_batch
-from pilot.protocol.network import NetState, Nic
+from workspace_common.protocol.network import NetState, Nic
 
 log = logging.getLogger(__name__)
 

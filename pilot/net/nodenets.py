@@ -14,11 +14,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from pilot.net import names
+from workspace_common import nodenames as names
 from pilot.net.commands import NetError
 from pilot.net.forward import ForwardError, Forwards
 from pilot.net.leasenet import LeaseNet, interface_of
-from pilot.protocol.network import NetState, Nic
+from workspace_common.protocol.network import NetState, Nic
 
 log = logging.getLogger(__name__)
 

@@ -162,7 +162,7 @@ def _sha256s(value) -> tuple[str, ...]:
 
 
 def _net_names(value) -> tuple[str, ...]:
-    from pilot.net.names import check_net_name
+    from workspace_common.nodenames import check_net_name
 
     if not isinstance(value, (list, tuple)):
         raise ValueError("nets must be a list of network names")

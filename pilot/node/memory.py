@@ -11,7 +11,8 @@ Every change follows one order, for every backend:
 4. record the outcome in the journal before the lock is released.
 
 A pilot that dies at any point leaves an entry that the next lock holder
-(:func:`replay_dead`) can undo exactly; see :data:`pilot.node.journal.PHASES`.
+(:func:`pilot.recovery.replay_dead`, which this layer is handed, never
+imports) can undo exactly; see :data:`pilot.node.journal.PHASES`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pilot.node.backends import BackendError, BalloonBackend, make_backend
-from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
-from pilot.vm.cleanup import VmCleanupError, destroy_slot_vms
+from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord
+
+#: Undoes every dead owner's entry (the caller holds the node lock); what it returns has ``clean``, ``failed`` and
+#: ``unreadable``. :func:`pilot.recovery.replay_dead`, given by whoever builds a :class:`NodeMemory`.
+Replay = Callable[[Journal, float], Any]
 
 log = logging.getLogger(__name__)
 
@@ -64,75 +69,21 @@ def _still_held(record: MemoryRecord, start: int, now: int) -> MemoryRecord:
     return dataclasses.replace(record, phase="held", units=record.units - moved, before=None, target=None)
 
 
-@dataclasses.dataclass
-class ReplayReport:
-    """What :func:`replay_dead` found and did."""
-
-    undone: list[tuple[Entry, str]] = dataclasses.field(default_factory=list)
-    failed: list[tuple[Entry, str]] = dataclasses.field(default_factory=list)
-    unreadable: list[UnreadableEntry] = dataclasses.field(default_factory=list)
-    live: list[Entry] = dataclasses.field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        """Whether every dead owner's change was undone and nothing unreadable is left."""
-        return not self.failed and not self.unreadable
-
-
-def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
-    """Undo what ``entry`` holds and remove it; the caller holds the node lock and knows the owner is gone.
+def undo_memory(journal: Journal, entry: Entry, verify_timeout: float) -> str:
+    """Give back the memory ``entry`` says is taken and remove the entry; the caller holds the node lock, knows
+    the owner is gone and has undone the entry's other parts (:func:`pilot.recovery.undo_entry`).
 
     Returns a line saying what was done. Raises BackendError or JournalError
-    when the node could not be restored (the entry then stays).
+    when the memory could not be given back (the entry then stays).
     """
-    vms = ""
-    if entry.vm_uri:
-        # VMs first: their memory is what the restore gives back to the host.
-        destroyed = destroy_slot_vms(entry.vm_uri, entry.slot)
-        from pilot.vm.seed import remove_seeds, seed_dir_of, slot_domain_prefix
-        from pilot.vm.vmfiles import remove_slot_vm_files, remove_vm_files, vm_files_dir_of
-        from pilot.vmjob.rundir import job_domain_name
-
-        # The files of its VMs: a lease's are named by the slot's prefix, a VM job's after its one domain.
-        remove_seeds(seed_dir_of(journal.directory), slot_domain_prefix(entry.slot))
-        remove_slot_vm_files(vm_files_dir_of(journal.directory), slot_domain_prefix(entry.slot))
-        remove_vm_files(vm_files_dir_of(journal.directory), job_domain_name(entry.slot))
-        vms = f"destroyed VM(s) {', '.join(destroyed)}; " if destroyed else "no VM of its slot left; "
-    if entry.nets:
-        # After the VMs (nothing is on the bridges any more), before the memory: a pilot's networks go with it.
-        from pilot.net.cleanup import remove_network
-        from pilot.net.commands import NetError
-
-        for name in entry.nets:
-            try:
-                removed = remove_network(name, entry.net_root)
-            except (NetError, ValueError) as exc:
-                raise VmCleanupError(f"cannot remove network {name}: {exc}") from None
-            vms += f"removed network {name} ({', '.join(removed) or 'nothing left of it'}); "
-    if entry.job_limit:
-        # After the VM: its batch job gets back the memory limit it had before its VM.
-        from pilot.vmjob.jobshare import restore_limit
-
-        try:
-            restore_limit(*entry.job_limit)
-        except OSError as exc:
-            raise BackendError(f"cannot give job cgroup {entry.job_limit[0]} its memory limit back: "
-                               f"{exc.strerror}") from None
-        vms += f"gave job cgroup {entry.job_limit[0]} its memory limit back; "
-    if entry.run_dir:
-        # After the VMs: a VM job's virtiofs daemons end with its VM; then its control files can go.
-        from pilot.vmjob.rundir import remove_run_dir
-
-        remove_run_dir(entry.run_dir)
-        vms += f"removed {entry.run_dir}; "
     memory = entry.memory
     if memory is None:
         journal.remove(entry)
-        return vms + "no memory was taken"
+        return "no memory was taken"
     if not entry.owner.from_this_boot():
         # Balloon targets, hugepage pools and cgroup limits do not survive a reboot.
         journal.remove(entry)
-        return vms + f"written before the last reboot: its {memory.memory_mb} MB were given back by the reboot"
+        return f"written before the last reboot: its {memory.memory_mb} MB were given back by the reboot"
     backend = make_backend(memory.backend, memory.params)
     try:
         level = backend.read()
@@ -153,33 +104,10 @@ def undo_entry(journal: Journal, entry: Entry, verify_timeout: float) -> str:
     finally:
         backend.close()
     journal.remove(entry)
-    return vms + (
+    return (
         f"{memory.backend} {level} -> {got} {backend.unit} (phase {memory.phase}, "
         f"{memory.memory_mb} MB) in {(time.monotonic() - t0) * 1000:.1f} ms"
     )
-
-
-def replay_dead(journal: Journal, verify_timeout: float) -> ReplayReport:
-    """Undo the entry of every owner that no longer runs; the caller holds the node lock."""
-    report = ReplayReport()
-    for entry in journal.entries():
-        if isinstance(entry, UnreadableEntry):
-            log.error("journal entry %s is unreadable (%s): only workspace-killall or an admin can judge it",
-                      entry.filename, entry.reason)
-            report.unreadable.append(entry)
-            continue
-        if entry.owner.alive():
-            report.live.append(entry)
-            continue
-        try:
-            done = undo_entry(journal, entry, verify_timeout)
-        except (BackendError, JournalError, VmCleanupError) as exc:
-            log.critical("could not undo slot %s of dead pilot %d: %s", entry.slot, entry.owner.pid, exc)
-            report.failed.append((entry, str(exc)))
-            continue
-        log.warning("undid slot %s on %s of dead pilot %d: %s", entry.slot, entry.host, entry.owner.pid, done)
-        report.undone.append((entry, done))
-    return report
 
 
 class NodeMemory:
@@ -198,9 +126,11 @@ class NodeMemory:
         *,
         minmem_mb: int,
         verify_timeout: float,
+        replay: Replay,
         checkpoint: Callable[[str], None] = lambda name: None,
     ):
         self.journal = journal
+        self.replay = replay
         self.backend = backend
         self.entry = entry
         self.minmem_mb = minmem_mb
@@ -215,7 +145,7 @@ class NodeMemory:
         return self.entry.memory
 
     def _replay_first(self) -> None:
-        report = replay_dead(self.journal, self.verify_timeout)
+        report = self.replay(self.journal, self.verify_timeout)
         if not report.clean:
             problems = [f"{e.filename}: {why}" for e, why in report.failed]
             problems += [f"{e.filename}: {e.reason}" for e in report.unreadable]

@@ -1,6 +1,6 @@
 """The node's checks of a VM spec against its slot, before anything is created.
 
-The protocol (:mod:`pilot.protocol`) checks a spec's shape; this module
+The protocol (:mod:`workspace_common.protocol`) checks a spec's shape; this module
 checks what only the node can: that the VM fits in the slot's memory, that
 its network is one the node allows, and that every image it names is a
 regular file inside the node's image directory whose content has the
@@ -20,7 +20,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from pilot.protocol import ImageFile, ProtocolError, VmSpec
+from workspace_common.protocol import ImageFile, ProtocolError, VmSpec
 from pilot.node.safedir import directory_problem
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pilot.shared.errors import one_line
+from workspace_common.errors import one_line
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ from typing import Callable
 from pilot.vm import vmprep
 from pilot.vm.domainxml import LEASE_CHANNEL, choose_virt_type, render_domain
 from pilot.vm.guestuser import GuestUser, guest_user
-from pilot.protocol import VmSpec
-from pilot.shared.errors import one_line
+from workspace_common.protocol import VmSpec
+from workspace_common.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.cleanup import VmCleanupError, destroy_domain
-from pilot.vm.seed import remove_seeds, seed_files, seed_path, slot_domain_prefix, write_seed
+from pilot.vm.seed import remove_seeds, seed_files, seed_path, write_seed
+from workspace_common.nodenames import slot_domain_prefix
 from pilot.vm.vmfiles import remove_paths, remove_slot_vm_files, remove_vm_files
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 

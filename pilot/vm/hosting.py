@@ -13,7 +13,8 @@ import logging
 import os
 from collections.abc import Callable
 
-from pilot.config import PilotConfig, address_towards
+from pilot.config import PilotConfig
+from workspace_common.route import address_towards
 from pilot.vm.worker import VmWorker
 
 log = logging.getLogger(__name__)

@@ -28,15 +28,10 @@ import io
 import json
 import os
 
-from pilot.protocol import Nic, VmContext
+from workspace_common.protocol import Nic, VmContext
 from pilot.vm.vmfiles import remove_paths
 
 SEED_LABEL = "cidata"
-
-
-def slot_domain_prefix(slot: str) -> str:
-    """The start of the libvirt domain name of every VM of ``slot`` (``wp-<first 8 of the slot>-``)."""
-    return f"wp-{slot[:8]}-"
 
 
 def seed_dir_of(journal_dir: str) -> str:

@@ -23,11 +23,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from pilot.protocol.wire import format_epoch
+from workspace_common.protocol.wire import format_epoch
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the pilot's start path
 if TYPE_CHECKING:  # the command module loads with the first poll answer, not at the pilot's start
-    from pilot.protocol.commands import Command
+    from workspace_common.protocol.commands import Command
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pilot.protocol import ImageFile, VmSpec
-from pilot.shared.ini import ConfigError, boolean, read_ini
+from workspace_common.protocol import ImageFile, VmSpec
+from workspace_common.ini import ConfigError, boolean, read_ini
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

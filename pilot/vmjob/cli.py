@@ -21,7 +21,7 @@ import tempfile
 import textwrap
 import time
 
-from pilot.shared.cli import OneLineParser, WrappingFormatter, positive
+from workspace_common.cli import OneLineParser, WrappingFormatter, positive
 from pilot.vmjob.exitcodes import MEANING, VmJobExit
 
 PROG = "workspace-vmjob"
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EXIT_CODES_HELP, formatter_class=WrappingFormatter,
     )
-    from pilot import __version__
+    from workspace_common import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
@@ -232,7 +232,7 @@ def _load_config(path):
 
 def _load_config_and_images(path):
     """(the node's configuration, its image list), or CONFIG after one line per problem."""
-    from pilot.shared.ini import ConfigError
+    from workspace_common.ini import ConfigError
     from pilot.vmjob.catalog import load_catalog
 
     config = _load_config(path)

@@ -17,7 +17,7 @@ import signal
 from pilot.node.backends import BackendError
 from pilot.node.journal import Entry, Journal, JournalError
 from pilot.node.lock import NodeLockError
-from pilot.node.memory import undo_entry
+from pilot.recovery import undo_entry
 from pilot.vm.cleanup import VmCleanupError
 
 #: Seconds a wrapper has after SIGKILL to be gone (the kernel's part only).

@@ -15,7 +15,7 @@
 
 A wrapper killed at any point leaves its journal entry, which the next
 pilot, ``workspace-vmjob epilog`` or ``workspace-killall`` undoes
-(:func:`pilot.node.memory.undo_entry`): destroy the slot's VMs by tag,
+(:func:`pilot.recovery.undo_entry`): destroy the slot's VMs by tag,
 remove the run directory, give back the memory.
 """
 
@@ -32,8 +32,9 @@ from pilot.node.backends import BackendError
 from pilot.node.journal import Entry, Journal, JournalError
 from pilot.node.lock import NodeLockError
 from pilot.node.memory import NodeMemory, TakeAborted
+from pilot.recovery import replay_dead
 from pilot.node.owner import Owner
-from pilot.shared.errors import one_line
+from workspace_common.errors import one_line
 from pilot.vm.check import VmPolicy, VmRefused, check_spec
 from pilot.vm.cleanup import VmCleanupError, destroy_domain, destroy_slot_vms
 from pilot.vm import vmprep
@@ -196,7 +197,7 @@ class VmJob:
         request, config = self.request, self.config
         entry = Entry(request.slot, request.host, Owner.current())
         self.memory = NodeMemory(self.journal, self.backend, entry, minmem_mb=config.minmem_mb,
-                                 verify_timeout=config.verify_timeout_s)
+                                 verify_timeout=config.verify_timeout_s, replay=replay_dead)
         need = request.memory_mb + config.vm_overhead_mb
         try:
             self.memory.take(need, should_stop=self.stop.is_set)

@@ -11,7 +11,7 @@ keys), :mod:`.render` (text output), :mod:`.common` (exit codes).
 
 from __future__ import annotations
 
-from pilot.shared.cli import quiet_on_closed_pipe
+from workspace_common.cli import quiet_on_closed_pipe
 from service_adapter.cli.commands import client_command
 from service_adapter.cli.images import LOCAL_COMMANDS, run_local
 from service_adapter.cli.local import make_site_key, print_node_key, run_demo, run_serve

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from pilot.shared.cli import OneLineParser
+from workspace_common.cli import OneLineParser
 from service_adapter.cli.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNTRUSTED, EXIT_USAGE, say
 
 LOCAL_COMMANDS = ("keygen", "sign")

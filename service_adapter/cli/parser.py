@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from pilot.shared.cli import OneLineParser, WrappingFormatter, http_url, positive
+from workspace_common.cli import OneLineParser, WrappingFormatter, http_url, positive
 from service_adapter.cli.common import EXIT_CODES_HELP
 from service_adapter.cli.images import add_image_commands
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=WrappingFormatter,
     )
-    from pilot import __version__
+    from workspace_common import __version__
 
     parser.add_argument("--version", action="version", version=f"workspace-lease {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
@@ -240,7 +240,7 @@ HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 def _listed_image(text: str) -> dict:
-    from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE
+    from workspace_common.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE
 
     identifier, _, version = text.partition(":")
     if not IMAGE_NAME_RE.fullmatch(identifier) or (version and not IMAGE_VERSION_RE.fullmatch(version)):

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable
 
-from pilot.protocol import ImageFile, VmSpec
+from workspace_common.protocol import ImageFile, VmSpec
 from service_adapter.images import imagelist
 from service_adapter.images.imagelist import ImageListError
 from service_adapter.images.transfer import TransferError, check_source, download, read_source, stored_path
@@ -185,12 +185,12 @@ class ImageCatalog:
         return self.store.read(image_ops.wanted_sha256)
 
     def manifest(self, sha256: str):
-        """The chunk manifest of a fetchable image (:class:`pilot.protocol.chunks.ChunkManifest`), or None.
+        """The chunk manifest of a fetchable image (:class:`workspace_common.protocol.chunks.ChunkManifest`), or None.
 
         Worked out on first use by reading the image once, then kept beside
         it (``<sha256>.chunks``) and in memory.
         """
-        from pilot.protocol.chunks import ChunkManifest, manifest_of
+        from workspace_common.protocol.chunks import ChunkManifest, manifest_of
 
         path = self.fetchable(sha256)
         if path is None:

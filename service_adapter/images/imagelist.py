@@ -25,7 +25,7 @@ import os
 import re
 
 # One definition of an image's name, version and largest size: the VM specs' (the wire protocol's).
-from pilot.protocol import IMAGE_NAME_RE as NAME_RE, IMAGE_VERSION_RE as VERSION_RE, MAX_IMAGE_BYTES
+from workspace_common.protocol import IMAGE_NAME_RE as NAME_RE, IMAGE_VERSION_RE as VERSION_RE, MAX_IMAGE_BYTES
 
 FORMAT = "workspace-image-list/1"
 #: The largest envelope read (about 30,000 entries of a few hundred bytes).

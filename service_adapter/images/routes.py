@@ -40,13 +40,12 @@ import time
 
 from aiohttp import web
 
-from pilot.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE, IMAGES_PATH, ProtocolError, check_target
-from service_adapter.api import OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who
+from workspace_common.protocol import IMAGE_NAME_RE, IMAGE_VERSION_RE, IMAGES_PATH, ProtocolError, check_target
+from service_adapter.apiparts import CATALOG_KEY, OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who
 from service_adapter.images.catalog import ImageCatalog, image_json, list_json
 from service_adapter.images.swarm import SwarmBoard
 from service_adapter.metrics import METRICS_KEY
 
-CATALOG_KEY = web.AppKey("image_catalog", ImageCatalog)
 SWARMS_KEY = web.AppKey("image_swarms", SwarmBoard)
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,80}:[0-9]{1,5}")
 _MAX_SOURCE = 2048
@@ -216,7 +215,7 @@ async def approved_images(request: web.Request) -> web.Response:
 
 def _signed(request: web.Request, access, body: bytes) -> web.Response:
     """A JSON answer to a pilot, signed with its (slot, host) key as command answers are."""
-    from pilot.protocol import SIGNATURE_HEADER, sign_commands
+    from workspace_common.protocol import SIGNATURE_HEADER, sign_commands
     from service_adapter.receiver import NODES_KEY
 
     host = request.match_info["host"]

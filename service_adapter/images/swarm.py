@@ -24,7 +24,7 @@ import random
 import threading
 import time
 
-from pilot.protocol.chunks import MAX_PEERS_SHOWN  # the pilot bounds its read of a swarm answer by it
+from workspace_common.protocol.chunks import MAX_PEERS_SHOWN  # the pilot bounds its read of a swarm answer by it
 
 #: Seconds a member stays without announcing.
 MEMBER_TTL_S = 10.0

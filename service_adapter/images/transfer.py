@@ -13,7 +13,7 @@ import hashlib
 import os
 from urllib.parse import unquote, urlsplit
 
-from pilot.shared.errors import failure_words
+from workspace_common.errors import failure_words
 from service_adapter.images.imagelist import MAX_LIST_BYTES
 
 CHUNK = 1024 * 1024

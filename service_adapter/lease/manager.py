@@ -20,8 +20,8 @@ import time
 import uuid
 from typing import Callable, Iterable
 
-from pilot.protocol import format_epoch
-from pilot.shared.errors import first_line
+from workspace_common.protocol import format_epoch
+from workspace_common.errors import first_line
 from service_adapter.commandboard import CommandBoard
 from service_adapter.lease.rules import (
     HOLDING, LEASE_STATES, ExtensionRefused, InvalidLease, LeaseError, Timing, UnknownLease, decide,

@@ -1,7 +1,7 @@
 """What callers of the lease manager get: a lease with its pilots, usage and VMs, and its JSON.
 
 Times in :meth:`LeaseInfo.to_json` are RFC 3339 UTC strings with
-microseconds (``pilot.protocol.format_epoch``, the wire protocol's form),
+microseconds (``workspace_common.protocol.format_epoch``, the wire protocol's form),
 or null; durations and usage are numbers of seconds.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pilot.protocol import format_epoch
+from workspace_common.protocol import format_epoch
 from service_adapter.lease.rules import LEASE_STATES
 from service_adapter.store import LeaseEvent, LeaseRow, PilotRow
 from service_adapter.store.vms import VmRow

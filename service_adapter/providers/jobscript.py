@@ -19,7 +19,7 @@ import shlex
 import time
 from typing import TYPE_CHECKING
 
-from pilot.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
+from workspace_common.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
 from service_adapter.providers.launchers import LAUNCHERS, Launcher, check_launcher_name, resolve_launcher
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ PREFIXES = {SLURM: "#SBATCH", PBS: "#PBS", SGE: "#$"}
 #: one slot on each host (allocation_rule 1, control_slaves TRUE: docs/gridengine.md).
 DEFAULT_SGE_PE = "workspace-pilot"
 
-# The pilot protocol's slot syntax (pilot.protocol keeps its pattern private); it is also
+# The pilot protocol's slot syntax (workspace_common.protocol keeps its pattern private); it is also
 # what makes a slot safe in file names and directive lines.
 _SLOT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Same words as the service config accepts for [provider] queue/account/job_name_prefix.

@@ -31,7 +31,7 @@ from typing import Callable
 
 import psutil
 
-from pilot.protocol import SLOT_SECRET_ENV
+from workspace_common.protocol import SLOT_SECRET_ENV
 from service_adapter.providers.jobscript import pilot_arguments
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
 

@@ -23,7 +23,7 @@ import re
 import shutil
 from typing import Callable
 
-from pilot.shared.qstat import parse_full
+from workspace_common.qstat import parse_full
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, checked_job_id, signal_steps
 from service_adapter.providers.commands import CommandResult

@@ -23,8 +23,8 @@ import dataclasses
 import ipaddress
 import sqlite3
 
-from pilot.protocol import VmSpec
-from pilot.protocol.network import MAX_NET_HOSTS, MAX_NET_NODES, NetState, Nic, mac_for
+from workspace_common.protocol import VmSpec
+from workspace_common.protocol.network import MAX_NET_HOSTS, MAX_NET_NODES, NetState, Nic, mac_for
 from service_adapter.networks import NetworkPlan, vm_hostname
 from service_adapter.store.errors import StoreError
 

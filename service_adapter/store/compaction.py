@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from pilot.protocol import LIFECYCLE_STATES
+from workspace_common.protocol import LIFECYCLE_STATES
 
 #: What one stored notification costs beyond its body (its row, its key in the index), counted against its host.
 ROW_BYTES = 128

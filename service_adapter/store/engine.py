@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Callable
 
-from pilot.protocol import Notification, VmSpec
+from workspace_common.protocol import Notification, VmSpec
 from service_adapter.store import compaction
 from service_adapter.store import images as image_ops
 from service_adapter.store import leases as lease_ops

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
-from pilot.protocol import format_epoch
+from workspace_common.protocol import format_epoch
 from service_adapter.nodekeys import new_slot_secret
 from service_adapter.store import notifications, vms
 from service_adapter.store.history import add_event

@@ -11,7 +11,7 @@ import sqlite3
 import time
 from typing import Callable
 
-from pilot.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
+from workspace_common.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
 from service_adapter.store import compaction, vms
 from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict
 

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Iterable
 
-from pilot.protocol import MAX_SEQ_STEP, parse_time
+from workspace_common.protocol import MAX_SEQ_STEP, parse_time
 
 #: A pilot's notified states that end its hold on the node (a usage row is written with the first).
 HOLD_ENDED = frozenset({"unreserved", "killed"})

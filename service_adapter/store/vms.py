@@ -23,7 +23,7 @@ import json
 import sqlite3
 from typing import Callable
 
-from pilot.protocol import MAX_PEERS, Notification, VmSpec
+from workspace_common.protocol import MAX_PEERS, Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import addresses
 from service_adapter.store import images as image_ops

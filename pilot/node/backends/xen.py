@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from pilot.node.backends.base import BackendError, BalloonBackend
-from pilot.shared.errors import one_line
+from workspace_common.errors import one_line
 
 DEFAULT_URI = "xen:///system"
 

@@ -1,7 +1,7 @@
 """The pilot <-> service wire protocol, version 2: the one definition both sides use.
 
 Importable on its own: standard library only, no libvirt, no node access at
-import. ``service_adapter`` may import it (and :mod:`pilot.shared.ini`) and
+import. ``service_adapter`` may import it (and :mod:`workspace_common.ini`) and
 nothing else from ``pilot``. :mod:`.wire` holds the notifications, times,
 JSON limits, keys and signatures; :mod:`.commands` the command channel and
 the VM spec. ``docs/protocol.md`` describes it.

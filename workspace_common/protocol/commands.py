@@ -1,6 +1,6 @@
 """The commands the service queues for a pilot and the pilot pulls by long-poll, with the VM spec they carry.
 
-Part of the wire protocol (:mod:`pilot.protocol`): standard library only.
+Part of the wire protocol (:mod:`workspace_common.protocol`): standard library only.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import dataclasses
 import json
 import re
 
-from pilot.protocol.network import NetState, Nic
-from pilot.protocol.wire import (
+from workspace_common.protocol.network import NetState, Nic
+from workspace_common.protocol.wire import (
     MAX_BODY_BYTES,
     MAX_COMMAND,
     MAX_HOST_LEN,
@@ -238,7 +238,7 @@ class VmSpec:
     read-only, else writes go to a throw-away overlay. ``network`` is None
     (no NIC) or a libvirt network's name; ``nic`` (never with ``network``)
     is the address and lease network the service allocated
-    (:class:`~pilot.protocol.network.Nic`); ``console_log`` is None or a file
+    (:class:`~workspace_common.protocol.network.Nic`); ``console_log`` is None or a file
     name for the serial console's output (the pilot confines it to its
     console directory). ``context``, when set, gives the VM a cloud-init
     seed (:class:`VmContext`). Whether the node allows the paths, the network
@@ -341,7 +341,7 @@ class Command:
     ``suspend-vm`` and ``resume-vm`` (with ``name``), ``release``, ``prefetch`` (with ``images``: listed
     images, resolved, to have in the node's cache before a VM needs them), or ``extend`` (with
     ``duration_s``: the lease's whole duration now, after the batch system raised the job's time limit), or
-    ``network`` (with ``net``: the lease network's new state, :class:`~pilot.protocol.network.NetState`).
+    ``network`` (with ``net``: the lease network's new state, :class:`~workspace_common.protocol.network.NetState`).
 
     ``id`` grows with every command the service queues; a pilot polls for
     those after the last id it has seen and reports each outcome as a

@@ -1,6 +1,6 @@
 """The network a VM joins, as the service hands it to the pilots: its address and the lease network's state.
 
-Part of the wire protocol (:mod:`pilot.protocol`): standard library only.
+Part of the wire protocol (:mod:`workspace_common.protocol`): standard library only.
 The service allocates every address (docs/networks.md); a pilot builds
 what a :class:`NetState` describes on its node and gives each VM exactly
 the :class:`Nic` it was sent, nothing else.
@@ -20,7 +20,7 @@ import dataclasses
 import ipaddress
 import re
 
-from pilot.protocol.wire import ProtocolError, _check_int, _check_str, _no_unknown, check_node_address
+from workspace_common.protocol.wire import ProtocolError, _check_int, _check_str, _no_unknown, check_node_address
 
 KINDS = ("lease", "site")
 #: The most VMs (names and addresses) one network state lists, and the most nodes it spans.

@@ -1,4 +1,4 @@
-"""Notifications, times, JSON limits, keys and signatures: the core of the wire protocol (:mod:`pilot.protocol`).
+"""Notifications, times, JSON limits, keys and signatures: the core of the wire protocol (:mod:`workspace_common.protocol`).
 
 A notification is one JSON object of at most :data:`MAX_BODY_BYTES` bytes,
 POSTed to ``{service}/pilot/v2/notifications`` with HTTP Digest

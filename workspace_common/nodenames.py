@@ -1,4 +1,5 @@
-"""The names of what a lease network makes on a node, all derived from the network and its VMs' addresses.
+"""The names of what a pilot makes on a node, all derived from what the service chose: its VMs' domains from the
+slot, a lease network's devices, tables and directories from the network and its VMs' addresses.
 
 Derived, not chosen: whoever undoes a dead pilot's entry finds the
 devices, tables and directories from the journalled network name alone.
@@ -13,6 +14,11 @@ import re
 
 #: A journalled network name: ``l<VXLAN id>`` for a lease network, ``s<8 of the lease id>`` for a site one.
 NET_NAME_RE = re.compile(r"^(l[0-9]{1,8}|s[a-z0-9-]{1,31})$")
+
+
+def slot_domain_prefix(slot: str) -> str:
+    """The start of the libvirt domain name of every VM of ``slot`` (``wp-<first 8 of the slot>-``)."""
+    return f"wp-{slot[:8]}-"
 
 
 def check_net_name(name: str) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 
-from pilot.protocol.wire import ProtocolError
+from workspace_common.protocol.wire import ProtocolError
 
 #: The pieces peers exchange: small enough to spread fast, large enough that hashing and HTTP stay cheap.
 CHUNK_SIZE = 4 * 1024 * 1024
