@@ -23,11 +23,11 @@ from service_adapter.providers.jobscript import (
     format_number,
     format_walltime,
     pilot_arguments,
-    render_pbs,
-    render_sge,
-    render_slurm,
     walltime_s,
 )
+from service_adapter.providers.pbsscript import PBS_SCRIPT, render_pbs
+from service_adapter.providers.sgescript import render_sge
+from service_adapter.providers.slurmscript import SLURM_SCRIPT, render_slurm
 from service_adapter.providers.launchers import LAUNCHER_NAMES, LAUNCHERS, resolve_launcher
 from service_adapter.providers import PilotJob
 
@@ -301,7 +301,7 @@ def test_slurm_refuses_a_conflicting_extra_directive(extra, message, tmp_path):
     assert str(raised.value).startswith(f"extra directive {extra!r} {message}")
     assert "\n" not in str(raised.value)
     with pytest.raises(JobScriptError):
-        template.check("slurm")  # what providers call when they are built
+        template.check(SLURM_SCRIPT)  # what providers call when they are built
     assert not (tmp_path / "jobs").exists()
 
 
@@ -312,7 +312,7 @@ def test_pbs_refuses_a_conflicting_extra_directive(extra, message):
         render_pbs(job(), template, "pbsdsh")
     assert str(raised.value).startswith(f"extra directive {extra!r} {message}")
     with pytest.raises(JobScriptError):
-        template.check("pbs")
+        template.check(PBS_SCRIPT)
 
 
 def test_conflict_messages_name_the_values_the_script_sets():

@@ -15,7 +15,7 @@ from typing import Callable
 
 from service_adapter.providers.base import PilotJob, Provider, ProviderError
 from service_adapter.providers.commands import CommandResult, Outcome, run_command
-from service_adapter.providers.jobscript import JobTemplate, job_name
+from service_adapter.providers.jobscript import JobTemplate, ScriptDialect, job_name
 from service_adapter.providers.launchers import resolve_launcher
 
 
@@ -25,11 +25,11 @@ class BatchProvider(Provider):
     ``env`` is added to every command's environment (e.g. ``SLURM_CONF``).
     """
 
-    def __init__(self, template: JobTemplate, lrm: str, *, command_timeout_s: float = 30.0,
+    def __init__(self, template: JobTemplate, script: ScriptDialect, *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):
-        template.check(lrm)
+        template.check(script)
         self.template = template
-        self.launcher = resolve_launcher(template.launcher, lrm, which)
+        self.launcher = resolve_launcher(template.launcher, script.name, which)
         self.command_timeout_s = command_timeout_s
         self.env = dict(env) if env else None
         #: Called with every command's result (the service's metrics); must not raise.

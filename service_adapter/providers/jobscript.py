@@ -1,4 +1,4 @@
-"""Batch job scripts for pilot jobs: a typed template, rendered for Slurm (#SBATCH) or PBS (#PBS).
+"""Batch job scripts for pilot jobs: the typed template and what every scheduler's script has.
 
 A script holds the directives from the template's typed fields, then the
 site's raw extra directives, then ONE line that starts the pilot on every
@@ -7,6 +7,11 @@ reserve ...``). An extra directive that would fight a typed field (a second
 walltime, node count, output file, ...) is refused with
 :class:`JobScriptError` before anything is written or submitted, so the
 script always means what the lease asked for.
+
+Each scheduler's own module renders its script and knows which of its
+options set what a typed field sets (its :class:`ScriptDialect`):
+:mod:`.slurmscript`, :mod:`.pbsscript`, :mod:`.sgescript`. This one keeps
+only what all of them share.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import re
 import shlex
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from workspace_common.protocol import MAX_MEMORY_MB, MAX_SLOT_LEN, PILOT_ENV, SLOT_SECRET_ENV, is_key
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 SLURM = "slurm"
 PBS = "pbs"
 SGE = "sge"
+#: Every scheduler's directive prefix: a line of another scheduler's is recognised and refused.
 PREFIXES = {SLURM: "#SBATCH", PBS: "#PBS", SGE: "#$"}
 #: Grid Engine's parallel environment for pilot jobs when a template names none: the site's PE that puts
 #: one slot on each host (allocation_rule 1, control_slaves TRUE: docs/gridengine.md).
@@ -45,6 +52,17 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 class JobScriptError(ValueError):
     """A job or template that cannot become a correct script; the message is one line naming the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptDialect:
+    """One scheduler's directives: its ``name`` and ``prefix``, whether its options may be long (``--x``), and
+    ``option_keys(words)``: which typed fields (keys of the conflict table) the options in ``words`` set."""
+
+    name: str
+    prefix: str
+    long_options: bool
+    option_keys: Callable[[list[str]], list[str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +146,14 @@ class JobTemplate:
         # Frozen: a list from a config loader is kept as the tuple the type promises.
         object.__setattr__(self, "extra_directives", tuple(lines))
 
-    def check(self, lrm: str) -> None:
-        """Raise :class:`JobScriptError` if the extra directives do not suit ``lrm`` or fight a typed field.
+    def check(self, dialect: ScriptDialect) -> None:
+        """Raise :class:`JobScriptError` if the extra directives do not suit ``dialect`` or fight a typed field.
 
         Every conflict is template-level (memory counts as set unless
         ``memory_per_node_mb`` is 0), so providers call this when they are
         built: a bad config fails at start, not at the first lease.
         """
-        _normalised_extras(self, lrm, memory_set=self.memory_per_node_mb != 0)
+        normalised_extras(self, dialect, memory_set=self.memory_per_node_mb != 0)
 
 
 # -- the parts of a script ---------------------------------------------------------------------
@@ -261,112 +279,16 @@ def check_job(job: PilotJob) -> None:
         raise JobScriptError("the job's slot secret must be 64 lowercase hex digits")
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- rendering: the lines every script has ---------------------------------------------------------
 
 
-def render_slurm(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:
-    """The whole Slurm batch script for ``job`` (raises :class:`JobScriptError` before returning anything)."""
-    check_job(job)
-    memory = memory_per_node_mb(job, template)
-    extras = _normalised_extras(template, SLURM, memory_set=memory != 0, job=job)
-    lines = _head(job) + [
-        f"#SBATCH --job-name={job_name(job, template)}",
-        f"#SBATCH --nodes={job.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --cpus-per-task={template.cores_per_node}",
-    ]
-    if memory:
-        lines.append(f"#SBATCH --mem={memory}M")
-    lines.append(f"#SBATCH --time={format_walltime(walltime_s(job, template))}")
-    if job.begin_at is not None:
-        lines.append(f"#SBATCH --begin={slurm_time(job.begin_at)}")
-    if template.queue:
-        lines.append(f"#SBATCH --partition={template.queue}")
-    if template.account:
-        lines.append(f"#SBATCH --account={template.account}")
-    # No --error: without it Slurm writes stderr to the --output file too.
-    lines.append(f"#SBATCH --output={output_path(job, template)}")
-    lines += extras
-    lines.append(_exec_line(job, template, launcher, SLURM))
-    return "\n".join(lines) + "\n"
-
-
-def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str, *, slurm_backed: bool = False) -> str:
-    """The whole PBS batch script for ``job`` (raises :class:`JobScriptError` before returning anything).
-
-    A begin time is ``-a CCYYMMDDhhmm.SS`` (Torque, PBS Pro), or with
-    ``slurm_backed`` (SchedMD's qsub, whose sbatch reads the ``#PBS`` lines
-    and hands ``-a`` to ``--begin`` as it is) ``YYYY-MM-DDThh:mm:ss``.
-
-    Memory is ``-l mem=<M>mb``: SchedMD's qsub turns it into ``--mem=<M>M``
-    and sbatch's own ``#PBS`` parser reads it the same way, both per node;
-    ``pmem`` is ignored by both. (On a real Torque ``mem`` is the whole
-    job's: such sites set ``memory_per_node_mb = 0`` and say what they need
-    in ``extra_directives``.)
-    """
-    check_job(job)
-    memory = memory_per_node_mb(job, template)
-    extras = _normalised_extras(template, PBS, memory_set=memory != 0, job=job)
-    lines = _head(job) + [
-        f"#PBS -N {job_name(job, template)}",
-        f"#PBS -l nodes={job.nodes}:ppn={template.cores_per_node}",
-        f"#PBS -l walltime={format_walltime(walltime_s(job, template))}",
-    ]
-    if job.begin_at is not None:
-        lines.append(f"#PBS -a {slurm_time(job.begin_at) if slurm_backed else pbs_time(job.begin_at)}")
-    if memory:
-        lines.append(f"#PBS -l mem={memory}mb")
-    if template.queue:
-        lines.append(f"#PBS -q {template.queue}")
-    if template.account:
-        lines.append(f"#PBS -A {template.account}")
-    lines += ["#PBS -j oe", f"#PBS -o {output_path(job, template)}"]
-    lines += extras
-    lines.append(_exec_line(job, template, launcher, PBS))
-    return "\n".join(lines) + "\n"
-
-
-def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:
-    """The whole Grid Engine batch script for ``job`` (raises :class:`JobScriptError` before returning anything).
-
-    One slot on each of ``nodes`` hosts through the template's parallel
-    environment; ``h_rt`` the walltime; ``-notify`` so that a ``qdel`` or a
-    suspend warns the pilot (SIGUSR2, SIGUSR1) before SIGKILL/SIGSTOP; memory
-    as ``mem_free`` per slot (one slot per host: per node), which the
-    scheduler matches against the hosts' free memory, never ``h_vmem``, a
-    limit on the pilot's own processes (at a lease's size it crashes Python
-    and Grid Engine's own tools: the pilot takes that memory from the host,
-    it does not use it). ``-V`` is not used: the script carries what it needs.
-    """
-    check_job(job)
-    memory = memory_per_node_mb(job, template)
-    extras = _normalised_extras(template, SGE, memory_set=memory != 0, job=job)
-    lines = _head(job) + [
-        "#$ -S /bin/sh",
-        f"#$ -N {job_name(job, template)}",
-        f"#$ -pe {template.parallel_environment} {job.nodes}",
-        f"#$ -l h_rt={format_walltime(walltime_s(job, template))}",
-        "#$ -notify",
-    ]
-    if job.begin_at is not None:
-        lines.append(f"#$ -a {pbs_time(job.begin_at)}")
-    if memory:
-        lines.append(f"#$ -l mem_free={memory}M")
-    if template.queue:
-        lines.append(f"#$ -q {template.queue}")
-    if template.account:
-        lines.append(f"#$ -A {template.account}")
-    lines += ["#$ -j y", f"#$ -o {output_path(job, template)}"]
-    lines += extras
-    lines.append(_exec_line(job, template, launcher, SGE))
-    return "\n".join(lines) + "\n"
-
-
-def _head(job: PilotJob) -> list[str]:
+def head(job: PilotJob) -> list[str]:
+    """The script's first lines: the shell, and which lease and slot it is."""
     return ["#!/bin/sh", f"# workspace-pilot job: lease {job.lease or '-'}, slot {job.slot}"]
 
 
-def _exec_line(job: PilotJob, template: JobTemplate, launcher: Launcher | str, lrm: str) -> str:
+def exec_line(job: PilotJob, template: JobTemplate, launcher: Launcher | str, lrm: str) -> str:
+    """The script's last line: the slot's secret into the environment, then the launcher starting the pilots."""
     if isinstance(launcher, str):
         try:
             launcher = LAUNCHERS[launcher] if launcher != "auto" else resolve_launcher("auto", lrm)
@@ -399,34 +321,18 @@ _FIELDS = {
     "output": ("the job's output", "output_dir", "the output always goes to {output}"),
 }
 
-# sbatch's options that set what a typed field sets, long and short spellings.
-_SLURM_LONG = {
-    "job-name": "name", "nodes": "nodes", "ntasks": "tasks", "ntasks-per-node": "tasks",
-    "cpus-per-task": "cpus", "mem": "memory", "mem-per-cpu": "memory", "mem-per-gpu": "memory",
-    "time": "walltime", "partition": "queue", "account": "account", "output": "output", "error": "output",
-}
-_SLURM_SHORT = {
-    "J": "name", "N": "nodes", "n": "tasks", "c": "cpus", "t": "walltime", "p": "queue", "A": "account",
-    "o": "output", "e": "output",
-}
-# qsub's options (-l resources listed apart).
-_PBS_SHORT = {"N": "name", "q": "queue", "A": "account", "o": "output", "e": "output", "j": "output", "k": "output"}
-_PBS_RESOURCES = {
-    "nodes": "nodes", "select": "nodes", "procs": "nodes", "ncpus": "cpus", "walltime": "walltime",
-    "mem": "memory", "pmem": "memory",
-}
-
-
-def _normalised_extras(
-    template: JobTemplate, lrm: str, *, memory_set: bool, job: PilotJob | None = None,
+def normalised_extras(
+    template: JobTemplate, dialect: ScriptDialect, *, memory_set: bool, job: PilotJob | None = None,
 ) -> list[str]:
-    """The extra directives as full ``#SBATCH``/``#PBS`` lines; JobScriptError for one that cannot stay."""
+    """The extra directives as full lines of ``dialect`` (``#SBATCH ...``); JobScriptError for one that cannot
+    stay."""
+    lrm = dialect.name
     context = {
         "name": job_name(job, template) if job else f"{template.job_name_prefix}-<slot>",
         "nodes": job.nodes if job else "N",
         "output": output_path(job, template) if job else os.path.join(template.output_dir, "<slot>.out"),
     }
-    prefix = PREFIXES[lrm]
+    prefix = dialect.prefix
     active = {"name", "nodes", "tasks", "cpus", "walltime", "output"}
     if memory_set:
         active.add("memory")
@@ -437,12 +343,12 @@ def _normalised_extras(
     lines = []
     for line in template.extra_directives:
         for other_lrm, other_prefix in PREFIXES.items():
-            if other_lrm != lrm and _starts_with_word(line, other_prefix):
+            if other_lrm != lrm and starts_with_word(line, other_prefix):
                 raise JobScriptError(
                     f"extra directive {line!r} is a {other_prefix} line ({other_lrm}); "
                     f"a {lrm} job script takes {prefix} lines"
                 )
-        if _starts_with_word(line, prefix):
+        if starts_with_word(line, prefix):
             rest = line[len(prefix):].strip()
         elif line.startswith("#"):
             raise JobScriptError(f"extra directive {line!r} is neither a {prefix} line nor bare options")
@@ -454,11 +360,11 @@ def _normalised_extras(
             raise JobScriptError(f"extra directive {line!r} cannot be read: {exc}") from None
         if not words or not words[0].startswith("-"):
             raise JobScriptError(f"extra directive {line!r} does not start with an option")
-        if lrm in (PBS, SGE) and any(word.startswith("--") for word in words):
+        if not dialect.long_options and any(word.startswith("--") for word in words):
             raise JobScriptError(
                 f"extra directive {line!r} holds a long (Slurm) option; {lrm.upper()} directives take -x options"
             )
-        keys = {SLURM: _slurm_keys, PBS: _pbs_keys, SGE: _sge_keys}[lrm](words)
+        keys = dialect.option_keys(words)
         for key in keys:
             if key in active:
                 what, field, why = _FIELDS[key]
@@ -468,75 +374,9 @@ def _normalised_extras(
     return lines
 
 
-def _starts_with_word(line: str, prefix: str) -> bool:
+def starts_with_word(line: str, prefix: str) -> bool:
+    """Whether ``line`` is ``prefix`` or starts with it and a space."""
     return line == prefix or (line.startswith(prefix) and line[len(prefix)].isspace())
-
-
-def _slurm_keys(words: list[str]) -> list[str]:
-    keys = []
-    for word in words:
-        if word.startswith("--") and len(word) > 2:
-            name = word[2:].split("=", 1)[0]
-            key = _SLURM_LONG.get(name)
-            if key is None:
-                # sbatch (getopt_long) takes any unambiguous abbreviation: --ti=10 is --time=10.
-                # An abbreviation of a watched option is refused even when it is ambiguous,
-                # since sbatch would refuse that line anyway.
-                key = next((k for long, k in _SLURM_LONG.items() if long.startswith(name)), None)
-            if key:
-                keys.append(key)
-        elif word.startswith("-") and len(word) > 1 and word[1] != "-":
-            key = _SLURM_SHORT.get(word[1])
-            if key:
-                keys.append(key)
-    return keys
-
-
-def _pbs_keys(words: list[str]) -> list[str]:
-    keys = []
-    index = 0
-    while index < len(words):
-        word = words[index]
-        index += 1
-        if not word.startswith("-") or len(word) < 2:
-            continue
-        letter = word[1]
-        if letter == "l":
-            resources = word[2:]
-            if not resources and index < len(words):
-                resources = words[index]
-                index += 1
-            for item in resources.split(","):
-                key = _PBS_RESOURCES.get(item.split("=", 1)[0].strip().lower())
-                if key:
-                    keys.append(key)
-        elif letter in _PBS_SHORT:
-            keys.append(_PBS_SHORT[letter])
-    return keys
-
-
-# Grid Engine's qsub options (-l resources apart; -pe sets the node count).
-_SGE_OPTIONS = {"-N": "name", "-q": "queue", "-A": "account", "-o": "output", "-e": "output", "-j": "output",
-                "-pe": "nodes"}
-_SGE_RESOURCES = {"h_rt": "walltime", "s_rt": "walltime", "h_vmem": "memory", "s_vmem": "memory",
-                  "mem_free": "memory", "virtual_free": "memory"}
-
-
-def _sge_keys(words: list[str]) -> list[str]:
-    keys = []
-    index = 0
-    while index < len(words):
-        word = words[index]
-        index += 1
-        if word == "-l" and index < len(words):
-            for item in words[index].split(","):
-                key = _SGE_RESOURCES.get(item.split("=", 1)[0].strip().lower())
-                if key:
-                    keys.append(key)
-            index += 1
-        elif word in _SGE_OPTIONS:
-            keys.append(_SGE_OPTIONS[word])
-    return keys
 
 
 # -- small checks ----------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ from workspace_common.qstat import parse_full
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, checked_job_id, signal_steps
 from service_adapter.providers.commands import CommandResult
-from service_adapter.providers.jobscript import (
-    PBS, JobTemplate, format_walltime, output_path, render_pbs, script_path, walltime_for,
-)
+from service_adapter.providers.jobscript import PBS, JobTemplate, format_walltime, output_path, script_path, walltime_for
+from service_adapter.providers.pbsscript import PBS_SCRIPT, render_pbs
 from service_adapter.providers.scriptfile import write_job_script
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class PbsProvider(BatchProvider):
                  which: Callable[[str], str | None] = shutil.which):
         if qstat_history not in HISTORY_CHOICES:
             raise ValueError(f"qstat_history must be one of {', '.join(HISTORY_CHOICES)}, not {qstat_history!r}")
-        super().__init__(template, PBS, command_timeout_s=command_timeout_s, env=env, which=which)
+        super().__init__(template, PBS_SCRIPT, command_timeout_s=command_timeout_s, env=env, which=which)
         #: SchedMD's qsub (slurm-wlm-torque): sbatch reads the script's #PBS lines, a begin time in its own form.
         self.slurm_backed = which("sbatch") is not None and which("pbsdsh") is None
         self._history = {"auto": None, "yes": True, "no": False}[qstat_history]

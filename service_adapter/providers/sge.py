@@ -23,8 +23,9 @@ from typing import Callable
 
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider
-from service_adapter.providers.jobscript import SGE, JobTemplate, render_sge, script_path
+from service_adapter.providers.jobscript import SGE, JobTemplate, script_path
 from service_adapter.providers.scriptfile import write_job_script
+from service_adapter.providers.sgescript import SGE_SCRIPT, render_sge
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SgeProvider(BatchProvider):
 
     def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):
-        super().__init__(template, SGE, command_timeout_s=command_timeout_s, env=env, which=which)
+        super().__init__(template, SGE_SCRIPT, command_timeout_s=command_timeout_s, env=env, which=which)
 
     def submit(self, job: PilotJob) -> str:
         """Write ``{output_dir}/{slot}.sh`` and ``qsub -terse`` it; returns Grid Engine's job id."""

@@ -15,8 +15,9 @@ from typing import Callable
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, signal_steps, slurm_job_ended
 from service_adapter.providers.commands import Outcome
-from service_adapter.providers.jobscript import SLURM, JobTemplate, render_slurm, script_path, walltime_for
+from service_adapter.providers.jobscript import SLURM, JobTemplate, script_path, walltime_for
 from service_adapter.providers.scriptfile import write_job_script
+from service_adapter.providers.slurmscript import SLURM_SCRIPT, render_slurm
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class SlurmProvider(BatchProvider):
 
     def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):
-        super().__init__(template, SLURM, command_timeout_s=command_timeout_s, env=env, which=which)
+        super().__init__(template, SLURM_SCRIPT, command_timeout_s=command_timeout_s, env=env, which=which)
         self._accounting: bool | None = None  # None: not asked yet; False: sacct said it is disabled
 
     def submit(self, job: PilotJob) -> str:
