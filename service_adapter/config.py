@@ -30,7 +30,7 @@ from service_adapter.secretfiles import read_accounts_file, read_site_key, user_
 from service_adapter.providers.launchers import LAUNCHER_NAMES
 from service_adapter.nodekeys import NodeAccounts
 from service_adapter import networks as _networks
-from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY
+from service_adapter.providers import PROVIDER_NAMES, QSTAT_HISTORY, SCRIPT_DIALECTS
 from service_adapter.providers.jobscript import JobTemplate
 
 DEFAULT_PATH = "/etc/workspace-pilot/service.conf"
@@ -511,8 +511,8 @@ def _template_problems(path: str, values: dict) -> list[str]:
     config = ServiceConfig(**values)
     try:
         template = config.job_template()
-        if config.provider in ("pbs", "sge", "slurm"):
-            template.check(config.provider)
+        if config.provider in SCRIPT_DIALECTS:
+            template.check(SCRIPT_DIALECTS[config.provider])
     except ValueError as exc:
         message = first_line(exc)
         option = "extra_directives" if "extra directive" in message else None

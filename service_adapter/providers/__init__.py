@@ -11,12 +11,17 @@ import math
 import os
 import re
 
-from service_adapter.providers.jobscript import JobTemplate
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.jobscript import JobTemplate, ScriptDialect
+from service_adapter.providers.pbsscript import PBS_SCRIPT
+from service_adapter.providers.sgescript import SGE_SCRIPT
+from service_adapter.providers.slurmscript import SLURM_SCRIPT
 
 __all__ = ["JobState", "PilotJob", "Provider", "ProviderError", "ProviderSettings", "make_provider", "PROVIDER_NAMES"]
 
 PROVIDER_NAMES = ("local", "pbs", "sge", "slurm")
+#: The job script of each provider that writes one.
+SCRIPT_DIALECTS: dict[str, ScriptDialect] = {"pbs": PBS_SCRIPT, "sge": SGE_SCRIPT, "slurm": SLURM_SCRIPT}
 QSTAT_HISTORY = ("auto", "yes", "no")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
