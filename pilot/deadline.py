@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pilot.batchenv import BatchClient
-from workspace_common.qstat import parse_full
-
-from collections.abc import Callable, Mapping
+from pilot.walltime import SOURCES, Query, SourceFailed
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +36,6 @@ log = logging.getLogger(__name__)
 _PAST_SLACK_S = 86400.0
 #: An end further ahead than this is no limit at all (e.g. UNLIMITED read as a number).
 _FUTURE_LIMIT_S = 3 * 366 * 86400.0
-#: Where the session leader's start time is read; a module constant so a test can hide it.
-_PROC = "/proc"
-
-#: What squeue's %e prints when the job has no known end.
-_SQUEUE_UNKNOWN = frozenset({"N/A", "Unknown", "NONE"})
 
 
 @dataclass(frozen=True)
@@ -68,10 +60,6 @@ class Deadline:
 
 class DeadlineError(Exception):
     """No usable deadline: the walltime leaves no time to hold the slot. The message is one line."""
-
-
-class _SourceFailed(Exception):
-    """A walltime source that applies but gave no usable answer (logged, then the next is tried)."""
 
 
 def walltime_end(
@@ -107,10 +95,10 @@ def walltime_end(
     Returns None when no source applies or none answered; never raises for
     a source's failure.
     """
-    for name, probe in _SOURCES:
+    for name, probe in SOURCES:
         try:
-            answer = probe(env, _Query(client, query_timeout, run), now)
-        except _SourceFailed as exc:
+            answer = probe(env, Query(client, query_timeout, run), now)
+        except SourceFailed as exc:
             log.warning("walltime source %s: %s; trying the next source", name, exc)
             continue
         if answer is None:
@@ -203,300 +191,6 @@ def extended_deadline(
     return Deadline(at, why, end)
 
 
-# --- the sources ------------------------------------------------------------------------------------
-# Each returns None when it does not apply (its variable is not set), (end, source) when it answers,
-# and raises _SourceFailed when it applies but has no usable answer.
-
-
-def _from_slurm_end_time(env, query, now):
-    value = env.get("SLURM_JOB_END_TIME")
-    if value is None:
-        return None
-    if not re.fullmatch(r"\s*[0-9]+\s*", value) or int(value) <= 0:
-        raise _SourceFailed(f"not an epoch time: {_quote(value)}")
-    return float(int(value)), "SLURM_JOB_END_TIME"
-
-
-def _from_squeue(env, query, now):
-    job = env.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    output = query("squeue", "-h", "-j", job, "-o", "%e")
-    ends = []
-    for line in output.splitlines():
-        text = line.strip()
-        if not text or text in _SQUEUE_UNKNOWN:
-            continue
-        match = re.fullmatch(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})", text)
-        if not match:
-            raise _SourceFailed(f"unparsable end time {_quote(text)} for job {job}")
-        try:
-            ends.append(_local_epoch(*(int(field) for field in match.groups())))
-        except ValueError:
-            raise _SourceFailed(f"no such local time {_quote(text)} for job {job}") from None
-    if not ends:
-        raise _SourceFailed(f"no end time known for job {job} (printed {_quote(output.strip())})")
-    # Several lines (a heterogeneous job's components): the earliest end is the one that kills us.
-    return min(ends), "squeue"
-
-
-def _from_qstat(env, query, now):
-    job = env.get("PBS_JOBID")
-    if not job:
-        return None
-    output = query("qstat", "-f", job)
-    return _qstat_full_end(output, now(), job), "qstat -f"
-
-
-def _from_pbs_walltime(env, query, now):
-    value = env.get("PBS_WALLTIME")
-    if value is None:
-        return None
-    try:
-        seconds = _parse_walltime(value)
-    except ValueError:
-        raise _SourceFailed(f"not a walltime: {_quote(value)}") from None
-    # Torque starts the job script as a session leader, so its start is the job's start.
-    return _from_session_start(seconds, "PBS_WALLTIME", now)
-
-
-def _from_session_start(seconds: float, source: str, now) -> tuple[float, str]:
-    """(this session leader's start + ``seconds``, ``source``); counted from ``now()``, and said so, when the
-    start cannot be read."""
-    try:
-        return _session_start() + seconds, source
-    except (OSError, ValueError, IndexError) as exc:
-        log.warning("%s: cannot read the session leader's start (%s); counting from now, "
-                    "an estimate that may end later than the LRM's limit", source, exc)
-        return now() + seconds, f"{source} (estimate: counted from now)"
-
-
-def _from_sge(env, query, now):
-    job = env.get("JOB_ID")
-    if not job or not query.client.sge_root:
-        return None
-    output = query("qstat", "-j", job)
-    limit = sge_runtime_limit(output)
-    if limit is None:
-        raise _SourceFailed(f"qstat -j {job} shows no h_rt or s_rt in the job's hard resource list")
-    # The pilot's session leader is the task qrsh -inherit started, moments after the job did: the end
-    # counted from it is late by that moment, which the walltime margin covers.
-    return _from_session_start(limit, "qstat -j", now)
-
-
-def sge_runtime_limit(output: str) -> int | None:
-    """The least of ``h_rt`` and ``s_rt`` (seconds) in ``qstat -j``'s ``hard resource_list`` line, or None."""
-    limits = []
-    for line in output.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() != "hard resource_list":
-            continue
-        for item in value.split(","):
-            key, _, text = item.strip().partition("=")
-            if key in ("h_rt", "s_rt"):
-                try:
-                    limits.append(_parse_walltime(text))
-                except ValueError:
-                    raise _SourceFailed(f"not a run-time limit: {_quote(item.strip())}") from None
-    return min(limits) if limits else None
-
-
-_SOURCES = (
-    ("SLURM_JOB_END_TIME", _from_slurm_end_time),
-    ("squeue", _from_squeue),
-    ("qstat -f", _from_qstat),
-    ("PBS_WALLTIME", _from_pbs_walltime),
-    ("qstat -j", _from_sge),
-)
-
-
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-class _Query:
-    """Runs one LRM command found on ``client``'s path, with ``client``'s environment, for at most ``timeout`` s."""
-
-    def __init__(self, client: BatchClient, timeout: float, run):
-        self.client, self.timeout, self.run = client, timeout, run
-
-    def __call__(self, name: str, *args: str) -> str:
-        """The command's stdout, or _SourceFailed saying why not."""
-        path = self.client.which(name)
-        if path is None:
-            raise _SourceFailed(f"{name} not found in [batch] path {self.client.path}")
-        try:
-            done = self.run(
-                [path, *args], env=self.client.environment(), stdin=subprocess.DEVNULL, capture_output=True,
-                encoding="utf-8", errors="replace", timeout=self.timeout, check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise _SourceFailed(f"{path} gave no answer within {self.timeout:g} s") from None
-        except OSError as exc:
-            raise _SourceFailed(f"cannot run {path}: {exc.strerror or exc}") from None
-        if done.returncode != 0:
-            said = next((line.strip() for line in (done.stderr or "").splitlines() if line.strip()), "")
-            raise _SourceFailed(f"{path} exited with status {done.returncode}" + (f": {_quote(said)}" if said else ""))
-        return done.stdout or ""
-
-
-def _qstat_full_end(output: str, now: float, job: str) -> float:
-    """The job's end from ``qstat -f`` output, whichever PBS flavour printed it.
-
-    - Torque: ``Walltime.Remaining`` (seconds), else ``start_time`` + ``Resource_List.walltime``.
-    - PBS Pro/OpenPBS: ``stime`` + ``Resource_List.walltime``, else the walltime less
-      ``resources_used.walltime``.
-    - SchedMD's Torque wrapper for Slurm (slurm-wlm-torque): no start_time; it prints Slurm's
-      start time as ``mtime`` and Slurm's end time as ``ctime``. There the earlier of
-      ``mtime`` + walltime and ``ctime`` counts. In real PBS, ctime is the creation time and
-      mtime the last change, so those are read only when none of the above is present.
-    """
-    jobs = parse_full(output)
-    if not jobs:
-        raise _SourceFailed(f"no job {job} in its output ({_quote(output.strip())})")
-    # qstat was asked for one job: never mix in another job's attributes. Names are lower case.
-    attributes = next(iter(jobs.values()))
-
-    def duration(key: str) -> float | None:
-        value = attributes.get(key.lower())
-        if value is None:
-            return None
-        try:
-            return float(_parse_walltime(value))
-        except ValueError:
-            raise _SourceFailed(f"unparsable {key} {_quote(value)}") from None
-
-    def moment(key: str) -> float | None:
-        value = attributes.get(key.lower())
-        if value is None:
-            return None
-        try:
-            return _parse_ctime(value)
-        except ValueError:
-            raise _SourceFailed(f"unparsable {key} {_quote(value)}") from None
-
-    remaining = duration("Walltime.Remaining")
-    if remaining is not None:
-        return now + remaining
-    limit = duration("Resource_List.walltime")
-    start = moment("start_time") if "start_time" in attributes else moment("stime")
-    if start is not None and limit is not None:
-        return start + limit
-    used = duration("resources_used.walltime")
-    if used is not None and limit is not None:
-        return now + limit - used
-    if start is None and "mtime" in attributes:
-        # slurm-wlm-torque: mtime is Slurm's start_time, ctime Slurm's end_time (printed only when set).
-        began = moment("mtime")
-        ends = [began + limit] if limit is not None else []
-        ended = moment("ctime")
-        if ended is not None and ended > began:
-            ends.append(ended)
-        if ends:
-            return min(ends)
-    raise _SourceFailed(
-        f"job {job}: neither Walltime.Remaining nor a start time with Resource_List.walltime in its output"
-    )
-
-
-def _parse_walltime(text: str) -> int:
-    """Seconds in a PBS walltime: ``[[HH:]MM:]SS``, ``D:HH:MM:SS`` or ``D-HH:MM:SS``.
-
-    The leading field is unbounded (``48:00:00`` and ``90:00`` are fine, and
-    Slurm's wrapper prints hours past 24); every later field must be below
-    60 (hours below 24 after a day). Raises ValueError otherwise.
-    """
-    value = text.strip()
-    match = re.fullmatch(r"([0-9]+)-([0-9]+):([0-9]+):([0-9]+)", value)
-    if match:
-        fields = [int(field) for field in match.groups()]
-    elif re.fullmatch(r"[0-9]+(?::[0-9]+){0,3}", value):
-        fields = [int(field) for field in value.split(":")]
-    else:
-        raise ValueError(f"not a walltime: {text!r}")
-    limits = (None, 24, 60, 60)[4 - len(fields):]
-    for field, limit in zip(fields[1:], limits[1:]):
-        if field >= limit:
-            raise ValueError(f"not a walltime: {text!r}")
-    seconds = 0
-    for field, scale in zip(fields, (86400, 3600, 60, 1)[4 - len(fields):]):
-        seconds += field * scale
-    return seconds
-
-
-_MONTHS = {name: number for number, name in enumerate(
-    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
-
-
-def _parse_ctime(text: str) -> float:
-    """Epoch seconds from a ctime(3)-style local time, ``Sat Nov 21 10:00:00 2026`` (or epoch digits).
-
-    Month names are matched in English whatever the locale: Perl's scalar
-    ``localtime`` (slurm-wlm-torque) and Torque print them so.
-    """
-    value = text.strip()
-    if re.fullmatch(r"[0-9]+", value):
-        return float(value)
-    match = re.fullmatch(
-        r"(?:[A-Z][a-z]{2}\s+)?([A-Z][a-z]{2})\s+([0-9]{1,2})\s+([0-9]{1,2}):([0-9]{2}):([0-9]{2})\s+([0-9]{4})", value
-    )
-    if not match or match.group(1) not in _MONTHS:
-        raise ValueError(f"not a time: {text!r}")
-    month, day, hour, minute, second, year = match.groups()
-    return _local_epoch(int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second))
-
-
-def _local_epoch(year: int, month: int, day: int, hour: int, minute: int, second: int) -> float:
-    """Epoch seconds of a local wall-clock time; the earlier one when a DST change repeats that hour.
-
-    time.mktime alone guesses in the repeated hour and silently normalises
-    impossible dates (Feb 31); a guess an hour late would let the LRM kill
-    the pilot, so both readings are tried and only exact round trips count.
-    """
-    wanted = (year, month, day, hour, minute, second)
-    readings = []
-    for isdst in (0, 1):
-        try:
-            epoch = time.mktime((*wanted, 0, 0, isdst))
-        except (OverflowError, ValueError):
-            continue
-        back = time.localtime(epoch)
-        if tuple(back)[:6] == wanted and back.tm_isdst == isdst:
-            readings.append(epoch)
-    if not readings:
-        raise ValueError(f"no such local time: {wanted}")
-    return min(readings)
-
-
-def _session_start() -> float:
-    """Epoch seconds at which this process's session leader started (OSError/ValueError if unknown)."""
-    leader = os.getsid(0)
-    if leader <= 0:
-        raise OSError("the session leader is outside this pid namespace")
-    with open(f"{_PROC}/{leader}/stat", "rb") as handle:
-        stat = handle.read()
-    # Field 22, starttime, in clock ticks since boot; split after the last ")" since the
-    # command name (field 2) may hold spaces and parentheses.
-    ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
-    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _boot_time() -> float:
-    """Epoch seconds of the boot, on the scale /proc/<pid>/stat's starttime counts from.
-
-    /proc/stat's ``btime`` is this same value (realtime minus boottime, taken
-    when read) cut to whole seconds; CLOCK_BOOTTIME gives it to the
-    microsecond, so a start time is off by a clock tick at most, not a second.
-    """
-    clock = getattr(time, "CLOCK_BOOTTIME", None)
-    if clock is not None:
-        return time.time() - time.clock_gettime(clock)
-    with open(f"{_PROC}/stat", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    raise ValueError(f"no btime in {_PROC}/stat")
-
-
 def _implausible(end: float, now: float) -> str | None:
     """Why ``end`` cannot be this job's end, or None when it can."""
     if not math.isfinite(end):
@@ -506,8 +200,3 @@ def _implausible(end: float, now: float) -> str | None:
     if end > now + _FUTURE_LIMIT_S:
         return f"the end is {end - now:.0f} s ahead, more than about three years"
     return None
-
-
-def _quote(text: str, limit: int = 120) -> str:
-    """``text`` as a short one-line repr for a log line."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -21,17 +21,11 @@ import time
 
 import pytest
 
-from pilot import deadline as deadline_module
 from pilot.batchenv import BatchClient
-from pilot.deadline import (
-    Deadline,
-    DeadlineError,
-    _parse_ctime,
-    _parse_walltime,
-    compute_deadline,
-    extended_deadline,
-    walltime_end,
-)
+from pilot.deadline import Deadline, DeadlineError, compute_deadline, extended_deadline, walltime_end
+from pilot.walltime import base as walltime_base
+from pilot.walltime.base import parse_walltime as _parse_walltime
+from pilot.walltime.qstat_full import parse_ctime as _parse_ctime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -53,7 +47,7 @@ ESTIMATE = "PBS_WALLTIME (estimate: counted from now)"
 @pytest.fixture
 def no_proc(monkeypatch, tmp_path):
     """Hide /proc from the module: PBS_WALLTIME counts from now(), whenever this test's session began."""
-    monkeypatch.setattr(deadline_module, "_PROC", str(tmp_path / "no-proc"))
+    monkeypatch.setattr(walltime_base, "PROC", str(tmp_path / "no-proc"))
 
 
 class CountingRun:
@@ -225,13 +219,13 @@ def test_pbs_walltime_counts_from_the_session_leaders_start():
 
 BTIME_CHILD = """
 import json, os
-from pilot import deadline
+from pilot.walltime import base
 with open(f"/proc/{os.getsid(0)}/stat", "rb") as handle:
     stat = handle.read()
 ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
 with open("/proc/stat", encoding="ascii") as handle:
     btime = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
-print(json.dumps([btime + ticks / os.sysconf("SC_CLK_TCK"), deadline._session_start()]))
+print(json.dumps([btime + ticks / os.sysconf("SC_CLK_TCK"), base.session_start()]))
 """
 
 
@@ -247,9 +241,9 @@ def test_session_start_agrees_with_proc_stat_btime():
 
 def test_session_start_outside_this_pid_namespace_is_an_error(monkeypatch):
     # getsid() is 0 when the session leader lives in a parent pid namespace (containers, CI).
-    monkeypatch.setattr(deadline_module.os, "getsid", lambda pid: 0)
+    monkeypatch.setattr(walltime_base.os, "getsid", lambda pid: 0)
     with pytest.raises(OSError, match="outside this pid namespace"):
-        deadline_module._session_start()
+        walltime_base.session_start()
 
 
 def test_pbs_walltime_without_proc_is_counted_from_now_and_says_so(no_proc, caplog):
@@ -476,7 +470,7 @@ def test_a_time_repeated_by_a_dst_change_reads_as_the_earlier_one():
 
 
 def test_grid_engines_run_time_limit_is_the_least_of_h_rt_and_s_rt():
-    from pilot.deadline import sge_runtime_limit
+    from pilot.walltime.sge import sge_runtime_limit
 
     shown = ("job_number:                 7\nhard resource_list:         h_rt=3600,mem_free=32M,s_rt=0:50:00\n"
              "soft resource_list:         h_rt=10\n")
