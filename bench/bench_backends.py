@@ -261,7 +261,7 @@ def bench_xl(workdir: str, rounds: int) -> dict:
     """XlBackend on a fake xl (Domain-0 at 6144 MB); also times one bare call of the fake."""
     from pilot.node.backends.xl import XlBackend
 
-    from tests.fakes import install_fake_xl
+    from tests.support.fakes import install_fake_xl
 
     directory = os.path.join(workdir, "xl")
     os.mkdir(directory)

@@ -7,7 +7,7 @@ Run from the repository root, as root, after ``scripts/bootstrap.sh --vm --cloud
     .venv/bin/python bench/bench_cloud_path.py --nodes 1,2,4 --slurm bench/results/lease-slurm-34.json \\
         --json bench/results/cloud-path.json --plot bench/results/cloud-path.png
 
-For each N a lab of N nodes (``tests.netlab.LeaseLab``: each node a network namespace with its own libvirtd,
+For each N a lab of N nodes (``tests.support.netlab.LeaseLab``: each node a network namespace with its own libvirtd,
 the real service in the hub, real pilots, a private lease network) approves the Debian 12 cloud image through
 the site's catalogue (an endorser's signed list), leases N nodes, and starts one VM on each in one request,
 every node's image cache empty. Per VM, on the bench's one clock:
@@ -42,8 +42,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from service_adapter.vms import parse_vm_request  # noqa: E402
-from tests.imagesource import Endorser, image_entry  # noqa: E402
-from tests.netlab import LeaseLab, sh  # noqa: E402
+from tests.support.imagesource import Endorser, image_entry  # noqa: E402
+from tests.support.netlab import LeaseLab, sh  # noqa: E402
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")

@@ -47,7 +47,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service_adapter.images.imagelist import generate_key, load_private_key, load_trusted_keys, sign_list, verify_list  # noqa: E402
-from tests.imagesource import write_file  # noqa: E402  (the image files the tests use: same bytes, same speed)
+from tests.support.imagesource import write_file  # noqa: E402  (the image files the tests use: same bytes, same speed)
 
 FORMAT = "workspace-image-list/1"
 MB = 1_000_000

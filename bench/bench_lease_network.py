@@ -5,7 +5,7 @@ Run from the repository root, as root (namespaces, libvirtd, nftables)::
 
     .venv/bin/python bench/bench_lease_network.py [--nodes 1,2,4] [--starts 4] [--json FILE]
 
-``reach``: for each node count N, a lab of N nodes (``tests.netlab.LeaseLab``: each node a namespace with its
+``reach``: for each node count N, a lab of N nodes (``tests.support.netlab.LeaseLab``: each node a namespace with its
 own libvirtd, the real service in the hub, real pilots) leases all N with a private lease network and starts
 one test guest on each in one request. Per VM, from the start request: ``running`` (the pilot reported
 vm-running), ``address`` (the guest printed the address its node's DHCP gave it; the console is read every
@@ -17,7 +17,7 @@ the pilot's own time from the start-vm to the domain created (the ``started in N
 the first start (it builds the lease network) apart from the later ones.
 
 ``ops``: the network's own steps on a node, without VMs (the pilot's NodeNetworks in a node's namespace,
-``tests.netnode``, ``--rounds`` times): build and let the first VM on, let another VM on, let one off, remove
+``tests.support.netnode``, ``--rounds`` times): build and let the first VM on, let another VM on, let one off, remove
 it all; milliseconds as the node's agent answered them.
 
 Everything runs under QEMU's software emulation (no KVM here): the guests' boot dominates ``address`` and
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from service_adapter.lease import vm_json  # noqa: E402
 from service_adapter.vms import parse_vm_request  # noqa: E402
-from tests.netlab import GUEST_ADDRESS, LeaseLab, guest_spec, in_netns  # noqa: E402
+from tests.support.netlab import GUEST_ADDRESS, LeaseLab, guest_spec, in_netns  # noqa: E402
 
 STARTED = re.compile(r"started in (\d+) ms")
 
@@ -136,7 +136,7 @@ def ops(rounds: int) -> dict[str, list[float]]:
     import tempfile
 
     from workspace_common.protocol.network import NetState, Nic, mac_for
-    from tests.netlab import NetLab
+    from tests.support.netlab import NetLab
 
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = tempfile.mkdtemp(prefix="wpb-ops-")
@@ -146,7 +146,7 @@ def ops(rounds: int) -> dict[str, list[float]]:
     try:
         lab.open()
         agent = subprocess.Popen(
-            ["ip", "netns", "exec", lab.ns("node1"), sys.executable, "-m", "tests.netnode",
+            ["ip", "netns", "exec", lab.ns("node1"), sys.executable, "-m", "tests.support.netnode",
              os.path.join(workdir, "net"), os.path.join(workdir, "journal.json"), "192.0.2.1"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=top)
         agent.stdout.readline()

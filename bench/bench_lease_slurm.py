@@ -23,7 +23,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from admin_tools.leasebench.cli import main as lease_bench  # noqa: E402
-from tests.slurm_cluster import PILOT, SUDO, WALLTIME_MARGIN_S, SlurmCluster  # noqa: E402
+from tests.support.slurm_cluster import PILOT, SUDO, WALLTIME_MARGIN_S, SlurmCluster  # noqa: E402
 
 CONFIG = """[provider]
 name = slurm

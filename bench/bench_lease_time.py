@@ -5,7 +5,7 @@ Run from the repository root, as root::
 
     .venv/bin/python bench/bench_lease_time.py [--rounds N] [--json FILE]
 
-Three parts, each for real (the tests' harnesses: tests/slurm_cluster.py, tests/libvirt_daemon.py):
+Three parts, each for real (the tests' harnesses: tests/support/slurm_cluster.py, tests/support/libvirt_daemon.py):
 
 - start later: a one-node lease whose job begins 15 s after the reserve (``sbatch --begin``); how long after
   its begin time Slurm started the job (squeue's start time) and the lease was ready;
@@ -32,8 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.libvirt_daemon import GUEST_UP, LibvirtDaemon, guest_xml, wait_for_line  # noqa: E402
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, SlurmCluster  # noqa: E402
+from tests.support.libvirt_daemon import GUEST_UP, LibvirtDaemon, guest_xml, wait_for_line  # noqa: E402
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, SlurmCluster  # noqa: E402
 
 NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 START_IN_S = 15

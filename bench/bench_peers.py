@@ -97,7 +97,7 @@ _SERVICE = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from bench.bench_images import ImageService
-from tests.imagesource import write_file
+from tests.support.imagesource import write_file
 workdir, nodes, size, ip, port = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 os.makedirs(workdir, mode=0o700)
 image = os.path.join(workdir, "source.img")

@@ -36,7 +36,7 @@ if REPO not in sys.path:
 
 from bench.bench_slice import machine, summarize, write_json  # noqa: E402
 from service_adapter.providers.base import PilotJob  # noqa: E402
-from tests.slurm_cluster import ServiceOnCluster, SlurmCluster  # noqa: E402
+from tests.support.slurm_cluster import ServiceOnCluster, SlurmCluster  # noqa: E402
 
 NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 TARGET_RATIO = 1.2

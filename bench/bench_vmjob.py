@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.libvirt_daemon import GUEST_DIR, LibvirtDaemon, guest_files  # noqa: E402
+from tests.support.libvirt_daemon import GUEST_DIR, LibvirtDaemon, guest_files  # noqa: E402
 
 NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 VMJOB = os.path.join(os.path.dirname(sys.executable), "workspace-vmjob")

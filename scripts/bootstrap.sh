@@ -6,19 +6,19 @@
 # rpm, with which the tests build the packages; the demo needs none.
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
 # Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), sudo, through which
-# job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/slurm_cluster.py).
+# job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/support/slurm_cluster.py).
 # --vm (scripts/test.sh): also the real VMM the tests boot guests on: libvirtd and QEMU (libvirt-daemon
 # libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils, not libvirt-daemon-system: it upgrades
 # systemd), busybox-static, what lease networks need on a node (iproute2, nftables, dnsmasq-base), the groups and
 # user libvirtd wants, a marked block at the end of
 # /etc/libvirt/qemu.conf (guests as libvirt-qemu with dynamic ownership, no sVirt, hugetlbfs at /dev/hugepages), and a
 # tiny test guest in .cache/test-guest (scripts/build-test-guest.sh). The tests start and stop libvirtd
-# themselves (tests/libvirt_daemon.py).
+# themselves (tests/support/libvirt_daemon.py).
 # --cloud-image (scripts/test.sh): also a small Debian 12 cloud image (cloud-init, openssh-server) built from
 # Debian's packages into .cache/cloud-image (scripts/build-cloud-image.sh; mmdebstrap), once; implies --vm.
 # --sge (scripts/test.sh): also Son of Grid Engine, unpacked into .cache/gridengine, not installed (its qsub
 # conflicts with slurm-wlm-torque's; scripts/unpack-gridengine.sh), and the library it needs (libjemalloc2).
-# The tests run it in namespaces of their own (tests/sge_cluster.py).
+# The tests run it in namespaces of their own (tests/support/sge_cluster.py).
 set -euo pipefail
 cluster=no
 vm=no

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Son of Grid Engine 8.1.9 from Debian 12's packages, unpacked into .cache/gridengine/root (gitignored), never
-# installed: its /usr/bin/qsub conflicts with slurm-wlm-torque's, which the Slurm tests use. tests/sge_cluster.py
+# installed: its /usr/bin/qsub conflicts with slurm-wlm-torque's, which the Slurm tests use. tests/support/sge_cluster.py
 # runs it from there: the unpacked /usr over the real one (overlayfs, in a mount namespace of its own), so both
 # batch systems stay real on one machine (docs/gridengine.md). Idempotent: does nothing when the unpacked
 # versions are the ones apt offers. Needs Debian's package lists (scripts/bootstrap.sh --sge runs it).

@@ -24,7 +24,7 @@ from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
-from tests.ports import free_port  # noqa: F401 (the tests import it from here)
+from tests.support.ports import free_port  # noqa: F401 (the tests import it from here)
 
 HUGEPAGES_DIR = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 NR_HUGEPAGES = os.path.join(HUGEPAGES_DIR, "nr_hugepages")
@@ -311,7 +311,7 @@ def slurm_cluster():
     that); skipped only where it cannot run at all (not root, not
     installed). The daemons are stopped by pid at the end of the session.
     """
-    from tests.slurm_cluster import SlurmCluster, missing_commands
+    from tests.support.slurm_cluster import SlurmCluster, missing_commands
 
     if os.geteuid() != 0:
         pytest.skip("the Slurm cluster needs root")
@@ -342,7 +342,7 @@ def sge_cluster():
     skipped only where it cannot run at all (not root, not unpacked). The
     daemons are stopped by pid and the namespaces deleted at the end.
     """
-    from tests.sge_cluster import SgeCluster, missing
+    from tests.support.sge_cluster import SgeCluster, missing
 
     lacking = missing()
     if lacking:
@@ -370,17 +370,17 @@ def guest_reachable(tmp_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def libvirt_qemu():
-    """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.libvirt_daemon.LibvirtDaemon``.
+    """A real libvirtd with the QEMU driver (TCG guests) for the session: a ``tests.support.libvirt_daemon.LibvirtDaemon``.
 
     Its ``uri`` is ``qemu:///system``; ``connect()`` opens a libvirt
     connection; ``owned`` says whether this session started the daemon.
-    ``tests.libvirt_daemon.guest_files()`` / ``guest_xml()`` give the tiny test
+    ``tests.support.libvirt_daemon.guest_files()`` / ``guest_xml()`` give the tiny test
     guest. Installed by ``scripts/bootstrap.sh --vm`` (the test command does
     that); skipped only where it cannot run at all (not root, not installed,
     guest not built). Domains named ``wp-*``/``wptest-*`` still there at the
     end are destroyed with a warning; daemons we started are stopped by pid.
     """
-    from tests.libvirt_daemon import GUEST_DIR, LibvirtDaemon, missing_commands
+    from tests.support.libvirt_daemon import GUEST_DIR, LibvirtDaemon, missing_commands
 
     if os.geteuid() != 0:
         pytest.skip("libvirtd with QEMU needs root")

@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from tests.fakes import FAKE_XL_SOURCE, install_fake_xl
+from tests.support.fakes import FAKE_XL_SOURCE, install_fake_xl
 from pilot.node.backends import BackendError, make_backend
 from pilot.node.backends.base import read_meminfo_kb
 from pilot.node.backends.cgroup import UNLIMITED, CgroupBackend
@@ -374,7 +374,7 @@ def test_xen_without_libvirt_python_says_so():
     assert done.stdout.count("\n") == 1
 
 
-# ---------------------------------------------------------------- xl (a fake xl command: tests/fakes)
+# ---------------------------------------------------------------- xl (a fake xl command: tests/support/fakes)
 
 
 

@@ -3,7 +3,7 @@
 A real HTTP server on 127.0.0.1 (``RudeServer``) answers every request for an image, a chunk or a manifest
 with far more than was asked: 50 times the declared length with no Content-Length (the body ends when it
 closes), or a chunked body that never ends. A well-behaved real server stands for the service. The fetch
-runs in its own process (tests/bounded_fetch.py, as a pilot is), whose address space is capped, and which
+runs in its own process (tests/support/bounded_fetch.py, as a pilot is), whose address space is capped, and which
 reports its peak resident set: it stays under :data:`PEAK_RSS_MB` while the rude server offers gigabytes,
 and the image still arrives whole, from the other source.
 """
@@ -21,7 +21,7 @@ import threading
 
 import pytest
 
-from tests.imagesource import ImageServer, write_file
+from tests.support.imagesource import ImageServer, write_file
 
 SIZE = 32 * 1024 * 1024
 CHUNK = 4 * 1024 * 1024
@@ -104,7 +104,7 @@ def test_a_source_that_sends_more_than_declared_costs_a_bounded_memory_and_the_i
     rude = RudeServer(SIZE, times)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tests.bounded_fetch", str(tmp_path / "cache"), service.url, rude.url, sha,
+            [sys.executable, "-m", "tests.support.bounded_fetch", str(tmp_path / "cache"), service.url, rude.url, sha,
              str(SIZE), str(CHUNK)],
             capture_output=True, text=True, timeout=120,
         )

@@ -4,7 +4,7 @@ The image is Debian 12 with cloud-init and openssh-server, built from Debian's p
 ``scripts/build-cloud-image.sh`` (``scripts/bootstrap.sh --cloud-image``, which the test command runs).
 An endorser signs a list of its disk, kernel and initrd; the site trusts the key, subscribes and approves
 through the same catalogue a site uses (the files fetched from a local HTTP server). Two nodes
-(``tests.netlab``: namespaces with their own libvirtd, the real service, real pilots on a private lease
+(``tests.support.netlab``: namespaces with their own libvirtd, the real service, real pilots on a private lease
 network) each boot one VM of it; the pilots fetch the images from the service into their caches.
 cloud-init reads the seed the pilot wrote: host name, the owner's key, the user-data, the network from
 network-config. The owner, outside both nodes, logs in with ssh through what ``vm list`` prints.
@@ -21,9 +21,9 @@ import pytest
 from workspace_common.protocol import parse_time
 from service_adapter.lease import vm_json
 from service_adapter.vms import parse_vm_request
-from tests.imagesource import Endorser, ImageServer, image_entry
-from tests.libvirt_daemon import missing_commands, wait_for_line
-from tests.netlab import LeaseLab, sh
+from tests.support.imagesource import Endorser, ImageServer, image_entry
+from tests.support.libvirt_daemon import missing_commands, wait_for_line
+from tests.support.netlab import LeaseLab, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")
 

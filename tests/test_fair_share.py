@@ -24,7 +24,7 @@ import requests
 from requests.auth import HTTPDigestAuth
 
 from workspace_common.protocol import commands_path, image_path
-from tests.imagesource import Endorser, ImageServer, image_entry, write_file
+from tests.support.imagesource import Endorser, ImageServer, image_entry, write_file
 from tests.test_rude_clients import HANG_S, authorization, connect, log_text, open_file_limit, status_of
 from tests.test_service_cli import PILOT_REALM, Site, serving
 

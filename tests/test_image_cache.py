@@ -1,7 +1,7 @@
 """The node's image cache: one download for many pilots, resume after a break or a crash, verify, evict, retire.
 
 Real files in a real cache directory, a real HTTP server as the mirror
-(tests.imagesource.ImageServer), separate processes as the pilots that
+(tests.support.imagesource.ImageServer), separate processes as the pilots that
 share the cache, real flock locks (seen in /proc/locks), SIGKILL for the
 crash, and workspace-killall on a real journal entry.
 """
@@ -25,7 +25,7 @@ from pilot.images.fetch import CHUNK, ImageSource, NodeImages
 from pilot.node.journal import Entry, Journal
 from workspace_common.protocol import ImageFile
 from tests.conftest import pilot_config, throwaway_node_keys
-from tests.imagesource import ImageServer, write_file
+from tests.support.imagesource import ImageServer, write_file
 from tests.test_journal import dead_owner
 
 SIZE = 4 * 1024 * 1024 + 5
@@ -67,7 +67,7 @@ def sha_of(path: str) -> str:
 
 def fetch_process(cache_dir: str, mirror, sha: str, size: int = SIZE) -> subprocess.Popen:
     """A separate process (as a pilot is) that has the image put in the cache; prints its path."""
-    return subprocess.Popen([sys.executable, "-m", "tests.fetch_one_image", cache_dir, mirror.url, sha, str(size)],
+    return subprocess.Popen([sys.executable, "-m", "tests.support.fetch_one_image", cache_dir, mirror.url, sha, str(size)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -24,7 +24,7 @@ from pilot.images.peers import bitmap
 from workspace_common.protocol import ImageFile
 from workspace_common.protocol.chunks import CHUNK_SIZE, PEER_CHUNK_PATH, peer_auth, peer_key
 from service_adapter.images.routes import SWARMS_KEY
-from tests.imagesource import Endorser, image_entry, write_file
+from tests.support.imagesource import Endorser, image_entry, write_file
 from tests.test_vm_api import VmService
 
 CHUNKS = 6

@@ -20,9 +20,9 @@ import pytest
 
 from workspace_common.protocol import ImageFile
 from service_adapter.vms import parse_vm_request
-from tests.imagesource import Endorser, ImageServer, image_entry
-from tests.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.support.imagesource import Endorser, ImageServer, image_entry
+from tests.support.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 from tests.test_real_vms import LEASE_MB, VM_MB, assert_node_clean
 
 pytest.importorskip("libvirt")

@@ -3,7 +3,7 @@
 Two nodes and the owner's side are network namespaces this module makes on
 an underlay of its own (a bridge in a fourth namespace, 192.0.2.0/24) and
 removes at the end. Each node runs the pilot's :class:`NodeNetworks` in
-``tests.netnode`` (a process in the node's namespace, as the pilot would
+``tests.support.netnode`` (a process in the node's namespace, as the pilot would
 be). A VM's NIC is stood in for by a namespace whose veth has the VM's MAC
 and whose other end carries the tap name on the node's bridge, where
 libvirt would put the VM's tap (the real VMs' test is
@@ -25,7 +25,7 @@ import tempfile
 import pytest
 
 from service_adapter.networks import NetworkPlan, parse_ranges
-from tests.netlab import NetLab, kill_all_in, sh
+from tests.support.netlab import NetLab, kill_all_in, sh
 from tests.test_vm_api import VmService, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)")
@@ -36,7 +36,7 @@ NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
 
 
 class Node:
-    """A node's namespace and the pilot's networks in it (``tests.netnode``)."""
+    """A node's namespace and the pilot's networks in it (``tests.support.netnode``)."""
 
     def __init__(self, lab: NetLab, name: str, workdir: str):
         self.lab, self.name, self.address = lab, name, lab.nodes[name]
@@ -48,7 +48,7 @@ class Node:
 
     def start_agent(self) -> None:
         self.agent = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, os.path.join(TOP, ".venv", "bin", "python"), "-m", "tests.netnode",
+            ["ip", "netns", "exec", self.ns, os.path.join(TOP, ".venv", "bin", "python"), "-m", "tests.support.netnode",
              self.run_root, self.journal, self.address],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=TOP)
         assert json.loads(self.agent.stdout.readline())["ok"]
@@ -90,7 +90,7 @@ class Guest:
 
     def dhcp(self) -> dict:
         """Ask for an address like a VM would (busybox udhcpc); what the lease said (empty: no answer)."""
-        script = os.path.join(TOP, "tests", "udhcpc-report.sh")
+        script = os.path.join(TOP, "tests", "support", "udhcpc-report.sh")
         result = sh("busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "3", "-T", "1", "-s", script,
                     "-O", "mtu", ns=self.ns, check=False, timeout=20)
         for line in result.stdout.splitlines():

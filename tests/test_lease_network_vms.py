@@ -1,6 +1,6 @@
 """Leased VMs a person can reach, end to end: the real service, real pilots, real libvirtd and QEMU on two nodes.
 
-Each node is a network namespace with its own libvirtd (``tests.netlab``),
+Each node is a network namespace with its own libvirtd (``tests.support.netlab``),
 joined to the others, the service's side and the owner's side by an
 underlay the module makes and removes. The service (a ``LocalSite`` with
 private lease networks) listens in the hub; its local provider starts each
@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-from tests.libvirt_daemon import missing_commands
-from tests.netlab import LeaseLab, sh
+from tests.support.libvirt_daemon import missing_commands
+from tests.support.netlab import LeaseLab, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")
 

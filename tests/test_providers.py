@@ -5,7 +5,7 @@ below), run through the real ``sudo -n --preserve-env=...`` as the job
 script says: it records its arguments, its Slurm node and the batch
 variables it received, then sleeps until SIGTERM or exits as a test
 needs. The cluster is the session fixture ``slurm_cluster``
-(tests/slurm_cluster.py); each test scancels what it submitted, by id, and
+(tests/support/slurm_cluster.py); each test scancels what it submitted, by id, and
 fails if a job outlives it. The local provider runs its stand-in pilots as
 real processes.
 """

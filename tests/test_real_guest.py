@@ -1,7 +1,7 @@
 """The real-VMM test infrastructure works: a tiny guest boots under libvirtd/QEMU (TCG), its balloon obeys.
 
 These test the set-up the pilot's VM tests stand on (``libvirt_qemu``,
-``tests/libvirt_daemon.py``, ``scripts/build-test-guest.sh``), not the
+``tests/support/libvirt_daemon.py``, ``scripts/build-test-guest.sh``), not the
 pilot. Every domain a test creates is destroyed in a ``finally``.
 """
 
@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.libvirt_daemon import GUEST_ALIVE, GUEST_UP, guest_files, guest_xml, wait_for_line
+from tests.support.libvirt_daemon import GUEST_ALIVE, GUEST_UP, guest_files, guest_xml, wait_for_line
 
 libvirt = pytest.importorskip("libvirt")
 

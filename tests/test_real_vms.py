@@ -27,8 +27,8 @@ from workspace_common.protocol import parse_time
 from pilot.vm.tag import tagged_domains
 from service_adapter.vms import parse_vm_request
 from tests.conftest import pool_pages
-from tests.libvirt_daemon import GUEST_ALIVE, GUEST_DIR, GUEST_UP, guest_files, wait_for_line
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.support.libvirt_daemon import GUEST_ALIVE, GUEST_DIR, GUEST_UP, guest_files, wait_for_line
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 VM_MB = 128
 LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead

@@ -28,8 +28,8 @@ import pytest
 
 from workspace_common.protocol import PILOT_ENV
 from tests.conftest import throwaway_node_keys
-from tests.slurm_cluster import PILOT
-from tests.system_node import SYSTEM_CONFIG, sudo_rule_and_config
+from tests.support.slurm_cluster import PILOT
+from tests.support.system_node import SYSTEM_CONFIG, sudo_rule_and_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUDOERS = "/etc/sudoers.d/workspace-pilot-tests"

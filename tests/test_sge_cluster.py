@@ -1,4 +1,4 @@
-"""The Grid Engine the tests stand on (tests/sge_cluster.py) is real and has several hosts.
+"""The Grid Engine the tests stand on (tests/support/sge_cluster.py) is real and has several hosts.
 
 These test the set-up, not the project: a qmaster and two sge_execd, each on
 a host of its own (network and UTS namespaces), Debian's Son of Grid Engine

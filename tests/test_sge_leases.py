@@ -1,7 +1,7 @@
 """Whole leases through the sge provider on a real multi-host Grid Engine, real pilots under sudo.
 
 Each pilot runs on its execution host (sgenode1, sgenode2: network and UTS
-namespaces of their own, tests/sge_cluster.py) as root through ``sudo``,
+namespaces of their own, tests/support/sge_cluster.py) as root through ``sudo``,
 started by ``qrsh -inherit``, takes real 2 MiB hugepages, and reports to a
 real receiver on this machine's end of the hosts' bridge. The same lease the
 Slurm provider passes (tests/test_slurm_leases.py).
@@ -14,10 +14,10 @@ import re
 import pytest
 
 from tests.conftest import pool_pages
-from tests.lease_checks import (
+from tests.support.lease_checks import (
     check_a_host_outside_the_allocation_is_refused, check_a_service_restart_mid_lease_loses_nothing,
 )
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 
 @pytest.fixture

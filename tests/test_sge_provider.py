@@ -1,4 +1,4 @@
-"""The sge provider and the qrsh launcher against a real multi-host Grid Engine (tests/sge_cluster.py).
+"""The sge provider and the qrsh launcher against a real multi-host Grid Engine (tests/support/sge_cluster.py).
 
 The payload is a stand-in for workspace-pilot (named as such): run through
 the real ``sudo -n --preserve-env=...`` that the job script writes, it records

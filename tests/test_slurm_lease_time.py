@@ -15,7 +15,7 @@ import pytest
 from workspace_common.protocol import parse_time
 from service_adapter.lease import ExtensionRefused
 from tests.conftest import SHORT_PARTITION, pool_pages
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 START_IN_S = 90
 

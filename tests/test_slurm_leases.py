@@ -3,7 +3,7 @@
 Each pilot runs on its Slurm node (node1..node4: four slurmd on this machine)
 as root through ``sudo``, takes real 2 MiB hugepages, and reports to a real
 receiver on 127.0.0.1. The cluster comes from the session fixture
-``slurm_cluster`` (tests/slurm_cluster.py); each test leaves no job behind.
+``slurm_cluster`` (tests/support/slurm_cluster.py); each test leaves no job behind.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import re
 import pytest
 
 from tests.conftest import pool_pages
-from tests.lease_checks import (
+from tests.support.lease_checks import (
     check_a_host_outside_the_allocation_is_refused, check_a_service_restart_mid_lease_loses_nothing,
 )
-from tests.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
+from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 
 

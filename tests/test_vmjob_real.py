@@ -30,9 +30,9 @@ from pilot.node.journal import Entry, Journal
 from pilot.vm.tag import tagged_domains
 from pilot.vmjob.exitcodes import VmJobExit
 from tests.conftest import killed_after, read_until
-from tests.libvirt_daemon import GUEST_DIR, guest_files
-from tests.slurm_cluster import SlurmCluster
-from tests.system_node import SYSTEM_CONFIG, sudo_rule_and_config
+from tests.support.libvirt_daemon import GUEST_DIR, guest_files
+from tests.support.slurm_cluster import SlurmCluster
+from tests.support.system_node import SYSTEM_CONFIG, sudo_rule_and_config
 
 libvirt = pytest.importorskip("libvirt")
 

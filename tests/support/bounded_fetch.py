@@ -1,6 +1,6 @@
 """Run as a separate process, as a pilot is: fetch one image past rude sources, then print the peak RSS.
 
-``python -m tests.bounded_fetch CACHE_DIR GOOD_URL RUDE_URL SHA256 SIZE CHUNK`` asks for the image with the
+``python -m tests.support.bounded_fetch CACHE_DIR GOOD_URL RUDE_URL SHA256 SIZE CHUNK`` asks for the image with the
 rude server as its mirror and the good one as the service (the whole-file path, then one chunk by Range),
 one chunk from the rude server as a peer, and the signed manifest from the rude server as the service. It
 prints one JSON line: what each step gave, and ``maxrss_kb`` (this process's peak resident set, VmHWM). Its address space is capped at 2 GiB, so code that reads a rude answer whole fails here with

@@ -39,7 +39,7 @@ from service_adapter.local_site import LocalSite, write_pilot_config
 from service_adapter.networks import NetworkPlan
 from service_adapter.providers.local import LocalProvider
 from service_adapter.vms import parse_vm_request
-from tests.libvirt_daemon import GUEST_DIR, wait_for_line
+from tests.support.libvirt_daemon import GUEST_DIR, wait_for_line
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -226,7 +226,7 @@ ADDRESS_LINE = re.compile(r"workspace-pilot test guest address (\S+) (\S+)")
 
 def guest_spec(name: str, host: str | None = None) -> dict:
     """The test guest as a VM spec (direct kernel boot, its console to ``NAME.log``), pinned to ``host``."""
-    from tests.libvirt_daemon import guest_files
+    from tests.support.libvirt_daemon import guest_files
 
     files = guest_files()
     spec = {"name": name, "memory_mb": VM_MB,

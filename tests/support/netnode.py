@@ -1,6 +1,6 @@
 """A node's side of the lease network tests: the pilot's NodeNetworks, driven line by line, in a node's namespace.
 
-Run as ``ip netns exec NODE python -m tests.netnode RUN_ROOT JOURNAL_FILE ADDRESS`` by
+Run as ``ip netns exec NODE python -m tests.support.netnode RUN_ROOT JOURNAL_FILE ADDRESS`` by
 ``tests/test_lease_network.py``: it reads one JSON request per line on stdin
 (``{"op": "attach", "nic": {...}}``, ``detach``, ``apply`` with ``net``,
 ``teardown``) and answers one JSON line each (``{"ok": true, ...}`` or

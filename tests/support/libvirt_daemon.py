@@ -32,7 +32,7 @@ from service_adapter.localvirt import (  # noqa: F401 (re-exported for the tests
 )
 
 URI = LocalLibvirtd.uri
-GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "test-guest")
+GUEST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".cache", "test-guest")
 GUEST_UP = "workspace-pilot test guest up"
 GUEST_ALIVE = "workspace-pilot test guest alive"
 LEAK_PREFIXES = ("wp-", "wptest-")  # domains tests create; any left at stop() is a leak

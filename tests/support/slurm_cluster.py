@@ -34,7 +34,7 @@ from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.vms import VmManager
 from service_adapter.children import stop_in_order
-from tests.ports import free_ports
+from tests.support.ports import free_ports
 
 SPANK_PBS = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pbs.so"
 DAEMONS = ("munged", "slurmctld", "slurmd")

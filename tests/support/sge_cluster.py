@@ -30,7 +30,7 @@ import time
 
 from service_adapter.children import stop_in_order
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRIDENGINE = os.path.join(REPO, ".cache", "gridengine", "root")
 BIN = "/usr/lib/gridengine"  # where the binaries are, inside the namespaces (and where they look for plug-ins)
 QMASTER_PORT = 6444

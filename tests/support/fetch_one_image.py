@@ -1,6 +1,6 @@
 """Run as a separate process, as a pilot is: have one image in a node image cache, fetched from a mirror.
 
-``python -m tests.fetch_one_image CACHE_DIR MIRROR_URL SHA256 SIZE`` prints the cached file's path,
+``python -m tests.support.fetch_one_image CACHE_DIR MIRROR_URL SHA256 SIZE`` prints the cached file's path,
 or ``error: ...`` and exits 1. The service's endpoint behind the mirror is unreachable (port 9).
 """
 

@@ -1,7 +1,7 @@
 """Stand-ins for what cannot run on these machines, each named as a fake.
 
 Xen has no hypervisor here, so its ``xl`` command is replaced by
-:mod:`tests.fakes.fake_xl`, which implements exactly ``xl list 0`` and
+:mod:`tests.support.fakes.fake_xl`, which implements exactly ``xl list 0`` and
 ``xl mem-set 0 <N>m`` against a state file.
 """
 

@@ -1,10 +1,10 @@
 """Lease checks that every batch provider must pass, shared by tests/test_slurm_leases.py and
-tests/test_sge_leases.py: each takes a running site (tests.slurm_cluster.ServiceOnCluster) on its cluster."""
+tests/test_sge_leases.py: each takes a running site (tests.support.slurm_cluster.ServiceOnCluster) on its cluster."""
 
 from __future__ import annotations
 
 from tests.conftest import pool_pages
-from tests.slurm_cluster import TERMINAL
+from tests.support.slurm_cluster import TERMINAL
 
 
 def check_a_host_outside_the_allocation_is_refused(site, nodes: int, hugepages: int) -> None:

@@ -1,4 +1,4 @@
-"""A FAKE of Xen's `xl` for tests and benchmarks; see install_fake_xl in tests/fakes/__init__.py."""
+"""A FAKE of Xen's `xl` for tests and benchmarks; see install_fake_xl in tests/support/fakes/__init__.py."""
 # FAKE xl (Xen cannot run here): implements only `list 0` and `mem-set 0 <N>m`; Domain-0's MB live in fake-xl.state.
 import os, sys
 here = os.path.dirname(os.path.abspath(__file__))
