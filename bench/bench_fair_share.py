@@ -38,7 +38,7 @@ import requests  # noqa: E402
 from requests.auth import HTTPDigestAuth  # noqa: E402
 
 from workspace_common.protocol import commands_path, image_path  # noqa: E402
-from tests.conftest import pool_pages  # noqa: E402
+from tests.support.pool import pool_pages  # noqa: E402
 from tests.test_fair_share import leased_with_an_image, node_auth, node_header  # noqa: E402
 from tests.test_operator_door import guess  # noqa: E402
 from tests.test_rude_clients import session  # noqa: E402

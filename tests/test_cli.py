@@ -12,7 +12,9 @@ import pytest
 
 from pilot.exitcodes import ExitCode
 from workspace_common.protocol import SLOT_SECRET_ENV
-from tests.conftest import pilot_config, pool_pages, throwaway_node_keys
+from tests.support.pilots import pilot_config
+from tests.support.pool import pool_pages
+from tests.support.service import throwaway_node_keys
 
 GOOD_ARGS = ["--slot", "s1", "--memory", "64", "--duration", "10", "--grace", "2"]
 #: As the slot's job would set it.

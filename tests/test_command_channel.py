@@ -46,7 +46,7 @@ from service_adapter.digest import DigestVerifier
 from service_adapter.receiver import POLL_BATCH, ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.nodekeys import NodeAccounts, new_site_key
-from tests.conftest import REALM, notification
+from tests.support.service import REALM, notification
 
 SHA = "0123456789abcdef" * 4
 

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from tests.conftest import pool_pages, read_until
+from tests.support.pilots import read_until
+from tests.support.pool import pool_pages
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")

@@ -14,7 +14,7 @@ import requests
 
 from workspace_common.protocol import SIGNATURE_HEADER, digest_ha1, sign
 from service_adapter.digest import DigestVerifier, parse_params, response_digest
-from tests.conftest import REALM, Service, notification
+from tests.support.service import REALM, Service, notification
 
 USER = "node1"  # a node's account is its host name
 

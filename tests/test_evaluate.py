@@ -22,7 +22,9 @@ from pilot.evaluate import Check, check_journal, check_path, check_privilege, ev
 from pilot.exitcodes import ExitCode
 from pilot.node.journal import Entry, Journal, MemoryRecord
 from pilot.node.owner import Owner
-from tests.conftest import NR_HUGEPAGES, Service, free_port, needs_root, pool_pages
+from tests.support.pool import NR_HUGEPAGES, needs_root, pool_pages
+from tests.support.ports import free_port
+from tests.support.service import Service
 from tests.test_journal import dead_owner
 
 EXECUTABLE = os.path.realpath(os.path.join(os.path.dirname(sys.executable), "workspace-pilot"))

@@ -9,7 +9,8 @@ import sys
 from pilot.firstshot import FirstShot, FirstShotFailed
 from pilot.notifier import Outcome
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
-from tests.conftest import free_port, notification
+from tests.support.ports import free_port
+from tests.support.service import notification
 from tests.test_notifier import make_notifier
 
 # A fresh interpreter: a notifier sends two notifications and says, as each is answered,

@@ -24,7 +24,8 @@ from pilot.images.cache import CacheError, ImageCache
 from pilot.images.fetch import CHUNK, ImageSource, NodeImages
 from pilot.node.journal import Entry, Journal
 from workspace_common.protocol import ImageFile
-from tests.conftest import pilot_config, throwaway_node_keys
+from tests.support.pilots import pilot_config
+from tests.support.service import throwaway_node_keys
 from tests.support.imagesource import ImageServer, write_file
 from tests.test_journal import dead_owner
 

@@ -17,9 +17,9 @@ from admin_tools import killall
 from pilot.exitcodes import ExitCode
 from pilot.node.journal import Entry, Journal, MemoryRecord
 from pilot.node.owner import Owner, boot_id, start_ticks
-from tests.conftest import (
-    journal_files, pilot_config, pool_pages, read_until, running_pilot, throwaway_node_keys,
-)
+from tests.support.pilots import journal_files, pilot_config, read_until, running_pilot
+from tests.support.pool import pool_pages
+from tests.support.service import throwaway_node_keys
 from tests.test_journal import dead_owner
 
 libvirt = pytest.importorskip("libvirt")

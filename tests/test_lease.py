@@ -30,7 +30,9 @@ from service_adapter.lease import (
 from service_adapter.local_site import LocalSite
 from service_adapter.providers.base import JobState, Provider, ProviderError
 from service_adapter.store import ENDING, LeaseRow, PilotRow, Store
-from tests.conftest import add_lease, journal_files, pool_pages
+from tests.support.pilots import journal_files
+from tests.support.pool import pool_pages
+from tests.support.service import add_lease
 
 # -- the state table -----------------------------------------------------------------------------
 

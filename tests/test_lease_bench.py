@@ -32,7 +32,7 @@ def bench_run(tmp_path_factory):
     pytest.importorskip("libvirt")
     if os.geteuid() != 0 or not os.access("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", os.W_OK):
         pytest.skip("needs root and a writable 2 MiB hugepage pool")
-    from tests.conftest import machine_lock, pool_pages
+    from tests.support.pool import machine_lock, pool_pages
 
     out = tmp_path_factory.mktemp("bench")
     with machine_lock("hugepages"):

@@ -13,7 +13,7 @@ import pytest
 from workspace_common.protocol import format_epoch, parse_time
 from service_adapter.lease import TERMINAL_STATES, ExtensionRefused, InvalidLease
 from service_adapter.providers.base import JobState
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 from tests.test_lease import local_site
 
 

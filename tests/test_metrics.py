@@ -13,7 +13,7 @@ from requests.auth import HTTPDigestAuth
 from service_adapter.metrics import ServiceMetrics
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.providers.jobscript import JobTemplate
-from tests.conftest import free_port
+from tests.support.ports import free_port
 from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, Site, serving
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from pilot.exitcodes import ExitCode
 from pilot.faults import POINTS
-from tests.conftest import journal_files, pilot_config, pool_pages, read_until, running_pilot, start_pilot
+from tests.support.pilots import journal_files, pilot_config, read_until, running_pilot, start_pilot
+from tests.support.pool import pool_pages
 
 DEATHS = ("sigterm", "sigkill-then-killall", "sigkill-then-next-pilot")
 

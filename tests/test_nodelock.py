@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pilot.node.lock import NodeLock, NodeLockError
-from tests.conftest import needs_root
+from tests.support.pool import needs_root
 
 
 def test_lock_times_out_while_another_process_holds_it(tmp_path):

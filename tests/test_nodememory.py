@@ -13,7 +13,7 @@ from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord
 from pilot.node.memory import NodeMemory, TakeAborted
 from pilot.recovery import replay_dead
 from pilot.node.owner import Owner
-from tests.conftest import NR_HUGEPAGES, pool_pages
+from tests.support.pool import NR_HUGEPAGES, pool_pages
 from tests.test_journal import dead_owner
 
 

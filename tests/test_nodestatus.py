@@ -13,7 +13,8 @@ import pytest
 from admin_tools import nodestatus
 from pilot.node.journal import Journal
 from pilot.node.owner import Owner
-from tests.conftest import journal_files, pool_pages, running_pilot
+from tests.support.pilots import journal_files, running_pilot
+from tests.support.pool import pool_pages
 from tests.test_journal import dead_owner
 from tests.test_killall import config_for, held_entry, set_pool, start_vm
 

@@ -10,7 +10,7 @@ import time
 from pilot.notifier import Notifier, Outcome
 from service_adapter.receiver import ReceiverThread, make_app
 from pilot.credentials import PilotCredentials
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 
 def make_notifier(url: str, service, slot: str, **options) -> Notifier:

@@ -22,7 +22,8 @@ from workspace_common.protocol import (
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.vms import parse_vm_request
-from tests.conftest import notification, pool_pages
+from tests.support.pool import pool_pages
+from tests.support.service import notification
 
 ATTACKER = "local-node1"
 SPEC = {"name": "vm1", "memory_mb": 8, "boot": {"kernel": {"path": "vmlinuz", "sha256": "0" * 64}}}

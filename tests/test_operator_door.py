@@ -21,7 +21,7 @@ from requests.auth import HTTPDigestAuth
 
 from workspace_common.protocol import digest_ha1
 from service_adapter.digest import parse_params, response_digest
-from tests.conftest import free_port
+from tests.support.ports import free_port
 from tests.test_rude_clients import HANG_S, log_text, session
 from tests.test_service_cli import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, Site, serving
 

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 import workspace_common
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = workspace_common.__version__

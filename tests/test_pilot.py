@@ -13,7 +13,10 @@ from pilot.exitcodes import ExitCode
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.receiver import ReceiverThread, make_app
-from tests.conftest import free_port, pilot_config, pool_pages, read_until, running_pilot, throwaway_node_keys
+from tests.support.pilots import pilot_config, read_until, running_pilot
+from tests.support.pool import pool_pages
+from tests.support.ports import free_port
+from tests.support.service import throwaway_node_keys
 
 
 def states(service, slot, host="node1"):

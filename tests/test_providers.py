@@ -29,7 +29,7 @@ from service_adapter.providers.jobscript import JobScriptError, JobTemplate, pil
 from service_adapter.providers import JobState, PilotJob, ProviderError, ProviderSettings, make_provider
 from service_adapter.providers.commands import Outcome, run_command
 from service_adapter.providers.local import LocalProvider
-from tests.conftest import free_port
+from tests.support.ports import free_port
 
 SUDO = "/usr/bin/sudo"
 NEVER_SUBMITTED = "999999"

@@ -26,7 +26,7 @@ import pytest
 from workspace_common.protocol import parse_time
 from pilot.vm.tag import tagged_domains
 from service_adapter.vms import parse_vm_request
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 from tests.support.libvirt_daemon import GUEST_ALIVE, GUEST_DIR, GUEST_UP, guest_files, wait_for_line
 from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 

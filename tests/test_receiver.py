@@ -9,7 +9,7 @@ import pytest
 
 from workspace_common.protocol import MAX_BODY_BYTES, MAX_MEMORY_MB, MAX_SEQ, MAX_SEQ_STEP, epoch_micros, format_time, sign, utc_now
 from service_adapter.store import Store
-from tests.conftest import notification
+from tests.support.service import notification
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from workspace_common.protocol import PILOT_ENV
-from tests.conftest import throwaway_node_keys
+from tests.support.service import throwaway_node_keys
 from tests.support.slurm_cluster import PILOT
 from tests.support.system_node import SYSTEM_CONFIG, sudo_rule_and_config
 

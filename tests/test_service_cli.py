@@ -27,7 +27,9 @@ from requests.auth import HTTPDigestAuth
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key
-from tests.conftest import free_port, pool_pages, read_until
+from tests.support.pilots import read_until
+from tests.support.pool import pool_pages
+from tests.support.ports import free_port
 
 OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
 PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"

@@ -14,7 +14,8 @@ import pytest
 
 from workspace_common.protocol import parse_time
 from service_adapter.lease import ExtensionRefused
-from tests.conftest import SHORT_PARTITION, pool_pages
+from tests.support.pool import pool_pages
+from tests.support.slurm_cluster import SHORT_PARTITION
 from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
 START_IN_S = 90

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 from tests.support.lease_checks import (
     check_a_host_outside_the_allocation_is_refused, check_a_service_restart_mid_lease_loses_nothing,
 )

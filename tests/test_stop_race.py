@@ -19,7 +19,8 @@ import time
 import pytest
 
 from pilot.exitcodes import ExitCode
-from tests.conftest import journal_files, pilot_config, pool_pages, read_until, start_pilot
+from tests.support.pilots import journal_files, pilot_config, read_until, start_pilot
+from tests.support.pool import pool_pages
 
 ORDERS = ("release-then-term", "term-then-release", "release-then-burst", "burst-then-release")
 ROUNDS, PILOTS = 32, 8  # 256 stops

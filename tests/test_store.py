@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service_adapter.store import Store, StoreError
-from tests.conftest import Service, add_lease, notification
+from tests.support.service import Service, add_lease, notification
 
 
 def post(service, slot, seq, state, host="node1", status=200, **fields):

@@ -33,7 +33,8 @@ from service_adapter.providers.base import JobState, Provider
 from service_adapter.receiver import ReceiverThread, make_app
 from service_adapter.store import Store
 from service_adapter.vms import VmManager
-from tests.conftest import free_port, notification
+from tests.support.ports import free_port
+from tests.support.service import notification
 
 OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
 OTHER_OPERATOR, OTHER_SECRET = "bob", "bob-secret-45678"

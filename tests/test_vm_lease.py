@@ -19,7 +19,7 @@ from pilot.exitcodes import ExitCode
 from service_adapter.lease import TERMINAL_STATES
 from service_adapter.local_site import LocalSite
 from service_adapter.vms import VmRequestError
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 
 pytest.importorskip("libvirt")
 

@@ -29,7 +29,7 @@ import pytest
 from pilot.node.journal import Entry, Journal
 from pilot.vm.tag import tagged_domains
 from pilot.vmjob.exitcodes import VmJobExit
-from tests.conftest import killed_after, read_until
+from tests.support.pilots import killed_after, read_until
 from tests.support.libvirt_daemon import GUEST_DIR, guest_files
 from tests.support.slurm_cluster import SlurmCluster
 from tests.support.system_node import SYSTEM_CONFIG, sudo_rule_and_config

@@ -3,7 +3,7 @@ tests/test_sge_leases.py: each takes a running site (tests.support.slurm_cluster
 
 from __future__ import annotations
 
-from tests.conftest import pool_pages
+from tests.support.pool import pool_pages
 from tests.support.slurm_cluster import TERMINAL
 
 
@@ -14,7 +14,7 @@ def check_a_host_outside_the_allocation_is_refused(site, nodes: int, hugepages: 
     from requests.auth import HTTPDigestAuth
 
     from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
-    from tests.conftest import notification
+    from tests.support.service import notification
 
     lease = site.manager.reserve(nodes=nodes, memory_mb=32, duration_s=300)
     ready = site.wait(lease, {"ready"} | TERMINAL, 60)

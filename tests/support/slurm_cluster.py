@@ -43,6 +43,8 @@ SUDO = shutil.which("sudo") or "/usr/bin/sudo"
 TERMINAL = {"released", "expired", "failed", "missing"}
 REALM = "workspace-pilot"
 WALLTIME_MARGIN_S = 20
+#: The session cluster's partition with a time limit (MaxTime=5 minutes; tests/conftest.py makes it).
+SHORT_PARTITION = "short"
 
 
 class ClusterError(RuntimeError):
