@@ -39,10 +39,10 @@ from requests.auth import HTTPDigestAuth  # noqa: E402
 
 from workspace_common.protocol import commands_path, image_path  # noqa: E402
 from tests.support.pool import pool_pages  # noqa: E402
-from tests.test_fair_share import leased_with_an_image, node_auth, node_header  # noqa: E402
-from tests.test_operator_door import guess  # noqa: E402
-from tests.test_rude_clients import session  # noqa: E402
-from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, Site  # noqa: E402
+from tests.support.rawhttp import leased_with_an_image, node_auth, node_header  # noqa: E402
+from tests.support.rawhttp import guess  # noqa: E402
+from tests.support.rawhttp import session  # noqa: E402
+from tests.support.site import OPERATOR, OPERATOR_SECRET, Site  # noqa: E402
 
 
 class Attack(threading.Thread):

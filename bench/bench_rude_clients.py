@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import requests  # noqa: E402
 from requests.auth import HTTPDigestAuth  # noqa: E402
 
-from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, Site, serving  # noqa: E402
+from tests.support.site import OPERATOR, OPERATOR_SECRET, Site, serving  # noqa: E402
 
 
 def connect(site: Site) -> socket.socket:

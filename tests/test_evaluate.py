@@ -25,7 +25,7 @@ from pilot.node.owner import Owner
 from tests.support.pool import NR_HUGEPAGES, needs_root, pool_pages
 from tests.support.ports import free_port
 from tests.support.service import Service
-from tests.test_journal import dead_owner
+from tests.support.owners import dead_owner
 
 EXECUTABLE = os.path.realpath(os.path.join(os.path.dirname(sys.executable), "workspace-pilot"))
 

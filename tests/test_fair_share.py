@@ -12,8 +12,6 @@ and the attacker gets 429 with Retry-After, never a reset.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import socket
@@ -21,26 +19,14 @@ import time
 
 import pytest
 import requests
-from requests.auth import HTTPDigestAuth
 
 from workspace_common.protocol import commands_path, image_path
-from tests.support.imagesource import Endorser, ImageServer, image_entry, write_file
-from tests.test_rude_clients import HANG_S, authorization, connect, log_text, open_file_limit, status_of
-from tests.test_service_cli import PILOT_REALM, Site, serving
+from tests.support.rawhttp import HANG_S, connect, log_text, open_file_limit, status_of
+from tests.support.site import Site
+from tests.support.rawhttp import IMAGE_BYTES, leased_with_an_image, node_auth, node_header
 
-IMAGE_BYTES = 8 * 1024 * 1024 + 5  # an image of 8 MiB and a few bytes: no read lands on its end by chance
 #: The service's request timeout here, which is also its send timeout.
 TIMEOUT_S = 2
-
-
-def node_auth(site: Site, host: str) -> HTTPDigestAuth:
-    """The digest credentials of node ``host`` (its key, derived from the site key as the node's is)."""
-    return HTTPDigestAuth(host, site.nodes.node_key(host))
-
-
-def node_header(site: Site, host: str, path: str) -> str:
-    """A fresh Authorization header of node ``host`` for one GET of ``path``."""
-    return authorization(site, "GET", path, user=host, secret=site.nodes.node_key(host), realm=PILOT_REALM)
 
 
 def read_head(sock: socket.socket, timeout: float = HANG_S) -> bytes | None:
@@ -56,41 +42,6 @@ def read_head(sock: socket.socket, timeout: float = HANG_S) -> bytes | None:
     except socket.timeout:
         return None
     return head
-
-
-@contextlib.contextmanager
-def leased_with_an_image(site: Site, nodes: int = 4):
-    """``site`` served under ``prlimit --nofile=1024``, an 8 MiB image approved from a real HTTP server, and a lease
-    of ``nodes`` nodes held by real pilots: sets ``site.lease_id``, ``slot``, ``hosts``, ``sha256``, ``pid``.
-    The lease is released at the end of the block (when it went well)."""
-    root = site.root
-    published = root / "published"
-    published.mkdir()
-    write_file(str(published / "worker.img"), IMAGE_BYTES, seed=3)
-    server = ImageServer(str(published))
-    endorser = Endorser(str(root / "endorser"))
-    endorser.trust_in(str(root / "endorsers"))
-    entry = image_entry("worker", "1.0", str(published / "worker.img"), f"{server.url}/worker.img")
-    endorser.publish(str(published / "hep.list"), [entry])
-    with open(site.config, "a", encoding="utf-8") as handle:
-        handle.write(f"[images]\nendorser_keys = {root / 'endorsers'}\nstore_dir = {root / 'image-store'}\n")
-    with open_file_limit(8192), serving(site, wrapper=("prlimit", "--nofile=1024:1024")) as process:
-        try:
-            assert site.api("POST", "/image-lists", json={"source": f"{server.url}/hep.list"}).status_code == 201
-            assert site.api("POST", "/images/worker/approve", json={"version": "1.0"}).status_code == 200
-            reserved = site.cli("reserve", "--nodes", str(nodes), "--memory", "16", "--duration", "900", "--json",
-                                "--wait")
-            assert reserved.returncode == 0, reserved.stderr
-            lease = json.loads(reserved.stdout)
-            site.lease_id, site.slot, site.sha256, site.pid = lease["id"], lease["slot"], entry["sha256"], process.pid
-            site.hosts = sorted(pilot["host"] for pilot in lease["pilots"])  # the attackers' nodes and a good one
-            assert len(site.hosts) == nodes
-            yield site
-            if not getattr(site, "released", False):  # the block may have released it itself
-                released = site.cli("release", site.lease_id, "--wait", timeout=120)
-                assert released.returncode == 0, released.stderr
-        finally:
-            server.close()
 
 
 @pytest.fixture(scope="module")

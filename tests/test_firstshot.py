@@ -11,7 +11,7 @@ from pilot.notifier import Outcome
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from tests.support.ports import free_port
 from tests.support.service import notification
-from tests.test_notifier import make_notifier
+from tests.support.notifiers import make_notifier
 
 # A fresh interpreter: a notifier sends two notifications and says, as each is answered,
 # whether requests had been imported by then.

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from requests.auth import HTTPDigestAuth
 
 from workspace_common.protocol import COMMANDS_PATH, NOTIFICATIONS_PATH, SIGNATURE_HEADER, format_time, sign, utc_now
-from tests.test_vm_api import OPERATOR, OPERATOR_SECRET, SHA, VmService
+from tests.support.site import OPERATOR, OPERATOR_SECRET
+from tests.support.vmservice import SHA, VmService
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,7 @@ from workspace_common.protocol import ImageFile
 from tests.support.pilots import pilot_config
 from tests.support.service import throwaway_node_keys
 from tests.support.imagesource import ImageServer, write_file
-from tests.test_journal import dead_owner
+from tests.support.owners import dead_owner
 
 SIZE = 4 * 1024 * 1024 + 5
 MiB = 1024 * 1024

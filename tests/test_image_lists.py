@@ -23,7 +23,7 @@ import requests
 from service_adapter.images.imagelist import key_id
 
 from tests.support.imagesource import Endorser, ImageServer, image_entry, write_file
-from tests.test_vm_api import VmService, one_line_error
+from tests.support.vmservice import VmService, one_line_error
 
 IMAGE_BYTES = 3 * 1024 * 1024 + 17
 

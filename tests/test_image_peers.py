@@ -25,7 +25,7 @@ from workspace_common.protocol import ImageFile
 from workspace_common.protocol.chunks import CHUNK_SIZE, PEER_CHUNK_PATH, peer_auth, peer_key
 from service_adapter.images.routes import SWARMS_KEY
 from tests.support.imagesource import Endorser, image_entry, write_file
-from tests.test_vm_api import VmService
+from tests.support.vmservice import VmService
 
 CHUNKS = 6
 SIZE = CHUNKS * CHUNK_SIZE - 12345  # the last chunk is short

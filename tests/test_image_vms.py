@@ -23,7 +23,7 @@ from service_adapter.vms import parse_vm_request
 from tests.support.imagesource import Endorser, ImageServer, image_entry
 from tests.support.libvirt_daemon import GUEST_DIR, GUEST_UP, guest_files, wait_for_line
 from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
-from tests.test_real_vms import LEASE_MB, VM_MB, assert_node_clean
+from tests.support.realvms import LEASE_MB, VM_MB, assert_node_clean
 
 pytest.importorskip("libvirt")
 

@@ -10,14 +10,7 @@ import pytest
 
 from pilot.node.journal import Entry, Journal, JournalError, MemoryRecord, UnreadableEntry
 from pilot.node.owner import Owner, boot_id, start_ticks
-
-
-def dead_owner() -> Owner:
-    """The identity of a process that ran and has ended."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    owner = Owner(child.pid, start_ticks(child.pid), boot_id())
-    child.communicate(b"")
-    return owner
+from tests.support.owners import dead_owner
 
 
 def held(units: int = 32) -> MemoryRecord:

@@ -11,52 +11,24 @@ import subprocess
 import sys
 import threading
 
-import pytest
 
 from admin_tools import killall
 from pilot.exitcodes import ExitCode
-from pilot.node.journal import Entry, Journal, MemoryRecord
+from pilot.node.journal import Entry, Journal
 from pilot.node.owner import Owner, boot_id, start_ticks
 from tests.support.pilots import journal_files, pilot_config, read_until, running_pilot
 from tests.support.pool import pool_pages
 from tests.support.service import throwaway_node_keys
-from tests.test_journal import dead_owner
+from tests.support.owners import dead_owner
+from tests.support.nodes import config_for, held_entry, libvirt, set_pool, start_vm
 
-libvirt = pytest.importorskip("libvirt")
 libvirt.registerErrorHandler(lambda *_: None, None)
-
-
-def set_pool(pages: int) -> None:
-    with open("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "w", encoding="ascii") as handle:
-        handle.write(str(pages))
-
-
-def config_for(tmp_path, service=None, **memory) -> str:
-    sections = {"libvirt": {"uri": "test:///default"}, "memory": {"minmem": 0, **memory}}
-    if service is None:
-        return pilot_config(tmp_path, "http://127.0.0.1:9", throwaway_node_keys(tmp_path), sections=sections)
-    return pilot_config(tmp_path, service.url, service.node_key_file(), sections=sections)
 
 
 def run_killall(config: str, *extra: str) -> tuple[int, str]:
     out = io.StringIO()
     code = killall.main(["--config", config, *extra], out=out)
     return code, out.getvalue()
-
-
-def held_entry(slot: str, pages: int, owner: Owner, contact: str | None = None, sign_key: str | None = None) -> Entry:
-    record = MemoryRecord("hugepages", {"page_kb": 2048}, "held", pages, pages * 2)
-    return Entry(slot, "node1", owner, contact=contact, memory=record, sign_key=sign_key)
-
-
-def start_vm(conn, name: str, slot: str | None):
-    from pilot.vm.tag import VmTag, set_tag
-
-    xml = f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>"
-    domain = conn.createXML(xml, 0)
-    if slot:
-        set_tag(domain, VmTag(slot, "lease-1", 4242), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    return domain
 
 
 def vm_names(conn) -> set[str]:

@@ -147,3 +147,21 @@ def test_no_import_cycle_anywhere():
     finally:
         sys.setrecursionlimit(limit)
     assert cycles == []
+
+
+def test_tests_and_benchmarks_import_support_never_a_test_module_or_conftest():
+    found = []
+    for folder in ("tests", "bench"):
+        for directory, _, files in os.walk(os.path.join(TOP, folder)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                with open(path, encoding="utf-8") as handle:
+                    tree = ast.parse(handle.read())
+                for node in ast.walk(tree):
+                    modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    found += [f"{os.path.relpath(path, TOP)} -> {module}" for module in modules
+                              if module.startswith("tests.test_") or module == "tests.conftest"]
+    assert found == []

@@ -27,12 +27,12 @@ from service_adapter.lease import (
     UnknownLease,
     decide,
 )
-from service_adapter.local_site import LocalSite
 from service_adapter.providers.base import JobState, Provider, ProviderError
 from service_adapter.store import ENDING, LeaseRow, PilotRow, Store
 from tests.support.pilots import journal_files
 from tests.support.pool import pool_pages
 from tests.support.service import add_lease
+from tests.support.localsites import local_site
 
 # -- the state table -----------------------------------------------------------------------------
 
@@ -482,13 +482,6 @@ def test_two_managers_never_apply_one_transition_twice(store):
 
 
 # -- whole leases: real pilots through the local provider --------------------------------------------
-
-
-def local_site(tmp_path, name="site", **options) -> LocalSite:
-    options.setdefault("grace_s", 3)
-    options.setdefault("release_grace_s", 5)
-    options.setdefault("status_interval_s", 0.2)
-    return LocalSite(str(tmp_path / name), journal_dir=str(tmp_path / "journal"), **options)
 
 
 def test_two_node_lease_ready_then_released_with_usage_per_host_and_owner(tmp_path, hugepages):

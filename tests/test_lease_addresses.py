@@ -18,7 +18,7 @@ import pytest
 
 from workspace_common.protocol import Command, mac_for
 from service_adapter.networks import NetworkPlan, parse_ranges
-from tests.test_vm_api import OTHER_OPERATOR, OTHER_SECRET, VmService, cli, one_line_error, spec  # noqa: F401 (cli)
+from tests.support.vmservice import OTHER_OPERATOR, OTHER_SECRET, VmService, cli, one_line_error, spec  # noqa: F401 (cli)
 
 NODE_ADDRESSES = {"node1": "192.0.2.1", "node2": "192.0.2.2", "node3": "192.0.2.3"}
 

@@ -26,7 +26,7 @@ import pytest
 
 from service_adapter.networks import NetworkPlan, parse_ranges
 from tests.support.netlab import NetLab, kill_all_in, sh
-from tests.test_vm_api import VmService, spec
+from tests.support.vmservice import VmService, spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)")
 

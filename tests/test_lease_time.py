@@ -14,7 +14,7 @@ from workspace_common.protocol import format_epoch, parse_time
 from service_adapter.lease import TERMINAL_STATES, ExtensionRefused, InvalidLease
 from service_adapter.providers.base import JobState
 from tests.support.pool import pool_pages
-from tests.test_lease import local_site
+from tests.support.localsites import local_site
 
 
 @pytest.fixture

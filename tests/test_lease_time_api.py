@@ -17,7 +17,7 @@ import pytest
 
 from workspace_common.protocol import format_epoch, parse_time
 from tests import test_vm_api
-from tests.test_vm_api import BatchSystemStandIn, VmService, one_line_error, single_line, spec
+from tests.support.vmservice import BatchSystemStandIn, VmService, one_line_error, single_line, spec
 
 # That file's fixtures: its service (svc) and its workspace-lease runner (cli).
 svc = test_vm_api.svc

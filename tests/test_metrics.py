@@ -14,7 +14,7 @@ from service_adapter.metrics import ServiceMetrics
 from service_adapter.providers import ProviderSettings, make_provider
 from service_adapter.providers.jobscript import JobTemplate
 from tests.support.ports import free_port
-from tests.test_service_cli import OPERATOR, OPERATOR_SECRET, Site, serving
+from tests.support.site import OPERATOR, OPERATOR_SECRET, Site, serving
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

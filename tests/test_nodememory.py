@@ -14,7 +14,7 @@ from pilot.node.memory import NodeMemory, TakeAborted
 from pilot.recovery import replay_dead
 from pilot.node.owner import Owner
 from tests.support.pool import NR_HUGEPAGES, pool_pages
-from tests.test_journal import dead_owner
+from tests.support.owners import dead_owner
 
 
 def set_pool(pages: int) -> None:

@@ -15,8 +15,8 @@ from pilot.node.journal import Journal
 from pilot.node.owner import Owner
 from tests.support.pilots import journal_files, running_pilot
 from tests.support.pool import pool_pages
-from tests.test_journal import dead_owner
-from tests.test_killall import config_for, held_entry, set_pool, start_vm
+from tests.support.owners import dead_owner
+from tests.support.nodes import config_for, held_entry, set_pool, start_vm
 
 libvirt = pytest.importorskip("libvirt")
 

@@ -7,20 +7,10 @@ import sys
 import threading
 import time
 
-from pilot.notifier import Notifier, Outcome
+from pilot.notifier import Outcome
 from service_adapter.receiver import ReceiverThread, make_app
-from pilot.credentials import PilotCredentials
 from tests.support.ports import free_port
-
-
-def make_notifier(url: str, service, slot: str, **options) -> Notifier:
-    """A notifier for (slot, node1) with that node's real credentials (made-up ones without a service)."""
-    if service is None:
-        credentials = PilotCredentials("node1", "0" * 64, "0" * 64)
-    else:
-        sign_key = service.sign_key(slot, "node1") if slot in service.slot_secrets else "0" * 64
-        credentials = PilotCredentials("node1", service.node_key("node1"), sign_key)
-    return Notifier(url, credentials, slot, "node1", **options)
+from tests.support.notifiers import make_notifier
 
 
 def test_notifications_arrive_in_order_with_increasing_seq(service):

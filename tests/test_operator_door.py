@@ -12,18 +12,16 @@ elsewhere is not slowed.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 import requests
 from requests.auth import HTTPDigestAuth
 
-from workspace_common.protocol import digest_ha1
-from service_adapter.digest import parse_params, response_digest
 from tests.support.ports import free_port
-from tests.test_rude_clients import HANG_S, log_text, session
-from tests.test_service_cli import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, Site, serving
+from tests.support.rawhttp import HANG_S, log_text, session
+from tests.support.site import OPERATOR, OPERATOR_SECRET, Site, serving
+from tests.support.rawhttp import guess
 
 
 def apart(site: Site) -> str:
@@ -34,18 +32,6 @@ def apart(site: Site) -> str:
     with open(site.config, "w", encoding="utf-8") as handle:
         handle.write(text.replace("[operators]\n", f"[operators]\nlisten = 127.0.0.1:{port}\n", 1))
     return f"http://127.0.0.1:{port}"
-
-
-def guess(url: str, secret: str) -> str:
-    """An operator's Authorization header for one GET of ``url`` with ``secret``, on a fresh challenge."""
-    path = "/" + url.split("/", 3)[3]
-    challenge = requests.get(url, timeout=HANG_S).headers["WWW-Authenticate"]
-    nonce = parse_params(challenge.split(" ", 1)[1].split(", Digest")[0])["nonce"]
-    cnonce = os.urandom(8).hex()
-    answer = response_digest("SHA-256", digest_ha1(OPERATOR, OPERATOR_REALM, secret), nonce, "00000001", cnonce,
-                             "GET", path)
-    return (f'Digest username="{OPERATOR}", realm="{OPERATOR_REALM}", nonce="{nonce}", uri="{path}", '
-            f'response="{answer}", qop=auth, nc=00000001, cnonce="{cnonce}", algorithm=SHA-256')
 
 
 @pytest.fixture(scope="module")

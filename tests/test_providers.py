@@ -30,6 +30,7 @@ from service_adapter.providers import JobState, PilotJob, ProviderError, Provide
 from service_adapter.providers.commands import Outcome, run_command
 from service_adapter.providers.local import LocalProvider
 from tests.support.ports import free_port
+from tests.support.jobs import wait_state
 
 SUDO = "/usr/bin/sudo"
 NEVER_SUBMITTED = "999999"
@@ -101,23 +102,6 @@ def terms(records: str, count: int, timeout: float = 20.0) -> int:
         if seen >= count or time.monotonic() > deadline:
             return seen
         time.sleep(0.05)
-
-
-def wait_state(provider, job_id: str, states: set[JobState], timeout: float = 20.0) -> JobState:
-    """Poll ``status()`` until the job is in one of ``states``; returns it (fails the test at the deadline).
-
-    Polled every 100 ms: Slurm offers no way to wait for a job's state
-    (sbatch -W itself polls, every 10 s).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        state = provider.status([job_id])[job_id]
-        if state in states:
-            return state
-        if time.monotonic() > deadline:
-            expected = sorted(s.name for s in states)
-            pytest.fail(f"job {job_id} is {state.name} after {timeout} s, expected one of {expected}")
-        time.sleep(0.1)
 
 
 def pilot_job(tmp_path, nodes: int = 1, **fields) -> PilotJob:

@@ -29,9 +29,7 @@ from service_adapter.vms import parse_vm_request
 from tests.support.pool import pool_pages
 from tests.support.libvirt_daemon import GUEST_ALIVE, GUEST_DIR, GUEST_UP, guest_files, wait_for_line
 from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
-
-VM_MB = 128
-LEASE_MB = VM_MB + 64  # the pilots' default per-VM overhead
+from tests.support.realvms import LEASE_MB, VM_MB, assert_node_clean
 
 
 @pytest.fixture
@@ -100,17 +98,6 @@ def available_hugepages() -> int:
             key, _, value = line.partition(":")
             fields[key] = int(value.split()[0]) if value.split() else 0
     return fields["HugePages_Free"] - fields["HugePages_Rsvd"]
-
-
-def assert_node_clean(site, libvirt_qemu, lease, pool_before: int) -> None:
-    conn = libvirt_qemu.connect()
-    try:
-        assert [d.name() for d, t in tagged_domains(conn) if t.slot == lease.slot] == []
-    finally:
-        conn.close()
-    assert pool_pages() == pool_before
-    journal = [n for n in os.listdir(site.journal_dir) if n.endswith(".json")]
-    assert journal == []
 
 
 def test_qdel_ends_a_lease_with_a_running_guest(vm_site, libvirt_qemu, tmp_path, hugepages):

@@ -13,11 +13,9 @@ holds a few readable lines.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import resource
 import shutil
 import socket
 import sqlite3
@@ -27,47 +25,15 @@ import time
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
 
-from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, digest_ha1, sign
-from service_adapter.digest import parse_params, response_digest
-from tests.test_service_cli import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, serving
+from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
+from tests.support.site import OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, serving
+from tests.support.rawhttp import HANG_S, authorization, connect, log_text, open_file_limit, session, status_of
 
 PILOT_USER = "node1"  # a node's digest account is its host name
 #: A body signature of no one's: the bodies these tests send are refused before their signature counts.
 PILOT_KEY = "0" * 64
-HANG_S = 30  # a hang detector, not a timing goal
-
-
-class FromAddress(HTTPAdapter):
-    """A requests adapter whose connections come from ``address`` (a loopback address: one peer per attack)."""
-
-    def __init__(self, address: str):
-        self.address = address
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self.address, 0)
-        super().init_poolmanager(*args, **kwargs)
-
-
-def session(address: str = "127.0.0.1", user: str | None = None, secret: str | None = None) -> requests.Session:
-    """A requests session from ``address``, with digest auth when ``user`` is given."""
-    result = requests.Session()
-    adapter = FromAddress(address)
-    result.mount("http://", adapter)
-    if user is not None:
-        result.auth = HTTPDigestAuth(user, secret)
-    return result
-
-
-def connect(site: Site, address: str = "127.0.0.1") -> socket.socket:
-    """A raw TCP connection to the service from ``address``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((address, 0))
-    sock.connect(("127.0.0.1", site.port))
-    return sock
 
 
 def closed_by_server(sock: socket.socket, timeout: float = HANG_S) -> bytes | None:
@@ -86,23 +52,6 @@ def closed_by_server(sock: socket.socket, timeout: float = HANG_S) -> bytes | No
         return None
 
 
-def authorization(site: Site, method: str, path: str, *, user: str, secret: str, realm: str) -> str:
-    """A fresh digest ``Authorization`` header for one request (a challenge fetched first, as a client does)."""
-    challenge = requests.request(method, site.url + path, timeout=10).headers["WWW-Authenticate"]
-    nonce = parse_params(challenge.split(" ", 1)[1].split(", Digest")[0])["nonce"]
-    cnonce = os.urandom(8).hex()
-    answer = response_digest("SHA-256", digest_ha1(user, realm, secret), nonce, "00000001", cnonce, method, path)
-    return (f'Digest username="{user}", realm="{realm}", nonce="{nonce}", uri="{path}", response="{answer}", '
-            f'qop=auth, nc=00000001, cnonce="{cnonce}", algorithm=SHA-256')
-
-
-def status_of(raw: bytes) -> int:
-    """The status code of a raw HTTP answer."""
-    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", raw)
-    assert match, raw[:200]
-    return int(match.group(1))
-
-
 def store_rows(site: Site) -> dict[str, list]:
     """Every row of every table of the service's store (read beside the running service, WAL)."""
     conn = sqlite3.connect(f"file:{site.store}?mode=ro", uri=True)
@@ -111,10 +60,6 @@ def store_rows(site: Site) -> dict[str, list]:
         return {table: sorted(map(repr, conn.execute(f"SELECT * FROM {table}"))) for table in tables}
     finally:
         conn.close()
-
-
-def log_text(site: Site) -> str:
-    return site.log_file.read_text(errors="replace")
 
 
 def log_lines_after(site: Site, mark: int) -> list[str]:
@@ -312,18 +257,6 @@ def authenticated_get(site: Site, sock: socket.socket) -> int:
     while len(body) < length:
         body += sock.recv(65536)
     return status_of(head)
-
-
-@contextlib.contextmanager
-def open_file_limit(wanted: int):
-    """This test process's soft open-file limit at least ``wanted`` for the block (it holds the flood's sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_1100_idle_connections_under_a_1024_file_limit_do_not_lock_out_an_operator_or_a_pilot(tmp_path, hugepages):

@@ -9,15 +9,11 @@ The operator commands run as real processes too, and ``curl --digest`` and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,15 +21,9 @@ import requests
 from requests.auth import HTTPDigestAuth
 
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
-from service_adapter.local_site import write_pilot_config
-from service_adapter.nodekeys import NodeAccounts, new_site_key
-from tests.support.pilots import read_until
 from tests.support.pool import pool_pages
 from tests.support.ports import free_port
-
-OPERATOR, OPERATOR_SECRET = "alice", "alice-secret-0123"
-PILOT_REALM, OPERATOR_REALM = "workspace-pilot", "workspace-lease"
-CLI = [sys.executable, "-m", "service_adapter"]
+from tests.support.site import CLI, OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, end_pilots, private, serving, site, start_serve, stop_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,159 +52,6 @@ class Tls:
                 "-CAcreateserial", "-out", f"{d}/service.pem", "-days", "1", "-extfile", f"{d}/san.ext")
         os.chmod(f"{d}/service.key", 0o600)
         return cls(f"{d}/ca.pem", f"{d}/service.pem", f"{d}/service.key")
-
-
-def private(path, text: str) -> str:
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    return str(path)
-
-
-class Site:
-    """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
-
-    def __init__(self, root, *, tls: "Tls | None" = None, **service_options):
-        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``); ``tls``: serve https
-        with its certificate, and give pilots and operators its CA."""
-        self.root = root
-        self.port = free_port()
-        self.tls = tls
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        if tls:
-            service_options = dict(service_options, tls_cert_file=tls.cert, tls_key_file=tls.key)
-        self.journal_dir = root / "journal"
-        self.store = root / "service.sqlite"
-        self.log_file = root / "service.log"
-        self.site_key = new_site_key()
-        site_key_file = private(root / "site.key", self.site_key + "\n")
-        self.nodes = NodeAccounts(self.site_key, PILOT_REALM)
-        ha1 = hashlib.sha256(f"{OPERATOR}:{OPERATOR_REALM}:{OPERATOR_SECRET}".encode()).hexdigest()
-        accounts = private(root / "operators.htdigest", f"{OPERATOR}:{OPERATOR_REALM}:{ha1}\n")
-        self.secret_file = private(root / "alice.secret", OPERATOR_SECRET + "\n")
-        self.pilot_config = str(root / "pilot.conf")
-        write_pilot_config(
-            self.pilot_config, contact=self.url, node_key_file=str(root / "local" / "node-keys" / "{host}.key"),
-            log_dir=str(root / "logs"), journal_dir=str(self.journal_dir), reserved_timeout_s=15,
-            sections={"service": {"ca_file": tls.ca}} if tls else None,
-        )
-        self.config = str(root / "service.conf")
-        (root / "service.conf").write_text(
-            "[service]\n"
-            f"port = {self.port}\n"
-            f"store = {self.store}\n"
-            f"log_file = {self.log_file}\n"
-            "log_level = debug\n"
-            + "".join(f"{name} = {value}\n" for name, value in service_options.items()) +
-            "[pilots]\n"
-            f"site_key_file = {site_key_file}\n"
-            f"pilot_config = {self.pilot_config}\n"
-            "grace = 5\n"
-            "release_grace = 10\n"
-            "status_interval = 0.5\n"
-            "queue_timeout = 30\n"
-            "lost_after = 60\n"
-            "[vms]\n"
-            "overhead_mb = 32\n"
-            "[provider]\n"
-            "name = local\n"
-            f"state_dir = {root / 'local'}\n"
-            f"output_dir = {root / 'jobs'}\n"
-            "[operators]\n"
-            f"accounts_file = {accounts}\n"
-            "[client]\n"
-            f"user = {OPERATOR}\n"
-            f"secret_file = {self.secret_file}\n"
-            "timeout = 20\n"
-            + (f"ca_file = {tls.ca}\n" if tls else "")
-        )
-
-    def cli(self, *args: str, config: bool = True, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        """Run ``workspace-lease ARGS --config <this site's file>`` as a real process."""
-        argv = [*CLI, *args] + (["--config", self.config] if config else [])
-        environment = dict(os.environ)
-        environment.pop("WORKSPACE_LEASE_SECRET_FILE", None)
-        environment.update(env or {})
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environment)
-
-    def api(self, method: str, path: str, user: str = OPERATOR, secret: str = OPERATOR_SECRET, **kwargs):
-        """One request to the API with ``requests``' digest auth (checking the site's CA when it has one)."""
-        kwargs.setdefault("verify", self.tls.ca if self.tls else True)
-        return requests.request(
-            method, f"{self.url}/api/v1{path}", auth=HTTPDigestAuth(user, secret), timeout=20, **kwargs,
-        )
-
-    def pilot_pids(self) -> list[int]:
-        """Owner pids of the node journal's entries (pilots that hold or held memory)."""
-        pids = []
-        for entry in self.journal_dir.glob("*.json") if self.journal_dir.exists() else []:
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(entry.read_text())
-                pid = data.get("owner", {}).get("pid") if isinstance(data.get("owner"), dict) else data.get("pid")
-                if isinstance(pid, int):
-                    pids.append(pid)
-        return pids
-
-
-def start_serve(site: Site, *, wrapper: tuple[str, ...] = (), umask: int | None = None) -> subprocess.Popen:
-    """``workspace-lease serve`` as a real process; returns once it prints that it is serving.
-
-    ``wrapper`` goes before the command (e.g. ``prlimit --nofile=1024:1024``);
-    ``umask`` is the process's umask (None: this one's).
-    """
-    process = subprocess.Popen(
-        [*wrapper, *CLI, "serve", "--config", site.config],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        preexec_fn=None if umask is None else (lambda: os.umask(umask)),
-    )
-    try:
-        out = read_until(process, "workspace-lease: serving on", timeout=15)
-    except BaseException:
-        stop_process(process)
-        raise
-    assert f"serving on {site.url} (store {site.store}, provider local" in out
-    return process
-
-
-def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-    """Signal ``process`` by its pid and reap it (SIGKILL if it does not end in ``timeout``)."""
-    if process.poll() is None:
-        os.kill(process.pid, sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
-
-
-def end_pilots(site: Site) -> None:
-    """After a failed test: SIGTERM any pilot still holding memory (by its journalled pid) and wait."""
-    deadline = time.monotonic() + 15
-    for pid in site.pilot_pids():
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if site.pilot_config.encode() not in handle.read():
-                    continue  # not one of this test's pilots (the pid was reused)
-            os.kill(pid, signal.SIGTERM)
-    while site.pilot_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def serving(site: Site, **options):
-    """A running ``serve`` for the block (``options`` go to :func:`start_serve`); stopped by pid afterwards, then
-    any leftover pilot."""
-    process = start_serve(site, **options)
-    try:
-        yield process
-    finally:
-        stop_process(process)
-        end_pilots(site)
-
-
-@pytest.fixture
-def site(tmp_path):
-    return Site(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from workspace_common.protocol import SLOT_SECRET_ENV
 from service_adapter.providers import JobState, PilotJob, ProviderSettings, make_provider
 from service_adapter.providers.jobscript import JobTemplate
-from tests.test_providers import wait_state
+from tests.support.jobs import wait_state
 
 SUDO = "/usr/bin/sudo"
 STAND_IN = '''#!{python}

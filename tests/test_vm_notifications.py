@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from service_adapter.store import SCHEMA_VERSION, Store, StoreError
-from tests.test_command_channel import WOKEN_WITHIN_S, Channel, PollThread
+from tests.support.channels import WOKEN_WITHIN_S, Channel, PollThread
 
 ACTIVE = {"starting", "running", "stopping"}
 
