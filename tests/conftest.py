@@ -16,6 +16,25 @@ from tests.support.service import Service
 from tests.support.slurm_cluster import SHORT_PARTITION
 
 
+#: What a test stands on, by the fixtures it uses (directly or through others) or its module's own mark.
+_CLUSTER_FIXTURES = {"slurm_cluster", "sge_cluster"}
+_HYPERVISOR_FIXTURES = {"libvirt_qemu"}
+_ROOT_FIXTURES = {"hugepages", "hugepages_module", "libvirt_qemu", "slurm_cluster", "sge_cluster", "guest_reachable"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test ``cluster``, ``hypervisor`` and ``root`` from what it stands on (setup.cfg lists them)."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & _CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if used & _HYPERVISOR_FIXTURES:
+            item.add_marker(pytest.mark.hypervisor)
+        needs_root = any("root" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
+        if used & _ROOT_FIXTURES or needs_root or item.get_closest_marker("hypervisor"):
+            item.add_marker(pytest.mark.root)
+
+
 @pytest.fixture
 def hugepages():
     """The real 2 MiB hugepage pool; the test fails if it does not end where it started."""

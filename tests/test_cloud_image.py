@@ -25,7 +25,8 @@ from tests.support.imagesource import Endorser, ImageServer, image_entry
 from tests.support.libvirt_daemon import missing_commands, wait_for_line
 from tests.support.netlab import LeaseLab, sh
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")]
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")

@@ -21,7 +21,8 @@ import pytest
 from tests.support.libvirt_daemon import missing_commands
 from tests.support.netlab import LeaseLab, sh
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")
+pytestmark = [pytest.mark.hypervisor,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, libvirtd, nftables)")]
 
 PREFIX = f"wpv{os.getpid() % 100000}"
 NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
