@@ -34,6 +34,7 @@ from pilot.node.memory import settle
 from pilot.recovery import replay_dead
 from workspace_common.cli import OneLineParser, WrappingFormatter, silence
 from workspace_common.errors import one_line
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
 from pilot.vm.cleanup import destroy_domain
 
 EXIT_CLEAN = 0
@@ -41,14 +42,16 @@ EXIT_NOT_CLEAN = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
-EXIT_HELP = """exit codes:
-   0  the node is clean: no journal entries, no tagged VMs, no live pilots of the journal,
-      memory at the boot value (when [memory] boot_mb is set); with --dry-run: already clean.
-      A configured libvirt that does not answer is only noted ("no hypervisor running") unless
-      a journal entry says VMs may run there
-   1  something could not be undone (each problem printed); with --dry-run: there is work to do
-   2  a bad command-line argument
-   3  a bad or unreadable configuration file"""
+EXITS = ExitTable("workspace-killall", (
+    ExitCodeRow(0, "the node is clean: no journal entries, no tagged VMs, no live pilots of the journal, memory at "
+                   "the boot value (when [memory] boot_mb is set); with --dry-run: already clean. A configured "
+                   "libvirt that does not answer is only noted (\"no hypervisor running\") unless a journal entry "
+                   "says VMs may run there"),
+    ExitCodeRow(1, "something could not be undone (each problem printed); with --dry-run: there is work to do"),
+    ExitCodeRow(2, "a bad command-line argument"),
+    ExitCodeRow(3, "a bad or unreadable configuration file"),
+))
+EXIT_HELP = EXITS.help()
 
 
 def _seconds(text: str) -> float:

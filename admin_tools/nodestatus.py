@@ -24,19 +24,22 @@ from pilot.config import PilotConfig, load_node_tool_config
 from pilot.node.journal import Journal, JournalError
 from workspace_common.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
 from workspace_common.errors import one_line
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
 
 EXIT_CONSISTENT = 0
 EXIT_ATTENTION = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
-EXIT_HELP = """exit codes:
-   0  consistent: every journal entry's pilot runs, every tagged VM belongs to one of them
-   1  needs attention: a dead pilot's entry, a tagged VM that no live pilot holds, an unreadable
-      entry, a hypervisor or memory backend that could not be read (workspace-killall --dry-run
-      shows what it would do about them)
-   2  a bad command-line argument
-   3  a bad or unreadable configuration file"""
+EXITS = ExitTable("workspace-node-status", (
+    ExitCodeRow(0, "consistent: every journal entry's pilot runs, every tagged VM belongs to one of them"),
+    ExitCodeRow(1, "needs attention: a dead pilot's entry, a tagged VM that no live pilot holds, an unreadable entry, "
+                   "a hypervisor or memory backend that could not be read (workspace-killall --dry-run shows what "
+                   "it would do about them)"),
+    ExitCodeRow(2, "a bad command-line argument"),
+    ExitCodeRow(3, "a bad or unreadable configuration file"),
+))
+EXIT_HELP = EXITS.help()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,9 @@ import os
 import re
 import signal
 import sys
-import textwrap  # loaded by logging anyway: not an extra import on the start path
 import time
 
-from pilot.exitcodes import MEANING, ExitCode
+from pilot.exitcodes import EXITS, ExitCode
 from workspace_common.cli import OneLineParser, WrappingFormatter, http_url, positive
 
 log = logging.getLogger("pilot")
@@ -19,12 +18,7 @@ log = logging.getLogger("pilot")
 _SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
-#: README.md's table says the same (tests/test_cli.py checks); lines wrapped at 79 columns.
-EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
-    textwrap.fill(f"{code.name.lower().replace('_', '-')}: {MEANING[code]}", width=79,
-                  initial_indent=f"  {code.value:>2}  ", subsequent_indent=" " * 6)
-    for code in ExitCode
-)
+EXIT_CODES_HELP = EXITS.help()
 
 
 def _slot(text: str) -> str:

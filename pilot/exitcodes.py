@@ -7,9 +7,12 @@ the node journal, for ``workspace-killall`` or the next pilot).
 
 import enum
 
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
+
 
 class ExitCode(enum.IntEnum):
-    """Process exit status of ``workspace-pilot``; :data:`MEANING` and README.md explain each."""
+    """Process exit status of ``workspace-pilot``; :data:`MEANING` explains each (``--help`` and
+    docs/reference/exit-codes.md are made from it)."""
 
     OK = 0
     USAGE = 2
@@ -47,3 +50,8 @@ MEANING = {
     ),
     ExitCode.NOT_READY: "evaluate: the node is not ready for pilots (each problem printed); nothing changed",
 }
+
+
+#: The table ``--help`` and docs/reference/exit-codes.md are made from.
+EXITS = ExitTable("workspace-pilot", tuple(
+    ExitCodeRow(int(code), MEANING[code], code.name.lower().replace("_", "-")) for code in ExitCode))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,29 +79,28 @@ def test_help_fits_a_100_column_terminal(command):
     assert not too_long
 
 
-def readme_table(title: str) -> dict[int, str]:
-    """README.md's exit-code table under ``title``: code -> its last column, without markup."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+def reference_table(title: str) -> dict[int, str]:
+    """docs/reference/exit-codes.md's table under ``title``: code -> its last column, without markup."""
+    page = (Path(__file__).parent.parent / "docs" / "reference" / "exit-codes.md").read_text(encoding="utf-8")
     rows = {}
-    for line in readme[readme.index(title):].splitlines()[1:]:
+    for line in page[page.index(title):].splitlines()[1:]:
         if rows and not line.startswith("|"):
             break
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if cells[0].isdigit():  # not the header, its rule or the blank line before them
+        if cells[0].isdigit():  # not the header, its rule, a range or the blank line before them
             rows[int(cells[0])] = cells[-1].replace("`", "")
     return rows
 
 
-def test_the_readme_and_the_help_say_the_same_of_each_exit_code():
+def test_the_reference_and_the_help_say_the_same_of_each_exit_code():
     from pilot.exitcodes import MEANING
     from service_adapter.cli.common import EXIT_CODES
 
-    unquoted = {code.value: re.sub(r"'(\w+)'", r"\1", MEANING[code]) for code in ExitCode}  # 'reserved' -> reserved
-    assert readme_table("### Exit codes of `workspace-pilot`") == unquoted
-    assert readme_table("### Exit codes of `workspace-lease`") == EXIT_CODES
+    assert reference_table("## `workspace-pilot`") == {code.value: MEANING[code] for code in ExitCode}
+    assert reference_table("## `workspace-lease`") == EXIT_CODES
     from pilot.vmjob.exitcodes import MEANING as VMJOB_MEANING, VmJobExit
 
-    assert readme_table("### Exit codes of `workspace-vmjob`") == {c.value: VMJOB_MEANING[c] for c in VmJobExit}
+    assert reference_table("## `workspace-vmjob`") == {c.value: VMJOB_MEANING[c] for c in VmJobExit}
 
 
 @pytest.mark.parametrize(

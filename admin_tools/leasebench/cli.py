@@ -25,6 +25,7 @@ import time
 
 from workspace_common.protocol import format_time, utc_now
 from workspace_common.cli import OneLineParser, WrappingFormatter, quiet_on_closed_pipe
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -35,14 +36,16 @@ EXIT_NOT_CLEAN = 5
 DEFAULT_NODES = (1, 2, 4, 8, 16)
 NR_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
-EXIT_HELP = """exit codes:
-   0  every round completed; the report is printed (and written)
-   2  a bad command-line argument
-   3  the bench cannot run here (bad --config, not root for the hugepages backend, no matplotlib
-      for --plot, the site would not start)
-   4  a round failed (a lease that did not get ready or released, a baseline job that did not
-      start or stop in time); what was measured until then is still reported
-   5  the node is not as it was: the hugepage pool differs from its size before the bench"""
+EXITS = ExitTable("lease-bench", (
+    ExitCodeRow(0, "every round completed; the report is printed (and written)"),
+    ExitCodeRow(2, "a bad command-line argument"),
+    ExitCodeRow(3, "the bench cannot run here (bad --config, not root for the hugepages backend, no matplotlib for "
+                   "--plot, the site would not start)"),
+    ExitCodeRow(4, "a round failed (a lease that did not get ready or released, a baseline job that did not start or "
+                   "stop in time); what was measured until then is still reported"),
+    ExitCodeRow(5, "the node is not as it was: the hugepage pool differs from its size before the bench"),
+))
+EXIT_HELP = EXITS.help()
 
 EPILOG = """phases (each round's phases are consecutive, so they add up to its total):
   stand-up   client -> dispatch -> pilot_start -> notification -> ready

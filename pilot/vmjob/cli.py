@@ -18,21 +18,15 @@ import shutil
 import signal
 import sys
 import tempfile
-import textwrap
 import time
 
 from workspace_common.cli import OneLineParser, WrappingFormatter, positive
-from pilot.vmjob.exitcodes import MEANING, VmJobExit
+from pilot.vmjob.exitcodes import EXITS, VmJobExit
 
 PROG = "workspace-vmjob"
 log = logging.getLogger("pilot.vmjob")
 
-#: README.md's table says the same (tests/test_cli.py checks); lines wrapped at 79 columns.
-EXIT_CODES_HELP = "exit codes:\n  0-255  the command's own exit status, as the guest reported it\n" + "\n".join(
-    textwrap.fill(f"{code.name.lower().replace('_', '-')}: {MEANING[code]}", width=79,
-                  initial_indent=f"  {code.value:>3}  ", subsequent_indent=" " * 7)
-    for code in VmJobExit
-)
+EXIT_CODES_HELP = EXITS.help()
 
 
 def build_parser() -> argparse.ArgumentParser:

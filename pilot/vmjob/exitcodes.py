@@ -11,9 +11,12 @@ stderr. A signal that stops the job gives 128 + its number, as a shell does.
 import enum
 import signal
 
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
+
 
 class VmJobExit(enum.IntEnum):
-    """The wrapper's own exit statuses; :data:`MEANING` and README.md explain each."""
+    """The wrapper's own exit statuses; :data:`MEANING` explains each (``--help`` and
+    docs/reference/exit-codes.md are made from it)."""
 
     INTERNAL = 117
     RESTORE_FAILED = 118
@@ -47,3 +50,9 @@ MEANING = {
     ),
     VmJobExit.STOPPED: "SIGTERM (scancel, qdel, walltime): the guest was shut down, its VM destroyed, node restored",
 }
+
+
+#: The table ``--help`` and docs/reference/exit-codes.md are made from.
+EXITS = ExitTable("workspace-vmjob", tuple(
+    ExitCodeRow(int(code), MEANING[code], code.name.lower().replace("_", "-")) for code in VmJobExit),
+    preamble=(("0-255", "the command's own exit status, as the guest reported it"),))

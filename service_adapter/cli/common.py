@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 from service_adapter.safetext import printable
+from workspace_common.exitcodes import ExitCodeRow, ExitTable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -19,7 +19,7 @@ EXIT_CONFLICT = 8
 EXIT_UNTRUSTED = 9
 EXIT_ENVIRONMENT = EXIT_CONFIG  # the demo's "cannot run here" (kept for its callers)
 
-EXIT_CODES = {  # README.md's table says the same (tests/test_cli.py checks)
+EXIT_CODES = {  # --help and docs/reference/exit-codes.md are made from these (tests/test_reference.py checks)
     EXIT_OK: "success (with --wait: the lease or the VMs reached the state waited for)",
     EXIT_FAILED: "the lease failed, or ended failed or missing; or the batch system refused the job; or the "
                  "demo's lease failed; or (vm ... --wait) a VM failed, was lost, or did not stop",
@@ -39,10 +39,16 @@ EXIT_CODES = {  # README.md's table says the same (tests/test_cli.py checks)
     EXIT_UNTRUSTED: "an image list was refused (bad signature, untrusted endorser key, expired, malformed); "
                     "nothing changed",
 }
-EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
-    textwrap.fill(text, width=79, initial_indent=f"  {code}  ", subsequent_indent="     ")
-    for code, text in EXIT_CODES.items()
-)
+EXITS = ExitTable("workspace-lease", tuple(ExitCodeRow(code, text) for code, text in EXIT_CODES.items()))
+EXIT_CODES_HELP = EXITS.help()
+#: ``workspace-lease demo``'s own: a subset, said its way.
+DEMO_EXITS = ExitTable("workspace-lease demo", (
+    ExitCodeRow(EXIT_OK, "the lease (and its VM) ran and ended; the node is as it was"),
+    ExitCodeRow(EXIT_FAILED, "the lease or its VM failed (each pilot's reason and log are printed)"),
+    ExitCodeRow(EXIT_USAGE, "bad arguments, also --vm with more than one node or too little memory; nothing leased"),
+    ExitCodeRow(EXIT_ENVIRONMENT, "cannot run here: not root, no hugepages, libvirtd does not start"),
+    ExitCodeRow(130, "stopped by ^C (SIGINT; 143 SIGTERM, 129 SIGHUP): the lease released, the node given back"),
+))
 
 UP_STATES = ("ready", "running")
 FAILED_STATES = ("failed", "missing")

@@ -6,7 +6,7 @@ import argparse
 import re
 
 from workspace_common.cli import OneLineParser, WrappingFormatter, http_url, positive
-from service_adapter.cli.common import EXIT_CODES_HELP
+from service_adapter.cli.common import DEMO_EXITS, EXIT_CODES_HELP
 from service_adapter.cli.images import add_image_commands
 
 def start_time(text: str) -> str:
@@ -206,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checks that the VM and its network are gone at the end. Without libvirt/QEMU or the image it "
             "says what to install and runs the memory-only lease."
         ),
-        epilog="exit codes: 0 success, 1 the lease (or its VM) failed, 2 bad arguments (also --vm with more than "
-               "one node or too little memory), 3 cannot run here (not root, no hugepages, libvirtd does not start)",
+        epilog=DEMO_EXITS.help(), formatter_class=WrappingFormatter,
     )
     demo.add_argument("--nodes", type=positive(int), help="simulated nodes (default 2; with --vm 1, the only choice)")
     demo.add_argument("--memory", type=positive(int), metavar="MB",

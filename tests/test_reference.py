@@ -1,0 +1,50 @@
+"""The reference pages are what the code makes, and each command's --help shows the same exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from admin_tools.reference import PAGES, REFERENCE_DIR, exit_tables
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_the_reference_page_is_what_the_code_makes(name):
+    with open(os.path.join(REFERENCE_DIR, name), encoding="utf-8") as handle:
+        written = handle.read()
+    assert written == PAGES[name](), f"docs/reference/{name} is stale: run python -m admin_tools.reference --write"
+
+
+HELP = {  # the command line whose --help shows each table
+    "workspace-pilot": [sys.executable, "-m", "pilot", "--help"],
+    "workspace-vmjob": [sys.executable, "-m", "pilot.vmjob", "run", "--help"],
+    "workspace-lease": [sys.executable, "-m", "service_adapter", "--help"],
+    "workspace-lease demo": [sys.executable, "-m", "service_adapter", "demo", "--help"],
+    "workspace-killall": [sys.executable, "-m", "admin_tools.killall", "--help"],
+    "workspace-node-status": [sys.executable, "-m", "admin_tools.nodestatus", "--help"],
+    "lease-bench": [sys.executable, "-m", "admin_tools.leasebench.cli", "--help"],
+}
+
+
+@pytest.mark.parametrize("table", exit_tables(), ids=lambda table: table.command)
+def test_each_commands_help_shows_its_exit_code_table(table):
+    shown = subprocess.run(HELP[table.command], capture_output=True, text=True, timeout=60, cwd=TOP,
+                           env={**os.environ, "COLUMNS": "100"})
+    assert shown.returncode == 0, shown.stderr
+    assert table.help() in shown.stdout
+    assert len(table.rows) == len({row.code for row in table.rows})  # one meaning per code
+
+
+def test_the_docs_index_links_every_page():
+    docs = os.path.join(TOP, "docs")
+    with open(os.path.join(docs, "README.md"), encoding="utf-8") as handle:
+        index = handle.read()
+    pages = [os.path.relpath(os.path.join(directory, name), docs)
+             for directory, _, files in os.walk(docs) for name in files
+             if name.endswith(".md") and os.path.join(directory, name) != os.path.join(docs, "README.md")]
+    assert pages and [page for page in pages if f"]({page})" not in index] == []
