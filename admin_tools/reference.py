@@ -2,7 +2,10 @@
 
 ``exit-codes``: every command's exit-code table (each command's
 :class:`workspace_common.exitcodes.ExitTable`, the one its ``--help``
-shows). Without ``--write`` the pages are printed; with it they are written
+shows). ``pilot-config`` and ``service-config``: every option of the two
+configuration files with its default and meaning, read from the shipped
+examples (``packaging/*.conf.example``, whose every option and default the
+config tests check against the code's schema). Without ``--write`` the pages are printed; with it they are written
 under ``docs/reference/``. ``tests/test_reference.py`` checks that the
 files are what this makes.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,8 +44,66 @@ def exit_codes_page() -> str:
     return "\n".join(parts)
 
 
+_OPTION_RE = re.compile(r"^#?([a-z_]+) =(?: (.*))?$")
+
+
+def config_options(example_path: str, schema: dict) -> dict[str, list[tuple[str, str, str]]]:
+    """Section -> [(option, the example's value, the comment block right above it)] of an example file."""
+    sections: dict[str, list[tuple[str, str, str]]] = {}
+    section, comment, shared = None, [], ""
+    with open(example_path, encoding="utf-8") as handle:
+        for raw in handle:
+            line = raw.rstrip("\n")
+            if line.startswith("[") and line.endswith("]"):
+                section, comment, shared = line[1:-1], [], ""
+                continue
+            match = _OPTION_RE.match(line)
+            if section and match and match.group(1) in schema.get(section, {}):
+                # Options written one under the other share the comment above the first.
+                shared = " ".join(comment) or shared
+                sections.setdefault(section, []).append((match.group(1), match.group(2) or "", shared))
+                comment = []
+            elif line.startswith("#"):
+                comment, shared = comment + [line.lstrip("#").strip()], ""
+            else:
+                comment, shared = [], ""
+    return sections
+
+
+def config_page(title: str, file_name: str, example: str, schema: dict) -> str:
+    """A configuration file's reference: per section, each option, its default and what it means."""
+    parts = [MADE_BY, "", f"# {title}", "",
+             f"Every option of `{file_name}`, as the shipped example `packaging/{os.path.basename(example)}` "
+             "documents it (the config tests check that it names every option of the code's schema, each with "
+             "the code's default). An unknown section or option is an error.", ""]
+    for section, options in config_options(example, schema).items():
+        parts += [f"## [{section}]", "", "| option | default (or example) | meaning |", "|---|---|---|"]
+        for option, value, meaning in options:
+            shown, said = value.replace("|", "\\|") or "(empty)", meaning.replace("|", "\\|")
+            parts.append(f"| `{option}` | `{shown}` | {said} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def pilot_config_page() -> str:
+    """``docs/reference/pilot-config.md``."""
+    from pilot.config import SCHEMA
+
+    return config_page("Pilot configuration", "/etc/workspace-pilot/pilot.conf",
+                       os.path.join(TOP, "packaging", "pilot.conf.example"), SCHEMA)
+
+
+def service_config_page() -> str:
+    """``docs/reference/service-config.md``."""
+    from service_adapter.config import SCHEMA
+
+    return config_page("Service configuration", "/etc/workspace-pilot/service.conf",
+                       os.path.join(TOP, "packaging", "service.conf.example"), SCHEMA)
+
+
 #: File name -> what makes it.
-PAGES = {"exit-codes.md": exit_codes_page}
+PAGES = {"exit-codes.md": exit_codes_page, "pilot-config.md": pilot_config_page,
+         "service-config.md": service_config_page}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,3 +48,17 @@ def test_the_docs_index_links_every_page():
              for directory, _, files in os.walk(docs) for name in files
              if name.endswith(".md") and os.path.join(directory, name) != os.path.join(docs, "README.md")]
     assert pages and [page for page in pages if f"]({page})" not in index] == []
+
+
+@pytest.mark.parametrize("example, schema_module", [("pilot.conf.example", "pilot.config"),
+                                                    ("service.conf.example", "service_adapter.config")])
+def test_the_config_reference_has_every_option_of_the_schema_with_a_meaning(example, schema_module):
+    import importlib
+
+    from admin_tools.reference import config_options
+
+    schema = importlib.import_module(schema_module).SCHEMA
+    found = config_options(os.path.join(TOP, "packaging", example), schema)
+    assert {section: sorted(option for option, _, _ in options) for section, options in found.items()} == \
+        {section: sorted(options) for section, options in schema.items() if options}
+    assert [option for options in found.values() for option, _, meaning in options if len(meaning) < 10] == []
