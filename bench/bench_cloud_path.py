@@ -41,26 +41,18 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from service_adapter.cloudimage import cloud_vm_spec, endorse_cloud_image  # noqa: E402
+from service_adapter.lease import vm_json  # noqa: E402
 from service_adapter.vms import parse_vm_request  # noqa: E402
-from tests.support.imagesource import Endorser, image_entry  # noqa: E402
 from tests.support.netlab import LeaseLab, sh  # noqa: E402
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")
-IMAGES = (("debian12-cloud", "disk.qcow2"), ("debian12-cloud-kernel", "vmlinuz"), ("debian12-cloud-initrd", "initrd.img"))
 VM_MB = 512
 STARTED = re.compile(r"started in (\d+) ms")
 CREATED = re.compile(r"started VM (\S+) as domain \S+ \(\d+ MB\) in ([0-9.]+) ms")
 FROM_PEERS = re.compile(r"image ([0-9a-f]{64}): (\d+) chunk\(s\) from peers, (\d+) from the service")
 SHARES = ("dispatch", "lease", "image", "qemu", "boot", "cloud-init", "ssh")
-
-
-def spec(name: str, host: str, key: str) -> dict:
-    listed = lambda identifier: {"image": identifier, "version": "1"}  # noqa: E731
-    return {"name": name, "memory_mb": VM_MB, "host": host, "disk": listed("debian12-cloud"),
-            "boot": {"kernel": listed("debian12-cloud-kernel"), "initrd": listed("debian12-cloud-initrd"),
-                     "cmdline": "root=/dev/vda rw console=ttyS0 panic=-1"},
-            "console_log": f"{name}.log", "context": {"hostname": name, "ssh_authorized_keys": [key]}}
 
 
 def console_times(path: str, since: float, timeout: float = 900) -> tuple[float, float]:
@@ -108,20 +100,7 @@ def peer_chunks(lab: LeaseLab, host: str, slot: str) -> tuple[int, int]:
     return sum(int(p) for _, p, _ in found), sum(int(s) for _, _, s in found)
 
 
-def endorse(lab: LeaseLab) -> None:
-    """The site's path: an endorser's signed list of the image's files, trusted, subscribed, approved."""
-    endorser = Endorser(os.path.join(lab.workdir, "endorser"), name="cloud-builders")
-    endorser.trust_in(os.path.join(lab.site.workdir, "endorsers"))
-    entries = [image_entry(identifier, "1", os.path.join(CLOUD_DIR, name), f"file://{CLOUD_DIR}/{name}")
-               for identifier, name in IMAGES]
-    list_path = os.path.join(lab.workdir, "cloud.list")
-    endorser.publish(list_path, entries, identifier="debian12-cloud-images")
-    lab.site.catalog.subscribe(list_path, "operator")
-    for identifier, _ in IMAGES:
-        lab.site.catalog.approve(identifier, "1", "operator")
-
-
-def one_vm(lab: LeaseLab, lease, name: str, host: str, key: str, public: str, since: float, out: dict) -> None:
+def one_vm(lab: LeaseLab, lease, name: str, host: str, key: str, since: float, out: dict) -> None:
     """Follow one VM from its start request (at ``since``) to its first ssh login; its shares into ``out``."""
     vm = lab.site.vms.wait(lease.id, name, {"running", "failed"}, 900)
     running = time.monotonic() - since
@@ -129,8 +108,6 @@ def one_vm(lab: LeaseLab, lease, name: str, host: str, key: str, public: str, si
     pilot_ms = int(STARTED.search(vm.reason).group(1))
     qemu_ms = created_ms(lab, host, lease.slot, name)
     first_stage, finished = console_times(lab.console(host, name), since)
-    from service_adapter.lease import vm_json
-
     ssh_s = ssh_seconds(lab, vm_json(lab.site.vms.get(lease.id, name))["login"], key)
     out.update({"vm": name, "host": host, "image": running - qemu_ms / 1000, "pilot_prepare_ms": pilot_ms - qemu_ms,
                 "qemu": qemu_ms / 1000, "boot": first_stage - running, "cloud-init": finished - first_stage,
@@ -143,7 +120,7 @@ def run(nodes: int, prefix: str) -> dict:
     lab = LeaseLab(f"{prefix}n{nodes}", addresses, images=True)
     try:
         lab.open()
-        endorse(lab)
+        endorse_cloud_image(lab.site.catalog, CLOUD_DIR, os.path.join(lab.workdir, "endorser"), "operator")
         key = os.path.join(lab.workdir, "owner_key")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True, timeout=30)
         with open(key + ".pub", encoding="utf-8") as handle:
@@ -155,9 +132,10 @@ def run(nodes: int, prefix: str) -> dict:
         lease_s = time.monotonic() - asked
         since = time.monotonic()
         names = {f"vm{i}": host for i, host in enumerate(addresses, 1)}
-        lab.site.vms.start(lease.id, [parse_vm_request(spec(name, host, public)) for name, host in names.items()])
+        lab.site.vms.start(lease.id, [parse_vm_request(cloud_vm_spec(name, host, VM_MB, public))
+                                      for name, host in names.items()])
         results = {name: {} for name in names}
-        threads = [threading.Thread(target=one_vm, args=(lab, lease, name, host, key, public, since, results[name]))
+        threads = [threading.Thread(target=one_vm, args=(lab, lease, name, host, key, since, results[name]))
                    for name, host in names.items()]
         for thread in threads:
             thread.start()
@@ -171,7 +149,7 @@ def run(nodes: int, prefix: str) -> dict:
         warm = None
         if nodes == 1:
             started = time.monotonic()
-            lab.site.vms.start(lease.id, [parse_vm_request(spec("warm", "node1", public))])
+            lab.site.vms.start(lease.id, [parse_vm_request(cloud_vm_spec("warm", "node1", VM_MB, public))])
             vm = lab.site.vms.wait(lease.id, "warm", {"running", "failed"}, 300)
             assert vm is not None and vm.state == "running", vm
             qemu_ms = created_ms(lab, "node1", lease.slot, "warm")
@@ -240,7 +218,8 @@ def main() -> int:
         print("bench_cloud_path: needs root", file=sys.stderr)
         return 3
     if not os.path.isfile(os.path.join(CLOUD_DIR, "SHA256SUMS")):
-        print(f"bench_cloud_path: no cloud image in {CLOUD_DIR}: run scripts/bootstrap.sh --cloud-image", file=sys.stderr)
+        print(f"bench_cloud_path: no cloud image in {CLOUD_DIR}: run scripts/bootstrap.sh --cloud-image",
+              file=sys.stderr)
         return 3
     prefix = f"wpk{os.getpid() % 10000}"
     runs = []

@@ -15,21 +15,17 @@ network are gone.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 
-from service_adapter.localvirt import INSTALL_HINT, LocalLibvirtd, missing_commands, wait_for_line
+from service_adapter.cloudimage import IMAGE_FILES, USER, cloud_vm_spec, endorse_cloud_image
+from service_adapter.localvirt import (
+    INSTALL_HINT, LocalLibvirtd, missing_commands, system_command, system_env, wait_for_line,
+)
 
 VM_NAME = "demo-vm"
-USER = "debian"  # the image's user (build-cloud-image.sh): cloud-init puts the owner's key there
-#: (list identifier, file in the image directory, boot role)
-IMAGE_FILES = (("debian12-cloud", "disk.qcow2"), ("debian12-cloud-kernel", "vmlinuz"),
-               ("debian12-cloud-initrd", "initrd.img"))
-CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1"
 MIN_VM_MB = 256
 BOOT_TIMEOUT_S = 600  # a guest under software emulation on a busy machine
 USER_DATA = """#cloud-config
@@ -107,38 +103,10 @@ class VmDemo:
     # -- the site's part ---------------------------------------------------------------------------
 
     def endorse(self, site) -> None:
-        """Sign a list of the image's files, trust its key, subscribe and approve: the path a site takes."""
-        from service_adapter.images.imagelist import FORMAT, generate_key, load_private_key, sign_list
-
-        endorser = os.path.join(self.workdir, "endorser")
-        os.makedirs(endorser, mode=0o700)
-        private, public = os.path.join(endorser, "demo.key"), os.path.join(endorser, "demo.pem")
-        kid = generate_key(private, public)
-        os.makedirs(site.catalog.keys_dir, exist_ok=True)
-        shutil.copyfile(public, os.path.join(site.catalog.keys_dir, "demo.pem"))
-        now = datetime.datetime.now(datetime.timezone.utc)
-        stamp = lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
-        payload = {"format": FORMAT, "identifier": "demo-images", "endorser": "workspace-lease demo", "version": 1,
-                   "issued": stamp(now - datetime.timedelta(minutes=1)),
-                   "expires": stamp(now + datetime.timedelta(days=1)),
-                   "images": [self._entry(identifier, name) for identifier, name in IMAGE_FILES]}
-        list_path = os.path.join(endorser, "demo-images.list")
-        with open(list_path, "wb") as handle:
-            handle.write(sign_list(payload, load_private_key(private)))
-        site.catalog.subscribe(list_path, "demo")
-        for identifier, _ in IMAGE_FILES:
-            site.catalog.approve(identifier, "1", "demo")
+        """The site's path for the image: an endorser's signed list, trusted, subscribed, approved."""
+        kid = endorse_cloud_image(site.catalog, self.image_dir, os.path.join(self.workdir, "endorser"), "demo")
         self.say(f"image list signed by key {kid}, subscribed; {', '.join(i for i, _ in IMAGE_FILES)} approved "
                  f"(fetched from {self.image_dir} into the site's image store)")
-
-    def _entry(self, identifier: str, name: str) -> dict:
-        path = os.path.join(self.image_dir, name)
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        return {"identifier": identifier, "version": "1", "sha256": digest.hexdigest(),
-                "size": os.path.getsize(path), "urls": [f"file://{path}"]}
 
     # -- the VM --------------------------------------------------------------------------------------
 
@@ -154,12 +122,7 @@ class VmDemo:
                        check=True, capture_output=True, timeout=30)
         with open(self.key + ".pub", encoding="utf-8") as handle:
             public = handle.read().strip()
-        listed = lambda identifier: {"image": identifier, "version": "1"}  # noqa: E731
-        spec = {"name": VM_NAME, "memory_mb": memory_mb, "host": host, "disk": listed("debian12-cloud"),
-                "boot": {"kernel": listed("debian12-cloud-kernel"), "initrd": listed("debian12-cloud-initrd"),
-                         "cmdline": CMDLINE},
-                "console_log": f"{VM_NAME}.log",
-                "context": {"hostname": VM_NAME, "ssh_authorized_keys": [public], "user_data": USER_DATA}}
+        spec = cloud_vm_spec(VM_NAME, host, memory_mb, public, USER_DATA)
         try:
             site.vms.start(lease.id, [parse_vm_request(spec)])
         except VmRequestError as exc:
@@ -225,13 +188,14 @@ class VmDemo:
         from workspace_common import nodenames as names
 
         domain = names.slot_domain_prefix(slot) + VM_NAME
-        listed = subprocess.run(["virsh", "-c", self.hypervisor.uri, "list", "--all", "--name"],
-                                capture_output=True, text=True, timeout=30)
+        listed = subprocess.run([system_command("virsh"), "-c", self.hypervisor.uri, "list", "--all", "--name"],
+                                capture_output=True, text=True, timeout=30, env=system_env())
         found = [f"domain {domain}"] if domain in listed.stdout.split() else []
         if self.net is not None:
             net, ip = self.net
             devices = [names.bridge_name(net), names.vxlan_name(net), names.tap_name(ip)]
-            links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
+            links = subprocess.run([system_command("ip"), "-j", "link", "show"], capture_output=True, text=True,
+                                   timeout=30, env=system_env())
             found += [f"link {link['ifname']}" for link in json.loads(links.stdout or "[]")
                       if link["ifname"] in devices]
         return found

@@ -1,4 +1,4 @@
-"""The embedded site's hypervisor: the libvirtd (QEMU driver) that answers ``qemu:///system``, started here if none does.
+"""The embedded site's hypervisor: the libvirtd (QEMU driver) answering ``qemu:///system``, started if none does.
 
 A real node runs libvirtd as a system service. The demo (and the tests)
 run on machines where it may be installed but not running (no systemd in a
@@ -43,14 +43,21 @@ def missing_commands() -> list[str]:
 def answers(uri: str = URI) -> bool:
     """True if a libvirtd answers ``virsh -c uri version`` right now."""
     try:
-        result = subprocess.run([_command("virsh"), "-c", uri, "version"], capture_output=True, timeout=10)
+        result = subprocess.run([system_command("virsh"), "-c", uri, "version"], capture_output=True, timeout=10,
+                                env=system_env())
     except (subprocess.TimeoutExpired, OSError):
         return False
     return result.returncode == 0
 
 
-def _command(name: str) -> str:
+def system_command(name: str) -> str:
+    """``name`` found in the system's directories (never where the caller's PATH points); the bare name if absent."""
     return shutil.which(name, path=SYSTEM_DIRS) or name
+
+
+def system_env() -> dict[str, str]:
+    """The environment root's commands here run with: built, not inherited (no caller's LD_PRELOAD, no PATH)."""
+    return {"PATH": SYSTEM_DIRS, "LANG": "C.UTF-8"}
 
 
 def _listening(path: str) -> bool:
@@ -117,15 +124,14 @@ class LocalLibvirtd:
             if not os.path.isdir(HUGETLBFS):
                 os.makedirs(HUGETLBFS)
                 self._made_hugetlbfs_dir = True
-            result = subprocess.run(["mount", "-t", "hugetlbfs", "none", HUGETLBFS], capture_output=True, text=True)
+            result = subprocess.run([system_command("mount"), "-t", "hugetlbfs", "none", HUGETLBFS],
+                                    capture_output=True, text=True, env=system_env())
             if result.returncode != 0:
                 raise HypervisorError(f"mounting hugetlbfs at {HUGETLBFS} failed: {result.stderr.strip()}")
             self._mounted_hugetlbfs = True
         if not _listening(VIRTLOGD_SOCKET):  # else a virtlogd is running: libvirtd will use it
-            self._spawn("virtlogd", [_command("virtlogd"), "--pid-file", os.path.join(self.workdir, "virtlogd.pid")],
-                        self.virtlogd_log)
-        self._spawn("libvirtd", [_command("libvirtd"), "--pid-file", os.path.join(self.workdir, "libvirtd.pid")],
-                    self.libvirtd_log)
+            self._spawn("virtlogd", self.virtlogd_log)
+        self._spawn("libvirtd", self.libvirtd_log)
         deadline = time.monotonic() + timeout
         delay = 0.05
         while not answers(self.uri):
@@ -139,10 +145,12 @@ class LocalLibvirtd:
             time.sleep(delay)  # libvirtd has no readiness signal but its socket answering
             delay = min(delay * 2, 0.5)
 
-    def _spawn(self, name: str, argv: list[str], log_path: str) -> None:
+    def _spawn(self, name: str, log_path: str) -> None:
+        argv = [system_command(name), "--pid-file", os.path.join(self.workdir, f"{name}.pid")]
         with open(log_path, "ab") as log:
             self.processes[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=system_env(),
             )
 
     def running(self, name: str) -> bool:
@@ -154,7 +162,7 @@ class LocalLibvirtd:
         """Stop what this object started (libvirtd first: it talks to virtlogd while it shuts down)."""
         stop_in_order(self.processes, ["libvirtd", "virtlogd"], timeout)
         if self._mounted_hugetlbfs:
-            subprocess.run(["umount", HUGETLBFS], check=False, capture_output=True)
+            subprocess.run([system_command("umount"), HUGETLBFS], check=False, capture_output=True, env=system_env())
             self._mounted_hugetlbfs = False
         if self._made_hugetlbfs_dir:
             try:

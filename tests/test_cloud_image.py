@@ -19,9 +19,10 @@ import subprocess
 import pytest
 
 from workspace_common.protocol import parse_time
+from service_adapter.cloudimage import cloud_vm_spec, endorse_cloud_image
 from service_adapter.lease import vm_json
 from service_adapter.vms import parse_vm_request
-from tests.support.imagesource import Endorser, ImageServer, image_entry
+from tests.support.imagesource import ImageServer
 from tests.support.libvirt_daemon import missing_commands, wait_for_line
 from tests.support.netlab import LeaseLab, sh
 
@@ -47,15 +48,6 @@ WARN_BEFORE_S = 560
 DURATION_S = 600
 
 
-def cloud_spec(name: str, host: str, key: str) -> dict:
-    listed = lambda identifier: {"image": identifier, "version": "1"}  # noqa: E731
-    return {"name": name, "memory_mb": VM_MB, "host": host, "disk": listed("debian12-cloud"),
-            "boot": {"kernel": listed("debian12-cloud-kernel"), "initrd": listed("debian12-cloud-initrd"),
-                     "cmdline": "root=/dev/vda rw console=ttyS0 panic=-1"},
-            "console_log": f"{name}.log",
-            "context": {"hostname": name, "ssh_authorized_keys": [key], "user_data": USER_DATA}}
-
-
 @pytest.fixture(scope="module")
 def cloud():
     if missing_commands():
@@ -67,25 +59,17 @@ def cloud():
         lab.open()
         key = os.path.join(lab.workdir, "owner_key")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True, timeout=30)
-        # The site's path: an endorser's signed list, the site's trust, subscription and approvals.
-        endorser = Endorser(os.path.join(lab.workdir, "endorser"), name="cloud-builders")
-        endorser.trust_in(os.path.join(lab.site.workdir, "endorsers"))
+        # The site's path: an endorser's signed list, the site's trust, subscription and approvals (over HTTP).
         server = ImageServer(CLOUD_DIR)
         try:
-            entries = [image_entry(identifier, "1", os.path.join(CLOUD_DIR, name), f"{server.url}/{name}")
-                       for identifier, name in (("debian12-cloud", "disk.qcow2"), ("debian12-cloud-kernel", "vmlinuz"),
-                                                ("debian12-cloud-initrd", "initrd.img"))]
-            list_path = os.path.join(lab.workdir, "cloud.list")
-            endorser.publish(list_path, entries, identifier="debian12-cloud-images")
-            lab.site.catalog.subscribe(list_path, "operator")
-            for identifier in ("debian12-cloud", "debian12-cloud-kernel", "debian12-cloud-initrd"):
-                lab.site.catalog.approve(identifier, "1", "operator")
+            endorse_cloud_image(lab.site.catalog, CLOUD_DIR, os.path.join(lab.workdir, "endorser"), "operator",
+                                url_for=lambda name: f"{server.url}/{name}")
         finally:
             server.close()
         lease = lab.lease(2, memory_mb=VM_MB + 64, duration_s=DURATION_S)
         with open(key + ".pub", encoding="utf-8") as handle:
             public = handle.read().strip()
-        lab.site.vms.start(lease.id, [parse_vm_request(cloud_spec(name, host, public))
+        lab.site.vms.start(lease.id, [parse_vm_request(cloud_vm_spec(name, host, VM_MB, public, USER_DATA))
                                       for name, host in (("web", "node1"), ("db", "node2"))])
         vms = {}
         for name in ("web", "db"):

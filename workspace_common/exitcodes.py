@@ -49,7 +49,3 @@ class ExitTable:
         lines += [f"| {label} | | {text} |" for label, text in self.preamble]
         lines += [f"| {row.code} | {row.name and f'`{row.name}`'} | {row.meaning} |" for row in self.rows]
         return "\n".join(lines) + "\n"
-
-    def meanings(self) -> dict[int, str]:
-        """Code -> meaning."""
-        return {row.code: row.meaning for row in self.rows}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service_adapter.providers.jobscript import (
-    PBS, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
+    PREFIXES, PBS, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
     memory_per_node_mb, normalised_extras, output_path, pbs_time, slurm_time, walltime_s,
 )
 from service_adapter.providers.launchers import Launcher
@@ -45,7 +45,7 @@ def _pbs_keys(words: list[str]) -> list[str]:
     return keys
 
 
-PBS_SCRIPT = ScriptDialect(PBS, "#PBS", long_options=False, option_keys=_pbs_keys)
+PBS_SCRIPT = ScriptDialect(PBS, PREFIXES[PBS], long_options=False, option_keys=_pbs_keys)
 
 
 def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str, *, slurm_backed: bool = False) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service_adapter.providers.jobscript import (
-    SGE, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
+    PREFIXES, SGE, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
     memory_per_node_mb, normalised_extras, output_path, pbs_time, walltime_s,
 )
 from service_adapter.providers.launchers import Launcher
@@ -37,7 +37,7 @@ def _sge_keys(words: list[str]) -> list[str]:
     return keys
 
 
-SGE_SCRIPT = ScriptDialect(SGE, "#$", long_options=False, option_keys=_sge_keys)
+SGE_SCRIPT = ScriptDialect(SGE, PREFIXES[SGE], long_options=False, option_keys=_sge_keys)
 
 
 def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:

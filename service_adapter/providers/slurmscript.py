@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service_adapter.providers.jobscript import (
-    SLURM, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
+    PREFIXES, SLURM, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
     memory_per_node_mb, normalised_extras, output_path, slurm_time, walltime_s,
 )
 from service_adapter.providers.launchers import Launcher
@@ -45,7 +45,7 @@ def _slurm_keys(words: list[str]) -> list[str]:
     return keys
 
 
-SLURM_SCRIPT = ScriptDialect(SLURM, "#SBATCH", long_options=True, option_keys=_slurm_keys)
+SLURM_SCRIPT = ScriptDialect(SLURM, PREFIXES[SLURM], long_options=True, option_keys=_slurm_keys)
 
 
 def render_slurm(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -> str:
