@@ -5,7 +5,11 @@
 shows). ``pilot-config`` and ``service-config``: every option of the two
 configuration files with its default and meaning, read from the shipped
 examples (``packaging/*.conf.example``, whose every option and default the
-config tests check against the code's schema). Without ``--write`` the pages are printed; with it they are written
+config tests check against the code's schema). ``cli``: every command's
+and subcommand's ``--help``, from their argparse parsers. ``http-api``:
+every route the service serves, from the route tables that register them
+(:mod:`service_adapter.routetable`) and their handlers' docstrings.
+Without ``--write`` the pages are printed; with it they are written
 under ``docs/reference/``. ``tests/test_reference.py`` checks that the
 files are what this makes.
 """
@@ -101,9 +105,106 @@ def service_config_page() -> str:
                        os.path.join(TOP, "packaging", "service.conf.example"), SCHEMA)
 
 
+#: (command, the module:function that builds its parser), in the order the CLI page lists them.
+COMMANDS = (
+    ("workspace-pilot", "pilot.cli:build_parser"),
+    ("workspace-vmjob", "pilot.vmjob.cli:build_parser"),
+    ("workspace-lease", "service_adapter.cli.parser:build_parser"),
+    ("workspace-killall", "admin_tools.killall:build_parser"),
+    ("workspace-node-status", "admin_tools.nodestatus:build_parser"),
+    ("lease-bench", "admin_tools.leasebench.cli:build_parser"),
+)
+
+#: Columns the CLI page's help texts are wrapped to (argparse reads $COLUMNS).
+HELP_COLUMNS = "100"
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """(name, parser) of each subcommand of ``parser``, in the order they were added."""
+    for action in parser._actions:  # argparse keeps no public list of subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def _helps(parser: argparse.ArgumentParser):
+    """(prog, help text) of ``parser`` and each of its subcommands, depth first."""
+    yield parser.prog, parser.format_help()
+    for _, sub in _subparsers(parser):
+        yield from _helps(sub)
+
+
+def cli_page() -> str:
+    """``docs/reference/cli.md``: each command's and subcommand's ``--help``, wrapped at 100 columns."""
+    import importlib
+
+    parts = [MADE_BY, "", "# Commands", "",
+             "Every command and subcommand with its `--help`, as the installed command prints it "
+             "(at 100 columns). Exit codes: [exit-codes.md](exit-codes.md).", ""]
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = HELP_COLUMNS
+    try:
+        for command, target in COMMANDS:
+            module, function = target.split(":")
+            helps = list(_helps(getattr(importlib.import_module(module), function)()))
+            parts += [f"## {command}", ""]
+            if len(helps) > 1:
+                parts += ["Subcommands: " + ", ".join(f"`{prog}`" for prog, _ in helps[1:]), ""]
+            for prog, text in helps:
+                if prog != command:
+                    parts += [f"### {prog}", ""]
+                parts += ["```text", text.rstrip(), "```", ""]
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
+    return "\n".join(parts)
+
+
+def route_groups():
+    """(title, the module whose text introduces it, its routes) of every route table the service registers."""
+    from service_adapter import api, metrics, receiver
+    from service_adapter.images import routes as images
+
+    return (("Pilots: notifications and commands", receiver, receiver.ROUTES),
+            ("Pilots: images", None, images.PILOT_ROUTES),
+            ("Operators and users: leases and VMs", api, api.ROUTES),
+            ("Operators: the image catalogue", images, images.OPERATOR_ROUTES),
+            ("Metrics", None, metrics.ROUTES))
+
+
+def _markdown(rst: str) -> str:
+    """A docstring's reStructuredText roles and literals as Markdown code."""
+    text = re.sub(r":(?:mod|func|class|data|meth):`~?([^`]+)`", r"`\1`", rst)
+    return text.replace("``", "`")
+
+
+def http_api_page() -> str:
+    """``docs/reference/http-api.md``: every route, grouped by who calls it, with what its handler says."""
+    from service_adapter.routetable import summary
+
+    parts = [MADE_BY, "", "# HTTP API", "",
+             "Every route `workspace-lease serve` answers, from the tables that register them. Pilots "
+             "authenticate as their node (digest, the pilots' realm), people as operators or users (digest, "
+             "the operators' realm; on `[operators] listen` when set). The wire format: "
+             "[protocol.md](../protocol.md).", ""]
+    for title, module, routes in route_groups():
+        parts += [f"## {title}", ""]
+        if module is not None:
+            # The module's text past its title, but not its pointer to this page.
+            text = [part for part in module.__doc__.split("\n\n")[1:] if "http-api.md" not in part]
+            parts += [_markdown("\n\n".join(text).strip()), ""]
+        parts += ["| method | path | what it does |", "|---|---|---|"]
+        for route in routes:
+            said = _markdown(summary(route)).replace("|", "\\|")
+            parts.append(f"| {route.method} | `{route.path}` | {said} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 #: File name -> what makes it.
 PAGES = {"exit-codes.md": exit_codes_page, "pilot-config.md": pilot_config_page,
-         "service-config.md": service_config_page}
+         "service-config.md": service_config_page, "cli.md": cli_page, "http-api.md": http_api_page}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,9 +74,10 @@ install -D -m 0640 packaging/service.conf.example "$service/etc/workspace-pilot/
 install -D -m 0644 packaging/workspace-lease.logrotate "$service/etc/logrotate.d/workspace-lease"
 
 doc=$stage/doc
-install -d "$doc/usr/share/doc/workspace-pilot/docs"
+install -d "$doc/usr/share/doc/workspace-pilot/docs/reference"
 install -m 0644 README.md BENCHMARKS.md packaging/grafana-dashboard.json "$doc/usr/share/doc/workspace-pilot/"
 install -m 0644 docs/*.md "$doc/usr/share/doc/workspace-pilot/docs/"
+install -m 0644 docs/reference/*.md "$doc/usr/share/doc/workspace-pilot/docs/reference/"
 
 # -- .deb -----------------------------------------------------------------------------------------------
 deb() {  # NAME TREE ARCH DEPENDS DESCRIPTION [CONFFILE...]

@@ -152,7 +152,7 @@ if [ "$vm" = yes ]; then
         !skip {print}
         $0 == e {skip = 0}' "$qemu_conf"
     fi
-    # Guests run as libvirt-qemu, never root (README, "Security"); libvirt hands each VM's own files to that
+    # Guests run as libvirt-qemu, never root (docs/security.md); libvirt hands each VM's own files to that
     # user while it runs (dynamic_ownership) and the pilot keeps shared images out of its hands. No AppArmor
     # or SELinux runs here to confine them further: security_driver "none" says so instead of failing.
     printf '%s\n' "$begin" 'user = "libvirt-qemu"' 'group = "libvirt-qemu"' 'dynamic_ownership = 1' \

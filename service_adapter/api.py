@@ -1,32 +1,7 @@
 """The operators' HTTP API, served by the same aiohttp application as the pilots' receiver.
 
-=======  ======================================  ==========================================
-method   path                                    answer
-=======  ======================================  ==========================================
-POST     /api/v1/leases                          201, the new lease (JSON body: nodes,
-                                                 memory_mb, duration_s, optionally images
-                                                 to prefetch: [{"image", "version"}] and
-                                                 start_at, an RFC 3339 time to start at)
-GET      /api/v1/leases[?state=&owner=]          200, ``{"leases": [...]}``
-GET      /api/v1/leases/{id}                     200, the lease
-POST     /api/v1/leases/{id}/release             202, the lease (release under way)
-POST     /api/v1/leases/{id}/extend              200, the lease, longer (JSON body:
-                                                 ``{"by_s": SECONDS}``); 409 refused
-GET      /api/v1/leases/{id}/events[?after=N]    200, ``{"events": [...]}``: its history
-                                                 (transitions, ``ending``, ``extended``),
-                                                 those numbered above N
-POST     /api/v1/leases/{id}/vms                 202, ``{"vms": [...]}``: the VMs queued to
-                                                 start (JSON body: ``{"vms": [spec, ...]}``,
-                                                 each a VM spec with an optional ``host``)
-GET      /api/v1/leases/{id}/vms                 200, ``{"vms": [...]}``, oldest first
-GET      /api/v1/leases/{id}/vms/{name}          200, the VM
-POST     /api/v1/leases/{id}/vms/{name}/stop     202, the VM (stop queued; optional JSON
-                                                 body ``{"force": true}``)
-POST     /api/v1/leases/{id}/vms/{name}/suspend  202, the VM (suspend queued; it must run)
-POST     /api/v1/leases/{id}/vms/{name}/resume   202, the VM (resume queued; it must be
-                                                 paused)
-GET      /api/v1/usage[?owner=&lease=]           200, ``{"node_seconds", "mb_seconds", "leases"}``
-=======  ======================================  ==========================================
+Its routes and what each answers: ``docs/reference/http-api.md``, made
+from :data:`ROUTES` and the handlers' docstrings.
 
 Every request is digest-authenticated (RFC 7616, SHA-256, ``qop=auth``)
 against the operators' accounts, with their own realm and verifier: a
@@ -69,6 +44,7 @@ from service_adapter.hostshares import retry_after_header
 from service_adapter.lease import LEASE_STATES, event_json, vm_json
 from service_adapter.loginthrottle import LoginThrottle
 from service_adapter.refusals import REFUSALS
+from service_adapter.routetable import Route, add_routes
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
 from workspace_common.errors import first_line
 from workspace_common.protocol import MAX_PREFETCH, MAX_VM_NAME_LEN, ImageFile, ProtocolError
@@ -395,7 +371,8 @@ async def stop_vm(request: web.Request) -> web.Response:
 
 @refusals
 async def pause_vm(request: web.Request) -> web.Response:
-    """POST /api/v1/leases/{id}/vms/{name}/suspend or .../resume: queue it; 202 with the VM."""
+    """POST /api/v1/leases/{id}/vms/{name}/suspend: queue the VM's suspend (at .../resume: its resume); 202
+    with the VM."""
     lease_id = _lease_id(request)
     name = _vm_name(request, lease_id)
     if request.content_length:
@@ -405,6 +382,24 @@ async def pause_vm(request: web.Request) -> web.Response:
     vm = await asyncio.to_thread(vms.resume if resume else vms.suspend, lease_id, name)
     log.info("API: %s %s VM %s of lease %s", who(request), "resumed" if resume else "suspended", name, lease_id)
     return web.json_response(vm_json(vm, owner=await _is_owner(request, lease_id)), status=202)
+
+
+#: The operators' API (each request digest-authenticated as an operator by :func:`_api_auth`).
+ROUTES = (
+    Route("POST", f"{PREFIX}/leases", create_lease),
+    Route("GET", f"{PREFIX}/leases", list_leases),
+    Route("GET", PREFIX + "/leases/{lease_id}", show_lease),
+    Route("POST", PREFIX + "/leases/{lease_id}/release", release_lease),
+    Route("POST", PREFIX + "/leases/{lease_id}/extend", extend_lease),
+    Route("GET", PREFIX + "/leases/{lease_id}/events", lease_events),
+    Route("POST", PREFIX + "/leases/{lease_id}/vms", start_vms),
+    Route("GET", PREFIX + "/leases/{lease_id}/vms", list_vms),
+    Route("GET", PREFIX + "/leases/{lease_id}/vms/{name}", show_vm),
+    Route("POST", PREFIX + "/leases/{lease_id}/vms/{name}/stop", stop_vm),
+    Route("POST", PREFIX + "/leases/{lease_id}/vms/{name}/suspend", pause_vm),
+    Route("POST", PREFIX + "/leases/{lease_id}/vms/{name}/resume", pause_vm),
+    Route("GET", f"{PREFIX}/usage", usage),
+)
 
 
 def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmManager | None = None, *,
@@ -427,17 +422,5 @@ def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmMana
     app[THROTTLE_KEY] = throttle if throttle is not None else LoginThrottle()
     app[VMS_KEY] = vms if vms is not None else VmManager(manager.store, overhead_mb=64)
     app.middlewares.append(_api_auth)
-    app.router.add_post(f"{PREFIX}/leases", create_lease)
-    app.router.add_get(f"{PREFIX}/leases", list_leases)
-    app.router.add_get(PREFIX + "/leases/{lease_id}", show_lease)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/release", release_lease)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/vms", start_vms)
-    app.router.add_get(PREFIX + "/leases/{lease_id}/vms", list_vms)
-    app.router.add_get(PREFIX + "/leases/{lease_id}/vms/{name}", show_vm)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/stop", stop_vm)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/suspend", pause_vm)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/vms/{name}/resume", pause_vm)
-    app.router.add_post(PREFIX + "/leases/{lease_id}/extend", extend_lease)
-    app.router.add_get(PREFIX + "/leases/{lease_id}/events", lease_events)
-    app.router.add_get(f"{PREFIX}/usage", usage)
+    add_routes(app, ROUTES)
     return app

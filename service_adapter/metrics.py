@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from service_adapter.routetable import Route, add_routes
+
 #: Seconds: a notification is answered in ms, a command waits up to a poll's renewal (tens of s).
 NOTIFICATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 COMMAND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -115,10 +117,14 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+#: The Prometheus exposition (behind the operators' digest, or on a listener of its own: ``[metrics] listen``).
+ROUTES = (Route("GET", "/metrics", handle_metrics),)
+
+
 def add_metrics_route(app: web.Application, metrics: ServiceMetrics) -> None:
     """``/metrics`` on ``app`` (behind whatever authentication its middlewares apply to that path)."""
     app[METRICS_KEY] = metrics
-    app.router.add_get("/metrics", handle_metrics)
+    add_routes(app, ROUTES)
 
 
 def metrics_app(metrics: ServiceMetrics) -> web.Application:

@@ -58,6 +58,7 @@ from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard,
 from service_adapter.digest import DigestVerifier
 from service_adapter.hostshares import SHARES_KEY, HostShares, admitted, retry_after_header
 from service_adapter.metrics import METRICS_KEY
+from service_adapter.routetable import Route, add_routes
 from service_adapter.nodekeys import NodeAccounts
 from service_adapter.refusals import REFUSALS
 from service_adapter.store import HOLD_ENDED, Store, Verdict
@@ -115,7 +116,11 @@ def _unauthorized(verifier: DigestVerifier, detail: str, stale: bool = False) ->
 
 
 async def handle_notification(request: web.Request) -> web.Response:
-    """:func:`receive_notification`, counted in the service's metrics (when it keeps them) by its answer."""
+    """POST /pilot/v2/notifications: a pilot's signed, timestamped report; 200 once the store committed it.
+
+    The checks and their refusals are the module's text's; the answer is
+    counted in the service's metrics (when it keeps them).
+    """
     started = time.monotonic()
     response = await receive_notification(request)
     metrics = request.app.get(METRICS_KEY)
@@ -238,7 +243,7 @@ def held_access(request: web.Request, slot: str, host: str):
 
 
 async def handle_commands(request: web.Request) -> web.Response:
-    """Answer a pilot's long-poll with its commands above ``after`` (waiting up to ``wait`` s for one)."""
+    """GET .../commands?after=N&wait=S: the pilot's commands above N, signed; held up to S s until one is queued."""
     auth, refusal = authenticate(request, "command poll")
     if refusal is not None:
         return refusal
@@ -294,6 +299,13 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+#: The pilots' endpoints (digest as the node; see the module's text for each check).
+ROUTES = (
+    Route("POST", NOTIFICATIONS_PATH, handle_notification),
+    Route("GET", COMMANDS_PATH, handle_commands),
+)
+
+
 def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
              board: CommandBoard | None = None, guard: ConnectionGuard | None = None, *,
              allocations: Allocations | None = None, shares: HostShares | None = None) -> web.Application:
@@ -335,8 +347,7 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
 
     app.on_startup.append(attach)
     app.on_shutdown.append(release_polls)
-    app.router.add_post(NOTIFICATIONS_PATH, handle_notification)
-    app.router.add_get(COMMANDS_PATH, handle_commands)
+    add_routes(app, ROUTES)
     return app
 
 

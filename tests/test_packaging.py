@@ -78,7 +78,8 @@ def test_the_debs_split_node_service_and_docs_with_their_conffiles(built):
     service = files["workspace-lease-service"]
     assert {"/lib/systemd/system/workspace-lease.service", "/etc/workspace-pilot/service.conf",
             "/etc/logrotate.d/workspace-lease"} <= set(service)
-    assert "/usr/share/doc/workspace-pilot/docs/scaling.md" in files["workspace-pilot-doc"]
+    docs = "/usr/share/doc/workspace-pilot/docs"
+    assert {f"{docs}/scaling.md", f"{docs}/reference/cli.md"} <= set(files["workspace-pilot-doc"])
     conffiles = {name: run("dpkg-deb", "-I", path, "conffiles").stdout.split() for name, path in paths.items()}
     assert conffiles["workspace-pilot-node"] == ["/etc/workspace-pilot/pilot.conf", "/etc/workspace-pilot/vmjob-images.conf",
                                                  "/etc/sudoers.d/workspace-pilot", "/etc/sudoers.d/workspace-vmjob"]

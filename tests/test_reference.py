@@ -50,6 +50,23 @@ def test_the_docs_index_links_every_page():
     assert pages and [page for page in pages if f"]({page})" not in index] == []
 
 
+def test_the_cli_reference_has_every_installed_command_and_subcommand():
+    import configparser
+
+    from admin_tools.reference import COMMANDS
+
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(TOP, "setup.cfg"))
+    scripts = [line.split("=")[0].strip() for line in setup["options.entry_points"]["console_scripts"].splitlines()
+               if line.strip()]
+    assert sorted(scripts) == sorted(command for command, _ in COMMANDS)
+    with open(os.path.join(REFERENCE_DIR, "cli.md"), encoding="utf-8") as handle:
+        page = handle.read()
+    shown = subprocess.run([sys.executable, "-m", "service_adapter", "vm", "start", "--help"], capture_output=True,
+                           text=True, timeout=60, cwd=TOP, env={**os.environ, "COLUMNS": "100"})
+    assert shown.returncode == 0 and f"```text\n{shown.stdout.rstrip()}\n```" in page  # as the command prints it
+
+
 @pytest.mark.parametrize("example, schema_module", [("pilot.conf.example", "pilot.config"),
                                                     ("service.conf.example", "service_adapter.config")])
 def test_the_config_reference_has_every_option_of_the_schema_with_a_meaning(example, schema_module):
@@ -62,3 +79,23 @@ def test_the_config_reference_has_every_option_of_the_schema_with_a_meaning(exam
     assert {section: sorted(option for option, _, _ in options) for section, options in found.items()} == \
         {section: sorted(options) for section, options in schema.items() if options}
     assert [option for options in found.values() for option, _, meaning in options if len(meaning) < 10] == []
+
+
+def test_every_relative_link_in_the_readme_and_docs_points_at_a_file_and_the_readme_stays_short():
+    import re
+
+    pages = [os.path.join(TOP, name) for name in ("README.md", "BENCHMARKS.md")] + [
+        os.path.join(directory, name) for directory, _, files in os.walk(os.path.join(TOP, "docs"))
+        for name in files if name.endswith(".md")]
+    broken = []
+    for page in pages:
+        with open(page, encoding="utf-8") as handle:
+            text = handle.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not os.path.exists(
+                    os.path.join(os.path.dirname(page), path)):
+                broken.append(f"{os.path.relpath(page, TOP)}: {target}")
+    assert broken == []
+    with open(os.path.join(TOP, "README.md"), encoding="utf-8") as handle:
+        assert len(handle.read().splitlines()) < 250  # an entry; the manual is under docs/

@@ -144,6 +144,27 @@ def test_serve_builds_the_vm_manager_with_the_configured_overhead(tmp_path):
         store.close()
 
 
+def test_the_http_reference_lists_every_route_serve_answers_and_no_other(tmp_path):
+    """docs/reference/http-api.md comes from the route tables; here the real serve's two applications are read."""
+    from admin_tools.reference import route_groups
+    from service_adapter.server import build
+
+    text = serve_files(tmp_path).replace("[operators]\n", "[operators]\nlisten = 127.0.0.1:8781\n") + (
+        f"[service]\nstore = {tmp_path / 'service.sqlite'}\n[provider]\nstate_dir = {tmp_path / 'local'}\n"
+        "[metrics]\nlisten = api\n"
+    )
+    store, provider, manager, app, operator_app = build(load_config(write(tmp_path, text), serve=True))
+    try:
+        served = {(route.method, route.resource.canonical) for each in (app, operator_app)
+                  for route in each.router.routes() if route.method != "HEAD"}
+    finally:
+        provider.close()
+        store.close()
+    listed = [(route.method, route.path) for _, _, routes in route_groups() for route in routes]
+    assert len(listed) == len(set(listed)) and set(listed) == served
+    assert [path for _, _, routes in route_groups() for method, path, handler in routes if not handler.__doc__] == []
+
+
 # -- one line per problem -------------------------------------------------------------------------
 
 BAD_VALUES = [

@@ -1,8 +1,8 @@
 """Reading an INI configuration file whole, one line per problem: the loader both configs share.
 
 Standard library only, importable on its own, so that the service may
-import it as it imports :mod:`workspace_common.protocol` (the layering rule in the
-README). Each config module keeps its own schema (section -> option ->
+import it as it imports :mod:`workspace_common.protocol` (the layering rule in
+docs/architecture.md). Each config module keeps its own schema (section -> option ->
 (field, parser)) and its own value parsers; the generic ones are here.
 """
 

@@ -6,7 +6,7 @@ job is (the baseline), and a lease of N nodes through the operator API
 (reserve, optionally one VM per node, release). It prints a table of each
 phase's median, min, max and interquartile range per N, and writes JSON
 and a PNG when asked. The phases and how clocks are handled are in
-``admin_tools/leasebench/phases.py`` and the README.
+``admin_tools/leasebench/phases.py`` and ``docs/lease-bench.md``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
 """The image catalogue's HTTP routes: the operators' (under /api/v1, digest as an operator) and the pilots' fetch.
 
-=======  ======================================  ==========================================
-method   path                                    answer
-=======  ======================================  ==========================================
-GET      /api/v1/image-lists                     200, ``{"lists": [...]}``
-POST     /api/v1/image-lists                     201, the list (subscribe: ``{"source": S}``)
-POST     /api/v1/image-lists/refresh             200, ``{"results": [...]}``, every list
-POST     /api/v1/image-lists/{id}/refresh        200, ``{"results": [...]}``, one list
-GET      /api/v1/images                          200, ``{"images": [...]}``
-GET      /api/v1/images/{identifier}             200, ``{"identifier", "versions": [...]}``
-POST     /api/v1/images/{identifier}/approve     200, the image (``{"version", "reason"}``,
-                                                 both optional; fetches it first)
-POST     /api/v1/images/{identifier}/revoke      200, ``{"images": [...]}`` (same body)
-GET      /pilot/v2/slots/{slot}/hosts/{host}/    200 or 206 (Range), the image's bytes, for
-         images/{sha256}                         a pilot holding that slot, if approved
-GET      /pilot/v2/slots/{slot}/hosts/{host}/    200, ``{"sha256": [...]}`` of the approved
-         images                                  images, signed as command answers are
-GET      .../images/{sha256}/chunks              200, the image's chunk manifest, signed
-POST     .../images/{sha256}/swarm               200, the other nodes of the slot fetching
-                                                 it and the chunks to take from here, signed
-                                                 (``service_adapter.images.swarm``)
-=======  ======================================  ==========================================
+Its routes and what each answers: ``docs/reference/http-api.md``, made
+from :data:`PILOT_ROUTES`, :data:`OPERATOR_ROUTES` and the handlers'
+docstrings.
 
 Refusals: 404 unknown list or image, 409 the image or list cannot be used
 as it stands (expired, untrusted key, several versions and none named),
@@ -45,6 +27,7 @@ from service_adapter.apiparts import CATALOG_KEY, OPERATORS_KEY, PREFIX, Refused
 from service_adapter.images.catalog import ImageCatalog, image_json, list_json
 from service_adapter.images.swarm import SwarmBoard
 from service_adapter.metrics import METRICS_KEY
+from service_adapter.routetable import Route, add_routes
 
 SWARMS_KEY = web.AppKey("image_swarms", SwarmBoard)
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9.:\[\]-]{1,80}:[0-9]{1,5}")
@@ -102,7 +85,8 @@ async def subscribe(request: web.Request) -> web.Response:
 
 @refusals
 async def refresh(request: web.Request) -> web.Response:
-    """POST /api/v1/image-lists[/{id}]/refresh: fetch the lists again; each result says what happened."""
+    """POST /api/v1/image-lists/refresh: fetch every list again (at .../{id}/refresh: that one); each result
+    says how it went."""
     identifier = _identifier(request, "list") if "identifier" in request.match_info else None
     results = await asyncio.to_thread(_catalog(request).refresh, identifier)
     return web.json_response({"results": [
@@ -279,6 +263,27 @@ async def image_swarm(request: web.Request) -> web.Response:
     return _signed(request, access, json.dumps(out, separators=(",", ":")).encode())
 
 
+#: The pilots' image fetch (digest as the node, as the command poll; answers signed with the slot's key).
+PILOT_ROUTES = (
+    Route("GET", IMAGES_PATH.rsplit("/", 1)[0], approved_images),
+    Route("GET", IMAGES_PATH, fetch_image),
+    Route("GET", IMAGES_PATH + "/chunks", image_manifest),
+    Route("POST", IMAGES_PATH + "/swarm", image_swarm),
+)
+
+#: The operators' image catalogue (under the operator API's authentication).
+OPERATOR_ROUTES = (
+    Route("GET", f"{PREFIX}/image-lists", list_lists),
+    Route("POST", f"{PREFIX}/image-lists", subscribe),
+    Route("POST", f"{PREFIX}/image-lists/refresh", refresh),
+    Route("POST", PREFIX + "/image-lists/{identifier}/refresh", refresh),
+    Route("GET", f"{PREFIX}/images", list_images),
+    Route("GET", PREFIX + "/images/{identifier}", show_image),
+    Route("POST", PREFIX + "/images/{identifier}/approve", approve),
+    Route("POST", PREFIX + "/images/{identifier}/revoke", revoke),
+)
+
+
 def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: bool = True,
                      pilots: bool = True) -> None:
     """Add the pilots' image routes (``pilots``) and the operators' (``operators``) to ``app``.
@@ -290,19 +295,9 @@ def add_image_routes(app: web.Application, catalog: ImageCatalog, *, operators: 
     app[CATALOG_KEY] = catalog
     if pilots:
         app[SWARMS_KEY] = SwarmBoard()
-        app.router.add_get(IMAGES_PATH, fetch_image)
-        app.router.add_get(IMAGES_PATH + "/chunks", image_manifest)
-        app.router.add_post(IMAGES_PATH + "/swarm", image_swarm)
-        app.router.add_get(IMAGES_PATH.rsplit("/", 1)[0], approved_images)
+        add_routes(app, PILOT_ROUTES)
     if not operators:
         return
     if OPERATORS_KEY not in app:
         raise ValueError("add the operator API (add_api) before the image routes: its authentication guards them")
-    app.router.add_get(f"{PREFIX}/image-lists", list_lists)
-    app.router.add_post(f"{PREFIX}/image-lists", subscribe)
-    app.router.add_post(f"{PREFIX}/image-lists/refresh", refresh)
-    app.router.add_post(PREFIX + "/image-lists/{identifier}/refresh", refresh)
-    app.router.add_get(f"{PREFIX}/images", list_images)
-    app.router.add_get(PREFIX + "/images/{identifier}", show_image)
-    app.router.add_post(PREFIX + "/images/{identifier}/approve", approve)
-    app.router.add_post(PREFIX + "/images/{identifier}/revoke", revoke)
+    add_routes(app, OPERATOR_ROUTES)
