@@ -367,7 +367,7 @@ def test_a_vm_started_as_the_pilot_warns_is_told_once(conn, policy, monkeypatch)
     # pair, the other end standing for the guest's port.
     import socket
 
-    from pilot.vm import host as host_module
+    from pilot.vm import leasechannel
 
     guests = {}
 
@@ -376,7 +376,7 @@ def test_a_vm_started_as_the_pilot_warns_is_told_once(conn, policy, monkeypatch)
         guests[domain.name()] = guest
         return ours
 
-    monkeypatch.setattr(host_module, "_open_channel", channel)
+    monkeypatch.setattr(leasechannel, "open_channel", channel)
     line = "ending 2026-12-06T17:00:00.000000Z 290 deadline"
     warned = []  # the pilot sets its warning, then queues the broadcast: a VM starting in between reads it
     host = make_host(conn, policy, warning=lambda: warned[0] if warned else None)
