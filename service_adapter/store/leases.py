@@ -15,7 +15,7 @@ from typing import Callable
 
 from workspace_common.protocol import format_epoch
 from service_adapter.nodekeys import new_slot_secret
-from service_adapter.store import notifications, vms
+from service_adapter.store import commands, notifications, vms
 from service_adapter.store.history import add_event
 from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, UsageRow
 
@@ -124,7 +124,7 @@ def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
         (now, now, now, lease_id),
     )
     if cursor.rowcount == 1:
-        vms.queue_release(conn, lease_id, now, wake)
+        commands.queue_release(conn, lease_id, now, wake)
         if warn:
             mark_warned(conn, lease_id, "ending: release requested; the pilots stop their VMs and give the "
                                         "nodes back now", now)

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from workspace_common.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
-from service_adapter.store import compaction, vms
+from service_adapter.store import compaction, reports
 from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict
 
 
@@ -57,7 +57,7 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
             "UPDATE pilots SET last_seq = ?, updated_at = ?, expires_at = COALESCE(?, expires_at),"
             " stored_bytes = stored_bytes + ? WHERE slot_id = ? AND host = ? RETURNING stored_bytes",
             (n.seq, now, n.expires_at, cost, n.slot, n.host)).fetchone()
-    vms.apply_notification(conn, n, lease_id, now, wake)
+    reports.apply_notification(conn, n, lease_id, now, wake)
     conn.execute(
         "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),

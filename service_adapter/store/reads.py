@@ -10,12 +10,14 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
+from service_adapter.store import commands as command_ops
 from service_adapter.store import leases as lease_ops
 from service_adapter.store import notifications as notification_ops
 from service_adapter.store import schema
 from service_adapter.store import vms as vm_ops
+from service_adapter.store.commands import CommandRow
 from service_adapter.store.rows import LeaseEvent, LeaseRow, PilotRow, SlotAccess, UsageRow
-from service_adapter.store.vms import CommandRow, VmRow
+from service_adapter.store.vms import VmRow
 
 #: How many (slot, host) answers :meth:`StoreReads.slot_access` keeps in memory.
 ACCESS_CACHE_SIZE = 16384
@@ -126,11 +128,11 @@ class StoreReads:
 
     def commands_after(self, slot: str, host: str, after: int, limit: int = 256) -> list[tuple[int, dict]]:
         """(id, body) of the commands for (slot, host) above ``after``, oldest first."""
-        return vm_ops.commands_after(self._reader(), slot, host, after, limit)
+        return command_ops.commands_after(self._reader(), slot, host, after, limit)
 
     def commands(self, slot: str) -> list[CommandRow]:
         """Every command of a slot with its outcome, in id order."""
-        return vm_ops.commands_of(self._reader(), slot)
+        return command_ops.commands_of(self._reader(), slot)
 
     def read(self, fn: Callable[[sqlite3.Connection], object]):
         """``fn(conn)`` on this thread's reader connection: for modules that keep their queries beside them."""

@@ -6,7 +6,7 @@ import logging
 import os
 import sqlite3
 
-from service_adapter.store import addresses, images, vms
+from service_adapter.store import addresses, commands, images, vms
 from service_adapter.store.compaction import ROW_BYTES
 from service_adapter.store.errors import StoreError
 
@@ -155,7 +155,8 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         columns = "".join(f"ALTER TABLE vms ADD COLUMN {name} {kind};"
                           for name, kind in VM_COLUMNS_ADDED if had and name not in had)
         conn.executescript(
-            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\n{columns}\n{addresses.SCHEMA}\n"
+            f"BEGIN IMMEDIATE;\n{steps}\n{SCHEMA}\n{vms.SCHEMA}\n{commands.SCHEMA}\n{images.SCHEMA}\n{columns}\n"
+            f"{addresses.SCHEMA}\n"
             f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
         )
         log.warning("store %s upgraded from schema version %d to %d", path, version, SCHEMA_VERSION)
@@ -169,7 +170,7 @@ def prepare(conn: sqlite3.Connection, path: str) -> None:
         )
     # One transaction: a file never has the tables without the version, or the other way round.
     conn.executescript(
-        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{images.SCHEMA}\n{addresses.SCHEMA}\n"
+        f"BEGIN IMMEDIATE;\n{SCHEMA}\n{vms.SCHEMA}\n{commands.SCHEMA}\n{images.SCHEMA}\n{addresses.SCHEMA}\n"
         f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     )
 

@@ -1,12 +1,12 @@
-"""The VM half of the store: the VMs of each lease and the commands queued for its pilots.
+"""The VM half of the store: the VMs of each lease, placed and queued with their commands (:mod:`.commands`).
 
 Functions here run inside the store's write transaction (``conn`` is the
 writer's connection) or on a reader connection; :class:`Store` exposes
 them as methods. A command is queued in the same transaction as the VM
 state it implies (``starting`` with its ``start-vm``, ``stopping`` with its
 ``stop-vm``), and a pilot's report of a command's outcome moves the VM in
-the same transaction that stores the notification, so the two never
-disagree after a crash or a restart.
+the same transaction that stores the notification (:mod:`.reports`), so
+the two never disagree after a crash or a restart.
 
 VM states: ``starting`` (start-vm queued), ``running`` (the pilot reported
 vm-running), ``paused`` (the pilot reported vm-paused after a suspend-vm:
@@ -21,14 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from typing import Callable
 
-from workspace_common.protocol import MAX_PEERS, Notification, VmSpec
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import addresses
-from service_adapter.store import images as image_ops
-from service_adapter.store.history import add_event
-from service_adapter.store.rows import earliest_expiry
+from service_adapter.store.commands import queue_command
+from workspace_common.protocol import MAX_PEERS, VmSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -53,24 +50,10 @@ CREATE TABLE IF NOT EXISTS vms (
     PRIMARY KEY (lease_id, name)
 );
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms(slot_id, host);
-CREATE TABLE IF NOT EXISTS commands (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    slot_id     TEXT NOT NULL REFERENCES slots(id),
-    host        TEXT NOT NULL,
-    op          TEXT NOT NULL,
-    vm          TEXT,
-    body        TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    outcome     TEXT,
-    code        INTEGER,
-    message     TEXT,
-    done_at     REAL
-);
-CREATE INDEX IF NOT EXISTS commands_by_target ON commands(slot_id, host, id);
 """
 
 ACTIVE = ("starting", "running", "paused", "stopping")
-_ACTIVE_SQL = "(" + ", ".join(f"'{state}'" for state in ACTIVE) + ")"
+ACTIVE_SQL = "(" + ", ".join(f"'{state}'" for state in ACTIVE) + ")"
 ENDED = ("stopped", "failed", "lost")
 _VM_COLUMNS = (
     "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
@@ -119,39 +102,10 @@ class VmRow:
         return self.state in ACTIVE
 
 
-@dataclasses.dataclass(frozen=True)
-class CommandRow:
-    """One queued command and, once its pilot reported, the outcome."""
-
-    id: int
-    slot_id: str
-    host: str
-    op: str
-    vm: str | None
-    body: dict
-    created_at: float
-    outcome: str | None
-    code: int | None
-    message: str | None
-    done_at: float | None
-
-
 def _vm_row(row: tuple) -> VmRow:
     values = list(row)
     values[6] = json.loads(values[6])
     return VmRow(*values)
-
-
-def queue_command(conn: sqlite3.Connection, slot: str, host: str, body: dict, now: float,
-                  woken: Callable[[str, str], None]) -> int:
-    """Insert one command (``body`` without its id) for (slot, host); returns its id and reports the target."""
-    cursor = conn.execute(
-        "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
-         json.dumps(body, separators=(",", ":")), now),
-    )
-    woken(slot, host)
-    return cursor.lastrowid
 
 
 def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: int) -> list[HostRoom]:
@@ -161,7 +115,7 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
         # The (slot_id, host) index answers each host's sum without scanning the lease's other VMs.
         " (SELECT TOTAL(v.memory_mb) + COUNT(v.name) * ? FROM vms v"
         "   WHERE v.slot_id = p.slot_id AND v.host = p.host AND v.lease_id = ?"
-        f"   AND v.state IN {_ACTIVE_SQL})"
+        f"   AND v.state IN {ACTIVE_SQL})"
         " FROM pilots p WHERE p.slot_id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
         " AND p.lost_at IS NULL AND p.state = 'reserved' ORDER BY p.host",
         (overhead_mb, lease_id, slot),
@@ -273,7 +227,7 @@ def stop_vm(conn: sqlite3.Connection, lease_id: str, name: str, force: bool, now
     if not vm.active:
         raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state} already")
     queue_command(conn, vm.slot_id, vm.host, {"op": "stop-vm", "name": name, "force": force}, now, woken)
-    _set_vm(conn, vm.lease_id, name, "stopping", f"stop-vm{' (forced)' if force else ''} queued for {vm.host}", now)
+    set_vm(conn, vm.lease_id, name, "stopping", f"stop-vm{' (forced)' if force else ''} queued for {vm.host}", now)
     return vm
 
 
@@ -288,140 +242,8 @@ def pause_vm(conn: sqlite3.Connection, lease_id: str, name: str, op: str, now: f
         raise VmRequestError(f"VM {name} of lease {lease_id} is {vm.state}: only a {wanted} VM can be "
                              f"{'suspended' if op == 'suspend-vm' else 'resumed'}")
     queue_command(conn, vm.slot_id, vm.host, {"op": op, "name": name}, now, woken)
-    _set_vm(conn, lease_id, name, vm.state, f"{op} queued for {vm.host}", now)
+    set_vm(conn, lease_id, name, vm.state, f"{op} queued for {vm.host}", now)
     return vm
-
-
-def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) -> None:
-    """Queue a ``release`` for every host of the lease that holds memory and has not started leaving."""
-    hosts = conn.execute(
-        "SELECT p.slot_id, p.host FROM pilots p JOIN leases l ON l.slot = p.slot_id"
-        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL AND p.lost_at IS NULL"
-        " AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.slot_id = p.slot_id AND c.host = p.host"
-        "   AND c.op = 'release')",
-        (lease_id,),
-    ).fetchall()
-    for slot, host in hosts:
-        queue_command(conn, slot, host, {"op": "release"}, now, woken)
-
-
-def queue_extend(conn: sqlite3.Connection, lease_id: str, now: float, woken, host: str | None = None) -> int:
-    """Queue an ``extend`` (the lease's duration now) for each host of the lease that holds it (or only ``host``);
-    how many were queued."""
-    rows = conn.execute(
-        "SELECT p.slot_id, p.host, l.duration_s FROM pilots p JOIN leases l ON l.slot = p.slot_id"
-        " WHERE l.id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL AND p.lost_at IS NULL"
-        + (" AND p.host = ?" if host is not None else ""),
-        (lease_id, host) if host is not None else (lease_id,),
-    ).fetchall()
-    for slot, target, duration_s in rows:
-        queue_command(conn, slot, target, {"op": "extend", "duration_s": duration_s}, now, woken)
-    return len(rows)
-
-
-def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str, now: float, woken) -> None:
-    """What a pilot's report means for its VMs and commands (inside the notification's own transaction)."""
-    command = None
-    if n.command is not None:
-        command = conn.execute(
-            "SELECT op, vm, outcome FROM commands WHERE id = ? AND slot_id = ? AND host = ?",
-            (n.command, n.slot, n.host),
-        ).fetchone()
-    if n.state == "fetching":
-        # Progress of a start-vm's image download: the VM still starts; its reason says how far along.
-        if command is not None and command[0] == "start-vm" and command[2] is None and command[1]:
-            _set_vm(conn, lease_id, command[1], "starting", n.message or "fetching its image", now, host=n.host,
-                    only=("starting",))
-        return
-    outcome = n.state.startswith("vm-") or n.state == "extended"
-    if n.command is not None:
-        if command is not None and command[2] is not None and outcome:
-            return  # the command has its outcome: a second, later word on it changes nothing
-        if command is not None and outcome:
-            conn.execute(
-                "UPDATE commands SET outcome = ?, code = ?, message = ?, done_at = ? WHERE id = ? AND outcome IS NULL",
-                (n.state, n.code, n.message, now, n.command),
-            )
-    names = list(n.vms or ())
-    if command is not None and command[1] and command[1] not in names:
-        names.append(command[1])
-    why = n.message or ""
-    op = command[0] if command is not None else None
-    if n.state == "extended":
-        if op != "extend":
-            return  # only the answer to an extend the service queued (once, above): a node cannot fill the history
-        held = f"{n.host} holds until {n.expires_at or '?'}" + (f": {why}" if why else "")
-        add_event(conn, lease_id, "extended", held, now)
-        _lease_ends_with_its_pilots(conn, lease_id, n.slot)
-    elif n.state == "vm-running":
-        for name in names:
-            # Only a starting VM (or a paused one its resume woke) becomes running: one already stopping keeps
-            # its queued stop.
-            _set_vm(conn, lease_id, name, "running", why or f"running on {n.host}", now, host=n.host,
-                    started=True, only=("starting", "paused") if op == "resume-vm" else ("starting",))
-    elif n.state == "vm-paused":
-        for name in names:
-            _set_vm(conn, lease_id, name, "paused", why or f"paused on {n.host}", now, host=n.host, only=("running",))
-    elif n.state == "vm-failed" and op in ("suspend-vm", "resume-vm"):
-        # The VM is as it was: only the reason tells what did not happen.
-        for name in names:
-            conn.execute("UPDATE vms SET reason = ?, updated_at = ? WHERE lease_id = ? AND name = ? AND host = ?",
-                         (f"{op[:-3]} failed: {why or 'the pilot gave no reason'}"[:4000], now, lease_id, name,
-                          n.host))
-    elif n.state == "vm-stopped":
-        for name in names:
-            _set_vm(conn, lease_id, name, "stopped", why or f"stopped on {n.host}", now, host=n.host, stopped=True)
-    elif n.state == "vm-failed":
-        for name in names:
-            if op == "stop-vm":
-                # The stop did not happen: the VM is still there as far as anyone knows.
-                _set_vm(conn, lease_id, name, "running", f"stop failed: {why or 'the pilot gave no reason'}", now,
-                        host=n.host, only=("stopping",))
-            else:
-                _set_vm(conn, lease_id, name, "failed", why or "the pilot could not start it", now, host=n.host,
-                        stopped=True)
-    elif n.state == "reserved":
-        if n.address is not None:
-            # Where the lease network's overlay and forwards meet this node. Every node of a lease has reserved
-            # before its first VM starts (a lease is ready only then), so each start-vm lists them all.
-            conn.execute("UPDATE pilots SET address = ? WHERE slot_id = ? AND host = ?", (n.address, n.slot, n.host))
-        # The host holds the memory: have it fetch the lease's images now, before a VM start waits for them.
-        images = image_ops.lease_images(conn, lease_id)
-        if images:
-            queue_command(conn, n.slot, n.host, {"op": "prefetch", "images": images}, now, woken)
-        # Extended while its job waited or it reserved: its --duration is the old one, tell it the new.
-        if conn.execute("SELECT 1 FROM lease_events WHERE lease_id = ? AND kind = 'extended' LIMIT 1",
-                        (lease_id,)).fetchone():
-            queue_extend(conn, lease_id, now, woken, host=n.host)
-    elif n.state == "earlyunreserving":
-        # The pilot waits grace x earlywaitratio for the service to stop its VMs: ask it to, gracefully.
-        for (name,) in conn.execute(
-            "SELECT name FROM vms WHERE lease_id = ? AND host = ? AND state IN ('starting', 'running', 'paused')",
-            (lease_id, n.host),
-        ).fetchall():
-            queue_command(conn, n.slot, n.host, {"op": "stop-vm", "name": name, "force": False}, now, woken)
-            _set_vm(conn, lease_id, name, "stopping", f"{n.host} is unreserving early: stop-vm queued", now)
-    elif n.state == "killed":
-        for name in names:
-            _set_vm(conn, lease_id, name, "stopped", f"destroyed by workspace-killall on {n.host}", now,
-                    host=n.host, stopped=True)
-    if n.state in ("unreserved", "killed"):
-        # The hold is over: nothing of this slot can still run on that host.
-        conn.execute(
-            "UPDATE vms SET state = 'stopped', reason = ?, updated_at = ?, stopped_at = COALESCE(stopped_at, ?)"
-            f" WHERE lease_id = ? AND host = ? AND state IN {_ACTIVE_SQL}",
-            (f"{n.host} ended its hold ({n.state})", now, now, lease_id, n.host),
-        )
-
-
-def _lease_ends_with_its_pilots(conn: sqlite3.Connection, lease_id: str, slot: str) -> None:
-    """The lease's end is its holding pilots' earliest deadline (a pilot the batch system's end held back
-    from an extension's whole length ends the lease earlier than the service's sum said)."""
-    ends = earliest_expiry(text for (text,) in conn.execute(
-        "SELECT expires_at FROM pilots WHERE slot_id = ? AND reserved_at IS NOT NULL AND ended_by IS NULL"
-        " AND lost_at IS NULL", (slot,)))
-    if ends is not None:
-        conn.execute("UPDATE leases SET expires_at = ? WHERE id = ? AND ended_at IS NULL", (ends, lease_id))
 
 
 def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: str) -> bool:
@@ -433,7 +255,7 @@ def mark_lost(conn: sqlite3.Connection, slot: str, host: str, now: float, why: s
         return False
     conn.execute(
         "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE slot_id = ? AND host = ?"
-        f" AND state IN {_ACTIVE_SQL}",
+        f" AND state IN {ACTIVE_SQL}",
         (why, now, slot, host),
     )
     return True
@@ -444,14 +266,16 @@ def end_lease_vms(conn: sqlite3.Connection, lease_id: str, now: float, state: st
     address in it are free."""
     conn.execute(
         "UPDATE vms SET state = 'lost', reason = ?, updated_at = ? WHERE lease_id = ?"
-        f" AND state IN {_ACTIVE_SQL}",
+        f" AND state IN {ACTIVE_SQL}",
         (f"the lease ended ({state}) without a report on this VM", now, lease_id),
     )
     addresses.free_lease(conn, lease_id, now)
 
 
-def _set_vm(conn, lease_id: str, name: str, state: str, reason: str, now: float, *, host: str | None = None,
-            started: bool = False, stopped: bool = False, only: tuple = ACTIVE) -> None:
+def set_vm(conn, lease_id: str, name: str, state: str, reason: str, now: float, *, host: str | None = None,
+           started: bool = False, stopped: bool = False, only: tuple = ACTIVE) -> None:
+    """Move VM ``name`` to ``state`` with ``reason`` if it is in one of ``only`` (and on ``host``, when given);
+    ``started`` / ``stopped`` stamp the first start or the end."""
     sql = ("UPDATE vms SET state = ?, reason = ?, updated_at = ?"
            + (", started_at = COALESCE(started_at, ?)" if started else "")
            + (", stopped_at = COALESCE(stopped_at, ?)" if stopped else "")
@@ -489,20 +313,3 @@ def running_counts(conn: sqlite3.Connection, lease_ids: list[str]) -> dict[str, 
     return found
 
 
-def commands_after(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: int) -> list[tuple[int, dict]]:
-    """(id, body) of the commands for (slot, host) with an id above ``after``, oldest first."""
-    rows = conn.execute(
-        "SELECT id, body FROM commands WHERE slot_id = ? AND host = ? AND id > ? ORDER BY id LIMIT ?",
-        (slot, host, after, limit),
-    )
-    return [(cid, json.loads(body)) for cid, body in rows]
-
-
-def commands_of(conn: sqlite3.Connection, slot: str) -> list[CommandRow]:
-    """Every command of a slot, in id order."""
-    rows = conn.execute(
-        "SELECT id, slot_id, host, op, vm, body, created_at, outcome, code, message, done_at FROM commands"
-        " WHERE slot_id = ? ORDER BY id",
-        (slot,),
-    )
-    return [CommandRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), *r[6:]) for r in rows]

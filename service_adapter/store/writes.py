@@ -12,6 +12,7 @@ import hashlib
 import sqlite3
 from typing import Callable
 
+from service_adapter.store import commands as command_ops
 from service_adapter.store import compaction
 from service_adapter.store import images as image_ops
 from service_adapter.store import leases as lease_ops
@@ -86,13 +87,13 @@ class StoreWrites:
         A compare-and-set on the duration: None (nothing written) if the
         lease's duration is no longer ``old_duration_s`` or it has ended;
         else how many hosts were told. A host that reserves later is told
-        with its ``reserved`` (see :func:`vms.apply_notification`).
+        with its ``reserved`` (see :func:`.reports.apply_notification`).
         """
 
         def write(conn: sqlite3.Connection) -> int | None:
             if not lease_ops.extend(conn, lease_id, old_duration_s, by_s, reason, now):
                 return None
-            return vm_ops.queue_extend(conn, lease_id, now, self._wake_target)
+            return command_ops.queue_extend(conn, lease_id, now, self._wake_target)
 
         return self.submit(write).result()
 

@@ -94,11 +94,11 @@ class Service:
 
     def send_release(self, slot: str, host: str) -> None:
         """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
-        from service_adapter.store import vms as vmstore
+        from service_adapter.store import commands as commandstore
 
         now = time.time()
         self.store.submit(
-            lambda conn: vmstore.queue_command(conn, slot, host, {"op": "release"}, now, self.store._wake_target)
+            lambda conn: commandstore.queue_command(conn, slot, host, {"op": "release"}, now, self.store._wake_target)
         ).result()
 
     def session(self, host: str = "node1", key: str | None = None) -> requests.Session:
