@@ -6,18 +6,16 @@ cancelling a job sends SIGTERM to each of its pilots by pid, as an LRM's
 ``qdel`` would.
 
 It survives a service restart the way an LRM does: every job is recorded
-in ``jobs.json`` in its directory (each pilot's host, pid and process
-create time), so a new provider over the same directory reports and
-cancels the jobs an earlier process started. A pid is trusted only while
-the process holding it has the recorded create time: a pid reused by an
-unrelated process is never signalled.
+in ``jobs.json`` in its directory (:mod:`.localstate`: each pilot's host,
+pid and process create time), so a new provider over the same directory
+reports and cancels the jobs an earlier process started. A pid is trusted
+only while the process holding it has the recorded create time: a pid
+reused by an unrelated process is never signalled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -34,17 +32,9 @@ import psutil
 from workspace_common.protocol import SLOT_SECRET_ENV
 from service_adapter.providers.jobscript import pilot_arguments
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.localstate import JobFile, create_time, live_process, prune
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "jobs.json"
-LOCK_FILE = "jobs.lock"
-STATE_VERSION = 1
-#: Ended jobs older than this are dropped from the state file when a job is submitted.
-KEEP_ENDED_S = 7 * 24 * 3600
-# psutil derives create times from the boot time and the process start tick: equal for one
-# process whoever asks, so a small tolerance only absorbs float rounding.
-_CREATE_TIME_TOLERANCE_S = 0.05
 
 
 @dataclasses.dataclass
@@ -80,10 +70,9 @@ class LocalProvider(Provider):
         self.host_prefix = host_prefix
         self.fixed_hosts = tuple(fixed_hosts) if fixed_hosts is not None else None
         self.python = python
-        self.state_path = os.path.join(output_dir, STATE_FILE)
+        self._file = JobFile(output_dir)
         self._jobs: dict[str, _LocalJob] = {}
         self._lock = threading.Lock()
-        self._seen_state: tuple[tuple, dict] | None = None  # (the file's identity, its jobs) for readers
         #: Called with each simulated node's name before its first pilot starts (a LocalSite writes the
         #: node's key there, as a site admin installs a real node's key before it runs pilots).
         self.prepare_node: Callable[[str], object] | None = None
@@ -105,8 +94,8 @@ class LocalProvider(Provider):
         os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
         job_id = f"local-{uuid.uuid4().hex[:12]}"
         later = job.begin_at is not None and job.begin_at > time.time()
-        with self._lock, self._state_lock():
-            state = self._read_state()
+        with self._lock, self._file.lock():
+            state = self._file.read()
             first = int(state.get("next_host", 1))
             if self.fixed_hosts is None:
                 hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
@@ -118,7 +107,7 @@ class LocalProvider(Provider):
             for host in hosts:
                 self.pilot_argv(job, host)  # validates the job before anything starts
             local = _LocalJob(job, hosts, [])
-            _prune(state)
+            prune(state)
             state["next_host"] = first + job.nodes
             state["jobs"][job_id] = {
                 "slot": job.slot, "lease": job.lease, "submitted_at": time.time(), "owner_pid": os.getpid(),
@@ -127,7 +116,7 @@ class LocalProvider(Provider):
             if not later:
                 self._spawn(job_id, local, state)
             self._jobs[job_id] = local
-            self._write_state(state)
+            self._file.write(state)
         if later:
             local.timer = threading.Timer(job.begin_at - time.time(), self._begin, args=(job_id,))
             local.timer.daemon = True
@@ -139,9 +128,9 @@ class LocalProvider(Provider):
 
     def _begin(self, job_id: str) -> None:
         """The begin time of a job came: start its pilots unless it was cancelled meanwhile."""
-        with self._lock, self._state_lock():
+        with self._lock, self._file.lock():
             local = self._jobs.get(job_id)
-            state = self._read_state()
+            state = self._file.read()
             if local is None or local.cancelled or state["jobs"].get(job_id, {}).get("cancelled"):
                 return
             try:
@@ -150,7 +139,7 @@ class LocalProvider(Provider):
                 log.error("local job %s: %s", job_id, exc)
                 local.cancelled = True
                 state["jobs"][job_id]["cancelled"] = True
-            self._write_state(state)
+            self._file.write(state)
         log.info("slot %s: local job %s started pilots %s", local.job.slot, job_id, ", ".join(local.hosts))
 
     def _spawn(self, job_id: str, local: _LocalJob, state: dict) -> None:
@@ -174,7 +163,7 @@ class LocalProvider(Provider):
             raise ProviderError(f"could not start a pilot for slot {job.slot}: {exc}") from exc
         local.processes = processes
         state["jobs"][job_id]["pilots"] = [
-            {"host": host, "pid": process.pid, "create_time": _create_time(process.pid)}
+            {"host": host, "pid": process.pid, "create_time": create_time(process.pid)}
             for host, process in zip(hosts, processes)
         ]
         state["jobs"][job_id]["begin_at"] = None
@@ -197,21 +186,21 @@ class LocalProvider(Provider):
                 for process in local.processes:
                     if process.poll() is None:
                         process.send_signal(sig)
-        record = self._recorded_jobs().get(job_id)
+        record = self._file.recorded().get(job_id)
         if record is None:
             if local is None:
                 log.debug("cancel %s: no such local job (nothing to do)", job_id)
             return
         if local is None:
             for pilot in record["pilots"]:
-                process = _live_process(pilot)
+                process = live_process(pilot)
                 if process is not None:
                     try:
                         process.send_signal(sig)  # psutil re-checks the create time first
                     except psutil.NoSuchProcess:
                         pass
         if not record.get("cancelled"):
-            self._update(job_id, cancelled=True)
+            self._file.update(job_id, cancelled=True)
 
     def status(self, job_ids: list[str]) -> dict[str, JobState]:
         """RUNNING while any pilot runs; then COMPLETED, CANCELLED or FAILED by exit codes.
@@ -228,7 +217,7 @@ class LocalProvider(Provider):
         def alive(pilot: dict) -> bool:
             key = (pilot.get("pid"), pilot.get("create_time"))
             if key not in checked:
-                checked[key] = _live_process(pilot) is not None
+                checked[key] = live_process(pilot) is not None
             return checked[key]
 
         for job_id in job_ids:
@@ -244,13 +233,13 @@ class LocalProvider(Provider):
                 if not local.cancelled:
                     # Another provider over this directory (a restarted service) may have cancelled it.
                     if records is None:
-                        records = self._recorded_jobs()
+                        records = self._file.recorded()
                     local.cancelled = bool(records.get(job_id, {}).get("cancelled"))
                 self._record_end(job_id, local, codes)
                 states[job_id] = _ended_state(codes, local.cancelled)
                 continue
             if records is None:
-                records = self._recorded_jobs()
+                records = self._file.recorded()
             record = records.get(job_id)
             if record is None:
                 states[job_id] = JobState.GONE
@@ -267,7 +256,7 @@ class LocalProvider(Provider):
 
     def extend(self, job_id: str, duration_s: float) -> None:
         """Local pilots have no batch time limit: nothing to raise (ProviderError for a job never recorded here)."""
-        if job_id not in self._jobs and job_id not in self._recorded_jobs():
+        if job_id not in self._jobs and job_id not in self._file.recorded():
             raise ProviderError(f"no local job {job_id}")
 
     def allocated_hosts(self, job_id: str) -> list[str] | None:
@@ -288,12 +277,12 @@ class LocalProvider(Provider):
         One state-file write for all of them.
         """
         os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
-        created = _create_time(pid)
+        created = create_time(pid)
         if created is None:
             raise ProviderError(f"no process {pid} to adopt jobs for")
         ids = []
-        with self._lock, self._state_lock():
-            state = self._read_state()
+        with self._lock, self._file.lock():
+            state = self._file.read()
             for slot, lease, hosts in jobs:
                 job_id = f"local-{uuid.uuid4().hex[:12]}"
                 state["jobs"][job_id] = {
@@ -302,7 +291,7 @@ class LocalProvider(Provider):
                     "cancelled": False, "exit_codes": None,
                 }
                 ids.append(job_id)
-            self._write_state(state)
+            self._file.write(state)
         return ids
 
 
@@ -311,14 +300,14 @@ class LocalProvider(Provider):
         local = self._jobs.get(job_id)
         if local is not None:
             return list(local.hosts)
-        return [pilot["host"] for pilot in self._recorded_jobs()[job_id]["pilots"]]
+        return [pilot["host"] for pilot in self._file.recorded()[job_id]["pilots"]]
 
     def pids(self, job_id: str) -> list[int]:
         """The pids of a job's pilot processes (KeyError for a job never recorded here)."""
         local = self._jobs.get(job_id)
         if local is not None:
             return [p.pid for p in local.processes]
-        return [pilot["pid"] for pilot in self._recorded_jobs()[job_id]["pilots"]]
+        return [pilot["pid"] for pilot in self._file.recorded()[job_id]["pilots"]]
 
     def wait(self, job_id: str, timeout: float) -> list[int | None]:
         """Wait up to ``timeout`` seconds in all for the pilots of a job this provider started.
@@ -354,81 +343,6 @@ class LocalProvider(Provider):
                     process.wait()
             self._record_end(job_id, local, [p.returncode for p in local.processes])
 
-    # -- the state file ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _state_lock(self):
-        # Several providers (processes) may share the directory: one read-modify-write at a time.
-        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.output_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _recorded_jobs(self) -> dict:
-        """The state file's jobs, for reading only: parsed again only when the file was replaced.
-
-        Every write replaces the file (a new inode), so its identity says whether what was parsed
-        is still what is on disk; with a thousand jobs a parse costs milliseconds, and the
-        allocation check asks once per job.
-        """
-        try:
-            info = os.stat(self.state_path)
-        except OSError:
-            return self._read_state()["jobs"]
-        identity = (info.st_ino, info.st_mtime_ns, info.st_size)
-        seen = self._seen_state
-        if seen is not None and seen[0] == identity:
-            return seen[1]
-        jobs = self._read_state()["jobs"]
-        self._seen_state = (identity, jobs)
-        return jobs
-
-    def _read_state(self) -> dict:
-        # Readers need no lock: the file is only ever replaced whole (rename).
-        try:
-            with open(self.state_path, encoding="utf-8") as handle:
-                state = json.load(handle)
-        except FileNotFoundError:
-            state = {}
-        except (OSError, ValueError) as exc:
-            log.error("local provider state %s is unreadable (%s): its jobs are unknown to this process",
-                      self.state_path, exc)
-            state = {}
-        if not isinstance(state.get("jobs"), dict):
-            state["jobs"] = {}
-        state["version"] = STATE_VERSION
-        return state
-
-    def _write_state(self, state: dict) -> None:
-        tmp = f"{self.state_path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-
-    def _update(self, job_id: str, **values) -> None:
-        with self._state_lock():
-            state = self._read_state()
-            record = state["jobs"].get(job_id)
-            if record is None:
-                return
-            record.update(values)
-            self._write_state(state)
 
     def _record_end(self, job_id: str, local: _LocalJob, codes: list[int | None]) -> None:
         if local.end_recorded or any(code is None for code in codes):
@@ -438,7 +352,7 @@ class LocalProvider(Provider):
         if local.cancelled:
             values["cancelled"] = True  # never unset: another provider may have cancelled it
         try:
-            self._update(job_id, **values)
+            self._file.update(job_id, **values)
         except OSError as exc:  # status() must not raise; the next provider then reports ENDED
             log.warning("could not record the end of local job %s: %s", job_id, exc)
 
@@ -449,31 +363,3 @@ def _ended_state(codes: list[int], cancelled: bool) -> JobState:
     return JobState.CANCELLED if cancelled else JobState.COMPLETED
 
 
-def _create_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None  # already gone: it will never count as alive
-
-
-def _live_process(pilot: dict) -> psutil.Process | None:
-    """The pilot's process if it still runs as the recorded one (same pid and create time), else None."""
-    recorded = pilot.get("create_time")
-    if recorded is None:
-        return None
-    try:
-        process = psutil.Process(int(pilot["pid"]))
-        if abs(process.create_time() - float(recorded)) > _CREATE_TIME_TOLERANCE_S:
-            return None  # the pid now belongs to another process
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None  # exited, not yet reaped by its parent
-        return process
-    except psutil.Error:
-        return None
-
-
-def _prune(state: dict) -> None:
-    cutoff = time.time() - KEEP_ENDED_S
-    for job_id, record in list(state["jobs"].items()):
-        if record.get("submitted_at", 0) < cutoff and not any(_live_process(p) for p in record["pilots"]):
-            del state["jobs"][job_id]
