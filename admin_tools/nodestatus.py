@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def survey(config: PilotConfig) -> dict:
     """Everything the status shows, as JSON-able data; ``attention`` lists what is not consistent."""
-    from admin_tools.killall import make_plan
+    from admin_tools.killplan import make_plan
 
     status: dict = {"journal_dir": config.journal_dir, "backend": None, "entries": [], "unreadable": [],
                     "vms": [], "notes": [], "attention": []}
