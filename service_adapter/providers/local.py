@@ -16,7 +16,6 @@ reused by an unrelated process is never signalled.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
