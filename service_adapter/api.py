@@ -8,7 +8,8 @@ against the operators' accounts, with their own realm and verifier: a
 pilot's credentials do not work here, nor an operator's on the pilots'
 endpoints. The authenticated operator owns the leases it reserves. Failed
 logins are throttled per source address (:mod:`service_adapter.loginthrottle`:
-429 with Retry-After once 10 failed, then one try every 2 s).
+429 with Retry-After once 10 failed, then one try every 2 s); the
+middleware that does both is :mod:`service_adapter.apiauth`.
 
 Errors are one JSON line, ``{"error": "..."}``: 400 bad JSON (not UTF-8,
 NaN, nested deeper than 16, a lone surrogate) or values, 408 a body that
@@ -35,15 +36,13 @@ import re
 
 from aiohttp import web
 
+from service_adapter.apiauth import THROTTLE_KEY, api_auth
 from service_adapter.apiparts import (  # noqa: F401 (MAX_API_BODY: the API's own limit, re-exported)
-    CATALOG_KEY, MAX_API_BODY, OPERATOR_KEY, OPERATORS_KEY, PREFIX, Refused, json_error, read_json, refusals, who,
+    CATALOG_KEY, MAX_API_BODY, OPERATORS_KEY, PREFIX, Refused, read_json, refusals, who,
 )
-from service_adapter.connections import trust
 from service_adapter.digest import DigestVerifier
-from service_adapter.hostshares import retry_after_header
 from service_adapter.lease import LEASE_STATES, event_json, vm_json
 from service_adapter.loginthrottle import LoginThrottle
-from service_adapter.refusals import REFUSALS
 from service_adapter.routetable import Route, add_routes
 from service_adapter.vms import VmManager, VmRequestError, parse_vm_request
 from workspace_common.errors import first_line
@@ -60,51 +59,7 @@ _LEASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VM_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VM_NAME_LEN - 1}}}")
 
 MANAGER_KEY = web.AppKey("lease_manager", object)
-THROTTLE_KEY = web.AppKey("login_throttle", LoginThrottle)
 VMS_KEY = web.AppKey("vm_manager", VmManager)
-
-
-@web.middleware
-async def _api_auth(request: web.Request, handler):
-    """Digest-authenticate every request under /api/ (and /metrics) against the operators' verifier."""
-    if not (request.path.startswith("/api/") or request.path == "/metrics"):
-        return await handler(request)
-    verifier = request.app[OPERATORS_KEY]
-    header = request.headers.get("Authorization")
-    throttle = request.app[THROTTLE_KEY]
-    if header:
-        wait = throttle.wait(request.remote)
-        if wait is not None:
-            REFUSALS.refused(request.remote, "API %s %s: too many failed logins from this address, 429",
-                             request.method, request.path)
-            return json_error(429, "too many failed logins from this address: try again after Retry-After seconds",
-                          headers=retry_after_header(wait))
-    auth = verifier.verify(request.method, request.raw_path, header)
-    if not auth.ok:
-        if header:
-            REFUSALS.refused(request.remote, "API %s %s: %s", request.method, request.path, auth.reason)
-            if not auth.stale:
-                throttle.failed(request.remote)
-        response = json_error(401, f"authentication required: digest (SHA-256) as an operator of realm {verifier.realm}")
-        for challenge in verifier.challenges(stale=auth.stale):
-            response.headers.add("WWW-Authenticate", challenge)
-        return response
-    request[OPERATOR_KEY] = auth.account
-    trust(request)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        # aiohttp's own 404/405 (unknown path, wrong method) as one JSON line too.
-        if exc.status == 405:
-            return json_error(405, f"{request.method} is not allowed on {request.path}", headers=_allow(exc))
-        if exc.status >= 400:
-            return json_error(exc.status, f"{exc.reason.lower()}: {request.path}")
-        raise
-
-
-def _allow(exc: web.HTTPException):
-    allow = exc.headers.get("Allow") if exc.headers else None
-    return {"Allow": allow} if allow else None
 
 
 def _int_field(data: dict, name: str, high: int) -> int:
@@ -384,7 +339,7 @@ async def pause_vm(request: web.Request) -> web.Response:
     return web.json_response(vm_json(vm, owner=await _is_owner(request, lease_id)), status=202)
 
 
-#: The operators' API (each request digest-authenticated as an operator by :func:`_api_auth`).
+#: The operators' API (each request digest-authenticated as an operator by :func:`api_auth`).
 ROUTES = (
     Route("POST", f"{PREFIX}/leases", create_lease),
     Route("GET", f"{PREFIX}/leases", list_leases),
@@ -421,6 +376,6 @@ def add_api(app: web.Application, manager, verifier: DigestVerifier, vms: VmMana
     app[OPERATORS_KEY] = verifier
     app[THROTTLE_KEY] = throttle if throttle is not None else LoginThrottle()
     app[VMS_KEY] = vms if vms is not None else VmManager(manager.store, overhead_mb=64)
-    app.middlewares.append(_api_auth)
+    app.middlewares.append(api_auth)
     add_routes(app, ROUTES)
     return app
