@@ -21,10 +21,10 @@ from service_adapter.providers.jobscript import (
     JobScriptError,
     JobTemplate,
     format_number,
-    format_walltime,
     pilot_arguments,
     walltime_s,
 )
+from service_adapter.providers.lrmtime import format_walltime
 from service_adapter.providers.pbsscript import PBS_SCRIPT, render_pbs
 from service_adapter.providers.sgescript import render_sge
 from service_adapter.providers.slurmscript import SLURM_SCRIPT, render_slurm

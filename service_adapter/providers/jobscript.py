@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shlex
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -169,25 +168,6 @@ def walltime_for(duration_s: float, template: JobTemplate) -> int:
     total = float(duration_s) + float(template.walltime_padding_s)
     # The small tolerance keeps 180.00000000000003 s (float noise from adding) at 3 minutes, not 4.
     return max(1, math.ceil(total / 60 - 1e-9)) * 60
-
-
-def format_walltime(seconds: int) -> str:
-    """``HH:MM:SS`` (hours may exceed 99), the form both sbatch and PBS read."""
-    hours, rest = divmod(int(seconds), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}"
-
-
-def slurm_time(epoch: float) -> str:
-    """``YYYY-MM-DDTHH:MM:SS`` in this host's local time, as sbatch's ``--begin`` reads it; rounded up to the
-    second (a job never begins before it was asked to)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(math.ceil(epoch)))
-
-
-def pbs_time(epoch: float) -> str:
-    """``CCYYMMDDhhmm.SS`` in this host's local time, as ``qsub -a`` of Torque, PBS Pro and Grid Engine reads it;
-    rounded up to the second."""
-    return time.strftime("%Y%m%d%H%M.%S", time.localtime(math.ceil(epoch)))
 
 
 def memory_per_node_mb(job: PilotJob, template: JobTemplate) -> int:

@@ -27,7 +27,8 @@ from workspace_common.qstat import parse_full
 from service_adapter.providers.base import JobState, PilotJob, ProviderError, split_job_ids
 from service_adapter.providers.batch import BatchProvider, checked_job_id, signal_steps
 from service_adapter.providers.commands import CommandResult
-from service_adapter.providers.jobscript import PBS, JobTemplate, format_walltime, output_path, script_path, walltime_for
+from service_adapter.providers.jobscript import PBS, JobTemplate, output_path, script_path, walltime_for
+from service_adapter.providers.lrmtime import format_walltime
 from service_adapter.providers.pbsscript import PBS_SCRIPT, render_pbs
 from service_adapter.providers.scriptfile import write_job_script
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service_adapter.providers.jobscript import (
-    PREFIXES, SLURM, JobTemplate, ScriptDialect, check_job, exec_line, format_walltime, head, job_name,
-    memory_per_node_mb, normalised_extras, output_path, slurm_time, walltime_s,
+    PREFIXES, SLURM, JobTemplate, ScriptDialect, check_job, exec_line, head, job_name,
+    memory_per_node_mb, normalised_extras, output_path, walltime_s,
 )
+from service_adapter.providers.lrmtime import format_walltime, slurm_time
 from service_adapter.providers.launchers import Launcher
 
 if TYPE_CHECKING:
