@@ -1,10 +1,10 @@
 """The pilot <-> service wire protocol, version 2: the one definition both sides use.
 
 Importable on its own: standard library only, no libvirt, no node access at
-import. ``service_adapter`` may import it (and :mod:`workspace_common.ini`) and
-nothing else from ``pilot``. :mod:`.wire` holds the notifications, times,
-JSON limits, keys and signatures; :mod:`.commands` the command channel and
-the VM spec. ``docs/protocol.md`` describes it.
+import; ``pilot`` and ``service_adapter`` both import it, and neither imports
+the other. :mod:`.wire` holds the notifications, times,
+JSON limits, keys and signatures; :mod:`.commands` the command channel;
+:mod:`.vmspec` the VM spec it carries. ``docs/protocol.md`` describes it.
 
 The names below are loaded from their module on first use (PEP 562): the
 pilot's start path needs only :mod:`.wire`, and the command channel's
@@ -20,28 +20,28 @@ import importlib
 _HOMES = {
     "COMMANDS_PATH": "commands",
     "IMAGES_PATH": "commands",
-    "IMAGE_NAME_RE": "commands",
-    "IMAGE_VERSION_RE": "commands",
-    "MAX_IMAGE_BYTES": "commands",
-    "MAX_IMAGE_NAME_LEN": "commands",
+    "IMAGE_NAME_RE": "vmspec",
+    "IMAGE_VERSION_RE": "vmspec",
+    "MAX_IMAGE_BYTES": "vmspec",
+    "MAX_IMAGE_NAME_LEN": "vmspec",
     "MAX_PREFETCH": "commands",
-    "MAX_PEERS": "commands",
+    "MAX_PEERS": "vmspec",
     "image_path": "commands",
     "MAX_POLL_WAIT_S": "commands",
     "OPS": "commands",
     "VM_STATES": "commands",
-    "MAX_VCPUS": "commands",
-    "MAX_PATH_LEN": "commands",
-    "MAX_CMDLINE_LEN": "commands",
-    "MAX_NETWORK_LEN": "commands",
+    "MAX_VCPUS": "vmspec",
+    "MAX_PATH_LEN": "vmspec",
+    "MAX_CMDLINE_LEN": "vmspec",
+    "MAX_NETWORK_LEN": "vmspec",
     "MAX_COMMANDS": "commands",
     "MAX_COMMANDS_ANSWER_BYTES": "commands",
     "commands_path": "commands",
     "check_target": "commands",
     "sign_commands": "commands",
-    "ImageFile": "commands",
-    "VmSpec": "commands",
-    "VmContext": "commands",
+    "ImageFile": "vmspec",
+    "VmSpec": "vmspec",
+    "VmContext": "vmspec",
     "NetState": "network",
     "Nic": "network",
     "mac_for": "network",
