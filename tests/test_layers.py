@@ -165,3 +165,21 @@ def test_tests_and_benchmarks_import_support_never_a_test_module_or_conftest():
                     found += [f"{os.path.relpath(path, TOP)} -> {module}" for module in modules
                               if module.startswith("tests.test_") or module == "tests.conftest"]
     assert found == []
+
+
+#: The most lines a product module may have: past it a module is doing more than one job (issue 35).
+MAX_MODULE_LINES = 400
+
+
+def test_no_product_module_is_over_400_lines():
+    long = []
+    for package in ("pilot", "service_adapter", "admin_tools", "workspace_common"):
+        for directory, _, files in os.walk(os.path.join(TOP, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(directory, name)
+                    with open(path, encoding="utf-8") as handle:
+                        count = sum(1 for _ in handle)
+                    if count > MAX_MODULE_LINES:
+                        long.append(f"{os.path.relpath(path, TOP)}: {count}")
+    assert long == []
