@@ -21,9 +21,9 @@ from workspace_common.protocol import format_epoch
 
 log = logging.getLogger("service_adapter.lease")
 
-#: The longest rest between two ticks that the length of the last one imposes (see ``_run``).
+#: The longest rest between two ticks that the length of the last one imposes (see ``LeaseWatch._run``).
 MAX_REST_S = 0.5
-#: The longest a tick reuses pilots an earlier tick read (see ``_pilots_and_vms``).
+#: The longest a tick reuses pilots an earlier tick read (see ``LeaseWatch._pilots_and_vms``).
 REREAD_S = 30.0
 
 
