@@ -19,11 +19,16 @@
 # --sge (scripts/test.sh): also Son of Grid Engine, unpacked into .cache/gridengine, not installed (its qsub
 # conflicts with slurm-wlm-torque's; scripts/unpack-gridengine.sh), and the library it needs (libjemalloc2).
 # The tests run it in namespaces of their own (tests/support/sge_cluster.py).
+# --xen (scripts/test.sh): also what a Xen test host is made of, built from Debian's packages into .cache/xen-host
+# (scripts/build-xen-host.sh: the Xen 4.17 hypervisor, Debian's kernel as dom0, a dom0 root with the Xen tools and
+# python3; nothing of it installed here), once; implies --vm (QEMU boots it). The tests boot it themselves
+# (tests/support/xen_host.py).
 set -euo pipefail
 cluster=no
 vm=no
 sge=no
 cloud_image=no
+xen=no
 extras=
 for arg in "$@"; do
   case "$arg" in
@@ -31,8 +36,9 @@ for arg in "$@"; do
     --vm) vm=yes ;;
     --sge) sge=yes ;;
     --cloud-image) cloud_image=yes; vm=yes ;;
+    --xen) xen=yes; vm=yes ;;
     --test) extras='[test]' ;;
-    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --cloud-image, --sge, --test)" >&2; exit 2 ;;
+    *) echo "bootstrap: unknown option $arg (known: --cluster, --vm, --cloud-image, --sge, --xen, --test)" >&2; exit 2 ;;
   esac
 done
 
@@ -72,6 +78,12 @@ fi
 if [ "$cloud_image" = yes ]; then
   # openssh-client: the owner's ssh into the image's VMs (the tests', the demo's)
   for pkg in mmdebstrap openssh-client; do
+    have_deb "$pkg" || need_pkgs+=("$pkg")
+  done
+fi
+if [ "$xen" = yes ]; then
+  # mmdebstrap builds dom0's root; busybox-static (--vm) packs it.
+  for pkg in mmdebstrap; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
 fi
@@ -182,4 +194,7 @@ if [ "$cloud_image" = yes ]; then
 fi
 if [ "$sge" = yes ]; then
   "$top/scripts/unpack-gridengine.sh"
+fi
+if [ "$xen" = yes ]; then
+  "$top/scripts/build-xen-host.sh"
 fi
