@@ -18,18 +18,21 @@ from tests.support.slurm_cluster import SHORT_PARTITION
 
 #: What a test stands on, by the fixtures it uses (directly or through others) or its module's own mark.
 _CLUSTER_FIXTURES = {"slurm_cluster", "sge_cluster"}
-_HYPERVISOR_FIXTURES = {"libvirt_qemu"}
+_HYPERVISOR_FIXTURES = {"libvirt_qemu", "xen_host"}
+_XEN_FIXTURES = {"xen_host"}
 _ROOT_FIXTURES = {"hugepages", "hugepages_module", "libvirt_qemu", "slurm_cluster", "sge_cluster", "guest_reachable"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test ``cluster``, ``hypervisor`` and ``root`` from what it stands on (setup.cfg lists them)."""
+    """Mark each test ``cluster``, ``hypervisor``, ``xen`` and ``root`` from what it stands on (setup.cfg lists them)."""
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & _CLUSTER_FIXTURES:
             item.add_marker(pytest.mark.cluster)
         if used & _HYPERVISOR_FIXTURES:
             item.add_marker(pytest.mark.hypervisor)
+        if used & _XEN_FIXTURES:
+            item.add_marker(pytest.mark.xen)
         needs_root = any("root" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
         if used & _ROOT_FIXTURES or needs_root or item.get_closest_marker("hypervisor"):
             item.add_marker(pytest.mark.root)
@@ -169,6 +172,31 @@ def libvirt_qemu():
         yield daemon
     finally:
         daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def xen_host():
+    """A real Xen 4.17 host under QEMU (TCG) for the session: a ``tests.support.xen_host.XenHost``, booted once.
+
+    dom0 has 1024 MB at boot (``dom0_mem``, its balloon may grow to 1536) and
+    runs this project's code; ``run()`` runs a command there. Built by
+    ``scripts/bootstrap.sh --xen`` (the test command does that); skipped only
+    where it cannot run (QEMU or the build missing). Stopped by its pid.
+    """
+    from tests.support.xen_host import BUILD_DIR, XenHost
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("QEMU is not installed: run scripts/bootstrap.sh --xen")
+    if not os.path.isfile(os.path.join(BUILD_DIR, "dom0.cpio")):
+        pytest.skip(f"no Xen test host in {BUILD_DIR}: run scripts/build-xen-host.sh")
+    workdir = tempfile.mkdtemp(prefix="workspace-pilot-xen-")
+    host = XenHost(workdir)
+    try:
+        host.start()
+        yield host
+    finally:
+        host.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
