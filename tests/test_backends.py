@@ -4,8 +4,9 @@
   /sys/fs/cgroup/memory and removes again, with a real process in it for EBUSY;
 - xen: libvirt-python against libvirt's built-in test driver (a node file
   with a running ``Domain-0``; no daemon);
-- xl: a stand-in executable, ``fake-xl``, that implements exactly the two xl
-  commands the backend uses and keeps Domain-0's MB in a file;
+- xl: a stand-in executable, ``fake-xl`` (a fake: scripted answers, e.g. a failing or hanging
+  xl), that implements exactly the two xl commands the backend uses and keeps Domain-0's MB in a
+  file; the real ``xl`` on a real Xen dom0 is ``tests/test_xen_real.py``;
 - hugepages: only whether 1 GiB pages are offered (the pool is not written here).
 """
 
