@@ -175,9 +175,11 @@ def libvirt_qemu():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def xen_host():
-    """A real Xen 4.17 host under QEMU (TCG) for the session: a ``tests.support.xen_host.XenHost``, booted once.
+    """A real Xen 4.17 host under QEMU (TCG) for a test module: a ``tests.support.xen_host.XenHost``, booted once.
+
+    Stopped when the module's tests are done (it holds 2 GB and two emulated CPUs meanwhile).
 
     dom0 has 1024 MB at boot (``dom0_mem``, its balloon may grow to 1536) and
     runs this project's code; ``run()`` runs a command there. Built by
