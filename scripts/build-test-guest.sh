@@ -40,16 +40,8 @@ if [ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok
   exit 3
 fi
 
-# The candidate linux-image-cloud-amd64's "Depends: linux-image-<release>-cloud-amd64 (= <version>)".
-kernel_depends() {
-  apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
-    sed -n 's/^Depends: .*\(linux-image-[^ ,]*-cloud-amd64\) (= \([^)]*\)).*/\1 \2/p' | head -n 1
-}
-depends=$(kernel_depends)
-if [ -z "$depends" ] && [ "$(id -u)" -eq 0 ]; then
-  apt-get update -qq  # no package lists yet (a fresh container)
-  depends=$(kernel_depends)
-fi
+# The kernel the candidate linux-image-cloud-amd64 depends on.
+depends=$(kernel_of cloud-amd64)
 if [ -z "$depends" ]; then
   echo "build-test-guest: apt knows no linux-image-cloud-amd64 (run apt-get update as root)" >&2
   exit 3

@@ -37,20 +37,11 @@ for tool in mmdebstrap busybox; do
   command -v "$tool" >/dev/null 2>&1 || { echo "build-xen-host: $tool is missing (scripts/bootstrap.sh --xen)" >&2; exit 3; }
 done
 
-# The candidate linux-image-amd64's "Depends: linux-image-<release>-amd64 (= <version>)".
-kernel_depends() {
-  apt-cache show --no-all-versions linux-image-amd64 2>/dev/null |
-    sed -n 's/^Depends: .*\(linux-image-[^ ,]*-amd64\) (= \([^)]*\)).*/\1 \2/p' | head -n 1
-}
 candidates() {
   apt-cache policy "$hypervisor_pkg" "${root_packages[@]}" 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p $2}' |
     tr '\n' ' '
 }
-depends=$(kernel_depends)
-if [ -z "$depends" ]; then
-  apt-get update -qq  # no package lists yet (a fresh container)
-  depends=$(kernel_depends)
-fi
+depends=$(kernel_of amd64)  # the kernel the candidate linux-image-amd64 depends on
 if [ -z "$depends" ]; then
   echo "build-xen-host: apt knows no linux-image-amd64 (check the machine's apt sources)" >&2
   exit 3
