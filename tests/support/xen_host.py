@@ -35,6 +35,8 @@ import threading
 import time
 import zlib
 
+from service_adapter.localvirt import system_command, system_env
+
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD_DIR = os.path.join(TOP, ".cache", "xen-host")
 #: Where the project lives in dom0, and the commands that run it there.
@@ -51,6 +53,8 @@ PIECE = 80
 #: How long one piece may go unacknowledged before it is sent again, and how often.
 ACK_WAIT_S = 5.0
 SEND_TRIES = 20
+#: The longest console line kept while waiting for its end (the largest answer, base64, is well below).
+MAX_LINE = 1 << 20
 COMMANDS = {"workspace-pilot": "pilot", "workspace-killall": "admin_tools.killall",
             "workspace-node-status": "admin_tools.nodestatus"}
 
@@ -100,7 +104,7 @@ class XenHost:
         listener.bind(console)
         listener.listen(1)
         argv = [
-            "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", self.cpu, "-smp", "2",
+            system_command("qemu-system-x86_64"), "-machine", "q35", "-accel", "tcg", "-cpu", self.cpu, "-smp", "2",
             "-m", str(self.memory_mb), "-nographic", "-no-reboot", "-monitor", "none",
             "-chardev", f"socket,id=console,path={console},server=off", "-serial", "chardev:console",
             "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
@@ -109,8 +113,9 @@ class XenHost:
                         "com1=115200,8n1 loglvl=warning guest_loglvl=warning"),
             "-initrd", f"{os.path.join(BUILD_DIR, 'vmlinuz')} console=hvc0 rdinit=/init quiet,{initrd}",
         ]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=open(os.path.join(self.workdir, "qemu.err"), "wb"))
+        with open(os.path.join(self.workdir, "qemu.err"), "wb") as errors:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                                            env=system_env())
         listener.settimeout(30)
         try:
             self._conn, _ = listener.accept()  # QEMU connects as it starts
@@ -122,13 +127,13 @@ class XenHost:
         self._reader = threading.Thread(target=self._read, name="xen-console", daemon=True)
         self._reader.start()
         with self._lock:
-            if not self._lock.wait_for(lambda: self._ready or self._closed, timeout):
-                self.stop()
-                raise XenHostError(f"dom0 did not come up in {timeout:g} s; the console ends: {self.console_tail()}")
-            if not self._ready:
-                self.stop()
-                raise XenHostError(f"QEMU ended before dom0 came up: {self._qemu_error()}; "
-                                   f"the console ends: {self.console_tail()}")
+            came_up = self._lock.wait_for(lambda: self._ready or self._closed, timeout) and self._ready
+        if not came_up:
+            ended = self.process.poll() is not None
+            self.stop()  # not under the lock: the console's reader takes it on its way out
+            why = f"QEMU ended before dom0 came up: {self._qemu_error()}" if ended else \
+                f"dom0 did not come up in {timeout:g} s"
+            raise XenHostError(f"{why}; the console ends: {self.console_tail()}")
 
     def stop(self) -> None:
         """End QEMU by its pid (SIGTERM, then SIGKILL) and close the console."""
@@ -243,6 +248,7 @@ class XenHost:
                 log.flush()
                 buffered += chunk
                 *lines, buffered = buffered.split(b"\n")
+                buffered = buffered[-MAX_LINE:]  # an answer is far shorter; a line without end is noise
                 for raw in lines:
                     self._heard(raw.decode(errors="replace").strip("\r"))
         with self._lock:
@@ -301,10 +307,12 @@ class XenHost:
                 handle.write(f'#!/bin/sh\nPYTHONPATH={DOM0_PYTHONPATH} exec /usr/bin/python3 -m {module} "$@"\n')
             os.chmod(path, 0o755)
         project = os.path.join(self.workdir, "project.cpio")
-        listing = subprocess.run(["find", "."], cwd=stage, capture_output=True, check=True).stdout
+        names = sorted(os.path.relpath(os.path.join(directory, name), stage)
+                       for directory, dirs, files in os.walk(stage) for name in dirs + files)
         with open(project, "wb") as out:
-            subprocess.run(["busybox", "cpio", "-o", "-H", "newc"], cwd=stage, input=b"\n".join(
-                sorted(listing.split(b"\n"))).strip() + b"\n", stdout=out, stderr=subprocess.DEVNULL, check=True)
+            subprocess.run([system_command("busybox"), "cpio", "-o", "-H", "newc"], cwd=stage,
+                           input="\n".join(names).encode() + b"\n", stdout=out, stderr=subprocess.DEVNULL,
+                           check=True, env=system_env())
         initrd = os.path.join(self.workdir, "dom0-initrd.cpio")
         with open(initrd, "wb") as out:
             for part in (os.path.join(BUILD_DIR, "dom0.cpio"), project):
