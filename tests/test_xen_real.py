@@ -11,34 +11,51 @@ journal, or fails (after kill-all has put the host back for the next test).
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 
 from service_adapter.local_site import write_pilot_config
+from service_adapter.store import commands as commandstore
 from tests.support.service import Service
+from tests.support.xen_host import LIBVIRT_URI
+from workspace_common.protocol.vmspec import VmSpec
 
 #: dom0's memory at boot (the session's host: dom0_mem=1024M), and the floor the pilots' config keeps.
 BOOT_MB = 1024
 MINMEM_MB = 512
 JOURNAL = "/var/lib/workspace-pilot"
+#: The PV guest in dom0 (scripts/build-xen-host.sh): dom0's kernel and a busybox initramfs, the pilots' image_dir.
+GUEST_DIR = "/srv/xen-guest"
 #: Waits on a process in dom0 that is not the waiter's child: its pidfd becomes readable when it ends.
 WAIT_GONE = ('python3 -c "import os, select, sys; fd = os.pidfd_open(int(sys.argv[1])); '
              'sys.exit(0 if select.select([fd], [], [], float(sys.argv[2]))[0] else 1)" {pid} {timeout}')
 
 
 class Dom0Site:
-    """A service on this machine and the pilots' config in dom0; starts pilots there and reads what they did."""
+    """A service on this machine and the pilots' config in dom0; starts pilots there and reads what they did.
 
-    def __init__(self, host, service: Service, config_dir):
-        self.host, self.service = host, service
+    ``backend``: the pilots' memory backend, ``xl`` (the command) or ``xen``
+    (libvirt's Xen driver, which the site starts in dom0). Either way the
+    pilots host VMs through libvirt's Xen driver, booting the PV guest in
+    dom0's ``/srv/xen-guest`` (scripts/build-xen-host.sh).
+    """
+
+    def __init__(self, host, service: Service, config_dir, backend: str = "xl"):
+        self.host, self.service, self.backend = host, service, backend
         port = service.url.rsplit(":", 1)[1]
         config = str(config_dir / "pilot.conf")
+        memory = {"backend": backend, "minmem": MINMEM_MB, "verify_timeout": 60, "boot_mb": BOOT_MB}
+        if backend == "xen":
+            memory["xen_uri"] = LIBVIRT_URI
+            host.start_libvirtd()
         write_pilot_config(config, contact=f"http://10.0.2.2:{port}",
                            node_key_file="/etc/workspace-pilot/node-keys/{host}.key",
                            log_dir="/var/log/workspace-pilot", journal_dir=JOURNAL,
-                           sections={"memory": {"backend": "xl", "minmem": MINMEM_MB, "verify_timeout": 60,
-                                                "boot_mb": BOOT_MB}})
+                           sections={"memory": memory, "libvirt": {"uri": LIBVIRT_URI},
+                                     "vms": {"image_dir": GUEST_DIR, "virt_type": "xen", "overhead_mb": 16,
+                                             "poll_wait": 5}})
         with open(config, encoding="utf-8") as handle:
             host.write_file("/etc/workspace-pilot/pilot.conf", handle.read())
         with open(f"{service.key_dir}/node1.key", encoding="utf-8") as handle:
@@ -67,6 +84,36 @@ class Dom0Site:
         if not self.service.store.wait_for(lambda: state in self.states(slot), timeout):
             raise AssertionError(f"no {state!r} from dom0 in {timeout:g} s: {self.states(slot)}; "
                                  f"{self.host.console_tail()}")
+
+    def start_vm(self, pilot: "Dom0Pilot", name: str, memory_mb: int = 128) -> None:
+        """Queue ``start-vm`` for the test's PV guest on the pilot's slot, as the service's VM API does."""
+        self.host.start_libvirtd()
+        sums = dict(reversed(line.split()) for line in self.host.check(
+            f"cd {GUEST_DIR} && sha256sum vmlinuz initrd.img").splitlines())
+        spec = VmSpec.from_dict({"name": name, "memory_mb": memory_mb,
+                                 "boot": {"kernel": {"path": "vmlinuz", "sha256": sums["vmlinuz"]},
+                                          "initrd": {"path": "initrd.img", "sha256": sums["initrd.img"]},
+                                          "cmdline": "console=hvc0 quiet"}})
+        self.service.store.submit(lambda conn: commandstore.queue_command(
+            conn, pilot.slot, "node1", {"op": "start-vm", "vm": spec.to_dict()}, time.time(),
+            self.service.store._wake_target)).result()
+
+    def wait_outcome(self, slot: str, op: str, timeout: float = 120) -> tuple[str, str]:
+        """(outcome, message) the pilot reported for the slot's last ``op`` command (woken by the store's commits)."""
+        def done():
+            rows = [row for row in self.service.store.commands(slot) if row.op == op]
+            return rows and rows[-1].outcome is not None
+        if not self.service.store.wait_for(done, timeout):
+            raise AssertionError(f"no outcome of {op} from dom0 in {timeout:g} s; {self.host.console_tail()}")
+        row = [row for row in self.service.store.commands(slot) if row.op == op][-1]
+        return row.outcome, row.message
+
+    def guest_said(self, domain: str, text: str, timeout: float = 90) -> bool:
+        """Whether the guest's Xen console (xenconsoled's log in dom0) shows ``text`` within ``timeout``."""
+        log = f"/var/log/xen/console/guest-{domain}.log"
+        found = self.host.run(f"timeout {timeout:g} sh -c 'until [ -f {log} ]; do sleep 0.5; done; "
+                              f"tail -n +1 -f {log} | grep -q -m 1 \"{text}\"'", timeout=timeout + 10)
+        return found.returncode == 0
 
     def journal(self) -> list[str]:
         """The node journal's entries in dom0 (its lock file is not one)."""
@@ -99,21 +146,23 @@ class Dom0Pilot:
         return self.site.host.run(f"tail -20 {self.run}/out").stdout
 
 
-@pytest.fixture
-def dom0(xen_host, tmp_path):
-    """A fresh service and dom0 at its boot memory; checks the host ends the test as it began."""
+@pytest.fixture(params=["xl", "xen"])
+def dom0(request, xen_host, tmp_path):
+    """A fresh service and dom0 at its boot memory, the pilots on the ``xl`` or the ``xen`` (libvirt) backend;
+    checks the host ends the test as it began: dom0's memory, no journal entry, no guest."""
     assert xen_host.balloon_mb() == BOOT_MB, "an earlier test left dom0 ballooned"
     service = Service(str(tmp_path / "service"))
-    site = Dom0Site(xen_host, service, tmp_path)
+    site = Dom0Site(xen_host, service, tmp_path, backend=request.param)
     try:
         yield site
         left = site.journal()
         memory = xen_host.balloon_mb()
+        domains = xen_host.domains()
     finally:
         service.close()
-    if left or memory != BOOT_MB:
+    if left or memory != BOOT_MB or domains != ["Domain-0"]:
         xen_host.run("workspace-killall --no-notify", timeout=120)  # the next test starts from a clean host
-        pytest.fail(f"the test left dom0 at {memory} MB with journal entries {left}")
+        pytest.fail(f"the test left dom0 at {memory} MB, journal entries {left}, domains {domains}")
 
 
 def test_a_pilot_balloons_dom0_down_and_gives_it_back_on_sigterm(dom0):
@@ -187,3 +236,37 @@ def test_two_pilots_compose_whichever_ends_first(dom0, first_to_end):
     staying.signal("TERM")
     assert staying.exit_code() == 0, staying.output()
     assert dom0.host.balloon_mb() == BOOT_MB
+
+
+def test_a_leased_pv_guest_runs_on_xen_and_is_destroyed_when_the_pilot_ends(dom0):
+    pilot = dom0.start(256)
+    dom0.wait_state(pilot.slot, "reserved")
+    dom0.start_vm(pilot, "vm1")
+    outcome, message = dom0.wait_outcome(pilot.slot, "start-vm")
+    assert outcome == "vm-running", message
+    [domain] = [name for name in dom0.host.domains() if name.endswith("vm1")]
+    assert dom0.guest_said(domain, "workspace-pilot xen guest alive"), dom0.host.console_tail()
+    assert dom0.host.balloon_mb() == BOOT_MB - 256  # the guest's memory is the lease's, not dom0's
+    pilot.signal("TERM")
+    assert pilot.exit_code() == 0, pilot.output()
+    assert dom0.host.domains() == ["Domain-0"]
+    assert dom0.states(pilot.slot)[-1] == "unreserved"
+    assert dom0.host.balloon_mb() == BOOT_MB
+
+
+def test_killall_destroys_the_leased_guest_of_a_sigkilled_pilot_on_xen(dom0):
+    pilot = dom0.start(256)
+    dom0.wait_state(pilot.slot, "reserved")
+    dom0.start_vm(pilot, "vm1")
+    outcome, message = dom0.wait_outcome(pilot.slot, "start-vm")
+    assert outcome == "vm-running", message
+    pilot.signal("KILL")
+    assert pilot.exit_code() == 128 + 9
+    [domain] = [name for name in dom0.host.domains() if name.endswith("vm1")]  # the guest outlives its pilot
+    done = dom0.host.run("workspace-killall", timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert domain in done.stdout and "node clean" in done.stdout
+    dom0.wait_state(pilot.slot, "killed")
+    assert dom0.host.domains() == ["Domain-0"]
+    assert dom0.host.balloon_mb() == BOOT_MB
+    assert dom0.journal() == []

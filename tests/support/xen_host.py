@@ -55,6 +55,8 @@ ACK_WAIT_S = 5.0
 SEND_TRIES = 20
 #: The longest console line kept while waiting for its end (the largest answer, base64, is well below).
 MAX_LINE = 1 << 20
+#: libvirt's Xen driver in dom0 (started by :meth:`XenHost.start_libvirtd`).
+LIBVIRT_URI = "xen:///system"
 COMMANDS = {"workspace-pilot": "pilot", "workspace-killall": "admin_tools.killall",
             "workspace-node-status": "admin_tools.nodestatus"}
 
@@ -90,6 +92,7 @@ class XenHost:
         self._lock = threading.Condition()
         self._next = 0
         self._reader: threading.Thread | None = None
+        self._libvirtd = False
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -216,6 +219,27 @@ class XenHost:
         for at in range(0, len(data), 2400):
             self.check(f"echo {data[at:at + 2400]} >> {path}.b64")
         self.check(f"base64 -d {path}.b64 > {path}.part && rm {path}.b64 && mv {path}.part {path}")
+
+    def start_libvirtd(self) -> None:
+        """Start virtlogd and libvirtd (its Xen driver only) in dom0, once; XenHostError if libvirt does not answer.
+
+        ``libvirtd -d`` returns once the daemon is set up, so the first
+        ``virsh`` after it answers or libvirtd failed.
+        """
+        if self._libvirtd:
+            return
+        self.check("mkdir -p /var/log/libvirt && virtlogd -d -p /run/virtlogd.pid && "
+                   "libvirtd -d --pid-file=/run/libvirtd.pid")
+        answer = self.run(f"virsh -c {LIBVIRT_URI} version", timeout=60)
+        if answer.returncode != 0:
+            log = self.run("tail -5 /var/log/libvirt/libvirtd.log").stdout
+            raise XenHostError(f"libvirtd in dom0 does not answer: {answer.stderr.strip()}; its log ends: {log}")
+        self._libvirtd = True
+
+    def domains(self) -> list[str]:
+        """The names of the domains Xen runs, Domain-0 first (``xl list``: Xen's own count, not libvirt's)."""
+        lines = self.check("xl list").splitlines()[1:]
+        return [line.split()[0] for line in lines if line.strip()]
 
     def balloon_mb(self) -> int:
         """dom0's memory now, as its balloon driver counts it (MB)."""
