@@ -182,7 +182,8 @@ def xen_host():
     Stopped when the module's tests are done (it holds 2 GB and two emulated CPUs meanwhile).
 
     dom0 has 1024 MB at boot (``dom0_mem``, its balloon may grow to 1536) and
-    runs this project's code; ``run()`` runs a command there. Built by
+    runs this project's code; ``run()`` runs a command there, ``start_libvirtd()``
+    starts libvirt's Xen driver there (once), ``domains()`` lists Xen's domains. Built by
     ``scripts/bootstrap.sh --xen`` (the test command does that); skipped only
     where it cannot run (QEMU or the build missing). Stopped by its pid.
     """
