@@ -52,14 +52,8 @@ def summary(values: list[float]) -> dict:
 
 def one_round(site: Dom0Site) -> dict:
     """One lease with one guest, started and torn down; its timings in seconds."""
-    pilot = site.start(256)
-    site.wait_state(pilot.slot, "reserved")
-    site.start_vm(pilot, "vm1")
-    outcome, message = site.wait_outcome(pilot.slot, "start-vm")
-    if outcome != "vm-running":
-        raise SystemExit(f"the guest did not start: {message}")
+    pilot, domain = site.lease_with_a_guest(256, "vm1")
     [row] = [row for row in site.service.store.commands(pilot.slot) if row.op == "start-vm"]
-    [domain] = [name for name in site.host.domains() if name.endswith("vm1")]
     if not site.guest_said(domain, "workspace-pilot xen guest alive"):
         raise SystemExit(f"the guest {domain} said nothing on its console")
     alive = time.time()

@@ -118,12 +118,7 @@ def test_two_pilots_compose_whichever_ends_first(dom0, first_to_end):
 # The VM tests run once each: VM hosting speaks libvirt whichever backend balloons dom0; between them they meet both.
 @pytest.mark.parametrize("dom0", ["xen"], indirect=True)
 def test_a_leased_pv_guest_runs_on_xen_and_is_destroyed_when_the_pilot_ends(dom0):
-    pilot = dom0.start(256)
-    dom0.wait_state(pilot.slot, "reserved")
-    dom0.start_vm(pilot, "vm1")
-    outcome, message = dom0.wait_outcome(pilot.slot, "start-vm")
-    assert outcome == "vm-running", message
-    [domain] = [name for name in dom0.host.domains() if name.endswith("vm1")]
+    pilot, domain = dom0.lease_with_a_guest(256)
     assert dom0.guest_said(domain, "workspace-pilot xen guest alive"), dom0.host.console_tail()
     assert dom0.host.check(f"xl list {domain}").split()[-4] == "128"  # Xen gave it the memory asked for (MB)
     assert dom0.host.balloon_mb() == BOOT_MB - 256  # the guest's memory is the lease's, not dom0's
@@ -136,14 +131,10 @@ def test_a_leased_pv_guest_runs_on_xen_and_is_destroyed_when_the_pilot_ends(dom0
 
 @pytest.mark.parametrize("dom0", ["xl"], indirect=True)
 def test_killall_destroys_the_leased_guest_of_a_sigkilled_pilot_on_xen(dom0):
-    pilot = dom0.start(256)
-    dom0.wait_state(pilot.slot, "reserved")
-    dom0.start_vm(pilot, "vm1")
-    outcome, message = dom0.wait_outcome(pilot.slot, "start-vm")
-    assert outcome == "vm-running", message
+    pilot, domain = dom0.lease_with_a_guest(256)
     pilot.signal("KILL")
     assert pilot.exit_code() == 128 + 9
-    [domain] = [name for name in dom0.host.domains() if name.endswith("vm1")]  # the guest outlives its pilot
+    assert domain in dom0.host.domains()  # the guest outlives its pilot
     done = dom0.host.run("workspace-killall", timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert domain in done.stdout and "node clean" in done.stdout

@@ -95,6 +95,19 @@ class Dom0Site:
             conn, pilot.slot, "node1", {"op": "start-vm", "vm": spec.to_dict()}, time.time(),
             self.service.store._wake_target)).result()
 
+    def lease_with_a_guest(self, memory_mb: int = 256, name: str = "vm1") -> tuple["Dom0Pilot", str]:
+        """A pilot holding ``memory_mb`` that started the test's 128 MB guest ``name``: (the pilot, its domain).
+
+        AssertionError if the pilot did not report ``vm-running``.
+        """
+        pilot = self.start(memory_mb)
+        self.wait_state(pilot.slot, "reserved")
+        self.start_vm(pilot, name)
+        outcome, message = self.wait_outcome(pilot.slot, "start-vm")
+        assert outcome == "vm-running", message
+        [domain] = [domain for domain in self.host.domains() if domain.endswith(name)]
+        return pilot, domain
+
     def wait_outcome(self, slot: str, op: str, timeout: float = 120) -> tuple[str, str]:
         """(outcome, message) the pilot reported for the slot's last ``op`` command (woken by the store's commits)."""
         def done():
