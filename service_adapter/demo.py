@@ -29,18 +29,50 @@ class DemoArgumentError(DemoError):
 
 #: Signals that end the demo early: ^C, ``timeout``/``kill``, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: The longest the demo's main thread waits before it looks for a stop signal again. The handler wakes the
+#: store's waiters, but a signal that lands just before the thread starts waiting, or that the kernel
+#: delivers to another thread (Python runs the handler only once the main thread wakes), wakes nobody.
+SIGNAL_LOOK_S = 0.5
 
 
 class _Interrupted(Exception):
-    """A stop signal arrived; raised on the main thread by the demo's handler."""
+    """A stop signal arrived; raised on the main thread where the demo checks for one (:meth:`_StopSignals.check`)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-def _raise_interrupted(signum, _frame):
-    raise _Interrupted(signum)
+class _StopSignals:
+    """The demo's stop signals, taken where the main thread looks for them, never where the signal lands.
+
+    An exception raised from a signal handler lands between any two
+    bytecodes: inside a lock's ``with`` before its ``try``, or in a SQLite
+    read mid-statement (the traceback keeps that cursor alive, so the
+    thread's later reads saw an old snapshot and the demo waited for a
+    release it could not see). So the handler only notes the first signal
+    and wakes the store's waiters (:attr:`wake`, set once the site exists);
+    :meth:`check`, called in every wait loop (each wait at most
+    :data:`SIGNAL_LOOK_S`), raises :class:`_Interrupted` once.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.wake = None
+        self._raised = False
+
+    def handler(self, signum, _frame) -> None:
+        """The signal handler: notes the first stop signal (later ones change nothing) and wakes the waiters."""
+        if self.signum is None:
+            self.signum = signum
+        if self.wake is not None:
+            self.wake()  # the store's condition is reentrant: safe even if this thread holds it
+
+    def check(self) -> None:
+        """Raise :class:`_Interrupted` if a stop signal came and has not been raised yet."""
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise _Interrupted(self.signum)
 
 
 def _pool_pages() -> int:
@@ -51,8 +83,8 @@ def _pool_pages() -> int:
 class _Narrator:
     """Prints a lease's notifications and state transitions as the store commits them."""
 
-    def __init__(self, site: LocalSite, lease_id: str, slot: str, say):
-        self.site, self.lease_id, self.slot, self.say = site, lease_id, slot, say
+    def __init__(self, site: LocalSite, lease_id: str, slot: str, say, stop: _StopSignals):
+        self.site, self.lease_id, self.slot, self.say, self.stop = site, lease_id, slot, say, stop
         self.notes_seen = 0
         self.events_seen = 1  # the creation is told by the caller
 
@@ -70,10 +102,14 @@ class _Narrator:
         self.events_seen = len(events)
 
     def until(self, states: set[str], timeout: float):
-        """Narrate until the lease is in one of ``states`` (its LeaseInfo) or ``timeout`` passes (None)."""
+        """Narrate until the lease is in one of ``states`` (its LeaseInfo) or ``timeout`` passes (None).
+
+        Raises :class:`_Interrupted` when a stop signal came (once: the wind-down narrates with this too).
+        """
         store = self.site.store
         deadline = time.monotonic() + timeout
         while True:
+            self.stop.check()
             seen = store.version
             self.report()
             info = self.site.leases.get(self.lease_id)
@@ -82,7 +118,7 @@ class _Narrator:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            store.wait_changed(seen, remaining)
+            store.wait_changed(seen, min(remaining, SIGNAL_LOOK_S))
 
 
 def run_demo(nodes: int | None, memory_mb: int | None, duration_s: float | None, grace_s: float,
@@ -127,34 +163,32 @@ def run_demo(nodes: int | None, memory_mb: int | None, duration_s: float | None,
     if vm and memory_mb - VM_OVERHEAD_MB < MIN_VM_MB:
         raise DemoArgumentError(f"--vm needs --memory of at least {MIN_VM_MB + VM_OVERHEAD_MB} MB (the VM gets it "
                                 f"less the site's {VM_OVERHEAD_MB} MB overhead)")
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    stop = _StopSignals()
+    previous = {signum: signal.signal(signum, stop.handler) for signum in STOP_SIGNALS}
     try:
-        return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm)
+        return _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm, stop)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm) -> int:
-    try:
-        before = _pool_pages()
-    except _Interrupted as exc:
-        return 128 + exc.signum
+def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journal_dir, say, vm,
+         stop: _StopSignals) -> int:
+    before = _pool_pages()
     say(f"hugepage pool before: {before} pages of 2 MiB ({before * 2} MB)")
     try:
+        site = _open_site(workdir, grace_s, journal_dir, vm)
         try:
-            site = _open_site(workdir, grace_s, journal_dir, vm)
-        except _Interrupted as exc:
-            return 128 + exc.signum  # nothing leased yet
-        try:
+            stop.wake = site.store.wake
+            if stop.signum is not None:
+                return 128 + stop.signum  # nothing leased yet
             if vm is not None and not _endorse(site, vm, say):
                 return 1
-            return _narrate(site, nodes, memory_mb, duration_s, grace_s, release_after_s, before, say, vm)
+            return _narrate(site, nodes, memory_mb, duration_s, grace_s, release_after_s, before, say, stop, vm)
         except _Interrupted as exc:
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)  # the node is given back first, whatever comes next
-            return _wind_down(site, exc.signum, grace_s, before, say, vm)
+            return _wind_down(site, exc.signum, grace_s, before, say, stop, vm)
         finally:
+            stop.wake = None
             site.close()
     finally:
         if vm is not None:
@@ -189,14 +223,14 @@ def _endorse(site: LocalSite, vm, say) -> bool:
     return True
 
 
-def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say, vm=None) -> int:
+def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say, stop: _StopSignals, vm=None) -> int:
     """After a stop signal: release every lease of this site, wait for the pilots, and say where the node stands."""
     say(f"interrupted ({signal.Signals(signum).name}): releasing the lease; the pilots give the node back")
     open_leases = [info for info in site.leases.list() if info.state not in TERMINAL_STATES]
     for info in open_leases:
         site.leases.release(info.id)
     for info in open_leases:
-        narrator = _Narrator(site, info.id, info.slot, say)
+        narrator = _Narrator(site, info.id, info.slot, say, stop)
         narrator.events_seen = len(site.store.lease_events(info.id))
         narrator.notes_seen = len(site.store.notifications(info.slot))
         narrator.until(TERMINAL_STATES, grace_s + 30)
@@ -216,10 +250,14 @@ def _wind_down(site: LocalSite, signum: int, grace_s: float, before: int, say, v
 
 
 def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_after_s, before: int, say,
-             vm=None) -> int:
-    """One lease from reserve to its end, told as it goes; 0 when it ended well and the pool is back."""
+             stop: _StopSignals, vm=None) -> int:
+    """One lease from reserve to its end, told as it goes; 0 when it ended well and the pool is back.
+
+    Raises :class:`_Interrupted` at its waits once a stop signal came.
+    """
     say(f"store {site.store.path} (SQLite, WAL)")
     say(f"receiver listening on {site.url}/pilot/v2/notifications (digest SHA-256)")
+    stop.check()
     try:
         lease = site.leases.reserve(nodes, memory_mb, duration_s, owner="demo")
     except LeaseError as exc:
@@ -228,7 +266,7 @@ def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_aft
     say(f"lease {lease.id} ({lease.state}): {nodes} x {memory_mb} MB for {duration_s:g} s, slot {lease.slot}")
     say(f"local provider: job {lease.job_id}, pilots {', '.join(site.provider.hosts(lease.job_id))} "
         f"(pids {site.provider.pids(lease.job_id)})")
-    narrator = _Narrator(site, lease.id, lease.slot, say)
+    narrator = _Narrator(site, lease.id, lease.slot, say, stop)
     ready = narrator.until({"ready"} | TERMINAL_STATES, timeout=60)
     if ready is None or ready.state != "ready":
         say("FAILED: " + (ready.reason if ready else "the pilots did not all report 'reserved' within 60 s"))
@@ -239,7 +277,7 @@ def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_aft
     booted = True
     if vm is not None:
         booted = vm.boot(site, lease, site.provider.hosts(lease.job_id)[0], memory_mb - VM_OVERHEAD_MB,
-                         tick=narrator.report)
+                         tick=lambda: (stop.check(), narrator.report()))
         narrator.report()
         if vm.login and booted:
             say(f"log in yourself while the lease holds: {vm.ssh_command()}")
@@ -255,6 +293,7 @@ def _narrate(site: LocalSite, nodes, memory_mb, duration_s, grace_s, release_aft
         say(f"holding until the pilots' own deadline ({duration_s:g} s after they started; ^C ends it now)")
     ended = narrator.until(TERMINAL_STATES, duration_s + grace_s + 30)
     codes = site.provider.wait(lease.job_id, grace_s + 5)
+    stop.check()
     narrator.report()
     after = _pool_pages()
     say(f"pilots exited with {codes}; logs in {site.log_dir}")
