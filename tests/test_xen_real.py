@@ -54,7 +54,7 @@ def test_a_pilot_balloons_dom0_down_and_gives_it_back_on_sigterm(dom0):
 
 
 def test_a_pilot_gives_dom0_its_memory_back_at_its_deadline(dom0):
-    pilot = dom0.start(128, duration_s=25, grace_s=5)
+    pilot = dom0.start(128, duration_s=15, grace_s=5)
     dom0.wait_state(pilot.slot, "reserved")
     assert dom0.host.balloon_mb() == BOOT_MB - 128
     assert pilot.exit_code(timeout=120) == 0, pilot.output()
