@@ -154,9 +154,9 @@ fi
 exec /bin/busybox sh
 EOF
 chmod 0755 "$root/init"
-# A PV guest for the tests, in dom0's /srv/xen-guest: dom0's own kernel (Debian's has XEN_PV) and an initramfs:
-# busybox-static and an /init that
-# says it is up and then that it is alive, on its Xen console, which xenconsoled logs in dom0.
+# A PV guest for the tests, in dom0's /srv/xen-guest: dom0's own kernel (Debian's has XEN_PV) and an initramfs
+# (busybox-static and an /init that says it is up, then that it is alive, on its Xen console, which xenconsoled
+# logs in dom0).
 guest="$tmp/guest"
 mkdir -p "$guest/bin" "$root/srv/xen-guest"
 cp "$tmp/vmlinuz" "$root/srv/xen-guest/vmlinuz"
