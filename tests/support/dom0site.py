@@ -10,11 +10,9 @@ back what the pilots did.
 
 from __future__ import annotations
 
-import time
 import uuid
 
 from service_adapter.local_site import write_pilot_config
-from service_adapter.store import commands as commandstore
 from tests.support.service import Service
 from tests.support.xen_host import LIBVIRT_URI
 from workspace_common.protocol.vmspec import VmSpec
@@ -91,9 +89,7 @@ class Dom0Site:
                                  "boot": {"kernel": {"path": "vmlinuz", "sha256": sums["vmlinuz"]},
                                           "initrd": {"path": "initrd.img", "sha256": sums["initrd.img"]},
                                           "cmdline": "console=hvc0 quiet"}})
-        self.service.store.submit(lambda conn: commandstore.queue_command(
-            conn, pilot.slot, "node1", {"op": "start-vm", "vm": spec.to_dict()}, time.time(),
-            self.service.store._wake_target)).result()
+        self.service.queue_command(pilot.slot, "node1", {"op": "start-vm", "vm": spec.to_dict()})
 
     def lease_with_a_guest(self, memory_mb: int = 256, name: str = "vm1") -> tuple["Dom0Pilot", str]:
         """A pilot holding ``memory_mb`` that started the test's 128 MB guest ``name``: (the pilot, its domain).

@@ -92,14 +92,19 @@ class Service:
         """The key of (slot, host)'s bodies and command answers."""
         return self.nodes.slot_key(host, slot, self.slot_secrets[slot])
 
-    def send_release(self, slot: str, host: str) -> None:
-        """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
+    def queue_command(self, slot: str, host: str, body: dict) -> None:
+        """Queue one command (``{"op": ...}``) for (slot, host) and wake its parked poll, as the service does
+        (waits for the write)."""
         from service_adapter.store import commands as commandstore
 
         now = time.time()
         self.store.submit(
-            lambda conn: commandstore.queue_command(conn, slot, host, {"op": "release"}, now, self.store._wake_target)
+            lambda conn: commandstore.queue_command(conn, slot, host, body, now, self.store._wake_target)
         ).result()
+
+    def send_release(self, slot: str, host: str) -> None:
+        """Queue the service's ``release`` command for one pilot, as a lease's release does (waits for the write)."""
+        self.queue_command(slot, host, {"op": "release"})
 
     def session(self, host: str = "node1", key: str | None = None) -> requests.Session:
         """A requests session with digest auth as node ``host`` (with its key unless ``key`` is given)."""
