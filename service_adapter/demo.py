@@ -29,9 +29,9 @@ class DemoArgumentError(DemoError):
 
 #: Signals that end the demo early: ^C, ``timeout``/``kill``, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-#: The longest the demo's main thread waits before it looks for a stop signal again. The handler wakes the
-#: store's waiters, but a signal that lands just before the thread starts waiting, or that the kernel
-#: delivers to another thread (Python runs the handler only once the main thread wakes), wakes nobody.
+#: The longest the demo's main thread waits before it looks for a stop signal again: a handler cannot wake
+#: a wait that has not begun, and Python runs it only once the main thread wakes (the kernel may deliver
+#: the signal to another thread).
 SIGNAL_LOOK_S = 0.5
 
 
@@ -50,23 +50,19 @@ class _StopSignals:
     bytecodes: inside a lock's ``with`` before its ``try``, or in a SQLite
     read mid-statement (the traceback keeps that cursor alive, so the
     thread's later reads saw an old snapshot and the demo waited for a
-    release it could not see). So the handler only notes the first signal
-    and wakes the store's waiters (:attr:`wake`, set once the site exists);
+    release it could not see). So the handler only notes the first signal;
     :meth:`check`, called in every wait loop (each wait at most
     :data:`SIGNAL_LOOK_S`), raises :class:`_Interrupted` once.
     """
 
     def __init__(self):
         self.signum: int | None = None
-        self.wake = None
         self._raised = False
 
     def handler(self, signum, _frame) -> None:
-        """The signal handler: notes the first stop signal (later ones change nothing) and wakes the waiters."""
+        """The signal handler: notes the first stop signal (later ones change nothing)."""
         if self.signum is None:
             self.signum = signum
-        if self.wake is not None:
-            self.wake()  # the store's condition is reentrant: safe even if this thread holds it
 
     def check(self) -> None:
         """Raise :class:`_Interrupted` if a stop signal came and has not been raised yet."""
@@ -179,7 +175,6 @@ def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journa
     try:
         site = _open_site(workdir, grace_s, journal_dir, vm)
         try:
-            stop.wake = site.store.wake
             if stop.signum is not None:
                 return 128 + stop.signum  # nothing leased yet
             if vm is not None and not _endorse(site, vm, say):
@@ -188,7 +183,6 @@ def _run(nodes, memory_mb, duration_s, grace_s, release_after_s, workdir, journa
         except _Interrupted as exc:
             return _wind_down(site, exc.signum, grace_s, before, say, stop, vm)
         finally:
-            stop.wake = None
             site.close()
     finally:
         if vm is not None:
