@@ -256,12 +256,12 @@ def _reserve(args, config, backend, journal, host: str, log_path: str, started: 
     pilot = Pilot(
         request, memory, notifier, deadline,
         reserved_timeout_s=config.reserved_timeout_s, earlywaitratio=config.earlywaitratio,
-        warn_before_s=args.warn_before, extend_deadline=extend,
+        warn_before_s=args.warn_before, extend_deadline=extend, shutdown_grace_s=config.shutdown_timeout_s,
     )
     pilot.moments.mark("process_start", process_started_at() or started)
     pilot.hosting = VmHosting(config, notifier, memory, slot=args.slot, host=host, lease=args.lease or "",
                               on_stop=pilot.request_stop, peer_key=credentials.peer_key, on_extend=pilot.extend,
-                              warning=pilot.warning_line)
+                              warning=pilot.warning_line, lease_end=pilot.lease_end)
     # SIGUSR2: Grid Engine's warning before a qdel's SIGKILL (-notify); the pilot restores as for SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(signum, lambda num, _frame: pilot.request_stop(signal.Signals(num).name, "signal"))

@@ -74,6 +74,8 @@ class PilotConfig:
     networks: tuple[str, ...] | None = None
     virt_type: str = "auto"
     shutdown_timeout_s: float = 30.0
+    usage_interval_s: float = 30.0
+    busy_cpu_percent: int = 10
     poll_wait_s: float = 30.0
     disk_budget_mb: int = 0
     disk_reserve_mb: int = 1024
@@ -271,6 +273,8 @@ SCHEMA = {
         "networks": ("networks", _names),
         "virt_type": ("virt_type", choice("auto", "kvm", "qemu", "xen")),
         "shutdown_timeout": ("shutdown_timeout_s", _positive_float),
+        "usage_interval": ("usage_interval_s", _positive_float),
+        "busy_cpu": ("busy_cpu_percent", whole(0, 100, "must be a whole percentage from 0 to 100")),
         "poll_wait": ("poll_wait_s", _poll_wait),
         "disk_budget": ("disk_budget_mb", _mb),
         "disk_reserve": ("disk_reserve_mb", _mb),

@@ -23,7 +23,7 @@ import os
 import urllib.parse
 
 from workspace_common.protocol.digest import parse_params, response_digest
-from workspace_common.protocol.wire import digest_ha1
+from workspace_common.protocol.keys import digest_ha1
 
 #: Environment variables through which ``requests`` would send via a proxy; if any is set,
 #: the first shot stands aside rather than go direct where ``requests`` would not.

@@ -51,8 +51,11 @@ class Pilot:
         hosting=None,
         warn_before_s: float = 0.0,
         extend_deadline: Callable[[float, Deadline], Deadline] | None = None,
+        shutdown_grace_s: float = 30.0,
     ):
         self.request = request
+        #: How long a VM asked to shut down has before it is destroyed (its features' grace_secs).
+        self.shutdown_grace_s = shutdown_grace_s
         self.memory = memory
         self.notifier = notifier
         self._compute_deadline = deadline
@@ -239,6 +242,16 @@ class Pilot:
             return None
         ends_at, why = warning
         return f"ending {format_epoch(ends_at)} {max(ends_at - time.time(), 0.0):.0f} {why}"
+
+    def lease_end(self):
+        """When the VMs will be stopped (a pilot.vm.features.LeaseEnd): the warned end if sooner, else the deadline."""
+        from pilot.vm.features import LeaseEnd
+
+        deadline, warning = self.deadline, self._warning
+        if deadline is None:
+            return None
+        ends_at = min(warning[0], deadline.at) if warning else deadline.at
+        return LeaseEnd(ends_at, self.shutdown_grace_s)
 
     def extend(self, duration_s: float) -> tuple[float | None, int, str]:
         """Move the deadline for the lease's new duration (the service's ``extend``; any thread).

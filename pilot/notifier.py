@@ -114,6 +114,7 @@ class Notifier:
         command: int | None = None,
         timings: dict[str, str] | None = None,
         address: str | None = None,
+        usage: dict[str, dict] | None = None,
     ) -> Delivery:
         """Queue a notification; it is tried until ``deliver_within`` seconds from now.
 
@@ -135,6 +136,7 @@ class Notifier:
                 command=command,
                 timings=timings,
                 address=address,
+                usage=usage,
             )
         delivery = Delivery(notification, time.monotonic() + deliver_within)
         if self._closing.is_set():

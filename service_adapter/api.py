@@ -117,10 +117,10 @@ def _vm_name(request: web.Request, lease_id: str) -> str:
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
     data = await read_json(request)
-    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images", "start_at"})
+    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images", "start_at", "release_when_idle_s"})
     if unknown:
         raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s "
-                           "(and optionally images and start_at)")
+                           "(and optionally images, start_at and release_when_idle_s)")
     nodes = _int_field(data, "nodes", MAX_NODES)
     memory_mb = _int_field(data, "memory_mb", MAX_MEMORY_MB)
     duration_s = _duration_field(data)
@@ -130,7 +130,7 @@ async def create_lease(request: web.Request) -> web.Response:
     owner = who(request)
     try:
         info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner, images=images,
-                                       start_at=start_at)
+                                       start_at=start_at, release_when_idle_s=data.get("release_when_idle_s"))
     except ValueError as exc:
         raise Refused(400, first_line(exc)) from None
     log.info("API: %s reserved lease %s: %d x %d MB for %g s", owner, info.id, nodes, memory_mb, duration_s)

@@ -52,14 +52,17 @@ class LeaseClient:
     # -- the API ---------------------------------------------------------------
 
     def reserve(self, nodes: int, memory_mb: int, duration_s: float, images: list[dict] | None = None,
-                start_at: str | None = None) -> dict:
+                start_at: str | None = None, release_when_idle_s: float | None = None) -> dict:
         """POST /leases: the new lease (``images``: listed images its hosts prefetch, ``{"image", "version"}``;
-        ``start_at``: an RFC 3339 time it starts at, else at once)."""
+        ``start_at``: an RFC 3339 time it starts at, else at once; ``release_when_idle_s``: released after that
+        long without a VM)."""
         body = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s}
         if images:
             body["images"] = list(images)
         if start_at:
             body["start_at"] = start_at
+        if release_when_idle_s is not None:
+            body["release_when_idle_s"] = release_when_idle_s
         return self._call("POST", "/leases", json=body)
 
     def extend(self, lease_id: str, by_s: float) -> dict:

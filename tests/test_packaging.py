@@ -52,13 +52,15 @@ def test_the_wheel_and_the_sdist_carry_the_one_version_and_everything(built):
         names = set(archive.namelist())
         entry_points = archive.read(f"workspace_pilot-{VERSION}.dist-info/entry_points.txt").decode()
         metadata = archive.read(f"workspace_pilot-{VERSION}.dist-info/METADATA").decode()
-    assert {"pilot/cli.py", "pilot/firstshot.py", "service_adapter/metrics.py", "admin_tools/nodestatus.py"} <= names
+    assert {"pilot/cli.py", "pilot/firstshot.py", "service_adapter/metrics.py", "admin_tools/nodestatus.py",
+            "pilot/vm/guestagent.sh"} <= names  # the guest agent a VM's seed carries
     assert set(re.findall(r"^([a-z-]+) = ", entry_points, re.M)) == COMMANDS
     assert f"\nVersion: {VERSION}\n" in metadata and "Requires-Dist: prometheus_client" in metadata
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"README.md", "docs/scaling.md", "packaging/workspace-lease.service", "packaging/workspace-pilot.spec",
-            "packaging/build-packages.sh", "tests/test_packaging.py", "scripts/bootstrap.sh"} <= names
+            "packaging/build-packages.sh", "tests/test_packaging.py", "scripts/bootstrap.sh",
+            "pilot/vm/guestagent.sh"} <= names
 
 
 def test_the_debs_split_node_service_and_docs_with_their_conffiles(built):

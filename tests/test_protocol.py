@@ -57,9 +57,39 @@ def test_round_trip_leaves_unset_optional_fields_out():
     assert "expires_at" not in json.loads(parsed.to_json())
 
 
+USAGE = {"web": {"busy": True, "cpu": 87}, "db": {"busy": False, "cpu": None}}
+
+
 @pytest.mark.parametrize("state", sorted(STATES))
 def test_every_state_is_accepted(state):
-    assert Notification.from_json(body(state=state)).state == state
+    extra = {"usage": USAGE} if state == "vm-usage" else {}
+    assert Notification.from_json(body(state=state, **extra)).state == state
+
+
+def test_a_vm_usage_report_round_trips_and_only_it_carries_usage():
+    parsed = Notification.from_json(body(state="vm-usage", usage=USAGE))
+    assert parsed.usage == USAGE
+    assert Notification.from_json(parsed.to_json()) == parsed
+    with pytest.raises(ProtocolError, match="usage: a vm-usage notification, and only one"):
+        Notification.from_json(body(state="heartbeat", usage=USAGE))
+    with pytest.raises(ProtocolError, match="usage: a vm-usage notification, and only one"):
+        Notification.from_json(body(state="vm-usage"))
+
+
+@pytest.mark.parametrize("usage, needle", [
+    ({}, "usage: must be an object"),
+    ([["web", True]], "usage: must be an object"),
+    ({"web": True}, "usage.web: must be an object"),
+    ({"web": {"busy": 1, "cpu": 3}}, "usage.web.busy: must be true or false"),
+    ({"web": {"busy": True, "cpu": 101}}, "usage.web.cpu: 101 is outside 0..100"),
+    ({"web": {"busy": True, "cpu": 2.5}}, "usage.web.cpu: must be an integer"),
+    ({"web": {"busy": True, "cpu": 3, "load": 9}}, "usage.web: unknown field"),
+    ({"../x": {"busy": True, "cpu": 3}}, "usage name"),
+    ({f"vm{i}": {"busy": True, "cpu": 1} for i in range(257)}, "more than 256 VMs"),
+])
+def test_a_bad_usage_report_is_refused_naming_what_is_wrong(usage, needle):
+    with pytest.raises(ProtocolError, match=needle.replace(".", r"\.")):
+        Notification.from_json(body(state="vm-usage", usage=usage))
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 
 import pycdlib
+import pytest
 
 from workspace_common.protocol import NetState, Nic, VmContext, mac_for
-from pilot.vm.seed import network_config, remove_seeds, seed_files, seed_path, write_seed
+from pilot.vm.features import LeaseEnd, feature_lines, vm_features
+from pilot.vm.seed import agent_boothook, guest_agent, network_config, remove_seeds, seed_files, seed_path, write_seed
 
 
 def read_iso(path: str) -> tuple[str, dict[str, bytes]]:
@@ -79,3 +82,28 @@ def test_remove_seeds_takes_one_slots_seeds_only(tmp_path):
                                                                  default_hostname="x"))
     assert len(remove_seeds(str(tmp_path), "wp-aaaaaaaa-")) == 2
     assert os.listdir(tmp_path) == ["wp-bbbbbbbb-vm1.iso"]
+
+
+def test_a_vm_with_features_gets_them_the_agent_and_a_boothook_that_installs_and_starts_it(tmp_path):
+    features = feature_lines(vm_features(slot="s", name="web", vcpus=1, memory_mb=64, started_at=1_800_000_000,
+                                         end=LeaseEnd(1_800_000_600, 30)))
+    path = seed_path(str(tmp_path), "wp-12345678-web")
+    write_seed(path, seed_files(VmContext(), instance_id="s-web", default_hostname="web", features=features))
+    _, files = read_iso(path)
+    assert files["features"].decode() == features
+    assert files["workspace-pilot-agent"].decode() == guest_agent()
+    hook = files["vendor-data"].decode()
+    assert hook.startswith("#cloud-boothook\n#!/bin/sh\n")  # cloud-init runs it at every boot, apart from user-data
+    body = hook.split("\n", 1)[1]
+    assert subprocess.run(["sh", "-n"], input=body, text=True, capture_output=True).returncode == 0
+    # Both files go in whole: each heredoc holds exactly what the seed's own copy holds.
+    assert f"<<'WORKSPACE_PILOT_EOF'\n{guest_agent()}WORKSPACE_PILOT_EOF\n" in body
+    assert f"<<'WORKSPACE_PILOT_EOF'\n{features}WORKSPACE_PILOT_EOF\n" in body
+    with pytest.raises(ValueError, match="end marker"):
+        agent_boothook("echo\nWORKSPACE_PILOT_EOF\nrm -rf /\n", features)
+
+
+def test_a_vm_without_features_gets_no_agent(tmp_path):
+    path = seed_path(str(tmp_path), "wp-12345678-web")
+    write_seed(path, seed_files(VmContext(), instance_id="s-web", default_hostname="web"))
+    assert set(read_iso(path)[1]) == {"meta-data", "user-data", "peers"}

@@ -118,7 +118,7 @@ def test_a_store_of_another_schema_version_is_refused_in_one_line(tmp_path):
                  " created_at REAL)")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 9: move the file away"):
+    with pytest.raises(StoreError, match="schema version 0, this workspace-pilot reads version 10: move the file away"):
         Store(path)
     Store(str(tmp_path / "new.sqlite")).close()
     Store(str(tmp_path / "new.sqlite")).close()  # opening again is fine
@@ -146,8 +146,17 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(tmp_path):
         store.close()
 
 
+def _as_version_9(conn) -> None:
+    """Drop what schema version 10 added (a lease's release when idle, the VMs' use)."""
+    conn.execute("ALTER TABLE leases DROP COLUMN release_when_idle_s")
+    for column in ("busy", "cpu", "usage_at", "busy_since"):
+        conn.execute(f"ALTER TABLE vms DROP COLUMN {column}")
+
+
 def _as_version_8(conn) -> None:
-    """Drop what schema version 9 added (the VMs' addresses, their lease networks, the nodes' addresses)."""
+    """Drop what schema versions 9 and 10 added (the VMs' addresses, their lease networks, the nodes' addresses;
+    a lease's release when idle, the VMs' use)."""
+    _as_version_9(conn)
     for index in ("lease_subnets_held", "lease_vnis_held", "vm_addresses_held", "vm_forwards_held",
                   "vm_addresses_by_lease"):
         conn.execute(f"DROP INDEX {index}")
@@ -254,6 +263,27 @@ def test_a_version_6_store_gains_lease_starts_and_event_kinds_and_its_leases_go_
                                          ended=True)
         assert [(e.kind, e.new_state) for e in upgraded.lease_events("lease-1")] == [
             ("state", "pending"), ("state", "failed")]  # an old creation entry reads as a state entry
+    finally:
+        upgraded.close()
+
+
+def test_a_version_9_store_gains_release_when_idle_and_vm_use_and_its_leases_go_on(tmp_path):
+    path = str(tmp_path / "v9.sqlite")
+    store = Store(path)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    store.close()
+    conn = sqlite3.connect(path)
+    _as_version_9(conn)
+    conn.execute("PRAGMA user_version = 9")
+    conn.commit()
+    conn.close()
+    upgraded = Store(path)
+    try:
+        row = upgraded.get_lease("lease-1")
+        assert (row.state, row.release_when_idle_s) == ("pending", None)
+        columns = upgraded.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(vms)")])
+        assert columns[-4:] == ["busy", "cpu", "usage_at", "busy_since"]
+        assert upgraded.read(lambda c: c.execute("PRAGMA user_version").fetchone()) == (10,)
     finally:
         upgraded.close()
 

@@ -295,8 +295,8 @@ def test_cli_vm_start_list_stop(svc, cli, tmp_path):
                   "--readonly", "--network", "default", "--console-log", "web.log", "--host", "node2")
     assert started.returncode == 0, started.stderr
     header, row = started.stdout.strip().splitlines()
-    assert header.split() == ["VM", "HOST", "STATE", "MB", "REASON"]
-    assert row.split()[:4] == ["web", "node2", "starting", "256"]
+    assert header.split() == ["VM", "HOST", "STATE", "MB", "USE", "REASON"]
+    assert row.split()[:5] == ["web", "node2", "starting", "256", "-"]  # its pilot has not said how busy it is
     (command,) = svc.commands(slot)
     assert command == ("node2", "start-vm", {"op": "start-vm", "vm": {
         "name": "web", "memory_mb": 256, "vcpus": 2, "network": "default", "console_log": "web.log",

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pilot.exitcodes import ExitCode
-from service_adapter.lease import TERMINAL_STATES
+from service_adapter.lease import TERMINAL_STATES, vm_json
 from service_adapter.local_site import LocalSite
 from service_adapter.vms import VmRequestError
 from tests.support.pool import pool_pages
@@ -33,7 +33,8 @@ def kernel_spec(name: str, memory_mb: int = 32, sha256: str | None = None) -> di
             "console_log": f"{name}.log"}
 
 
-def make_site(tmp_path, *, service_overhead=16, pilot_overhead=16, lost_after=120.0, workdir="site"):
+def make_site(tmp_path, *, service_overhead=16, pilot_overhead=16, lost_after=120.0, workdir="site",
+              usage_interval=None):
     images = tmp_path / "images"
     if not images.exists():
         images.mkdir(mode=0o755)
@@ -43,6 +44,8 @@ def make_site(tmp_path, *, service_overhead=16, pilot_overhead=16, lost_after=12
         "vms": {"image_dir": str(images), "console_dir": str(tmp_path / "consoles"),
                 "overhead_mb": pilot_overhead, "poll_wait": 1},
     }
+    if usage_interval is not None:
+        sections["vms"]["usage_interval"] = usage_interval
     return LocalSite(str(tmp_path / workdir), grace_s=5, journal_dir=str(tmp_path / "journal"),
                      release_grace_s=5, status_interval_s=0.2, lost_after_s=lost_after,
                      vm_overhead_mb=service_overhead, pilot_sections=sections)
@@ -234,3 +237,80 @@ def stop_by_pid(pids: list[int]) -> None:
             process.wait(30)
         except psutil.NoSuchProcess:
             pass
+
+
+# -- how busy the VMs are; leases released when idle -------------------------------------------------
+
+
+def wait_usage(site, lease, name, predicate, timeout=30):
+    """The VM once ``predicate(vm)`` holds for what its pilot last said of its use (re-checked at every commit)."""
+    found = []
+
+    def holds():
+        vm = site.vms.get(lease.id, name)
+        if vm.busy is not None and predicate(vm):
+            found.append(vm)
+            return True
+        return False
+
+    assert site.store.wait_for(holds, timeout), site.vms.get(lease.id, name)
+    return found[-1]
+
+
+def test_a_running_vm_reports_its_use_and_a_paused_one_turns_idle(tmp_path, hugepages):
+    site = make_site(tmp_path, usage_interval=0.5)
+    try:
+        lease = ready_lease(site)
+        start(site, lease, kernel_spec("vm1"))
+        assert wait_vm(site, lease, "vm1", {"running", "failed"}).state == "running"
+        busy = wait_usage(site, lease, "vm1", lambda vm: vm.cpu is not None)
+        assert busy.busy == 1 and busy.cpu >= 50 and busy.busy_since is not None  # the counter: a whole vCPU
+        shown = vm_json(busy)["usage"]
+        assert shown["busy"] is True and shown["cpu"] == busy.cpu and shown["since"].endswith("Z")
+        site.vms.suspend(lease.id, "vm1")
+        idle = wait_usage(site, lease, "vm1", lambda vm: vm.busy == 0)
+        assert idle.cpu == 0 and idle.busy_since > busy.busy_since  # turned idle when it was paused
+        site.leases.release(lease.id)
+        ended = site.leases.wait(lease.id, TERMINAL_STATES, timeout=30)
+        assert vm_json(site.vms.get(lease.id, "vm1"))["usage"] is None  # an ended VM has no use to show
+        assert ended.state == "released"
+    finally:
+        site.close()
+    assert pool_pages() == hugepages
+
+
+def test_a_lease_asking_for_it_is_released_once_idle_that_long_and_never_while_a_vm_runs(tmp_path, hugepages):
+    idle_s = 2.0
+    site = make_site(tmp_path)
+    try:
+        lease = site.leases.reserve(nodes=1, memory_mb=64, duration_s=300, release_when_idle_s=idle_s)
+        assert lease.to_json()["release_when_idle_s"] == idle_s
+        ready = site.leases.wait(lease.id, {"ready"} | TERMINAL_STATES, timeout=30)
+        assert ready.state == "ready", ready.reason
+        start(site, ready, kernel_spec("vm1"))
+        assert wait_vm(site, ready, "vm1", {"running", "failed"}).state == "running"
+        # Twice its idle time with a VM on it: still held.
+        assert site.leases.wait(lease.id, {"releasing"} | TERMINAL_STATES, timeout=2 * idle_s) is None
+        site.vms.stop(lease.id, "vm1")
+        stopped = wait_vm(site, ready, "vm1", {"stopped"})
+        ended = site.leases.wait(lease.id, TERMINAL_STATES, timeout=30)
+        assert ended.state == "released", ended.reason
+        (ending,) = [e for e in site.leases.history(lease.id) if e.kind == "ending"]
+        assert "no VM has been on the lease for" in ending.reason and "after 2 s idle" in ending.reason
+        assert ending.at - stopped.stopped_at >= idle_s  # counted from its last VM's end
+    finally:
+        site.close()
+    assert pool_pages() == hugepages
+
+
+def test_a_lease_that_never_gets_a_vm_is_released_after_its_idle_time_from_ready(tmp_path, hugepages):
+    site = make_site(tmp_path)
+    try:
+        lease = site.leases.reserve(nodes=1, memory_mb=64, duration_s=300, release_when_idle_s=1)
+        ended = site.leases.wait(lease.id, TERMINAL_STATES, timeout=30)
+        assert ended.state == "released", ended.reason
+        (ending,) = [e for e in site.leases.history(lease.id) if e.kind == "ending"]
+        assert ending.at - ended.ready_at >= 1
+    finally:
+        site.close()
+    assert pool_pages() == hugepages

@@ -460,7 +460,7 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
     Store(path).close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (9,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (10,)
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental, since version 8
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"vms", "commands", "image_lists", "list_images", "image_approvals"} <= tables  # 6's
@@ -472,7 +472,7 @@ def test_a_version_2_store_opens_as_the_current_version_with_its_rows_kept(tmp_p
         assert columns[-3:] == ["submit_started_at", "submitted_at", "secret"]  # versions 4's and 5's
         for table, rows in old.items():
             now = sorted(conn.execute(f"SELECT * FROM {table}").fetchall())
-            added = {"pilots": 3, "slots": 3, "leases": 3, "lease_events": 1}.get(table, 0)
+            added = {"pilots": 3, "slots": 3, "leases": 4, "lease_events": 1}.get(table, 0)
             if added:
                 now = [row[:-added] for row in now]
                 default = {"state"} if table == "lease_events" else {None}  # version 7's event kind

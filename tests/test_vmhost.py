@@ -11,14 +11,17 @@ import dataclasses
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from workspace_common.protocol import ImageFile, VmSpec
 from pilot.vm.check import VmPolicy
+from pilot.vm.features import LeaseEnd
 from pilot.vm.host import VmHost, VmOutcome, VmTeardownError
 from pilot.vm.overlay import DiskBudget, virtual_size
 from pilot.vm.vmfiles import vm_file
@@ -448,3 +451,71 @@ def test_concurrent_starts_in_many_slots_never_overrun_the_disk_budget(conn, pol
     assert len([n for n in os.listdir(policy.disks.directory) if n.endswith(".qcow2")]) == 2
     for host in hosts:
         host.teardown()
+
+
+# -- the guests' features and use, over their lease channels -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def guests(monkeypatch):
+    """libvirt's test driver makes no lease channel socket: each VM's channel here is one end of a real socket
+    pair, the other end standing for the guest's port."""
+    from pilot.vm import leasechannel
+
+    ends = {}
+
+    def channel(domain):
+        ours, guest = socket.socketpair()
+        guest.settimeout(5)
+        ends[domain.name()] = guest
+        ours.settimeout(1.0)
+        return ours
+
+    monkeypatch.setattr(leasechannel, "open_channel", channel)
+    yield ends
+    for end in ends.values():
+        end.close()
+
+
+def read_lines(end: socket.socket, count: int) -> list[str]:
+    data = b""
+    while data.count(b"\n") < count:
+        data += end.recv(4096)
+    return data.decode().splitlines()
+
+
+def test_a_vm_is_told_its_features_at_start_after_an_extension_and_on_hello(conn, policy, guests):
+    end = [LeaseEnd(1_900_000_000, 30)]
+    host = make_host(conn, policy, lease_end=lambda: end[0])
+    assert host.start(spec("web", vcpus=2)).ok
+    guest = guests[host.domain_name("web")]
+    first = read_lines(guest, 12)
+    assert "mjf jobfeatures shutdowntime_job 1900000000" in first and "mjf jobfeatures allocated_cpu 2" in first
+    end[0] = LeaseEnd(1_900_003_600, 30)  # extended by an hour
+    assert host.tell_features() == ["web"]
+    assert "mjf machinefeatures shutdowntime 1900003600" in read_lines(guest, 12)
+    guest.sendall(b"hello\n")  # the agent restarted (a reboot): it asks again
+    host.usage(10)
+    assert "mjf jobfeatures shutdowntime_job 1900003600" in read_lines(guest, 12)
+
+
+def test_usage_is_the_agents_word_else_the_cpu_counter_and_a_gone_channel_is_reached_again(conn, policy,
+                                                                                            guests):
+    host = make_host(conn, policy, lease_end=lambda: LeaseEnd(1_900_000_000, 30))
+    assert host.start(spec("web")).ok and host.start(spec("db")).ok
+    first = host.usage(10)
+    assert {name: (look.busy, look.cpu, look.source) for name, look in first.items()} == {
+        "web": (True, None, "cpu"), "db": (True, None, "cpu")}  # one look: no CPU use yet, busy until known
+    guests[host.domain_name("db")].sendall(b"usage idle\n")
+    time.sleep(0.5)  # between two looks: the test driver's counter runs with the clock, a whole vCPU's worth
+    second = host.usage(10)
+    assert second["web"].busy and second["web"].source == "cpu" and second["web"].cpu > 50
+    assert (second["db"].busy, second["db"].source) == (False, "agent")
+    guests.pop(host.domain_name("db")).close()  # libvirt dropped the socket
+    host.usage(10)  # this look finds it closed
+    assert host.domain_name("db") not in guests
+    host.usage(10)
+    assert host.domain_name("db") in guests  # connected again at the next look, and told its features
+    assert "mjf machinefeatures total_cpu 1" in read_lines(guests[host.domain_name("db")], 12)
+    assert host.pause("web").ok
+    assert (host.usage(10)["web"].busy, host.usage(10)["web"].cpu) == (False, 0)  # paused: idle, no CPU

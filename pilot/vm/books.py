@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from pilot.vm.cleanup import VmCleanupError
+from pilot.vm.usage import GuestUsage
 from workspace_common.protocol import VmSpec
 
 
@@ -50,6 +51,8 @@ class BookedVm:
     holds: tuple[int, ...] = ()  # shared locks on the cached images it uses (eviction skips those)
     channel: object = None  # the connected socket of its lease channel (from its start, when libvirt gave one)
     told: tuple[str, ...] | None = None  # the warning it was given (its end and why), so it is given once
+    started_at: float = 0.0  # epoch seconds: its features count its wall limit from here
+    usage: GuestUsage = dataclasses.field(default_factory=GuestUsage)  # what its agent said, its CPU counter
 
     def let_go(self) -> None:
         """Release the VM's hold on its cached images and its lease channel (it no longer runs)."""

@@ -18,7 +18,6 @@ import threading
 import time
 from typing import Callable
 
-from pilot.vm import leasechannel
 from pilot.vm.books import BookedVm, VmInfo, VmOutcome, VmTeardownError
 from pilot.vm.check import VmPolicy
 from pilot.vm.cleanup import destroy_domain
@@ -26,6 +25,7 @@ from pilot.vm.domains import ERR_NO_DOMAIN, destroy_if_active, import_libvirt, i
 from pilot.vm.domainxml import choose_virt_type
 from pilot.vm.guestuser import GuestUser, guest_user
 from pilot.vm.seed import remove_seeds, seed_path
+from pilot.vm.guesttalk import VmGuestTalk
 from pilot.vm.starts import VmStarts
 from pilot.vm.tag import VmTag, read_tag, tagged_domains
 from pilot.vm.vmfiles import remove_paths, remove_slot_vm_files, remove_vm_files
@@ -38,7 +38,7 @@ __all__ = ["VmHost", "VmInfo", "VmOutcome", "VmTeardownError"]  # the outcomes l
 log = logging.getLogger(__name__)
 
 
-class VmHost(VmStarts):
+class VmHost(VmStarts, VmGuestTalk):
     """The VMs of one slot on one libvirt connection; every method is thread-safe.
 
     ``connect`` returns a libvirt connection; it is called once, when one is
@@ -48,7 +48,9 @@ class VmHost(VmStarts):
     VMs for this slot (a resumed slot): teardown then looks for them even
     if this host started none. ``warning()`` is the lease channel's line
     once the pilot has warned its VMs (None before): a VM started later is
-    told at its start. ``networks`` (a
+    told at its start. ``lease_end()`` is when the VMs will be stopped (a
+    :class:`pilot.vm.features.LeaseEnd`; None: no features are given).
+    ``networks`` (a
     :class:`pilot.net.nodenets.NodeNetworks`) builds the lease network a VM
     with a ``nic`` joins, before its domain is made (None: such a VM is
     refused). Refusals are results, not exceptions.
@@ -70,8 +72,10 @@ class VmHost(VmStarts):
         images=None,
         warning: Callable[[], str | None] = lambda: None,
         networks=None,
+        lease_end: Callable[[], object] = lambda: None,
     ):
         self._connect = connect
+        self.lease_end = lease_end  # when the VMs will be stopped: the guests' Machine/Job Features
         self.networks = networks  # a pilot.net.nodenets.NodeNetworks: the lease networks VMs with a nic join
         self.warning = warning  # the lease channel's line once the pilot warned its VMs: told to a VM at its start
         self.images = images  # a pilot.images.fetch.NodeImages: where images named by a list come from
@@ -175,42 +179,6 @@ class VmHost(VmStarts):
         how = f"{'resumed' if resume else 'suspended'} in {(time.monotonic() - started) * 1000:.1f} ms"
         log.info("VM %s %s", name, how)
         return VmOutcome(True, name, how)
-
-    def warn(self, line: str) -> list[str]:
-        """Write ``line`` (one line of text) to the lease channel of each VM this host runs; the names reached.
-
-        The channel is a virtio-serial port named :data:`LEASE_CHANNEL`
-        (``/dev/virtio-ports/org.workspace-pilot.lease.0`` in a guest with
-        udev); libvirt gives it a unix socket, which this pilot connects to
-        when it starts the VM and keeps open for the VM's life (a guest
-        reading the port while no one is connected reads end-of-file; what
-        is written before the guest opens it waits for it). A VM whose channel cannot be reached is
-        logged and skipped: the warning is a courtesy, the stop comes anyway.
-        """
-        with self._lock:
-            vms = list(self._vms.items())
-        data = (line.rstrip("\n") + "\n").encode()
-        warning = leasechannel.warning_of(line)
-        reached = []
-        for name, vm in vms:
-            if vm.told == warning:
-                # Started between the warning and this broadcast: it was told at its start, once is enough.
-                reached.append(name)
-                continue
-            try:
-                channel = vm.channel or leasechannel.open_channel(vm.domain)
-                vm.channel = channel
-                channel.sendall(data)
-                vm.told = warning
-            except (OSError, ValueError) as exc:
-                log.warning("could not warn VM %s on its lease channel: %s", name, exc)
-                continue
-            except Exception as exc:  # libvirtError reading the live XML
-                log.warning("could not find VM %s's lease channel: %s", name, one_line(exc))
-                continue
-            reached.append(name)
-        return reached
-
 
     def _forget(self, name: str) -> None:
         with self._lock:

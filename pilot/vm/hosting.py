@@ -24,7 +24,8 @@ _UNSET = object()
 class VmHosting:
     """The command channel and the VMs of one slot; ``on_stop(reason, kind)`` is the pilot's stop request,
     ``on_extend(duration_s)`` its deadline move (see :class:`VmWorker`), ``warning()`` the lease channel's
-    line once the pilot has warned the VMs (a VM started later is told at its start).
+    line once the pilot has warned the VMs (a VM started later is told at its start), ``lease_end()`` when the
+    VMs will be stopped (a :class:`pilot.vm.features.LeaseEnd`, for their Machine/Job Features).
 
     ``kind`` is ``release`` (the service's release command) or ``gone`` (a
     404 on the poll: the service no longer knows the slot).
@@ -32,7 +33,7 @@ class VmHosting:
 
     def __init__(self, config: PilotConfig, notifier, memory, *, slot: str, host: str, lease: str,
                  on_stop: Callable[[str, str], None], peer_key: str | None = None, on_extend=None,
-                 warning: Callable[[], str | None] | None = None):
+                 warning: Callable[[], str | None] | None = None, lease_end: Callable[[], object] | None = None):
         self.config = config
         self.notifier = notifier
         self.memory = memory
@@ -41,6 +42,7 @@ class VmHosting:
         self.lease = lease
         self.peer_key = peer_key  # the lease's nodes' shared key (from the slot secret): image chunks between them
         self.warning = warning or (lambda: None)  # the lease channel's line once the VMs were warned
+        self.lease_end = lease_end or (lambda: None)  # when the VMs will be stopped (their Machine/Job Features)
         self.images = None
         self.networks = None  # a pilot.net.nodenets.NodeNetworks, made with the VM host
         self._node_address: str | None | object = _UNSET
@@ -50,6 +52,7 @@ class VmHosting:
             self._make_host if self.uri else None, notifier, held, lambda reason: on_stop(reason, "release"),
             on_extend=on_extend, shutdown_timeout_s=config.shutdown_timeout_s,
             no_vms_reason="this node hosts no VMs: its pilot config sets [libvirt] uri empty",
+            usage_every_s=config.usage_interval_s, busy_cpu_percent=config.busy_cpu_percent,
         )
         self._on_stop = on_stop
         self.poller = None  # made by start(): it needs the notifier's HTTP session (requests), not at the pilot's start
@@ -73,7 +76,7 @@ class VmHosting:
             _connector(self.uri), slot=self.slot, lease=self.lease, pilot_pid=os.getpid(), policy=policy,
             reserved_mb=held.memory_mb if held else 0, virt_type=config.virt_type,
             before_first_vm=self.memory.note_vms, uri=self.uri, images=self._node_images(), warning=self.warning,
-            networks=self._node_networks(),
+            networks=self._node_networks(), lease_end=self.lease_end,
         )
 
     def _node_networks(self):

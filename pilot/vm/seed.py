@@ -9,6 +9,15 @@ Files on it (Rock Ridge and Joliet names, so any guest sees them as written):
   ``#cloud-config`` when none was);
 - ``peers``: the same peers as ``meta-data``, one ``NAME NODE`` per line,
   for guests without cloud-init;
+- ``features``: the VM's HEPiX Machine/Job Features as it starts
+  (:mod:`pilot.vm.features`), one ``mjf DIR KEY VALUE`` per line;
+- ``workspace-pilot-agent``: the guest agent (``guestagent.sh``), which
+  writes those into ``$MACHINEFEATURES`` and ``$JOBFEATURES``, keeps them
+  current from the lease channel and says whether the guest is busy; a
+  guest without cloud-init runs ``sh workspace-pilot-agent features``;
+- ``vendor-data``: a cloud-init boothook that installs the agent and starts
+  it at every boot (vendor-data, so the owner's user-data is untouched; a
+  user-data of ``vendor_data: {enabled: false}`` turns it off);
 - with an address from the service (a ``nic``): ``network-config``
   (cloud-init's version 2: the address, found by MAC; the lease network's
   name server, or the site's gateway) and ``hosts`` (the lease's VMs known
@@ -45,9 +54,10 @@ def seed_path(seed_dir: str, domain_name: str) -> str:
 
 
 def seed_files(context: VmContext, *, instance_id: str, default_hostname: str, nic: Nic | None = None,
-               mtu: int | None = None) -> dict[str, bytes]:
+               mtu: int | None = None, features: str = "") -> dict[str, bytes]:
     """The seed's files (name -> content); with ``nic`` (the address the service allocated) also its
-    ``network-config`` and the lease's ``hosts``."""
+    ``network-config`` and the lease's ``hosts``; ``features`` (:func:`pilot.vm.features.feature_lines`)
+    comes with the guest agent that applies them."""
     meta: dict = {"instance-id": instance_id, "local-hostname": context.hostname or default_hostname}
     if context.ssh_authorized_keys:
         meta["public-keys"] = list(context.ssh_authorized_keys)
@@ -59,11 +69,49 @@ def seed_files(context: VmContext, *, instance_id: str, default_hostname: str, n
         "user-data": user_data.encode(),
         "peers": "".join(f"{p['name']} {p['host']}\n" for p in peers).encode(),
     }
+    if features:
+        agent = guest_agent()
+        files["features"] = features.encode()
+        files["workspace-pilot-agent"] = agent.encode()
+        files["vendor-data"] = agent_boothook(agent, features).encode()
     if nic is not None:
         files["network-config"] = json.dumps(network_config(nic, mtu), indent=1).encode() + b"\n"
         domain = nic.net.domain
         files["hosts"] = "".join(f"{ip} {name}.{domain} {name}\n" for name, ip in nic.net.hosts).encode()
     return files
+
+
+def guest_agent() -> str:
+    """The guest agent's script (``guestagent.sh`` beside this module)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "guestagent.sh"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+#: Where the boothook puts the agent and the features it starts with, inside the guest.
+AGENT_PATH = "/usr/local/sbin/workspace-pilot-agent"
+AGENT_FEATURES = "/run/workspace-pilot/features"
+
+
+def agent_boothook(agent: str, features: str) -> str:
+    """cloud-init vendor-data: a boothook (run early, at every boot) that installs the agent and the features the
+    VM started with, then starts the agent (as a systemd unit where there is systemd)."""
+    for text in (agent, features):
+        if "\nWORKSPACE_PILOT_EOF\n" in "\n" + text:
+            raise ValueError("the agent or its features hold the boothook's end marker")
+    return (
+        "#cloud-boothook\n#!/bin/sh\n"
+        "# workspace-pilot: the guest agent (HEPiX Machine/Job Features, busy or idle); docs/hosting-vms.md\n"
+        f"mkdir -p {os.path.dirname(AGENT_PATH)} {os.path.dirname(AGENT_FEATURES)}\n"
+        f"cat > {AGENT_PATH} <<'WORKSPACE_PILOT_EOF'\n{agent}WORKSPACE_PILOT_EOF\n"
+        f"chmod 0755 {AGENT_PATH}\n"
+        f"cat > {AGENT_FEATURES} <<'WORKSPACE_PILOT_EOF'\n{features}WORKSPACE_PILOT_EOF\n"
+        "if command -v systemd-run >/dev/null 2>&1 && [ -d /run/systemd/system ]; then\n"
+        f"  systemd-run --no-block --unit=workspace-pilot-agent --property=Restart=always \\\n"
+        f"    --property=RestartSec=5 {AGENT_PATH} {AGENT_FEATURES}\n"
+        "else\n"
+        f"  nohup {AGENT_PATH} {AGENT_FEATURES} >/var/log/workspace-pilot-agent.log 2>&1 &\n"
+        "fi\n"
+    )
 
 
 def network_config(nic: Nic, mtu: int | None) -> dict:

@@ -18,6 +18,7 @@ from pilot.vm.books import BookedVm, VmOutcome
 from pilot.vm.check import VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.domains import import_libvirt
 from pilot.vm.domainxml import render_domain
+from pilot.vm.features import feature_lines, vm_features
 from pilot.vm.seed import seed_files, seed_path, write_seed
 from workspace_common.errors import one_line
 from workspace_common.protocol import VmSpec
@@ -88,6 +89,14 @@ class VmStarts:
         progress = (lambda done, size: on_fetch(image.label, done, size)) if on_fetch else None
         return self.images.ensure(image, cancel=self._stopping, progress=progress)
 
+    def _features_at_start(self, spec: VmSpec, started_at: float) -> str:
+        """The seed's ``features`` for a VM starting now ("" when the pilot gives none: no agent either)."""
+        end = self.lease_end()
+        if end is None:
+            return ""
+        return feature_lines(vm_features(slot=self.slot, name=spec.name, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
+                                         started_at=started_at, end=end))
+
     def _cached_images(self, spec: VmSpec, on_fetch) -> list[int]:
         """Put the images ``spec`` names by list into the cache; the shared locks that keep them there."""
         from pilot.images.cache import CacheError
@@ -129,6 +138,7 @@ class VmStarts:
         except (libvirt.libvirtError, ValueError) as exc:
             return VmOutcome(False, name, f"{self.uri or 'libvirt'}: {one_line(exc)}")
         domain_name = self.domain_name(name)
+        started_at = time.time()  # the VM's start as its Machine/Job Features count it
         if spec.context is not None:
             checked = dataclasses.replace(checked, seed=seed_path(self.policy.seed_dir, domain_name))
         if spec.nic is not None:
@@ -171,7 +181,8 @@ class VmStarts:
             try:
                 write_seed(checked.seed, seed_files(spec.context, instance_id=f"{self.slot}-{name}",
                                                     default_hostname=name, nic=spec.nic,
-                                                    mtu=(checked.interface or {}).get("mtu")))
+                                                    mtu=(checked.interface or {}).get("mtu"),
+                                                    features=self._features_at_start(spec, started_at)))
             except (OSError, ValueError) as exc:
                 self._undo_start(spec, domain_name)
                 return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
@@ -188,16 +199,18 @@ class VmStarts:
         except libvirt.libvirtError as exc:
             self._undo_start(spec, domain_name)
             return VmOutcome(False, name, f"libvirt refused the domain: {one_line(exc)}")
-        vm = self._vms[name] = BookedVm(spec, domain_name, domain)
+        vm = self._vms[name] = BookedVm(spec, domain_name, domain, started_at=started_at)
         try:
-            # Connected for the VM's life: a guest reading its port while no one is connected reads end-of-file.
+            # Connected for the VM's life (a guest reading its port while no one is connected reads end-of-file),
+            # told its features at once, and the warning if it starts after it: it ends as soon as the others.
             vm.channel = leasechannel.open_channel(domain)
             line = self.warning()
-            if line:  # started after the warning: it ends as soon as the others
-                vm.channel.sendall((line + "\n").encode())
+            vm.channel.sendall(self._features_of(vm) + ((line + "\n").encode() if line else b""))
+            if line:
                 vm.told = leasechannel.warning_of(line)
-        except (OSError, ValueError, libvirt.libvirtError) as exc:  # warn() tries again
+        except (OSError, ValueError, libvirt.libvirtError) as exc:  # the next look or warning connects again
             log.debug("VM %s: no lease channel to connect to yet: %s", name, one_line(exc))
+            self._drop_channel(vm)
         log.info("started VM %s as domain %s (%d MB) in %.1f ms",
                  name, domain_name, spec.memory_mb, (time.monotonic() - started) * 1000)
         return VmOutcome(True, name, f"running as {domain_name}")

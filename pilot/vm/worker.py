@@ -5,7 +5,11 @@ thread runs them in id order, so a ``stop-vm`` queued after its
 ``start-vm`` always finds the VM. Every start and stop is reported as a
 notification that names the command (``vm-running``, ``vm-failed``,
 ``vm-stopped``); a VM that shut down from inside the guest is noticed
-between commands and reported ``vm-stopped`` without one. ``release``
+between commands and reported ``vm-stopped`` without one; every
+``usage_every_s`` the worker looks at how busy each VM is
+(:mod:`pilot.vm.usage`) and reports ``vm-usage`` for those that changed
+(busy or idle, or their CPU use by :data:`USAGE_CPU_STEP` points), and for all
+every :data:`USAGE_ALL_EVERY` looks. ``release``
 asks the pilot to give the node back (its early-unreserve path);
 ``prefetch`` puts a lease's images in the node's image cache on a thread
 of its own, reporting ``fetching`` as it goes.
@@ -39,6 +43,10 @@ PROGRESS_WITHIN_S = 5.0
 #: Exit-code-like codes of vm-failed notifications.
 CODE_REFUSED = 1
 CODE_NO_VMS = 2
+#: A change of a VM's CPU use worth a vm-usage report (percentage points); busy to idle always is.
+USAGE_CPU_STEP = 25
+#: Every this many looks every VM's use is reported (a report lost on the way is made good).
+USAGE_ALL_EVERY = 10
 
 
 class VmWorker:
@@ -65,6 +73,8 @@ class VmWorker:
         shutdown_timeout_s: float = 30.0,
         check_every_s: float = 5.0,
         no_vms_reason: str = "this node hosts no VMs",
+        usage_every_s: float | None = None,
+        busy_cpu_percent: int = 10,
     ):
         self._make_host = make_host
         self.host = None
@@ -75,6 +85,11 @@ class VmWorker:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.check_every_s = check_every_s
         self.no_vms_reason = no_vms_reason
+        self.usage_every_s = usage_every_s  # None: the VMs' use is not looked at
+        self.busy_cpu_percent = busy_cpu_percent
+        self._next_look = 0.0  # monotonic
+        self._looks = 0
+        self._told_usage: dict[str, dict] = {}  # what the service was last told of each VM
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._seen: dict[int, float] = {}  # command id -> when its poll answer arrived (for the timings)
         self._changed = threading.Condition()
@@ -100,8 +115,11 @@ class VmWorker:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            wait = self.check_every_s
+            if self.usage_every_s is not None and self.host is not None:
+                wait = max(0.0, min(wait, self._next_look - time.monotonic()))
             try:
-                item = self._queue.get(timeout=self.check_every_s)
+                item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
             if self._stopping.is_set() or item is False:
@@ -123,6 +141,10 @@ class VmWorker:
                 self._report_gone()
             except Exception:  # libvirt trouble: the next check tries again; no command's outcome is touched
                 log.exception("checking for VMs that shut down failed")
+            try:
+                self._look_at_usage()
+            except Exception:  # the next look tries again
+                log.exception("looking at the VMs' use failed")
             with self._changed:
                 self._changed.notify_all()
 
@@ -203,12 +225,31 @@ class VmWorker:
             log.warning("command %d: stop of VM %s failed: %s", command.id, command.name, outcome.reason)
             self._report(command, "vm-failed", CODE_REFUSED, outcome.reason)
 
+    def _look_at_usage(self) -> None:
+        """Every ``usage_every_s``: how busy each VM is; report those the service should hear of (vm-usage)."""
+        now = time.monotonic()
+        if self.usage_every_s is None or self.host is None or now < self._next_look:
+            return
+        self._next_look = now + self.usage_every_s
+        self._looks += 1
+        looks = {name: {"busy": look.busy, "cpu": look.cpu}
+                 for name, look in self.host.usage(self.busy_cpu_percent).items()}
+        everyone = self._looks % USAGE_ALL_EVERY == 0
+        news = {name: look for name, look in looks.items() if everyone or _worth_telling(self._told_usage.get(name), look)}
+        self._told_usage = {name: self._told_usage.get(name) for name in looks}
+        if news:
+            self.notifier.notify("vm-usage", self.held_mb(), usage=news, deliver_within=self.usage_every_s)
+            self._told_usage.update(news)
+
     def _extend(self, command: Command) -> None:
         """Move the pilot's deadline for the lease's new duration; report ``extended`` with where it is now."""
         if self.on_extend is None:
             at, code, message = None, CODE_REFUSED, "this pilot cannot move its deadline"
         else:
             at, code, message = self.on_extend(command.duration_s)
+        if code == 0 and self.host is not None:
+            told = self.host.tell_features()
+            log.info("VM(s) told their new features: %s", ", ".join(told) or "none reached")
         log.info("command %d: extend to %g s: %s", command.id, command.duration_s, message)
         self.notifier.notify(
             "extended", self.held_mb(), code=code, command=command.id, message=message[:4000] or None,
@@ -318,3 +359,13 @@ class VmWorker:
                 message="destroyed by the pilot's teardown", deliver_within=REPORT_WITHIN_S,
             )
         return destroyed
+
+
+def _worth_telling(told: dict | None, look: dict) -> bool:
+    """Whether the service should hear of ``look``: a VM it was not told of, busy to idle or back, a first CPU
+    reading, or a CPU use :data:`USAGE_CPU_STEP` points from the one it was told."""
+    if told is None or told["busy"] != look["busy"]:
+        return True
+    if (told["cpu"] is None) != (look["cpu"] is None):
+        return True
+    return told["cpu"] is not None and abs(told["cpu"] - look["cpu"]) >= USAGE_CPU_STEP

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "local time unless it ends in Z or an offset such as +01:00). The pilot job is "
                               "submitted now with the batch system's begin time, so it plans the nodes in "
                               "advance; the lease is 'scheduled' until then, and a release cancels it cleanly")
+    reserve.add_argument("--release-when-idle", type=positive(float), metavar="SECONDS",
+                         help="give the nodes back once no VM has been on the lease for SECONDS (counted from "
+                              "when it is ready or its last VM ended): a site without a controller such as "
+                              "COBalD gets idle nodes back by itself")
     reserve.add_argument("--wait", action="store_true",
                          help="block until the lease is ready (exit 0) or has ended (exit 1), "
                               "at most --timeout (exit 7)")

@@ -78,9 +78,10 @@ def vm_table(vms: list[dict]) -> str:
     if not vms:
         return "no VMs"
     addressed = any(vm.get("ip") for vm in vms)
-    header = ("VM", "HOST", "STATE", "MB") + (("ADDRESS", "LOGIN") if addressed else ()) + ("REASON",)
+    header = ("VM", "HOST", "STATE", "MB", "USE") + (("ADDRESS", "LOGIN") if addressed else ()) + ("REASON",)
     rows = [
-        (str(vm.get("name", "?")), str(vm.get("host", "-")), str(vm.get("state", "?")), str(vm.get("memory_mb", "-")))
+        (str(vm.get("name", "?")), str(vm.get("host", "-")), str(vm.get("state", "?")), str(vm.get("memory_mb", "-")),
+         usage_word(vm.get("usage")))
         + ((str(vm.get("ip") or "-"), login_text(vm.get("login"))) if addressed else ())
         + (str(vm.get("reason") or "-"),)
         for vm in vms
@@ -92,11 +93,23 @@ def vm_table(vms: list[dict]) -> str:
     )
 
 
+def usage_word(usage) -> str:
+    """A VM's use in a word: ``busy 87%``, ``idle 2%``, ``idle`` (no CPU reading yet) or ``-`` (not heard)."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("busy"), bool):
+        return "-"
+    word = "busy" if usage["busy"] else "idle"
+    cpu = usage.get("cpu")
+    return f"{word} {cpu}%" if isinstance(cpu, int) and not isinstance(cpu, bool) else word
+
+
 def vm_text(vm: dict) -> str:
     """One VM for people: a line each for its node, state, size, times, address and login."""
     lines = [f"VM {vm.get('name', '?')} on {vm.get('host', '?')}: {vm.get('state', '?')}{reason_suffix(vm)}",
              f"  memory   {vm.get('memory_mb', '-')} MB, {vm.get('vcpus', '-')} vCPU",
              f"  started  {_when(vm.get('started_at'))}   stopped {_when(vm.get('stopped_at'))}"]
+    usage = vm.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("busy"), bool):
+        lines.append(f"  use      {usage_word(usage)} since {_when(usage.get('since'))}")
     if vm.get("ip"):
         lines.append(f"  address  {vm['ip']} ({vm.get('hostname') or '-'}, MAC {vm.get('mac') or '-'})")
     login = vm.get("login")

@@ -96,14 +96,17 @@ class LeaseManager(LeaseWatch):
     # -- requests ------------------------------------------------------------------
 
     def reserve(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
-                images: list[dict] | None = None, start_at: float | None = None) -> LeaseInfo:
+                images: list[dict] | None = None, start_at: float | None = None,
+                release_when_idle_s: float | None = None) -> LeaseInfo:
         """Record a lease of ``nodes`` x ``memory_mb`` MB for ``duration_s`` s, then submit its pilot job.
 
         ``images`` (listed images, already resolved by the image catalogue)
         are prefetched by each host as soon as it has reserved. With
         ``start_at`` (epoch seconds, in the future) the job is submitted at
         once with that begin time, so the batch system plans the nodes in
-        advance; the lease is ``scheduled`` until then.
+        advance; the lease is ``scheduled`` until then. With
+        ``release_when_idle_s`` a held lease is released once no VM has been
+        on it for that long (from when it was ready or its last VM ended).
 
         The lease and its slot are committed before the job is submitted, so
         a pilot's first notification finds them. Raises
@@ -114,10 +117,11 @@ class LeaseManager(LeaseWatch):
         _check_request(nodes, memory_mb, duration_s, owner)
         now = self.clock()
         _check_start(start_at, now)
+        _check_idle(release_when_idle_s)
         lease_id, slot = str(uuid.uuid4()), str(uuid.uuid4())
         self.store.create_lease(
             lease_id, slot, owner=owner, nodes=nodes, memory_mb=memory_mb, duration_s=duration_s, now=now,
-            images=images, start_at=start_at,
+            images=images, start_at=start_at, release_when_idle_s=release_when_idle_s,
         )
         log.info("lease %s created for %s: %d x %d MB for %g s%s (slot %s)", lease_id, owner, nodes, memory_mb,
                  duration_s, "" if start_at is None else f" from {format_epoch(start_at)}", slot)
@@ -273,6 +277,15 @@ def _check_start(start_at, now: float) -> None:
                            "leave it out to start at once")
     if start_at - now > MAX_START_AHEAD_S:
         raise InvalidLease(f"start_at {format_epoch(start_at)} is more than {MAX_START_AHEAD_S // 86400} days ahead")
+
+
+def _check_idle(release_when_idle_s) -> None:
+    if release_when_idle_s is None:
+        return
+    if (not isinstance(release_when_idle_s, (int, float)) or isinstance(release_when_idle_s, bool)
+            or not math.isfinite(release_when_idle_s) or not 0 < release_when_idle_s <= MAX_EXTENSION_S):
+        raise InvalidLease(f"release_when_idle_s must be a number of seconds above 0, at most {MAX_EXTENSION_S:g}, "
+                           f"got {release_when_idle_s!r}")
 
 
 def _check_request(nodes, memory_mb, duration_s, owner) -> None:

@@ -79,6 +79,7 @@ class LeaseInfo:
             "expires_at": _time(row.expires_at),
             "start_at": _time(row.start_at),
             "compacted_at": _time(row.compacted_at),
+            "release_when_idle_s": row.release_when_idle_s,
             "pilots": [
                 {
                     "host": p.host, "state": p.state, "code": p.code, "seq": p.last_seq,
@@ -112,10 +113,19 @@ def vm_json(vm: VmRow, *, owner: bool = True) -> dict:
         "memory_mb": vm.memory_mb, "vcpus": vm.vcpus, "created_at": _time(vm.created_at),
         "updated_at": _time(vm.updated_at), "started_at": _time(vm.started_at),
         "stopped_at": _time(vm.stopped_at), "spec": spec, "ip": vm.ip, "mac": vm.mac, "hostname": vm.hostname,
+        "usage": vm_usage_json(vm),
     }
     if owner:
         out["login"] = vm_login(vm)
     return out
+
+
+def vm_usage_json(vm: VmRow) -> dict | None:
+    """What the VM's pilot last said of its use (``busy``, ``cpu`` in percent of its vCPUs or null, ``at``, and
+    ``since``: when it turned busy or idle); null before the first word, or once the VM has ended."""
+    if vm.busy is None or not vm.active:
+        return None
+    return {"busy": bool(vm.busy), "cpu": vm.cpu, "at": _time(vm.usage_at), "since": _time(vm.busy_since)}
 
 
 def vm_login(vm: VmRow) -> dict | None:

@@ -57,6 +57,7 @@ class LeaseWatch:
             if not LEASE_STATES[row.state].terminal:
                 row = self._advance(row, job_state, now, changes, pilots.get(row.slot, []), running.get(row.id, 0))
                 self._warn_if_ending(row)
+                self._release_if_idle(row, running.get(row.id, 0))
             if (row.cancel_requested_at is not None and row.cancelled_at is None and row.job_id
                     and not job_state.finished):
                 self._cancel(row, now)
@@ -154,6 +155,24 @@ class LeaseWatch:
                   "its pilots warn their VMs, then stop them")
         if self.store.mark_warned(row.id, reason, now):
             log.info("lease %s: %s", row.id, reason)
+
+    def _release_if_idle(self, row: LeaseRow, running: int) -> None:
+        """Release a held lease that asked for it (``release_when_idle_s``) once no VM has been on it that long:
+        counted from when it was ready or its last VM ended, whichever came later."""
+        if (row.release_when_idle_s is None or row.state not in HOLDING or row.release_requested_at is not None
+                or row.ready_at is None or running):
+            return
+        active, last_ended = self.store.vm_activity(row.id)
+        if active:
+            return
+        now = self.clock()
+        idle = now - max(row.ready_at, last_ended or 0.0)
+        if idle < row.release_when_idle_s:
+            return
+        why = (f"ending: no VM has been on the lease for {idle:.0f} s (it asked to be released after "
+               f"{row.release_when_idle_s:g} s idle); the pilots give the nodes back now")
+        if self.store.request_release(row.id, now, warn=True, why=why):
+            log.info("lease %s: %s", row.id, why)
 
     def _give_up_silent(self, row: LeaseRow, pilots: list[PilotRow], now: float) -> bool:
         """Mark lost every holding host silent for longer than lost_after_s; whether any was marked."""

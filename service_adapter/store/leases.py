@@ -23,17 +23,20 @@ from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, Usag
 
 
 def insert_lease(conn: sqlite3.Connection, lease_id, owner, nodes, memory_mb, duration_s, now, reason,
-                 slot_id, start_at: float | None = None) -> None:
+                 slot_id, start_at: float | None = None, release_when_idle_s: float | None = None) -> None:
     """A new lease with its history's first entry: ``pending``, or ``scheduled`` when it starts at ``start_at``."""
     state = "pending" if start_at is None else "scheduled"
     begins = now if start_at is None else start_at
     conn.execute(
         "INSERT INTO leases (id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id,"
-        " created_at, updated_at, expires_at, start_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+        " created_at, updated_at, expires_at, start_at, release_when_idle_s)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
         (lease_id, owner, nodes, memory_mb, float(duration_s), state, reason, slot_id, now, now,
-         begins + duration_s, start_at),
+         begins + duration_s, start_at, release_when_idle_s),
     )
     starts = "" if start_at is None else f", starting at {format_epoch(start_at)}"
+    if release_when_idle_s is not None:
+        starts += f", released after {release_when_idle_s:g} s without a VM"
     conn.execute(
         "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
         " VALUES (?, ?, NULL, ?, ?, 'created')",
@@ -114,9 +117,9 @@ def extend(conn: sqlite3.Connection, lease_id: str, old_duration_s: float, by_s:
 
 
 def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
-                    wake: Callable[[str, str], None], warn: bool = False) -> bool:
+                    wake: Callable[[str, str], None], warn: bool = False, why: str | None = None) -> bool:
     """Record that a release (and a cancel of the job) was asked, queueing the pilots' release commands;
-    with ``warn``, the lease's before-end event too (once)."""
+    with ``warn``, the lease's before-end event too (once), saying ``why`` (else: a release was requested)."""
     cursor = conn.execute(
         "UPDATE leases SET release_requested_at = COALESCE(release_requested_at, ?),"
         " cancel_requested_at = COALESCE(cancel_requested_at, ?), updated_at = ?"
@@ -126,8 +129,8 @@ def request_release(conn: sqlite3.Connection, lease_id: str, now: float,
     if cursor.rowcount == 1:
         commands.queue_release(conn, lease_id, now, wake)
         if warn:
-            mark_warned(conn, lease_id, "ending: release requested; the pilots stop their VMs and give the "
-                                        "nodes back now", now)
+            mark_warned(conn, lease_id, why or "ending: release requested; the pilots stop their VMs and give the "
+                                               "nodes back now", now)
     return cursor.rowcount == 1
 
 

@@ -106,6 +106,10 @@ class StoreReads:
         """:meth:`pilots` of many slots at once (the lease manager's tick: a few queries, not one per lease)."""
         return notification_ops.pilots_by_slot(self._reader(), slot_ids)
 
+    def vm_activity(self, lease_id: str) -> tuple[int, float | None]:
+        """(the lease's VMs on their hosts or on their way, when the last of the others ended; None: none ran)."""
+        return vm_ops.vm_activity(self._reader(), lease_id)
+
     def running_vm_counts(self, lease_ids: list[str]) -> dict[str, int]:
         """How many VMs of each lease are running (0 for none), for many leases at once."""
         return vm_ops.running_counts(self._reader(), lease_ids)

@@ -15,7 +15,7 @@ from service_adapter.store import images as image_ops
 from service_adapter.store.commands import queue_command, queue_extend
 from service_adapter.store.history import add_event
 from service_adapter.store.rows import earliest_expiry
-from service_adapter.store.vms import ACTIVE_SQL, set_vm
+from service_adapter.store.vms import ACTIVE_SQL, record_usage, set_vm
 from workspace_common.protocol import Notification
 
 
@@ -27,6 +27,9 @@ def apply_notification(conn: sqlite3.Connection, n: Notification, lease_id: str,
             "SELECT op, vm, outcome FROM commands WHERE id = ? AND slot_id = ? AND host = ?",
             (n.command, n.slot, n.host),
         ).fetchone()
+    if n.state == "vm-usage":
+        record_usage(conn, lease_id, n.host, n.usage, now)
+        return
     if n.state == "fetching":
         # Progress of a start-vm's image download: the VM still starts; its reason says how far along.
         if command is not None and command[0] == "start-vm" and command[2] is None and command[1]:

@@ -15,7 +15,7 @@ ENDING = frozenset({"earlyunreserving", "unreserving"}) | HOLD_ENDED
 LEASE_COLUMNS = (
     "id, owner, nodes, memory_mb, duration_s, state, reason, slot, job_id, created_at, updated_at,"
     " ready_at, release_requested_at, ended_at, expires_at, job_finished_at, cancel_requested_at, cancelled_at,"
-    " start_at, warned_at, compacted_at"
+    " start_at, warned_at, compacted_at, release_when_idle_s"
 )
 PILOT_COLUMNS = (
     "slot_id, host, state, code, last_seq, memory_mb, expires_at, reserved_at, reserved_mb, ended_by, updated_at,"
@@ -140,6 +140,8 @@ class LeaseRow:
     """When its before-end event was recorded; None: not yet."""
     compacted_at: float | None = None
     """When its notifications and commands were deleted, past the service's retention; None: not (yet)."""
+    release_when_idle_s: float | None = None
+    """Once held, released after this many seconds with no VM on it; None: held to its end."""
 
 
 @dataclasses.dataclass(frozen=True)

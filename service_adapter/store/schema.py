@@ -13,7 +13,7 @@ from service_adapter.store.errors import StoreError
 log = logging.getLogger("service_adapter.store")
 
 #: Bumped whenever a table changes; a file of another version is refused with one clear line.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: Older versions this one upgrades in place (each step only adds), and how.
 UPGRADES = {
     2: "ALTER TABLE pilots ADD COLUMN lost_at REAL;",
@@ -29,11 +29,14 @@ UPGRADES = {
        " FROM notifications n WHERE n.slot_id = pilots.slot_id AND n.host = pilots.host);",
     # The VMs' addresses (service_adapter.store.addresses, and VM_COLUMNS_ADDED below).
     8: "ALTER TABLE pilots ADD COLUMN address TEXT;",
+    # A lease that ends itself when idle (the lease watch); the VMs' use (VM_COLUMNS_ADDED).
+    9: "ALTER TABLE leases ADD COLUMN release_when_idle_s REAL;",
 }
 #: Columns added to the VM table since it was made (version 6 files have it, older ones get it whole): added
 #: after the tables are created, before the indexes that read them.
 VM_COLUMNS_ADDED = (("ip", "TEXT"), ("mac", "TEXT"), ("hostname", "TEXT"), ("forward_port", "INTEGER"),
-                    ("holds_address", "INTEGER NOT NULL DEFAULT 0"))
+                    ("holds_address", "INTEGER NOT NULL DEFAULT 0"), ("busy", "INTEGER"), ("cpu", "INTEGER"),
+                    ("usage_at", "REAL"), ("busy_since", "REAL"))
 #: The first version with per-slot secrets: a lease in flight in an older file cannot go on (its pilots
 #: hold the old shared secret), so such a file is upgraded only once every lease in it has ended.
 FIRST_WITH_SLOT_SECRETS = 5
@@ -60,7 +63,8 @@ CREATE TABLE IF NOT EXISTS leases (
     cancelled_at         REAL,
     start_at             REAL,
     warned_at            REAL,
-    compacted_at         REAL
+    compacted_at         REAL,
+    release_when_idle_s  REAL
 );
 CREATE INDEX IF NOT EXISTS leases_by_state ON leases(state);
 CREATE INDEX IF NOT EXISTS leases_by_owner ON leases(owner);

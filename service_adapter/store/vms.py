@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS vms (
     hostname    TEXT,
     forward_port INTEGER,
     holds_address INTEGER NOT NULL DEFAULT 0,
+    busy        INTEGER,
+    cpu         INTEGER,
+    usage_at    REAL,
+    busy_since  REAL,
     PRIMARY KEY (lease_id, name)
 );
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms(slot_id, host);
@@ -59,9 +63,9 @@ _VM_COLUMNS = (
     "lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at, updated_at,"
     " started_at, stopped_at, ip, mac, hostname, forward_port"
 )
-#: What a read of a VM selects: its row and its node's address.
-_VM_READ = (f"SELECT {', '.join('v.' + column.strip() for column in _VM_COLUMNS.split(','))}, p.address"
-            " FROM vms v LEFT JOIN pilots p ON p.slot_id = v.slot_id AND p.host = v.host")
+#: What a read of a VM selects: its row, its node's address and what its pilot last said of its use.
+_VM_READ = (f"SELECT {', '.join('v.' + column.strip() for column in _VM_COLUMNS.split(','))}, p.address,"
+            " v.busy, v.cpu, v.usage_at, v.busy_since FROM vms v LEFT JOIN pilots p ON p.slot_id = v.slot_id AND p.host = v.host")
 
 
 class VmRequestError(ValueError):
@@ -95,11 +99,30 @@ class VmRow:
     forward_port: int | None = None
     node_address: str | None = None
     """The address its node reported (where the node's forward to this VM listens)."""
+    busy: int | None = None
+    """What its pilot last said (``vm-usage``): 1 busy, 0 idle; None before its first word."""
+    cpu: int | None = None
+    """Its CPU use then, in percent of its vCPUs (None: not measured yet)."""
+    usage_at: float | None = None
+    busy_since: float | None = None
+    """Since when it has been as busy (or idle) as it is: when its pilot said so first."""
 
     @property
     def active(self) -> bool:
         """Whether it is (or is about to be, or still is) on its host."""
         return self.state in ACTIVE
+
+
+def record_usage(conn: sqlite3.Connection, lease_id: str, host: str, usage: dict[str, dict], now: float) -> None:
+    """A pilot's ``vm-usage`` report: each named VM of the lease on that host that is still there takes it; the
+    time it turned busy or idle is kept until it turns again."""
+    for name, look in usage.items():
+        busy = int(look["busy"])
+        conn.execute(
+            "UPDATE vms SET busy_since = CASE WHEN busy IS ? THEN busy_since ELSE ? END, busy = ?, cpu = ?,"
+            f" usage_at = ? WHERE lease_id = ? AND name = ? AND host = ? AND state IN {ACTIVE_SQL}",
+            (busy, now, busy, look["cpu"], now, lease_id, name, host),
+        )
 
 
 def _vm_row(row: tuple) -> VmRow:
@@ -299,6 +322,14 @@ def vms_of(conn: sqlite3.Connection, lease_id: str) -> list[VmRow]:
     """The lease's VMs, oldest first."""
     rows = conn.execute(f"{_VM_READ} WHERE v.lease_id = ? ORDER BY v.created_at, v.name", (lease_id,))
     return [_vm_row(row) for row in rows]
+
+
+def vm_activity(conn: sqlite3.Connection, lease_id: str) -> tuple[int, float | None]:
+    """(how many of the lease's VMs are on their hosts or on their way, when the last of the others ended: None
+    if none ever ran)."""
+    return conn.execute(
+        f"SELECT COALESCE(SUM(state IN {ACTIVE_SQL}), 0), MAX(COALESCE(stopped_at, updated_at)) FROM vms"
+        " WHERE lease_id = ?", (lease_id,)).fetchone()
 
 
 def running_counts(conn: sqlite3.Connection, lease_ids: list[str]) -> dict[str, int]:

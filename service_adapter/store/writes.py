@@ -31,7 +31,7 @@ class StoreWrites:
     def create_lease(
         self, lease_id: str, slot_id: str, *, owner: str, nodes: int, memory_mb: int, duration_s: float,
         now: float, reason: str = "submitting the pilot job", images: list[dict] | None = None,
-        start_at: float | None = None,
+        start_at: float | None = None, release_when_idle_s: float | None = None,
     ) -> LeaseRow:
         """Record a new lease (state ``pending``, or ``scheduled`` with ``start_at``) and its one slot in one
         transaction; blocks until committed.
@@ -43,7 +43,7 @@ class StoreWrites:
 
         def write(conn: sqlite3.Connection) -> None:
             lease_ops.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id,
-                                   start_at)
+                                   start_at, release_when_idle_s)
             lease_ops.insert_slot(conn, slot_id, lease_id, nodes, memory_mb, now)
             if images:
                 image_ops.set_lease_images(conn, lease_id, images)
@@ -97,14 +97,14 @@ class StoreWrites:
 
         return self.submit(write).result()
 
-    def request_release(self, lease_id: str, now: float, *, warn: bool = False) -> bool:
+    def request_release(self, lease_id: str, now: float, *, warn: bool = False, why: str | None = None) -> bool:
         """Record that a release (and so a cancel of the job) was asked; False if the lease has ended or is unknown.
 
         Repeating it keeps the first request's time. With ``warn`` the lease
-        also gets its before-end event (an ``ending`` entry), once.
+        also gets its before-end event (an ``ending`` entry saying ``why``), once.
         """
         return self.submit(lambda conn: lease_ops.request_release(conn, lease_id, now, self._wake_target,
-                                                                  warn)).result()
+                                                                  warn, why)).result()
 
     def mark_job_finished(self, lease_id: str, now: float) -> None:
         """Record when the job was first seen finished; a cancel still wanted is then moot."""

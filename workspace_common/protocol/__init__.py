@@ -2,8 +2,8 @@
 
 Importable on its own: standard library only, no libvirt, no node access at
 import; ``pilot`` and ``service_adapter`` both import it, and neither imports
-the other. :mod:`.wire` holds the notifications, times,
-JSON limits, keys and signatures; :mod:`.commands` the command channel;
+the other. :mod:`.wire` holds the notifications, times and
+JSON limits; :mod:`.keys` the keys and signatures; :mod:`.commands` the command channel;
 :mod:`.vmspec` the VM spec it carries. ``docs/protocol.md`` describes it.
 
 The names below are loaded from their module on first use (PEP 562): the
@@ -78,13 +78,13 @@ _HOMES = {
     "Notification": "wire",
     "MAX_JSON_DEPTH": "wire",
     "load_json": "wire",
-    "digest_ha1": "wire",
-    "is_key": "wire",
-    "is_host": "wire",
-    "node_key": "wire",
-    "slot_key": "wire",
-    "sign": "wire",
-    "signature_matches": "wire",
+    "digest_ha1": "keys",
+    "is_key": "keys",
+    "is_host": "keys",
+    "node_key": "keys",
+    "slot_key": "keys",
+    "sign": "keys",
+    "signature_matches": "keys",
 }
 
 __all__ = [

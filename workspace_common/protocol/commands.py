@@ -25,8 +25,8 @@ from workspace_common.protocol.wire import (
     _check_str,
     _no_unknown,
     load_json,
-    sign,
 )
+from workspace_common.protocol.keys import sign
 
 
 # -- commands: the service's work for a pilot, pulled by long-poll --------------------------------

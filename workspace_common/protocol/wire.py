@@ -1,18 +1,16 @@
-"""Notifications, times, JSON limits, keys and signatures: the core of the wire protocol (:mod:`workspace_common.protocol`).
+"""Notifications, times and JSON limits: the core of the wire protocol (:mod:`workspace_common.protocol`).
 
 A notification is one JSON object of at most :data:`MAX_BODY_BYTES` bytes,
 POSTed to ``{service}/pilot/v2/notifications`` with HTTP Digest
 authentication as the node's host name. The body is bound to the (slot,
 host) by the ``X-Pilot-Signature`` header: ``sha256=<hex HMAC-SHA256(key,
-body)>`` where the key is :func:`slot_key` (the node's key and the slot's
-secret), as lowercase hex encoded as ASCII.
+body)>`` where the key is :func:`.keys.slot_key` (the node's key and the
+slot's secret), as lowercase hex encoded as ASCII (:mod:`.keys`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import json
 import re
 from datetime import datetime, timezone
@@ -48,6 +46,7 @@ STATES = frozenset(
         "vm-stopped",
         "vm-failed",
         "vm-paused",
+        "vm-usage",
         "fetching",
         "extended",
         "error",
@@ -71,7 +70,8 @@ MAX_COMMAND = 2**63 - 1
 MAX_TIMINGS = 32
 
 _REQUIRED = ("version", "slot", "host", "state", "code", "seq", "sent_at", "memory_mb")
-_OPTIONAL = ("expires_at", "vms", "command", "message", "timings", "address")
+_OPTIONAL = ("expires_at", "vms", "command", "message", "timings", "address", "usage")
+_USAGE_FIELDS = frozenset({"busy", "cpu"})
 _SLOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -151,6 +151,8 @@ class Notification:
     """Named moments on the pilot's clock (``pilot.moments``) for ``lease-bench``; never acted on."""
     address: str | None = None
     """The node's own IPv4 address (``reserved`` only): where its lease networks' overlay and forwards meet it."""
+    usage: dict[str, dict] | None = None
+    """``vm-usage`` only: VM name -> ``{"busy": bool, "cpu": percent of its vCPUs or null}`` (pilot.vm.usage)."""
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -190,6 +192,10 @@ class Notification:
             if self.state != "reserved":
                 raise ProtocolError("address: only a reserved notification says the node's address")
             check_node_address("address", self.address)
+        if (self.usage is not None) != (self.state == "vm-usage"):
+            raise ProtocolError("usage: a vm-usage notification, and only one, says how its VMs are used")
+        if self.usage is not None:
+            object.__setattr__(self, "usage", _checked_usage(self.usage))
 
     def to_dict(self) -> dict:
         """The notification as a JSON-ready dict; optional fields that are unset are left out."""
@@ -197,7 +203,7 @@ class Notification:
         for name in _OPTIONAL:
             value = getattr(self, name)
             if value is not None:
-                out[name] = list(value) if name == "vms" else dict(value) if name == "timings" else value
+                out[name] = list(value) if name == "vms" else dict(value) if name in ("timings", "usage") else value
         return out
 
     def to_json(self) -> bytes:
@@ -229,6 +235,27 @@ class Notification:
         if data.get("vms") is not None and not isinstance(data["vms"], list):
             raise ProtocolError("vms: must be a list of VM names")
         return cls(**data)
+
+
+def _checked_usage(usage) -> dict[str, dict]:
+    """A vm-usage notification's ``usage``, checked (ProtocolError naming what is wrong)."""
+    if not isinstance(usage, dict) or not usage:
+        raise ProtocolError("usage: must be an object of VM names to {busy, cpu}")
+    if len(usage) > MAX_VMS:
+        raise ProtocolError(f"usage: more than {MAX_VMS} VMs")
+    checked = {}
+    for name, look in usage.items():
+        _check_str("usage name", name, MAX_VM_NAME_LEN, _VM_NAME_RE)
+        if not isinstance(look, dict):
+            raise ProtocolError(f"usage.{name}: must be an object with busy and cpu")
+        _no_unknown(f"usage.{name}", look, _USAGE_FIELDS)
+        if not isinstance(look.get("busy"), bool):
+            raise ProtocolError(f"usage.{name}.busy: must be true or false")
+        cpu = look.get("cpu")
+        if cpu is not None:
+            _check_int(f"usage.{name}.cpu", cpu, 0, 100)
+        checked[name] = {"busy": look["busy"], "cpu": cpu}
+    return checked
 
 
 _IPV4_RE = re.compile(r"^(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})$")
@@ -328,58 +355,3 @@ def _check_time(field: str, value) -> None:
         parse_time(value)
     except ValueError as exc:
         raise ProtocolError(f"{field}: {exc}") from None
-
-
-def digest_ha1(user: str, realm: str, secret: str, algorithm: str = "SHA-256") -> str:
-    """The RFC 7616 HA1 for an account: ``H(user:realm:secret)`` as lowercase hex."""
-    name = {"SHA-256": "sha256", "MD5": "md5"}[algorithm]
-    return hashlib.new(name, f"{user}:{realm}:{secret}".encode()).hexdigest()
-
-
-# -- credentials: who may speak for which (slot, host) ---------------------------------------------
-
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def is_key(text: str) -> bool:
-    """Whether ``text`` has the shape of a node key or slot secret: 64 lowercase hex digits."""
-    return isinstance(text, str) and bool(_KEY_RE.match(text))
-
-
-def is_host(text: str) -> bool:
-    """Whether ``text`` is a valid host name for the protocol."""
-    return isinstance(text, str) and len(text) <= MAX_HOST_LEN and bool(_HOST_RE.match(text))
-
-
-def node_key(site_key: str, host: str) -> str:
-    """The key of one node (its digest password), derived from the service's site key and the host name.
-
-    Only the service (which holds the site key) and root on that node
-    (which holds the result, like a host key) know it.
-    """
-    message = b"workspace-pilot node key v1\0" + host.encode()
-    return hmac.new(site_key.encode(), message, hashlib.sha256).hexdigest()
-
-
-def slot_key(node_key_hex: str, slot: str, slot_secret: str) -> str:
-    """The key that signs one (slot, host)'s notification bodies and command answers.
-
-    It needs both the node's key (only that node has it) and the slot's
-    secret (only the nodes the slot's job runs on get it): another node of
-    the same slot cannot forge it, and neither can a node outside the slot.
-    """
-    message = b"workspace-pilot slot key v1\0" + slot.encode() + b"\0" + slot_secret.encode()
-    return hmac.new(node_key_hex.encode(), message, hashlib.sha256).hexdigest()
-
-
-def sign(key_ha1: str, body: bytes) -> str:
-    """The ``X-Pilot-Signature`` header value for ``body``, keyed by the SHA-256 HA1."""
-    mac = hmac.new(key_ha1.encode("ascii"), body, hashlib.sha256).hexdigest()
-    return SIGNATURE_PREFIX + mac
-
-
-def signature_matches(key_ha1: str, body: bytes, header: str | None) -> bool:
-    """Whether ``header`` is the right signature of ``body``; compares in constant time."""
-    if not header:
-        return False
-    return hmac.compare_digest(sign(key_ha1, body).encode(), header.strip().encode())
