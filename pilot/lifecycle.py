@@ -28,6 +28,7 @@ from pilot.notifier import Delivery, Notifier, Outcome
 from pilot.states import STATE_TABLE, LeaseRequest, State
 from workspace_common.protocol import format_epoch
 from pilot.vm.cleanup import VmCleanupError
+from pilot.vmend import VmEnd
 from pilot.wakeup import Wakeup
 
 __all__ = ["LeaseRequest", "Pilot", "State"]  # the states live in pilot.states
@@ -54,8 +55,6 @@ class Pilot:
         shutdown_grace_s: float = 30.0,
     ):
         self.request = request
-        #: How long a VM asked to shut down has before it is destroyed (its features' grace_secs).
-        self.shutdown_grace_s = shutdown_grace_s
         self.memory = memory
         self.notifier = notifier
         self._compute_deadline = deadline
@@ -69,7 +68,8 @@ class Pilot:
         #: ``extend_deadline(duration_s, current)``: the deadline for the lease's new duration (see extend()).
         self._extend_deadline = extend_deadline
         self._until: float | None = None  # the deadline on the monotonic clock, once holding (extend() moves it)
-        self._warning: tuple[float, str] | None = None  # (when the VMs end, why) once they were warned
+        #: When the VMs end and why, once known (the lease channel's warning, their features' end).
+        self.vm_end = VmEnd(shutdown_grace_s)
         self.state = State.BEGIN
         self._state_since = time.monotonic()
         # Both are set by request_stop, which may run inside a signal handler: lock-free wake-ups, never
@@ -218,40 +218,34 @@ class Pilot:
             left = self._until - time.monotonic()
             if left <= 0:
                 return
-            if self.warn_before_s and self._warning is None:
+            if self.warn_before_s and not self.vm_end.warned:
                 if left <= self.warn_before_s:
                     self._warn_vms(self.deadline.at, "deadline")
                     continue
                 left -= self.warn_before_s
             self._wake.wait(left)
 
-    def _warn_vms(self, ends_at: float, why: str) -> None:
-        """Tell the VMs on their lease channel when they end and why; a VM started later is told at its start."""
-        self._warning = (ends_at, why)
+    def _warn_vms(self, ends_at: float, why: str, *, line: bool = True) -> None:
+        """Tell the VMs when they end and why: on their lease channel if ``line`` (a VM started later is told at its
+        start), in their Machine/Job Features always."""
+        self.vm_end.set(ends_at, why, line=line)
         if self.hosting is None:
             return
-        line = self.warning_line()
-        log.info("warning the VMs: %s", line)
-        self.hosting.warn(line)
+        text = self.vm_end.line()
+        log.info("warning the VMs: %s", text or f"their features end at {format_epoch(ends_at)} ({why})")
+        if text:
+            self.hosting.warn(text)
+        else:
+            self.hosting.tell_features()
 
     def warning_line(self) -> str | None:
-        """The lease channel's line for the warning given, with the seconds left now (docs/leases.md); None
-        before the VMs were warned (or since an extension moved the deadline). Any thread."""
-        warning = self._warning
-        if warning is None:
-            return None
-        ends_at, why = warning
-        return f"ending {format_epoch(ends_at)} {max(ends_at - time.time(), 0.0):.0f} {why}"
+        """The lease channel's line once the VMs were warned (:meth:`pilot.vmend.VmEnd.line`); any thread."""
+        return self.vm_end.line()
 
     def lease_end(self):
-        """When the VMs will be stopped (a pilot.vm.features.LeaseEnd): the warned end if sooner, else the deadline."""
-        from pilot.vm.features import LeaseEnd
-
-        deadline, warning = self.deadline, self._warning
-        if deadline is None:
-            return None
-        ends_at = min(warning[0], deadline.at) if warning else deadline.at
-        return LeaseEnd(ends_at, self.shutdown_grace_s)
+        """When the VMs will be stopped, for their features (:meth:`pilot.vmend.VmEnd.end`); any thread."""
+        deadline = self.deadline
+        return self.vm_end.end(deadline.at if deadline else None)
 
     def extend(self, duration_s: float) -> tuple[float | None, int, str]:
         """Move the deadline for the lease's new duration (the service's ``extend``; any thread).
@@ -272,7 +266,7 @@ class Pilot:
                                    f"({new.source}) leaves no more")
         self.deadline = new
         self._until = time.monotonic() + new.remaining()
-        self._warning = None  # the deadline warning comes again, before the new deadline
+        self.vm_end.clear()  # the deadline warning comes again, before the new deadline
         self._wake.set()
         message = f"deadline moved from {format_epoch(current.at)} to {format_epoch(new.at)} ({new.source})"
         log.info("%s", message)
@@ -385,8 +379,9 @@ class Pilot:
             )
         elif early:
             wait = self.request.grace_s * self.earlywaitratio
-            if self.warn_before_s:
-                self._warn_vms(time.time() + wait, "release" if self._stop_kind == "release" else "stop")
+            # The line only where the site wants VMs warned; their features say the new end anyway.
+            self._warn_vms(time.time() + wait, "release" if self._stop_kind == "release" else "stop",
+                           line=bool(self.warn_before_s))
             left = self.hosting.wait_empty(started + wait)
             log.info(
                 "early unreserve: %s after %.0f ms (the service had up to %.1f s = grace x earlywaitratio)",

@@ -5,9 +5,13 @@
 #               installing it upgrades systemd);
 #   initrd.img  a gzip'd newc cpio: busybox-static, the virtio modules the balloon needs (and virtio_blk,
 #               isofs for a cloud-init seed, virtio_console for the lease channel), and an /init that prints
-#               "workspace-pilot test guest up" to /dev/ttyS0, then (with a lease channel) "... lease channel
-#               open" and each line read from it as "... lease: LINE", then each file of an ISO 9660 disk it finds (the seed), framed by "workspace-pilot
-#               test guest seed file NAME:" and "... seed end", then "workspace-pilot test guest alive N"
+#               "workspace-pilot test guest up" to /dev/ttyS0, then each file of an ISO 9660 disk it finds (the
+#               seed), framed by "workspace-pilot test guest seed file NAME:" and "... seed end"; then, with a
+#               lease channel, "... lease channel open" and each line read from it as "... lease: LINE" (with
+#               the guest agent from the seed, the agent reads it, and each new shutdowntime_job of its
+#               Machine/Job Features is printed as "... mjf shutdowntime_job N"); with wp_busy=SECONDS on its
+#               command line, a workload busy that long, then idle (the agent tells the pilot); then
+#               "workspace-pilot test guest alive N"
 #               every 2 s, forever. With a virtiofs share tagged "control" (fuse, virtiofs) it runs a batch
 #               job instead (the guest contract of workspace-vmjob, docs/vmjobs.md): it writes
 #               control/started, executes control/command (a file starting with #!) in the share tagged
@@ -97,12 +101,49 @@ for module in ${loaded[*]}; do
   insmod /lib/modules/\$module.ko || echo "insmod \$module failed"
 done
 echo "workspace-pilot test guest up" > /dev/ttyS0
+# A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
+# virtio_blk probes its disks asynchronously: give them 2 s to appear, if the VM has a virtio disk at all (device
+# id 2 on the virtio bus, there as soon as the modules are in).
+i=0
+grep -qx 0x0002 /sys/bus/virtio/devices/*/device 2>/dev/null || i=20
+while [ \$i -lt 20 ] && ! ls /dev/vd? >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
+for dev in /dev/vd?; do
+  [ -b "\$dev" ] || continue
+  if mount -t iso9660 -o ro "\$dev" /seed 2>/dev/null; then
+    for file in /seed/*; do
+      echo "workspace-pilot test guest seed file \$(basename "\$file"):" > /dev/ttyS0
+      cat "\$file" > /dev/ttyS0
+      echo "workspace-pilot test guest seed end" > /dev/ttyS0
+    done
+    # The guest agent and the features the VM started with, kept for after the seed is unmounted.
+    if [ -f /seed/workspace-pilot-agent ]; then
+      mkdir -p /run/wp
+      cp /seed/workspace-pilot-agent /seed/features /run/wp/
+    fi
+    umount /seed
+  fi
+done
 # The lease channel, if the VM has one (docs/leases.md): every line the pilot writes on the virtio-serial port
-# named org.workspace-pilot.lease.0 goes to the console, as "workspace-pilot test guest lease: LINE". Its port
-# appears once the host side has answered: give it 2 s.
+# named org.workspace-pilot.lease.0 goes to the console, as "workspace-pilot test guest lease: LINE". With a
+# seed that carries the guest agent, the agent holds the port (it prints what it reads; it writes the Machine/Job
+# Features into /run/machinefeatures and /run/jobfeatures, and each new shutdowntime_job goes to the console as
+# "workspace-pilot test guest mjf shutdowntime_job N"); else a plain reader does. Its port appears once the host
+# side has answered: give it 2 s.
 i=0
 while [ \$i -lt 20 ] && ! ls /sys/class/virtio-ports/* >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
+if [ -f /run/wp/workspace-pilot-agent ]; then
+  (sh /run/wp/workspace-pilot-agent /run/wp/features 2>&1 | while read -r line; do
+     echo "workspace-pilot test guest lease: \$line" > /dev/ttyS0
+   done) &
+  (last=''
+   while :; do
+     now=\$(cat /run/jobfeatures/shutdowntime_job 2>/dev/null)
+     [ "\$now" != "\$last" ] && echo "workspace-pilot test guest mjf shutdowntime_job \$now" > /dev/ttyS0 && last=\$now
+     sleep 1
+   done) &
+fi
 for port in /sys/class/virtio-ports/*; do
+  [ -f /run/wp/workspace-pilot-agent ] && break
   [ "\$(cat "\$port/name" 2>/dev/null)" = org.workspace-pilot.lease.0 ] || continue
   # A read while no pilot is connected is end-of-file: open the port again a second later.
   (while :; do
@@ -111,6 +152,17 @@ for port in /sys/class/virtio-ports/*; do
    done) &
   echo "workspace-pilot test guest lease channel open" > /dev/ttyS0
 done
+# A workload, if the kernel command line has wp_busy=SECONDS: busy that long (the agent tells the pilot), then idle.
+case " \$(cat /proc/cmdline) " in
+  *" wp_busy="*)
+    seconds=\$(sed -n 's/.* wp_busy=\([0-9]*\).*/\1/p' /proc/cmdline)
+    (mkdir -p /run/workspace-pilot
+     echo busy > /run/workspace-pilot/usage
+     echo "workspace-pilot test guest busy for \$seconds s" > /dev/ttyS0
+     sleep "\$seconds"
+     echo idle > /run/workspace-pilot/usage
+     echo "workspace-pilot test guest idle" > /dev/ttyS0) & ;;
+esac
 # A NIC, if the VM has one: its address by DHCP (from its node's DHCP server), then the login stand-in on port 22.
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
@@ -156,21 +208,6 @@ if mount -t virtiofs control /control 2>/dev/null; then
   echo "workspace-pilot test guest job done \$(cat /control/status)" > /dev/ttyS0
   reboot -f
 fi
-# A cloud-init seed, if the VM has one: the ISO 9660 disk labelled cidata. Print each file, framed.
-# virtio_blk probes its disks asynchronously: give them 2 s to appear (a VM without one just waits).
-i=0
-while [ \$i -lt 20 ] && ! ls /dev/vd? >/dev/null 2>&1; do usleep 100000; i=\$((i + 1)); done
-for dev in /dev/vd?; do
-  [ -b "\$dev" ] || continue
-  if mount -t iso9660 -o ro "\$dev" /seed 2>/dev/null; then
-    for file in /seed/*; do
-      echo "workspace-pilot test guest seed file \$(basename "\$file"):" > /dev/ttyS0
-      cat "\$file" > /dev/ttyS0
-      echo "workspace-pilot test guest seed end" > /dev/ttyS0
-    done
-    umount /seed
-  fi
-done
 # A disk to fill, if the kernel command line has wp_fill: random bytes to /dev/vda's end (where a guest that
 # wants the node's disk would write), then its size in 512-byte sectors.
 case " \$(cat /proc/cmdline) " in

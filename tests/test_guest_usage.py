@@ -82,3 +82,17 @@ def test_drain_reads_what_there_is_without_waiting_at_most_its_bound():
         assert data == b"u" * 100 and closed
     finally:
         ours.close()
+
+
+def test_the_vms_end_is_the_deadline_until_a_sooner_end_is_known_and_only_a_warning_gives_a_line():
+    from pilot.vmend import VmEnd
+
+    end = VmEnd(grace_s=30)
+    assert end.end(None) is None and end.line() is None
+    assert end.end(2_000.0) == LeaseEnd(2_000.0, 30)
+    end.set(1_500.0, "release", line=False)  # a release where the site wants no warning line
+    assert end.end(2_000.0) == LeaseEnd(1_500.0, 30) and end.line() is None and not end.warned
+    end.set(1_500.0, "release", line=True)
+    assert end.warned and end.line().startswith("ending 1970-01-01T00:25:00.000000Z 0 release")
+    end.clear()  # extended: the deadline again
+    assert end.end(2_600.0) == LeaseEnd(2_600.0, 30) and end.line() is None

@@ -300,3 +300,39 @@ def test_a_guest_started_after_the_warning_is_told_at_its_start(vm_site, libvirt
     assert [why for _, why in told[1:]] in (["release"], ["stop"])
     assert_node_clean(site, libvirt_qemu, lease, hugepages)
 
+
+
+def mjf_lines(console: str) -> list[int]:
+    with open(console, encoding="utf-8", errors="replace") as handle:
+        return [int(n) for n in re.findall(r"workspace-pilot test guest mjf shutdowntime_job (\d+)", handle.read())]
+
+
+def test_a_guest_reads_its_end_in_its_machine_job_features_sees_an_extension_and_says_when_it_is_busy(
+        vm_site, libvirt_qemu, tmp_path, hugepages):
+    site = vm_site("slurm", vms={"usage_interval": 1})
+    spec = guest_spec("guest1")
+    spec["context"] = {"hostname": "guest1"}  # a seed: the guest agent comes with it
+    spec["boot"]["cmdline"] += " wp_busy=12"  # a workload busy for 12 s, then idle
+    lease, _ = guest_running(site, libvirt_qemu, tmp_path, duration_s=120, spec=spec)
+    console = str(tmp_path / "consoles" / "guest1.log")
+    assert wait_for_line(console, "workspace-pilot test guest mjf shutdowntime_job ", 30)
+    (pilot,) = site.manager.get(lease.id).pilots
+    first = mjf_lines(console)[0]
+    assert first == int(parse_time(pilot.expires_at).timestamp())  # the file names the pilot's own deadline
+    # The workload's word reaches the service through the agent, the lease channel and the pilot's vm-usage.
+    # Busy while its CPU idles: only the agent's word can say so (by its CPU alone the pilot would say idle).
+    vm = lambda: site.vms.get(lease.id, "guest1")  # noqa: E731
+    assert site.store.wait_for(lambda: vm().busy == 1 and vm().cpu is not None and vm().cpu < 10, 30), vm()
+    assert site.store.wait_for(lambda: vm().busy == 0, 60), vm()
+    site.manager.extend(lease.id, 60)
+    # The pilot's own answer: its deadline moved (the batch system's new time limit allowing).
+    assert site.store.wait_for(lambda: site.manager.get(lease.id).pilots[0].expires_at != pilot.expires_at, 30), \
+        site.manager.history(lease.id)
+    (pilot,) = site.manager.get(lease.id).pilots
+    extended = int(parse_time(pilot.expires_at).timestamp())
+    assert extended > first
+    assert wait_for_line(console, f"workspace-pilot test guest mjf shutdowntime_job {extended}", 30), mjf_lines(console)
+    site.manager.release(lease.id)
+    assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert mjf_lines(console)[-1] < extended  # the release brought the end closer: the files said so too
+    assert_node_clean(site, libvirt_qemu, lease, hugepages)

@@ -13,7 +13,6 @@
 #
 # Usage: workspace-pilot-agent [FEATURES_FILE]
 set -u
-set -f  # lines are split into words: never expand a guest-visible "*" into file names
 channel_name=org.workspace-pilot.lease.0
 mjf=${WORKSPACE_PILOT_MJF:-/run}
 usage_file=${WORKSPACE_PILOT_USAGE:-/run/workspace-pilot/usage}
@@ -76,7 +75,7 @@ report_usage() {
 
 mkdir -p "$mjf/machinefeatures" "$mjf/jobfeatures" "${usage_file%/*}"
 if [ "$#" -ge 1 ] && [ -r "$1" ]; then
-  while read -r line; do apply $line; done < "$1"
+  while read -r line; do set -f; apply $line; set +f; done < "$1"
 fi
 export_variables
 port=$(find_port) || { echo "workspace-pilot-agent: no $channel_name port: the features stay as the VM started" >&2; exit 1; }
@@ -91,7 +90,9 @@ while :; do
   printf 'hello\n' >&3 2>/dev/null  # the pilot answers with the features as they are now
   while IFS= read -r line <&3; do
     printf '%s\n' "$line"
+    set -f  # the line is split into words: never expand a "*" in it into file names
     apply $line
+    set +f
   done
   sleep 1  # end-of-file: no pilot is connected; look again
 done

@@ -132,6 +132,12 @@ class VmHosting:
         if self._started:
             self.worker.warn(line)
 
+    def tell_features(self) -> None:
+        """Send every VM its Machine/Job Features as they are now (on the worker thread, soon; a no-op before
+        :meth:`start`)."""
+        if self._started:
+            self.worker.tell_features()
+
     def wait_empty(self, until: float) -> list[str]:
         """Keep taking the service's stop-vm commands until this slot runs no VM or the monotonic ``until``.
 

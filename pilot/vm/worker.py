@@ -111,6 +111,10 @@ class VmWorker:
         """Queue ``line`` for every VM's lease channel (written by the worker thread, in order with the commands)."""
         self._queue.put(("warn", line))
 
+    def tell_features(self) -> None:
+        """Queue a new telling of every VM's features (the worker thread sends them, in order with the commands)."""
+        self._queue.put(("features", None))
+
     # -- the worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -124,11 +128,11 @@ class VmWorker:
                 item = None
             if self._stopping.is_set() or item is False:
                 return
-            if isinstance(item, tuple):  # a warning for the VMs
+            if isinstance(item, tuple):  # a warning for the VMs, or their features
                 if self.host is not None:
-                    reached = self.host.warn(item[1])
-                    log.info("lease channel: %r written to %d VM(s)%s", item[1], len(reached),
-                             f" ({', '.join(reached)})" if reached else "")
+                    reached = self.host.warn(item[1]) if item[0] == "warn" else self.host.tell_features()
+                    log.info("lease channel: %s written to %d VM(s)%s", repr(item[1]) if item[1] else "features",
+                             len(reached), f" ({', '.join(reached)})" if reached else "")
                 item = None
             if item is not None:  # a Command (None only wakes the worker; False stops it, above)
                 try:
