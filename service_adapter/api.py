@@ -117,10 +117,11 @@ def _vm_name(request: web.Request, lease_id: str) -> str:
 async def create_lease(request: web.Request) -> web.Response:
     """POST /api/v1/leases: reserve nodes x memory_mb for duration_s; 201 with the lease."""
     data = await read_json(request)
-    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images", "start_at", "release_when_idle_s"})
+    unknown = sorted(set(data) - {"nodes", "memory_mb", "duration_s", "images", "start_at", "release_when_idle_s",
+                                  "dry_run", "vm"})
     if unknown:
         raise Refused(400, f"unknown field(s) {', '.join(unknown)}: give nodes, memory_mb and duration_s "
-                           "(and optionally images, start_at and release_when_idle_s)")
+                           "(and optionally images, start_at, release_when_idle_s; dry_run with a vm to check)")
     nodes = _int_field(data, "nodes", MAX_NODES)
     memory_mb = _int_field(data, "memory_mb", MAX_MEMORY_MB)
     duration_s = _duration_field(data)
@@ -128,6 +129,18 @@ async def create_lease(request: web.Request) -> web.Response:
     images = await _lease_images(request, data.get("images"))
     manager = request.app[MANAGER_KEY]
     owner = who(request)
+    if data.get("dry_run") is True:  # what a reserve (and, with "vm", a VM on each node) would meet; nothing recorded
+        try:
+            manager.check(nodes, memory_mb, duration_s, owner=owner, start_at=start_at,
+                          release_when_idle_s=data.get("release_when_idle_s"))
+            if data.get("vm") is not None:
+                await asyncio.to_thread(request.app[VMS_KEY].check, data["vm"], memory_mb)
+        except ValueError as exc:  # InvalidLease; VmRequestError carries its own status
+            raise Refused(getattr(exc, "status", 400), first_line(exc)) from None
+        return web.json_response({"dry_run": True, "nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s})
+    if "dry_run" in data or "vm" in data:
+        raise Refused(400, "'vm' is checked only by a dry run: give \"dry_run\": true, or start VMs once the lease "
+                           "is ready")
     try:
         info = await asyncio.to_thread(manager.reserve, nodes, memory_mb, duration_s, owner=owner, images=images,
                                        start_at=start_at, release_when_idle_s=data.get("release_when_idle_s"))

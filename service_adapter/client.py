@@ -65,6 +65,19 @@ class LeaseClient:
             body["release_when_idle_s"] = release_when_idle_s
         return self._call("POST", "/leases", json=body)
 
+    def check(self, nodes: int, memory_mb: int, duration_s: float, *, vm: dict | None = None,
+              images: list[dict] | None = None, release_when_idle_s: float | None = None) -> dict:
+        """POST /leases as a dry run: whether the service would take this lease (and start ``vm`` on each of its
+        nodes); ClientError with the service's reason if not. Nothing is recorded."""
+        body: dict = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s, "dry_run": True}
+        if vm is not None:
+            body["vm"] = vm
+        if images:
+            body["images"] = list(images)
+        if release_when_idle_s is not None:
+            body["release_when_idle_s"] = release_when_idle_s
+        return self._call("POST", "/leases", json=body)
+
     def extend(self, lease_id: str, by_s: float) -> dict:
         """POST /leases/{id}/extend: the lease, ``by_s`` seconds longer (409 when refused)."""
         return self._call("POST", f"/leases/{_quote(lease_id)}/extend", json={"by_s": by_s})

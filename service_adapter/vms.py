@@ -91,6 +91,19 @@ class VmManager:
         by_name = {vm.name: vm for vm in self.store.vms(lease_id)}
         return [by_name[spec.name] for spec, _ in requests]  # in the request's order
 
+    def check(self, item, node_memory_mb: int) -> VmSpec:
+        """Whether a VM of this spec (an element of a start request) could start on a node of a lease of
+        ``node_memory_mb``: well formed, its images allowed here, and it fits with its overhead; the spec as it
+        would be queued. Raises :class:`VmRequestError` (400, 409) saying why not; nothing is recorded."""
+        spec, _ = parse_vm_request(item)
+        if spec.nic is not None:
+            raise VmRequestError("vm.nic: the service gives each VM its address; leave out 'nic'", 400)
+        if spec.memory_mb + self.overhead_mb > node_memory_mb:
+            raise VmRequestError(f"VM {spec.name}: its {spec.memory_mb} MB and the service's {self.overhead_mb} MB "
+                                 f"overhead per VM do not fit a node's {node_memory_mb} MB")
+        resolve = self.catalog.resolver() if self.catalog is not None else _no_catalog
+        return self.store.read(lambda conn: resolve(conn, spec))
+
     def stop(self, lease_id: str, name: str, *, force: bool = False) -> VmRow:
         """Queue the VM's stop (graceful, or at once with ``force``); returns it (state ``stopping``).
 

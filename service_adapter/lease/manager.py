@@ -145,6 +145,14 @@ class LeaseManager(LeaseWatch):
         log.info("lease %s: job %s submitted", lease_id, job_id)
         return self.get(lease_id)
 
+    def check(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
+              start_at: float | None = None, release_when_idle_s: float | None = None) -> None:
+        """Whether :meth:`reserve` would take these values (a dry run: nothing recorded, nothing submitted);
+        raises :class:`InvalidLease` saying why not. The batch system is not asked."""
+        _check_request(nodes, memory_mb, duration_s, owner)
+        _check_start(start_at, self.clock())
+        _check_idle(release_when_idle_s)
+
     def release(self, lease_id: str) -> LeaseInfo:
         """End a lease early: cancel its job now (pilots take their early-unreserve path). Idempotent.
 
