@@ -88,9 +88,7 @@ class LeasePool(Pool):
     def _check_with_the_service(self) -> None:
         """Ask the service whether it would take this profile (and its VM on each node); ProfileError if not."""
         p = self.profile
-        vm = p.vm_for("node") if p.vm is not None else None
-        if vm is not None:
-            vm.pop("host")
+        vm = dict(p.vm) if p.vm is not None else None
         try:
             self.client.check(p.nodes, p.memory_mb, p.duration_s, vm=vm, images=list(p.images) or None,
                               release_when_idle_s=p.release_when_idle_s)
@@ -152,31 +150,37 @@ class LeasePool(Pool):
             if waiting is not None:
                 self._waiting = waiting
         self._note_failures(leases)
-        self._numbers = numbers(leases, self._waiting)
+        seen = numbers(leases, self._waiting)
         log.info("lease pool: demand %.2f, supply %g, %d node(s) (%d busy), waiting %g: utilisation %.2f, "
-                 "allocation %.2f", self._demand, self._numbers.supply, self._numbers.nodes, self._numbers.busy,
-                 self._waiting, self._numbers.utilisation, self._numbers.allocation)
-        self._adjust(leases, listed_at)
+                 "allocation %.2f", self._demand, seen.supply, seen.nodes, seen.busy, self._waiting, seen.utilisation,
+                 seen.allocation)
         self._start_vms(leases)
+        # What COBalD reads counts what was just reserved and released: until the next listing (or while the
+        # service cannot be reached) its controller must not ask again for what is on its way.
+        self._numbers = numbers(self._adjust(leases, listed_at), self._waiting)
 
-    def _adjust(self, leases: list[LeaseLook], listed_at: float) -> None:
+    def _adjust(self, leases: list[LeaseLook], listed_at: float) -> list[LeaseLook]:
+        """Reserve or release for the demand; the pool's open leases as they are afterwards."""
         wanted = min(math.floor(self._demand / self.profile.nodes + 0.5), self.max_leases)
-        bad = [lease for lease in leases if lease.held and set(lease.hosts) & self.blackholed and not lease.busy]
-        for lease in bad:
-            self._release(lease, f"a black-holed node ({', '.join(sorted(set(lease.hosts) & self.blackholed))})")
-        leases = [lease for lease in leases if lease not in bad]
+        for lease in [lease for lease in leases if lease.held and set(lease.hosts) & self.blackholed and not lease.busy]:
+            if self._release(lease, f"a black-holed node ({', '.join(sorted(set(lease.hosts) & self.blackholed))})"):
+                leases = [other for other in leases if other is not lease]
         if wanted > len(leases):
             if listed_at < self._in_doubt_until:
                 log.info("lease pool: a reserve's answer was lost; waiting for a later listing before another")
-                return
+                return leases
             for _ in range(wanted - len(leases)):
-                if not self._reserve():
+                made = self._reserve()
+                if made is None:
                     break
+                leases = leases + [look_at(made)]
         elif wanted < len(leases):
             for lease in to_release(leases, len(leases) - wanted):
-                self._release(lease, f"demand {self._demand:.2f} wants {wanted} lease(s)")
+                if self._release(lease, f"demand {self._demand:.2f} wants {wanted} lease(s)"):
+                    leases = [other for other in leases if other is not lease]
+        return leases
 
-    def _reserve(self) -> bool:
+    def _reserve(self) -> dict | None:
         p = self.profile
         self._serial += 1
         duration = p.duration_of(self._serial)
@@ -188,17 +192,18 @@ class LeasePool(Pool):
             if exc.status is None:  # it may have been made: count it from a later listing, never reserve twice
                 self._in_doubt_until = sent + self.client.timeout_s
             log.warning("lease pool: reserve failed: %s", exc.message)
-            return False
+            return None
         log.info("lease pool: reserved lease %s (%d x %d MB for %g s)", lease["id"], p.nodes, p.memory_mb, duration)
-        return True
+        return lease
 
-    def _release(self, lease: LeaseLook, why: str) -> None:
+    def _release(self, lease: LeaseLook, why: str) -> bool:
         try:
             self.client.release(lease.id)
         except ClientError as exc:
             log.warning("lease pool: release of %s failed: %s", lease.id, exc.message)
-            return
+            return False
         log.info("lease pool: released lease %s (%s): %s", lease.id, lease.state, why)
+        return True
 
     def _start_vms(self, leases: list[LeaseLook]) -> None:
         """Each held lease gets the profile's VM on each node that has none on it (and is not black-holed)."""

@@ -16,7 +16,7 @@ import requests
 from requests.auth import HTTPDigestAuth
 
 from service_adapter.local_site import write_pilot_config
-from service_adapter.nodekeys import NodeAccounts, new_site_key
+from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
 
 from tests.support.pilots import read_until
 from tests.support.ports import free_port
@@ -36,9 +36,12 @@ def private(path, text: str) -> str:
 class Site:
     """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
 
-    def __init__(self, root, *, tls: "Tls | None" = None, **service_options):
+    def __init__(self, root, *, tls: "Tls | None" = None, provider: dict | None = None, nodes: tuple[str, ...] = (),
+                 pilot_sections: dict | None = None, **service_options):
         """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``); ``tls``: serve https
-        with its certificate, and give pilots and operators its CA."""
+        with its certificate, and give pilots and operators its CA. ``provider``: the ``[provider]`` options
+        (else the local provider's), with ``nodes`` the batch system's nodes, each given its key here;
+        ``pilot_sections``: more sections of the pilots' config."""
         self.root = root
         self.port = free_port()
         self.tls = tls
@@ -55,11 +58,22 @@ class Site:
         accounts = private(root / "operators.htdigest", f"{OPERATOR}:{OPERATOR_REALM}:{ha1}\n")
         self.secret_file = private(root / "alice.secret", OPERATOR_SECRET + "\n")
         self.pilot_config = str(root / "pilot.conf")
+        key_dir = root / "local" / "node-keys"
+        for node in nodes:  # a batch system's nodes get their keys as a site installs them
+            provision_node_key(str(key_dir), self.site_key, node)
+        sections = dict(pilot_sections or {})
+        if tls:
+            sections["service"] = {"ca_file": tls.ca}
         write_pilot_config(
-            self.pilot_config, contact=self.url, node_key_file=str(root / "local" / "node-keys" / "{host}.key"),
+            self.pilot_config, contact=self.url, node_key_file=str(key_dir / "{host}.key"),
             log_dir=str(root / "logs"), journal_dir=str(self.journal_dir), reserved_timeout_s=15,
-            sections={"service": {"ca_file": tls.ca}} if tls else None,
+            sections=sections or None,
         )
+        self.provider_name = (provider or {}).get("name", "local")
+        provider_lines = "".join(f"{name} = {value}\n" for name, value in provider.items()) if provider else (
+            "name = local\n"
+            f"state_dir = {root / 'local'}\n"
+            f"output_dir = {root / 'jobs'}\n")
         self.config = str(root / "service.conf")
         (root / "service.conf").write_text(
             "[service]\n"
@@ -79,9 +93,7 @@ class Site:
             "[vms]\n"
             "overhead_mb = 32\n"
             "[provider]\n"
-            "name = local\n"
-            f"state_dir = {root / 'local'}\n"
-            f"output_dir = {root / 'jobs'}\n"
+            + provider_lines +
             "[operators]\n"
             f"accounts_file = {accounts}\n"
             "[client]\n"
@@ -134,7 +146,7 @@ def start_serve(site: Site, *, wrapper: tuple[str, ...] = (), umask: int | None 
     except BaseException:
         stop_process(process)
         raise
-    assert f"serving on {site.url} (store {site.store}, provider local" in out
+    assert f"serving on {site.url} (store {site.store}, provider {site.provider_name}" in out
     return process
 
 
