@@ -36,7 +36,10 @@ def test_leases_reserved_together_end_apart_within_the_stagger():
     assert all(800 <= d <= 1000 for d in durations)
     assert len(set(durations)) == 10  # no two of ten the same
     assert max(durations) - min(durations) >= 150  # spread over most of the 200 s allowed
-    assert profile.vm_for("node3") == {**VM, "name": "worker-node3", "host": "node3"}
+    assert profile.vm_for("node3", "0123456789") == {**VM, "name": "worker-node3", "host": "node3"}
+    logged = parse_profile(memory_mb=256, duration_s=1000, vm={**VM, "console_log": "worker.log"})
+    # Two leases' VMs on one node never share a console log.
+    assert logged.vm_for("node3", "0123456789")["console_log"] == "worker-node3-01234567.log"
 
 
 def lease(state: str, nodes: int = 1, *, hosts=(), vms=(), created=1000.0, ready=None) -> dict:
@@ -66,6 +69,9 @@ def test_the_pools_numbers_grow_it_while_work_waits_and_shrink_it_when_its_vms_i
     assert (enough.supply, enough.busy, enough.utilisation, enough.allocation) == (3, 1, 2 / 3, 1 / 3)
     idle = numbers([look_at(lease("running", hosts=["n1"], vms=[vm("n1", False)], ready=1500))], 0)
     assert (idle.utilisation, idle.allocation) == (0, 0)
+    # A pool that starts a VM on each node: a node without one yet is in use, unless it is black-holed.
+    assert numbers(held, 0, expect_vm=True).utilisation == 1.0
+    assert numbers(held, 0, expect_vm=True, no_vm_for=frozenset({"n3"})).utilisation == 2 / 3
 
 
 def test_it_gives_back_leases_not_yet_held_first_then_the_longest_idle_and_never_a_busy_one():
@@ -80,6 +86,8 @@ def test_it_gives_back_leases_not_yet_held_first_then_the_longest_idle_and_never
     order = [x.id for x in to_release(leases, 10)]
     assert order == ["l5", "l4", "l3", "l6", "l1"]  # the busy one and the one with an unsaid VM stay
     assert [x.id for x in to_release(leases, 3)] == ["l5", "l4", "l3"]
+    # Where a VM is to start on each node, the lease with none yet is kept too.
+    assert [x.id for x in to_release(leases, 10, expect_vm=True)] == ["l5", "l4", "l3", "l1"]
 
 
 def test_waiting_work_comes_from_a_sites_command_or_a_slurm_partition_and_bad_sources_are_refused():

@@ -11,8 +11,8 @@ leases, their pilots and VMs with their use), asks how much work waits
   idle, the longest idle first; never one with a busy VM;
 - a held lease whose nodes run no VM of the profile: starts one on each node;
 - a node whose VMs failed ``blackhole_failures`` times within
-  ``blackhole_window_s`` gets no more VMs, and its lease is given back once
-  nothing on it is busy (a black-hole guard).
+  ``blackhole_window_s`` gets no more VMs (a black-hole guard): it counts as
+  idle, so the controller's lower demand gives its lease back first.
 
 Its leases are those of its service account (one pool per account): after a
 restart it finds them again, and a reserve whose answer was lost is not
@@ -150,21 +150,21 @@ class LeasePool(Pool):
             if waiting is not None:
                 self._waiting = waiting
         self._note_failures(leases)
-        seen = numbers(leases, self._waiting)
+        seen = self._numbers_of(leases)
         log.info("lease pool: demand %.2f, supply %g, %d node(s) (%d busy), waiting %g: utilisation %.2f, "
                  "allocation %.2f", self._demand, seen.supply, seen.nodes, seen.busy, self._waiting, seen.utilisation,
                  seen.allocation)
         self._start_vms(leases)
         # What COBalD reads counts what was just reserved and released: until the next listing (or while the
         # service cannot be reached) its controller must not ask again for what is on its way.
-        self._numbers = numbers(self._adjust(leases, listed_at), self._waiting)
+        self._numbers = self._numbers_of(self._adjust(leases, listed_at))
+
+    def _numbers_of(self, leases: list[LeaseLook]) -> PoolNumbers:
+        return numbers(leases, self._waiting, self.profile.vm is not None, frozenset(self.blackholed))
 
     def _adjust(self, leases: list[LeaseLook], listed_at: float) -> list[LeaseLook]:
         """Reserve or release for the demand; the pool's open leases as they are afterwards."""
         wanted = min(math.floor(self._demand / self.profile.nodes + 0.5), self.max_leases)
-        for lease in [lease for lease in leases if lease.held and set(lease.hosts) & self.blackholed and not lease.busy]:
-            if self._release(lease, f"a black-holed node ({', '.join(sorted(set(lease.hosts) & self.blackholed))})"):
-                leases = [other for other in leases if other is not lease]
         if wanted > len(leases):
             if listed_at < self._in_doubt_until:
                 log.info("lease pool: a reserve's answer was lost; waiting for a later listing before another")
@@ -175,7 +175,8 @@ class LeasePool(Pool):
                     break
                 leases = leases + [look_at(made)]
         elif wanted < len(leases):
-            for lease in to_release(leases, len(leases) - wanted):
+            for lease in to_release(leases, len(leases) - wanted, self.profile.vm is not None,
+                                    frozenset(self.blackholed)):
                 if self._release(lease, f"demand {self._demand:.2f} wants {wanted} lease(s)"):
                     leases = [other for other in leases if other is not lease]
         return leases
@@ -213,7 +214,7 @@ class LeasePool(Pool):
             if not lease.held:
                 continue
             names = {vm.get("name") for vm in lease.vms if vm.get("state") in ("starting", "running", "paused")}
-            specs = [self.profile.vm_for(host) for host in lease.hosts if host not in self.blackholed]
+            specs = [self.profile.vm_for(host, lease.id) for host in lease.hosts if host not in self.blackholed]
             specs = [spec for spec in specs if spec["name"] not in names]
             if not specs:
                 continue

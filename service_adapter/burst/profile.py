@@ -38,11 +38,17 @@ class LeaseProfile:
         share = (serial * _SPREAD) % 1.0
         return float(max(1, math.floor(self.duration_s * (1.0 - self.stagger * share))))
 
-    def vm_for(self, host: str) -> dict | None:
-        """The VM spec to start on ``host`` (pinned there, its name made unique per host); None without a VM."""
+    def vm_for(self, host: str, lease_id: str) -> dict | None:
+        """The VM spec to start on ``host`` for lease ``lease_id``: pinned there, named ``<name>-<host>``, and
+        its console log (if it asks for one) named after the VM and the lease, so two leases' VMs on one node
+        never share it; None without a VM."""
         if self.vm is None:
             return None
-        return {**self.vm, "name": f"{self.vm.get('name', 'vm')}-{host}"[:64], "host": host}
+        name = f"{self.vm.get('name', 'vm')}-{host}"[:64]
+        spec = {**self.vm, "name": name, "host": host}
+        if "console_log" in spec:
+            spec["console_log"] = f"{name}-{lease_id[:8]}.log"
+        return spec
 
 
 def parse_profile(*, nodes=1, memory_mb=None, duration_s=None, vm=None, images=(), stagger=DEFAULT_STAGGER,

@@ -8,6 +8,9 @@ have not all reserved), *busy* while a VM on it is busy, *unknown* while a VM
 on it has not said yet (presumed in use: a booting VM is never taken for
 idle), *idle* otherwise. The pool's numbers for COBalD (``docs/bursting.md``):
 
+(A held node with no VM yet counts as unknown while the pool is to start one
+there, so a lease is not taken for idle before its VM could start.)
+
 - supply: the nodes of its held leases;
 - utilisation: (busy + unknown + coming nodes) / all its nodes;
 - allocation: (busy nodes + waiting work) / all its nodes: above 1 exactly
@@ -57,8 +60,9 @@ class LeaseLook:
         """Its nodes are held (ready or running)."""
         return self.state in HELD
 
-    def node_states(self) -> dict[str, str]:
-        """Each held host: busy, unknown or idle (see the module's docstring)."""
+    def node_states(self, expect_vm: bool = False, no_vm_for: frozenset = frozenset()) -> dict[str, str]:
+        """Each held host: busy, unknown or idle (see the module's docstring); with ``expect_vm`` a host with no VM
+        on it is unknown (one is to start there) unless it is in ``no_vm_for``."""
         states = {}
         for host in self.hosts:
             on_node = [vm for vm in self.vms if vm.get("host") == host and vm.get("state") in ON_NODE]
@@ -67,14 +71,15 @@ class LeaseLook:
                 states[host] = "busy"
             elif any(not isinstance(use, dict) for use in uses):
                 states[host] = "unknown"
+            elif not on_node and expect_vm and host not in no_vm_for:
+                states[host] = "unknown"
             else:
                 states[host] = "idle"
         return states
 
-    @property
-    def busy(self) -> bool:
-        """Whether any VM of it is busy or has not yet said (such a lease is never given back for demand)."""
-        return any(state != "idle" for state in self.node_states().values())
+    def busy(self, expect_vm: bool = False, no_vm_for: frozenset = frozenset()) -> bool:
+        """Whether any node of it is busy or not yet known (such a lease is never given back for demand)."""
+        return any(state != "idle" for state in self.node_states(expect_vm, no_vm_for).values())
 
     def idle_since(self) -> float:
         """Since when (epoch seconds) none of its VMs has been busy: the latest turn to idle, its last VM's end, or
@@ -116,15 +121,17 @@ class PoolNumbers:
     waiting: float
 
 
-def numbers(leases: list[LeaseLook], waiting: float) -> PoolNumbers:
-    """The pool's supply, utilisation and allocation (see the module's docstring) over its open leases."""
+def numbers(leases: list[LeaseLook], waiting: float, expect_vm: bool = False,
+            no_vm_for: frozenset = frozenset()) -> PoolNumbers:
+    """The pool's supply, utilisation and allocation (see the module's docstring) over its open leases; with
+    ``expect_vm`` a node without a VM yet is in use unless it is in ``no_vm_for`` (black-holed)."""
     nodes = busy = used = supply = 0
     for lease in leases:
         if lease.coming:
             nodes += lease.nodes
             used += lease.nodes
         elif lease.held:
-            states = lease.node_states()
+            states = lease.node_states(expect_vm, no_vm_for)
             nodes += lease.nodes
             supply += lease.nodes
             busy += sum(state == "busy" for state in states.values())
@@ -134,9 +141,12 @@ def numbers(leases: list[LeaseLook], waiting: float) -> PoolNumbers:
     return PoolNumbers(float(supply), min(used / nodes, 1.0), (busy + waiting) / nodes, nodes, busy, waiting)
 
 
-def to_release(leases: list[LeaseLook], count: int) -> list[LeaseLook]:
+def to_release(leases: list[LeaseLook], count: int, expect_vm: bool = False,
+               no_vm_for: frozenset = frozenset()) -> list[LeaseLook]:
     """The ``count`` leases to give back for less demand, at most: those not yet held first (newest first: they
-    cost nothing yet), then held ones with no busy VM, the longest idle first; never one with a busy VM."""
+    cost nothing yet), then held ones with no busy VM, the longest idle first; never one with a busy VM (nor, with
+    ``expect_vm``, one whose VM is yet to start)."""
     coming = sorted((lease for lease in leases if lease.coming), key=lambda lease: lease.created_at, reverse=True)
-    idle = sorted((lease for lease in leases if lease.held and not lease.busy), key=lambda lease: lease.idle_since())
+    idle = sorted((lease for lease in leases if lease.held and not lease.busy(expect_vm, no_vm_for)),
+                  key=lambda lease: lease.idle_since())
     return (coming + idle)[:max(count, 0)]
