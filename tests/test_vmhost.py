@@ -519,3 +519,23 @@ def test_usage_is_the_agents_word_else_the_cpu_counter_and_a_gone_channel_is_rea
     assert "mjf machinefeatures total_cpu 1" in read_lines(guests[host.domain_name("db")], 12)
     assert host.pause("web").ok
     assert (host.usage(10)["web"].busy, host.usage(10)["web"].cpu) == (False, 0)  # paused: idle, no CPU
+
+
+def test_a_vm_without_a_lease_channel_is_judged_by_its_cpu_and_not_looked_for_again(conn, policy, monkeypatch):
+    from pilot.vm import leasechannel
+
+    asked = []
+
+    def no_channel(domain):  # as a Xen guest's domain: no such device in its XML
+        asked.append(domain.name())
+        raise ValueError(f"domain {domain.name()} has no {leasechannel.LEASE_CHANNEL} channel with a socket")
+
+    monkeypatch.setattr(leasechannel, "open_channel", no_channel)
+    host = make_host(conn, policy, lease_end=lambda: LeaseEnd(1_900_000_000, 30))
+    assert host.start(spec("web")).ok
+    host.usage(10)
+    time.sleep(0.5)  # between two looks: the test driver's counter runs with the clock
+    look = host.usage(10)["web"]
+    assert (look.busy, look.source) == (True, "cpu") and look.cpu > 50
+    assert host.tell_features() == [] and host.warn("ending 2026-12-06T17:00:00.000000Z 20 release") == []
+    assert asked == [host.domain_name("web")] * 2  # at its start, then once more at the first look: never again

@@ -52,6 +52,7 @@ class BookedVm:
     channel: object = None  # the connected socket of its lease channel (from its start, when libvirt gave one)
     told: tuple[str, ...] | None = None  # the warning it was given (its end and why), so it is given once
     started_at: float = 0.0  # epoch seconds: its features count its wall limit from here
+    no_channel: bool = False  # its domain has no lease channel (a Xen guest): never looked for again
     usage: GuestUsage = dataclasses.field(default_factory=GuestUsage)  # what its agent said, its CPU counter
 
     def let_go(self) -> None:

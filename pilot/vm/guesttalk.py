@@ -107,12 +107,18 @@ class VmGuestTalk:
         return feature_lines(features).encode()
 
     def _channel(self, name: str, vm):
-        """The VM's connected channel, connecting (and sending the features) if it has none; None if unreachable."""
-        if vm.channel is not None:
+        """The VM's connected channel, connecting (and sending the features) if it has none; None if unreachable
+        (a domain without one, such as a Xen guest's, is not asked again)."""
+        if vm.channel is not None or vm.no_channel:
             return vm.channel
         try:
             vm.channel = leasechannel.open_channel(vm.domain)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
+            vm.no_channel = True
+            log.info("VM %s has no lease channel (%s): it gets no warning or features, its CPU tells its use",
+                     name, exc)
+            return None
+        except OSError as exc:
             log.warning("could not reach VM %s's lease channel: %s", name, exc)
             return None
         except Exception as exc:  # libvirtError reading the live XML
