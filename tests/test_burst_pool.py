@@ -167,3 +167,36 @@ def wait_for(predicate, timeout: float, daemon: CobaldDaemon) -> None:
     while not predicate():
         assert time.monotonic() < deadline and daemon.process.poll() is None, daemon.text()[-3000:]
         time.sleep(0.2)
+
+
+def test_a_node_whose_vms_keep_failing_gets_no_more_of_them(tmp_path, hugepages):
+    images = tmp_path / "images"
+    images.mkdir(mode=0o755)
+    (images / "vmlinuz").write_bytes(b"not the kernel the spec names\n")
+    site = Site(tmp_path, pilot_sections={"libvirt": {"uri": "test:///default"},
+                                          "vms": {"image_dir": str(images), "poll_wait": 1, "overhead_mb": 16}})
+    process = start_serve(site)
+    daemon = None
+    try:
+        vm = {"name": "worker", "memory_mb": 16,
+              "boot": {"kernel": {"path": "vmlinuz", "sha256": "0" * 64}}}  # the node refuses it: wrong sha256
+        config = pool_yaml(str(tmp_path / "cobald.yaml"), controller={
+            "low_utilisation": 0.0, "high_allocation": 1.0, "rate": 1, "interval": 0.5,
+        }, pool=local_pool(site, vm=vm, blackhole_failures=3,
+                           waiting={"command": [sys.executable, "-c", "print(1)"]}))
+        daemon = CobaldDaemon(config, str(tmp_path / "cobald.log"))
+        wait_for(lambda: "it gets no more VMs" in daemon.text(), 60, daemon)
+        rounds = daemon.text().count("lease pool: demand")
+        wait_for(lambda: daemon.text().count("lease pool: demand") >= rounds + 4, 30, daemon)
+        log = daemon.text()
+        assert log.count(": started worker-") == 3, log[-3000:]  # three tries, then none
+        (lease,) = open_leases(site)
+        assert [vm["state"] for vm in lease["vms"]] == ["failed"]
+        assert "sha256" in lease["vms"][0]["reason"]
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        for lease in open_leases(site):
+            site.cli("release", lease["id"])
+        stop_process(process)
+        end_pilots(site)

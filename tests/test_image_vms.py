@@ -196,7 +196,10 @@ def test_a_guest_reads_its_cloud_init_seed_hostname_keys_user_data_and_peers(ima
     # The guest prints the seed before its first "alive": once that is there, the seed is all there.
     assert wait_for_line(console, "workspace-pilot test guest alive 1", 30)
     files = seed_files_on_console(console)
-    assert set(files) == {"meta-data", "peers", "user-data"}, files
+    # With the guest agent, its features and cloud-init's vendor-data that starts it (docs/hosting-vms.md).
+    assert set(files) == {"meta-data", "peers", "user-data", "features", "workspace-pilot-agent", "vendor-data"}, \
+        files
+    assert f"mjf jobfeatures job_id {lease.slot}.head" in files["features"].splitlines()
     meta = json.loads(files["meta-data"])
     assert meta["local-hostname"] == "head-node" and meta["public-keys"] == [key]
     assert meta["instance-id"] == f"{lease.slot}-head"

@@ -267,9 +267,10 @@ def test_vm_list_and_show_tell_the_owner_each_vms_address_and_where_to_log_in(sv
     table = cli("vm", "list", lease_id)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.strip().splitlines()
-    assert header.split() == ["VM", "HOST", "STATE", "MB", "ADDRESS", "LOGIN", "REASON"]
-    assert [row.split()[:6] for row in rows] == [["db", "node2", "starting", "64", "10.213.0.3", "192.0.2.2:20000"],
-                                                 ["web", "node1", "starting", "64", "10.213.0.2", "192.0.2.1:20000"]]
+    assert header.split() == ["VM", "HOST", "STATE", "MB", "USE", "ADDRESS", "LOGIN", "REASON"]
+    assert [row.split()[:7] for row in rows] == [
+        ["db", "node2", "starting", "64", "-", "10.213.0.3", "192.0.2.2:20000"],
+        ["web", "node1", "starting", "64", "-", "10.213.0.2", "192.0.2.1:20000"]]
     shown = cli("vm", "show", lease_id, "db", "--json")
     assert shown.returncode == 0, shown.stderr
     body = json.loads(shown.stdout)

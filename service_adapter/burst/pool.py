@@ -137,7 +137,7 @@ class LeasePool(Pool):
             self.stopping.wait(max(self.interval - (time.monotonic() - started), 0.0))
 
     def step(self) -> None:
-        """One round: list, count, act (what the thread does every interval; tests call it too)."""
+        """One round: list, count, act (what the thread does every interval)."""
         listed_at = time.time()
         try:
             listing = self.client.list(states=list(OPEN_STATES), owner=self.user)["leases"]
@@ -228,6 +228,8 @@ class LeasePool(Pool):
     def _note_failures(self, leases: list[LeaseLook]) -> None:
         """Count each failed VM once against its node; a node past the guard's count gets no more VMs."""
         now = time.time()
+        open_ids = {lease.id for lease in leases}
+        self._seen_failed = {key for key in self._seen_failed if key[0] in open_ids}  # those of ended leases go
         for lease in leases:
             for vm in lease.vms:
                 key = (lease.id, str(vm.get("name")), str(vm.get("created_at")))
