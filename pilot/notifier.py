@@ -251,7 +251,7 @@ class Notifier:
         except Exception:  # never worse than no first shot: the requests path takes it from here
             log.exception("first try of %s (seq %d) failed unexpectedly; trying again with retries", n.state, n.seq)
             return False
-        self.reach.answered()
+        self.reach.answered(started)
         if status == 200:
             log.info("notified %s (seq %d) in %.1f ms", n.state, n.seq, (time.monotonic() - started) * 1000)
             delivery._finish(Outcome.DELIVERED, 200)
@@ -324,6 +324,7 @@ class Notifier:
         import requests
 
         timeout = self._timeout(deliver_by)
+        sent_at = time.monotonic()
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
             response = self._session.post(self.url, data=body, headers={**headers, **IDENTITY}, timeout=timeout,
@@ -331,7 +332,7 @@ class Notifier:
         except requests.ConnectionError:
             self.reach.unanswered()
             raise
-        self.reach.answered()
+        self.reach.answered(sent_at)
         try:
             # The service's answers are small; one from a proxy or a rogue server costs no more than this.
             content = read_at_most(response, MAX_BODY_BYTES)

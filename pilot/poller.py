@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from typing import Callable
 
 import requests
@@ -113,6 +114,7 @@ class CommandPoller:
     def _poll_once(self) -> bool | None:
         """One poll: True on a good answer, False to back off, None when the slot is gone."""
         target = f"{self.path}?after={self.cursor}&wait={self.wait_s:g}"
+        sent_at = time.monotonic()
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
             response = self.session.get(self.base + target, timeout=self.wait_s + self.request_timeout_s,
@@ -128,7 +130,7 @@ class CommandPoller:
             if not self._stopping.is_set():
                 log.warning("command poll: %s: %s", type(exc).__name__, failure_words(exc))
             return False
-        self.reach.answered()
+        self.reach.answered(sent_at)
         self.polls += 1
         if response.status_code == 404:
             reason = "the service no longer holds this slot for this host (HTTP 404 on the command poll)"

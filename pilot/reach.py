@@ -30,9 +30,15 @@ class ServiceReach:
         #: Monotonic time of the first unanswered request after the last answer; None while it answers.
         self.silent_since: float | None = None
 
-    def answered(self) -> None:
-        """An HTTP answer came back (any status)."""
-        self.silent_since = None
+    def answered(self, sent_at: float | None = None) -> None:
+        """An HTTP answer came back (any status) to a request sent at monotonic ``sent_at`` (None: now).
+
+        An answer to a request sent before the silence began is older news than the failure that began it (the
+        notifier and the poller record from their own threads, in any order): it does not end the silence.
+        """
+        since = self.silent_since
+        if since is None or sent_at is None or sent_at >= since:
+            self.silent_since = None
 
     def unanswered(self) -> None:
         """A request got no connection, or lost it before any answer."""

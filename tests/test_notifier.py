@@ -165,3 +165,21 @@ def test_pilot_start_imports_nothing_heavy():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_an_answer_to_a_request_sent_before_a_failure_does_not_end_the_silence_the_failure_began():
+    # The notifier and the poller record from their own threads: a keep-alive connection of a closing service may
+    # answer a report sent before the poller's refused connection, and be recorded after it.
+    from pilot.reach import ServiceReach
+
+    now = [100.0]
+    reach = ServiceReach(clock=lambda: now[0])
+    reach.unanswered()  # the poller: refused at 100
+    reach.answered(sent_at=99.5)  # the notifier's report, sent before, answered, recorded later
+    assert reach.silent_before(100.0)
+    reach.answered(sent_at=100.2)  # a request sent after the failure got an answer: the service is there
+    assert reach.silent_since is None
+    now[0] = 101.0
+    reach.unanswered()
+    reach.answered()  # no sending time: an answer now
+    assert reach.silent_since is None
