@@ -98,13 +98,16 @@ class VmGuestTalk:
 
     def _features_of(self, vm) -> bytes:
         """The VM's ``mjf`` lines as of now (empty when the pilot gives no features)."""
+        return self._features_text(vm.spec, vm.started_at).encode()
+
+    def _features_text(self, spec, started_at: float) -> str:
+        """The ``mjf`` lines of a VM of ``spec`` started at ``started_at`` as of now (the seed's ``features`` at its
+        start); "" when the pilot gives no features (then no agent either)."""
         end = self.lease_end()
         if end is None:
-            return b""
-        spec = vm.spec
-        features = vm_features(slot=self.slot, name=spec.name, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
-                               started_at=vm.started_at, end=end)
-        return feature_lines(features).encode()
+            return ""
+        return feature_lines(vm_features(slot=self.slot, name=spec.name, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
+                                         started_at=started_at, end=end))
 
     def _channel(self, name: str, vm):
         """The VM's connected channel, connecting (and sending the features) if it has none; None if unreachable

@@ -18,7 +18,6 @@ from pilot.vm.books import BookedVm, VmOutcome
 from pilot.vm.check import VmRefused, check_memory, check_spec, known_sha256
 from pilot.vm.domains import import_libvirt
 from pilot.vm.domainxml import render_domain
-from pilot.vm.features import feature_lines, vm_features
 from pilot.vm.seed import seed_files, seed_path, write_seed
 from workspace_common.errors import one_line
 from workspace_common.protocol import VmSpec
@@ -88,14 +87,6 @@ class VmStarts:
             raise CacheError("this node has no image cache")
         progress = (lambda done, size: on_fetch(image.label, done, size)) if on_fetch else None
         return self.images.ensure(image, cancel=self._stopping, progress=progress)
-
-    def _features_at_start(self, spec: VmSpec, started_at: float) -> str:
-        """The seed's ``features`` for a VM starting now ("" when the pilot gives none: no agent either)."""
-        end = self.lease_end()
-        if end is None:
-            return ""
-        return feature_lines(vm_features(slot=self.slot, name=spec.name, vcpus=spec.vcpus, memory_mb=spec.memory_mb,
-                                         started_at=started_at, end=end))
 
     def _cached_images(self, spec: VmSpec, on_fetch) -> list[int]:
         """Put the images ``spec`` names by list into the cache; the shared locks that keep them there."""
@@ -182,7 +173,7 @@ class VmStarts:
                 write_seed(checked.seed, seed_files(spec.context, instance_id=f"{self.slot}-{name}",
                                                     default_hostname=name, nic=spec.nic,
                                                     mtu=(checked.interface or {}).get("mtu"),
-                                                    features=self._features_at_start(spec, started_at)))
+                                                    features=self._features_text(spec, started_at)))
             except (OSError, ValueError) as exc:
                 self._undo_start(spec, domain_name)
                 return VmOutcome(False, name, f"context: cannot write the cloud-init seed: {one_line(exc)}")
