@@ -1,4 +1,5 @@
-"""What the operators' API's route modules share (:mod:`service_adapter.api`, :mod:`service_adapter.images.routes`).
+"""What the operators' API's route modules share (:mod:`service_adapter.api`, :mod:`service_adapter.apireserve`,
+:mod:`service_adapter.images.routes`).
 
 The prefix and the application's keys, the JSON body reader with its cap
 and timeout, :class:`Refused` and the :func:`refusals` wrapper that turns
@@ -17,7 +18,7 @@ from service_adapter.digest import Account, DigestVerifier
 from service_adapter.images.catalog import ImageCatalog
 from service_adapter.lease import ExtensionRefused, LeaseError, UnknownLease
 from service_adapter.store.images import ImageRefused
-from service_adapter.vms import VmRequestError
+from service_adapter.vms import VmManager, VmRequestError
 from workspace_common.errors import first_line
 from workspace_common.protocol import ProtocolError, load_json
 
@@ -26,6 +27,8 @@ log = logging.getLogger("service_adapter.api")
 PREFIX = "/api/v1"
 MAX_API_BODY = 4096
 
+MANAGER_KEY = web.AppKey("lease_manager", object)
+VMS_KEY = web.AppKey("vm_manager", VmManager)
 OPERATORS_KEY = web.AppKey("operator_verifier", DigestVerifier)
 CATALOG_KEY = web.AppKey("image_catalog", ImageCatalog)
 # Request key of the authenticated operator's Account (a typed key where aiohttp has them: 3.14 warns otherwise).

@@ -52,10 +52,11 @@ class LeaseClient:
     # -- the API ---------------------------------------------------------------
 
     def reserve(self, nodes: int, memory_mb: int, duration_s: float, images: list[dict] | None = None,
-                start_at: str | None = None, release_when_idle_s: float | None = None) -> dict:
+                start_at: str | None = None, release_when_idle_s: float | None = None,
+                exclude_nodes: list[str] | None = None) -> dict:
         """POST /leases: the new lease (``images``: listed images its hosts prefetch, ``{"image", "version"}``;
         ``start_at``: an RFC 3339 time it starts at, else at once; ``release_when_idle_s``: released after that
-        long without a VM)."""
+        long without a VM; ``exclude_nodes``: nodes the batch system must not give it)."""
         body = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s}
         if images:
             body["images"] = list(images)
@@ -63,10 +64,13 @@ class LeaseClient:
             body["start_at"] = start_at
         if release_when_idle_s is not None:
             body["release_when_idle_s"] = release_when_idle_s
+        if exclude_nodes:
+            body["exclude_nodes"] = list(exclude_nodes)
         return self._call("POST", "/leases", json=body)
 
     def check(self, nodes: int, memory_mb: int, duration_s: float, *, vm: dict | None = None,
-              images: list[dict] | None = None, release_when_idle_s: float | None = None) -> dict:
+              images: list[dict] | None = None, release_when_idle_s: float | None = None,
+              exclude_nodes: list[str] | None = None) -> dict:
         """POST /leases as a dry run: whether the service would take this lease (and start ``vm`` on each of its
         nodes); ClientError with the service's reason if not. Nothing is recorded."""
         body: dict = {"nodes": nodes, "memory_mb": memory_mb, "duration_s": duration_s, "dry_run": True}
@@ -76,6 +80,8 @@ class LeaseClient:
             body["images"] = list(images)
         if release_when_idle_s is not None:
             body["release_when_idle_s"] = release_when_idle_s
+        if exclude_nodes:
+            body["exclude_nodes"] = list(exclude_nodes)
         return self._call("POST", "/leases", json=body)
 
     def extend(self, lease_id: str, by_s: float) -> dict:

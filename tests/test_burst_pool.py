@@ -11,11 +11,9 @@ import time
 
 import pytest
 
-from tests.support.cobald import CobaldDaemon, OverlayQueue, pool_yaml
-from tests.support.libvirt_daemon import GUEST_DIR, guest_files
-from tests.support.realvms import LEASE_MB, VM_MB
+from tests.support.cobald import CobaldDaemon, OverlayQueue, busy_guest_vm, pool_yaml, slurm_vm_site
+from tests.support.realvms import LEASE_MB
 from tests.support.site import OPERATOR, Site, end_pilots, serving, site, stop_process, start_serve  # noqa: F401
-from tests.support.slurm_cluster import PILOT, SUDO
 
 pytest.importorskip("cobald")
 
@@ -23,31 +21,10 @@ pytest.importorskip("cobald")
 JOB_S = 20
 
 
-def guest_vm() -> dict:
-    files = guest_files()
-    return {"name": "worker", "memory_mb": VM_MB, "vcpus": 1,
-            "boot": {"kernel": {"path": "vmlinuz", "sha256": files.kernel_sha256},
-                     "initrd": {"path": "initrd.img", "sha256": files.initrd_sha256},
-                     "cmdline": f"console=ttyS0 panic=-1 quiet wp_busy={JOB_S}"},
-            "console_log": "worker.log", "context": {}}
-
-
-def slurm_site(root, cluster, libvirt_qemu) -> Site:
-    return Site(root, nodes=tuple(cluster.nodes), provider={
-        "name": "slurm", "env": f"SLURM_CONF={cluster.conf}", "pilot_command": PILOT, "sudo": SUDO,
-        "output_dir": str(root / "jobs"), "walltime_padding": 120,
-    }, pilot_sections={
-        "libvirt": {"uri": libvirt_qemu.uri}, "batch": cluster.pilot_batch(),
-        "vms": {"image_dir": GUEST_DIR, "console_dir": str(root / "consoles"), "poll_wait": 5,
-                "shutdown_timeout": 2, "usage_interval": 2},
-        "timing": {"walltime_margin": 20, "earlywaitratio": 0.3},
-    })
-
-
 def test_cobald_holds_more_nodes_while_work_waits_and_gives_them_back_once_the_guests_idle(
         guest_reachable, slurm_cluster, libvirt_qemu, hugepages):
     root = guest_reachable
-    site = slurm_site(root, slurm_cluster, libvirt_qemu)
+    site = slurm_vm_site(root, slurm_cluster, libvirt_qemu.uri)
     queue = OverlayQueue(slurm_cluster)
     daemon = None
     try:
@@ -57,7 +34,7 @@ def test_cobald_holds_more_nodes_while_work_waits_and_gives_them_back_once_the_g
                 "low_utilisation": 0.5, "high_allocation": 1.0, "rate": 0.5, "interval": 1,
             }, pool={
                 "service": site.url, "user": OPERATOR, "secret_file": site.secret_file, "nodes": 1,
-                "memory_mb": LEASE_MB, "duration_s": 900, "vm": guest_vm(), "interval": 1,
+                "memory_mb": LEASE_MB, "duration_s": 900, "vm": busy_guest_vm(JOB_S), "interval": 1,
                 "waiting": {"slurm_partition": queue.name, "slurm_conf": slurm_cluster.conf},
             })
             daemon = CobaldDaemon(config, str(root / "cobald.log"), env=slurm_cluster.env())
@@ -193,6 +170,16 @@ def test_a_node_whose_vms_keep_failing_gets_no_more_of_them(tmp_path, hugepages)
         (lease,) = open_leases(site)
         assert [vm["state"] for vm in lease["vms"]] == ["failed"]
         assert "sha256" in lease["vms"][0]["reason"]
+        host = lease["vms"][0]["host"]
+        site.cli("release", lease["id"])  # the pool's next lease asks the batch system to keep off that node
+        def others() -> list[dict]:
+            return [other for other in open_leases(site) if other["id"] != lease["id"]]
+
+        wait_for(lambda: others(), 60, daemon)
+        (later,) = others()
+        created = site.api("GET", f"/leases/{later['id']}/events").json()["events"][0]
+        assert f"not on {host}," in created["reason"]
+        assert later["pilots"] == [] or later["pilots"][0]["host"] != host
     finally:
         if daemon is not None:
             daemon.stop()

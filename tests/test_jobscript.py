@@ -530,3 +530,39 @@ def test_the_warning_time_reaches_the_pilots_argv_only_when_set():
     assert pilot_arguments(job(warn_before_s=60))[-2:] == ["--warn-before", "60"]
     assert "--warn-before" not in pilot_arguments(job())
 
+
+
+# -- a job kept off nodes (a pool's black-holed nodes) ---------------------------------------------------------
+
+
+def test_a_job_kept_off_nodes_says_so_to_slurm_and_grid_engine_and_a_pbs_script_refuses_it():
+    kept_off = job(exclude_nodes=("node1", "node3"))
+    assert "#SBATCH --exclude=node1,node3" in lines(render_slurm(kept_off, JobTemplate(), "srun"))
+    assert "#$ -l h=!node1&!node3" in lines(render_sge(kept_off, JobTemplate(), "qrsh"))
+    with pytest.raises(JobScriptError, match="cannot be kept off named nodes"):
+        render_pbs(kept_off, JobTemplate(), "pbsdsh")
+    assert not any("exclude" in line or "h=" in line for line in lines(render_slurm(job(), JobTemplate(), "srun")))
+    assert not any("h=!" in line for line in lines(render_sge(job(), JobTemplate(), "qrsh")))
+
+
+@pytest.mark.parametrize("render, launcher, extra", [
+    (render_slurm, "srun", "--exclude=node9"),
+    (render_slurm, "srun", "-x node9"),
+    (render_slurm, "srun", "--nodelist=node2"),
+    (render_sge, "qrsh", "-l h=sgenode1"),
+    (render_sge, "qrsh", "-l arch=lx-amd64,hostname=sgenode2"),
+])
+def test_a_sites_own_choice_of_nodes_conflicts_only_with_a_job_kept_off_nodes(render, launcher, extra):
+    with pytest.raises(JobScriptError, match="conflicts with the lease's exclude_nodes: the script keeps the job "
+                                             "off node1"):
+        render(job(exclude_nodes=("node1",)), JobTemplate(extra_directives=(extra,)), launcher)
+    assert extra in lines(render(job(), JobTemplate(extra_directives=(extra,)), launcher))[-3]
+
+
+@pytest.mark.parametrize("bad", [
+    ("node1,node2",), ("!node1",), ("node 1",), ("",), ("-x",), ("a" * 129,), ("node1\n#SBATCH --uid=0",),
+    ["node1"], tuple(f"n{i}" for i in range(65)), (5,),
+])
+def test_a_node_name_a_directive_would_read_as_more_is_refused_before_any_script(bad):
+    with pytest.raises(JobScriptError, match="exclude_nodes must be at most 64 node names"):
+        render_slurm(job(exclude_nodes=bad), JobTemplate(), "srun")

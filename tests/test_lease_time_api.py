@@ -291,3 +291,35 @@ def test_cli_vm_suspend_wait_returns_once_the_pilot_reports_and_a_failure_is_exi
     out, err = failing.communicate(timeout=30)
     assert failing.returncode == 1
     assert "is paused: resume failed: libvirt could not resume it" in single_line(err)
+
+
+def test_a_lease_kept_off_nodes_hands_them_to_its_job_and_names_them_in_its_history(svc, cli):
+    svc.provider.excludes_nodes = True  # the stand-in as a batch system that can (Slurm, Grid Engine)
+    made = svc.api("POST", "/leases", json={"nodes": 1, "memory_mb": 64, "duration_s": 60,
+                                            "exclude_nodes": ["node2", "node1", "node2"]})
+    assert made.status_code == 201, made.text
+    by_cli = cli("reserve", "--nodes", "1", "--memory", "64", "--duration", "60", "--exclude-node", "node3",
+                 "--json")
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert [job.exclude_nodes for job in svc.provider.submitted] == [("node2", "node1"), ("node3",)]
+    events = svc.api("GET", f"/leases/{made.json()['id']}/events").json()["events"]
+    assert events[0]["reason"].endswith("for 60 s, not on node2, node1, owner alice")
+
+
+@pytest.mark.parametrize("exclude, can, words", [
+    ("node1", True, "exclude_nodes must be a list of at most 64 node names"),
+    ([f"n{i}" for i in range(65)], True, "exclude_nodes must be a list of at most 64 node names"),
+    (["node1,node2"], True, "exclude_nodes: 'node1,node2' is not a node name"),
+    (["!node1"], True, "exclude_nodes: '!node1' is not a node name"),
+    ([7], True, "exclude_nodes: '7' is not a node name"),
+    (["node1"], False, "the stand-in provider cannot keep a job off named nodes"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_bad_exclusion_or_one_the_batch_system_cannot_make_is_400_and_nothing_is_recorded(svc, exclude, can, words,
+                                                                                            dry_run):
+    svc.provider.excludes_nodes = can
+    body = {"nodes": 1, "memory_mb": 64, "duration_s": 60, "exclude_nodes": exclude}
+    response = svc.api("POST", "/leases", json={**body, "dry_run": True} if dry_run else body)
+    assert response.status_code == 400, response.text
+    assert words in one_line_error(response)
+    assert svc.store.list_leases() == [] and svc.provider.submitted == []

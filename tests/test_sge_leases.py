@@ -128,3 +128,20 @@ def test_grid_engine_cannot_raise_a_running_jobs_h_rt_so_an_extension_is_refused
     site.manager.release(lease.id)
     assert site.wait(lease, TERMINAL, 60).state == "released"
     assert pool_pages() == hugepages
+
+
+def test_a_lease_kept_off_a_host_gets_the_other_one(make_site, hugepages):
+    """A pool's black-holed nodes go to qsub as -l h=!HOST: each lease lands on the host it left open."""
+    site = make_site()
+    leases = {open_host: site.manager.reserve(nodes=1, memory_mb=32, duration_s=300, owner="alice",
+                                              exclude_nodes=[other])
+              for open_host, other in (("sgenode2", "sgenode1"), ("sgenode1", "sgenode2"))}
+    for open_host, lease in leases.items():
+        ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+        assert ready.state == "ready", ready.reason
+        assert [p.host for p in ready.pilots] == [open_host]
+    for lease in leases.values():
+        site.manager.release(lease.id)
+    for lease in leases.values():
+        assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert pool_pages() == hugepages

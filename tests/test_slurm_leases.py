@@ -108,3 +108,30 @@ def test_a_job_that_never_starts_is_cancelled_by_the_queue_timeout(make_site, sl
 
 def test_a_service_restart_mid_lease_loses_nothing(make_site, hugepages):
     check_a_service_restart_mid_lease_loses_nothing(make_site("slurm"), hugepages)
+
+
+def test_a_lease_kept_off_nodes_gets_a_node_slurm_was_not_told_to_avoid(make_site, hugepages):
+    """A pool's black-holed nodes go to sbatch as --exclude: each lease lands on the one node it left open."""
+    site = make_site("slurm")
+    nodes = site.cluster.nodes
+    leases = {open_node: site.manager.reserve(nodes=1, memory_mb=32, duration_s=300, owner="alice",
+                                              exclude_nodes=[node for node in nodes if node != open_node])
+              for open_node in (nodes[3], nodes[1])}
+    for open_node, lease in leases.items():
+        ready = site.wait(lease, {"ready"} | TERMINAL, 60)
+        assert ready.state == "ready", ready.reason
+        assert [p.host for p in ready.pilots] == [open_node]
+        avoided = ", ".join(node for node in nodes if node != open_node)
+        assert f"not on {avoided}" in site.manager.history(lease.id)[0].reason
+    for lease in leases.values():
+        site.manager.release(lease.id)
+    for lease in leases.values():
+        assert site.wait(lease, TERMINAL, 60).state == "released"
+    assert pool_pages() == hugepages
+
+
+def test_pbs_cannot_keep_a_job_off_nodes_so_such_a_lease_is_refused_and_nothing_recorded(make_site):
+    site = make_site("pbs")
+    with pytest.raises(ValueError, match="the pbs provider cannot keep a job off named nodes"):
+        site.manager.reserve(nodes=1, memory_mb=32, duration_s=300, owner="alice", exclude_nodes=["node1"])
+    assert site.manager.list() == []

@@ -12,7 +12,9 @@ leases, their pilots and VMs with their use), asks how much work waits
 - a held lease whose nodes run no VM of the profile: starts one on each node;
 - a node whose VMs failed ``blackhole_failures`` times within
   ``blackhole_window_s`` gets no more VMs (a black-hole guard): it counts as
-  idle, so the controller's lower demand gives its lease back first.
+  idle, so the controller's lower demand gives its lease back first, and
+  (``exclude_blackholed``, on Slurm and Grid Engine) later leases ask the
+  batch system to keep their jobs off it.
 
 Its leases are those of its service account (one pool per account): after a
 restart it finds them again, and a reserve whose answer was lost is not
@@ -50,14 +52,15 @@ class LeasePool(Pool):
     ``memory_mb``, ``duration_s``, ``vm``, ``images``, ``stagger``,
     ``release_when_idle_s`` (:class:`~.profile.LeaseProfile`). Behaviour:
     ``waiting`` (:mod:`.waiting`), ``max_leases``, ``interval``,
-    ``blackhole_failures`` and ``blackhole_window_s``. The profile is checked
+    ``blackhole_failures``, ``blackhole_window_s`` and ``exclude_blackholed``. The profile is checked
     by the service (a dry run) before the pool exists: a profile it would
     refuse stops COBalD's start with the service's reason.
     """
 
     def __init__(self, service: str, user: str, secret_file: str, *, memory_mb=None, duration_s=None, nodes=1,
                  vm=None, images=(), stagger=0.2, release_when_idle_s=None, waiting=None, max_leases=16,
-                 interval=10.0, ca_file=None, request_timeout=20.0, blackhole_failures=3, blackhole_window_s=600.0):
+                 interval=10.0, ca_file=None, request_timeout=20.0, blackhole_failures=3, blackhole_window_s=600.0,
+                 exclude_blackholed=True):
         self.profile = parse_profile(nodes=nodes, memory_mb=memory_mb, duration_s=duration_s, vm=vm, images=images,
                                      stagger=stagger, release_when_idle_s=release_when_idle_s)
         if not isinstance(max_leases, int) or isinstance(max_leases, bool) or max_leases < 1:
@@ -69,6 +72,9 @@ class LeasePool(Pool):
         self.interval = float(interval)
         self.blackhole_failures = int(blackhole_failures)
         self.blackhole_window_s = float(blackhole_window_s)
+        if not isinstance(exclude_blackholed, bool):
+            raise ProfileError(f"exclude_blackholed must be true or false, got {exclude_blackholed!r}")
+        self.exclude_blackholed = exclude_blackholed
         with open(secret_file, encoding="utf-8") as handle:
             secret = handle.read().strip()
         self.client = LeaseClient(service, user, secret, timeout_s=float(request_timeout),
@@ -90,8 +96,10 @@ class LeasePool(Pool):
         p = self.profile
         vm = dict(p.vm) if p.vm is not None else None
         try:
+            # With exclude_blackholed, whether the batch system can keep a job off a node is asked too.
             self.client.check(p.nodes, p.memory_mb, p.duration_s, vm=vm, images=list(p.images) or None,
-                              release_when_idle_s=p.release_when_idle_s)
+                              release_when_idle_s=p.release_when_idle_s,
+                              exclude_nodes=["workspace-pilot-check"] if self.exclude_blackholed else None)
         except ClientError as exc:
             raise ProfileError(f"the service refuses this pool's leases: {exc.message}") from None
 
@@ -188,7 +196,8 @@ class LeasePool(Pool):
         sent = time.time()
         try:
             lease = self.client.reserve(p.nodes, p.memory_mb, duration, images=list(p.images) or None,
-                                        release_when_idle_s=p.release_when_idle_s)
+                                        release_when_idle_s=p.release_when_idle_s,
+                                        exclude_nodes=sorted(self.blackholed) if self.exclude_blackholed else None)
         except ClientError as exc:
             if exc.status is None:  # it may have been made: count it from a later listing, never reserve twice
                 self._in_doubt_until = sent + self.client.timeout_s

@@ -132,7 +132,7 @@ def _wait_timeout(args) -> float:
 
 def _cmd_reserve(client, args) -> int:
     lease = client.reserve(args.nodes, args.memory, args.duration, images=args.images, start_at=args.start_at,
-                           release_when_idle_s=args.release_when_idle)
+                           release_when_idle_s=args.release_when_idle, exclude_nodes=args.exclude_nodes)
     if args.wait:
         try:
             lease = _wait_for(client, lease["id"], UP_STATES, _wait_timeout(args))

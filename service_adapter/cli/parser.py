@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="give the nodes back once no VM has been on the lease for SECONDS (counted from "
                               "when it is ready or its last VM ended): a site without a controller such as "
                               "COBalD gets idle nodes back by itself")
+    reserve.add_argument("--exclude-node", dest="exclude_nodes", action="append", metavar="NODE",
+                         help="a node the batch system must not give the lease's job (one whose VMs keep failing); "
+                              "Slurm and Grid Engine only. Repeatable")
     reserve.add_argument("--wait", action="store_true",
                          help="block until the lease is ready (exit 0) or has ended (exit 1), "
                               "at most --timeout (exit 7)")

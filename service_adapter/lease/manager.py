@@ -27,6 +27,7 @@ from service_adapter.lease.rules import (
 )
 from service_adapter.lease.views import LeaseInfo, Usage
 from service_adapter.providers.base import JobState, PilotJob, Provider, ProviderError
+from service_adapter.providers.jobscript import MAX_EXCLUDED_NODES, NODE_NAME_RE
 from service_adapter.lease.watch import LeaseWatch
 from service_adapter.store import LeaseEvent, LeaseRow, PilotRow, Store
 
@@ -97,7 +98,7 @@ class LeaseManager(LeaseWatch):
 
     def reserve(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
                 images: list[dict] | None = None, start_at: float | None = None,
-                release_when_idle_s: float | None = None) -> LeaseInfo:
+                release_when_idle_s: float | None = None, exclude_nodes=()) -> LeaseInfo:
         """Record a lease of ``nodes`` x ``memory_mb`` MB for ``duration_s`` s, then submit its pilot job.
 
         ``images`` (listed images, already resolved by the image catalogue)
@@ -107,6 +108,8 @@ class LeaseManager(LeaseWatch):
         advance; the lease is ``scheduled`` until then. With
         ``release_when_idle_s`` a held lease is released once no VM has been
         on it for that long (from when it was ready or its last VM ended).
+        ``exclude_nodes``: nodes the batch system must not give its job (a
+        pool's black-holed nodes; not every batch system can).
 
         The lease and its slot are committed before the job is submitted, so
         a pilot's first notification finds them. Raises
@@ -118,16 +121,17 @@ class LeaseManager(LeaseWatch):
         now = self.clock()
         _check_start(start_at, now)
         _check_idle(release_when_idle_s)
+        exclude_nodes = self._check_exclude(exclude_nodes)
         lease_id, slot = str(uuid.uuid4()), str(uuid.uuid4())
         self.store.create_lease(
             lease_id, slot, owner=owner, nodes=nodes, memory_mb=memory_mb, duration_s=duration_s, now=now,
-            images=images, start_at=start_at, release_when_idle_s=release_when_idle_s,
+            images=images, start_at=start_at, release_when_idle_s=release_when_idle_s, exclude_nodes=exclude_nodes,
         )
         log.info("lease %s created for %s: %d x %d MB for %g s%s (slot %s)", lease_id, owner, nodes, memory_mb,
                  duration_s, "" if start_at is None else f" from {format_epoch(start_at)}", slot)
         job = PilotJob(slot, nodes, memory_mb, duration_s, self.grace_s, self.contact, self.pilot_config,
                        lease=lease_id, slot_secret=self.store.slot_secret(slot), begin_at=start_at,
-                       warn_before_s=self.warn_before_s)
+                       warn_before_s=self.warn_before_s, exclude_nodes=exclude_nodes)
         submit_started = self.clock()
         try:
             job_id = self.provider.submit(job)
@@ -146,12 +150,20 @@ class LeaseManager(LeaseWatch):
         return self.get(lease_id)
 
     def check(self, nodes: int, memory_mb: int, duration_s: float, owner: str = "operator",
-              start_at: float | None = None, release_when_idle_s: float | None = None) -> None:
+              start_at: float | None = None, release_when_idle_s: float | None = None, exclude_nodes=()) -> None:
         """Whether :meth:`reserve` would take these values (a dry run: nothing recorded, nothing submitted);
         raises :class:`InvalidLease` saying why not. The batch system is not asked."""
         _check_request(nodes, memory_mb, duration_s, owner)
         _check_start(start_at, self.clock())
         _check_idle(release_when_idle_s)
+        self._check_exclude(exclude_nodes)
+
+    def _check_exclude(self, exclude_nodes) -> tuple[str, ...]:
+        exclude_nodes = check_exclude(exclude_nodes)
+        if exclude_nodes and not self.provider.excludes_nodes:
+            raise InvalidLease(f"the {self.provider.name} provider cannot keep a job off named nodes: reserve "
+                               "without exclude_nodes")
+        return exclude_nodes
 
     def release(self, lease_id: str) -> LeaseInfo:
         """End a lease early: cancel its job now (pilots take their early-unreserve path). Idempotent.
@@ -294,6 +306,17 @@ def _check_idle(release_when_idle_s) -> None:
             or not math.isfinite(release_when_idle_s) or not 0 < release_when_idle_s <= MAX_EXTENSION_S):
         raise InvalidLease(f"release_when_idle_s must be a number of seconds above 0, at most {MAX_EXTENSION_S:g}, "
                            f"got {release_when_idle_s!r}")
+
+
+def check_exclude(exclude_nodes) -> tuple[str, ...]:
+    """``exclude_nodes`` as a tuple of distinct node names; :class:`InvalidLease` naming the first bad one."""
+    if not isinstance(exclude_nodes, (list, tuple)) or len(exclude_nodes) > MAX_EXCLUDED_NODES:
+        raise InvalidLease(f"exclude_nodes must be a list of at most {MAX_EXCLUDED_NODES} node names")
+    for node in exclude_nodes:
+        if not isinstance(node, str) or not NODE_NAME_RE.fullmatch(node):
+            raise InvalidLease(f"exclude_nodes: {str(node)[:64]!r} is not a node name (letters, digits, . _ -; "
+                               "at most 128)")
+    return tuple(dict.fromkeys(exclude_nodes))
 
 
 def _check_request(nodes, memory_mb, duration_s, owner) -> None:

@@ -37,6 +37,8 @@ class PilotJob:
     """When the batch system may start the job at the earliest (epoch seconds); None: as soon as it can."""
     warn_before_s: float = 0.0
     """How long before their deadline the pilots warn their VMs (0: no warning)."""
+    exclude_nodes: tuple[str, ...] = ()
+    """Nodes the batch system must not give this job (a pool's black-holed nodes); host names only."""
 
 
 class JobState(enum.Enum):
@@ -101,6 +103,9 @@ class Provider(abc.ABC):
 
     #: The name a service config uses for this provider (``[provider] name``).
     name: str = ""
+    #: Whether a job can be kept off named nodes (:attr:`PilotJob.exclude_nodes`); a provider that cannot
+    #: never receives such a job (the lease manager refuses the lease first).
+    excludes_nodes: bool = False
 
     @abc.abstractmethod
     def submit(self, job: PilotJob) -> str:

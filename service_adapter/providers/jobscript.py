@@ -43,6 +43,9 @@ DEFAULT_SGE_PE = "workspace-pilot"
 # The pilot protocol's slot syntax (workspace_common.protocol keeps its pattern private); it is also
 # what makes a slot safe in file names and directive lines.
 _SLOT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A node a job may be kept off: a batch system's host name, nothing its directives or commands would read as more.
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_EXCLUDED_NODES = 64
 # Same words as the service config accepts for [provider] queue/account/job_name_prefix.
 _WORD_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*")
 _PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,15}")
@@ -255,6 +258,10 @@ def check_job(job: PilotJob) -> None:
         raise JobScriptError(f"begin_at must be a time in epoch seconds, not {job.begin_at!r}")
     if not _is_real(job.warn_before_s) or job.warn_before_s < 0:
         raise JobScriptError(f"warn_before_s must be a number of seconds from 0, not {job.warn_before_s!r}")
+    if (not isinstance(job.exclude_nodes, tuple) or len(job.exclude_nodes) > MAX_EXCLUDED_NODES
+            or not all(isinstance(node, str) and NODE_NAME_RE.fullmatch(node) for node in job.exclude_nodes)):
+        raise JobScriptError(f"exclude_nodes must be at most {MAX_EXCLUDED_NODES} node names (letters, digits, "
+                             f". _ -), not {job.exclude_nodes!r}"[:300])
     if not is_key(job.slot_secret):
         raise JobScriptError("the job's slot secret must be 64 lowercase hex digits")
 
@@ -299,6 +306,7 @@ _FIELDS = {
     "queue": ("the queue/partition", "queue", "leave queue empty to choose it here instead"),
     "account": ("the account", "account", "leave account empty to choose it here instead"),
     "output": ("the job's output", "output_dir", "the output always goes to {output}"),
+    "exclude": ("the nodes to avoid or use", "the lease's exclude_nodes", "the script keeps the job off {exclude}"),
 }
 
 def normalised_extras(
@@ -311,6 +319,7 @@ def normalised_extras(
         "name": job_name(job, template) if job else f"{template.job_name_prefix}-<slot>",
         "nodes": job.nodes if job else "N",
         "output": output_path(job, template) if job else os.path.join(template.output_dir, "<slot>.out"),
+        "exclude": ",".join(job.exclude_nodes) if job else "",
     }
     prefix = dialect.prefix
     active = {"name", "nodes", "tasks", "cpus", "walltime", "output"}
@@ -320,6 +329,8 @@ def normalised_extras(
         active.add("queue")
     if template.account:
         active.add("account")
+    if job is not None and job.exclude_nodes:
+        active.add("exclude")
     lines = []
     for line in template.extra_directives:
         for other_lrm, other_prefix in PREFIXES.items():

@@ -62,6 +62,7 @@ class LocalProvider(Provider):
     """
 
     name = "local"
+    excludes_nodes = True  # its simulated nodes are chosen here
 
     def __init__(self, output_dir: str, *, host_prefix: str = "local-node", python: str = sys.executable,
                  fixed_hosts: tuple[str, ...] | None = None):
@@ -97,17 +98,19 @@ class LocalProvider(Provider):
             state = self._file.read()
             first = int(state.get("next_host", 1))
             if self.fixed_hosts is None:
-                hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes)]
-            elif job.nodes > len(self.fixed_hosts):
-                raise ProviderError(f"this local site has {len(self.fixed_hosts)} node(s); the job asks for "
-                                    f"{job.nodes}")
+                hosts = [f"{self.host_prefix}{first + i}" for i in range(job.nodes + len(job.exclude_nodes))]
+                hosts = [host for host in hosts if host not in job.exclude_nodes][:job.nodes]
             else:
-                hosts = list(self.fixed_hosts[:job.nodes])
+                usable = [host for host in self.fixed_hosts if host not in job.exclude_nodes]
+                if job.nodes > len(usable):
+                    raise ProviderError(f"this local site has {len(usable)} node(s) the job may use; it asks for "
+                                        f"{job.nodes}")
+                hosts = usable[:job.nodes]
             for host in hosts:
                 self.pilot_argv(job, host)  # validates the job before anything starts
             local = _LocalJob(job, hosts, [])
             prune(state)
-            state["next_host"] = first + job.nodes
+            state["next_host"] = first + job.nodes + len(job.exclude_nodes)
             state["jobs"][job_id] = {
                 "slot": job.slot, "lease": job.lease, "submitted_at": time.time(), "owner_pid": os.getpid(),
                 "pilots": [], "cancelled": False, "exit_codes": None, "begin_at": job.begin_at if later else None,

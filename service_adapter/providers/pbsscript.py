@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service_adapter.providers.jobscript import (
-    PREFIXES, PBS, JobTemplate, ScriptDialect, check_job, exec_line, head, job_name,
+    PREFIXES, PBS, JobScriptError, JobTemplate, ScriptDialect, check_job, exec_line, head, job_name,
     memory_per_node_mb, normalised_extras, output_path, walltime_s,
 )
 from service_adapter.providers.lrmtime import format_walltime, pbs_time, slurm_time
@@ -63,6 +63,9 @@ def render_pbs(job: PilotJob, template: JobTemplate, launcher: Launcher | str, *
     in ``extra_directives``.)
     """
     check_job(job)
+    if job.exclude_nodes:
+        raise JobScriptError("a PBS job cannot be kept off named nodes (qsub has no such option): reserve without "
+                             "exclude_nodes (a COBalD pool: exclude_blackholed: false)")
     memory = memory_per_node_mb(job, template)
     extras = normalised_extras(template, PBS_SCRIPT, memory_set=memory != 0, job=job)
     lines = head(job) + [

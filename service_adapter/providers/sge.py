@@ -81,6 +81,7 @@ class SgeProvider(BatchProvider):
     """Submits pilot jobs with qsub, cancels them with qdel, watches them with qstat -xml and qacct."""
 
     name = SGE
+    excludes_nodes = True  # qsub -l h=!NODE
 
     def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):

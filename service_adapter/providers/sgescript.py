@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 _SGE_OPTIONS = {"-N": "name", "-q": "queue", "-A": "account", "-o": "output", "-e": "output", "-j": "output",
                 "-pe": "nodes"}
 _SGE_RESOURCES = {"h_rt": "walltime", "s_rt": "walltime", "h_vmem": "memory", "s_vmem": "memory",
-                  "mem_free": "memory", "virtual_free": "memory"}
+                  "mem_free": "memory", "virtual_free": "memory", "h": "exclude", "hostname": "exclude"}
 
 
 def _sge_keys(words: list[str]) -> list[str]:
@@ -67,6 +67,8 @@ def render_sge(job: PilotJob, template: JobTemplate, launcher: Launcher | str) -
         lines.append(f"#$ -a {pbs_time(job.begin_at)}")
     if memory:
         lines.append(f"#$ -l mem_free={memory}M")
+    if job.exclude_nodes:  # Grid Engine's resource expression: not this host and not that one
+        lines.append("#$ -l h=" + "&".join(f"!{node}" for node in job.exclude_nodes))
     if template.queue:
         lines.append(f"#$ -q {template.queue}")
     if template.account:

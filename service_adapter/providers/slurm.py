@@ -74,6 +74,7 @@ class SlurmProvider(BatchProvider):
     """
 
     name = SLURM
+    excludes_nodes = True  # sbatch --exclude
 
     def __init__(self, template: JobTemplate = JobTemplate(), *, command_timeout_s: float = 30.0,
                  env: dict[str, str] | None = None, which: Callable[[str], str | None] = shutil.which):

@@ -19,10 +19,11 @@ _SLURM_LONG = {
     "job-name": "name", "nodes": "nodes", "ntasks": "tasks", "ntasks-per-node": "tasks",
     "cpus-per-task": "cpus", "mem": "memory", "mem-per-cpu": "memory", "mem-per-gpu": "memory",
     "time": "walltime", "partition": "queue", "account": "account", "output": "output", "error": "output",
+    "exclude": "exclude", "nodelist": "exclude",
 }
 _SLURM_SHORT = {
     "J": "name", "N": "nodes", "n": "tasks", "c": "cpus", "t": "walltime", "p": "queue", "A": "account",
-    "o": "output", "e": "output",
+    "o": "output", "e": "output", "x": "exclude", "w": "exclude",
 }
 
 
@@ -65,6 +66,8 @@ def render_slurm(job: PilotJob, template: JobTemplate, launcher: Launcher | str)
     lines.append(f"#SBATCH --time={format_walltime(walltime_s(job, template))}")
     if job.begin_at is not None:
         lines.append(f"#SBATCH --begin={slurm_time(job.begin_at)}")
+    if job.exclude_nodes:
+        lines.append(f"#SBATCH --exclude={','.join(job.exclude_nodes)}")
     if template.queue:
         lines.append(f"#SBATCH --partition={template.queue}")
     if template.account:

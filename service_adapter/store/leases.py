@@ -23,7 +23,8 @@ from service_adapter.store.rows import LEASE_COLUMNS, LeaseEvent, LeaseRow, Usag
 
 
 def insert_lease(conn: sqlite3.Connection, lease_id, owner, nodes, memory_mb, duration_s, now, reason,
-                 slot_id, start_at: float | None = None, release_when_idle_s: float | None = None) -> None:
+                 slot_id, start_at: float | None = None, release_when_idle_s: float | None = None,
+                 exclude_nodes: tuple = ()) -> None:
     """A new lease with its history's first entry: ``pending``, or ``scheduled`` when it starts at ``start_at``."""
     state = "pending" if start_at is None else "scheduled"
     begins = now if start_at is None else start_at
@@ -37,6 +38,8 @@ def insert_lease(conn: sqlite3.Connection, lease_id, owner, nodes, memory_mb, du
     starts = "" if start_at is None else f", starting at {format_epoch(start_at)}"
     if release_when_idle_s is not None:
         starts += f", released after {release_when_idle_s:g} s without a VM"
+    if exclude_nodes:
+        starts += f", not on {', '.join(exclude_nodes)}"
     conn.execute(
         "INSERT INTO lease_events (lease_id, at, old_state, new_state, reason, kind)"
         " VALUES (?, ?, NULL, ?, ?, 'created')",

@@ -31,19 +31,20 @@ class StoreWrites:
     def create_lease(
         self, lease_id: str, slot_id: str, *, owner: str, nodes: int, memory_mb: int, duration_s: float,
         now: float, reason: str = "submitting the pilot job", images: list[dict] | None = None,
-        start_at: float | None = None, release_when_idle_s: float | None = None,
+        start_at: float | None = None, release_when_idle_s: float | None = None, exclude_nodes: tuple = (),
     ) -> LeaseRow:
         """Record a new lease (state ``pending``, or ``scheduled`` with ``start_at``) and its one slot in one
         transaction; blocks until committed.
 
         Called before the pilot job is submitted, so a pilot's first
         notification always finds its slot. ``images`` (resolved) are what
-        each host is told to prefetch once it has reserved.
+        each host is told to prefetch once it has reserved. ``exclude_nodes``
+        are named in its first event (its job's only record of them).
         """
 
         def write(conn: sqlite3.Connection) -> None:
             lease_ops.insert_lease(conn, lease_id, owner, nodes, memory_mb, duration_s, now, reason, slot_id,
-                                   start_at, release_when_idle_s)
+                                   start_at, release_when_idle_s, exclude_nodes)
             lease_ops.insert_slot(conn, slot_id, lease_id, nodes, memory_mb, now)
             if images:
                 image_ops.set_lease_images(conn, lease_id, images)

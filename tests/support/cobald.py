@@ -8,7 +8,33 @@ import os
 import subprocess
 import sys
 
-from tests.support.site import stop_process
+from tests.support.libvirt_daemon import GUEST_DIR, guest_files
+from tests.support.realvms import VM_MB
+from tests.support.site import Site, stop_process
+from tests.support.slurm_cluster import PILOT, SUDO
+
+
+def slurm_vm_site(root, cluster, libvirt_uri: str) -> Site:
+    """A service on the real Slurm whose pilots host QEMU guests (``libvirt_uri``) and report their use every 2 s."""
+    return Site(root, nodes=tuple(cluster.nodes), provider={
+        "name": "slurm", "env": f"SLURM_CONF={cluster.conf}", "pilot_command": PILOT, "sudo": SUDO,
+        "output_dir": str(root / "jobs"), "walltime_padding": 120,
+    }, pilot_sections={
+        "libvirt": {"uri": libvirt_uri}, "batch": cluster.pilot_batch(),
+        "vms": {"image_dir": GUEST_DIR, "console_dir": str(root / "consoles"), "poll_wait": 5,
+                "shutdown_timeout": 2, "usage_interval": 2},
+        "timing": {"walltime_margin": 20, "earlywaitratio": 0.3},
+    })
+
+
+def busy_guest_vm(busy_s: int) -> dict:
+    """The test guest as a pool's VM spec: its agent says busy for ``busy_s`` seconds from its boot, then idle."""
+    files = guest_files()
+    return {"name": "worker", "memory_mb": VM_MB, "vcpus": 1,
+            "boot": {"kernel": {"path": "vmlinuz", "sha256": files.kernel_sha256},
+                     "initrd": {"path": "initrd.img", "sha256": files.initrd_sha256},
+                     "cmdline": f"console=ttyS0 panic=-1 quiet wp_busy={busy_s}"},
+            "console_log": "worker.log", "context": {}}
 
 
 def pool_yaml(path: str, *, controller: dict, pool: dict, tag: bool = True) -> str:
