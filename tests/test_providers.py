@@ -451,6 +451,22 @@ def test_local_provider_job_is_seen_and_cancelled_by_a_second_provider(tmp_path)
         first.close()
 
 
+def test_local_provider_keeps_a_job_off_the_nodes_it_excludes(tmp_path):
+    pilot, records = write_stand_in(str(tmp_path))
+    counted = LocalProvider(str(tmp_path / "counted"), python=pilot)
+    fixed = LocalProvider(str(tmp_path / "fixed"), python=pilot, fixed_hosts=("n1", "n2", "n3"))
+    try:
+        assert counted.hosts(counted.submit(pilot_job(tmp_path, nodes=2, exclude_nodes=("local-node1",)))) == [
+            "local-node2", "local-node3"]
+        assert fixed.hosts(fixed.submit(pilot_job(tmp_path, nodes=2, exclude_nodes=("n1",)))) == ["n2", "n3"]
+        with pytest.raises(ProviderError, match="has 2 node\\(s\\) the job may use; it asks for 3"):
+            fixed.submit(pilot_job(tmp_path, nodes=3, exclude_nodes=("n2",)))
+        read_records(records, 4)  # the four pilots started (their SIGTERM handlers set): none for the refused job
+    finally:
+        counted.close()
+        fixed.close()
+
+
 def test_local_provider_reports_pilots_of_a_process_that_is_gone(tmp_path):
     pilot, records = write_stand_in(str(tmp_path), exit_code=0, delay=1.0)
     state_dir = str(tmp_path / "local")
