@@ -34,7 +34,8 @@ RATE_PER_S = 20.0
 BURST = 200
 IN_FLIGHT = 16
 DOWNLOADS = 2
-#: Hosts forgotten once their bucket is full again and nothing of theirs is in flight, checked when this many are held.
+#: Hosts forgotten once their bucket is full again and nothing of theirs is in flight, checked when this many are held
+#: (and, after a sweep, not again until twice as many as it kept: a sweep that frees little is not repeated per host).
 _PRUNE_AT = 4096
 
 
@@ -65,6 +66,9 @@ class HostShares:
         self.downloads = downloads
         self.clock = clock
         self._hosts: dict[str, _Host] = {}
+        self._prune_at = _PRUNE_AT
+        #: Sweeps of quiet hosts so far (each is one pass over the table).
+        self.sweeps = 0
         #: Requests answered 429, by why: "rate", "in-flight", "downloads".
         self.limited: dict[str, int] = {"rate": 0, "in-flight": 0, "downloads": 0}
 
@@ -72,7 +76,7 @@ class HostShares:
         found = self._hosts.get(host)
         now = self.clock()
         if found is None:
-            if len(self._hosts) >= _PRUNE_AT:
+            if len(self._hosts) >= self._prune_at:
                 self._prune(now)
             found = self._hosts[host] = _Host(float(self.burst), now)
         else:
@@ -81,9 +85,12 @@ class HostShares:
         return found
 
     def _prune(self, now: float) -> None:
+        self.sweeps += 1
         for host in [h for h, s in self._hosts.items()
                      if s.in_flight == 0 and s.tokens + (now - s.at) * self.rate_per_s >= self.burst]:
             del self._hosts[host]
+        # Amortised: 10,000 nodes that all have a request in flight would otherwise cost a full pass each.
+        self._prune_at = max(_PRUNE_AT, 2 * len(self._hosts))
 
     def admit(self, host: str) -> float | None:
         """None: the request is let in (and counted in flight until :meth:`release`); else the seconds the node

@@ -92,3 +92,21 @@ def test_the_throttle_remembers_a_bounded_number_of_addresses():
     for index in range(1000):
         throttle.failed(f"10.0.{index // 256}.{index % 256}")
     assert len(throttle._sources) == 100
+
+
+def test_many_busy_nodes_cost_a_few_sweeps_not_one_per_node():
+    """10,000 nodes whose first requests are all in flight at once (a site's burst of `reserved`): none can be
+    forgotten, and the table is swept a few times in all (each sweep waits for the table to double), not once
+    for every node past 4096; once they are quiet, the next sweep forgets them."""
+    clock = Clock()
+    shares = HostShares(rate_per_s=1, burst=2, clock=clock)
+    for index in range(10_000):
+        assert shares.admit(f"node{index}") is None  # in flight: kept
+    assert len(shares._hosts) == 10_000
+    assert shares.sweeps == 2  # at 4096 and at 8192
+    for index in range(10_000):
+        shares.release(f"node{index}")
+    clock.now += 10.0
+    for index in range(10_000, 16_385):
+        assert shares.admit(f"node{index}") is None
+    assert shares.sweeps == 3 and len(shares._hosts) < 10_000  # the quiet ones went at 16,384
