@@ -21,6 +21,7 @@ over a connection: :mod:`.leases`, :mod:`.notifications`, :mod:`.vms`
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import logging
@@ -41,6 +42,45 @@ __all__ = ["ACCESS_CACHE_SIZE", "Store"]
 log = logging.getLogger("service_adapter.store")
 
 _GROUP_MAX = 256
+
+
+class _LoopWaiter:
+    """A write whose caller awaits it on an event loop: its asyncio future, settled on that loop together with
+    the rest of its batch (one wake-up of the loop per batch, and no thread-safe future per write)."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.loop = loop
+        self.future = future
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """On the loop: give each waiting write its result (a caller that gave up, cancelled, is skipped)."""
+    for future, value, exc in outcomes:
+        if future.done():
+            continue
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+
+
+def _resolve(outcomes) -> None:
+    """Settle a batch's futures: thread-safe ones here, each loop's waiters in one call on their loop."""
+    on_loops: dict[asyncio.AbstractEventLoop, list] = {}
+    for waiter, value, exc in outcomes:
+        if isinstance(waiter, _LoopWaiter):
+            on_loops.setdefault(waiter.loop, []).append((waiter.future, value, exc))
+        elif exc is None:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(exc)
+    for loop, items in on_loops.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:  # its loop is closed: nobody waits any more
+            pass
 
 
 class Store(StoreWrites, StoreReads):
@@ -138,8 +178,7 @@ class Store(StoreWrites, StoreReads):
             log.error("store commit failed: %s", exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for _, future in batch:
-                future.set_exception(exc)
+            _resolve([(future, None, exc) for _, future in batch])
             return
         with self._changed:
             self._version += 1
@@ -153,11 +192,7 @@ class Store(StoreWrites, StoreReads):
                 self._command_listener(woken)
             except Exception:  # a listener's bug must not stop the writer
                 log.exception("command listener failed")
-        for future, value, exc in results:
-            if exc is None:
-                future.set_result(value)
-            else:
-                future.set_exception(exc)
+        _resolve(results)
 
     def _wake_target(self, slot: str, host: str) -> None:
         # Called inside a write: the (slot, host) is announced once the batch has committed.
@@ -177,6 +212,16 @@ class Store(StoreWrites, StoreReads):
             raise StoreClosed("the store is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((fn, future))
+        return future
+
+    def submit_on_loop(self, fn: Callable[[sqlite3.Connection], object]) -> asyncio.Future:
+        """:meth:`submit` for a caller on the running event loop: an asyncio future of ``fn``'s result, settled
+        on this loop after the commit (the writer wakes the loop once per batch, not once per write)."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((fn, _LoopWaiter(loop, future)))
         return future
 
     @property

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import sqlite3
@@ -122,6 +123,16 @@ class StoreWrites:
     ) -> concurrent.futures.Future:
         """Decide on and durably record one authenticated notification; the future gives its
         :class:`Verdict` (see :func:`service_adapter.store.notifications.record`)."""
+        return self.submit(self._notification_write(notification, body, account, slack_s))
+
+    def record_notification_on_loop(
+        self, notification: Notification, body: bytes, account: str, *, slack_s: float = 300.0
+    ) -> "asyncio.Future[Verdict]":
+        """:meth:`record_notification` for the receiver's event loop: an asyncio future, settled there after
+        the commit (see :meth:`Store.submit_on_loop`)."""
+        return self.submit_on_loop(self._notification_write(notification, body, account, slack_s))
+
+    def _notification_write(self, notification: Notification, body: bytes, account: str, slack_s: float):
         body_hash = hashlib.sha256(body).hexdigest()
 
         def write(conn: sqlite3.Connection) -> Verdict:
@@ -129,7 +140,7 @@ class StoreWrites:
             return notification_ops.record(conn, notification, body, body_hash, account, slack_s, self._wake_target,
                                            self.host_store_bytes)
 
-        return self.submit(write)
+        return write
 
     def compact(self, retention_s: float, now: float) -> tuple[int, int, int, int]:
         """One compaction pass (:mod:`.compaction`): the notifications and commands of leases that ended more
