@@ -58,7 +58,10 @@ class Service:
     report (the allocation check is tested with real providers).
     """
 
-    def __init__(self, workdir: str, *, verifier_options=None, max_skew_s: float = 300.0, store_options=None):
+    def __init__(self, workdir: str, *, verifier_options=None, max_skew_s: float = 300.0, store_options=None,
+                 allocations=None):
+        """``allocations``: the receiver's allocation check (an ``Allocations`` over a real provider); none
+        by default."""
         self.site_key = new_site_key()
         self.nodes = NodeAccounts(self.site_key, REALM, md5=True)
         self.verifier = DigestVerifier(REALM, self.nodes, **(verifier_options or {}))
@@ -67,7 +70,7 @@ class Service:
             provision_node_key(self.key_dir, self.site_key, host)
         self.slot_secrets: dict[str, str] = {}
         self.store = Store(os.path.join(workdir, "service.sqlite"), **(store_options or {}))
-        self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s))
+        self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s, allocations=allocations))
         self.url = self.receiver.start()
         self.notifications_url = self.url + "/pilot/v2/notifications"
         self.lease = "lease-" + uuid.uuid4().hex[:8]
