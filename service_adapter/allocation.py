@@ -11,6 +11,7 @@ pilot, and never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -37,6 +38,7 @@ class Allocations:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._asking: dict[str, threading.Lock] = {}  # job id -> held while the LRM is asked about it
+        self._on_loop: dict[str, asyncio.Future] = {}  # job id -> the answer a worker thread is getting (loop only)
 
     def hosts(self, job_id: str) -> frozenset[str] | None:
         """The job's hosts as short names, or None while the LRM cannot say (blocks on the LRM).
@@ -75,13 +77,21 @@ class Allocations:
                 self._known.move_to_end(job_id)
             return known
 
-    def known_holds(self, job_id: str, host: str) -> bool | None:
-        """Whether ``host`` is one of the job's hosts, from what the LRM already said; None if it was not
-        asked yet (then :meth:`holds`, off the event loop). Never asks."""
-        found = self.known_hosts(job_id)
-        return None if found is None else short_name(host) in found
-
     def holds(self, job_id: str, host: str) -> bool | None:
         """Whether ``host`` is one of the job's hosts; None while the LRM cannot say."""
         found = self.hosts(job_id)
+        return None if found is None else short_name(host) in found
+
+    async def holds_on_loop(self, job_id: str, host: str) -> bool | None:
+        """:meth:`holds` for the event loop: from memory if the LRM was asked, else from one worker thread per job
+        however many of its nodes ask at once (the others await that answer on the loop, not in threads of
+        their own, which would queue behind the pool's few workers)."""
+        found = self.known_hosts(job_id)
+        if found is None:
+            pending = self._on_loop.get(job_id)
+            if pending is None:
+                pending = asyncio.get_running_loop().run_in_executor(None, self.hosts, job_id)
+                self._on_loop[job_id] = pending
+                pending.add_done_callback(lambda _done: self._on_loop.pop(job_id, None))
+            found = await asyncio.shield(pending)  # one asker giving up does not cancel the others' answer
         return None if found is None else short_name(host) in found

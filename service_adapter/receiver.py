@@ -51,7 +51,7 @@ from workspace_common.protocol import (
     signature_matches,
     utc_now,
 )
-from service_adapter.allocation import Allocations, short_name
+from service_adapter.allocation import Allocations
 from service_adapter.commandboard import CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, trust
 from service_adapter.digest import DigestVerifier
@@ -71,8 +71,6 @@ SKEW_KEY = web.AppKey("max_skew", timedelta)
 BOARD_KEY = web.AppKey("command_board", CommandBoard)
 NODES_KEY = web.AppKey("nodes", NodeAccounts)
 ALLOCATIONS_KEY = web.AppKey("allocations", object)
-#: Job id -> the batch system's answer on its way (one thread asks; the job's other nodes await it on the loop).
-LOOKUPS_KEY = web.AppKey("allocation_lookups", dict)
 #: On a pilot endpoint's response: the ``result`` it told the pilot (typed where aiohttp has response keys).
 RESULT_KEY = web.ResponseKey("result", str) if hasattr(web, "ResponseKey") else "result"
 _AFTER_RE = re.compile(r"[0-9]{1,19}")
@@ -201,10 +199,7 @@ async def _check_allocation(request: web.Request, slot: str, host: str, job_id: 
     if job_id is None:
         return answer(503, "allocation-unknown", "the slot's job is not submitted yet: try again",
                        headers={"Retry-After": "1"})
-    holds = allocations.known_holds(job_id, host)  # the job's other nodes asked already: no thread hop
-    if holds is None:
-        hosts = await _hosts_of(request.app, allocations, job_id)
-        holds = None if hosts is None else short_name(host) in hosts
+    holds = await allocations.holds_on_loop(job_id, host)
     if holds is None:
         return answer(503, "allocation-unknown", f"the batch system cannot say yet which nodes job {job_id} has: "
                        "try again", headers={"Retry-After": "1"})
@@ -212,18 +207,6 @@ async def _check_allocation(request: web.Request, slot: str, host: str, job_id: 
         REFUSALS.refused(request.remote, "host %s is not in the allocation of job %s (slot %s)", host, job_id, slot)
         return answer(403, "not-allocated", f"the batch system did not give host {host} to this slot's job")
     return None
-
-
-async def _hosts_of(app: web.Application, allocations: Allocations, job_id: str) -> frozenset[str] | None:
-    """The job's hosts, asked of the batch system in one worker thread however many of its nodes report at once:
-    the others await that answer on the loop (a thread each would queue behind the pool's few workers)."""
-    lookups = app[LOOKUPS_KEY]
-    pending = lookups.get(job_id)
-    if pending is None:
-        pending = asyncio.get_running_loop().run_in_executor(None, allocations.hosts, job_id)
-        lookups[job_id] = pending
-        pending.add_done_callback(lambda _done: lookups.pop(job_id, None))
-    return await asyncio.shield(pending)  # one asker giving up does not cancel the others' answer
 
 
 def _poll_query(request: web.Request) -> tuple[int, float]:
@@ -349,7 +332,6 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
         raise TypeError("the pilots' verifier must hold NodeAccounts (one account per node)")
     app[NODES_KEY] = verifier.accounts
     app[ALLOCATIONS_KEY] = allocations
-    app[LOOKUPS_KEY] = {}
     app[SKEW_KEY] = timedelta(seconds=max_skew_s)
     board = board if board is not None else CommandBoard()
     app[BOARD_KEY] = board
