@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 
-from pilot.bounded import IDENTITY, AnswerTooLong, read_at_most
+from pilot.bounded import IDENTITY, AnswerTooLong, digest_auth, read_at_most
 from workspace_common.protocol import (
     MAX_BODY_BYTES,
     NOTIFICATIONS_PATH,
@@ -159,10 +159,9 @@ class Notifier:
     def _make_session(self) -> None:
         try:
             import requests
-            from requests.auth import HTTPDigestAuth
 
             session = requests.Session()
-            session.auth = HTTPDigestAuth(self._credentials.user, self._credentials.password)
+            session.auth = digest_auth(self._credentials.user, self._credentials.password)
             # True: the system's CAs; a path: that CA file (an https contact with the site's own CA); False: none.
             session.verify = self._verify_tls
             session.headers["Content-Type"] = "application/json"

@@ -1,20 +1,35 @@
 """The operators' client of the service's HTTP API (what ``workspace-lease reserve/list/vm ...`` use).
 
-One ``requests.Session`` with ``HTTPDigestAuth`` (the service answers with a
+One ``requests.Session`` with digest auth (the service answers with a
 SHA-256 challenge), a timeout on every request, and every failure turned
 into a one-line :class:`ClientError` that carries the HTTP status (None when
 the service could not be reached at all).
+
+Its users run for long (the COBalD pool) or as a person's command; what
+answers may be a proxy or not the service at all. So no answer is read
+whole: a body goes through :mod:`workspace_common.bounded` with
+:data:`MAX_ANSWER_BYTES`, and a 401 challenge's body within its own bound.
 """
 
 from __future__ import annotations
 
+import json
 
 import requests
 from requests.auth import HTTPDigestAuth
+from urllib3.exceptions import HTTPError, ReadTimeoutError
 
+from workspace_common.bounded import IDENTITY, AnswerTooLong, BoundedChallenge, read_at_most
 from workspace_common.errors import failure_words
 
 API = "/api/v1"
+#: The most of one answer that is read. The largest the API gives are a lease list and a lease's events, a few
+#: hundred bytes a row: 64 MiB holds over 100,000 of them, and bounds what a proxy or rogue server can make us hold.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+
+class _DigestAuth(BoundedChallenge, HTTPDigestAuth):
+    """HTTP digest auth whose challenge body costs at most a bounded read."""
 
 
 class ClientError(Exception):
@@ -34,10 +49,11 @@ class LeaseClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = requests.Session()
-        self.session.auth = HTTPDigestAuth(user, secret)
+        self.session.auth = _DigestAuth(user, secret)
         self.session.verify = verify_tls
         self.session.headers["Accept"] = "application/json"
         self.session.headers["User-Agent"] = "workspace-lease"
+        self.session.headers.update(IDENTITY)
 
     def close(self) -> None:
         """Close the session's connections."""
@@ -174,8 +190,11 @@ class LeaseClient:
         try:
             # verify given per request: requests lets $REQUESTS_CA_BUNDLE override a session's CA file.
             response = self.session.request(method, target, timeout=self.timeout_s, verify=self.session.verify,
-                                            **kwargs)
-        except requests.exceptions.Timeout:
+                                            stream=True, **kwargs)
+            content = read_at_most(response, MAX_ANSWER_BYTES)
+        except AnswerTooLong as exc:
+            raise ClientError(f"{target}: {exc}: is --url the workspace-lease service?") from None
+        except (requests.exceptions.Timeout, ReadTimeoutError):
             raise ClientError(f"{self.url}: no answer within {self.timeout_s:g} s") from None
         except requests.exceptions.SSLError as exc:
             raise ClientError(f"{self.url}: TLS failed: {_first_line(exc)}") from None
@@ -183,8 +202,10 @@ class LeaseClient:
             raise ClientError(f"cannot reach the service at {self.url}: {failure_words(exc)}") from None
         except requests.exceptions.RequestException as exc:
             raise ClientError(f"{self.url}: {_first_line(exc)}") from None
+        except (HTTPError, OSError) as exc:  # the body's transfer broke (urllib3's own errors, not requests')
+            raise ClientError(f"{self.url}: the answer broke off: {failure_words(exc)}") from None
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError:
             body = None
         if not isinstance(body, dict):
