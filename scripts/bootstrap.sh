@@ -2,8 +2,10 @@
 # Set up everything workspace-pilot needs on a Debian 12 machine, idempotently:
 # Debian packages (as root), a virtualenv in .venv, the project installed editable.
 # Run first by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
-# --test (scripts/test.sh): also the test extras (pytest, hypothesis, matplotlib, build) and dpkg-dev and
-# rpm, with which the tests build the packages; the demo needs none.
+# --test (scripts/test.sh): also the test extras (pytest, hypothesis, matplotlib, build, psycopg) and dpkg-dev
+# and rpm, with which the tests build the packages, and Debian's PostgreSQL server (postgresql), which the tests
+# run a cluster of their own of (tests/support/postgres.py; when bootstrap installs it, Debian's own cluster is not
+# made); the demo needs none.
 # --cluster (scripts/test.sh): also the batch system the tests run on, a real Slurm with SchedMD's
 # Torque commands (munge slurmctld slurmd slurm-client slurm-wlm-torque), sudo, through which
 # job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/support/slurm_cluster.py).
@@ -65,9 +67,14 @@ if [ "$cluster" = yes ]; then
 fi
 if [ -n "$extras" ]; then
   # The packaging test builds the .deb packages (dpkg-deb) and the RPMs (Debian's rpm has rpmbuild).
-  for pkg in dpkg-dev rpm; do
+  for pkg in dpkg-dev rpm postgresql; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done
+  if ! have_deb postgresql-common && [ "$(id -u)" -eq 0 ]; then
+    # The tests start their own server; Debian's would make a cluster and start it on port 5432 as well.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/50-workspace-pilot-tests.conf
+  fi
 fi
 if [ "$vm" = yes ]; then
   for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils busybox-static \

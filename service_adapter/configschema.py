@@ -107,6 +107,27 @@ def _log_file(text: str) -> str:
     return text if text == "-" else abs_path(text)
 
 
+def _store(text: str) -> str:
+    """A SQLite file (an absolute path) or a PostgreSQL database (a postgresql:// URL)."""
+    from service_adapter.store.postgres import is_url
+
+    if is_url(text):
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"is not a PostgreSQL URL: {exc}") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("a PostgreSQL URL must name its server (postgresql://USER@HOST[:PORT]/DATABASE)")
+        return text
+    try:
+        return abs_path(text)
+    except ValueError:
+        raise ValueError("must be an absolute path (a SQLite file) or a postgresql:// URL") from None
+
+
 def _optional_abs_path(text: str) -> str:
     return text if text == "" else abs_path(text)
 
@@ -160,7 +181,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "port": ("port", _port),
         "contact": ("contact", _url),
         "realm": ("realm", _realm),
-        "store": ("store", abs_path),
+        "store": ("store", _store),
         "log_file": ("log_file", _log_file),
         "log_level": ("log_level", choice(*LOG_LEVELS)),
         "max_skew": ("max_skew_s", _positive_float),

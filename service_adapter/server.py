@@ -23,6 +23,7 @@ from aiohttp import web
 from workspace_common.errors import first_line
 from service_adapter.config import ServiceConfig, listen_parts
 from service_adapter.connections import GUARD_KEY, ConnectionGuard, raise_file_limit, start_serving
+from service_adapter.store.postgres import is_url as store_is_url, shown as store_shown
 
 log = logging.getLogger("service_adapter.server")
 
@@ -79,11 +80,13 @@ def build(config: ServiceConfig):
 
     pilots = DigestVerifier(config.realm, config.node_accounts())
     operators = DigestVerifier(config.operator_realm, config.operator_accounts())
+    shown_store = store_shown(config.store)
     try:
-        os.makedirs(os.path.dirname(config.store), mode=0o700, exist_ok=True)
+        if not store_is_url(config.store):
+            os.makedirs(os.path.dirname(config.store), mode=0o700, exist_ok=True)
         store = Store(config.store, host_store_bytes=config.host_store_mb * 1024 * 1024 or None)
-    except Exception as exc:  # OSError, sqlite3.Error: one line either way
-        raise ServeError(f"[service] store {config.store}: {getattr(exc, 'strerror', None) or exc}") from None
+    except Exception as exc:  # OSError, sqlite3.Error, StoreError: one line either way (never the password)
+        raise ServeError(f"[service] store {shown_store}: {getattr(exc, 'strerror', None) or exc}") from None
     board = CommandBoard()
     try:
         provider = make_provider(config.provider_settings())
@@ -196,7 +199,7 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
     try:
         await asyncio.to_thread(manager.start)
         line = (
-            f"workspace-lease: serving on {config.listen_url} (store {config.store}, provider {config.provider}, "
+            f"workspace-lease: serving on {config.listen_url} (store {store_shown(config.store)}, provider {config.provider}, "
             f"pilots notify {config.pilot_contact})"
         )
         log.info("%s", line.split(": ", 1)[1])

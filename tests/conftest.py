@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.support.pool import NR_HUGEPAGES, machine_lock, pool_checked
+from tests.support.postgres import PostgresServer
 from tests.support.service import Service
 from tests.support.slurm_cluster import SHORT_PARTITION
 
@@ -20,7 +21,8 @@ from tests.support.slurm_cluster import SHORT_PARTITION
 _CLUSTER_FIXTURES = {"slurm_cluster", "sge_cluster"}
 _HYPERVISOR_FIXTURES = {"libvirt_qemu", "xen_host"}
 _XEN_FIXTURES = {"xen_host"}
-_ROOT_FIXTURES = {"hugepages", "hugepages_module", "libvirt_qemu", "slurm_cluster", "sge_cluster", "guest_reachable"}
+_ROOT_FIXTURES = {"hugepages", "hugepages_module", "libvirt_qemu", "slurm_cluster", "sge_cluster", "guest_reachable",
+                  "postgres_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,10 +58,37 @@ def hugepages_module():
         yield from pool_checked()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's real PostgreSQL server (initdb in a temporary directory, 127.0.0.1, stopped by its pid)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the server runs as the postgres account)")
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path):
+    """Where a test's store lives, once on each backend: a SQLite file, then a new database of the session's
+    PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "service.sqlite")
+    return request.getfixturevalue("postgres_server").new_database()
+
+
 @pytest.fixture
 def service(tmp_path):
     """A running service on 127.0.0.1 (stopped at the end)."""
     svc = Service(str(tmp_path))
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def any_store_service(tmp_path, store_location):
+    """:func:`service` on each store backend (SQLite, PostgreSQL)."""
+    svc = Service(str(tmp_path), store_location=store_location)
     yield svc
     svc.close()
 

@@ -29,9 +29,10 @@ IMAGE_BYTES = 3 * 1024 * 1024 + 17
 
 
 @pytest.fixture
-def site(tmp_path):
-    """The service with an image catalogue, an endorser it trusts, a real HTTP server publishing two images."""
-    service = VmService(tmp_path, images=True)
+def site(tmp_path, store_location):
+    """The service with an image catalogue, an endorser it trusts, a real HTTP server publishing two images; on
+    each store backend (SQLite, PostgreSQL)."""
+    service = VmService(tmp_path, images=True, store_location=store_location)
     published = tmp_path / "published"
     published.mkdir()
     server = ImageServer(str(published))

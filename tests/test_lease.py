@@ -305,8 +305,9 @@ class QueueThatNeverDispatches(Provider):
 
 
 @pytest.fixture
-def store(tmp_path):
-    opened = Store(str(tmp_path / "service.sqlite"))
+def store(store_location):
+    """The lease manager's store, on each backend (SQLite, PostgreSQL)."""
+    opened = Store(store_location)
     yield opened
     opened.close()
 

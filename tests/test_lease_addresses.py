@@ -29,8 +29,9 @@ def private_plan(**changes) -> NetworkPlan:
 
 
 @pytest.fixture
-def svc(tmp_path):
-    service = VmService(tmp_path, network_plan=private_plan())
+def svc(tmp_path, store_location):
+    """The VM side of the service with private lease networks, on each store backend (SQLite, PostgreSQL)."""
+    service = VmService(tmp_path, network_plan=private_plan(), store_location=store_location)
     yield service
     service.close()
 
@@ -161,7 +162,9 @@ def test_concurrent_starts_never_share_an_address(svc):
 def test_the_store_itself_refuses_a_second_holder_of_an_address(svc):
     lease_id, _ = svc.ready_lease(("node1",), addresses=NODE_ADDRESSES)
     started(svc, lease_id, spec("a", 64))
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+    import psycopg
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError), match="UNIQUE|vm_addresses_held"):
         svc.store.submit(lambda c: c.execute(
             "INSERT INTO vms (lease_id, name, slot_id, host, memory_mb, vcpus, spec, state, reason, created_at,"
             " updated_at, ip, holds_address) SELECT lease_id, 'x', slot_id, host, 1, 1, '{}', 'starting', '', 0, 0,"

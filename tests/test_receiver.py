@@ -1,4 +1,5 @@
-"""The receiver's answers, and that every refusal leaves the store exactly as it was."""
+"""The receiver's answers, and that every refusal leaves the store exactly as it was: on a SQLite file and on a
+database of the session's PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import pytest
 from workspace_common.protocol import MAX_BODY_BYTES, MAX_MEMORY_MB, MAX_SEQ, MAX_SEQ_STEP, epoch_micros, format_time, sign, utc_now
 from service_adapter.store import Store
 from tests.support.service import notification
+
+
+@pytest.fixture
+def service(any_store_service):
+    """This module's receiver runs on each store backend (SQLite, PostgreSQL)."""
+    return any_store_service
 
 
 @pytest.fixture

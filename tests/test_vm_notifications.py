@@ -22,8 +22,9 @@ ACTIVE = {"starting", "running", "stopping"}
 
 
 @pytest.fixture
-def channel(tmp_path):
-    service = Channel(tmp_path)
+def channel(tmp_path, store_location):
+    """The service's VM side on each store backend (SQLite, PostgreSQL)."""
+    service = Channel(tmp_path, store_location)
     yield service
     service.close()
 

@@ -53,12 +53,12 @@ def queue_command(conn: sqlite3.Connection, slot: str, host: str, body: dict, no
                   woken: Callable[[str, str], None]) -> int:
     """Insert one command (``body`` without its id) for (slot, host); returns its id and reports the target."""
     cursor = conn.execute(
-        "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
          json.dumps(body, separators=(",", ":")), now),
     )
     woken(slot, host)
-    return cursor.lastrowid
+    return cursor.fetchone()[0]
 
 
 def queue_release(conn: sqlite3.Connection, lease_id: str, now: float, woken) -> None:

@@ -1,4 +1,5 @@
-"""The service's durable state: leases, slots, pilots, every accepted notification and usage, in SQLite.
+"""The service's durable state: leases, slots, pilots, every accepted notification and usage, in SQLite
+(or PostgreSQL: :mod:`.postgres`).
 
 All writes go through one writer thread that commits in groups: whatever
 requests are queued when it wakes share one transaction (one fsync), each
@@ -31,8 +32,8 @@ import threading
 import time
 from typing import Callable
 
-from service_adapter.store import schema
-from service_adapter.store.errors import StoreClosed
+from service_adapter.store import postgres, schema
+from service_adapter.store.errors import StoreClosed, StoreError
 from service_adapter.store.reads import ACCESS_CACHE_SIZE, StoreReads
 from service_adapter.store.rows import SlotAccess
 from service_adapter.store.writes import StoreWrites
@@ -84,7 +85,8 @@ def _resolve(outcomes) -> None:
 
 
 class Store(StoreWrites, StoreReads):
-    """SQLite-backed state of the service (WAL; ``synchronous=FULL`` by default).
+    """SQLite-backed state of the service (WAL; ``synchronous=FULL`` by default), or PostgreSQL-backed when
+    ``path`` is a ``postgresql://`` URL (:mod:`.postgres`; ``synchronous`` is then the server's business).
 
     The database file and its -wal and -shm files are mode 0600.
 
@@ -99,7 +101,18 @@ class Store(StoreWrites, StoreReads):
         #: What one (slot, host) may keep of stored notifications (None: no cap); see :mod:`.compaction`.
         self.host_store_bytes = host_store_bytes
         self._synchronous = synchronous
-        schema.make_private(path)
+        #: Whether the store is a PostgreSQL database (else a SQLite file).
+        self.on_postgres = postgres.is_url(path)
+        if self.on_postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'workspace-pilot[postgresql]'"
+                                 ) from None
+            self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+        else:
+            self._errors = (sqlite3.Error,)
+            schema.make_private(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._version = 0
@@ -125,6 +138,8 @@ class Store(StoreWrites, StoreReads):
     # -- writer ---------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        if self.on_postgres:
+            return postgres.connect(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # Before WAL writes the file's first page: on a new file this is what makes it incremental (an existing
         # file keeps its mode; schema.prepare turns an upgraded one over with a VACUUM).
@@ -138,7 +153,10 @@ class Store(StoreWrites, StoreReads):
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
             conn = self._connect()
-            schema.prepare(conn, self.path)
+            if self.on_postgres:
+                postgres.prepare(conn, self.path)
+            else:
+                schema.prepare(conn, self.path)
         except Exception as exc:  # surfaced to the constructor
             ready.set_exception(exc)
             return
@@ -163,7 +181,7 @@ class Store(StoreWrites, StoreReads):
     def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
         results = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN" if self.on_postgres else "BEGIN IMMEDIATE")
             for fn, future in batch:
                 conn.execute("SAVEPOINT item")
                 try:
@@ -174,7 +192,7 @@ class Store(StoreWrites, StoreReads):
                     conn.execute("RELEASE item")
                     results.append((future, None, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except self._errors as exc:
             log.error("store commit failed: %s", exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -105,6 +105,8 @@ class ImageRow:
 
 _LIST_COLUMNS = ("identifier, source, endorser, key_id, key_name, version, issued, expires, fetched_at, "
                  "subscribed_by, subscribed_at, last_error")
+#: An upsert's SET for a list stored again: every column from the new row (what INSERT OR REPLACE would do).
+_REPLACED_LIST_COLUMNS = ", ".join(f"{name} = excluded.{name}" for name in _LIST_COLUMNS.split(", ")[1:])
 _IMAGE_SELECT = (
     "SELECT i.list_id, i.identifier, i.version, i.sha256, i.size, i.urls, i.title, a.state, a.by_user, a.at, "
     "a.reason FROM list_images i LEFT JOIN image_approvals a "
@@ -191,7 +193,8 @@ def store_list(conn: sqlite3.Connection, verified, source: str, by: str, now: fl
                                "one image")
     conn.execute("DELETE FROM list_images WHERE list_id = ?", (verified.identifier,))
     conn.execute(
-        f"INSERT OR REPLACE INTO image_lists ({_LIST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+        f"INSERT INTO image_lists ({_LIST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+        f" ON CONFLICT (identifier) DO UPDATE SET {_REPLACED_LIST_COLUMNS}",
         (verified.identifier, source, verified.endorser, verified.key_id, verified.key_name, verified.version,
          verified.issued, verified.expires, now, old.subscribed_by if old else by,
          old.subscribed_at if old else now),
@@ -212,7 +215,9 @@ def note_refresh_failure(conn: sqlite3.Connection, identifier: str, message: str
 def set_approval(conn: sqlite3.Connection, image: ImageRow, state: str, by: str, reason: str, now: float) -> None:
     """Approve or revoke one endorsed image (identifier, version, sha256)."""
     conn.execute(
-        "INSERT OR REPLACE INTO image_approvals VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO image_approvals (identifier, version, sha256, state, by_user, at, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (identifier, version) DO UPDATE SET sha256 = excluded.sha256,"
+        " state = excluded.state, by_user = excluded.by_user, at = excluded.at, reason = excluded.reason",
         (image.identifier, image.version, image.sha256, state, by, now, reason),
     )
 

@@ -75,8 +75,8 @@ def transition(conn: sqlite3.Connection, lease_id: str, old: str, new: str, reas
     cursor = conn.execute(
         "UPDATE leases SET state = ?, reason = ?, updated_at = ?,"
         " ready_at = COALESCE(ready_at, ?), expires_at = COALESCE(?, expires_at),"
-        " ended_at = CASE WHEN ? THEN COALESCE(ended_at, ?) ELSE ended_at END,"
-        " cancel_requested_at = CASE WHEN ? THEN COALESCE(cancel_requested_at, ?)"
+        " ended_at = CASE WHEN ? = 1 THEN COALESCE(ended_at, ?) ELSE ended_at END,"
+        " cancel_requested_at = CASE WHEN ? = 1 THEN COALESCE(cancel_requested_at, ?)"
         "   ELSE cancel_requested_at END"
         " WHERE id = ? AND state = ?",
         (new, reason, now, ready_at, expires_at, ended, now, cancel, now, lease_id, old),
@@ -218,7 +218,8 @@ def usage_totals(conn: sqlite3.Connection, lease_id: str | None, owner: str | No
     """(node-seconds, MB-seconds, leases counted) over the ended holds that match."""
     where, params = _usage_filter(lease_id, owner)
     node_s, mb_s, leases = conn.execute(
-        f"SELECT TOTAL(node_seconds), TOTAL(mb_seconds), COUNT(DISTINCT lease_id) FROM usage{where}", params
+        f"SELECT COALESCE(SUM(node_seconds), 0.0), COALESCE(SUM(mb_seconds), 0.0), COUNT(DISTINCT lease_id)"
+        f" FROM usage{where}", params
     ).fetchone()
     return node_s, mb_s, leases
 

@@ -59,7 +59,8 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
             (n.seq, now, n.expires_at, cost, n.slot, n.host)).fetchone()
     reports.apply_notification(conn, n, lease_id, now, wake)
     conn.execute(
-        "INSERT INTO notifications VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO notifications (slot_id, host, seq, state, code, account, body, body_sha256, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (n.slot, n.host, n.seq, n.state, n.code, account, body, body_hash, now),
     )
     if host_cap_bytes and stored > host_cap_bytes:
@@ -145,8 +146,9 @@ def _add_usage(conn: sqlite3.Connection, lease_id: str, host: str, slot: str, ow
     released_at = min(max(released_at, reserved_at), reserved_at + duration_s)
     held_s = released_at - reserved_at
     conn.execute(
-        "INSERT OR IGNORE INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
-        " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO usage (lease_id, host, slot_id, owner, memory_mb, reserved_at,"
+        " released_at, ended_by, node_seconds, mb_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
         (lease_id, host, slot, owner, memory_mb, reserved_at, released_at, ended_by, held_s, memory_mb * held_s),
     )
 

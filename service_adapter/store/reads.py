@@ -13,7 +13,7 @@ from typing import Callable
 from service_adapter.store import commands as command_ops
 from service_adapter.store import leases as lease_ops
 from service_adapter.store import notifications as notification_ops
-from service_adapter.store import schema
+from service_adapter.store import postgres, schema
 from service_adapter.store import vms as vm_ops
 from service_adapter.store.commands import CommandRow
 from service_adapter.store.rows import LeaseEvent, LeaseRow, PilotRow, SlotAccess, UsageRow
@@ -143,6 +143,10 @@ class StoreReads:
         return fn(self._reader())
 
     def snapshot(self) -> dict[str, list[tuple]]:
-        """Every row of every table: for comparing the whole store before and after."""
+        """Every row of every table: for comparing the whole store before and after (the same columns on
+        either backend: PostgreSQL's explicit ``rowid``, SQLite's hidden one, is left out)."""
         conn = self._reader()
-        return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in schema.TABLES}
+        tables = {t: conn.execute(f"SELECT * FROM {t}").fetchall() for t in schema.TABLES}
+        if self.on_postgres:
+            tables.update({t: [row[:-1] for row in tables[t]] for t in postgres.ROWID_TABLES})
+        return {t: sorted(rows) for t, rows in tables.items()}

@@ -119,7 +119,7 @@ def record_usage(conn: sqlite3.Connection, lease_id: str, host: str, usage: dict
     for name, look in usage.items():
         busy = int(look["busy"])
         conn.execute(
-            "UPDATE vms SET busy_since = CASE WHEN busy IS ? THEN busy_since ELSE ? END, busy = ?, cpu = ?,"
+            "UPDATE vms SET busy_since = CASE WHEN busy IS NOT DISTINCT FROM ? THEN busy_since ELSE ? END, busy = ?, cpu = ?,"
             f" usage_at = ? WHERE lease_id = ? AND name = ? AND host = ? AND state IN {ACTIVE_SQL}",
             (busy, now, busy, look["cpu"], now, lease_id, name, host),
         )
@@ -136,7 +136,7 @@ def host_rooms(conn: sqlite3.Connection, lease_id: str, slot: str, overhead_mb: 
     rows = conn.execute(
         "SELECT p.host, COALESCE(p.reserved_mb, p.memory_mb),"
         # The (slot_id, host) index answers each host's sum without scanning the lease's other VMs.
-        " (SELECT TOTAL(v.memory_mb) + COUNT(v.name) * ? FROM vms v"
+        " (SELECT CAST(COALESCE(SUM(v.memory_mb), 0) + COUNT(v.name) * ? AS BIGINT) FROM vms v"
         "   WHERE v.slot_id = p.slot_id AND v.host = p.host AND v.lease_id = ?"
         f"   AND v.state IN {ACTIVE_SQL})"
         " FROM pilots p WHERE p.slot_id = ? AND p.reserved_at IS NOT NULL AND p.ended_by IS NULL"
@@ -328,7 +328,7 @@ def vm_activity(conn: sqlite3.Connection, lease_id: str) -> tuple[int, float | N
     """(how many of the lease's VMs are on their hosts or on their way, when the last of the others ended: None
     if none ever ran)."""
     return conn.execute(
-        f"SELECT COALESCE(SUM(state IN {ACTIVE_SQL}), 0), MAX(COALESCE(stopped_at, updated_at)) FROM vms"
+        f"SELECT COUNT(*) FILTER (WHERE state IN {ACTIVE_SQL}), MAX(COALESCE(stopped_at, updated_at)) FROM vms"
         " WHERE lease_id = ?", (lease_id,)).fetchone()
 
 

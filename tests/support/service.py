@@ -59,9 +59,9 @@ class Service:
     """
 
     def __init__(self, workdir: str, *, verifier_options=None, max_skew_s: float = 300.0, store_options=None,
-                 allocations=None):
+                 allocations=None, store_location: str | None = None):
         """``allocations``: the receiver's allocation check (an ``Allocations`` over a real provider); none
-        by default."""
+        by default. ``store_location``: a SQLite file or a PostgreSQL URL (default: a file in ``workdir``)."""
         self.site_key = new_site_key()
         self.nodes = NodeAccounts(self.site_key, REALM, md5=True)
         self.verifier = DigestVerifier(REALM, self.nodes, **(verifier_options or {}))
@@ -69,7 +69,7 @@ class Service:
         for host in TEST_HOSTS:
             provision_node_key(self.key_dir, self.site_key, host)
         self.slot_secrets: dict[str, str] = {}
-        self.store = Store(os.path.join(workdir, "service.sqlite"), **(store_options or {}))
+        self.store = Store(store_location or os.path.join(workdir, "service.sqlite"), **(store_options or {}))
         self.receiver = ReceiverThread(make_app(self.store, self.verifier, max_skew_s, allocations=allocations))
         self.url = self.receiver.start()
         self.notifications_url = self.url + "/pilot/v2/notifications"

@@ -17,6 +17,7 @@ from requests.auth import HTTPDigestAuth
 
 from service_adapter.local_site import write_pilot_config
 from service_adapter.nodekeys import NodeAccounts, new_site_key, provision_node_key
+from service_adapter.store.postgres import shown as store_shown
 
 from tests.support.pilots import read_until
 from tests.support.ports import free_port
@@ -37,8 +38,9 @@ class Site:
     """The files of one service under ``root``: config, secrets, accounts, the pilots' config."""
 
     def __init__(self, root, *, tls: "Tls | None" = None, provider: dict | None = None, nodes: tuple[str, ...] = (),
-                 pilot_sections: dict | None = None, **service_options):
-        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``); ``tls``: serve https
+                 pilot_sections: dict | None = None, store: str | None = None, **service_options):
+        """``service_options``: more ``[service]`` options (e.g. ``request_timeout=2``); ``store``: a PostgreSQL
+        URL (else a SQLite file in ``root``); ``tls``: serve https
         with its certificate, and give pilots and operators its CA. ``provider``: the ``[provider]`` options
         (else the local provider's), with ``nodes`` the batch system's nodes, each given its key here;
         ``pilot_sections``: more sections of the pilots' config."""
@@ -49,7 +51,9 @@ class Site:
         if tls:
             service_options = dict(service_options, tls_cert_file=tls.cert, tls_key_file=tls.key)
         self.journal_dir = root / "journal"
-        self.store = root / "service.sqlite"
+        self.store = store or root / "service.sqlite"
+        #: The store as serve names it (a URL without its password).
+        self.store_shown = store_shown(str(self.store))
         self.log_file = root / "service.log"
         self.site_key = new_site_key()
         site_key_file = private(root / "site.key", self.site_key + "\n")
@@ -146,7 +150,7 @@ def start_serve(site: Site, *, wrapper: tuple[str, ...] = (), umask: int | None 
     except BaseException:
         stop_process(process)
         raise
-    assert f"serving on {site.url} (store {site.store}, provider {site.provider_name}" in out
+    assert f"serving on {site.url} (store {site.store_shown}, provider {site.provider_name}" in out
     return process
 
 

@@ -59,14 +59,14 @@ class BatchSystemStandIn(Provider):
 class VmService:
     """The service's app on a free loopback port, with its store, lease manager and VM manager."""
 
-    def __init__(self, root, *, images: bool = False, network_plan=None):
+    def __init__(self, root, *, images: bool = False, network_plan=None, store_location: str | None = None):
         self.root = root
         self.nodes = NodeAccounts(new_site_key(), PILOT_REALM)
         pilots = DigestVerifier(PILOT_REALM, self.nodes)
         operators = DigestVerifier(OPERATOR_REALM, {
             user: Account.from_secret(user, OPERATOR_REALM, secret)
             for user, secret in ((OPERATOR, OPERATOR_SECRET), (OTHER_OPERATOR, OTHER_SECRET))})
-        self.store = Store(str(root / "service.sqlite"))
+        self.store = Store(store_location or str(root / "service.sqlite"))
         board = CommandBoard()
         self.provider = BatchSystemStandIn()
         self.manager = LeaseManager(

@@ -1,0 +1,93 @@
+"""The service on a PostgreSQL store: a whole lease through the real commands, and a database it cannot use.
+
+Everything here runs against the session's real PostgreSQL server (``postgres_server``: Debian's binaries,
+a cluster of the test session's own on 127.0.0.1, password authentication). The store's own behaviour is
+tested on both backends by the store tests (``store_location``); this is what a site sees of the choice.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support.pool import pool_pages
+from tests.support.ports import free_port
+from tests.support.postgres import rows_elsewhere
+from tests.support.site import CLI, Site, end_pilots, serving, start_serve, stop_process
+
+
+def test_a_lease_on_a_postgresql_store_survives_the_service_and_ends_through_the_next(
+        tmp_path, hugepages, postgres_server):
+    """Reserve, SIGKILL serve while the lease is ready, a new serve on the same database ends it; the usage and
+    the history are in the database, and no line of the service's shows the password."""
+    url = postgres_server.new_database()
+    site = Site(tmp_path, store=url)
+    first = start_serve(site)
+    try:
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease_id = json.loads(reserved.stdout)["id"]
+        assert pool_pages() == hugepages + 32
+    except BaseException:
+        stop_process(first)
+        end_pilots(site)
+        raise
+    first.kill()  # by its pid: no clean shutdown
+    first.wait()
+    with serving(site):
+        assert json.loads(site.cli("show", lease_id, "--json").stdout)["state"] == "ready"
+        released = site.cli("release", lease_id, "--wait", "--json")
+        assert released.returncode == 0, released.stderr + released.stdout
+        assert json.loads(released.stdout)["state"] == "released"
+        assert pool_pages() == hugepages
+        used = json.loads(site.cli("usage", "--json").stdout)
+        assert used["leases"] == 1 and used["node_seconds"] > 0
+    states = [state for (state,) in rows_elsewhere(
+        url, f"SELECT new_state FROM lease_events WHERE lease_id = '{lease_id}' ORDER BY seq")]
+    assert states[0] == "pending" and "ready" in states and states[-1] == "released"
+    hosts = rows_elsewhere(url, f"SELECT host, ended_by FROM usage WHERE lease_id = '{lease_id}' ORDER BY host")
+    assert [host for host, _ in hosts] == ["local-node1", "local-node2"]
+    assert postgres_server.password not in site.log_file.read_text()
+
+
+def serve_once(site: Site):
+    """``workspace-lease serve`` that is expected to stop at once; (exit code, its stderr's lines)."""
+    import subprocess
+
+    result = subprocess.run([*CLI, "serve", "--config", site.config], capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("fault", ["no server", "wrong password", "no such database"])
+def test_a_database_serve_cannot_use_is_one_line_and_exit_3(tmp_path, postgres_server, fault):
+    url = {
+        "no server": lambda: postgres_server.url("postgres").replace(f":{postgres_server.port}/",
+                                                                     f":{free_port()}/"),
+        "wrong password": lambda: postgres_server.url("postgres", password="not-the-password"),
+        "no such database": lambda: postgres_server.url("t_never_made"),
+    }[fault]()
+    site = Site(tmp_path, store=url)
+    code, lines = serve_once(site)
+    assert code == 3 and len(lines) == 1, lines
+    assert lines[0].startswith(f"workspace-lease: cannot serve: {site.config}: [service] store "
+                               f"{site.store_shown}: cannot open the PostgreSQL store"), lines
+    assert {"no server": "Connection refused", "wrong password": "password authentication failed",
+            "no such database": 'database "t_never_made" does not exist'}[fault] in lines[0]
+    assert postgres_server.password not in lines[0] and "not-the-password" not in lines[0]
+
+
+def test_a_database_of_a_newer_schema_is_refused_in_one_line_and_left_as_it_was(tmp_path, postgres_server):
+    from service_adapter.store import Store
+
+    url = postgres_server.new_database()
+    Store(url).close()
+    rows_elsewhere(url, "UPDATE store_meta SET value = '99' WHERE name = 'schema_version' RETURNING value")
+    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
+    before = rows_elsewhere(url, tables), rows_elsewhere(url, "SELECT * FROM store_meta ORDER BY name")
+    site = Site(tmp_path, store=url)
+    code, lines = serve_once(site)
+    assert code == 3 and len(lines) == 1, lines
+    assert lines[0].endswith("has schema version 99, this workspace-pilot reads version 10: run the "
+                             "workspace-pilot that made it, or start with an empty database"), lines
+    assert (rows_elsewhere(url, tables), rows_elsewhere(url, "SELECT * FROM store_meta ORDER BY name")) == before
