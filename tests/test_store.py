@@ -14,6 +14,7 @@ import time
 import pytest
 
 from service_adapter.store import Store, StoreError
+from tests.support.postgres import rows_elsewhere
 from tests.support.service import Service, add_lease, notification
 
 
@@ -287,6 +288,29 @@ def test_a_version_9_store_gains_release_when_idle_and_vm_use_and_its_leases_go_
         columns = upgraded.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(vms)")])
         assert columns[-4:] == ["busy", "cpu", "usage_at", "busy_since"]
         assert upgraded.read(lambda c: c.execute("PRAGMA user_version").fetchone()) == (10,)
+    finally:
+        upgraded.close()
+
+
+def test_a_version_9_postgresql_store_is_upgraded_in_place_and_its_leases_go_on(postgres_server):
+    """The same additive steps bring a PostgreSQL database up to date, in one transaction at the first start."""
+    url = postgres_server.new_database()
+    store = Store(url)
+    store.create_lease("lease-1", "slot-1", owner="alice", nodes=1, memory_mb=64, duration_s=60, now=time.time())
+    store.close()
+    rows_elsewhere(url, "ALTER TABLE leases DROP COLUMN release_when_idle_s, DROP COLUMN rowid;"
+                        " ALTER TABLE vms DROP COLUMN busy, DROP COLUMN cpu, DROP COLUMN usage_at,"
+                        " DROP COLUMN busy_since")
+    rows_elsewhere(url, "UPDATE store_meta SET value = '9'")
+    upgraded = Store(url)
+    try:
+        row = upgraded.get_lease("lease-1")
+        assert (row.state, row.release_when_idle_s) == ("pending", None)
+        columns = upgraded.read(lambda c: [r[0] for r in c.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'vms' ORDER BY ordinal_position")])
+        assert columns[-4:] == ["busy", "cpu", "usage_at", "busy_since"]
+        assert upgraded.read(lambda c: c.execute("SELECT value FROM store_meta").fetchone()) == ("10",)
+        assert upgraded.list_leases()[0].id == "lease-1"  # read in written order again: rowid is back
     finally:
         upgraded.close()
 

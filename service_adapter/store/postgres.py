@@ -77,7 +77,7 @@ def table_ddl(sqlite_schema: str) -> str:
     text = re.sub(r"\bBLOB\b", "BYTEA", text)
     # Last, so that a row reads as SQLite's does up to it.
     for table in ROWID_TABLES:
-        text += f"\nALTER TABLE {table} ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY;"
+        text += f"\nALTER TABLE {table} ADD COLUMN IF NOT EXISTS rowid BIGINT GENERATED ALWAYS AS IDENTITY;"
     return text
 
 
@@ -127,28 +127,46 @@ def connect(url: str) -> PgConnection:
 
 
 def prepare(conn: PgConnection, url: str) -> None:
-    """Make the tables in an empty database, or check an existing one's version (StoreError, one line, if it
-    is not this code's). Several receivers starting at once make them once: under an advisory lock."""
-    from service_adapter.store import addresses, commands, images, schema, vms
+    """Make the tables in an empty database, bring an older one up to date in place, or refuse a newer one
+    (StoreError, one line, nothing changed). One transaction, under an advisory lock: several receivers starting
+    at once on one database make or upgrade it once."""
+    from service_adapter.store import schema
 
     conn.execute("BEGIN")
     try:
         conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
         found = conn.execute("SELECT value FROM store_meta WHERE name = 'schema_version'").fetchone()
+        version = int(found[0]) if found is not None and found[0].isdigit() else None
         if found is None:
-            sqlite_schema = "\n".join((schema.SCHEMA, vms.SCHEMA, commands.SCHEMA, images.SCHEMA, addresses.SCHEMA))
-            conn.raw.execute(table_ddl(sqlite_schema) + VM_ADDRESS_TRIGGER)
+            conn.raw.execute(_schema_script(()))
             conn.execute("INSERT INTO store_meta VALUES ('schema_version', ?)", (str(schema.SCHEMA_VERSION),))
-        elif found[0] != str(schema.SCHEMA_VERSION):
+        elif version in schema.UPGRADES:
+            conn.raw.execute(_schema_script(schema.UPGRADES[v] for v in sorted(schema.UPGRADES) if v >= version))
+            conn.execute("UPDATE store_meta SET value = ? WHERE name = 'schema_version'", (str(schema.SCHEMA_VERSION),))
+        elif version != schema.SCHEMA_VERSION:
             raise StoreError(
-                f"store {shown(url)} has schema version {found[0]}, this workspace-pilot reads version "
+                f"store {shown(url)} has schema version {found[0][:20]}, this workspace-pilot reads version "
                 f"{schema.SCHEMA_VERSION}: run the workspace-pilot that made it, or start with an empty database"
             )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _schema_script(upgrades) -> str:
+    """Every table, index and the trigger, made if missing, after ``upgrades`` (SQLite's additive steps, whose
+    columns are added only where missing): the same script makes a new database and brings an old one up to
+    date, in SQLite's order (the address indexes last: they read columns the VM table gained)."""
+    from service_adapter.store import addresses, commands, images, schema, vms
+
+    steps = "".join(upgrades).replace("ADD COLUMN ", "ADD COLUMN IF NOT EXISTS ")
+    vm_columns = "".join(f"ALTER TABLE vms ADD COLUMN IF NOT EXISTS {name} {kind};"
+                         for name, kind in schema.VM_COLUMNS_ADDED)
+    sqlite_script = "\n".join((steps, schema.SCHEMA, vms.SCHEMA, commands.SCHEMA, images.SCHEMA, vm_columns,
+                               addresses.SCHEMA))
+    return table_ddl(sqlite_script) + VM_ADDRESS_TRIGGER
 
 
 def _bool_dumper():

@@ -112,13 +112,14 @@ class PostgresServer:
 
 
 def rows_elsewhere(location: str, sql: str) -> list[tuple]:
-    """``sql``'s rows read through a connection of its own to the store at ``location`` (a SQLite file or a
+    """``sql``'s rows (none for a statement that returns none) read through a connection of its own to the store at ``location`` (a SQLite file or a
     PostgreSQL URL): what another process would see, not the store's own connections."""
     if location.startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(location) as conn:
-            return conn.execute(sql).fetchall()
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
     import sqlite3
 
     with sqlite3.connect(location) as conn:
