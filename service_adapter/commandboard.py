@@ -87,14 +87,17 @@ class CommandBoard:
 
     # -- any thread --------------------------------------------------------------------------
 
-    def wake(self, targets: Iterable[Target]) -> None:
-        """Wake the polls waiting for any of ``targets`` (safe from any thread; a no-op before :meth:`attach`)."""
+    def wake(self, targets: Iterable[Target] | None) -> None:
+        """Wake the polls waiting for any of ``targets`` (None: every waiting poll, each of which reads its
+        commands again); safe from any thread; a no-op before :meth:`attach`."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        targets = list(targets)
         try:
-            loop.call_soon_threadsafe(self._wake_on_loop, targets)
+            if targets is None:
+                loop.call_soon_threadsafe(lambda: self._wake_on_loop(list(self._waiters)))
+                return
+            loop.call_soon_threadsafe(self._wake_on_loop, list(targets))
         except RuntimeError:  # the loop closed in between: nobody is waiting any more
             pass
 
@@ -124,6 +127,20 @@ class CommandBoard:
             self._seen[target] = self.clock()
             if self._current.get(target) is token:
                 del self._current[target]
+
+    def heard_elsewhere(self, targets) -> None:
+        """Another receiver heard these (slot, host) polling (:mod:`service_adapter.pollnews`): alive now."""
+        now = self.clock()
+        with self._lock:
+            for target in targets:
+                self._seen[target] = max(self._seen.get(target, now), now)
+
+    def polled_here_since(self, since: float) -> list[Target]:
+        """The targets heard polling here at or after ``since``, and those whose poll is open now."""
+        with self._lock:
+            found = {target for target, at in self._seen.items() if at >= since}
+            found.update(self._current)
+        return sorted(found)
 
     def hosts_polling(self) -> int:
         """How many (slot, host) have a poll open now."""

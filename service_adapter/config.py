@@ -61,6 +61,7 @@ class ServiceConfig:
     log_level: str = "info"
     max_skew_s: float = 300.0
     max_connections: int = 0
+    reuse_port: bool = False
     request_timeout_s: float = 30.0
     host_rate: float = 20.0
     host_burst: int = 200
@@ -252,6 +253,9 @@ def _cross_checks(path: str, values: dict) -> list[str]:
         )
     if values.get("tls_key_file") and not values.get("tls_cert_file"):
         problems.append(f"{path}: [service] tls_key_file: needs tls_cert_file (the certificate it belongs to)")
+    if values.get("reuse_port") and not str(values.get("store", "")).startswith(("postgresql://", "postgres://")):
+        problems.append(f"{path}: [service] reuse_port: needs a postgresql:// store (several receivers share "
+                        "one database; a SQLite file has one service)")
     if values.get("realm", ServiceConfig.realm) == values.get("operator_realm", ServiceConfig.operator_realm):
         problems.append(
             f"{path}: [operators] realm: must differ from [service] realm, so that pilot and operator "

@@ -182,6 +182,7 @@ SCHEMA: dict[str, dict[str, tuple[str, object]]] = {
         "contact": ("contact", _url),
         "realm": ("realm", _realm),
         "store": ("store", _store),
+        "reuse_port": ("reuse_port", boolean),
         "log_file": ("log_file", _log_file),
         "log_level": ("log_level", choice(*LOG_LEVELS)),
         "max_skew": ("max_skew_s", _positive_float),

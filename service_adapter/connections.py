@@ -311,11 +311,13 @@ class GuardedTCPSite(web.TCPSite):
                  self.guard.max_connections, self.guard.request_timeout_s)
 
 
-async def start_serving(app: web.Application, host: str, port: int, *, ssl_context=None,
+async def start_serving(app: web.Application, host: str, port: int, *, ssl_context=None, reuse_port: bool = False,
                         **runner_kwargs) -> web.AppRunner:
     """Serve ``app`` (made by ``make_app``) on ``host:port`` with its guard and the refusal log; returns the runner.
 
-    ``ssl_context`` (an ``ssl.SSLContext`` with the service's certificate) makes it https.
+    ``ssl_context`` (an ``ssl.SSLContext`` with the service's certificate) makes it https. ``reuse_port``: bind
+    with SO_REUSEPORT, so that several receivers of the same account share the port (the kernel spreads the
+    connections among them).
 
     aiohttp's keep-alive timer is the head timeout: it closes a connection
     that has not sent a whole request head ``request_timeout_s`` after
@@ -330,7 +332,8 @@ async def start_serving(app: web.Application, host: str, port: int, *, ssl_conte
                            **runner_kwargs)
     await runner.setup()
     try:
-        await GuardedTCPSite(runner, host, port, guard, reuse_address=True, ssl_context=ssl_context).start()
+        await GuardedTCPSite(runner, host, port, guard, reuse_address=True, reuse_port=reuse_port or None,
+                             ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -62,6 +62,7 @@ from service_adapter.nodekeys import NodeAccounts
 from service_adapter.refusals import REFUSALS
 from service_adapter.serverthread import ReceiverThread  # noqa: F401 (re-exported: its home until it served any app)
 from service_adapter.store import HOLD_ENDED, Store, Verdict
+from service_adapter.storeaway import store_away_middleware
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,8 @@ def make_app(store: Store, verifier: DigestVerifier, max_skew_s: float = 300.0,
     """
     guard = guard if guard is not None else ConnectionGuard()
     shares = shares if shares is not None else HostShares()
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[guard.middleware, shares.middleware])
+    app = web.Application(client_max_size=MAX_BODY_BYTES,
+                          middlewares=[guard.middleware, shares.middleware, store_away_middleware(store)])
     app[GUARD_KEY] = guard
     app[SHARES_KEY] = shares
     app[STORE_KEY] = store

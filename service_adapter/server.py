@@ -24,6 +24,7 @@ from workspace_common.errors import first_line
 from service_adapter.config import ServiceConfig, listen_parts
 from service_adapter.connections import GUARD_KEY, ConnectionGuard, raise_file_limit, start_serving
 from service_adapter.store.postgres import is_url as store_is_url, shown as store_shown
+from service_adapter.storeaway import store_away_middleware
 
 log = logging.getLogger("service_adapter.server")
 
@@ -118,7 +119,7 @@ def build(config: ServiceConfig):
     # (and whoever holds a node) cannot reach it and a firewall or the address can keep it to the site's admins.
     if config.operator_listen:
         operator_guard = ConnectionGuard(None, config.request_timeout_s)
-        operator_app = web.Application(middlewares=[operator_guard.middleware])
+        operator_app = web.Application(middlewares=[operator_guard.middleware, store_away_middleware(store)])
         operator_app[GUARD_KEY] = operator_guard
     else:
         operator_app = app
@@ -150,10 +151,19 @@ def serve(config: ServiceConfig, *, out=None) -> int:
     store, provider, manager, app, operator_app = build(config)
     compactor = Compactor(store, config.retention_s)
     compactor.start()
+    poll_news = None
+    if store.on_postgres:  # other receivers may share the store: tell them which pilots poll here
+        from service_adapter.pollnews import PollNews, interval
+        from service_adapter.receiver import BOARD_KEY
+
+        poll_news = PollNews(store, app[BOARD_KEY], interval(config.lost_after_s))
+        poll_news.start()
     try:
         asyncio.run(_run(config, app, operator_app, manager, store, out))
     finally:
         try:
+            if poll_news is not None:
+                poll_news.stop()
             compactor.stop()
             manager.stop()
         finally:
@@ -174,7 +184,7 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
         raise ServeError(str(exc)) from None
     try:
         runner = await start_serving(app, config.listen_host, config.port, ssl_context=ssl_context,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                                     reuse_port=config.reuse_port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     except OSError as exc:
         raise ServeError(
             f"[service] cannot listen on {config.listen_host}:{config.port}: {exc.strerror or exc}"
@@ -183,7 +193,8 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
     if operator_app is not None:
         try:
             operator_runner = await start_serving(operator_app, *listen_parts(config.operator_listen),
-                                                  ssl_context=ssl_context, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                                                  ssl_context=ssl_context, reuse_port=config.reuse_port,
+                                                  shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         except OSError as exc:
             await runner.cleanup()
             raise ServeError(f"[operators] cannot listen on {config.operator_listen}: {exc.strerror or exc}") from None

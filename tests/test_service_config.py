@@ -177,6 +177,7 @@ BAD_VALUES = [
     ("service", "store", "service.sqlite", "must be an absolute path (a SQLite file) or a postgresql:// URL"),
     ("service", "store", "postgresql:///leases", "a PostgreSQL URL must name its server"),
     ("service", "store", "postgresql://db:port/leases", "is not a PostgreSQL URL"),
+    ("service", "reuse_port", "maybe", "must be yes or no"),
     ("service", "log_file", "service.log", "must be an absolute path"),
     ("service", "log_level", "loud", "must be one of debug, info, warning, error"),
     ("service", "max_skew", "-1", "must be a number of seconds above 0"),
@@ -342,6 +343,14 @@ def test_the_two_realms_must_differ(tmp_path):
     path = write(tmp_path, "[operators]\nrealm = workspace-pilot\n")
     with pytest.raises(ConfigError, match=r"\[operators\] realm: must differ from \[service\] realm"):
         load_config(path)
+
+
+def test_a_shared_port_needs_a_shared_store(tmp_path):
+    path = write(tmp_path, "[service]\nreuse_port = yes\n")
+    with pytest.raises(ConfigError, match=r"\[service\] reuse_port: needs a postgresql:// store"):
+        load_config(path)
+    shared = load_config(write(tmp_path, "[service]\nreuse_port = yes\nstore = postgresql://wp@db/leases\n"))
+    assert shared.reuse_port and shared.store == "postgresql://wp@db/leases"
 
 
 def test_overrides_win_over_the_file(tmp_path):

@@ -92,6 +92,7 @@ class LeaseManager(LeaseWatch):
         self._kept_pilots: dict[str, tuple[int, list[PilotRow]]] = {}  # slot -> (its pilot mark, its pilots)
         self._kept_since = 0.0  # when _kept_pilots was last emptied (monotonic)
         self._thread: threading.Thread | None = None
+        self._lead = None  # on a store shared by several receivers: whether this one's ticks act (start())
         self._stopping = threading.Event()
 
     # -- requests ------------------------------------------------------------------

@@ -28,6 +28,8 @@ MAX_REST_S = 0.5
 REST_PER_WORK = 3.0
 #: The longest a tick reuses pilots an earlier tick read (see ``LeaseWatch._pilots_and_vms``).
 REREAD_S = 30.0
+#: How often a manager that does not lead (another receiver's does, on one PostgreSQL store) asks for the lead.
+LEAD_LOOK_S = 1.0
 
 
 class LeaseWatch:
@@ -234,9 +236,15 @@ class LeaseWatch:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        """Run :meth:`tick` in a background thread, after every commit or every status_interval_s."""
+        """Run :meth:`tick` in a background thread, after every commit or every status_interval_s.
+
+        On a store shared by several receivers (PostgreSQL) only the one that
+        holds the lead (:meth:`Store.new_lead`) ticks; the others ask for it
+        every :data:`LEAD_LOOK_S` and take over when its process is gone.
+        """
         if self.running:
             return
+        self._lead = self.store.new_lead()
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="lease-manager", daemon=True)
         self._thread.start()
@@ -250,9 +258,20 @@ class LeaseWatch:
         self.store.wake()
         thread.join(timeout)
         self._thread = None
+        if self._lead is not None:
+            self._lead.release()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this manager's ticks act (always, but on a shared store while another leads)."""
+        return self._thread is not None and (self._lead is None or self._lead.held())
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if self._lead is not None and not self._lead.held():
+                if self._stopping.wait(LEAD_LOOK_S):
+                    return
+                continue
             seen = self.store.version
             started = time.monotonic()
             self._status_spent_s = 0.0

@@ -32,10 +32,11 @@ import threading
 import time
 from typing import Callable
 
-from service_adapter.store import postgres, schema
-from service_adapter.store.errors import StoreClosed, StoreError
+from service_adapter.store import pgshare, postgres, schema
+from service_adapter.store.errors import StoreClosed, StoreError, StoreUnavailable
 from service_adapter.store.reads import ACCESS_CACHE_SIZE, StoreReads
 from service_adapter.store.rows import SlotAccess
+from service_adapter.store.waiters import LoopWaiter, resolve
 from service_adapter.store.writes import StoreWrites
 
 __all__ = ["ACCESS_CACHE_SIZE", "Store"]
@@ -43,45 +44,6 @@ __all__ = ["ACCESS_CACHE_SIZE", "Store"]
 log = logging.getLogger("service_adapter.store")
 
 _GROUP_MAX = 256
-
-
-class _LoopWaiter:
-    """A write whose caller awaits it on an event loop: its asyncio future, settled on that loop together with
-    the rest of its batch (one wake-up of the loop per batch, and no thread-safe future per write)."""
-
-    __slots__ = ("loop", "future")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
-        self.loop = loop
-        self.future = future
-
-
-def _settle(outcomes: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
-    """On the loop: give each waiting write its result (a caller that gave up, cancelled, is skipped)."""
-    for future, value, exc in outcomes:
-        if future.done():
-            continue
-        if exc is None:
-            future.set_result(value)
-        else:
-            future.set_exception(exc)
-
-
-def _resolve(outcomes) -> None:
-    """Settle a batch's futures: thread-safe ones here, each loop's waiters in one call on their loop."""
-    on_loops: dict[asyncio.AbstractEventLoop, list] = {}
-    for waiter, value, exc in outcomes:
-        if isinstance(waiter, _LoopWaiter):
-            on_loops.setdefault(waiter.loop, []).append((waiter.future, value, exc))
-        elif exc is None:
-            waiter.set_result(value)
-        else:
-            waiter.set_exception(exc)
-    for loop, items in on_loops.items():
-        try:
-            loop.call_soon_threadsafe(_settle, items)
-        except RuntimeError:  # its loop is closed: nobody waits any more
-            pass
 
 
 class Store(StoreWrites, StoreReads):
@@ -110,8 +72,11 @@ class Store(StoreWrites, StoreReads):
                 raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'workspace-pilot[postgresql]'"
                                  ) from None
             self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+            #: What a read or write raises while the database is away: answered 503 (try again).
+            self.unavailable: tuple[type[BaseException], ...] = (StoreUnavailable, psycopg.OperationalError)
         else:
             self._errors = (sqlite3.Error,)
+            self.unavailable = (StoreUnavailable,)
             schema.make_private(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._changed = threading.Condition()
@@ -123,17 +88,25 @@ class Store(StoreWrites, StoreReads):
         self._woken: set[tuple[str, str]] = set()  # touched by the writer thread only
         self._pilots_touched: set[str] = set()  # slots whose pilot rows this batch wrote (writer thread only)
         self._pilot_marks: dict[str, int] = {}  # slot -> the version whose commit last changed its pilots
+        self._marks_floor = 0  # every slot's mark is at least this (news of others' commits was lost before it)
         # What the receiver asks of every request and what never changes once true: a slot's secret and job
         # id (once it has one), and that a host has reported for a slot. Bounded; misses read the file.
         self._access_cache: collections.OrderedDict[tuple[str, str], SlotAccess] = collections.OrderedDict()
         self._access_lock = threading.Lock()
         self._command_listener: Callable[[set[tuple[str, str]]], None] | None = None
+        self._poll_listener: Callable[[set[tuple[str, str]]], None] | None = None
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(
             target=self._write_loop, args=(ready,), name="store-writer", daemon=True
         )
         self._writer.start()
         ready.result()
+        # On PostgreSQL other receivers may write too: their commits wake this one's polls and watchers.
+        self._listener: pgshare.CommitListener | None = None
+        if self.on_postgres:
+            self._token = pgshare.new_token()
+            self._listener = pgshare.CommitListener(self._connect, self._token, self._others_committed)
+            self._listener.start()
 
     # -- writer ---------------------------------------------------------------
 
@@ -175,13 +148,28 @@ class Store(StoreWrites, StoreReads):
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(nxt)
+            if conn is None:  # PostgreSQL was away: connect again, or tell this batch's callers it still is
+                try:
+                    conn = self._connect()
+                    log.warning("store: connected to %s again", postgres.shown(self.path))
+                except StoreError as exc:
+                    resolve([(future, None, StoreUnavailable(str(exc))) for _, future in batch])
+                    continue
             self._run_batch(conn, batch)
-        conn.close()
+            if self.on_postgres and conn.raw.broken:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
         results = []
         try:
-            conn.execute("BEGIN" if self.on_postgres else "BEGIN IMMEDIATE")
+            if self.on_postgres:
+                conn.execute("BEGIN")
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (pgshare.WRITE_LOCK,))  # one writer at a time
+            else:
+                conn.execute("BEGIN IMMEDIATE")
             for fn, future in batch:
                 conn.execute("SAVEPOINT item")
                 try:
@@ -191,12 +179,17 @@ class Store(StoreWrites, StoreReads):
                     conn.execute("ROLLBACK TO item")
                     conn.execute("RELEASE item")
                     results.append((future, None, exc))
+            if self.on_postgres:
+                pgshare.announce(conn, self._token, self._woken, self._pilots_touched)
             conn.execute("COMMIT")
         except self._errors as exc:
             log.error("store commit failed: %s", exc)
-            if conn.in_transaction:
+            self._woken, self._pilots_touched = set(), set()
+            if self.on_postgres and conn.raw.broken:
+                exc = StoreUnavailable(f"the store's database went away: {str(exc).strip().splitlines()[0]}")
+            elif conn.in_transaction:
                 conn.execute("ROLLBACK")
-            _resolve([(future, None, exc) for _, future in batch])
+            resolve([(future, None, exc) for _, future in batch])
             return
         with self._changed:
             self._version += 1
@@ -210,14 +203,51 @@ class Store(StoreWrites, StoreReads):
                 self._command_listener(woken)
             except Exception:  # a listener's bug must not stop the writer
                 log.exception("command listener failed")
-        _resolve(results)
+        resolve(results)
+
+    def new_lead(self) -> pgshare.Lead | None:
+        """For a lease manager: on PostgreSQL, the lead it must hold to act (one manager among the receivers
+        that share the database); None on SQLite, whose file has one service."""
+        return pgshare.Lead(self._connect) if self.on_postgres else None
+
+    def announce_polls(self, polled: list[tuple[str, str]]) -> None:
+        """On PostgreSQL: tell the other receivers that these (slot, host) pilots polled here (their boards
+        count them as heard; see :mod:`.pgshare`). Waits for the commit; nothing on SQLite."""
+        if self.on_postgres and polled:
+            self.submit(lambda conn: pgshare.announce(conn, self._token, set(), set(), polled)).result()
+
+    def set_poll_listener(self, listener: Callable[[set[tuple[str, str]]], None] | None) -> None:
+        """Call ``listener({(slot, host), ...})`` with the pilots another receiver heard polling (PostgreSQL)."""
+        self._poll_listener = listener
+
+    def _others_committed(self, woken: set[tuple[str, str]] | None, touched: set[str] | None,
+                          polled: set[tuple[str, str]]) -> None:
+        """Another receiver's commit (on its listener's thread): as for one of ours, the watchers and the
+        parked polls it concerns are woken. None: the listener was away, so anything may have changed."""
+        if polled and self._poll_listener is not None:
+            self._poll_listener(polled)
+        with self._changed:
+            self._version += 1
+            if touched is None:
+                self._marks_floor = self._version
+            else:
+                for slot in touched:
+                    self._pilot_marks[slot] = self._version
+            self._changed.notify_all()
+        if (woken is None or woken) and self._command_listener is not None:
+            try:
+                self._command_listener(woken)
+            except Exception:
+                log.exception("command listener failed")
 
     def _wake_target(self, slot: str, host: str) -> None:
         # Called inside a write: the (slot, host) is announced once the batch has committed.
         self._woken.add((slot, host))
 
-    def set_command_listener(self, listener: Callable[[set[tuple[str, str]]], None] | None) -> None:
-        """Call ``listener({(slot, host), ...})`` after each commit that queued commands for those pilots.
+    def set_command_listener(self, listener: Callable[[set[tuple[str, str]] | None], None] | None) -> None:
+        """Call ``listener({(slot, host), ...})`` after each commit that queued commands for those pilots (this
+        store's or, on PostgreSQL, another receiver's; None: news of others' commits was lost for a while, so
+        any pilot may have new commands).
 
         It runs on the writer thread: it must be quick and must not write
         to the store (the receiver uses it to wake the long-polls).
@@ -239,7 +269,7 @@ class Store(StoreWrites, StoreReads):
             raise StoreClosed("the store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((fn, _LoopWaiter(loop, future)))
+        self._queue.put((fn, LoopWaiter(loop, future)))
         return future
 
     @property
@@ -252,6 +282,8 @@ class Store(StoreWrites, StoreReads):
         if self._closed:
             return
         self._closed = True
+        if self._listener is not None:
+            self._listener.stop()
         self._queue.put(None)
         self._writer.join()
         with self._readers_lock:
@@ -263,6 +295,11 @@ class Store(StoreWrites, StoreReads):
     # -- reads --------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self.on_postgres and conn.raw.broken:  # the server went away: a new connection
+            with self._readers_lock:
+                self._readers.remove(conn)
+            conn.close()
+            conn = None
         if conn is None:
             if self._closed:
                 raise StoreClosed("the store is closed")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import re
 
-from service_adapter.store.errors import StoreError
+from service_adapter.store.errors import StoreError, StoreUnavailable
 
 #: What a ``[service] store`` that is a PostgreSQL connection URL starts with.
 URL_SCHEMES = ("postgresql://", "postgres://")
@@ -114,14 +114,15 @@ class PgConnection:
 
 
 def connect(url: str) -> PgConnection:
-    """A new connection to the store's database, or StoreError naming what failed in one line."""
+    """A new connection to the store's database, or StoreUnavailable (a StoreError) naming what failed in one
+    line: at start that stops serve; later it is a database away for now."""
     import psycopg
 
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                               application_name="workspace-lease")
     except psycopg.Error as exc:
-        raise StoreError(f"cannot open the PostgreSQL store {shown(url)}: {_first_line(exc)}") from None
+        raise StoreUnavailable(f"cannot open the PostgreSQL store {shown(url)}: {_first_line(exc)}") from None
     raw.adapters.register_dumper(bool, _bool_dumper())
     return PgConnection(raw)
 

@@ -50,8 +50,11 @@ def vm_spec(name: str, memory_mb: int = 16) -> VmSpec:
 class Channel:
     """The receiver (real aiohttp on a free loopback port), its SQLite store, a hand-clocked board, node accounts."""
 
-    def __init__(self, root, store_path: str | None = None):
-        self.nodes = NodeAccounts(new_site_key(), REALM)
+    def __init__(self, root, store_path: str | None = None, site_key: str | None = None):
+        """``store_path``: a SQLite file or PostgreSQL URL (default: a file in ``root``); ``site_key``: the site's
+        key (default: a new one), the same for two receivers of one site."""
+        self.site_key = site_key or new_site_key()
+        self.nodes = NodeAccounts(self.site_key, REALM)
         self.verifier = DigestVerifier(REALM, self.nodes)
         self.store = Store(store_path or str(root / "service.sqlite"))
         self.clock = FakeClock()
