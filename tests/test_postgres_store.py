@@ -11,9 +11,10 @@ import json
 
 import pytest
 
+from tests.support.channels import Channel
 from tests.support.pool import pool_pages
 from tests.support.ports import free_port
-from tests.support.postgres import rows_elsewhere
+from tests.support.postgres import PostgresServer, rows_elsewhere
 from tests.support.site import CLI, Site, end_pilots, serving, start_serve, stop_process
 
 
@@ -91,3 +92,63 @@ def test_a_database_of_a_newer_schema_is_refused_in_one_line_and_left_as_it_was(
     assert lines[0].endswith("has schema version 99, this workspace-pilot reads version 10: run the "
                              "workspace-pilot that made it, or start with an empty database"), lines
     assert (rows_elsewhere(url, tables), rows_elsewhere(url, "SELECT * FROM store_meta ORDER BY name")) == before
+
+
+# -- the database restarting under a running service -------------------------------------------------
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server of this test's own (the test stops and starts it)."""
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+def test_a_notification_while_the_database_is_away_is_a_503_and_taken_once_it_is_back(tmp_path, own_postgres):
+    channel = Channel(tmp_path, own_postgres.new_database())
+    try:
+        _, slot = channel.lease(ready=False, hosts=(), nodes=1)
+        channel.notify(slot, "node1", "reserved")
+        key = channel.key(slot)
+        channel.key = lambda *_: key  # the test's own look-up of the key would need the database
+        own_postgres.stop()
+        away = channel.notify(slot, "node1", "heartbeat", status=503)
+        assert away.headers["Retry-After"] == "5" and away.json()["result"] == "store-unavailable"
+        assert channel.poll(slot, "node1").status_code == 503  # a poll reads the store too
+        own_postgres.start()
+        # The pilot's retry of the same notification (its seq 2) is taken; its next goes on from there.
+        channel._seq[(slot, "node1")] -= 1
+        assert channel.notify(slot, "node1", "heartbeat").json()["result"] == "accepted"
+        channel.notify(slot, "node1", "unreserved")
+        assert [seq for _, seq, _, _ in channel.store.notifications(slot)] == [1, 2, 3]
+    finally:
+        channel.close()
+
+
+def test_a_lease_goes_on_through_a_database_restart_and_nothing_of_it_is_lost(tmp_path, hugepages, own_postgres):
+    """Real serve, real pilots: while PostgreSQL is down the API answers 503 (the CLI exit 4, one line); once it
+    is back the lease is where it was and ends, every host's notifications stored without a gap."""
+    url = own_postgres.new_database()
+    site = Site(tmp_path, store=url)
+    with serving(site):
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "60", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease_id = json.loads(reserved.stdout)["id"]
+        own_postgres.stop()
+        shown = site.cli("show", lease_id)
+        assert shown.returncode == 4 and len(shown.stderr.strip().splitlines()) == 1, shown.stderr
+        assert "503 the service's store cannot be reached now: try again" in shown.stderr
+        assert site.api("GET", "/leases").status_code == 503
+        own_postgres.start()
+        assert json.loads(site.cli("show", lease_id, "--json").stdout)["state"] == "ready"
+        released = site.cli("release", lease_id, "--wait", "--json")
+        assert released.returncode == 0, released.stderr + released.stdout
+        assert pool_pages() == hugepages
+    for host in ("local-node1", "local-node2"):
+        seqs = [seq for (seq,) in rows_elsewhere(url, "SELECT n.seq FROM notifications n JOIN slots s ON"
+                                                      f" s.id = n.slot_id WHERE s.lease_id = '{lease_id}' AND"
+                                                      f" n.host = '{host}' ORDER BY n.seq")]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, (host, seqs)
+    log = site.log_file.read_text()
+    assert "the store is away: answering 503" in log and "Traceback" not in log

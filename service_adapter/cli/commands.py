@@ -42,7 +42,7 @@ def client_command(args) -> int:
 
 
 def _exit_for_status(status: int | None) -> int:
-    if status is None:
+    if status is None or status == 503:  # 503: the service is up but cannot serve now (its store is away)
         return EXIT_UNREACHABLE
     if status in (401, 403, 429):
         return EXIT_REFUSED

@@ -27,7 +27,8 @@ EXIT_CODES = {  # --help and docs/reference/exit-codes.md are made from these (t
                 "found invalid: 400)",
     EXIT_CONFIG: "bad or unreadable configuration, secret or accounts file; serve cannot listen or open its store "
                  "or log; the demo cannot run here",
-    EXIT_UNREACHABLE: "the service could not be reached, or did not answer within --timeout",
+    EXIT_UNREACHABLE: "the service could not be reached, or did not answer within --timeout, or cannot serve now "
+                      "(503: its store's database is away; try again)",
     EXIT_REFUSED: "the service refused the credentials (401/403), or holds back this address after too many "
                   "failed logins (429)",
     EXIT_NOT_FOUND: "no such lease, VM, image or image list (404)",

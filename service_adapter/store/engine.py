@@ -71,7 +71,7 @@ class Store(StoreWrites, StoreReads):
             except ImportError:
                 raise StoreError("a PostgreSQL store needs psycopg 3: pip install 'workspace-pilot[postgresql]'"
                                  ) from None
-            self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+            self._errors: tuple[type[BaseException], ...] = (psycopg.Error, StoreUnavailable)
             #: What a read or write raises while the database is away: answered 503 (try again).
             self.unavailable: tuple[type[BaseException], ...] = (StoreUnavailable, psycopg.OperationalError)
         else:
@@ -186,7 +186,8 @@ class Store(StoreWrites, StoreReads):
             log.error("store commit failed: %s", exc)
             self._woken, self._pilots_touched = set(), set()
             if self.on_postgres and conn.raw.broken:
-                exc = StoreUnavailable(f"the store's database went away: {str(exc).strip().splitlines()[0]}")
+                if not isinstance(exc, StoreUnavailable):
+                    exc = StoreUnavailable(f"the store's database went away: {str(exc).strip().splitlines()[0]}")
             elif conn.in_transaction:
                 conn.execute("ROLLBACK")
             resolve([(future, None, exc) for _, future in batch])
@@ -295,11 +296,6 @@ class Store(StoreWrites, StoreReads):
     # -- reads --------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is not None and self.on_postgres and conn.raw.broken:  # the server went away: a new connection
-            with self._readers_lock:
-                self._readers.remove(conn)
-            conn.close()
-            conn = None
         if conn is None:
             if self._closed:
                 raise StoreClosed("the store is closed")

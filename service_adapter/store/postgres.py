@@ -83,16 +83,41 @@ def table_ddl(sqlite_schema: str) -> str:
 
 class PgConnection:
     """A psycopg connection as the store's functions use a ``sqlite3`` one (autocommit: the engine says
-    BEGIN and COMMIT itself, as it does with SQLite's ``isolation_level=None``)."""
+    BEGIN and COMMIT itself, as it does with SQLite's ``isolation_level=None``).
 
-    def __init__(self, raw):
+    A statement begun outside a transaction (a read, or a BEGIN) on a connection the server dropped (it
+    restarted) is run once more on a new connection; inside a transaction the failure is the caller's (the
+    transaction is gone). A server still away is :class:`StoreUnavailable`.
+    """
+
+    def __init__(self, raw, url: str):
         self.raw = raw
+        self.url = url
+        self._in_transaction = False  # as the last statement left it (a dead connection's own status is unknown)
 
     def execute(self, sql: str, params=()):
         """Run one statement; the cursor to fetch its rows from."""
+        import psycopg
+
+        try:
+            return self._run(sql, params)
+        except psycopg.OperationalError:
+            if self._in_transaction or not (self.raw.broken or self.raw.closed):
+                raise
+        self.raw = connect(self.url).raw
+        return self._run(sql, params)
+
+    def _run(self, sql: str, params):
+        from psycopg import pq
+
         cursor = self.raw.cursor()
-        # Always with a parameter sequence, even empty: psycopg turns '%%' back into '%' only then.
-        cursor.execute(translate(sql), tuple(params))
+        try:
+            # Always with a parameter sequence, even empty: psycopg turns '%%' back into '%' only then.
+            cursor.execute(translate(sql), tuple(params))
+        finally:
+            status = self.raw.info.transaction_status
+            if status != pq.TransactionStatus.UNKNOWN:  # unknown: the connection died; it was in what it was in
+                self._in_transaction = status != pq.TransactionStatus.IDLE
         return cursor
 
     def executemany(self, sql: str, seq):
@@ -124,7 +149,7 @@ def connect(url: str) -> PgConnection:
     except psycopg.Error as exc:
         raise StoreUnavailable(f"cannot open the PostgreSQL store {shown(url)}: {_first_line(exc)}") from None
     raw.adapters.register_dumper(bool, _bool_dumper())
-    return PgConnection(raw)
+    return PgConnection(raw, url)
 
 
 def prepare(conn: PgConnection, url: str) -> None:
