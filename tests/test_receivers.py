@@ -24,6 +24,7 @@ from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 
 from tests.support.channels import WOKEN_WITHIN_S, Channel, PollThread, vm_spec, wait_until
 from tests.support.pool import pool_pages
+from tests.support.postgres import rows_elsewhere
 from tests.support.service import notification
 from tests.support.site import Site, end_pilots, start_serve, stop_process
 
@@ -143,7 +144,8 @@ def _leads(log_path) -> bool:
 
 def test_two_serves_share_a_port_and_when_the_leader_dies_the_other_ends_its_lease(
         tmp_path, hugepages, postgres_server):
-    site = Site(tmp_path, store=postgres_server.new_database(), reuse_port="yes")
+    url = postgres_server.new_database()
+    site = Site(tmp_path, store=url, reuse_port="yes")
     other_log = tmp_path / "service-2.log"
     other = Site.__new__(Site)
     other.__dict__.update(site.__dict__, config=_second_config(site, other_log), log_file=other_log)
@@ -179,3 +181,9 @@ def test_two_serves_share_a_port_and_when_the_leader_dies_the_other_ends_its_lea
         end_pilots(site)
     logs = site.log_file.read_text() + other_log.read_text()
     assert not re.search(r"Traceback|store commit failed", logs), logs[-3000:]
+    # Nothing the pilots sent was lost with the killed receiver: each host's notifications, 1 to its last.
+    for host in ("local-node1", "local-node2"):
+        seqs = [seq for (seq,) in rows_elsewhere(url, "SELECT n.seq FROM notifications n JOIN slots s ON"
+                                                      f" s.id = n.slot_id WHERE s.lease_id = '{lease_id}' AND"
+                                                      f" n.host = '{host}' ORDER BY n.seq")]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, (host, seqs)
