@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""10,000 pilots against one ``workspace-lease serve`` (issue 17).
+"""10,000 pilots against one ``workspace-lease serve`` (issue 17), or several on one PostgreSQL store (issue 38).
 
 One real service process (its store on disk, digest auth from per-node keys, signed bodies and
 answers, the operator API, the lease manager) and PILOTS simulated pilots: asyncio clients
@@ -11,7 +11,14 @@ the service's allocation check and the lease manager's status calls see live job
 Run as root (or with a high enough ``ulimit -Hn``) from the repository root::
 
     .venv/bin/python bench/bench_scale.py [--pilots 10000] [--nodes-per-lease 10] [--clients 4]
-                                          [--idle 30] [--json FILE]
+                                          [--idle 30] [--store sqlite|postgresql] [--receivers N] [--json FILE]
+
+``--store postgresql`` starts a PostgreSQL server of the bench's own (Debian's binaries, as the tests
+do: tests/support/postgres.py) and serves from a database of it; ``--receivers N`` (PostgreSQL only)
+runs N serve processes on the pilots' port (``reuse_port``), each with an operator port of its own
+(the fan-out's API requests go to them in turn). "Service CPU" is then every receiver's, and the
+PostgreSQL server's CPU is given beside it. Each simulated pilot has a connection of its own (as a
+pilot's session does), so its digest nonce stays with the receiver that issued it.
 
 Phases, in order:
 
@@ -81,6 +88,12 @@ VM_MB = 256
 CHILD_TIMEOUT_S = 300.0
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100), nearest rank."""
     ordered = sorted(values)
@@ -100,31 +113,34 @@ def raise_fd_limit() -> int:
 class Site:
     """A service's files under ``root``; :meth:`populate` writes the leases, :meth:`start` runs serve."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, store: str | None = None, receivers: int = 1):
         self.root = root
+        self.receivers = receivers
         self.site_key = secrets.token_hex(32)
         self.operator_secret = secrets.token_urlsafe(24)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store_path = os.path.join(root, "service.sqlite")
+        self.store_path = store or os.path.join(root, "service.sqlite")
         self.log_file = os.path.join(root, "service.log")
         self.state_dir = os.path.join(root, "local")
         site_key_file = self._private("site.key", self.site_key + "\n")
         ha1 = hashlib.sha256(f"{OPERATOR}:{OPERATOR_REALM}:{self.operator_secret}".encode()).hexdigest()
         accounts = self._private("operators.htdigest", f"{OPERATOR}:{OPERATOR_REALM}:{ha1}\n")
         pilot_config = self._private("pilot.conf", f"[service]\ncontact = {self.url}\n")
-        self.config = self._private("service.conf", (
+        self.operator_ports = [_free_port() for _ in range(receivers)] if receivers > 1 else []
+        self.configs = [self._private(f"service-{index}.conf", (
             f"[service]\nport = {self.port}\nstore = {self.store_path}\nlog_file = {self.log_file}\n"
-            "log_level = info\n"
+            "log_level = info\n" + ("reuse_port = yes\n" if receivers > 1 else "") +
             f"[pilots]\nsite_key_file = {site_key_file}\npilot_config = {pilot_config}\n"
             "status_interval = 2\nlost_after = 600\nqueue_timeout = 3600\n"
             f"[vms]\noverhead_mb = 64\n"
             f"[provider]\nname = local\nstate_dir = {self.state_dir}\noutput_dir = {os.path.join(root, 'jobs')}\n"
             f"[operators]\naccounts_file = {accounts}\n"
-        ))
-        self.process: subprocess.Popen | None = None
+            + (f"listen = 127.0.0.1:{self.operator_ports[index]}\n" if receivers > 1 else "")
+        )) for index in range(receivers)]
+        #: Where the operator API is: the pilots' URL, or each receiver's own operator port.
+        self.api_urls = [f"http://127.0.0.1:{port}" for port in self.operator_ports] or [self.url]
+        self.processes: list[subprocess.Popen] = []
 
     def _private(self, name: str, text: str) -> str:
         path = os.path.join(self.root, name)
@@ -164,24 +180,32 @@ class Site:
         return pilots
 
     def start(self) -> None:
-        """Start ``workspace-lease serve`` and wait for its 'serving on' line."""
+        """Start each ``workspace-lease serve`` and wait for its 'serving on' line."""
         cli = os.path.join(os.path.dirname(sys.executable), "workspace-lease")
-        self.process = subprocess.Popen([cli, "serve", "--config", self.config], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        line = self.process.stdout.readline()
-        if "serving on" not in line:
-            raise RuntimeError(f"serve did not start: {line}{self.process.stdout.read()}")
+        for config in self.configs:
+            process = subprocess.Popen([cli, "serve", "--config", config], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+            self.processes.append(process)
+            line = process.stdout.readline()
+            if "serving on" not in line:
+                raise RuntimeError(f"serve did not start: {line}{process.stdout.read()}")
+
+    @property
+    def pids(self) -> list[int]:
+        """The serve processes' pids."""
+        return [process.pid for process in self.processes]
 
     def stop(self) -> None:
-        """SIGTERM serve by its pid; SIGKILL if it does not stop."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """SIGTERM each serve by its pid; SIGKILL one that does not stop."""
+        for process in self.processes:
+            if process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 # -- the simulated pilots (client processes) ---------------------------------------------------------
@@ -263,58 +287,75 @@ async def _client(url: str, infos: list[dict], conn) -> None:
     import aiohttp
 
     loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=POLL_WAIT_S + 60)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        pilots = [SimulatedPilot(session, url, info) for info in infos]
-        polls: list[asyncio.Task] = []
-        while True:
-            command = await loop.run_in_executor(None, conn.recv)
-            if command == "burst":
-                results = await asyncio.gather(*(p.reserved() for p in pilots), return_exceptions=True)
-                conn.send([r if isinstance(r, tuple) else (None, repr(r)) for r in results])
-            elif command == "poll":
-                polls = [asyncio.create_task(p.poll_forever()) for p in pilots]
-                conn.send("polling")
-            elif command == "stamps":
-                failed = [repr(t.exception()) for t in polls if t.done() and not t.cancelled() and t.exception()]
-                conn.send({"stamps": [p.got_start_at for p in pilots], "failed": failed[:5], "nfailed": len(failed)})
-            elif command == "stop":
-                for task in polls:
-                    task.cancel()
-                await asyncio.gather(*polls, return_exceptions=True)
-                conn.send("stopped")
-                return
+    # A session (one connection) per pilot: its nonce stays with the receiver that issued it.
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=POLL_WAIT_S + 60))
+                for _ in infos]
+    try:
+        await _run_pilots(loop, [SimulatedPilot(s, url, info) for s, info in zip(sessions, infos)], conn)
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def _run_pilots(loop, pilots: list, conn) -> None:
+    """Run the pilots as the parent's commands on ``conn`` say."""
+    polls: list[asyncio.Task] = []
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command == "burst":
+            results = await asyncio.gather(*(p.reserved() for p in pilots), return_exceptions=True)
+            conn.send([r if isinstance(r, tuple) else (None, repr(r)) for r in results])
+        elif command == "poll":
+            polls = [asyncio.create_task(p.poll_forever()) for p in pilots]
+            conn.send("polling")
+        elif command == "stamps":
+            failed = [repr(t.exception()) for t in polls if t.done() and not t.cancelled() and t.exception()]
+            conn.send({"stamps": [p.got_start_at for p in pilots], "failed": failed[:5], "nfailed": len(failed)})
+        elif command == "stop":
+            for task in polls:
+                task.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
+            conn.send("stopped")
+            return
 
 
 # -- the operator's side ---------------------------------------------------------------------------------
 
 
 async def start_vms_everywhere(site: Site, leases: dict[str, list[str]]) -> tuple[float, list[int]]:
-    """One start request per lease (a VM per host), all at once; (time the first was sent, statuses)."""
+    """One start request per lease (a VM per host), all at once, spread over the receivers' operator ports in
+    turn; (time the first was sent, statuses)."""
     import aiohttp
 
-    digest = _OperatorDigest(site)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-        await digest.prime(session)
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64 // len(site.api_urls)))
+                for _ in site.api_urls]
+    try:
+        digests = [_OperatorDigest(site, url) for url in site.api_urls]
+        for digest, session in zip(digests, sessions):
+            await digest.prime(session)
         first_sent = time.time()
-        statuses = await asyncio.gather(*(digest.post(session, f"/api/v1/leases/{lease}/vms", {"vms": [
-            {"name": f"vm-{host}", "memory_mb": VM_MB,
-             "boot": {"kernel": {"path": "vmlinuz", "sha256": "0" * 64}, "cmdline": "console=ttyS0"}}
-            for host in hosts]}) for lease, hosts in leases.items()))
+        statuses = await asyncio.gather(*(
+            digests[index % len(digests)].post(sessions[index % len(sessions)], f"/api/v1/leases/{lease}/vms", {
+                "vms": [{"name": f"vm-{host}", "memory_mb": VM_MB,
+                         "boot": {"kernel": {"path": "vmlinuz", "sha256": "0" * 64}, "cmdline": "console=ttyS0"}}
+                        for host in hosts]})
+            for index, (lease, hosts) in enumerate(leases.items())))
+    finally:
+        await asyncio.gather(*(session.close() for session in sessions))
     return first_sent, statuses
 
 
 class _OperatorDigest:
     """The operator's digest answers with one nonce and increasing nonce counts (as a client library would)."""
 
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, url: str):
         self.site = site
+        self.url = url
         self.ha1 = digest_ha1(OPERATOR, OPERATOR_REALM, site.operator_secret)
         self.nonce = ""
         self.nc = 0
 
     async def prime(self, session) -> None:
-        async with session.get(self.site.url + "/api/v1/leases") as response:
+        async with session.get(self.url + "/api/v1/leases") as response:
             await response.read()
             self.nonce = parse_params(response.headers["WWW-Authenticate"].split(", Digest ")[0][7:])["nonce"]
 
@@ -325,7 +366,7 @@ class _OperatorDigest:
             answer = response_digest("SHA-256", self.ha1, self.nonce, nc, cnonce, "POST", uri)
             header = (f'Digest username="{OPERATOR}", realm="{OPERATOR_REALM}", nonce="{self.nonce}", uri="{uri}", '
                       f'algorithm=SHA-256, qop=auth, nc={nc}, cnonce="{cnonce}", response="{answer}"')
-            async with session.post(self.site.url + uri, json=payload, headers={"Authorization": header},
+            async with session.post(self.url + uri, json=payload, headers={"Authorization": header},
                                     timeout=120) as response:
                 await response.read()
                 if response.status == 401:
@@ -340,6 +381,10 @@ class _OperatorDigest:
 
 def count_rows(db_path: str, sql: str) -> int:
     """One COUNT on the store, read-only."""
+    if db_path.startswith("postgresql://"):
+        from tests.support.postgres import rows_elsewhere
+
+        return rows_elsewhere(db_path, sql)[0][0]
     import sqlite3
 
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
@@ -359,42 +404,58 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> float:
     return time.monotonic() - started
 
 
-def service_usage(pid: int, seconds: float) -> dict:
-    """The service's RSS (MB, at the end) and CPU (% of one core) over ``seconds``."""
+def _tree_cpu(processes) -> float:
+    """CPU seconds of ``processes`` and of their live children (a PostgreSQL server's backends)."""
     import psutil
 
-    process = psutil.Process(pid)
-    before, started = process.cpu_times(), time.monotonic()
+    total = 0.0
+    for process in processes:
+        for member in [process, *process.children(recursive=True)]:
+            try:
+                times = member.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
+def service_usage(pids: list[int], seconds: float, store_pid: int | None) -> dict:
+    """The receivers' RSS (MB, at the end) and CPU (% of one core, all of them) over ``seconds``; the
+    PostgreSQL server's CPU beside it."""
+    import psutil
+
+    services = [psutil.Process(pid) for pid in pids]
+    store = [psutil.Process(store_pid)] if store_pid else []
+    before, store_before, started = _tree_cpu(services), _tree_cpu(store), time.monotonic()
     time.sleep(seconds)
-    after, elapsed = process.cpu_times(), time.monotonic() - started
-    cpu = (after.user + after.system - before.user - before.system) / elapsed * 100
-    return {"rss_mb": process.memory_info().rss / 2**20, "cpu_percent": cpu, "seconds": elapsed,
-            "threads": process.num_threads(), "fds": process.num_fds()}
+    elapsed = time.monotonic() - started
+    return {"rss_mb": sum(p.memory_info().rss for p in services) / 2**20,
+            "cpu_percent": (_tree_cpu(services) - before) / elapsed * 100,
+            "store_cpu_percent": (_tree_cpu(store) - store_before) / elapsed * 100, "seconds": elapsed,
+            "threads": sum(p.num_threads() for p in services), "fds": sum(p.num_fds() for p in services)}
 
 
 class CpuMeter:
-    """CPU seconds used by the service and by the client processes between :meth:`start` and :meth:`stop`."""
+    """CPU seconds used by the receivers, the PostgreSQL server and the client processes between :meth:`start`
+    and :meth:`stop`."""
 
-    def __init__(self, service_pid: int, client_pids: list[int]):
+    def __init__(self, service_pids: list[int], client_pids: list[int], store_pid: int | None = None):
         import psutil
 
-        self.service = psutil.Process(service_pid)
+        self.services = [psutil.Process(pid) for pid in service_pids]
         self.clients = [psutil.Process(pid) for pid in client_pids]
-
-    @staticmethod
-    def _cpu(process) -> float:
-        times = process.cpu_times()
-        return times.user + times.system
+        self.store = [psutil.Process(store_pid)] if store_pid else []
 
     def start(self) -> None:
         """Note the counters now."""
-        self._service, self._clients = self._cpu(self.service), sum(map(self._cpu, self.clients))
-        self._wall = time.monotonic()
+        self._service, self._clients = _tree_cpu(self.services), _tree_cpu(self.clients)
+        self._store, self._wall = _tree_cpu(self.store), time.monotonic()
 
     def stop(self) -> dict:
-        """Seconds of wall time, service CPU and clients' CPU since :meth:`start`."""
-        return {"wall_s": time.monotonic() - self._wall, "service_cpu_s": self._cpu(self.service) - self._service,
-                "clients_cpu_s": sum(map(self._cpu, self.clients)) - self._clients}
+        """Seconds of wall time, receivers' CPU, the store server's and the clients' CPU since :meth:`start`."""
+        return {"wall_s": time.monotonic() - self._wall, "service_cpu_s": _tree_cpu(self.services) - self._service,
+                "store_cpu_s": _tree_cpu(self.store) - self._store,
+                "clients_cpu_s": _tree_cpu(self.clients) - self._clients}
 
 
 class CountingProvider:
@@ -444,9 +505,15 @@ def run(args) -> dict:
     leases = args.pilots // args.nodes_per_lease
     workdir = tempfile.mkdtemp(prefix="bench-scale-")
     ctx = multiprocessing.get_context("spawn")
-    site = Site(workdir)
+    database = None
+    if args.store == "postgresql":
+        from tests.support.postgres import PostgresServer
+
+        database = PostgresServer()
+    site = Site(workdir, store=database.new_database() if database else None, receivers=args.receivers)
     clients: list = []
     results: dict = {"pilots": leases * args.nodes_per_lease, "leases": leases, "clients": args.clients,
+                     "store": args.store, "receivers": args.receivers,
                      "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     try:
         pipes = []
@@ -462,10 +529,11 @@ def run(args) -> dict:
         for index, (parent, _child) in enumerate(pipes):
             parent.send((site.url, [p for p in pilots if p["client"] == index]))
         site.start()
-        print(f"bench-scale: serve pid {site.process.pid}, {len(pilots)} pilots in {leases} leases, "
+        print(f"bench-scale: serve pids {site.pids}, {len(pilots)} pilots in {leases} leases, "
               f"{args.clients} client processes", flush=True)
 
-        meter = CpuMeter(site.process.pid, [p.pid for p in clients])
+        store_pid = database.process.pid if database else None
+        meter = CpuMeter(site.pids, [p.pid for p in clients], store_pid)
         # 1. the reserved burst
         meter.start()
         for parent, _ in pipes:
@@ -493,7 +561,7 @@ def run(args) -> dict:
             parent.recv()
         print("polls parking", flush=True)
         time.sleep(5)  # every poll sent and parked (the first answers only come after POLL_WAIT_S)
-        results["parked"] = service_usage(site.process.pid, args.idle)
+        results["parked"] = service_usage(site.pids, args.idle, store_pid)
         print(f"parked: {results['parked']}", flush=True)
 
         # 3. fan-out
@@ -530,6 +598,8 @@ def run(args) -> dict:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGKILL)
                 process.join()
+        if database is not None:
+            database.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -550,9 +620,15 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes-per-lease", type=int, default=10, help="hosts per lease (default 10)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds the parked polls are watched (default 30)")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the store: a SQLite file (default), or a PostgreSQL server the bench starts")
+    parser.add_argument("--receivers", type=int, default=1,
+                        help="serve processes on the pilots' port (default 1; more needs --store postgresql)")
     parser.add_argument("--json", metavar="FILE", help="write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (service log, store)")
     args = parser.parse_args(argv)
+    if args.receivers < 1 or (args.receivers > 1 and args.store != "postgresql"):
+        parser.error("--receivers: 1, or more with --store postgresql (a SQLite file has one service)")
     results = run(args)
     print(json.dumps(results, indent=1))
     if args.json:

@@ -14,8 +14,8 @@ import pytest
 from tests.support.channels import Channel
 from tests.support.pool import pool_pages
 from tests.support.ports import free_port
-from tests.support.postgres import PostgresServer, rows_elsewhere
-from tests.support.site import CLI, Site, end_pilots, serving, start_serve, stop_process
+from tests.support.postgres import PostgresServer, rows_elsewhere, stored_seqs
+from tests.support.site import CLI, Site, reserve_then_kill_serve, serving
 
 
 def test_a_lease_on_a_postgresql_store_survives_the_service_and_ends_through_the_next(
@@ -24,18 +24,7 @@ def test_a_lease_on_a_postgresql_store_survives_the_service_and_ends_through_the
     the history are in the database, and no line of the service's shows the password."""
     url = postgres_server.new_database()
     site = Site(tmp_path, store=url)
-    first = start_serve(site)
-    try:
-        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
-        assert reserved.returncode == 0, reserved.stderr
-        lease_id = json.loads(reserved.stdout)["id"]
-        assert pool_pages() == hugepages + 32
-    except BaseException:
-        stop_process(first)
-        end_pilots(site)
-        raise
-    first.kill()  # by its pid: no clean shutdown
-    first.wait()
+    lease_id = reserve_then_kill_serve(site, hugepages)
     with serving(site):
         assert json.loads(site.cli("show", lease_id, "--json").stdout)["state"] == "ready"
         released = site.cli("release", lease_id, "--wait", "--json")
@@ -146,9 +135,7 @@ def test_a_lease_goes_on_through_a_database_restart_and_nothing_of_it_is_lost(tm
         assert released.returncode == 0, released.stderr + released.stdout
         assert pool_pages() == hugepages
     for host in ("local-node1", "local-node2"):
-        seqs = [seq for (seq,) in rows_elsewhere(url, "SELECT n.seq FROM notifications n JOIN slots s ON"
-                                                      f" s.id = n.slot_id WHERE s.lease_id = '{lease_id}' AND"
-                                                      f" n.host = '{host}' ORDER BY n.seq")]
+        seqs = stored_seqs(url, lease_id, host)
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, (host, seqs)
     log = site.log_file.read_text()
     assert "the store is away: answering 503" in log and "Traceback" not in log

@@ -24,7 +24,7 @@ from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 
 from tests.support.channels import WOKEN_WITHIN_S, Channel, PollThread, vm_spec, wait_until
 from tests.support.pool import pool_pages
-from tests.support.postgres import rows_elsewhere
+from tests.support.postgres import stored_seqs
 from tests.support.service import notification
 from tests.support.site import Site, end_pilots, start_serve, stop_process
 
@@ -183,7 +183,5 @@ def test_two_serves_share_a_port_and_when_the_leader_dies_the_other_ends_its_lea
     assert not re.search(r"Traceback|store commit failed", logs), logs[-3000:]
     # Nothing the pilots sent was lost with the killed receiver: each host's notifications, 1 to its last.
     for host in ("local-node1", "local-node2"):
-        seqs = [seq for (seq,) in rows_elsewhere(url, "SELECT n.seq FROM notifications n JOIN slots s ON"
-                                                      f" s.id = n.slot_id WHERE s.lease_id = '{lease_id}' AND"
-                                                      f" n.host = '{host}' ORDER BY n.seq")]
+        seqs = stored_seqs(url, lease_id, host)
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, (host, seqs)

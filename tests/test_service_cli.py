@@ -23,7 +23,7 @@ from requests.auth import HTTPDigestAuth
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from tests.support.pool import pool_pages
 from tests.support.ports import free_port
-from tests.support.site import CLI, OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, end_pilots, private, serving, site, start_serve, stop_process
+from tests.support.site import CLI, OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, end_pilots, private, reserve_then_kill_serve, serving, site, start_serve, stop_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +129,7 @@ def test_reserve_list_show_release_usage(site, hugepages):
 def test_service_restart_keeps_the_lease(site, hugepages):
     """SIGKILL the service while a lease is ready; a new serve on the same store still knows and ends it."""
     start_pages = hugepages
-    first = start_serve(site)
-    try:
-        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
-        assert reserved.returncode == 0, reserved.stderr
-        lease_id = json.loads(reserved.stdout)["id"]
-        assert pool_pages() == start_pages + 32
-    except BaseException:
-        stop_process(first)
-        end_pilots(site)
-        raise
-    first.kill()  # by its pid: no clean shutdown at all
-    first.wait()
+    lease_id = reserve_then_kill_serve(site, start_pages)
     assert pool_pages() == start_pages + 32  # the pilots outlive the service
 
     down = site.cli("show", lease_id)

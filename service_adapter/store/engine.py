@@ -162,23 +162,46 @@ class Store(StoreWrites, StoreReads):
         if conn is not None:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
+    def _begin(self, conn) -> None:
+        if self.on_postgres:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (pgshare.WRITE_LOCK,))  # one writer at a time
+        else:
+            conn.execute("BEGIN IMMEDIATE")
+
+    @staticmethod
+    def _run_items(conn, batch, savepoints: bool) -> list | None:
+        """Each write of the batch in the open transaction: in a savepoint of its own (a failing one is undone
+        alone), or all in one go (None as soon as one fails: the caller undoes the batch)."""
         results = []
-        try:
-            if self.on_postgres:
-                conn.execute("BEGIN")
-                conn.execute("SELECT pg_advisory_xact_lock(?)", (pgshare.WRITE_LOCK,))  # one writer at a time
-            else:
-                conn.execute("BEGIN IMMEDIATE")
-            for fn, future in batch:
-                conn.execute("SAVEPOINT item")
+        for fn, future in batch:
+            if not savepoints:
                 try:
                     results.append((future, fn(conn), None))
-                    conn.execute("RELEASE item")
-                except Exception as exc:  # this write only; its neighbours go on
-                    conn.execute("ROLLBACK TO item")
-                    conn.execute("RELEASE item")
-                    results.append((future, None, exc))
+                except Exception:
+                    return None
+                continue
+            conn.execute("SAVEPOINT item")
+            try:
+                results.append((future, fn(conn), None))
+                conn.execute("RELEASE item")
+            except Exception as exc:  # this write only; its neighbours go on
+                conn.execute("ROLLBACK TO item")
+                conn.execute("RELEASE item")
+                results.append((future, None, exc))
+        return results
+
+    def _run_batch(self, conn: sqlite3.Connection, batch) -> None:
+        try:
+            self._begin(conn)
+            # On PostgreSQL a savepoint costs two round trips per write: the batch first goes without them, and
+            # only a batch in which a write failed is undone and run again, each write in its own savepoint.
+            results = self._run_items(conn, batch, savepoints=not self.on_postgres)
+            if results is None:
+                conn.execute("ROLLBACK")
+                self._woken, self._pilots_touched = set(), set()
+                self._begin(conn)
+                results = self._run_items(conn, batch, savepoints=True)
             if self.on_postgres:
                 pgshare.announce(conn, self._token, self._woken, self._pilots_touched)
             conn.execute("COMMIT")

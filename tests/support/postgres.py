@@ -124,3 +124,10 @@ def rows_elsewhere(location: str, sql: str) -> list[tuple]:
 
     with sqlite3.connect(location) as conn:
         return conn.execute(sql).fetchall()
+
+
+def stored_seqs(url: str, lease_id: str, host: str) -> list[int]:
+    """The sequence numbers of ``host``'s notifications for ``lease_id`` in the PostgreSQL store at ``url``."""
+    return [seq for (seq,) in rows_elsewhere(
+        url, "SELECT n.seq FROM notifications n JOIN slots s ON s.id = n.slot_id"
+             f" WHERE s.lease_id = '{lease_id}' AND n.host = '{host}' ORDER BY n.seq")]

@@ -154,6 +154,26 @@ def start_serve(site: Site, *, wrapper: tuple[str, ...] = (), umask: int | None 
     return process
 
 
+def reserve_then_kill_serve(site: Site, pages_before: int) -> str:
+    """Start serve, reserve a ready lease of 2 x 32 MB (the local nodes' hugepages taken), then SIGKILL serve by
+    its pid (no clean shutdown); the lease's id. Its pilots outlive the service."""
+    from tests.support.pool import pool_pages
+
+    process = start_serve(site)
+    try:
+        reserved = site.cli("reserve", "--nodes", "2", "--memory", "32", "--duration", "30", "--json", "--wait")
+        assert reserved.returncode == 0, reserved.stderr
+        lease_id = json.loads(reserved.stdout)["id"]
+        assert pool_pages() == pages_before + 32
+    except BaseException:
+        stop_process(process)
+        end_pilots(site)
+        raise
+    process.kill()
+    process.wait()
+    return lease_id
+
+
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
     """Signal ``process`` by its pid and reap it (SIGKILL if it does not end in ``timeout``)."""
     if process.poll() is None:
