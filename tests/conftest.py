@@ -73,8 +73,12 @@ def store_location(request, tmp_path):
     """Where a test's store lives, once on each backend: a SQLite file, then a new database of the session's
     PostgreSQL server."""
     if request.param == "sqlite":
-        return str(tmp_path / "service.sqlite")
-    return request.getfixturevalue("postgres_server").new_database()
+        yield str(tmp_path / "service.sqlite")
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.new_database()
+    yield url
+    server.drop_database(url)  # a database is ~7 MB on disk: the session makes over a hundred
 
 
 @pytest.fixture

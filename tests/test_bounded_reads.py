@@ -17,11 +17,11 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from tests.support.imagesource import ImageServer, write_file
+from tests.support.rawserver import RawServer
 
 SIZE = 32 * 1024 * 1024
 CHUNK = 4 * 1024 * 1024
@@ -30,60 +30,40 @@ CHUNK = 4 * 1024 * 1024
 PEAK_RSS_MB = 64
 
 
-class RudeServer:
+class RudeServer(RawServer):
     """A real HTTP/1.1 server that answers every GET with ``times`` x what was asked (``times=None``: forever)."""
 
     def __init__(self, size: int, times: int | None):
         self.size, self.times = size, times
         self.sent: list[tuple[int, int]] = []  # (bytes asked for, bytes of body offered) per answer, at hang-up
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(4096)
-                if not data:
-                    return
-                head += data
-            wanted = re.search(rb"(?i)\r\nrange: bytes=(\d+)-(\d*)", head)
-            start = int(wanted.group(1)) if wanted else 0
-            end = int(wanted.group(2)) if wanted and wanted.group(2) else self.size - 1
-            asked = end - start + 1
-            status = b"206 Partial Content" if wanted else b"200 OK"
-            headers = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\n"
-            if wanted:
-                headers += f"Content-Range: bytes {start}-{end}/{self.size}\r\n".encode()
-            block = b"\xa5" * 65536
-            offered = 0
-            try:
-                if self.times is None:  # chunked, and it never ends
-                    conn.sendall(headers + b"Transfer-Encoding: chunked\r\n\r\n")
-                    while True:
-                        conn.sendall(b"10000\r\n" + block + b"\r\n")
-                        offered += len(block)
-                else:  # no length: the body ends when the connection closes, 50x later than it should
-                    conn.sendall(headers + b"Connection: close\r\n\r\n")
-                    while offered < self.times * asked:
-                        conn.sendall(block)
-                        offered += len(block)
-            except OSError:
-                pass  # the client hung up: what it should do
-            self.sent.append((asked, offered))
-
-    def close(self):
-        self.listener.close()
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        """The asked range's headers, then far more body than they say (or no end of it)."""
+        wanted = re.search(rb"(?i)\r\nrange: bytes=(\d+)-(\d*)", head)
+        start = int(wanted.group(1)) if wanted else 0
+        end = int(wanted.group(2)) if wanted and wanted.group(2) else self.size - 1
+        asked = end - start + 1
+        status = b"206 Partial Content" if wanted else b"200 OK"
+        headers = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\n"
+        if wanted:
+            headers += f"Content-Range: bytes {start}-{end}/{self.size}\r\n".encode()
+        block = b"\xa5" * 65536
+        offered = 0
+        try:
+            if self.times is None:  # chunked, and it never ends
+                conn.sendall(headers + b"Transfer-Encoding: chunked\r\n\r\n")
+                while True:
+                    conn.sendall(b"10000\r\n" + block + b"\r\n")
+                    offered += len(block)
+            else:  # no length: the body ends when the connection closes, 50x later than it should
+                conn.sendall(headers + b"Connection: close\r\n\r\n")
+                while offered < self.times * asked:
+                    conn.sendall(block)
+                    offered += len(block)
+        except OSError:
+            pass  # the client hung up: what it should do
+        self.sent.append((asked, offered))
 
 
 @pytest.fixture

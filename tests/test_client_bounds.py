@@ -10,7 +10,6 @@ what it got out before the reader hung up: the readers stop within their bounds,
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
@@ -19,6 +18,7 @@ from service_adapter.client import MAX_ANSWER_BYTES, ClientError, LeaseClient
 from workspace_common.bounded import CHALLENGE_BODY_BYTES
 
 from tests.support.notifiers import make_notifier
+from tests.support.rawserver import RawServer
 
 #: What the server offers per answer: read whole, it would be in the reader's memory at once.
 OFFERED = 1024 * 1024 * 1024
@@ -27,58 +27,35 @@ SLACK = 16 * 1024 * 1024
 CHALLENGE = 'Digest realm="rude", nonce="abc", algorithm=SHA-256, qop="auth"'
 
 
-class FloodingServer:
-    """A real HTTP/1.1 server: every answer has ``status`` and an endless body (or a huge declared length)."""
+class FloodingServer(RawServer):
+    """Every answer has ``status`` and an endless body (or a huge declared length)."""
 
     def __init__(self, status: int, *, declare: int | None = None, challenge: bool = False):
         self.status, self.declare, self.challenge = status, declare, challenge
         self._sent: list[int] = []  # body bytes written per answer, counted when the reader hung up
-        self._answers: list[threading.Thread] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            answer = threading.Thread(target=self._answer, args=(conn,), daemon=True)
-            self._answers.append(answer)
-            answer.start()
-
-    def _answer(self, conn: socket.socket):
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                head += data
-            lines = [f"HTTP/1.1 {self.status} Rude", "Content-Type: application/json"]
-            if self.challenge:
-                lines.append(f"WWW-Authenticate: {CHALLENGE}")
-            lines.append(f"Content-Length: {self.declare}" if self.declare else "Connection: close")
-            piece, sent = b'{"x": "' + b"y" * 65536, 0
-            try:
-                conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-                while sent < OFFERED:
-                    conn.sendall(piece)
-                    sent += len(piece)
-            except OSError:
-                pass
-            self._sent.append(sent)
+    def answer(self, conn: socket.socket, head: bytes) -> None:
+        """Status line, headers, then up to :data:`OFFERED` bytes, until the reader hangs up."""
+        lines = [f"HTTP/1.1 {self.status} Rude", "Content-Type: application/json"]
+        if self.challenge:
+            lines.append(f"WWW-Authenticate: {CHALLENGE}")
+        lines.append(f"Content-Length: {self.declare}" if self.declare else "Connection: close")
+        piece, sent = b'{"x": "' + b"y" * 65536, 0
+        try:
+            conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            while sent < OFFERED:
+                conn.sendall(piece)
+                sent += len(piece)
+        except OSError:
+            pass
+        self._sent.append(sent)
 
     @property
     def sent(self) -> list[int]:
         """What each answer wrote, once every answer begun has ended (the reader hangs up before it knows)."""
-        for answer in list(self._answers):
-            answer.join(60)  # a hang detector: an answer goes on only while its reader reads
+        self.finished()
         return self._sent
-
-    def close(self):
-        self.listener.close()
 
 
 @pytest.fixture

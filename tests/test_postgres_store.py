@@ -139,3 +139,12 @@ def test_a_lease_goes_on_through_a_database_restart_and_nothing_of_it_is_lost(tm
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, (host, seqs)
     log = site.log_file.read_text()
     assert "the store is away: answering 503" in log and "Traceback" not in log
+
+
+def test_a_store_url_is_shown_without_its_password_in_either_place():
+    from service_adapter.store.postgres import shown
+
+    assert shown("postgresql://wp:s3cret@db:5432/leases") == "postgresql://wp:***@db:5432/leases"
+    assert shown("postgres://wp@db/leases?sslmode=require&password=s3cret&x=1") == \
+        "postgres://wp@db/leases?sslmode=require&password=***&x=1"
+    assert shown("postgresql://db/leases?passfile=/etc/wp/pgpass") == "postgresql://db/leases?passfile=/etc/wp/pgpass"

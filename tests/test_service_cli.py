@@ -23,7 +23,7 @@ from requests.auth import HTTPDigestAuth
 from workspace_common.protocol import NOTIFICATIONS_PATH, SIGNATURE_HEADER, sign
 from tests.support.pool import pool_pages
 from tests.support.ports import free_port
-from tests.support.site import CLI, OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, end_pilots, private, reserve_then_kill_serve, serving, site, start_serve, stop_process
+from tests.support.site import CLI, OPERATOR, OPERATOR_REALM, OPERATOR_SECRET, PILOT_REALM, Site, private, reserve_then_kill_serve, serving, site, start_serve, stop_process
 
 
 @dataclasses.dataclass(frozen=True)

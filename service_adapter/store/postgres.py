@@ -56,8 +56,9 @@ def is_url(location: str) -> bool:
 
 
 def shown(location: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"^(postgres(?:ql)?://[^:/@]*):[^@/]*@", r"\1:***@", location)
+    """The URL without its password (before the host, or as a ``password=`` parameter), for messages and logs."""
+    hidden = re.sub(r"^(postgres(?:ql)?://[^:/@]*):[^@/]*@", r"\1:***@", location)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", hidden)
 
 
 @functools.lru_cache(maxsize=4096)
