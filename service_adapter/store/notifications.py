@@ -70,23 +70,23 @@ def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: st
 
 def _decide(conn: sqlite3.Connection, n: Notification, body_hash: str, slack_s: float, now: float):
     """(a refusing or REPEAT verdict, or None to accept; the slot's row; the pilot's row or None)."""
-    slot = conn.execute(
+    # One statement for the slot and its lease, an earlier notification of this seq and the host's pilot (on
+    # PostgreSQL each statement is a round trip with the write lock held).
+    found = conn.execute(
         "SELECT s.nodes, s.lease_id, l.owner, l.ended_at IS NOT NULL OR l.release_requested_at IS NOT NULL,"
-        " s.memory_mb, l.duration_s, l.ended_at FROM slots s JOIN leases l ON l.id = s.lease_id WHERE s.id = ?",
-        (n.slot,),
+        " s.memory_mb, l.duration_s, l.ended_at,"
+        " (SELECT body_sha256 FROM notifications WHERE slot_id = s.id AND host = ? AND seq = ?),"
+        " p.last_seq, p.reserved_at, p.reserved_mb, p.ended_by"
+        " FROM slots s JOIN leases l ON l.id = s.lease_id LEFT JOIN pilots p ON p.slot_id = s.id AND p.host = ?"
+        " WHERE s.id = ?",
+        (n.host, n.seq, n.host, n.slot),
     ).fetchone()
-    if slot is None:
+    if found is None:
         return Verdict.UNKNOWN_SLOT, None, None
+    slot, prior, pilot = found[:7], found[7], (found[8:] if found[8] is not None else None)
     nodes, _lease_id, _owner, closing, slot_mb, duration_s, ended_at = slot
-    prior = conn.execute(
-        "SELECT body_sha256 FROM notifications WHERE slot_id = ? AND host = ? AND seq = ?", (n.slot, n.host, n.seq),
-    ).fetchone()
     if prior is not None:
-        return (Verdict.REPEAT if prior[0] == body_hash else Verdict.REPLAY), slot, None
-    pilot = conn.execute(
-        "SELECT last_seq, reserved_at, reserved_mb, ended_by FROM pilots WHERE slot_id = ? AND host = ?",
-        (n.slot, n.host),
-    ).fetchone()
+        return (Verdict.REPEAT if prior == body_hash else Verdict.REPLAY), slot, None
     if pilot is not None and n.seq <= pilot[0]:
         return Verdict.REPLAY, slot, pilot
     bound = claim_bound(n, slot_mb, duration_s, pilot, now, slack_s)
