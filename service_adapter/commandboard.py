@@ -133,7 +133,7 @@ class CommandBoard:
         now = self.clock()
         with self._lock:
             for target in targets:
-                self._seen[target] = max(self._seen.get(target, now), now)
+                self._seen[target] = now
 
     def polled_here_since(self, since: float) -> list[Target]:
         """The targets heard polling here at or after ``since``, and those whose poll is open now."""

@@ -253,9 +253,12 @@ def _cross_checks(path: str, values: dict) -> list[str]:
         )
     if values.get("tls_key_file") and not values.get("tls_cert_file"):
         problems.append(f"{path}: [service] tls_key_file: needs tls_cert_file (the certificate it belongs to)")
-    if values.get("reuse_port") and not str(values.get("store", "")).startswith(("postgresql://", "postgres://")):
-        problems.append(f"{path}: [service] reuse_port: needs a postgresql:// store (several receivers share "
-                        "one database; a SQLite file has one service)")
+    if values.get("reuse_port"):
+        from service_adapter.store.postgres import is_url as is_store_url  # the store package only when asked
+
+        if not is_store_url(str(values.get("store", ""))):
+            problems.append(f"{path}: [service] reuse_port: needs a postgresql:// store (several receivers "
+                            "share one database; a SQLite file has one service)")
     if values.get("realm", ServiceConfig.realm) == values.get("operator_realm", ServiceConfig.operator_realm):
         problems.append(
             f"{path}: [operators] realm: must differ from [service] realm, so that pilot and operator "

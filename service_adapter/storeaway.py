@@ -16,6 +16,8 @@ import time
 
 from aiohttp import web
 
+from workspace_common.errors import first_line
+
 log = logging.getLogger("service_adapter.storeaway")
 
 #: What a client is asked to wait before it tries again (seconds).
@@ -37,8 +39,7 @@ def store_away_middleware(store) -> web.middleware:
             now = time.monotonic()
             if now - said[0] >= LOG_EVERY_S:
                 said[0] = now
-                log.warning("the store is away: answering 503 (%s)", str(exc).strip().splitlines()[0] if str(exc)
-                            else type(exc).__name__)
+                log.warning("the store is away: answering 503 (%s)", first_line(exc))
             return web.json_response(
                 {"result": "store-unavailable", "detail": "the service's store cannot be reached now: try again",
                  "error": "the service's store cannot be reached now: try again"},

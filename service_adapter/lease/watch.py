@@ -261,11 +261,6 @@ class LeaseWatch:
         if self._lead is not None:
             self._lead.release()
 
-    @property
-    def leading(self) -> bool:
-        """Whether this manager's ticks act (always, but on a shared store while another leads)."""
-        return self._thread is not None and (self._lead is None or self._lead.held())
-
     def _run(self) -> None:
         while not self._stopping.is_set():
             if self._lead is not None and not self._lead.held():

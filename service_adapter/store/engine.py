@@ -38,6 +38,7 @@ from service_adapter.store.reads import ACCESS_CACHE_SIZE, StoreReads
 from service_adapter.store.rows import SlotAccess
 from service_adapter.store.waiters import LoopWaiter, resolve
 from service_adapter.store.writes import StoreWrites
+from workspace_common.errors import first_line
 
 __all__ = ["ACCESS_CACHE_SIZE", "Store"]
 
@@ -210,7 +211,7 @@ class Store(StoreWrites, StoreReads):
             self._woken, self._pilots_touched = set(), set()
             if self.on_postgres and conn.raw.broken:
                 if not isinstance(exc, StoreUnavailable):
-                    exc = StoreUnavailable(f"the store's database went away: {str(exc).strip().splitlines()[0]}")
+                    exc = StoreUnavailable(f"the store's database went away: {first_line(exc)}")
             elif conn.in_transaction:
                 conn.execute("ROLLBACK")
             resolve([(future, None, exc) for _, future in batch])

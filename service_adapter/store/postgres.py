@@ -26,6 +26,7 @@ import functools
 import re
 
 from service_adapter.store.errors import StoreError, StoreUnavailable
+from workspace_common.errors import first_line
 
 #: What a ``[service] store`` that is a PostgreSQL connection URL starts with.
 URL_SCHEMES = ("postgresql://", "postgres://")
@@ -92,33 +93,35 @@ class PgConnection:
     """
 
     def __init__(self, raw, url: str):
+        import psycopg
+        from psycopg import pq
+
         self.raw = raw
         self.url = url
         self._in_transaction = False  # as the last statement left it (a dead connection's own status is unknown)
+        # Looked up once: every statement of the store passes here.
+        self._lost = psycopg.OperationalError
+        self._idle, self._unknown = pq.TransactionStatus.IDLE, pq.TransactionStatus.UNKNOWN
 
     def execute(self, sql: str, params=()):
         """Run one statement; the cursor to fetch its rows from."""
-        import psycopg
-
         try:
             return self._run(sql, params)
-        except psycopg.OperationalError:
+        except self._lost:
             if self._in_transaction or not (self.raw.broken or self.raw.closed):
                 raise
         self.raw = connect(self.url).raw
         return self._run(sql, params)
 
     def _run(self, sql: str, params):
-        from psycopg import pq
-
         cursor = self.raw.cursor()
         try:
             # Always with a parameter sequence, even empty: psycopg turns '%%' back into '%' only then.
             cursor.execute(translate(sql), tuple(params))
         finally:
             status = self.raw.info.transaction_status
-            if status != pq.TransactionStatus.UNKNOWN:  # unknown: the connection died; it was in what it was in
-                self._in_transaction = status != pq.TransactionStatus.IDLE
+            if status != self._unknown:  # unknown: the connection died; it was in what it was in
+                self._in_transaction = status != self._idle
         return cursor
 
     def executemany(self, sql: str, seq):
@@ -130,9 +133,7 @@ class PgConnection:
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction is open (or failed and not yet rolled back)."""
-        from psycopg import pq
-
-        return self.raw.info.transaction_status != pq.TransactionStatus.IDLE
+        return self.raw.info.transaction_status != self._idle
 
     def close(self) -> None:
         """Close the connection."""
@@ -148,7 +149,7 @@ def connect(url: str) -> PgConnection:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                               application_name="workspace-lease")
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"cannot open the PostgreSQL store {shown(url)}: {_first_line(exc)}") from None
+        raise StoreUnavailable(f"cannot open the PostgreSQL store {shown(url)}: {first_line(exc)}") from None
     raw.adapters.register_dumper(bool, _bool_dumper())
     return PgConnection(raw, url)
 
@@ -210,7 +211,3 @@ def _bool_dumper():
 
     return BoolAsInteger
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
