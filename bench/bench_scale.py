@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -79,6 +80,8 @@ from workspace_common.protocol import (  # noqa: E402  (after the sys.path fix a
     utc_now,
 )
 from workspace_common.protocol.digest import parse_params, response_digest  # noqa: E402
+
+from bench.profiling import PhaseProfiler  # noqa: E402
 
 PILOT_REALM = "workspace-pilot"
 OPERATOR, OPERATOR_REALM = "bench", "workspace-lease"
@@ -223,6 +226,7 @@ class SimulatedPilot:
         self.nc = 0
         self.after = 0
         self.got_start_at: float | None = None
+        self.polls_answered = 0
 
     def _authorization(self, method: str, uri: str) -> dict:
         if self.nonce is None:
@@ -271,6 +275,7 @@ class SimulatedPilot:
                 raise RuntimeError(f"{self.info['host']}: poll answered {status} {data[:200]!r}")
             if headers.get(SIGNATURE_HEADER) != sign_commands(self.info["sign_key"], uri, data):
                 raise RuntimeError(f"{self.info['host']}: a poll answer with a wrong signature")
+            self.polls_answered += 1
             for command in json.loads(data)["commands"]:
                 self.after = max(self.after, command["id"])
                 if command["op"] == "start-vm" and self.got_start_at is None:
@@ -309,7 +314,8 @@ async def _run_pilots(loop, pilots: list, conn) -> None:
             conn.send("polling")
         elif command == "stamps":
             failed = [repr(t.exception()) for t in polls if t.done() and not t.cancelled() and t.exception()]
-            conn.send({"stamps": [p.got_start_at for p in pilots], "failed": failed[:5], "nfailed": len(failed)})
+            conn.send({"stamps": [p.got_start_at for p in pilots], "failed": failed[:5], "nfailed": len(failed),
+                       "polls_answered": sum(p.polls_answered for p in pilots)})
         elif command == "stop":
             for task in polls:
                 task.cancel()
@@ -534,16 +540,19 @@ def run(args) -> dict:
 
         store_pid = database.process.pid if database else None
         meter = CpuMeter(site.pids, [p.pid for p in clients], store_pid)
+        profiler = PhaseProfiler(args.profile, site.pids) if args.profile else None
+        profiled = profiler.phase if profiler else (lambda _name: contextlib.nullcontext())
         # 1. the reserved burst
         meter.start()
-        for parent, _ in pipes:
-            parent.send("burst")
         latencies, statuses = [], {}
-        for parent, _ in pipes:
-            for seconds, status in parent.recv():
-                statuses[status] = statuses.get(status, 0) + 1
-                if status == 200:
-                    latencies.append(seconds * 1000)
+        with profiled("burst"):
+            for parent, _ in pipes:
+                parent.send("burst")
+            for parent, _ in pipes:
+                for seconds, status in parent.recv():
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if status == 200:
+                        latencies.append(seconds * 1000)
         stored = count_rows(site.store_path, "SELECT COUNT(*) FROM notifications WHERE state = 'reserved'")
         results["burst"] = {**meter.stop(), "statuses": {str(k): v for k, v in statuses.items()}, "stored": stored,
                             "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99),
@@ -554,24 +563,6 @@ def run(args) -> dict:
         results["ready_after_s"] = wait_for(lambda: count_rows(site.store_path, ready) == leases, 120,
                                             "every lease ready")
 
-        # 2. parked polls
-        for parent, _ in pipes:
-            parent.send("poll")
-        for parent, _ in pipes:
-            parent.recv()
-        print("polls parking", flush=True)
-        time.sleep(5)  # every poll sent and parked (the first answers only come after POLL_WAIT_S)
-        results["parked"] = service_usage(site.pids, args.idle, store_pid)
-        print(f"parked: {results['parked']}", flush=True)
-
-        # 3. fan-out
-        by_lease: dict[str, list[str]] = {}
-        for pilot in pilots:
-            by_lease.setdefault(pilot["lease"], []).append(pilot["host"])
-        meter.start()
-        first_sent, api_statuses = asyncio.run(start_vms_everywhere(site, by_lease))
-        api_done = time.time()
-
         def stamps():
             found = []
             for parent, _ in pipes:
@@ -579,7 +570,32 @@ def run(args) -> dict:
                 found.append(parent.recv())
             return found
 
-        wait_for(lambda: all(None not in s["stamps"] for s in stamps()), 120, "every host's start-vm", every=0.5)
+        # 2. parked polls
+        for parent, _ in pipes:
+            parent.send("poll")
+        for parent, _ in pipes:
+            parent.recv()
+        print("polls parking", flush=True)
+        time.sleep(5)  # every poll sent and parked (the first answers only come after POLL_WAIT_S)
+        answered_before = sum(s["polls_answered"] for s in stamps())
+        with profiled("parked"):
+            results["parked"] = service_usage(site.pids, args.idle, store_pid)
+        renewals = sum(s["polls_answered"] for s in stamps()) - answered_before
+        # Each answered poll is asked again at once: a renewal is one answer and one new request.
+        results["parked"].update(renewals=renewals, cpu_us_per_renewal=(
+            results["parked"]["cpu_percent"] / 100 * results["parked"]["seconds"] / renewals * 1e6 if renewals else None))
+        print(f"parked: {results['parked']}", flush=True)
+
+        # 3. fan-out
+        by_lease: dict[str, list[str]] = {}
+        for pilot in pilots:
+            by_lease.setdefault(pilot["lease"], []).append(pilot["host"])
+        meter.start()
+
+        with profiled("fanout"):
+            first_sent, api_statuses = asyncio.run(start_vms_everywhere(site, by_lease))
+            api_done = time.time()
+            wait_for(lambda: all(None not in s["stamps"] for s in stamps()), 120, "every host's start-vm", every=0.5)
         every = [t for s in stamps() for t in s["stamps"]]
         results["fanout"] = {**meter.stop(), "api_statuses": {str(k): api_statuses.count(k) for k in set(api_statuses)},
                              "api_s": api_done - first_sent, "last_host_s": max(every) - first_sent,
@@ -625,6 +641,8 @@ def main(argv=None) -> int:
     parser.add_argument("--receivers", type=int, default=1,
                         help="serve processes on the pilots' port (default 1; more needs --store postgresql)")
     parser.add_argument("--json", metavar="FILE", help="write the figures here")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="sample each serve with py-spy during each phase into DIR (profiles, not figures)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (service log, store)")
     args = parser.parse_args(argv)
     if args.receivers < 1 or (args.receivers > 1 and args.store != "postgresql"):
