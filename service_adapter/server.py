@@ -207,8 +207,13 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
             await operator_runner.cleanup()
         await runner.cleanup()
         raise
+    from service_adapter import collector
+
+    collections = None
     try:
         await asyncio.to_thread(manager.start)
+        collector.settle()  # start-up's objects frozen out of every later scan (see the module for why)
+        collections = asyncio.create_task(collector.collect_fully_every())
         line = (
             f"workspace-lease: serving on {config.listen_url} (store {store_shown(config.store)}, provider {config.provider}, "
             f"pilots notify {config.pilot_contact})"
@@ -218,6 +223,8 @@ async def _run(config: ServiceConfig, app: web.Application, operator_app: web.Ap
         await stop.wait()
         log.info("stopping (signal): no new connections, then the lease manager and the store")
     finally:
+        if collections is not None:
+            collections.cancel()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         if operator_runner is not None:
