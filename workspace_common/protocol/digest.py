@@ -28,21 +28,34 @@ def parse_params(text: str) -> dict[str, str] | None:
     Quoted values are unescaped. Returns None for anything malformed or for
     a repeated parameter.
     """
-    param_re = re.compile(_PARAM_PATTERN)  # re's own cache makes this a dict lookup after the first call
+    match_at = _param_matcher()
     params: dict[str, str] = {}
     pos = 0
     text = text.strip()
-    while pos < len(text):
-        match = param_re.match(text, pos)
-        if not match or match.end() == pos:
+    end = len(text)
+    while pos < end:
+        match = match_at(text, pos)
+        if match is None or match.end() == pos:
             return None
-        name = match.group(1).lower()
+        name, bare, quoted = match.groups()
+        name = name.lower()
         if name in params:
             return None
-        if match.group(3) is not None:
-            value = re.sub(r"\\(.)", r"\1", match.group(3))
+        if quoted is None:
+            params[name] = bare
         else:
-            value = match.group(2)
-        params[name] = value
+            # Every request's header passes here: unescape only what has a backslash (few ever do).
+            params[name] = re.sub(r"\\(.)", r"\1", quoted) if "\\" in quoted else quoted
         pos = match.end()
     return params
+
+
+_matcher = None
+
+
+def _param_matcher():
+    """The compiled parameter pattern's ``match`` (compiled on the first header, not at import)."""
+    global _matcher
+    if _matcher is None:
+        _matcher = re.compile(_PARAM_PATTERN).match
+    return _matcher
