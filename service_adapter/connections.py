@@ -246,6 +246,10 @@ async def read_within(request: web.Request, reading):
     connection after that answer (what is left of the body is not worth
     waiting for).
     """
+    if request.content.is_eof():
+        # The whole body came with the headers (a small one, as a notification, usually does): nothing can keep the read
+        # waiting, so no timer and no task for one (asyncio.wait_for makes both, on every notification).
+        return await reading
     guard = request.app.get(GUARD_KEY)
     timeout = guard.request_timeout_s if guard is not None else REQUEST_TIMEOUT_S
     try:
