@@ -161,3 +161,21 @@ class CommandBoard:
         if last is None:
             last = max(self.started_at, since) if since is not None else self.started_at
         return max(self.clock() - last, 0.0)
+
+    def silent_over(self, limit_s: float, candidates: list[tuple[Target, float | None]]) -> list[tuple[Target, float]]:
+        """Of ``candidates`` ((target, since) as for :meth:`silent_for`), those silent for longer than ``limit_s``,
+        with their seconds: one lock and one clock reading for them all (the lease manager asks this of
+        every holding host on every tick)."""
+        now = self.clock()
+        found = []
+        with self._lock:
+            current, seen, started = self._current, self._seen, self.started_at
+            for target, since in candidates:
+                if target in current:
+                    continue
+                last = seen.get(target)
+                if last is None:
+                    last = max(started, since) if since is not None else started
+                if now - last > limit_s:
+                    found.append((target, now - last))
+        return found

@@ -291,6 +291,24 @@ def test_silent_for_is_zero_while_a_poll_is_open_and_grows_after(channel):
     assert channel.board.silent_for((slot, "node2")) > 0  # another host's poll says nothing about this one
 
 
+def test_silent_over_names_the_hosts_silent_for_longer_than_the_limit_as_silent_for_counts(channel):
+    _lease_id, slot = channel.lease(hosts=("node1", "node2"))
+    start = channel.clock.now
+    assert channel.commands(channel.poll(slot, "node1", "after=999&wait=0")) == []  # heard at start
+    poll = PollThread(channel, slot, "node2", "after=0&wait=30")
+    poll.start()
+    channel.wait_parked(slot, "node2")  # open all along: never silent
+    channel.clock.now = start + 100.0
+    candidates = [((slot, "node1"), None), ((slot, "node2"), None), ((slot, "node3"), start + 70.0),
+                  ((slot, "node4"), None)]
+    assert channel.board.silent_over(50.0, candidates) == [((slot, "node1"), 100.0), ((slot, "node4"), 100.0)]
+    assert channel.board.silent_over(20.0, candidates)[1] == ((slot, "node3"), 30.0)  # counted from its since
+    assert [channel.board.silent_for(target, since) for target, since in candidates] == [100.0, 0.0, 30.0, 100.0]
+    assert channel.board.silent_over(100.0, candidates) == []  # longer than, not as long as
+    channel.board.close()
+    poll.result(WOKEN_WITHIN_S)
+
+
 # -- the pilot's CommandPoller ----------------------------------------------------------------------
 
 

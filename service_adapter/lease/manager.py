@@ -91,6 +91,8 @@ class LeaseManager(LeaseWatch):
         self._forced: set[str] = set()  # leases whose job got the forced cancel (once per process)
         self._kept_pilots: dict[str, tuple[int, list[PilotRow]]] = {}  # slot -> (its pilot mark, its pilots)
         self._kept_since = 0.0  # when _kept_pilots was last emptied (monotonic)
+        self._kept_leases: tuple[int, float, list[LeaseRow]] | None = None  # (store version, monotonic, rows)
+        self._silence_looked_at: float | None = None  # when the last tick looked for silent hosts (clock)
         self._thread: threading.Thread | None = None
         self._lead = None  # on a store shared by several receivers: whether this one's ticks act (start())
         self._stopping = threading.Event()

@@ -28,6 +28,8 @@ MAX_REST_S = 0.5
 REST_PER_WORK = 3.0
 #: The longest a tick reuses pilots an earlier tick read (see ``LeaseWatch._pilots_and_vms``).
 REREAD_S = 30.0
+#: How many times within lost_after_s the watch looks for hosts that went silent.
+SILENCE_LOOKS = 10
 #: How often a manager that does not lead (another receiver's does, on one PostgreSQL store) asks for the lead.
 LEAD_LOOK_S = 1.0
 
@@ -44,7 +46,14 @@ class LeaseWatch:
 
     def _tick(self, only: list[str] | None) -> list[tuple[str, str, str, str]]:
         now = self.clock()
-        rows = self.store.leases_to_watch()
+        rows = self._leases_to_watch()
+        # Silence is looked for a tenth as often as lost_after: every host of every lease on every 2 s tick was a
+        # fifth of the service's CPU with 10,000 parked pilots; a lost host is then given up at most 10 % late.
+        due = (self._silence_looked_at is None or self.lost_after_s is None
+               or not 0 <= now - self._silence_looked_at < self.lost_after_s / SILENCE_LOOKS)
+        if due and only is None:
+            self._silence_looked_at = now
+        look_for_silence = due or only is not None  # a tick of a few leases (a request's) looks at theirs
         if only is not None:
             rows = [r for r in rows if r.id in only]
         jobs = self._job_states([r.job_id for r in rows if r.job_id], now)
@@ -60,7 +69,8 @@ class LeaseWatch:
                     else row.cancelled_at,
                 )
             if not LEASE_STATES[row.state].terminal:
-                row = self._advance(row, job_state, now, changes, pilots.get(row.slot, []), running.get(row.id, 0))
+                row = self._advance(row, job_state, now, changes, pilots.get(row.slot, []), running.get(row.id, 0),
+                                    look_for_silence)
                 self._warn_if_ending(row)
                 self._release_if_idle(row, running.get(row.id, 0))
             if (row.cancel_requested_at is not None and row.cancelled_at is None and row.job_id
@@ -70,6 +80,18 @@ class LeaseWatch:
                   and now - row.cancelled_at > self.timing.release_grace_s and row.id not in self._forced):
                 self._force_cancel(row)
         return changes
+
+    def _leases_to_watch(self) -> list[LeaseRow]:
+        """The open leases (:meth:`Store.leases_to_watch`), kept from an earlier tick while no commit came since
+        (:attr:`Store.version`; on PostgreSQL it counts the other receivers' commits too) and for at most
+        :data:`REREAD_S` (another process's writes to a SQLite file leave no mark)."""
+        version, now = self.store.version, time.monotonic()  # the version before the read: a commit after it shows
+        kept = self._kept_leases
+        if kept is not None and kept[0] == version and 0 <= now - kept[1] < REREAD_S:
+            return kept[2]
+        rows = self.store.leases_to_watch()
+        self._kept_leases = (version, now, rows)
+        return rows
 
     def _pilots_and_vms(self, rows: list[LeaseRow]) -> tuple[dict[str, list[PilotRow]], dict[str, int]]:
         """Each open lease's pilots (by slot) and running VMs (by lease), read for all of them at once.
@@ -108,15 +130,16 @@ class LeaseWatch:
                     row.id, row.job_id, self.timing.release_grace_s)
 
     def _advance(self, row: LeaseRow, job_state: JobState, now: float, changes: list,
-                 pilots: list[PilotRow], running: int) -> LeaseRow:
+                 pilots: list[PilotRow], running: int, look_for_silence: bool = True) -> LeaseRow:
         """Apply decide() until the lease stays put (a restart may catch up several steps at once).
 
-        ``pilots`` and ``running`` (its VMs that run) were read for this tick.
+        ``pilots`` and ``running`` (its VMs that run) were read for this tick; ``look_for_silence``: give up
+        the hosts silent for longer than lost_after first.
         """
         # A transition is stamped no earlier than its inputs were read: the tick's start can precede the
         # commit of a notification it then sees (the LRM query runs in between).
         now = max(now, self.clock())
-        if row.state in HOLDING and self._give_up_silent(row, pilots, now):
+        if row.state in HOLDING and look_for_silence and self._give_up_silent(row, pilots, now):
             pilots = self.store.pilots(row.slot)
         for _ in range(len(LEASE_STATES)):
             decision = decide(row, pilots, job_state, now, self.timing, vms_running=running)
@@ -184,15 +207,13 @@ class LeaseWatch:
         if self.lost_after_s is None:
             return False
         marked = False
-        for p in pilots:
-            if p.reserved_at is None or p.ended_by is not None or p.lost_at is not None:
-                continue
-            silent = self.board.silent_for((row.slot, p.host), since=p.reserved_at)
-            if silent > self.lost_after_s:
-                why = f"{p.host} has not polled for commands for {silent:.0f} s (limit {self.lost_after_s:g} s)"
-                if self.store.mark_lost(row.slot, p.host, now=now, why=why):
-                    log.warning("lease %s: %s: lost", row.id, why)
-                    marked = True
+        holding = [((row.slot, p.host), p.reserved_at) for p in pilots
+                   if p.reserved_at is not None and p.ended_by is None and p.lost_at is None]
+        for (_slot, host), silent in self.board.silent_over(self.lost_after_s, holding):
+            why = f"{host} has not polled for commands for {silent:.0f} s (limit {self.lost_after_s:g} s)"
+            if self.store.mark_lost(row.slot, host, now=now, why=why):
+                log.warning("lease %s: %s: lost", row.id, why)
+                marked = True
         return marked
 
     def _job_states(self, job_ids: list[str], now: float) -> dict[str, JobState]:
