@@ -4,7 +4,9 @@
 (``with profiler.phase("burst"):``) and leaves ``directory/<phase>-<pid>.txt`` in py-spy's "raw"
 form (one collapsed stack and its sample count per line). ``summarize(file)`` reads one back:
 the samples, and the share of them under each function (inclusive) and at each function
-(the innermost frame). A profile run is for where the time goes; its CPU figures are not the
+(the innermost frame). Only the thread that holds the GIL is sampled (``--gil``): the service's
+threads take turns on it, so a thread waiting for it is not using CPU, and counting it (py-spy's
+default) made the store's writer look three times its size. A profile run is for where the time goes; its CPU figures are not the
 bench's (py-spy takes a little CPU of its own), so a bench reports them from a run without it.
 
 py-spy is not a dependency of the project; ``PhaseProfiler.available()`` says whether it is on
@@ -46,7 +48,7 @@ class PhaseProfiler:
         """Sample while the block runs; py-spy writes its file when SIGINT ends it."""
         recorders = [subprocess.Popen(
             [self.executable, "record", "--pid", str(pid), "--rate", str(PY_SPY_RATE), "--format", "raw",
-             "--nonblocking", "--output", os.path.join(self.directory, f"{name}-{pid}.txt")],
+             "--gil", "--nonblocking", "--output", os.path.join(self.directory, f"{name}-{pid}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in self.pids]
         try:
             yield

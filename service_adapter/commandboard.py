@@ -15,11 +15,17 @@ memory only (a restart forgets them and counts from the restart instead).
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from typing import Callable, Iterable
 
 Target = tuple[str, str]
+#: What a poll's waiter is resolved with when its deadline, not a commit, ended its wait.
+DEADLINE = object()
+#: Deadlines are kept to this step (a poll may wait up to this much longer than it asked): the polls parked in
+#: one step share one timer, where a timer each put 10,000 entries in the event loop's heap.
+DEADLINE_STEP_S = 0.25
 
 
 class CommandBoard:
@@ -34,6 +40,7 @@ class CommandBoard:
         self._current: dict[Target, object] = {}  # target -> the token of its newest open poll
         self._lock = threading.Lock()
         self._closing = False
+        self._deadlines: dict[float, set[asyncio.Future]] = {}  # loop time (a step) -> the waiters it ends
 
     # -- the event loop's side -------------------------------------------------------------
 
@@ -78,6 +85,28 @@ class CommandBoard:
             pass
         if not waiters:
             del self._waiters[target]
+
+    def end_at(self, when: float, future: asyncio.Future) -> float:
+        """Resolve ``future`` with :data:`DEADLINE` at loop time ``when`` (or up to :data:`DEADLINE_STEP_S` after)
+        unless it is done by then; returns the key for :meth:`forget_end` (call on the loop)."""
+        step = math.ceil(when / DEADLINE_STEP_S) * DEADLINE_STEP_S
+        waiting = self._deadlines.get(step)
+        if waiting is None:
+            waiting = self._deadlines[step] = set()
+            asyncio.get_running_loop().call_at(step, self._deadline_passed, step)
+        waiting.add(future)
+        return step
+
+    def forget_end(self, step: float, future: asyncio.Future) -> None:
+        """``future`` no longer waits for its deadline (its poll is answered)."""
+        waiting = self._deadlines.get(step)
+        if waiting is not None:
+            waiting.discard(future)
+
+    def _deadline_passed(self, step: float) -> None:
+        for future in self._deadlines.pop(step, ()):
+            if not future.done():
+                future.set_result(DEADLINE)
 
     def _wake_on_loop(self, targets: Iterable[Target]) -> None:
         for target in targets:

@@ -67,6 +67,8 @@ class NodeAccounts:
         # Bounded: an attacker's made-up user names can only churn the cache, not grow it. Large enough for
         # every node of a big site (at 4,096, 10,000 polling nodes derived their account on every request).
         self._account = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(self._derive)
+        # Every command answer is signed with a key made from the node's: an HMAC saved per answer.
+        self._node_key = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(functools.partial(node_key, site_key))
 
     def get(self, user: str, default=None) -> Account | None:
         """The account of host ``user``, or ``default`` when it is not a valid host name."""
@@ -76,7 +78,7 @@ class NodeAccounts:
 
     def node_key(self, host: str) -> str:
         """Host ``host``'s key, as installed on the node."""
-        return node_key(self._site_key, host)
+        return self._node_key(host)
 
     def slot_key(self, host: str, slot: str, slot_secret: str) -> str:
         """The key that signs (slot, host)'s notification bodies and command answers."""

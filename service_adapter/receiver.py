@@ -52,7 +52,7 @@ from workspace_common.protocol import (
     utc_now,
 )
 from service_adapter.allocation import Allocations
-from service_adapter.commandboard import CommandBoard
+from service_adapter.commandboard import DEADLINE, CommandBoard
 from service_adapter.connections import GUARD_KEY, BodyTimeout, ConnectionGuard, read_within, trust
 from service_adapter.digest import DigestVerifier
 from service_adapter.hostshares import SHARES_KEY, HostShares, admitted, retry_after_header
@@ -267,43 +267,49 @@ async def handle_commands(request: web.Request) -> web.Response:
         while True:
             woken = board.register(target)  # before the read: a commit after it wakes this
             try:
-                commands = store.commands_after(slot, host, after, POLL_BATCH)
+                commands = store.pending_commands(slot, host, after, POLL_BATCH)
                 remaining = deadline - loop.time()
                 if commands or remaining <= 0 or board.closing or not board.current(target, token):
                     break
-                # A timer that resolves the waiter at the deadline: a fifth of the loop's time with
-                # 10,000 parked polls went into asyncio.wait's own bookkeeping (issue 17).
-                timer = loop.call_later(remaining, _resolve, woken)
+                # The board resolves the waiter at the deadline: a fifth of the loop's time with 10,000 parked
+                # polls went into asyncio.wait's own bookkeeping (issue 17), and a timer each into its heap.
+                step = board.end_at(deadline, woken)
                 try:
-                    if await woken is _DEADLINE:
+                    if await woken is DEADLINE:
                         # No commit queued a command for it since the read (that would have woken it first):
                         # nothing to read again (a third of a parked poll's store reads).
                         break
                 finally:
-                    timer.cancel()
+                    board.forget_end(step, woken)
             finally:
                 board.unregister(target, woken)
     finally:
         board.poll_ended(target, token)
     metrics = request.app.get(METRICS_KEY)
     if commands and metrics is not None:
-        metrics.commands_handed(store.commands_queued_at([cid for cid, _ in commands]))
-    body = json.dumps({"commands": [dict(command, id=cid) for cid, command in commands]},
-                      separators=(",", ":")).encode()
+        metrics.commands_handed([(op, queued_at) for _, op, _, queued_at in commands])
+    body = commands_answer(commands)
     key = request.app[NODES_KEY].slot_key(host, slot, access.secret)
     signature = sign_commands(key, request.raw_path, body)
     return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
 
 
-#: What a poll's waiter is resolved with when its deadline, not a commit, ended its wait.
-_DEADLINE = object()
+def commands_answer(commands: list[tuple[int, str, str, float]]) -> bytes:
+    """A poll's answer, ``{"commands": [{"id": N, ...the stored body...}, ...]}``, spliced from the stored
+    bodies (compact JSON objects without an "id": :func:`service_adapter.store.commands.queue_command`)
+    rather than parsed and encoded again."""
+    if not commands:
+        return _NO_COMMANDS
+    parts = []
+    for cid, _op, text, _queued_at in commands:
+        if text.startswith("{") and text != "{}":
+            parts.append(f'{{"id":{cid:d},{text[1:]}')
+        else:  # not what queue_command writes: the slow, sure way
+            parts.append(json.dumps(dict(json.loads(text), id=cid), separators=(",", ":")))
+    return ('{"commands":[' + ",".join(parts) + "]}").encode()
 
 
-def _resolve(future: asyncio.Future) -> None:
-    """End a poll's wait (its deadline came before a command)."""
-    if not future.done():
-        future.set_result(_DEADLINE)
-
+_NO_COMMANDS = b'{"commands":[]}'
 
 #: The pilots' endpoints (digest as the node; see the module's text for each check).
 ROUTES = (

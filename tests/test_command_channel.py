@@ -16,6 +16,7 @@ counting the poll and waiting).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ from aiohttp import web
 
 from pilot.poller import CommandPoller
 from workspace_common.protocol import COMMANDS_PATH, SIGNATURE_HEADER, Command, commands_body, commands_path, parse_commands, sign_commands
-from service_adapter.receiver import POLL_BATCH, ReceiverThread
+from service_adapter.commandboard import DEADLINE, CommandBoard
+from service_adapter.receiver import POLL_BATCH, ReceiverThread, commands_answer
+from service_adapter.store import commands as command_ops
 from tests.support.channels import PollThread, WOKEN_WITHIN_S, channel, vm_spec, wait_until
 
 
@@ -262,6 +265,24 @@ def test_curl_digest_polls_and_gets_signed_json(channel, tmp_path):
     assert signatures == [sign_commands(channel.key(slot, "node1"), target, body)]
     status, body, _ = curl("not-the-secret")
     assert status == 401 and "commands" not in json.loads(body)
+
+
+def test_a_poll_answer_spliced_from_stored_bodies_is_what_encoding_each_with_its_id_gives():
+    stored = [(7, "start-vm", '{"op":"start-vm","vm":{"name":"a","memory_mb":16}}', 1.0),
+              (8, "release", '{"op":"release"}', 2.0),
+              (9, "odd", '{ "op" : "odd", "x": [1, 2] }', 3.0),  # not compact: still spliced
+              (10, "empty", "{}", 4.0)]  # nothing to splice after
+    answer = commands_answer(stored)
+    assert json.loads(answer) == {"commands": [dict(json.loads(text), id=cid) for cid, _, text, _ in stored]}
+    assert json.loads(commands_answer([])) == {"commands": []}
+
+
+def test_a_command_body_with_an_id_of_its_own_is_refused_and_nothing_is_queued(channel):
+    _lease_id, slot = channel.lease()
+    with pytest.raises(ValueError, match="no 'id'"):
+        channel.store.submit(lambda conn: command_ops.queue_command(
+            conn, slot, "node1", {"op": "release", "id": 1}, time.time(), lambda *_: None)).result()
+    assert channel.store.commands(slot) == []
 
 
 # -- heartbeat --------------------------------------------------------------------------------------
@@ -535,3 +556,23 @@ def test_a_poll_answered_429_waits_its_retry_after_before_the_next():
         server.stop()
     gaps = [later - earlier for earlier, later in zip(arrivals[:4], arrivals[1:4])]
     assert min(gaps) >= 0.99, gaps  # each waited the second it was asked to (its own backoff is 0.1 s)
+
+
+def test_the_board_ends_a_wait_at_its_deadline_unless_it_was_forgotten():
+    board = CommandBoard()
+
+    async def waits():
+        loop = asyncio.get_running_loop()
+        board.attach(loop)
+        ended, forgotten, done_first = loop.create_future(), loop.create_future(), loop.create_future()
+        when = loop.time() + 0.1
+        steps = {board.end_at(when, ended), board.end_at(when, forgotten), board.end_at(when, done_first)}
+        assert len(steps) == 1  # one step, one timer for the three
+        board.forget_end(steps.pop(), forgotten)
+        done_first.set_result("woken")  # a commit came first
+        assert await ended is DEADLINE
+        assert loop.time() >= when - 0.001  # never before its deadline (asyncio's clock resolution aside)
+        await asyncio.sleep(0)
+        return forgotten.done(), done_first.result()
+
+    assert asyncio.run(asyncio.wait_for(waits(), 10)) == (False, "woken")

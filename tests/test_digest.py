@@ -261,3 +261,18 @@ def test_malformed_headers_are_refused(header):
 def test_parse_params_unescapes_quoted_values():
     assert parse_params(r'a="x\"y", b=token, c=""') == {"a": 'x"y', "b": "token", "c": ""}
     assert re.fullmatch(r"[A-Za-z0-9_-]+", DigestVerifier(REALM, {}).new_nonce())
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r'a="x\\", b="y\\\"z"', {"a": "x\\", "b": 'y\\"z'}),  # escaped backslashes, then an escaped quote
+    (r'a="a\"b\"c",b=1', {"a": 'a"b"c', "b": "1"}),
+    (' a = "q" ,b=', {"a": "q", "b": ""}),
+    ("x=1,", {"x": "1"}),
+    ("", {}),
+    ("a=1,, b=2", None),  # an empty element
+    ("a=1 b=2", None),  # no comma between
+    ("a=1, A=2", None),  # a name twice, whatever its case
+    ("a", None),
+])
+def test_parse_params_reads_each_element_or_refuses_the_header(text, expected):
+    assert parse_params(text) == expected

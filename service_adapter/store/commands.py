@@ -52,6 +52,8 @@ class CommandRow:
 def queue_command(conn: sqlite3.Connection, slot: str, host: str, body: dict, now: float,
                   woken: Callable[[str, str], None]) -> int:
     """Insert one command (``body`` without its id) for (slot, host); returns its id and reports the target."""
+    if "id" in body:
+        raise ValueError("a command's body has no 'id': its pilot is given the command's id in its place")
     cursor = conn.execute(
         "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
@@ -95,6 +97,15 @@ def commands_after(conn: sqlite3.Connection, slot: str, host: str, after: int, l
         (slot, host, after, limit),
     )
     return [(cid, json.loads(body)) for cid, body in rows]
+
+
+def pending(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: int) -> list[tuple[int, str, str, float]]:
+    """(id, op, body as stored: compact JSON, when queued) of the commands for (slot, host) with an id above
+    ``after``, oldest first: what a command poll answers with, without parsing each body to encode it again."""
+    return conn.execute(
+        "SELECT id, op, body, created_at FROM commands WHERE slot_id = ? AND host = ? AND id > ? ORDER BY id LIMIT ?",
+        (slot, host, after, limit),
+    ).fetchall()
 
 
 def commands_of(conn: sqlite3.Connection, slot: str) -> list[CommandRow]:

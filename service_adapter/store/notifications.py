@@ -234,14 +234,15 @@ def pilots_by_slot(conn: sqlite3.Connection, slot_ids: list[str]) -> dict[str, l
 _IN_CHUNK = 500
 
 
+#: :func:`pilot_of`'s query, made once (every command poll runs it).
+_PILOT_OF = (f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL"
+             " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
+             " WHERE p.slot_id = ? AND p.host = ?")
+
+
 def pilot_of(conn: sqlite3.Connection, slot: str, host: str) -> tuple[PilotRow, bool] | None:
     """The pilot of (slot, host) and whether its lease has ended; None if no such pilot has reported."""
-    row = conn.execute(
-        f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL"
-        " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
-        " WHERE p.slot_id = ? AND p.host = ?",
-        (slot, host),
-    ).fetchone()
+    row = conn.execute(_PILOT_OF, (slot, host)).fetchone()
     return None if row is None else (PilotRow(*row[:-1]), bool(row[-1]))
 
 

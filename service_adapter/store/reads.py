@@ -39,13 +39,6 @@ class StoreReads:
         """How many leases are in each state (states with none are left out)."""
         return dict(self._reader().execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
 
-    def commands_queued_at(self, ids: list[int]) -> list[tuple[str, float]]:
-        """(op, when queued) of the commands with these ids (for the command wait's histogram)."""
-        if not ids:
-            return []
-        return self._reader().execute(
-            f"SELECT op, created_at FROM commands WHERE id IN ({', '.join('?' * len(ids))})", ids).fetchall()
-
     def leases_to_watch(self) -> list[LeaseRow]:
         """Leases the manager must look at: every one not ended, and ended ones whose job still needs a cancel."""
         return lease_ops.to_watch(self._reader())
@@ -135,6 +128,10 @@ class StoreReads:
     def commands_after(self, slot: str, host: str, after: int, limit: int = 256) -> list[tuple[int, dict]]:
         """(id, body) of the commands for (slot, host) above ``after``, oldest first."""
         return command_ops.commands_after(self._reader(), slot, host, after, limit)
+
+    def pending_commands(self, slot: str, host: str, after: int, limit: int = 256) -> list[tuple[int, str, str, float]]:
+        """(id, op, body as stored, when queued) of the commands for (slot, host) above ``after``, oldest first."""
+        return command_ops.pending(self._reader(), slot, host, after, limit)
 
     def commands(self, slot: str) -> list[CommandRow]:
         """Every command of a slot with its outcome, in id order."""
