@@ -229,16 +229,22 @@ def _poll_query(request: web.Request) -> tuple[int, float]:
     return after, min(wait, MAX_POLL_WAIT_S)
 
 
+def holds_now(view, access) -> bool:
+    """Whether a poll's first read (:meth:`Store.poll_view`, the slot's access record) shows its host holding memory
+    for the slot now: reserved, not ended, not lost, the lease going on. If not, the pilot channel answers 404."""
+    if view is None or access is None:
+        return False
+    pilot, lease_ended, _commands = view
+    return not (lease_ended or pilot.reserved_at is None or pilot.state in HOLD_ENDED or pilot.lost_at is not None)
+
+
 def held_access(request: web.Request, slot: str, host: str):
-    """The (slot, host)'s access record if that host holds memory for the slot now (reserved, not ended, not
-    lost, the lease going on); None otherwise: the pilot channel then answers 404."""
+    """The (slot, host)'s access record if that host holds memory for the slot now (:func:`holds_now`); None
+    otherwise (the endpoints of a holding pilot other than its poll: its images)."""
     store = request.app[STORE_KEY]
     found = store.pilot(slot, host)
     access = store.slot_access(slot, host)
-    if found is None or found[1] or found[0].reserved_at is None or found[0].state in HOLD_ENDED \
-            or found[0].lost_at is not None or access is None:
-        return None
-    return access
+    return access if holds_now(None if found is None else (found[0], found[1], []), access) else None
 
 
 async def handle_commands(request: web.Request) -> web.Response:
@@ -256,21 +262,24 @@ async def handle_commands(request: web.Request) -> web.Response:
         REFUSALS.refused(request.remote, "node %s polled the commands of host %s", auth.account.user, host)
         return answer(403, "forbidden", f"authenticated as node {auth.account.user}: a node polls only its own commands")
     store, board = request.app[STORE_KEY], request.app[BOARD_KEY]
-    access = held_access(request, slot, host)
-    if access is None:
+    view = store.poll_view(slot, host, after, POLL_BATCH)  # the pilot and its commands: one statement
+    access = store.slot_access(slot, host)
+    if not holds_now(view, access):
         return answer(404, "unknown-slot", "no held slot for this host: give the node back")
+    commands = view[2]
     target = (slot, host)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     token = board.poll_started(target)  # ends this target's older poll, if one waits
     try:
         while True:
-            woken = board.register(target)  # before the read: a commit after it wakes this
+            remaining = deadline - loop.time()
+            if commands or remaining <= 0 or board.closing or not board.current(target, token):
+                break
+            # Registered after the read with no await between them: a commit since the read wakes this, for
+            # the board delivers every wake on this loop (CommandBoard.wake), after this code yields.
+            woken = board.register(target)
             try:
-                commands = store.pending_commands(slot, host, after, POLL_BATCH)
-                remaining = deadline - loop.time()
-                if commands or remaining <= 0 or board.closing or not board.current(target, token):
-                    break
                 # The board resolves the waiter at the deadline: a fifth of the loop's time with 10,000 parked
                 # polls went into asyncio.wait's own bookkeeping (issue 17), and a timer each into its heap.
                 step = board.end_at(deadline, woken)
@@ -283,6 +292,7 @@ async def handle_commands(request: web.Request) -> web.Response:
                     board.forget_end(step, woken)
             finally:
                 board.unregister(target, woken)
+            commands = store.pending_commands(slot, host, after, POLL_BATCH)
     finally:
         board.poll_ended(target, token)
     metrics = request.app.get(METRICS_KEY)

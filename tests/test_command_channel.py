@@ -161,6 +161,23 @@ def test_a_long_poll_is_answered_by_a_command_queued_while_it_waits(channel):
     assert Command.from_dict(command).vm == vm_spec("vm1")
 
 
+def test_a_command_committed_between_the_polls_read_and_its_wait_still_wakes_it(channel, monkeypatch):
+    lease_id, slot = channel.lease()
+    read = channel.store.poll_view
+    queued = []
+
+    def read_then_commit(*args, **kwargs):
+        found = read(*args, **kwargs)  # no command yet
+        if not queued:  # the commit lands after the read, before the poll waits (on the receiver's loop)
+            queued.append(channel.start(lease_id, "vm1"))
+        return found
+
+    monkeypatch.setattr(channel.store, "poll_view", read_then_commit)
+    response = channel.poll(slot, "node1", "after=0&wait=30")
+    # A missed wake would answer [] at the 30 s deadline; the wake makes it read again and hand the command on.
+    assert [command["id"] for command in channel.commands(response)] == queued
+
+
 def test_a_stop_and_a_release_also_wake_a_waiting_poll(channel):
     lease_id, slot = channel.lease()
     first = channel.start(lease_id, "vm1")
@@ -326,8 +343,8 @@ def test_silent_over_names_the_hosts_silent_for_longer_than_the_limit_as_silent_
     assert channel.board.silent_over(20.0, candidates)[1] == ((slot, "node3"), 30.0)  # counted from its since
     assert [channel.board.silent_for(target, since) for target, since in candidates] == [100.0, 0.0, 30.0, 100.0]
     assert channel.board.silent_over(100.0, candidates) == []  # longer than, not as long as
-    channel.board.close()
-    poll.result(WOKEN_WITHIN_S)
+    assert channel.commands(channel.poll(slot, "node2", "after=999&wait=0")) == []  # a newer poll ends the open one
+    assert channel.commands(poll.result(WOKEN_WITHIN_S)) == []
 
 
 # -- the pilot's CommandPoller ----------------------------------------------------------------------

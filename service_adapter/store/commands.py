@@ -14,6 +14,8 @@ import json
 import sqlite3
 from typing import Callable
 
+from service_adapter.store.rows import PILOT_COLUMNS, PilotRow
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -106,6 +108,28 @@ def pending(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: i
         "SELECT id, op, body, created_at FROM commands WHERE slot_id = ? AND host = ? AND id > ? ORDER BY id LIMIT ?",
         (slot, host, after, limit),
     ).fetchall()
+
+
+#: :func:`poll_view`'s query: the pilot and its lease's end, and its commands above ``after`` (none: one row of NULLs).
+_POLL_VIEW = (f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL,"
+              " c.id, c.op, c.body, c.created_at"
+              " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
+              " LEFT JOIN commands c ON c.slot_id = p.slot_id AND c.host = p.host AND c.id > ?"
+              " WHERE p.slot_id = ? AND p.host = ? ORDER BY c.id LIMIT ?")
+_PILOT_FIELDS = len(PILOT_COLUMNS.split(","))
+
+
+def poll_view(conn: sqlite3.Connection, slot: str, host: str, after: int,
+              limit: int) -> tuple[PilotRow, bool, list[tuple[int, str, str, float]]] | None:
+    """What a command poll reads first, in one statement (on PostgreSQL one round trip, with the event loop
+    waiting): the pilot of (slot, host), whether its lease has ended, and its :func:`pending` commands above
+    ``after``; None if no such pilot has reported."""
+    rows = conn.execute(_POLL_VIEW, (after, slot, host, limit)).fetchall()
+    if not rows:
+        return None
+    first = rows[0]
+    commands = [tuple(row[_PILOT_FIELDS + 1:]) for row in rows if row[_PILOT_FIELDS + 1] is not None]
+    return PilotRow(*first[:_PILOT_FIELDS]), bool(first[_PILOT_FIELDS]), commands
 
 
 def commands_of(conn: sqlite3.Connection, slot: str) -> list[CommandRow]:

@@ -133,6 +133,11 @@ class StoreReads:
         """(id, op, body as stored, when queued) of the commands for (slot, host) above ``after``, oldest first."""
         return command_ops.pending(self._reader(), slot, host, after, limit)
 
+    def poll_view(self, slot: str, host: str, after: int, limit: int = 256):
+        """(pilot, whether its lease ended, its pending commands above ``after``) in one read; None: no such
+        pilot (:func:`service_adapter.store.commands.poll_view`)."""
+        return command_ops.poll_view(self._reader(), slot, host, after, limit)
+
     def commands(self, slot: str) -> list[CommandRow]:
         """Every command of a slot with its outcome, in id order."""
         return command_ops.commands_of(self._reader(), slot)
