@@ -312,7 +312,7 @@ def commands_answer(commands: list[tuple[int, str, str, float]]) -> bytes:
         return _NO_COMMANDS
     parts = []
     for cid, _op, text, _queued_at in commands:
-        if text.startswith("{") and text != "{}":
+        if text.startswith('{"'):  # an object with a first key, as queue_command writes it
             parts.append(f'{{"id":{cid:d},{text[1:]}')
         else:  # not what queue_command writes: the slow, sure way
             parts.append(json.dumps(dict(json.loads(text), id=cid), separators=(",", ":")))

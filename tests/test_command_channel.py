@@ -287,8 +287,9 @@ def test_curl_digest_polls_and_gets_signed_json(channel, tmp_path):
 def test_a_poll_answer_spliced_from_stored_bodies_is_what_encoding_each_with_its_id_gives():
     stored = [(7, "start-vm", '{"op":"start-vm","vm":{"name":"a","memory_mb":16}}', 1.0),
               (8, "release", '{"op":"release"}', 2.0),
-              (9, "odd", '{ "op" : "odd", "x": [1, 2] }', 3.0),  # not compact: still spliced
-              (10, "empty", "{}", 4.0)]  # nothing to splice after
+              (9, "odd", '{ "op" : "odd", "x": [1, 2] }', 3.0),  # not as queue_command writes: encoded again
+              (10, "empty", "{}", 4.0),  # nothing to splice after
+              (11, "blank", "{ }", 5.0)]
     answer = commands_answer(stored)
     assert json.loads(answer) == {"commands": [dict(json.loads(text), id=cid) for cid, _, text, _ in stored]}
     assert json.loads(commands_answer([])) == {"commands": []}
