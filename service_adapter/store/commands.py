@@ -14,7 +14,7 @@ import json
 import sqlite3
 from typing import Callable
 
-from service_adapter.store.rows import PILOT_COLUMNS, PilotRow
+from service_adapter.store.rows import PILOT_COLUMNS, PilotRow, qualified
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -111,7 +111,7 @@ def pending(conn: sqlite3.Connection, slot: str, host: str, after: int, limit: i
 
 
 #: :func:`poll_view`'s query: the pilot and its lease's end, and its commands above ``after`` (none: one row of NULLs).
-_POLL_VIEW = (f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL,"
+_POLL_VIEW = (f"SELECT {qualified(PILOT_COLUMNS, 'p')}, l.ended_at IS NOT NULL,"
               " c.id, c.op, c.body, c.created_at"
               " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
               " LEFT JOIN commands c ON c.slot_id = p.slot_id AND c.host = p.host AND c.id > ?"

@@ -13,7 +13,7 @@ from typing import Callable
 
 from workspace_common.protocol import LIFECYCLE_STATES, MAX_SEQ_STEP, Notification, epoch_micros, parse_time
 from service_adapter.store import compaction, reports
-from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict
+from service_adapter.store.rows import ENDING, HOLD_ENDED, PILOT_COLUMNS, PilotRow, SlotAccess, Verdict, qualified
 
 
 def record(conn: sqlite3.Connection, n: Notification, body: bytes, body_hash: str, account: str,
@@ -235,7 +235,7 @@ _IN_CHUNK = 500
 
 
 #: :func:`pilot_of`'s query, made once (every command poll runs it).
-_PILOT_OF = (f"SELECT {', '.join('p.' + c.strip() for c in PILOT_COLUMNS.split(','))}, l.ended_at IS NOT NULL"
+_PILOT_OF = (f"SELECT {qualified(PILOT_COLUMNS, 'p')}, l.ended_at IS NOT NULL"
              " FROM pilots p JOIN slots s ON s.id = p.slot_id JOIN leases l ON l.id = s.lease_id"
              " WHERE p.slot_id = ? AND p.host = ?")
 

@@ -23,6 +23,11 @@ PILOT_COLUMNS = (
 )
 
 
+def qualified(columns: str, alias: str) -> str:
+    """A comma-separated column list with each name prefixed by ``alias.`` (for a query that joins)."""
+    return ", ".join(f"{alias}.{column.strip()}" for column in columns.split(","))
+
+
 class Verdict(enum.Enum):
     """What the store decided about a notification, with the HTTP status to answer."""
 

@@ -25,6 +25,7 @@ import sqlite3
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import addresses
 from service_adapter.store.commands import queue_command
+from service_adapter.store.rows import qualified
 from workspace_common.protocol import MAX_PEERS, VmSpec
 
 SCHEMA = """
@@ -64,7 +65,7 @@ _VM_COLUMNS = (
     " started_at, stopped_at, ip, mac, hostname, forward_port"
 )
 #: What a read of a VM selects: its row, its node's address and what its pilot last said of its use.
-_VM_READ = (f"SELECT {', '.join('v.' + column.strip() for column in _VM_COLUMNS.split(','))}, p.address,"
+_VM_READ = (f"SELECT {qualified(_VM_COLUMNS, 'v')}, p.address,"
             " v.busy, v.cpu, v.usage_at, v.busy_since FROM vms v LEFT JOIN pilots p ON p.slot_id = v.slot_id AND p.host = v.host")
 
 
