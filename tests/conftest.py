@@ -130,10 +130,11 @@ def slurm_cluster():
     workdir = tempfile.mkdtemp(prefix="workspace-pilot-slurm-")
     os.chmod(workdir, 0o755)
     # Besides the default partition "debug" (no time limit): "short", whose MaxTime of 5 minutes an extension
-    # must respect; and a backfill pass every 5 s (Slurm's 30 s would start a begin-time job up to 30 s late:
-    # tests/test_slurm_lease_time.py waits for one).
+    # must respect; and the main scheduler's pass every 2 s: with Slurm's 60 s a job whose begin time has passed
+    # started 25-55 s late (a backfill pass every 5 s did not start it), and tests/test_slurm_lease_time.py
+    # waits for one.
     cluster = SlurmCluster(workdir, extra_config=(f"PartitionName={SHORT_PARTITION} Nodes=ALL MaxTime=5 State=UP",),
-                           backfill_interval_s=5)
+                           schedule_interval_s=2)
     try:
         cluster.start()
         yield cluster

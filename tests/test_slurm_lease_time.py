@@ -1,8 +1,8 @@
 """A lease's time through the real 4-node Slurm: a begin time, a raised time limit, the partition's limit,
 the before-end event; real sbatch, squeue and scontrol, real pilots under sudo with real hugepages.
 
-The lease that starts 90 s later is reserved by the module's first test and checked by its last, so the
-tests in between run while Slurm holds its job (pytest runs a module's tests in file order).
+The lease that starts 30 s later is reserved by the module's first test and checked by its last, so the
+tests in between (about 15 s) run while Slurm holds its job (pytest runs a module's tests in file order).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.support.pool import pool_pages
 from tests.support.slurm_cluster import SHORT_PARTITION
 from tests.support.slurm_cluster import TERMINAL, ServiceOnCluster, close_sites
 
-START_IN_S = 90
+START_IN_S = 30
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def make_site(tmp_path, slurm_cluster):
 def later(tmp_path_factory, slurm_cluster):
     """A site and its lease of one node that starts START_IN_S after it was reserved: (site, lease, start)."""
     # The queue timeout counts from the start: Slurm's scheduler starts a job whose begin time has passed at
-    # its next pass, which may be tens of seconds later.
+    # its next pass (every 2 s on the test cluster, every 60 s by default).
     site = ServiceOnCluster(str(tmp_path_factory.mktemp("later")), slurm_cluster, "slurm", queue_timeout_s=300)
     start = time.time() + START_IN_S
     try:

@@ -62,8 +62,9 @@ class SlurmCluster:
 
     ``extra_config``: more slurm.conf lines (a plugin's files, such as
     job_submit.lua, go in ``workdir``, the directory of slurm.conf).
-    ``backfill_interval_s``: the backfill scheduler's ``bf_interval`` (None:
-    Slurm's 30 s), which is how late a job whose begin time has passed may start.
+    ``schedule_interval_s``: the main scheduler's ``sched_interval`` (None:
+    Slurm's 60 s), which is how late a job whose begin time has passed may
+    start (the backfill scheduler's passes do not start one, measured).
 
     ``start()`` returns once every node is idle; ``env()`` is the
     environment for the Slurm and Torque commands; ``stop()`` ends the
@@ -71,10 +72,10 @@ class SlurmCluster:
     """
 
     def __init__(self, workdir: str, nodes: int = 4, kill_wait: int = 5, extra_config: tuple[str, ...] = (),
-                 backfill_interval_s: int | None = None):
+                 schedule_interval_s: int | None = None):
         self.workdir = os.path.abspath(workdir)
         self.extra_config = extra_config
-        self.backfill_interval_s = backfill_interval_s
+        self.schedule_interval_s = schedule_interval_s
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.kill_wait = kill_wait
         self.conf = os.path.join(self.workdir, "slurm.conf")
@@ -129,7 +130,7 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0"
-            + (f",bf_interval={self.backfill_interval_s}" if self.backfill_interval_s else ""),
+            + (f",sched_interval={self.schedule_interval_s}" if self.schedule_interval_s else ""),
             f"KillWait={self.kill_wait}",
             f"StateSaveLocation={w}/state",
             f"SlurmdSpoolDir={w}/spool/%n",
