@@ -11,7 +11,8 @@
 # job scripts start the pilot, and logrotate (the tests rotate the service's log with the shipped file). The tests start and stop these daemons themselves (tests/support/slurm_cluster.py).
 # --vm (scripts/test.sh): also the real VMM the tests boot guests on: libvirtd and QEMU (libvirt-daemon
 # libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils, not libvirt-daemon-system: it upgrades
-# systemd), busybox-static, what lease networks need on a node (iproute2, nftables, dnsmasq-base), the groups and
+# systemd), tini (the subreaper the demo and the tests start libvirtd under: service_adapter/localvirt.py),
+# busybox-static, what lease networks need on a node (iproute2, nftables, dnsmasq-base), the groups and
 # user libvirtd wants, a marked block at the end of
 # /etc/libvirt/qemu.conf (guests as libvirt-qemu with dynamic ownership, no sVirt, hugetlbfs at /dev/hugepages), and a
 # tiny test guest in .cache/test-guest (scripts/build-test-guest.sh). The tests start and stop libvirtd
@@ -77,7 +78,7 @@ if [ -n "$extras" ]; then
   fi
 fi
 if [ "$vm" = yes ]; then
-  for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils busybox-static \
+  for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils tini busybox-static \
              iproute2 nftables dnsmasq-base; do
     have_deb "$pkg" || need_pkgs+=("$pkg")
   done

@@ -3,12 +3,20 @@ pid it holds, never by name."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 
 
-def stop_in_order(processes: dict[str, subprocess.Popen], order: list[str], timeout: float) -> None:
-    """SIGTERM each of ``order`` that still runs and wait up to ``timeout`` s, then SIGKILL; forget them all."""
+def stop_in_order(processes: dict[str, subprocess.Popen], order: list[str], timeout: float,
+                  pid_files: dict[str, str] | None = None) -> None:
+    """SIGTERM each of ``order`` that still runs and wait up to ``timeout`` s, then SIGKILL; forget them all.
+
+    ``pid_files`` names the pid file of a daemon run under a subreaper such as tini (which forwards the SIGTERM
+    but cannot forward a SIGKILL, and puts its child in a process group of its own): that pid gets the SIGKILL
+    too, else the daemon would outlive its subreaper.
+    """
     for name in order:
         process = processes.get(name)
         if process is None or process.poll() is not None:
@@ -17,6 +25,14 @@ def stop_in_order(processes: dict[str, subprocess.Popen], order: list[str], time
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
+            if pid_files and name in pid_files:
+                _kill_by_pid_file(pid_files[name])
             process.kill()
             process.wait()
     processes.clear()
+
+
+def _kill_by_pid_file(path: str) -> None:
+    with contextlib.suppress(OSError, ValueError):  # no file, no number, or the process is gone
+        with open(path, encoding="ascii") as handle:
+            os.kill(int(handle.read().strip()), signal.SIGKILL)

@@ -6,6 +6,13 @@ container): :class:`LocalLibvirtd` then starts virtlogd and libvirtd as its
 own children, with their pid files and logs in a directory of the caller,
 waits until libvirtd answers, and stops them by the pids it started (never
 by name). A libvirtd that already answers is used and left alone.
+
+They run under a subreaper (Debian's ``tini -s``) where one is installed:
+QEMU daemonizes, so a guest's process is orphaned to the nearest subreaper,
+else to PID 1, and libvirtd waits for a process it stopped to be gone. Where
+PID 1 reaps late (a container's init here), every destroyed guest cost about
+1.5 s and every libvirtd start 7 s (its QEMU capability probes); under tini
+0.2 s and 0.1 s. Without tini the daemons run as before, only slower to stop.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ URI = "qemu:///system"
 COMMANDS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64")
 #: How to get them: this project's bootstrap, or Debian's packages by name.
 INSTALL_HINT = ("./scripts/bootstrap.sh --vm, or the Debian packages libvirt-daemon libvirt-daemon-driver-qemu "
-                "libvirt-clients qemu-system-x86 qemu-utils")
+                "libvirt-clients qemu-system-x86 qemu-utils (and tini)")
+#: The subreaper the daemons run under when it is installed (see the module's docstring).
+REAPER = "tini"
 #: qemu.conf's hugetlbfs_mount: libvirtd's QEMU driver does not load without it.
 HUGETLBFS = "/dev/hugepages"
 VIRTLOGD_SOCKET = "/run/libvirt/virtlogd-sock"
@@ -53,6 +62,13 @@ def answers(uri: str = URI) -> bool:
 def system_command(name: str) -> str:
     """``name`` found in the system's directories (never where the caller's PATH points); the bare name if absent."""
     return shutil.which(name, path=SYSTEM_DIRS) or name
+
+
+def reaper_argv() -> list[str]:
+    """What to start a daemon under so that the processes it orphans are reaped at once: ``[tini, -s, --]``, or
+    nothing where tini is not installed in the system's directories."""
+    path = shutil.which(REAPER, path=SYSTEM_DIRS)
+    return [path, "-s", "--"] if path else []
 
 
 def system_env() -> dict[str, str]:
@@ -146,12 +162,15 @@ class LocalLibvirtd:
             delay = min(delay * 2, 0.5)
 
     def _spawn(self, name: str, log_path: str) -> None:
-        argv = [system_command(name), "--pid-file", os.path.join(self.workdir, f"{name}.pid")]
+        argv = [*reaper_argv(), system_command(name), "--pid-file", self._pid_file(name)]
         with open(log_path, "ab") as log:
             self.processes[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env=system_env(),
             )
+
+    def _pid_file(self, name: str) -> str:
+        return os.path.join(self.workdir, f"{name}.pid")
 
     def running(self, name: str) -> bool:
         """Whether the daemon ``name`` this object started still runs."""
@@ -160,7 +179,8 @@ class LocalLibvirtd:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop what this object started (libvirtd first: it talks to virtlogd while it shuts down)."""
-        stop_in_order(self.processes, ["libvirtd", "virtlogd"], timeout)
+        stop_in_order(self.processes, ["libvirtd", "virtlogd"], timeout,
+                      pid_files={name: self._pid_file(name) for name in ("libvirtd", "virtlogd")})
         if self._mounted_hugetlbfs:
             subprocess.run([system_command("umount"), HUGETLBFS], check=False, capture_output=True, env=system_env())
             self._mounted_hugetlbfs = False

@@ -36,6 +36,7 @@ import time
 
 from service_adapter.lease import vm_json
 from service_adapter.local_site import LocalSite, write_pilot_config
+from service_adapter.localvirt import reaper_argv
 from service_adapter.networks import NetworkPlan
 from service_adapter.providers.local import LocalProvider
 from service_adapter.vms import parse_vm_request
@@ -164,8 +165,11 @@ class NodeLibvirtd:
                   f"mount --bind {w}/cache /var/cache/libvirt && virtlogd -d -p {w}/virtlogd.pid && "
                   f"exec libvirtd --config {w}/libvirtd.conf --pid-file {w}/libvirtd.pid")
         with open(os.path.join(w, "daemons.out"), "ab") as out:
-            self.process = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", "unshare", "--mount",
-                                             "--propagation", "private", "sh", "-c", script], stdout=out, stderr=out)
+            # Under tini, as the embedded site's libvirtd (service_adapter/localvirt.py: this container's PID 1 reaps
+            # QEMU's orphans late, and libvirtd waits for them: 7.9 -> 1.3 s a start).
+            self.process = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns}", *reaper_argv(), "unshare",
+                                             "--mount", "--propagation", "private", "sh", "-c", script],
+                                            stdout=out, stderr=out)
         deadline = time.monotonic() + timeout
         delay = 0.05
         while sh("virsh", "-c", self.uri, "version", check=False).returncode != 0:
