@@ -67,8 +67,11 @@ class NodeAccounts:
         # Bounded: an attacker's made-up user names can only churn the cache, not grow it. Large enough for
         # every node of a big site (at 4,096, 10,000 polling nodes derived their account on every request).
         self._account = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(self._derive)
-        # Every command answer is signed with a key made from the node's: an HMAC saved per answer.
+        # Every command answer is signed with a key made from the node's and the slot's: two HMACs saved per
+        # answer (a twentieth of a parked poll's renewal). Reached only once the request authenticated as the host
+        # and its slot was found, so only real (slot, host) pairs fill it.
         self._node_key = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(functools.partial(node_key, site_key))
+        self._slot_key = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(self._derive_slot_key)
 
     def get(self, user: str, default=None) -> Account | None:
         """The account of host ``user``, or ``default`` when it is not a valid host name."""
@@ -82,6 +85,9 @@ class NodeAccounts:
 
     def slot_key(self, host: str, slot: str, slot_secret: str) -> str:
         """The key that signs (slot, host)'s notification bodies and command answers."""
+        return self._slot_key(host, slot, slot_secret)
+
+    def _derive_slot_key(self, host: str, slot: str, slot_secret: str) -> str:
         return slot_key(self.node_key(host), slot, slot_secret)
 
     def _derive(self, host: str) -> Account:

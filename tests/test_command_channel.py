@@ -55,7 +55,8 @@ def test_without_or_with_a_wrong_digest_the_poll_is_401_with_a_challenge(channel
 
 @pytest.mark.parametrize("query", [
     "after=-1&wait=0", "after=x&wait=0", "after=1.5", "after=&wait=0", "wait=-1", "wait=soon", "wait=nan",
-    "wait=inf", f"after={2**63}", "after=0&wait=0&cursor=3", "since=0",
+    "wait=inf", f"after={2**63}", f"after={2**63}&wait=0", "after=0&wait=0&cursor=3", "since=0",
+    "after=1&wait=1e3",
 ])
 def test_a_malformed_query_is_400(channel, query):
     _assert_400(channel, query)
