@@ -7,6 +7,7 @@ against what it really holds and refuses what does not fit.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 
 class PlacementError(ValueError):
@@ -44,12 +45,16 @@ def place(wanted: list[tuple[str, int, str | None]], rooms: list[HostRoom]) -> l
         free[host] -= need
         chosen[index] = host
     unplaced = sorted((i for i, w in enumerate(wanted) if w[2] is None), key=lambda i: (-wanted[i][1], i))
+    # The host with the most room left (ties: the name) on top: one step per VM, not a look at every host.
+    roomiest = [(-mb, host) for host, mb in free.items()]
+    heapq.heapify(roomiest)
     for index in unplaced:
         name, need, _ = wanted[index]
-        host = min(free, key=lambda h: (-free[h], h))
+        host = roomiest[0][1]
         if need > free[host]:
             rooms_left = ", ".join(f"{h} {mb} MB" for h, mb in sorted(free.items()))
             raise PlacementError(f"VM {name} needs {need} MB with overhead; no host has that free ({rooms_left})")
         free[host] -= need
+        heapq.heapreplace(roomiest, (-free[host], host))
         chosen[index] = host
     return [chosen[i] for i in range(len(wanted))]
