@@ -15,6 +15,7 @@ scraped: leases by state (one GROUP BY on the store) and the hosts with a poll o
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -55,6 +56,10 @@ class ServiceMetrics:
             ["command", "outcome"], registry=self.registry)
         self.image_bytes = Counter(
             "workspace_image_bytes_served", "Bytes of approved images sent to nodes", registry=self.registry)
+        # A labelled child found once per label value (prometheus_client checks and locks at every .labels()); the
+        # values are the service's own words, a few dozen at most.
+        self._notifications_by_result = functools.lru_cache(maxsize=64)(self.notifications.labels)
+        self._command_wait_by_op = functools.lru_cache(maxsize=64)(self.command_wait_seconds.labels)
         self._store = store
         self._board = board
         if store is not None or board is not None:
@@ -64,14 +69,14 @@ class ServiceMetrics:
 
     def notification(self, result: str, seconds: float) -> None:
         """One notification answered with ``result`` after ``seconds``."""
-        self.notifications.labels(result).inc()
+        self._notifications_by_result(result).inc()
         self.notification_seconds.observe(seconds)
 
     def commands_handed(self, items: list[tuple[str, float]], now: float | None = None) -> None:
         """Commands (op, queued at, epoch seconds) handed to a poll now."""
         now = time.time() if now is None else now
         for op, queued_at in items:
-            self.command_wait_seconds.labels(op).observe(max(0.0, now - queued_at))
+            self._command_wait_by_op(op).observe(max(0.0, now - queued_at))
 
     def lrm_command(self, result) -> None:
         """One batch-system command ran (a :class:`service_adapter.providers.commands.CommandResult`)."""

@@ -56,10 +56,22 @@ def queue_command(conn: sqlite3.Connection, slot: str, host: str, body: dict, no
     """Insert one command (``body`` without its id) for (slot, host); returns its id and reports the target."""
     if "id" in body:
         raise ValueError("a command's body has no 'id': its pilot is given the command's id in its place")
+    return _insert_command(conn, slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
+                           json.dumps(body, separators=(",", ":")), now, woken)
+
+
+def queue_start_vm(conn: sqlite3.Connection, slot: str, host: str, vm_name: str, vm_json: str, now: float,
+                   woken: Callable[[str, str], None]) -> int:
+    """:func:`queue_command` of ``{"op": "start-vm", "vm": ...}`` for a VM spec already encoded as compact JSON
+    (``vm_json``, an object: what the VM's row keeps), so that a start of many VMs encodes each spec once."""
+    return _insert_command(conn, slot, host, "start-vm", vm_name, '{"op":"start-vm","vm":' + vm_json + "}", now,
+                           woken)
+
+
+def _insert_command(conn, slot: str, host: str, op: str, vm_name: str | None, text: str, now: float, woken) -> int:
     cursor = conn.execute(
         "INSERT INTO commands (slot_id, host, op, vm, body, created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-        (slot, host, body["op"], body.get("name") or (body.get("vm") or {}).get("name"),
-         json.dumps(body, separators=(",", ":")), now),
+        (slot, host, op, vm_name, text, now),
     )
     woken(slot, host)
     return cursor.fetchone()[0]

@@ -24,7 +24,7 @@ import sqlite3
 
 from service_adapter.placement import HostRoom, PlacementError, place
 from service_adapter.store import addresses
-from service_adapter.store.commands import queue_command
+from service_adapter.store.commands import queue_command, queue_start_vm
 from service_adapter.store.rows import qualified
 from workspace_common.protocol import MAX_PEERS, VmSpec
 
@@ -197,16 +197,15 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
         except ValueError as exc:
             raise VmRequestError(str(exc), 400) from None
     for spec, host in zip(specs, hosts):
-        as_dict = spec.to_dict()  # read, not changed, by both
+        spec_json = json.dumps(spec.to_dict(), separators=(",", ":"))  # the row's and the command's
         conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
         conn.execute(
             f"INSERT INTO vms ({_VM_COLUMNS}, holds_address)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?)",
-            (lease_id, spec.name, slot, host, spec.memory_mb, spec.vcpus,
-             json.dumps(as_dict, separators=(",", ":")), f"start-vm queued for {host}", now, now,
-             *addresses.hold_columns(spec)),
+            (lease_id, spec.name, slot, host, spec.memory_mb, spec.vcpus, spec_json, f"start-vm queued for {host}",
+             now, now, *addresses.hold_columns(spec)),
         )
-        queue_command(conn, slot, host, {"op": "start-vm", "vm": as_dict}, now, woken)
+        queue_start_vm(conn, slot, host, spec.name, spec_json, now, woken)
     if plan is not None and plan.enabled:
         queue_network(conn, lease_id, slot, before - set(hosts), now, woken)
     return list(zip(specs, hosts))
