@@ -15,7 +15,7 @@ def stop_in_order(processes: dict[str, subprocess.Popen], order: list[str], time
 
     ``pid_files`` names the pid file of a daemon run under a subreaper such as tini (which forwards the SIGTERM
     but cannot forward a SIGKILL, and puts its child in a process group of its own): that pid gets the SIGKILL
-    too, else the daemon would outlive its subreaper.
+    too (if it is the subreaper's child), else the daemon would outlive its subreaper.
     """
     for name in order:
         process = processes.get(name)
@@ -26,13 +26,19 @@ def stop_in_order(processes: dict[str, subprocess.Popen], order: list[str], time
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             if pid_files and name in pid_files:
-                _kill_by_pid_file(pid_files[name])
+                _kill_child_by_pid_file(pid_files[name], process.pid)
             process.kill()
             process.wait()
     processes.clear()
 
 
-def _kill_by_pid_file(path: str) -> None:
+def _kill_child_by_pid_file(path: str, parent: int) -> None:
+    """SIGKILL the pid in ``path`` if it is a child of ``parent`` (the subreaper we started): whatever the file
+    says, nothing else is killed."""
     with contextlib.suppress(OSError, ValueError):  # no file, no number, or the process is gone
         with open(path, encoding="ascii") as handle:
-            os.kill(int(handle.read().strip()), signal.SIGKILL)
+            pid = int(handle.read().strip())
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            ppid = next(int(line.split()[1]) for line in handle if line.startswith("PPid:"))
+        if ppid == parent:
+            os.kill(pid, signal.SIGKILL)

@@ -23,13 +23,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _pid_written(path: str) -> int:
     deadline = time.monotonic() + 10
-    while not os.path.exists(path) or not open(path, encoding="ascii").read().strip():
+    while not _read(path):
         assert time.monotonic() < deadline, "the daemon never wrote its pid"
         time.sleep(0.01)  # the shell writes it once it runs; nothing to wait on
-    with open(path, encoding="ascii") as handle:
-        return int(handle.read())
+    return int(_read(path))
 
 
 def test_a_daemon_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path):
@@ -62,3 +69,20 @@ def test_under_a_subreaper_the_sigkill_reaches_the_daemon_too(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGKILL)
+
+
+def test_a_pid_file_naming_a_process_that_is_not_the_subreapers_child_kills_nothing_else(tmp_path):
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pidfile = tmp_path / "pid"
+        pidfile.write_text(f"{bystander.pid}\n")  # what a wrong or planted pid file could say
+        ready = tmp_path / "ready"
+        process = subprocess.Popen(["sh", "-c", f"trap '' TERM; echo $$ > {ready}; while :; do sleep 1; done"],
+                                   start_new_session=True)
+        _pid_written(str(ready))  # the trap is set: the SIGTERM will be ignored
+        stop_in_order({"daemon": process}, ["daemon"], 0.3, pid_files={"daemon": str(pidfile)})
+        assert process.returncode == -9
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
