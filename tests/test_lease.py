@@ -29,6 +29,7 @@ from service_adapter.lease import (
 )
 from service_adapter.providers.base import JobState, Provider, ProviderError
 from service_adapter.store import ENDING, LeaseRow, PilotRow, Store
+from tests.support.channels import Channel
 from tests.support.pilots import journal_files
 from tests.support.pool import pool_pages
 from tests.support.service import add_lease
@@ -383,6 +384,35 @@ def test_the_thread_ticks_on_commits_and_does_not_poll(store):
     finally:
         leases.stop()
     assert not leases.running
+
+
+def test_the_thread_is_not_woken_by_vm_starts(tmp_path):
+    """A fan-out of VM starts (a commit each) changes nothing the manager decides on until the pilots report:
+    it wakes no tick (they were 15 % of the service's CPU in bench_scale's fan-out); a notification does."""
+    channel = Channel(tmp_path)
+    leases = manager(channel.store, QueueThatNeverDispatches(), status_interval_s=30)
+    ticked = threading.Event()
+    real_tick = leases.tick
+
+    def counted():
+        ticked.set()
+        return real_tick()
+
+    leases.tick = counted
+    try:
+        lease_id, slot = channel.lease()
+        leases.start()
+        assert ticked.wait(5)  # the first tick, at start
+        time.sleep(0.5)  # its rest
+        ticked.clear()
+        for name in ("vm1", "vm2", "vm3"):
+            channel.start(lease_id, name)
+        assert not ticked.wait(0.5)
+        channel.notify(slot, "node1", "heartbeat")
+        assert ticked.wait(5)
+    finally:
+        leases.stop()
+        channel.close()
 
 
 def test_refused_submit_fails_the_lease_with_the_lrms_words(store):

@@ -123,6 +123,20 @@ def test_a_pilot_polling_one_receiver_is_heard_by_the_others_board(two):
     wait_until(lambda: second.board.silent_for(target) == 0.0, "the second receiver to hear of the poll")
 
 
+def test_the_other_receivers_lease_manager_is_woken_by_a_release_not_by_a_vm_start_or_a_poll(two):
+    first, second = two
+    lease_id, slot = first.lease()
+    for action in (lambda: second.start(lease_id, "vm1"),
+                   lambda: second.store.announce_polls([(slot, "node1")])):
+        version, lease_version = first.store.version, first.store.lease_version
+        action()
+        wait_until(lambda: first.store.version > version, "the first receiver to hear of the commit")
+        assert first.store.lease_version == lease_version
+    lease_version = first.store.lease_version
+    assert second.store.request_release(lease_id, time.time())
+    wait_until(lambda: first.store.lease_version > lease_version, "the first receiver to hear of the release")
+
+
 # -- two serve processes -------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from service_adapter.store import Store, StoreError
+from tests.support.channels import Channel
 from tests.support.postgres import rows_elsewhere
 from tests.support.service import Service, add_lease, notification
 
@@ -148,6 +149,40 @@ def test_wait_changed_wakes_on_a_commit_and_on_wake(store_location):
         assert returned == [now] and not waiter.is_alive()
     finally:
         store.close()
+
+
+def test_a_vm_start_or_pause_is_a_commit_the_lease_manager_need_not_look_at(tmp_path, store_location):
+    """:attr:`Store.lease_version` (what wakes the lease manager) moves with every commit but a VM's start or
+    pause request: those change no lease, no pilot and no running count until the pilot reports."""
+    channel = Channel(tmp_path, store_location)
+    store = channel.store
+    try:
+        lease_id, slot = channel.lease()
+
+        def moved(action) -> tuple[bool, bool]:
+            version, lease_version = store.version, store.lease_version
+            action()
+            return store.version > version, store.lease_version > lease_version
+
+        started = []
+        assert moved(lambda: started.append(channel.start(lease_id, "vm1"))) == (True, False)
+        assert moved(lambda: channel.notify(slot, "node1", "vm-running", command=started[0], vms=["vm1"])) == (
+            True, True)
+        assert moved(lambda: store.pause_vm(lease_id, "vm1", resume=False, now=time.time())) == (True, False)
+        assert moved(lambda: channel.stop(lease_id, "vm1")) == (True, True)  # no longer counted as running
+        assert moved(lambda: store.request_release(lease_id, time.time())) == (True, True)
+        # A waiter on the lease version sleeps on through a VM start's commit, and wakes at the next that counts.
+        seen, returned = store.lease_version, []
+        waiter = threading.Thread(target=lambda: returned.append(store.wait_changed(seen, 600, leases=True)))
+        waiter.start()
+        channel.start(lease_id, "vm2")
+        waiter.join(0.5)
+        assert waiter.is_alive() and store.lease_version == seen
+        channel.notify(slot, "node1", "heartbeat")
+        waiter.join(30)
+        assert returned == [store.lease_version] and returned[0] > seen
+    finally:
+        channel.close()
 
 
 def _as_version_9(conn) -> None:

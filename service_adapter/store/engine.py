@@ -82,6 +82,11 @@ class Store(StoreWrites, StoreReads):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._version = 0
+        # The version of the last commit the lease manager must look at: every commit but those of writes that
+        # said they leave the leases be (:meth:`_leaves_leases_be`: a VM's start, stop or pause request).
+        self._lease_version = 0
+        self._quiet_writes = 0  # writes of this batch that left the leases be (writer thread only)
+        self._wakes = 0  # calls of wake(): they end every wait_changed
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -200,15 +205,16 @@ class Store(StoreWrites, StoreReads):
             results = self._run_items(conn, batch, savepoints=not self.on_postgres)
             if results is None:
                 conn.execute("ROLLBACK")
-                self._woken, self._pilots_touched = set(), set()
+                self._woken, self._pilots_touched, self._quiet_writes = set(), set(), 0
                 self._begin(conn)
                 results = self._run_items(conn, batch, savepoints=True)
+            quiet = self._quiet_writes >= len(batch)
             if self.on_postgres:
-                pgshare.announce(conn, self._token, self._woken, self._pilots_touched)
+                pgshare.announce(conn, self._token, self._woken, self._pilots_touched, quiet=quiet)
             conn.execute("COMMIT")
         except self._errors as exc:
             log.error("store commit failed: %s", exc)
-            self._woken, self._pilots_touched = set(), set()
+            self._woken, self._pilots_touched, self._quiet_writes = set(), set(), 0
             if self.on_postgres and conn.raw.broken:
                 if not isinstance(exc, StoreUnavailable):
                     exc = StoreUnavailable(f"the store's database went away: {first_line(exc)}")
@@ -218,10 +224,12 @@ class Store(StoreWrites, StoreReads):
             return
         with self._changed:
             self._version += 1
+            if not quiet:
+                self._lease_version = self._version
             for slot in self._pilots_touched:
                 self._pilot_marks[slot] = self._version
             self._changed.notify_all()
-        self._pilots_touched = set()
+        self._pilots_touched, self._quiet_writes = set(), 0
         woken, self._woken = self._woken, set()
         if woken and self._command_listener is not None:
             try:
@@ -239,20 +247,26 @@ class Store(StoreWrites, StoreReads):
         """On PostgreSQL: tell the other receivers that these (slot, host) pilots polled here (their boards
         count them as heard; see :mod:`.pgshare`). Waits for the commit; nothing on SQLite."""
         if self.on_postgres and polled:
-            self.submit(lambda conn: pgshare.announce(conn, self._token, set(), set(), polled)).result()
+            def write(conn) -> None:
+                self._leaves_leases_be()
+                pgshare.announce(conn, self._token, set(), set(), polled, quiet=True)
+
+            self.submit(write).result()
 
     def set_poll_listener(self, listener: Callable[[set[tuple[str, str]]], None] | None) -> None:
         """Call ``listener({(slot, host), ...})`` with the pilots another receiver heard polling (PostgreSQL)."""
         self._poll_listener = listener
 
     def _others_committed(self, woken: set[tuple[str, str]] | None, touched: set[str] | None,
-                          polled: set[tuple[str, str]]) -> None:
+                          polled: set[tuple[str, str]], quiet: bool = False) -> None:
         """Another receiver's commit (on its listener's thread): as for one of ours, the watchers and the
         parked polls it concerns are woken. None: the listener was away, so anything may have changed."""
         if polled and self._poll_listener is not None:
             self._poll_listener(polled)
         with self._changed:
             self._version += 1
+            if not quiet or touched is None:
+                self._lease_version = self._version
             if touched is None:
                 self._marks_floor = self._version
             else:
@@ -264,6 +278,11 @@ class Store(StoreWrites, StoreReads):
                 self._command_listener(woken)
             except Exception:
                 log.exception("command listener failed")
+
+    def _leaves_leases_be(self) -> None:
+        # Called inside a write that changes nothing the lease manager decides on (only VM rows and commands, or
+        # nothing): its commit alone does not move :attr:`lease_version`, so it wakes no lease manager's tick.
+        self._quiet_writes += 1
 
     def _wake_target(self, slot: str, host: str) -> None:
         # Called inside a write: the (slot, host) is announced once the batch has committed.
@@ -337,21 +356,36 @@ class Store(StoreWrites, StoreReads):
         with self._changed:
             return self._version
 
-    def wait_changed(self, since: int, timeout: float) -> int:
-        """Block until a commit moves :attr:`version` past ``since``, ``timeout`` passes, or :meth:`wake`.
+    @property
+    def lease_version(self) -> int:
+        """The :attr:`version` of the last commit that may have changed what the lease manager decides on: its
+        leases, their pilots, their running VMs (every commit but a VM's start, stop or pause request)."""
+        with self._changed:
+            return self._lease_version
 
-        Returns the version then (equal to ``since`` if nothing was
+    def wait_changed(self, since: int, timeout: float, *, leases: bool = False) -> int:
+        """Block until a commit moves :attr:`version` (with ``leases``: :attr:`lease_version`) past ``since``,
+        ``timeout`` passes, or :meth:`wake`.
+
+        Returns that version then (equal to ``since`` if nothing was
         committed); returns at once if it has already moved. Callers loop:
         a return says "look again", not what changed.
         """
+        deadline = time.monotonic() + timeout
         with self._changed:
-            if self._version == since and timeout > 0:
-                self._changed.wait(timeout)
-            return self._version
+            wakes = self._wakes
+            # Every commit notifies: a waiter on the lease version sleeps on through those that leave it.
+            while (self._lease_version if leases else self._version) == since and self._wakes == wakes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            return self._lease_version if leases else self._version
 
     def wake(self) -> None:
         """Wake every :meth:`wait_changed` and :meth:`wait_for` caller without a commit (e.g. to stop a watcher)."""
         with self._changed:
+            self._wakes += 1
             self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:

@@ -54,12 +54,14 @@ def new_token() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def announce(conn, token: str, woken: set[tuple[str, str]], touched: set[str], polled=()) -> None:
+def announce(conn, token: str, woken: set[tuple[str, str]], touched: set[str], polled=(), *,
+             quiet: bool = False) -> None:
     """Inside a write transaction, before COMMIT: tell the other receivers what it changed, and which pilots
     polled here (one or more notifications; at least one, so that a commit wakes their watchers even when it
-    named nothing)."""
+    named nothing). ``quiet``: the commit changed nothing a lease manager decides on (see
+    :attr:`Store.lease_version`)."""
     lines = ([f"w\t{slot}\t{host}" for slot, host in woken] + [f"p\t{slot}" for slot in touched]
-             + [f"s\t{slot}\t{host}" for slot, host in polled])
+             + [f"s\t{slot}\t{host}" for slot, host in polled] + (["q"] if quiet else []))
     payload, size = [token], len(token)
     for line in lines:
         if size + len(line) + 1 > PAYLOAD_BYTES:
@@ -70,13 +72,14 @@ def announce(conn, token: str, woken: set[tuple[str, str]], touched: set[str], p
     conn.execute("SELECT pg_notify(?, ?)", (CHANNEL, "\n".join(payload)))
 
 
-def parse(payload: str) -> tuple[str, set[tuple[str, str]], set[str], set[tuple[str, str]]]:
+def parse(payload: str) -> tuple[str, set[tuple[str, str]], set[str], set[tuple[str, str]], bool]:
     """An announcement: (the announcing store's token, its woken (slot, host) pairs, its touched slots, the
-    (slot, host) pairs that polled there)."""
+    (slot, host) pairs that polled there, whether it said it was quiet)."""
     token, *lines = payload.split("\n")
     woken: set[tuple[str, str]] = set()
     touched: set[str] = set()
     polled: set[tuple[str, str]] = set()
+    quiet = False
     for line in lines:
         kind, *fields = line.split("\t")
         if kind == "w" and len(fields) == 2:
@@ -85,16 +88,18 @@ def parse(payload: str) -> tuple[str, set[tuple[str, str]], set[str], set[tuple[
             touched.add(fields[0])
         elif kind == "s" and len(fields) == 2:
             polled.add((fields[0], fields[1]))
-    return token, woken, touched, polled
+        elif kind == "q" and not fields:
+            quiet = True
+    return token, woken, touched, polled, quiet
 
 
 class CommitListener:
-    """A thread that LISTENs on :data:`CHANNEL` and calls ``heard(woken, touched, polled)`` for each other
-    store's announcement; after its connection was lost and made again it calls ``heard(None, None, set())``:
-    anything may have changed meanwhile."""
+    """A thread that LISTENs on :data:`CHANNEL` and calls ``heard(woken, touched, polled, quiet)`` for each
+    other store's announcement; after its connection was lost and made again it calls
+    ``heard(None, None, set(), False)``: anything may have changed meanwhile."""
 
     def __init__(self, connect: Callable[[], object], token: str,
-                 heard: Callable[[set | None, set | None, set], None]):
+                 heard: Callable[[set | None, set | None, set, bool], None]):
         self._connect = connect
         self._token = token
         self._heard = heard
@@ -132,7 +137,7 @@ class CommitListener:
                 self._listening.set()
                 if lost:
                     log.info("store listener: connected again")
-                    self._heard(None, None, set())
+                    self._heard(None, None, set(), False)
                     lost = False
                 while not self._stopping.is_set():
                     readable, _, _ = select.select([conn.raw.fileno(), self._wake_r], [], [])
@@ -140,9 +145,9 @@ class CommitListener:
                         break
                     # What arrived, without waiting for more (a dead server: the read raises, and we connect again).
                     for note in conn.raw.notifies(timeout=0):
-                        token, woken, touched, polled = parse(note.payload)
+                        token, woken, touched, polled, quiet = parse(note.payload)
                         if token != self._token:
-                            self._heard(woken, touched, polled)
+                            self._heard(woken, touched, polled, quiet)
             except Exception as exc:
                 if self._stopping.is_set():
                     break

@@ -168,10 +168,12 @@ class StoreWrites:
         address in the same transaction. Raises
         :class:`service_adapter.store.vms.VmRequestError` (nothing queued).
         """
-        return self.submit(
-            lambda conn: vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target, resolve,
-                                          plan)
-        ).result()
+        def write(conn: sqlite3.Connection) -> list[tuple[VmSpec, str]]:
+            # New VMs are "starting": no lease counts them as running until their pilots say so.
+            self._leaves_leases_be()
+            return vm_ops.start_vms(conn, lease_id, requests, overhead_mb, now, self._wake_target, resolve, plan)
+
+        return self.submit(write).result()
 
     def stop_vm(self, lease_id: str, name: str, *, force: bool, now: float) -> VmRow:
         """Queue a stop-vm for an active VM (it becomes ``stopping``); raises VmRequestError."""
@@ -180,7 +182,12 @@ class StoreWrites:
     def pause_vm(self, lease_id: str, name: str, *, resume: bool, now: float) -> VmRow:
         """Queue a suspend-vm (or, with ``resume``, a resume-vm) for a VM; raises VmRequestError (404, 409)."""
         op = "resume-vm" if resume else "suspend-vm"
-        return self.submit(lambda conn: vm_ops.pause_vm(conn, lease_id, name, op, now, self._wake_target)).result()
+
+        def write(conn: sqlite3.Connection) -> VmRow:
+            self._leaves_leases_be()  # the VM's state moves when its pilot reports
+            return vm_ops.pause_vm(conn, lease_id, name, op, now, self._wake_target)
+
+        return self.submit(write).result()
 
     def mark_lost(self, slot: str, host: str, *, now: float, why: str) -> bool:
         """Give (slot, host) up for lost, its active VMs with it; False if it already was."""
