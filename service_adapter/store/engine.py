@@ -11,7 +11,7 @@ Readers use their own connections (WAL lets them run beside the writer).
 :meth:`Store.wait_for` lets callers block until a predicate over the store
 holds, woken by commits rather than by polling; :attr:`Store.version` and
 :meth:`Store.wait_changed` let a watcher (the lease manager) sleep until the
-next commit.
+next commit (:mod:`.commits` counts them).
 
 This module is the engine; what is written and read lives in functions
 over a connection: :mod:`.leases`, :mod:`.notifications`, :mod:`.vms`
@@ -29,10 +29,10 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
 from typing import Callable
 
 from service_adapter.store import pgshare, postgres, schema
+from service_adapter.store.commits import StoreCommits
 from service_adapter.store.errors import StoreClosed, StoreError, StoreUnavailable
 from service_adapter.store.reads import ACCESS_CACHE_SIZE, StoreReads
 from service_adapter.store.rows import SlotAccess
@@ -47,7 +47,7 @@ log = logging.getLogger("service_adapter.store")
 _GROUP_MAX = 256
 
 
-class Store(StoreWrites, StoreReads):
+class Store(StoreWrites, StoreReads, StoreCommits):
     """SQLite-backed state of the service (WAL; ``synchronous=FULL`` by default), or PostgreSQL-backed when
     ``path`` is a ``postgresql://`` URL (:mod:`.postgres`; ``synchronous`` is then the server's business).
 
@@ -80,21 +80,14 @@ class Store(StoreWrites, StoreReads):
             self.unavailable = (StoreUnavailable,)
             schema.make_private(path)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._changed = threading.Condition()
-        self._version = 0
-        # The version of the last commit the lease manager must look at: every commit but those of writes that
-        # said they leave the leases be (:meth:`_leaves_leases_be`: a VM's start, stop or pause request).
-        self._lease_version = 0
+        self._init_commits()
         self._quiet_writes = 0  # writes of this batch that left the leases be (writer thread only)
-        self._wakes = 0  # calls of wake(): they end every wait_changed
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         self._woken: set[tuple[str, str]] = set()  # touched by the writer thread only
         self._pilots_touched: set[str] = set()  # slots whose pilot rows this batch wrote (writer thread only)
-        self._pilot_marks: dict[str, int] = {}  # slot -> the version whose commit last changed its pilots
-        self._marks_floor = 0  # every slot's mark is at least this (news of others' commits was lost before it)
         # What the receiver asks of every request and what never changes once true: a slot's secret and job
         # id (once it has one), and that a host has reported for a slot. Bounded; misses read the file.
         self._access_cache: collections.OrderedDict[tuple[str, str], SlotAccess] = collections.OrderedDict()
@@ -222,13 +215,7 @@ class Store(StoreWrites, StoreReads):
                 conn.execute("ROLLBACK")
             resolve([(future, None, exc) for _, future in batch])
             return
-        with self._changed:
-            self._version += 1
-            if not quiet:
-                self._lease_version = self._version
-            for slot in self._pilots_touched:
-                self._pilot_marks[slot] = self._version
-            self._changed.notify_all()
+        self._count_commit(quiet, self._pilots_touched)
         self._pilots_touched, self._quiet_writes = set(), 0
         woken, self._woken = self._woken, set()
         if woken and self._command_listener is not None:
@@ -263,16 +250,7 @@ class Store(StoreWrites, StoreReads):
         parked polls it concerns are woken. None: the listener was away, so anything may have changed."""
         if polled and self._poll_listener is not None:
             self._poll_listener(polled)
-        with self._changed:
-            self._version += 1
-            if not quiet or touched is None:
-                self._lease_version = self._version
-            if touched is None:
-                self._marks_floor = self._version
-            else:
-                for slot in touched:
-                    self._pilot_marks[slot] = self._version
-            self._changed.notify_all()
+        self._count_commit(quiet, touched)
         if (woken is None or woken) and self._command_listener is not None:
             try:
                 self._command_listener(woken)
@@ -281,7 +259,7 @@ class Store(StoreWrites, StoreReads):
 
     def _leaves_leases_be(self) -> None:
         # Called inside a write that changes nothing the lease manager decides on (only VM rows and commands, or
-        # nothing): its commit alone does not move :attr:`lease_version`, so it wakes no lease manager's tick.
+        # nothing): its commit alone does not move lease_version (.commits), so it wakes no lease manager's tick.
         self._quiet_writes += 1
 
     def _wake_target(self, slot: str, host: str) -> None:
@@ -347,61 +325,3 @@ class Store(StoreWrites, StoreReads):
             with self._readers_lock:
                 self._readers.append(conn)
         return conn
-
-    # -- waiting for commits ----------------------------------------------------------
-
-    @property
-    def version(self) -> int:
-        """A number that grows with every commit (for :meth:`wait_changed`)."""
-        with self._changed:
-            return self._version
-
-    @property
-    def lease_version(self) -> int:
-        """The :attr:`version` of the last commit that may have changed what the lease manager decides on: its
-        leases, their pilots, their running VMs (every commit but a VM's start, stop or pause request)."""
-        with self._changed:
-            return self._lease_version
-
-    def wait_changed(self, since: int, timeout: float, *, leases: bool = False) -> int:
-        """Block until a commit moves :attr:`version` (with ``leases``: :attr:`lease_version`) past ``since``,
-        ``timeout`` passes, or :meth:`wake`.
-
-        Returns that version then (equal to ``since`` if nothing was
-        committed); returns at once if it has already moved. Callers loop:
-        a return says "look again", not what changed.
-        """
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            wakes = self._wakes
-            # Every commit notifies: a waiter on the lease version sleeps on through those that leave it.
-            while (self._lease_version if leases else self._version) == since and self._wakes == wakes:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(remaining)
-            return self._lease_version if leases else self._version
-
-    def wake(self) -> None:
-        """Wake every :meth:`wait_changed` and :meth:`wait_for` caller without a commit (e.g. to stop a watcher)."""
-        with self._changed:
-            self._wakes += 1
-            self._changed.notify_all()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Block until ``predicate()`` holds, re-checking after every commit; False on timeout.
-
-        ``predicate`` runs while commits wait to be announced: it may read
-        the store but must not write to it.
-        """
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                seen = self._version
-                if predicate():
-                    return True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                if self._version == seen:
-                    self._changed.wait(remaining)

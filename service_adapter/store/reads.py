@@ -89,14 +89,6 @@ class StoreReads:
         """Every pilot that has reported for ``slot_id``, ordered by host."""
         return notification_ops.pilots(self._reader(), slot_id)
 
-    def pilot_marks(self, slot_ids) -> dict[str, int]:
-        """For each slot, the :attr:`version` whose commit last changed its pilots (this process's commits and,
-        on PostgreSQL, the others' it heard of; 0: none since it opened). Equal marks between two reads: the
-        slot's pilots are as they were."""
-        with self._changed:
-            floor = self._marks_floor
-            return {slot: max(self._pilot_marks.get(slot, 0), floor) for slot in slot_ids}
-
     def pilots_by_slot(self, slot_ids: list[str]) -> dict[str, list[PilotRow]]:
         """:meth:`pilots` of many slots at once (the lease manager's tick: a few queries, not one per lease)."""
         return notification_ops.pilots_by_slot(self._reader(), slot_ids)
