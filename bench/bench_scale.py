@@ -590,14 +590,19 @@ def run(args) -> dict:
         by_lease: dict[str, list[str]] = {}
         for pilot in pilots:
             by_lease.setdefault(pilot["lease"], []).append(pilot["host"])
+        answered_before = sum(s["polls_answered"] for s in stamps())
         meter.start()
 
         with profiled("fanout"):
             first_sent, api_statuses = asyncio.run(start_vms_everywhere(site, by_lease))
             api_done = time.time()
             wait_for(lambda: all(None not in s["stamps"] for s in stamps()), 120, "every host's start-vm", every=0.5)
-        every = [t for s in stamps() for t in s["stamps"]]
-        results["fanout"] = {**meter.stop(), "api_statuses": {str(k): api_statuses.count(k) for k in set(api_statuses)},
+        usage, found = meter.stop(), stamps()
+        every = [t for s in found for t in s["stamps"]]
+        # One answer per host carries its start-vm; the rest are parked polls whose wait ran out meanwhile (they
+        # come in waves, every poll_wait, and some runs' fan-outs overlap one: the service CPU is theirs too).
+        results["fanout"] = {**usage, "polls_answered": sum(s["polls_answered"] for s in found) - answered_before,
+                             "api_statuses": {str(k): api_statuses.count(k) for k in set(api_statuses)},
                              "api_s": api_done - first_sent, "last_host_s": max(every) - first_sent,
                              "median_host_s": statistics.median(every) - first_sent}
         print(f"fan-out: {results['fanout']}", flush=True)

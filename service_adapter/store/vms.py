@@ -196,9 +196,11 @@ def start_vms(conn: sqlite3.Connection, lease_id: str, requests: list[tuple[VmSp
             raise VmRequestError(f"lease {lease_id}: {exc}") from None
         except ValueError as exc:
             raise VmRequestError(str(exc), 400) from None
+    ended = {name for name, _ in taken}  # ended VMs of these names: their rows give way to the new ones
     for spec, host in zip(specs, hosts):
         spec_json = json.dumps(spec.to_dict(), separators=(",", ":"))  # the row's and the command's
-        conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
+        if spec.name in ended:
+            conn.execute("DELETE FROM vms WHERE lease_id = ? AND name = ?", (lease_id, spec.name))
         conn.execute(
             f"INSERT INTO vms ({_VM_COLUMNS}, holds_address)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 'starting', ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?)",
