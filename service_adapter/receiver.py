@@ -245,8 +245,8 @@ def holds_now(view, access) -> bool:
     for the slot now: reserved, not ended, not lost, the lease going on. If not, the pilot channel answers 404."""
     if view is None or access is None:
         return False
-    pilot, lease_ended, _commands = view
-    return not (lease_ended or pilot.reserved_at is None or pilot.state in HOLD_ENDED or pilot.lost_at is not None)
+    (reserved_at, state, lost_at, lease_ended), _commands = view
+    return not (lease_ended or reserved_at is None or state in HOLD_ENDED or lost_at is not None)
 
 
 def held_access(request: web.Request, slot: str, host: str):
@@ -255,7 +255,10 @@ def held_access(request: web.Request, slot: str, host: str):
     store = request.app[STORE_KEY]
     found = store.pilot(slot, host)
     access = store.slot_access(slot, host)
-    return access if holds_now(None if found is None else (found[0], found[1], []), access) else None
+    if found is None:
+        return None
+    pilot, lease_ended = found
+    return access if holds_now(((pilot.reserved_at, pilot.state, pilot.lost_at, lease_ended), []), access) else None
 
 
 async def handle_commands(request: web.Request) -> web.Response:
@@ -277,7 +280,7 @@ async def handle_commands(request: web.Request) -> web.Response:
     access = store.slot_access(slot, host)
     if not holds_now(view, access):
         return answer(404, "unknown-slot", "no held slot for this host: give the node back")
-    commands = view[2]
+    commands = view[1]
     target = (slot, host)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait

@@ -126,8 +126,8 @@ class StoreReads:
         return command_ops.pending(self._reader(), slot, host, after, limit)
 
     def poll_view(self, slot: str, host: str, after: int, limit: int = 256):
-        """(pilot, whether its lease ended, its pending commands above ``after``) in one read; None: no such
-        pilot (:func:`service_adapter.store.commands.poll_view`)."""
+        """((the pilot's reserved_at, state, lost_at, whether its lease ended), its pending commands above ``after``)
+        in one read; None: no such pilot (:func:`service_adapter.store.commands.poll_view`)."""
         return command_ops.poll_view(self._reader(), slot, host, after, limit)
 
     def commands(self, slot: str) -> list[CommandRow]:
