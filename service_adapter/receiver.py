@@ -75,10 +75,10 @@ ALLOCATIONS_KEY = web.AppKey("allocations", object)
 #: On a pilot endpoint's response: the ``result`` it told the pilot (typed where aiohttp has response keys).
 RESULT_KEY = web.ResponseKey("result", str) if hasattr(web, "ResponseKey") else "result"
 _AFTER_RE = re.compile(r"[0-9]{1,19}")
-_WAIT_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_WAIT_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 #: The query as the pilot writes it (undecoded): read without building the request's query mapping, which was
 #: a twentieth of a parked poll's renewal. Anything else takes the full checks.
-_PILOT_QUERY_RE = re.compile(r"after=([0-9]{1,19})&wait=([0-9]{1,6}(?:\.[0-9]{1,6})?)")
+_PILOT_QUERY_RE = re.compile(f"after=({_AFTER_RE.pattern})&wait=({_WAIT_RE.pattern})")
 #: The most commands one poll answer carries (the rest come with the next poll).
 POLL_BATCH = 64
 
@@ -243,9 +243,10 @@ def _poll_values(after_text: str, wait_text: str) -> tuple[int, float]:
 def holds_now(view, access) -> bool:
     """Whether a poll's first read (:meth:`Store.poll_view`, the slot's access record) shows its host holding memory
     for the slot now: reserved, not ended, not lost, the lease going on. If not, the pilot channel answers 404."""
-    if view is None or access is None:
-        return False
-    (reserved_at, state, lost_at, lease_ended), _commands = view
+    return view is not None and access is not None and _holding(*view[0])
+
+
+def _holding(reserved_at: float | None, state: str, lost_at: float | None, lease_ended: bool) -> bool:
     return not (lease_ended or reserved_at is None or state in HOLD_ENDED or lost_at is not None)
 
 
@@ -255,10 +256,10 @@ def held_access(request: web.Request, slot: str, host: str):
     store = request.app[STORE_KEY]
     found = store.pilot(slot, host)
     access = store.slot_access(slot, host)
-    if found is None:
+    if found is None or access is None:
         return None
     pilot, lease_ended = found
-    return access if holds_now(((pilot.reserved_at, pilot.state, pilot.lost_at, lease_ended), []), access) else None
+    return access if _holding(pilot.reserved_at, pilot.state, pilot.lost_at, lease_ended) else None
 
 
 async def handle_commands(request: web.Request) -> web.Response:
